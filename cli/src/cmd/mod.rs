@@ -1,0 +1,9 @@
+//! One module per subcommand: each has `Args` (clap) and `run`.
+
+pub mod common;
+pub mod inspect;
+pub mod perplexity;
+pub mod plan;
+pub mod run;
+pub mod synth;
+pub mod tokenize;

@@ -1,0 +1,45 @@
+//! The `pshard` command line.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// pshard: run GGUF language models on GPUs whose memory is smaller than the model.
+#[derive(Parser)]
+#[command(name = "pshard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, hparams, quant mix, bytes per role and per layer.
+    Inspect(cmd::inspect::Args),
+    /// Write a GGUF with random weights and the exact layout of a real model.
+    Synth(cmd::synth::Args),
+    /// Plan placements per token tier under a VRAM budget and write the registry.
+    Plan(cmd::plan::Args),
+    /// Generate text from a prompt.
+    Run(cmd::run::Args),
+    /// Measure perplexity over a text file (llama-perplexity compatible).
+    Perplexity(cmd::perplexity::Args),
+    /// Show how a text tokenizes.
+    Tokenize(cmd::tokenize::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Synth(a) => cmd::synth::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Perplexity(a) => cmd::perplexity::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,306 @@
+// Attention over an f16 KV cache laid out [n_ctx, n_kv * head_dim] (slot j holds position j).
+// Masks are computed here from the token positions: key j is visible to a query at position p
+// when j <= p and (window == 0 or p - j < window). QK and softmax run in f32.
+
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float cap_score(float v, float softcap) {
+    return softcap > 0.f ? softcap * tanhf(v / softcap) : v;
+}
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+// 16-byte async copy global -> shared; zero-fills when !pred.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// Two B fragments (d-tiles dt and dt+1) of V for keys kk*16..+15, read transposed from row-major
+// shared memory.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// Flash-style prefill on tensor cores. Grid (ceil(n_tokens/64), n_head), 128 threads: each warp
+// owns 16 query rows; K/V tiles of BKV keys are staged in shared memory by cp.async two stages
+// deep (the next tile loads while this one computes), S = QK^T and O += PV use mma.m16n8k16 with
+// f32 accumulators (V fragments via ldmatrix.trans), softmax is online (no n^2 buffer).
+template <int D, int BKV>
+__device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,
+                                           const u16* __restrict__ vc, float* __restrict__ out, int ldo,
+                                           const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,
+                                           int n_ctx, float scale, float softcap, int window) {
+    extern __shared__ __align__(16) u16 smem[];
+    const int KS = D + 8;
+    const int TILE = BKV * KS;
+    // Stage s: K at smem + 2*s*TILE, V at smem + (2*s+1)*TILE.
+    __shared__ int spos[64];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int h = blockIdx.y, kvh = h / (n_head / n_kv);
+    const int t0 = blockIdx.x * 64;
+    if (threadIdx.x < 64) {
+        const int t = t0 + threadIdx.x;
+        spos[threadIdx.x] = t < n_tokens ? pos[t] : -1;
+    }
+    __syncthreads();
+    int pmin = 0x7fffffff, pmax = -1;
+    for (int i = 0; i < 64; i++) {
+        const int p = spos[i];
+        if (p >= 0) { pmin = min(pmin, p); pmax = max(pmax, p); }
+    }
+    const int r0 = t0 + warp * 16 + g, r1 = r0 + 8;
+    const int p0 = spos[warp * 16 + g], p1 = spos[warp * 16 + g + 8];
+
+    u32 qa[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ks++) {
+        const int c = ks * 16 + 2 * tq;
+        const float* q0 = q + (i64)r0 * ldq + h * D + c;
+        const float* q1 = q + (i64)r1 * ldq + h * D + c;
+        const bool v0 = r0 < n_tokens, v1 = r1 < n_tokens;
+        qa[ks][0] = v0 ? pack_h2(q0[0], q0[1]) : 0u;
+        qa[ks][1] = v1 ? pack_h2(q1[0], q1[1]) : 0u;
+        qa[ks][2] = v0 ? pack_h2(q0[8], q0[9]) : 0u;
+        qa[ks][3] = v1 ? pack_h2(q1[8], q1[9]) : 0u;
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    int j_lo = (window > 0 && pmax >= 0) ? max(0, pmin - window + 1) : 0;
+    j_lo -= j_lo % BKV;
+    auto load_tile = [&](int stage, int j0) {
+        u16* Ks = smem + 2 * stage * TILE;
+        u16* Vs = Ks + TILE;
+        for (int idx = threadIdx.x; idx < BKV * D / 8; idx += blockDim.x) {
+            const int jr = idx / (D / 8), dc = (idx % (D / 8)) * 8;
+            const int j = j0 + jr;
+            const bool ok = j <= pmax && j < n_ctx;
+            const i64 off = ok ? ((i64)j * n_kv + kvh) * D + dc : 0;
+            cp_async16(Ks + jr * KS + dc, kc + off, ok);
+            cp_async16(Vs + jr * KS + dc, vc + off, ok);
+        }
+    };
+    if (j_lo <= pmax) load_tile(0, j_lo);
+    cp_async_commit();
+    int stage = 0;
+    for (int j0 = j_lo; j0 <= pmax; j0 += BKV, stage ^= 1) {
+        if (j0 + BKV <= pmax) load_tile(stage ^ 1, j0 + BKV);
+        cp_async_commit();
+        cp_async_wait1();
+        __syncthreads();
+        const u16* Ks = smem + 2 * stage * TILE;
+        const u16* Vs = Ks + TILE;
+
+        float s[BKV / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BKV / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const u16* kr = Ks + (nt * 8 + g) * KS + 2 * tq;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ks++) {
+                const u32 b0 = *(const u32*)(kr + ks * 16);
+                const u32 b1 = *(const u32*)(kr + ks * 16 + 8);
+                mma16816(s[nt], qa[ks], b0, b1);
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < BKV / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * tq + (e & 1);
+                const int p = e < 2 ? p0 : p1;
+                const bool ok = p >= 0 && j <= p && (window <= 0 || p - j < window);
+                const float v = ok ? cap_score(s[nt][e] * scale, softcap) : NEG_INF;
+                s[nt][e] = v;
+                if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float ref0 = mn0 == NEG_INF ? 0.f : mn0, ref1 = mn1 == NEG_INF ? 0.f : mn1;
+        const float a0 = exp2f((m0 - ref0) * LOG2E), a1 = exp2f((m1 - ref1) * LOG2E);
+        m0 = mn0; m1 = mn1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BKV / 8; nt++) {
+            s[nt][0] = exp2f((s[nt][0] - ref0) * LOG2E);
+            s[nt][1] = exp2f((s[nt][1] - ref0) * LOG2E);
+            s[nt][2] = exp2f((s[nt][2] - ref1) * LOG2E);
+            s[nt][3] = exp2f((s[nt][3] - ref1) * LOG2E);
+            sum0 += s[nt][0] + s[nt][1];
+            sum1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * a0 + sum0;
+        l1 = l1 * a1 + sum1;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= a0; o[dt][1] *= a0;
+            o[dt][2] *= a1; o[dt][3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BKV / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            // ldmatrix.x4.trans: lanes 0-7 rows kk*16+0..7 / 8-15 rows +8..15 at column dt*8,
+            // lanes 16-31 the same rows at column (dt+1)*8.
+            const u16* vrow = Vs + (kk * 16 + (lane & 15)) * KS + (lane >> 4) * 8;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, vrow + dt * 8);
+                mma16816(o[dt], a, b[0], b[1]);
+                mma16816(o[dt + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) {
+        const int c = h * D + dt * 8 + 2 * tq;
+        if (r0 < n_tokens) *(float2*)(out + (i64)r0 * ldo + c) = make_float2(o[dt][0] * i0, o[dt][1] * i0);
+        if (r1 < n_tokens) *(float2*)(out + (i64)r1 * ldo + c) = make_float2(o[dt][2] * i1, o[dt][3] * i1);
+    }
+}
+
+#define FLASH_KERNEL(D, BKV)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                               \
+        flash_attn_##D(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,            \
+                       const u16* __restrict__ vc, float* __restrict__ out, int ldo,                \
+                       const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv, int n_ctx,  \
+                       float scale, float softcap, int window) {                                    \
+        flash_impl<D, BKV>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, n_ctx, scale,     \
+                           softcap, window);                                                        \
+    }
+FLASH_KERNEL(64, 64)
+FLASH_KERNEL(128, 64)
+FLASH_KERNEL(256, 32)
+
+// Split-KV attention for few query rows (decode), any even head dims <= 256.
+// Grid (n_split, n_head, n_tokens), 128 threads; split s covers keys [s*chunk, (s+1)*chunk).
+// Each split writes (max, sum, unnormalised O[dv]) to part; attn_combine merges the splits.
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, const u16* __restrict__ vc,
+               float* __restrict__ part, const i32* __restrict__ pos, int n_head, int n_kv, int n_ctx,
+               int dk, int dv, float scale, float softcap, int window, int n_split) {
+    __shared__ float sm_m[4], sm_l[4];
+    __shared__ float sm_o[4][256];
+    const int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kvh = h / (n_head / n_kv);
+    const int p = pos[t];
+    const int chunk = (n_ctx + n_split - 1) / n_split;
+    int j_lo = split * chunk;
+    if (window > 0) j_lo = max(j_lo, p - window + 1);
+    const int j_hi = min(min((split + 1) * chunk, p + 1), n_ctx);
+
+    float qr[8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int d = 2 * lane + 64 * i;
+        const float* qh = q + (i64)t * ldq + (i64)h * dk;
+        qr[2 * i] = d < dk ? qh[d] : 0.f;
+        qr[2 * i + 1] = d < dk ? qh[d + 1] : 0.f;
+    }
+    float m = NEG_INF, l = 0.f, o[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) o[i] = 0.f;
+    for (int j = j_lo + warp; j < j_hi; j += 4) {
+        const u16* kr = kc + ((i64)j * n_kv + kvh) * dk;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int d = 2 * lane + 64 * i;
+            if (d < dk) {
+                const u32 w = *(const u32*)(kr + d);
+                s += qr[2 * i] * h2f((u16)(w & 0xffff)) + qr[2 * i + 1] * h2f((u16)(w >> 16));
+            }
+        }
+        s = cap_score(warp_sum(s) * scale, softcap);
+        const float mn = fmaxf(m, s);
+        const float a = __expf(m - mn), pj = __expf(s - mn);
+        l = l * a + pj;
+        m = mn;
+        const u16* vr = vc + ((i64)j * n_kv + kvh) * dv;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int d = 2 * lane + 64 * i;
+            if (d < dv) {
+                const u32 w = *(const u32*)(vr + d);
+                o[2 * i] = o[2 * i] * a + pj * h2f((u16)(w & 0xffff));
+                o[2 * i + 1] = o[2 * i + 1] * a + pj * h2f((u16)(w >> 16));
+            }
+        }
+    }
+    if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int d = 2 * lane + 64 * i;
+        if (d < dv) { sm_o[warp][d] = o[2 * i]; sm_o[warp][d + 1] = o[2 * i + 1]; }
+    }
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = 0; w < 4; w++) M = fmaxf(M, sm_m[w]);
+    float* dst = part + (((i64)t * n_head + h) * n_split + split) * (dv + 2);
+    float L = 0.f;
+    for (int w = 0; w < 4; w++) if (sm_m[w] != NEG_INF) L += sm_l[w] * __expf(sm_m[w] - M);
+    if (threadIdx.x == 0) { dst[0] = M; dst[1] = L; }
+    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+        float acc = 0.f;
+        for (int w = 0; w < 4; w++) if (sm_m[w] != NEG_INF) acc += sm_o[w][d] * __expf(sm_m[w] - M);
+        dst[2 + d] = acc;
+    }
+}
+
+// Merges the splits of attn_split. Grid (n_head, n_tokens), 128 threads.
+extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out, int ldo,
+                                        int n_head, int dv, int n_split) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const float* src = part + ((i64)t * n_head + h) * n_split * (dv + 2);
+    float M = NEG_INF;
+    for (int s = 0; s < n_split; s++) M = fmaxf(M, src[(i64)s * (dv + 2)]);
+    float L = 0.f;
+    for (int s = 0; s < n_split; s++) {
+        const float ms = src[(i64)s * (dv + 2)];
+        if (ms != NEG_INF) L += src[(i64)s * (dv + 2) + 1] * __expf(ms - M);
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_split; s++) {
+            const float ms = src[(i64)s * (dv + 2)];
+            if (ms != NEG_INF) acc += src[(i64)s * (dv + 2) + 2 + d] * __expf(ms - M);
+        }
+        out[(i64)t * ldo + (i64)h * dv + d] = acc * inv;
+    }
+}

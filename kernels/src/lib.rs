@@ -1,0 +1,7 @@
+//! pshard kernels: quant block formats, CPU kernels (SIMD with run-time detection, scalar fallback)
+//! and the CUDA backend (NVRTC-compiled `.cu` sources, loaded dynamically).
+
+pub mod cuda;
+pub mod matmul;
+pub mod ops;
+pub mod quant;

@@ -1,0 +1,409 @@
+//! The CPU matmul driver: a weight matrix in its file layout times activations converted to the
+//! weight type's partner format, parallel over output rows with rayon (the current pool).
+//!
+//! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
+//!
+//! One token (decode) splits the rows into chunks written straight into `out`. Several tokens
+//! (prefill) walk each chunk in small row tiles that fit in L1, dotting every tile with all tokens
+//! before moving on, so each weight row is read from memory once per call.
+
+use std::ops::Range;
+
+use pshard_model::ggml_type::GgmlType;
+use rayon::prelude::*;
+
+use crate::quant::legacy::{self, TileFn, TILE};
+use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn};
+
+/// Errors of the CPU kernels.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    /// The CPU engine has no kernel for this tensor type.
+    #[error("the CPU engine cannot compute with tensor type {0}")]
+    UnsupportedType(GgmlType),
+    /// Sizes of the operands do not fit together.
+    #[error("shape mismatch: {what}")]
+    ShapeMismatch {
+        /// What did not fit, with the numbers.
+        what: String,
+    },
+    /// The activations were quantized to a format the weight type does not pair with.
+    #[error("{ty} weights need {want} activations, got {got}")]
+    ActFormatMismatch {
+        /// The weight type.
+        ty: GgmlType,
+        /// Its partner format's name.
+        want: &'static str,
+        /// The given format's name.
+        got: &'static str,
+    },
+}
+
+fn mismatch(what: String) -> KernelError {
+    KernelError::ShapeMismatch { what }
+}
+
+/// A weight matrix as it lies in the file: `rows` rows of `cols` elements of type `ty`.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightMatrix<'a> {
+    /// Element type (block format) of the rows.
+    pub ty: GgmlType,
+    /// `rows` rows, each `ty.row_bytes(cols)` bytes, back to back.
+    pub data: &'a [u8],
+    /// Output rows.
+    pub rows: usize,
+    /// Elements per row (the reduction length).
+    pub cols: usize,
+}
+
+impl WeightMatrix<'_> {
+    /// Bytes of one row, after checking that `cols` is whole blocks and `data` holds exactly
+    /// `rows` rows.
+    pub fn row_bytes(&self) -> Result<usize, KernelError> {
+        let rb = self
+            .ty
+            .row_bytes(self.cols as u64)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "{} weight rows of {} elements are not whole blocks of {}",
+                    self.ty,
+                    self.cols,
+                    self.ty.block_size()
+                ))
+            })?;
+        match rb.checked_mul(self.rows) {
+            Some(total) if total == self.data.len() => Ok(rb),
+            _ => Err(mismatch(format!(
+                "{} weight matrix {}x{} needs {} x {} bytes, data has {}",
+                self.ty,
+                self.rows,
+                self.cols,
+                self.rows,
+                rb,
+                self.data.len()
+            ))),
+        }
+    }
+}
+
+/// Activations converted to a partner format: `n_rows` rows (tokens) of `cols` elements.
+///
+/// Row `t` occupies `data[t * row_bytes ..][.. format.row_bytes(cols)]`; `row_bytes` is rounded up
+/// to a multiple of 4 so that every row starts 4-byte aligned relative to the buffer. Kernels
+/// read rows with unaligned loads or `from_le_bytes` and do not rely on the buffer's alignment.
+#[derive(Clone, Debug)]
+pub struct QuantizedActs {
+    /// The partner format.
+    pub format: ActFormat,
+    /// `n_rows * row_bytes` bytes.
+    pub data: Vec<u8>,
+    /// Stride between rows in bytes (a multiple of 4).
+    pub row_bytes: usize,
+    /// Number of rows (tokens).
+    pub n_rows: usize,
+    /// Elements per row.
+    pub cols: usize,
+}
+
+impl QuantizedActs {
+    /// An empty buffer to be filled by [`quantize_acts_into`] (reused across calls).
+    pub fn empty(format: ActFormat) -> Self {
+        QuantizedActs {
+            format,
+            data: Vec::new(),
+            row_bytes: 0,
+            n_rows: 0,
+            cols: 0,
+        }
+    }
+
+    /// The bytes of row `t` (exactly `format.row_bytes(cols)` long).
+    ///
+    /// # Panics
+    /// If `t >= n_rows`.
+    pub fn row(&self, t: usize) -> &[u8] {
+        assert!(t < self.n_rows, "activation row {t} out of {}", self.n_rows);
+        let used = self
+            .format
+            .row_bytes(self.cols)
+            .expect("validated when quantized");
+        &self.data[t * self.row_bytes..][..used]
+    }
+}
+
+/// Elements per row below which quantizing runs on the calling thread.
+const PAR_QUANT_MIN: usize = 1 << 16;
+
+/// Quantizes `n_rows` rows of `cols` f32 activations (`x`, row-major) into `format`, reusing
+/// `dst`'s allocation.
+pub fn quantize_acts_into(
+    format: ActFormat,
+    x: &[f32],
+    n_rows: usize,
+    cols: usize,
+    dst: &mut QuantizedActs,
+) -> Result<(), KernelError> {
+    let used = format.row_bytes(cols).ok_or_else(|| {
+        mismatch(format!(
+            "{cols} activation columns are not whole {} blocks of {}",
+            format.name(),
+            format.block_size()
+        ))
+    })?;
+    if n_rows.checked_mul(cols) != Some(x.len()) {
+        return Err(mismatch(format!(
+            "activations: {} values given for {n_rows} rows of {cols}",
+            x.len()
+        )));
+    }
+    let row_bytes = used.div_ceil(4) * 4;
+    dst.format = format;
+    dst.row_bytes = row_bytes;
+    dst.n_rows = n_rows;
+    dst.cols = cols;
+    dst.data.clear();
+    dst.data.resize(n_rows * row_bytes, 0);
+    if cols == 0 || n_rows == 0 {
+        return Ok(());
+    }
+    let work = |(src, out): (&[f32], &mut [u8])| quantize_acts_row(format, src, &mut out[..used]);
+    if x.len() >= PAR_QUANT_MIN && n_rows > 1 {
+        x.par_chunks(cols)
+            .zip(dst.data.par_chunks_mut(row_bytes))
+            .for_each(work);
+    } else {
+        x.chunks(cols)
+            .zip(dst.data.chunks_mut(row_bytes))
+            .for_each(work);
+    }
+    Ok(())
+}
+
+/// Quantizes `n_rows` rows of `cols` f32 activations (`x`, row-major) into `format`.
+///
+/// # Panics
+/// If `cols` is not a whole number of `format` blocks or `x.len() != n_rows * cols` (use
+/// [`quantize_acts_into`] for a `Result`).
+pub fn quantize_acts(format: ActFormat, x: &[f32], n_rows: usize, cols: usize) -> QuantizedActs {
+    let mut q = QuantizedActs::empty(format);
+    if let Err(e) = quantize_acts_into(format, x, n_rows, cols, &mut q) {
+        panic!("quantize_acts: {e}");
+    }
+    q
+}
+
+/// Target bytes of weight rows in one tile of the batched path (fits L1 next to the activations).
+const TILE_BYTES: usize = 16 << 10;
+/// Total weight bytes × tokens below which the call runs on the calling thread.
+const SEQ_WORK: usize = 1 << 17;
+
+/// Output row chunk length for parallel work: about 4 chunks per thread, whole tiles.
+fn chunk_rows(n_rows_out: usize, tile: usize, work: usize) -> usize {
+    if work < SEQ_WORK {
+        return n_rows_out.max(1);
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let per = n_rows_out.div_ceil(threads * 4).max(1);
+    per.div_ceil(tile) * tile
+}
+
+/// `out[t * out_stride + r] = dot(weight row r, act row t)` for `r` in `rows` (a sub-range of the
+/// output rows: plans may split one matrix between CPU and GPU) and every activation row `t`;
+/// other entries of `out` are left untouched. Parallel over row chunks in the current rayon pool.
+pub fn matmul(
+    w: &WeightMatrix,
+    x: &QuantizedActs,
+    out: &mut [f32],
+    out_stride: usize,
+    rows: Range<usize>,
+) -> Result<(), KernelError> {
+    let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+    let wrb = w.row_bytes()?;
+    if x.format != k.act {
+        return Err(KernelError::ActFormatMismatch {
+            ty: w.ty,
+            want: k.act.name(),
+            got: x.format.name(),
+        });
+    }
+    if x.cols != w.cols {
+        return Err(mismatch(format!(
+            "activations have {} columns, weights {}",
+            x.cols, w.cols
+        )));
+    }
+    let used = x
+        .format
+        .row_bytes(x.cols)
+        .ok_or_else(|| mismatch(format!("bad activation width {}", x.cols)))?;
+    if x.row_bytes < used || x.data.len() < x.n_rows * x.row_bytes {
+        return Err(mismatch(format!(
+            "activation buffer: {} bytes for {} rows of stride {} (row needs {used})",
+            x.data.len(),
+            x.n_rows,
+            x.row_bytes
+        )));
+    }
+    if rows.start > rows.end || rows.end > w.rows {
+        return Err(mismatch(format!(
+            "output rows {rows:?} outside 0..{}",
+            w.rows
+        )));
+    }
+    if x.n_rows == 0 || rows.is_empty() {
+        return Ok(());
+    }
+    if x.n_rows > 1 && out_stride < rows.end {
+        return Err(mismatch(format!(
+            "output stride {out_stride} < row end {}",
+            rows.end
+        )));
+    }
+    let need = (x.n_rows - 1) * out_stride + rows.end;
+    if out.len() < need {
+        return Err(mismatch(format!(
+            "output holds {} floats, {} tokens x stride {out_stride} up to row {} need {need}",
+            out.len(),
+            x.n_rows,
+            rows.end
+        )));
+    }
+    let engine = match legacy::tiles(w.ty) {
+        Some((full, one)) => Engine::Tiles { full, one },
+        None => Engine::Dot(k.dot),
+    };
+    let n = w.cols;
+    let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
+    let chunk = chunk_rows(
+        rows.len(),
+        tile,
+        wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows),
+    );
+
+    if x.n_rows == 1 {
+        out[rows.clone()]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let r0 = rows.start + c * chunk;
+                let len = o.len();
+                rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), &mut [o]);
+            });
+        return Ok(());
+    }
+
+    // Several tokens: hand each chunk its own disjoint output pieces, one per token.
+    let n_chunks = rows.len().div_ceil(chunk);
+    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n_chunks)
+        .map(|_| Vec::with_capacity(x.n_rows))
+        .collect();
+    for tok in out.chunks_mut(out_stride).take(x.n_rows) {
+        let mut rest = &mut tok[rows.clone()];
+        for p in pieces.iter_mut() {
+            let (head, tail) = rest.split_at_mut(chunk.min(rest.len()));
+            p.push(head);
+            rest = tail;
+        }
+    }
+    pieces
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut outs)| {
+            let r0 = rows.start + c * chunk;
+            let len = outs[0].len();
+            // Tiles of rows small enough to stay in L1 while every token passes over them.
+            let mut i0 = 0;
+            while i0 < len {
+                let i1 = (i0 + tile).min(len);
+                rows_block(engine, (w.data, wrb), x, n, (r0, i0, i1, len), &mut outs);
+                i0 = i1;
+            }
+        });
+    Ok(())
+}
+
+/// How a weight type is computed: register tiles of rows × tokens, or one dot per output.
+#[derive(Clone, Copy)]
+enum Engine {
+    Tiles { full: TileFn, one: TileFn },
+    Dot(DotFn),
+}
+
+/// Outputs `outs[t][i]` for chunk-local rows `i0..i1` (weight row `r0 + i`, `w` = (matrix bytes,
+/// row bytes)) and every token `t`; rows up to chunk-local `end` may be prefetched.
+fn rows_block(
+    engine: Engine,
+    w: (&[u8], usize),
+    x: &QuantizedActs,
+    n: usize,
+    (r0, i0, i1, end): (usize, usize, usize, usize),
+    outs: &mut [&mut [f32]],
+) {
+    let (wdata, wrb) = w;
+    let wrow = |r: usize| &wdata[r * wrb..(r + 1) * wrb];
+    let n_tok = x.n_rows;
+    // Activation rows by index, without re-deriving the row size per call.
+    let used = x.format.row_bytes(x.cols).expect("validated by matmul");
+    let arow = |t: usize| &x.data[t * x.row_bytes..t * x.row_bytes + used];
+    match engine {
+        Engine::Dot(dot) => {
+            for (t, o) in outs.iter_mut().enumerate() {
+                let a = arow(t);
+                for i in i0..i1 {
+                    o[i] = dot(wrow(r0 + i), a, n);
+                }
+            }
+        }
+        Engine::Tiles { full, one } => {
+            let mut i = i0;
+            while i < i1 {
+                let nr = (i1 - i).min(TILE);
+                let wr: [&[u8]; TILE] = std::array::from_fn(|k| wrow(r0 + i + k.min(nr - 1)));
+                // The rows after this tile (up to the chunk's `end`), for prefetching.
+                let ahead = (end - i - nr).min(TILE);
+                let next = &wdata[(r0 + i + nr) * wrb..(r0 + i + nr + ahead) * wrb];
+                let mut t = 0;
+                while t < n_tok {
+                    let nt = (n_tok - t).min(TILE);
+                    let ar: [&[u8]; TILE] = std::array::from_fn(|k| arow(t + k.min(nt - 1)));
+                    let mut res = [[0f32; TILE]; TILE];
+                    if nt == 1 {
+                        one(&wr, &ar, next, n, &mut res);
+                    } else {
+                        full(&wr, &ar, next, n, &mut res);
+                    }
+                    for (k, rr) in res.iter().enumerate().take(nr) {
+                        for (j, v) in rr.iter().enumerate().take(nt) {
+                            outs[t + j][i + k] = *v;
+                        }
+                    }
+                    t += nt;
+                }
+                i += nr;
+            }
+        }
+    }
+}
+
+/// Convenience: quantizes `x` (`n_rows` × `w.cols`, row-major) to `w`'s partner format and
+/// computes all output rows: `out[t * w.rows + r]`.
+pub fn matmul_f32(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_rows: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+    w.row_bytes()?;
+    if out.len() != n_rows * w.rows {
+        return Err(mismatch(format!(
+            "output holds {} floats, need {n_rows} x {}",
+            out.len(),
+            w.rows
+        )));
+    }
+    let mut q = QuantizedActs::empty(k.act);
+    quantize_acts_into(k.act, x, n_rows, w.cols, &mut q)?;
+    matmul(w, &q, out, w.rows, 0..w.rows)
+}

@@ -1,0 +1,1317 @@
+//! CUDA kernels against CPU references on random inputs. Every test prints SKIP and passes when no
+//! usable GPU is present (CI has none); on a GPU machine they run for real.
+//!
+//! Seeds: `PSHARD_SEED` (default 1234) replays a run; each test prints the seed it used.
+//! Tolerances are stated per test: relative L2 error ‖gpu − ref‖ / ‖ref‖ against f64 references.
+
+use half::f16;
+use pshard_kernels::cuda::{
+    kernels::{row_bytes, type_geom, CUDA_TYPES},
+    AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, PinnedBuf, RegionId,
+    RegionKind, RopeKind,
+};
+use pshard_kernels::quant;
+use pshard_model::ggml_type::GgmlType;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::io::Write;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+struct Ctx {
+    gpu: Gpu,
+    scratch: RegionId,
+}
+
+static CTX: OnceLock<Option<Mutex<Ctx>>> = OnceLock::new();
+
+/// The shared GPU, or `None` (after printing SKIP) when there is none.
+fn ctx(test: &str) -> Option<MutexGuard<'static, Ctx>> {
+    let c = CTX.get_or_init(|| {
+        let cache = pshard_kernels::cuda::nvrtc::default_cache_dir();
+        match Gpu::open(0, None, &cache) {
+            Ok(gpu) => {
+                let i = gpu.dev.info();
+                eprintln!(
+                    "cuda: {} ({}), {} SMs, {:.1} GiB total, context overhead {:.0} MiB, driver {}",
+                    i.name,
+                    i.arch(),
+                    i.sm_count,
+                    i.total_mem as f64 / (1u64 << 30) as f64,
+                    i.context_overhead as f64 / (1u64 << 20) as f64,
+                    i.driver_version
+                );
+                eprintln!("cuda: {}", gpu.kernels.build_summary());
+                let scratch = gpu
+                    .dev
+                    .create_region(RegionKind::Scratch, "tests", 3 << 30)
+                    .expect("scratch region");
+                Some(Mutex::new(Ctx { gpu, scratch }))
+            }
+            Err(e) => {
+                eprintln!("cuda: no usable GPU: {e}");
+                None
+            }
+        }
+    });
+    match c {
+        Some(m) => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
+        None => {
+            // Written to the stream directly so the harness's output capture does not hide it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP {test}: no usable CUDA GPU on this machine"
+            );
+            None
+        }
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("PSHARD_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1234)
+}
+
+fn rng(test: &str) -> StdRng {
+    let s = seed();
+    eprintln!("{test}: seed {s} (PSHARD_SEED to replay)");
+    StdRng::seed_from_u64(s)
+}
+
+fn randv(r: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0) * scale).collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "non-finite output {g}");
+        num += (g as f64 - w) * (g as f64 - w);
+        den += w * w;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+impl Ctx {
+    fn alloc(&self, bytes: usize) -> DevBuf {
+        self.gpu
+            .dev
+            .alloc(self.scratch, bytes as u64, "test buffer")
+            .expect("alloc")
+    }
+    fn up_bytes(&self, b: &[u8]) -> DevBuf {
+        let d = self.alloc(b.len());
+        self.gpu
+            .dev
+            .upload(self.gpu.stream(), d.ptr, b)
+            .expect("upload");
+        d
+    }
+    fn up_f32(&self, v: &[f32]) -> DevBuf {
+        self.up_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+    fn up_i32(&self, v: &[i32]) -> DevBuf {
+        self.up_bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+    /// A buffer poisoned with NaN (0xff bytes) so unwritten outputs are caught.
+    fn poisoned(&self, bytes: usize) -> DevBuf {
+        let d = self.alloc(bytes);
+        self.gpu
+            .dev
+            .memset(self.gpu.stream(), d.ptr, 0xff, bytes)
+            .expect("memset");
+        d
+    }
+    fn down_bytes(&self, d: u64, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.gpu
+            .dev
+            .download(self.gpu.stream(), &mut v, d)
+            .expect("download");
+        v
+    }
+    fn down_f32(&self, d: u64, n: usize) -> Vec<f32> {
+        self.down_bytes(d, n * 4)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+    fn down_f16(&self, d: u64, n: usize) -> Vec<f32> {
+        self.down_bytes(d, n * 2)
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    }
+    fn free(&self, bufs: &[DevBuf]) {
+        for b in bufs {
+            self.gpu.dev.free(*b).expect("free");
+        }
+    }
+    fn sync(&self) {
+        self.gpu.dev.synchronize().expect("kernel failed");
+    }
+}
+
+/// Quantized random weights: the bytes and the CPU dequantization (the reference values).
+fn make_weights(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let k = quant::kernel(ty).expect("CPU kernel");
+    let rb = row_bytes(ty, cols).unwrap();
+    let mut bytes = vec![0u8; rows * rb];
+    let mut deq = vec![0f32; rows * cols];
+    for i in 0..rows {
+        let src = randv(r, cols, 1.0);
+        (k.quantize_row)(&src, &mut bytes[i * rb..(i + 1) * rb]);
+        (k.dequantize_row)(
+            &bytes[i * rb..(i + 1) * rb],
+            &mut deq[i * cols..(i + 1) * cols],
+        );
+    }
+    (bytes, deq)
+}
+
+/// Random block bytes with valid f16 scale fields: reaches bit patterns a quantizer may not emit.
+fn random_blocks(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let rb = row_bytes(ty, cols).unwrap();
+    let mut b: Vec<u8> = (0..rows * rb).map(|_| r.gen()).collect();
+    let (bs, scale_offs): (usize, &[usize]) = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (ty.type_size() as usize, &[0]),
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
+            (ty.type_size() as usize, &[0, 2])
+        }
+        GgmlType::Q2_K => (84, &[80, 82]),
+        GgmlType::Q3_K => (110, &[108]),
+        GgmlType::Q6_K => (210, &[208]),
+        _ => {
+            // Float types: random values, not random bits (NaN/inf patterns).
+            let k = quant::kernel(ty).unwrap();
+            for i in 0..rows {
+                let src = randv(r, cols, 2.0);
+                (k.quantize_row)(&src, &mut b[i * rb..(i + 1) * rb]);
+            }
+            return b;
+        }
+    };
+    for blk in b.chunks_exact_mut(bs) {
+        for &o in scale_offs {
+            let v = f16::from_f32(r.gen_range(-0.05f32..0.05));
+            blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+fn cpu_dequant(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let k = quant::kernel(ty).unwrap();
+    let rb = row_bytes(ty, cols).unwrap();
+    let mut out = vec![0f32; rows * cols];
+    for i in 0..rows {
+        (k.dequantize_row)(
+            &bytes[i * rb..(i + 1) * rb],
+            &mut out[i * cols..(i + 1) * cols],
+        );
+    }
+    out
+}
+
+#[test]
+fn cuda_dequant_every_type_matches_cpu() {
+    let Some(c) = ctx("cuda_dequant_every_type_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_dequant");
+    let (rows, cols) = (7, 768);
+    for &ty in CUDA_TYPES {
+        for random_bits in [false, true] {
+            let (bytes, want) = if random_bits {
+                let b = random_blocks(&mut r, ty, rows, cols);
+                let d = cpu_dequant(ty, &b, rows, cols);
+                (b, d)
+            } else {
+                make_weights(&mut r, ty, rows, cols)
+            };
+            let w = c.up_bytes(&bytes);
+            let out = c.poisoned(rows * cols * 2);
+            c.gpu
+                .kernels
+                .dequant_f16(ty, w.ptr, out.ptr, rows, cols, c.gpu.stream())
+                .unwrap();
+            c.sync();
+            let got = c.down_f16(out.ptr, rows * cols);
+            // Tolerance: f16 rounding of each value (relative 2^-11) plus f16 subnormal spacing.
+            for (i, (&g, &x)) in got.iter().zip(&want).enumerate() {
+                let tol = x.abs() * 1e-3 + 1e-6;
+                assert!(
+                    (g - x).abs() <= tol,
+                    "{ty:?} (random bits {random_bits}) element {i}: gpu {g} cpu {x}"
+                );
+            }
+            c.free(&[w, out]);
+        }
+    }
+}
+
+fn ref_matmul(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
+    let mut out = vec![0f64; n * rows];
+    for t in 0..n {
+        for j in 0..rows {
+            let mut s = 0f64;
+            for k in 0..cols {
+                s += w[j * cols + k] as f64 * x[t * cols + k] as f64;
+            }
+            out[t * rows + j] = s + bias.map_or(0.0, |b| b[j] as f64);
+        }
+    }
+    out
+}
+
+#[test]
+fn cuda_gemv_every_type_matches_cpu() {
+    let Some(c) = ctx("cuda_gemv_every_type_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_gemv");
+    let (rows, cols) = (37, 768);
+    for &ty in CUDA_TYPES {
+        let bytes = random_blocks(&mut r, ty, rows, cols);
+        let wf = cpu_dequant(ty, &bytes, rows, cols);
+        let w = c.up_bytes(&bytes);
+        for n in [1usize, 2, 3, 5, 8, 13] {
+            let x = randv(&mut r, n * cols, 1.0);
+            let bias = randv(&mut r, rows, 1.0);
+            let want = ref_matmul(&wf, rows, cols, &x, n, Some(&bias));
+            let xd = c.up_f32(&x);
+            let bd = c.up_f32(&bias);
+            let out = c.poisoned(n * rows * 4);
+            c.gpu
+                .kernels
+                .gemv(
+                    ty,
+                    w.ptr,
+                    rows,
+                    cols,
+                    xd.ptr,
+                    cols,
+                    out.ptr,
+                    rows,
+                    n,
+                    Some(bd.ptr),
+                    c.gpu.stream(),
+                )
+                .unwrap();
+            c.sync();
+            let err = rel_l2(&c.down_f32(out.ptr, n * rows), &want);
+            // f32 accumulation over 768 terms: far below 1e-5.
+            assert!(err < 1e-5, "{ty:?} n={n}: rel L2 {err}");
+            c.free(&[xd, bd, out]);
+        }
+        c.free(&[w]);
+    }
+}
+
+#[test]
+fn cuda_matmul_gemm_path_and_row_range() {
+    let Some(c) = ctx("cuda_matmul_gemm_path_and_row_range") else {
+        return;
+    };
+    let mut r = rng("cuda_matmul_gemm");
+    let (rows, cols) = (301, 1024);
+    let (row0, nrows) = (17, 250);
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ] {
+        let (bytes, wf) = make_weights(&mut r, ty, rows, cols);
+        let w = c.up_bytes(&bytes);
+        for n in [4usize, 17, 100] {
+            let x = randv(&mut r, n * cols, 1.0);
+            let bias = randv(&mut r, rows, 1.0);
+            let want_all = ref_matmul(&wf, rows, cols, &x, n, Some(&bias));
+            let want: Vec<f64> = (0..n)
+                .flat_map(|t| want_all[t * rows + row0..t * rows + row0 + nrows].to_vec())
+                .collect();
+            let xd = c.up_f32(&x);
+            let bd = c.up_f32(&bias);
+            let out = c.poisoned(n * nrows * 4);
+            let (wb, ab) = GemmScratch::bytes(nrows, cols, n);
+            let ws = c.alloc(wb as usize);
+            let as_ = c.alloc(ab as usize);
+            let scratch = GemmScratch {
+                weights: ws.ptr,
+                acts: as_.ptr,
+            };
+            c.gpu
+                .matmul(
+                    ty,
+                    w.ptr,
+                    cols,
+                    row0,
+                    nrows,
+                    xd.ptr,
+                    n,
+                    out.ptr,
+                    nrows,
+                    Some(bd.ptr),
+                    Some(scratch),
+                )
+                .unwrap();
+            c.sync();
+            let err = rel_l2(&c.down_f32(out.ptr, n * nrows), &want);
+            // f16 (bf16) rounding of weights and activations: 1e-3 (bf16: 8e-3).
+            let tol = if ty == GgmlType::BF16 { 8e-3 } else { 1.5e-3 };
+            assert!(err < tol, "{ty:?} n={n}: rel L2 {err}");
+            c.free(&[xd, bd, out, ws, as_]);
+        }
+        c.free(&[w]);
+    }
+}
+
+#[test]
+fn cuda_get_rows_matches_cpu() {
+    let Some(c) = ctx("cuda_get_rows_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_get_rows");
+    let (vocab, cols) = (50, 512);
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::F16,
+        GgmlType::F32,
+        GgmlType::Q5_0,
+    ] {
+        let (bytes, wf) = make_weights(&mut r, ty, vocab, cols);
+        let ids: Vec<i32> = (0..9).map(|_| r.gen_range(0..vocab as i32)).collect();
+        let w = c.up_bytes(&bytes);
+        let idd = c.up_i32(&ids);
+        let out = c.poisoned(ids.len() * cols * 4);
+        c.gpu
+            .kernels
+            .get_rows(
+                ty,
+                w.ptr,
+                cols,
+                idd.ptr,
+                ids.len(),
+                out.ptr,
+                cols,
+                1.5,
+                c.gpu.stream(),
+            )
+            .unwrap();
+        c.sync();
+        let got = c.down_f32(out.ptr, ids.len() * cols);
+        for (t, &id) in ids.iter().enumerate() {
+            for k in 0..cols {
+                let want = wf[id as usize * cols + k] * 1.5;
+                assert!(
+                    (got[t * cols + k] - want).abs() <= 1e-6 + want.abs() * 1e-6,
+                    "{ty:?} token {t} col {k}"
+                );
+            }
+        }
+        c.free(&[w, idd, out]);
+    }
+}
+
+#[test]
+fn cuda_norms_rope_glu_add_match_cpu() {
+    let Some(c) = ctx("cuda_norms_rope_glu_add_match_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_ops");
+    let s = c.gpu.stream().clone();
+    let k = &c.gpu.kernels;
+    // RMS norm, odd width.
+    let (n, cols, eps) = (5usize, 1000usize, 1e-5f32);
+    let x = randv(&mut r, n * cols, 3.0);
+    let w = randv(&mut r, cols, 1.0);
+    let (xd, wd, yd) = (c.up_f32(&x), c.up_f32(&w), c.poisoned(n * cols * 4));
+    k.rms_norm(xd.ptr, wd.ptr, yd.ptr, n, cols, eps, &s)
+        .unwrap();
+    c.sync();
+    let mut want = vec![0f64; n * cols];
+    for t in 0..n {
+        let ss: f64 = x[t * cols..(t + 1) * cols]
+            .iter()
+            .map(|&v| v as f64 * v as f64)
+            .sum();
+        let inv = 1.0 / (ss / cols as f64 + eps as f64).sqrt();
+        for j in 0..cols {
+            want[t * cols + j] = x[t * cols + j] as f64 * inv * w[j] as f64;
+        }
+    }
+    assert!(
+        rel_l2(&c.down_f32(yd.ptr, n * cols), &want) < 1e-6,
+        "rms_norm"
+    );
+    c.free(&[xd, wd, yd]);
+
+    // Head RMS norm in place.
+    let (heads, hd) = (6usize, 128usize);
+    let x = randv(&mut r, n * heads * hd, 2.0);
+    let w = randv(&mut r, hd, 1.0);
+    let (xd, wd) = (c.up_f32(&x), c.up_f32(&w));
+    k.head_rms_norm(xd.ptr, wd.ptr, n, heads, hd, eps, &s)
+        .unwrap();
+    c.sync();
+    let mut want = vec![0f64; x.len()];
+    for h in 0..n * heads {
+        let sl = &x[h * hd..(h + 1) * hd];
+        let inv = 1.0
+            / (sl.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hd as f64 + eps as f64)
+                .sqrt();
+        for j in 0..hd {
+            want[h * hd + j] = sl[j] as f64 * inv * w[j] as f64;
+        }
+    }
+    assert!(
+        rel_l2(&c.down_f32(xd.ptr, x.len()), &want) < 1e-6,
+        "head_rms_norm"
+    );
+    c.free(&[xd, wd]);
+
+    // RoPE: both modes, partial rotation, freq factors, position scale, large positions.
+    for (mode, n_dims, ff, pscale) in [
+        (RopeKind::Adjacent, 64, false, 1.0f32),
+        (RopeKind::Neox, 64, true, 0.25),
+        (RopeKind::Neox, 32, false, 1.0),
+    ] {
+        let (heads, hd, base) = (4usize, 64usize, 500000f32);
+        let pos: Vec<i32> = (0..n as i32).map(|i| i * 977 + 3).collect();
+        let x = randv(&mut r, n * heads * hd, 1.0);
+        let f: Vec<f32> = (0..n_dims / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
+        let (xd, pd, fd) = (c.up_f32(&x), c.up_i32(&pos), c.up_f32(&f));
+        k.rope(
+            xd.ptr,
+            pd.ptr,
+            n,
+            heads,
+            hd,
+            n_dims,
+            mode,
+            base,
+            pscale,
+            ff.then_some(fd.ptr),
+            &s,
+        )
+        .unwrap();
+        c.sync();
+        let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for t in 0..n {
+            for h in 0..heads {
+                let o = (t * heads + h) * hd;
+                for i in 0..n_dims / 2 {
+                    let mut inv = (base as f64).powf(-2.0 * i as f64 / n_dims as f64);
+                    if ff {
+                        inv /= f[i] as f64;
+                    }
+                    let th = pos[t] as f64 * pscale as f64 * inv;
+                    let (a, b) = match mode {
+                        RopeKind::Adjacent => (2 * i, 2 * i + 1),
+                        RopeKind::Neox => (i, i + n_dims / 2),
+                    };
+                    let (x0, x1) = (x[o + a] as f64, x[o + b] as f64);
+                    want[o + a] = x0 * th.cos() - x1 * th.sin();
+                    want[o + b] = x0 * th.sin() + x1 * th.cos();
+                }
+            }
+        }
+        // f32 angle arithmetic at positions up to ~4000: 1e-4.
+        let err = rel_l2(&c.down_f32(xd.ptr, x.len()), &want);
+        assert!(err < 1e-4, "rope {mode:?} dims {n_dims}: {err}");
+        c.free(&[xd, pd, fd]);
+    }
+
+    // GLU both activations, add, softcap, scale.
+    let m = 3001usize;
+    let g = randv(&mut r, m, 6.0);
+    let u = randv(&mut r, m, 2.0);
+    let (gd, ud, od) = (c.up_f32(&g), c.up_f32(&u), c.poisoned(m * 4));
+    for gelu in [false, true] {
+        k.glu(gd.ptr, ud.ptr, od.ptr, m, gelu, &s).unwrap();
+        c.sync();
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &b)| {
+                let a = a as f64;
+                let act = if gelu {
+                    0.5 * a
+                        * (1.0
+                            + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a))
+                                .tanh())
+                } else {
+                    a / (1.0 + (-a).exp())
+                };
+                act * b as f64
+            })
+            .collect();
+        assert!(
+            rel_l2(&c.down_f32(od.ptr, m), &want) < 1e-6,
+            "glu gelu={gelu}"
+        );
+    }
+    k.add(gd.ptr, ud.ptr, od.ptr, m, &s).unwrap();
+    c.sync();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&a, &b)| a as f64 + b as f64)
+        .collect();
+    assert!(rel_l2(&c.down_f32(od.ptr, m), &want) < 1e-7, "add");
+    k.softcap(gd.ptr, m, 5.0, &s).unwrap();
+    k.scale(gd.ptr, m, 0.5, &s).unwrap();
+    c.sync();
+    let want: Vec<f64> = g
+        .iter()
+        .map(|&a| 0.5 * 5.0 * (a as f64 / 5.0).tanh())
+        .collect();
+    assert!(
+        rel_l2(&c.down_f32(gd.ptr, m), &want) < 1e-6,
+        "softcap+scale"
+    );
+    c.free(&[gd, ud, od]);
+}
+
+/// f64 attention reference over f16-rounded K/V: query t at position pos[t] sees cache slots
+/// j <= pos[t] (and pos[t] - j < window).
+#[allow(clippy::too_many_arguments)]
+fn ref_attention(
+    p: &AttnParams,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos: &[i32],
+    rows: &[usize],
+) -> Vec<f64> {
+    let grp = p.n_head / p.n_kv;
+    let mut out = Vec::new();
+    for &t in rows {
+        for h in 0..p.n_head {
+            let kvh = h / grp;
+            let qv = &q[(t * p.n_head + h) * p.dk..][..p.dk];
+            let pt = pos[t] as usize;
+            let lo = if p.window > 0 {
+                (pt + 1).saturating_sub(p.window)
+            } else {
+                0
+            };
+            let mut scores = Vec::new();
+            for j in lo..=pt {
+                let kv = &kc[(j * p.n_kv + kvh) * p.dk..][..p.dk];
+                let mut s: f64 = qv
+                    .iter()
+                    .zip(kv)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+                    * p.scale as f64;
+                if p.softcap > 0.0 {
+                    s = p.softcap as f64 * (s / p.softcap as f64).tanh();
+                }
+                scores.push(s);
+            }
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..p.dv {
+                let mut acc = 0.0;
+                for (i, j) in (lo..=pt).enumerate() {
+                    acc += e[i] * vc[(j * p.n_kv + kvh) * p.dv + d] as f64;
+                }
+                out.push(acc / sum);
+            }
+        }
+    }
+    out
+}
+
+/// Writes the whole cache (positions 0..n_fill) with kv_write, then runs `n` queries at
+/// positions start..start+n and checks `check_rows` of them.
+#[allow(clippy::too_many_arguments)]
+fn run_attention_case(
+    c: &Ctx,
+    r: &mut StdRng,
+    p: AttnParams,
+    start: usize,
+    n: usize,
+    stride: usize,
+    tol: f64,
+) {
+    let n_fill = start + n;
+    let kf = randv(r, n_fill * p.n_kv * p.dk, 1.0);
+    let vf = randv(r, n_fill * p.n_kv * p.dv, 1.0);
+    let q = randv(r, n * p.n_head * p.dk, 1.0);
+    // The cache holds f16: the reference uses the same rounded values.
+    let k16: Vec<f32> = kf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let v16: Vec<f32> = vf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let s = c.gpu.stream().clone();
+    let kcache = c.alloc(p.n_ctx * p.n_kv * p.dk * 2);
+    let vcache = c.alloc(p.n_ctx * p.n_kv * p.dv * 2);
+    let (kd, vd) = (c.up_f32(&kf), c.up_f32(&vf));
+    let fill_pos: Vec<i32> = (0..n_fill as i32).collect();
+    let fpd = c.up_i32(&fill_pos);
+    c.gpu
+        .kernels
+        .kv_write(
+            kd.ptr,
+            p.n_kv * p.dk,
+            kcache.ptr,
+            p.n_kv * p.dk,
+            fpd.ptr,
+            n_fill,
+            &s,
+        )
+        .unwrap();
+    c.gpu
+        .kernels
+        .kv_write(
+            vd.ptr,
+            p.n_kv * p.dv,
+            vcache.ptr,
+            p.n_kv * p.dv,
+            fpd.ptr,
+            n_fill,
+            &s,
+        )
+        .unwrap();
+    let pos: Vec<i32> = (start as i32..(start + n) as i32).collect();
+    let (qd, pd) = (c.up_f32(&q), c.up_i32(&pos));
+    let out = c.poisoned(n * p.n_head * p.dv * 4);
+    let part = c.alloc(c.gpu.kernels.attention_scratch(&p, n).max(4));
+    c.gpu
+        .kernels
+        .attention(
+            &p,
+            qd.ptr,
+            p.n_head * p.dk,
+            kcache.ptr,
+            vcache.ptr,
+            pd.ptr,
+            n,
+            out.ptr,
+            p.n_head * p.dv,
+            part.ptr,
+            &s,
+        )
+        .unwrap();
+    c.sync();
+    let got = c.down_f32(out.ptr, n * p.n_head * p.dv);
+    let rows: Vec<usize> = (0..n).filter(|t| t % stride == 0 || *t == n - 1).collect();
+    let want = ref_attention(&p, &q, &k16, &v16, &pos, &rows);
+    let got_rows: Vec<f32> = rows
+        .iter()
+        .flat_map(|&t| got[t * p.n_head * p.dv..(t + 1) * p.n_head * p.dv].to_vec())
+        .collect();
+    let err = rel_l2(&got_rows, &want);
+    eprintln!("attention {p:?} start {start} n {n}: rel L2 {err:.2e}");
+    assert!(
+        err < tol,
+        "attention {p:?} start {start} n {n}: rel L2 {err}"
+    );
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "unwritten or non-finite attention output"
+    );
+    c.free(&[kcache, vcache, kd, vd, fpd, qd, pd, out, part]);
+}
+
+#[test]
+fn cuda_attention_prefill_and_decode_match_cpu() {
+    let Some(c) = ctx("cuda_attention_prefill_and_decode_match_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_attention");
+    let base = |n_head, n_kv, d, n_ctx| AttnParams {
+        n_head,
+        n_kv,
+        dk: d,
+        dv: d,
+        n_ctx,
+        scale: 1.0 / (d as f32).sqrt(),
+        softcap: 0.0,
+        window: 0,
+    };
+    // Flash (tensor-core) prefill: P and Q rounded to f16 inside, so 5e-3. Split-KV: f32, 1e-4.
+    run_attention_case(&c, &mut r, base(8, 2, 128, 512), 0, 100, 1, 5e-3);
+    run_attention_case(&c, &mut r, base(4, 4, 64, 512), 37, 130, 1, 5e-3);
+    run_attention_case(
+        &c,
+        &mut r,
+        AttnParams {
+            window: 37,
+            softcap: 30.0,
+            ..base(6, 3, 64, 512)
+        },
+        20,
+        150,
+        1,
+        5e-3,
+    );
+    run_attention_case(&c, &mut r, base(4, 1, 256, 300), 0, 77, 1, 5e-3);
+    run_attention_case(
+        &c,
+        &mut r,
+        AttnParams {
+            window: 64,
+            ..base(4, 1, 256, 300)
+        },
+        5,
+        200,
+        1,
+        5e-3,
+    );
+    // Decode (split-KV): single rows and a few rows deep in the cache, GQA, odd head dim.
+    run_attention_case(&c, &mut r, base(8, 2, 128, 4608), 4000, 1, 1, 1e-4);
+    run_attention_case(&c, &mut r, base(8, 8, 64, 1024), 700, 3, 1, 1e-4);
+    run_attention_case(
+        &c,
+        &mut r,
+        AttnParams {
+            dk: 96,
+            dv: 96,
+            ..base(4, 2, 96, 1024)
+        },
+        100,
+        7,
+        1,
+        1e-4,
+    );
+    run_attention_case(
+        &c,
+        &mut r,
+        AttnParams {
+            window: 512,
+            softcap: 50.0,
+            ..base(4, 1, 256, 2048)
+        },
+        1500,
+        1,
+        1,
+        1e-4,
+    );
+    // Long context prefill: 4100 tokens, GQA 4:1, checking every 97th row (skipped under the
+    // memory checker, PSHARD_CUDA_TINY=1, where it would take minutes).
+    if std::env::var_os("PSHARD_CUDA_TINY").is_some() {
+        return;
+    }
+    run_attention_case(&c, &mut r, base(8, 2, 128, 4160), 0, 4100, 97, 5e-3);
+}
+
+#[test]
+fn cuda_moe_route_and_experts_match_cpu() {
+    let Some(c) = ctx("cuda_moe_route_and_experts_match_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_moe");
+    let s = c.gpu.stream().clone();
+    let (n, n_expert, n_used, d, ff) = (7usize, 16usize, 4usize, 256usize, 512usize);
+    for normalize in [true, false] {
+        let logits = randv(&mut r, n * n_expert, 3.0);
+        let ld = c.up_f32(&logits);
+        let route = c.poisoned(n * 2 * n_used * 4);
+        c.gpu
+            .kernels
+            .moe_route(ld.ptr, n, n_expert, n_used, normalize, route.ptr, &s)
+            .unwrap();
+        c.sync();
+        let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
+        let words: Vec<u32> = rb
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        // CPU routing reference.
+        let mut ref_ids = Vec::new();
+        let mut ref_w = Vec::new();
+        for t in 0..n {
+            let l = &logits[t * n_expert..(t + 1) * n_expert];
+            let mx = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = l.iter().map(|&v| (v as f64 - mx).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let mut idx: Vec<usize> = (0..n_expert).collect();
+            idx.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap().then(a.cmp(&b)));
+            let top = &idx[..n_used];
+            let ws: Vec<f64> = top.iter().map(|&i| e[i] / sum).collect();
+            let wsum: f64 = ws.iter().sum();
+            for (k, &i) in top.iter().enumerate() {
+                ref_ids.push(i as u32);
+                ref_w.push(if normalize { ws[k] / wsum } else { ws[k] });
+            }
+        }
+        for t in 0..n {
+            let ids = &words[t * 2 * n_used..t * 2 * n_used + n_used];
+            assert_eq!(
+                ids,
+                &ref_ids[t * n_used..(t + 1) * n_used],
+                "token {t} experts"
+            );
+            for k in 0..n_used {
+                let w = f32::from_bits(words[t * 2 * n_used + n_used + k]) as f64;
+                assert!(
+                    (w - ref_w[t * n_used + k]).abs() < 1e-5,
+                    "token {t} weight {k}"
+                );
+            }
+        }
+        if !normalize {
+            c.free(&[ld, route]);
+            continue;
+        }
+        // Expert FFN: gate/up [E, ff, d], down [E, d, ff], Q4_K / Q6_K.
+        let (gb, gf) = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d);
+        let (ub, uf) = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d);
+        let (db, df) = make_weights(&mut r, GgmlType::Q6_K, n_expert * d, ff);
+        let x = randv(&mut r, n * d, 1.0);
+        let (gd, ud, dd, xd) = (
+            c.up_bytes(&gb),
+            c.up_bytes(&ub),
+            c.up_bytes(&db),
+            c.up_f32(&x),
+        );
+        let np = n * n_used;
+        let (hg, hu, hh, ho, out) = (
+            c.alloc(np * ff * 4),
+            c.alloc(np * ff * 4),
+            c.alloc(np * ff * 4),
+            c.alloc(np * d * 4),
+            c.poisoned(n * d * 4),
+        );
+        let k = &c.gpu.kernels;
+        k.moe_gemv(
+            GgmlType::Q4_K,
+            gd.ptr,
+            ff,
+            d,
+            xd.ptr,
+            d,
+            n_used,
+            route.ptr,
+            n_used,
+            np,
+            hg.ptr,
+            ff,
+            &s,
+        )
+        .unwrap();
+        k.moe_gemv(
+            GgmlType::Q4_K,
+            ud.ptr,
+            ff,
+            d,
+            xd.ptr,
+            d,
+            n_used,
+            route.ptr,
+            n_used,
+            np,
+            hu.ptr,
+            ff,
+            &s,
+        )
+        .unwrap();
+        k.glu(hg.ptr, hu.ptr, hh.ptr, np * ff, false, &s).unwrap();
+        k.moe_gemv(
+            GgmlType::Q6_K,
+            dd.ptr,
+            d,
+            ff,
+            hh.ptr,
+            ff,
+            1,
+            route.ptr,
+            n_used,
+            np,
+            ho.ptr,
+            d,
+            &s,
+        )
+        .unwrap();
+        k.moe_combine(ho.ptr, route.ptr, n_used, out.ptr, n, d, &s)
+            .unwrap();
+        c.sync();
+        let mut want = vec![0f64; n * d];
+        for t in 0..n {
+            for slot in 0..n_used {
+                let e = ref_ids[t * n_used + slot] as usize;
+                let w = ref_w[t * n_used + slot];
+                let xt = &x[t * d..(t + 1) * d];
+                let mut h = vec![0f64; ff];
+                for (j, hj) in h.iter_mut().enumerate() {
+                    let gr = &gf[(e * ff + j) * d..][..d];
+                    let ur = &uf[(e * ff + j) * d..][..d];
+                    let g: f64 = gr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let u: f64 = ur.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    *hj = g / (1.0 + (-g).exp()) * u;
+                }
+                for o in 0..d {
+                    let dr = &df[(e * d + o) * ff..][..ff];
+                    let v: f64 = dr.iter().zip(&h).map(|(&a, &b)| a as f64 * b).sum();
+                    want[t * d + o] += w * v;
+                }
+            }
+        }
+        let err = rel_l2(&c.down_f32(out.ptr, n * d), &want);
+        assert!(err < 1e-5, "MoE FFN rel L2 {err}");
+        c.free(&[ld, route, gd, ud, dd, xd, hg, hu, hh, ho, out]);
+    }
+}
+
+#[test]
+fn cuda_arena_budget_is_enforced_and_named() {
+    let Some(c) = ctx("cuda_arena_budget_is_enforced_and_named") else {
+        return;
+    };
+    let dev = &c.gpu.dev;
+    let left = dev.arena().unwrap().unreserved();
+    match dev.create_region(RegionKind::Weights, "too-big", left + (1 << 20)) {
+        Err(CudaError::OutOfVram { what, .. }) => assert!(what.contains("too-big"), "{what}"),
+        other => panic!("expected OutOfVram, got {other:?}"),
+    }
+    let reg = dev.create_region(RegionKind::Kv, "small", 1 << 20).unwrap();
+    let a = dev.alloc(reg, 600 << 10, "first").unwrap();
+    match dev.alloc(reg, 600 << 10, "blk.0.attn_k cache") {
+        Err(e @ CudaError::OutOfVram { .. }) => {
+            assert!(e.to_string().contains("blk.0.attn_k cache"), "{e}")
+        }
+        other => panic!("expected OutOfVram, got {other:?}"),
+    }
+    dev.free(a).unwrap();
+    // After freeing, the whole region is one extent again.
+    let b = dev.alloc(reg, 1 << 20, "whole").unwrap();
+    dev.free(b).unwrap();
+    dev.arena().unwrap().destroy_region(reg).unwrap();
+    eprintln!("vram report: {:?}", dev.vram_report().unwrap());
+}
+
+#[test]
+fn cuda_pinned_and_registered_async_copies() {
+    let Some(c) = ctx("cuda_pinned_and_registered_async_copies") else {
+        return;
+    };
+    let dev = &c.gpu.dev;
+    let n = 8 << 20;
+    let mut pin = PinnedBuf::new(dev, n).unwrap();
+    for (i, b) in pin.as_mut_slice().iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    let d = c.alloc(n);
+    let copy = dev.copy_stream().clone();
+    let ev = dev.event(true).unwrap();
+    // SAFETY (test): the pinned buffer outlives the copy; we synchronise on the event below.
+    unsafe { dev.upload_async(&copy, d.ptr, pin.as_ptr(), n).unwrap() };
+    ev.record(&copy).unwrap();
+    dev.compute_stream().wait(&ev).unwrap();
+    let mut back = PinnedBuf::new(dev, n).unwrap();
+    // SAFETY (test): `back` is untouched until the stream is synchronised.
+    unsafe {
+        dev.download_async(dev.compute_stream(), back.as_mut_ptr(), d.ptr, n)
+            .unwrap()
+    };
+    dev.compute_stream().synchronize().unwrap();
+    assert!(
+        back.as_slice() == pin.as_slice(),
+        "pinned round trip differs"
+    );
+
+    // Register an existing page-aligned host range read-only and copy from it.
+    let layout = std::alloc::Layout::from_size_align(n, 4096).unwrap();
+    // SAFETY (test): a fresh allocation of n bytes, freed below after the registration is dropped.
+    let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!raw.is_null());
+    // SAFETY (test): raw holds n initialised (zeroed) bytes.
+    let host = unsafe { std::slice::from_raw_parts_mut(raw, n) };
+    for (i, b) in host.iter_mut().enumerate() {
+        *b = (i * 13 + 1) as u8;
+    }
+    {
+        let reg = HostRegistration::register_read_only(dev, host).unwrap();
+        // SAFETY (test): the registered range outlives the copy (synchronised before drop).
+        unsafe { dev.upload_async(&copy, d.ptr, reg.as_ptr(), n).unwrap() };
+        copy.synchronize().unwrap();
+    }
+    let got = c.down_bytes(d.ptr, n);
+    assert!(got == host, "registered copy differs");
+    // SAFETY (test): allocated above with the same layout.
+    unsafe { std::alloc::dealloc(raw, layout) };
+    c.free(&[d]);
+}
+
+#[test]
+fn cuda_nvrtc_second_load_is_a_cache_hit() {
+    let Some(c) = ctx("cuda_nvrtc_second_load_is_a_cache_hit") else {
+        return;
+    };
+    let dir = pshard_kernels::cuda::nvrtc::default_cache_dir();
+    let again = pshard_kernels::cuda::CudaKernels::load(&c.gpu.dev, &dir).unwrap();
+    eprintln!("second load: {}", again.build_summary());
+    assert!(
+        again.all_cached(),
+        "second load compiled: {:?}",
+        again.builds()
+    );
+    assert!(again.len() > 100, "only {} kernels", again.len());
+}
+
+#[test]
+fn cuda_probe_never_panics() {
+    // Runs everywhere: without CUDA it must be a clean error naming the missing library.
+    match pshard_kernels::cuda::probe(0) {
+        Ok(s) => eprintln!("probe: {} device(s)", s.count),
+        Err(e) => eprintln!("probe: {e}"),
+    }
+    assert!(matches!(pshard_kernels::cuda::probe(999), Err(_)));
+}
+
+#[test]
+fn cuda_type_geometry_covers_cpu_types() {
+    for &ty in quant::SUPPORTED {
+        assert!(type_geom(ty).is_some(), "{ty:?} has no CUDA decoder");
+    }
+}
+
+/// Kernel timings (run with `--ignored`): the numbers the executor's design rests on.
+#[test]
+#[ignore]
+fn cuda_bench_kernels() {
+    let Some(c) = ctx("cuda_bench_kernels") else {
+        return;
+    };
+    let mut r = rng("cuda_bench");
+    let s = c.gpu.stream().clone();
+    let time = |f: &dyn Fn(), reps: usize| -> f64 {
+        f();
+        c.sync();
+        let (a, b) = (
+            c.gpu.dev.event(true).unwrap(),
+            c.gpu.dev.event(true).unwrap(),
+        );
+        a.record(&s).unwrap();
+        for _ in 0..reps {
+            f();
+        }
+        b.record(&s).unwrap();
+        b.synchronize().unwrap();
+        a.elapsed_ms(&b).unwrap() as f64 / reps as f64
+    };
+    let mut table = Vec::new();
+    for (ty, rows, cols) in [
+        (GgmlType::Q4_K, 14336, 4096),
+        (GgmlType::Q6_K, 4096, 14336),
+        (GgmlType::Q4_K, 4096, 4096),
+        (GgmlType::Q4_K, 1024, 4096),
+        (GgmlType::Q6_K, 128256, 4096),
+        (GgmlType::Q8_0, 14336, 4096),
+        (GgmlType::Q4_1, 14336, 4096),
+    ] {
+        let bytes = random_blocks(&mut r, ty, rows, cols);
+        let w = c.up_bytes(&bytes);
+        let x = c.up_f32(&randv(&mut r, 2048 * cols, 1.0));
+        let out = c.alloc(2048 * rows * 4);
+        for rpw in [1usize, 2, 4] {
+            let rb = row_bytes(ty, cols).unwrap() as i64;
+            let (ri, ci, zero) = (rows as i32, cols as i32, 0u64);
+            let name = format!("gemv_{}_1r{rpw}", type_geom(ty).unwrap().suffix);
+            let ms = time(
+                &|| {
+                    c.gpu
+                        .kernels
+                        .launch(
+                            &name,
+                            ((rows as u32).div_ceil(4 * rpw as u32), 1, 1),
+                            128,
+                            0,
+                            &s,
+                            &[&w.ptr, &rb, &ri, &ci, &x.ptr, &ci, &out.ptr, &ri, &zero],
+                        )
+                        .unwrap()
+                },
+                50,
+            );
+            table.push(format!(
+                "gemv {ty:?} {rows}x{cols} n=1 rows/warp={rpw}: {ms:.4} ms, {:.0} GB/s weights",
+                bytes.len() as f64 / ms / 1e6
+            ));
+        }
+        for n in [2usize, 4, 8] {
+            let ms = time(
+                &|| {
+                    c.gpu
+                        .kernels
+                        .gemv(
+                            ty, w.ptr, rows, cols, x.ptr, cols, out.ptr, rows, n, None, &s,
+                        )
+                        .unwrap()
+                },
+                50,
+            );
+            table.push(format!(
+                "gemv {ty:?} {rows}x{cols} n={n}: {ms:.4} ms, {:.0} GB/s weights",
+                bytes.len() as f64 / ms / 1e6
+            ));
+        }
+        let wsb = c.alloc(rows * cols * 2);
+        let asb = c.alloc(2048 * cols * 2);
+        let ms = time(
+            &|| {
+                c.gpu
+                    .kernels
+                    .dequant_f16(ty, w.ptr, wsb.ptr, rows, cols, &s)
+                    .unwrap()
+            },
+            20,
+        );
+        table.push(format!(
+            "dequant {ty:?} {rows}x{cols}: {ms:.4} ms, {:.0} GB/s (read+write)",
+            (bytes.len() + rows * cols * 2) as f64 / ms / 1e6
+        ));
+        for n in [32usize, 2048] {
+            let sc = GemmScratch {
+                weights: wsb.ptr,
+                acts: asb.ptr,
+            };
+            let ms = time(
+                &|| {
+                    c.gpu
+                        .matmul(
+                            ty,
+                            w.ptr,
+                            cols,
+                            0,
+                            rows,
+                            x.ptr,
+                            n,
+                            out.ptr,
+                            rows,
+                            None,
+                            Some(sc),
+                        )
+                        .unwrap()
+                },
+                10,
+            );
+            let msg = time(
+                &|| {
+                    c.gpu
+                        .blas
+                        .matmul(
+                            pshard_kernels::cuda::GemmInput::F16,
+                            wsb.ptr,
+                            rows,
+                            cols,
+                            asb.ptr,
+                            n,
+                            out.ptr,
+                            rows,
+                        )
+                        .unwrap()
+                },
+                10,
+            );
+            table.push(format!("matmul {ty:?} {rows}x{cols} n={n}: {ms:.3} ms total ({:.0} TFLOP/s), gemm alone {msg:.3} ms ({:.0} TFLOP/s)", 2.0 * (rows * cols * n) as f64 / ms / 1e9, 2.0 * (rows * cols * n) as f64 / msg / 1e9));
+        }
+        c.free(&[w, x, out, wsb, asb]);
+    }
+    for (n, heads, kv, d) in [
+        (4096usize, 32usize, 8usize, 128usize),
+        (512, 32, 8, 128),
+        (4096, 8, 1, 256),
+    ] {
+        let p = AttnParams {
+            n_head: heads,
+            n_kv: kv,
+            dk: d,
+            dv: d,
+            n_ctx: n,
+            scale: 0.088,
+            softcap: 0.0,
+            window: 0,
+        };
+        let kc = c.alloc(n * kv * d * 2);
+        let vc = c.alloc(n * kv * d * 2);
+        let kf = c.up_f32(&randv(&mut r, n * kv * d, 1.0));
+        let pos: Vec<i32> = (0..n as i32).collect();
+        let pd = c.up_i32(&pos);
+        c.gpu
+            .kernels
+            .kv_write(kf.ptr, kv * d, kc.ptr, kv * d, pd.ptr, n, &s)
+            .unwrap();
+        c.gpu
+            .kernels
+            .kv_write(kf.ptr, kv * d, vc.ptr, kv * d, pd.ptr, n, &s)
+            .unwrap();
+        let q = c.up_f32(&randv(&mut r, n * heads * d, 1.0));
+        let out = c.alloc(n * heads * d * 4);
+        let part = c.alloc(c.gpu.kernels.attention_scratch(&p, 1).max(4));
+        let ms = time(
+            &|| {
+                c.gpu
+                    .kernels
+                    .attention(
+                        &p,
+                        q.ptr,
+                        heads * d,
+                        kc.ptr,
+                        vc.ptr,
+                        pd.ptr,
+                        n,
+                        out.ptr,
+                        heads * d,
+                        part.ptr,
+                        &s,
+                    )
+                    .unwrap()
+            },
+            5,
+        );
+        let flops = 4.0 * (n as f64 * n as f64 / 2.0) * d as f64 * heads as f64;
+        table.push(format!(
+            "flash attention n={n} heads={heads}/{kv} d={d}: {ms:.3} ms, {:.0} TFLOP/s (causal)",
+            flops / ms / 1e9
+        ));
+        let last = c.up_i32(&[n as i32 - 1]);
+        let ms = time(
+            &|| {
+                c.gpu
+                    .kernels
+                    .attention(
+                        &p,
+                        q.ptr,
+                        heads * d,
+                        kc.ptr,
+                        vc.ptr,
+                        last.ptr,
+                        1,
+                        out.ptr,
+                        heads * d,
+                        part.ptr,
+                        &s,
+                    )
+                    .unwrap()
+            },
+            50,
+        );
+        table.push(format!(
+            "decode attention ctx={n} heads={heads}/{kv} d={d}: {ms:.4} ms, {:.0} GB/s KV",
+            (2 * n * kv * d * 2) as f64 / ms / 1e6
+        ));
+        c.free(&[kc, vc, kf, pd, q, out, part, last]);
+    }
+    for l in &table {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}

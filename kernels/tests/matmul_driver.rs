@@ -1,0 +1,281 @@
+//! The CPU matmul driver against an f64 reference, with odd shapes, output row sub-ranges (other
+//! outputs poisoned with NaN and checked untouched), several thread counts, and its errors.
+//!
+//! Random data with a fresh seed per run, printed; `PSHARD_SEED=<n>` replays a run.
+//!
+//! Tolerance per output: `1e-5 · Σ|w·a| + slack` against f64 over the dequantized weights and the
+//! dequantized partner activations (`slack`: the stored f16 block sums of Q8_1, as in
+//! `legacy_dot.rs`; K-quants get 1e-4 because their kernels fold several f32 block scales).
+
+use half::f16;
+use pshard_kernels::matmul::{
+    matmul, matmul_f32, quantize_acts, KernelError, QuantizedActs, WeightMatrix,
+};
+use pshard_kernels::quant::{self, act, ActFormat, QuantKernel};
+use pshard_model::ggml_type::GgmlType;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn rng(test: &str) -> StdRng {
+    let seed = match std::env::var("PSHARD_SEED") {
+        Ok(s) => s.parse().expect("PSHARD_SEED must be an unsigned integer"),
+        Err(_) => rand::random::<u64>(),
+    };
+    println!("{test}: seed {seed} (replay with PSHARD_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+fn random_vec(r: &mut StdRng, n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let scale = 10f32.powf(r.gen_range(-2.0..1.0));
+        let offset = if r.gen_bool(0.3) {
+            r.gen_range(-1.0..1.0) * scale
+        } else {
+            0.0
+        };
+        for _ in 0..32.min(n - v.len()) {
+            v.push(offset + scale * r.gen_range(-1.0f32..1.0));
+        }
+    }
+    v
+}
+
+fn f16_at(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+/// Quantized weights for a `rows × cols` matrix and their dequantized values.
+fn make_weights(r: &mut StdRng, k: &QuantKernel, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let rb = k.ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut data = vec![0u8; rows * rb];
+    let mut deq = vec![0f32; rows * cols];
+    for (row, (d, y)) in data
+        .chunks_exact_mut(rb)
+        .zip(deq.chunks_exact_mut(cols))
+        .enumerate()
+    {
+        let _ = row;
+        let x = random_vec(r, cols);
+        (k.quantize_row)(&x, d);
+        (k.dequantize_row)(d, y);
+    }
+    (data, deq)
+}
+
+/// f64 reference for output (t, r), its Σ|w·a| and the Q8_1 sum slack.
+fn reference(k: &QuantKernel, wrow_q: &[u8], w: &[f32], a: &[f32], arow_q: &[u8]) -> (f64, f64) {
+    let dot: f64 = w.iter().zip(a).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let abs: f64 = w
+        .iter()
+        .zip(a)
+        .map(|(&x, &y)| (x as f64 * y as f64).abs())
+        .sum();
+    let rel = if k.ty.block_size() == 256 { 1e-4 } else { 1e-5 };
+    let mut tol = rel * abs + 1e-30;
+    if k.act == ActFormat::Q8_1 {
+        let wb = k.ty.type_size() as usize;
+        for b in 0..w.len() / 32 {
+            let m = f16_at(&wrow_q[b * wb + 2..]) as f64;
+            let ab = &arow_q[b * 36..(b + 1) * 36];
+            let sum: i32 = ab[4..].iter().map(|&q| q as i8 as i32).sum();
+            tol += m.abs() * (f16_at(&ab[2..]) as f64 - f16_at(ab) as f64 * sum as f64).abs();
+        }
+    }
+    (dot, tol)
+}
+
+fn deq_acts(x: &QuantizedActs) -> Vec<Vec<f32>> {
+    (0..x.n_rows)
+        .map(|t| {
+            let mut v = vec![0f32; x.cols];
+            act::dequantize_acts_row(x.format, x.row(t), &mut v);
+            v
+        })
+        .collect()
+}
+
+/// Runs one shape: full range into a tight output, then a sub-range into a strided NaN-poisoned
+/// output.
+fn check_shape(r: &mut StdRng, k: &QuantKernel, rows: usize, tokens: usize, cols: usize) {
+    let (data, wdeq) = make_weights(r, k, rows, cols);
+    let w = WeightMatrix {
+        ty: k.ty,
+        data: &data,
+        rows,
+        cols,
+    };
+    let xs = random_vec(r, tokens * cols);
+    let xq = quantize_acts(k.act, &xs, tokens, cols);
+    assert_eq!(xq.row_bytes % 4, 0);
+    let adeq = deq_acts(&xq);
+    let rb = data.len() / rows;
+    let check = |out: &[f32], stride: usize, range: std::ops::Range<usize>| {
+        for t in 0..tokens {
+            for rr in 0..rows {
+                let got = out[t * stride + rr];
+                if range.contains(&rr) {
+                    let (want, tol) = reference(
+                        k,
+                        &data[rr * rb..],
+                        &wdeq[rr * cols..(rr + 1) * cols],
+                        &adeq[t],
+                        xq.row(t),
+                    );
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{} rows={rows} tokens={tokens} cols={cols} out[{t},{rr}] = {got}, want {want} ± {tol}",
+                        k.ty
+                    );
+                } else {
+                    assert!(
+                        got.is_nan(),
+                        "{} out[{t},{rr}] outside {range:?} was written",
+                        k.ty
+                    );
+                }
+            }
+        }
+    };
+    // Whole matrix, tight layout.
+    let mut out = vec![f32::NAN; tokens * rows];
+    matmul(&w, &xq, &mut out, rows, 0..rows).unwrap();
+    check(&out, rows, 0..rows);
+    // The convenience path agrees bit for bit (same quantization, same kernel).
+    let mut out2 = vec![f32::NAN; tokens * rows];
+    matmul_f32(&w, &xs, tokens, &mut out2).unwrap();
+    assert_eq!(
+        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        out2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // A sub-range into a wider, poisoned output; the tail past the last token's row stays too.
+    let stride = rows + 3;
+    let lo = r.gen_range(0..rows);
+    let hi = r.gen_range(lo..=rows);
+    let mut out = vec![f32::NAN; tokens * stride];
+    matmul(&w, &xq, &mut out, stride, lo..hi).unwrap();
+    check(&out, stride, lo..hi);
+    for t in 0..tokens {
+        for extra in rows..stride {
+            assert!(out[t * stride + extra].is_nan());
+        }
+    }
+}
+
+fn kernels() -> Vec<QuantKernel> {
+    quant::SUPPORTED
+        .iter()
+        .filter_map(|&ty| quant::kernel(ty))
+        .collect()
+}
+
+#[test]
+fn odd_shapes_all_types() {
+    let mut r = rng("odd_shapes_all_types");
+    for k in kernels() {
+        for &cols in &[32usize, 96, 4096] {
+            if cols % k.ty.block_size() as usize != 0 {
+                continue;
+            }
+            for &rows in &[1usize, 3, 17] {
+                for &tokens in &[1usize, 2, 5, 33] {
+                    check_shape(&mut r, &k, rows, tokens, cols);
+                }
+            }
+        }
+    }
+}
+
+/// Shapes big enough to be split into parallel chunks, in pools of 1, 2 and 3 threads.
+#[test]
+fn parallel_chunks_in_several_pools() {
+    let mut r = rng("parallel_chunks_in_several_pools");
+    for threads in [1usize, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for ty in [
+                GgmlType::Q4_0,
+                GgmlType::Q4_1,
+                GgmlType::Q8_0,
+                GgmlType::F16,
+                GgmlType::Q4_K,
+            ] {
+                let Some(k) = quant::kernel(ty) else { continue };
+                check_shape(&mut r, &k, 301, 1, 512);
+                check_shape(&mut r, &k, 131, 7, 512);
+            }
+        });
+    }
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let k = quant::kernel(GgmlType::Q4_0).unwrap();
+    let data = vec![0u8; 4 * 18 * 2];
+    let w = WeightMatrix {
+        ty: GgmlType::Q4_0,
+        data: &data,
+        rows: 4,
+        cols: 64,
+    };
+    let x = quantize_acts(ActFormat::Q8_0, &[0.5; 128], 2, 64);
+    let mut out = vec![0f32; 8];
+
+    let bad = WeightMatrix {
+        ty: GgmlType::IQ2_XXS,
+        ..w
+    };
+    let e = matmul(&bad, &x, &mut out, 4, 0..4).unwrap_err();
+    assert_eq!(e, KernelError::UnsupportedType(GgmlType::IQ2_XXS));
+    assert!(e.to_string().contains("IQ2_XXS"), "{e}");
+
+    let e = matmul(
+        &WeightMatrix {
+            data: &data[1..],
+            ..w
+        },
+        &x,
+        &mut out,
+        4,
+        0..4,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+    let e = matmul(&WeightMatrix { cols: 48, ..w }, &x, &mut out, 4, 0..4).unwrap_err();
+    assert!(e.to_string().contains("whole blocks"), "{e}");
+
+    let x1 = quantize_acts(ActFormat::Q8_1, &[0.5; 128], 2, 64);
+    let e = matmul(&w, &x1, &mut out, 4, 0..4).unwrap_err();
+    assert!(
+        e.to_string().contains("Q8_0") && e.to_string().contains("Q8_1"),
+        "{e}"
+    );
+
+    let x32 = quantize_acts(ActFormat::Q8_0, &[0.5; 64], 2, 32);
+    assert!(matmul(&w, &x32, &mut out, 4, 0..4)
+        .unwrap_err()
+        .to_string()
+        .contains("columns"));
+    assert!(matmul(&w, &x, &mut out, 4, 2..5)
+        .unwrap_err()
+        .to_string()
+        .contains("outside"));
+    assert!(matmul(&w, &x, &mut out, 3, 0..4)
+        .unwrap_err()
+        .to_string()
+        .contains("stride"));
+    assert!(matmul(&w, &x, &mut out[..7], 4, 0..4)
+        .unwrap_err()
+        .to_string()
+        .contains("output"));
+    assert!(matmul_f32(&w, &[0.0; 100], 2, &mut out).is_err());
+    assert!(matmul_f32(&w, &[0.0; 128], 2, &mut out[..6]).is_err());
+    // Empty range and zero tokens are fine and write nothing.
+    let mut poison = vec![f32::NAN; 8];
+    matmul(&w, &x, &mut poison, 4, 2..2).unwrap();
+    assert!(poison.iter().all(|v| v.is_nan()));
+    assert_eq!(k.act, ActFormat::Q8_0);
+}

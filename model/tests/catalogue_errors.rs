@@ -1,0 +1,216 @@
+//! Catalogue errors: unsupported architectures, missing keys, missing and ill-shaped tensors.
+
+use pshard_model::catalogue::SpecError;
+use pshard_model::gguf::{GgufHeader, MetaValue};
+use pshard_model::spec::ModelSpec;
+use pshard_model::synth::{plan, preset, QuantRecipe};
+
+fn header(name: &str) -> GgufHeader {
+    plan(&preset(name).unwrap(), QuantRecipe::Q8_0)
+        .header()
+        .unwrap()
+}
+
+fn build(h: &GgufHeader) -> Result<ModelSpec, SpecError> {
+    ModelSpec::from_gguf(h, &h.tensors, "test")
+}
+
+fn set(h: &mut GgufHeader, key: &str, v: MetaValue) {
+    match h.metadata.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = v,
+        None => h.metadata.push((key.to_string(), v)),
+    }
+}
+
+#[test]
+fn unsupported_architecture_lists_supported() {
+    let mut h = header("tiny-llama");
+    set(
+        &mut h,
+        "general.architecture",
+        MetaValue::String("mamba".into()),
+    );
+    let e = build(&h).unwrap_err().to_string();
+    assert!(
+        e.contains("mamba") && e.contains("llama, qwen2, qwen3, qwen3moe, gemma3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_key_is_named() {
+    let mut h = header("tiny-qwen3");
+    h.metadata
+        .retain(|(k, _)| k != "qwen3.attention.layer_norm_rms_epsilon");
+    let e = build(&h).unwrap_err().to_string();
+    assert!(e.contains("qwen3.attention.layer_norm_rms_epsilon"), "{e}");
+}
+
+#[test]
+fn missing_tensor_names_it_and_its_shape() {
+    let mut h = header("tiny-qwen2");
+    h.tensors.retain(|t| t.name != "blk.1.attn_k.bias");
+    match build(&h) {
+        Err(SpecError::MissingTensor { name, expected }) => {
+            assert_eq!(name, "blk.1.attn_k.bias");
+            assert_eq!(expected, vec![2 * 32]);
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+    let mut h = header("tiny-gemma3");
+    h.tensors.retain(|t| t.name != "blk.6.post_ffw_norm.weight");
+    let e = build(&h).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.6.post_ffw_norm.weight") && e.contains("[128]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ill_shaped_tensor_names_expected_and_found() {
+    let mut h = header("tiny-qwen3moe");
+    let t = h
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.0.ffn_down_exps.weight")
+        .unwrap();
+    t.dims = vec![64, 128, 4];
+    match build(&h) {
+        Err(SpecError::IllShapedTensor {
+            name,
+            expected,
+            found,
+        }) => {
+            assert_eq!(name, "blk.0.ffn_down_exps.weight");
+            assert_eq!(expected, vec![64, 128, 8]);
+            assert_eq!(found, vec![64, 128, 4]);
+        }
+        other => panic!("expected IllShapedTensor, got {other:?}"),
+    }
+    let mut h = header("tiny-llama");
+    h.tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.1.attn_q.weight")
+        .unwrap()
+        .dims = vec![256, 128];
+    let e = build(&h).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.1.attn_q.weight") && e.contains("[256, 128]") && e.contains("[256, 256]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_rope_scaling_is_named() {
+    let mut h = header("tiny-qwen2");
+    set(
+        &mut h,
+        "qwen2.rope.scaling.type",
+        MetaValue::String("yarn".into()),
+    );
+    let e = build(&h).unwrap_err();
+    assert!(
+        matches!(e, SpecError::UnsupportedRopeScaling { ref kind } if kind == "yarn"),
+        "{e}"
+    );
+}
+
+#[test]
+fn linear_rope_scaling_and_softcaps_are_read() {
+    let mut h = header("tiny-gemma3");
+    set(
+        &mut h,
+        "gemma3.attn_logit_softcapping",
+        MetaValue::F32(50.0),
+    );
+    set(
+        &mut h,
+        "gemma3.final_logit_softcapping",
+        MetaValue::F32(30.0),
+    );
+    let s = build(&h).unwrap();
+    assert_eq!(s.hparams.rope_linear_scale, 8.0);
+    assert_eq!(s.layers[5].rope_linear_scale, 8.0);
+    assert_eq!(s.layers[4].rope_linear_scale, 1.0);
+    assert_eq!(
+        (s.hparams.attn_softcap, s.hparams.final_softcap),
+        (Some(50.0), Some(30.0))
+    );
+}
+
+#[test]
+fn old_per_expert_mixtral_layout_is_rejected_clearly() {
+    let mut h = header("tiny-mixtral");
+    let mut t = h.tensors[0].clone();
+    t.name = "blk.0.ffn_gate.0.weight".into();
+    h.tensors.push(t);
+    let e = build(&h).unwrap_err().to_string();
+    assert!(e.contains("per-expert") && e.contains("re-convert"), "{e}");
+}
+
+#[test]
+fn expert_weights_norm_key_is_honoured() {
+    let h = header("tiny-qwen3moe");
+    assert!(build(&h).unwrap().hparams.expert_weights_norm);
+    let mut h2 = h.clone();
+    set(
+        &mut h2,
+        "qwen3moe.expert_weights_norm",
+        MetaValue::Bool(false),
+    );
+    assert!(!build(&h2).unwrap().hparams.expert_weights_norm);
+}
+
+#[test]
+fn shared_experts_form_their_own_group() {
+    use pshard_model::ggml_type::GgmlType;
+    use pshard_model::gguf::TensorInfo;
+    use pshard_model::spec::GroupRole;
+    let mut h = header("tiny-qwen3moe");
+    set(
+        &mut h,
+        "qwen3moe.expert_shared_feed_forward_length",
+        MetaValue::U32(96),
+    );
+    for l in 0..2 {
+        for (n, dims) in [
+            ("gate", [128u64, 96]),
+            ("up", [128, 96]),
+            ("down", [96, 128]),
+        ] {
+            h.tensors.push(TensorInfo {
+                name: format!("blk.{l}.ffn_{n}_shexp.weight"),
+                dims: dims.to_vec(),
+                ty: GgmlType::F16,
+                offset: 0,
+                bytes: 96 * 128 * 2,
+            });
+        }
+    }
+    let s = build(&h).unwrap();
+    assert_eq!(s.hparams.n_ff_shared_expert, 96);
+    let g = s.layer_group(1, GroupRole::SharedExperts).unwrap();
+    assert_eq!(s.group(g).tensors.len(), 3);
+    assert_eq!(s.group(g).bytes, 3 * 96 * 128 * 2);
+    let roles: Vec<GroupRole> = s.layers[1]
+        .groups
+        .iter()
+        .map(|&g| s.group(g).role)
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            GroupRole::Attn,
+            GroupRole::Router,
+            GroupRole::Experts,
+            GroupRole::SharedExperts
+        ]
+    );
+    // A partial set of shared-expert tensors names the missing one.
+    h.tensors.retain(|t| t.name != "blk.1.ffn_up_shexp.weight");
+    let e = build(&h).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.1.ffn_up_shexp.weight") && e.contains("[128, 96]"),
+        "{e}"
+    );
+}

@@ -1,0 +1,98 @@
+//! Plans for the reference models with the H200 fixture profiles.
+
+mod common;
+
+use std::time::Instant;
+
+use pshard_model::spec::ModelSpec;
+use pshard_planner::cost::PlanParams;
+use pshard_planner::placement::Place;
+use pshard_planner::search::{plan, Plan};
+use pshard_planner::CostTable;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn run(spec: &ModelSpec, table: &CostTable, params: &PlanParams, budget: u64) -> Plan {
+    plan(spec, &common::graph, table, params, budget)
+        .unwrap_or_else(|e| panic!("{}: {e}", spec.name))
+}
+
+fn summary(spec: &ModelSpec, p: &Plan) {
+    println!(
+        "{} @ {} MiB: bill {} MiB, whole={}, common {} MiB",
+        spec.name,
+        p.budget / MIB,
+        p.bill() / MIB,
+        p.whole_model_fits,
+        p.common_bytes / MIB
+    );
+    for t in &p.tiers {
+        println!(
+            "  {:>6} {:<36} {:>10.1} t/s  vram {:>6} MiB  {}",
+            t.tier.n,
+            t.best.strategy.name(),
+            t.best.eval.tps,
+            t.best.bill.total() / MIB,
+            t.best.placement.layer_map(spec)
+        );
+    }
+}
+
+#[test]
+fn reference_models_at_several_budgets() {
+    let (cpu, gpu) = common::h200_profiles();
+    let table = CostTable::new(Some(&cpu), Some(&gpu), 16);
+    let params = PlanParams::new(16384);
+    for (name, budgets) in [
+        ("llama3-8b", &[3u64, 6, 12][..]),
+        ("qwen2.5-32b", &[8, 16, 24][..]),
+        ("qwen3-30b-a3b", &[4, 12, 24][..]),
+        ("llama3-70b", &[8, 24, 48][..]),
+    ] {
+        let spec = common::spec(name);
+        for b in budgets {
+            let t0 = Instant::now();
+            let p = run(&spec, &table, &params, b * GIB);
+            let dt = t0.elapsed();
+            summary(&spec, &p);
+            println!("  planned in {:.3} s", dt.as_secs_f64());
+            assert!(
+                p.bill() <= b * GIB,
+                "bill {} > budget {}",
+                p.bill(),
+                b * GIB
+            );
+            for t in &p.tiers {
+                assert!(t.best.bill.total() <= b * GIB);
+                let places: Vec<Place> =
+                    t.best.placement.groups.iter().flatten().copied().collect();
+                if !p.whole_model_fits && t.tier.n == 1 {
+                    assert!(
+                        !places.contains(&Place::Streamed),
+                        "{name} @ {b} GiB: decode tier streams whole tensors: {}",
+                        t.best.placement.layer_map(&spec)
+                    );
+                }
+                let all_pinned = places.iter().filter(|p| **p != Place::Cpu).count() > 0
+                    && t.best.placement.groups.iter().enumerate().all(|(g, v)| {
+                        g == spec.embed.0 as usize || v.iter().all(|p| *p == Place::Pinned)
+                    });
+                if !all_pinned
+                    && !p.whole_model_fits
+                    && t.tier.prefill
+                    && t.tier.n >= 1024
+                    && t.best.strategy != pshard_planner::Strategy::BandwidthAggregation
+                    && t.best.placement.uses_gpu()
+                {
+                    assert!(
+                        places.iter().any(|p| matches!(p, Place::Streamed)),
+                        "{name} @ {b} GiB: prefill tier {} does not stream: {}",
+                        t.tier.n,
+                        t.best.placement.layer_map(&spec)
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Profiles: the fixtures load and round-trip, bad files are rejected with line numbers, and the
+//! cost table reproduces measured points, interpolates between them and follows the roofline beyond.
+
+mod common;
+
+use pshard_model::ggml_type::GgmlType;
+use pshard_planner::profile::{Lane, Profile, ProfileError};
+use pshard_planner::CostTable;
+
+#[test]
+fn fixtures_round_trip_and_are_labelled() {
+    let (cpu, gpu) = common::h200_profiles();
+    for p in [&cpu, &gpu] {
+        assert!(
+            p.note.contains("HAND-MADE FIXTURE"),
+            "fixtures must say they are not measurements"
+        );
+        let text = p.to_toml_string();
+        let back = Profile::from_toml_str(&text, "rt").expect("round trip");
+        assert_eq!(&back, p);
+        assert!(p
+            .points
+            .iter()
+            .all(|pt| pt.stats.median_s > 0.0 && pt.stats.median_s.is_finite()));
+    }
+    assert_ne!(cpu.identity(), gpu.identity());
+}
+
+fn fixture_text() -> String {
+    std::fs::read_to_string(common::profiles_dir().join("h200-cpu.toml")).expect("fixture")
+}
+
+#[test]
+fn unknown_major_version_is_rejected() {
+    let text = fixture_text().replacen("version = \"1.0\"", "version = \"2.0\"", 1);
+    match Profile::from_toml_str(&text, "p.toml") {
+        Err(e @ ProfileError::UnsupportedVersion { .. }) => {
+            assert!(e.to_string().contains("2.0"), "{e}")
+        }
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+    // A newer minor of the same major is read.
+    let text = fixture_text().replacen("version = \"1.0\"", "version = \"1.7\"", 1);
+    Profile::from_toml_str(&text, "p.toml").expect("minor versions are compatible");
+    let text = fixture_text().replacen("format = \"pshard-profile\"", "format = \"something\"", 1);
+    assert!(Profile::from_toml_str(&text, "p.toml").is_err());
+}
+
+#[test]
+fn malformed_files_name_the_line() {
+    // Syntax error on a known line.
+    let mut lines: Vec<String> = fixture_text().lines().map(String::from).collect();
+    let idx = lines
+        .iter()
+        .position(|l| l.starts_with("cpu_cores"))
+        .expect("cpu_cores line");
+    lines[idx] = "cpu_cores = = 3".into();
+    match Profile::from_toml_str(&lines.join("\n"), "p.toml") {
+        Err(ProfileError::Syntax { line, .. }) => assert_eq!(line, idx + 1),
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+    // A value out of range inside the 5th point: reported at that point's header line.
+    let mut lines: Vec<String> = fixture_text().lines().map(String::from).collect();
+    let headers: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[point]]")
+        .map(|(i, _)| i)
+        .collect();
+    let h = headers[4];
+    let m = (h..lines.len())
+        .find(|i| lines[*i].starts_with("median_s"))
+        .expect("median line");
+    lines[m] = "median_s = -1.0".into();
+    match Profile::from_toml_str(&lines.join("\n"), "p.toml") {
+        Err(e @ ProfileError::Invalid { .. }) => {
+            let ProfileError::Invalid { line, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(*line, h + 1, "{e}");
+            assert!(e.to_string().contains("point 5"), "{e}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    // A wrong type is a structure error with a line.
+    let text = fixture_text().replacen("cpu_cores = 16", "cpu_cores = \"sixteen\"", 1);
+    assert!(
+        matches!(Profile::from_toml_str(&text, "p.toml"), Err(ProfileError::Syntax { line, .. }) if line > 0)
+    );
+    // Missing file.
+    assert!(matches!(
+        Profile::load(std::path::Path::new("/nonexistent/p.toml")),
+        Err(ProfileError::Io { .. })
+    ));
+}
+
+#[test]
+fn cost_table_reproduces_interpolates_and_extrapolates() {
+    let (cpu, gpu) = common::h200_profiles();
+    let t = CostTable::new(Some(&cpu), Some(&gpu), 16);
+    // Measured points come back exactly.
+    for pt in cpu
+        .points
+        .iter()
+        .filter(|p| p.op == "matmul" && p.lane == Lane::Cpu)
+    {
+        let ty = pt.quant_type().expect("quant");
+        let got = t.cpu_matmul(
+            ty,
+            pt.shape[0] as usize,
+            pt.shape[1] as usize,
+            pt.batch as usize,
+            false,
+        );
+        let rel = (got - pt.stats.median_s).abs() / pt.stats.median_s;
+        assert!(
+            rel < 0.06,
+            "{:?} b{}: {got} vs {}",
+            pt.shape,
+            pt.batch,
+            pt.stats.median_s
+        );
+    }
+    // Between measured batches the time lies between its neighbours.
+    let at = |b| t.cpu_matmul(GgmlType::Q4_K, 4096, 4096, b, false);
+    let (a, m, c) = (at(128), at(256), at(512));
+    assert!(a < m && m < c, "{a} {m} {c}");
+    // Beyond the measured batches (512) a compute-bound matmul scales with the work (roofline),
+    // rather than staying at the last point's time.
+    let (x, y) = (at(2048), at(4096));
+    assert!((y / x - 2.0).abs() < 0.05, "{x} {y}");
+    assert!(x > 3.0 * c);
+    // Unmeasured shape (bigger than any measured): bandwidth-bound decode time follows its bytes.
+    let big = t.cpu_matmul(GgmlType::Q4_K, 28672, 8192, 1, false);
+    let small = t.cpu_matmul(GgmlType::Q4_K, 14336, 4096, 1, false);
+    assert!((big / small - 4.0).abs() < 0.3, "{big} {small}");
+    // Concurrent copies slow CPU matmuls down, and the copy itself.
+    assert!(
+        t.cpu_matmul(GgmlType::Q4_K, 4096, 14336, 1, true)
+            > t.cpu_matmul(GgmlType::Q4_K, 4096, 14336, 1, false)
+    );
+    assert!(t.h2d(1e9, true) > t.h2d(1e9, false));
+}
+
+#[test]
+fn fit_only_table_without_profiles() {
+    let t = CostTable::new(None, None, 8);
+    assert!(!t.is_measured());
+    assert!(t.cpu_matmul(GgmlType::Q4_K, 4096, 4096, 1, false) > 0.0);
+}

@@ -1,0 +1,417 @@
+//! The CPU executor: runs a [`Program`] step by step with the CPU kernels.
+//!
+//! Activation buffers are allocated once per program and reused for every batch of its size.
+//! Quantized activations are cached per (buffer, format) until the buffer is written again, so q, k
+//! and v (or gate and up) share one quantization of their input.
+
+use pshard_kernels::matmul::{matmul, quantize_acts, QuantizedActs};
+use pshard_kernels::ops;
+use pshard_kernels::quant::{self, ActFormat};
+use pshard_model::graph::{Activation, BufId, Op};
+use pshard_model::spec::RopeMode;
+
+use crate::kv::KvCache;
+use crate::model::Model;
+use crate::program::Program;
+
+/// Inputs of one run of a program.
+#[derive(Clone, Copy)]
+pub struct BatchInput<'a> {
+    /// Token ids, one per row.
+    pub tokens: &'a [u32],
+    /// Position of each token.
+    pub positions: &'a [u32],
+    /// Rows (indices into `tokens`) whose logits are wanted, `n_logit_rows` of them.
+    pub logit_rows: &'a [usize],
+    /// Forces MoE expert choices: `(layer, position)` → expert ids (tests compare against a
+    /// reference's choice so near-ties cannot flip).
+    pub route_override: Option<&'a RouteOverride>,
+}
+
+/// A function from `(layer, position)` to forced expert ids, or `None` to route normally.
+pub type RouteOverride = dyn Fn(usize, u32) -> Option<Vec<u32>> + Send + Sync;
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The input does not match the program's batch shape.
+    #[error("batch shape mismatch: {0}")]
+    Shape(String),
+    /// A kernel refused its input.
+    #[error(transparent)]
+    Kernel(#[from] pshard_kernels::matmul::KernelError),
+    /// A token id is outside the vocabulary.
+    #[error("token id {0} is outside the vocabulary of {1}")]
+    BadToken(u32, usize),
+}
+
+/// A program with its buffers, ready to run on the CPU.
+pub struct CpuRunner {
+    program: Program,
+    bufs: Vec<Vec<f32>>,
+    act_cache: Vec<Option<QuantizedActs>>,
+}
+
+impl CpuRunner {
+    /// Allocates the program's buffers.
+    pub fn new(program: Program) -> CpuRunner {
+        let bufs = program
+            .buffers
+            .iter()
+            .map(|b| vec![0f32; b.bytes / 4])
+            .collect();
+        let act_cache = vec![None; program.buffers.len()];
+        CpuRunner {
+            program,
+            bufs,
+            act_cache,
+        }
+    }
+
+    /// The program.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Runs one batch; returns the logits (`n_logit_rows × n_vocab`).
+    pub fn run(
+        &mut self,
+        model: &Model,
+        kv: &mut KvCache,
+        input: BatchInput,
+    ) -> Result<&[f32], ExecError> {
+        let g = &self.program.graph;
+        if input.tokens.len() != g.n_tokens
+            || input.positions.len() != g.n_tokens
+            || input.logit_rows.len() != g.n_logit_rows
+        {
+            return Err(ExecError::Shape(format!(
+                "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
+                g.n_tokens,
+                g.n_logit_rows,
+                input.tokens.len(),
+                input.positions.len(),
+                input.logit_rows.len()
+            )));
+        }
+        if let Some(&r) = input.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
+            return Err(ExecError::Shape(format!(
+                "logit row {r} ≥ {} tokens",
+                g.n_tokens
+            )));
+        }
+        let n_vocab = model.spec.hparams.n_vocab;
+        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ExecError::BadToken(t, n_vocab));
+        }
+        self.act_cache.iter_mut().for_each(|c| *c = None);
+        for si in 0..self.program.steps.len() {
+            let node = self.program.steps[si].node;
+            let op = self.program.graph.nodes[node].op.clone();
+            let layer = self.program.graph.nodes[node].layer;
+            self.exec(model, kv, &input, &op, layer)?;
+            for w in op.writes() {
+                self.act_cache[w.0 as usize] = None;
+            }
+        }
+        Ok(&self.bufs[self.program.graph.logits.0 as usize])
+    }
+
+    fn cols(&self, b: BufId) -> usize {
+        self.program.graph.buffer(b).cols
+    }
+
+    /// Two distinct buffers, one mutable.
+    fn pair(&mut self, src: BufId, dst: BufId) -> (&[f32], &mut [f32]) {
+        let (s, d) = (src.0 as usize, dst.0 as usize);
+        assert_ne!(s, d, "graph ops read and write distinct buffers here");
+        if s < d {
+            let (a, b) = self.bufs.split_at_mut(d);
+            (&a[s], &mut b[0])
+        } else {
+            let (a, b) = self.bufs.split_at_mut(s);
+            (&b[0], &mut a[d])
+        }
+    }
+
+    fn quantized(&mut self, x: BufId, format: ActFormat) -> &QuantizedActs {
+        let i = x.0 as usize;
+        let stale = !matches!(&self.act_cache[i], Some(q) if q.format == format);
+        if stale {
+            let rows = self.program.graph.rows(x);
+            let cols = self.cols(x);
+            self.act_cache[i] = Some(quantize_acts(
+                format,
+                &self.bufs[i][..rows * cols],
+                rows,
+                cols,
+            ));
+        }
+        self.act_cache[i].as_ref().expect("filled above")
+    }
+
+    fn exec(
+        &mut self,
+        model: &Model,
+        kv: &mut KvCache,
+        input: &BatchInput,
+        op: &Op,
+        layer: Option<usize>,
+    ) -> Result<(), ExecError> {
+        let n = self.program.graph.n_tokens;
+        match *op {
+            Op::Embed { table, out, scale } => {
+                let w = model.matrix(table, 0);
+                let k = quant::kernel(w.ty).expect("checked at load");
+                let row_bytes = w.data.len() / w.rows;
+                let cols = w.cols;
+                let o = &mut self.bufs[out.0 as usize];
+                for (t, &tok) in input.tokens.iter().enumerate() {
+                    let dst = &mut o[t * cols..][..cols];
+                    (k.dequantize_row)(&w.data[tok as usize * row_bytes..][..row_bytes], dst);
+                    if scale != 1.0 {
+                        dst.iter_mut().for_each(|v| *v *= scale);
+                    }
+                }
+            }
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                eps,
+            } => {
+                let rows = self.program.graph.rows(x);
+                let cols = self.cols(x);
+                let w = model.vector(weight);
+                if x == out {
+                    let b = &mut self.bufs[x.0 as usize][..rows * cols];
+                    b.chunks_mut(cols)
+                        .for_each(|r| ops::rms_norm_inplace(r, w, eps));
+                } else {
+                    let (src, dst) = self.pair(x, out);
+                    ops::rms_norm(&src[..rows * cols], w, &mut dst[..rows * cols], eps);
+                }
+            }
+            Op::HeadRmsNorm { x, weight, eps, .. } => {
+                ops::head_rms_norm(&mut self.bufs[x.0 as usize], model.vector(weight), eps);
+            }
+            Op::MatMul {
+                weight,
+                x,
+                out,
+                bias,
+            } => {
+                let w = model.matrix(weight, 0);
+                let format = quant::kernel(w.ty).expect("checked at load").act;
+                let rows = self.program.graph.rows(x);
+                self.quantized(x, format);
+                let acts = self.act_cache[x.0 as usize]
+                    .take()
+                    .expect("quantized above");
+                let o = &mut self.bufs[out.0 as usize];
+                let res = matmul(&w, &acts, &mut o[..rows * w.rows], w.rows, 0..w.rows);
+                self.act_cache[x.0 as usize] = Some(acts);
+                res?;
+                if let Some(b) = bias {
+                    let bv = model.vector(b);
+                    o[..rows * w.rows]
+                        .chunks_mut(w.rows)
+                        .for_each(|r| ops::add_inplace(r, bv));
+                }
+            }
+            Op::Rope { x, head_dim, rope } => {
+                let ff = rope.freq_factors.map(|t| model.vector(t));
+                let r = ops::Rope {
+                    pairing: match rope.mode {
+                        RopeMode::Adjacent => ops::RopePairing::Adjacent,
+                        RopeMode::Neox => ops::RopePairing::Neox,
+                    },
+                    n_dims: rope.n_dims,
+                    base: rope.base,
+                    pos_scale: rope.pos_scale,
+                    freq_factors: ff,
+                };
+                ops::rope(&mut self.bufs[x.0 as usize], head_dim, input.positions, &r);
+            }
+            Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out,
+                n_head,
+                n_head_kv,
+                head_dim_k,
+                head_dim_v,
+                window,
+                scale,
+                softcap,
+            } => {
+                kv.layer_mut(layer).write(
+                    input.positions,
+                    &self.bufs[k.0 as usize],
+                    &self.bufs[v.0 as usize],
+                );
+                let p = ops::AttnParams {
+                    n_head,
+                    n_head_kv,
+                    head_dim_k,
+                    head_dim_v,
+                    window,
+                    scale,
+                    softcap,
+                };
+                let (qb, ob) = self.pair(q, out);
+                ops::attention(qb, input.positions, &kv.layer(layer).view(), &p, ob);
+            }
+            Op::Glu { gate, up, out, act } => {
+                let (g, u, o) = (gate.0 as usize, up.0 as usize, out.0 as usize);
+                let mut o_buf = std::mem::take(&mut self.bufs[o]);
+                ops::glu(
+                    &self.bufs[g],
+                    &self.bufs[u],
+                    &mut o_buf,
+                    act == Activation::GeluTanh,
+                );
+                self.bufs[o] = o_buf;
+            }
+            Op::Add { a, b, out } => {
+                let rows = self.program.graph.rows(a);
+                let len = rows * self.cols(a);
+                if out == a {
+                    let (src, dst) = self.pair(b, a);
+                    ops::add_inplace(&mut dst[..len], &src[..len]);
+                } else if out == b {
+                    let (src, dst) = self.pair(a, b);
+                    ops::add_inplace(&mut dst[..len], &src[..len]);
+                } else {
+                    let sum: Vec<f32> = self.bufs[a.0 as usize][..len]
+                        .iter()
+                        .zip(&self.bufs[b.0 as usize][..len])
+                        .map(|(x, y)| x + y)
+                        .collect();
+                    self.bufs[out.0 as usize][..len].copy_from_slice(&sum);
+                }
+            }
+            Op::SelectRows { x, out } => {
+                let cols = self.cols(x);
+                let (src, dst) = self.pair(x, out);
+                for (i, &r) in input.logit_rows.iter().enumerate() {
+                    dst[i * cols..][..cols].copy_from_slice(&src[r * cols..][..cols]);
+                }
+            }
+            Op::MoeRoute {
+                logits,
+                out,
+                n_expert,
+                n_used,
+                normalize,
+            } => {
+                let (src, dst) = self.pair(logits, out);
+                for t in 0..n {
+                    let mut ids = vec![0u32; n_used];
+                    let mut w = vec![0f32; n_used];
+                    let logits = &src[t * n_expert..][..n_expert];
+                    let forced = match (input.route_override, layer) {
+                        (Some(f), Some(l)) => f(l, input.positions[t]),
+                        _ => None,
+                    };
+                    match forced {
+                        Some(f) if f.len() == n_used => {
+                            ids.copy_from_slice(&f);
+                            ops::route_forced(logits, &ids, &mut w, normalize);
+                        }
+                        _ => ops::route_top_k(logits, &mut ids, &mut w, normalize),
+                    }
+                    let row = &mut dst[t * 2 * n_used..][..2 * n_used];
+                    for k in 0..n_used {
+                        row[k] = f32::from_bits(ids[k]);
+                        row[n_used + k] = w[k];
+                    }
+                }
+            }
+            Op::MoeFfn {
+                x,
+                route,
+                gate_exps,
+                up_exps,
+                down_exps,
+                act,
+                out,
+            } => {
+                self.moe_ffn(model, x, route, [gate_exps, up_exps, down_exps], act, out)?;
+            }
+            Op::Softcap { x, cap } => ops::softcap(&mut self.bufs[x.0 as usize], cap),
+        }
+        Ok(())
+    }
+
+    /// Expert FFNs: tokens are grouped by expert so each expert's matrices are read once per batch.
+    fn moe_ffn(
+        &mut self,
+        model: &Model,
+        x: BufId,
+        route: BufId,
+        exps: [pshard_model::spec::TensorId; 3],
+        act: Activation,
+        out: BufId,
+    ) -> Result<(), ExecError> {
+        let n = self.program.graph.n_tokens;
+        let cols = self.cols(x);
+        let n_used = self.cols(route) / 2;
+        let n_expert = model.spec.hparams.n_expert;
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_expert];
+        {
+            let r = &self.bufs[route.0 as usize];
+            for t in 0..n {
+                for k in 0..n_used {
+                    let e = r[t * 2 * n_used + k].to_bits() as usize;
+                    by_expert[e].push((t, r[t * 2 * n_used + n_used + k]));
+                }
+            }
+        }
+        let mut acc = vec![0f32; n * cols];
+        let xs = &self.bufs[x.0 as usize];
+        for (e, toks) in by_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let m = toks.len();
+            let mut xe = vec![0f32; m * cols];
+            for (i, &(t, _)) in toks.iter().enumerate() {
+                xe[i * cols..][..cols].copy_from_slice(&xs[t * cols..][..cols]);
+            }
+            let gate = model.matrix(exps[0], e);
+            let up = model.matrix(exps[1], e);
+            let down = model.matrix(exps[2], e);
+            let ff = gate.rows;
+            let fmt = quant::kernel(gate.ty).expect("checked at load").act;
+            let qx = quantize_acts(fmt, &xe, m, cols);
+            let mut g = vec![0f32; m * ff];
+            let mut u = vec![0f32; m * ff];
+            matmul(&gate, &qx, &mut g, ff, 0..ff)?;
+            let qx = if quant::kernel(up.ty).expect("checked at load").act == fmt {
+                qx
+            } else {
+                quantize_acts(quant::kernel(up.ty).expect("checked").act, &xe, m, cols)
+            };
+            matmul(&up, &qx, &mut u, ff, 0..ff)?;
+            let mut h = vec![0f32; m * ff];
+            ops::glu(&g, &u, &mut h, act == Activation::GeluTanh);
+            let dfmt = quant::kernel(down.ty).expect("checked at load").act;
+            let qh = quantize_acts(dfmt, &h, m, ff);
+            let mut d = vec![0f32; m * cols];
+            matmul(&down, &qh, &mut d, cols, 0..cols)?;
+            for (i, &(t, w)) in toks.iter().enumerate() {
+                for (a, v) in acc[t * cols..][..cols]
+                    .iter_mut()
+                    .zip(&d[i * cols..][..cols])
+                {
+                    *a += w * v;
+                }
+            }
+        }
+        self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
+        Ok(())
+    }
+}

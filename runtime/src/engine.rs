@@ -1,0 +1,136 @@
+//! The engine: a model, its KV cache and one program per batch shape, evaluating token sequences in
+//! ubatches. Generation and perplexity sessions are built on [`Engine::eval`].
+
+use std::collections::HashMap;
+
+use std::sync::Arc;
+
+use crate::cpu::{BatchInput, CpuRunner, ExecError, RouteOverride};
+use crate::kv::{KvCache, KvError};
+use crate::model::Model;
+use crate::program::Program;
+
+/// Why an evaluation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The context is full.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// Execution failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// The graph could not be built.
+    #[error(transparent)]
+    Graph(#[from] pshard_model::arch::GraphError),
+    /// Nothing to evaluate.
+    #[error("no tokens to evaluate")]
+    Empty,
+}
+
+/// Which rows of an evaluation produce logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (perplexity).
+    All,
+}
+
+/// Model + KV cache + programs.
+pub struct Engine {
+    /// The loaded model.
+    pub model: Model,
+    kv: KvCache,
+    runners: HashMap<(usize, usize), CpuRunner>,
+    ubatch: usize,
+    n_past: usize,
+    route_override: Option<Arc<RouteOverride>>,
+}
+
+impl Engine {
+    /// An engine with a context of `n_ctx` positions evaluating at most `ubatch` tokens per step.
+    pub fn new(model: Model, n_ctx: usize, ubatch: usize) -> Engine {
+        let ubatch = ubatch.clamp(1, n_ctx.max(1));
+        let kv = KvCache::new(&model.spec, n_ctx, ubatch);
+        Engine {
+            model,
+            kv,
+            runners: HashMap::new(),
+            ubatch,
+            n_past: 0,
+            route_override: None,
+        }
+    }
+
+    /// Forces MoE expert choices (see [`RouteOverride`]); `None` routes normally.
+    pub fn set_route_override(&mut self, f: Option<Arc<RouteOverride>>) {
+        self.route_override = f;
+    }
+
+    /// Forgets the sequence (positions restart at 0).
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Positions evaluated so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Context size.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    /// Bytes of the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or of
+    /// every token (`All`, row-major `tokens.len() × n_vocab`).
+    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Empty);
+        }
+        self.kv.check(self.n_past, tokens.len())?;
+        let n_vocab = self.model.spec.hparams.n_vocab;
+        let mut all = Vec::new();
+        let chunks: Vec<&[u32]> = tokens.chunks(self.ubatch).collect();
+        let n_chunks = chunks.len();
+        let mut last = Vec::new();
+        for (ci, chunk) in chunks.into_iter().enumerate() {
+            let n = chunk.len();
+            let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
+            let logit_rows: Vec<usize> = match which {
+                Logits::All => (0..n).collect(),
+                Logits::Last if ci + 1 == n_chunks => vec![n - 1],
+                // Intermediate prompt chunks still need one row for the graph's output head; it is
+                // cheap (one row) and discarded.
+                Logits::Last => vec![n - 1],
+            };
+            let key = (n, logit_rows.len());
+            if !self.runners.contains_key(&key) {
+                let program = Program::for_cpu(&self.model.spec, n, logit_rows.len())?;
+                self.runners.insert(key, CpuRunner::new(program));
+            }
+            let runner = self.runners.get_mut(&key).expect("inserted above");
+            let input = BatchInput {
+                tokens: chunk,
+                positions: &positions,
+                logit_rows: &logit_rows,
+                route_override: self.route_override.as_deref(),
+            };
+            let logits = runner.run(&self.model, &mut self.kv, input)?;
+            self.n_past += n;
+            match which {
+                Logits::All => all.extend_from_slice(logits),
+                Logits::Last => {
+                    last.clear();
+                    last.extend_from_slice(&logits[..n_vocab]);
+                }
+            }
+        }
+        Ok(if which == Logits::All { all } else { last })
+    }
+}

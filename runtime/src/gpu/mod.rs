@@ -1,0 +1,641 @@
+//! The GPU executor: runs the same [`Program`]s as the CPU executor with every step on the GPU's
+//! compute stream. Weights are uploaded once (in their GGUF block layout), the KV cache lives in
+//! VRAM, logits are computed only for the rows that need them and copied back, and small batches
+//! (decode) are captured as a CUDA graph after their first run and replayed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use pshard_kernels::cuda::{
+    kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId, RegionKind,
+    RopeKind, GEMV_MAX_ROWS,
+};
+use pshard_model::graph::{Activation, BufId, Op};
+use pshard_model::spec::{RopeMode, TensorId};
+
+use crate::cpu::BatchInput;
+use crate::engine::Logits;
+use crate::model::Model;
+use crate::program::{Lane, MemSpace, Program};
+
+/// Why GPU execution failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// A CUDA call or kernel failed (or no GPU).
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    /// The input does not match the program.
+    #[error("batch shape mismatch: {0}")]
+    Shape(String),
+    /// The model uses something the CUDA backend cannot run.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The graph could not be built.
+    #[error(transparent)]
+    Graph(#[from] pshard_model::arch::GraphError),
+    /// The context is full.
+    #[error("context full: {needed} positions needed but the context holds {n_ctx} (raise -c)")]
+    ContextFull {
+        /// Positions needed.
+        needed: usize,
+        /// Context size.
+        n_ctx: usize,
+    },
+}
+
+/// How to open the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// CUDA ordinal.
+    pub ordinal: usize,
+    /// VRAM budget in bytes (`None`: free memory minus a margin).
+    pub vram_budget: Option<u64>,
+    /// NVRTC cache directory (`None`: the default).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The model's weights in VRAM: matrices as raw GGUF blocks, small vectors as f32.
+pub struct GpuWeights {
+    tensors: HashMap<TensorId, DevBuf>,
+    region: RegionId,
+    /// Bytes uploaded.
+    pub bytes: u64,
+}
+
+fn is_matrix_use(op: &Op, id: TensorId) -> bool {
+    matches!(op, Op::MatMul { weight, .. } if *weight == id) || matches!(op, Op::Embed { .. } | Op::MoeFfn { .. })
+}
+
+impl GpuWeights {
+    /// Uploads every tensor the forward pass reads, once.
+    pub fn upload(gpu: &Gpu, model: &Model) -> Result<GpuWeights, GpuError> {
+        let graph = pshard_model::arch::build_graph(&model.spec, 1, 1)?;
+        // (tensor, is matrix) in first-use order, deduplicated (tied embeddings are read twice).
+        let mut list: Vec<(TensorId, bool)> = Vec::new();
+        for node in &graph.nodes {
+            for id in node.op.weights() {
+                if list.iter().any(|&(t, _)| t == id) {
+                    continue;
+                }
+                list.push((id, is_matrix_use(&node.op, id)));
+            }
+        }
+        let size = |&(id, m): &(TensorId, bool)| -> Result<u64, GpuError> {
+            let t = model.spec.tensor(id);
+            if m {
+                if type_geom(t.ty).is_none() {
+                    return Err(GpuError::Unsupported(format!(
+                        "tensor {} has type {}, which the CUDA backend cannot compute with",
+                        t.name,
+                        t.ty.name()
+                    )));
+                }
+                Ok(model.file().tensor_data(t.file_index).len() as u64)
+            } else {
+                Ok(model.vector(id).len() as u64 * 4)
+            }
+        };
+        let mut total = 0u64;
+        for e in &list {
+            total += size(e)?.div_ceil(256) * 256;
+        }
+        let dev = &gpu.dev;
+        let region = dev.create_region(RegionKind::Weights, "weights", total)?;
+        let mut tensors = HashMap::new();
+        let copy = dev.copy_stream().clone();
+        for e in &list {
+            let (id, m) = *e;
+            let t = model.spec.tensor(id);
+            let buf = dev.alloc(region, size(e)?, &t.name)?;
+            if m {
+                dev.upload(&copy, buf.ptr, model.file().tensor_data(t.file_index))?;
+            } else {
+                let v: Vec<u8> = model.vector(id).iter().flat_map(|x| x.to_le_bytes()).collect();
+                dev.upload(&copy, buf.ptr, &v)?;
+            }
+            tensors.insert(id, buf);
+        }
+        Ok(GpuWeights { tensors, region, bytes: total })
+    }
+
+    fn get(&self, id: TensorId) -> u64 {
+        self.tensors[&id].ptr
+    }
+
+    /// The weights region.
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+}
+
+/// Per-layer f16 K and V caches in VRAM, `[n_ctx, n_kv · head_dim]` each (slot = position).
+pub struct GpuKv {
+    layers: Vec<(DevBuf, DevBuf)>,
+    n_ctx: usize,
+    /// Bytes of all layers.
+    pub bytes: u64,
+}
+
+impl GpuKv {
+    /// Allocates the cache for `n_ctx` positions.
+    pub fn new(gpu: &Gpu, model: &Model, n_ctx: usize) -> Result<GpuKv, GpuError> {
+        let h = &model.spec.hparams;
+        let kb = (n_ctx * h.n_head_kv * h.head_dim_k * 2) as u64;
+        let vb = (n_ctx * h.n_head_kv * h.head_dim_v * 2) as u64;
+        let per = kb.div_ceil(256) * 256 + vb.div_ceil(256) * 256;
+        let n_layer = model.spec.layers.len();
+        let region = gpu.dev.create_region(RegionKind::Kv, "kv", per * n_layer as u64)?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for l in 0..n_layer {
+            let k = gpu.dev.alloc(region, kb, &format!("layer {l} K cache"))?;
+            let v = gpu.dev.alloc(region, vb, &format!("layer {l} V cache"))?;
+            layers.push((k, v));
+        }
+        Ok(GpuKv { layers, n_ctx, bytes: per * n_layer as u64 })
+    }
+}
+
+/// One program with its device buffers.
+pub struct GpuRunner {
+    program: Program,
+    region: RegionId,
+    bufs: Vec<DevBuf>,
+    tokens: DevBuf,
+    positions: DevBuf,
+    logit_rows: DevBuf,
+    gemm: Option<GemmScratch>,
+    attn_part: DevBuf,
+    moe: Option<[DevBuf; 4]>,
+    graph: Option<CapturedGraph>,
+    runs: usize,
+    logits: Vec<f32>,
+}
+
+/// Scratch needs of a program.
+struct Needs {
+    gemm_w: u64,
+    gemm_x: u64,
+    attn: u64,
+    moe_ff: u64,
+    moe_out: u64,
+}
+
+fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
+    let g = &p.graph;
+    let mut n = Needs { gemm_w: 0, gemm_x: 0, attn: 0, moe_ff: 0, moe_out: 0 };
+    for node in &g.nodes {
+        match node.op {
+            Op::MatMul { weight, x, .. } => {
+                let rows = g.rows(x);
+                if rows > GEMV_MAX_ROWS {
+                    let t = model.spec.tensor(weight);
+                    let (wb, xb) = GemmScratch::bytes(t.rows(), t.cols(), rows);
+                    n.gemm_w = n.gemm_w.max(wb);
+                    n.gemm_x = n.gemm_x.max(xb);
+                }
+            }
+            Op::Attention { n_head, n_head_kv, head_dim_k, head_dim_v, .. } => {
+                let a = AttnParams {
+                    n_head,
+                    n_kv: n_head_kv,
+                    dk: head_dim_k,
+                    dv: head_dim_v,
+                    n_ctx,
+                    scale: 1.0,
+                    softcap: 0.0,
+                    window: 0,
+                };
+                n.attn = n.attn.max(gpu.kernels.attention_scratch(&a, g.rows(node_q(&node.op))) as u64);
+            }
+            Op::MoeFfn { x, route, gate_exps, .. } => {
+                let pairs = g.rows(x) * g.buffer(route).cols / 2;
+                let ff = model.spec.tensor(gate_exps).rows();
+                n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
+                n.moe_out = n.moe_out.max((pairs * g.buffer(x).cols * 4) as u64);
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+fn node_q(op: &Op) -> BufId {
+    match op {
+        Op::Attention { q, .. } => *q,
+        _ => unreachable!("only called on attention nodes"),
+    }
+}
+
+/// Batches at or below this many tokens are captured as CUDA graphs (decode).
+pub const GRAPH_MAX_TOKENS: usize = 4;
+
+impl GpuRunner {
+    /// Lowers the model's graph for `n_tokens` / `n_logit_rows` onto the GPU lane and allocates its
+    /// buffers in a region of their own.
+    pub fn new(gpu: &Gpu, model: &Model, n_tokens: usize, n_logit_rows: usize, n_ctx: usize) -> Result<GpuRunner, GpuError> {
+        let graph = pshard_model::arch::build_graph(&model.spec, n_tokens, n_logit_rows)?;
+        let program = Program::lower(graph, |_| Lane::GpuCompute, MemSpace::Device);
+        let nd = needs(gpu, model, &program, n_ctx);
+        let al = |b: u64| b.max(4).div_ceil(256) * 256;
+        let mut total: u64 = program.buffers.iter().map(|b| al(b.bytes as u64)).sum();
+        total += 3 * al((n_tokens * 4) as u64);
+        total += al(nd.gemm_w) + al(nd.gemm_x) + al(nd.attn) + 3 * al(nd.moe_ff) + al(nd.moe_out);
+        let dev = &gpu.dev;
+        let region = dev.create_region(RegionKind::Scratch, &format!("program n={n_tokens}"), total)?;
+        let mut bufs = Vec::with_capacity(program.buffers.len());
+        for (i, b) in program.buffers.iter().enumerate() {
+            bufs.push(dev.alloc(region, b.bytes.max(4) as u64, program.graph.buffers[i].name)?);
+        }
+        let tokens = dev.alloc(region, (n_tokens * 4) as u64, "token ids")?;
+        let positions = dev.alloc(region, (n_tokens * 4) as u64, "positions")?;
+        let logit_rows = dev.alloc(region, (n_tokens * 4) as u64, "logit rows")?;
+        let gemm = if nd.gemm_w > 0 {
+            let w = dev.alloc(region, nd.gemm_w, "dequantized weight scratch")?;
+            let x = dev.alloc(region, nd.gemm_x, "f16 activation scratch")?;
+            Some(GemmScratch { weights: w.ptr, acts: x.ptr })
+        } else {
+            None
+        };
+        let attn_part = dev.alloc(region, nd.attn.max(4), "attention split scratch")?;
+        let moe = if nd.moe_ff > 0 {
+            Some([
+                dev.alloc(region, nd.moe_ff, "expert gate")?,
+                dev.alloc(region, nd.moe_ff, "expert up")?,
+                dev.alloc(region, nd.moe_ff, "expert hidden")?,
+                dev.alloc(region, nd.moe_out, "expert out")?,
+            ])
+        } else {
+            None
+        };
+        let n_logits = program.graph.n_logit_rows * model.spec.hparams.n_vocab;
+        Ok(GpuRunner {
+            program,
+            region,
+            bufs,
+            tokens,
+            positions,
+            logit_rows,
+            gemm,
+            attn_part,
+            moe,
+            graph: None,
+            runs: 0,
+            logits: vec![0f32; n_logits],
+        })
+    }
+
+    /// The program.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Whether this runner replays a captured CUDA graph.
+    pub fn uses_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Runs one batch and returns the logits (`n_logit_rows × n_vocab`).
+    pub fn run(&mut self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, input: &BatchInput) -> Result<&[f32], GpuError> {
+        self.enqueue(gpu, w, kv, model, input)?;
+        let dev = &gpu.dev;
+        let lb = self.bufs[self.program.graph.logits.0 as usize];
+        let mut bytes = vec![0u8; self.logits.len() * 4];
+        dev.download(gpu.stream(), &mut bytes, lb.ptr)?;
+        for (o, c) in self.logits.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(&self.logits)
+    }
+
+    /// Uploads the inputs and enqueues the whole forward pass (no wait).
+    pub fn enqueue(&mut self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, input: &BatchInput) -> Result<(), GpuError> {
+        let g = &self.program.graph;
+        if input.tokens.len() != g.n_tokens || input.positions.len() != g.n_tokens || input.logit_rows.len() != g.n_logit_rows {
+            return Err(GpuError::Shape(format!(
+                "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
+                g.n_tokens,
+                g.n_logit_rows,
+                input.tokens.len(),
+                input.positions.len(),
+                input.logit_rows.len()
+            )));
+        }
+        let n_vocab = model.spec.hparams.n_vocab;
+        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(GpuError::Shape(format!("token id {t} is outside the vocabulary of {n_vocab}")));
+        }
+        if let Some(&r) = input.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
+            return Err(GpuError::Shape(format!("logit row {r} ≥ {} tokens", g.n_tokens)));
+        }
+        if let Some(&p) = input.positions.iter().find(|&&p| p as usize >= kv.n_ctx) {
+            return Err(GpuError::ContextFull { needed: p as usize + 1, n_ctx: kv.n_ctx });
+        }
+        if input.route_override.is_some() {
+            return Err(GpuError::Unsupported("forced MoE routes are only supported on the CPU".into()));
+        }
+        let s = gpu.stream();
+        let dev = &gpu.dev;
+        let as_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_le_bytes()).collect() };
+        dev.upload(s, self.tokens.ptr, &as_bytes(&mut input.tokens.iter().map(|&t| t as i32)))?;
+        dev.upload(s, self.positions.ptr, &as_bytes(&mut input.positions.iter().map(|&p| p as i32)))?;
+        dev.upload(s, self.logit_rows.ptr, &as_bytes(&mut input.logit_rows.iter().map(|&r| r as i32)))?;
+        let small = g.n_tokens <= GRAPH_MAX_TOKENS && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
+        if small && self.graph.is_none() && self.runs >= 1 {
+            let graph = CapturedGraph::capture(dev, s, || self.record(gpu, w, kv, model).map_err(to_cuda))?;
+            self.graph = Some(graph);
+        }
+        match &self.graph {
+            Some(graph) => graph.launch(s)?,
+            None => self.record(gpu, w, kv, model)?,
+        }
+        self.runs += 1;
+        Ok(())
+    }
+
+    /// Enqueues every step on the compute stream.
+    fn record(&self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model) -> Result<(), GpuError> {
+        for step in &self.program.steps {
+            let node = &self.program.graph.nodes[step.node];
+            self.exec(gpu, w, kv, model, &node.op)?;
+        }
+        Ok(())
+    }
+
+    fn b(&self, id: BufId) -> u64 {
+        self.bufs[id.0 as usize].ptr
+    }
+
+    fn exec(&self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, op: &Op) -> Result<(), GpuError> {
+        let g = &self.program.graph;
+        let k = &gpu.kernels;
+        let s = gpu.stream();
+        let n = g.n_tokens;
+        let cols = |b: BufId| g.buffer(b).cols;
+        match *op {
+            Op::Embed { table, out, scale } => {
+                let t = model.spec.tensor(table);
+                k.get_rows(t.ty, w.get(table), t.cols(), self.tokens.ptr, n, self.b(out), cols(out), scale, s)?;
+            }
+            Op::RmsNorm { x, weight, out, eps } => {
+                k.rms_norm(self.b(x), w.get(weight), self.b(out), g.rows(x), cols(x), eps, s)?;
+            }
+            Op::HeadRmsNorm { x, weight, head_dim, eps } => {
+                k.head_rms_norm(self.b(x), w.get(weight), g.rows(x), cols(x) / head_dim, head_dim, eps, s)?;
+            }
+            Op::MatMul { weight, x, out, bias } => {
+                let t = model.spec.tensor(weight);
+                gpu.matmul(
+                    t.ty,
+                    w.get(weight),
+                    t.cols(),
+                    0,
+                    t.rows(),
+                    self.b(x),
+                    g.rows(x),
+                    self.b(out),
+                    cols(out),
+                    bias.map(|b| w.get(b)),
+                    self.gemm,
+                )?;
+            }
+            Op::Rope { x, head_dim, rope } => {
+                let mode = match rope.mode {
+                    RopeMode::Adjacent => RopeKind::Adjacent,
+                    RopeMode::Neox => RopeKind::Neox,
+                };
+                k.rope(
+                    self.b(x),
+                    self.positions.ptr,
+                    n,
+                    cols(x) / head_dim,
+                    head_dim,
+                    rope.n_dims,
+                    mode,
+                    rope.base,
+                    rope.pos_scale,
+                    rope.freq_factors.map(|f| w.get(f)),
+                    s,
+                )?;
+            }
+            Op::Attention { layer, q, k: kb, v, out, n_head, n_head_kv, head_dim_k, head_dim_v, window, scale, softcap } => {
+                let (kc, vc) = kv.layers[layer];
+                let (kr, vr) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
+                k.kv_write(self.b(kb), cols(kb), kc.ptr, kr, self.positions.ptr, n, s)?;
+                k.kv_write(self.b(v), cols(v), vc.ptr, vr, self.positions.ptr, n, s)?;
+                let p = AttnParams {
+                    n_head,
+                    n_kv: n_head_kv,
+                    dk: head_dim_k,
+                    dv: head_dim_v,
+                    n_ctx: kv.n_ctx,
+                    scale,
+                    softcap: softcap.unwrap_or(0.0),
+                    window: window.unwrap_or(0),
+                };
+                k.attention(&p, self.b(q), cols(q), kc.ptr, vc.ptr, self.positions.ptr, n, self.b(out), cols(out), self.attn_part.ptr, s)?;
+            }
+            Op::Glu { gate, up, out, act } => {
+                k.glu(self.b(gate), self.b(up), self.b(out), g.rows(gate) * cols(gate), act == Activation::GeluTanh, s)?;
+            }
+            Op::Add { a, b, out } => {
+                k.add(self.b(a), self.b(b), self.b(out), g.rows(a) * cols(a), s)?;
+            }
+            Op::SelectRows { x, out } => {
+                k.select_rows(self.b(x), self.logit_rows.ptr, self.b(out), g.rows(out), cols(x), s)?;
+            }
+            Op::MoeRoute { logits, out, n_expert, n_used, normalize } => {
+                k.moe_route(self.b(logits), g.rows(logits), n_expert, n_used, normalize, self.b(out), s)?;
+            }
+            Op::MoeFfn { x, route, gate_exps, up_exps, down_exps, act, out } => {
+                let [hg, hu, hh, ho] = self.moe.expect("allocated for MoE programs");
+                let n_used = cols(route) / 2;
+                let rows = g.rows(x);
+                let pairs = rows * n_used;
+                let d = cols(x);
+                let (gt, ut, dt) = (model.spec.tensor(gate_exps), model.spec.tensor(up_exps), model.spec.tensor(down_exps));
+                let ff = gt.rows();
+                let r = self.b(route);
+                k.moe_gemv(gt.ty, w.get(gate_exps), ff, d, self.b(x), d, n_used, r, n_used, pairs, hg.ptr, ff, s)?;
+                k.moe_gemv(ut.ty, w.get(up_exps), ff, d, self.b(x), d, n_used, r, n_used, pairs, hu.ptr, ff, s)?;
+                k.glu(hg.ptr, hu.ptr, hh.ptr, pairs * ff, act == Activation::GeluTanh, s)?;
+                k.moe_gemv(dt.ty, w.get(down_exps), d, ff, hh.ptr, ff, 1, r, n_used, pairs, ho.ptr, d, s)?;
+                k.moe_combine(ho.ptr, r, n_used, self.b(out), rows, d, s)?;
+            }
+            Op::Softcap { x, cap } => {
+                k.softcap(self.b(x), g.rows(x) * cols(x), cap, s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the runner's buffers.
+    pub fn release(self, gpu: &Gpu) -> Result<(), GpuError> {
+        drop(self.graph);
+        gpu.dev.arena()?.destroy_region(self.region)?;
+        Ok(())
+    }
+}
+
+fn to_cuda(e: GpuError) -> CudaError {
+    match e {
+        GpuError::Cuda(c) => c,
+        other => CudaError::Invalid(other.to_string()),
+    }
+}
+
+/// Model weights + KV cache + programs on one GPU, evaluating token sequences in ubatches
+/// (the GPU counterpart of [`crate::engine::Engine`]).
+pub struct GpuEngine {
+    runners: HashMap<(usize, usize), GpuRunner>,
+    kv: GpuKv,
+    weights: GpuWeights,
+    /// The GPU (dropped last).
+    pub gpu: Gpu,
+    ubatch: usize,
+    n_past: usize,
+}
+
+impl GpuEngine {
+    /// Opens the GPU, uploads the model's weights and allocates a KV cache of `n_ctx` positions.
+    pub fn new(model: &Model, n_ctx: usize, ubatch: usize, opts: &GpuOptions) -> Result<GpuEngine, GpuError> {
+        let cache = opts.cache_dir.clone().unwrap_or_else(pshard_kernels::cuda::nvrtc::default_cache_dir);
+        let gpu = Gpu::open(opts.ordinal, opts.vram_budget, &cache)?;
+        let weights = GpuWeights::upload(&gpu, model)?;
+        let kv = GpuKv::new(&gpu, model, n_ctx)?;
+        Ok(GpuEngine { runners: HashMap::new(), kv, weights, gpu, ubatch: ubatch.clamp(1, n_ctx.max(1)), n_past: 0 })
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Positions evaluated so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Context size.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx
+    }
+
+    /// Bytes of weights in VRAM.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes
+    }
+
+    /// Bytes of the KV cache in VRAM.
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv.bytes
+    }
+
+    /// A few lines for logs: device, context overhead, NVRTC cache, VRAM regions.
+    pub fn report(&self) -> String {
+        let i = self.gpu.dev.info();
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let mut s = format!(
+            "gpu: {} ({}, {} SMs), CUDA context overhead {:.0} MiB\ngpu: {}\n",
+            i.name,
+            i.arch(),
+            i.sm_count,
+            mib(i.context_overhead),
+            self.gpu.kernels.build_summary()
+        );
+        if let Ok(regions) = self.gpu.dev.vram_report() {
+            let total: u64 = regions.iter().map(|r| r.capacity).sum();
+            s += &format!("gpu: VRAM used {:.0} MiB:", mib(total));
+            for r in regions {
+                s += &format!(" {} {:.0} MiB;", r.name, mib(r.capacity));
+            }
+        }
+        s
+    }
+
+    /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or
+    /// of every token (`All`, row-major `tokens.len() × n_vocab`).
+    pub fn eval(&mut self, model: &Model, tokens: &[u32], which: Logits) -> Result<Vec<f32>, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::Shape("no tokens to evaluate".into()));
+        }
+        if self.n_past + tokens.len() > self.kv.n_ctx {
+            return Err(GpuError::ContextFull { needed: self.n_past + tokens.len(), n_ctx: self.kv.n_ctx });
+        }
+        let n_vocab = model.spec.hparams.n_vocab;
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        let chunks: Vec<Vec<u32>> = tokens.chunks(self.ubatch).map(|c| c.to_vec()).collect();
+        for chunk in chunks {
+            let n = chunk.len();
+            let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
+            let logit_rows: Vec<usize> = match which {
+                Logits::All => (0..n).collect(),
+                Logits::Last => vec![n - 1],
+            };
+            let input = BatchInput { tokens: &chunk, positions: &positions, logit_rows: &logit_rows, route_override: None };
+            let runner = get_runner(&mut self.runners, &self.gpu, model, n, logit_rows.len(), self.kv.n_ctx, self.ubatch)?;
+            let logits = runner.run(&self.gpu, &self.weights, &self.kv, model, &input)?;
+            self.n_past += n;
+            match which {
+                Logits::All => all.extend_from_slice(logits),
+                Logits::Last => {
+                    last.clear();
+                    last.extend_from_slice(&logits[..n_vocab]);
+                }
+            }
+        }
+        Ok(if which == Logits::All { all } else { last })
+    }
+
+    /// Enqueues one batch without reading logits back (for benchmarks; call [`Self::sync`]).
+    pub fn eval_async(&mut self, model: &Model, tokens: &[u32]) -> Result<(), GpuError> {
+        let n = tokens.len();
+        if n == 0 || n > self.ubatch {
+            return Err(GpuError::Shape(format!("eval_async takes 1..={} tokens, got {n}", self.ubatch)));
+        }
+        if self.n_past + n > self.kv.n_ctx {
+            return Err(GpuError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx });
+        }
+        let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
+        let logit_rows = vec![n - 1];
+        let input = BatchInput { tokens, positions: &positions, logit_rows: &logit_rows, route_override: None };
+        let runner = get_runner(&mut self.runners, &self.gpu, model, n, 1, self.kv.n_ctx, self.ubatch)?;
+        runner.enqueue(&self.gpu, &self.weights, &self.kv, model, &input)?;
+        self.n_past += n;
+        Ok(())
+    }
+
+    /// Waits for all enqueued work.
+    pub fn sync(&self) -> Result<(), GpuError> {
+        Ok(self.gpu.dev.synchronize()?)
+    }
+}
+
+/// The runner for (n tokens, n logit rows), created on first use. At most 4 programs keep their
+/// buffers (the ubatch, decode and a tail or two); others are released.
+fn get_runner<'a>(
+    runners: &'a mut HashMap<(usize, usize), GpuRunner>,
+    gpu: &Gpu,
+    model: &Model,
+    n: usize,
+    n_logits: usize,
+    n_ctx: usize,
+    ubatch: usize,
+) -> Result<&'a mut GpuRunner, GpuError> {
+    let key = (n, n_logits);
+    if !runners.contains_key(&key) {
+        if runners.len() >= 4 {
+            if let Some(victim) = runners.keys().copied().find(|k| k.0 != 1 && k.0 != ubatch) {
+                if let Some(r) = runners.remove(&victim) {
+                    r.release(gpu)?;
+                }
+            }
+        }
+        let r = GpuRunner::new(gpu, model, n, n_logits, n_ctx)?;
+        runners.insert(key, r);
+    }
+    Ok(runners.get_mut(&key).expect("inserted above"))
+}
+
+#[cfg(test)]
+mod tests;

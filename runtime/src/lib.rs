@@ -1,0 +1,13 @@
+//! pshard runtime: loaded models, programs, the CPU executor, KV cache, sampler, and generation and
+//! perplexity sessions.
+
+pub mod cpu;
+pub mod engine;
+pub mod kv;
+pub mod model;
+pub mod program;
+pub mod sampler;
+pub mod session;
+
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,145 @@
+//! Generation and perplexity on top of the [`Engine`].
+
+use std::time::Instant;
+
+use crate::engine::{Engine, EngineError, Logits};
+
+/// Timings of a generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenStats {
+    /// Prompt tokens evaluated.
+    pub prompt_tokens: usize,
+    /// Seconds spent on the prompt.
+    pub prompt_secs: f64,
+    /// Tokens generated (sampled and evaluated).
+    pub gen_tokens: usize,
+    /// Seconds spent generating.
+    pub gen_secs: f64,
+}
+
+/// Generates up to `n_predict` tokens after `prompt`. `sample(logits, history)` picks the next token;
+/// `on_token` receives each one and returns `false` to stop; generation also stops after a token for
+/// which `is_eog` is true.
+pub fn generate(
+    engine: &mut Engine,
+    prompt: &[u32],
+    n_predict: usize,
+    sample: &mut dyn FnMut(&[f32], &[u32]) -> u32,
+    is_eog: &dyn Fn(u32) -> bool,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<GenStats, EngineError> {
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut logits = engine.eval(prompt, Logits::Last)?;
+    stats.prompt_secs = t0.elapsed().as_secs_f64();
+    let mut history = prompt.to_vec();
+    let t1 = Instant::now();
+    for _ in 0..n_predict {
+        let tok = sample(&logits, &history);
+        history.push(tok);
+        stats.gen_tokens += 1;
+        if !on_token(tok) || is_eog(tok) {
+            break;
+        }
+        if engine.n_past() >= engine.n_ctx() {
+            break;
+        }
+        logits = engine.eval(&[tok], Logits::Last)?;
+    }
+    stats.gen_secs = t1.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// Result of a perplexity run.
+#[derive(Clone, Debug)]
+pub struct Perplexity {
+    /// Final perplexity.
+    pub ppl: f64,
+    /// Its standard error (as llama-perplexity estimates it).
+    pub err: f64,
+    /// Running perplexity after each chunk.
+    pub per_chunk: Vec<f64>,
+    /// Predictions scored.
+    pub count: usize,
+}
+
+/// Why perplexity could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum PerplexityError {
+    /// Too little text.
+    #[error("need at least {need} tokens (2 × context {n_ctx}) but the text has {have}")]
+    TooShort {
+        /// Tokens needed.
+        need: usize,
+        /// Context size.
+        n_ctx: usize,
+        /// Tokens present.
+        have: usize,
+    },
+    /// Evaluation failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Perplexity over `tokens` in chunks of `n_ctx`, as llama-perplexity computes it: each chunk is
+/// evaluated from an empty context (its first token replaced by `bos` when given) and the last
+/// `n_ctx − 1 − n_ctx/2` predictions of each chunk are scored. `on_chunk(i, running_ppl)` reports
+/// progress.
+pub fn perplexity(
+    engine: &mut Engine,
+    tokens: &[u32],
+    n_ctx: usize,
+    bos: Option<u32>,
+    on_chunk: &mut dyn FnMut(usize, f64),
+) -> Result<Perplexity, PerplexityError> {
+    if n_ctx < 2 || tokens.len() < 2 * n_ctx {
+        return Err(PerplexityError::TooShort {
+            need: 2 * n_ctx,
+            n_ctx,
+            have: tokens.len(),
+        });
+    }
+    let n_vocab = engine.model.spec.hparams.n_vocab;
+    let n_chunks = tokens.len() / n_ctx;
+    let first = n_ctx / 2;
+    let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+    let mut per_chunk = Vec::with_capacity(n_chunks);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * n_ctx..(c + 1) * n_ctx].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        engine.reset();
+        let logits = engine.eval(&chunk, Logits::All)?;
+        for j in first..n_ctx - 1 {
+            let row = &logits[j * n_vocab..][..n_vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let target = tokens[c * n_ctx + j + 1] as usize;
+            let v = -(row[target] as f64 - max - sum.ln());
+            nll += v;
+            nll2 += v * v;
+            count += 1;
+        }
+        let ppl = (nll / count as f64).exp();
+        per_chunk.push(ppl);
+        on_chunk(c, ppl);
+    }
+    let mean = nll / count as f64;
+    let var = (nll2 / count as f64 - mean * mean).max(0.0);
+    let ppl = mean.exp();
+    let err = if count > 1 {
+        ppl * (var / (count - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        ppl,
+        err,
+        per_chunk,
+        count,
+    })
+}

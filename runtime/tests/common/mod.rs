@@ -1,0 +1,299 @@
+//! Test oracle: a plain f64 forward pass written straight from the ModelSpec (dequantize → naive
+//! matmul), independent of the op graph and the fast kernels, plus model fixtures.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use pshard_kernels::quant;
+use pshard_model::gguf::ModelFile;
+use pshard_model::spec::{ModelSpec, RopeMode, TensorId, TensorRole};
+
+/// Where the real test models are, if present.
+pub fn models_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PSHARD_MODELS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/pshard/models")))?;
+    dir.is_dir().then_some(dir)
+}
+
+/// A real model file, or `None` with a printed SKIP message.
+pub fn real_model(name: &str) -> Option<PathBuf> {
+    let p = models_dir().map(|d| d.join(name));
+    match p {
+        Some(p) if p.is_file() => Some(p),
+        _ => {
+            eprintln!("SKIP: {name} not found (run scripts/fetch-models.sh or set PSHARD_MODELS)");
+            None
+        }
+    }
+}
+
+/// Writes a synthetic model to a temp file and returns its path.
+pub fn synth_model(preset: &str, recipe: &str, seed: u64) -> PathBuf {
+    use pshard_model::synth;
+    let p = synth::preset(preset).expect("preset exists");
+    let r = synth::QuantRecipe::from_name(recipe).expect("recipe exists");
+    let dir = std::env::temp_dir().join(format!("pshard-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{preset}-{recipe}-{seed}.gguf"));
+    let f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    synth::write_synth(&p, r, seed, f, &mut |_, _| {}).unwrap();
+    path
+}
+
+/// The f64 reference model.
+pub struct Reference<'a> {
+    file: &'a ModelFile,
+    spec: &'a ModelSpec,
+}
+
+fn dequant(file: &ModelFile, spec: &ModelSpec, id: TensorId) -> Vec<f64> {
+    let t = spec.tensor(id);
+    let n: u64 = t.dims.iter().product();
+    let mut v = vec![0f32; n as usize];
+    let k = quant::scalar_kernel(t.ty).expect("supported type");
+    (k.dequantize_row)(file.tensor_data(t.file_index), &mut v);
+    v.into_iter().map(f64::from).collect()
+}
+
+fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(a, b)| a * inv * b).collect()
+}
+
+/// y = W x for W `rows × cols` (row-major).
+fn matvec(w: &[f64], x: &[f64]) -> Vec<f64> {
+    let cols = x.len();
+    w.chunks(cols)
+        .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+fn softmax(x: &mut [f64]) {
+    let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let s: f64 = x
+        .iter_mut()
+        .map(|v| {
+            *v = (*v - m).exp();
+            *v
+        })
+        .sum();
+    x.iter_mut().for_each(|v| *v /= s);
+}
+
+fn act(x: f64, gelu: bool) -> f64 {
+    if gelu {
+        0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+    } else {
+        x / (1.0 + (-x).exp())
+    }
+}
+
+impl<'a> Reference<'a> {
+    /// A reference over an opened model.
+    pub fn new(file: &'a ModelFile, spec: &'a ModelSpec) -> Self {
+        Reference { file, spec }
+    }
+
+    fn t(&self, layer: Option<usize>, role: TensorRole) -> Option<Vec<f64>> {
+        self.spec
+            .find(layer, role)
+            .map(|id| dequant(self.file, self.spec, id))
+    }
+
+    /// Logits of every position for `tokens` evaluated from position 0 (row-major `n × n_vocab`).
+    /// `experts_out` receives each MoE layer's chosen experts per token.
+    pub fn logits(&self, tokens: &[u32], experts_out: &mut Vec<Vec<Vec<u32>>>) -> Vec<f64> {
+        let h = &self.spec.hparams;
+        let gemma = self.spec.arch == pshard_model::spec::Arch::Gemma3;
+        let eps = h.norm_eps as f64;
+        let n = tokens.len();
+        let e = h.n_embd;
+        let emb = self.t(None, TensorRole::TokenEmbd).unwrap();
+        let mut x: Vec<Vec<f64>> = tokens
+            .iter()
+            .map(|&t| {
+                emb[t as usize * e..][..e]
+                    .iter()
+                    .map(|v| v * h.embed_scale as f64)
+                    .collect()
+            })
+            .collect();
+        let rope_freqs = self
+            .spec
+            .rope_freqs
+            .map(|id| dequant(self.file, self.spec, id));
+        for (l, layer) in self.spec.layers.iter().enumerate() {
+            let lo = Some(l);
+            let an = self.t(lo, TensorRole::AttnNorm).unwrap();
+            let (wq, wk, wv, wo) = (
+                self.t(lo, TensorRole::AttnQ).unwrap(),
+                self.t(lo, TensorRole::AttnK).unwrap(),
+                self.t(lo, TensorRole::AttnV).unwrap(),
+                self.t(lo, TensorRole::AttnOutput).unwrap(),
+            );
+            let (bq, bk, bv) = (
+                self.t(lo, TensorRole::AttnQBias),
+                self.t(lo, TensorRole::AttnKBias),
+                self.t(lo, TensorRole::AttnVBias),
+            );
+            let (qn, kn) = (
+                self.t(lo, TensorRole::AttnQNorm),
+                self.t(lo, TensorRole::AttnKNorm),
+            );
+            let hd = h.head_dim_k;
+            let hv = h.head_dim_v;
+            let mut qs = Vec::new();
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            for (t, xt) in x.iter().enumerate() {
+                let xn = rms_norm(xt, &an, eps);
+                let mut q = matvec(&wq, &xn);
+                let mut k = matvec(&wk, &xn);
+                let mut v = matvec(&wv, &xn);
+                for (y, b) in [(&mut q, &bq), (&mut k, &bk), (&mut v, &bv)] {
+                    if let Some(b) = b {
+                        y.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+                    }
+                }
+                if let (Some(qn), Some(kn)) = (&qn, &kn) {
+                    q = q.chunks(hd).flat_map(|c| rms_norm(c, qn, eps)).collect();
+                    k = k.chunks(hd).flat_map(|c| rms_norm(c, kn, eps)).collect();
+                }
+                let pos = t as f64 / layer.rope_linear_scale as f64;
+                for y in [&mut q, &mut k] {
+                    for head in y.chunks_mut(hd) {
+                        let nd = h.rope_dims;
+                        for i in 0..nd / 2 {
+                            let mut theta =
+                                pos * (layer.rope_base as f64).powf(-2.0 * i as f64 / nd as f64);
+                            if let (Some(ff), None) = (&rope_freqs, layer.window) {
+                                theta /= ff[i];
+                            }
+                            let (a, b) = match h.rope_mode {
+                                RopeMode::Adjacent => (2 * i, 2 * i + 1),
+                                RopeMode::Neox => (i, i + nd / 2),
+                            };
+                            let (x0, x1) = (head[a], head[b]);
+                            head[a] = x0 * theta.cos() - x1 * theta.sin();
+                            head[b] = x0 * theta.sin() + x1 * theta.cos();
+                        }
+                    }
+                }
+                qs.push(q);
+                ks.push(k);
+                vs.push(v);
+            }
+            let group = h.n_head / h.n_head_kv;
+            for t in 0..n {
+                let first = layer.window.map_or(0, |w| (t + 1).saturating_sub(w));
+                let mut att = vec![0f64; h.n_head * hv];
+                for hh in 0..h.n_head {
+                    let kh = hh / group;
+                    let q = &qs[t][hh * hd..][..hd];
+                    let mut sc: Vec<f64> = (first..=t)
+                        .map(|j| {
+                            let s = q
+                                .iter()
+                                .zip(&ks[j][kh * hd..][..hd])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt();
+                            match h.attn_softcap {
+                                Some(c) => c as f64 * (s / c as f64).tanh(),
+                                None => s,
+                            }
+                        })
+                        .collect();
+                    softmax(&mut sc);
+                    for (j, w) in (first..=t).zip(&sc) {
+                        for d in 0..hv {
+                            att[hh * hv + d] += w * vs[j][kh * hv + d];
+                        }
+                    }
+                }
+                let mut o = matvec(&wo, &att);
+                if let Some(pn) = self.t(lo, TensorRole::AttnPostNorm).filter(|_| gemma) {
+                    o = rms_norm(&o, &pn, eps);
+                }
+                x[t].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            }
+            let fnorm = self.t(lo, TensorRole::FfnNorm).unwrap();
+            let mut chosen = Vec::new();
+            for xt in x.iter_mut() {
+                let xn = rms_norm(xt, &fnorm, eps);
+                let mut f = if let Some(gi) = self.t(lo, TensorRole::FfnGateInp) {
+                    let mut p = matvec(&gi, &xn);
+                    softmax(&mut p);
+                    let mut order: Vec<usize> = (0..p.len()).collect();
+                    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                    let top = &order[..h.n_expert_used];
+                    let mut w: Vec<f64> = top.iter().map(|&i| p[i]).collect();
+                    if h.expert_weights_norm {
+                        let s: f64 = w.iter().sum();
+                        w.iter_mut().for_each(|v| *v /= s);
+                    }
+                    chosen.push(top.iter().map(|&i| i as u32).collect());
+                    let (ge, ue, de) = (
+                        self.t(lo, TensorRole::FfnGateExps).unwrap(),
+                        self.t(lo, TensorRole::FfnUpExps).unwrap(),
+                        self.t(lo, TensorRole::FfnDownExps).unwrap(),
+                    );
+                    let ff = h.n_ff_expert;
+                    let mut out = vec![0f64; e];
+                    for (&ex, wt) in top.iter().zip(&w) {
+                        let g = matvec(&ge[ex * ff * e..][..ff * e], &xn);
+                        let u = matvec(&ue[ex * ff * e..][..ff * e], &xn);
+                        let hdn: Vec<f64> =
+                            g.iter().zip(&u).map(|(a, b)| act(*a, gemma) * b).collect();
+                        let d = matvec(&de[ex * e * ff..][..e * ff], &hdn);
+                        out.iter_mut().zip(&d).for_each(|(a, b)| *a += wt * b);
+                    }
+                    out
+                } else {
+                    let (g, u, d) = (
+                        self.t(lo, TensorRole::FfnGate).unwrap(),
+                        self.t(lo, TensorRole::FfnUp).unwrap(),
+                        self.t(lo, TensorRole::FfnDown).unwrap(),
+                    );
+                    let gv = matvec(&g, &xn);
+                    let uv = matvec(&u, &xn);
+                    let hdn: Vec<f64> = gv
+                        .iter()
+                        .zip(&uv)
+                        .map(|(a, b)| act(*a, gemma) * b)
+                        .collect();
+                    matvec(&d, &hdn)
+                };
+                if let Some(pn) = self.t(lo, TensorRole::FfnPostNorm).filter(|_| gemma) {
+                    f = rms_norm(&f, &pn, eps);
+                }
+                xt.iter_mut().zip(&f).for_each(|(a, b)| *a += b);
+            }
+            experts_out.push(chosen);
+        }
+        let on = self.t(None, TensorRole::OutputNorm).unwrap();
+        let out = self
+            .t(None, TensorRole::Output)
+            .unwrap_or_else(|| self.t(None, TensorRole::TokenEmbd).unwrap());
+        let mut logits = Vec::with_capacity(n * h.n_vocab);
+        for xt in &x {
+            let mut lg = matvec(&out, &rms_norm(xt, &on, eps));
+            if let Some(c) = h.final_softcap {
+                lg.iter_mut()
+                    .for_each(|v| *v = c as f64 * (*v / c as f64).tanh());
+            }
+            logits.extend(lg);
+        }
+        logits
+    }
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}

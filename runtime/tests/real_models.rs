@@ -1,0 +1,96 @@
+//! Real models from PyPI (fetched by scripts/fetch-models.sh; skipped with a message when absent):
+//! greedy generation and llama-perplexity-compatible perplexity against llama.cpp's numbers.
+
+mod common;
+
+use common::real_model;
+use pshard_runtime::engine::{Engine, Logits};
+use pshard_runtime::model::Model;
+use pshard_runtime::session::perplexity;
+use pshard_tokenizer::Tokenizer;
+
+const GPL2: &str = "/usr/share/common-licenses/GPL-2";
+
+fn greedy(engine: &mut Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut logits = engine.eval(prompt, Logits::Last).unwrap();
+    for _ in 0..n {
+        let tok = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        out.push(tok);
+        logits = engine.eval(&[tok], Logits::Last).unwrap();
+    }
+    out
+}
+
+#[test]
+fn smollm2_greedy_paris() {
+    let Some(path) = real_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let model = Model::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.file().header()).unwrap();
+    let prompt = tok.encode("The capital of France is", true, true);
+    let mut engine = Engine::new(model, 256, 512);
+    let out = greedy(&mut engine, &prompt, 4);
+    let text = tok.decode(&out);
+    println!("continuation: {text:?}");
+    assert!(text.starts_with(" Paris."), "got {text:?}");
+}
+
+fn ppl_of(name: &str) -> Option<f64> {
+    let path = real_model(name)?;
+    let Ok(text) = std::fs::read_to_string(GPL2) else {
+        eprintln!("SKIP: {GPL2} not present");
+        return None;
+    };
+    let model = Model::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.file().header()).unwrap();
+    let tokens = tok.encode(&text, true, false);
+    let bos = if tok.add_bos() { tok.bos() } else { None };
+    let mut engine = Engine::new(model, 512, 512);
+    let r = perplexity(&mut engine, &tokens, 512, bos, &mut |i, p| {
+        println!("[{}]{p:.4}", i + 1)
+    })
+    .unwrap();
+    println!(
+        "{name}: PPL {:.4} ± {:.4} over {} chunks",
+        r.ppl,
+        r.err,
+        r.per_chunk.len()
+    );
+    assert_eq!(
+        r.per_chunk.len(),
+        7,
+        "llama.cpp scores 7 chunks of GPL-2 at -c 512"
+    );
+    Some(r.ppl)
+}
+
+#[test]
+fn smollm2_perplexity_matches_llama_cpp() {
+    let Some(ppl) = ppl_of("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let want = 14.9671;
+    assert!(
+        (ppl - want).abs() / want < 0.01,
+        "PPL {ppl} vs llama.cpp {want}"
+    );
+}
+
+#[test]
+fn gemma3_perplexity_matches_llama_cpp() {
+    let Some(ppl) = ppl_of("gemma-3-270m-q4_k_m.gguf") else {
+        return;
+    };
+    let want = 11.5939;
+    assert!(
+        (ppl - want).abs() / want < 0.01,
+        "PPL {ppl} vs llama.cpp {want}"
+    );
+}

@@ -1,0 +1,365 @@
+//! Chat templates: the Jinja template a GGUF carries in `tokenizer.chat_template`, rendered with
+//! minijinja configured like Hugging Face's renderer (`trim_blocks`, `lstrip_blocks`, loop controls,
+//! Python string/dict methods such as `.strip()` and `.items()`, `raise_exception`, `strftime_now`).
+//!
+//! A few built-in templates ([`ChatTemplate::builtin`]) cover models whose file has no template.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::{Environment, Error, ErrorKind, Value};
+use pshard_model::gguf::{GgufHeader, MetaValue};
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (templates may know others).
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from role and text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// An error compiling or rendering a chat template.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// The template does not compile.
+    #[error("chat template does not compile: {0}")]
+    Syntax(String),
+    /// Rendering failed (including the template's own `raise_exception`).
+    #[error("chat template failed to render: {0}")]
+    Render(String),
+    /// `tokenizer.chat_template` is present but not a string.
+    #[error("GGUF metadata key `tokenizer.chat_template` should be a string")]
+    NotAString,
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    source: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+const NAME: &str = "chat_template";
+
+/// ChatML (`<|im_start|>role\n...<|im_end|>\n`).
+const CHATML: &str = "{%- for message in messages -%}\
+{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// Gemma 2/3: roles `user` and `model`; a system message is folded into the first user turn.
+const GEMMA: &str = "{{- bos_token -}}\
+{%- if messages and messages[0]['role'] == 'system' -%}\
+{%- set prefix = messages[0]['content'] | trim ~ '\\n\\n' -%}{%- set turns = messages[1:] -%}\
+{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}\
+{%- for message in turns -%}\
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\
+{{- '<start_of_turn>' ~ role ~ '\\n' ~ (prefix if loop.first else '') ~ message['content'] | trim ~ '<end_of_turn>\\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}";
+
+/// Llama 3 (`<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>`).
+const LLAMA3: &str = "{{- bos_token -}}\
+{%- for message in messages -%}\
+{{- '<|start_header_id|>' ~ message['role'] ~ '<|end_header_id|>\\n\\n' ~ message['content'] | trim ~ '<|eot_id|>' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}";
+
+impl ChatTemplate {
+    /// Names accepted by [`ChatTemplate::builtin`].
+    pub const BUILTIN_NAMES: &'static [&'static str] = &["chatml", "gemma", "llama3"];
+
+    /// Compiles a Jinja chat template.
+    pub fn new(source: &str) -> Result<ChatTemplate, ChatError> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| ChatError::Syntax(describe(&e)))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| ChatError::Syntax(describe(&e)))?;
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+        })
+    }
+
+    /// The template of a GGUF file (`tokenizer.chat_template`), or `None` when the file has none.
+    pub fn from_gguf(header: &GgufHeader) -> Result<Option<ChatTemplate>, ChatError> {
+        match header.get("tokenizer.chat_template") {
+            None => Ok(None),
+            Some(MetaValue::String(s)) => ChatTemplate::new(s).map(Some),
+            Some(_) => Err(ChatError::NotAString),
+        }
+    }
+
+    /// A built-in template by name (see [`ChatTemplate::BUILTIN_NAMES`]).
+    pub fn builtin(name: &str) -> Option<ChatTemplate> {
+        let src = match name {
+            "chatml" => CHATML,
+            "gemma" | "gemma2" | "gemma3" => GEMMA,
+            "llama3" => LLAMA3,
+            _ => return None,
+        };
+        // The built-in sources are constants covered by tests.
+        ChatTemplate::new(src).ok()
+    }
+
+    /// A built-in name, or else Jinja source (for a `--chat-template` argument).
+    pub fn from_name_or_source(s: &str) -> Result<ChatTemplate, ChatError> {
+        match ChatTemplate::builtin(s) {
+            Some(t) => Ok(t),
+            None => ChatTemplate::new(s),
+        }
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders the conversation. `add_generation_prompt` appends the opening of the assistant's turn.
+    /// `bos_token`/`eos_token` are the texts of those tokens (templates may write them).
+    pub fn apply(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatError> {
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                Value::from(BTreeMap::from([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ]))
+            })
+            .collect();
+        let ctx = Value::from(BTreeMap::from([
+            ("messages", Value::from(msgs)),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
+            ("bos_token", Value::from(bos_token)),
+            ("eos_token", Value::from(eos_token)),
+        ]));
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| ChatError::Render(describe(&e)))?;
+        tmpl.render(ctx)
+            .map_err(|e| ChatError::Render(describe(&e)))
+    }
+}
+
+fn describe(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn raise_exception(msg: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(format)`: the current UTC time; supports `%Y %y %m %d %e %H %M %S %j %b %B %a %A %p
+/// %I %%`, other directives are kept as written.
+fn strftime_now(format: String) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    strftime(&format, secs)
+}
+
+fn strftime(format: &str, unix_secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let sod = unix_secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday (index 3 from Monday)
+    let yday = days - days_from_civil(year, 1, 1) + 1;
+    let (h, m, s) = (sod / 3600, sod / 60 % 60, sod % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:2}")),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('I') => out.push_str(&format!("{:02}", if h % 12 == 0 { 12 } else { h % 12 })),
+            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('b') => out.push_str(&MONTHS[month as usize - 1][..3]),
+            Some('B') => out.push_str(MONTHS[month as usize - 1]),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// (year, month, day) → days since 1970-01-01.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", " Hi! "),
+            ChatMessage::new("assistant", "Hello."),
+        ]
+    }
+
+    #[test]
+    fn builtins_render() {
+        let g = ChatTemplate::builtin("gemma").unwrap();
+        assert_eq!(
+            g.apply(&conv(), true, "<bos>", "<eos>").unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi!<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let c = ChatTemplate::builtin("chatml").unwrap();
+        assert_eq!(
+            c.apply(&conv()[1..2], true, "", "").unwrap(),
+            "<|im_start|>user\n Hi! <|im_end|>\n<|im_start|>assistant\n"
+        );
+        let l = ChatTemplate::builtin("llama3").unwrap();
+        assert_eq!(
+            l.apply(&conv()[1..2], false, "<|begin_of_text|>", "")
+                .unwrap(),
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+        );
+        for name in ChatTemplate::BUILTIN_NAMES {
+            assert!(ChatTemplate::builtin(name).is_some(), "{name}");
+        }
+        assert!(ChatTemplate::builtin("nope").is_none());
+    }
+
+    #[test]
+    fn python_methods_loop_controls_and_exceptions() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}\
+             {{ m.content.strip().upper() }}{% if m.content.startswith(' Hi') %}!{% endif %}\
+             {% endfor %}{{ 'x' if add_generation_prompt }}",
+        )
+        .unwrap();
+        assert_eq!(t.apply(&conv(), true, "", "").unwrap(), "HI!!HELLO.x");
+        let e = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
+        let err = e.apply(&conv(), false, "", "").unwrap_err().to_string();
+        assert!(err.contains("roles must alternate"), "{err}");
+        assert!(matches!(
+            ChatTemplate::new("{% if %}"),
+            Err(ChatError::Syntax(_))
+        ));
+        let d = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}").unwrap();
+        assert_eq!(d.apply(&[], false, "", "").unwrap().len(), 11);
+    }
+
+    #[test]
+    fn strftime_known_dates() {
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %%", 0),
+            "1970-01-01 00:00:00 Thu Thursday Jan January 001 %"
+        );
+        // 2024-02-29 13:05:09 UTC (a leap day) = 1709211909
+        assert_eq!(
+            strftime("%d %b %Y %I%p %y %e", 1_709_211_909),
+            "29 Feb 2024 01PM 24 29"
+        );
+        assert_eq!(strftime("%q", 0), "%q");
+        for days in [-1000i64, 0, 59, 365, 11_016, 20_000, 100_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+}
