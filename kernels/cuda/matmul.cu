@@ -91,6 +91,50 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ w, i64 row_byte
     GEMV_KERNEL_NB(NAME, T, 2, 2) GEMV_KERNEL_NB(NAME, T, 4, 2) GEMV_KERNEL_NB(NAME, T, 8, 1)
 FOR_EACH_TYPE(GEMV_KERNELS)
 
+// Single-row GEMV with the whole block (4 warps) on one weight row: for matrices with few rows
+// (k/v projections) the one-warp-per-row kernel leaves too few warps in flight to cover latency.
+template <class T>
+__device__ __forceinline__ void gemv_splitk_impl(const u8* __restrict__ w, i64 row_bytes, int rows, int cols,
+                                                 const float* __restrict__ x, float* __restrict__ y,
+                                                 const float* __restrict__ bias) {
+    __shared__ float red[GEMV_WARPS];
+    const int r = blockIdx.x;
+    const u8* row = w + (i64)r * row_bytes;
+    const int n_units = (cols / T::QK) * T::U;
+    float acc = 0.f;
+#pragma unroll 2
+    for (int i = threadIdx.x; i < n_units; i += GEMV_WARPS * 32) {
+        const int blk = i / T::U;
+        const int u = i - blk * T::U;
+        float v[8];
+        int o0, o1;
+        T::unit(row + (i64)blk * T::BYTES, u, v, o0, o1);
+        const int base = blk * T::QK;
+        const float4 xa = *(const float4*)(x + base + o0);
+        const float4 xb = *(const float4*)(x + base + o1);
+        acc += v[0] * xa.x + v[1] * xa.y + v[2] * xa.z + v[3] * xa.w + v[4] * xb.x + v[5] * xb.y +
+               v[6] * xb.z + v[7] * xb.w;
+    }
+    acc = warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < GEMV_WARPS; k++) s += red[k];
+        y[r] = s + (bias ? bias[r] : 0.f);
+    }
+}
+
+#define GEMV_SPLITK_KERNEL(NAME, T)                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                              \
+        gemv_##NAME##_1k(const u8* __restrict__ w, i64 row_bytes, int rows, int cols,          \
+                         const float* __restrict__ x, float* __restrict__ y,                   \
+                         const float* __restrict__ bias) {                                     \
+        gemv_splitk_impl<T>(w, row_bytes, rows, cols, x, y, bias);                             \
+    }
+FOR_EACH_TYPE(GEMV_SPLITK_KERNEL)
+
 // Embedding lookup: out[t, :] = table[ids[t], :] * scale. Grid (ceil(units/128), n_tokens).
 template <class T>
 __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ table, i64 row_bytes, int cols,

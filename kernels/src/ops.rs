@@ -225,49 +225,79 @@ pub struct AttnParams {
 
 /// Causal attention of `q` (rows at `positions`) over the cache, which already holds every position
 /// `≤` each row's own. Writes `out` (`rows × n_head · head_dim_v`).
+///
+/// Parallel over (token, kv head) pairs; each cache row is widened from f16 once (run-time-detected
+/// F16C via `half`'s slice conversion) and used by every query head of its GQA group.
 pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out: &mut [f32]) {
-    let q_cols = p.n_head * p.head_dim_k;
-    let o_cols = p.n_head * p.head_dim_v;
+    use half::slice::HalfFloatSliceExt;
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let q_cols = p.n_head * dk;
     let group = p.n_head / p.n_head_kv;
-    let kk = p.n_head_kv * p.head_dim_k;
-    let vv = p.n_head_kv * p.head_dim_v;
-    out.par_chunks_mut(p.head_dim_v)
+    let kk = p.n_head_kv * dk;
+    let vv = p.n_head_kv * dv;
+    // One output chunk per (token, kv head): the `group` query heads that share that kv head.
+    out.par_chunks_mut(group * dv)
         .enumerate()
-        .for_each(|(idx, o)| {
-            let (t, h) = (idx / p.n_head, idx % p.n_head);
-            let pos = positions[t] as usize;
-            let first = match p.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
-            };
-            let kh = h / group;
-            let qh = &q[t * q_cols + h * p.head_dim_k..][..p.head_dim_k];
-            let mut scores: Vec<f32> = (first..=pos)
-                .map(|j| {
+        .for_each_init(
+            || (vec![0f32; dk.max(dv)], Vec::new()),
+            |(row, scores), (idx, o)| {
+                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+                let pos = positions[t] as usize;
+                let first = match p.window {
+                    Some(w) => (pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                let len = pos + 1 - first;
+                let qg = &q[t * q_cols + kh * group * dk..][..group * dk];
+                scores.clear();
+                scores.resize(group * len, 0.0);
+                let krow = &mut row[..dk];
+                for (i, j) in (first..=pos).enumerate() {
                     let slot = j % kv.cells;
-                    let kr = &kv.k[slot * kk + kh * p.head_dim_k..][..p.head_dim_k];
-                    let mut s = 0.0f32;
-                    for (a, b) in qh.iter().zip(kr) {
-                        s += a * b.to_f32();
+                    kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
+                    for g in 0..group {
+                        let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
+                        scores[g * len + i] = match p.softcap {
+                            Some(c) => c * (s / c).tanh(),
+                            None => s,
+                        };
                     }
-                    s *= p.scale;
-                    match p.softcap {
-                        Some(c) => c * (s / c).tanh(),
-                        None => s,
-                    }
-                })
-                .collect();
-            softmax(&mut scores);
-            o.iter_mut().for_each(|v| *v = 0.0);
-            for (j, w) in (first..=pos).zip(&scores) {
-                let slot = j % kv.cells;
-                let vr = &kv.v[slot * vv + kh * p.head_dim_v..][..p.head_dim_v];
-                for (a, b) in o.iter_mut().zip(vr) {
-                    *a += w * b.to_f32();
                 }
-            }
-        });
-    debug_assert_eq!(out.len() % o_cols, 0);
+                for g in 0..group {
+                    softmax(&mut scores[g * len..][..len]);
+                }
+                o.iter_mut().for_each(|v| *v = 0.0);
+                let vrow = &mut row[..dv];
+                for (i, j) in (first..=pos).enumerate() {
+                    let slot = j % kv.cells;
+                    kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
+                    for g in 0..group {
+                        let w = scores[g * len + i];
+                        for (a, b) in o[g * dv..][..dv].iter_mut().zip(vrow.iter()) {
+                            *a += w * b;
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// f32 dot product in 8 independent lanes so the compiler vectorises it.
+#[inline]
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1147,6 +1147,31 @@ fn cuda_bench_kernels() {
                 bytes.len() as f64 / ms / 1e6
             ));
         }
+        {
+            let rb = row_bytes(ty, cols).unwrap() as i64;
+            let (ri, ci, zero) = (rows as i32, cols as i32, 0u64);
+            let name = format!("gemv_{}_1k", type_geom(ty).unwrap().suffix);
+            let ms = time(
+                &|| {
+                    c.gpu
+                        .kernels
+                        .launch(
+                            &name,
+                            (rows as u32, 1, 1),
+                            128,
+                            0,
+                            &s,
+                            &[&w.ptr, &rb, &ri, &ci, &x.ptr, &out.ptr, &zero],
+                        )
+                        .unwrap()
+                },
+                50,
+            );
+            table.push(format!(
+                "gemv {ty:?} {rows}x{cols} n=1 block-per-row: {ms:.4} ms, {:.0} GB/s weights",
+                bytes.len() as f64 / ms / 1e6
+            ));
+        }
         for n in [2usize, 4, 8] {
             let ms = time(
                 &|| {

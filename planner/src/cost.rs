@@ -62,21 +62,18 @@ impl PlanParams {
     }
 }
 
-/// Bytes of one KV cell of one layer (K and V of every KV head).
+/// Bytes of one KV cell of one layer (K and V of every KV head), from the model's byte accounting.
 pub fn kv_cell_bytes(spec: &ModelSpec, kv_type: GgmlType) -> f64 {
-    let h = &spec.hparams;
-    let per_cell = (h.n_head_kv * (h.head_dim_k + h.head_dim_v)) as u64;
-    (per_cell.div_ceil(kv_type.block_size()) * kv_type.type_size()) as f64
+    if spec.layers.is_empty() {
+        return 0.0;
+    }
+    pshard_model::bytes::kv_bytes_per_token_layer(spec, kv_type, 0) as f64
 }
 
-/// Bytes of one layer's KV cache holding `cells` cells (sliding-window layers keep only the window
-/// per sequence).
+/// Bytes of one layer's KV cache at the full context for every sequence (sliding-window layers keep
+/// only their window per sequence).
 pub fn layer_kv_bytes(spec: &ModelSpec, layer: usize, p: &PlanParams) -> u64 {
-    let per_seq = match spec.layers[layer].window {
-        Some(w) => w.min(p.n_ctx),
-        None => p.n_ctx,
-    };
-    (kv_cell_bytes(spec, p.kv_type) * (per_seq * p.parallel.max(1)) as f64) as u64
+    pshard_model::bytes::kv_layer_bytes(spec, p.kv_type, layer, p.n_ctx, p.parallel.max(1))
 }
 
 /// Where a buffer's current contents are.
@@ -613,10 +610,16 @@ impl<'a> TierModel<'a> {
         }
     }
 
+    /// Lane of a group's weightless ops: the CPU when any of its tensors is split (aggregation keeps
+    /// the layer's activations and KV on the host; the GPU helps with rows), else where most of its
+    /// bytes are computed.
     fn home_lane(&self, pl: &Placement, g: usize) -> Lane {
         let grp = &self.spec.groups[g];
         let (mut cpu, mut tot) = (0.0, 0.0);
         for (t, p) in grp.tensors.iter().zip(&pl.groups[g]) {
+            if matches!(p, Place::Split { .. }) {
+                return Lane::Cpu;
+            }
             let b = self.spec.tensor(*t).bytes as f64;
             cpu += b * p.cpu_share();
             tot += b;

@@ -5,6 +5,8 @@
 //! profiles), [`search::plan`] (plan every tier), [`registry::Registry`] (the text registry next to the
 //! model) and [`fingerprint::Fingerprint`] (content identity of a model file).
 
+#![warn(missing_docs)]
+
 pub mod cost;
 pub mod costtable;
 pub mod fingerprint;

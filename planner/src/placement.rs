@@ -411,3 +411,47 @@ pub fn apply_step(spec: &ModelSpec, p: &mut Placement, st: Step) -> Vec<GroupId>
     }
     groups
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_are_exact_in_text() {
+        assert_eq!(Frac::from_f64(0.58779).to_string(), "0.5878");
+        assert_eq!(Frac(10_000).to_string(), "1.0000");
+        assert_eq!(Frac(7).to_string(), "0.0007");
+        assert_eq!(Frac::from_f64(2.0), Frac(10_000));
+    }
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for s in std::iter::once(Strategy::AllGpu).chain(Strategy::SEARCHED) {
+            assert_eq!(Strategy::from_name(s.name()), Some(s));
+        }
+        assert_eq!(Strategy::from_name("NOPE"), None);
+    }
+
+    #[test]
+    fn boundary_order_is_attn_up_gate_rest() {
+        use pshard_model::spec::TensorRole as R;
+        assert!(tensor_in_part(R::AttnQ, GroupRole::Attn, Part::Attn));
+        assert!(tensor_in_part(R::FfnUp, GroupRole::Ffn, Part::Up));
+        assert!(tensor_in_part(R::FfnNorm, GroupRole::Ffn, Part::Up));
+        assert!(!tensor_in_part(R::FfnGate, GroupRole::Ffn, Part::Up));
+        assert!(tensor_in_part(R::FfnGate, GroupRole::Ffn, Part::Gate));
+        assert!(tensor_in_part(R::FfnUpExps, GroupRole::Experts, Part::Up));
+        assert!(tensor_in_part(R::FfnGateInp, GroupRole::Router, Part::Up));
+        assert!(tensor_in_part(R::FfnDown, GroupRole::Ffn, Part::Rest));
+        assert!(tensor_in_part(
+            R::FfnGateInp,
+            GroupRole::Router,
+            Part::Dense
+        ));
+        assert!(!tensor_in_part(
+            R::FfnUpExps,
+            GroupRole::Experts,
+            Part::Dense
+        ));
+    }
+}

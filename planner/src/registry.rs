@@ -367,6 +367,45 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The variant planned for a model file with fingerprint `fp` at exactly this context, sequence
+    /// count, KV type and budget, with its section (whose `threads`, `profile` and `cost_model` the
+    /// caller may also check). `Ok(None)`: nothing planned for these inputs — re-plan. An error: the
+    /// registry belongs to other content (fingerprint mismatch) — re-plan, never use.
+    pub fn find(
+        &self,
+        fp: &Fingerprint,
+        ctx: usize,
+        parallel: usize,
+        kv_type: &str,
+        budget_mib: u64,
+    ) -> Result<Option<(&Section, &Variant)>, RegistryError> {
+        for sec in self.verified(fp)? {
+            if sec.ctx == ctx
+                && sec.parallel == parallel
+                && sec.kv_type == kv_type
+                && sec.cost_model == COST_MODEL_VERSION
+            {
+                if let Some(v) = sec.variants.iter().find(|v| v.budget_mib == budget_mib) {
+                    return Ok(Some((sec, v)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Variant {
+    /// The tier a batch of `n` tokens runs with: the smallest tier ≥ n, else the largest.
+    pub fn tier_for(&self, n: usize) -> Option<&TierRecord> {
+        self.tiers
+            .iter()
+            .filter(|t| t.tokens >= n)
+            .min_by_key(|t| t.tokens)
+            .or_else(|| self.tiers.iter().max_by_key(|t| t.tokens))
+    }
+}
+
 /// Why a registry file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryLoadError {
@@ -672,12 +711,14 @@ impl Parser {
                             layers: Vec::new(),
                         });
                     }
-                    _ => return Err(err(
-                        ln,
-                        format!(
+                    _ => {
+                        return Err(err(
+                            ln,
+                            format!(
                             "unknown block header `{line}` (want [section], [variant] or [tier])"
                         ),
-                    )),
+                        ))
+                    }
                 }
                 continue;
             }
@@ -913,7 +954,7 @@ impl TierRecord {
             pinned_attn: c.pinned_attn,
             boundary: c.boundary.map(|b| (b.layer, b.pinned)),
             split: c.split,
-            ubatch: tp.tier.n,
+            ubatch: tp.ubatch,
             tps: round_sig(c.eval.tps),
             vram_bytes: c.bill.total(),
             switch_ms: round_sig(tp.switch_in_s * 1e3),

@@ -128,6 +128,10 @@ pub struct TierPlan {
     pub per_strategy: Vec<(Strategy, Option<Candidate>, Outcome)>,
     /// Seconds to upload the weights this tier pins beyond the common set (charged on switching in).
     pub switch_in_s: f64,
+    /// Micro-batch to run batches of this tier with: for prefill tiers the prefill tier size ≤ n
+    /// minimising ⌈n/ub⌉·ub/tps(ub) (a tier whose own plan is poor runs as ubatches of a smaller
+    /// tier's plan); for decode tiers n itself.
+    pub ubatch: usize,
 }
 
 /// The plans for every tier at one budget.
@@ -296,6 +300,7 @@ pub fn plan(
                 best: best.clone(),
                 per_strategy: vec![(Strategy::AllGpu, Some(best), Outcome::Won)],
                 switch_in_s: 0.0,
+                ubatch: 0,
             });
             any_gpu_fit = true;
             continue;
@@ -330,7 +335,7 @@ pub fn plan(
                         min_bill = min_bill.min(total);
                         min_gpu_bill = min_gpu_bill.min(total);
                     } else {
-                        min_bill = min_bill.min(0);
+                        min_bill = 0;
                     }
                     if total > budget {
                         continue;
@@ -398,6 +403,7 @@ pub fn plan(
                 },
                 per_strategy: vec![],
                 switch_in_s: 0.0,
+                ubatch: 0,
             });
             continue;
         };
@@ -424,6 +430,7 @@ pub fn plan(
             best,
             per_strategy,
             switch_in_s: 0.0,
+            ubatch: 0,
         });
     }
     if budget > 0 && !any_gpu_fit {
@@ -507,6 +514,26 @@ pub fn plan(
             0.0
         };
     }
+    // Micro-batches: every prefill tier runs with the best smaller-or-equal prefill tier.
+    let prefill: Vec<(usize, f64)> = tier_plans
+        .iter()
+        .filter(|t| t.tier.prefill)
+        .map(|t| (t.tier.n, t.best.eval.tps))
+        .collect();
+    for tp in &mut tier_plans {
+        tp.ubatch = tp.tier.n;
+        if tp.tier.prefill {
+            let n = tp.tier.n;
+            if let Some((ub, _)) = prefill
+                .iter()
+                .filter(|(ub, tps)| *ub <= n && *tps > 0.0)
+                .map(|(ub, tps)| (*ub, n.div_ceil(*ub) as f64 * *ub as f64 / tps))
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+            {
+                tp.ubatch = ub;
+            }
+        }
+    }
     Ok(Plan {
         budget,
         tiers: tier_plans,
@@ -516,4 +543,70 @@ pub fn plan(
         context_bytes,
         measured: table.is_measured(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(p: &PlanParams) -> Vec<(usize, bool)> {
+        tiers(p).iter().map(|t| (t.n, t.prefill)).collect()
+    }
+
+    #[test]
+    fn tier_lists_follow_the_rules() {
+        let mut p = PlanParams::new(16384);
+        assert_eq!(
+            ns(&p),
+            vec![
+                (1, false),
+                (16, false),
+                (512, true),
+                (1024, true),
+                (2048, true),
+                (4096, true),
+                (8192, true),
+                (16384, true)
+            ]
+        );
+        // Capped by the context; n_batch above 16384 raises the cap up to the context.
+        p.n_ctx = 4096;
+        assert_eq!(ns(&p).last(), Some(&(4096, true)));
+        p.n_ctx = 65536;
+        p.n_batch = 32768;
+        assert_eq!(ns(&p).last(), Some(&(32768, true)));
+        p.tier_max = Some(1024);
+        assert_eq!(
+            ns(&p),
+            vec![(1, false), (16, false), (512, true), (1024, true)]
+        );
+        // Parallel decode tiers.
+        p.parallel = 8;
+        assert_eq!(
+            ns(&p)[..4],
+            [(1, false), (4, false), (16, false), (512, true)]
+        );
+        p.parallel = 64;
+        assert_eq!(
+            ns(&p)[..5],
+            [
+                (1, false),
+                (4, false),
+                (16, false),
+                (32, false),
+                (64, false)
+            ]
+        );
+        // Tiny contexts still get one prefill tier.
+        let p = PlanParams::new(300);
+        assert_eq!(ns(&p), vec![(1, false), (16, false), (300, true)]);
+    }
+
+    #[test]
+    fn balanced_split_uses_concurrent_numbers() {
+        let t = CostTable::new(None, None, 0);
+        let f = balanced_split(&t).get();
+        let (c, p) = (t.ceil.cpu_mem_while_h2d, t.ceil.h2d_while_cpu);
+        assert!((f - c / (c + p)).abs() < 1e-4);
+    }
 }

@@ -29,8 +29,9 @@ fn summary(spec: &ModelSpec, p: &Plan) {
     );
     for t in &p.tiers {
         println!(
-            "  {:>6} {:<36} {:>10.1} t/s  vram {:>6} MiB  {}",
+            "  {:>6} ub {:>5} {:<36} {:>10.1} t/s  vram {:>6} MiB  {}",
             t.tier.n,
+            t.ubatch,
             t.best.strategy.name(),
             t.best.eval.tps,
             t.best.bill.total() / MIB,
@@ -65,6 +66,20 @@ fn reference_models_at_several_budgets() {
             );
             for t in &p.tiers {
                 assert!(t.best.bill.total() <= b * GIB);
+                // The micro-batch never makes a tier slower than running it whole.
+                assert!(t.ubatch <= t.tier.n);
+                if t.tier.prefill {
+                    let ub = p
+                        .tiers
+                        .iter()
+                        .find(|x| x.tier.n == t.ubatch)
+                        .expect("ubatch is a tier");
+                    let with_ub =
+                        t.tier.n.div_ceil(t.ubatch) as f64 * t.ubatch as f64 / ub.best.eval.tps;
+                    assert!(with_ub <= t.tier.n as f64 / t.best.eval.tps * (1.0 + 1e-9));
+                } else {
+                    assert_eq!(t.ubatch, t.tier.n);
+                }
                 let places: Vec<Place> =
                     t.best.placement.groups.iter().flatten().copied().collect();
                 if !p.whole_model_fits && t.tier.n == 1 {
@@ -95,4 +110,29 @@ fn reference_models_at_several_budgets() {
             }
         }
     }
+}
+
+/// Planning time of an 80-layer 70B spec at a mid budget (printed, not asserted: CI machines vary).
+#[test]
+fn planning_time_of_80_layer_70b() {
+    let (cpu, gpu) = common::h200_profiles();
+    let table = CostTable::new(Some(&cpu), Some(&gpu), 16);
+    let spec = common::spec("llama3-70b");
+    assert_eq!(spec.layers.len(), 80);
+    let params = PlanParams::new(16384);
+    let t0 = Instant::now();
+    let p = run(&spec, &table, &params, 24 * GIB);
+    let dt = t0.elapsed();
+    println!(
+        "planned llama3-70b (80 layers, {} tiers, 6 strategies) at 24 GiB in {:.3} s",
+        p.tiers.len(),
+        dt.as_secs_f64()
+    );
+    let t0 = Instant::now();
+    let all = pshard_model::arch::build_graph(&spec, 16384, 1).expect("graph");
+    println!(
+        "(one 16384-token graph build: {:.3} s, {} nodes)",
+        t0.elapsed().as_secs_f64(),
+        all.nodes.len()
+    );
 }

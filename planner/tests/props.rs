@@ -67,12 +67,18 @@ fn bills_fit_and_predictions_grow_with_budget() {
     let (cpu, gpu) = common::h200_profiles();
     let table = CostTable::new(Some(&cpu), Some(&gpu), 16);
     let mut checked = 0;
-    for case in 0..10 {
-        let spec = random_spec(&mut rng);
+    let reference = ["llama3-8b", "qwen2.5-32b", "qwen3-30b-a3b", "llama3-70b"];
+    for case in 0..34 {
+        // 30 random shapes, then the four full-size reference models.
+        let spec = if case < 30 {
+            random_spec(&mut rng)
+        } else {
+            common::spec(reference[case - 30])
+        };
         let mut params = PlanParams::new([2048, 4096, 8192][rng.below(3) as usize]);
         params.parallel = [1, 1, 4][rng.below(3) as usize];
         let size: u64 = spec.tensors.iter().map(|t| t.bytes).sum();
-        let mut budgets: Vec<u64> = (0..5)
+        let mut budgets: Vec<u64> = (0..4)
             .map(|_| 600 * MIB + rng.below(size + 2048 * MIB))
             .collect();
         budgets.sort_unstable();

@@ -123,7 +123,8 @@ fn corrupted_lines_are_reported_with_their_number() {
     let (_, reg, _) = example_registry("llama3-8b", 3072);
     let text = reg.to_text();
     let lines: Vec<&str> = text.lines().collect();
-    let cases: Vec<(Box<dyn Fn(&str) -> Option<String>>, &str)> = vec![
+    type Corrupt = Box<dyn Fn(&str) -> Option<String>>;
+    let cases: Vec<(Corrupt, &str)> = vec![
         (
             Box::new(|l: &str| l.starts_with("tps = ").then(|| "tps = fast".to_string())),
             "tps",
@@ -246,6 +247,20 @@ fn fingerprint_detects_another_file_of_the_same_size() {
     assert!(reg.verified(&f1).expect("match").len() == 1);
     let e = reg.verified(&f2).expect_err("mismatch");
     assert!(e.message.contains("fingerprint mismatch"), "{e}");
+    // Lookup by the runtime's inputs.
+    let (sec, v) = reg
+        .find(&f1, 16384, 1, "f16", 3072)
+        .expect("verified")
+        .expect("planned");
+    assert_eq!(sec.ctx, 16384);
+    assert_eq!(v.tier_for(1).map(|t| t.tokens), Some(1));
+    assert_eq!(v.tier_for(300).map(|t| t.tokens), Some(512));
+    assert_eq!(v.tier_for(1_000_000).map(|t| t.tokens), Some(2048));
+    assert!(reg
+        .find(&f1, 8192, 1, "f16", 3072)
+        .expect("verified")
+        .is_none());
+    assert!(reg.find(&f2, 16384, 1, "f16", 3072).is_err());
     // Parsing a digest back.
     assert_eq!(
         Fingerprint::parse(&f1.digest_string(), f1.file_size),

@@ -144,6 +144,29 @@ fn cost_model_against_published_numbers() {
         predict(&moe, &table, &dense, 1, false),
         61.0,
     );
+    // llama.cpp's prefill GEMMs reach ~160 TFLOP/s on this GPU (ARCHITECTURE.md), not the ~755 the
+    // fixture assumes for pshard: with that ceiling and no GEMM points, all-GPU prefill should land
+    // near llama.cpp's published numbers.
+    let mut slow = gpu.clone();
+    slow.roofline.gpu_gemm_gflops = Some(160_000.0);
+    slow.points
+        .retain(|p| p.op != "matmul_gemm" && p.op != "attention");
+    let t160 = CostTable::new(Some(&cpu), Some(&slow), 16);
+    check(
+        "llama3-8b all-GPU pp4096, GEMM at 160 TFLOP/s",
+        predict(&l8, &t160, &all_gpu, 4096, true),
+        10933.0,
+    );
+    check(
+        "llama3-8b all-GPU pp512, GEMM at 160 TFLOP/s",
+        predict(&l8, &t160, &all_gpu, 512, true),
+        9909.0,
+    );
+    check(
+        "qwen2.5-32b all-GPU pp512, GEMM at 160 TFLOP/s",
+        predict(&q32, &t160, &q32_all, 512, true),
+        2433.0,
+    );
     println!(
         "split share for aggregation: {}",
         pshard_planner::search::balanced_split(&table)

@@ -50,6 +50,8 @@ pub struct CpuRunner {
     program: Program,
     bufs: Vec<Vec<f32>>,
     act_cache: Vec<Option<QuantizedActs>>,
+    /// Seconds spent per op kind since creation (for `--profile` reports).
+    op_secs: std::collections::BTreeMap<&'static str, f64>,
 }
 
 impl CpuRunner {
@@ -65,7 +67,13 @@ impl CpuRunner {
             program,
             bufs,
             act_cache,
+            op_secs: Default::default(),
         }
+    }
+
+    /// Seconds spent per op kind since this runner was created.
+    pub fn op_seconds(&self) -> &std::collections::BTreeMap<&'static str, f64> {
+        &self.op_secs
     }
 
     /// The program.
@@ -109,7 +117,9 @@ impl CpuRunner {
             let node = self.program.steps[si].node;
             let op = self.program.graph.nodes[node].op.clone();
             let layer = self.program.graph.nodes[node].layer;
+            let t0 = std::time::Instant::now();
             self.exec(model, kv, &input, &op, layer)?;
+            *self.op_secs.entry(op.kind()).or_default() += t0.elapsed().as_secs_f64();
             for w in op.writes() {
                 self.act_cache[w.0 as usize] = None;
             }

@@ -62,6 +62,19 @@ impl Engine {
         }
     }
 
+    /// Seconds spent per op kind over all programs so far, largest first.
+    pub fn op_seconds(&self) -> Vec<(&'static str, f64)> {
+        let mut total = std::collections::BTreeMap::new();
+        for r in self.runners.values() {
+            for (k, v) in r.op_seconds() {
+                *total.entry(*k).or_insert(0.0) += v;
+            }
+        }
+        let mut v: Vec<_> = total.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
     /// Forces MoE expert choices (see [`RouteOverride`]); `None` routes normally.
     pub fn set_route_override(&mut self, f: Option<Arc<RouteOverride>>) {
         self.route_override = f;

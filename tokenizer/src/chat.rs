@@ -302,6 +302,12 @@ mod tests {
     }
 
     #[test]
+    fn templates_are_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+    }
+
+    #[test]
     fn builtins_render() {
         let g = ChatTemplate::builtin("gemma").unwrap();
         assert_eq!(

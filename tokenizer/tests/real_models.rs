@@ -299,3 +299,83 @@ fn encoding_a_20kb_text_is_fast() {
         assert!(dt < 1.0, "{name}: encoding took {dt:.3} s");
     }
 }
+
+/// Random strings built from awkward pieces (whitespace runs, multi-byte characters, special-token
+/// texts, characters outside both vocabularies) decode back to themselves. Fresh seed each run (printed);
+/// PSHARD_SEED replays one.
+#[test]
+fn random_strings_round_trip() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("PSHARD_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("PSHARD_SEED={seed}");
+    const PIECES: &[&str] = &[
+        " ",
+        "  ",
+        "   ",
+        "\n",
+        "\n\n",
+        "\t",
+        "\r\n",
+        "a",
+        "Z",
+        "the",
+        " of",
+        "é",
+        "日本",
+        "🚀",
+        "👨‍👩‍👧",
+        "'s",
+        "'LL",
+        "1",
+        "2024",
+        "3.5",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<bos>",
+        "<",
+        "\u{10FFFD}",
+        "\u{301}",
+        "\u{a0}",
+        "\u{3000}",
+        "ß",
+        "Ω",
+        "ﬁ",
+        "—",
+        "$",
+        "%",
+        "...",
+        "!?",
+        "\\",
+        "\"",
+    ];
+    for name in [SMOL, GEMMA] {
+        let Some((tok, _)) = load(name) else { continue };
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..400 {
+            let n = rng.gen_range(0..24);
+            let text: String = (0..n)
+                .map(|_| PIECES[rng.gen_range(0..PIECES.len())])
+                .collect();
+            for parse_special in [false, true] {
+                let ids = tok.encode(&text, false, parse_special);
+                assert!(ids.iter().all(|&i| (i as usize) < tok.n_vocab()));
+                assert_eq!(
+                    tok.decode(&ids),
+                    text,
+                    "{name} parse_special={parse_special} {ids:?}"
+                );
+            }
+        }
+    }
+}

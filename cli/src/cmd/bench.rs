@@ -27,7 +27,12 @@ pub struct Args {
     #[arg(short = 'n', long = "n-gen", default_value = "128")]
     n_gen: String,
     /// Micro-batch size: tokens evaluated per step of a prompt (`-u`, `--ub`, `--ubatch-size`).
-    #[arg(long = "ubatch-size", short = 'u', visible_alias = "ub", default_value_t = 512)]
+    #[arg(
+        long = "ubatch-size",
+        short = 'u',
+        visible_alias = "ub",
+        default_value_t = 512
+    )]
     ubatch: usize,
     /// Timed repetitions per test (after one untimed warm-up).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
@@ -52,7 +57,9 @@ pub struct Args {
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let n: usize = part.parse().with_context(|| format!("{what}: '{part}' is not a token count"))?;
+        let n: usize = part
+            .parse()
+            .with_context(|| format!("{what}: '{part}' is not a token count"))?;
         if n > 0 {
             v.push(n);
         }
@@ -145,14 +152,21 @@ impl TestResult {
         self.n_prompt + self.n_gen
     }
     fn ts(&self) -> Vec<f64> {
-        self.samples_ns.iter().map(|&ns| self.tokens() as f64 * 1e9 / ns as f64).collect()
+        self.samples_ns
+            .iter()
+            .map(|&ns| self.tokens() as f64 * 1e9 / ns as f64)
+            .collect()
     }
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
-    let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    let sd = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     (m, sd)
 }
 
@@ -166,7 +180,10 @@ fn main_type(model: &Model) -> GgmlType {
             None => by.push((t.ty, b)),
         }
     }
-    by.into_iter().max_by_key(|e| e.1).map(|e| e.0).unwrap_or(GgmlType::F32)
+    by.into_iter()
+        .max_by_key(|e| e.1)
+        .map(|e| e.0)
+        .unwrap_or(GgmlType::F32)
 }
 
 /// Runs `pshard bench`.
@@ -189,7 +206,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let device = pick_device(&a.device)?;
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
-    let n_params: u64 = model.spec.tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
+    let n_params: u64 = model
+        .spec
+        .tensors
+        .iter()
+        .map(|t| t.dims.iter().product::<u64>())
+        .sum();
     let model_size = model.file().tensor_data_bytes();
     let model_type = format!(
         "{} {:.1}B {}",
@@ -199,21 +221,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     let n_ctx = pp.iter().chain(&tg).copied().max().unwrap_or(1);
     let (mut runner, backend, gpu_info) = match device {
-        Device::Cpu => (Runner::Cpu(Box::new(Engine::new(model, n_ctx, a.ubatch))), "CPU", String::new()),
+        Device::Cpu => (
+            Runner::Cpu(Box::new(Engine::new(model, n_ctx, a.ubatch))),
+            "CPU",
+            String::new(),
+        ),
         Device::Cuda(ordinal) => {
-            let opts = GpuOptions { ordinal, vram_budget: a.vram_budget.map(|m| m << 20), cache_dir: None };
+            let opts = GpuOptions {
+                ordinal,
+                vram_budget: a.vram_budget.map(|m| m << 20),
+                cache_dir: None,
+            };
             let t0 = Instant::now();
             let e = GpuEngine::new(&model, n_ctx, a.ubatch, &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
-            eprintln!("{}\nbench: weights uploaded in {:.2} s", e.report(), t0.elapsed().as_secs_f64());
+            eprintln!(
+                "{}\nbench: weights uploaded in {:.2} s",
+                e.report(),
+                t0.elapsed().as_secs_f64()
+            );
             let name = e.gpu.dev.info().name.clone();
             (Runner::Gpu(Box::new(e), Box::new(model)), "CUDA", name)
         }
     };
     // Synthetic tokens (a simple LCG: the same for every backend and run).
-    let mut state = a.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = a
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next_token = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) % n_vocab as u64) as u32
     };
     let mut results = Vec::new();
@@ -228,7 +267,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 samples.push(t0.elapsed().as_nanos() as u64);
             }
         }
-        results.push(TestResult { n_prompt: n, n_gen: 0, samples_ns: samples });
+        results.push(TestResult {
+            n_prompt: n,
+            n_gen: 0,
+            samples_ns: samples,
+        });
     }
     for &n in &tg {
         let tokens: Vec<u32> = (0..n).map(|_| next_token()).collect();
@@ -243,7 +286,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 samples.push(t0.elapsed().as_nanos() as u64);
             }
         }
-        results.push(TestResult { n_prompt: 0, n_gen: n, samples_ns: samples });
+        results.push(TestResult {
+            n_prompt: 0,
+            n_gen: n,
+            samples_ns: samples,
+        });
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
     let params_str = format!("{:.2} B", n_params as f64 / 1e9);

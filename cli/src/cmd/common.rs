@@ -50,3 +50,13 @@ pub fn load_model(path: &Path) -> anyhow::Result<Model> {
     );
     Ok(model)
 }
+
+/// Prints the seconds spent per op kind (`--profile`).
+pub fn print_op_profile(engine: &pshard_runtime::engine::Engine) {
+    let times = engine.op_seconds();
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    eprintln!("time per op kind ({total:.2} s in all):");
+    for (kind, secs) in times {
+        eprintln!("  {kind:<14} {secs:8.3} s  {:5.1}%", 100.0 * secs / total.max(1e-12));
+    }
+}

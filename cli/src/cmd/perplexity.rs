@@ -23,6 +23,9 @@ pub struct Args {
     /// Context (chunk) size.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
     ctx_size: usize,
+    /// Print the time spent per op kind at the end.
+    #[arg(long)]
+    profile: bool,
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
@@ -89,5 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         secs,
         (n_chunks * args.ctx_size) as f64 / secs.max(1e-9)
     );
+    if args.profile {
+        super::common::print_op_profile(&engine);
+    }
     Ok(())
 }

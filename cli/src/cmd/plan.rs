@@ -71,6 +71,21 @@ fn default_profile(kind: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Free memory of GPU 0 as a fresh process sees it (our own context's cost added back, since the
+/// plan's bill carries its own context margin) and the device name; `None` without a usable GPU.
+fn gpu_free_mib() -> Option<(u64, String)> {
+    use pshard_kernels::cuda;
+    if cuda::device::device_count().ok()? == 0 {
+        return None;
+    }
+    let dev = cuda::GpuDevice::open(0, None).ok()?;
+    let info = dev.info();
+    Some((
+        (info.free_after_context + info.context_overhead) / MIB,
+        info.name.clone(),
+    ))
+}
+
 fn load_profile(
     path: Option<&Path>,
     kind: ProfileKind,
@@ -114,11 +129,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let gpu = load_profile(gpu_path.as_deref(), ProfileKind::Gpu, "GPU")?;
     let budget_mib = match args.vram_budget {
         Some(b) => b,
-        None => match gpu.as_ref().and_then(|g| g.machine.gpu.as_ref()) {
-            Some(g) => (g.memory_bytes / MIB).saturating_sub(1024),
-            None => bail!(
-                "--vram-budget MiB is required: no GPU is visible to the planner and no GPU profile gives its memory"
-            ),
+        None => match gpu_free_mib() {
+            Some((free, name)) => {
+                let b = free.saturating_sub(1024);
+                eprintln!("VRAM budget: {b} MiB ({name}: {free} MiB free, minus 1 GiB)");
+                b
+            }
+            None => match gpu.as_ref().and_then(|g| g.machine.gpu.as_ref()) {
+                Some(g) => {
+                    let b = (g.memory_bytes / MIB).saturating_sub(1024);
+                    eprintln!("VRAM budget: {b} MiB (no GPU visible; the GPU profile's {} memory minus 1 GiB)", g.name);
+                    b
+                }
+                None => bail!(
+                    "--vram-budget MiB is required: no GPU is visible to the planner and no GPU profile gives its memory"
+                ),
+            },
         },
     };
 
@@ -225,8 +251,8 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
     );
     println!("map: one cell per layer — P pinned, S streamed, C CPU, X rows split CPU/stream, lowercase = partly pinned (p), streamed (s) or mixed CPU (c)");
     println!(
-        "{:>7}  {:<34} {:>11} {:>9}  map",
-        "tokens", "strategy", "t/s", "VRAM MiB"
+        "{:>7} {:>7}  {:<34} {:>11} {:>9}  map",
+        "tokens", "ubatch", "strategy", "t/s", "VRAM MiB"
     );
     for t in &plan.tiers {
         let b = &t.best;
@@ -236,8 +262,9 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
             format!("~{:.0}", b.eval.tps)
         };
         println!(
-            "{:>7}  {:<34} {:>11} {:>9}  {}",
+            "{:>7} {:>7}  {:<34} {:>11} {:>9}  {}",
             t.tier.n,
+            t.ubatch,
             b.strategy.name(),
             tps,
             b.bill.total().div_ceil(MIB),
@@ -294,6 +321,7 @@ fn print_json(
             json!({
                 "tokens": t.tier.n,
                 "kind": if t.tier.prefill { "prefill" } else { "decode" },
+                "ubatch": t.ubatch,
                 "strategy": b.strategy.name(),
                 "tps": b.eval.tps,
                 "vram_bytes": b.bill.total(),

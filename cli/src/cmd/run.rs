@@ -30,6 +30,9 @@ pub struct Args {
     /// Context size (0 = the model's training context, capped at 4096).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     ctx_size: usize,
+    /// Print the time spent per op kind at the end.
+    #[arg(long)]
+    profile: bool,
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
@@ -195,6 +198,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stats.gen_secs,
         stats.gen_tokens as f64 / stats.gen_secs.max(1e-9),
     );
+    if args.profile {
+        super::common::print_op_profile(&engine);
+    }
     Ok(())
 }
 

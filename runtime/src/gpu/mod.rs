@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use pshard_kernels::cuda::{
-    kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId, RegionKind,
-    RopeKind, GEMV_MAX_ROWS,
+    kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId,
+    RegionKind, RopeKind, GEMV_MAX_ROWS,
 };
 use pshard_model::graph::{Activation, BufId, Op};
 use pshard_model::spec::{RopeMode, TensorId};
@@ -63,7 +63,8 @@ pub struct GpuWeights {
 }
 
 fn is_matrix_use(op: &Op, id: TensorId) -> bool {
-    matches!(op, Op::MatMul { weight, .. } if *weight == id) || matches!(op, Op::Embed { .. } | Op::MoeFfn { .. })
+    matches!(op, Op::MatMul { weight, .. } if *weight == id)
+        || matches!(op, Op::Embed { .. } | Op::MoeFfn { .. })
 }
 
 impl GpuWeights {
@@ -110,12 +111,20 @@ impl GpuWeights {
             if m {
                 dev.upload(&copy, buf.ptr, model.file().tensor_data(t.file_index))?;
             } else {
-                let v: Vec<u8> = model.vector(id).iter().flat_map(|x| x.to_le_bytes()).collect();
+                let v: Vec<u8> = model
+                    .vector(id)
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
                 dev.upload(&copy, buf.ptr, &v)?;
             }
             tensors.insert(id, buf);
         }
-        Ok(GpuWeights { tensors, region, bytes: total })
+        Ok(GpuWeights {
+            tensors,
+            region,
+            bytes: total,
+        })
     }
 
     fn get(&self, id: TensorId) -> u64 {
@@ -144,14 +153,20 @@ impl GpuKv {
         let vb = (n_ctx * h.n_head_kv * h.head_dim_v * 2) as u64;
         let per = kb.div_ceil(256) * 256 + vb.div_ceil(256) * 256;
         let n_layer = model.spec.layers.len();
-        let region = gpu.dev.create_region(RegionKind::Kv, "kv", per * n_layer as u64)?;
+        let region = gpu
+            .dev
+            .create_region(RegionKind::Kv, "kv", per * n_layer as u64)?;
         let mut layers = Vec::with_capacity(n_layer);
         for l in 0..n_layer {
             let k = gpu.dev.alloc(region, kb, &format!("layer {l} K cache"))?;
             let v = gpu.dev.alloc(region, vb, &format!("layer {l} V cache"))?;
             layers.push((k, v));
         }
-        Ok(GpuKv { layers, n_ctx, bytes: per * n_layer as u64 })
+        Ok(GpuKv {
+            layers,
+            n_ctx,
+            bytes: per * n_layer as u64,
+        })
     }
 }
 
@@ -182,7 +197,13 @@ struct Needs {
 
 fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
     let g = &p.graph;
-    let mut n = Needs { gemm_w: 0, gemm_x: 0, attn: 0, moe_ff: 0, moe_out: 0 };
+    let mut n = Needs {
+        gemm_w: 0,
+        gemm_x: 0,
+        attn: 0,
+        moe_ff: 0,
+        moe_out: 0,
+    };
     for node in &g.nodes {
         match node.op {
             Op::MatMul { weight, x, .. } => {
@@ -194,7 +215,13 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
                     n.gemm_x = n.gemm_x.max(xb);
                 }
             }
-            Op::Attention { n_head, n_head_kv, head_dim_k, head_dim_v, .. } => {
+            Op::Attention {
+                n_head,
+                n_head_kv,
+                head_dim_k,
+                head_dim_v,
+                ..
+            } => {
                 let a = AttnParams {
                     n_head,
                     n_kv: n_head_kv,
@@ -205,9 +232,16 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
                     softcap: 0.0,
                     window: 0,
                 };
-                n.attn = n.attn.max(gpu.kernels.attention_scratch(&a, g.rows(node_q(&node.op))) as u64);
+                n.attn = n
+                    .attn
+                    .max(gpu.kernels.attention_scratch(&a, g.rows(node_q(&node.op))) as u64);
             }
-            Op::MoeFfn { x, route, gate_exps, .. } => {
+            Op::MoeFfn {
+                x,
+                route,
+                gate_exps,
+                ..
+            } => {
                 let pairs = g.rows(x) * g.buffer(route).cols / 2;
                 let ff = model.spec.tensor(gate_exps).rows();
                 n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
@@ -232,7 +266,13 @@ pub const GRAPH_MAX_TOKENS: usize = 4;
 impl GpuRunner {
     /// Lowers the model's graph for `n_tokens` / `n_logit_rows` onto the GPU lane and allocates its
     /// buffers in a region of their own.
-    pub fn new(gpu: &Gpu, model: &Model, n_tokens: usize, n_logit_rows: usize, n_ctx: usize) -> Result<GpuRunner, GpuError> {
+    pub fn new(
+        gpu: &Gpu,
+        model: &Model,
+        n_tokens: usize,
+        n_logit_rows: usize,
+        n_ctx: usize,
+    ) -> Result<GpuRunner, GpuError> {
         let graph = pshard_model::arch::build_graph(&model.spec, n_tokens, n_logit_rows)?;
         let program = Program::lower(graph, |_| Lane::GpuCompute, MemSpace::Device);
         let nd = needs(gpu, model, &program, n_ctx);
@@ -241,7 +281,8 @@ impl GpuRunner {
         total += 3 * al((n_tokens * 4) as u64);
         total += al(nd.gemm_w) + al(nd.gemm_x) + al(nd.attn) + 3 * al(nd.moe_ff) + al(nd.moe_out);
         let dev = &gpu.dev;
-        let region = dev.create_region(RegionKind::Scratch, &format!("program n={n_tokens}"), total)?;
+        let region =
+            dev.create_region(RegionKind::Scratch, &format!("program n={n_tokens}"), total)?;
         let mut bufs = Vec::with_capacity(program.buffers.len());
         for (i, b) in program.buffers.iter().enumerate() {
             bufs.push(dev.alloc(region, b.bytes.max(4) as u64, program.graph.buffers[i].name)?);
@@ -252,7 +293,10 @@ impl GpuRunner {
         let gemm = if nd.gemm_w > 0 {
             let w = dev.alloc(region, nd.gemm_w, "dequantized weight scratch")?;
             let x = dev.alloc(region, nd.gemm_x, "f16 activation scratch")?;
-            Some(GemmScratch { weights: w.ptr, acts: x.ptr })
+            Some(GemmScratch {
+                weights: w.ptr,
+                acts: x.ptr,
+            })
         } else {
             None
         };
@@ -295,7 +339,14 @@ impl GpuRunner {
     }
 
     /// Runs one batch and returns the logits (`n_logit_rows × n_vocab`).
-    pub fn run(&mut self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, input: &BatchInput) -> Result<&[f32], GpuError> {
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        kv: &GpuKv,
+        model: &Model,
+        input: &BatchInput,
+    ) -> Result<&[f32], GpuError> {
         self.enqueue(gpu, w, kv, model, input)?;
         let dev = &gpu.dev;
         let lb = self.bufs[self.program.graph.logits.0 as usize];
@@ -308,9 +359,19 @@ impl GpuRunner {
     }
 
     /// Uploads the inputs and enqueues the whole forward pass (no wait).
-    pub fn enqueue(&mut self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, input: &BatchInput) -> Result<(), GpuError> {
+    pub fn enqueue(
+        &mut self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        kv: &GpuKv,
+        model: &Model,
+        input: &BatchInput,
+    ) -> Result<(), GpuError> {
         let g = &self.program.graph;
-        if input.tokens.len() != g.n_tokens || input.positions.len() != g.n_tokens || input.logit_rows.len() != g.n_logit_rows {
+        if input.tokens.len() != g.n_tokens
+            || input.positions.len() != g.n_tokens
+            || input.logit_rows.len() != g.n_logit_rows
+        {
             return Err(GpuError::Shape(format!(
                 "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
                 g.n_tokens,
@@ -322,26 +383,52 @@ impl GpuRunner {
         }
         let n_vocab = model.spec.hparams.n_vocab;
         if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(GpuError::Shape(format!("token id {t} is outside the vocabulary of {n_vocab}")));
+            return Err(GpuError::Shape(format!(
+                "token id {t} is outside the vocabulary of {n_vocab}"
+            )));
         }
         if let Some(&r) = input.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
-            return Err(GpuError::Shape(format!("logit row {r} ≥ {} tokens", g.n_tokens)));
+            return Err(GpuError::Shape(format!(
+                "logit row {r} ≥ {} tokens",
+                g.n_tokens
+            )));
         }
         if let Some(&p) = input.positions.iter().find(|&&p| p as usize >= kv.n_ctx) {
-            return Err(GpuError::ContextFull { needed: p as usize + 1, n_ctx: kv.n_ctx });
+            return Err(GpuError::ContextFull {
+                needed: p as usize + 1,
+                n_ctx: kv.n_ctx,
+            });
         }
         if input.route_override.is_some() {
-            return Err(GpuError::Unsupported("forced MoE routes are only supported on the CPU".into()));
+            return Err(GpuError::Unsupported(
+                "forced MoE routes are only supported on the CPU".into(),
+            ));
         }
         let s = gpu.stream();
         let dev = &gpu.dev;
-        let as_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> { v.flat_map(|x| x.to_le_bytes()).collect() };
-        dev.upload(s, self.tokens.ptr, &as_bytes(&mut input.tokens.iter().map(|&t| t as i32)))?;
-        dev.upload(s, self.positions.ptr, &as_bytes(&mut input.positions.iter().map(|&p| p as i32)))?;
-        dev.upload(s, self.logit_rows.ptr, &as_bytes(&mut input.logit_rows.iter().map(|&r| r as i32)))?;
-        let small = g.n_tokens <= GRAPH_MAX_TOKENS && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
+        let as_bytes = |v: &mut dyn Iterator<Item = i32>| -> Vec<u8> {
+            v.flat_map(|x| x.to_le_bytes()).collect()
+        };
+        dev.upload(
+            s,
+            self.tokens.ptr,
+            &as_bytes(&mut input.tokens.iter().map(|&t| t as i32)),
+        )?;
+        dev.upload(
+            s,
+            self.positions.ptr,
+            &as_bytes(&mut input.positions.iter().map(|&p| p as i32)),
+        )?;
+        dev.upload(
+            s,
+            self.logit_rows.ptr,
+            &as_bytes(&mut input.logit_rows.iter().map(|&r| r as i32)),
+        )?;
+        let small =
+            g.n_tokens <= GRAPH_MAX_TOKENS && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
         if small && self.graph.is_none() && self.runs >= 1 {
-            let graph = CapturedGraph::capture(dev, s, || self.record(gpu, w, kv, model).map_err(to_cuda))?;
+            let graph =
+                CapturedGraph::capture(dev, s, || self.record(gpu, w, kv, model).map_err(to_cuda))?;
             self.graph = Some(graph);
         }
         match &self.graph {
@@ -365,7 +452,14 @@ impl GpuRunner {
         self.bufs[id.0 as usize].ptr
     }
 
-    fn exec(&self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model, op: &Op) -> Result<(), GpuError> {
+    fn exec(
+        &self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        kv: &GpuKv,
+        model: &Model,
+        op: &Op,
+    ) -> Result<(), GpuError> {
         let g = &self.program.graph;
         let k = &gpu.kernels;
         let s = gpu.stream();
@@ -374,15 +468,56 @@ impl GpuRunner {
         match *op {
             Op::Embed { table, out, scale } => {
                 let t = model.spec.tensor(table);
-                k.get_rows(t.ty, w.get(table), t.cols(), self.tokens.ptr, n, self.b(out), cols(out), scale, s)?;
+                k.get_rows(
+                    t.ty,
+                    w.get(table),
+                    t.cols(),
+                    self.tokens.ptr,
+                    n,
+                    self.b(out),
+                    cols(out),
+                    scale,
+                    s,
+                )?;
             }
-            Op::RmsNorm { x, weight, out, eps } => {
-                k.rms_norm(self.b(x), w.get(weight), self.b(out), g.rows(x), cols(x), eps, s)?;
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                eps,
+            } => {
+                k.rms_norm(
+                    self.b(x),
+                    w.get(weight),
+                    self.b(out),
+                    g.rows(x),
+                    cols(x),
+                    eps,
+                    s,
+                )?;
             }
-            Op::HeadRmsNorm { x, weight, head_dim, eps } => {
-                k.head_rms_norm(self.b(x), w.get(weight), g.rows(x), cols(x) / head_dim, head_dim, eps, s)?;
+            Op::HeadRmsNorm {
+                x,
+                weight,
+                head_dim,
+                eps,
+            } => {
+                k.head_rms_norm(
+                    self.b(x),
+                    w.get(weight),
+                    g.rows(x),
+                    cols(x) / head_dim,
+                    head_dim,
+                    eps,
+                    s,
+                )?;
             }
-            Op::MatMul { weight, x, out, bias } => {
+            Op::MatMul {
+                weight,
+                x,
+                out,
+                bias,
+            } => {
                 let t = model.spec.tensor(weight);
                 gpu.matmul(
                     t.ty,
@@ -417,7 +552,20 @@ impl GpuRunner {
                     s,
                 )?;
             }
-            Op::Attention { layer, q, k: kb, v, out, n_head, n_head_kv, head_dim_k, head_dim_v, window, scale, softcap } => {
+            Op::Attention {
+                layer,
+                q,
+                k: kb,
+                v,
+                out,
+                n_head,
+                n_head_kv,
+                head_dim_k,
+                head_dim_v,
+                window,
+                scale,
+                softcap,
+            } => {
                 let (kc, vc) = kv.layers[layer];
                 let (kr, vr) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
                 k.kv_write(self.b(kb), cols(kb), kc.ptr, kr, self.positions.ptr, n, s)?;
@@ -432,33 +580,134 @@ impl GpuRunner {
                     softcap: softcap.unwrap_or(0.0),
                     window: window.unwrap_or(0),
                 };
-                k.attention(&p, self.b(q), cols(q), kc.ptr, vc.ptr, self.positions.ptr, n, self.b(out), cols(out), self.attn_part.ptr, s)?;
+                k.attention(
+                    &p,
+                    self.b(q),
+                    cols(q),
+                    kc.ptr,
+                    vc.ptr,
+                    self.positions.ptr,
+                    n,
+                    self.b(out),
+                    cols(out),
+                    self.attn_part.ptr,
+                    s,
+                )?;
             }
             Op::Glu { gate, up, out, act } => {
-                k.glu(self.b(gate), self.b(up), self.b(out), g.rows(gate) * cols(gate), act == Activation::GeluTanh, s)?;
+                k.glu(
+                    self.b(gate),
+                    self.b(up),
+                    self.b(out),
+                    g.rows(gate) * cols(gate),
+                    act == Activation::GeluTanh,
+                    s,
+                )?;
             }
             Op::Add { a, b, out } => {
                 k.add(self.b(a), self.b(b), self.b(out), g.rows(a) * cols(a), s)?;
             }
             Op::SelectRows { x, out } => {
-                k.select_rows(self.b(x), self.logit_rows.ptr, self.b(out), g.rows(out), cols(x), s)?;
+                k.select_rows(
+                    self.b(x),
+                    self.logit_rows.ptr,
+                    self.b(out),
+                    g.rows(out),
+                    cols(x),
+                    s,
+                )?;
             }
-            Op::MoeRoute { logits, out, n_expert, n_used, normalize } => {
-                k.moe_route(self.b(logits), g.rows(logits), n_expert, n_used, normalize, self.b(out), s)?;
+            Op::MoeRoute {
+                logits,
+                out,
+                n_expert,
+                n_used,
+                normalize,
+            } => {
+                k.moe_route(
+                    self.b(logits),
+                    g.rows(logits),
+                    n_expert,
+                    n_used,
+                    normalize,
+                    self.b(out),
+                    s,
+                )?;
             }
-            Op::MoeFfn { x, route, gate_exps, up_exps, down_exps, act, out } => {
+            Op::MoeFfn {
+                x,
+                route,
+                gate_exps,
+                up_exps,
+                down_exps,
+                act,
+                out,
+            } => {
                 let [hg, hu, hh, ho] = self.moe.expect("allocated for MoE programs");
                 let n_used = cols(route) / 2;
                 let rows = g.rows(x);
                 let pairs = rows * n_used;
                 let d = cols(x);
-                let (gt, ut, dt) = (model.spec.tensor(gate_exps), model.spec.tensor(up_exps), model.spec.tensor(down_exps));
+                let (gt, ut, dt) = (
+                    model.spec.tensor(gate_exps),
+                    model.spec.tensor(up_exps),
+                    model.spec.tensor(down_exps),
+                );
                 let ff = gt.rows();
                 let r = self.b(route);
-                k.moe_gemv(gt.ty, w.get(gate_exps), ff, d, self.b(x), d, n_used, r, n_used, pairs, hg.ptr, ff, s)?;
-                k.moe_gemv(ut.ty, w.get(up_exps), ff, d, self.b(x), d, n_used, r, n_used, pairs, hu.ptr, ff, s)?;
-                k.glu(hg.ptr, hu.ptr, hh.ptr, pairs * ff, act == Activation::GeluTanh, s)?;
-                k.moe_gemv(dt.ty, w.get(down_exps), d, ff, hh.ptr, ff, 1, r, n_used, pairs, ho.ptr, d, s)?;
+                k.moe_gemv(
+                    gt.ty,
+                    w.get(gate_exps),
+                    ff,
+                    d,
+                    self.b(x),
+                    d,
+                    n_used,
+                    r,
+                    n_used,
+                    pairs,
+                    hg.ptr,
+                    ff,
+                    s,
+                )?;
+                k.moe_gemv(
+                    ut.ty,
+                    w.get(up_exps),
+                    ff,
+                    d,
+                    self.b(x),
+                    d,
+                    n_used,
+                    r,
+                    n_used,
+                    pairs,
+                    hu.ptr,
+                    ff,
+                    s,
+                )?;
+                k.glu(
+                    hg.ptr,
+                    hu.ptr,
+                    hh.ptr,
+                    pairs * ff,
+                    act == Activation::GeluTanh,
+                    s,
+                )?;
+                k.moe_gemv(
+                    dt.ty,
+                    w.get(down_exps),
+                    d,
+                    ff,
+                    hh.ptr,
+                    ff,
+                    1,
+                    r,
+                    n_used,
+                    pairs,
+                    ho.ptr,
+                    d,
+                    s,
+                )?;
                 k.moe_combine(ho.ptr, r, n_used, self.b(out), rows, d, s)?;
             }
             Op::Softcap { x, cap } => {
@@ -497,12 +746,27 @@ pub struct GpuEngine {
 
 impl GpuEngine {
     /// Opens the GPU, uploads the model's weights and allocates a KV cache of `n_ctx` positions.
-    pub fn new(model: &Model, n_ctx: usize, ubatch: usize, opts: &GpuOptions) -> Result<GpuEngine, GpuError> {
-        let cache = opts.cache_dir.clone().unwrap_or_else(pshard_kernels::cuda::nvrtc::default_cache_dir);
+    pub fn new(
+        model: &Model,
+        n_ctx: usize,
+        ubatch: usize,
+        opts: &GpuOptions,
+    ) -> Result<GpuEngine, GpuError> {
+        let cache = opts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(pshard_kernels::cuda::nvrtc::default_cache_dir);
         let gpu = Gpu::open(opts.ordinal, opts.vram_budget, &cache)?;
         let weights = GpuWeights::upload(&gpu, model)?;
         let kv = GpuKv::new(&gpu, model, n_ctx)?;
-        Ok(GpuEngine { runners: HashMap::new(), kv, weights, gpu, ubatch: ubatch.clamp(1, n_ctx.max(1)), n_past: 0 })
+        Ok(GpuEngine {
+            runners: HashMap::new(),
+            kv,
+            weights,
+            gpu,
+            ubatch: ubatch.clamp(1, n_ctx.max(1)),
+            n_past: 0,
+        })
     }
 
     /// Forgets the sequence.
@@ -554,12 +818,20 @@ impl GpuEngine {
 
     /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or
     /// of every token (`All`, row-major `tokens.len() × n_vocab`).
-    pub fn eval(&mut self, model: &Model, tokens: &[u32], which: Logits) -> Result<Vec<f32>, GpuError> {
+    pub fn eval(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, GpuError> {
         if tokens.is_empty() {
             return Err(GpuError::Shape("no tokens to evaluate".into()));
         }
         if self.n_past + tokens.len() > self.kv.n_ctx {
-            return Err(GpuError::ContextFull { needed: self.n_past + tokens.len(), n_ctx: self.kv.n_ctx });
+            return Err(GpuError::ContextFull {
+                needed: self.n_past + tokens.len(),
+                n_ctx: self.kv.n_ctx,
+            });
         }
         let n_vocab = model.spec.hparams.n_vocab;
         let mut all = Vec::new();
@@ -572,8 +844,21 @@ impl GpuEngine {
                 Logits::All => (0..n).collect(),
                 Logits::Last => vec![n - 1],
             };
-            let input = BatchInput { tokens: &chunk, positions: &positions, logit_rows: &logit_rows, route_override: None };
-            let runner = get_runner(&mut self.runners, &self.gpu, model, n, logit_rows.len(), self.kv.n_ctx, self.ubatch)?;
+            let input = BatchInput {
+                tokens: &chunk,
+                positions: &positions,
+                logit_rows: &logit_rows,
+                route_override: None,
+            };
+            let runner = get_runner(
+                &mut self.runners,
+                &self.gpu,
+                model,
+                n,
+                logit_rows.len(),
+                self.kv.n_ctx,
+                self.ubatch,
+            )?;
             let logits = runner.run(&self.gpu, &self.weights, &self.kv, model, &input)?;
             self.n_past += n;
             match which {
@@ -591,15 +876,34 @@ impl GpuEngine {
     pub fn eval_async(&mut self, model: &Model, tokens: &[u32]) -> Result<(), GpuError> {
         let n = tokens.len();
         if n == 0 || n > self.ubatch {
-            return Err(GpuError::Shape(format!("eval_async takes 1..={} tokens, got {n}", self.ubatch)));
+            return Err(GpuError::Shape(format!(
+                "eval_async takes 1..={} tokens, got {n}",
+                self.ubatch
+            )));
         }
         if self.n_past + n > self.kv.n_ctx {
-            return Err(GpuError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx });
+            return Err(GpuError::ContextFull {
+                needed: self.n_past + n,
+                n_ctx: self.kv.n_ctx,
+            });
         }
         let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
         let logit_rows = vec![n - 1];
-        let input = BatchInput { tokens, positions: &positions, logit_rows: &logit_rows, route_override: None };
-        let runner = get_runner(&mut self.runners, &self.gpu, model, n, 1, self.kv.n_ctx, self.ubatch)?;
+        let input = BatchInput {
+            tokens,
+            positions: &positions,
+            logit_rows: &logit_rows,
+            route_override: None,
+        };
+        let runner = get_runner(
+            &mut self.runners,
+            &self.gpu,
+            model,
+            n,
+            1,
+            self.kv.n_ctx,
+            self.ubatch,
+        )?;
         runner.enqueue(&self.gpu, &self.weights, &self.kv, model, &input)?;
         self.n_past += n;
         Ok(())

@@ -38,11 +38,20 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b })
 }
 
 /// Prompt of 37 tokens in ubatches of 16 (two full + a tail), then 6 greedy decode steps.
+///
+/// Tolerance: f16 weights 1e-2 (both engines compute with f32 activations: measured ~4e-4). For
+/// quantized weights the CPU engine quantizes activations to 8 bits (Q8_0/Q8_1/Q8_K) before each
+/// dot product while the GPU keeps them in f32 (decode) or f16 (GEMM), and random synthetic weights
+/// amplify that difference layer by layer: measured 0.9e-2 to 2.5e-2 on the H200, so 4e-2. The
+/// quant decoders themselves are checked to 1e-5 in kernels/tests/cuda_kernels.rs.
 fn compare(name: &str, recipe: &str) {
+    let tol = if recipe == "f16" { 1e-2 } else { 4e-2 };
     let path = synth_model(name, recipe);
     let cpu_model = Model::open(&path).unwrap();
     let gpu_model = Model::open(&path).unwrap();
@@ -50,21 +59,29 @@ fn compare(name: &str, recipe: &str) {
     let (n_ctx, ubatch) = (128, 16);
     let mut cpu = Engine::new(cpu_model, n_ctx, ubatch);
     let mut gpu = GpuEngine::new(&gpu_model, n_ctx, ubatch, &GpuOptions::default()).unwrap();
-    let prompt: Vec<u32> = (0..37u32).map(|i| (i * 7919 + 13) % n_vocab as u32).collect();
+    let prompt: Vec<u32> = (0..37u32)
+        .map(|i| (i * 7919 + 13) % n_vocab as u32)
+        .collect();
     let c = cpu.eval(&prompt, Logits::All).unwrap();
     let g = gpu.eval(&gpu_model, &prompt, Logits::All).unwrap();
     let err = rel_l2(&g, &c);
     eprintln!("{name} {recipe}: prefill logits rel L2 {err:.2e}");
-    assert!(err <= 1e-2, "{name} {recipe}: prefill logits rel L2 {err}");
+    assert!(err <= tol, "{name} {recipe}: prefill logits rel L2 {err}");
     let mut tok = argmax(&c[(prompt.len() - 1) * n_vocab..]) as u32;
     for step in 0..6 {
         let c = cpu.eval(&[tok], Logits::Last).unwrap();
         let g = gpu.eval(&gpu_model, &[tok], Logits::Last).unwrap();
         let err = rel_l2(&g, &c);
-        assert!(err <= 1e-2, "{name} {recipe}: decode step {step} logits rel L2 {err}");
+        assert!(
+            err <= tol,
+            "{name} {recipe}: decode step {step} logits rel L2 {err}"
+        );
         tok = argmax(&c) as u32;
     }
-    assert!(gpu.runners.values().any(|r| r.uses_graph()), "decode did not use a CUDA graph");
+    assert!(
+        gpu.runners.values().any(|r| r.uses_graph()),
+        "decode did not use a CUDA graph"
+    );
     eprintln!("{}", gpu.report());
 }
 
@@ -82,6 +99,11 @@ macro_rules! gpu_vs_cpu {
 }
 
 gpu_vs_cpu! {
+    gpu_matches_cpu_tiny_qwen2_f16: "tiny-qwen2", "f16";
+    gpu_matches_cpu_tiny_qwen3_f16: "tiny-qwen3", "f16";
+    gpu_matches_cpu_tiny_qwen3moe_f16: "tiny-qwen3moe", "f16";
+    gpu_matches_cpu_tiny_mixtral_f16: "tiny-mixtral", "f16";
+    gpu_matches_cpu_tiny_gemma3_f16: "tiny-gemma3", "f16";
     gpu_matches_cpu_tiny_llama_q4_k: "tiny-llama", "q4_k";
     gpu_matches_cpu_tiny_llama_q8_0: "tiny-llama", "q8_0";
     gpu_matches_cpu_tiny_llama_f16: "tiny-llama", "f16";

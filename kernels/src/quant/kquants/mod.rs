@@ -4,7 +4,8 @@
 //! elements, each with a small integer scale (and, for Q2_K/Q4_K/Q5_K, a minimum) relative to f16
 //! super-block scales. Dot products multiply the integer weight quants with Q8_K activation
 //! quants, apply the sub-block scales in integer arithmetic and handle the minimum terms through
-//! the activation block's 16-element sums (`bsums`), so each block costs one float multiply-add.
+//! the activation block's 16-element sums (`bsums`), so a block costs one or two float
+//! multiply-adds.
 //!
 //! Each type has a portable scalar dot and an AVX2 (+FMA, F16C) variant; Q4_K, Q5_K and Q6_K
 //! also have AVX-512 (BW, VL, VNNI) variants and register tiles ([`tiles`]: 4 rows × 4 tokens, for

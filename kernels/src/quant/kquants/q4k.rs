@@ -115,11 +115,17 @@ pub fn dot_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
         let mut sumi = 0i32;
         for c in 0..4 {
             let q = &b[QS + 32 * c..QS + 32 * c + 32];
-            let (mut s0, mut s1) = (0i32, 0i32);
-            for l in 0..32 {
-                s0 += (q[l] & 15) as i32 * qa[64 * c + l] as i8 as i32;
-                s1 += (q[l] >> 4) as i32 * qa[64 * c + 32 + l] as i8 as i32;
-            }
+            let (a0, a1) = qa[64 * c..64 * c + 64].split_at(32);
+            let s0: i32 = q
+                .iter()
+                .zip(a0)
+                .map(|(&w, &x)| (w & 15) as i32 * x as i8 as i32)
+                .sum();
+            let s1: i32 = q
+                .iter()
+                .zip(a1)
+                .map(|(&w, &x)| (w >> 4) as i32 * x as i8 as i32)
+                .sum();
             sumi += sc[2 * c] as i32 * s0 + sc[2 * c + 1] as i32 * s1;
         }
         let bs = act_bsums(ab);

@@ -87,13 +87,19 @@ pub fn dot_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
         for c in 0..4 {
             let q = &b[QS + 32 * c..QS + 32 * c + 32];
             let (j0, j1) = (2 * c, 2 * c + 1);
-            let (mut s0, mut s1) = (0i32, 0i32);
-            for l in 0..32 {
-                let q0 = (q[l] & 15) | (((qh[l] >> j0) & 1) << 4);
-                let q1 = (q[l] >> 4) | (((qh[l] >> j1) & 1) << 4);
-                s0 += q0 as i32 * qa[64 * c + l] as i8 as i32;
-                s1 += q1 as i32 * qa[64 * c + 32 + l] as i8 as i32;
-            }
+            let (a0, a1) = qa[64 * c..64 * c + 64].split_at(32);
+            let s0: i32 = q
+                .iter()
+                .zip(qh)
+                .zip(a0)
+                .map(|((&w, &h), &x)| ((w & 15) | (((h >> j0) & 1) << 4)) as i32 * x as i8 as i32)
+                .sum();
+            let s1: i32 = q
+                .iter()
+                .zip(qh)
+                .zip(a1)
+                .map(|((&w, &h), &x)| ((w >> 4) | (((h >> j1) & 1) << 4)) as i32 * x as i8 as i32)
+                .sum();
             sumi += sc[j0] as i32 * s0 + sc[j1] as i32 * s1;
         }
         let bs = act_bsums(ab);
