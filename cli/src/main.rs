@@ -26,10 +26,14 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Show how a text tokenizes.
     Tokenize(cmd::tokenize::Args),
+    /// Benchmark prompt processing and generation (llama-bench style).
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // llama-bench spells the ubatch flag `-ub`; clap's short flags are one letter.
+    let argv = std::env::args().map(|a| if a == "-ub" { "--ub".to_string() } else { a });
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Synth(a) => cmd::synth::run(a),
@@ -37,6 +41,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,6 +6,7 @@
 //! - `stream/<type>/b<batch>`: rotates through copies totalling ≥ 1 GiB, so weights come from DRAM
 //!   as in decoding a real model.
 //! - `mem_read/{1_thread,all_threads}`: plain summing read of a 1 GiB buffer (the DRAM ceiling).
+//! - `quantize_acts/<format>/b<rows>`: converting 4096-wide f32 activation rows (GB/s of f32 input).
 //!
 //! Threads: the global rayon pool (`RAYON_NUM_THREADS=1` for single-thread numbers). Filter with
 //! e.g. `cargo bench -p pshard-kernels --bench matmul -- 'stream/Q4_0'`.
@@ -14,8 +15,10 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pshard_kernels::matmul::{matmul, quantize_acts, WeightMatrix};
-use pshard_kernels::quant::{self, QuantKernel};
+use pshard_kernels::matmul::{
+    matmul, quantize_acts, quantize_acts_into, QuantizedActs, WeightMatrix,
+};
+use pshard_kernels::quant::{self, ActFormat, QuantKernel};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -106,6 +109,30 @@ fn bench_mem_read(c: &mut Criterion) {
     group.finish();
 }
 
+/// Converting one 4096-wide activation row (decode) and 128 rows (prefill) to each partner format.
+fn bench_quantize(c: &mut Criterion) {
+    let mut r = StdRng::seed_from_u64(9);
+    let mut group = c.benchmark_group("quantize_acts");
+    for format in [
+        ActFormat::F32,
+        ActFormat::Q8_0,
+        ActFormat::Q8_1,
+        ActFormat::Q8K,
+    ] {
+        for rows in [1usize, 128] {
+            let x: Vec<f32> = (0..rows * COLS)
+                .map(|_| r.gen_range(-1.0f32..1.0))
+                .collect();
+            let mut q = QuantizedActs::empty(format);
+            group.throughput(Throughput::BytesDecimal((x.len() * 4) as u64));
+            group.bench_function(format!("quantize_acts/{}/b{rows}", format.name()), |b| {
+                b.iter(|| quantize_acts_into(format, black_box(&x), rows, COLS, &mut q).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -116,6 +143,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_mem_read, bench_matmul
+    targets = bench_mem_read, bench_quantize, bench_matmul
 }
 criterion_main!(benches);

@@ -236,15 +236,13 @@ struct TQ3_K {
     }
 };
 
-// 6-bit scale and min `j` (0..7) of a Q4_K/Q5_K block, packed in 12 bytes.
+// 6-bit scale and min `j` (0..7) of a Q4_K/Q5_K block, packed in 12 bytes. Branch-free (selects),
+// so lanes decoding different groups do not diverge.
 __device__ __forceinline__ void k4_scale_min(const u8* s, int j, float& sc, float& m) {
-    if (j < 4) {
-        sc = (float)(s[j] & 63);
-        m = (float)(s[j + 4] & 63);
-    } else {
-        sc = (float)((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4));
-        m = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-    }
+    const u32 sj = s[j], sj4 = s[j + 4], sjm4 = s[j & 3];
+    const bool lo = j < 4;
+    sc = (float)(lo ? (sj & 63) : ((sj4 & 0xf) | ((sjm4 >> 6) << 4)));
+    m = (float)(lo ? (sj4 & 63) : ((sj4 >> 4) | ((sj >> 6) << 4)));
 }
 
 struct TQ4_K {

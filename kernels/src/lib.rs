@@ -5,3 +5,5 @@ pub mod cuda;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+
+pub use matmul::KernelError;

@@ -269,7 +269,7 @@ pub fn matmul(
             rows.end
         )));
     }
-    let engine = match legacy::tiles(w.ty) {
+    let engine = match legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)) {
         Some((full, one)) => Engine::Tiles { full, one },
         None => Engine::Dot(k.dot),
     };

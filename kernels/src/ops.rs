@@ -236,50 +236,48 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     let kk = p.n_head_kv * dk;
     let vv = p.n_head_kv * dv;
     // One output chunk per (token, kv head): the `group` query heads that share that kv head.
-    out.par_chunks_mut(group * dv)
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; dk.max(dv)], Vec::new()),
-            |(row, scores), (idx, o)| {
-                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
-                let pos = positions[t] as usize;
-                let first = match p.window {
-                    Some(w) => (pos + 1).saturating_sub(w),
-                    None => 0,
-                };
-                let len = pos + 1 - first;
-                let qg = &q[t * q_cols + kh * group * dk..][..group * dk];
-                scores.clear();
-                scores.resize(group * len, 0.0);
-                let krow = &mut row[..dk];
-                for (i, j) in (first..=pos).enumerate() {
-                    let slot = j % kv.cells;
-                    kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
-                    for g in 0..group {
-                        let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
-                        scores[g * len + i] = match p.softcap {
-                            Some(c) => c * (s / c).tanh(),
-                            None => s,
-                        };
-                    }
-                }
+    out.par_chunks_mut(group * dv).enumerate().for_each_init(
+        || (vec![0f32; dk.max(dv)], Vec::new()),
+        |(row, scores), (idx, o)| {
+            let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+            let pos = positions[t] as usize;
+            let first = match p.window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            let len = pos + 1 - first;
+            let qg = &q[t * q_cols + kh * group * dk..][..group * dk];
+            scores.clear();
+            scores.resize(group * len, 0.0);
+            let krow = &mut row[..dk];
+            for (i, j) in (first..=pos).enumerate() {
+                let slot = j % kv.cells;
+                kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
                 for g in 0..group {
-                    softmax(&mut scores[g * len..][..len]);
+                    let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
+                    scores[g * len + i] = match p.softcap {
+                        Some(c) => c * (s / c).tanh(),
+                        None => s,
+                    };
                 }
-                o.iter_mut().for_each(|v| *v = 0.0);
-                let vrow = &mut row[..dv];
-                for (i, j) in (first..=pos).enumerate() {
-                    let slot = j % kv.cells;
-                    kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
-                    for g in 0..group {
-                        let w = scores[g * len + i];
-                        for (a, b) in o[g * dv..][..dv].iter_mut().zip(vrow.iter()) {
-                            *a += w * b;
-                        }
+            }
+            for g in 0..group {
+                softmax(&mut scores[g * len..][..len]);
+            }
+            o.iter_mut().for_each(|v| *v = 0.0);
+            let vrow = &mut row[..dv];
+            for (i, j) in (first..=pos).enumerate() {
+                let slot = j % kv.cells;
+                kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
+                for g in 0..group {
+                    let w = scores[g * len + i];
+                    for (a, b) in o[g * dv..][..dv].iter_mut().zip(vrow.iter()) {
+                        *a += w * b;
                     }
                 }
-            },
-        );
+            }
+        },
+    );
 }
 
 /// f32 dot product in 8 independent lanes so the compiler vectorises it.

@@ -513,15 +513,15 @@ fn cuda_norms_rope_glu_add_match_cpu() {
         .unwrap();
         c.sync();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        for t in 0..n {
+        for (t, &pt) in pos.iter().enumerate() {
             for h in 0..heads {
                 let o = (t * heads + h) * hd;
-                for i in 0..n_dims / 2 {
+                for (i, &fi) in f.iter().enumerate() {
                     let mut inv = (base as f64).powf(-2.0 * i as f64 / n_dims as f64);
                     if ff {
-                        inv /= f[i] as f64;
+                        inv /= fi as f64;
                     }
-                    let th = pos[t] as f64 * pscale as f64 * inv;
+                    let th = pt as f64 * pscale as f64 * inv;
                     let (a, b) = match mode {
                         RopeKind::Adjacent => (2 * i, 2 * i + 1),
                         RopeKind::Neox => (i, i + n_dims / 2),
@@ -1074,7 +1074,7 @@ fn cuda_probe_never_panics() {
         Ok(s) => eprintln!("probe: {} device(s)", s.count),
         Err(e) => eprintln!("probe: {e}"),
     }
-    assert!(matches!(pshard_kernels::cuda::probe(999), Err(_)));
+    assert!(pshard_kernels::cuda::probe(999).is_err());
 }
 
 #[test]
@@ -1171,6 +1171,33 @@ fn cuda_bench_kernels() {
                 "gemv {ty:?} {rows}x{cols} n=1 block-per-row: {ms:.4} ms, {:.0} GB/s weights",
                 bytes.len() as f64 / ms / 1e6
             ));
+            if ty == GgmlType::Q4_K {
+                for (name, grid) in [
+                    ("gemv_q4_k_wide", (rows as u32).div_ceil(4)),
+                    ("gemv_q4_k_wide_k", rows as u32),
+                ] {
+                    let ms = time(
+                        &|| {
+                            c.gpu
+                                .kernels
+                                .launch(
+                                    name,
+                                    (grid, 1, 1),
+                                    128,
+                                    0,
+                                    &s,
+                                    &[&w.ptr, &rb, &ri, &ci, &x.ptr, &out.ptr, &zero],
+                                )
+                                .unwrap()
+                        },
+                        50,
+                    );
+                    table.push(format!(
+                        "gemv {ty:?} {rows}x{cols} n=1 {name}: {ms:.4} ms, {:.0} GB/s weights",
+                        bytes.len() as f64 / ms / 1e6
+                    ));
+                }
+            }
         }
         for n in [2usize, 4, 8] {
             let ms = time(

@@ -25,6 +25,9 @@ pub enum EngineError {
     /// Nothing to evaluate.
     #[error("no tokens to evaluate")]
     Empty,
+    /// The GPU backend failed.
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// Which rows of an evaluation produce logits.
@@ -36,7 +39,7 @@ pub enum Logits {
     All,
 }
 
-/// Model + KV cache + programs.
+/// Model + KV cache + programs, on the CPU or on one GPU.
 pub struct Engine {
     /// The loaded model.
     pub model: Model,
@@ -45,6 +48,7 @@ pub struct Engine {
     ubatch: usize,
     n_past: usize,
     route_override: Option<Arc<RouteOverride>>,
+    gpu: Option<Box<crate::gpu::GpuEngine>>,
 }
 
 impl Engine {
@@ -59,7 +63,27 @@ impl Engine {
             ubatch,
             n_past: 0,
             route_override: None,
+            gpu: None,
         }
+    }
+
+    /// An engine that runs every op on a GPU: weights uploaded once, KV cache in VRAM.
+    pub fn with_gpu(
+        model: Model,
+        n_ctx: usize,
+        ubatch: usize,
+        opts: &crate::gpu::GpuOptions,
+    ) -> Result<Engine, EngineError> {
+        let gpu = crate::gpu::GpuEngine::new(&model, n_ctx, ubatch, opts)?;
+        // The CPU side keeps no KV: every evaluation goes to the GPU.
+        let mut e = Engine::new(model, 1, 1);
+        e.gpu = Some(Box::new(gpu));
+        Ok(e)
+    }
+
+    /// The GPU's report (device, NVRTC cache, VRAM per region), when running on one.
+    pub fn gpu_report(&self) -> Option<String> {
+        self.gpu.as_ref().map(|g| g.report())
     }
 
     /// Seconds spent per op kind over all programs so far, largest first.
@@ -83,21 +107,33 @@ impl Engine {
     /// Forgets the sequence (positions restart at 0).
     pub fn reset(&mut self) {
         self.n_past = 0;
+        if let Some(g) = &mut self.gpu {
+            g.reset();
+        }
     }
 
     /// Positions evaluated so far.
     pub fn n_past(&self) -> usize {
-        self.n_past
+        match &self.gpu {
+            Some(g) => g.n_past(),
+            None => self.n_past,
+        }
     }
 
     /// Context size.
     pub fn n_ctx(&self) -> usize {
-        self.kv.n_ctx()
+        match &self.gpu {
+            Some(g) => g.n_ctx(),
+            None => self.kv.n_ctx(),
+        }
     }
 
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+        match &self.gpu {
+            Some(g) => g.kv_bytes() as usize,
+            None => self.kv.bytes(),
+        }
     }
 
     /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or of
@@ -105,6 +141,9 @@ impl Engine {
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::Empty);
+        }
+        if let Some(g) = &mut self.gpu {
+            return Ok(g.eval(&self.model, tokens, which)?);
         }
         self.kv.check(self.n_past, tokens.len())?;
         let n_vocab = self.model.spec.hparams.n_vocab;

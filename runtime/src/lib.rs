@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod engine;
+pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod program;

@@ -12,7 +12,7 @@ use pshard_runtime::gpu::{GpuEngine, GpuOptions};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
-use super::common::{init_threads, load_model};
+use super::common::{init_threads, load_model, pick_device, Device};
 
 /// Arguments of `pshard bench`.
 #[derive(clap::Args)]
@@ -65,29 +65,6 @@ fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
         }
     }
     Ok(v)
-}
-
-enum Device {
-    Cpu,
-    Cuda(usize),
-}
-
-fn pick_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => match pshard_kernels::cuda::probe(0) {
-            Ok(_) => Ok(Device::Cuda(0)),
-            Err(e) => {
-                eprintln!("bench: no usable GPU ({e}); using the CPU");
-                Ok(Device::Cpu)
-            }
-        },
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => bail!("--device must be auto, cpu, cuda or cuda:N (got '{other}')"),
-        },
-    }
 }
 
 /// One engine behind the benchmark, either backend.
@@ -213,10 +190,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|t| t.dims.iter().product::<u64>())
         .sum();
     let model_size = model.file().tensor_data_bytes();
+    let params_short = if n_params >= 1_000_000_000 {
+        format!("{:.1}B", n_params as f64 / 1e9)
+    } else {
+        format!("{:.0}M", n_params as f64 / 1e6)
+    };
     let model_type = format!(
-        "{} {:.1}B {}",
+        "{} {params_short} {}",
         model.spec.arch.gguf_name(),
-        n_params as f64 / 1e9,
         main_type(&model).name()
     );
     let n_ctx = pp.iter().chain(&tg).copied().max().unwrap_or(1);
@@ -293,7 +274,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         });
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
-    let params_str = format!("{:.2} B", n_params as f64 / 1e9);
+    let params_str = if n_params >= 1_000_000_000 {
+        format!("{:.2} B", n_params as f64 / 1e9)
+    } else {
+        format!("{:.2} M", n_params as f64 / 1e6)
+    };
     let ngl = if backend == "CPU" { 0 } else { 99 };
     if a.output == "md" {
         if !gpu_info.is_empty() {

@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use pshard_runtime::engine::Engine;
+use pshard_runtime::gpu::GpuOptions;
 use pshard_runtime::model::Model;
 
 /// Sets the size of the global rayon pool (0 = one per core).
@@ -57,6 +59,66 @@ pub fn print_op_profile(engine: &pshard_runtime::engine::Engine) {
     let total: f64 = times.iter().map(|t| t.1).sum();
     eprintln!("time per op kind ({total:.2} s in all):");
     for (kind, secs) in times {
-        eprintln!("  {kind:<14} {secs:8.3} s  {:5.1}%", 100.0 * secs / total.max(1e-12));
+        eprintln!(
+            "  {kind:<14} {secs:8.3} s  {:5.1}%",
+            100.0 * secs / total.max(1e-12)
+        );
     }
+}
+
+/// Where a model runs.
+pub enum Device {
+    /// The CPU engine.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+/// Parses `--device auto|cpu|cuda|cuda:N`; `auto` takes GPU 0 when one works, else the CPU, and
+/// says which.
+pub fn pick_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => match pshard_kernels::cuda::probe(0) {
+            Ok(d) => {
+                eprintln!("device: using GPU 0 ({d:?})");
+                Ok(Device::Cuda(0))
+            }
+            Err(e) => {
+                eprintln!("device: no usable GPU ({e}); using the CPU");
+                Ok(Device::Cpu)
+            }
+        },
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => bail!("--device must be auto, cpu, cuda or cuda:N (got '{other}')"),
+        },
+    }
+}
+
+/// Builds the engine for `--device` (and `--vram-budget` in MiB), logging the GPU report.
+pub fn make_engine(
+    model: Model,
+    n_ctx: usize,
+    ubatch: usize,
+    device: &str,
+    vram_budget_mib: Option<u64>,
+) -> anyhow::Result<Engine> {
+    Ok(match pick_device(device)? {
+        Device::Cpu => Engine::new(model, n_ctx, ubatch),
+        Device::Cuda(ordinal) => {
+            let opts = GpuOptions {
+                ordinal,
+                vram_budget: vram_budget_mib.map(|m| m << 20),
+                cache_dir: None,
+            };
+            let e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
+                .with_context(|| format!("opening CUDA device {ordinal}"))?;
+            if let Some(r) = e.gpu_report() {
+                eprintln!("{r}");
+            }
+            e
+        }
+    })
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand: each has `Args` (clap) and `run`.
 
+pub mod bench;
 pub mod common;
 pub mod inspect;
 pub mod perplexity;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use pshard_runtime::engine::Engine;
 use pshard_runtime::session::perplexity;
 use pshard_tokenizer::Tokenizer;
 
@@ -23,6 +22,12 @@ pub struct Args {
     /// Context (chunk) size.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
     ctx_size: usize,
+    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// VRAM budget in MiB (default: free memory minus a margin).
+    #[arg(long = "vram-budget")]
+    vram_budget: Option<u64>,
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     profile: bool,
@@ -66,7 +71,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut engine = Engine::new(model, args.ctx_size, args.ubatch);
+    let mut engine = super::common::make_engine(
+        model,
+        args.ctx_size,
+        args.ubatch,
+        &args.device,
+        args.vram_budget,
+    )?;
     let n_chunks = tokens.len() / args.ctx_size;
     eprintln!(
         "calculating perplexity over {n_chunks} chunks, n_ctx={}",

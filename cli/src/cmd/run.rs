@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pshard_runtime::engine::Engine;
 use pshard_runtime::sampler::{Sampler, SamplerParams};
 use pshard_runtime::session::generate;
 use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
@@ -30,6 +29,12 @@ pub struct Args {
     /// Context size (0 = the model's training context, capped at 4096).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     ctx_size: usize,
+    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// VRAM budget in MiB (default: free memory minus a margin).
+    #[arg(long = "vram-budget")]
+    vram_budget: Option<u64>,
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     profile: bool,
@@ -89,47 +94,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(model.file().header())
         .with_context(|| format!("{}: reading the tokenizer", args.model.display()))?;
-    let text = if args.chat || args.chat_template.is_some() {
+    let chat = args.chat || args.chat_template.is_some();
+    let tokens = if chat {
         let template = match &args.chat_template {
-            Some(src) => ChatTemplate::new(src).context("parsing --chat-template")?,
-            None => ChatTemplate::from_gguf(model.file().header())
+            Some(src) => {
+                ChatTemplate::from_name_or_source(src).context("parsing --chat-template")?
+            }
+            None => match ChatTemplate::from_gguf(model.file().header())
                 .context("reading the model's chat template")?
-                .with_context(|| {
+            {
+                Some(t) => t,
+                // Some GGUFs (gemma-3-270m) ship no template; their family's is well known.
+                None => builtin_for(&model.spec).with_context(|| {
                     format!(
-                        "{} has no chat template (tokenizer.chat_template); pass one with --chat-template",
-                        args.model.display()
+                        "{} has no chat template (tokenizer.chat_template); pass one with \
+                         --chat-template (a Jinja template or one of: {})",
+                        args.model.display(),
+                        ChatTemplate::BUILTIN_NAMES.join(", ")
                     )
                 })?,
+            },
         };
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: s.clone(),
-            });
+            messages.push(ChatMessage::new("system", s.clone()));
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: prompt.clone(),
-        });
-        template
+        messages.push(ChatMessage::new("user", prompt.clone()));
+        let rendered = template
             .apply(
                 &messages,
                 true,
                 &special_text(&tokenizer, tokenizer.bos()),
                 &special_text(&tokenizer, tokenizer.eos()),
             )
-            .context("applying the chat template")?
+            .context("applying the chat template")?;
+        tokenizer.encode_chat_prompt(&rendered)
     } else {
-        prompt.clone()
+        tokenizer.encode(&prompt, true, true)
     };
-    // Chat templates often write the BOS text themselves; add it once, as a token.
-    let bos_text = special_text(&tokenizer, tokenizer.bos());
-    let body = match text.strip_prefix(bos_text.as_str()) {
-        Some(rest) if !bos_text.is_empty() && tokenizer.add_bos() => rest,
-        _ => text.as_str(),
-    };
-    let tokens = tokenizer.encode(body, true, true);
     if tokens.is_empty() {
         bail!("the prompt tokenized to nothing");
     }
@@ -145,7 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let n_predict = args.n_predict.min(n_ctx - tokens.len());
-    let mut engine = Engine::new(model, n_ctx, args.ubatch);
+    let mut engine =
+        super::common::make_engine(model, n_ctx, args.ubatch, &args.device, args.vram_budget)?;
     let mut sampler = Sampler::new(SamplerParams {
         temperature: args.temp,
         top_k: args.top_k,
@@ -157,19 +160,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..SamplerParams::default()
     });
     let mut out = std::io::stdout().lock();
-    if !args.no_display_prompt && !args.chat {
+    if !args.no_display_prompt && !chat {
         write!(out, "{prompt}")?;
         out.flush()?;
     }
     let mut decoder = StreamDecoder::new(true);
     let ignore_eos = args.ignore_eos;
+    let eog_ids: Vec<u32> = tokenizer
+        .eog_ids()
+        .into_iter()
+        .filter(|&t| (t as usize) < engine.model.spec.hparams.n_vocab)
+        .collect();
     let is_eog = |t: u32| !ignore_eos && tokenizer.is_eog(t);
     let mut write_err = None;
     let stats = generate(
         &mut engine,
         &tokens,
         n_predict,
-        &mut |logits, history| sampler.sample(logits, history),
+        &mut |logits, history| {
+            if ignore_eos {
+                // As llama.cpp: end-of-generation tokens can't be sampled at all.
+                let mut masked = logits.to_vec();
+                for &t in &eog_ids {
+                    masked[t as usize] = f32::NEG_INFINITY;
+                }
+                sampler.sample(&masked, history)
+            } else {
+                sampler.sample(logits, history)
+            }
+        },
         &is_eog,
         &mut |tok| {
             if is_eog(tok) {
@@ -202,6 +221,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::common::print_op_profile(&engine);
     }
     Ok(())
+}
+
+/// The built-in chat template of a model family whose GGUF may lack one.
+fn builtin_for(spec: &pshard_model::spec::ModelSpec) -> Option<ChatTemplate> {
+    match spec.arch {
+        pshard_model::spec::Arch::Gemma3 => ChatTemplate::builtin("gemma"),
+        pshard_model::spec::Arch::Qwen2
+        | pshard_model::spec::Arch::Qwen3
+        | pshard_model::spec::Arch::Qwen3Moe => ChatTemplate::builtin("chatml"),
+        pshard_model::spec::Arch::Llama => None,
+    }
 }
 
 /// The text of a special token, or "" when the model has none.

@@ -75,6 +75,8 @@ struct Region {
     used: u64,
     peak: u64,
     live: usize,
+    /// Not backed by device memory (unit tests of the allocator).
+    fake: bool,
 }
 
 /// Usage of one region, for reports.
@@ -162,23 +164,35 @@ impl VramArena {
                 ),
             });
         }
+        Ok(self.add_region(kind, name, ptr, bytes, false))
+    }
+
+    fn add_region(
+        &mut self,
+        kind: RegionKind,
+        name: &str,
+        base: u64,
+        bytes: u64,
+        fake: bool,
+    ) -> RegionId {
         self.reserved += bytes;
         let region = Region {
             kind,
             name: name.to_string(),
-            base: ptr,
+            base,
             capacity: bytes,
             free: vec![(0, bytes)],
             used: 0,
             peak: 0,
             live: 0,
+            fake,
         };
         if let Some(i) = self.regions.iter().position(|r| r.is_none()) {
             self.regions[i] = Some(region);
-            Ok(RegionId(i))
+            RegionId(i)
         } else {
             self.regions.push(Some(region));
-            Ok(RegionId(self.regions.len() - 1))
+            RegionId(self.regions.len() - 1)
         }
     }
 
@@ -190,6 +204,9 @@ impl VramArena {
             .and_then(|r| r.take())
             .ok_or_else(|| CudaError::Invalid(format!("no VRAM region {}", id.0)))?;
         self.reserved -= r.capacity;
+        if r.fake {
+            return Ok(());
+        }
         // SAFETY: `base` came from cuMemAlloc and is freed once (the region was just taken out).
         check("freeing a VRAM region", unsafe {
             sys::cuMemFree_v2(r.base)
@@ -292,7 +309,7 @@ impl VramArena {
     /// Frees every region (called by the device before its context goes away).
     pub(crate) fn release_all(&mut self) {
         for r in self.regions.iter_mut() {
-            if let Some(r) = r.take() {
+            if let Some(r) = r.take().filter(|r| !r.fake) {
                 // SAFETY: each region's base is freed exactly once, here or in destroy_region.
                 unsafe {
                     let _ = sys::cuMemFree_v2(r.base);
@@ -300,5 +317,67 @@ impl VramArena {
             }
         }
         self.reserved = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl VramArena {
+        /// A region with a made-up base address: exercises the allocator without a GPU.
+        fn fake_region(
+            &mut self,
+            kind: RegionKind,
+            name: &str,
+            bytes: u64,
+        ) -> CudaResult<RegionId> {
+            let bytes = align_up(bytes.max(ALIGN));
+            if bytes > self.unreserved() {
+                return Err(CudaError::OutOfVram {
+                    what: format!("{} region '{name}'", kind.as_str()),
+                    requested: bytes,
+                    available: self.unreserved(),
+                    limit: self.budget,
+                });
+            }
+            Ok(self.add_region(kind, name, 1 << 40, bytes, true))
+        }
+    }
+
+    #[test]
+    fn budget_and_regions_are_enforced_with_names() {
+        let mut a = VramArena::new(10 << 20);
+        let w = a
+            .fake_region(RegionKind::Weights, "weights", 6 << 20)
+            .unwrap();
+        match a.fake_region(RegionKind::Kv, "kv", 5 << 20) {
+            Err(e @ CudaError::OutOfVram { .. }) => {
+                assert!(e.to_string().contains("kv region 'kv'"), "{e}")
+            }
+            other => panic!("expected OutOfVram, got {other:?}"),
+        }
+        let b1 = a.alloc(w, 4 << 20, "blk.0.ffn_up.weight").unwrap();
+        match a.alloc(w, 3 << 20, "blk.0.ffn_down.weight") {
+            Err(e) => assert!(e.to_string().contains("blk.0.ffn_down.weight"), "{e}"),
+            Ok(_) => panic!("allocation beyond the region succeeded"),
+        }
+        let b2 = a.alloc(w, 1000, "small").unwrap();
+        assert_eq!(b2.ptr % ALIGN, 0);
+        assert!(b2.ptr >= b1.ptr + (4 << 20));
+        a.free(b1).unwrap();
+        assert!(a.free(b1).is_err(), "double free accepted");
+        a.free(b2).unwrap();
+        // Freed extents coalesce: the whole region fits again.
+        let all = a.alloc(w, 6 << 20, "all").unwrap();
+        assert_eq!(a.report()[0].used, 6 << 20);
+        assert_eq!(a.report()[0].peak, 6 << 20);
+        a.free(all).unwrap();
+        a.destroy_region(w).unwrap();
+        assert_eq!(a.reserved(), 0);
+        let kv = a.fake_region(RegionKind::Kv, "kv", 9 << 20).unwrap();
+        a.alloc(kv, 9 << 20, "cache").unwrap();
+        a.reset(kv).unwrap();
+        a.alloc(kv, 9 << 20, "cache again").unwrap();
     }
 }

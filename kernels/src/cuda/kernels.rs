@@ -1,6 +1,9 @@
 //! The compiled kernels and their launchers. Every launcher takes device addresses (`u64`) and
 //! the stream to enqueue on; shapes are checked here so a bad call is an error, not a fault.
 
+// Launchers mirror their kernels' parameter lists (device addresses, shapes, strides, stream).
+#![allow(clippy::too_many_arguments)]
+
 use super::device::GpuDevice;
 use super::error::{check, CudaError, CudaResult};
 use super::nvrtc::{compile_cached, ModuleBuild, SOURCES};
@@ -76,7 +79,7 @@ fn geom(ty: GgmlType, cols: usize) -> CudaResult<TypeGeom> {
             "the CUDA backend cannot compute with {ty:?} weights"
         ))
     })?;
-    if cols % g.qk != 0 {
+    if !cols.is_multiple_of(g.qk) {
         return Err(CudaError::Invalid(format!(
             "a {ty:?} row of {cols} columns is not a whole number of {}-element blocks",
             g.qk
@@ -366,6 +369,24 @@ impl CudaKernels {
             };
             let xp = x + (done * ldx * 4) as u64;
             let yp = y + (done * ldy * 4) as u64;
+            if nb == 1 && ty == GgmlType::Q4_K {
+                // Wide Q4_K decoder; the whole block on one row for matrices with few rows.
+                let (name, grid) = if rows <= 2048 {
+                    ("gemv_q4_k_wide_k", rows as u32)
+                } else {
+                    ("gemv_q4_k_wide", blocks(rows, 4))
+                };
+                self.launch(
+                    name,
+                    (grid, 1, 1),
+                    128,
+                    0,
+                    s,
+                    &[&w, &rb, &rows_i, &cols_i, &xp, &yp, &bias],
+                )?;
+                done += 1;
+                continue;
+            }
             if nb == 1 && rows <= GEMV_SPLITK_MAX_ROWS.max(32 * self.sm_count as usize) {
                 self.launch(
                     &format!("gemv_{}_1k", g.suffix),
@@ -488,14 +509,12 @@ impl CudaKernels {
             a[5] = &xo;
             a[8] = &ro;
             a[10] = &yo;
-            self.launch(
-                &format!("moe_gemv_{}", g.suffix),
-                (blocks(rows, 4), chunk as u32, 1),
-                128,
-                0,
-                s,
-                &a,
-            )?;
+            let name = if ty == GgmlType::Q4_K {
+                "moe_gemv_q4_k_wide".to_string()
+            } else {
+                format!("moe_gemv_{}", g.suffix)
+            };
+            self.launch(&name, (blocks(rows, 4), chunk as u32, 1), 128, 0, s, &a)?;
             p0 += chunk;
         }
         Ok(())
@@ -569,7 +588,7 @@ impl CudaKernels {
         freq_factors: Option<u64>,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if n_dims > head_dim || n_dims % 2 != 0 {
+        if n_dims > head_dim || !n_dims.is_multiple_of(2) {
             return Err(CudaError::Invalid(format!(
                 "rope over {n_dims} of {head_dim} dims"
             )));
@@ -882,7 +901,7 @@ impl CudaKernels {
         part: u64,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if p.n_kv == 0 || p.n_head % p.n_kv != 0 {
+        if p.n_kv == 0 || !p.n_head.is_multiple_of(p.n_kv) {
             return Err(CudaError::Invalid(format!(
                 "{} query heads cannot share {} KV heads",
                 p.n_head, p.n_kv
@@ -921,7 +940,7 @@ impl CudaKernels {
                 ],
             );
         }
-        if p.dk % 2 != 0 || p.dv % 2 != 0 || p.dk > 256 || p.dv > 256 {
+        if !p.dk.is_multiple_of(2) || !p.dv.is_multiple_of(2) || p.dk > 256 || p.dv > 256 {
             return Err(CudaError::Invalid(format!(
                 "attention head dims {}/{} are not supported on CUDA",
                 p.dk, p.dv

@@ -181,6 +181,7 @@ pub struct GpuRunner {
     gemm: Option<GemmScratch>,
     attn_part: DevBuf,
     moe: Option<[DevBuf; 4]>,
+    moe_grouped: Option<[DevBuf; 4]>,
     graph: Option<CapturedGraph>,
     runs: usize,
     logits: Vec<f32>,
@@ -193,6 +194,11 @@ struct Needs {
     attn: u64,
     moe_ff: u64,
     moe_out: u64,
+    /// Grouped expert path (prefill): f16 gathered rows, sorted outputs, row ids, one expert's
+    /// dequantized matrix.
+    moe_x16: u64,
+    moe_idx: u64,
+    moe_w16: u64,
 }
 
 fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
@@ -203,6 +209,9 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
         attn: 0,
         moe_ff: 0,
         moe_out: 0,
+        moe_x16: 0,
+        moe_idx: 0,
+        moe_w16: 0,
     };
     for node in &g.nodes {
         match node.op {
@@ -246,6 +255,12 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
                 let ff = model.spec.tensor(gate_exps).rows();
                 n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
                 n.moe_out = n.moe_out.max((pairs * g.buffer(x).cols * 4) as u64);
+                if g.rows(x) > GEMV_MAX_ROWS {
+                    let d = g.buffer(x).cols;
+                    n.moe_x16 = n.moe_x16.max((pairs * d.max(ff) * 2) as u64);
+                    n.moe_idx = n.moe_idx.max((pairs * 4) as u64);
+                    n.moe_w16 = n.moe_w16.max((ff * d * 2) as u64);
+                }
             }
             _ => {}
         }
@@ -280,6 +295,9 @@ impl GpuRunner {
         let mut total: u64 = program.buffers.iter().map(|b| al(b.bytes as u64)).sum();
         total += 3 * al((n_tokens * 4) as u64);
         total += al(nd.gemm_w) + al(nd.gemm_x) + al(nd.attn) + 3 * al(nd.moe_ff) + al(nd.moe_out);
+        if nd.moe_x16 > 0 {
+            total += al(nd.moe_x16) + al(nd.moe_out) + al(nd.moe_idx) + al(nd.moe_w16);
+        }
         let dev = &gpu.dev;
         let region =
             dev.create_region(RegionKind::Scratch, &format!("program n={n_tokens}"), total)?;
@@ -311,6 +329,16 @@ impl GpuRunner {
         } else {
             None
         };
+        let moe_grouped = if nd.moe_x16 > 0 {
+            Some([
+                dev.alloc(region, nd.moe_x16, "expert f16 rows")?,
+                dev.alloc(region, nd.moe_out, "expert sorted out")?,
+                dev.alloc(region, nd.moe_idx, "expert row ids")?,
+                dev.alloc(region, nd.moe_w16, "expert f16 weights")?,
+            ])
+        } else {
+            None
+        };
         let n_logits = program.graph.n_logit_rows * model.spec.hparams.n_vocab;
         Ok(GpuRunner {
             program,
@@ -322,6 +350,7 @@ impl GpuRunner {
             gemm,
             attn_part,
             moe,
+            moe_grouped,
             graph: None,
             runs: 0,
             logits: vec![0f32; n_logits],
@@ -655,6 +684,20 @@ impl GpuRunner {
                 );
                 let ff = gt.rows();
                 let r = self.b(route);
+                if let (true, Some(grp)) = (rows > GEMV_MAX_ROWS, self.moe_grouped) {
+                    let exps = [(gate_exps, gt), (up_exps, ut), (down_exps, dt)];
+                    return self.moe_grouped_ffn(
+                        gpu,
+                        w,
+                        x,
+                        route,
+                        exps,
+                        act,
+                        out,
+                        [hg, hu, hh, ho],
+                        grp,
+                    );
+                }
                 k.moe_gemv(
                     gt.ty,
                     w.get(gate_exps),
@@ -714,6 +757,116 @@ impl GpuRunner {
                 k.softcap(self.b(x), g.rows(x) * cols(x), cap, s)?;
             }
         }
+        Ok(())
+    }
+
+    /// Expert FFNs of a prefill batch, grouped by expert: the routes are read back, each used
+    /// expert's matrices are dequantized once to f16 and multiplied with all of its tokens' rows by
+    /// cuBLAS (the per-pair GEMV would read every expert once per token).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_grouped_ffn(
+        &self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        x: BufId,
+        route: BufId,
+        exps: [(TensorId, &pshard_model::spec::TensorDesc); 3],
+        act: Activation,
+        out: BufId,
+        [hg, hu, hh, ho]: [DevBuf; 4],
+        [x16, sorted, idx, w16]: [DevBuf; 4],
+    ) -> Result<(), GpuError> {
+        let g = &self.program.graph;
+        let (k, s, dev) = (&gpu.kernels, gpu.stream(), &gpu.dev);
+        let rows = g.rows(x);
+        let d = g.buffer(x).cols;
+        let n_used = g.buffer(route).cols / 2;
+        let pairs = rows * n_used;
+        let ff = exps[0].1.rows();
+        let n_expert = exps[0].1.n_mats();
+        // Routes back to the host (this syncs the stream: prefill programs are never captured).
+        let mut rb = vec![0u8; rows * 2 * n_used * 4];
+        dev.download(s, &mut rb, self.b(route))?;
+        let word =
+            |i: usize| u32::from_le_bytes([rb[4 * i], rb[4 * i + 1], rb[4 * i + 2], rb[4 * i + 3]]);
+        let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); n_expert];
+        for t in 0..rows {
+            for slot in 0..n_used {
+                let e = word(t * 2 * n_used + slot) as usize;
+                if e >= n_expert {
+                    return Err(GpuError::Shape(format!(
+                        "router chose expert {e} of {n_expert}"
+                    )));
+                }
+                by_expert[e].push((t * n_used + slot) as i32);
+            }
+        }
+        let order: Vec<i32> = by_expert.iter().flatten().copied().collect();
+        let bytes: Vec<u8> = order.iter().flat_map(|v| v.to_le_bytes()).collect();
+        dev.upload(s, idx.ptr, &bytes)?;
+        // x16[i] = f16(x[token of pair order[i]]).
+        k.gather_rows_f16(self.b(x), idx.ptr, n_used, x16.ptr, pairs, d, s)?;
+        // Device address of expert e's (r × c) matrix inside a 3-D expert tensor.
+        let mat = |(id, t): (TensorId, &pshard_model::spec::TensorDesc),
+                   e: usize,
+                   r: usize,
+                   c: usize|
+         -> Result<u64, GpuError> {
+            let rb = pshard_kernels::cuda::kernels::row_bytes(t.ty, c)?;
+            Ok(w.get(id) + (e * r * rb) as u64)
+        };
+        let mut off = 0usize;
+        for (e, list) in by_expert.iter().enumerate() {
+            let c = list.len();
+            if c == 0 {
+                continue;
+            }
+            for (j, dst) in [(0usize, hg), (1, hu)] {
+                k.dequant_f16(exps[j].1.ty, mat(exps[j], e, ff, d)?, w16.ptr, ff, d, s)?;
+                gpu.blas.matmul(
+                    pshard_kernels::cuda::GemmInput::F16,
+                    w16.ptr,
+                    ff,
+                    d,
+                    x16.ptr + (off * d * 2) as u64,
+                    c,
+                    dst.ptr + (off * ff * 4) as u64,
+                    ff,
+                )?;
+            }
+            off += c;
+        }
+        k.glu(
+            hg.ptr,
+            hu.ptr,
+            hh.ptr,
+            pairs * ff,
+            act == Activation::GeluTanh,
+            s,
+        )?;
+        k.f32_to_f16(hh.ptr, x16.ptr, pairs * ff, s)?;
+        off = 0;
+        for (e, list) in by_expert.iter().enumerate() {
+            let c = list.len();
+            if c == 0 {
+                continue;
+            }
+            k.dequant_f16(exps[2].1.ty, mat(exps[2], e, d, ff)?, w16.ptr, d, ff, s)?;
+            gpu.blas.matmul(
+                pshard_kernels::cuda::GemmInput::F16,
+                w16.ptr,
+                d,
+                ff,
+                x16.ptr + (off * ff * 2) as u64,
+                c,
+                sorted.ptr + (off * d * 4) as u64,
+                d,
+            )?;
+            off += c;
+        }
+        // ho[pair order[i]] = sorted[i], then the weighted sum per token.
+        k.scatter_rows(sorted.ptr, idx.ptr, ho.ptr, pairs, d, s)?;
+        k.moe_combine(ho.ptr, self.b(route), n_used, self.b(out), rows, d, s)?;
         Ok(())
     }
 

@@ -56,6 +56,9 @@ pub(crate) fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
 pub const QK: usize = QK8;
 
 /// Bytes per block of a legacy type.
+///
+/// # Panics
+/// For a non-legacy type.
 pub fn block_bytes(ty: GgmlType) -> usize {
     match ty {
         GgmlType::Q4_0 => 18,
@@ -67,7 +70,8 @@ pub fn block_bytes(ty: GgmlType) -> usize {
     }
 }
 
-/// The activation partner format of a legacy type.
+/// The activation partner format of a legacy type (Q8_1 for the types with a minimum, else
+/// Q8_0).
 pub fn act_format(ty: GgmlType) -> ActFormat {
     match ty {
         GgmlType::Q4_1 | GgmlType::Q5_1 => ActFormat::Q8_1,

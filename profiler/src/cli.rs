@@ -1,0 +1,128 @@
+//! Command-line front ends shared by the `pshard-profile-*` binaries and `pshard profile`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use pshard_planner::Profile;
+
+use crate::{plot, summary};
+
+/// Options of a CPU profile run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CpuArgs {
+    /// Short run (under 30 s on 2 cores): fewer types, shapes, batches and contexts.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the profile.
+    #[arg(long, short = 'o', default_value = "cpu-profile.toml")]
+    pub output: PathBuf,
+    /// Largest thread count to measure (default: all hardware threads).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Do not probe for a GPU (skips the CPU-while-PCIe measurements).
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// Seed of the random weights and activations.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Also draw the roofline chart of the new profile into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Options of a GPU profile run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GpuArgs {
+    /// Short run: fewer types, shapes, batches, sizes and contexts.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write the profile.
+    #[arg(long, short = 'o', default_value = "gpu-profile.toml")]
+    pub output: PathBuf,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Also draw the roofline chart of the new profile into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Options of `profile plot`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlotArgs {
+    /// The profile to draw.
+    pub profile: PathBuf,
+    /// The SVG file to write.
+    #[arg(long, short = 'o', default_value = "roofline.svg")]
+    pub output: PathBuf,
+}
+
+/// Serialises, checks by reading back through the planner's reader, and writes a profile.
+pub fn write_profile(p: &Profile, path: &Path) -> Result<()> {
+    let text = p.to_toml_string();
+    Profile::from_toml_str(&text, &path.display().to_string())
+        .context("the measured profile does not pass the reader's checks (profiler bug)")?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let header = "# pshard machine profile (see profile-format.md); written by the profiler\n";
+    std::fs::write(path, format!("{header}{text}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs a CPU profile, writes it and prints the summary.
+pub fn cpu(a: &CpuArgs) -> Result<Profile> {
+    if a.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let p = crate::run_cpu(&crate::CpuConfig {
+        quick: a.quick,
+        threads: a.threads,
+        seed: a.seed,
+        progress: !a.no_progress,
+        use_gpu: !a.no_gpu,
+    })?;
+    finish(&p, &a.output, a.plot.as_deref())?;
+    Ok(p)
+}
+
+/// Runs a GPU profile, writes it and prints the summary.
+pub fn gpu(a: &GpuArgs) -> Result<Profile> {
+    let p = crate::run_gpu(&crate::GpuConfig {
+        quick: a.quick,
+        ordinal: a.device,
+        seed: a.seed,
+        progress: !a.no_progress,
+        cache_dir: None,
+    })?;
+    finish(&p, &a.output, a.plot.as_deref())?;
+    Ok(p)
+}
+
+fn finish(p: &Profile, output: &Path, svg: Option<&Path>) -> Result<()> {
+    write_profile(p, output)?;
+    println!("{}", summary::summary_table(p));
+    println!("wrote {}", output.display());
+    if let Some(svg) = svg {
+        plot::roofline_svg(p, svg)?;
+        println!("wrote {}", svg.display());
+    }
+    Ok(())
+}
+
+/// Reads a profile and draws its roofline chart.
+pub fn plot(a: &PlotArgs) -> Result<()> {
+    let p = Profile::load(&a.profile)?;
+    plot::roofline_svg(&p, &a.output)?;
+    println!("wrote {}", a.output.display());
+    Ok(())
+}

@@ -1,0 +1,713 @@
+//! The CPU half: DRAM read bandwidth vs threads, pshard's own quantized matmuls per type, shape and
+//! batch, attention vs context and head layout, the fan-out cost of one op and, when a GPU is
+//! present, the same matmuls and reads while a pinned host→device copy loop runs.
+//!
+//! Weights and KV caches are rotated through copies that together exceed the last-level cache, so
+//! every call reads from DRAM as the runtime does with a real model (whose weights never fit).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use half::f16;
+use pshard_kernels::matmul::{matmul, quantize_acts_into, QuantizedActs, WeightMatrix};
+use pshard_kernels::ops::{attention, AttnParams, KvView};
+use pshard_kernels::quant::{self, SUPPORTED};
+use pshard_model::ggml_type::GgmlType;
+use pshard_planner::profile::{
+    Lane, Point, Profile, ProfileKind, Roofline, Stats, PROFILE_FORMAT, PROFILE_MAJOR,
+    PROFILE_MINOR,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use crate::machine;
+use crate::progress::Progress;
+use crate::stats::{measure, summarize, MeasureCfg};
+
+/// Batch sizes of the full run (token rows per matmul call).
+pub const FULL_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 32, 64, 128, 512];
+/// Matrix shapes `[rows, cols]` of the full run: attention/FFN projections of 7-8B models and an
+/// MoE expert.
+pub const FULL_SHAPES: &[(usize, usize)] =
+    &[(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768)];
+/// Context lengths of the attention points of the full run.
+pub const FULL_CONTEXTS: &[usize] = &[1024, 2048, 4096, 8192, 16384, 32768];
+/// Head layouts `(name, n_head, n_head_kv)`; head dimension 128.
+pub const LAYOUTS: &[(&str, usize, usize)] = &[("MHA", 32, 32), ("GQA-4", 32, 8), ("GQA-8", 32, 4)];
+/// Head dimension of the attention points.
+pub const HEAD_DIM: usize = 128;
+
+/// What a CPU profile run measures.
+#[derive(Clone, Debug)]
+pub struct CpuConfig {
+    /// Short run (CI, smoke tests): fewer types, shapes, batches and contexts, shorter caps.
+    pub quick: bool,
+    /// Largest thread count (default: all hardware threads).
+    pub threads: Option<usize>,
+    /// Seed of the random weights and activations.
+    pub seed: u64,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Measure with a GPU copy loop when a GPU is present (`false` skips the GPU probe entirely).
+    pub use_gpu: bool,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            quick: false,
+            threads: None,
+            seed: 0x5eed,
+            progress: true,
+            use_gpu: true,
+        }
+    }
+}
+
+/// One matmul series: a shape, its types, its batches.
+#[derive(Clone, Debug)]
+struct MatmulPlan {
+    shape: (usize, usize),
+    types: Vec<GgmlType>,
+    batches: Vec<usize>,
+}
+
+/// The full list of what a run measures (also sizes the progress bar).
+#[derive(Clone, Debug)]
+struct Plan {
+    thread_counts: Vec<usize>,
+    mem_bytes: usize,
+    matmuls: Vec<MatmulPlan>,
+    attn_contexts: Vec<usize>,
+    attn_batches: Vec<(usize, usize)>, // (batch, max context)
+    while_h2d: Vec<(GgmlType, (usize, usize), usize)>,
+    cfg: MeasureCfg,
+}
+
+fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
+    let mut thread_counts: Vec<usize> = Vec::new();
+    let mut t = 1;
+    while t < threads {
+        thread_counts.push(t);
+        t *= 2;
+    }
+    thread_counts.push(threads);
+    // A streaming buffer several times the last-level cache (at least 1 GiB).
+    let mem_bytes = (4 * llc).clamp(1 << 30, 4 << 30);
+    let all: Vec<GgmlType> = SUPPORTED.to_vec();
+    if c.quick {
+        let types = vec![GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16];
+        Plan {
+            thread_counts,
+            mem_bytes,
+            matmuls: vec![
+                MatmulPlan {
+                    shape: (4096, 4096),
+                    types: types.clone(),
+                    batches: vec![1, 8],
+                },
+                MatmulPlan {
+                    shape: (2048, 768),
+                    types,
+                    batches: vec![1, 8, 64],
+                },
+                MatmulPlan {
+                    shape: (2048, 768),
+                    types: vec![GgmlType::Q4_K],
+                    batches: vec![512],
+                },
+            ],
+            attn_contexts: vec![1024, 4096],
+            attn_batches: vec![(1, 4096)],
+            while_h2d: vec![(GgmlType::Q4_K, (4096, 4096), 1)],
+            cfg: MeasureCfg::quick(),
+        }
+    } else {
+        Plan {
+            thread_counts,
+            mem_bytes,
+            matmuls: vec![
+                MatmulPlan {
+                    shape: (4096, 4096),
+                    types: all.clone(),
+                    batches: FULL_BATCHES.to_vec(),
+                },
+                MatmulPlan {
+                    shape: (2048, 768),
+                    types: all.clone(),
+                    batches: FULL_BATCHES.to_vec(),
+                },
+                // The large shapes take seconds per call at big batches: every type at a few
+                // batches, the common types at 512 too.
+                MatmulPlan {
+                    shape: (4096, 14336),
+                    types: all.clone(),
+                    batches: vec![1, 4, 16, 64],
+                },
+                MatmulPlan {
+                    shape: (14336, 4096),
+                    types: all,
+                    batches: vec![1, 4, 16, 64],
+                },
+                MatmulPlan {
+                    shape: (4096, 14336),
+                    types: vec![GgmlType::Q4_K, GgmlType::Q8_0],
+                    batches: vec![512],
+                },
+                MatmulPlan {
+                    shape: (14336, 4096),
+                    types: vec![GgmlType::Q4_K, GgmlType::Q6_K],
+                    batches: vec![512],
+                },
+            ],
+            attn_contexts: FULL_CONTEXTS.to_vec(),
+            attn_batches: vec![(1, 32768), (32, 2048)],
+            while_h2d: vec![
+                (GgmlType::Q4_K, (14336, 4096), 1),
+                (GgmlType::Q4_K, (14336, 4096), 16),
+                (GgmlType::Q8_0, (14336, 4096), 1),
+                (GgmlType::Q4_K, (4096, 4096), 512),
+            ],
+            cfg: MeasureCfg::full(),
+        }
+    }
+}
+
+impl Plan {
+    fn steps(&self, gpu: bool) -> u64 {
+        let mm: usize = self
+            .matmuls
+            .iter()
+            .map(|m| m.types.len() * m.batches.len())
+            .sum();
+        let attn: usize = self
+            .attn_batches
+            .iter()
+            .map(|&(_, max)| self.attn_contexts.iter().filter(|&&c| c <= max).count())
+            .sum::<usize>()
+            * LAYOUTS.len();
+        let h2d = if gpu { self.while_h2d.len() + 1 } else { 0 };
+        (self.thread_counts.len() + 1 + mm + attn + h2d) as u64
+    }
+}
+
+/// Size in bytes of the largest data cache (sysfs), or 32 MiB when unknown.
+pub fn last_level_cache_bytes() -> usize {
+    let mut best = 0usize;
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let Ok(size) = std::fs::read_to_string(format!("{dir}/size")) else {
+            continue;
+        };
+        let size = size.trim();
+        let (num, mul) = match size.chars().last() {
+            Some('K') => (&size[..size.len() - 1], 1usize << 10),
+            Some('M') => (&size[..size.len() - 1], 1 << 20),
+            Some('G') => (&size[..size.len() - 1], 1 << 30),
+            _ => (size, 1),
+        };
+        if let Ok(n) = num.parse::<usize>() {
+            best = best.max(n * mul);
+        }
+    }
+    if best == 0 {
+        32 << 20
+    } else {
+        best
+    }
+}
+
+/// Builds a rayon pool of `n` threads.
+fn pool(n: usize) -> Result<ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| anyhow!("cannot start a pool of {n} threads: {e}"))
+}
+
+/// Weight bytes of a `rows × cols` matrix of `ty`, made by the type's own reference quantizer from
+/// random values: a few distinct rows, repeated (the values do not change the timing).
+pub fn make_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Result<Vec<u8>> {
+    let k = quant::kernel(ty).ok_or_else(|| anyhow!("no CPU kernel for {ty}"))?;
+    let rb = ty
+        .row_bytes(cols as u64)
+        .ok_or_else(|| anyhow!("{cols} columns are not whole {ty} blocks"))? as usize;
+    let distinct = rows.min(16);
+    let mut seed_rows = vec![0u8; distinct * rb];
+    let mut src = vec![0f32; cols];
+    for r in 0..distinct {
+        src.iter_mut()
+            .for_each(|v| *v = rng.gen_range(-1.0f32..1.0));
+        (k.quantize_row)(&src, &mut seed_rows[r * rb..][..rb]);
+    }
+    let mut data = Vec::with_capacity(rows * rb);
+    for r in 0..rows {
+        let s = r % distinct;
+        data.extend_from_slice(&seed_rows[s * rb..][..rb]);
+    }
+    Ok(data)
+}
+
+/// Copies of one buffer that together hold at least `target` bytes (at least one copy).
+fn replicate(one: Vec<u8>, target: usize) -> Vec<Vec<u8>> {
+    let copies = target.div_ceil(one.len().max(1)).clamp(1, 4096);
+    let mut v = Vec::with_capacity(copies);
+    for _ in 1..copies {
+        v.push(one.clone());
+    }
+    v.push(one);
+    v
+}
+
+/// A pinned host→device copy loop on its own thread; reports the seconds of every chunk copy.
+struct CopyLoop {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<f64>>>,
+    handle: Option<std::thread::JoinHandle<Result<()>>>,
+    chunk: usize,
+}
+
+impl CopyLoop {
+    fn start(dev: Arc<pshard_kernels::cuda::GpuDevice>, chunk: usize) -> Result<CopyLoop> {
+        use pshard_kernels::cuda::{PinnedBuf, RegionKind};
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, samples2) = (stop.clone(), samples.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let handle = std::thread::spawn(move || -> Result<()> {
+            let setup = || -> Result<_> {
+                dev.bind()?;
+                let host = PinnedBuf::new(&dev, chunk)?;
+                let region =
+                    dev.create_region(RegionKind::Scratch, "profiler h2d", chunk as u64)?;
+                let buf = dev.alloc(region, chunk as u64, "profiler h2d target")?;
+                Ok((host, buf))
+            };
+            let (host, buf) = match setup() {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!("{e}")));
+                    return Err(e);
+                }
+            };
+            let stream = dev.copy_stream().clone();
+            while !stop2.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                // SAFETY: `host` is pinned and outlives the copy (we synchronise right after);
+                // `buf` was allocated with `chunk` bytes.
+                unsafe { dev.upload_async(&stream, buf.at(0), host.as_ptr(), chunk)? };
+                stream
+                    .synchronize()
+                    .map_err(|e| anyhow!("waiting for the H2D copy: {e:?}"))?;
+                samples2
+                    .lock()
+                    .map_err(|_| anyhow!("copy sample lock poisoned"))?
+                    .push(t0.elapsed().as_secs_f64());
+            }
+            Ok(())
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the copy thread stopped before starting"))??;
+        Ok(CopyLoop {
+            stop,
+            samples,
+            handle: Some(handle),
+            chunk,
+        })
+    }
+
+    /// Forgets the samples so far (between measurements).
+    fn reset(&self) {
+        if let Ok(mut s) = self.samples.lock() {
+            s.clear();
+        }
+    }
+
+    fn take(&self) -> Vec<f64> {
+        self.samples
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(anyhow!("the copy thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for CopyLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// State of one run.
+struct Runner {
+    plan: Plan,
+    rng: StdRng,
+    points: Vec<Point>,
+    progress: Progress,
+    /// Bytes the rotated copies of weights / KV should cover (several times the LLC).
+    rotate_bytes: usize,
+}
+
+fn point(
+    op: &str,
+    quant: Option<GgmlType>,
+    shape: Vec<u64>,
+    batch: usize,
+    threads: usize,
+    stats: Stats,
+) -> Point {
+    Point {
+        op: op.to_string(),
+        lane: Lane::Cpu,
+        quant: quant.map(|q| q.name().to_string()),
+        shape,
+        batch: batch as u64,
+        threads: threads as u32,
+        stats,
+    }
+}
+
+/// Streaming read of `buf` (wrapping sum, vectorised) split over the current pool.
+fn read_all(buf: &[u64]) -> u64 {
+    buf.par_chunks(1 << 15)
+        .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+impl Runner {
+    fn mem_read(&mut self, buf: &[u64], threads: usize, op: &str) -> Result<Stats> {
+        let p = pool(threads)?;
+        let stats = p.install(|| {
+            measure(&self.plan.cfg, || {
+                black_box(read_all(black_box(buf)));
+                None
+            })
+        });
+        self.points.push(point(
+            op,
+            None,
+            vec![(buf.len() * 8) as u64],
+            1,
+            threads,
+            stats.clone(),
+        ));
+        Ok(stats)
+    }
+
+    /// Times quantize-activations + matmul (the work of one runtime matmul op) over rotated copies.
+    fn matmul_point(
+        &mut self,
+        p: &ThreadPool,
+        copies: &[Vec<u8>],
+        ty: GgmlType,
+        shape: (usize, usize),
+        batch: usize,
+        op: &str,
+    ) -> Result<Stats> {
+        let (rows, cols) = shape;
+        let k = quant::kernel(ty).ok_or_else(|| anyhow!("no CPU kernel for {ty}"))?;
+        let x: Vec<f32> = (0..batch * cols)
+            .map(|_| self.rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let mut acts = QuantizedActs::empty(k.act);
+        let mut out = vec![0f32; batch * rows];
+        let mut i = 0usize;
+        let mut err = None;
+        let stats = p.install(|| {
+            measure(&self.plan.cfg, || {
+                let w = WeightMatrix {
+                    ty,
+                    data: &copies[i % copies.len()],
+                    rows,
+                    cols,
+                };
+                i += 1;
+                let r = quantize_acts_into(k.act, &x, batch, cols, &mut acts)
+                    .and_then(|_| matmul(&w, &acts, &mut out, rows, 0..rows));
+                if let Err(e) = r {
+                    err.get_or_insert(e);
+                }
+                None
+            })
+        });
+        if let Some(e) = err {
+            return Err(anyhow!("{ty} matmul {rows}x{cols} batch {batch}: {e}"));
+        }
+        black_box(&out);
+        let threads = p.current_num_threads();
+        self.points.push(point(
+            op,
+            Some(ty),
+            vec![rows as u64, cols as u64],
+            batch,
+            threads,
+            stats.clone(),
+        ));
+        Ok(stats)
+    }
+
+    fn attention_points(&mut self, p: &ThreadPool) -> Result<()> {
+        let threads = p.current_num_threads();
+        let max_ctx = self
+            .plan
+            .attn_batches
+            .iter()
+            .map(|&(_, m)| m)
+            .max()
+            .unwrap_or(0)
+            .min(self.plan.attn_contexts.iter().copied().max().unwrap_or(0));
+        let max_kv_heads = LAYOUTS.iter().map(|l| l.2).max().unwrap_or(1);
+        let need = 2 * max_ctx * max_kv_heads * HEAD_DIM;
+        // f16 elements: one largest cache (K and V), or more to cover the rotation target.
+        let len = need.max(self.rotate_bytes / 2);
+        // Small random values from a table (filling gigabytes through the RNG would be slow).
+        let table: Vec<f16> = (0..4099)
+            .map(|_| f16::from_f32(self.rng.gen_range(-1.0f32..1.0)))
+            .collect();
+        let kv: Vec<f16> = (0..len).map(|i| table[i % table.len()]).collect();
+        for &(batch, max) in &self.plan.attn_batches.clone() {
+            for &ctx in self
+                .plan
+                .attn_contexts
+                .clone()
+                .iter()
+                .filter(|&&c| c <= max)
+            {
+                for &(name, n_head, n_kv) in LAYOUTS {
+                    self.progress
+                        .step(&format!("attention {name} ctx {ctx} batch {batch}"));
+                    let kk = n_kv * HEAD_DIM;
+                    let slot = 2 * ctx * kk;
+                    let slots = (len / slot).max(1);
+                    let q: Vec<f32> = (0..batch * n_head * HEAD_DIM)
+                        .map(|_| self.rng.gen_range(-1.0f32..1.0))
+                        .collect();
+                    let positions: Vec<u32> = (ctx - batch..ctx).map(|p| p as u32).collect();
+                    let mut out = vec![0f32; batch * n_head * HEAD_DIM];
+                    let params = AttnParams {
+                        n_head,
+                        n_head_kv: n_kv,
+                        head_dim_k: HEAD_DIM,
+                        head_dim_v: HEAD_DIM,
+                        window: None,
+                        scale: 1.0 / (HEAD_DIM as f32).sqrt(),
+                        softcap: None,
+                    };
+                    let mut i = 0usize;
+                    let stats = p.install(|| {
+                        measure(&self.plan.cfg, || {
+                            let base = (i % slots) * slot;
+                            i += 1;
+                            let view = KvView {
+                                k: &kv[base..][..ctx * kk],
+                                v: &kv[base + ctx * kk..][..ctx * kk],
+                                cells: ctx,
+                            };
+                            attention(&q, &positions, &view, &params, &mut out);
+                            None
+                        })
+                    });
+                    black_box(&out);
+                    // Keys attended per query, averaged over the causal batch.
+                    let kv_len = ctx - (batch - 1) / 2;
+                    self.points.push(point(
+                        "attention",
+                        Some(GgmlType::F16),
+                        vec![kv_len as u64, n_head as u64, n_kv as u64, HEAD_DIM as u64],
+                        batch,
+                        threads,
+                        stats,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the GPU-side measurement of a CPU run found (for the roofline).
+struct WhileH2d {
+    cpu_mem_gbs: f64,
+    h2d_gbs: f64,
+}
+
+/// Runs the CPU profile and returns it (not yet written).
+pub fn run_cpu(c: &CpuConfig) -> Result<Profile> {
+    let hw = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = c.threads.unwrap_or(hw).max(1);
+    let llc = last_level_cache_bytes();
+    let plan = plan(c, threads, llc);
+    let gpu = if c.use_gpu {
+        machine::try_open_gpu().ok()
+    } else {
+        None
+    };
+    let progress = Progress::new(plan.steps(gpu.is_some()), c.progress);
+    let rotate_bytes = (3 * llc).clamp(256 << 20, 2 << 30);
+    let mut r = Runner {
+        plan,
+        rng: StdRng::seed_from_u64(c.seed),
+        points: Vec::new(),
+        progress,
+        rotate_bytes,
+    };
+    let started = Instant::now();
+
+    // DRAM read bandwidth vs threads. Non-zero contents: zero pages could all map one frame.
+    let words = r.plan.mem_bytes / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut mem_gbs = 0f64;
+    for &t in &r.plan.thread_counts.clone() {
+        r.progress.step(&format!("DRAM read, {t} threads"));
+        let s = r.mem_read(&buf, t, "mem_read")?;
+        if t == threads {
+            mem_gbs = (buf.len() * 8) as f64 / s.median_s / 1e9;
+        }
+    }
+
+    let main_pool = pool(threads)?;
+    // Fixed cost of one op: waking every thread of the pool and joining them, with no work.
+    r.progress.step("op fan-out overhead");
+    let overhead = main_pool.install(|| {
+        measure(&r.plan.cfg, || {
+            rayon::broadcast(|ctx| {
+                black_box(ctx.index());
+            });
+            None
+        })
+    });
+    r.points.push(point(
+        "op_overhead",
+        None,
+        vec![threads as u64],
+        1,
+        threads,
+        overhead.clone(),
+    ));
+
+    // Matmuls.
+    let mut best_gflops = 0f64;
+    for m in r.plan.matmuls.clone() {
+        let (rows, cols) = m.shape;
+        for &ty in &m.types {
+            let one = make_weights(ty, rows, cols, &mut r.rng)?;
+            let copies = replicate(one, r.rotate_bytes);
+            for &b in &m.batches {
+                r.progress
+                    .step(&format!("matmul {ty} {rows}x{cols} batch {b}"));
+                let s = r.matmul_point(&main_pool, &copies, ty, m.shape, b, "matmul")?;
+                best_gflops = best_gflops.max(2.0 * (rows * cols * b) as f64 / s.median_s / 1e9);
+            }
+        }
+    }
+
+    r.attention_points(&main_pool)?;
+
+    // CPU while a pinned H2D copy loop runs.
+    let mut while_h2d = None;
+    if let Some(dev) = gpu.clone() {
+        while_h2d = Some(measure_while_h2d(&mut r, &main_pool, dev, &buf, threads)?);
+    }
+    drop(buf);
+    r.progress.finish(started.elapsed());
+
+    let roofline = Roofline {
+        cpu_mem_gbs: Some(mem_gbs),
+        cpu_gflops: (best_gflops > 0.0).then_some(best_gflops),
+        cpu_op_overhead_us: Some(overhead.median_s * 1e6),
+        cpu_mem_while_h2d_gbs: while_h2d.as_ref().map(|w| w.cpu_mem_gbs),
+        h2d_while_cpu_gbs: while_h2d.as_ref().map(|w| w.h2d_gbs),
+        ..Roofline::default()
+    };
+    let gpu_id = gpu.as_deref().map(machine::gpu_identity);
+    Ok(Profile {
+        format: PROFILE_FORMAT.to_string(),
+        version: format!("{PROFILE_MAJOR}.{PROFILE_MINOR}"),
+        kind: ProfileKind::Cpu,
+        pshard_version: env!("CARGO_PKG_VERSION").to_string(),
+        created: machine::now_rfc3339(),
+        note: format!(
+            "measured by pshard-profile-cpu{} in {:.0} s; weights rotated over {} MiB (LLC {} MiB)",
+            if c.quick { " --quick" } else { "" },
+            started.elapsed().as_secs_f64(),
+            r.rotate_bytes >> 20,
+            llc >> 20
+        ),
+        machine: machine::machine(threads as u32, gpu_id),
+        roofline,
+        points: r.points,
+    })
+}
+
+fn measure_while_h2d(
+    r: &mut Runner,
+    p: &ThreadPool,
+    dev: Arc<pshard_kernels::cuda::GpuDevice>,
+    buf: &[u64],
+    threads: usize,
+) -> Result<WhileH2d> {
+    let chunk = 64 << 20;
+    let copy = CopyLoop::start(dev, chunk).context("starting the pinned H2D copy loop")?;
+    // Let the copy engine reach steady state.
+    std::thread::sleep(Duration::from_millis(50));
+    copy.reset();
+    r.progress.step("DRAM read while H2D");
+    let s = r.mem_read(buf, threads, "mem_read_while_h2d")?;
+    let cpu_mem_gbs = (buf.len() * 8) as f64 / s.median_s / 1e9;
+    let mut all_copy = copy.take();
+    for (ty, shape, b) in r.plan.while_h2d.clone() {
+        r.progress.step(&format!(
+            "matmul {ty} {}x{} batch {b} while H2D",
+            shape.0, shape.1
+        ));
+        let one = make_weights(ty, shape.0, shape.1, &mut r.rng)?;
+        let copies = replicate(one, r.rotate_bytes);
+        copy.reset();
+        r.matmul_point(p, &copies, ty, shape, b, "matmul_while_h2d")?;
+        all_copy.extend(copy.take());
+    }
+    let chunk_bytes = copy.chunk;
+    copy.finish()?;
+    if all_copy.is_empty() {
+        return Err(anyhow!(
+            "the H2D copy loop completed no copy while the CPU ran"
+        ));
+    }
+    let stats = summarize(&all_copy, r.plan.cfg.cv_target);
+    let h2d_gbs = chunk_bytes as f64 / stats.median_s / 1e9;
+    r.points.push(Point {
+        op: "h2d_while_cpu".into(),
+        lane: Lane::Copy,
+        quant: None,
+        shape: vec![chunk_bytes as u64],
+        batch: 1,
+        threads: 0,
+        stats,
+    });
+    Ok(WhileH2d {
+        cpu_mem_gbs,
+        h2d_gbs,
+    })
+}
