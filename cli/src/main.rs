@@ -26,6 +26,8 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Show how a text tokenizes.
     Tokenize(cmd::tokenize::Args),
+    /// Measure this machine with pshard's own kernels (cpu|gpu) or draw a profile's roofline (plot).
+    Profile(cmd::profile::Args),
     /// Benchmark prompt processing and generation (llama-bench style).
     Bench(cmd::bench::Args),
 }
@@ -42,6 +44,7 @@ fn main() {
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Profile(a) => cmd::profile::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

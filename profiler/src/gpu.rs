@@ -291,7 +291,7 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         .create_region(
             RegionKind::Weights,
             "profiler weights",
-            rotate + max_w as u64 + (1 << 20),
+            rotate + max_w as u64 + (16 << 20),
         )
         .map_err(gpu_err)?;
     let sregion = dev
@@ -418,7 +418,7 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         .create_region(
             RegionKind::Kv,
             "profiler kv",
-            2 * cache_bytes as u64 + (1 << 20),
+            2 * cache_bytes as u64 + (64 << 20),
         )
         .map_err(gpu_err)?;
     let kc = dev

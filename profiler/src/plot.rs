@@ -72,7 +72,7 @@ const PALETTE: [RGBColor; 14] = [
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
     RGBColor(0, 0, 128),
-    RGBColor(128, 0, 0),
+    RGBColor(85, 107, 47),
     RGBColor(0, 128, 96),
     RGBColor(230, 171, 2),
 ];
@@ -204,7 +204,8 @@ pub fn roofline_svg(profile: &Profile, out: &Path) -> Result<()> {
 
     for (i, (name, shapes)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()].to_rgba();
-        let kind = i / PALETTE.len() + i;
+        // Neighbouring colours of the palette get different markers too.
+        let kind = i + i / 6;
         // Other shapes first (underneath), small and faint.
         for (shape, pts) in shapes.iter().filter(|(s, _)| **s != main_shape) {
             let _ = shape;

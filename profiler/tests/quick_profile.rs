@@ -75,6 +75,23 @@ fn quick_cpu_profile_round_trips() {
     // Writing it again gives the same profile.
     let again = Profile::from_toml_str(&p.to_toml_string(), "again").expect("re-read");
     assert_eq!(again, p);
+    // The planner reads the points under the keys written: at a measured Q4_K point its cost table
+    // predicts the measured median back.
+    let table = pshard_planner::CostTable::new(Some(&p), None, 0);
+    let mut checked = 0;
+    for pt in p
+        .points
+        .iter()
+        .filter(|pt| pt.op == "matmul" && pt.quant.as_deref() == Some("Q4_K"))
+    {
+        let ty = pt.quant_type().expect("Q4_K");
+        let (rows, cols) = (pt.shape[0] as usize, pt.shape[1] as usize);
+        let t = table.cpu_matmul(ty, rows, cols, pt.batch as usize, false);
+        let rel = (t / pt.stats.median_s - 1.0).abs();
+        assert!(rel < 0.02, "planner predicts {t} s for {pt:?}");
+        checked += 1;
+    }
+    assert!(checked > 0, "no Q4_K matmul point");
     // The summary and the chart render from it.
     let table = pshard_profiler::summary::summary_table(&p);
     assert!(table.contains("matmul") && table.contains("Roofline"));

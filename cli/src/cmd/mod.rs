@@ -5,6 +5,7 @@ pub mod common;
 pub mod inspect;
 pub mod perplexity;
 pub mod plan;
+pub mod profile;
 pub mod run;
 pub mod synth;
 pub mod tokenize;
