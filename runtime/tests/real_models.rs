@@ -94,3 +94,50 @@ fn gemma3_perplexity_matches_llama_cpp() {
         "PPL {ppl} vs llama.cpp {want}"
     );
 }
+
+#[test]
+fn smollm2_chat_stops_at_end_of_turn() {
+    use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
+    let Some(path) = real_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let model = Model::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.file().header()).unwrap();
+    let template = ChatTemplate::from_gguf(model.file().header())
+        .unwrap()
+        .expect("SmolLM2 has a template");
+    let rendered = template
+        .apply(&[ChatMessage::new("user", "Say hello.")], true, "", "")
+        .unwrap();
+    let prompt = tok.encode_chat_prompt(&rendered);
+    let mut engine = Engine::new(model, 512, 512);
+    let mut generated = Vec::new();
+    let stats = pshard_runtime::session::generate(
+        &mut engine,
+        &prompt,
+        200,
+        &mut |logits, _| {
+            logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap()
+        },
+        &|t| tok.is_eog(t),
+        &mut |t| {
+            generated.push(t);
+            true
+        },
+    )
+    .unwrap();
+    let last = *generated.last().unwrap();
+    println!("{:?}", tok.decode(&generated));
+    assert!(
+        tok.is_eog(last),
+        "generation ended on {last} ({:?}), not an end-of-turn token",
+        tok.token_text(last)
+    );
+    assert!(stats.gen_tokens < 200, "never stopped");
+    assert_eq!(tok.token_text(last), "<|im_end|>");
+}
