@@ -49,6 +49,9 @@ pub struct Args {
     /// CPU threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
+    #[arg(long = "keep-host-weights")]
+    keep_host_weights: bool,
     /// Seed of the synthetic tokens.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -212,6 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ordinal,
                 vram_budget: a.vram_budget.map(|m| m << 20),
                 cache_dir: None,
+                keep_host_weights: a.keep_host_weights,
             };
             let t0 = Instant::now();
             let e = GpuEngine::new(&model, n_ctx, a.ubatch, &opts)

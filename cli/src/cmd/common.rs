@@ -104,6 +104,7 @@ pub fn make_engine(
     ubatch: usize,
     device: &str,
     vram_budget_mib: Option<u64>,
+    keep_host_weights: bool,
 ) -> anyhow::Result<Engine> {
     Ok(match pick_device(device)? {
         Device::Cpu => Engine::new(model, n_ctx, ubatch),
@@ -112,6 +113,7 @@ pub fn make_engine(
                 ordinal,
                 vram_budget: vram_budget_mib.map(|m| m << 20),
                 cache_dir: None,
+                keep_host_weights,
             };
             let e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
@@ -121,4 +123,12 @@ pub fn make_engine(
             e
         }
     })
+}
+
+/// Resident memory of this process in bytes (Linux `VmRSS`), if readable.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -28,6 +28,9 @@ pub struct Args {
     /// VRAM budget in MiB (default: free memory minus a margin).
     #[arg(long = "vram-budget")]
     vram_budget: Option<u64>,
+    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
+    #[arg(long = "keep-host-weights")]
+    keep_host_weights: bool,
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     profile: bool,
@@ -77,6 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.ubatch,
         &args.device,
         args.vram_budget,
+        args.keep_host_weights,
     )?;
     let n_chunks = tokens.len() / args.ctx_size;
     eprintln!(

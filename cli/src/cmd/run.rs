@@ -35,6 +35,9 @@ pub struct Args {
     /// VRAM budget in MiB (default: free memory minus a margin).
     #[arg(long = "vram-budget")]
     vram_budget: Option<u64>,
+    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
+    #[arg(long = "keep-host-weights")]
+    keep_host_weights: bool,
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     profile: bool,
@@ -147,8 +150,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let n_predict = args.n_predict.min(n_ctx - tokens.len());
-    let mut engine =
-        super::common::make_engine(model, n_ctx, args.ubatch, &args.device, args.vram_budget)?;
+    let mut engine = super::common::make_engine(
+        model,
+        n_ctx,
+        args.ubatch,
+        &args.device,
+        args.vram_budget,
+        args.keep_host_weights,
+    )?;
     let mut sampler = Sampler::new(SamplerParams {
         temperature: args.temp,
         top_k: args.top_k,
@@ -216,6 +225,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stats.gen_tokens,
         stats.gen_secs,
         stats.gen_tokens as f64 / stats.gen_secs.max(1e-9),
+    );
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "memory: RSS {:.0} MiB, KV cache {:.0} MiB{}",
+        super::common::rss_bytes().map_or(f64::NAN, mib),
+        mib(engine.kv_bytes() as u64),
+        if engine.gpu_report().is_some() {
+            " (in VRAM; VRAM per region above)"
+        } else {
+            ""
+        }
     );
     if args.profile {
         super::common::print_op_profile(&engine);

@@ -260,4 +260,30 @@ impl ModelFile {
         let (split, start) = self.locations[file_index];
         (split, start..start + self.tensors[file_index].bytes)
     }
+
+    /// Drops the resident pages of a tensor's data from this process (the whole pages inside its
+    /// range), e.g. after uploading it to a GPU that keeps the only live copy. The mapping stays
+    /// valid: a later read faults the bytes back in from the file. Returns the bytes released.
+    #[cfg(unix)]
+    pub fn release_pages(&self, file_index: usize) -> std::io::Result<u64> {
+        const PAGE: u64 = 4096;
+        let (split, range) = self.map_ranges(file_index);
+        let start = range.start.div_ceil(PAGE) * PAGE;
+        let end = range.end / PAGE * PAGE;
+        if end <= start {
+            return Ok(0);
+        }
+        // SAFETY: the map is a read-only mapping of a file we never write through, so MADV_DONTNEED
+        // discards no data: pages are re-read from the file on the next access, and no Rust
+        // reference observes different bytes. The range lies inside this split's map (checked by the
+        // reader when the tensor table was validated) and is page-aligned as madvise requires.
+        unsafe {
+            self.maps[split].unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )?;
+        }
+        Ok(end - start)
+    }
 }

@@ -52,6 +52,9 @@ pub struct GpuOptions {
     pub vram_budget: Option<u64>,
     /// NVRTC cache directory (`None`: the default).
     pub cache_dir: Option<PathBuf>,
+    /// Keep the host pages of uploaded weights (by default they are released after upload, so
+    /// the process holds no dead copy of what lives in VRAM).
+    pub keep_host_weights: bool,
 }
 
 /// The model's weights in VRAM: matrices as raw GGUF blocks, small vectors as f32.
@@ -895,6 +898,7 @@ pub struct GpuEngine {
     pub gpu: Gpu,
     ubatch: usize,
     n_past: usize,
+    released_host_bytes: u64,
 }
 
 impl GpuEngine {
@@ -911,6 +915,14 @@ impl GpuEngine {
             .unwrap_or_else(pshard_kernels::cuda::nvrtc::default_cache_dir);
         let gpu = Gpu::open(opts.ordinal, opts.vram_budget, &cache)?;
         let weights = GpuWeights::upload(&gpu, model)?;
+        let mut released = 0u64;
+        if !opts.keep_host_weights {
+            for id in weights.tensors.keys() {
+                let t = model.spec.tensor(*id);
+                // Best effort: a failed madvise only means the pages stay resident.
+                released += model.file().release_pages(t.file_index).unwrap_or(0);
+            }
+        }
         let kv = GpuKv::new(&gpu, model, n_ctx)?;
         Ok(GpuEngine {
             runners: HashMap::new(),
@@ -919,6 +931,7 @@ impl GpuEngine {
             gpu,
             ubatch: ubatch.clamp(1, n_ctx.max(1)),
             n_past: 0,
+            released_host_bytes: released,
         })
     }
 
@@ -966,6 +979,10 @@ impl GpuEngine {
                 s += &format!(" {} {:.0} MiB;", r.name, mib(r.capacity));
             }
         }
+        s += &format!(
+            "\ngpu: released {:.0} MiB of host weight pages after upload",
+            mib(self.released_host_bytes)
+        );
         s
     }
 
