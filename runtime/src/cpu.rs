@@ -28,6 +28,36 @@ pub struct BatchInput<'a> {
     pub route_override: Option<&'a RouteOverride>,
 }
 
+impl BatchInput<'_> {
+    /// Checks the input against a program's batch shape and the vocabulary: every backend runs
+    /// this before touching its buffers.
+    pub fn check(&self, g: &pshard_model::graph::Graph, n_vocab: usize) -> Result<(), ExecError> {
+        if self.tokens.len() != g.n_tokens
+            || self.positions.len() != g.n_tokens
+            || self.logit_rows.len() != g.n_logit_rows
+        {
+            return Err(ExecError::Shape(format!(
+                "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
+                g.n_tokens,
+                g.n_logit_rows,
+                self.tokens.len(),
+                self.positions.len(),
+                self.logit_rows.len()
+            )));
+        }
+        if let Some(&r) = self.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
+            return Err(ExecError::Shape(format!(
+                "logit row {r} ≥ {} tokens",
+                g.n_tokens
+            )));
+        }
+        if let Some(&t) = self.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ExecError::BadToken(t, n_vocab));
+        }
+        Ok(())
+    }
+}
+
 /// A function from `(layer, position)` to forced expert ids, or `None` to route normally.
 pub type RouteOverride = dyn Fn(usize, u32) -> Option<Vec<u32>> + Send + Sync;
 
@@ -88,30 +118,7 @@ impl CpuRunner {
         kv: &mut KvCache,
         input: BatchInput,
     ) -> Result<&[f32], ExecError> {
-        let g = &self.program.graph;
-        if input.tokens.len() != g.n_tokens
-            || input.positions.len() != g.n_tokens
-            || input.logit_rows.len() != g.n_logit_rows
-        {
-            return Err(ExecError::Shape(format!(
-                "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
-                g.n_tokens,
-                g.n_logit_rows,
-                input.tokens.len(),
-                input.positions.len(),
-                input.logit_rows.len()
-            )));
-        }
-        if let Some(&r) = input.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
-            return Err(ExecError::Shape(format!(
-                "logit row {r} ≥ {} tokens",
-                g.n_tokens
-            )));
-        }
-        let n_vocab = model.spec.hparams.n_vocab;
-        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(ExecError::BadToken(t, n_vocab));
-        }
+        input.check(&self.program.graph, model.spec.hparams.n_vocab)?;
         self.act_cache.iter_mut().for_each(|c| *c = None);
         for si in 0..self.program.steps.len() {
             let node = self.program.steps[si].node;

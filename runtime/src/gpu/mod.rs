@@ -399,32 +399,10 @@ impl GpuRunner {
         model: &Model,
         input: &BatchInput,
     ) -> Result<(), GpuError> {
+        input
+            .check(&self.program.graph, model.spec.hparams.n_vocab)
+            .map_err(|e| GpuError::Shape(e.to_string()))?;
         let g = &self.program.graph;
-        if input.tokens.len() != g.n_tokens
-            || input.positions.len() != g.n_tokens
-            || input.logit_rows.len() != g.n_logit_rows
-        {
-            return Err(GpuError::Shape(format!(
-                "program is for {} tokens / {} logit rows, got {} tokens, {} positions, {} logit rows",
-                g.n_tokens,
-                g.n_logit_rows,
-                input.tokens.len(),
-                input.positions.len(),
-                input.logit_rows.len()
-            )));
-        }
-        let n_vocab = model.spec.hparams.n_vocab;
-        if let Some(&t) = input.tokens.iter().find(|&&t| t as usize >= n_vocab) {
-            return Err(GpuError::Shape(format!(
-                "token id {t} is outside the vocabulary of {n_vocab}"
-            )));
-        }
-        if let Some(&r) = input.logit_rows.iter().find(|&&r| r >= g.n_tokens) {
-            return Err(GpuError::Shape(format!(
-                "logit row {r} ≥ {} tokens",
-                g.n_tokens
-            )));
-        }
         if let Some(&p) = input.positions.iter().find(|&&p| p as usize >= kv.n_ctx) {
             return Err(GpuError::ContextFull {
                 needed: p as usize + 1,
