@@ -97,16 +97,34 @@ pub fn pick_device(s: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// Builds the engine for `--device` (and `--vram-budget` in MiB), logging the GPU report.
-pub fn make_engine(
-    model: Model,
-    n_ctx: usize,
-    ubatch: usize,
-    device: &str,
-    vram_budget_mib: Option<u64>,
-    keep_host_weights: bool,
-) -> anyhow::Result<Engine> {
-    Ok(match pick_device(device)? {
+/// Flags shared by the commands that evaluate a model: where it runs and how.
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// Threads (0 = all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+    /// Tokens per evaluation step.
+    #[arg(long = "ubatch-size", short = 'u', default_value_t = 512)]
+    pub ubatch: usize,
+    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// VRAM budget in MiB (default: free memory minus a margin).
+    #[arg(long = "vram-budget")]
+    pub vram_budget: Option<u64>,
+    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
+    #[arg(long = "keep-host-weights")]
+    pub keep_host_weights: bool,
+    /// Print the time spent per op kind at the end.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// Builds the engine for `--device`, `--vram-budget` and `--ubatch-size`, logging the GPU report.
+pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result<Engine> {
+    let (ubatch, vram_budget_mib, keep_host_weights) =
+        (a.ubatch, a.vram_budget, a.keep_host_weights);
+    Ok(match pick_device(&a.device)? {
         Device::Cpu => Engine::new(model, n_ctx, ubatch),
         Device::Cuda(ordinal) => {
             let opts = GpuOptions {

@@ -8,11 +8,14 @@ use anyhow::Context;
 use pshard_runtime::session::perplexity;
 use pshard_tokenizer::Tokenizer;
 
-use super::common::{init_threads, load_model};
+use super::common::{init_threads, load_model, EngineArgs};
 
 /// Arguments of `pshard perplexity`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Engine placement and threading.
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Model file.
     #[arg(short = 'm', long)]
     model: PathBuf,
@@ -22,24 +25,6 @@ pub struct Args {
     /// Context (chunk) size.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
     ctx_size: usize,
-    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// VRAM budget in MiB (default: free memory minus a margin).
-    #[arg(long = "vram-budget")]
-    vram_budget: Option<u64>,
-    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
-    #[arg(long = "keep-host-weights")]
-    keep_host_weights: bool,
-    /// Print the time spent per op kind at the end.
-    #[arg(long)]
-    profile: bool,
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
-    threads: usize,
-    /// Tokens per evaluation step.
-    #[arg(long = "ubatch-size", short = 'u', default_value_t = 512)]
-    ubatch: usize,
     /// Score at most this many chunks (0 = all).
     #[arg(long = "chunks", default_value_t = 0)]
     chunks: usize,
@@ -47,7 +32,7 @@ pub struct Args {
 
 /// Runs `pshard perplexity`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    init_threads(args.threads)?;
+    init_threads(args.engine.threads)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let model = load_model(&args.model)?;
@@ -74,14 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut engine = super::common::make_engine(
-        model,
-        args.ctx_size,
-        args.ubatch,
-        &args.device,
-        args.vram_budget,
-        args.keep_host_weights,
-    )?;
+    let mut engine = super::common::make_engine(model, args.ctx_size, &args.engine)?;
     let n_chunks = tokens.len() / args.ctx_size;
     eprintln!(
         "calculating perplexity over {n_chunks} chunks, n_ctx={}",
@@ -107,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         secs,
         (n_chunks * args.ctx_size) as f64 / secs.max(1e-9)
     );
-    if args.profile {
+    if args.engine.profile {
         super::common::print_op_profile(&engine);
     }
     Ok(())

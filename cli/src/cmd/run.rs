@@ -9,11 +9,14 @@ use pshard_runtime::session::generate;
 use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 
-use super::common::{init_threads, load_model};
+use super::common::{init_threads, load_model, EngineArgs};
 
 /// Arguments of `pshard run` (llama.cpp-style flags).
 #[derive(clap::Args)]
 pub struct Args {
+    /// Engine placement and threading.
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Model file (GGUF; the first file of a split set).
     #[arg(short = 'm', long)]
     model: PathBuf,
@@ -29,24 +32,6 @@ pub struct Args {
     /// Context size (0 = the model's training context, capped at 4096).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     ctx_size: usize,
-    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// VRAM budget in MiB (default: free memory minus a margin).
-    #[arg(long = "vram-budget")]
-    vram_budget: Option<u64>,
-    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
-    #[arg(long = "keep-host-weights")]
-    keep_host_weights: bool,
-    /// Print the time spent per op kind at the end.
-    #[arg(long)]
-    profile: bool,
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
-    threads: usize,
-    /// Tokens per evaluation step of the prompt.
-    #[arg(long = "ubatch-size", short = 'u', default_value_t = 512)]
-    ubatch: usize,
     /// Sampling temperature (≤ 0: greedy).
     #[arg(long, default_value_t = SamplerParams::default().temperature)]
     temp: f32,
@@ -87,7 +72,7 @@ pub struct Args {
 
 /// Runs `pshard run`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    init_threads(args.threads)?;
+    init_threads(args.engine.threads)?;
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -150,14 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let n_predict = args.n_predict.min(n_ctx - tokens.len());
-    let mut engine = super::common::make_engine(
-        model,
-        n_ctx,
-        args.ubatch,
-        &args.device,
-        args.vram_budget,
-        args.keep_host_weights,
-    )?;
+    let mut engine = super::common::make_engine(model, n_ctx, &args.engine)?;
     let mut sampler = Sampler::new(SamplerParams {
         temperature: args.temp,
         top_k: args.top_k,
@@ -237,7 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
-    if args.profile {
+    if args.engine.profile {
         super::common::print_op_profile(&engine);
     }
     Ok(())
