@@ -223,65 +223,231 @@ pub struct AttnParams {
     pub softcap: Option<f32>,
 }
 
+/// Keys per task when attention splits one (token, kv head) pair over several tasks.
+const ATTN_SPLIT_KEYS: usize = 256;
+/// Below this many (token, kv head) pairs the keys are split too (decode and short batches), so
+/// every thread has work; the split depends only on the shapes, never on the thread count, so
+/// results do not change with `-t`.
+const ATTN_SPLIT_BELOW_PAIRS: usize = 64;
+
 /// Causal attention of `q` (rows at `positions`) over the cache, which already holds every position
 /// `≤` each row's own. Writes `out` (`rows × n_head · head_dim_v`).
 ///
-/// Parallel over (token, kv head) pairs; each cache row is widened from f16 once (run-time-detected
-/// F16C via `half`'s slice conversion) and used by every query head of its GQA group.
+/// Work is split over (token, kv head, key span) tasks; each task widens every cache row of its
+/// span from f16 once (run-time-detected F16C via `half`'s slice conversion) for all query heads of
+/// the GQA group, keeps its own running max, and the spans are merged with the usual log-sum-exp
+/// rescaling. QK, softmax and PV all accumulate in f32.
 pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out: &mut [f32]) {
+    let group = p.n_head / p.n_head_kv;
+    let dv = p.head_dim_v;
+    let pairs = positions.len() * p.n_head_kv;
+    let span_of = |t: usize| {
+        let pos = positions[t] as usize;
+        let first = match p.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        (first, pos + 1)
+    };
+    if pairs >= ATTN_SPLIT_BELOW_PAIRS {
+        // Enough pairs: one task per pair, normalised straight into the output.
+        out.par_chunks_mut(group * dv).enumerate().for_each_init(
+            || (AttnScratch::new(p), vec![0f32; group * (dv + 2)]),
+            |(scratch, part), (idx, o)| {
+                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+                let (a, b) = span_of(t);
+                attend_span(q, t, kh, a, b, kv, p, scratch, part);
+                finish_pair(part, 1, group, dv, o);
+            },
+        );
+        return;
+    }
+    // Few pairs (decode): split each pair's keys into spans of ATTN_SPLIT_KEYS.
+    let mut tasks = Vec::new(); // (pair, first key, end key)
+    let mut first_task = Vec::with_capacity(pairs + 1);
+    for idx in 0..pairs {
+        first_task.push(tasks.len());
+        let (a, b) = span_of(idx / p.n_head_kv);
+        let mut j = a;
+        while j < b {
+            let e = (j + ATTN_SPLIT_KEYS).min(b);
+            tasks.push((idx, j, e));
+            j = e;
+        }
+    }
+    first_task.push(tasks.len());
+    let stride = group * (dv + 2);
+    let mut parts = vec![0f32; tasks.len() * stride];
+    parts
+        .par_chunks_mut(stride)
+        .zip(tasks.par_iter())
+        .for_each_init(
+            || AttnScratch::new(p),
+            |scratch, (part, &(idx, a, b))| {
+                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+                attend_span(q, t, kh, a, b, kv, p, scratch, part);
+            },
+        );
+    out.par_chunks_mut(group * dv)
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (lo, hi) = (first_task[idx], first_task[idx + 1]);
+            finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
+        });
+}
+
+/// Tests set this to run the portable span body on CPUs that have AVX2 too.
+static PORTABLE_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Per-thread buffers of [`attend_span`].
+struct AttnScratch {
+    row: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl AttnScratch {
+    fn new(p: &AttnParams) -> Self {
+        AttnScratch {
+            row: vec![0f32; p.head_dim_k.max(p.head_dim_v)],
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// Merges `n` span partials of one (token, kv head) pair — per query head of the group:
+/// `[max, sum, unnormalised o[dv]]` — into the normalised output `o` (`group × dv`).
+fn finish_pair(parts: &[f32], n: usize, group: usize, dv: usize, o: &mut [f32]) {
+    let stride = group * (dv + 2);
+    for g in 0..group {
+        let at = |c: usize| &parts[c * stride + g * (dv + 2)..][..dv + 2];
+        let m = (0..n).map(|c| at(c)[0]).fold(f32::NEG_INFINITY, f32::max);
+        let og = &mut o[g * dv..][..dv];
+        og.iter_mut().for_each(|v| *v = 0.0);
+        let mut l = 0f32;
+        for c in 0..n {
+            let pc = at(c);
+            if pc[1] == 0.0 {
+                continue;
+            }
+            let w = (pc[0] - m).exp();
+            l += pc[1] * w;
+            for (a, b) in og.iter_mut().zip(&pc[2..]) {
+                *a += w * b;
+            }
+        }
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        og.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Attention of token `t`'s query heads of kv head `kh` over keys `[a, b)`: writes per query head
+/// `[max score, Σ exp(s − max), Σ exp(s − max)·v]` into `part` (`group × (dv + 2)`).
+#[allow(clippy::too_many_arguments)]
+fn attend_span(
+    q: &[f32],
+    t: usize,
+    kh: usize,
+    a: usize,
+    b: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut AttnScratch,
+    part: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && !PORTABLE_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of the
+        // target-feature function; its body is the same safe code as the portable path.
+        unsafe { attend_span_avx2(q, t, kh, a, b, kv, p, scratch, part) };
+        return;
+    }
+    attend_span_body(q, t, kh, a, b, kv, p, scratch, part);
+}
+
+/// [`attend_span_body`] compiled for AVX2 + FMA so its f32 loops use 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn attend_span_avx2(
+    q: &[f32],
+    t: usize,
+    kh: usize,
+    a: usize,
+    b: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut AttnScratch,
+    part: &mut [f32],
+) {
+    attend_span_body(q, t, kh, a, b, kv, p, scratch, part);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_span_body(
+    q: &[f32],
+    t: usize,
+    kh: usize,
+    a: usize,
+    b: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut AttnScratch,
+    part: &mut [f32],
+) {
     use half::slice::HalfFloatSliceExt;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
-    let q_cols = p.n_head * dk;
     let group = p.n_head / p.n_head_kv;
-    let kk = p.n_head_kv * dk;
-    let vv = p.n_head_kv * dv;
-    // One output chunk per (token, kv head): the `group` query heads that share that kv head.
-    out.par_chunks_mut(group * dv).enumerate().for_each_init(
-        || (vec![0f32; dk.max(dv)], Vec::new()),
-        |(row, scores), (idx, o)| {
-            let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
-            let pos = positions[t] as usize;
-            let first = match p.window {
-                Some(w) => (pos + 1).saturating_sub(w),
-                None => 0,
+    let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
+    let len = b - a;
+    let qg = &q[t * p.n_head * dk + kh * group * dk..][..group * dk];
+    let AttnScratch { row, scores } = scratch;
+    scores.clear();
+    scores.resize(group * len, 0.0);
+    let krow = &mut row[..dk];
+    for (i, j) in (a..b).enumerate() {
+        let slot = j % kv.cells;
+        kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
+        for g in 0..group {
+            let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
+            scores[g * len + i] = match p.softcap {
+                Some(c) => c * (s / c).tanh(),
+                None => s,
             };
-            let len = pos + 1 - first;
-            let qg = &q[t * q_cols + kh * group * dk..][..group * dk];
-            scores.clear();
-            scores.resize(group * len, 0.0);
-            let krow = &mut row[..dk];
-            for (i, j) in (first..=pos).enumerate() {
-                let slot = j % kv.cells;
-                kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
-                for g in 0..group {
-                    let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
-                    scores[g * len + i] = match p.softcap {
-                        Some(c) => c * (s / c).tanh(),
-                        None => s,
-                    };
-                }
+        }
+    }
+    for g in 0..group {
+        let sc = &mut scores[g * len..][..len];
+        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0f32;
+        for v in sc.iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        let pg = &mut part[g * (dv + 2)..][..dv + 2];
+        pg[0] = m;
+        pg[1] = if len == 0 { 0.0 } else { l };
+        pg[2..].iter_mut().for_each(|v| *v = 0.0);
+    }
+    let vrow = &mut row[..dv];
+    for (i, j) in (a..b).enumerate() {
+        let slot = j % kv.cells;
+        kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
+        for g in 0..group {
+            let w = scores[g * len + i];
+            for (o, x) in part[g * (dv + 2) + 2..][..dv].iter_mut().zip(vrow.iter()) {
+                *o += w * x;
             }
-            for g in 0..group {
-                softmax(&mut scores[g * len..][..len]);
-            }
-            o.iter_mut().for_each(|v| *v = 0.0);
-            let vrow = &mut row[..dv];
-            for (i, j) in (first..=pos).enumerate() {
-                let slot = j % kv.cells;
-                kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
-                for g in 0..group {
-                    let w = scores[g * len + i];
-                    for (a, b) in o[g * dv..][..dv].iter_mut().zip(vrow.iter()) {
-                        *a += w * b;
-                    }
-                }
-            }
-        },
-    );
+        }
+    }
 }
 
 /// f32 dot product in 8 independent lanes so the compiler vectorises it.
-#[inline]
+#[inline(always)]
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
@@ -344,6 +510,109 @@ mod tests {
         route_top_k(&[0.0, 3.0, 1.0, 2.9], &mut ids, &mut w, true);
         assert_eq!(ids, [1, 3]);
         assert!((w[0] + w[1] - 1.0).abs() < 1e-6 && w[0] > w[1]);
+    }
+
+    /// f64 attention of one row, for the split/unsplit comparison below.
+    fn naive_attention(q: &[f32], pos: usize, kv: &KvView, p: &AttnParams) -> Vec<f64> {
+        let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+        let group = p.n_head / p.n_head_kv;
+        let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let mut out = vec![0f64; p.n_head * dv];
+        for h in 0..p.n_head {
+            let kh = h / group;
+            let sc: Vec<f64> = (first..=pos)
+                .map(|j| {
+                    let slot = j % kv.cells;
+                    let kr = &kv.k[(slot * p.n_head_kv + kh) * dk..][..dk];
+                    let s: f64 = (0..dk)
+                        .map(|d| q[h * dk + d] as f64 * kr[d].to_f64())
+                        .sum::<f64>()
+                        * p.scale as f64;
+                    p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
+                })
+                .collect();
+            let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = e.iter().sum();
+            for (i, j) in (first..=pos).enumerate() {
+                let slot = j % kv.cells;
+                let vr = &kv.v[(slot * p.n_head_kv + kh) * dv..][..dv];
+                for d in 0..dv {
+                    out[h * dv + d] += e[i] / l * vr[d].to_f64();
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_split_spans_match_f64() {
+        use rand::{Rng, SeedableRng};
+        let seed = std::env::var("PSHARD_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        eprintln!("attention_split_spans_match_f64: PSHARD_SEED={seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (n_head, n_head_kv, dk, dv, cells) = (6, 2, 40, 24, 1100);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let k: Vec<f16> = r(cells * n_head_kv * dk)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let v: Vec<f16> = r(cells * n_head_kv * dv)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let kv = KvView {
+            k: &k,
+            v: &v,
+            cells,
+        };
+        for (portable, window, softcap) in [
+            (false, None, None),
+            (false, Some(300), Some(2.0)),
+            (false, Some(2000), None),
+            (true, None, Some(2.0)),
+        ] {
+            PORTABLE_ATTENTION.store(portable, std::sync::atomic::Ordering::Relaxed);
+            let p = AttnParams {
+                n_head,
+                n_head_kv,
+                head_dim_k: dk,
+                head_dim_v: dv,
+                window,
+                scale: 0.7,
+                softcap,
+            };
+            // One decode row (split into spans of ATTN_SPLIT_KEYS), a few rows (split), and 40
+            // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: one task per pair).
+            for positions in [
+                vec![1099u32],
+                vec![0, 255, 256, 257, 700],
+                (1060..1100).collect(),
+            ] {
+                let q = r(positions.len() * n_head * dk);
+                let mut out = vec![0f32; positions.len() * n_head * dv];
+                attention(&q, &positions, &kv, &p, &mut out);
+                for (t, &pos) in positions.iter().enumerate() {
+                    let want = naive_attention(
+                        &q[t * n_head * dk..][..n_head * dk],
+                        pos as usize,
+                        &kv,
+                        &p,
+                    );
+                    for (i, w) in want.iter().enumerate() {
+                        let got = out[t * n_head * dv + i] as f64;
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "seed {seed} portable {portable} window {window:?} pos {pos} [{i}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        PORTABLE_ATTENTION.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]

@@ -72,6 +72,8 @@ struct EffPoint {
     log_size: f64,
     log_batch: f64,
     eff: f64,
+    /// The measured matrix shape `[rows, cols]` (`[0, 0]` for other ops).
+    shape: [u64; 2],
 }
 
 /// Key of a series of points that interpolate together.
@@ -223,10 +225,16 @@ impl CostTable {
                     _ => pt.quant_type(),
                 };
                 let key = SeriesKey { op, quant };
+                let shape = match (op, pt.shape.as_slice()) {
+                    (KnownOp::Attention, _) => [0, 0],
+                    (_, &[r, c]) => [r, c],
+                    _ => [0, 0],
+                };
                 table.series.entry(key).or_default().push(EffPoint {
                     log_size: size.ln(),
                     log_batch: (pt.batch as f64).ln(),
                     eff,
+                    shape,
                 });
             }
         }
@@ -240,7 +248,7 @@ impl CostTable {
                 sizes.sort_by(f64::total_cmp);
                 sizes.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
                 for sz in sizes {
-                    c.push((sz, interpolate(pts, sz, 0.0).clamp(EFF_MIN, EFF_MAX)));
+                    c.push((sz, interpolate(pts, sz, 0.0, None).clamp(EFF_MIN, EFF_MAX)));
                 }
                 table.copy_curves[i] = c;
             }
@@ -383,9 +391,11 @@ impl CostTable {
         &self,
         op: KnownOp,
         quant: Option<GgmlType>,
-        size: f64,
+        shape: [usize; 2],
         batch: usize,
     ) -> Option<f64> {
+        let size = (shape[0] * shape[1]) as f64;
+        let shape = Some([shape[0] as u64, shape[1] as u64]);
         let pts = self.series.get(&SeriesKey { op, quant }).or_else(|| {
             // Another quant type of the same op: efficiencies transfer better than raw times because
             // the roofline already accounts for the bytes per weight. Prefer a quantized stand-in for
@@ -399,7 +409,7 @@ impl CostTable {
             });
             candidates.first().map(|(_, v)| *v)
         })?;
-        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln()).clamp(EFF_MIN, EFF_MAX))
+        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln(), shape).clamp(EFF_MIN, EFF_MAX))
     }
 
     /// Seconds for a matmul of a `rows × cols` weight of type `ty` over `batch` token rows on the CPU.
@@ -413,12 +423,12 @@ impl CostTable {
         while_h2d: bool,
     ) -> f64 {
         let roof = self.roof_cpu_matmul(ty, rows, cols, batch, while_h2d);
-        let size = (rows * cols) as f64;
+        let shape = [rows, cols];
         let eff = if while_h2d {
-            self.efficiency(KnownOp::MatmulWhileH2d, Some(ty), size, batch)
-                .or_else(|| self.efficiency(KnownOp::Matmul, Some(ty), size, batch))
+            self.efficiency(KnownOp::MatmulWhileH2d, Some(ty), shape, batch)
+                .or_else(|| self.efficiency(KnownOp::Matmul, Some(ty), shape, batch))
         } else {
-            self.efficiency(KnownOp::Matmul, Some(ty), size, batch)
+            self.efficiency(KnownOp::Matmul, Some(ty), shape, batch)
         };
         roof / eff.unwrap_or(1.0)
     }
@@ -438,7 +448,7 @@ impl CostTable {
             GpuPath::Gemm => KnownOp::MatmulGemm,
         };
         roof / self
-            .efficiency(op, Some(ty), (rows * cols) as f64, batch)
+            .efficiency(op, Some(ty), [rows, cols], batch)
             .unwrap_or(1.0)
     }
 
@@ -468,7 +478,7 @@ impl CostTable {
             quant: Some(attn_series_quant(lane, kv)),
         };
         let pts = self.series.get(&key)?;
-        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln()).clamp(EFF_MIN, EFF_MAX))
+        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln(), None).clamp(EFF_MIN, EFF_MAX))
     }
 
     /// Seconds for an elementwise op touching `bytes` bytes on a lane.
@@ -622,8 +632,41 @@ fn interp_1d(xs: &[(f64, f64)], x: f64) -> f64 {
     }
 }
 
-/// Two-stage interpolation: log-batch within each measured size, then log-size across sizes.
-fn interpolate(pts: &[EffPoint], log_size: f64, log_batch: f64) -> f64 {
+/// Averages the y of consecutive points with equal x (input sorted by x).
+fn merge_equal_x(row: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    let mut merged: Vec<(f64, f64)> = Vec::with_capacity(row.len());
+    let mut counts: Vec<f64> = Vec::new();
+    for (x, y) in row {
+        match merged.last_mut() {
+            Some(last) if (last.0 - x).abs() < 1e-9 => {
+                let c = counts.last_mut().expect("counts track merged");
+                last.1 = (last.1 * *c + y) / (*c + 1.0);
+                *c += 1.0;
+            }
+            _ => {
+                merged.push((x, y));
+                counts.push(1.0);
+            }
+        }
+    }
+    merged
+}
+
+/// Two-stage interpolation: log-batch within each measured size, then log-size across sizes. A
+/// matrix shape that was measured itself uses only its own points (over batch), so the table
+/// reproduces every measured shape; aspect ratios of equal size can differ by 20%.
+fn interpolate(pts: &[EffPoint], log_size: f64, log_batch: f64, shape: Option<[u64; 2]>) -> f64 {
+    if let Some(shape) = shape.filter(|s| s[0] > 0) {
+        let mut own: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|p| p.shape == shape)
+            .map(|p| (p.log_batch, p.eff))
+            .collect();
+        if !own.is_empty() {
+            own.sort_by(|a, b| a.0.total_cmp(&b.0));
+            return interp_1d(&merge_equal_x(own), log_batch);
+        }
+    }
     let mut sizes: Vec<f64> = pts.iter().map(|p| p.log_size).collect();
     sizes.sort_by(f64::total_cmp);
     sizes.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
@@ -636,22 +679,7 @@ fn interpolate(pts: &[EffPoint], log_size: f64, log_batch: f64) -> f64 {
             .collect();
         row.sort_by(|a, b| a.0.total_cmp(&b.0));
         // Points of equal size and batch (different aspect ratios) are averaged.
-        let mut merged: Vec<(f64, f64)> = Vec::with_capacity(row.len());
-        let mut counts: Vec<f64> = Vec::new();
-        for (x, y) in row {
-            match merged.last_mut() {
-                Some(last) if (last.0 - x).abs() < 1e-9 => {
-                    let c = counts.last_mut().expect("counts track merged");
-                    last.1 = (last.1 * *c + y) / (*c + 1.0);
-                    *c += 1.0;
-                }
-                _ => {
-                    merged.push((x, y));
-                    counts.push(1.0);
-                }
-            }
-        }
-        per_size.push((s, interp_1d(&merged, log_batch)));
+        per_size.push((s, interp_1d(&merge_equal_x(row), log_batch)));
     }
     interp_1d(&per_size, log_size)
 }
@@ -665,6 +693,7 @@ mod tests {
             log_size: size.ln(),
             log_batch: batch.ln(),
             eff,
+            shape: [0, 0],
         }
     }
 
@@ -677,11 +706,11 @@ mod tests {
             pt(1e8, 16.0, 0.8),
         ];
         // Midway in log batch (4 = sqrt(1*16)) at size 1e6.
-        assert!((interpolate(&pts, 1e6f64.ln(), 4f64.ln()) - 0.7).abs() < 1e-12);
+        assert!((interpolate(&pts, 1e6f64.ln(), 4f64.ln(), None) - 0.7).abs() < 1e-12);
         // Midway in log size (1e7) at batch 1.
-        assert!((interpolate(&pts, 1e7f64.ln(), 0.0) - 0.6).abs() < 1e-12);
+        assert!((interpolate(&pts, 1e7f64.ln(), 0.0, None) - 0.6).abs() < 1e-12);
         // Beyond the range: edge efficiency.
-        assert!((interpolate(&pts, 1e9f64.ln(), 1000f64.ln()) - 0.8).abs() < 1e-12);
+        assert!((interpolate(&pts, 1e9f64.ln(), 1000f64.ln(), None) - 0.8).abs() < 1e-12);
     }
 
     #[test]

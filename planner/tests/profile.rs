@@ -1,4 +1,4 @@
-//! Profiles: the fixtures load and round-trip, bad files are rejected with line numbers, and the
+//! Profiles: the committed measured H200 profiles load and round-trip, bad files are rejected with line numbers, and the
 //! cost table reproduces measured points, interpolates between them and follows the roofline beyond.
 
 mod common;
@@ -8,13 +8,16 @@ use pshard_planner::profile::{Lane, Profile, ProfileError};
 use pshard_planner::CostTable;
 
 #[test]
-fn fixtures_round_trip_and_are_labelled() {
+fn committed_profiles_round_trip_and_name_their_machine() {
     let (cpu, gpu) = common::h200_profiles();
     for p in [&cpu, &gpu] {
         assert!(
-            p.note.contains("HAND-MADE FIXTURE"),
-            "fixtures must say they are not measurements"
+            p.note.contains("measured by pshard-profile"),
+            "committed profiles are measurements: {}",
+            p.note
         );
+        let g = p.machine.gpu.as_ref().expect("H200 machine identity");
+        assert!(g.name.contains("H200"), "{}", g.name);
         let text = p.to_toml_string();
         let back = Profile::from_toml_str(&text, "rt").expect("round trip");
         assert_eq!(&back, p);
@@ -26,13 +29,14 @@ fn fixtures_round_trip_and_are_labelled() {
     assert_ne!(cpu.identity(), gpu.identity());
 }
 
-fn fixture_text() -> String {
-    std::fs::read_to_string(common::profiles_dir().join("h200-cpu.toml")).expect("fixture")
+fn profile_text() -> String {
+    std::fs::read_to_string(common::profiles_dir().join("h200-cpu.toml"))
+        .expect("committed profile")
 }
 
 #[test]
 fn unknown_major_version_is_rejected() {
-    let text = fixture_text().replacen("version = \"1.0\"", "version = \"2.0\"", 1);
+    let text = profile_text().replacen("version = \"1.0\"", "version = \"2.0\"", 1);
     match Profile::from_toml_str(&text, "p.toml") {
         Err(e @ ProfileError::UnsupportedVersion { .. }) => {
             assert!(e.to_string().contains("2.0"), "{e}")
@@ -40,16 +44,16 @@ fn unknown_major_version_is_rejected() {
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
     // A newer minor of the same major is read.
-    let text = fixture_text().replacen("version = \"1.0\"", "version = \"1.7\"", 1);
+    let text = profile_text().replacen("version = \"1.0\"", "version = \"1.7\"", 1);
     Profile::from_toml_str(&text, "p.toml").expect("minor versions are compatible");
-    let text = fixture_text().replacen("format = \"pshard-profile\"", "format = \"something\"", 1);
+    let text = profile_text().replacen("format = \"pshard-profile\"", "format = \"something\"", 1);
     assert!(Profile::from_toml_str(&text, "p.toml").is_err());
 }
 
 #[test]
 fn malformed_files_name_the_line() {
     // Syntax error on a known line.
-    let mut lines: Vec<String> = fixture_text().lines().map(String::from).collect();
+    let mut lines: Vec<String> = profile_text().lines().map(String::from).collect();
     let idx = lines
         .iter()
         .position(|l| l.starts_with("cpu_cores"))
@@ -60,7 +64,7 @@ fn malformed_files_name_the_line() {
         other => panic!("expected a syntax error, got {other:?}"),
     }
     // A value out of range inside the 5th point: reported at that point's header line.
-    let mut lines: Vec<String> = fixture_text().lines().map(String::from).collect();
+    let mut lines: Vec<String> = profile_text().lines().map(String::from).collect();
     let headers: Vec<usize> = lines
         .iter()
         .enumerate()
@@ -83,7 +87,7 @@ fn malformed_files_name_the_line() {
         other => panic!("expected Invalid, got {other:?}"),
     }
     // A wrong type is a structure error with a line.
-    let text = fixture_text().replacen("cpu_cores = 16", "cpu_cores = \"sixteen\"", 1);
+    let text = profile_text().replacen("cpu_cores = 16", "cpu_cores = \"sixteen\"", 1);
     assert!(
         matches!(Profile::from_toml_str(&text, "p.toml"), Err(ProfileError::Syntax { line, .. }) if line > 0)
     );

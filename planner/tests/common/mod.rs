@@ -30,10 +30,10 @@ pub fn profiles_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../profiles")
 }
 
-/// The committed H200 fixture profiles (CPU, GPU).
+/// The committed H200 profiles (CPU, GPU), measured by the profiler on the lent machine.
 pub fn h200_profiles() -> (Profile, Profile) {
     let d = profiles_dir();
-    let cpu = Profile::load(&d.join("h200-cpu.toml")).expect("cpu fixture profile");
-    let gpu = Profile::load(&d.join("h200-gpu.toml")).expect("gpu fixture profile");
+    let cpu = Profile::load(&d.join("h200-cpu.toml")).expect("committed cpu profile");
+    let gpu = Profile::load(&d.join("h200-gpu.toml")).expect("committed gpu profile");
     (cpu, gpu)
 }
