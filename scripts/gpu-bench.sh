@@ -15,8 +15,8 @@ if [ "${1:-}" = "--build" ]; then
     set -e
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
     mkdir -p carry
-    cargo build -p pshard --profile test
-    cp "$CARGO_TARGET_DIR/debug/pshard" carry/pshard
+    cargo build -p pshard --release
+    cp "$CARGO_TARGET_DIR/release/pshard" carry/pshard
     strip carry/pshard
     echo "carried carry/pshard ($(du -h carry/pshard | cut -f1))"
     exit 0

@@ -159,19 +159,29 @@ impl Plan {
         self.common_bytes + self.max_tier_bytes + self.context_bytes
     }
 
-    /// The ubatch minimising predicted time for a prompt of `n` tokens:
-    /// argmin over prefill tiers of ⌈n/ub⌉·ub / tps(ub). Returns (ubatch, seconds).
+    /// The ubatch minimising predicted time for a prompt of `n` tokens: argmin over prefill tiers
+    /// of ⌈n/ub⌉·ub / tps(ub) + the tier's switch-in upload. Returns (ubatch, seconds).
     pub fn best_ubatch(&self, n: usize) -> Option<(usize, f64)> {
-        self.tiers
-            .iter()
-            .filter(|t| t.tier.prefill && t.best.eval.tps > 0.0)
-            .map(|t| {
-                let ub = t.tier.n;
-                let s = n.div_ceil(ub) as f64 * ub as f64 / t.best.eval.tps;
-                (ub, s)
-            })
-            .min_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+        best_ubatch_of(
+            self.tiers
+                .iter()
+                .filter(|t| t.tier.prefill)
+                .map(|t| (t.tier.n, t.best.eval.tps, t.switch_in_s)),
+            n,
+        )
     }
+}
+
+/// argmin over `(ubatch, tps, switch-in seconds)` of ⌈n/ub⌉·ub / tps + switch-in (ties → the
+/// larger ubatch). Returns (ubatch, seconds).
+fn best_ubatch_of(
+    tiers: impl Iterator<Item = (usize, f64, f64)>,
+    n: usize,
+) -> Option<(usize, f64)> {
+    tiers
+        .filter(|(_, tps, _)| *tps > 0.0)
+        .map(|(ub, tps, switch)| (ub, n.div_ceil(ub) as f64 * ub as f64 / tps + switch))
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
 }
 
 /// Why planning failed.
@@ -514,21 +524,19 @@ pub fn plan(
             0.0
         };
     }
-    // Micro-batches: every prefill tier runs with the best smaller-or-equal prefill tier.
-    let prefill: Vec<(usize, f64)> = tier_plans
+    // Micro-batches: every prefill tier runs with the best smaller-or-equal prefill tier, the
+    // re-upload of that tier's extra pinned weights included.
+    let prefill: Vec<(usize, f64, f64)> = tier_plans
         .iter()
         .filter(|t| t.tier.prefill)
-        .map(|t| (t.tier.n, t.best.eval.tps))
+        .map(|t| (t.tier.n, t.best.eval.tps, t.switch_in_s))
         .collect();
     for tp in &mut tier_plans {
         tp.ubatch = tp.tier.n;
         if tp.tier.prefill {
             let n = tp.tier.n;
-            if let Some((ub, _)) = prefill
-                .iter()
-                .filter(|(ub, tps)| *ub <= n && *tps > 0.0)
-                .map(|(ub, tps)| (*ub, n.div_ceil(*ub) as f64 * *ub as f64 / tps))
-                .min_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+            if let Some((ub, _)) =
+                best_ubatch_of(prefill.iter().copied().filter(|(ub, ..)| *ub <= n), n)
             {
                 tp.ubatch = ub;
             }
@@ -551,6 +559,19 @@ mod tests {
 
     fn ns(p: &PlanParams) -> Vec<(usize, bool)> {
         tiers(p).iter().map(|t| (t.n, t.prefill)).collect()
+    }
+
+    #[test]
+    fn switch_in_upload_can_change_the_ubatch() {
+        // 4096 tokens: ub 512 takes 0.4096 s; ub 2048 takes 0.3413 s, plus 0.1 s to switch in.
+        let t = [(512, 10_000.0, 0.0), (2048, 12_000.0, 0.1)];
+        assert_eq!(best_ubatch_of(t.into_iter(), 4096).unwrap().0, 512);
+        let t = [(512, 10_000.0, 0.0), (2048, 12_000.0, 0.01)];
+        let (ub, s) = best_ubatch_of(t.into_iter(), 4096).unwrap();
+        assert_eq!(ub, 2048);
+        assert!((s - (4096.0 / 12_000.0 + 0.01)).abs() < 1e-12);
+        // A tier with no prediction is never chosen.
+        assert_eq!(best_ubatch_of([(512, 0.0, 0.0)].into_iter(), 10), None);
     }
 
     #[test]
