@@ -16,7 +16,7 @@ use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{BufId, Graph, Op};
 use pshard_model::spec::{GroupId, GroupRole, ModelSpec, TensorId};
 
-use crate::costtable::{AttnShape, CostTable};
+use crate::costtable::{AttnShape, CostTable, GpuPath};
 use crate::placement::{Place, Placement};
 use crate::profile::Lane;
 
@@ -33,6 +33,9 @@ pub struct PlanParams {
     pub threads: usize,
     /// KV length assumed for decode tiers' attention.
     pub decode_depth: usize,
+    /// Tokens already in the KV cache when a prefill batch runs (0: the prompt's first ubatch;
+    /// later ubatches of a long prompt attend over the earlier ones too).
+    pub prefill_past: usize,
     /// Logical batch size (prefill tiers reach at least min(max(n_batch, 16384), n_ctx)).
     pub n_batch: usize,
     /// Largest prefill tier, overriding the default.
@@ -50,6 +53,7 @@ impl PlanParams {
             kv_type: GgmlType::F16,
             threads: 16,
             decode_depth: (n_ctx / 4).min(4096),
+            prefill_past: 0,
             n_batch: 2048,
             tier_max: None,
             ring_slots: 2,
@@ -342,7 +346,7 @@ impl<'a> TierModel<'a> {
             n.min(params.parallel.max(1))
         };
         let kv_read_cells = if prefill {
-            n / 2
+            (params.prefill_past + n / 2).min(params.n_ctx)
         } else {
             params.decode_depth.min(params.n_ctx)
         };
@@ -394,12 +398,36 @@ impl<'a> TierModel<'a> {
                     let distinct = (e * moe_fraction).max(1.0);
                     let per_expert_batch =
                         ((b * h.n_expert_used) as f64 / distinct).ceil().max(1.0) as usize;
-                    // The expert kernel handles all routed experts in one call: cost it as one
-                    // matmul over the distinct experts' rows stacked, at the per-expert batch.
+                    // CPU: the expert kernel handles all routed experts in one call: cost it as
+                    // one matmul over the distinct experts' rows stacked, at the per-expert batch.
+                    // GPU, as the CUDA backend runs it: up to GPU_GEMV_MAX_ROWS tokens one GEMV
+                    // over every (token, expert) pair's matrix; above, the routes are read back
+                    // (one host round trip) and each used expert is dequantized and multiplied
+                    // by a GEMM over its tokens.
                     let mut parts = Vec::new();
-                    for t in [up_exps, gate_exps, down_exps] {
+                    let pairs = b * h.n_expert_used.max(1);
+                    for (i, t) in [up_exps, gate_exps, down_exps].into_iter().enumerate() {
                         let td = spec.tensor(*t);
                         let rows = (distinct * td.rows() as f64).round().max(1.0) as usize;
+                        let gpu = if b <= crate::costtable::GPU_GEMV_MAX_ROWS {
+                            table.gpu_matmul_path(
+                                GpuPath::Gemv,
+                                td.ty,
+                                pairs * td.rows(),
+                                td.cols(),
+                                1,
+                            )
+                        } else {
+                            distinct
+                                * table.gpu_matmul_path(
+                                    GpuPath::Gemm,
+                                    td.ty,
+                                    td.rows(),
+                                    td.cols(),
+                                    per_expert_batch,
+                                )
+                                + if i == 0 { table.gpu_host_sync() } else { 0.0 }
+                        };
                         if let Some((g, m)) = slot_of(spec, &index, node.group, *t) {
                             parts.push(WeightPart {
                                 group: g,
@@ -418,7 +446,7 @@ impl<'a> TierModel<'a> {
                                     per_expert_batch,
                                     true,
                                 ),
-                                gpu: table.gpu_matmul(td.ty, rows, td.cols(), per_expert_batch),
+                                gpu,
                             });
                         }
                     }

@@ -109,6 +109,10 @@ pub struct CostTable {
 
 const GB: f64 = 1e9;
 
+/// Token rows up to which the CUDA backend multiplies with the fused GEMV (above: dequantize +
+/// GEMM); mirrors `pshard_kernels::cuda::GEMV_MAX_ROWS` (the CLI's tests check they agree).
+pub const GPU_GEMV_MAX_ROWS: usize = 4;
+
 /// Clamp for interpolated efficiencies: guards against a single wild point dominating.
 const EFF_MIN: f64 = 1e-3;
 const EFF_MAX: f64 = 4.0;
@@ -452,13 +456,21 @@ impl CostTable {
             .unwrap_or(1.0)
     }
 
-    /// Seconds for a GPU matmul: the faster of the two paths (the runtime picks by the same profile).
+    /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to
+    /// [`GPU_GEMV_MAX_ROWS`] token rows, dequantize + GEMM above.
     pub fn gpu_matmul(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
-        let gemv = self.gpu_matmul_path(GpuPath::Gemv, ty, rows, cols, batch);
-        if batch == 1 {
-            return gemv;
-        }
-        gemv.min(self.gpu_matmul_path(GpuPath::Gemm, ty, rows, cols, batch))
+        let path = if batch <= GPU_GEMV_MAX_ROWS {
+            GpuPath::Gemv
+        } else {
+            GpuPath::Gemm
+        };
+        self.gpu_matmul_path(path, ty, rows, cols, batch)
+    }
+
+    /// Seconds the GPU lane loses to one host round trip inside a forward pass (a small synchronised
+    /// download, then the next launch): the grouped MoE path reads its routes this way.
+    pub fn gpu_host_sync(&self) -> f64 {
+        self.ceil.copy_latency_s + self.ceil.gpu_launch_s
     }
 
     /// Seconds for attention on a lane.

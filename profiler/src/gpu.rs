@@ -92,6 +92,19 @@ fn event_time(
     stream: &CudaStream,
     f: impl FnOnce() -> CudaResult<()>,
 ) -> CudaResult<f64> {
+    let mut f = Some(f);
+    event_time_per_call(dev, stream, 1, || f.take().map_or(Ok(()), |f| f()))
+}
+
+/// Seconds per call of `k` back-to-back calls of `f` between one pair of events: the device time
+/// of a kernel in a stream of work (launch latency hidden behind the previous kernel), which is how
+/// the runtime issues kernels, rather than one isolated launch with its event overhead.
+fn event_time_per_call(
+    dev: &GpuDevice,
+    stream: &CudaStream,
+    k: usize,
+    mut f: impl FnMut() -> CudaResult<()>,
+) -> CudaResult<f64> {
     let (a, b) = (dev.event(true)?, dev.event(true)?);
     let drv = |call: &'static str, r: Result<(), cudarc::driver::DriverError>| {
         r.map_err(|e| cuda::CudaError::Driver {
@@ -100,14 +113,22 @@ fn event_time(
         })
     };
     drv("recording an event", a.record(stream))?;
-    f()?;
+    for _ in 0..k.max(1) {
+        f()?;
+    }
     drv("recording an event", b.record(stream))?;
     drv("waiting for an event", b.synchronize())?;
     let ms = a.elapsed_ms(&b).map_err(|e| cuda::CudaError::Driver {
         call: "reading event time",
         err: format!("{e:?}"),
     })?;
-    Ok(f64::from(ms) * 1e-3)
+    Ok(f64::from(ms) * 1e-3 / k.max(1) as f64)
+}
+
+/// Calls per timed sample for a kernel whose single call took `single_s`: enough back-to-back
+/// calls to fill ~50 µs (at most 16), so short kernels are timed as they run in a stream.
+fn calls_per_sample(single_s: f64) -> usize {
+    ((50e-6 / single_s.max(1e-7)).ceil() as usize).clamp(1, 16)
 }
 
 /// Runs `measure` over a fallible GPU body, keeping the first error.
@@ -347,38 +368,45 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     }
                     progress.step(&format!("{path} {ty} {rows}x{cols} batch {n}"));
                     let mut i = 0usize;
+                    let call = |w: u64| -> CudaResult<()> {
+                        if path == "matmul_gemv" {
+                            gpu.kernels.gemv(
+                                ty,
+                                w,
+                                rows,
+                                cols,
+                                bufs.x.ptr,
+                                cols,
+                                bufs.out.ptr,
+                                rows,
+                                n,
+                                None,
+                                gpu.stream(),
+                            )
+                        } else {
+                            gemm_path(
+                                &gpu,
+                                ty,
+                                w,
+                                rows,
+                                cols,
+                                bufs.x.ptr,
+                                n,
+                                bufs.out.ptr,
+                                bufs.wscratch.ptr,
+                                bufs.xscratch.ptr,
+                            )
+                        }
+                    };
+                    let single = event_time(&dev, gpu.stream(), || call(copies[0]))
+                        .map_err(gpu_err)
+                        .with_context(|| format!("{path} {ty} {rows}x{cols} batch {n}"))?;
+                    let k = calls_per_sample(single);
                     let s = measure_gpu(&cfg, || {
-                        let w = copies[i % copies.len()];
-                        i += 1;
-                        event_time(&dev, gpu.stream(), || {
-                            if path == "matmul_gemv" {
-                                gpu.kernels.gemv(
-                                    ty,
-                                    w,
-                                    rows,
-                                    cols,
-                                    bufs.x.ptr,
-                                    cols,
-                                    bufs.out.ptr,
-                                    rows,
-                                    n,
-                                    None,
-                                    gpu.stream(),
-                                )
-                            } else {
-                                gemm_path(
-                                    &gpu,
-                                    ty,
-                                    w,
-                                    rows,
-                                    cols,
-                                    bufs.x.ptr,
-                                    n,
-                                    bufs.out.ptr,
-                                    bufs.wscratch.ptr,
-                                    bufs.xscratch.ptr,
-                                )
-                            }
+                        event_time_per_call(&dev, gpu.stream(), k, || {
+                            let w = copies[i % copies.len()];
+                            i += 1;
+                            call(w)
                         })
                         .map(Some)
                     })
@@ -462,23 +490,24 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     Err(_) => alloc(part_bytes, "attention partials")?,
                 };
                 let q_cols = max_heads * HEAD_DIM;
+                let call = || {
+                    gpu.kernels.attention(
+                        &p,
+                        bufs.x.ptr,
+                        q_cols,
+                        kc.ptr,
+                        vc.ptr,
+                        pos_buf.ptr,
+                        n,
+                        bufs.out.ptr,
+                        q_cols,
+                        part.ptr,
+                        gpu.stream(),
+                    )
+                };
+                let k = calls_per_sample(event_time(&dev, gpu.stream(), call).map_err(gpu_err)?);
                 let s = measure_gpu(&cfg, || {
-                    event_time(&dev, gpu.stream(), || {
-                        gpu.kernels.attention(
-                            &p,
-                            bufs.x.ptr,
-                            q_cols,
-                            kc.ptr,
-                            vc.ptr,
-                            pos_buf.ptr,
-                            n,
-                            bufs.out.ptr,
-                            q_cols,
-                            part.ptr,
-                            gpu.stream(),
-                        )
-                    })
-                    .map(Some)
+                    event_time_per_call(&dev, gpu.stream(), k, call).map(Some)
                 })
                 .with_context(|| format!("attention {name} ctx {ctx} rows {n}"))?;
                 dev.free(part).map_err(gpu_err)?;
