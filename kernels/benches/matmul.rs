@@ -5,6 +5,8 @@
 //!   fits there — on large-L3 servers that is cache bandwidth, not DRAM).
 //! - `stream/<type>/b<batch>`: rotates through copies totalling ≥ 1 GiB, so weights come from DRAM
 //!   as in decoding a real model.
+//! - `exact/<type>/b<batch>`: the exact-activation path (`matmul_exact`: f32 activations, weight
+//!   rows dequantized on the fly), hot, for the quantized types — the oracle mode's cost.
 //! - `mem_read/{1_thread,all_threads}`: plain summing read of a 1 GiB buffer (the DRAM ceiling).
 //! - `quantize_acts/<format>/b<rows>`: converting 4096-wide f32 activation rows (GB/s of f32 input).
 //!
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pshard_kernels::matmul::{
-    matmul, quantize_acts, quantize_acts_into, QuantizedActs, WeightMatrix,
+    matmul, matmul_exact, quantize_acts, quantize_acts_into, QuantizedActs, WeightMatrix,
 };
 use pshard_kernels::quant::{self, ActFormat, QuantKernel};
 use rand::rngs::StdRng;
@@ -64,6 +66,13 @@ fn bench_matmul(c: &mut Criterion) {
             group.bench_function(format!("hot/{ty}/b{batch}/{}", k.dot_variant), |b| {
                 b.iter(|| matmul(&w, black_box(&xq), &mut out, ROWS, 0..ROWS).unwrap())
             });
+            if k.act != ActFormat::F32 && matches!(batch, 1 | 32) {
+                group.bench_function(format!("exact/{ty}/b{batch}"), |b| {
+                    b.iter(|| {
+                        matmul_exact(&w, black_box(&x), batch, &mut out, ROWS, 0..ROWS).unwrap()
+                    })
+                });
+            }
         }
         // Streaming from DRAM matters where the weights dominate: decode and small batches.
         let pool: Vec<Vec<u8>> = (0..copies).map(|_| data.clone()).collect();

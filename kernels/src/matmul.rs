@@ -6,14 +6,21 @@
 //! One token (decode) splits the rows into chunks written straight into `out`. Several tokens
 //! (prefill) walk each chunk in small row tiles that fit in L1, dotting every tile with all tokens
 //! before moving on, so each weight row is read from memory once per call.
+//!
+//! Two activation precisions ([`ActPrecision`]): the fast path ([`matmul`]) rounds activations
+//! to the weight type's 8-bit partner format and dots in integers, as llama.cpp does; the exact
+//! path ([`matmul_exact`]) keeps f32 activations and dequantizes weight rows to f32 on the fly —
+//! slower, used as an oracle (tests, GPU comparisons) where the 8-bit rounding would dominate the
+//! error being measured.
 
 use std::ops::Range;
 
 use pshard_model::ggml_type::GgmlType;
 use rayon::prelude::*;
 
+use crate::quant::exact::{dot4_f32, dot_f32};
 use crate::quant::legacy::{self, TileFn, TILE};
-use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn};
+use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn, QuantKernel, SimdLevel};
 
 /// Errors of the CPU kernels.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -211,6 +218,7 @@ fn chunk_rows(n_rows_out: usize, tile: usize, work: usize) -> usize {
 /// `out[t * out_stride + r] = dot(weight row r, act row t)` for `r` in `rows` (a sub-range of the
 /// output rows: plans may split one matrix between CPU and GPU) and every activation row `t`;
 /// other entries of `out` are left untouched. Parallel over row chunks in the current rayon pool.
+/// Kernels: the best this CPU runs, up to [`quant::simd_cap`].
 pub fn matmul(
     w: &WeightMatrix,
     x: &QuantizedActs,
@@ -219,6 +227,44 @@ pub fn matmul(
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
     let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+    let tiles = match quant::simd_cap() {
+        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
+        _ => None,
+    };
+    matmul_with(k, tiles, w, x, out, out_stride, rows)
+}
+
+/// [`matmul`] with the kernels of SIMD level `level` at most (the best this CPU runs up to it,
+/// regardless of [`quant::simd_cap`]):
+/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. The
+/// register tiles of the batched path are AVX-512 VNNI kernels, so below `Avx512` several tokens
+/// go through the row-at-a-time dot product.
+pub fn matmul_at(
+    level: SimdLevel,
+    w: &WeightMatrix,
+    x: &QuantizedActs,
+    out: &mut [f32],
+    out_stride: usize,
+    rows: Range<usize>,
+) -> Result<(), KernelError> {
+    let k = quant::kernel_at(w.ty, level).ok_or(KernelError::UnsupportedType(w.ty))?;
+    let tiles = match level {
+        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
+        _ => None,
+    };
+    matmul_with(k, tiles, w, x, out, out_stride, rows)
+}
+
+/// The matmul driver with kernel `k` and, if given, its register tiles.
+fn matmul_with(
+    k: QuantKernel,
+    tiles: Option<(TileFn, TileFn)>,
+    w: &WeightMatrix,
+    x: &QuantizedActs,
+    out: &mut [f32],
+    out_stride: usize,
+    rows: Range<usize>,
+) -> Result<(), KernelError> {
     let wrb = w.row_bytes()?;
     if x.format != k.act {
         return Err(KernelError::ActFormatMismatch {
@@ -245,31 +291,10 @@ pub fn matmul(
             x.row_bytes
         )));
     }
-    if rows.start > rows.end || rows.end > w.rows {
-        return Err(mismatch(format!(
-            "output rows {rows:?} outside 0..{}",
-            w.rows
-        )));
-    }
-    if x.n_rows == 0 || rows.is_empty() {
+    if !check_output(w, x.n_rows, out.len(), out_stride, &rows)? {
         return Ok(());
     }
-    if x.n_rows > 1 && out_stride < rows.end {
-        return Err(mismatch(format!(
-            "output stride {out_stride} < row end {}",
-            rows.end
-        )));
-    }
-    let need = (x.n_rows - 1) * out_stride + rows.end;
-    if out.len() < need {
-        return Err(mismatch(format!(
-            "output holds {} floats, {} tokens x stride {out_stride} up to row {} need {need}",
-            out.len(),
-            x.n_rows,
-            rows.end
-        )));
-    }
-    let engine = match legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)) {
+    let engine = match tiles {
         Some((full, one)) => Engine::Tiles { full, one },
         None => Engine::Dot(k.dot),
     };
@@ -281,24 +306,81 @@ pub fn matmul(
         wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows),
     );
 
-    if x.n_rows == 1 {
+    par_row_chunks(out, out_stride, x.n_rows, rows, chunk, |r0, outs| {
+        let len = outs[0].len();
+        if x.n_rows == 1 {
+            rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), outs);
+            return;
+        }
+        // Tiles of rows small enough to stay in L1 while every token passes over them.
+        let mut i0 = 0;
+        while i0 < len {
+            let i1 = (i0 + tile).min(len);
+            rows_block(engine, (w.data, wrb), x, n, (r0, i0, i1, len), outs);
+            i0 = i1;
+        }
+    });
+    Ok(())
+}
+
+/// Checks that `out` (stride `out_stride`) can take output rows `rows` of `w` for `n_tok` tokens;
+/// `Ok(false)` when there is nothing to compute.
+fn check_output(
+    w: &WeightMatrix,
+    n_tok: usize,
+    out_len: usize,
+    out_stride: usize,
+    rows: &Range<usize>,
+) -> Result<bool, KernelError> {
+    if rows.start > rows.end || rows.end > w.rows {
+        return Err(mismatch(format!(
+            "output rows {rows:?} outside 0..{}",
+            w.rows
+        )));
+    }
+    if n_tok == 0 || rows.is_empty() {
+        return Ok(false);
+    }
+    if n_tok > 1 && out_stride < rows.end {
+        return Err(mismatch(format!(
+            "output stride {out_stride} < row end {}",
+            rows.end
+        )));
+    }
+    let need = (n_tok - 1) * out_stride + rows.end;
+    if out_len < need {
+        return Err(mismatch(format!(
+            "output holds {out_len} floats, {n_tok} tokens x stride {out_stride} up to row {} need {need}",
+            rows.end
+        )));
+    }
+    Ok(true)
+}
+
+/// Splits output rows `rows` into chunks of `chunk` rows and calls `f(first_row, outs)` for each
+/// in parallel, where `outs[t]` is token `t`'s slice of the chunk's outputs (all the same length).
+/// One token writes straight into `out`; several tokens get disjoint pieces of every token's row.
+fn par_row_chunks<F>(
+    out: &mut [f32],
+    out_stride: usize,
+    n_tok: usize,
+    rows: Range<usize>,
+    chunk: usize,
+    f: F,
+) where
+    F: Fn(usize, &mut [&mut [f32]]) + Sync + Send,
+{
+    if n_tok == 1 {
         out[rows.clone()]
             .par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(c, o)| {
-                let r0 = rows.start + c * chunk;
-                let len = o.len();
-                rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), &mut [o]);
-            });
-        return Ok(());
+            .for_each(|(c, o)| f(rows.start + c * chunk, &mut [o]));
+        return;
     }
-
-    // Several tokens: hand each chunk its own disjoint output pieces, one per token.
     let n_chunks = rows.len().div_ceil(chunk);
-    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n_chunks)
-        .map(|_| Vec::with_capacity(x.n_rows))
-        .collect();
-    for tok in out.chunks_mut(out_stride).take(x.n_rows) {
+    let mut pieces: Vec<Vec<&mut [f32]>> =
+        (0..n_chunks).map(|_| Vec::with_capacity(n_tok)).collect();
+    for tok in out.chunks_mut(out_stride).take(n_tok) {
         let mut rest = &mut tok[rows.clone()];
         for p in pieces.iter_mut() {
             let (head, tail) = rest.split_at_mut(chunk.min(rest.len()));
@@ -309,18 +391,7 @@ pub fn matmul(
     pieces
         .into_par_iter()
         .enumerate()
-        .for_each(|(c, mut outs)| {
-            let r0 = rows.start + c * chunk;
-            let len = outs[0].len();
-            // Tiles of rows small enough to stay in L1 while every token passes over them.
-            let mut i0 = 0;
-            while i0 < len {
-                let i1 = (i0 + tile).min(len);
-                rows_block(engine, (w.data, wrb), x, n, (r0, i0, i1, len), &mut outs);
-                i0 = i1;
-            }
-        });
-    Ok(())
+        .for_each(|(c, mut outs)| f(rows.start + c * chunk, &mut outs));
 }
 
 /// How a weight type is computed: register tiles of rows × tokens, or one dot per output.
@@ -406,4 +477,120 @@ pub fn matmul_f32(
     let mut q = QuantizedActs::empty(k.act);
     quantize_acts_into(k.act, x, n_rows, w.cols, &mut q)?;
     matmul(w, &q, out, w.rows, 0..w.rows)
+}
+
+/// How a matmul treats its f32 activations.
+///
+/// The engine's default, [`Quantized`](ActPrecision::Quantized), is the fast path. Its 8-bit
+/// rounding costs a relative error of a few 1e-3 per quantized matmul (more through deep stacks
+/// of random weights), which hides smaller errors of whatever it is compared with;
+/// [`Exact`](ActPrecision::Exact) removes it, so CPU results can serve as an oracle for other
+/// backends (the GPU's f16-activation GEMMs) and for the f64 reference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActPrecision {
+    /// Activations are rounded per block to the weight type's partner format (Q8_0, Q8_1 or
+    /// Q8_K for quantized weights; plain f32 for F32/F16/BF16) and dotted in integers:
+    /// [`matmul`], as llama.cpp does.
+    #[default]
+    Quantized,
+    /// Activations stay f32; each weight row is dequantized to f32 on the fly and dotted in f32:
+    /// [`matmul_exact`]. Every weight type, quantized or not.
+    Exact,
+}
+
+/// Bytes of dequantized weight rows kept per tile of the exact path (L1/L2-resident while every
+/// token passes over them).
+const EXACT_TILE_BYTES: usize = 64 << 10;
+/// Most rows per tile of the exact path.
+const EXACT_TILE_MAX: usize = 16;
+
+/// The exact-activation matmul ([`ActPrecision::Exact`]): `out[t * out_stride + r] = Σ_c W[r, c] ·
+/// x[t * w.cols + c]` for `r` in `rows` and every token `t < n_rows`, with `W` dequantized to f32
+/// (exactly the values the type's dequantizer gives) and the f32 activations `x` used as they are;
+/// products summed in f32. Other entries of `out` are left untouched.
+///
+/// Parallel over output-row chunks in the current rayon pool like [`matmul`]; within a chunk, a
+/// tile of rows is dequantized once and dotted with every token (SIMD f32 dots, four rows per load
+/// of the activations), so each weight byte is read and dequantized once per call. Results do not
+/// depend on the tiling or the thread count (each output is one dot in a fixed order).
+pub fn matmul_exact(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    rows: Range<usize>,
+) -> Result<(), KernelError> {
+    let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+    let wrb = w.row_bytes()?;
+    let cols = w.cols;
+    if n_rows.checked_mul(cols) != Some(x.len()) {
+        return Err(mismatch(format!(
+            "activations: {} values given for {n_rows} rows of {cols}",
+            x.len()
+        )));
+    }
+    if !check_output(w, n_rows, out.len(), out_stride, &rows)? {
+        return Ok(());
+    }
+    let dequantize = k.dequantize_row;
+    let tile = (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX);
+    let chunk = chunk_rows(
+        rows.len(),
+        tile,
+        wrb.saturating_mul(rows.len()).saturating_mul(n_rows),
+    );
+    par_row_chunks(out, out_stride, n_rows, rows, chunk, |r0, outs| {
+        let len = outs[0].len();
+        let mut buf = vec![0f32; tile.min(len) * cols];
+        let mut i0 = 0;
+        while i0 < len {
+            let nr = (len - i0).min(tile);
+            for (j, dst) in buf.chunks_exact_mut(cols.max(1)).take(nr).enumerate() {
+                let r = r0 + i0 + j;
+                dequantize(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
+            }
+            let wrow = |j: usize| &buf[j * cols..(j + 1) * cols];
+            for (t, o) in outs.iter_mut().enumerate() {
+                let xt = &x[t * cols..(t + 1) * cols];
+                // Four rows share each load of the activations.
+                let mut j = 0;
+                while j + 4 <= nr {
+                    let d = dot4_f32([wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], xt);
+                    o[i0 + j..i0 + j + 4].copy_from_slice(&d);
+                    j += 4;
+                }
+                for j in j..nr {
+                    o[i0 + j] = dot_f32(wrow(j), xt);
+                }
+            }
+            i0 += nr;
+        }
+    });
+    Ok(())
+}
+
+/// Convenience: computes all output rows of `w` for `n_rows` rows of f32 activations `x`
+/// (`n_rows × w.cols`, row-major) with the given activation precision: `out[t * w.rows + r]`.
+/// `ActPrecision::Quantized` is [`matmul_f32`].
+pub fn matmul_f32_with(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_rows: usize,
+    out: &mut [f32],
+    precision: ActPrecision,
+) -> Result<(), KernelError> {
+    match precision {
+        ActPrecision::Quantized => matmul_f32(w, x, n_rows, out),
+        ActPrecision::Exact => {
+            if out.len() != n_rows * w.rows {
+                return Err(mismatch(format!(
+                    "output holds {} floats, need {n_rows} x {}",
+                    out.len(),
+                    w.rows
+                )));
+            }
+            matmul_exact(w, x, n_rows, out, w.rows, 0..w.rows)
+        }
+    }
 }

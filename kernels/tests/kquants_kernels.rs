@@ -589,7 +589,12 @@ fn kernel_picks_best_variant_and_quant_table_dispatches_here() {
         assert_eq!(best.dot_variant, all.last().unwrap().dot_variant);
         assert_eq!(kquants::scalar_kernel(ty).dot_variant, "scalar");
         let via_table = quant::kernel(ty).expect("K-quants are supported");
-        assert_eq!(via_table.dot_variant, best.dot_variant);
+        // The table honours PSHARD_CPU_SIMD (quant::simd_cap); without it, it is the best variant.
+        let capped = quant::kernel_at(ty, quant::simd_cap()).expect("K-quants are supported");
+        assert_eq!(via_table.dot_variant, capped.dot_variant);
+        if quant::simd_cap() == Variant::Avx512 {
+            assert_eq!(via_table.dot_variant, best.dot_variant);
+        }
         assert_eq!(via_table.act, ActFormat::Q8K);
         // Q2_K/Q3_K have no AVX-512 variant (it measured no faster than AVX2).
         if Variant::Avx512.available()

@@ -6,12 +6,16 @@
 //! Tolerance per output: `1e-5 · Σ|w·a| + slack` against f64 over the dequantized weights and the
 //! dequantized partner activations (`slack`: the stored f16 block sums of Q8_1, as in
 //! `legacy_dot.rs`; K-quants get 1e-4 because their kernels fold several f32 block scales).
+//!
+//! The exact-activation path (`matmul_exact`) is checked against f64 over the dequantized weights
+//! and the unrounded f32 activations, within `1e-5 · Σ|w·a|` (f32 products and sums only).
 
 use half::f16;
 use pshard_kernels::matmul::{
-    matmul, matmul_f32, quantize_acts, KernelError, QuantizedActs, WeightMatrix,
+    matmul, matmul_at, matmul_exact, matmul_f32, matmul_f32_with, quantize_acts, ActPrecision,
+    KernelError, QuantizedActs, WeightMatrix,
 };
-use pshard_kernels::quant::{self, act, ActFormat, QuantKernel};
+use pshard_kernels::quant::{self, act, ActFormat, QuantKernel, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -98,6 +102,26 @@ fn deq_acts(x: &QuantizedActs) -> Vec<Vec<f32>> {
 /// Runs one shape: full range into a tight output, then a sub-range into a strided NaN-poisoned
 /// output.
 fn check_shape(r: &mut StdRng, k: &QuantKernel, rows: usize, tokens: usize, cols: usize) {
+    check_shape_at(r, k, None, rows, tokens, cols)
+}
+
+/// [`check_shape`] through `matmul_at(level)` when a level is given.
+fn check_shape_at(
+    r: &mut StdRng,
+    k: &QuantKernel,
+    level: Option<SimdLevel>,
+    rows: usize,
+    tokens: usize,
+    cols: usize,
+) {
+    let mm = |w: &WeightMatrix,
+              x: &QuantizedActs,
+              out: &mut [f32],
+              stride: usize,
+              range: std::ops::Range<usize>| match level {
+        None => matmul(w, x, out, stride, range),
+        Some(l) => matmul_at(l, w, x, out, stride, range),
+    };
     let (data, wdeq) = make_weights(r, k, rows, cols);
     let w = WeightMatrix {
         ty: k.ty,
@@ -139,27 +163,80 @@ fn check_shape(r: &mut StdRng, k: &QuantKernel, rows: usize, tokens: usize, cols
     };
     // Whole matrix, tight layout.
     let mut out = vec![f32::NAN; tokens * rows];
-    matmul(&w, &xq, &mut out, rows, 0..rows).unwrap();
+    mm(&w, &xq, &mut out, rows, 0..rows).unwrap();
     check(&out, rows, 0..rows);
     // The convenience path agrees bit for bit (same quantization, same kernel).
-    let mut out2 = vec![f32::NAN; tokens * rows];
-    matmul_f32(&w, &xs, tokens, &mut out2).unwrap();
-    assert_eq!(
-        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-        out2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-    );
+    if level.is_none() {
+        let mut out2 = vec![f32::NAN; tokens * rows];
+        matmul_f32(&w, &xs, tokens, &mut out2).unwrap();
+        assert_eq!(
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            out2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
     // A sub-range into a wider, poisoned output; the tail past the last token's row stays too.
     let stride = rows + 3;
     let lo = r.gen_range(0..rows);
     let hi = r.gen_range(lo..=rows);
     let mut out = vec![f32::NAN; tokens * stride];
-    matmul(&w, &xq, &mut out, stride, lo..hi).unwrap();
+    mm(&w, &xq, &mut out, stride, lo..hi).unwrap();
     check(&out, stride, lo..hi);
     for t in 0..tokens {
         for extra in rows..stride {
             assert!(out[t * stride + extra].is_nan());
         }
     }
+    check_exact(k, &w, &wdeq, &xs, tokens, (lo, hi));
+}
+
+/// The exact path for the same weights: every row into a tight output (also through
+/// `matmul_f32_with`, bit for bit), then rows `lo..hi` into a strided NaN-poisoned output.
+fn check_exact(
+    k: &QuantKernel,
+    w: &WeightMatrix,
+    wdeq: &[f32],
+    xs: &[f32],
+    tokens: usize,
+    (lo, hi): (usize, usize),
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let check = |out: &[f32], stride: usize, range: std::ops::Range<usize>| {
+        for t in 0..tokens {
+            let a = &xs[t * cols..(t + 1) * cols];
+            for rr in 0..stride {
+                let got = out[t * stride + rr];
+                if !range.contains(&rr) {
+                    assert!(got.is_nan(), "{} exact out[{t},{rr}] was written", k.ty);
+                    continue;
+                }
+                let wr = &wdeq[rr * cols..(rr + 1) * cols];
+                let want: f64 = wr.iter().zip(a).map(|(&x, &y)| x as f64 * y as f64).sum();
+                let abs: f64 = wr
+                    .iter()
+                    .zip(a)
+                    .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                    .sum();
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * abs + 1e-30,
+                    "{} exact rows={rows} tokens={tokens} cols={cols} out[{t},{rr}] = {got}, want {want}",
+                    k.ty
+                );
+            }
+        }
+    };
+    let mut out = vec![f32::NAN; tokens * rows];
+    matmul_exact(w, xs, tokens, &mut out, rows, 0..rows).unwrap();
+    check(&out, rows, 0..rows);
+    let mut out2 = vec![f32::NAN; tokens * rows];
+    matmul_f32_with(w, xs, tokens, &mut out2, ActPrecision::Exact).unwrap();
+    assert_eq!(
+        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        out2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    let stride = rows + 3;
+    let mut out = vec![f32::NAN; tokens * stride];
+    matmul_exact(w, xs, tokens, &mut out, stride, lo..hi).unwrap();
+    check(&out, stride, lo..hi);
 }
 
 fn kernels() -> Vec<QuantKernel> {
@@ -173,14 +250,43 @@ fn kernels() -> Vec<QuantKernel> {
 fn odd_shapes_all_types() {
     let mut r = rng("odd_shapes_all_types");
     for k in kernels() {
-        for &cols in &[32usize, 96, 4096] {
+        for &cols in &[32usize, 96, 256, 512, 4096] {
             if cols % k.ty.block_size() as usize != 0 {
                 continue;
             }
-            for &rows in &[1usize, 3, 17] {
-                for &tokens in &[1usize, 2, 5, 33] {
+            for &rows in &[1usize, 3, 17, 128] {
+                for &tokens in &[1usize, 2, 3, 4, 5, 33] {
                     check_shape(&mut r, &k, rows, tokens, cols);
                 }
+            }
+        }
+    }
+}
+
+/// Every type's driver path at each SIMD level this CPU runs, forced below its best: AVX2 or
+/// scalar dots (one row at a time, several tokens included) where the CPU has AVX-512 tiles.
+#[test]
+fn forced_simd_levels() {
+    let mut r = rng("forced_simd_levels");
+    for level in SimdLevel::ALL {
+        if !level.available() {
+            println!("SKIP level {}: this CPU lacks it", level.name());
+            continue;
+        }
+        for &ty in quant::SUPPORTED {
+            let k = quant::kernel_at(ty, level).expect("supported type");
+            let ok = match level {
+                SimdLevel::Scalar => k.dot_variant == "scalar",
+                SimdLevel::Avx2 => matches!(k.dot_variant, "avx2" | "scalar"),
+                SimdLevel::Avx512 => true,
+            };
+            assert!(ok, "{ty} at {}: got {}", level.name(), k.dot_variant);
+            if level == SimdLevel::Avx2 {
+                // Every type has an AVX2 dot.
+                assert_eq!(k.dot_variant, "avx2", "{ty}");
+            }
+            for (rows, tokens, cols) in [(17, 1, 256), (17, 5, 256), (131, 7, 512)] {
+                check_shape_at(&mut r, &k, Some(level), rows, tokens, cols);
             }
         }
     }
@@ -272,10 +378,64 @@ fn errors_name_the_problem() {
         .to_string()
         .contains("output"));
     assert!(matmul_f32(&w, &[0.0; 100], 2, &mut out).is_err());
+
+    // The exact path checks the same things.
+    let xf = [0.5f32; 128];
+    let e = matmul_exact(&bad, &xf, 2, &mut out, 4, 0..4).unwrap_err();
+    assert_eq!(e, KernelError::UnsupportedType(GgmlType::IQ2_XXS));
+    let e = matmul_exact(&w, &xf[..100], 2, &mut out, 4, 0..4).unwrap_err();
+    assert!(e.to_string().contains("100 values"), "{e}");
+    let e = matmul_exact(&w, &xf, 2, &mut out, 4, 2..5).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+    let e = matmul_exact(&w, &xf, 2, &mut out, 3, 0..4).unwrap_err();
+    assert!(e.to_string().contains("stride"), "{e}");
+    let e = matmul_exact(&w, &xf, 2, &mut out[..7], 4, 0..4).unwrap_err();
+    assert!(e.to_string().contains("output"), "{e}");
+    let e = matmul_f32_with(&w, &xf, 2, &mut out[..6], ActPrecision::Exact).unwrap_err();
+    assert!(e.to_string().contains("output"), "{e}");
+    let mut poison = vec![f32::NAN; 8];
+    matmul_exact(&w, &xf, 2, &mut poison, 4, 1..1).unwrap();
+    matmul_exact(&w, &[], 0, &mut poison, 4, 0..4).unwrap();
+    assert!(poison.iter().all(|v| v.is_nan()));
+    assert_eq!(ActPrecision::default(), ActPrecision::Quantized);
     assert!(matmul_f32(&w, &[0.0; 128], 2, &mut out[..6]).is_err());
     // Empty range and zero tokens are fine and write nothing.
     let mut poison = vec![f32::NAN; 8];
     matmul(&w, &x, &mut poison, 4, 2..2).unwrap();
     assert!(poison.iter().all(|v| v.is_nan()));
     assert_eq!(k.act, ActFormat::Q8_0);
+}
+
+/// The exact path's outputs do not depend on the thread count or the row tiling (each output is
+/// one dot in a fixed order): the full range in pools of 1 and 3 threads, and every row alone,
+/// agree bit for bit.
+#[test]
+fn exact_path_is_deterministic() {
+    let mut r = rng("exact_path_is_deterministic");
+    let k = quant::kernel(GgmlType::Q4_K).unwrap();
+    let (rows, tokens, cols) = (301, 7, 512);
+    let (data, _) = make_weights(&mut r, &k, rows, cols);
+    let w = WeightMatrix {
+        ty: k.ty,
+        data: &data,
+        rows,
+        cols,
+    };
+    let xs = random_vec(&mut r, tokens * cols);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut out = vec![0f32; tokens * rows];
+        pool.install(|| matmul_exact(&w, &xs, tokens, &mut out, rows, 0..rows).unwrap());
+        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let one = run(1);
+    assert_eq!(one, run(3));
+    let mut single = vec![0f32; tokens * rows];
+    for row in 0..rows {
+        matmul_exact(&w, &xs, tokens, &mut single, rows, row..row + 1).unwrap();
+    }
+    assert_eq!(one, single.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
 }

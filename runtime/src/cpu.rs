@@ -3,12 +3,16 @@
 //! Activation buffers are allocated once per program and reused for every batch of its size.
 //! Quantized activations are cached per (buffer, format) until the buffer is written again, so q, k
 //! and v (or gate and up) share one quantization of their input.
+//!
+//! With [`ActPrecision::Exact`] (see [`CpuRunner::set_act_precision`]) matmuls with quantized
+//! weights take the f32 activations as they are and dequantize weight rows on the fly
+//! ([`matmul_exact`]) instead of rounding activations to 8 bits.
 
-use pshard_kernels::matmul::{matmul, quantize_acts, QuantizedActs};
+use pshard_kernels::matmul::{matmul, matmul_exact, quantize_acts, ActPrecision, QuantizedActs};
 use pshard_kernels::ops;
 use pshard_kernels::quant::{self, ActFormat};
 use pshard_model::graph::{Activation, BufId, Op};
-use pshard_model::spec::RopeMode;
+use pshard_model::spec::{RopeMode, TensorId};
 
 use crate::kv::KvCache;
 use crate::model::Model;
@@ -75,11 +79,23 @@ pub enum ExecError {
     BadToken(u32, usize),
 }
 
+/// Key of a recorded matmul input: (weight tensor, expert index — 0 for dense weights —, token
+/// position).
+pub type ActTraceKey = (TensorId, usize, u32);
+
+/// The activations the fast path actually multiplied with: for every matmul whose weights pair
+/// with an 8-bit format, each input row after rounding to that format, dequantized back to f32.
+/// Tests let a reference follow these rounding decisions instead of making its own (see
+/// `Engine::set_act_trace`).
+pub type ActTrace = std::collections::HashMap<ActTraceKey, Vec<f32>>;
+
 /// A program with its buffers, ready to run on the CPU.
 pub struct CpuRunner {
     program: Program,
     bufs: Vec<Vec<f32>>,
     act_cache: Vec<Option<QuantizedActs>>,
+    precision: ActPrecision,
+    trace: Option<ActTrace>,
     /// Seconds spent per op kind since creation (for `--profile` reports).
     op_secs: std::collections::BTreeMap<&'static str, f64>,
 }
@@ -97,8 +113,33 @@ impl CpuRunner {
             program,
             bufs,
             act_cache,
+            precision: ActPrecision::Quantized,
+            trace: None,
             op_secs: Default::default(),
         }
+    }
+
+    /// Sets how matmuls treat their activations: [`ActPrecision::Quantized`] (the default: 8-bit
+    /// partner formats, integer dots) or [`ActPrecision::Exact`] (f32 activations against weights
+    /// dequantized on the fly). Float weights (F32/F16/BF16) take f32 activations either way.
+    pub fn set_act_precision(&mut self, precision: ActPrecision) {
+        self.precision = precision;
+    }
+
+    /// Starts (`true`, with an empty trace) or stops recording the rounded activations of every
+    /// quantized matmul ([`ActTrace`]); a test aid, off by default.
+    pub fn set_act_trace(&mut self, on: bool) {
+        self.trace = on.then(ActTrace::new);
+    }
+
+    /// Takes the activations recorded since tracing started (empty if it is off).
+    pub fn take_act_trace(&mut self) -> ActTrace {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// How matmuls treat their activations (see [`CpuRunner::set_act_precision`]).
+    pub fn act_precision(&self) -> ActPrecision {
+        self.precision
     }
 
     /// Seconds spent per op kind since this runner was created.
@@ -149,6 +190,11 @@ impl CpuRunner {
             let (a, b) = self.bufs.split_at_mut(s);
             (&b[0], &mut a[d])
         }
+    }
+
+    /// Whether a matmul whose weights pair with `format` takes the exact path.
+    fn exact(&self, format: ActFormat) -> bool {
+        self.precision == ActPrecision::Exact && format != ActFormat::F32
     }
 
     fn quantized(&mut self, x: BufId, format: ActFormat) -> &QuantizedActs {
@@ -221,10 +267,33 @@ impl CpuRunner {
                 let w = model.matrix(weight, 0);
                 let format = quant::kernel(w.ty).expect("checked at load").act;
                 let rows = self.program.graph.rows(x);
+                if self.exact(format) {
+                    let cols = self.cols(x);
+                    let (src, o) = self.pair(x, out);
+                    let o = &mut o[..rows * w.rows];
+                    matmul_exact(&w, &src[..rows * cols], rows, o, w.rows, 0..w.rows)?;
+                    if let Some(b) = bias {
+                        let bv = model.vector(b);
+                        o.chunks_mut(w.rows).for_each(|r| ops::add_inplace(r, bv));
+                    }
+                    return Ok(());
+                }
                 self.quantized(x, format);
                 let acts = self.act_cache[x.0 as usize]
                     .take()
                     .expect("quantized above");
+                if let Some(trace) = &mut self.trace {
+                    let n_tok = self.program.graph.n_tokens;
+                    record(trace, &acts, (weight, 0), |t| {
+                        // Rows after SelectRows are the logit rows.
+                        let tok = if rows == n_tok {
+                            t
+                        } else {
+                            input.logit_rows[t]
+                        };
+                        input.positions[tok]
+                    });
+                }
                 let o = &mut self.bufs[out.0 as usize];
                 let res = matmul(&w, &acts, &mut o[..rows * w.rows], w.rows, 0..w.rows);
                 self.act_cache[x.0 as usize] = Some(acts);
@@ -356,7 +425,8 @@ impl CpuRunner {
                 act,
                 out,
             } => {
-                self.moe_ffn(model, x, route, [gate_exps, up_exps, down_exps], act, out)?;
+                let exps = [gate_exps, up_exps, down_exps];
+                self.moe_ffn(model, x, route, exps, act, out, input.positions)?;
             }
             Op::Softcap { x, cap } => ops::softcap(&mut self.bufs[x.0 as usize], cap),
         }
@@ -364,14 +434,16 @@ impl CpuRunner {
     }
 
     /// Expert FFNs: tokens are grouped by expert so each expert's matrices are read once per batch.
+    #[allow(clippy::too_many_arguments)]
     fn moe_ffn(
         &mut self,
         model: &Model,
         x: BufId,
         route: BufId,
-        exps: [pshard_model::spec::TensorId; 3],
+        exps: [TensorId; 3],
         act: Activation,
         out: BufId,
+        positions: &[u32],
     ) -> Result<(), ExecError> {
         let n = self.program.graph.n_tokens;
         let cols = self.cols(x);
@@ -402,23 +474,39 @@ impl CpuRunner {
             let up = model.matrix(exps[1], e);
             let down = model.matrix(exps[2], e);
             let ff = gate.rows;
-            let fmt = quant::kernel(gate.ty).expect("checked at load").act;
-            let qx = quantize_acts(fmt, &xe, m, cols);
             let mut g = vec![0f32; m * ff];
             let mut u = vec![0f32; m * ff];
-            matmul(&gate, &qx, &mut g, ff, 0..ff)?;
-            let qx = if quant::kernel(up.ty).expect("checked at load").act == fmt {
-                qx
-            } else {
-                quantize_acts(quant::kernel(up.ty).expect("checked").act, &xe, m, cols)
-            };
-            matmul(&up, &qx, &mut u, ff, 0..ff)?;
+            let mut qx: Option<QuantizedActs> = None;
+            let pos = |i: usize| positions[toks[i].0];
+            for (w, id, o) in [(&gate, exps[0], &mut g), (&up, exps[1], &mut u)] {
+                let fmt = quant::kernel(w.ty).expect("checked at load").act;
+                if self.exact(fmt) {
+                    matmul_exact(w, &xe, m, o, ff, 0..ff)?;
+                    continue;
+                }
+                // Gate and up usually share a type: quantize their input once.
+                if qx.as_ref().is_none_or(|q| q.format != fmt) {
+                    qx = Some(quantize_acts(fmt, &xe, m, cols));
+                }
+                let q = qx.as_ref().expect("set above");
+                if let Some(trace) = &mut self.trace {
+                    record(trace, q, (id, e), pos);
+                }
+                matmul(w, q, o, ff, 0..ff)?;
+            }
             let mut h = vec![0f32; m * ff];
             ops::glu(&g, &u, &mut h, act == Activation::GeluTanh);
             let dfmt = quant::kernel(down.ty).expect("checked at load").act;
-            let qh = quantize_acts(dfmt, &h, m, ff);
             let mut d = vec![0f32; m * cols];
-            matmul(&down, &qh, &mut d, cols, 0..cols)?;
+            if self.exact(dfmt) {
+                matmul_exact(&down, &h, m, &mut d, cols, 0..cols)?;
+            } else {
+                let qh = quantize_acts(dfmt, &h, m, ff);
+                if let Some(trace) = &mut self.trace {
+                    record(trace, &qh, (exps[2], e), pos);
+                }
+                matmul(&down, &qh, &mut d, cols, 0..cols)?;
+            }
             for (i, &(t, w)) in toks.iter().enumerate() {
                 for (a, v) in acc[t * cols..][..cols]
                     .iter_mut()
@@ -430,5 +518,23 @@ impl CpuRunner {
         }
         self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
         Ok(())
+    }
+}
+
+/// Records each row of `acts` (dequantized) under (weight, expert, `position(row)`); float
+/// formats are not rounded and are left out.
+fn record(
+    trace: &mut ActTrace,
+    acts: &QuantizedActs,
+    (weight, expert): (TensorId, usize),
+    position: impl Fn(usize) -> u32,
+) {
+    if acts.format == ActFormat::F32 {
+        return;
+    }
+    for t in 0..acts.n_rows {
+        let mut v = vec![0f32; acts.cols];
+        quant::act::dequantize_acts_row(acts.format, acts.row(t), &mut v);
+        trace.insert((weight, expert, position(t)), v);
     }
 }

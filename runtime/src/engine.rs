@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
+use pshard_kernels::matmul::ActPrecision;
+
 use crate::cpu::{BatchInput, CpuRunner, ExecError, RouteOverride};
 use crate::kv::{KvCache, KvError};
 use crate::model::Model;
@@ -48,6 +50,8 @@ pub struct Engine {
     ubatch: usize,
     n_past: usize,
     route_override: Option<Arc<RouteOverride>>,
+    precision: ActPrecision,
+    trace: bool,
     gpu: Option<Box<crate::gpu::GpuEngine>>,
 }
 
@@ -63,6 +67,8 @@ impl Engine {
             ubatch,
             n_past: 0,
             route_override: None,
+            precision: ActPrecision::Quantized,
+            trace: false,
             gpu: None,
         }
     }
@@ -102,6 +108,53 @@ impl Engine {
     /// Forces MoE expert choices (see [`RouteOverride`]); `None` routes normally.
     pub fn set_route_override(&mut self, f: Option<Arc<RouteOverride>>) {
         self.route_override = f;
+    }
+
+    /// Exact-activation mode of the CPU engine (off by default). When on, every matmul with
+    /// quantized weights takes its f32 activations as they are and dequantizes the weight rows to
+    /// f32 on the fly ([`ActPrecision::Exact`]); when off, activations are rounded per block to
+    /// the weight type's 8-bit partner format (Q8_0 / Q8_1 / Q8_K) and dotted in integers, as
+    /// llama.cpp does — faster, but that rounding costs a few 1e-3 relative error per matmul
+    /// (~3.5e-3 measured on the tiny synthetic models), more through deep random stacks. The exact
+    /// mode is an oracle: for tests against the f64 reference and for checking other backends
+    /// (e.g. the GPU's f16-activation GEMMs) without the 8-bit rounding in the comparison.
+    /// Float weights (F32/F16/BF16) use f32 activations either way. Takes effect from the next
+    /// evaluation; the KV cache is kept. Only the CPU path is affected: an engine running on a
+    /// GPU ([`Engine::with_gpu`]) ignores it.
+    pub fn set_exact_activations(&mut self, on: bool) {
+        self.precision = if on {
+            ActPrecision::Exact
+        } else {
+            ActPrecision::Quantized
+        };
+        for r in self.runners.values_mut() {
+            r.set_act_precision(self.precision);
+        }
+    }
+
+    /// Starts (`true`) or stops recording the rounded activations of every quantized matmul of
+    /// the CPU path, keyed by (weight, expert, position) — a test aid: a reference that follows
+    /// the engine's rounding decisions cannot drift from it through a value that rounds the other
+    /// way. Starting discards what was recorded.
+    pub fn set_act_trace(&mut self, on: bool) {
+        self.trace = on;
+        for r in self.runners.values_mut() {
+            r.set_act_trace(on);
+        }
+    }
+
+    /// Takes the activations recorded since [`Engine::set_act_trace`]`(true)`.
+    pub fn take_act_trace(&mut self) -> crate::cpu::ActTrace {
+        let mut all = crate::cpu::ActTrace::new();
+        for r in self.runners.values_mut() {
+            all.extend(r.take_act_trace());
+        }
+        all
+    }
+
+    /// Whether exact-activation mode is on (see [`Engine::set_exact_activations`]).
+    pub fn exact_activations(&self) -> bool {
+        self.precision == ActPrecision::Exact
     }
 
     /// Forgets the sequence (positions restart at 0).
@@ -164,7 +217,10 @@ impl Engine {
             let key = (n, logit_rows.len());
             if !self.runners.contains_key(&key) {
                 let program = Program::for_cpu(&self.model.spec, n, logit_rows.len())?;
-                self.runners.insert(key, CpuRunner::new(program));
+                let mut runner = CpuRunner::new(program);
+                runner.set_act_precision(self.precision);
+                runner.set_act_trace(self.trace);
+                self.runners.insert(key, runner);
             }
             let runner = self.runners.get_mut(&key).expect("inserted above");
             let input = BatchInput {

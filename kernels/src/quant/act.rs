@@ -220,6 +220,7 @@ fn quantize_dispatch<const AB: usize>(src: &[f32], dst: &mut [u8], what: &str) {
     if is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
+        && super::simd_cap() != super::SimdLevel::Scalar
     {
         // SAFETY: AVX2, FMA and F16C were detected just above.
         unsafe { quantize_blocks_avx2::<AB>(src, dst, nb) };

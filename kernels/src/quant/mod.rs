@@ -3,9 +3,12 @@
 //!
 //! Weight rows are read in the GGUF block layout exactly as they lie in the file.
 
+use std::sync::OnceLock;
+
 use pshard_model::ggml_type::GgmlType;
 
 pub mod act;
+pub mod exact;
 pub mod float;
 pub mod kquants;
 pub mod legacy;
@@ -44,9 +47,20 @@ pub struct QuantKernel {
     pub dot_variant: &'static str,
 }
 
-/// The kernel for a weight type, with the best SIMD variant for this CPU; `None` if the CPU engine
-/// cannot compute with the type.
+/// The kernel for a weight type, with the best SIMD variant for this CPU up to [`simd_cap`];
+/// `None` if the CPU engine cannot compute with the type.
 pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
+    let cap = simd_cap();
+    if cap != SimdLevel::Avx512 {
+        static CAPPED: OnceLock<Vec<QuantKernel>> = OnceLock::new();
+        let table = CAPPED.get_or_init(|| {
+            SUPPORTED
+                .iter()
+                .filter_map(|&t| kernel_at(t, cap))
+                .collect()
+        });
+        return table.iter().find(|k| k.ty == ty).copied();
+    }
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Some(float::kernel(ty)),
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
@@ -57,6 +71,71 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         }
         _ => None,
     }
+}
+
+/// A SIMD level of the CPU kernels (the K-quants' [`kquants::Variant`]): `Scalar` (any CPU),
+/// `Avx2` (AVX2 + FMA + F16C), `Avx512` (AVX-512, with VNNI for the integer kernels).
+pub use kquants::Variant as SimdLevel;
+
+/// Environment variable capping the SIMD level of the CPU kernels: `scalar`, `avx2` or `avx512`.
+pub const SIMD_CAP_ENV: &str = "PSHARD_CPU_SIMD";
+
+/// The highest SIMD level the CPU kernels' dispatch ([`kernel`], the matmul driver's tiles, the
+/// activation quantizers, the exact path's dot) may use: [`SIMD_CAP_ENV`] set to `scalar` or
+/// `avx2` caps it, to measure or test a slower path on a CPU that has better; unset (or
+/// `avx512`), there is no cap and each kernel uses the best its CPU runs. Read once per process;
+/// an unknown value is reported on stderr and ignored.
+pub fn simd_cap() -> SimdLevel {
+    static CAP: OnceLock<SimdLevel> = OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var(SIMD_CAP_ENV) {
+        Err(_) => SimdLevel::Avx512,
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "scalar" => SimdLevel::Scalar,
+            "avx2" => SimdLevel::Avx2,
+            "avx512" | "" => SimdLevel::Avx512,
+            _ => {
+                eprintln!(
+                    "pshard: ignoring {SIMD_CAP_ENV}={v:?} (expected scalar, avx2 or avx512)"
+                );
+                SimdLevel::Avx512
+            }
+        },
+    })
+}
+
+/// The level of a kernel's dot variant, from its [`QuantKernel::dot_variant`] name.
+fn level_of(variant: &str) -> SimdLevel {
+    match variant {
+        "scalar" => SimdLevel::Scalar,
+        "avx2" => SimdLevel::Avx2,
+        _ => SimdLevel::Avx512,
+    }
+}
+
+/// Every kernel variant of `ty` this CPU can run, best first; empty if the CPU engine cannot
+/// compute with the type.
+fn variants(ty: GgmlType) -> Vec<QuantKernel> {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => float::kernel_variants(ty),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+            legacy::kernel_variants(ty)
+        }
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+            let mut v = kquants::kernel_variants(ty);
+            v.reverse();
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The kernel for `ty` with the best dot variant this CPU runs at or below `level` — tests and
+/// benchmarks use it to force the AVX2 or scalar path on a CPU that has better. `None` if the CPU
+/// engine cannot compute with the type. (Allocates: not for hot paths; [`kernel`] caches.)
+pub fn kernel_at(ty: GgmlType, level: SimdLevel) -> Option<QuantKernel> {
+    variants(ty)
+        .into_iter()
+        .find(|k| level_of(k.dot_variant) as u8 <= level as u8)
 }
 
 /// The portable scalar kernel for a type (tests compare SIMD variants against it).

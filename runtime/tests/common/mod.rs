@@ -1,13 +1,22 @@
 //! Test oracle: a plain f64 forward pass written straight from the ModelSpec (dequantize → naive
 //! matmul), independent of the op graph and the fast kernels, plus model fixtures.
+//!
+//! By default the oracle is exact: f64 activations everywhere. Two options make it round where
+//! the CPU engine's fast path rounds, so a comparison can isolate everything else:
+//! [`ActRounding::Partner`] (activations through the weight type's 8-bit partner format before
+//! each matmul with quantized weights) and [`Reference::kv_f16`] (K and V through f16, as the KV
+//! cache stores them). [`Reference::follow`] makes the partner rounding take the engine's recorded
+//! rounding decisions (after checking each is a valid rounding of the reference's own input).
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use pshard_kernels::quant;
+use pshard_kernels::quant::act::{dequantize_acts_row, quantize_acts_row};
+use pshard_kernels::quant::{self, ActFormat};
 use pshard_model::gguf::ModelFile;
 use pshard_model::spec::{ModelSpec, RopeMode, TensorId, TensorRole};
+use pshard_runtime::cpu::ActTrace;
 
 /// Where the real test models are, if present.
 pub fn models_dir() -> Option<PathBuf> {
@@ -42,19 +51,69 @@ pub fn synth_model(preset: &str, recipe: &str, seed: u64) -> PathBuf {
     path
 }
 
+/// How the reference treats the input of a matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActRounding {
+    /// Exact f64 activations.
+    None,
+    /// Before each matmul whose weights pair with an 8-bit format (every quantized type), the
+    /// activations are rounded to f32, quantized to the partner format (Q8_0 / Q8_1 / Q8_K) with
+    /// the kernels' own `quantize_acts_row` and dequantized back with `dequantize_acts_row` —
+    /// exactly the values the engine's fast path multiplies with — then the product is taken in
+    /// f64. Float weights (F32/F16/BF16) keep exact activations, as in the engine.
+    Partner,
+}
+
 /// The f64 reference model.
 pub struct Reference<'a> {
     file: &'a ModelFile,
     spec: &'a ModelSpec,
+    rounding: ActRounding,
+    kv_f16: bool,
+    experts_in: Option<&'a [Vec<Vec<u32>>]>,
+    trace: Option<&'a ActTrace>,
 }
 
-fn dequant(file: &ModelFile, spec: &ModelSpec, id: TensorId) -> Vec<f64> {
+/// A dequantized tensor and the partner format its type pairs activations with.
+struct Tensor {
+    id: TensorId,
+    v: Vec<f64>,
+    act: ActFormat,
+}
+
+impl std::ops::Deref for Tensor {
+    type Target = [f64];
+    fn deref(&self) -> &[f64] {
+        &self.v
+    }
+}
+
+fn dequant(file: &ModelFile, spec: &ModelSpec, id: TensorId) -> Tensor {
     let t = spec.tensor(id);
     let n: u64 = t.dims.iter().product();
     let mut v = vec![0f32; n as usize];
     let k = quant::scalar_kernel(t.ty).expect("supported type");
     (k.dequantize_row)(file.tensor_data(t.file_index), &mut v);
-    v.into_iter().map(f64::from).collect()
+    Tensor {
+        id,
+        v: v.into_iter().map(f64::from).collect(),
+        act: k.act,
+    }
+}
+
+/// `x` rounded to f32, through `format` and back (the values the engine's fast path uses).
+fn round_through(format: ActFormat, x: &[f64]) -> Vec<f64> {
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let mut q = vec![0u8; format.row_bytes(xf.len()).expect("whole blocks")];
+    quantize_acts_row(format, &xf, &mut q);
+    let mut back = vec![0f32; xf.len()];
+    dequantize_acts_row(format, &q, &mut back);
+    back.into_iter().map(f64::from).collect()
+}
+
+fn round_f16(x: &mut [f64]) {
+    x.iter_mut()
+        .for_each(|v| *v = half::f16::from_f64(*v).to_f64());
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -92,15 +151,92 @@ fn act(x: f64, gelu: bool) -> f64 {
 }
 
 impl<'a> Reference<'a> {
-    /// A reference over an opened model.
+    /// An exact reference over an opened model (no activation rounding, f64 KV).
     pub fn new(file: &'a ModelFile, spec: &'a ModelSpec) -> Self {
-        Reference { file, spec }
+        Reference {
+            file,
+            spec,
+            rounding: ActRounding::None,
+            kv_f16: false,
+            experts_in: None,
+            trace: None,
+        }
     }
 
-    fn t(&self, layer: Option<usize>, role: TensorRole) -> Option<Vec<f64>> {
+    /// With [`ActRounding::Partner`]: instead of rounding its own activations, takes the values
+    /// the engine multiplied with (`Engine::set_act_trace`), after checking element by element
+    /// that they are a rounding of the reference's input to that format: within 0.6 of a
+    /// quantization step for Q8_0/Q8_1 (½ step plus the f16 rounding of the scale), one step for
+    /// Q8_K (whose clamp at +127 may cost a full step). Rounding is discontinuous: where the
+    /// engine's f32 value and the reference's f64 value fall on two sides of a rounding boundary,
+    /// the two would otherwise drift apart by a whole step there, and random tiny models amplify
+    /// that through every later layer and position to the size of the rounding error itself.
+    pub fn follow(mut self, trace: &'a ActTrace) -> Self {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// Forces each MoE layer's experts per position to `experts[layer][position]` (as another
+    /// reference run reported them) instead of choosing the top k, so two references with
+    /// different rounding cannot flip a near-tie; weights are the forced experts' softmax
+    /// probabilities, renormalised when the model says so, as the engine does.
+    pub fn force_experts(mut self, experts: &'a [Vec<Vec<u32>>]) -> Self {
+        self.experts_in = Some(experts);
+        self
+    }
+
+    /// Sets how matmul inputs are rounded (see [`ActRounding`]).
+    pub fn rounding(mut self, rounding: ActRounding) -> Self {
+        self.rounding = rounding;
+        self
+    }
+
+    /// Rounds K (after rope and norms) and V to f16 before attention uses them, as the engine's
+    /// KV cache stores them.
+    pub fn kv_f16(mut self, on: bool) -> Self {
+        self.kv_f16 = on;
+        self
+    }
+
+    fn t(&self, layer: Option<usize>, role: TensorRole) -> Option<Tensor> {
         self.spec
             .find(layer, role)
             .map(|id| dequant(self.file, self.spec, id))
+    }
+
+    /// `m x` for `m` (row-major, `x.len()` columns: all of `w`, or expert `expert`'s slice of it)
+    /// at position `pos`, with this reference's activation rounding.
+    fn mv(&self, w: &Tensor, m: &[f64], expert: usize, pos: usize, x: &[f64]) -> Vec<f64> {
+        if self.rounding == ActRounding::None || w.act == ActFormat::F32 {
+            return matvec(m, x);
+        }
+        let Some(trace) = self.trace else {
+            return matvec(m, &round_through(w.act, x));
+        };
+        let key = (w.id, expert, pos as u32);
+        let got = trace
+            .get(&key)
+            .unwrap_or_else(|| panic!("the engine recorded no {:?} input for {key:?}", w.act));
+        assert_eq!(got.len(), x.len(), "{key:?}: recorded input length");
+        let (block, steps, slack) = match w.act {
+            ActFormat::Q8K => (256, 128.0, 1.01),
+            _ => (32, 127.0, 0.6),
+        };
+        for (b, (g, r)) in got.chunks(block).zip(x.chunks(block)).enumerate() {
+            let amax = r.iter().fold(0f64, |a, v| a.max(v.abs()));
+            let bound = slack * amax / steps + 1e-6 * amax;
+            for (i, (gv, rv)) in g.iter().zip(r).enumerate() {
+                assert!(
+                    (*gv as f64 - rv).abs() <= bound,
+                    "{key:?}: the engine's rounded input [{}] = {gv} is not a {:?} rounding of {rv} (step {})",
+                    b * block + i,
+                    w.act,
+                    amax / steps
+                );
+            }
+        }
+        let xr: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+        matvec(m, &xr)
     }
 
     /// Logits of every position for `tokens` evaluated from position 0 (row-major `n × n_vocab`).
@@ -150,12 +286,12 @@ impl<'a> Reference<'a> {
             let mut vs = Vec::new();
             for (t, xt) in x.iter().enumerate() {
                 let xn = rms_norm(xt, &an, eps);
-                let mut q = matvec(&wq, &xn);
-                let mut k = matvec(&wk, &xn);
-                let mut v = matvec(&wv, &xn);
+                let mut q = self.mv(&wq, &wq, 0, t, &xn);
+                let mut k = self.mv(&wk, &wk, 0, t, &xn);
+                let mut v = self.mv(&wv, &wv, 0, t, &xn);
                 for (y, b) in [(&mut q, &bq), (&mut k, &bk), (&mut v, &bv)] {
                     if let Some(b) = b {
-                        y.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+                        y.iter_mut().zip(b.iter()).for_each(|(a, c)| *a += c);
                     }
                 }
                 if let (Some(qn), Some(kn)) = (&qn, &kn) {
@@ -181,6 +317,10 @@ impl<'a> Reference<'a> {
                             head[b] = x0 * theta.sin() + x1 * theta.cos();
                         }
                     }
+                }
+                if self.kv_f16 {
+                    round_f16(&mut k);
+                    round_f16(&mut v);
                 }
                 qs.push(q);
                 ks.push(k);
@@ -214,7 +354,7 @@ impl<'a> Reference<'a> {
                         }
                     }
                 }
-                let mut o = matvec(&wo, &att);
+                let mut o = self.mv(&wo, &wo, 0, t, &att);
                 if let Some(pn) = self.t(lo, TensorRole::AttnPostNorm).filter(|_| gemma) {
                     o = rms_norm(&o, &pn, eps);
                 }
@@ -222,14 +362,17 @@ impl<'a> Reference<'a> {
             }
             let fnorm = self.t(lo, TensorRole::FfnNorm).unwrap();
             let mut chosen = Vec::new();
-            for xt in x.iter_mut() {
+            for (t, xt) in x.iter_mut().enumerate() {
                 let xn = rms_norm(xt, &fnorm, eps);
                 let mut f = if let Some(gi) = self.t(lo, TensorRole::FfnGateInp) {
-                    let mut p = matvec(&gi, &xn);
+                    let mut p = self.mv(&gi, &gi, 0, t, &xn);
                     softmax(&mut p);
                     let mut order: Vec<usize> = (0..p.len()).collect();
                     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-                    let top = &order[..h.n_expert_used];
+                    let forced: Option<Vec<usize>> = self
+                        .experts_in
+                        .map(|ex| ex[l][t].iter().map(|&i| i as usize).collect());
+                    let top = forced.as_deref().unwrap_or(&order[..h.n_expert_used]);
                     let mut w: Vec<f64> = top.iter().map(|&i| p[i]).collect();
                     if h.expert_weights_norm {
                         let s: f64 = w.iter().sum();
@@ -244,11 +387,11 @@ impl<'a> Reference<'a> {
                     let ff = h.n_ff_expert;
                     let mut out = vec![0f64; e];
                     for (&ex, wt) in top.iter().zip(&w) {
-                        let g = matvec(&ge[ex * ff * e..][..ff * e], &xn);
-                        let u = matvec(&ue[ex * ff * e..][..ff * e], &xn);
+                        let g = self.mv(&ge, &ge[ex * ff * e..][..ff * e], ex, t, &xn);
+                        let u = self.mv(&ue, &ue[ex * ff * e..][..ff * e], ex, t, &xn);
                         let hdn: Vec<f64> =
                             g.iter().zip(&u).map(|(a, b)| act(*a, gemma) * b).collect();
-                        let d = matvec(&de[ex * e * ff..][..e * ff], &hdn);
+                        let d = self.mv(&de, &de[ex * e * ff..][..e * ff], ex, t, &hdn);
                         out.iter_mut().zip(&d).for_each(|(a, b)| *a += wt * b);
                     }
                     out
@@ -258,14 +401,14 @@ impl<'a> Reference<'a> {
                         self.t(lo, TensorRole::FfnUp).unwrap(),
                         self.t(lo, TensorRole::FfnDown).unwrap(),
                     );
-                    let gv = matvec(&g, &xn);
-                    let uv = matvec(&u, &xn);
+                    let gv = self.mv(&g, &g, 0, t, &xn);
+                    let uv = self.mv(&u, &u, 0, t, &xn);
                     let hdn: Vec<f64> = gv
                         .iter()
                         .zip(&uv)
                         .map(|(a, b)| act(*a, gemma) * b)
                         .collect();
-                    matvec(&d, &hdn)
+                    self.mv(&d, &d, 0, t, &hdn)
                 };
                 if let Some(pn) = self.t(lo, TensorRole::FfnPostNorm).filter(|_| gemma) {
                     f = rms_norm(&f, &pn, eps);
@@ -279,8 +422,8 @@ impl<'a> Reference<'a> {
             .t(None, TensorRole::Output)
             .unwrap_or_else(|| self.t(None, TensorRole::TokenEmbd).unwrap());
         let mut logits = Vec::with_capacity(n * h.n_vocab);
-        for xt in &x {
-            let mut lg = matvec(&out, &rms_norm(xt, &on, eps));
+        for (t, xt) in x.iter().enumerate() {
+            let mut lg = self.mv(&out, &out, 0, t, &rms_norm(xt, &on, eps));
             if let Some(c) = h.final_softcap {
                 lg.iter_mut()
                     .for_each(|v| *v = c as f64 * (*v / c as f64).tanh());

@@ -36,7 +36,7 @@ pub use q8k::{dequantize_row_q8k, quantize_row_q8k};
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;
 
-/// An implementation level of the dot products.
+/// An implementation level of the dot products (slowest first: the discriminants order them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Variant {
     /// Portable Rust, any CPU.
