@@ -118,6 +118,10 @@ pub struct EngineArgs {
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     pub profile: bool,
+    /// CPU: multiply quantized weights with f32 activations (dequantized on the fly) instead of
+    /// rounding activations to 8 bits first — slower; a reference for checking results.
+    #[arg(long = "exact-acts")]
+    pub exact_acts: bool,
 }
 
 /// Builds the engine for `--device`, `--vram-budget` and `--ubatch-size`, logging the GPU report.
@@ -125,7 +129,11 @@ pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result
     let (ubatch, vram_budget_mib, keep_host_weights) =
         (a.ubatch, a.vram_budget, a.keep_host_weights);
     Ok(match pick_device(&a.device)? {
-        Device::Cpu => Engine::new(model, n_ctx, ubatch),
+        Device::Cpu => {
+            let mut e = Engine::new(model, n_ctx, ubatch);
+            e.set_exact_activations(a.exact_acts);
+            e
+        }
         Device::Cuda(ordinal) => {
             let opts = GpuOptions {
                 ordinal,
@@ -133,6 +141,9 @@ pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result
                 cache_dir: None,
                 keep_host_weights,
             };
+            if a.exact_acts {
+                anyhow::bail!("--exact-acts applies to the CPU engine only (use --device cpu)");
+            }
             let e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
             if let Some(r) = e.gpu_report() {
