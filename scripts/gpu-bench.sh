@@ -7,7 +7,8 @@
 #                                            # `pshard synth`, benches them, prints the table last
 #
 # MODELS defaults to "llama3-8b qwen3-30b-a3b" (q4_k: Q4_K weights, Q6_K output). Env: REPS (3),
-# UB (2048), PP (512,4096), TG (128).
+# UB (2048), PP (512,4096), TG (128), GPU_PROFILE (profiles/h200-gpu.toml: the per-op breakdown in
+# $OUT/optimes-*.txt compares every matmul with that profile's point).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,7 @@ TG=${TG:-128}
 DIR=${SYNTH_DIR:-/tmp/pshard-synth}
 mkdir -p "$DIR"
 BIN=carry/pshard
+GPU_PROFILE=${GPU_PROFILE:-profiles/h200-gpu.toml}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 status=0
 for m in $MODELS; do
@@ -44,9 +46,15 @@ for m in $MODELS; do
     "$BIN" bench -m "$f" -p "$PP" -n "$TG" -u "$UB" -r "$REPS" --device cuda -o md >"$OUT/bench-$m.md" 2>"$OUT/bench-$m.log" || status=1
     "$BIN" bench -m "$f" -p "$PP" -n "$TG" -u "$UB" -r 1 --device cuda -o json >"$OUT/bench-$m.json" 2>/dev/null || true
     grep -E "^gpu:|bench:|error" "$OUT/bench-$m.log"
+    # Where the time goes, op by op, and the matmuls against the GPU profile's points.
+    "$BIN" bench -m "$f" -p "$PP" -n "$TG" -u "$UB" -r 1 --device cuda --op-times \
+        --gpu-profile "$GPU_PROFILE" >/dev/null 2>"$OUT/optimes-$m.txt" || status=1
 done
 echo
 echo "device: $(cat "$OUT/device.txt"), $(date -u +%Y-%m-%d)"
+for m in $MODELS; do
+    grep -h -E "matmul kinds matched|^ops total" "$OUT/optimes-$m.txt" 2>/dev/null | sed "s/^/$m: /"
+done
 for m in $MODELS; do
     grep -v "^device:" "$OUT/bench-$m.md" 2>/dev/null | { [ "$m" = "${MODELS%% *}" ] && cat || tail -n +3; }
 done

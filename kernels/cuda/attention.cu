@@ -206,101 +206,202 @@ FLASH_KERNEL(64, 64)
 FLASH_KERNEL(128, 64)
 FLASH_KERNEL(256, 32)
 
+// ---------------------------------------------------------------------------------------------
 // Split-KV attention for few query rows (decode), any even head dims <= 256.
-// Grid (n_split, n_head, n_tokens), 128 threads; split s covers keys [s*chunk, (s+1)*chunk).
-// Each split writes (max, sum, unnormalised O[dv]) to part; attn_combine merges the splits.
+//
+// The keys a query at position p sees, [j_lo, j_end), are cut on the device into `live` splits
+// of `chunk` keys (a multiple of SPLIT_TILE) so that live <= n_split: the grid is sized once
+// for the cache (programs stay fixed per token) and a call over L keys costs ~L bytes of KV, not
+// n_ctx. Blocks past `live` exit at once; attn_combine derives the same ranges from pos and only
+// reads the live splits. Inside a split, tiles of SPLIT_TILE keys are staged in shared memory
+// (K and V copies in flight together), two threads compute one key's score, the tile's softmax
+// is merged online, and P·V runs with threads over value dims (and key groups when dv is small).
+
+#define SPLIT_TILE 64
+
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// Visible keys of a query at position p, cut into at most n_split splits of `chunk` keys
+// (live = 0: nothing visible, e.g. a padding row with p < 0).
+__device__ __forceinline__ void split_range(int p, int window, int n_ctx, int n_split, int& j_lo, int& chunk,
+                                            int& live) {
+    j_lo = 0;
+    chunk = SPLIT_TILE;
+    live = 0;
+    if (p < 0) return;
+    if (window > 0) j_lo = max(0, p - window + 1);
+    const int len = min(p + 1, n_ctx) - j_lo;
+    if (len <= 0) return;
+    const int per = (len + n_split - 1) / n_split;
+    chunk = (per + SPLIT_TILE - 1) / SPLIT_TILE * SPLIT_TILE;
+    live = (len + chunk - 1) / chunk;
+}
+
+// Shared-memory row stride (halves) of a staged K or V tile: 16-byte aligned rows whose stride in
+// 16-byte units is 2 mod 4, so the score loop's uint4 reads (two threads per row) hit distinct banks.
+__device__ __forceinline__ int split_stride(int d) { return ((d + 31) & ~31) + 16; }
+
+__device__ __forceinline__ float dot8(uint4 k, float4 a, float4 b) {
+    return a.x * h2f((u16)(k.x & 0xffff)) + a.y * h2f((u16)(k.x >> 16)) + a.z * h2f((u16)(k.y & 0xffff)) +
+           a.w * h2f((u16)(k.y >> 16)) + b.x * h2f((u16)(k.z & 0xffff)) + b.y * h2f((u16)(k.z >> 16)) +
+           b.z * h2f((u16)(k.w & 0xffff)) + b.w * h2f((u16)(k.w >> 16));
+}
+
+// Grid (n_split, n_head, n_tokens), 128 threads, dynamic shared memory
+// SPLIT_TILE * (split_stride(dk) + split_stride(dv)) halves. Split s writes (max, sum,
+// unnormalised O[dv]) of its keys to part[((t * n_head + h) * n_split + s) * (dv + 2)].
 extern "C" __global__ void __launch_bounds__(128)
     attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, const u16* __restrict__ vc,
                float* __restrict__ part, const i32* __restrict__ pos, int n_head, int n_kv, int n_ctx,
                int dk, int dv, float scale, float softcap, int window, int n_split) {
-    __shared__ float sm_m[4], sm_l[4];
-    __shared__ float sm_o[4][256];
+    extern __shared__ __align__(16) u16 split_smem[];
+    __shared__ __align__(16) float sq[256];
+    __shared__ float sp[SPLIT_TILE];
+    __shared__ float sred[256];
+    __shared__ float s_alpha;
     const int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int kvh = h / (n_head / n_kv);
+    const int tid = threadIdx.x, lane = tid & 31;
     const int p = pos[t];
-    const int chunk = (n_ctx + n_split - 1) / n_split;
-    int j_lo = split * chunk;
-    if (window > 0) j_lo = max(j_lo, p - window + 1);
-    const int j_hi = min(min((split + 1) * chunk, p + 1), n_ctx);
+    int j_lo, chunk, live;
+    split_range(p, window, n_ctx, n_split, j_lo, chunk, live);
+    // Uniform per block, before any barrier.
+    if (split >= live) return;
+    const int a = j_lo + split * chunk;
+    const int b = min(a + chunk, min(p + 1, n_ctx));
+    const int kvh = h / (n_head / n_kv);
+    const int KS = split_stride(dk), VS = split_stride(dv);
+    u16* Ks = split_smem;
+    u16* Vs = split_smem + SPLIT_TILE * KS;
+    // 16-byte copies need every row start 16-byte aligned (head dims multiples of 8).
+    const bool vec16 = ((dk | dv) & 7) == 0;
+    const float* qh = q + (i64)t * ldq + (i64)h * dk;
+    for (int d = tid; d < dk; d += blockDim.x) sq[d] = qh[d];
 
-    float qr[8];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int d = 2 * lane + 64 * i;
-        const float* qh = q + (i64)t * ldq + (i64)h * dk;
-        qr[2 * i] = d < dk ? qh[d] : 0.f;
-        qr[2 * i + 1] = d < dk ? qh[d + 1] : 0.f;
-    }
-    float m = NEG_INF, l = 0.f, o[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) o[i] = 0.f;
-    for (int j = j_lo + warp; j < j_hi; j += 4) {
-        const u16* kr = kc + ((i64)j * n_kv + kvh) * dk;
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int d = 2 * lane + 64 * i;
-            if (d < dk) {
-                const u32 w = *(const u32*)(kr + d);
-                s += qr[2 * i] * h2f((u16)(w & 0xffff)) + qr[2 * i + 1] * h2f((u16)(w >> 16));
+    // P·V: thread owns value pair w (dims 2w, 2w+1) over the keys j = grp (mod G).
+    const int npair = dv / 2;
+    const int G = 128 / npair;
+    const int w = tid % npair, grp = tid / npair;
+    const bool pv_on = grp < G;
+    float o0 = 0.f, o1 = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;  // running max / sum (kept by warp 0)
+
+    for (int j0 = a; j0 < b; j0 += SPLIT_TILE) {
+        const int n_in = min(SPLIT_TILE, b - j0);
+        if (vec16) {
+            const int ck = dk / 8, cv = dv / 8;
+            for (int i = tid; i < n_in * ck; i += blockDim.x) {
+                const int r = i / ck, c = i % ck;
+                cp_async16(Ks + r * KS + c * 8, kc + ((i64)(j0 + r) * n_kv + kvh) * dk + c * 8, true);
+            }
+            cp_async_commit();
+            for (int i = tid; i < n_in * cv; i += blockDim.x) {
+                const int r = i / cv, c = i % cv;
+                cp_async16(Vs + r * VS + c * 8, vc + ((i64)(j0 + r) * n_kv + kvh) * dv + c * 8, true);
+            }
+            cp_async_commit();
+            cp_async_wait1();  // this thread's K copies have landed; V may still be in flight
+        } else {
+            const int ck = dk / 2, cv = dv / 2;
+            for (int i = tid; i < n_in * ck; i += blockDim.x) {
+                const int r = i / ck, c = i % ck;
+                *(u32*)(Ks + r * KS + c * 2) = *(const u32*)(kc + ((i64)(j0 + r) * n_kv + kvh) * dk + c * 2);
+            }
+            for (int i = tid; i < n_in * cv; i += blockDim.x) {
+                const int r = i / cv, c = i % cv;
+                *(u32*)(Vs + r * VS + c * 2) = *(const u32*)(vc + ((i64)(j0 + r) * n_kv + kvh) * dv + c * 2);
             }
         }
-        s = cap_score(warp_sum(s) * scale, softcap);
-        const float mn = fmaxf(m, s);
-        const float a = __expf(m - mn), pj = __expf(s - mn);
-        l = l * a + pj;
-        m = mn;
-        const u16* vr = vc + ((i64)j * n_kv + kvh) * dv;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int d = 2 * lane + 64 * i;
-            if (d < dv) {
-                const u32 w = *(const u32*)(vr + d);
-                o[2 * i] = o[2 * i] * a + pj * h2f((u16)(w & 0xffff));
-                o[2 * i + 1] = o[2 * i + 1] * a + pj * h2f((u16)(w >> 16));
+        __syncthreads();
+        {
+            // Scores: threads 2k and 2k+1 split key k's dot product by alternating units.
+            const int key = tid >> 1, half = tid & 1;
+            float s = 0.f;
+            if (key < n_in) {
+                const u16* kr = Ks + key * KS;
+                if (vec16) {
+                    for (int u = half; u < dk / 8; u += 2) {
+                        const uint4 k4 = *(const uint4*)(kr + u * 8);
+                        s += dot8(k4, *(const float4*)(sq + u * 8), *(const float4*)(sq + u * 8 + 4));
+                    }
+                } else {
+                    for (int u = half; u < dk / 2; u += 2) {
+                        const u32 k2 = *(const u32*)(kr + u * 2);
+                        s += sq[2 * u] * h2f((u16)(k2 & 0xffff)) + sq[2 * u + 1] * h2f((u16)(k2 >> 16));
+                    }
+                }
+            }
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            if (half == 0) sp[key] = key < n_in ? cap_score(s * scale, softcap) : NEG_INF;
+        }
+        __syncthreads();
+        if (tid < 32) {
+            // Online softmax over tiles: rescale what came before by alpha. The tile has at least
+            // one key, so mn is finite; exp(-inf) = 0 covers the first tile and unused slots.
+            const float v0 = sp[lane], v1 = sp[lane + 32];
+            const float mn = fmaxf(m_run, warp_max(fmaxf(v0, v1)));
+            const float alpha = __expf(m_run - mn);
+            const float e0 = __expf(v0 - mn), e1 = __expf(v1 - mn);
+            sp[lane] = e0;
+            sp[lane + 32] = e1;
+            l_run = l_run * alpha + warp_sum(e0 + e1);
+            m_run = mn;
+            if (lane == 0) s_alpha = alpha;
+        }
+        if (vec16) cp_async_wait0();
+        __syncthreads();
+        if (pv_on) {
+            const float al = s_alpha;
+            o0 *= al;
+            o1 *= al;
+            for (int j = grp; j < n_in; j += G) {
+                const float pj = sp[j];
+                const u32 v2 = *(const u32*)(Vs + j * VS + 2 * w);
+                o0 += pj * h2f((u16)(v2 & 0xffff));
+                o1 += pj * h2f((u16)(v2 >> 16));
             }
         }
+        __syncthreads();  // the next tile overwrites Ks, Vs and sp
     }
-    if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int d = 2 * lane + 64 * i;
-        if (d < dv) { sm_o[warp][d] = o[2 * i]; sm_o[warp][d + 1] = o[2 * i + 1]; }
+    if (pv_on) {
+        sred[grp * dv + 2 * w] = o0;
+        sred[grp * dv + 2 * w + 1] = o1;
     }
     __syncthreads();
-    float M = NEG_INF;
-    for (int w = 0; w < 4; w++) M = fmaxf(M, sm_m[w]);
     float* dst = part + (((i64)t * n_head + h) * n_split + split) * (dv + 2);
-    float L = 0.f;
-    for (int w = 0; w < 4; w++) if (sm_m[w] != NEG_INF) L += sm_l[w] * __expf(sm_m[w] - M);
-    if (threadIdx.x == 0) { dst[0] = M; dst[1] = L; }
-    for (int d = threadIdx.x; d < dv; d += blockDim.x) {
+    if (tid == 0) {
+        dst[0] = m_run;
+        dst[1] = l_run;
+    }
+    for (int d = tid; d < dv; d += blockDim.x) {
         float acc = 0.f;
-        for (int w = 0; w < 4; w++) if (sm_m[w] != NEG_INF) acc += sm_o[w][d] * __expf(sm_m[w] - M);
+        for (int g2 = 0; g2 < G; g2++) acc += sred[g2 * dv + d];
         dst[2 + d] = acc;
     }
 }
 
-// Merges the splits of attn_split. Grid (n_head, n_tokens), 128 threads.
+// Merges the live splits of attn_split (n_split <= 64). Grid (n_head, n_tokens), 128 threads.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out, int ldo,
-                                        int n_head, int dv, int n_split) {
+                                        const i32* __restrict__ pos, int n_head, int n_ctx, int dv, int window,
+                                        int n_split) {
+    __shared__ float fac[64];
     const int h = blockIdx.x, t = blockIdx.y;
-    const float* src = part + ((i64)t * n_head + h) * n_split * (dv + 2);
+    int j_lo, chunk, live;
+    split_range(pos[t], window, n_ctx, n_split, j_lo, chunk, live);
+    const i64 stride = dv + 2;
+    const float* src = part + ((i64)t * n_head + h) * n_split * stride;
     float M = NEG_INF;
-    for (int s = 0; s < n_split; s++) M = fmaxf(M, src[(i64)s * (dv + 2)]);
-    float L = 0.f;
-    for (int s = 0; s < n_split; s++) {
-        const float ms = src[(i64)s * (dv + 2)];
-        if (ms != NEG_INF) L += src[(i64)s * (dv + 2) + 1] * __expf(ms - M);
+    for (int s = 0; s < live; s++) M = fmaxf(M, src[s * stride]);
+    for (int s = threadIdx.x; s < live; s += blockDim.x) {
+        const float ms = src[s * stride];
+        fac[s] = ms == NEG_INF ? 0.f : __expf(ms - M);
     }
+    __syncthreads();
+    float L = 0.f;
+    for (int s = 0; s < live; s++) L += fac[s] * src[s * stride + 1];
     const float inv = L > 0.f ? 1.f / L : 0.f;
     for (int d = threadIdx.x; d < dv; d += blockDim.x) {
         float acc = 0.f;
-        for (int s = 0; s < n_split; s++) {
-            const float ms = src[(i64)s * (dv + 2)];
-            if (ms != NEG_INF) acc += src[(i64)s * (dv + 2) + 2 + d] * __expf(ms - M);
-        }
+        for (int s = 0; s < live; s++) acc += fac[s] * src[s * stride + 2 + d];
         out[(i64)t * ldo + (i64)h * dv + d] = acc * inv;
     }
 }

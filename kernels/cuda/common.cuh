@@ -326,3 +326,9 @@ struct TQ6_K {
     MACRO(q4_k, TQ4_K)       \
     MACRO(q5_k, TQ5_K)       \
     MACRO(q6_k, TQ6_K)
+
+// Applies MACRO(NAME, TYPE) to the float weight types (those without an int8 dot path).
+#define FOR_EACH_FLOAT_TYPE(MACRO) \
+    MACRO(f32, TF32)               \
+    MACRO(f16, TF16)               \
+    MACRO(bf16, TBF16)

@@ -1,5 +1,6 @@
-// Quantized weights in their GGUF block layout: dequantize to f16/bf16 (prefill GEMM input),
-// fused GEMV / small-batch matmul (decode), embedding lookup and MoE expert GEMV.
+// Weights in their GGUF block layout: dequantize to f16/bf16 (prefill GEMM input), the f32
+// GEMV of float weights (quantized weights use the int8 GEMV in gemv.cu), embedding lookup and
+// the MoE expert GEMV of float experts (quantized experts: moe_gemvq_* in gemv.cu).
 
 // Dequantizes n_units units (8 values each) of a contiguous run of blocks into f16.
 template <class T>
@@ -77,8 +78,8 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ w, i64 row_byte
     }
 }
 
-// Instantiations gemv_<type>_<NB>r<R>: R rows per warp (register budget: R * NB accumulators,
-// R * 8 decoded values); the launcher picks R by the number of rows.
+// Instantiations gemv_<type>_<NB>r<R> for float weights: R rows per warp (register budget:
+// R * NB accumulators, R * 8 decoded values). The float MoE expert GEMV uses gemv_impl<T, 1, 1>.
 #define GEMV_KERNEL_NB(NAME, T, NB, R)                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                            \
         gemv_##NAME##_##NB##r##R(const u8* __restrict__ w, i64 row_bytes, int rows, int cols, \
@@ -87,9 +88,9 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ w, i64 row_byte
         gemv_impl<T, NB, R>(w, row_bytes, rows, cols, x, ldx, y, ldy, bias);                 \
     }
 #define GEMV_KERNELS(NAME, T)                                                                \
-    GEMV_KERNEL_NB(NAME, T, 1, 1) GEMV_KERNEL_NB(NAME, T, 1, 2) GEMV_KERNEL_NB(NAME, T, 1, 4) \
-    GEMV_KERNEL_NB(NAME, T, 2, 2) GEMV_KERNEL_NB(NAME, T, 4, 2) GEMV_KERNEL_NB(NAME, T, 8, 1)
-FOR_EACH_TYPE(GEMV_KERNELS)
+    GEMV_KERNEL_NB(NAME, T, 1, 1) GEMV_KERNEL_NB(NAME, T, 2, 2) GEMV_KERNEL_NB(NAME, T, 4, 2) \
+    GEMV_KERNEL_NB(NAME, T, 8, 1)
+FOR_EACH_FLOAT_TYPE(GEMV_KERNELS)
 
 // Single-row GEMV with the whole block (4 warps) on one weight row: for matrices with few rows
 // (k/v projections) the one-warp-per-row kernel leaves too few warps in flight to cover latency.
@@ -133,93 +134,7 @@ __device__ __forceinline__ void gemv_splitk_impl(const u8* __restrict__ w, i64 r
                          const float* __restrict__ bias) {                                     \
         gemv_splitk_impl<T>(w, row_bytes, rows, cols, x, y, bias);                             \
     }
-FOR_EACH_TYPE(GEMV_SPLITK_KERNEL)
-
-// Q4_K single-row GEMV, wide: each lane takes 16 bytes of quants (32 values of one group pair,
-// scales decoded once) per step, 8 lanes per superblock. WPR warps share a row (1: one warp per
-// row, 4 rows per block; 4: the whole block on one row, for matrices with few rows).
-__device__ __forceinline__ float q4k_dot32(const u8* __restrict__ b, int part, const float* __restrict__ x) {
-    const int g = part >> 1, off = 16 * (part & 1);
-    const float d = h2f(ld16(b)), dmin = h2f(ld16(b + 2));
-    float s0, m0, s1, m1;
-    k4_scale_min(b + 4, 2 * g, s0, m0);
-    k4_scale_min(b + 4, 2 * g + 1, s1, m1);
-    const uint4 q = *(const uint4*)(b + 16 + 32 * g + off);
-    const float* xa = x + 64 * g + off;
-    const float* xb = xa + 32;
-    const u32 qw[4] = {q.x, q.y, q.z, q.w};
-    float sa = 0.f, sb = 0.f, xsa = 0.f, xsb = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const float4 a = *(const float4*)(xa + 4 * k);
-        const float4 c = *(const float4*)(xb + 4 * k);
-        const u32 w = qw[k];
-        sa += (float)(w & 0xf) * a.x + (float)((w >> 8) & 0xf) * a.y + (float)((w >> 16) & 0xf) * a.z +
-              (float)((w >> 24) & 0xf) * a.w;
-        sb += (float)((w >> 4) & 0xf) * c.x + (float)((w >> 12) & 0xf) * c.y + (float)((w >> 20) & 0xf) * c.z +
-              (float)(w >> 28) * c.w;
-        xsa += a.x + a.y + a.z + a.w;
-        xsb += c.x + c.y + c.z + c.w;
-    }
-    return d * (s0 * sa + s1 * sb) - dmin * (m0 * xsa + m1 * xsb);
-}
-
-template <int WPR>
-__device__ __forceinline__ void gemv_q4k_wide_impl(const u8* __restrict__ w, i64 row_bytes, int rows, int cols,
-                                                   const float* __restrict__ x, float* __restrict__ y,
-                                                   const float* __restrict__ bias) {
-    __shared__ float red[GEMV_WARPS];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r = WPR == 1 ? blockIdx.x * GEMV_WARPS + warp : blockIdx.x;
-    if (WPR == 1 && r >= rows) return;
-    const u8* row = w + (i64)r * row_bytes;
-    const int n_parts = (cols / 256) * 8;
-    const int tid = WPR == 1 ? lane : threadIdx.x;
-    // Four independent 16-byte loads in flight per lane (a 4096-wide row is 128 parts: one round).
-    float acc = 0.f;
-#pragma unroll 4
-    for (int i = tid; i < n_parts; i += 32 * WPR) {
-        const int blk = i >> 3;
-        acc += q4k_dot32(row + (i64)blk * 144, i & 7, x + blk * 256);
-    }
-    acc = warp_sum(acc);
-    if (WPR > 1) {
-        if (lane == 0) red[warp] = acc;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float s = 0.f;
-#pragma unroll
-            for (int k = 0; k < GEMV_WARPS; k++) s += red[k];
-            y[r] = s + (bias ? bias[r] : 0.f);
-        }
-    } else if (lane == 0) {
-        y[r] = acc + (bias ? bias[r] : 0.f);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_q4_k_wide(const u8* __restrict__ w, i64 row_bytes, int rows, int cols, const float* __restrict__ x,
-                   float* __restrict__ y, const float* __restrict__ bias) {
-    gemv_q4k_wide_impl<1>(w, row_bytes, rows, cols, x, y, bias);
-}
-
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_q4_k_wide_k(const u8* __restrict__ w, i64 row_bytes, int rows, int cols, const float* __restrict__ x,
-                     float* __restrict__ y, const float* __restrict__ bias) {
-    gemv_q4k_wide_impl<GEMV_WARPS>(w, row_bytes, rows, cols, x, y, bias);
-}
-
-// MoE expert GEMV for Q4_K experts with the wide decoder (see moe_gemv_impl for the layout).
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    moe_gemv_q4_k_wide(const u8* __restrict__ w, i64 expert_bytes, i64 row_bytes, int rows, int cols,
-                       const float* __restrict__ x, int ldx, int x_div, const u32* __restrict__ route,
-                       int n_used, float* __restrict__ y, int ldy) {
-    const int p = blockIdx.y;
-    const int token = p / n_used, slot = p - token * n_used;
-    const u32 e = route[(i64)token * 2 * n_used + slot];
-    gemv_q4k_wide_impl<1>(w + (i64)e * expert_bytes, row_bytes, rows, cols, x + (i64)(p / x_div) * ldx,
-                          y + (i64)p * ldy, nullptr);
-}
+FOR_EACH_FLOAT_TYPE(GEMV_SPLITK_KERNEL)
 
 // Embedding lookup: out[t, :] = table[ids[t], :] * scale. Grid (ceil(units/128), n_tokens).
 template <class T>
@@ -249,7 +164,8 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ table, i64 
     }
 FOR_EACH_TYPE(GET_ROWS_KERNEL)
 
-// MoE expert GEMV. Grid (ceil(rows/GEMV_WARPS), n_pairs) where pair p = token * n_used + slot.
+// MoE expert GEMV of float experts (F32, F16, BF16). Grid (ceil(rows/GEMV_WARPS), n_pairs) where
+// pair p = token * n_used + slot.
 // The expert of pair p is route[token * 2 * n_used + slot] (route rows: n_used ids, n_used weights).
 // Input row of pair p is x[p / x_div] (x_div = n_used: the token's activations; 1: per-pair rows).
 template <class T>
@@ -271,4 +187,4 @@ __device__ __forceinline__ void moe_gemv_impl(const u8* __restrict__ w, i64 expe
                         int n_used, float* __restrict__ y, int ldy) {                               \
         moe_gemv_impl<T>(w, expert_bytes, row_bytes, rows, cols, x, ldx, x_div, route, n_used, y, ldy); \
     }
-FOR_EACH_TYPE(MOE_GEMV_KERNEL)
+FOR_EACH_FLOAT_TYPE(MOE_GEMV_KERNEL)

@@ -273,6 +273,64 @@ fn ref_matmul(
     out
 }
 
+/// The activations the GEMV of weight type `ty` really multiplies with: `x` (rows of `cols`)
+/// rounded through the type's partner format as the CPU engine quantizes it (f32 types: `x`).
+fn partner_rounded(ty: GgmlType, x: &[f32], cols: usize) -> Vec<f32> {
+    let f = quant::kernel(ty).expect("CPU kernel").act;
+    let mut out = vec![0f32; x.len()];
+    let mut buf = vec![0u8; f.row_bytes(cols).expect("whole blocks")];
+    for (xr, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        quant::act::quantize_acts_row(f, xr, &mut buf);
+        quant::act::dequantize_acts_row(f, &buf, o);
+    }
+    out
+}
+
+/// f64 reference of the GEMV: `w` (`bytes`, dequantized `wf`, `rows × cols`) times `x` rounded
+/// through the type's partner format. With a Q8_1 partner (Q4_1, Q5_1) the weight block minimum
+/// multiplies the block sum the format stores (as f16) rather than the sum of the rounded values,
+/// as the format defines.
+#[allow(clippy::too_many_arguments)]
+fn ref_gemv(
+    ty: GgmlType,
+    bytes: &[u8],
+    wf: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
+    let mut out = ref_matmul(wf, rows, cols, &partner_rounded(ty, x, cols), n, bias);
+    let f = quant::kernel(ty).expect("CPU kernel").act;
+    if f != quant::ActFormat::Q8_1 {
+        return out;
+    }
+    let (rb, bb, nb) = (
+        row_bytes(ty, cols).unwrap(),
+        ty.type_size() as usize,
+        cols / 32,
+    );
+    let f16_at = |b: &[u8], o: usize| f16::from_le_bytes([b[o], b[o + 1]]).to_f32() as f64;
+    let mut buf = vec![0u8; f.row_bytes(cols).unwrap()];
+    for t in 0..n {
+        quant::act::quantize_acts_row(f, &x[t * cols..(t + 1) * cols], &mut buf);
+        // Per block: stored sum minus the sum of the rounded values (d · Σq).
+        let fix: Vec<f64> = buf
+            .chunks_exact(f.block_bytes())
+            .map(|a| {
+                let sq: i32 = a[4..].iter().map(|&q| q as i8 as i32).sum();
+                f16_at(a, 2) - f16_at(a, 0) * sq as f64
+            })
+            .collect();
+        for j in 0..rows {
+            let w = &bytes[j * rb..(j + 1) * rb];
+            out[t * rows + j] += (0..nb).map(|b| f16_at(w, b * bb + 2) * fix[b]).sum::<f64>();
+        }
+    }
+    out
+}
+
 #[test]
 fn cuda_gemv_every_type_matches_cpu() {
     let Some(c) = ctx("cuda_gemv_every_type_matches_cpu") else {
@@ -287,7 +345,8 @@ fn cuda_gemv_every_type_matches_cpu() {
         for n in [1usize, 2, 3, 5, 8, 13] {
             let x = randv(&mut r, n * cols, 1.0);
             let bias = randv(&mut r, rows, 1.0);
-            let want = ref_matmul(&wf, rows, cols, &x, n, Some(&bias));
+            // Quantized types dot int8 activations: the f64 reference takes them rounded the same way.
+            let want = ref_gemv(ty, &bytes, &wf, rows, cols, &x, n, Some(&bias));
             let xd = c.up_f32(&x);
             let bd = c.up_f32(&bias);
             let out = c.poisoned(n * rows * 4);
@@ -309,7 +368,8 @@ fn cuda_gemv_every_type_matches_cpu() {
                 .unwrap();
             c.sync();
             let err = rel_l2(&c.down_f32(out.ptr, n * rows), &want);
-            // f32 accumulation over 768 terms: far below 1e-5.
+            // f32 accumulation over 768 terms (integer sub-block sums for quantized types): far
+            // below 1e-5.
             assert!(err < 1e-5, "{ty:?} n={n}: rel L2 {err}");
             c.free(&[xd, bd, out]);
         }
@@ -336,10 +396,22 @@ fn cuda_matmul_gemm_path_and_row_range() {
     ] {
         let (bytes, wf) = make_weights(&mut r, ty, rows, cols);
         let w = c.up_bytes(&bytes);
-        for n in [4usize, 17, 100] {
+        for n in [4usize, 8, 17, 100] {
             let x = randv(&mut r, n * cols, 1.0);
             let bias = randv(&mut r, rows, 1.0);
-            let want_all = ref_matmul(&wf, rows, cols, &x, n, Some(&bias));
+            // Few rows run the GEMV, which rounds activations to the partner format.
+            let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+            let gemv_max = if float {
+                pshard_kernels::cuda::GEMV_MAX_ROWS
+            } else {
+                pshard_kernels::cuda::GEMV_INT8_MAX_ROWS
+            };
+            let gemv = n <= gemv_max;
+            let want_all = if gemv {
+                ref_gemv(ty, &bytes, &wf, rows, cols, &x, n, Some(&bias))
+            } else {
+                ref_matmul(&wf, rows, cols, &x, n, Some(&bias))
+            };
             let want: Vec<f64> = (0..n)
                 .flat_map(|t| want_all[t * rows + row0..t * rows + row0 + nrows].to_vec())
                 .collect();
@@ -370,10 +442,209 @@ fn cuda_matmul_gemm_path_and_row_range() {
                 .unwrap();
             c.sync();
             let err = rel_l2(&c.down_f32(out.ptr, n * nrows), &want);
-            // f16 (bf16) rounding of weights and activations: 1e-3 (bf16: 8e-3).
-            let tol = if ty == GgmlType::BF16 { 8e-3 } else { 1.5e-3 };
+            // f16 (bf16) rounding of weights and activations: 1e-3 (bf16: 8e-3); the GEMV
+            // path only rounds in f32 (1e-5).
+            let tol = if gemv {
+                1e-5
+            } else if ty == GgmlType::BF16 {
+                8e-3
+            } else {
+                1.5e-3
+            };
             assert!(err < tol, "{ty:?} n={n}: rel L2 {err}");
             c.free(&[xd, bd, out, ws, as_]);
+        }
+        c.free(&[w]);
+    }
+}
+
+/// The GPU activation quantizer writes the same quants, scales and sums as the CPU engine's, bit
+/// for bit (ties to even, the first largest magnitude for Q8_K, zero blocks).
+#[test]
+fn cuda_quantize_acts_bit_exact_vs_cpu() {
+    let Some(c) = ctx("cuda_quantize_acts_bit_exact_vs_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_quantize_acts");
+    let (n, cols) = (8usize, 1280usize);
+    let mut x = randv(&mut r, n * cols, 1.0);
+    // Row 1: equal magnitudes of opposite sign (the first one is the Q8_K reference value).
+    x[cols + 3] = 1.5;
+    x[cols + 7] = -1.5;
+    x[cols + 256 + 5] = -1.5;
+    x[cols + 256 + 9] = 1.5;
+    // Row 2: a block whose scale is exactly 1 with values at k + 0.5 (ties), and a zero block.
+    for j in 0..32 {
+        x[2 * cols + j] = if j == 0 { 127.0 } else { j as f32 - 16.5 };
+    }
+    x[2 * cols + 256..2 * cols + 512].fill(0.0);
+    // Row 3: large and tiny magnitudes.
+    for (j, v) in x[3 * cols..4 * cols].iter_mut().enumerate() {
+        *v *= if j % 3 == 0 { 1e4 } else { 1e-4 };
+    }
+    let xd = c.up_f32(&x);
+    for format in [
+        quant::ActFormat::Q8_0,
+        quant::ActFormat::Q8_1,
+        quant::ActFormat::Q8K,
+    ] {
+        let qa = c
+            .gpu
+            .kernels
+            .quantize_acts(format, xd.ptr, cols, cols, n, c.gpu.stream())
+            .unwrap();
+        c.sync();
+        let q = c.down_bytes(qa.q, n * cols);
+        let per_scale = if format == quant::ActFormat::Q8_1 {
+            2
+        } else {
+            1
+        };
+        let qk = format.block_size();
+        let d = c.down_f32(qa.d, n * cols / qk * per_scale);
+        let bs = c.down_bytes(qa.bs, n * cols / 16 * 2);
+        let mut cpu = vec![0u8; format.row_bytes(cols).unwrap()];
+        for t in 0..n {
+            quant::act::quantize_acts_row(format, &x[t * cols..(t + 1) * cols], &mut cpu);
+            for (b, blk) in cpu.chunks_exact(format.block_bytes()).enumerate() {
+                let gq = &q[t * cols + b * qk..t * cols + (b + 1) * qk];
+                let gd = &d[(t * cols / qk + b) * per_scale..][..per_scale];
+                let at = format!("{} row {t} block {b}", format.name());
+                let f16_at = |o: usize| f16::from_le_bytes([blk[o], blk[o + 1]]).to_f32();
+                match format {
+                    quant::ActFormat::Q8_0 => {
+                        assert_eq!(gq, &blk[2..], "{at}: quants");
+                        assert_eq!(gd[0].to_bits(), f16_at(0).to_bits(), "{at}: scale");
+                    }
+                    quant::ActFormat::Q8_1 => {
+                        assert_eq!(gq, &blk[4..], "{at}: quants");
+                        assert_eq!(gd[0].to_bits(), f16_at(0).to_bits(), "{at}: scale");
+                        assert_eq!(gd[1].to_bits(), f16_at(2).to_bits(), "{at}: sum");
+                    }
+                    _ => {
+                        assert_eq!(gq, &blk[4..260], "{at}: quants");
+                        let cd = f32::from_le_bytes(blk[0..4].try_into().unwrap());
+                        assert_eq!(gd[0].to_bits(), cd.to_bits(), "{at}: scale");
+                        let o = (t * cols / 16 + b * 16) * 2;
+                        assert_eq!(&bs[o..o + 32], &blk[260..292], "{at}: sums");
+                    }
+                }
+            }
+        }
+    }
+    c.free(&[xd]);
+}
+
+/// The int8 GEMV of every quantized type against the CPU engine's matmul on the same weights and
+/// activations: odd row counts (not multiples of the rows per block), each batch size 1..8 and a
+/// batch of 11 (8 + 3), every warps-per-row variant.
+#[test]
+fn cuda_gemv_int8_matches_cpu_engine() {
+    let Some(c) = ctx("cuda_gemv_int8_matches_cpu_engine") else {
+        return;
+    };
+    let mut r = rng("cuda_gemv_int8");
+    let mut worst = 0f64;
+    for &ty in quant::SUPPORTED {
+        let Some(k) = quant::kernel(ty) else { continue };
+        if k.act == quant::ActFormat::F32 {
+            continue;
+        }
+        // (rows, cols): one warp per row on short rows, and 2 or 4 warps per row on few rows.
+        for (si, &(rows, cols)) in [(37usize, 768usize), (131, 4096), (67, 2048)]
+            .iter()
+            .enumerate()
+        {
+            let bytes = if si == 1 {
+                make_weights(&mut r, ty, rows, cols).0
+            } else {
+                random_blocks(&mut r, ty, rows, cols)
+            };
+            let w = c.up_bytes(&bytes);
+            let wm = pshard_kernels::matmul::WeightMatrix {
+                ty,
+                data: &bytes,
+                rows,
+                cols,
+            };
+            for n in (1usize..=8).chain([11]) {
+                let x = randv(&mut r, n * cols, 1.0);
+                let xq = pshard_kernels::matmul::quantize_acts(k.act, &x, n, cols);
+                let mut want = vec![0f32; n * rows];
+                pshard_kernels::matmul::matmul(&wm, &xq, &mut want, rows, 0..rows).unwrap();
+                let xd = c.up_f32(&x);
+                let out = c.poisoned(n * rows * 4);
+                c.gpu
+                    .kernels
+                    .gemv(
+                        ty,
+                        w.ptr,
+                        rows,
+                        cols,
+                        xd.ptr,
+                        cols,
+                        out.ptr,
+                        rows,
+                        n,
+                        None,
+                        c.gpu.stream(),
+                    )
+                    .unwrap();
+                c.sync();
+                let got = c.down_f32(out.ptr, n * rows);
+                let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+                let err = rel_l2(&got, &want64);
+                worst = worst.max(err);
+                // Same integer sums and block scale math; only the f32 summation order differs.
+                assert!(err <= 1e-5, "{ty:?} {rows}x{cols} n={n}: rel L2 {err}");
+                c.free(&[xd, out]);
+            }
+            c.free(&[w]);
+        }
+    }
+    eprintln!("int8 GEMV vs CPU engine: worst rel L2 {worst:.2e}");
+}
+
+/// The int8 GEMV (quantizer + dependent GEMV launch) captured in a CUDA graph and replayed on new
+/// activations gives the same bits as direct calls.
+#[test]
+fn cuda_gemv_int8_graph_replay_matches_direct() {
+    let Some(c) = ctx("cuda_gemv_int8_graph_replay_matches_direct") else {
+        return;
+    };
+    let mut r = rng("cuda_gemv_int8_graph");
+    let (rows, cols) = (333usize, 2048usize);
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+    ] {
+        let w = c.up_bytes(&random_blocks(&mut r, ty, rows, cols));
+        for n in [1usize, 5] {
+            let xd = c.up_f32(&randv(&mut r, n * cols, 1.0));
+            let out = c.poisoned(n * rows * 4);
+            let s = c.gpu.stream().clone();
+            let call = || {
+                c.gpu.kernels.gemv(
+                    ty, w.ptr, rows, cols, xd.ptr, cols, out.ptr, rows, n, None, &s,
+                )
+            };
+            let g = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, call).unwrap();
+            for _ in 0..2 {
+                let x = randv(&mut r, n * cols, 1.0);
+                let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                c.gpu.dev.upload(&s, xd.ptr, &xb).unwrap();
+                call().unwrap();
+                c.sync();
+                let direct = c.down_bytes(out.ptr, n * rows * 4);
+                c.gpu.dev.memset(&s, out.ptr, 0xff, n * rows * 4).unwrap();
+                g.launch(&s).unwrap();
+                c.sync();
+                let replayed = c.down_bytes(out.ptr, n * rows * 4);
+                assert!(direct == replayed, "{ty:?} n={n}: graph replay differs");
+            }
+            c.free(&[xd, out]);
         }
         c.free(&[w]);
     }
@@ -805,6 +1076,47 @@ fn cuda_attention_prefill_and_decode_match_cpu() {
         1,
         1e-4,
     );
+    // Split-KV edges: the device cuts the visible keys into 64-key tiles per split, so contexts
+    // of 1, 63, 64, 65 keys (one partial/full tile, one key into the next) and 1000 keys in a
+    // large cache (most splits empty, skipped by attn_combine) must all be exact.
+    for ctx_len in [1usize, 63, 64, 65, 1000] {
+        run_attention_case(&c, &mut r, base(8, 2, 128, 4096), ctx_len - 1, 1, 1, 1e-4);
+    }
+    // Four decode rows at once (a graph-captured batch): 127 to 130 keys.
+    run_attention_case(&c, &mut r, base(32, 8, 128, 2048), 126, 4, 1, 1e-4);
+    // Several tiles per split (32 heads: 32 splits, 12001 keys → 384-key splits), GQA 4:1.
+    run_attention_case(&c, &mut r, base(32, 8, 128, 16384), 12000, 1, 1, 1e-4);
+    // Sliding windows: window inside one tile, window across tiles and splits, window larger
+    // than the context, with soft-capping.
+    for (window, start) in [(40usize, 300usize), (700, 2000), (5000, 900)] {
+        run_attention_case(
+            &c,
+            &mut r,
+            AttnParams {
+                window,
+                softcap: 30.0,
+                ..base(8, 4, 64, 4096)
+            },
+            start,
+            2,
+            1,
+            1e-4,
+        );
+    }
+    // Head dims that are not multiples of 8 (4-byte copy path), dk != dv, GQA 3:1.
+    run_attention_case(
+        &c,
+        &mut r,
+        AttnParams {
+            dk: 20,
+            dv: 12,
+            ..base(6, 2, 20, 512)
+        },
+        130,
+        3,
+        1,
+        1e-4,
+    );
     // Long context prefill: 4100 tokens, GQA 4:1, checking every 97th row (skipped under the
     // memory checker, PSHARD_CUDA_TINY=1, where it would take minutes).
     if std::env::var_os("PSHARD_CUDA_TINY").is_some() {
@@ -1084,6 +1396,167 @@ fn cuda_type_geometry_covers_cpu_types() {
     }
 }
 
+/// Decode GEMV throughput (run with `--ignored`): weight GB/s per quantized type and shape at
+/// batch 1..8, with the dequantize + GEMM path at the same batch for comparison, timed in CUDA
+/// graphs (or back to back: `PSHARD_BENCH_NO_GRAPH=1`). Weight copies rotate through more than
+/// the L2 cache so every call reads HBM. `PSHARD_GEMV_RW` = "R,TW"
+/// forces the kernel shape (rows and warps per team).
+#[test]
+#[ignore]
+fn cuda_bench_gemv() {
+    let Some(c) = ctx("cuda_bench_gemv") else {
+        return;
+    };
+    let mut r = rng("cuda_bench_gemv");
+    let s = c.gpu.stream().clone();
+    let no_graph = std::env::var("PSHARD_BENCH_NO_GRAPH").is_ok_and(|v| v == "1");
+    let mut lines = Vec::new();
+    let shapes = [
+        (4096usize, 4096usize),
+        (4096, 14336),
+        (14336, 4096),
+        (1024, 4096),
+    ];
+    let max_cols = 14336;
+    let x = c.up_f32(&randv(&mut r, 8 * max_cols, 1.0));
+    let out = c.alloc(8 * 14336 * 4);
+    let wsb = c.alloc(14336 * 4096 * 2);
+    let asb = c.alloc(8 * max_cols * 2);
+    let types: Vec<GgmlType> = quant::SUPPORTED
+        .iter()
+        .copied()
+        .filter(|&t| t != GgmlType::F32 && t != GgmlType::BF16)
+        .collect();
+    for &(rows, cols) in &shapes {
+        lines.push(format!(
+            "{rows}x{cols}: weight GB/s   n=1    n=2    n=3    n=4    n=8  (gemm n=8)"
+        ));
+        for &ty in &types {
+            let bytes = random_blocks(&mut r, ty, rows, cols);
+            let copies = (256usize << 20).div_ceil(bytes.len()).clamp(1, 64);
+            let first = c.up_bytes(&bytes);
+            let mut ws = vec![first];
+            for _ in 1..copies {
+                let b = c.alloc(bytes.len());
+                c.gpu
+                    .dev
+                    .copy_d2d(c.gpu.stream(), b.ptr, first.ptr, bytes.len())
+                    .unwrap();
+                ws.push(b);
+            }
+            // Timed as the runtime runs decode: one call per weight copy captured in a CUDA graph,
+            // the graph replayed (`PSHARD_BENCH_NO_GRAPH=1`: launched back to back instead, as
+            // the profiler times them).
+            let time = |f: &dyn Fn(u64)| -> f64 {
+                if no_graph {
+                    for b in &ws {
+                        f(b.ptr);
+                    }
+                    c.sync();
+                    let (a, b) = (
+                        c.gpu.dev.event(true).unwrap(),
+                        c.gpu.dev.event(true).unwrap(),
+                    );
+                    let reps = (4 * copies).max(64);
+                    a.record(&s).unwrap();
+                    for i in 0..reps {
+                        f(ws[i % copies].ptr);
+                    }
+                    b.record(&s).unwrap();
+                    b.synchronize().unwrap();
+                    return a.elapsed_ms(&b).unwrap() as f64 / reps as f64;
+                }
+                let g = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, || {
+                    for b in &ws {
+                        f(b.ptr);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                g.launch(&s).unwrap();
+                c.sync();
+                let (a, b) = (
+                    c.gpu.dev.event(true).unwrap(),
+                    c.gpu.dev.event(true).unwrap(),
+                );
+                let reps = 64usize.div_ceil(copies).max(2);
+                a.record(&s).unwrap();
+                for _ in 0..reps {
+                    g.launch(&s).unwrap();
+                }
+                b.record(&s).unwrap();
+                b.synchronize().unwrap();
+                a.elapsed_ms(&b).unwrap() as f64 / (reps * copies) as f64
+            };
+            let mut row = format!("  {:<6}", format!("{ty:?}"));
+            for n in [1usize, 2, 3, 4, 8] {
+                let ms = time(&|w| {
+                    c.gpu
+                        .kernels
+                        .gemv(ty, w, rows, cols, x.ptr, cols, out.ptr, rows, n, None, &s)
+                        .unwrap()
+                });
+                row += &format!(" {:6.0}", bytes.len() as f64 / ms / 1e6);
+            }
+            let sc = GemmScratch {
+                weights: wsb.ptr,
+                acts: asb.ptr,
+            };
+            let ms = time(&|w| {
+                c.gpu
+                    .matmul(
+                        ty,
+                        w,
+                        cols,
+                        0,
+                        rows,
+                        x.ptr,
+                        8,
+                        out.ptr,
+                        rows,
+                        None,
+                        Some(sc),
+                    )
+                    .unwrap()
+            });
+            row += &format!("  {:6.0}", bytes.len() as f64 / ms / 1e6);
+            lines.push(row);
+            c.free(&ws);
+        }
+    }
+    // The activation quantizer alone (it runs before every GEMV launch).
+    for format in [quant::ActFormat::Q8K, quant::ActFormat::Q8_0] {
+        for cols in [4096usize, 14336] {
+            for n in [1usize, 8] {
+                let reps = 200;
+                c.sync();
+                let (a, b) = (
+                    c.gpu.dev.event(true).unwrap(),
+                    c.gpu.dev.event(true).unwrap(),
+                );
+                a.record(&s).unwrap();
+                for _ in 0..reps {
+                    c.gpu
+                        .kernels
+                        .quantize_acts(format, x.ptr, cols, cols, n, &s)
+                        .unwrap();
+                }
+                b.record(&s).unwrap();
+                b.synchronize().unwrap();
+                let us = a.elapsed_ms(&b).unwrap() as f64 / reps as f64 * 1e3;
+                lines.push(format!(
+                    "quantize {} cols={cols} n={n}: {us:.2} us per call (back to back)",
+                    format.name()
+                ));
+            }
+        }
+    }
+    c.free(&[x, out, wsb, asb]);
+    for l in &lines {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
 /// Kernel timings (run with `--ignored`): the numbers the executor's design rests on.
 #[test]
 #[ignore]
@@ -1122,84 +1595,7 @@ fn cuda_bench_kernels() {
         let w = c.up_bytes(&bytes);
         let x = c.up_f32(&randv(&mut r, 2048 * cols, 1.0));
         let out = c.alloc(2048 * rows * 4);
-        for rpw in [1usize, 2, 4] {
-            let rb = row_bytes(ty, cols).unwrap() as i64;
-            let (ri, ci, zero) = (rows as i32, cols as i32, 0u64);
-            let name = format!("gemv_{}_1r{rpw}", type_geom(ty).unwrap().suffix);
-            let ms = time(
-                &|| {
-                    c.gpu
-                        .kernels
-                        .launch(
-                            &name,
-                            ((rows as u32).div_ceil(4 * rpw as u32), 1, 1),
-                            128,
-                            0,
-                            &s,
-                            &[&w.ptr, &rb, &ri, &ci, &x.ptr, &ci, &out.ptr, &ri, &zero],
-                        )
-                        .unwrap()
-                },
-                50,
-            );
-            table.push(format!(
-                "gemv {ty:?} {rows}x{cols} n=1 rows/warp={rpw}: {ms:.4} ms, {:.0} GB/s weights",
-                bytes.len() as f64 / ms / 1e6
-            ));
-        }
-        {
-            let rb = row_bytes(ty, cols).unwrap() as i64;
-            let (ri, ci, zero) = (rows as i32, cols as i32, 0u64);
-            let name = format!("gemv_{}_1k", type_geom(ty).unwrap().suffix);
-            let ms = time(
-                &|| {
-                    c.gpu
-                        .kernels
-                        .launch(
-                            &name,
-                            (rows as u32, 1, 1),
-                            128,
-                            0,
-                            &s,
-                            &[&w.ptr, &rb, &ri, &ci, &x.ptr, &out.ptr, &zero],
-                        )
-                        .unwrap()
-                },
-                50,
-            );
-            table.push(format!(
-                "gemv {ty:?} {rows}x{cols} n=1 block-per-row: {ms:.4} ms, {:.0} GB/s weights",
-                bytes.len() as f64 / ms / 1e6
-            ));
-            if ty == GgmlType::Q4_K {
-                for (name, grid) in [
-                    ("gemv_q4_k_wide", (rows as u32).div_ceil(4)),
-                    ("gemv_q4_k_wide_k", rows as u32),
-                ] {
-                    let ms = time(
-                        &|| {
-                            c.gpu
-                                .kernels
-                                .launch(
-                                    name,
-                                    (grid, 1, 1),
-                                    128,
-                                    0,
-                                    &s,
-                                    &[&w.ptr, &rb, &ri, &ci, &x.ptr, &out.ptr, &zero],
-                                )
-                                .unwrap()
-                        },
-                        50,
-                    );
-                    table.push(format!(
-                        "gemv {ty:?} {rows}x{cols} n=1 {name}: {ms:.4} ms, {:.0} GB/s weights",
-                        bytes.len() as f64 / ms / 1e6
-                    ));
-                }
-            }
-        }
-        for n in [2usize, 4, 8] {
+        for n in [1usize, 2, 4, 8] {
             let ms = time(
                 &|| {
                     c.gpu
@@ -1364,6 +1760,92 @@ fn cuda_bench_kernels() {
         c.free(&[kc, vc, kf, pd, q, out, part, last]);
     }
     for l in &table {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
+/// Decode attention cost against the number of visible keys in a large cache (run with
+/// `--ignored`): the split-KV kernel sizes its splits from the position on the device, so a call
+/// over L keys should cost a few µs plus L keys' bytes at HBM speed, independent of n_ctx.
+#[test]
+#[ignore]
+fn cuda_bench_decode_attention() {
+    let Some(c) = ctx("cuda_bench_decode_attention") else {
+        return;
+    };
+    let mut r = rng("cuda_bench_decode_attention");
+    let s = c.gpu.stream().clone();
+    let n_ctx = 32768usize;
+    let mut lines = Vec::new();
+    for (heads, kv, d) in [(32usize, 8usize, 128usize), (4, 1, 256)] {
+        let p = AttnParams {
+            n_head: heads,
+            n_kv: kv,
+            dk: d,
+            dv: d,
+            n_ctx,
+            scale: 1.0 / (d as f32).sqrt(),
+            softcap: 0.0,
+            window: 0,
+        };
+        let kc = c.alloc(n_ctx * kv * d * 2);
+        let vc = c.alloc(n_ctx * kv * d * 2);
+        let kf = c.up_f32(&randv(&mut r, n_ctx * kv * d, 1.0));
+        let fill: Vec<i32> = (0..n_ctx as i32).collect();
+        let fd = c.up_i32(&fill);
+        for cache in [kc, vc] {
+            c.gpu
+                .kernels
+                .kv_write(kf.ptr, kv * d, cache.ptr, kv * d, fd.ptr, n_ctx, &s)
+                .unwrap();
+        }
+        let q = c.up_f32(&randv(&mut r, heads * d, 1.0));
+        let out = c.alloc(heads * d * 4);
+        let part = c.alloc(c.gpu.kernels.attention_scratch(&p, 1).max(4));
+        for len in [1usize, 128, 1024, 2048, 8192, 32768] {
+            let pd = c.up_i32(&[len as i32 - 1]);
+            let run = || {
+                c.gpu
+                    .kernels
+                    .attention(
+                        &p,
+                        q.ptr,
+                        heads * d,
+                        kc.ptr,
+                        vc.ptr,
+                        pd.ptr,
+                        1,
+                        out.ptr,
+                        heads * d,
+                        part.ptr,
+                        &s,
+                    )
+                    .unwrap()
+            };
+            run();
+            c.sync();
+            let (a, b) = (
+                c.gpu.dev.event(true).unwrap(),
+                c.gpu.dev.event(true).unwrap(),
+            );
+            let reps = 200;
+            a.record(&s).unwrap();
+            for _ in 0..reps {
+                run();
+            }
+            b.record(&s).unwrap();
+            b.synchronize().unwrap();
+            let us = a.elapsed_ms(&b).unwrap() as f64 * 1e3 / reps as f64;
+            let bytes = (2 * len * kv * d * 2) as f64;
+            lines.push(format!(
+                "decode attention keys={len} n_ctx={n_ctx} heads={heads}/{kv} d={d}: {us:.1} µs, {:.0} GB/s KV",
+                bytes / us / 1e3
+            ));
+            c.free(&[pd]);
+        }
+        c.free(&[kc, vc, kf, fd, q, out, part]);
+    }
+    for l in &lines {
         let _ = writeln!(std::io::stderr(), "BENCH {l}");
     }
 }

@@ -400,16 +400,16 @@ impl<'a> TierModel<'a> {
                         ((b * h.n_expert_used) as f64 / distinct).ceil().max(1.0) as usize;
                     // CPU: the expert kernel handles all routed experts in one call: cost it as
                     // one matmul over the distinct experts' rows stacked, at the per-expert batch.
-                    // GPU, as the CUDA backend runs it: up to GPU_GEMV_MAX_ROWS tokens one GEMV
-                    // over every (token, expert) pair's matrix; above, the routes are read back
-                    // (one host round trip) and each used expert is dequantized and multiplied
-                    // by a GEMM over its tokens.
+                    // GPU, as the CUDA backend runs it: up to GPU_MOE_GEMV_MAX_PAIRS (token,
+                    // expert) pairs one GEMV over every pair's matrix; above, the routes are read
+                    // back (one host round trip) and each used expert is dequantized and
+                    // multiplied by a GEMM over its tokens.
                     let mut parts = Vec::new();
                     let pairs = b * h.n_expert_used.max(1);
                     for (i, t) in [up_exps, gate_exps, down_exps].into_iter().enumerate() {
                         let td = spec.tensor(*t);
                         let rows = (distinct * td.rows() as f64).round().max(1.0) as usize;
-                        let gpu = if b <= crate::costtable::GPU_GEMV_MAX_ROWS {
+                        let gpu = if pairs <= crate::costtable::GPU_MOE_GEMV_MAX_PAIRS {
                             table.gpu_matmul_path(
                                 GpuPath::Gemv,
                                 td.ty,

@@ -113,6 +113,11 @@ const GB: f64 = 1e9;
 /// GEMM); mirrors `pshard_kernels::cuda::GEMV_MAX_ROWS` (the CLI's tests check they agree).
 pub const GPU_GEMV_MAX_ROWS: usize = 4;
 
+/// (token, expert) pairs up to which the CUDA backend runs MoE experts as one GEMV per pair (above:
+/// routes read back, one dequantize + GEMM per used expert); mirrors
+/// `pshard_runtime::gpu::MOE_GEMV_MAX_PAIRS` (the CLI's tests check they agree).
+pub const GPU_MOE_GEMV_MAX_PAIRS: usize = 256;
+
 /// Clamp for interpolated efficiencies: guards against a single wild point dominating.
 const EFF_MIN: f64 = 1e-3;
 const EFF_MAX: f64 = 4.0;
@@ -437,7 +442,9 @@ impl CostTable {
         roof / eff.unwrap_or(1.0)
     }
 
-    /// Seconds for a GPU matmul on the given path.
+    /// Seconds for a GPU matmul on the given path: the device time the profile measured for
+    /// back-to-back calls, but never less than the host's cost of issuing its launches (one for
+    /// the GEMV, dequantize + GEMM for the other), which bounds runs of small kernels.
     pub fn gpu_matmul_path(
         &self,
         path: GpuPath,
@@ -447,13 +454,15 @@ impl CostTable {
         batch: usize,
     ) -> f64 {
         let roof = self.roof_gpu_matmul(path, ty, rows, cols, batch);
-        let op = match path {
-            GpuPath::Gemv => KnownOp::MatmulGemv,
-            GpuPath::Gemm => KnownOp::MatmulGemm,
+        let (op, launches) = match path {
+            GpuPath::Gemv => (KnownOp::MatmulGemv, 1.0),
+            GpuPath::Gemm => (KnownOp::MatmulGemm, 2.0),
         };
-        roof / self
-            .efficiency(op, Some(ty), [rows, cols], batch)
-            .unwrap_or(1.0)
+        let device = roof
+            / self
+                .efficiency(op, Some(ty), [rows, cols], batch)
+                .unwrap_or(1.0);
+        device.max(launches * self.ceil.gpu_launch_s)
     }
 
     /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to

@@ -1,14 +1,20 @@
 //! `pshard bench`: llama-bench-style throughput tests. `-p 512,4096` prompt-processing tests,
 //! `-n 128` generation tests, `-r` repetitions after one untimed warm-up, synthetic tokens;
 //! markdown or JSON (llama-bench's keys) output. The instrument for every performance claim.
+//!
+//! `--op-times` adds, after the tests, one untimed pass per test with per-op timing and prints
+//! where the time goes to stderr: on CUDA per (op, weight type, shape, batch) from events around
+//! every step (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the matmuls; on the
+//! CPU per op kind.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use pshard_model::ggml_type::GgmlType;
+use pshard_planner::Profile;
 use pshard_runtime::engine::{Engine, Logits};
-use pshard_runtime::gpu::{GpuEngine, GpuOptions};
+use pshard_runtime::gpu::{GpuEngine, GpuOptions, OpKey, OpTime};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
@@ -55,6 +61,15 @@ pub struct Args {
     /// Seed of the synthetic tokens.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// After the tests, run one more (untimed) pass of each with per-op timing and print where
+    /// the time goes to stderr (CUDA: per op, weight type, shape and batch, from events around
+    /// every op, without CUDA graphs; CPU: per op kind).
+    #[arg(long = "op-times")]
+    op_times: bool,
+    /// With `--op-times` on CUDA: put each matmul's time beside the GPU profile's point for the
+    /// same path, weight type, shape and batch (how well the profile predicts the runtime).
+    #[arg(long = "gpu-profile", requires = "op_times")]
+    gpu_profile: Option<PathBuf>,
 }
 
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
@@ -112,6 +127,202 @@ impl Runner {
         }
         Ok(())
     }
+
+    /// One pass of a test: the prompt in ubatches, or the generation steps.
+    fn pass(&mut self, test: &TestResult, tokens: &[u32], ubatch: usize) -> anyhow::Result<()> {
+        if test.n_gen == 0 {
+            self.prompt(tokens, ubatch)
+        } else {
+            tokens.iter().try_for_each(|&t| self.step(t))
+        }
+    }
+
+    /// Runs one pass of `test` with per-op timing and prints the breakdown to stderr.
+    fn op_times_pass(
+        &mut self,
+        test: &TestResult,
+        tokens: &[u32],
+        ubatch: usize,
+        profile: Option<&Profile>,
+    ) -> anyhow::Result<()> {
+        self.reset();
+        let before = match self {
+            Runner::Cpu(e) => e.op_seconds(),
+            Runner::Gpu(e, _) => {
+                e.clear_op_times();
+                e.set_op_timing(true);
+                Vec::new()
+            }
+        };
+        let t0 = Instant::now();
+        let r = self.pass(test, tokens, ubatch);
+        let wall = t0.elapsed().as_secs_f64();
+        match self {
+            Runner::Cpu(e) => {
+                r?;
+                let after = e.op_seconds();
+                let rows: Vec<(&'static str, f64)> = after
+                    .iter()
+                    .map(|&(k, v)| {
+                        let b = before.iter().find(|e| e.0 == k).map_or(0.0, |e| e.1);
+                        (k, v - b)
+                    })
+                    .collect();
+                eprint!("{}", cpu_op_table(&test.name(), wall, rows));
+            }
+            Runner::Gpu(e, _) => {
+                e.set_op_timing(false);
+                r?;
+                let times = e.op_times();
+                eprint!("{}", gpu_op_table(&test.name(), wall, &times));
+                if let Some(p) = profile {
+                    eprint!("{}", profile_comparison(&test.name(), &times, p));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The GPU breakdown of one pass: one row per op key, largest total first, then the sum against
+/// the pass's wall time.
+fn gpu_op_table(test: &str, wall: f64, rows: &[(OpKey, OpTime)]) -> String {
+    let mut s = format!(
+        "\nop times of one {test} pass (CUDA events around every op, no CUDA graphs; wall {:.2} ms)\n",
+        wall * 1e3
+    );
+    s += "| op | quant | shape | tokens | rows | calls | mean µs | total ms | share | weight GB/s | GFLOP/s |\n";
+    s += "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let mut sum = 0.0;
+    for (k, t) in rows {
+        sum += t.seconds;
+        let mean = t.seconds / t.calls.max(1) as f64;
+        let quant = k.quant.map_or("-".to_string(), |q| q.name().to_string());
+        let shape = k.shape.map_or("-".to_string(), |[r, c]| format!("{r}×{c}"));
+        let (mut gbs, mut gflops) = ("-".to_string(), "-".to_string());
+        if let (true, Some(q), Some([r, c])) = (k.op == "matmul", k.quant, k.shape) {
+            if mean > 0.0 {
+                if let Some(bytes) = q.tensor_bytes((r * c) as u64) {
+                    gbs = format!("{:.0}", bytes as f64 / mean / 1e9);
+                }
+                if k.rows > 1 {
+                    gflops = format!("{:.0}", 2.0 * (r * c * k.rows) as f64 / mean / 1e9);
+                }
+            }
+        }
+        s += &format!(
+            "| {} | {quant} | {shape} | {} | {} | {} | {:.1} | {:.3} | {:.1}% | {gbs} | {gflops} |\n",
+            k.op,
+            k.n_tokens,
+            k.rows,
+            t.calls,
+            mean * 1e6,
+            t.seconds * 1e3,
+            100.0 * t.seconds / wall.max(1e-12),
+        );
+    }
+    s += &format!(
+        "ops total {:.2} ms = {:.1}% of the pass's wall time {:.2} ms (the rest: host work, input and logit copies, launch gaps)\n",
+        sum * 1e3,
+        100.0 * sum / wall.max(1e-12),
+        wall * 1e3
+    );
+    s
+}
+
+/// The profile's median seconds for a matmul as the CUDA backend runs it (GEMV path up to
+/// `GEMV_MAX_ROWS` rows, GEMM above), if that exact point was measured.
+fn profile_matmul_s(p: &Profile, k: &OpKey) -> Option<f64> {
+    let ([r, c], q) = (k.shape?, k.quant?);
+    let op = if k.rows <= pshard_kernels::cuda::GEMV_MAX_ROWS {
+        "matmul_gemv"
+    } else {
+        "matmul_gemm"
+    };
+    p.points
+        .iter()
+        .find(|pt| {
+            pt.op == op
+                && pt.quant_type() == Some(q)
+                && pt.shape == [r as u64, c as u64]
+                && pt.batch as usize == k.rows
+        })
+        .map(|pt| pt.stats.median_s)
+}
+
+/// Matmuls of one pass beside the profile's points for the same kernels and shapes.
+fn profile_comparison(test: &str, rows: &[(OpKey, OpTime)], p: &Profile) -> String {
+    let mut s = format!(
+        "
+{test}: matmuls against the GPU profile ({}, {}), same path, type, shape and batch
+",
+        p.machine
+            .gpu
+            .as_ref()
+            .map_or("no GPU identity", |g| g.name.as_str()),
+        p.created
+    );
+    s += "| quant | shape | rows | calls | bench µs | profile µs | difference |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n";
+    let (mut matched, mut t_bench, mut t_prof, mut worst) = (0, 0.0, 0.0, 0f64);
+    for (k, t) in rows.iter().filter(|(k, _)| k.op == "matmul") {
+        let Some(prof) = profile_matmul_s(p, k) else {
+            continue;
+        };
+        let mean = t.seconds / t.calls.max(1) as f64;
+        let diff = (mean - prof) / prof;
+        worst = worst.max(diff.abs());
+        matched += 1;
+        t_bench += t.seconds;
+        t_prof += prof * t.calls as f64;
+        let [r, c] = k.shape.unwrap_or([0, 0]);
+        s += &format!(
+            "| {} | {r}×{c} | {} | {} | {:.1} | {:.1} | {:+.1}% |\n",
+            k.quant.map_or("-", |q| q.name()),
+            k.rows,
+            t.calls,
+            mean * 1e6,
+            prof * 1e6,
+            diff * 100.0
+        );
+    }
+    if matched == 0 {
+        s += "no matmul of this pass has a measured profile point\n";
+    } else {
+        s += &format!(
+            "{matched} matmul kinds matched: bench {:.3} ms vs profile {:.3} ms in all ({:+.1}%), worst single kind {:.1}%\n",
+            t_bench * 1e3,
+            t_prof * 1e3,
+            (t_bench - t_prof) / t_prof * 100.0,
+            worst * 100.0
+        );
+    }
+    s
+}
+
+/// The CPU breakdown of one pass: seconds per op kind.
+fn cpu_op_table(test: &str, wall: f64, mut rows: Vec<(&'static str, f64)>) -> String {
+    rows.retain(|r| r.1 > 0.0);
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut s = format!(
+        "\nop times of one {test} pass (CPU, per op kind; wall {:.2} ms)\n| op | total ms | share |\n| --- | ---: | ---: |\n",
+        wall * 1e3
+    );
+    let mut sum = 0.0;
+    for (k, v) in &rows {
+        sum += v;
+        s += &format!(
+            "| {k} | {:.3} | {:.1}% |\n",
+            v * 1e3,
+            100.0 * v / wall.max(1e-12)
+        );
+    }
+    s += &format!(
+        "ops total {:.2} ms = {:.1}% of the pass's wall time {:.2} ms\n",
+        sum * 1e3,
+        100.0 * sum / wall.max(1e-12),
+        wall * 1e3
+    );
+    s
 }
 
 struct TestResult {
@@ -241,6 +452,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ((state >> 33) % n_vocab as u64) as u32
     };
     let mut results = Vec::new();
+    let mut test_tokens: Vec<Vec<u32>> = Vec::new();
     for &n in &pp {
         let tokens: Vec<u32> = (0..n).map(|_| next_token()).collect();
         let mut samples = Vec::new();
@@ -257,6 +469,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             n_gen: 0,
             samples_ns: samples,
         });
+        test_tokens.push(tokens);
     }
     for &n in &tg {
         let tokens: Vec<u32> = (0..n).map(|_| next_token()).collect();
@@ -276,6 +489,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             n_gen: n,
             samples_ns: samples,
         });
+        test_tokens.push(tokens);
+    }
+    if a.op_times {
+        let profile = a
+            .gpu_profile
+            .as_deref()
+            .map(Profile::load)
+            .transpose()
+            .context("reading --gpu-profile")?;
+        for (r, tokens) in results.iter().zip(&test_tokens) {
+            runner.op_times_pass(r, tokens, a.ubatch, profile.as_ref())?;
+        }
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
     let params_str = if n_params >= 1_000_000_000 {
@@ -331,4 +556,131 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmuls_meet_the_profile_point_of_their_path() {
+        let toml = r#"
+format = "pshard-profile"
+version = "1.0"
+kind = "gpu"
+pshard_version = "0.1.0"
+created = "2026-11-21T00:00:00Z"
+[machine]
+cpu_model = "x"
+cpu_cores = 1
+cpu_threads = 1
+threads_used = 1
+ram_bytes = 1
+[machine.gpu]
+name = "test GPU"
+memory_bytes = 1
+driver = "0"
+compute_capability = "9.0"
+pcie_gen = 5
+pcie_width = 16
+[roofline]
+gpu_mem_gbs = 4000.0
+h2d_pinned_gbs = 55.0
+[[point]]
+op = "matmul_gemv"
+lane = "gpu"
+quant = "Q4_K"
+shape = [4096, 4096]
+batch = 1
+median_s = 0.00001
+lo_s = 0.00001
+hi_s = 0.00001
+cv = 0.01
+n = 5
+"#;
+        let p = Profile::from_toml_str(toml, "t.toml").expect("profile");
+        let key = |rows| OpKey {
+            op: "matmul",
+            quant: Some(GgmlType::Q4_K),
+            shape: Some([4096, 4096]),
+            n_tokens: rows,
+            rows,
+        };
+        assert_eq!(profile_matmul_s(&p, &key(1)), Some(1e-5));
+        // 16 rows run on the GEMM path, which this profile did not measure.
+        assert_eq!(profile_matmul_s(&p, &key(16)), None);
+        let t = OpTime {
+            calls: 32,
+            seconds: 32.0 * 11e-6,
+        };
+        let s = profile_comparison("tg1", &[(key(1), t), (key(16), t)], &p);
+        assert!(
+            s.contains("| Q4_K | 4096×4096 | 1 | 32 | 11.0 | 10.0 | +10.0% |"),
+            "{s}"
+        );
+        assert!(s.contains("1 matmul kinds matched"), "{s}");
+    }
+
+    #[test]
+    fn gpu_op_table_rates_and_sum() {
+        // Q8_0 1024×1024: 1024·1024/32 blocks of 34 bytes = 1,114,112 bytes; 10 calls in 1 ms:
+        // 100 µs each → 11.1 GB/s; 2·1024·1024·512 flops per call → 10,737 GFLOP/s.
+        let mm = OpKey {
+            op: "matmul",
+            quant: Some(GgmlType::Q8_0),
+            shape: Some([1024, 1024]),
+            n_tokens: 512,
+            rows: 512,
+        };
+        let at = OpKey {
+            op: "attention",
+            quant: None,
+            shape: None,
+            n_tokens: 1,
+            rows: 1,
+        };
+        let rows = [
+            (
+                mm,
+                OpTime {
+                    calls: 10,
+                    seconds: 1e-3,
+                },
+            ),
+            (
+                at,
+                OpTime {
+                    calls: 4,
+                    seconds: 2e-4,
+                },
+            ),
+        ];
+        let s = gpu_op_table("pp512", 2e-3, &rows);
+        assert!(
+            s.contains("| matmul | Q8_0 | 1024×1024 | 512 | 512 | 10 | 100.0 | 1.000 | 50.0% | 11 | 10737 |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| attention | - | - | 1 | 1 | 4 | 50.0 | 0.200 | 10.0% | - | - |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ops total 1.20 ms = 60.0% of the pass's wall time 2.00 ms"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn cpu_op_table_sorts_and_drops_empty_kinds() {
+        let s = cpu_op_table(
+            "tg16",
+            1.0,
+            vec![("add", 0.1), ("matmul", 0.5), ("rope", 0.0)],
+        );
+        let m = s.find("| matmul |").unwrap();
+        let a = s.find("| add |").unwrap();
+        assert!(m < a, "{s}");
+        assert!(!s.contains("rope"), "{s}");
+        assert!(s.contains("ops total 600.00 ms = 60.0%"), "{s}");
+    }
 }

@@ -4,9 +4,11 @@
 // Launchers mirror their kernels' parameter lists (device addresses, shapes, strides, stream).
 #![allow(clippy::too_many_arguments)]
 
+use super::arena::{RegionId, RegionKind};
 use super::device::GpuDevice;
 use super::error::{check, CudaError, CudaResult};
 use super::nvrtc::{compile_cached, ModuleBuild, SOURCES};
+use crate::quant::ActFormat;
 use cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use pshard_model::ggml_type::GgmlType;
@@ -141,6 +143,75 @@ pub const GEMV_SPLITK_MAX_ROWS: usize = 4096;
 /// Query rows at or below which attention uses the split-KV kernel.
 pub const ATTN_SPLIT_MAX_ROWS: usize = 4;
 
+/// Most columns (reduction length) of a quantized GEMV: sizes the int8 activation scratch.
+pub const GEMV_MAX_COLS: usize = 1 << 17;
+
+/// Activation rows quantized and dotted per GEMV launch (kernels for at most 1, 2, 4, 8 rows).
+pub const GEMV_MAX_NB: usize = 8;
+
+/// The (rows per team, warps per team) variants of the int8 GEMV kernels (`GEMVQ_NB` in gemv.cu).
+const GEMVQ_SHAPES: [(usize, usize); 3] = [(2, 4), (2, 1), (4, 1)];
+
+/// The (rows per team, warps per team) variants of the int8 MoE GEMV kernels (`MOE_GEMVQ_KERNELS`
+/// in gemv.cu).
+const MOE_GEMVQ_SHAPES: [(usize, usize); 3] = [(1, 1), (2, 1), (2, 4)];
+
+/// The int8 activation scratch of the quantized GEMV: one region of the VRAM arena, made when the
+/// kernels load and freed with them, so a GEMV call allocates nothing (and can be captured in a
+/// CUDA graph). Calls on one stream reuse it in stream order.
+struct ActScratch {
+    dev: Arc<GpuDevice>,
+    region: RegionId,
+    /// int8 quants, `GEMV_MAX_NB × GEMV_MAX_COLS`.
+    q: u64,
+    /// Block scales (f32, or f32 pairs for Q8_1).
+    d: u64,
+    /// Q8_K 16-element sums (i16).
+    bs: u64,
+}
+
+impl ActScratch {
+    const Q_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS) as u64;
+    // Q8_1 needs 8 bytes per 32 elements, Q8_K 4 per 256; sums: 2 bytes per 16.
+    const D_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS / 4) as u64;
+    const BS_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS / 8) as u64;
+
+    fn new(dev: &Arc<GpuDevice>) -> CudaResult<ActScratch> {
+        let bytes = Self::Q_BYTES + Self::D_BYTES + Self::BS_BYTES;
+        let region = dev.create_region(RegionKind::Workspace, "gemv int8 activations", bytes)?;
+        let buf = dev.alloc(region, bytes, "gemv int8 activations")?;
+        Ok(ActScratch {
+            dev: dev.clone(),
+            region,
+            q: buf.ptr,
+            d: buf.ptr + Self::Q_BYTES,
+            bs: buf.ptr + Self::Q_BYTES + Self::D_BYTES,
+        })
+    }
+}
+
+impl Drop for ActScratch {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.dev.arena() {
+            let _ = a.destroy_region(self.region);
+        }
+    }
+}
+
+/// Where [`CudaKernels::quantize_acts`] left the quantized activations (see gemv.cu for the
+/// layout): int8 quants, block scales and, for Q8_K, the 16-element sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantizedActsDev {
+    /// The partner format.
+    pub format: ActFormat,
+    /// `n × cols` int8 quants.
+    pub q: u64,
+    /// Scales: f32 per block (Q8_0, Q8_K) or (scale, scaled sum) f32 pairs (Q8_1).
+    pub d: u64,
+    /// Q8_K: `n × cols/16` i16 sums.
+    pub bs: u64,
+}
+
 /// The loaded kernels.
 pub struct CudaKernels {
     funcs: HashMap<String, CudaFunction>,
@@ -148,6 +219,10 @@ pub struct CudaKernels {
     builds: Vec<ModuleBuild>,
     smem_optin: i32,
     sm_count: i32,
+    acts: ActScratch,
+    /// Launch the int8 GEMV as a programmatic dependent of its quantizer (compute capability 9.0
+    /// and up; `PSHARD_GEMV_PDL=0` turns it off).
+    pdl: bool,
 }
 
 impl std::fmt::Debug for CudaKernels {
@@ -165,13 +240,30 @@ fn flash_smem(d: usize, bkv: usize) -> usize {
     2 * 2 * bkv * (d + 8) * 2
 }
 
+/// Keys per shared-memory tile of the split-KV kernel (`SPLIT_TILE` in attention.cu).
+pub const ATTN_SPLIT_TILE: usize = 64;
+
+/// Most splits per query row and head (`attn_combine` holds one factor per split in 64 floats).
+pub const ATTN_MAX_SPLITS: usize = 64;
+
+/// Row stride (halves) of a staged K or V tile in `attn_split` (`split_stride` in attention.cu).
+fn split_stride(d: usize) -> usize {
+    d.div_ceil(32) * 32 + 16
+}
+
+/// Dynamic shared memory of `attn_split`: one tile of K and one of V.
+fn split_smem(dk: usize, dv: usize) -> usize {
+    ATTN_SPLIT_TILE * (split_stride(dk) + split_stride(dv)) * 2
+}
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
 
 impl CudaKernels {
-    /// Compiles (or reads from `cache_dir`) every source for this device and loads it.
-    pub fn load(dev: &GpuDevice, cache_dir: &Path) -> CudaResult<CudaKernels> {
+    /// Compiles (or reads from `cache_dir`) every source for this device and loads it; reserves
+    /// the GEMV's int8 activation scratch (1.4 MiB) in the arena.
+    pub fn load(dev: &Arc<GpuDevice>, cache_dir: &Path) -> CudaResult<CudaKernels> {
         dev.bind()?;
         let arch = dev.info().arch();
         let mut funcs = HashMap::new();
@@ -201,6 +293,9 @@ impl CudaKernels {
             builds,
             smem_optin: dev.info().smem_optin,
             sm_count: dev.info().sm_count,
+            acts: ActScratch::new(dev)?,
+            pdl: dev.info().cc.0 >= 9
+                && std::env::var("PSHARD_GEMV_PDL").map_or(true, |v| v != "0"),
         };
         for &(d, bkv) in FLASH_DIMS {
             let f = k.func(&format!("flash_attn_{d}"))?;
@@ -213,6 +308,15 @@ impl CudaKernels {
                 )
             })?;
         }
+        let f = k.func("attn_split")?;
+        // SAFETY: as above; the largest tile pair (head dims 256) needs more than the default 48 KiB.
+        check("raising a kernel's shared memory limit", unsafe {
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                split_smem(256, 256) as i32,
+            )
+        })?;
         Ok(k)
     }
 
@@ -338,10 +442,262 @@ impl CudaKernels {
         )
     }
 
-    /// `y[b, r] = Σ_c W[r, c] x[b, c] (+ bias[r])` for `n` batch rows with the fused GEMV (weights
-    /// read once per 8 batch rows). `w`, `y` and `bias` already point at the first row of a range.
+    /// `y[b, r] = Σ_c W[r, c] x[b, c] (+ bias[r])` for `n` batch rows with the fused GEMV. `w`,
+    /// `y` and `bias` already point at the first row of a range; `x` is f32 (16-byte aligned,
+    /// `ldx` a multiple of 4).
+    ///
+    /// Quantized weights: every 8 activation rows are quantized to the type's partner format
+    /// ([`ActFormat`], exactly as the CPU engine does) in the kernels' own scratch and dotted in
+    /// int8 (`gemvq_*` in gemv.cu), reading the weights once per 8 rows. Float weights use the f32
+    /// GEMV. Nothing is allocated and nothing waits for the host, so the call can be captured.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(
+        &self,
+        ty: GgmlType,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        x: u64,
+        ldx: usize,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        bias: Option<u64>,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        geom(ty, cols)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        if !x.is_multiple_of(16) || !ldx.is_multiple_of(4) {
+            return Err(CudaError::Invalid(format!(
+                "GEMV activations must be 16-byte aligned with a row stride that is a multiple of 4 (address {x:#x}, stride {ldx})"
+            )));
+        }
+        let format = crate::quant::kernel(ty).map(|k| k.act);
+        match format {
+            Some(f) if f != ActFormat::F32 => {
+                self.gemv_int8(ty, f, w, rows, cols, x, ldx, y, ldy, n, bias, s)
+            }
+            _ => self.gemv_f32(ty, w, rows, cols, x, ldx, y, ldy, n, bias, s),
+        }
+    }
+
+    /// Quantizes `n <= 8` rows of f32 activations (`x`, row stride `ldx`, `cols` columns) into
+    /// `format` in the GEMV's scratch, exactly as the CPU engine's quantizer does; returns where
+    /// they are. The next GEMV on any stream overwrites them.
+    pub fn quantize_acts(
+        &self,
+        format: ActFormat,
+        x: u64,
+        ldx: usize,
+        cols: usize,
+        n: usize,
+        s: &CudaStream,
+    ) -> CudaResult<QuantizedActsDev> {
+        if n > GEMV_MAX_NB || cols > GEMV_MAX_COLS {
+            return Err(CudaError::Invalid(format!(
+                "cannot quantize {n} activation rows of {cols} columns to {} (at most {GEMV_MAX_NB} rows of {GEMV_MAX_COLS})",
+                format.name()
+            )));
+        }
+        self.quantize_rows(format, x, ldx, cols, n, s)
+    }
+
+    /// Quantizes `n` rows (`n × cols` at most the scratch's [`ActScratch::Q_BYTES`]) into the
+    /// scratch; see [`Self::quantize_acts`].
+    fn quantize_rows(
+        &self,
+        format: ActFormat,
+        x: u64,
+        ldx: usize,
+        cols: usize,
+        n: usize,
+        s: &CudaStream,
+    ) -> CudaResult<QuantizedActsDev> {
+        let (name, qk) = match format {
+            ActFormat::Q8_0 => ("quantize_q8_0", 32),
+            ActFormat::Q8_1 => ("quantize_q8_1", 32),
+            ActFormat::Q8K => ("quantize_q8_k", 256),
+            ActFormat::F32 => {
+                return Err(CudaError::Invalid(
+                    "f32 activations are not quantized".into(),
+                ))
+            }
+        };
+        if (n * cols) as u64 > ActScratch::Q_BYTES || n > 65535 || !cols.is_multiple_of(qk) {
+            return Err(CudaError::Invalid(format!(
+                "cannot quantize {n} activation rows of {cols} columns to {} (at most {} values, whole blocks of {qk})",
+                format.name(),
+                ActScratch::Q_BYTES
+            )));
+        }
+        let a = &self.acts;
+        let out = QuantizedActsDev {
+            format,
+            q: a.q,
+            d: a.d,
+            bs: a.bs,
+        };
+        if n == 0 || cols == 0 {
+            return Ok(out);
+        }
+        let (ldx_i, cols_i) = (ldx as i32, cols as i32);
+        let grid = (blocks(cols / qk, 8), n as u32, 1);
+        if format == ActFormat::Q8K {
+            self.launch(
+                name,
+                grid,
+                256,
+                0,
+                s,
+                &[&x, &ldx_i, &cols_i, &a.q, &a.d, &a.bs],
+            )?;
+        } else {
+            self.launch(name, grid, 256, 0, s, &[&x, &ldx_i, &cols_i, &a.q, &a.d])?;
+        }
+        Ok(out)
+    }
+
+    /// Shape of the int8 GEMV of `ty` for `rows` weight rows and `nb` batch rows: (R weight rows
+    /// per team, TW warps per team). `PSHARD_GEMV_RW` = "R,TW" overrides (benchmarks).
+    ///
+    /// Measured on the H200 (2026-11-21, CUDA graphs, 1024..14336 rows × 4096..14336 columns,
+    /// batch 1..8; variants 1,1 1,4 2,1 2,4 4,1): two rows per team of four warps is the best or
+    /// within a few percent everywhere (teams of four warps keep loads in flight on matrices with
+    /// few rows; two rows share each activation load), except Q2_K/Q3_K on 4096+ rows, whose
+    /// heavier decode prefers one warp per team, and Q6_K on 8192+ rows at batch 3+, where four
+    /// rows per warp share the activations best.
+    fn gemv_shape(&self, ty: GgmlType, rows: usize, nb: usize) -> (usize, usize) {
+        if let Some(v) = std::env::var("PSHARD_GEMV_RW").ok().and_then(|v| {
+            let (r, w) = v.split_once(',')?;
+            Some((
+                r.trim().parse::<usize>().ok()?,
+                w.trim().parse::<usize>().ok()?,
+            ))
+        }) {
+            if GEMVQ_SHAPES.contains(&v) {
+                return v;
+            }
+        }
+        match ty {
+            GgmlType::Q2_K | GgmlType::Q3_K if rows >= 4096 => {
+                if nb == 1 {
+                    (2, 1)
+                } else {
+                    (4, 1)
+                }
+            }
+            GgmlType::Q6_K if rows >= 8192 && nb >= 3 => (4, 1),
+            _ => (2, 4),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_int8(
+        &self,
+        ty: GgmlType,
+        format: ActFormat,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        x: u64,
+        ldx: usize,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        bias: Option<u64>,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let g = geom(ty, cols)?;
+        let rb = (cols / g.qk * g.bytes) as i64;
+        let (rows_i, cols_i, ldy_i) = (rows as i32, cols as i32, ldy as i32);
+        let bias = bias.unwrap_or(0);
+        let mut done = 0;
+        while done < n {
+            let nb = (n - done).min(GEMV_MAX_NB);
+            // Kernels exist for at most 1, 2, 4 and 8 batch rows.
+            let max_nb = nb.next_power_of_two();
+            let (r, tw) = self.gemv_shape(ty, rows, nb);
+            let a = self.quantize_acts(format, x + (done * ldx * 4) as u64, ldx, cols, nb, s)?;
+            let yp = y + (done * ldy * 4) as u64;
+            let nb_i = nb as i32;
+            self.launch_gemvq(
+                &format!("gemvq_{}_{max_nb}r{r}w{tw}", g.suffix),
+                (blocks(rows, 4 * r / tw), 1, 1),
+                128,
+                0,
+                s,
+                &[
+                    &w, &rb, &rows_i, &cols_i, &nb_i, &a.q, &a.d, &a.bs, &yp, &ldy_i, &bias,
+                ],
+            )?;
+            done += nb;
+        }
+        Ok(())
+    }
+
+    /// Launches an int8 GEMV kernel; with `pdl`, as a programmatic dependent of the kernel before
+    /// it on the stream (its quantizer): the GEMV's blocks start early and wait on the device
+    /// (`griddepcontrol.wait`) before reading the activations. Capturable in CUDA graphs.
+    fn launch_gemvq(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        stream: &CudaStream,
+        args: &[&dyn KArg],
+    ) -> CudaResult<()> {
+        if !self.pdl {
+            return self.launch(name, grid, block, smem, stream, args);
+        }
+        let f = self.func(name)?;
+        let mut params: Vec<*mut c_void> = args.iter().map(|a| a.addr()).collect();
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: config, attr and params outlive the call; params point at values borrowed for
+        // this call and match the kernel's parameter list (the launcher mirrors its signature).
+        unsafe {
+            check(
+                "launching a kernel",
+                sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+            )
+            .map_err(|e| match e {
+                CudaError::Driver { call, err } => CudaError::Driver {
+                    call,
+                    err: format!("{name}: {err}"),
+                },
+                e => e,
+            })
+        }
+    }
+
+    /// The f32-activation GEMV of float weights (F32, F16, BF16).
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_f32(
         &self,
         ty: GgmlType,
         w: u64,
@@ -369,24 +725,6 @@ impl CudaKernels {
             };
             let xp = x + (done * ldx * 4) as u64;
             let yp = y + (done * ldy * 4) as u64;
-            if nb == 1 && ty == GgmlType::Q4_K {
-                // Wide Q4_K decoder; the whole block on one row for matrices with few rows.
-                let (name, grid) = if rows <= 2048 {
-                    ("gemv_q4_k_wide_k", rows as u32)
-                } else {
-                    ("gemv_q4_k_wide", blocks(rows, 4))
-                };
-                self.launch(
-                    name,
-                    (grid, 1, 1),
-                    128,
-                    0,
-                    s,
-                    &[&w, &rb, &rows_i, &cols_i, &xp, &yp, &bias],
-                )?;
-                done += 1;
-                continue;
-            }
             if nb == 1 && rows <= GEMV_SPLITK_MAX_ROWS.max(32 * self.sm_count as usize) {
                 self.launch(
                     &format!("gemv_{}_1k", g.suffix),
@@ -399,13 +737,8 @@ impl CudaKernels {
                 done += 1;
                 continue;
             }
-            // Rows per warp: more rows reuse each activation load, fewer keep enough blocks to
-            // fill the GPU (about 2 blocks of 4 warps per SM).
-            let r = match nb {
-                1 => self.gemv_rows_per_warp(rows),
-                2 | 4 => 2,
-                _ => 1,
-            };
+            // Rows per warp: two rows share each activation load at batch 2 and 4.
+            let r = if nb == 2 || nb == 4 { 2 } else { 1 };
             self.launch(
                 &format!("gemv_{}_{nb}r{r}", g.suffix),
                 (blocks(rows, 4 * r), 1, 1),
@@ -417,22 +750,6 @@ impl CudaKernels {
             done += nb;
         }
         Ok(())
-    }
-
-    /// Rows per warp of the single-row GEMV (`PSHARD_GEMV_R` = 1, 2 or 4 overrides, for benchmarks).
-    pub fn gemv_rows_per_warp(&self, rows: usize) -> usize {
-        if let Some(r) = std::env::var("PSHARD_GEMV_R")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            if matches!(r, 1 | 2 | 4) {
-                return r;
-            }
-        }
-        // Measured on the H200 (2026-11-21): one row per warp is fastest or within 10% for
-        // Q4_K, Q4_1 and Q6_K at 1k-128k rows; more rows per warp leave too few warps in flight.
-        let _ = rows;
-        1
     }
 
     /// Embedding lookup: `out[t] = table[ids[t]] · scale` for `n` tokens (ids: i32 on the device).
@@ -463,7 +780,17 @@ impl CudaKernels {
         )
     }
 
-    /// MoE expert GEMV over `n_pairs` (token, slot) pairs; see `moe_gemv_*` in matmul.cu.
+    /// MoE expert GEMV over `n_pairs` (token, slot) pairs: `y[p] = W_e · x[p / x_div]` where pair
+    /// `p = token · n_used + slot` uses expert `e = route[token][slot]` (route rows on the device:
+    /// `n_used` i32 expert ids, then `n_used` f32 weights) and `W_e` is the `rows × cols` matrix
+    /// of expert `e` in the stacked tensor at `w`. `x_div = n_used`: one input row per token,
+    /// shared by its experts (gate, up); `1`: one input row per pair (down).
+    ///
+    /// Quantized experts: the input rows are quantized once to the type's partner format (as the
+    /// CPU engine does) in the kernels' scratch, then one int8 GEMV launch covers all pairs
+    /// (`moe_gemvq_*` in gemv.cu), each pair reading its expert id from the route on the device.
+    /// Float experts use the f32 GEMV (`moe_gemv_*` in matmul.cu). Nothing waits for the host,
+    /// so the call can be captured in a CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gemv(
         &self,
@@ -482,42 +809,121 @@ impl CudaKernels {
         s: &CudaStream,
     ) -> CudaResult<()> {
         let g = geom(ty, cols)?;
+        if n_used == 0 || x_div == 0 {
+            return Err(CudaError::Invalid(format!(
+                "MoE GEMV with {n_used} experts per token and {x_div} pairs per input row"
+            )));
+        }
+        if rows == 0 || n_pairs == 0 {
+            return Ok(());
+        }
+        if !x.is_multiple_of(16) || !ldx.is_multiple_of(4) {
+            return Err(CudaError::Invalid(format!(
+                "MoE GEMV activations must be 16-byte aligned with a row stride that is a multiple of 4 (address {x:#x}, stride {ldx})"
+            )));
+        }
         let rb = (cols / g.qk * g.bytes) as i64;
         let eb = rb * rows as i64;
-        let args: [&dyn KArg; 12] = [
-            &w,
-            &eb,
-            &rb,
-            &(rows as i32),
-            &(cols as i32),
-            &x,
-            &(ldx as i32),
-            &(x_div as i32),
-            &route,
-            &(n_used as i32),
-            &y,
-            &(ldy as i32),
-        ];
-        let mut p0 = 0;
-        while p0 < n_pairs {
-            // grid.y is limited to 65535: launch in chunks of whole tokens.
-            let chunk = (65535 / n_used * n_used).min(n_pairs - p0);
-            let xo = x + ((p0 / x_div) * ldx * 4) as u64;
-            let ro = route + ((p0 / n_used) * 2 * n_used * 4) as u64;
-            let yo = y + (p0 * ldy * 4) as u64;
-            let mut a = args;
-            a[5] = &xo;
-            a[8] = &ro;
-            a[10] = &yo;
-            let name = if ty == GgmlType::Q4_K {
-                "moe_gemv_q4_k_wide".to_string()
-            } else {
-                format!("moe_gemv_{}", g.suffix)
-            };
-            self.launch(&name, (blocks(rows, 4), chunk as u32, 1), 128, 0, s, &a)?;
-            p0 += chunk;
+        let (rows_i, cols_i, ldx_i, ldy_i) = (rows as i32, cols as i32, ldx as i32, ldy as i32);
+        let (x_div_i, n_used_i) = (x_div as i32, n_used as i32);
+        match crate::quant::kernel(ty).map(|k| k.act) {
+            Some(format) if format != ActFormat::F32 => {
+                if cols > GEMV_MAX_COLS {
+                    return Err(CudaError::Invalid(format!(
+                        "MoE GEMV rows of {cols} columns exceed the int8 scratch's {GEMV_MAX_COLS}"
+                    )));
+                }
+                let (r, tw) = self.moe_gemv_shape(ty, cols);
+                let name = format!("moe_gemvq_{}_r{r}w{tw}", g.suffix);
+                // Input rows that fit the scratch; a launch of c pairs from p0 spans at most
+                // (c - 1) / x_div + 1 of them.
+                let max_rows = (ActScratch::Q_BYTES as usize / cols).min(65535);
+                let max_chunk = ((max_rows - 1) * x_div + 1).min(65535);
+                let mut p0 = 0;
+                while p0 < n_pairs {
+                    let chunk = max_chunk.min(n_pairs - p0);
+                    let (r0, r1) = (p0 / x_div, (p0 + chunk - 1) / x_div);
+                    let a = self.quantize_rows(
+                        format,
+                        x + (r0 * ldx * 4) as u64,
+                        ldx,
+                        cols,
+                        r1 - r0 + 1,
+                        s,
+                    )?;
+                    let yo = y + (p0 * ldy * 4) as u64;
+                    let p0_i = p0 as i32;
+                    self.launch_gemvq(
+                        &name,
+                        (blocks(rows, 4 * r / tw), chunk as u32, 1),
+                        128,
+                        0,
+                        s,
+                        &[
+                            &w, &eb, &rb, &rows_i, &cols_i, &a.q, &a.d, &a.bs, &p0_i, &x_div_i,
+                            &route, &n_used_i, &yo, &ldy_i,
+                        ],
+                    )?;
+                    p0 += chunk;
+                }
+            }
+            _ => {
+                let mut p0 = 0;
+                while p0 < n_pairs {
+                    // grid.y is limited to 65535: launch in chunks of whole tokens (and of whole
+                    // input rows).
+                    let unit = n_used * x_div;
+                    let chunk = (65535 / unit * unit).max(unit).min(n_pairs - p0);
+                    let xo = x + ((p0 / x_div) * ldx * 4) as u64;
+                    let ro = route + ((p0 / n_used) * 2 * n_used * 4) as u64;
+                    let yo = y + (p0 * ldy * 4) as u64;
+                    self.launch(
+                        &format!("moe_gemv_{}", g.suffix),
+                        (blocks(rows, 4), chunk as u32, 1),
+                        128,
+                        0,
+                        s,
+                        &[
+                            &w, &eb, &rb, &rows_i, &cols_i, &xo, &ldx_i, &x_div_i, &ro, &n_used_i,
+                            &yo, &ldy_i,
+                        ],
+                    )?;
+                    p0 += chunk;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Shape of the int8 MoE GEMV of `ty` on rows of `cols` columns: (R weight rows per team, TW
+    /// warps per team); `PSHARD_MOE_RW` = "R,TW" overrides (benchmarks). A team of four warps
+    /// only pays when each of its threads has two or more chunks of a row to work on; expert
+    /// matrices are narrow (qwen3-30b-a3b: 768 × 2048 and 2048 × 768), so one warp per team is
+    /// the usual shape.
+    fn moe_gemv_shape(&self, ty: GgmlType, cols: usize) -> (usize, usize) {
+        if let Some(v) = std::env::var("PSHARD_MOE_RW").ok().and_then(|v| {
+            let (r, w) = v.split_once(',')?;
+            Some((
+                r.trim().parse::<usize>().ok()?,
+                w.trim().parse::<usize>().ok()?,
+            ))
+        }) {
+            if MOE_GEMVQ_SHAPES.contains(&v) {
+                return v;
+            }
+        }
+        // Chunks per row (`CH` of each dot type in gemv.cu).
+        let chunks = match ty {
+            GgmlType::Q8_0 => cols / 32 * 4,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => cols / 32 * 2,
+            GgmlType::Q2_K | GgmlType::Q3_K => cols / 256 * 4,
+            _ => cols / 256 * 8,
+        };
+        if chunks >= 256 {
+            (2, 4)
+        } else {
+            (2, 1)
+        }
     }
 
     // ----------------------------------------------------------------------------------------
@@ -871,7 +1277,7 @@ impl CudaKernels {
         if self.uses_flash(p, n) {
             0
         } else {
-            n * p.n_head * Self::n_split(p) * (p.dv + 2) * 4
+            n * p.n_head * Self::n_split(p, n) * (p.dv + 2) * 4
         }
     }
 
@@ -879,8 +1285,15 @@ impl CudaKernels {
         n > ATTN_SPLIT_MAX_ROWS && p.dk == p.dv && FLASH_DIMS.iter().any(|&(d, _)| d == p.dk)
     }
 
-    fn n_split(p: &AttnParams) -> usize {
-        (p.n_ctx / 256).clamp(1, 64)
+    /// Splits of the split-KV path for `n` query rows: enough that a call at full context has about
+    /// 1024 blocks, at most [`ATTN_MAX_SPLITS`] and no more than the cache has key tiles. The kernels
+    /// size each split on the device from the query's position (a multiple of
+    /// [`ATTN_SPLIT_TILE`] keys), so short contexts read only their keys.
+    fn n_split(p: &AttnParams, n: usize) -> usize {
+        let want = 1024usize
+            .div_ceil((p.n_head * n).max(1))
+            .clamp(1, ATTN_MAX_SPLITS);
+        want.min(p.n_ctx.div_ceil(ATTN_SPLIT_TILE)).max(1)
     }
 
     /// Causal (optionally windowed) attention of `n` query rows over the f16 caches at positions
@@ -940,13 +1353,20 @@ impl CudaKernels {
                 ],
             );
         }
-        if !p.dk.is_multiple_of(2) || !p.dv.is_multiple_of(2) || p.dk > 256 || p.dv > 256 {
+        if !p.dk.is_multiple_of(2)
+            || !p.dv.is_multiple_of(2)
+            || p.dk == 0
+            || p.dv == 0
+            || p.dk > 256
+            || p.dv > 256
+        {
             return Err(CudaError::Invalid(format!(
                 "attention head dims {}/{} are not supported on CUDA",
                 p.dk, p.dv
             )));
         }
-        let ns = Self::n_split(p);
+        let ns = Self::n_split(p, n);
+        let smem = split_smem(p.dk, p.dv);
         let mut t0 = 0;
         while t0 < n {
             let chunk = (n - t0).min(65535);
@@ -956,7 +1376,7 @@ impl CudaKernels {
                 "attn_split",
                 (ns as u32, p.n_head as u32, chunk as u32),
                 128,
-                0,
+                smem as u32,
                 s,
                 &[
                     &qo,
@@ -987,8 +1407,11 @@ impl CudaKernels {
                     &part,
                     &oo,
                     &(ldo as i32),
+                    &po,
                     &(p.n_head as i32),
+                    &(p.n_ctx as i32),
                     &(p.dv as i32),
+                    &common_tail.2,
                     &(ns as i32),
                 ],
             )?;
@@ -1006,21 +1429,46 @@ fn kernel_names(text: &str) -> Vec<String> {
         .iter()
         .map(|&t| type_geom(t).expect("listed types have geometry").suffix)
         .collect();
+    const FLOAT_TYPES: [&str; 3] = ["f32", "f16", "bf16"];
+    let quant_types: Vec<&str> = types
+        .iter()
+        .copied()
+        .filter(|t| !FLOAT_TYPES.contains(t))
+        .collect();
     for line in text.lines() {
         let l = line.trim();
-        if let Some(rest) = l.strip_prefix("FOR_EACH_TYPE(") {
+        let each = [
+            ("FOR_EACH_TYPE(", &types[..]),
+            ("FOR_EACH_FLOAT_TYPE(", &FLOAT_TYPES[..]),
+            ("FOR_EACH_QUANT_TYPE(", &quant_types[..]),
+        ]
+        .into_iter()
+        .find_map(|(prefix, list)| l.strip_prefix(prefix).map(|rest| (rest, list)));
+        if let Some((rest, list)) = each {
             let mac = rest.trim_end_matches(')');
-            for t in &types {
+            for t in list {
                 match mac {
                     "DEQUANT_KERNEL" => names.push(format!("dequant_{t}")),
                     "GEMV_KERNELS" => names.extend(
-                        ["1r1", "1r2", "1r4", "2r2", "4r2", "8r1"]
+                        ["1r1", "2r2", "4r2", "8r1"]
                             .iter()
                             .map(|v| format!("gemv_{t}_{v}")),
                     ),
+                    "GEMVQ_KERNELS" => {
+                        for nb in [1, 2, 4, 8] {
+                            for (r, w) in GEMVQ_SHAPES {
+                                names.push(format!("gemvq_{t}_{nb}r{r}w{w}"));
+                            }
+                        }
+                    }
                     "GET_ROWS_KERNEL" => names.push(format!("get_rows_{t}")),
                     "GEMV_SPLITK_KERNEL" => names.push(format!("gemv_{t}_1k")),
                     "MOE_GEMV_KERNEL" => names.push(format!("moe_gemv_{t}")),
+                    "MOE_GEMVQ_KERNELS" => {
+                        for (r, w) in MOE_GEMVQ_SHAPES {
+                            names.push(format!("moe_gemvq_{t}_r{r}w{w}"));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -1059,9 +1507,17 @@ mod tests {
         let names: Vec<String> = SOURCES.iter().flat_map(|s| kernel_names(s.text)).collect();
         for n in [
             "dequant_q4_k",
-            "gemv_q6_k_8r1",
+            "gemv_f16_8r1",
+            "gemv_bf16_1k",
+            "gemvq_q6_k_8r4w1",
+            "gemvq_q4_0_2r2w4",
+            "gemvq_q2_k_1r2w1",
+            "quantize_q8_k",
+            "quantize_q8_1",
             "get_rows_f16",
-            "moe_gemv_q8_0",
+            "moe_gemv_bf16",
+            "moe_gemvq_q8_0_r2w1",
+            "moe_gemvq_q6_k_r2w4",
             "rms_norm",
             "rope",
             "moe_route",
@@ -1081,6 +1537,40 @@ mod tests {
             let (bs, bb) = (t.block_size() as usize, t.type_size() as usize);
             // Float types use 8-element pseudo-blocks.
             assert_eq!(g.bytes * bs, bb * g.qk, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn split_kv_sizing() {
+        let p = |n_head, n_ctx| AttnParams {
+            n_head,
+            n_kv: 1,
+            dk: 128,
+            dv: 128,
+            n_ctx,
+            scale: 1.0,
+            softcap: 0.0,
+            window: 0,
+        };
+        // ~1024 blocks at full context, capped by attn_combine's 64 and by the cache's tiles.
+        assert_eq!(CudaKernels::n_split(&p(32, 4096), 1), 32);
+        assert_eq!(CudaKernels::n_split(&p(4, 4096), 1), 64);
+        assert_eq!(CudaKernels::n_split(&p(32, 4096), 4), 8);
+        assert_eq!(CudaKernels::n_split(&p(32, 100), 1), 2);
+        assert_eq!(CudaKernels::n_split(&p(32, 4096), 512), 1);
+        assert_eq!(CudaKernels::n_split(&p(1, 1), 1), 1);
+        // Shared memory: head dims 128 fit the default 48 KiB; 256 needs the raised limit, which
+        // is what load() sets.
+        assert_eq!(split_smem(128, 128), 64 * 144 * 2 * 2);
+        assert!(split_smem(128, 128) <= 48 << 10);
+        assert_eq!(split_smem(256, 256), 64 * 272 * 2 * 2);
+        // Row strides: 16-byte aligned, 2 mod 4 in 16-byte units (conflict-free reads).
+        for d in [2, 20, 64, 96, 128, 256] {
+            let st = split_stride(d);
+            assert!(
+                st >= d && st.is_multiple_of(8) && (st / 8) % 4 == 2,
+                "{d}: {st}"
+            );
         }
     }
 }

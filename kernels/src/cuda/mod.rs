@@ -9,7 +9,8 @@
 //! - [`kernels`]: the loaded kernels and their launchers.
 //! - [`blas`]: cuBLAS GEMM (f16/bf16 in, f32 accumulate) for prefill.
 //!
-//! [`Gpu`] bundles them; [`Gpu::matmul`] picks the fused GEMV (few rows) or dequantize + GEMM.
+//! [`Gpu`] bundles them; [`Gpu::matmul`] picks the fused GEMV (few rows: int8 activations for
+//! quantized weights, see gemv.cu) or dequantize + GEMM.
 
 pub mod arena;
 pub mod blas;
@@ -33,10 +34,15 @@ use pshard_model::ggml_type::GgmlType;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Batch rows at or below which matmuls use the fused quantized GEMV instead of dequantize + GEMM.
-/// Measured on the H200 (2026-11-21): at 8 rows the Q4_K GEMV takes 0.099 ms for a 14336×4096
-/// matrix and dequantize + GEMM about 0.085 ms; Q6_K's GEMV is 3× slower at 8 rows.
+/// Batch rows at or below which every matmul uses the fused GEMV instead of dequantize + GEMM
+/// (callers provide GEMM scratch above it). Measured on the H200 (2026-11-21): the f32 GEMV of F16
+/// weights loses to the GEMM at 8 rows (889 vs 1176 GB/s on 4096×4096).
 pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Batch rows at or below which matmuls of quantized weights use the int8 GEMV, with or without
+/// GEMM scratch. Measured on the H200 (2026-11-21, CUDA graphs): at 8 rows it reads Q4_K weights
+/// at 650-870 GB/s against 370-400 for dequantize + GEMM, Q8_0 at 810-1190 against 710-770.
+pub const GEMV_INT8_MAX_ROWS: usize = kernels::GEMV_MAX_NB;
 
 /// Why no GPU is usable here, or `None` if device `ordinal` can be opened. Never panics.
 pub fn probe(ordinal: usize) -> Result<DeviceSummary, CudaError> {
@@ -126,7 +132,9 @@ impl Gpu {
     /// `out[t, r] = Σ_c W[row0 + r, c] x[t, c] (+ bias)` for `r < nrows`, `t < n`, on the compute
     /// stream. `w` is the whole weight (GGUF blocks, `rows_total × cols`); `out` has row stride
     /// `ldo`; `bias` (f32, whole length) is optional. Uses the fused GEMV for `n <=`
-    /// [`GEMV_MAX_ROWS`], else dequantizes the slice into `scratch` and runs a GEMM.
+    /// [`GEMV_MAX_ROWS`] (quantized weights: [`GEMV_INT8_MAX_ROWS`]), else dequantizes the slice
+    /// into `scratch` and runs a GEMM. The GEMV path allocates nothing and never waits for the
+    /// host, so it can be captured in a CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -146,7 +154,13 @@ impl Gpu {
         let rb = kernels::row_bytes(ty, cols)? as u64;
         let wr = w + row0 as u64 * rb;
         let br = bias.map(|b| b + row0 as u64 * 4);
-        if n <= GEMV_MAX_ROWS || scratch.is_none() {
+        let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+        let gemv_max = if quantized {
+            GEMV_INT8_MAX_ROWS
+        } else {
+            GEMV_MAX_ROWS
+        };
+        if n <= gemv_max || scratch.is_none() {
             return self
                 .kernels
                 .gemv(ty, wr, nrows, cols, x, cols, out, ldo, n, br, s);

@@ -27,6 +27,10 @@ pub const SOURCES: &[Source] = &[
         text: include_str!("../../cuda/matmul.cu"),
     },
     Source {
+        name: "gemv.cu",
+        text: include_str!("../../cuda/gemv.cu"),
+    },
+    Source {
         name: "ops.cu",
         text: include_str!("../../cuda/ops.cu"),
     },

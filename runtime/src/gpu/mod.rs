@@ -2,6 +2,10 @@
 //! compute stream. Weights are uploaded once (in their GGUF block layout), the KV cache lives in
 //! VRAM, logits are computed only for the rows that need them and copied back, and small batches
 //! (decode) are captured as a CUDA graph after their first run and replayed.
+//!
+//! Per-op timing ([`GpuEngine::set_op_timing`]): runs go through the plain (uncaptured) path with
+//! a timing event between consecutive steps on the compute stream, and the elapsed times are
+//! accumulated per [`OpKey`] (op kind, weight type and shape, program tokens, rows).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +14,7 @@ use pshard_kernels::cuda::{
     kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId,
     RegionKind, RopeKind, GEMV_MAX_ROWS,
 };
+use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, BufId, Op};
 use pshard_model::spec::{RopeMode, TensorId};
 
@@ -173,6 +178,48 @@ impl GpuKv {
     }
 }
 
+/// What a per-op GPU time is accumulated under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpKey {
+    /// Op kind ([`Op::kind`]).
+    pub op: &'static str,
+    /// Weight type (matmuls, embeddings, expert FFNs).
+    pub quant: Option<GgmlType>,
+    /// Weight shape `[rows, cols]` (expert FFNs: one expert's gate matrix `[n_ff, n_embd]`).
+    pub shape: Option<[usize; 2]>,
+    /// Tokens of the program (its batch).
+    pub n_tokens: usize,
+    /// Rows the op computed: `n_tokens`, except after the logit-row selection (e.g. 1 for the
+    /// output projection of a prompt step that only needs the last token's logits).
+    pub rows: usize,
+}
+
+/// Accumulated GPU time of one [`OpKey`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OpTime {
+    /// Steps timed.
+    pub calls: u64,
+    /// Seconds between the events around those steps on the compute stream.
+    pub seconds: f64,
+}
+
+fn merge_times(into: &mut HashMap<OpKey, OpTime>, from: &HashMap<OpKey, OpTime>) {
+    for (k, v) in from {
+        let e = into.entry(k.clone()).or_default();
+        e.calls += v.calls;
+        e.seconds += v.seconds;
+    }
+}
+
+fn event_err<E: std::fmt::Debug>(call: &'static str) -> impl Fn(E) -> GpuError {
+    move |e| {
+        GpuError::Cuda(CudaError::Driver {
+            call,
+            err: format!("{e:?}"),
+        })
+    }
+}
+
 /// One program with its device buffers.
 pub struct GpuRunner {
     program: Program,
@@ -188,6 +235,8 @@ pub struct GpuRunner {
     graph: Option<CapturedGraph>,
     runs: usize,
     logits: Vec<f32>,
+    op_timing: bool,
+    op_times: HashMap<OpKey, OpTime>,
 }
 
 /// Scratch needs of a program.
@@ -258,7 +307,7 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
                 let ff = model.spec.tensor(gate_exps).rows();
                 n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
                 n.moe_out = n.moe_out.max((pairs * g.buffer(x).cols * 4) as u64);
-                if g.rows(x) > GEMV_MAX_ROWS {
+                if pairs > MOE_GEMV_MAX_PAIRS {
                     let d = g.buffer(x).cols;
                     n.moe_x16 = n.moe_x16.max((pairs * d.max(ff) * 2) as u64);
                     n.moe_idx = n.moe_idx.max((pairs * 4) as u64);
@@ -277,6 +326,13 @@ fn node_q(op: &Op) -> BufId {
         _ => unreachable!("only called on attention nodes"),
     }
 }
+
+/// (token, expert) pairs up to which MoE experts run as one GEMV per pair, in one launch per
+/// matrix and without leaving the device. Above, the routes are read back and every used expert is
+/// dequantized once and multiplied by a GEMM over its tokens: reading an expert once per pair costs
+/// more than the per-expert launches from about 32 tokens × 8 experts on the H200. The planner's
+/// cost model mirrors it (`pshard_planner::costtable::GPU_MOE_GEMV_MAX_PAIRS`).
+pub const MOE_GEMV_MAX_PAIRS: usize = 256;
 
 /// Batches at or below this many tokens are captured as CUDA graphs (decode).
 pub const GRAPH_MAX_TOKENS: usize = 4;
@@ -357,6 +413,8 @@ impl GpuRunner {
             graph: None,
             runs: 0,
             logits: vec![0f32; n_logits],
+            op_timing: false,
+            op_times: HashMap::new(),
         })
     }
 
@@ -368,6 +426,48 @@ impl GpuRunner {
     /// Whether this runner replays a captured CUDA graph.
     pub fn uses_graph(&self) -> bool {
         self.graph.is_some()
+    }
+
+    /// Turns per-op timing on or off. While on, [`Self::enqueue`] neither captures nor replays a
+    /// CUDA graph, records a timing event between consecutive steps, waits for the last one and
+    /// adds the elapsed times to [`Self::op_times`] (so it is synchronous).
+    pub fn set_op_timing(&mut self, on: bool) {
+        self.op_timing = on;
+    }
+
+    /// GPU time per op key accumulated while timing was on.
+    pub fn op_times(&self) -> &HashMap<OpKey, OpTime> {
+        &self.op_times
+    }
+
+    /// Forgets the accumulated op times.
+    pub fn clear_op_times(&mut self) {
+        self.op_times.clear();
+    }
+
+    /// The key a step's time is accumulated under.
+    fn op_key(&self, model: &Model, op: &Op) -> OpKey {
+        let g = &self.program.graph;
+        let rows = op.writes().first().map_or(g.n_tokens, |&b| g.rows(b));
+        let weight = match *op {
+            Op::MatMul { weight, .. } | Op::Embed { table: weight, .. } => Some(weight),
+            Op::MoeFfn { gate_exps, .. } => Some(gate_exps),
+            _ => None,
+        };
+        let (quant, shape) = match weight {
+            Some(id) => {
+                let t = model.spec.tensor(id);
+                (Some(t.ty), Some([t.rows(), t.cols()]))
+            }
+            None => (None, None),
+        };
+        OpKey {
+            op: op.kind(),
+            quant,
+            shape,
+            n_tokens: g.n_tokens,
+            rows,
+        }
     }
 
     /// Runs one batch and returns the logits (`n_logit_rows × n_vocab`).
@@ -434,6 +534,11 @@ impl GpuRunner {
             self.logit_rows.ptr,
             &as_bytes(&mut input.logit_rows.iter().map(|&r| r as i32)),
         )?;
+        if self.op_timing {
+            self.record_timed(gpu, w, kv, model)?;
+            self.runs += 1;
+            return Ok(());
+        }
         let small =
             g.n_tokens <= GRAPH_MAX_TOKENS && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
         if small && self.graph.is_none() && self.runs >= 1 {
@@ -454,6 +559,46 @@ impl GpuRunner {
         for step in &self.program.steps {
             let node = &self.program.graph.nodes[step.node];
             self.exec(gpu, w, kv, model, &node.op)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::record`] with a timing event before the first step and after every step; waits
+    /// for the last event and accumulates each step's elapsed time under its [`OpKey`].
+    fn record_timed(
+        &mut self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        kv: &GpuKv,
+        model: &Model,
+    ) -> Result<(), GpuError> {
+        let s = gpu.stream();
+        let n = self.program.steps.len();
+        let events = (0..=n)
+            .map(|_| gpu.dev.event(true))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, step) in self.program.steps.iter().enumerate() {
+            events[i]
+                .record(s)
+                .map_err(event_err("recording a timing event"))?;
+            let node = &self.program.graph.nodes[step.node];
+            self.exec(gpu, w, kv, model, &node.op)?;
+        }
+        events[n]
+            .record(s)
+            .map_err(event_err("recording a timing event"))?;
+        events[n]
+            .synchronize()
+            .map_err(event_err("waiting for a timing event"))?;
+        for i in 0..n {
+            let ms = events[i]
+                .elapsed_ms(&events[i + 1])
+                .map_err(event_err("reading a timing event"))?;
+            let node = &self.program.graph.nodes[self.program.steps[i].node];
+            let key = self.op_key(model, &node.op);
+            let e = self.op_times.entry(key).or_default();
+            e.calls += 1;
+            e.seconds += f64::from(ms) * 1e-3;
         }
         Ok(())
     }
@@ -665,7 +810,7 @@ impl GpuRunner {
                 );
                 let ff = gt.rows();
                 let r = self.b(route);
-                if let (true, Some(grp)) = (rows > GEMV_MAX_ROWS, self.moe_grouped) {
+                if let (true, Some(grp)) = (pairs > MOE_GEMV_MAX_PAIRS, self.moe_grouped) {
                     let exps = [(gate_exps, gt), (up_exps, ut), (down_exps, dt)];
                     return self.moe_grouped_ffn(
                         gpu,
@@ -877,6 +1022,9 @@ pub struct GpuEngine {
     ubatch: usize,
     n_past: usize,
     released_host_bytes: u64,
+    op_timing: bool,
+    /// Op times of runners released since the last reset of the times.
+    retired_times: HashMap<OpKey, OpTime>,
 }
 
 impl GpuEngine {
@@ -910,7 +1058,44 @@ impl GpuEngine {
             ubatch: ubatch.clamp(1, n_ctx.max(1)),
             n_past: 0,
             released_host_bytes: released,
+            op_timing: false,
+            retired_times: HashMap::new(),
         })
+    }
+
+    /// Turns per-op GPU timing on or off for every program (see [`GpuRunner::set_op_timing`]):
+    /// while on, no CUDA graph is used and every evaluation waits for its timing events, so
+    /// turn it on for a dedicated pass only.
+    pub fn set_op_timing(&mut self, on: bool) {
+        self.op_timing = on;
+        for r in self.runners.values_mut() {
+            r.set_op_timing(on);
+        }
+    }
+
+    /// Whether per-op timing is on.
+    pub fn op_timing(&self) -> bool {
+        self.op_timing
+    }
+
+    /// GPU time per op key accumulated while timing was on (over all programs), largest total
+    /// first.
+    pub fn op_times(&self) -> Vec<(OpKey, OpTime)> {
+        let mut all = self.retired_times.clone();
+        for r in self.runners.values() {
+            merge_times(&mut all, r.op_times());
+        }
+        let mut v: Vec<(OpKey, OpTime)> = all.into_iter().collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Forgets the accumulated op times.
+    pub fn clear_op_times(&mut self) {
+        self.retired_times.clear();
+        for r in self.runners.values_mut() {
+            r.clear_op_times();
+        }
     }
 
     /// Forgets the sequence.
@@ -1000,10 +1185,11 @@ impl GpuEngine {
             };
             let runner = get_runner(
                 &mut self.runners,
+                &mut self.retired_times,
+                self.op_timing,
                 &self.gpu,
                 model,
-                n,
-                logit_rows.len(),
+                (n, logit_rows.len()),
                 self.kv.n_ctx,
                 self.ubatch,
             )?;
@@ -1045,10 +1231,11 @@ impl GpuEngine {
         };
         let runner = get_runner(
             &mut self.runners,
+            &mut self.retired_times,
+            self.op_timing,
             &self.gpu,
             model,
-            n,
-            1,
+            (n, 1),
             self.kv.n_ctx,
             self.ubatch,
         )?;
@@ -1063,27 +1250,31 @@ impl GpuEngine {
     }
 }
 
-/// The runner for (n tokens, n logit rows), created on first use. At most 4 programs keep their
-/// buffers (the ubatch, decode and a tail or two); others are released.
+/// The runner for `key` = (n tokens, n logit rows), created on first use (with op timing as
+/// given). At most 4 programs keep their buffers (the ubatch, decode and a tail or two); others
+/// are released, their op times kept in `retired`.
+#[allow(clippy::too_many_arguments)]
 fn get_runner<'a>(
     runners: &'a mut HashMap<(usize, usize), GpuRunner>,
+    retired: &mut HashMap<OpKey, OpTime>,
+    op_timing: bool,
     gpu: &Gpu,
     model: &Model,
-    n: usize,
-    n_logits: usize,
+    key: (usize, usize),
     n_ctx: usize,
     ubatch: usize,
 ) -> Result<&'a mut GpuRunner, GpuError> {
-    let key = (n, n_logits);
     if !runners.contains_key(&key) {
         if runners.len() >= 4 {
             if let Some(victim) = runners.keys().copied().find(|k| k.0 != 1 && k.0 != ubatch) {
                 if let Some(r) = runners.remove(&victim) {
+                    merge_times(retired, r.op_times());
                     r.release(gpu)?;
                 }
             }
         }
-        let r = GpuRunner::new(gpu, model, n, n_logits, n_ctx)?;
+        let mut r = GpuRunner::new(gpu, model, key.0, key.1, n_ctx)?;
+        r.set_op_timing(op_timing);
         runners.insert(key, r);
     }
     Ok(runners.get_mut(&key).expect("inserted above"))
