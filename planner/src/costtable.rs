@@ -109,9 +109,13 @@ pub struct CostTable {
 
 const GB: f64 = 1e9;
 
-/// Token rows up to which the CUDA backend multiplies with the fused GEMV (above: dequantize +
+/// Token rows up to which the CUDA backend multiplies float weights with the fused GEMV (above:
 /// GEMM); mirrors `pshard_kernels::cuda::GEMV_MAX_ROWS` (the CLI's tests check they agree).
 pub const GPU_GEMV_MAX_ROWS: usize = 4;
+
+/// Token rows up to which quantized weights take the int8-activation GEMV (above: dequantize +
+/// GEMM); mirrors `pshard_kernels::cuda::GEMV_INT8_MAX_ROWS`.
+pub const GPU_GEMV_INT8_MAX_ROWS: usize = 8;
 
 /// (token, expert) pairs up to which the CUDA backend runs MoE experts as one GEMV per pair (above:
 /// routes read back, one dequantize + GEMM per used expert); mirrors
@@ -466,9 +470,15 @@ impl CostTable {
     }
 
     /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to
-    /// [`GPU_GEMV_MAX_ROWS`] token rows, dequantize + GEMM above.
+    /// [`GPU_GEMV_MAX_ROWS`] token rows ([`GPU_GEMV_INT8_MAX_ROWS`] for quantized weights),
+    /// dequantize + GEMM above.
     pub fn gpu_matmul(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
-        let path = if batch <= GPU_GEMV_MAX_ROWS {
+        let gemv_max = if ty.is_quantized() {
+            GPU_GEMV_INT8_MAX_ROWS
+        } else {
+            GPU_GEMV_MAX_ROWS
+        };
+        let path = if batch <= gemv_max {
             GpuPath::Gemv
         } else {
             GpuPath::Gemm

@@ -376,6 +376,10 @@ mod tests {
             pshard_kernels::cuda::GEMV_MAX_ROWS
         );
         assert_eq!(
+            pshard_planner::costtable::GPU_GEMV_INT8_MAX_ROWS,
+            pshard_kernels::cuda::GEMV_INT8_MAX_ROWS
+        );
+        assert_eq!(
             pshard_planner::costtable::GPU_MOE_GEMV_MAX_PAIRS,
             pshard_runtime::gpu::MOE_GEMV_MAX_PAIRS
         );
