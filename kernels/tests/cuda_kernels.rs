@@ -1184,10 +1184,12 @@ fn cuda_moe_route_and_experts_match_cpu() {
             c.free(&[ld, route]);
             continue;
         }
-        // Expert FFN: gate/up [E, ff, d], down [E, d, ff], Q4_K / Q6_K.
-        let (gb, gf) = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d);
-        let (ub, uf) = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d);
-        let (db, df) = make_weights(&mut r, GgmlType::Q6_K, n_expert * d, ff);
+        // Expert FFN: gate/up [E, ff, d], down [E, d, ff], Q4_K / Q6_K, each stage against the
+        // CPU engine's expert matmuls on the same inputs (the down projection on the GPU's GLU
+        // output, so the check does not depend on f32 `exp` rounding of the two GLUs).
+        let gb = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d).0;
+        let ub = make_weights(&mut r, GgmlType::Q4_K, n_expert * ff, d).0;
+        let db = make_weights(&mut r, GgmlType::Q6_K, n_expert * d, ff).0;
         let x = randv(&mut r, n * d, 1.0);
         let (gd, ud, dd, xd) = (
             c.up_bytes(&gb),
@@ -1197,45 +1199,31 @@ fn cuda_moe_route_and_experts_match_cpu() {
         );
         let np = n * n_used;
         let (hg, hu, hh, ho, out) = (
+            c.poisoned(np * ff * 4),
+            c.poisoned(np * ff * 4),
             c.alloc(np * ff * 4),
-            c.alloc(np * ff * 4),
-            c.alloc(np * ff * 4),
-            c.alloc(np * d * 4),
+            c.poisoned(np * d * 4),
             c.poisoned(n * d * 4),
         );
         let k = &c.gpu.kernels;
-        k.moe_gemv(
-            GgmlType::Q4_K,
-            gd.ptr,
-            ff,
-            d,
-            xd.ptr,
-            d,
-            n_used,
-            route.ptr,
-            n_used,
-            np,
-            hg.ptr,
-            ff,
-            &s,
-        )
-        .unwrap();
-        k.moe_gemv(
-            GgmlType::Q4_K,
-            ud.ptr,
-            ff,
-            d,
-            xd.ptr,
-            d,
-            n_used,
-            route.ptr,
-            n_used,
-            np,
-            hu.ptr,
-            ff,
-            &s,
-        )
-        .unwrap();
+        for (wd, hd) in [(gd.ptr, hg.ptr), (ud.ptr, hu.ptr)] {
+            k.moe_gemv(
+                GgmlType::Q4_K,
+                wd,
+                ff,
+                d,
+                xd.ptr,
+                d,
+                n_used,
+                route.ptr,
+                n_used,
+                np,
+                hd,
+                ff,
+                &s,
+            )
+            .unwrap();
+        }
         k.glu(hg.ptr, hu.ptr, hh.ptr, np * ff, false, &s).unwrap();
         k.moe_gemv(
             GgmlType::Q6_K,
@@ -1256,30 +1244,431 @@ fn cuda_moe_route_and_experts_match_cpu() {
         k.moe_combine(ho.ptr, route.ptr, n_used, out.ptr, n, d, &s)
             .unwrap();
         c.sync();
+        let h_gpu = c.down_f32(hh.ptr, np * ff);
+        let stages = [
+            (
+                "gate",
+                c.down_f32(hg.ptr, np * ff),
+                cpu_moe_gemv(GgmlType::Q4_K, &gb, ff, d, &x, n_used, &ref_ids),
+            ),
+            (
+                "up",
+                c.down_f32(hu.ptr, np * ff),
+                cpu_moe_gemv(GgmlType::Q4_K, &ub, ff, d, &x, n_used, &ref_ids),
+            ),
+            (
+                "down",
+                c.down_f32(ho.ptr, np * d),
+                cpu_moe_gemv(GgmlType::Q6_K, &db, d, ff, &h_gpu, 1, &ref_ids),
+            ),
+        ];
+        for (name, got, want) in &stages {
+            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            let err = rel_l2(got, &want64);
+            assert!(err <= 1e-5, "MoE {name} rel L2 {err}");
+        }
+        // Combined with the GPU's own route weights (checked against ref_w above).
         let mut want = vec![0f64; n * d];
-        for t in 0..n {
-            for slot in 0..n_used {
-                let e = ref_ids[t * n_used + slot] as usize;
-                let w = ref_w[t * n_used + slot];
-                let xt = &x[t * d..(t + 1) * d];
-                let mut h = vec![0f64; ff];
-                for (j, hj) in h.iter_mut().enumerate() {
-                    let gr = &gf[(e * ff + j) * d..][..d];
-                    let ur = &uf[(e * ff + j) * d..][..d];
-                    let g: f64 = gr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let u: f64 = ur.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    *hj = g / (1.0 + (-g).exp()) * u;
-                }
-                for o in 0..d {
-                    let dr = &df[(e * d + o) * ff..][..ff];
-                    let v: f64 = dr.iter().zip(&h).map(|(&a, &b)| a as f64 * b).sum();
-                    want[t * d + o] += w * v;
-                }
+        for (p, row) in stages[2].2.chunks_exact(d).enumerate() {
+            let (t, k) = (p / n_used, p % n_used);
+            let wt = f32::from_bits(words[t * 2 * n_used + n_used + k]) as f64;
+            for (o, &v) in want[t * d..][..d].iter_mut().zip(row) {
+                *o += wt * v as f64;
             }
         }
         let err = rel_l2(&c.down_f32(out.ptr, n * d), &want);
         assert!(err < 1e-5, "MoE FFN rel L2 {err}");
         c.free(&[ld, route, gd, ud, dd, xd, hg, hu, hh, ho, out]);
+    }
+}
+
+/// The CPU engine's result of a routed expert GEMV: for pair `p` (expert `ids[p]`, input row
+/// `p / x_div` of `x`, rows of `cols`), `y[p] = W_e · x_q` with the input quantized to the type's
+/// partner format and dotted by `pshard_kernels::matmul::matmul` on expert `e`'s slice of `w`
+/// (`rows` rows per expert).
+fn cpu_moe_gemv(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    x_div: usize,
+    ids: &[u32],
+) -> Vec<f32> {
+    let k = quant::kernel(ty).expect("CPU kernel");
+    let rb = row_bytes(ty, cols).unwrap();
+    let n_in = x.len() / cols;
+    let xq: Vec<_> = (0..n_in)
+        .map(|i| pshard_kernels::matmul::quantize_acts(k.act, &x[i * cols..][..cols], 1, cols))
+        .collect();
+    let mut y = vec![0f32; ids.len() * rows];
+    for (p, &e) in ids.iter().enumerate() {
+        let wm = pshard_kernels::matmul::WeightMatrix {
+            ty,
+            data: &w[e as usize * rows * rb..][..rows * rb],
+            rows,
+            cols,
+        };
+        pshard_kernels::matmul::matmul(
+            &wm,
+            &xq[p / x_div],
+            &mut y[p * rows..][..rows],
+            rows,
+            0..rows,
+        )
+        .unwrap();
+    }
+    y
+}
+
+/// A route buffer as `moe_route` writes it for pairs with experts `ids` (`n_used` per token, the
+/// last token possibly partial): per token `n_used` i32 ids, then `n_used` f32 weights.
+fn route_bytes(ids: &[u32], n_used: usize, r: &mut StdRng) -> Vec<u8> {
+    let tokens = ids.len().div_ceil(n_used);
+    let mut b = Vec::with_capacity(tokens * 2 * n_used * 4);
+    for t in 0..tokens {
+        for k in 0..n_used {
+            let e = ids.get(t * n_used + k).copied().unwrap_or(0);
+            b.extend_from_slice(&e.to_le_bytes());
+        }
+        for _ in 0..n_used {
+            b.extend_from_slice(&r.gen_range(0.0f32..1.0).to_le_bytes());
+        }
+    }
+    b
+}
+
+/// The int8 MoE expert GEMV of every quantized type against the CPU engine's matmul on each
+/// pair's expert slice with the same activations: random routes drawn from few experts (repeats
+/// within and across tokens), 1..64 pairs (partial last tokens), 1..8 experts per token, one input
+/// row per token (gate/up) and per pair (down), padded strides, every kernel shape; a launch
+/// beyond the activation scratch (chunked); and a CUDA graph replayed on new routes and inputs.
+#[test]
+fn cuda_moe_gemv_int8_matches_cpu_engine() {
+    let Some(c) = ctx("cuda_moe_gemv_int8_matches_cpu_engine") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_gemv_int8");
+    let s = c.gpu.stream().clone();
+    let n_expert = 5usize;
+    let mut worst = 0f64;
+    // Runs one call and checks it; returns the relative L2 error of the worst pair.
+    let check = |r: &mut StdRng,
+                 ty: GgmlType,
+                 w: &(Vec<u8>, DevBuf),
+                 rows: usize,
+                 cols: usize,
+                 n_pairs: usize,
+                 n_used: usize,
+                 x_div: usize|
+     -> f64 {
+        let ids: Vec<u32> = (0..n_pairs)
+            .map(|_| r.gen_range(0..n_expert as u32))
+            .collect();
+        let n_in = (n_pairs - 1) / x_div + 1;
+        let (ldx, ldy) = (cols + 32, rows + 3);
+        let x = randv(r, n_in * ldx, 1.0);
+        let route = c.up_bytes(&route_bytes(&ids, n_used, r));
+        let xd = c.up_f32(&x);
+        let yd = c.poisoned(n_pairs * ldy * 4);
+        c.gpu
+            .kernels
+            .moe_gemv(
+                ty, w.1.ptr, rows, cols, xd.ptr, ldx, x_div, route.ptr, n_used, n_pairs, yd.ptr,
+                ldy, &s,
+            )
+            .unwrap();
+        c.sync();
+        let got = c.down_f32(yd.ptr, n_pairs * ldy);
+        // The reference reads unpadded rows.
+        let xc: Vec<f32> = x
+            .chunks_exact(ldx)
+            .flat_map(|row| &row[..cols])
+            .copied()
+            .collect();
+        let want = cpu_moe_gemv(ty, &w.0, rows, cols, &xc, x_div, &ids);
+        let mut worst = 0f64;
+        for p in 0..n_pairs {
+            let want64: Vec<f64> = want[p * rows..][..rows].iter().map(|&v| v as f64).collect();
+            let err = rel_l2(&got[p * ldy..][..rows], &want64);
+            assert!(
+                err <= 1e-5,
+                "{ty:?} {rows}x{cols} pairs={n_pairs} n_used={n_used} x_div={x_div}: pair {p} (expert {}) rel L2 {err}",
+                ids[p]
+            );
+            worst = worst.max(err);
+        }
+        // Padding between output rows is left alone.
+        assert!(got
+            .chunks_exact(ldy)
+            .all(|row| row[rows..].iter().all(|v| v.is_nan())));
+        c.free(&[route, xd, yd]);
+        worst
+    };
+    for &ty in quant::SUPPORTED {
+        let Some(k) = quant::kernel(ty) else { continue };
+        if k.act == quant::ActFormat::F32 {
+            continue;
+        }
+        // (rows, cols): 768 and 4096 columns (Q8_0 rows of 4096 use teams of four warps).
+        for (si, &(rows, cols)) in [(37usize, 768usize), (21, 4096)].iter().enumerate() {
+            let bytes = if si == 0 {
+                random_blocks(&mut r, ty, n_expert * rows, cols)
+            } else {
+                make_weights(&mut r, ty, n_expert * rows, cols).0
+            };
+            let w = (bytes.clone(), c.up_bytes(&bytes));
+            for &(n_pairs, n_used) in &[(1usize, 1usize), (3, 2), (8, 8), (13, 4), (40, 8), (64, 6)]
+            {
+                for x_div in [n_used, 1] {
+                    worst = worst.max(check(&mut r, ty, &w, rows, cols, n_pairs, n_used, x_div));
+                }
+            }
+            c.free(&[w.1]);
+        }
+    }
+    // Every kernel shape, and inputs beyond the scratch (2^20 values): 300 pairs of 4096 columns
+    // take two launches per call with one row per pair; 2000 pairs sharing rows per token, two.
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+    ] {
+        let bytes = random_blocks(&mut r, ty, n_expert * 19, 4096);
+        let w = (bytes.clone(), c.up_bytes(&bytes));
+        for rw in ["1,1", "2,1", "2,4"] {
+            std::env::set_var("PSHARD_MOE_RW", rw);
+            worst = worst.max(check(&mut r, ty, &w, 19, 4096, 24, 8, 8));
+            worst = worst.max(check(&mut r, ty, &w, 19, 4096, 24, 8, 1));
+        }
+        std::env::remove_var("PSHARD_MOE_RW");
+        if ty == GgmlType::Q4_K {
+            worst = worst.max(check(&mut r, ty, &w, 19, 4096, 300, 6, 1));
+            worst = worst.max(check(&mut r, ty, &w, 19, 4096, 2000, 7, 7));
+        }
+        c.free(&[w.1]);
+    }
+    eprintln!("int8 MoE GEMV vs CPU engine: worst per-pair rel L2 {worst:.2e}");
+
+    // Captured once, replayed with new routes and activations written into the same buffers.
+    let (ty, rows, cols, n_used, n_pairs) = (GgmlType::Q4_K, 64usize, 1024usize, 4usize, 12usize);
+    let bytes = random_blocks(&mut r, ty, n_expert * rows, cols);
+    let wd = c.up_bytes(&bytes);
+    let ids0: Vec<u32> = (0..n_pairs as u32).map(|p| p % n_expert as u32).collect();
+    let route = c.up_bytes(&route_bytes(&ids0, n_used, &mut r));
+    let xd = c.up_f32(&randv(&mut r, n_pairs * cols, 1.0));
+    let yd = c.poisoned(n_pairs * rows * 4);
+    let call = || {
+        c.gpu.kernels.moe_gemv(
+            ty, wd.ptr, rows, cols, xd.ptr, cols, 1, route.ptr, n_used, n_pairs, yd.ptr, rows, &s,
+        )
+    };
+    let g = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, call).unwrap();
+    for _ in 0..2 {
+        let ids: Vec<u32> = (0..n_pairs)
+            .map(|_| r.gen_range(0..n_expert as u32))
+            .collect();
+        let x = randv(&mut r, n_pairs * cols, 1.0);
+        let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        c.gpu.dev.upload(&s, xd.ptr, &xb).unwrap();
+        c.gpu
+            .dev
+            .upload(&s, route.ptr, &route_bytes(&ids, n_used, &mut r))
+            .unwrap();
+        c.gpu
+            .dev
+            .memset(&s, yd.ptr, 0xff, n_pairs * rows * 4)
+            .unwrap();
+        g.launch(&s).unwrap();
+        c.sync();
+        let got = c.down_f32(yd.ptr, n_pairs * rows);
+        let want = cpu_moe_gemv(ty, &bytes, rows, cols, &x, 1, &ids);
+        let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let err = rel_l2(&got, &want64);
+        assert!(err <= 1e-5, "graph replay: rel L2 {err}");
+    }
+    c.free(&[wd, route, xd, yd]);
+}
+
+/// MoE expert GEMV timings (run with `--ignored`) on qwen3-30b-a3b shapes (128 experts, d 2048,
+/// ff 768, 8 per token): gate/up (768 × 2048, one input row per token) and down (2048 × 768, one
+/// per pair) for 1 and 4 tokens, each kernel shape, in a CUDA graph of 16 calls with different
+/// random routes. GB/s counts the bytes of the distinct experts each call reads; the plain int8
+/// GEMV over one contiguous matrix of the same bytes (8 experts' rows) is the reference.
+#[test]
+#[ignore]
+fn cuda_bench_moe_gemv() {
+    let Some(c) = ctx("cuda_bench_moe_gemv") else {
+        return;
+    };
+    let mut r = rng("cuda_bench_moe_gemv");
+    let s = c.gpu.stream().clone();
+    let (n_expert, d, ff, n_used, calls) = (128usize, 2048usize, 768usize, 8usize, 16usize);
+    let x = c.up_f32(&randv(&mut r, 32 * d.max(ff), 1.0));
+    let y = c.alloc(32 * d.max(ff) * 4);
+    let mut lines = Vec::new();
+    for (ty, rows, cols, what) in [
+        (GgmlType::Q4_K, ff, d, "gate/up"),
+        (GgmlType::Q4_K, d, ff, "down"),
+        (GgmlType::Q6_K, d, ff, "down"),
+        (GgmlType::Q8_0, ff, d, "gate/up"),
+    ] {
+        let rb = row_bytes(ty, cols).unwrap();
+        let eb = rows * rb;
+        let w = c.up_bytes(&random_blocks(&mut r, ty, n_expert * rows, cols));
+        for tokens in [1usize, 4] {
+            let n_pairs = tokens * n_used;
+            let x_div = if what == "down" { 1 } else { n_used };
+            let mut routes = Vec::new();
+            let mut bytes = 0usize;
+            for _ in 0..calls {
+                let mut ids = Vec::new();
+                for _ in 0..tokens {
+                    let mut pick: Vec<u32> = (0..n_expert as u32).collect();
+                    for k in 0..n_used {
+                        let j = r.gen_range(k..n_expert);
+                        pick.swap(k, j);
+                    }
+                    ids.extend_from_slice(&pick[..n_used]);
+                }
+                let mut distinct = ids.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                bytes += distinct.len() * eb;
+                routes.push(c.up_bytes(&route_bytes(&ids, n_used, &mut r)));
+            }
+            let mut row = format!("{ty:?} {what} {rows}x{cols} tokens={tokens}:");
+            for rw in ["1,1", "2,1", "2,4", ""] {
+                if rw.is_empty() {
+                    std::env::remove_var("PSHARD_MOE_RW");
+                } else {
+                    std::env::set_var("PSHARD_MOE_RW", rw);
+                }
+                let g = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, || {
+                    for rt in &routes {
+                        c.gpu.kernels.moe_gemv(
+                            ty, w.ptr, rows, cols, x.ptr, cols, x_div, rt.ptr, n_used, n_pairs,
+                            y.ptr, rows, &s,
+                        )?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                g.launch(&s).unwrap();
+                c.sync();
+                let (a, b) = (
+                    c.gpu.dev.event(true).unwrap(),
+                    c.gpu.dev.event(true).unwrap(),
+                );
+                let reps = 20;
+                a.record(&s).unwrap();
+                for _ in 0..reps {
+                    g.launch(&s).unwrap();
+                }
+                b.record(&s).unwrap();
+                b.synchronize().unwrap();
+                let ms = a.elapsed_ms(&b).unwrap() as f64 / reps as f64;
+                let label = if rw.is_empty() { "auto" } else { rw };
+                row += &format!(
+                    "  [{label}] {:.1} us {:.0} GB/s",
+                    ms * 1e3 / calls as f64,
+                    bytes as f64 / ms / 1e6
+                );
+            }
+            std::env::remove_var("PSHARD_MOE_RW");
+            // Reference: the dense int8 GEMV over n_used experts' rows (contiguous) per token.
+            let gref = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, || {
+                for i in 0..calls {
+                    let wp = w.ptr + ((i * n_used) % (n_expert - n_used) * eb) as u64;
+                    c.gpu.kernels.gemv(
+                        ty,
+                        wp,
+                        n_used * rows,
+                        cols,
+                        x.ptr,
+                        cols,
+                        y.ptr,
+                        n_used * rows,
+                        tokens,
+                        None,
+                        &s,
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            gref.launch(&s).unwrap();
+            c.sync();
+            let (a, b) = (
+                c.gpu.dev.event(true).unwrap(),
+                c.gpu.dev.event(true).unwrap(),
+            );
+            a.record(&s).unwrap();
+            for _ in 0..20 {
+                gref.launch(&s).unwrap();
+            }
+            b.record(&s).unwrap();
+            b.synchronize().unwrap();
+            let ms = a.elapsed_ms(&b).unwrap() as f64 / 20.0;
+            row += &format!(
+                "  | dense gemv {:.1} us {:.0} GB/s",
+                ms * 1e3 / calls as f64,
+                (calls * n_used * eb) as f64 / ms / 1e6
+            );
+            lines.push(row);
+            c.free(&routes);
+        }
+        c.free(&[w]);
+    }
+    c.free(&[x, y]);
+    for l in &lines {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
+/// Float experts (F16, BF16, F32) keep the f32 MoE GEMV: against an f64 reference on the same
+/// (f16/bf16-exact) weights with unquantized activations.
+#[test]
+fn cuda_moe_gemv_float_matches_reference() {
+    let Some(c) = ctx("cuda_moe_gemv_float_matches_reference") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_gemv_float");
+    let s = c.gpu.stream().clone();
+    let (n_expert, rows, cols) = (4usize, 29usize, 256usize);
+    for ty in [GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
+        let (bytes, wf) = make_weights(&mut r, ty, n_expert * rows, cols);
+        let wd = c.up_bytes(&bytes);
+        for &(n_pairs, n_used, x_div) in &[(1usize, 1usize, 1usize), (12, 4, 4), (10, 3, 1)] {
+            let ids: Vec<u32> = (0..n_pairs)
+                .map(|_| r.gen_range(0..n_expert as u32))
+                .collect();
+            let x = randv(&mut r, ((n_pairs - 1) / x_div + 1) * cols, 1.0);
+            let route = c.up_bytes(&route_bytes(&ids, n_used, &mut r));
+            let xd = c.up_f32(&x);
+            let yd = c.poisoned(n_pairs * rows * 4);
+            c.gpu
+                .kernels
+                .moe_gemv(
+                    ty, wd.ptr, rows, cols, xd.ptr, cols, x_div, route.ptr, n_used, n_pairs,
+                    yd.ptr, rows, &s,
+                )
+                .unwrap();
+            c.sync();
+            let mut want = vec![0f64; n_pairs * rows];
+            for (p, &e) in ids.iter().enumerate() {
+                let xr = &x[p / x_div * cols..][..cols];
+                for (j, o) in want[p * rows..][..rows].iter_mut().enumerate() {
+                    let wr = &wf[(e as usize * rows + j) * cols..][..cols];
+                    *o = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                }
+            }
+            let err = rel_l2(&c.down_f32(yd.ptr, n_pairs * rows), &want);
+            assert!(err < 1e-5, "{ty:?} pairs={n_pairs}: rel L2 {err}");
+            c.free(&[route, xd, yd]);
+        }
+        c.free(&[wd]);
     }
 }
 

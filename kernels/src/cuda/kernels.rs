@@ -896,10 +896,14 @@ impl CudaKernels {
     }
 
     /// Shape of the int8 MoE GEMV of `ty` on rows of `cols` columns: (R weight rows per team, TW
-    /// warps per team); `PSHARD_MOE_RW` = "R,TW" overrides (benchmarks). A team of four warps
-    /// only pays when each of its threads has two or more chunks of a row to work on; expert
-    /// matrices are narrow (qwen3-30b-a3b: 768 × 2048 and 2048 × 768), so one warp per team is
-    /// the usual shape.
+    /// warps per team); `PSHARD_MOE_RW` = "R,TW" overrides (benchmarks).
+    ///
+    /// Measured on the H200 (2026-11-21, qwen3-30b-a3b experts, CUDA graphs, 8 and 32 pairs):
+    /// two rows per warp is the best everywhere on 768 × 2048 and 2048 × 768 experts (Q4_K gate
+    /// 1.35 / 2.07 TB/s at 1 / 4 tokens, down 1.08 / 1.40; Q6_K down 1.25 / 1.64; one row per
+    /// warp 15-25 % slower; teams of four warps up to 2.3× slower on Q4_K, level with one warp on
+    /// Q8_0 rows of 256 chunks at 1 token and 12 % slower at 4). Rows of 512+ chunks (4+ per
+    /// thread of a team; not measured on experts) use teams of four warps as the dense GEMV does.
     fn moe_gemv_shape(&self, ty: GgmlType, cols: usize) -> (usize, usize) {
         if let Some(v) = std::env::var("PSHARD_MOE_RW").ok().and_then(|v| {
             let (r, w) = v.split_once(',')?;
@@ -919,7 +923,7 @@ impl CudaKernels {
             GgmlType::Q2_K | GgmlType::Q3_K => cols / 256 * 4,
             _ => cols / 256 * 8,
         };
-        if chunks >= 256 {
+        if chunks >= 512 {
             (2, 4)
         } else {
             (2, 1)

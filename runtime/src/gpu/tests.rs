@@ -112,7 +112,7 @@ fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
 /// rounding of slightly different values amplifies that to ~1e-2 on random tiny models. Both
 /// comparisons at relative L2 ≤ [`TOL`].
 fn compare_path(label: &str, path: &Path, n_ctx: usize, ubatch: usize, n_prompt: usize) {
-    compare_steps(label, path, n_ctx, ubatch, n_prompt, 10);
+    compare_steps(label, path, n_ctx, ubatch, n_prompt, 10, TOL);
 }
 
 fn compare_steps(
@@ -122,6 +122,7 @@ fn compare_steps(
     ubatch: usize,
     n_prompt: usize,
     n_decode: usize,
+    decode_tol: f64,
 ) {
     let cpu_model = Model::open(path).unwrap();
     let gpu_model = Model::open(path).unwrap();
@@ -152,8 +153,9 @@ fn compare_steps(
     let worst = decode.iter().cloned().fold(0.0, f64::max);
     let _ = writeln!(
         std::io::stderr(),
-        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU exact activations), decode max rel L2 \
-         {worst:.2e} over {n_decode} steps (CPU 8-bit activations), tolerance {TOL:.0e}"
+        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU exact activations, tolerance {TOL:.0e}), \
+         decode max rel L2 {worst:.2e} over {n_decode} steps (CPU 8-bit activations, tolerance \
+         {decode_tol:.0e})"
     );
     assert!(
         prefill <= TOL,
@@ -161,8 +163,8 @@ fn compare_steps(
     );
     for (step, &e) in decode.iter().enumerate() {
         assert!(
-            e <= TOL,
-            "{label}: decode step {step} logits rel L2 {e:.3e} > {TOL} (all steps: {decode:.3?})"
+            e <= decode_tol,
+            "{label}: decode step {step} logits rel L2 {e:.3e} > {decode_tol} (all steps: {decode:.3?})"
         );
     }
     assert!(
@@ -172,13 +174,22 @@ fn compare_steps(
     eprintln!("{}", gpu.report());
 }
 
-/// Prompt of 41 tokens in ubatches of 16 (two full + a tail of 9, all above the int8-GEMV
-/// threshold, so on the GEMM path), then 10 decode steps (4 prompt tokens, 6 greedy) replayed
-/// from a CUDA graph.
+/// Dense models: a prompt of 41 tokens in ubatches of 16 (two full + a tail of 9, all above the
+/// int8-GEMV threshold, so on the GEMM path). MoE models: two ubatches whose (token, expert) pairs
+/// exceed `MOE_GEMV_MAX_PAIRS`, so the experts run as f16 GEMMs too (up to that many pairs they
+/// take the int8 GEMV, which is checked against the CPU engine in the kernel tests). Then 10 decode
+/// steps (4 prompt tokens, 6 greedy) replayed from a CUDA graph.
 fn compare(name: &str, recipe: &str) {
     let path = synth_model(name, recipe);
-    let tail = GEMV_INT8_MAX_ROWS.max(GEMV_MAX_ROWS) + 1;
-    compare_path(&format!("{name} {recipe}"), &path, 128, 16, 32 + tail);
+    let k = Model::open(&path).unwrap().spec.hparams.n_expert_used;
+    let label = format!("{name} {recipe}");
+    if let Some(per_expert) = MOE_GEMV_MAX_PAIRS.checked_div(k) {
+        let ub = per_expert + 1;
+        compare_path(&label, &path, 2 * ub + 16, ub, 2 * ub);
+    } else {
+        let tail = GEMV_INT8_MAX_ROWS.max(GEMV_MAX_ROWS) + 1;
+        compare_path(&label, &path, 128, 16, 32 + tail);
+    }
 }
 
 macro_rules! gpu_vs_cpu {
@@ -221,16 +232,24 @@ fn compare_big(name: &str) {
     p.n_layer = 2;
     let path = test_dir().join(format!("{name}-2layers-q4_k.gguf"));
     write_preset(&p, "q4_k", &path);
-    // 64 tokens × 8 experts is above MOE_GEMV_MAX_PAIRS (grouped expert GEMMs); the tail of 9
-    // (above the int8-GEMV threshold) runs its experts as per-pair GEMVs.
+    // Ubatches of 64: 64 tokens × 8 experts is above MOE_GEMV_MAX_PAIRS (grouped f16 expert
+    // GEMMs). The dense model adds a tail of 9 (above the int8-GEMV threshold); the MoE model
+    // takes two full ubatches, as a tail's experts would run on the int8 GEMV.
+    let moe = p.n_expert_used > 0;
     let tail = GEMV_INT8_MAX_ROWS.max(GEMV_MAX_ROWS) + 1;
+    let n_prompt = if moe { 128 } else { 64 + tail };
+    // Decode: with 128 experts, top-8 routing and 8-bit activations, this random model is
+    // chaotic — the CPU engine differs from itself by up to 1.02e-2 between its AVX2 and AVX-512
+    // paths (only the float summation order differs) — so its decode is held to 2e-2.
+    let decode_tol = if moe { 2e-2 } else { TOL };
     compare_steps(
         &format!("{name} (2 layers) q4_k"),
         &path,
-        128,
+        160,
         64,
-        64 + tail,
+        n_prompt,
         4,
+        decode_tol,
     );
     let _ = std::fs::remove_file(&path);
 }
