@@ -13,8 +13,19 @@ use super::*;
 use crate::engine::{Engine, Logits};
 use pshard_kernels::cuda::GEMV_INT8_MAX_ROWS;
 
-/// Relative L2 tolerance of every CPU-vs-GPU logits comparison.
+/// Relative L2 tolerance of the CPU-vs-GPU prefill comparisons (and of the greedy test's steps).
 const TOL: f64 = 1e-2;
+
+/// Relative L2 tolerance of the decode comparisons (both engines rounding activations to 8 bits).
+/// Most models agree to ~1e-7 (same integer dots, only float summation order differs), but on
+/// some random synthetic models one 8-bit rounding that flips on a 1e-7 difference is amplified
+/// to ~1-2e-2 — and the CPU engine disagrees with itself just as much: measured on the dev
+/// machine, fresh-context decode of tiny-qwen3 q4_0 differs by 1.1-1.8e-2 between the CPU's
+/// scalar and AVX-512 paths (the GPU vs CPU numbers on the H200: 1.1-1.8e-2), tiny-qwen3moe
+/// q8_0 by up to 7.7e-3, and the qwen3-30b-a3b 2-layer shapes by 1.02e-2 between AVX2 and
+/// AVX-512. A real error in a decode kernel shows at 1e-1 and above, and every kernel is checked
+/// against the CPU engine to 1e-5 in kernels/tests/cuda_kernels.rs.
+const DECODE_TOL: f64 = 2e-2;
 
 fn skip_reason() -> Option<String> {
     pshard_kernels::cuda::probe(0).err().map(|e| e.to_string())
@@ -109,10 +120,10 @@ fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
 /// the CPU does, so decode is compared against the CPU in its default mode — but from a fresh
 /// context on both engines, the prompt fed token by token through the decode path: continuing from
 /// the two prefills instead would start from KV caches that differ by the prefill error, and 8-bit
-/// rounding of slightly different values amplifies that to ~1e-2 on random tiny models. Both
-/// comparisons at relative L2 ≤ [`TOL`].
+/// rounding of slightly different values amplifies that to ~1e-2 on random tiny models. Prefill
+/// at relative L2 ≤ [`TOL`], decode ≤ `decode_tol` ([`DECODE_TOL`]).
 fn compare_path(label: &str, path: &Path, n_ctx: usize, ubatch: usize, n_prompt: usize) {
-    compare_steps(label, path, n_ctx, ubatch, n_prompt, 10, TOL);
+    compare_steps(label, path, n_ctx, ubatch, n_prompt, 10, DECODE_TOL);
 }
 
 fn compare_steps(
@@ -238,10 +249,6 @@ fn compare_big(name: &str) {
     let moe = p.n_expert_used > 0;
     let tail = GEMV_INT8_MAX_ROWS.max(GEMV_MAX_ROWS) + 1;
     let n_prompt = if moe { 128 } else { 64 + tail };
-    // Decode: with 128 experts, top-8 routing and 8-bit activations, this random model is
-    // chaotic — the CPU engine differs from itself by up to 1.02e-2 between its AVX2 and AVX-512
-    // paths (only the float summation order differs) — so its decode is held to 2e-2.
-    let decode_tol = if moe { 2e-2 } else { TOL };
     compare_steps(
         &format!("{name} (2 layers) q4_k"),
         &path,
@@ -249,7 +256,7 @@ fn compare_big(name: &str) {
         64,
         n_prompt,
         4,
-        decode_tol,
+        DECODE_TOL,
     );
     let _ = std::fs::remove_file(&path);
 }
