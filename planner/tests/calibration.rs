@@ -1,0 +1,179 @@
+//! The cost model against what runs today: its predictions for the all-GPU and all-CPU plans of the
+//! reference models, made from the committed profiles measured on the lent H200 machine, against
+//! `pshard bench` measured on that same machine (recorded in docs/PERF.md with command and date).
+//! The bar is 20%, asserted where the model meets it; the known gaps (GPU decode under
+//! CUDA graphs, MoE prefill's grouped expert path) are printed with their cause and only guarded
+//! against gross regressions (a factor of 4). Every comparison is printed. Placements the runtime cannot execute yet
+//! (hybrid plans) are compared with llama.cpp's published numbers in `sanity.rs`, print-only.
+
+mod common;
+
+use pshard_model::spec::ModelSpec;
+use pshard_planner::cost::{PlanParams, TierModel};
+use pshard_planner::placement::{place, steps, Frac, Placement, Strategy};
+use pshard_planner::{CostTable, Place};
+
+/// A `pshard bench` test.
+#[derive(Clone, Copy, Debug)]
+enum Test {
+    /// `-p N -ub UB`: a prompt of N tokens in micro-batches of UB from an empty context.
+    Prompt(usize, usize),
+    /// `-n N`: N generation steps from an empty context, logits read back each step.
+    Gen(usize),
+}
+
+/// Where the whole model runs.
+#[derive(Clone, Copy, Debug)]
+enum Where {
+    Gpu,
+    Cpu,
+}
+
+/// One measured `pshard bench` result on the lent H200 machine.
+struct Measured {
+    model: &'static str,
+    on: Where,
+    test: Test,
+    tps: f64,
+    /// `Some(why)`: a known gap — the cost model misses this by more than the 20% for the
+    /// stated reason, so only a factor-of-4 guard against gross regressions is asserted.
+    gap: Option<&'static str>,
+}
+
+/// Why GPU decode is under-predicted: the profile times kernels launched from the host (GEMVs
+/// and elementwise ops, ~3.7 µs of launch each) while decode replays CUDA graphs, where small
+/// kernels cost ~1-2 µs and the int8 GEMVs run faster than in the profile's loop.
+const GAP_GRAPH: &str = "decode runs as CUDA graphs; the profile has no graph-replay points";
+/// Why MoE prefill is under-predicted: the grouped expert path (per expert: dequantize + GEMM on
+/// pre-converted activations, ~3 µs per launch) is costed from the profile's dense GEMM path,
+/// whose small shapes take ~21 µs per call (it converts activations and dequantizes each call).
+const GAP_MOE: &str = "grouped expert GEMMs are costed from dense GEMM points (~21 µs floor)";
+
+/// `scripts/gpu-bench.sh` (`pshard bench -m M -p 512,4096 -n 128 -u 2048 -r 3 --device cuda`) and
+/// `scripts/cpu-peer-bench.sh` (`pshard bench -m M -p 512 -n 64 -t 16 -r 2 --device cpu`) on the
+/// lent nvidia-h200 machine, 2026-11-21, synth q4_k models, the same build and session as the
+/// committed profiles; see docs/PERF.md.
+const MEASURED: &[Measured] = &[
+    Measured {
+        model: "llama3-8b",
+        on: Where::Gpu,
+        test: Test::Prompt(512, 2048),
+        tps: 21_042.0,
+        gap: None,
+    },
+    Measured {
+        model: "llama3-8b",
+        on: Where::Gpu,
+        test: Test::Prompt(4096, 2048),
+        tps: 22_985.0,
+        gap: None,
+    },
+    Measured {
+        model: "llama3-8b",
+        on: Where::Gpu,
+        test: Test::Gen(128),
+        tps: 313.3,
+        gap: Some(GAP_GRAPH),
+    },
+    Measured {
+        model: "qwen3-30b-a3b",
+        on: Where::Gpu,
+        test: Test::Prompt(512, 2048),
+        tps: 3_946.0,
+        gap: Some(GAP_MOE),
+    },
+    Measured {
+        model: "qwen3-30b-a3b",
+        on: Where::Gpu,
+        test: Test::Prompt(4096, 2048),
+        tps: 10_012.0,
+        gap: Some(GAP_MOE),
+    },
+    Measured {
+        model: "qwen3-30b-a3b",
+        on: Where::Gpu,
+        test: Test::Gen(128),
+        tps: 274.8,
+        gap: Some(GAP_GRAPH),
+    },
+    Measured {
+        model: "llama3-8b",
+        on: Where::Cpu,
+        test: Test::Prompt(512, 512),
+        tps: 52.63,
+        gap: None,
+    },
+    Measured {
+        model: "llama3-8b",
+        on: Where::Cpu,
+        test: Test::Gen(64),
+        tps: 13.27,
+        gap: None,
+    },
+];
+
+fn placement(spec: &ModelSpec, on: Where) -> Placement {
+    match on {
+        Where::Cpu => Placement::uniform(spec, Place::Cpu),
+        Where::Gpu => {
+            let st = steps(spec, Strategy::AllGpu);
+            place(spec, Strategy::AllGpu, &st, st.len(), Frac(0))
+        }
+    }
+}
+
+/// Predicted tokens/s of a bench test: prompts sum their micro-batches (each attending over the
+/// earlier ones), generation runs at the mean depth of its steps.
+fn predict(spec: &ModelSpec, table: &CostTable, pl: &Placement, test: Test) -> f64 {
+    match test {
+        Test::Prompt(n, ub) => {
+            let mut secs = 0.0;
+            let mut done = 0;
+            while done < n {
+                let m = ub.min(n - done);
+                let mut params = PlanParams::new(n.max(4096));
+                params.prefill_past = done;
+                let g = common::graph(spec, m, 1).expect("graph");
+                let tps = TierModel::new(spec, table, &params, &g, true).eval(pl).tps;
+                secs += m as f64 / tps;
+                done += m;
+            }
+            n as f64 / secs
+        }
+        Test::Gen(n) => {
+            let mut params = PlanParams::new(4096);
+            params.decode_depth = n / 2;
+            let g = common::graph(spec, 1, 1).expect("graph");
+            TierModel::new(spec, table, &params, &g, false).eval(pl).tps
+        }
+    }
+}
+
+#[test]
+fn cost_model_within_20_percent_of_pshard_bench() {
+    let (cpu, gpu) = common::h200_profiles();
+    let table = CostTable::new(Some(&cpu), Some(&gpu), 16);
+    let mut failures = Vec::new();
+    for m in MEASURED {
+        let spec = common::spec(m.model);
+        let pl = placement(&spec, m.on);
+        let p = predict(&spec, &table, &pl, m.test);
+        let err = (p - m.tps) / m.tps;
+        let what = format!("{} {:?} {:?}", m.model, m.on, m.test);
+        println!(
+            "{what:<40} predicted {p:>9.1} t/s   pshard bench {:>9.1} t/s   ({:+.0}%){}",
+            m.tps,
+            err * 100.0,
+            m.gap
+                .map_or(String::new(), |g| format!("   KNOWN GAP: {g}"))
+        );
+        let ok = match m.gap {
+            None => err.abs() <= 0.20,
+            Some(_) => p > m.tps / 4.0 && p < m.tps * 4.0,
+        };
+        if !ok {
+            failures.push(what);
+        }
+    }
+    assert!(failures.is_empty(), "outside the bound: {failures:?}");
+}
