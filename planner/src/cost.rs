@@ -359,7 +359,11 @@ impl<'a> TierModel<'a> {
                 .map(|b| buf_bytes[b.0 as usize])
                 .sum();
             let ew_cpu = table.elementwise(Lane::Cpu, io_bytes);
-            let ew_gpu = table.elementwise(Lane::Gpu, io_bytes);
+            let ew_gpu = if n <= crate::costtable::GPU_GRAPH_MAX_TOKENS {
+                table.gpu_elementwise_in_graph(io_bytes)
+            } else {
+                table.elementwise(Lane::Gpu, io_bytes)
+            };
             let (kind, cpu, gpu) = match &node.op {
                 Op::Embed { table: t, .. } => {
                     let td = spec.tensor(*t);
@@ -410,17 +414,21 @@ impl<'a> TierModel<'a> {
                         let td = spec.tensor(*t);
                         let rows = (distinct * td.rows() as f64).round().max(1.0) as usize;
                         let gpu = if pairs <= crate::costtable::GPU_MOE_GEMV_MAX_PAIRS {
-                            table.gpu_matmul_path(
-                                GpuPath::Gemv,
-                                td.ty,
-                                pairs * td.rows(),
-                                td.cols(),
-                                1,
-                            )
+                            let stacked = pairs * td.rows();
+                            if b <= crate::costtable::GPU_GRAPH_MAX_TOKENS {
+                                table.gpu_matmul_path_in_graph(
+                                    GpuPath::Gemv,
+                                    td.ty,
+                                    stacked,
+                                    td.cols(),
+                                    1,
+                                )
+                            } else {
+                                table.gpu_matmul_path(GpuPath::Gemv, td.ty, stacked, td.cols(), 1)
+                            }
                         } else {
                             distinct
-                                * table.gpu_matmul_path(
-                                    GpuPath::Gemm,
+                                * table.gpu_grouped_expert(
                                     td.ty,
                                     td.rows(),
                                     td.cols(),

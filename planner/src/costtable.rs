@@ -32,6 +32,9 @@ pub struct Ceilings {
     pub gpu_simt_flops: f64,
     /// Launch cost of one GPU kernel.
     pub gpu_launch_s: f64,
+    /// Cost of one small kernel replayed in a CUDA graph (decode tiers).
+    pub gpu_graph_node_s: f64,
+
     /// Host→device pinned bandwidth.
     pub h2d: f64,
     /// Host→device pinned bandwidth while the CPU computes.
@@ -57,6 +60,8 @@ impl Ceilings {
             gpu_gemm_flops: 150e12,
             gpu_simt_flops: 30e12,
             gpu_launch_s: 5e-6,
+            gpu_graph_node_s: 2e-6,
+
             h2d: 25e9,
             h2d_while_cpu: 22e9,
             d2h: 25e9,
@@ -112,6 +117,10 @@ const GB: f64 = 1e9;
 /// Token rows up to which the CUDA backend multiplies float weights with the fused GEMV (above:
 /// GEMM); mirrors `pshard_kernels::cuda::GEMV_MAX_ROWS` (the CLI's tests check they agree).
 pub const GPU_GEMV_MAX_ROWS: usize = 4;
+
+/// Token batches the CUDA backend captures and replays as CUDA graphs (decode); mirrors
+/// `pshard_runtime::gpu::GRAPH_MAX_TOKENS`.
+pub const GPU_GRAPH_MAX_TOKENS: usize = 4;
 
 /// Token rows up to which quantized weights take the int8-activation GEMV (above: dequantize +
 /// GEMM); mirrors `pshard_kernels::cuda::GEMV_INT8_MAX_ROWS`.
@@ -177,6 +186,9 @@ impl CostTable {
             if let Some(v) = r.gpu_launch_us {
                 ceil.gpu_launch_s = v * 1e-6;
             }
+            // Profiles without graph points: a graph node costs at most a launch.
+            ceil.gpu_graph_node_s = r.gpu_graph_node_us.map_or(ceil.gpu_launch_s, |v| v * 1e-6);
+
             if let Some(v) = r.h2d_pinned_gbs {
                 ceil.h2d = v * GB;
                 ceil.h2d_while_cpu = ceil.h2d_while_cpu.min(ceil.h2d);
@@ -297,13 +309,16 @@ impl CostTable {
             KnownOp::Matmul
             | KnownOp::MatmulWhileH2d
             | KnownOp::MatmulGemv
+            | KnownOp::MatmulGemvGraph
             | KnownOp::MatmulGemm => {
                 let (rows, cols) = (*shape.first()? as usize, *shape.get(1)? as usize);
                 let ty = quant?;
                 let roof = match op {
                     KnownOp::Matmul => self.roof_cpu_matmul(ty, rows, cols, b, false),
                     KnownOp::MatmulWhileH2d => self.roof_cpu_matmul(ty, rows, cols, b, true),
-                    KnownOp::MatmulGemv => self.roof_gpu_matmul(GpuPath::Gemv, ty, rows, cols, b),
+                    KnownOp::MatmulGemv | KnownOp::MatmulGemvGraph => {
+                        self.roof_gpu_matmul(GpuPath::Gemv, ty, rows, cols, b)
+                    }
                     _ => self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, b),
                 };
                 ((rows * cols) as f64, roof)
@@ -469,9 +484,35 @@ impl CostTable {
         device.max(launches * self.ceil.gpu_launch_s)
     }
 
+    /// [`Self::gpu_matmul_path`] for a kernel replayed in a CUDA graph (decode tiers): the profile's
+    /// graph-timed device time, bounded below by the graph's per-node cost instead of host launches.
+    pub fn gpu_matmul_path_in_graph(
+        &self,
+        path: GpuPath,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        batch: usize,
+    ) -> f64 {
+        let roof = self.roof_gpu_matmul(path, ty, rows, cols, batch);
+        let (op, launches) = match path {
+            GpuPath::Gemv => (KnownOp::MatmulGemv, 1.0),
+            GpuPath::Gemm => (KnownOp::MatmulGemm, 2.0),
+        };
+        // Graph-timed GEMV points when the profile has them, else the stream-timed ones.
+        let eff = match path {
+            GpuPath::Gemv => self
+                .efficiency(KnownOp::MatmulGemvGraph, Some(ty), [rows, cols], batch)
+                .or_else(|| self.efficiency(op, Some(ty), [rows, cols], batch)),
+            GpuPath::Gemm => self.efficiency(op, Some(ty), [rows, cols], batch),
+        };
+        let device = roof / eff.unwrap_or(1.0);
+        device.max(launches * self.ceil.gpu_graph_node_s)
+    }
+
     /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to
     /// [`GPU_GEMV_MAX_ROWS`] token rows ([`GPU_GEMV_INT8_MAX_ROWS`] for quantized weights),
-    /// dequantize + GEMM above.
+    /// dequantize + GEMM above; batches up to [`GPU_GRAPH_MAX_TOKENS`] replay as CUDA graphs.
     pub fn gpu_matmul(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
         let gemv_max = if ty.is_quantized() {
             GPU_GEMV_INT8_MAX_ROWS
@@ -483,7 +524,22 @@ impl CostTable {
         } else {
             GpuPath::Gemm
         };
-        self.gpu_matmul_path(path, ty, rows, cols, batch)
+        if batch <= GPU_GRAPH_MAX_TOKENS {
+            self.gpu_matmul_path_in_graph(path, ty, rows, cols, batch)
+        } else {
+            self.gpu_matmul_path(path, ty, rows, cols, batch)
+        }
+    }
+
+    /// Seconds for one expert's matrix in the CUDA backend's grouped MoE path (dequantize it, then a
+    /// GEMM over its tokens' rows, already converted to f16 once for all experts): the roofline
+    /// device time, but never less than issuing its two launches. Expert matrices are small, so
+    /// the path is launch-bound; the dense GEMM points do not apply (they also convert the
+    /// activations on every call and have a ~20 µs floor at these sizes).
+    pub fn gpu_grouped_expert(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
+        let device = self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, batch)
+            - 2.0 * self.ceil.gpu_launch_s;
+        device.max(2.0 * self.ceil.gpu_launch_s)
     }
 
     /// Seconds the GPU lane loses to one host round trip inside a forward pass (a small synchronised
@@ -518,6 +574,11 @@ impl CostTable {
             Lane::Cpu => self.ceil.cpu_op_s + bytes / self.ceil.cpu_mem,
             _ => self.ceil.gpu_launch_s + bytes / self.ceil.gpu_mem,
         }
+    }
+
+    /// Seconds for a GPU elementwise op replayed in a CUDA graph (decode tiers).
+    pub fn gpu_elementwise_in_graph(&self, bytes: f64) -> f64 {
+        self.ceil.gpu_graph_node_s + bytes / self.ceil.gpu_mem
     }
 
     /// Seconds to copy `bytes` host→device from pinned memory (`while_cpu`: the CPU computes meanwhile).

@@ -116,6 +116,12 @@ pub struct Roofline {
     /// Launch overhead of one GPU kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_launch_us: Option<f64>,
+    /// Cost of one small kernel replayed inside a CUDA graph (decode steps run as graphs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_graph_node_us: Option<f64>,
+    /// Host cost of issuing one small cuBLAS GEMM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_blas_launch_us: Option<f64>,
     /// Host→device bandwidth from pinned (page-locked or registered) memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2d_pinned_gbs: Option<f64>,
@@ -424,6 +430,8 @@ impl Profile {
         for (name, v) in [
             ("cpu_op_overhead_us", r.cpu_op_overhead_us),
             ("gpu_launch_us", r.gpu_launch_us),
+            ("gpu_graph_node_us", r.gpu_graph_node_us),
+            ("gpu_blas_launch_us", r.gpu_blas_launch_us),
             ("copy_latency_us", r.copy_latency_us),
         ] {
             if let Some(v) = v {
@@ -525,6 +533,8 @@ pub enum KnownOp {
     MatmulWhileH2d,
     /// GPU fused GEMV / small-batch matmul path.
     MatmulGemv,
+    /// The same GEMV timed as nodes of a replayed CUDA graph (decode batches).
+    MatmulGemvGraph,
     /// GPU dequantize + GEMM path.
     MatmulGemm,
     /// Attention (`shape = [kv_len, n_head, n_head_kv, head_dim]`, `batch` = query rows).
@@ -548,6 +558,7 @@ impl KnownOp {
             "matmul" => KnownOp::Matmul,
             "matmul_while_h2d" => KnownOp::MatmulWhileH2d,
             "matmul_gemv" => KnownOp::MatmulGemv,
+            "matmul_gemv_graph" => KnownOp::MatmulGemvGraph,
             "matmul_gemm" => KnownOp::MatmulGemm,
             "attention" => KnownOp::Attention,
             "mem_read" => KnownOp::MemRead,
@@ -565,6 +576,7 @@ impl KnownOp {
             KnownOp::Matmul => "matmul",
             KnownOp::MatmulWhileH2d => "matmul_while_h2d",
             KnownOp::MatmulGemv => "matmul_gemv",
+            KnownOp::MatmulGemvGraph => "matmul_gemv_graph",
             KnownOp::MatmulGemm => "matmul_gemm",
             KnownOp::Attention => "attention",
             KnownOp::MemRead => "mem_read",
@@ -580,6 +592,7 @@ impl KnownOp {
             KnownOp::Matmul
             | KnownOp::MatmulWhileH2d
             | KnownOp::MatmulGemv
+            | KnownOp::MatmulGemvGraph
             | KnownOp::MatmulGemm => 2,
             KnownOp::Attention => 4,
             _ => 1,
@@ -600,6 +613,7 @@ impl KnownOp {
             KnownOp::Matmul
                 | KnownOp::MatmulWhileH2d
                 | KnownOp::MatmulGemv
+                | KnownOp::MatmulGemvGraph
                 | KnownOp::MatmulGemm
                 | KnownOp::Attention
         )

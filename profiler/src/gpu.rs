@@ -15,8 +15,8 @@ use anyhow::{anyhow, Context, Result};
 use cudarc::driver::CudaStream;
 use pshard_kernels::cuda::kernels::type_geom;
 use pshard_kernels::cuda::{
-    self, AttnParams, CudaResult, DevBuf, GemmInput, Gpu, GpuDevice, PinnedBuf, RegionId,
-    RegionKind,
+    self, AttnParams, CapturedGraph, CudaResult, DevBuf, GemmInput, Gpu, GpuDevice, PinnedBuf,
+    RegionId, RegionKind,
 };
 use pshard_kernels::quant::SUPPORTED;
 use pshard_model::ggml_type::GgmlType;
@@ -40,6 +40,9 @@ pub const GEMV_MAX_BATCH: usize = 256;
 /// Matrix shapes `[rows, cols]` of the GPU matmul points.
 pub const GPU_SHAPES: &[(usize, usize)] =
     &[(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768)];
+/// Token batches up to which the runtime replays decode steps as CUDA graphs
+/// (`pshard_runtime::gpu::GRAPH_MAX_TOKENS`); GEMV points at these batches are timed inside a graph.
+pub const GRAPH_MAX_TOKENS: usize = 4;
 /// Query rows of the prefill attention points.
 pub const PREFILL_ROWS: usize = 512;
 
@@ -411,6 +414,31 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                         .map(Some)
                     })
                     .with_context(|| format!("{path} {ty} {rows}x{cols} batch {n}"))?;
+                    if path == "matmul_gemv" && n <= GRAPH_MAX_TOKENS {
+                        // Decode batches run as CUDA graphs in the runtime: time the GEMV that
+                        // way too, as 16 nodes (rotating weights) of one replayed graph.
+                        let reps = 16usize;
+                        let graph = CapturedGraph::capture(&dev, gpu.stream(), || {
+                            (0..reps).try_for_each(|j| call(copies[j % copies.len()]))
+                        })
+                        .map_err(gpu_err)?;
+                        let g = measure_gpu(&cfg, || {
+                            event_time(&dev, gpu.stream(), || graph.launch(gpu.stream()))
+                                .map(|t| Some(t / reps as f64))
+                        })
+                        .with_context(|| {
+                            format!("{path} in a graph {ty} {rows}x{cols} batch {n}")
+                        })?;
+                        drop(graph);
+                        points.push(gpu_point(
+                            "matmul_gemv_graph",
+                            Lane::Gpu,
+                            Some(ty),
+                            vec![rows as u64, cols as u64],
+                            n,
+                            g,
+                        ));
+                    }
                     let gflops = 2.0 * (rows * cols * n) as f64 / s.median_s / 1e9;
                     if path == "matmul_gemv" {
                         simt_gflops = simt_gflops.max(gflops);
@@ -660,6 +688,35 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
     })?;
     let launch_us = launch.median_s * 1e6;
     points.push(gpu_point("launch", Lane::Gpu, None, vec![1], 1, launch));
+    // cuBLAS calls cost the host more than a plain launch (heuristics, argument checks): the
+    // grouped MoE path issues one per used expert matrix.
+    progress.step("cuBLAS launch overhead");
+    let blas_launch = measure_gpu(&cfg, || {
+        let t0 = Instant::now();
+        for _ in 0..per {
+            gpu.blas.matmul(
+                GemmInput::F16,
+                bufs.wscratch.ptr,
+                64,
+                64,
+                bufs.xscratch.ptr,
+                1,
+                bufs.out.ptr,
+                64,
+            )?;
+        }
+        dev.synchronize()?;
+        Ok(Some(t0.elapsed().as_secs_f64() / per as f64))
+    })?;
+    let blas_launch_us = blas_launch.median_s * 1e6;
+    points.push(gpu_point(
+        "blas_launch",
+        Lane::Gpu,
+        None,
+        vec![1],
+        1,
+        blas_launch,
+    ));
     progress.step("event overhead");
     let ev = dev.event(false).map_err(gpu_err)?;
     let event = measure_gpu(&cfg, || {
@@ -673,6 +730,19 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         Ok(Some(t0.elapsed().as_secs_f64()))
     })?;
     points.push(gpu_point("event_sync", Lane::Gpu, None, vec![1], 1, event));
+    progress.step("graph node overhead");
+    let nodes = 64usize;
+    let graph = CapturedGraph::capture(&dev, gpu.stream(), || {
+        (0..nodes).try_for_each(|_| gpu.kernels.scale(bufs.out.ptr, 1, 1.0, gpu.stream()))
+    })
+    .map_err(gpu_err)?;
+    let node = measure_gpu(&cfg, || {
+        event_time(&dev, gpu.stream(), || graph.launch(gpu.stream()))
+            .map(|t| Some(t / nodes as f64))
+    })?;
+    drop(graph);
+    let graph_node_us = node.median_s * 1e6;
+    points.push(gpu_point("graph_node", Lane::Gpu, None, vec![1], 1, node));
     dev.arena()
         .map_err(gpu_err)?
         .destroy_region(cregion)
@@ -685,6 +755,8 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         gpu_gemm_gflops: positive(gemm_gflops),
         gpu_simt_gflops: positive(simt_gflops),
         gpu_launch_us: Some(launch_us),
+        gpu_graph_node_us: Some(graph_node_us),
+        gpu_blas_launch_us: Some(blas_launch_us),
         h2d_pinned_gbs: Some(best[0]),
         h2d_pageable_gbs: positive(best[1]),
         d2h_pinned_gbs: positive(best[2]),

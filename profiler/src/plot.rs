@@ -109,7 +109,12 @@ pub fn roofline_svg(profile: &Profile, out: &Path) -> Result<()> {
     type Pts = Vec<(u64, f64, f64)>;
     let mut series: BTreeMap<String, BTreeMap<Vec<u64>, Pts>> = BTreeMap::new();
     let mut per_shape: BTreeMap<Vec<u64>, usize> = BTreeMap::new();
-    for p in profile.points.iter().filter(|p| p.op.starts_with("matmul")) {
+    // Graph-replayed GEMVs repeat the decode-batch GEMV points under another timing; not drawn.
+    for p in profile
+        .points
+        .iter()
+        .filter(|p| p.op.starts_with("matmul") && p.op != "matmul_gemv_graph")
+    {
         if let Some((x, y)) = intensity_and_gflops(p) {
             series
                 .entry(series_name(p))

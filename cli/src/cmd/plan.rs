@@ -380,6 +380,14 @@ mod tests {
             pshard_kernels::cuda::GEMV_INT8_MAX_ROWS
         );
         assert_eq!(
+            pshard_planner::costtable::GPU_GRAPH_MAX_TOKENS,
+            pshard_runtime::gpu::GRAPH_MAX_TOKENS
+        );
+        assert_eq!(
+            pshard_profiler::gpu::GRAPH_MAX_TOKENS,
+            pshard_runtime::gpu::GRAPH_MAX_TOKENS
+        );
+        assert_eq!(
             pshard_planner::costtable::GPU_MOE_GEMV_MAX_PAIRS,
             pshard_runtime::gpu::MOE_GEMV_MAX_PAIRS
         );
