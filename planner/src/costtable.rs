@@ -310,7 +310,8 @@ impl CostTable {
             | KnownOp::MatmulWhileH2d
             | KnownOp::MatmulGemv
             | KnownOp::MatmulGemvGraph
-            | KnownOp::MatmulGemm => {
+            | KnownOp::MatmulGemm
+            | KnownOp::MatmulExpert => {
                 let (rows, cols) = (*shape.first()? as usize, *shape.get(1)? as usize);
                 let ty = quant?;
                 let roof = match op {
@@ -532,14 +533,16 @@ impl CostTable {
     }
 
     /// Seconds for one expert's matrix in the CUDA backend's grouped MoE path (dequantize it, then a
-    /// GEMM over its tokens' rows, already converted to f16 once for all experts): the roofline
-    /// device time, but never less than issuing its two launches. Expert matrices are small, so
-    /// the path is launch-bound; the dense GEMM points do not apply (they also convert the
-    /// activations on every call and have a ~20 µs floor at these sizes).
+    /// GEMM over its tokens' rows, already converted to f16 once for all experts): launch-bound —
+    /// the roofline device time, but never less than issuing its two launches. Not from the
+    /// profile's `matmul_expert` points: the profiler's back-to-back loop of the same two calls
+    /// takes ~11 µs per expert matrix (host-bound) where the runtime's grouped loop takes ~6.4 µs
+    /// (H200, 2026-11-21; cause not found), and the dense GEMM points convert the activations on
+    /// every call and have a ~20 µs floor at these sizes.
     pub fn gpu_grouped_expert(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
-        let device = self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, batch)
-            - 2.0 * self.ceil.gpu_launch_s;
-        device.max(2.0 * self.ceil.gpu_launch_s)
+        let launches = 2.0 * self.ceil.gpu_launch_s;
+        let device = self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, batch) - launches;
+        device.max(launches)
     }
 
     /// Seconds the GPU lane loses to one host round trip inside a forward pass (a small synchronised

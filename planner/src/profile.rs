@@ -537,6 +537,8 @@ pub enum KnownOp {
     MatmulGemvGraph,
     /// GPU dequantize + GEMM path.
     MatmulGemm,
+    /// One MoE expert in the grouped prefill path: dequantize + GEMM over its tokens, back to back.
+    MatmulExpert,
     /// Attention (`shape = [kv_len, n_head, n_head_kv, head_dim]`, `batch` = query rows).
     Attention,
     /// Streaming read of memory (`shape = [bytes]`).
@@ -560,6 +562,7 @@ impl KnownOp {
             "matmul_gemv" => KnownOp::MatmulGemv,
             "matmul_gemv_graph" => KnownOp::MatmulGemvGraph,
             "matmul_gemm" => KnownOp::MatmulGemm,
+            "matmul_expert" => KnownOp::MatmulExpert,
             "attention" => KnownOp::Attention,
             "mem_read" => KnownOp::MemRead,
             "h2d_pinned" => KnownOp::H2dPinned,
@@ -578,6 +581,7 @@ impl KnownOp {
             KnownOp::MatmulGemv => "matmul_gemv",
             KnownOp::MatmulGemvGraph => "matmul_gemv_graph",
             KnownOp::MatmulGemm => "matmul_gemm",
+            KnownOp::MatmulExpert => "matmul_expert",
             KnownOp::Attention => "attention",
             KnownOp::MemRead => "mem_read",
             KnownOp::H2dPinned => "h2d_pinned",
@@ -593,7 +597,8 @@ impl KnownOp {
             | KnownOp::MatmulWhileH2d
             | KnownOp::MatmulGemv
             | KnownOp::MatmulGemvGraph
-            | KnownOp::MatmulGemm => 2,
+            | KnownOp::MatmulGemm
+            | KnownOp::MatmulExpert => 2,
             KnownOp::Attention => 4,
             _ => 1,
         }
@@ -615,6 +620,7 @@ impl KnownOp {
                 | KnownOp::MatmulGemv
                 | KnownOp::MatmulGemvGraph
                 | KnownOp::MatmulGemm
+                | KnownOp::MatmulExpert
                 | KnownOp::Attention
         )
     }

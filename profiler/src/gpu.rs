@@ -38,11 +38,22 @@ pub const GPU_BATCHES: &[usize] = &[1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 81
 /// batches are never routed to it).
 pub const GEMV_MAX_BATCH: usize = 256;
 /// Matrix shapes `[rows, cols]` of the GPU matmul points.
-pub const GPU_SHAPES: &[(usize, usize)] =
-    &[(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768)];
+pub const GPU_SHAPES: &[(usize, usize)] = &[
+    (4096, 4096),
+    (4096, 14336),
+    (14336, 4096),
+    (2048, 768),
+    (768, 2048),
+];
 /// Token batches up to which the runtime replays decode steps as CUDA graphs
 /// (`pshard_runtime::gpu::GRAPH_MAX_TOKENS`); GEMV points at these batches are timed inside a graph.
 pub const GRAPH_MAX_TOKENS: usize = 4;
+/// Expert matrix shapes `[rows, cols]` of the grouped-MoE points (qwen3-30b-a3b's down and gate/up
+/// projections: equal size, but cuBLAS runs them at different speeds).
+pub const EXPERT_SHAPES: &[(usize, usize)] = &[(2048, 768), (768, 2048)];
+/// Tokens per expert of the grouped-MoE points (512- and 2048-token ubatches of a 128-expert top-8
+/// model give 32 and 128).
+pub const EXPERT_BATCHES: &[usize] = &[8, 32, 128, 512];
 /// Query rows of the prefill attention points.
 pub const PREFILL_ROWS: usize = 512;
 
@@ -450,6 +461,46 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     }
                     points.push(gpu_point(
                         path,
+                        Lane::Gpu,
+                        Some(ty),
+                        vec![rows as u64, cols as u64],
+                        n,
+                        s,
+                    ));
+                }
+            }
+            // MoE experts as the grouped prefill path runs them: per used expert, dequantize its
+            // matrix and one GEMM over its tokens (activations already f16), back to back.
+            if EXPERT_SHAPES.contains(&(rows, cols)) && ty.is_quantized() {
+                for &n in EXPERT_BATCHES {
+                    progress.step(&format!("matmul_expert {ty} {rows}x{cols} batch {n}"));
+                    let expert = |w: u64| -> CudaResult<()> {
+                        let s = gpu.stream();
+                        gpu.kernels
+                            .dequant_f16(ty, w, bufs.wscratch.ptr, rows, cols, s)?;
+                        gpu.blas.matmul(
+                            GemmInput::F16,
+                            bufs.wscratch.ptr,
+                            rows,
+                            cols,
+                            bufs.xscratch.ptr,
+                            n,
+                            bufs.out.ptr,
+                            rows,
+                        )
+                    };
+                    let mut i = 0usize;
+                    let s = measure_gpu(&cfg, || {
+                        event_time_per_call(&dev, gpu.stream(), 16, || {
+                            let w = copies[i % copies.len()];
+                            i += 1;
+                            expert(w)
+                        })
+                        .map(Some)
+                    })
+                    .with_context(|| format!("matmul_expert {ty} {rows}x{cols} batch {n}"))?;
+                    points.push(gpu_point(
+                        "matmul_expert",
                         Lane::Gpu,
                         Some(ty),
                         vec![rows as u64, cols as u64],
