@@ -473,16 +473,7 @@ impl CostTable {
         cols: usize,
         batch: usize,
     ) -> f64 {
-        let roof = self.roof_gpu_matmul(path, ty, rows, cols, batch);
-        let (op, launches) = match path {
-            GpuPath::Gemv => (KnownOp::MatmulGemv, 1.0),
-            GpuPath::Gemm => (KnownOp::MatmulGemm, 2.0),
-        };
-        let device = roof
-            / self
-                .efficiency(op, Some(ty), [rows, cols], batch)
-                .unwrap_or(1.0);
-        device.max(launches * self.ceil.gpu_launch_s)
+        self.gpu_matmul_timed(path, ty, rows, cols, batch, false)
     }
 
     /// [`Self::gpu_matmul_path`] for a kernel replayed in a CUDA graph (decode tiers): the profile's
@@ -495,20 +486,38 @@ impl CostTable {
         cols: usize,
         batch: usize,
     ) -> f64 {
+        self.gpu_matmul_timed(path, ty, rows, cols, batch, true)
+    }
+
+    fn gpu_matmul_timed(
+        &self,
+        path: GpuPath,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        batch: usize,
+        in_graph: bool,
+    ) -> f64 {
         let roof = self.roof_gpu_matmul(path, ty, rows, cols, batch);
         let (op, launches) = match path {
             GpuPath::Gemv => (KnownOp::MatmulGemv, 1.0),
             GpuPath::Gemm => (KnownOp::MatmulGemm, 2.0),
         };
-        // Graph-timed GEMV points when the profile has them, else the stream-timed ones.
-        let eff = match path {
-            GpuPath::Gemv => self
-                .efficiency(KnownOp::MatmulGemvGraph, Some(ty), [rows, cols], batch)
-                .or_else(|| self.efficiency(op, Some(ty), [rows, cols], batch)),
-            GpuPath::Gemm => self.efficiency(op, Some(ty), [rows, cols], batch),
+        let shape = [rows, cols];
+        // In a graph: the graph-timed GEMV points when the profile has them.
+        let graph_eff = match (in_graph, path) {
+            (true, GpuPath::Gemv) => {
+                self.efficiency(KnownOp::MatmulGemvGraph, Some(ty), shape, batch)
+            }
+            _ => None,
         };
-        let device = roof / eff.unwrap_or(1.0);
-        device.max(launches * self.ceil.gpu_graph_node_s)
+        let eff = graph_eff.or_else(|| self.efficiency(op, Some(ty), shape, batch));
+        let per_launch = if in_graph {
+            self.ceil.gpu_graph_node_s
+        } else {
+            self.ceil.gpu_launch_s
+        };
+        (roof / eff.unwrap_or(1.0)).max(launches * per_launch)
     }
 
     /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to
