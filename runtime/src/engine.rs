@@ -11,6 +11,7 @@ use crate::cpu::{BatchInput, CpuRunner, ExecError, RouteOverride};
 use crate::kv::{KvCache, KvError};
 use crate::model::Model;
 use crate::program::Program;
+use crate::submit::{Pending, SubmitError, SubmitThread};
 
 /// Why an evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,9 @@ pub enum EngineError {
     /// The GPU backend failed.
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+    /// The GPU's submission thread failed.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
 }
 
 /// Which rows of an evaluation produce logits.
@@ -43,8 +47,8 @@ pub enum Logits {
 
 /// Model + KV cache + programs, on the CPU or on one GPU.
 pub struct Engine {
-    /// The loaded model.
-    pub model: Model,
+    /// The loaded model (shared with the GPU's submission thread when running on one).
+    pub model: Arc<Model>,
     kv: KvCache,
     runners: HashMap<(usize, usize), CpuRunner>,
     ubatch: usize,
@@ -52,8 +56,19 @@ pub struct Engine {
     route_override: Option<Arc<RouteOverride>>,
     precision: ActPrecision,
     trace: bool,
-    gpu: Option<Box<crate::gpu::GpuEngine>>,
+    gpu: Option<GpuSide>,
 }
+
+/// The GPU engine on its own submission thread (see [`crate::submit`]), with the facts that do
+/// not change kept here so asking for them costs no round trip.
+struct GpuSide {
+    thread: SubmitThread<crate::gpu::GpuEngine>,
+    n_ctx: usize,
+    kv_bytes: usize,
+}
+
+/// The logits of an evaluation submitted to the GPU's thread ([`Engine::submit_eval`]).
+pub type PendingLogits = Pending<Result<Vec<f32>, crate::gpu::GpuError>>;
 
 impl Engine {
     /// An engine with a context of `n_ctx` positions evaluating at most `ubatch` tokens per step.
@@ -61,7 +76,7 @@ impl Engine {
         let ubatch = ubatch.clamp(1, n_ctx.max(1));
         let kv = KvCache::new(&model.spec, n_ctx, ubatch);
         Engine {
-            model,
+            model: Arc::new(model),
             kv,
             runners: HashMap::new(),
             ubatch,
@@ -73,23 +88,38 @@ impl Engine {
         }
     }
 
-    /// An engine that runs every op on a GPU: weights uploaded once, KV cache in VRAM.
+    /// An engine that runs every op on a GPU: weights uploaded once, KV cache in VRAM. The GPU
+    /// engine (CUDA context, streams, weights, programs) lives on its own submission thread, so
+    /// issuing GPU work never waits for CPU work on the caller's thread, nor the reverse.
     pub fn with_gpu(
         model: Model,
         n_ctx: usize,
         ubatch: usize,
         opts: &crate::gpu::GpuOptions,
     ) -> Result<Engine, EngineError> {
-        let gpu = crate::gpu::GpuEngine::new(&model, n_ctx, ubatch, opts)?;
         // The CPU side keeps no KV: every evaluation goes to the GPU.
         let mut e = Engine::new(model, 1, 1);
-        e.gpu = Some(Box::new(gpu));
+        let model = e.model.clone();
+        let opts = opts.clone();
+        let thread = SubmitThread::spawn("gpu", move || {
+            crate::gpu::GpuEngine::new(&model, n_ctx, ubatch, &opts)
+        })?;
+        let (n_ctx, kv_bytes) = thread.call(|g| (g.n_ctx(), g.kv_bytes() as usize))?;
+        e.gpu = Some(GpuSide {
+            thread,
+            n_ctx,
+            kv_bytes,
+        });
         Ok(e)
     }
 
     /// The GPU's report (device, NVRTC cache, VRAM per region), when running on one.
     pub fn gpu_report(&self) -> Option<String> {
-        self.gpu.as_ref().map(|g| g.report())
+        let g = self.gpu.as_ref()?;
+        Some(match g.thread.call(|g| g.report()) {
+            Ok(r) => r,
+            Err(e) => format!("gpu: {e}"),
+        })
     }
 
     /// Seconds spent per op kind over all programs so far, largest first.
@@ -160,15 +190,16 @@ impl Engine {
     /// Forgets the sequence (positions restart at 0).
     pub fn reset(&mut self) {
         self.n_past = 0;
-        if let Some(g) = &mut self.gpu {
-            g.reset();
+        if let Some(g) = &self.gpu {
+            // Queued behind earlier work; a failure shows in the next evaluation.
+            let _ = g.thread.submit(|g| g.reset());
         }
     }
 
     /// Positions evaluated so far.
     pub fn n_past(&self) -> usize {
         match &self.gpu {
-            Some(g) => g.n_past(),
+            Some(g) => g.thread.call(|g| g.n_past()).unwrap_or(0),
             None => self.n_past,
         }
     }
@@ -176,7 +207,7 @@ impl Engine {
     /// Context size.
     pub fn n_ctx(&self) -> usize {
         match &self.gpu {
-            Some(g) => g.n_ctx(),
+            Some(g) => g.n_ctx,
             None => self.kv.n_ctx(),
         }
     }
@@ -184,9 +215,27 @@ impl Engine {
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
         match &self.gpu {
-            Some(g) => g.kv_bytes() as usize,
+            Some(g) => g.kv_bytes,
             None => self.kv.bytes(),
         }
+    }
+
+    /// On a GPU engine: queues the evaluation of `tokens` on the GPU's submission thread and
+    /// returns at once, so the caller can do CPU work while the launches are issued and the GPU
+    /// runs; [`Pending::wait`] gives the logits (as [`Engine::eval`] would). Evaluations run in
+    /// submission order. On a CPU engine this is an error (use [`Engine::eval`]).
+    pub fn submit_eval(&self, tokens: &[u32], which: Logits) -> Result<PendingLogits, EngineError> {
+        let g = self.gpu.as_ref().ok_or_else(|| {
+            EngineError::Gpu(crate::gpu::GpuError::Unsupported(
+                "submit_eval needs an engine running on a GPU".into(),
+            ))
+        })?;
+        if tokens.is_empty() {
+            return Err(EngineError::Empty);
+        }
+        let model = self.model.clone();
+        let tokens = tokens.to_vec();
+        Ok(g.thread.submit(move |g| g.eval(&model, &tokens, which)))
     }
 
     /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or of
@@ -195,8 +244,8 @@ impl Engine {
         if tokens.is_empty() {
             return Err(EngineError::Empty);
         }
-        if let Some(g) = &mut self.gpu {
-            return Ok(g.eval(&self.model, tokens, which)?);
+        if self.gpu.is_some() {
+            return Ok(self.submit_eval(tokens, which)?.wait()??);
         }
         self.kv.check(self.n_past, tokens.len())?;
         let n_vocab = self.model.spec.hparams.n_vocab;

@@ -9,6 +9,7 @@ pub mod model;
 pub mod program;
 pub mod sampler;
 pub mod session;
+pub mod submit;
 
 #[cfg(test)]
 mod testutil;

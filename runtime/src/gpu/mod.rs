@@ -46,6 +46,9 @@ pub enum GpuError {
         /// Context size.
         n_ctx: usize,
     },
+    /// The GPU's submission thread failed (see [`crate::submit`]).
+    #[error(transparent)]
+    Thread(#[from] crate::submit::SubmitError),
 }
 
 /// How to open the GPU.

@@ -502,6 +502,48 @@ fn gpu_op_timing_covers_every_step() {
     assert!(gpu.op_times().is_empty());
 }
 
+/// The engine's GPU submission thread ([`Engine::with_gpu`], [`crate::submit`]): a prompt
+/// submitted with [`Engine::submit_eval`] returns at once; while it is in flight the caller's
+/// thread evaluates the same prompt on a CPU engine; the logits then equal those of a
+/// [`GpuEngine`] driven directly from this thread (same kernels: only the issuing thread
+/// differs), and the sequence continues on the thread (decode step, positions counted there).
+#[test]
+fn gpu_submission_thread_matches_direct_engine_while_cpu_works() {
+    if skip("gpu_submission_thread_matches_direct_engine_while_cpu_works") {
+        return;
+    }
+    let path = synth_model("tiny-llama", "q4_k");
+    let model = Model::open(&path).unwrap();
+    let p = prompt(40, model.spec.hparams.n_vocab);
+    let opts = GpuOptions::default();
+    let (want, want_next) = {
+        let mut direct = GpuEngine::new(&model, 128, 16, &opts).unwrap();
+        let all = direct.eval(&model, &p, Logits::All).unwrap();
+        let next = direct.eval(&model, &p[..1], Logits::Last).unwrap();
+        (all, next)
+    };
+    let mut eng = Engine::with_gpu(Model::open(&path).unwrap(), 128, 16, &opts).unwrap();
+    let pending = eng.submit_eval(&p, Logits::All).unwrap();
+    let mut cpu = Engine::new(Model::open(&path).unwrap(), 128, 16);
+    cpu.set_exact_activations(true);
+    let c = cpu.eval(&p, Logits::All).unwrap();
+    let got = pending.wait().unwrap().unwrap();
+    let same = rel_l2(&got, &want);
+    let next = eng.eval(&p[..1], Logits::Last).unwrap();
+    let same_next = rel_l2(&next, &want_next);
+    let vs_cpu = rel_l2(&got, &c);
+    let _ = writeln!(
+        std::io::stderr(),
+        "LOGITS submission thread: vs direct {same:.2e} (prompt), {same_next:.2e} (decode); \
+         vs CPU exact {vs_cpu:.2e}"
+    );
+    assert!(same <= 1e-6 && same_next <= 1e-6, "{same:e} {same_next:e}");
+    assert!(vs_cpu <= TOL, "{vs_cpu:e}");
+    assert_eq!(eng.n_past(), p.len() + 1);
+    // A CPU engine has no submission thread: asking for one is an error, not a panic.
+    assert!(cpu.submit_eval(&p, Logits::Last).is_err());
+}
+
 #[test]
 fn gpu_engine_without_gpu_is_an_error_not_a_panic() {
     if skip_reason().is_none() {
@@ -511,6 +553,11 @@ fn gpu_engine_without_gpu_is_an_error_not_a_panic() {
     let m = Model::open(&path).unwrap();
     match GpuEngine::new(&m, 64, 8, &GpuOptions::default()) {
         Err(e) => eprintln!("no GPU: {e}"),
+        Ok(_) => panic!("a GPU engine opened although probe failed"),
+    }
+    // Through the submission thread: the thread's start-up error comes back the same way.
+    match Engine::with_gpu(m, 64, 8, &GpuOptions::default()) {
+        Err(e) => assert!(e.to_string().contains("CUDA"), "{e}"),
         Ok(_) => panic!("a GPU engine opened although probe failed"),
     }
 }
