@@ -1172,32 +1172,15 @@ impl GpuEngine {
         let n_vocab = model.spec.hparams.n_vocab;
         let mut all = Vec::new();
         let mut last = Vec::new();
-        let chunks: Vec<Vec<u32>> = tokens.chunks(self.ubatch).map(|c| c.to_vec()).collect();
-        for chunk in chunks {
+        for chunk in tokens.chunks(self.ubatch) {
             let n = chunk.len();
-            let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
             let logit_rows: Vec<usize> = match which {
                 Logits::All => (0..n).collect(),
                 Logits::Last => vec![n - 1],
             };
-            let input = BatchInput {
-                tokens: &chunk,
-                positions: &positions,
-                logit_rows: &logit_rows,
-                route_override: None,
-            };
-            let runner = get_runner(
-                &mut self.runners,
-                &mut self.retired_times,
-                self.op_timing,
-                &self.gpu,
-                model,
-                (n, logit_rows.len()),
-                self.kv.n_ctx,
-                self.ubatch,
-            )?;
-            let logits = runner.run(&self.gpu, &self.weights, &self.kv, model, &input)?;
-            self.n_past += n;
+            let logits = self
+                .ubatch(model, chunk, &logit_rows, true)?
+                .expect("read back when asked");
             match which {
                 Logits::All => all.extend_from_slice(logits),
                 Logits::Last => {
@@ -1224,12 +1207,25 @@ impl GpuEngine {
                 n_ctx: self.kv.n_ctx,
             });
         }
+        self.ubatch(model, tokens, &[n - 1], false)?;
+        Ok(())
+    }
+
+    /// Runs one ubatch after the current sequence with its program (created on first use):
+    /// waits and returns the logits of `logit_rows` when `read`, else only enqueues it.
+    fn ubatch(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        logit_rows: &[usize],
+        read: bool,
+    ) -> Result<Option<&[f32]>, GpuError> {
+        let n = tokens.len();
         let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
-        let logit_rows = vec![n - 1];
         let input = BatchInput {
             tokens,
             positions: &positions,
-            logit_rows: &logit_rows,
+            logit_rows,
             route_override: None,
         };
         let runner = get_runner(
@@ -1238,13 +1234,18 @@ impl GpuEngine {
             self.op_timing,
             &self.gpu,
             model,
-            (n, 1),
+            (n, logit_rows.len()),
             self.kv.n_ctx,
             self.ubatch,
         )?;
-        runner.enqueue(&self.gpu, &self.weights, &self.kv, model, &input)?;
+        let logits = if read {
+            Some(runner.run(&self.gpu, &self.weights, &self.kv, model, &input)?)
+        } else {
+            runner.enqueue(&self.gpu, &self.weights, &self.kv, model, &input)?;
+            None
+        };
         self.n_past += n;
-        Ok(())
+        Ok(logits)
     }
 
     /// Waits for all enqueued work.
