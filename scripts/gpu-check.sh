@@ -134,7 +134,7 @@ grep -h '^attention ' "$OUT"/cuda_kernels.log 2>/dev/null | awk '{e=$NF; if (e+0
 worst() { grep -ho 'LOGITS .*' "$OUT"/cuda_runtime.log 2>/dev/null | grep -Eo "$1 [0-9.e+-]+" |
     awk '{e=$NF; if (m == "" || e+0 > m+0) m=e} END {print (m == "" ? "-" : m)}'; }
 n_logits=$(grep -ho 'LOGITS .*prefill' "$OUT"/cuda_runtime.log 2>/dev/null | wc -l)
-rows+=("logits CPU vs GPU (${n_logits:-0} models)|worst prefill rel L2 $(worst 'prefill rel L2'), worst decode rel L2 $(worst 'decode max rel L2') (tolerances 1e-2 / 2e-2)")
+rows+=("logits CPU vs GPU (${n_logits:-0} models)|worst prefill rel L2 $(worst 'prefill rel L2') (tolerance 1e-2), decode both exact $(worst 'decode-exact max rel L2') (1e-2), decode both 8-bit $(worst ', decode max rel L2') (2e-2)")
 greedy=$(grep -ho 'LOGITS greedy.*' "$OUT"/cuda_runtime.log 2>/dev/null | sed 's/^LOGITS greedy [^:]*: //')
 rows+=("greedy tokens|${greedy:-not run}")
 echo

@@ -6,7 +6,7 @@
 
 use half::f16;
 use pshard_kernels::cuda::{
-    kernels::{row_bytes, type_geom, CUDA_TYPES},
+    kernels::{row_bytes, type_geom, CUDA_TYPES, MOE_GEMM_BN},
     AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, PinnedBuf, RegionId,
     RegionKind, RopeKind,
 };
@@ -438,6 +438,7 @@ fn cuda_matmul_gemm_path_and_row_range() {
                     nrows,
                     Some(bd.ptr),
                     Some(scratch),
+                    false,
                 )
                 .unwrap();
             c.sync();
@@ -1672,6 +1673,384 @@ fn cuda_moe_gemv_float_matches_reference() {
     }
 }
 
+/// Exclusive prefix sums of the 64-row token tiles of buckets with `offsets` (as `moe_sort`
+/// writes them into `tiles`).
+fn ref_moe_tiles(offsets: &[i32]) -> Vec<i32> {
+    let mut t = vec![0i32];
+    for w in offsets.windows(2) {
+        let c = w[1] - w[0];
+        t.push(t.last().unwrap() + (c + MOE_GEMM_BN as i32 - 1) / MOE_GEMM_BN as i32);
+    }
+    t
+}
+
+/// CPU reference of `moe_sort`: the bucket of each pair (ids >= n_expert: bucket n_expert) and
+/// the exclusive prefix sums of the bucket counts (`n_expert + 2` values).
+fn ref_moe_offsets(ids: &[u32], n_expert: usize) -> (Vec<usize>, Vec<i32>) {
+    let buckets: Vec<usize> = ids.iter().map(|&e| (e as usize).min(n_expert)).collect();
+    let mut offs = vec![0i32; n_expert + 2];
+    for &b in &buckets {
+        offs[b + 1] += 1;
+    }
+    for i in 1..offs.len() {
+        offs[i] += offs[i - 1];
+    }
+    (buckets, offs)
+}
+
+/// `moe_sort` against a CPU counting sort: offsets and tile offsets exact, `order` a permutation
+/// of the pairs with
+/// every pair inside its expert's range; few and many experts (1024: more buckets than threads),
+/// unused experts, 1..32768 pairs, and ids >= n_expert collected in the extra last bucket.
+#[test]
+fn cuda_moe_sort_groups_pairs_by_expert() {
+    let Some(c) = ctx("cuda_moe_sort_groups_pairs_by_expert") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_sort");
+    let s = c.gpu.stream().clone();
+    for &(n_tokens, n_used, n_expert, invalid) in &[
+        (1usize, 1usize, 1usize, false),
+        (7, 4, 16, false),
+        (300, 8, 128, false),
+        (300, 8, 128, true),
+        (4096, 8, 128, false),
+        (1000, 6, 1024, true),
+        (33, 2, 5, true),
+    ] {
+        let n_pairs = n_tokens * n_used;
+        // Skewed routes: a few experts take most pairs, some get none.
+        let ids: Vec<u32> = (0..n_pairs)
+            .map(|_| {
+                if invalid && r.gen_range(0..50) == 0 {
+                    [n_expert as u32, n_expert as u32 + 7, u32::MAX][r.gen_range(0..3)]
+                } else if r.gen_bool(0.5) {
+                    r.gen_range(0..n_expert.div_ceil(4) as u32)
+                } else {
+                    r.gen_range(0..n_expert as u32)
+                }
+            })
+            .collect();
+        let route = c.up_bytes(&route_bytes(&ids, n_used, &mut r));
+        let offs = c.poisoned((n_expert + 2) * 4);
+        let tiles = c.poisoned((n_expert + 2) * 4);
+        let order = c.poisoned(n_pairs * 4);
+        c.gpu
+            .kernels
+            .moe_sort(
+                route.ptr, n_tokens, n_used, n_expert, offs.ptr, tiles.ptr, order.ptr, &s,
+            )
+            .unwrap();
+        c.sync();
+        let (buckets, want) = ref_moe_offsets(&ids, n_expert);
+        let got: Vec<i32> = c
+            .down_bytes(offs.ptr, (n_expert + 2) * 4)
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let case = format!("{n_tokens} tokens × {n_used} of {n_expert} experts");
+        assert_eq!(got, want, "{case}: offsets");
+        let got_tiles: Vec<i32> = c
+            .down_bytes(tiles.ptr, (n_expert + 2) * 4)
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(got_tiles, ref_moe_tiles(&want), "{case}: tiles");
+        let ord: Vec<i32> = c
+            .down_bytes(order.ptr, n_pairs * 4)
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut seen = vec![false; n_pairs];
+        for b in 0..=n_expert {
+            for &p in &ord[want[b] as usize..want[b + 1] as usize] {
+                assert!(
+                    p >= 0 && (p as usize) < n_pairs,
+                    "{case}: pair {p} out of range"
+                );
+                let p = p as usize;
+                assert!(!seen[p], "{case}: pair {p} twice");
+                seen[p] = true;
+                assert_eq!(buckets[p], b, "{case}: pair {p} in bucket {b}");
+            }
+        }
+        assert!(
+            seen.iter().all(|&v| v),
+            "{case}: order is not a permutation"
+        );
+        c.free(&[route, offs, tiles, order]);
+    }
+}
+
+/// The grouped expert GEMM of every weight type against f64 dot products of the CPU engine's
+/// dequantized weights with the (f16) activations. Odd shapes: 77 and 200 output rows (not
+/// multiples of the 64/128-row tiles), K of one block, K with a partial last 256-column tile
+/// (QK 32 types: 288; float types: 280, whose last tile is not a multiple of 16 columns), and
+/// 768 (three tiles). Experts with 0, 1, 3, 70 and 300 rows (more than a 64-token tile), both
+/// tile variants, a grid with fewer tile slots than tiles (`n_pairs` of 1: the blocks loop over
+/// the tile list), the scattered output (`y_rows`), and invalid-id rows set to NaN. Tolerance: rel L2 <= 1e-3 (the weights are rounded
+/// to f16 in the kernel, accumulation is f32).
+#[test]
+fn cuda_moe_gemm_matches_cpu() {
+    let Some(c) = ctx("cuda_moe_gemm_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_gemm");
+    let s = c.gpu.stream().clone();
+    let n_expert = 6usize;
+    // Rows per expert (bucket n_expert: invalid ids).
+    let counts = [0usize, 1, 70, 3, 0, 300, 2];
+    let mut offs = vec![0i32];
+    for &n in &counts {
+        offs.push(offs.last().unwrap() + n as i32);
+    }
+    let n_rows = *offs.last().unwrap() as usize;
+    let expert_of = |i: usize| (0..=n_expert).find(|&e| (i as i32) < offs[e + 1]).unwrap();
+    let od = c.up_i32(&offs);
+    let td = c.up_i32(&ref_moe_tiles(&offs));
+    let types = [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_K,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ];
+    let mut variant = 0usize;
+    for ty in types {
+        let qk = type_geom(ty).unwrap().qk;
+        let cols_list: Vec<usize> = match qk {
+            256 => vec![256, 768],
+            32 => vec![32, 288],
+            _ => vec![8, 280],
+        };
+        for cols in cols_list {
+            let rows = if cols >= 512 { 200 } else { 77 };
+            let (wb, wf) = make_weights(&mut r, ty, n_expert * rows, cols);
+            let wd = c.up_bytes(&wb);
+            let x: Vec<f16> = (0..n_rows * cols)
+                .map(|_| f16::from_f32(r.gen_range(-1.0f32..1.0)))
+                .collect();
+            let xd = c.up_bytes(&x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+            // Scatter target: a random permutation of the rows.
+            let mut perm: Vec<i32> = (0..n_rows as i32).collect();
+            for i in (1..n_rows).rev() {
+                perm.swap(i, r.gen_range(0..=i));
+            }
+            let pd = c.up_i32(&perm);
+            let mut want = vec![0f64; n_rows * rows];
+            for i in 0..n_rows {
+                let e = expert_of(i);
+                if e == n_expert {
+                    continue;
+                }
+                let xr = &x[i * cols..][..cols];
+                for (j, o) in want[i * rows..][..rows].iter_mut().enumerate() {
+                    let wr = &wf[(e * rows + j) * cols..][..cols];
+                    *o = wr.iter().zip(xr).map(|(&a, b)| a as f64 * b.to_f64()).sum();
+                }
+            }
+            for scatter in [false, true] {
+                // Both tile variants in turn, with a grid for all rows and one of the fewest slots.
+                let tile = ["64x64", "128x64"][variant % 2];
+                let n_pairs_hint = if (variant / 2).is_multiple_of(2) {
+                    n_rows
+                } else {
+                    1
+                };
+                variant += 1;
+                std::env::set_var("PSHARD_MOE_GEMM_TILE", tile);
+                let ldy = rows + 3;
+                let yd = c.poisoned(n_rows * ldy * 4);
+                c.gpu
+                    .kernels
+                    .moe_gemm(
+                        ty,
+                        wd.ptr,
+                        rows,
+                        cols,
+                        n_expert,
+                        xd.ptr,
+                        od.ptr,
+                        td.ptr,
+                        n_pairs_hint,
+                        yd.ptr,
+                        ldy,
+                        scatter.then_some(pd.ptr),
+                        &s,
+                    )
+                    .unwrap();
+                c.sync();
+                std::env::remove_var("PSHARD_MOE_GEMM_TILE");
+                let y = c.down_f32(yd.ptr, n_rows * ldy);
+                let case = format!(
+                    "{ty:?} {rows}x{cols} tile {tile} pairs {n_pairs_hint} scatter {scatter}"
+                );
+                let (mut got, mut want_v) = (Vec::new(), Vec::new());
+                for i in 0..n_rows {
+                    let dst = if scatter { perm[i] as usize } else { i };
+                    let yr = &y[dst * ldy..][..rows];
+                    if expert_of(i) == n_expert {
+                        assert!(
+                            yr.iter().all(|v| v.is_nan()),
+                            "{case}: invalid-id row {i} not NaN"
+                        );
+                        continue;
+                    }
+                    got.extend_from_slice(yr);
+                    want_v.extend_from_slice(&want[i * rows..][..rows]);
+                }
+                let err = rel_l2(&got, &want_v);
+                eprintln!("{case}: rel L2 {err:.2e}");
+                assert!(err <= 1e-3, "{case}: rel L2 {err}");
+                // Per expert too, so a wrong small expert is not hidden by the large ones.
+                for e in 0..n_expert {
+                    let (a, b) = (offs[e] as usize * rows, offs[e + 1] as usize * rows);
+                    if a < b {
+                        let err = rel_l2(&got[a..b], &want_v[a..b]);
+                        assert!(err <= 1e-3, "{case}: expert {e} rel L2 {err}");
+                    }
+                }
+                c.free(&[yd]);
+            }
+            c.free(&[wd, xd, pd]);
+        }
+    }
+    // Bad shapes are errors, not faults.
+    let k = &c.gpu.kernels;
+    assert!(matches!(
+        k.moe_gemm(GgmlType::Q4_K, 0, 8, 100, 4, 0, 0, 1, 1, 0, 8, None, &s),
+        Err(CudaError::Invalid(_))
+    ));
+    assert!(matches!(
+        k.moe_gemm(GgmlType::Q8_0, 0, 8, 32, 4, 8, 0, 1, 1, 0, 8, None, &s),
+        Err(CudaError::Invalid(_))
+    ));
+    assert!(matches!(
+        k.moe_gemm(GgmlType::Q8_0, 0, 8, 32, 0, 0, 0, 1, 1, 0, 8, None, &s),
+        Err(CudaError::Invalid(_))
+    ));
+    assert!(matches!(
+        k.moe_gemm(GgmlType::Q4_K, 8, 8, 256, 4, 0, 0, 1, 1, 0, 8, None, &s),
+        Err(CudaError::Invalid(_))
+    ));
+    assert!(matches!(
+        k.moe_sort(0, 4, 2, 2000, 0, 0, 0, &s),
+        Err(CudaError::Invalid(_))
+    ));
+    c.free(&[od, td]);
+}
+
+/// Benchmark (ignored; `--ignored cuda_bench_moe_gemm`): the grouped expert GEMM on
+/// qwen3-30b-a3b's experts (128 of 768 × 2048 gate/up, 2048 × 768 down, 8 per token) for 512 and
+/// 4096 tokens of uniform random routes, each tile variant: time per launch (CUDA events, median
+/// of 3 runs of 10), TFLOP/s (2 · pairs · rows · cols) and the weight bytes read per second.
+#[test]
+#[ignore]
+fn cuda_bench_moe_gemm() {
+    let Some(c) = ctx("cuda_bench_moe_gemm") else {
+        return;
+    };
+    let mut r = rng("cuda_bench_moe_gemm");
+    let s = c.gpu.stream().clone();
+    let (n_expert, d, ff, n_used) = (128usize, 2048usize, 768usize, 8usize);
+    let mut lines = Vec::new();
+    for tokens in [512usize, 4096] {
+        let n_pairs = tokens * n_used;
+        let mut ids = Vec::new();
+        for _ in 0..tokens {
+            let mut pick: Vec<u32> = (0..n_expert as u32).collect();
+            for k in 0..n_used {
+                let j = r.gen_range(k..n_expert);
+                pick.swap(k, j);
+            }
+            ids.extend_from_slice(&pick[..n_used]);
+        }
+        let route = c.up_bytes(&route_bytes(&ids, n_used, &mut r));
+        let offs = c.alloc((n_expert + 2) * 4);
+        let tiles = c.alloc((n_expert + 2) * 4);
+        let order = c.alloc(n_pairs * 4);
+        let x16 = c.alloc(n_pairs * d * 2);
+        c.gpu
+            .dev
+            .memset(&s, x16.ptr, 0x3c, n_pairs * d * 2)
+            .unwrap();
+        let y = c.alloc(n_pairs * d * 4);
+        let time = |f: &dyn Fn() -> Result<(), CudaError>| -> f64 {
+            f().unwrap();
+            c.sync();
+            let mut runs = Vec::new();
+            for _ in 0..3 {
+                let (a, b) = (
+                    c.gpu.dev.event(true).unwrap(),
+                    c.gpu.dev.event(true).unwrap(),
+                );
+                a.record(&s).unwrap();
+                for _ in 0..10 {
+                    f().unwrap();
+                }
+                b.record(&s).unwrap();
+                b.synchronize().unwrap();
+                runs.push(a.elapsed_ms(&b).unwrap() as f64 / 10.0);
+            }
+            runs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            runs[1]
+        };
+        let k = &c.gpu.kernels;
+        let ms = time(&|| {
+            k.moe_sort(
+                route.ptr, tokens, n_used, n_expert, offs.ptr, tiles.ptr, order.ptr, &s,
+            )
+        });
+        lines.push(format!("tokens={tokens}: moe_sort {:.1} us", ms * 1e3));
+        for (ty, rows, cols, what) in [
+            (GgmlType::Q4_K, ff, d, "gate/up"),
+            (GgmlType::Q4_K, d, ff, "down"),
+            (GgmlType::Q6_K, d, ff, "down"),
+            (GgmlType::Q8_0, ff, d, "gate/up"),
+        ] {
+            let w = c.up_bytes(&random_blocks(&mut r, ty, n_expert * rows, cols));
+            let wbytes = n_expert * rows * row_bytes(ty, cols).unwrap();
+            let mut row = format!("tokens={tokens} {ty:?} {what} {rows}x{cols}:");
+            for tile in ["64x64", "128x64", ""] {
+                if tile.is_empty() {
+                    std::env::remove_var("PSHARD_MOE_GEMM_TILE");
+                } else {
+                    std::env::set_var("PSHARD_MOE_GEMM_TILE", tile);
+                }
+                let ms = time(&|| {
+                    k.moe_gemm(
+                        ty, w.ptr, rows, cols, n_expert, x16.ptr, offs.ptr, tiles.ptr, n_pairs,
+                        y.ptr, rows, None, &s,
+                    )
+                });
+                let flop = 2.0 * (n_pairs * rows * cols) as f64;
+                row += &format!(
+                    "  [{}] {:.1} us {:.0} TFLOP/s {:.0} GB/s",
+                    if tile.is_empty() { "auto" } else { tile },
+                    ms * 1e3,
+                    flop / ms / 1e9,
+                    wbytes as f64 / ms / 1e6
+                );
+            }
+            std::env::remove_var("PSHARD_MOE_GEMM_TILE");
+            lines.push(row);
+            c.free(&[w]);
+        }
+        c.free(&[route, offs, tiles, order, x16, y]);
+    }
+    for l in &lines {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
 #[test]
 fn cuda_arena_budget_is_enforced_and_named() {
     let Some(c) = ctx("cuda_arena_budget_is_enforced_and_named") else {
@@ -1905,6 +2284,7 @@ fn cuda_bench_gemv() {
                         rows,
                         None,
                         Some(sc),
+                        false,
                     )
                     .unwrap()
             });
@@ -2036,6 +2416,7 @@ fn cuda_bench_kernels() {
                             rows,
                             None,
                             Some(sc),
+                            false,
                         )
                         .unwrap()
                 },

@@ -405,11 +405,21 @@ impl<'a> TierModel<'a> {
                     // CPU: the expert kernel handles all routed experts in one call: cost it as
                     // one matmul over the distinct experts' rows stacked, at the per-expert batch.
                     // GPU, as the CUDA backend runs it: up to GPU_MOE_GEMV_MAX_PAIRS (token,
-                    // expert) pairs one GEMV over every pair's matrix; above, the routes are read
-                    // back (one host round trip) and each used expert is dequantized and
-                    // multiplied by a GEMM over its tokens.
+                    // expert) pairs one GEMV over every pair's matrix; above, the pairs are sorted
+                    // by expert on the device and each matrix is one grouped GEMM over the used
+                    // experts (plus one launch each for the sort and the gather, charged once).
                     let mut parts = Vec::new();
                     let pairs = b * h.n_expert_used.max(1);
+                    // The grouped path's own traffic around its three GEMMs, in five more
+                    // launches: sort, gather of the pairs' rows to f16 (read f32, write f16),
+                    // GLU (two f32 reads, one write), the hidden rows to f16, and the weighted
+                    // combine reading every pair's output row.
+                    let grouped_overhead = {
+                        let gate = spec.tensor(*gate_exps);
+                        let (d, ff, p) = (gate.cols() as f64, gate.rows() as f64, pairs as f64);
+                        let bytes = p * d * 6.0 + p * ff * 12.0 + p * ff * 6.0 + p * d * 4.0;
+                        5.0 * table.gpu_launch() + table.elementwise(Lane::Gpu, bytes)
+                    };
                     for (i, t) in [up_exps, gate_exps, down_exps].into_iter().enumerate() {
                         let td = spec.tensor(*t);
                         let rows = (distinct * td.rows() as f64).round().max(1.0) as usize;
@@ -434,7 +444,7 @@ impl<'a> TierModel<'a> {
                                     td.cols(),
                                     per_expert_batch,
                                 )
-                                + if i == 0 { table.gpu_host_sync() } else { 0.0 }
+                                + if i == 0 { grouped_overhead } else { 0.0 }
                         };
                         if let Some((g, m)) = slot_of(spec, &index, node.group, *t) {
                             parts.push(WeightPart {

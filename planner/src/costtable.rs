@@ -311,7 +311,7 @@ impl CostTable {
             | KnownOp::MatmulGemv
             | KnownOp::MatmulGemvGraph
             | KnownOp::MatmulGemm
-            | KnownOp::MatmulExpert => {
+            | KnownOp::MoeGemm => {
                 let (rows, cols) = (*shape.first()? as usize, *shape.get(1)? as usize);
                 let ty = quant?;
                 let roof = match op {
@@ -541,23 +541,22 @@ impl CostTable {
         }
     }
 
-    /// Seconds for one expert's matrix in the CUDA backend's grouped MoE path (dequantize it, then a
-    /// GEMM over its tokens' rows, already converted to f16 once for all experts): launch-bound —
-    /// the roofline device time, but never less than issuing its two launches. Not from the
-    /// profile's `matmul_expert` points: the profiler's back-to-back loop of the same two calls
-    /// takes ~11 µs per expert matrix (host-bound) where the runtime's grouped loop takes ~6.4 µs
-    /// (H200, 2026-11-21; cause not found), and the dense GEMM points convert the activations on
-    /// every call and have a ~20 µs floor at these sizes.
+    /// Seconds per expert matrix in the CUDA backend's grouped MoE path: one grouped GEMM over
+    /// every used expert (`moe_gemm`, weights decoded from their blocks on the fly), `batch`
+    /// tokens per expert, from the profile's `moe_gemm` points (per expert matrix); without
+    /// them, the dequantize + GEMM points stand in. One launch per matrix, shared by all experts,
+    /// so no per-expert launch floor.
     pub fn gpu_grouped_expert(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
-        let launches = 2.0 * self.ceil.gpu_launch_s;
-        let device = self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, batch) - launches;
-        device.max(launches)
+        let roof = self.roof_gpu_matmul(GpuPath::Gemm, ty, rows, cols, batch);
+        let eff = self
+            .efficiency(KnownOp::MoeGemm, Some(ty), [rows, cols], batch)
+            .or_else(|| self.efficiency(KnownOp::MatmulGemm, Some(ty), [rows, cols], batch));
+        roof / eff.unwrap_or(1.0)
     }
 
-    /// Seconds the GPU lane loses to one host round trip inside a forward pass (a small synchronised
-    /// download, then the next launch): the grouped MoE path reads its routes this way.
-    pub fn gpu_host_sync(&self) -> f64 {
-        self.ceil.copy_latency_s + self.ceil.gpu_launch_s
+    /// Seconds to issue one kernel launch outside a CUDA graph.
+    pub fn gpu_launch(&self) -> f64 {
+        self.ceil.gpu_launch_s
     }
 
     /// Seconds for attention on a lane.

@@ -537,8 +537,9 @@ pub enum KnownOp {
     MatmulGemvGraph,
     /// GPU dequantize + GEMM path.
     MatmulGemm,
-    /// One MoE expert in the grouped prefill path: dequantize + GEMM over its tokens, back to back.
-    MatmulExpert,
+    /// The grouped MoE expert GEMM (`moe_gemm`: all experts in one launch, weights decoded on
+    /// the fly), per expert matrix (`shape = [rows, cols]`, `batch` = tokens per expert).
+    MoeGemm,
     /// Attention (`shape = [kv_len, n_head, n_head_kv, head_dim]`, `batch` = query rows).
     Attention,
     /// Streaming read of memory (`shape = [bytes]`).
@@ -562,7 +563,7 @@ impl KnownOp {
             "matmul_gemv" => KnownOp::MatmulGemv,
             "matmul_gemv_graph" => KnownOp::MatmulGemvGraph,
             "matmul_gemm" => KnownOp::MatmulGemm,
-            "matmul_expert" => KnownOp::MatmulExpert,
+            "moe_gemm" => KnownOp::MoeGemm,
             "attention" => KnownOp::Attention,
             "mem_read" => KnownOp::MemRead,
             "h2d_pinned" => KnownOp::H2dPinned,
@@ -581,7 +582,7 @@ impl KnownOp {
             KnownOp::MatmulGemv => "matmul_gemv",
             KnownOp::MatmulGemvGraph => "matmul_gemv_graph",
             KnownOp::MatmulGemm => "matmul_gemm",
-            KnownOp::MatmulExpert => "matmul_expert",
+            KnownOp::MoeGemm => "moe_gemm",
             KnownOp::Attention => "attention",
             KnownOp::MemRead => "mem_read",
             KnownOp::H2dPinned => "h2d_pinned",
@@ -598,7 +599,7 @@ impl KnownOp {
             | KnownOp::MatmulGemv
             | KnownOp::MatmulGemvGraph
             | KnownOp::MatmulGemm
-            | KnownOp::MatmulExpert => 2,
+            | KnownOp::MoeGemm => 2,
             KnownOp::Attention => 4,
             _ => 1,
         }
@@ -620,7 +621,7 @@ impl KnownOp {
                 | KnownOp::MatmulGemv
                 | KnownOp::MatmulGemvGraph
                 | KnownOp::MatmulGemm
-                | KnownOp::MatmulExpert
+                | KnownOp::MoeGemm
                 | KnownOp::Attention
         )
     }

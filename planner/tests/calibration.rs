@@ -38,44 +38,44 @@ struct Measured {
 
 /// `scripts/gpu-bench.sh` (`pshard bench -m M -p 512,4096 -n 128 -u 2048 -r 3 --device cuda`) and
 /// `scripts/cpu-peer-bench.sh` (`pshard bench -m M -p 512 -n 64 -t 16 -r 2 --device cpu`) on the
-/// lent nvidia-h200 machine, 2026-11-21, synth q4_k models, the same build and session as the
-/// committed profiles; see docs/PERF.md.
+/// lent nvidia-h200 machine, 2026-11-21, synth q4_k models (GPU: third session, same machine lease
+/// as the committed GPU profile; CPU: second session, with the CPU profile); see docs/PERF.md.
 const MEASURED: &[Measured] = &[
     Measured {
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Prompt(512, 2048),
-        tps: 21_042.0,
+        tps: 21_086.0,
     },
     Measured {
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Prompt(4096, 2048),
-        tps: 22_985.0,
+        tps: 23_139.0,
     },
     Measured {
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Gen(128),
-        tps: 313.3,
+        tps: 321.0,
     },
     Measured {
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Prompt(512, 2048),
-        tps: 3_946.0,
+        tps: 9_446.0,
     },
     Measured {
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Prompt(4096, 2048),
-        tps: 10_012.0,
+        tps: 12_160.0,
     },
     Measured {
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Gen(128),
-        tps: 274.8,
+        tps: 284.2,
     },
     Measured {
         model: "llama3-8b",

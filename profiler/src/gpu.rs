@@ -49,13 +49,16 @@ pub const GPU_SHAPES: &[(usize, usize)] = &[
 /// (`pshard_runtime::gpu::GRAPH_MAX_TOKENS`); GEMV points at these batches are timed inside a graph.
 pub const GRAPH_MAX_TOKENS: usize = 4;
 /// Expert matrix shapes `[rows, cols]` of the grouped-MoE points (qwen3-30b-a3b's down and gate/up
-/// projections: equal size, but cuBLAS runs them at different speeds).
+/// projections).
 pub const EXPERT_SHAPES: &[(usize, usize)] = &[(2048, 768), (768, 2048)];
 /// Tokens per expert of the grouped-MoE points (512- and 2048-token ubatches of a 128-expert top-8
 /// model give 32 and 128).
 pub const EXPERT_BATCHES: &[usize] = &[8, 32, 128, 512];
-/// Query rows of the prefill attention points.
-pub const PREFILL_ROWS: usize = 512;
+/// Experts of the grouped-MoE points (qwen3-30b-a3b's), and experts used per token.
+const MOE_EXPERTS: usize = 128;
+const MOE_USED: usize = 8;
+/// Query rows of the prefill attention points (512- and 2048-token ubatches).
+pub const PREFILL_ROWS: &[usize] = &[512, 2048];
 
 /// What a GPU profile run measures.
 #[derive(Clone, Debug)]
@@ -271,7 +274,8 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
     let gemv_batches = batches.iter().filter(|&&b| b <= GEMV_MAX_BATCH).count();
     let steps = 1
         + shapes.len() * types.len() * (gemv_batches + batches.len())
-        + contexts.len() * LAYOUTS.len() * 2
+        + contexts.len() * LAYOUTS.len() * (1 + PREFILL_ROWS.len())
+        + EXPERT_SHAPES.len() * types.len() * EXPERT_BATCHES.len()
         + copy_sizes.len() * 3
         + 3;
     let progress = Progress::new(steps as u64, c.progress);
@@ -469,46 +473,6 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     ));
                 }
             }
-            // MoE experts as the grouped prefill path runs them: per used expert, dequantize its
-            // matrix and one GEMM over its tokens (activations already f16), back to back.
-            if EXPERT_SHAPES.contains(&(rows, cols)) && ty.is_quantized() {
-                for &n in EXPERT_BATCHES {
-                    progress.step(&format!("matmul_expert {ty} {rows}x{cols} batch {n}"));
-                    let expert = |w: u64| -> CudaResult<()> {
-                        let s = gpu.stream();
-                        gpu.kernels
-                            .dequant_f16(ty, w, bufs.wscratch.ptr, rows, cols, s)?;
-                        gpu.blas.matmul(
-                            GemmInput::F16,
-                            bufs.wscratch.ptr,
-                            rows,
-                            cols,
-                            bufs.xscratch.ptr,
-                            n,
-                            bufs.out.ptr,
-                            rows,
-                        )
-                    };
-                    let mut i = 0usize;
-                    let s = measure_gpu(&cfg, || {
-                        event_time_per_call(&dev, gpu.stream(), 16, || {
-                            let w = copies[i % copies.len()];
-                            i += 1;
-                            expert(w)
-                        })
-                        .map(Some)
-                    })
-                    .with_context(|| format!("matmul_expert {ty} {rows}x{cols} batch {n}"))?;
-                    points.push(gpu_point(
-                        "matmul_expert",
-                        Lane::Gpu,
-                        Some(ty),
-                        vec![rows as u64, cols as u64],
-                        n,
-                        s,
-                    ));
-                }
-            }
         }
     }
     dev.arena()
@@ -516,7 +480,147 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         .destroy_region(wregion)
         .map_err(gpu_err)?;
 
+    // MoE experts as the grouped prefill path runs them: one grouped GEMM (`moe_gemm`) over
+    // MOE_EXPERTS experts with `b` tokens each (routes spread evenly, sorted once by `moe_sort`),
+    // recorded per expert matrix at batch `b`.
+    let moe_types: Vec<GgmlType> = types.iter().copied().filter(|t| t.is_quantized()).collect();
+    let moe_batches: &[usize] = if c.quick {
+        &EXPERT_BATCHES[..2]
+    } else {
+        EXPERT_BATCHES
+    };
+    let max_pairs = moe_batches.iter().max().copied().unwrap_or(1) * MOE_EXPERTS;
+    let max_dim = EXPERT_SHAPES
+        .iter()
+        .map(|s| s.0.max(s.1))
+        .max()
+        .unwrap_or(1);
+    let max_expert_bytes = EXPERT_SHAPES
+        .iter()
+        .flat_map(|&(r, cl)| {
+            moe_types
+                .iter()
+                .map(move |t| t.row_bytes(cl as u64).unwrap_or(0) as usize * r)
+        })
+        .max()
+        .unwrap_or(0);
+    let max_tokens = max_pairs / MOE_USED;
+    let mregion = dev
+        .create_region(
+            RegionKind::Scratch,
+            "profiler moe",
+            (MOE_EXPERTS * max_expert_bytes
+                + max_pairs * max_dim * 6
+                + max_tokens * 2 * MOE_USED * 4
+                + max_pairs * 4) as u64
+                + (16 << 20),
+        )
+        .map_err(gpu_err)?;
+    let malloc = |bytes: usize, what: &str| dev.alloc(mregion, bytes as u64, what).map_err(gpu_err);
+    let experts = malloc(MOE_EXPERTS * max_expert_bytes, "expert weights")?;
+    let x16 = malloc(max_pairs * max_dim * 2, "expert f16 rows")?;
+    let y = malloc(max_pairs * max_dim * 4, "expert out")?;
+    let route = malloc(max_tokens * 2 * MOE_USED * 4, "routes")?;
+    let offsets = malloc(2 * (MOE_EXPERTS + 2) * 4, "expert offsets")?;
+    let order = malloc(max_pairs * 4, "pair order")?;
+    let tiles = offsets.ptr + ((MOE_EXPERTS + 2) * 4) as u64;
+    // f16 0x2c2c ≈ 0.07 everywhere: values do not change the timing.
+    dev.memset(gpu.stream(), x16.ptr, 0x2c, max_pairs * max_dim * 2)
+        .map_err(gpu_err)?;
+    for &(rows, cols) in EXPERT_SHAPES {
+        for &ty in &moe_types {
+            let host = make_weights(ty, rows, cols, &mut rng)?;
+            dev.upload(gpu.stream(), experts.ptr, &host)
+                .map_err(gpu_err)?;
+            for e in 1..MOE_EXPERTS {
+                dev.copy_d2d(
+                    gpu.stream(),
+                    experts.ptr + (e * host.len()) as u64,
+                    experts.ptr,
+                    host.len(),
+                )
+                .map_err(gpu_err)?;
+            }
+            for &b in moe_batches {
+                progress.step(&format!("moe_gemm {ty} {rows}x{cols} batch {b}"));
+                let what = || format!("moe_gemm {ty} {rows}x{cols} batch {b}");
+                // Each token routes to MOE_USED distinct experts drawn at random, as a router
+                // does on random weights: b tokens per expert on average, unevenly (partly
+                // filled token tiles cost what the runtime pays).
+                let n_tokens = b * MOE_EXPERTS / MOE_USED;
+                let mut words: Vec<u32> = Vec::with_capacity(n_tokens * 2 * MOE_USED);
+                for _ in 0..n_tokens {
+                    let ids = rand::seq::index::sample(&mut rng, MOE_EXPERTS, MOE_USED);
+                    words.extend(ids.iter().map(|e| e as u32));
+                    words.extend((0..MOE_USED).map(|_| (1.0f32 / MOE_USED as f32).to_bits()));
+                }
+                let words: Vec<u8> = words.iter().flat_map(|v| v.to_le_bytes()).collect();
+                dev.upload(gpu.stream(), route.ptr, &words)
+                    .map_err(gpu_err)?;
+                gpu.kernels
+                    .moe_sort(
+                        route.ptr,
+                        n_tokens,
+                        MOE_USED,
+                        MOE_EXPERTS,
+                        offsets.ptr,
+                        tiles,
+                        order.ptr,
+                        gpu.stream(),
+                    )
+                    .map_err(gpu_err)
+                    .with_context(what)?;
+                let pairs = b * MOE_EXPERTS;
+                let call = || {
+                    gpu.kernels.moe_gemm(
+                        ty,
+                        experts.ptr,
+                        rows,
+                        cols,
+                        MOE_EXPERTS,
+                        x16.ptr,
+                        offsets.ptr,
+                        tiles,
+                        pairs,
+                        y.ptr,
+                        rows,
+                        None,
+                        gpu.stream(),
+                    )
+                };
+                let single = event_time(&dev, gpu.stream(), call)
+                    .map_err(gpu_err)
+                    .with_context(what)?;
+                let k = calls_per_sample(single);
+                let s = measure_gpu(&cfg, || {
+                    event_time_per_call(&dev, gpu.stream(), k, call).map(Some)
+                })
+                .with_context(what)?;
+                let per = MOE_EXPERTS as f64;
+                let s = Stats {
+                    median_s: s.median_s / per,
+                    lo_s: s.lo_s / per,
+                    hi_s: s.hi_s / per,
+                    ..s
+                };
+                points.push(gpu_point(
+                    "moe_gemm",
+                    Lane::Gpu,
+                    Some(ty),
+                    vec![rows as u64, cols as u64],
+                    b,
+                    s,
+                ));
+            }
+        }
+    }
+    dev.arena()
+        .map_err(gpu_err)?
+        .destroy_region(mregion)
+        .map_err(gpu_err)?;
+
     // Attention, decode (1 query row) and prefill (PREFILL_ROWS rows) vs context and layout.
+    let max_rows = PREFILL_ROWS.iter().copied().max().unwrap_or(1);
     let max_ctx = contexts.iter().copied().max().unwrap_or(1024);
     let max_kv = LAYOUTS.iter().map(|l| l.2).max().unwrap_or(1);
     let max_heads = LAYOUTS.iter().map(|l| l.1).max().unwrap_or(1);
@@ -539,10 +643,10 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
         .map_err(gpu_err)?;
     dev.memset(gpu.stream(), vc.ptr, 0x3c, cache_bytes)
         .map_err(gpu_err)?;
-    let pos_buf = alloc(PREFILL_ROWS * 4, "positions")?;
+    let pos_buf = alloc(max_rows * 4, "positions")?;
     for &ctx in &contexts {
         for &(name, n_head, n_kv) in LAYOUTS {
-            for n in [1usize, PREFILL_ROWS] {
+            for n in std::iter::once(1usize).chain(PREFILL_ROWS.iter().copied()) {
                 progress.step(&format!("attention {name} ctx {ctx} rows {n}"));
                 if n > ctx {
                     continue;

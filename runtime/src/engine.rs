@@ -149,8 +149,10 @@ impl Engine {
     /// mode is an oracle: for tests against the f64 reference and for checking other backends
     /// (e.g. the GPU's f16-activation GEMMs) without the 8-bit rounding in the comparison.
     /// Float weights (F32/F16/BF16) use f32 activations either way. Takes effect from the next
-    /// evaluation; the KV cache is kept. Only the CPU path is affected: an engine running on a
-    /// GPU ([`Engine::with_gpu`]) ignores it.
+    /// evaluation; the KV cache is kept. On a GPU ([`Engine::with_gpu`]) the GPU engine's own
+    /// exact mode is switched (`GpuEngine::set_exact_activations`), queued behind earlier work;
+    /// a CUDA error while it frees the old programs is not returned here (such an error leaves
+    /// the context unusable, and the next evaluation reports it).
     pub fn set_exact_activations(&mut self, on: bool) {
         self.precision = if on {
             ActPrecision::Exact
@@ -159,6 +161,9 @@ impl Engine {
         };
         for r in self.runners.values_mut() {
             r.set_act_precision(self.precision);
+        }
+        if let Some(g) = &self.gpu {
+            let _ = g.thread.submit(move |g| g.set_exact_activations(on));
         }
     }
 

@@ -118,8 +118,9 @@ pub struct EngineArgs {
     /// Print the time spent per op kind at the end.
     #[arg(long)]
     pub profile: bool,
-    /// CPU: multiply quantized weights with f32 activations (dequantized on the fly) instead of
-    /// rounding activations to 8 bits first — slower; a reference for checking results.
+    /// Multiply quantized weights with unrounded activations instead of rounding activations to
+    /// 8 bits first (CPU: f32, weights dequantized on the fly; GPU: f16 through the GEMM path at
+    /// every batch size, no CUDA graphs) — slower; a reference for checking results.
     #[arg(long = "exact-acts")]
     pub exact_acts: bool,
 }
@@ -141,11 +142,9 @@ pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result
                 cache_dir: None,
                 keep_host_weights,
             };
-            if a.exact_acts {
-                anyhow::bail!("--exact-acts applies to the CPU engine only (use --device cpu)");
-            }
-            let e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
+            let mut e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
+            e.set_exact_activations(a.exact_acts);
             if let Some(r) = e.gpu_report() {
                 eprintln!("{r}");
             }

@@ -156,6 +156,23 @@ const GEMVQ_SHAPES: [(usize, usize); 3] = [(2, 4), (2, 1), (4, 1)];
 /// in gemv.cu).
 const MOE_GEMVQ_SHAPES: [(usize, usize); 3] = [(1, 1), (2, 1), (2, 4)];
 
+/// Most experts of a MoE layer the device-side sort handles (`moe_route`'s limit too).
+pub const MOE_MAX_EXPERTS: usize = 1024;
+
+/// The (BM weight rows, BN tokens, threads) tiles of the grouped expert GEMM
+/// (`MOE_GEMM_KERNELS` in moe_gemm.cu).
+const MOE_GEMM_TILES: [(usize, usize, u32); 2] = [(64, 64, 128), (128, 64, 256)];
+
+/// Rows per token tile of the grouped expert GEMM (`MG_BN` in moe_gemm.cu): [`CudaKernels::moe_sort`]
+/// numbers each expert's tiles of this many rows.
+pub const MOE_GEMM_BN: usize = 64;
+
+/// Dynamic shared memory of a grouped expert GEMM tile: the f16 weight and activation tiles,
+/// 256 columns padded to 264 (`MG_LD` in moe_gemm.cu).
+fn moe_gemm_smem(bm: usize, bn: usize) -> usize {
+    (bm + bn) * 264 * 2
+}
+
 /// The int8 activation scratch of the quantized GEMV: one region of the VRAM arena, made when the
 /// kernels load and freed with them, so a GEMV call allocates nothing (and can be captured in a
 /// CUDA graph). Calls on one stream reuse it in stream order.
@@ -297,26 +314,18 @@ impl CudaKernels {
             pdl: dev.info().cc.0 >= 9
                 && std::env::var("PSHARD_GEMV_PDL").map_or(true, |v| v != "0"),
         };
+        // Kernels whose largest tiles need more dynamic shared memory than the default 48 KiB.
         for &(d, bkv) in FLASH_DIMS {
-            let f = k.func(&format!("flash_attn_{d}"))?;
-            // SAFETY: raises the dynamic shared memory limit of a function we loaded.
-            check("raising a kernel's shared memory limit", unsafe {
-                sys::cuFuncSetAttribute(
-                    f.cu_function(),
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    flash_smem(d, bkv) as i32,
-                )
-            })?;
+            k.allow_smem(&format!("flash_attn_{d}"), flash_smem(d, bkv))?;
         }
-        let f = k.func("attn_split")?;
-        // SAFETY: as above; the largest tile pair (head dims 256) needs more than the default 48 KiB.
-        check("raising a kernel's shared memory limit", unsafe {
-            sys::cuFuncSetAttribute(
-                f.cu_function(),
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                split_smem(256, 256) as i32,
-            )
-        })?;
+        for &(bm, bn, _) in &MOE_GEMM_TILES {
+            for &ty in CUDA_TYPES {
+                let suffix = type_geom(ty).map_or("", |g| g.suffix);
+                k.allow_smem(&format!("moe_gemm_{suffix}_{bm}x{bn}"), moe_gemm_smem(bm, bn))?;
+            }
+        }
+        // The largest tile pair (head dims 256).
+        k.allow_smem("attn_split", split_smem(256, 256))?;
         Ok(k)
     }
 
@@ -353,6 +362,20 @@ impl CudaKernels {
     /// Whether no kernel is loaded.
     pub fn is_empty(&self) -> bool {
         self.funcs.is_empty()
+    }
+
+    /// Raises kernel `name`'s dynamic shared memory limit to `bytes`.
+    fn allow_smem(&self, name: &str, bytes: usize) -> CudaResult<()> {
+        let f = self.func(name)?;
+        // SAFETY: sets an attribute of a function loaded from one of our modules, which stays
+        // loaded as long as `self`.
+        check("raising a kernel's shared memory limit", unsafe {
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        })
     }
 
     fn func(&self, name: &str) -> CudaResult<&CudaFunction> {
@@ -609,32 +632,93 @@ impl CudaKernels {
         bias: Option<u64>,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        let g = geom(ty, cols)?;
-        let rb = (cols / g.qk * g.bytes) as i64;
-        let (rows_i, cols_i, ldy_i) = (rows as i32, cols as i32, ldy as i32);
-        let bias = bias.unwrap_or(0);
         let mut done = 0;
         while done < n {
             let nb = (n - done).min(GEMV_MAX_NB);
-            // Kernels exist for at most 1, 2, 4 and 8 batch rows.
-            let max_nb = nb.next_power_of_two();
-            let (r, tw) = self.gemv_shape(ty, rows, nb);
             let a = self.quantize_acts(format, x + (done * ldx * 4) as u64, ldx, cols, nb, s)?;
             let yp = y + (done * ldy * 4) as u64;
-            let nb_i = nb as i32;
-            self.launch_gemvq(
-                &format!("gemvq_{}_{max_nb}r{r}w{tw}", g.suffix),
-                (blocks(rows, 4 * r / tw), 1, 1),
-                128,
-                0,
-                s,
-                &[
-                    &w, &rb, &rows_i, &cols_i, &nb_i, &a.q, &a.d, &a.bs, &yp, &ldy_i, &bias,
-                ],
-            )?;
+            self.gemvq(ty, a, w, rows, cols, yp, ldy, nb, bias, s)?;
             done += nb;
         }
         Ok(())
+    }
+
+    /// The int8 GEMV of quantized weights on activations quantized earlier on this stream
+    /// (`acts`, as [`Self::quantize_acts`] or [`Self::quantized_acts`] describe them): lets
+    /// matmuls that share their input (q/k/v, gate/up) quantize it once. `n <=`
+    /// [`GEMV_MAX_NB`] rows; `acts` must be in `ty`'s partner format and still hold those rows
+    /// (any GEMV of other activations in between overwrites them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_prequantized(
+        &self,
+        ty: GgmlType,
+        acts: QuantizedActsDev,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        bias: Option<u64>,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let want = crate::quant::kernel(ty).map(|k| k.act);
+        if want != Some(acts.format) || n > GEMV_MAX_NB {
+            return Err(CudaError::Invalid(format!(
+                "{ty} weights cannot use {n} rows of {} activations (partner {:?}, at most {GEMV_MAX_NB} rows)",
+                acts.format.name(),
+                want.map(|f| f.name())
+            )));
+        }
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        self.gemvq(ty, acts, w, rows, cols, y, ldy, n, bias, s)
+    }
+
+    /// Where the GEMV's quantized activations of `format` live (what the last quantization
+    /// wrote; see [`Self::gemv_prequantized`]).
+    pub fn quantized_acts(&self, format: ActFormat) -> QuantizedActsDev {
+        QuantizedActsDev {
+            format,
+            q: self.acts.q,
+            d: self.acts.d,
+            bs: self.acts.bs,
+        }
+    }
+
+    /// One int8 GEMV launch over `nb <= GEMV_MAX_NB` quantized activation rows.
+    #[allow(clippy::too_many_arguments)]
+    fn gemvq(
+        &self,
+        ty: GgmlType,
+        a: QuantizedActsDev,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        y: u64,
+        ldy: usize,
+        nb: usize,
+        bias: Option<u64>,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let g = geom(ty, cols)?;
+        let rb = (cols / g.qk * g.bytes) as i64;
+        let (rows_i, cols_i, ldy_i, nb_i) = (rows as i32, cols as i32, ldy as i32, nb as i32);
+        let bias = bias.unwrap_or(0);
+        // Kernels exist for at most 1, 2, 4 and 8 batch rows.
+        let max_nb = nb.next_power_of_two();
+        let (r, tw) = self.gemv_shape(ty, rows, nb);
+        self.launch_gemvq(
+            &format!("gemvq_{}_{max_nb}r{r}w{tw}", g.suffix),
+            (blocks(rows, 4 * r / tw), 1, 1),
+            128,
+            0,
+            s,
+            &[
+                &w, &rb, &rows_i, &cols_i, &nb_i, &a.q, &a.d, &a.bs, &y, &ldy_i, &bias,
+            ],
+        )
     }
 
     /// Launches an int8 GEMV kernel; with `pdl`, as a programmatic dependent of the kernel before
@@ -1272,6 +1356,168 @@ impl CudaKernels {
         )
     }
 
+    /// Sorts the `n_tokens · n_used` (token, slot) pairs of a route buffer (as [`Self::moe_route`]
+    /// writes it: per token `n_used` u32 expert ids, then `n_used` f32 weights) by expert, on the
+    /// device in one launch: `offsets` (`n_expert + 2` i32) receives the exclusive prefix sum of
+    /// the per-expert counts (`offsets[e]..offsets[e + 1]` are expert `e`'s sorted positions) and
+    /// `order` (`n_tokens · n_used` i32) the pair indices `token · n_used + slot` grouped by expert,
+    /// and `tiles` (`n_expert + 2` i32) the same prefix sum over the [`MOE_GEMM_BN`]-row tiles of
+    /// each expert (`ceil(count / MOE_GEMM_BN)`; `tiles[n_expert + 1]` is the total), the work
+    /// list of [`Self::moe_gemm`]. Within one expert the order is unspecified (atomics); the
+    /// counts, offsets and tiles are exact.
+    ///
+    /// Ids `>= n_expert` (the router never writes one) are not clamped: they go to an extra
+    /// bucket `n_expert` at the end (`offsets[n_expert + 1] - offsets[n_expert]` counts them,
+    /// readable on the device), and [`Self::moe_gemm`] writes NaN to their output rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_sort(
+        &self,
+        route: u64,
+        n_tokens: usize,
+        n_used: usize,
+        n_expert: usize,
+        offsets: u64,
+        tiles: u64,
+        order: u64,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        if n_expert == 0 || n_expert > MOE_MAX_EXPERTS || n_used == 0 {
+            return Err(CudaError::Invalid(format!(
+                "MoE sort of {n_used} experts per token among {n_expert} (1..={MOE_MAX_EXPERTS} experts)"
+            )));
+        }
+        let pairs = n_tokens
+            .checked_mul(n_used)
+            .filter(|&p| p <= i32::MAX as usize);
+        if pairs.is_none() {
+            return Err(CudaError::Invalid(format!(
+                "MoE sort of {n_tokens} tokens × {n_used} experts overflows i32 pair indices"
+            )));
+        }
+        self.launch(
+            "moe_sort",
+            (1, 1, 1),
+            1024,
+            0,
+            s,
+            &[
+                &route,
+                &(n_tokens as i32),
+                &(n_used as i32),
+                &(n_expert as i32),
+                &offsets,
+                &tiles,
+                &order,
+            ],
+        )
+    }
+
+    /// The grouped expert GEMM of MoE prefill: for every expert `e < n_expert` and every sorted
+    /// row `i` in `offsets[e]..offsets[e + 1]` (as [`Self::moe_sort`] writes them),
+    /// `y[row(i), r] = Σ_c W_e[r, c] · x[i, c]` for `r < rows`, where `W_e` is expert `e`'s
+    /// `rows × cols` matrix in the stacked GGUF-block tensor at `w` (any type of
+    /// [`CUDA_TYPES`], 16-byte aligned), `x` holds f16 rows of `cols` (16-byte aligned) and
+    /// `row(i) = i`, or
+    /// `y_rows[i]` when given (scatter back to pair order). `y` is f32 with row stride `ldy`.
+    /// Rows of the invalid-id bucket `n_expert` are set to NaN.
+    ///
+    /// One launch, whatever the routing: the blocks walk the list of [`MOE_GEMM_BN`]-row token
+    /// tiles that `tiles` numbers (from [`Self::moe_sort`]), the weights are decoded from their
+    /// blocks into shared memory tile by tile (nothing else is allocated) and multiplied on the
+    /// tensor cores with f16 operands and f32 accumulation. `n_pairs` (all sorted rows) only sizes
+    /// the grid (`ceil(n_pairs / 64) + n_expert + 1` tile slots bound the tile count); any count
+    /// is computed whatever it says. `PSHARD_MOE_GEMM_TILE` = `BMxBN` (64x64, 128x64) overrides
+    /// the tile (benchmarks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gemm(
+        &self,
+        ty: GgmlType,
+        w: u64,
+        rows: usize,
+        cols: usize,
+        n_expert: usize,
+        x: u64,
+        offsets: u64,
+        tiles: u64,
+        n_pairs: usize,
+        y: u64,
+        ldy: usize,
+        y_rows: Option<u64>,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let g = geom(ty, cols)?;
+        if n_expert == 0 || n_expert > MOE_MAX_EXPERTS {
+            return Err(CudaError::Invalid(format!(
+                "grouped expert GEMM over {n_expert} experts (1..={MOE_MAX_EXPERTS})"
+            )));
+        }
+        if ldy < rows || rows > i32::MAX as usize || ldy > i32::MAX as usize {
+            return Err(CudaError::Invalid(format!(
+                "grouped expert GEMM output of {rows} rows with row stride {ldy}"
+            )));
+        }
+        if !x.is_multiple_of(16) || !w.is_multiple_of(16) {
+            return Err(CudaError::Invalid(format!(
+                "grouped expert GEMM weights and activations must be 16-byte aligned (addresses {w:#x}, {x:#x})"
+            )));
+        }
+        if rows == 0 || cols == 0 || n_pairs == 0 {
+            return Ok(());
+        }
+        let (bm, bn, threads) = self.moe_gemm_tile(rows);
+        let rb = (cols / g.qk * g.bytes) as i64;
+        let eb = rb * rows as i64;
+        let y_rows = y_rows.unwrap_or(0);
+        self.launch(
+            &format!("moe_gemm_{}_{bm}x{bn}", g.suffix),
+            (
+                blocks(rows, bm),
+                (n_pairs.div_ceil(bn) + n_expert + 1).min(65535) as u32,
+                1,
+            ),
+            threads,
+            moe_gemm_smem(bm, bn) as u32,
+            s,
+            &[
+                &w,
+                &eb,
+                &rb,
+                &(rows as i32),
+                &(cols as i32),
+                &(n_expert as i32),
+                &x,
+                &offsets,
+                &tiles,
+                &y,
+                &(ldy as i32),
+                &y_rows,
+            ],
+        )
+    }
+
+    /// Tile of the grouped expert GEMM.
+    ///
+    /// Measured on the H200 (2026-11-21, qwen3-30b-a3b experts: 128 × (768 × 2048 Q4_K/Q8_0,
+    /// 2048 × 768 Q4_K/Q6_K), 8 per token, uniform random routes): 128 × 64 was the fastest of
+    /// 64 × 32, 64 × 64, 128 × 64 and 128 × 128 at both 512 tokens (32 rows per expert: 303
+    /// against 376-566 us for Q4_K gate) and 4096 tokens (1320 against 1429-2390 us). Matrices
+    /// of at most 64 rows take 64 × 64.
+    fn moe_gemm_tile(&self, rows: usize) -> (usize, usize, u32) {
+        if let Ok(v) = std::env::var("PSHARD_MOE_GEMM_TILE") {
+            if let Some(t) = MOE_GEMM_TILES
+                .iter()
+                .find(|&&(bm, bn, _)| v.trim() == format!("{bm}x{bn}"))
+            {
+                return *t;
+            }
+        }
+        if rows <= 64 {
+            MOE_GEMM_TILES[0]
+        } else {
+            MOE_GEMM_TILES[1]
+        }
+    }
+
     // ----------------------------------------------------------------------------------------
     // Attention
     // ----------------------------------------------------------------------------------------
@@ -1468,6 +1714,11 @@ fn kernel_names(text: &str) -> Vec<String> {
                     "GET_ROWS_KERNEL" => names.push(format!("get_rows_{t}")),
                     "GEMV_SPLITK_KERNEL" => names.push(format!("gemv_{t}_1k")),
                     "MOE_GEMV_KERNEL" => names.push(format!("moe_gemv_{t}")),
+                    "MOE_GEMM_KERNELS" => {
+                        for (bm, bn, _) in MOE_GEMM_TILES {
+                            names.push(format!("moe_gemm_{t}_{bm}x{bn}"));
+                        }
+                    }
                     "MOE_GEMVQ_KERNELS" => {
                         for (r, w) in MOE_GEMVQ_SHAPES {
                             names.push(format!("moe_gemvq_{t}_r{r}w{w}"));
@@ -1525,6 +1776,9 @@ mod tests {
             "rms_norm",
             "rope",
             "moe_route",
+            "moe_sort",
+            "moe_gemm_q4_k_64x64",
+            "moe_gemm_f16_128x64",
             "flash_attn_128",
             "attn_combine",
             "kv_write",

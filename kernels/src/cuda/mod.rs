@@ -133,7 +133,8 @@ impl Gpu {
     /// stream. `w` is the whole weight (GGUF blocks, `rows_total × cols`); `out` has row stride
     /// `ldo`; `bias` (f32, whole length) is optional. Uses the fused GEMV for `n <=`
     /// [`GEMV_MAX_ROWS`] (quantized weights: [`GEMV_INT8_MAX_ROWS`]), else dequantizes the slice
-    /// into `scratch` and runs a GEMM. The GEMV path allocates nothing and never waits for the
+    /// into `scratch` and runs a GEMM; `force_gemm` takes the GEMM at any `n` (no 8-bit rounding
+    /// of the activations: the exact-activation mode compared with the CPU engine's). The GEMV path allocates nothing and never waits for the
     /// host, so it can be captured in a CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
@@ -149,23 +150,62 @@ impl Gpu {
         ldo: usize,
         bias: Option<u64>,
         scratch: Option<GemmScratch>,
+        force_gemm: bool,
     ) -> CudaResult<()> {
-        let s = self.stream();
-        let rb = kernels::row_bytes(ty, cols)? as u64;
-        let wr = w + row0 as u64 * rb;
-        let br = bias.map(|b| b + row0 as u64 * 4);
         let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
         let gemv_max = if quantized {
             GEMV_INT8_MAX_ROWS
         } else {
             GEMV_MAX_ROWS
         };
-        if n <= gemv_max || scratch.is_none() {
-            return self
-                .kernels
-                .gemv(ty, wr, nrows, cols, x, cols, out, ldo, n, br, s);
+        match scratch {
+            Some(sc) if force_gemm || n > gemv_max => {
+                self.gemm_f16(ty, w, cols, row0, nrows, x, n, out, ldo, bias, sc)
+            }
+            None if force_gemm => Err(CudaError::Invalid(
+                "the GEMM path was asked for without GEMM scratch".into(),
+            )),
+            _ => {
+                let rb = kernels::row_bytes(ty, cols)? as u64;
+                let br = bias.map(|b| b + row0 as u64 * 4);
+                self.kernels.gemv(
+                    ty,
+                    w + row0 as u64 * rb,
+                    nrows,
+                    cols,
+                    x,
+                    cols,
+                    out,
+                    ldo,
+                    n,
+                    br,
+                    self.stream(),
+                )
+            }
         }
-        let sc = scratch.expect("checked above");
+    }
+
+    /// The GEMM path of [`Gpu::matmul`]: the weight slice dequantized to f16 in `sc` (BF16 weights
+    /// used as they are), activations converted to f16/bf16, cuBLAS with f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_f16(
+        &self,
+        ty: GgmlType,
+        w: u64,
+        cols: usize,
+        row0: usize,
+        nrows: usize,
+        x: u64,
+        n: usize,
+        out: u64,
+        ldo: usize,
+        bias: Option<u64>,
+        sc: GemmScratch,
+    ) -> CudaResult<()> {
+        let s = self.stream();
+        let rb = kernels::row_bytes(ty, cols)? as u64;
+        let wr = w + row0 as u64 * rb;
+        let br = bias.map(|b| b + row0 as u64 * 4);
         let input = if ty == GgmlType::BF16 {
             GemmInput::Bf16
         } else {

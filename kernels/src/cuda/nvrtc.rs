@@ -38,6 +38,10 @@ pub const SOURCES: &[Source] = &[
         name: "attention.cu",
         text: include_str!("../../cuda/attention.cu"),
     },
+    Source {
+        name: "moe_gemm.cu",
+        text: include_str!("../../cuda/moe_gemm.cu"),
+    },
 ];
 
 /// How one module was obtained.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use pshard_kernels::cuda::{
     kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId,
-    RegionKind, RopeKind, GEMV_MAX_ROWS,
+    RegionKind, RopeKind, GEMV_INT8_MAX_ROWS, GEMV_MAX_ROWS,
 };
 use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, BufId, Op};
@@ -234,7 +234,14 @@ pub struct GpuRunner {
     gemm: Option<GemmScratch>,
     attn_part: DevBuf,
     moe: Option<[DevBuf; 4]>,
-    moe_grouped: Option<[DevBuf; 4]>,
+    moe_grouped: Option<[DevBuf; 3]>,
+    /// Exact-activation mode: quantized weights take the f16 GEMM path at every batch size
+    /// (experts: the grouped path), never the int8 GEMV (see [`GpuEngine::set_exact_activations`]).
+    exact: bool,
+    /// Per step: a quantized-weight GEMV whose input the previous step (a GEMV of the same
+    /// activations) already quantized to the same partner format, so it reuses them (q/k/v,
+    /// gate/up).
+    reuse_acts: Vec<bool>,
     graph: Option<CapturedGraph>,
     runs: usize,
     logits: Vec<f32>,
@@ -249,14 +256,14 @@ struct Needs {
     attn: u64,
     moe_ff: u64,
     moe_out: u64,
-    /// Grouped expert path (prefill): f16 gathered rows, sorted outputs, row ids, one expert's
-    /// dequantized matrix.
+    /// Grouped expert path (prefill): f16 rows sorted by expert, the pairs' sorted order, the
+    /// per-expert row and tile offsets.
     moe_x16: u64,
     moe_idx: u64,
-    moe_w16: u64,
+    moe_offsets: u64,
 }
 
-fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
+fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize, exact: bool) -> Needs {
     let g = &p.graph;
     let mut n = Needs {
         gemm_w: 0,
@@ -266,14 +273,14 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
         moe_out: 0,
         moe_x16: 0,
         moe_idx: 0,
-        moe_w16: 0,
+        moe_offsets: 0,
     };
     for node in &g.nodes {
         match node.op {
             Op::MatMul { weight, x, .. } => {
                 let rows = g.rows(x);
-                if rows > GEMV_MAX_ROWS {
-                    let t = model.spec.tensor(weight);
+                let t = model.spec.tensor(weight);
+                if rows > GEMV_MAX_ROWS || (exact && t.ty.is_quantized()) {
                     let (wb, xb) = GemmScratch::bytes(t.rows(), t.cols(), rows);
                     n.gemm_w = n.gemm_w.max(wb);
                     n.gemm_x = n.gemm_x.max(xb);
@@ -310,17 +317,42 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize) -> Needs {
                 let ff = model.spec.tensor(gate_exps).rows();
                 n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
                 n.moe_out = n.moe_out.max((pairs * g.buffer(x).cols * 4) as u64);
-                if pairs > MOE_GEMV_MAX_PAIRS {
+                if pairs > MOE_GEMV_MAX_PAIRS || exact {
                     let d = g.buffer(x).cols;
+                    let n_expert = model.spec.tensor(gate_exps).n_mats();
                     n.moe_x16 = n.moe_x16.max((pairs * d.max(ff) * 2) as u64);
                     n.moe_idx = n.moe_idx.max((pairs * 4) as u64);
-                    n.moe_w16 = n.moe_w16.max((ff * d * 2) as u64);
+                    n.moe_offsets = n.moe_offsets.max((2 * (n_expert + 2) * 4) as u64);
                 }
             }
             _ => {}
         }
     }
     n
+}
+
+/// For each step of `p`: whether it is an int8 GEMV whose activations the step before (an int8
+/// GEMV of the same input buffer, same partner format) has just quantized, so it can reuse them
+/// (see [`pshard_kernels::cuda::CudaKernels::gemv_prequantized`]). Never in exact mode.
+fn shared_gemv_inputs(model: &Model, p: &Program, exact: bool) -> Vec<bool> {
+    let g = &p.graph;
+    // (input buffer, partner format) of an int8-GEMV step.
+    let int8_gemv = |op: &Op| match *op {
+        Op::MatMul { weight, x, .. } if !exact && g.rows(x) <= GEMV_INT8_MAX_ROWS => {
+            let ty = model.spec.tensor(weight).ty;
+            let act = pshard_kernels::quant::kernel(ty).map(|k| k.act)?;
+            (ty.is_quantized() && act != pshard_kernels::quant::ActFormat::F32).then_some((x, act))
+        }
+        _ => None,
+    };
+    let inputs: Vec<_> = p
+        .steps
+        .iter()
+        .map(|st| int8_gemv(&g.nodes[st.node].op))
+        .collect();
+    (0..inputs.len())
+        .map(|i| i > 0 && inputs[i].is_some() && inputs[i] == inputs[i - 1])
+        .collect()
 }
 
 fn node_q(op: &Op) -> BufId {
@@ -331,9 +363,9 @@ fn node_q(op: &Op) -> BufId {
 }
 
 /// (token, expert) pairs up to which MoE experts run as one GEMV per pair, in one launch per
-/// matrix and without leaving the device. Above, the routes are read back and every used expert is
-/// dequantized once and multiplied by a GEMM over its tokens: reading an expert once per pair costs
-/// more than the per-expert launches from about 32 tokens × 8 experts on the H200. The planner's
+/// matrix. Above, the pairs are sorted by expert on the device and every matrix is one grouped GEMM
+/// that decodes each used expert once per tile of its tokens (`moe_gemm`): reading an expert once
+/// per pair costs more from about 32 tokens × 8 experts on the H200. The planner's
 /// cost model mirrors it (`pshard_planner::costtable::GPU_MOE_GEMV_MAX_PAIRS`).
 pub const MOE_GEMV_MAX_PAIRS: usize = 256;
 
@@ -342,23 +374,25 @@ pub const GRAPH_MAX_TOKENS: usize = 4;
 
 impl GpuRunner {
     /// Lowers the model's graph for `n_tokens` / `n_logit_rows` onto the GPU lane and allocates its
-    /// buffers in a region of their own.
+    /// buffers in a region of their own; `exact` selects exact-activation mode (see
+    /// [`GpuEngine::set_exact_activations`]).
     pub fn new(
         gpu: &Gpu,
         model: &Model,
         n_tokens: usize,
         n_logit_rows: usize,
         n_ctx: usize,
+        exact: bool,
     ) -> Result<GpuRunner, GpuError> {
         let graph = pshard_model::arch::build_graph(&model.spec, n_tokens, n_logit_rows)?;
         let program = Program::lower(graph, |_| Lane::GpuCompute, MemSpace::Device);
-        let nd = needs(gpu, model, &program, n_ctx);
+        let nd = needs(gpu, model, &program, n_ctx, exact);
         let al = |b: u64| b.max(4).div_ceil(256) * 256;
         let mut total: u64 = program.buffers.iter().map(|b| al(b.bytes as u64)).sum();
         total += 3 * al((n_tokens * 4) as u64);
         total += al(nd.gemm_w) + al(nd.gemm_x) + al(nd.attn) + 3 * al(nd.moe_ff) + al(nd.moe_out);
         if nd.moe_x16 > 0 {
-            total += al(nd.moe_x16) + al(nd.moe_out) + al(nd.moe_idx) + al(nd.moe_w16);
+            total += al(nd.moe_x16) + al(nd.moe_idx) + al(nd.moe_offsets);
         }
         let dev = &gpu.dev;
         let region =
@@ -394,14 +428,14 @@ impl GpuRunner {
         let moe_grouped = if nd.moe_x16 > 0 {
             Some([
                 dev.alloc(region, nd.moe_x16, "expert f16 rows")?,
-                dev.alloc(region, nd.moe_out, "expert sorted out")?,
-                dev.alloc(region, nd.moe_idx, "expert row ids")?,
-                dev.alloc(region, nd.moe_w16, "expert f16 weights")?,
+                dev.alloc(region, nd.moe_idx, "expert pair order")?,
+                dev.alloc(region, nd.moe_offsets, "expert offsets")?,
             ])
         } else {
             None
         };
         let n_logits = program.graph.n_logit_rows * model.spec.hparams.n_vocab;
+        let reuse_acts = shared_gemv_inputs(model, &program, exact);
         Ok(GpuRunner {
             program,
             region,
@@ -413,6 +447,8 @@ impl GpuRunner {
             attn_part,
             moe,
             moe_grouped,
+            exact,
+            reuse_acts,
             graph: None,
             runs: 0,
             logits: vec![0f32; n_logits],
@@ -542,8 +578,10 @@ impl GpuRunner {
             self.runs += 1;
             return Ok(());
         }
-        let small =
-            g.n_tokens <= GRAPH_MAX_TOKENS && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
+        // Exact-activation mode is a checking mode: its cuBLAS calls are not captured.
+        let small = g.n_tokens <= GRAPH_MAX_TOKENS
+            && !self.exact
+            && std::env::var_os("PSHARD_NO_CUDA_GRAPH").is_none();
         if small && self.graph.is_none() && self.runs >= 1 {
             let graph =
                 CapturedGraph::capture(dev, s, || self.record(gpu, w, kv, model).map_err(to_cuda))?;
@@ -559,9 +597,9 @@ impl GpuRunner {
 
     /// Enqueues every step on the compute stream.
     fn record(&self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model) -> Result<(), GpuError> {
-        for step in &self.program.steps {
+        for (i, step) in self.program.steps.iter().enumerate() {
             let node = &self.program.graph.nodes[step.node];
-            self.exec(gpu, w, kv, model, &node.op)?;
+            self.exec(gpu, w, kv, model, &node.op, self.reuse_acts[i])?;
         }
         Ok(())
     }
@@ -585,7 +623,7 @@ impl GpuRunner {
                 .record(s)
                 .map_err(event_err("recording a timing event"))?;
             let node = &self.program.graph.nodes[step.node];
-            self.exec(gpu, w, kv, model, &node.op)?;
+            self.exec(gpu, w, kv, model, &node.op, self.reuse_acts[i])?;
         }
         events[n]
             .record(s)
@@ -617,6 +655,7 @@ impl GpuRunner {
         kv: &GpuKv,
         model: &Model,
         op: &Op,
+        reuse_acts: bool,
     ) -> Result<(), GpuError> {
         let g = &self.program.graph;
         let k = &gpu.kernels;
@@ -677,19 +716,38 @@ impl GpuRunner {
                 bias,
             } => {
                 let t = model.spec.tensor(weight);
-                gpu.matmul(
-                    t.ty,
-                    w.get(weight),
-                    t.cols(),
-                    0,
-                    t.rows(),
-                    self.b(x),
-                    g.rows(x),
-                    self.b(out),
-                    cols(out),
-                    bias.map(|b| w.get(b)),
-                    self.gemm,
-                )?;
+                let (wp, bp) = (w.get(weight), bias.map(|b| w.get(b)));
+                let (xp, op, n) = (self.b(x), self.b(out), g.rows(x));
+                let partner = pshard_kernels::quant::kernel(t.ty).map(|q| q.act);
+                match self.gemm {
+                    _ if reuse_acts => k.gemv_prequantized(
+                        t.ty,
+                        k.quantized_acts(partner.expect("checked when planned")),
+                        wp,
+                        t.rows(),
+                        t.cols(),
+                        op,
+                        cols(out),
+                        n,
+                        bp,
+                        s,
+                    )?,
+                    _ => gpu.matmul(
+                        t.ty,
+                        wp,
+                        t.cols(),
+                        0,
+                        t.rows(),
+                        xp,
+                        n,
+                        op,
+                        cols(out),
+                        bp,
+                        self.gemm,
+                        // Exact mode: quantized weights always through the f16 GEMM.
+                        self.exact && t.ty.is_quantized(),
+                    )?,
+                }
             }
             Op::Rope { x, head_dim, rope } => {
                 let mode = match rope.mode {
@@ -813,7 +871,9 @@ impl GpuRunner {
                 );
                 let ff = gt.rows();
                 let r = self.b(route);
-                if let (true, Some(grp)) = (pairs > MOE_GEMV_MAX_PAIRS, self.moe_grouped) {
+                if let (true, Some(grp)) =
+                    (pairs > MOE_GEMV_MAX_PAIRS || self.exact, self.moe_grouped)
+                {
                     let exps = [(gate_exps, gt), (up_exps, ut), (down_exps, dt)];
                     return self.moe_grouped_ffn(
                         gpu,
@@ -889,9 +949,12 @@ impl GpuRunner {
         Ok(())
     }
 
-    /// Expert FFNs of a prefill batch, grouped by expert: the routes are read back, each used
-    /// expert's matrices are dequantized once to f16 and multiplied with all of its tokens' rows by
-    /// cuBLAS (the per-pair GEMV would read every expert once per token).
+    /// Expert FFNs of a prefill batch, grouped by expert, entirely on the device in a fixed
+    /// number of launches (capturable; nothing is read back): the pairs are sorted by expert
+    /// (`moe_sort`), their tokens' rows gathered as f16, and each matrix is one grouped GEMM over
+    /// all experts with the weights decoded from their blocks on the fly (`moe_gemm`), so every
+    /// used expert is read once per tile of its tokens instead of once per pair. The down
+    /// projection scatters its rows straight back to pair order for `moe_combine`.
     #[allow(clippy::too_many_arguments)]
     fn moe_grouped_ffn(
         &self,
@@ -903,67 +966,60 @@ impl GpuRunner {
         act: Activation,
         out: BufId,
         [hg, hu, hh, ho]: [DevBuf; 4],
-        [x16, sorted, idx, w16]: [DevBuf; 4],
+        [x16, order, offsets]: [DevBuf; 3],
     ) -> Result<(), GpuError> {
         let g = &self.program.graph;
-        let (k, s, dev) = (&gpu.kernels, gpu.stream(), &gpu.dev);
+        let (k, s) = (&gpu.kernels, gpu.stream());
         let rows = g.rows(x);
         let d = g.buffer(x).cols;
         let n_used = g.buffer(route).cols / 2;
         let pairs = rows * n_used;
         let ff = exps[0].1.rows();
         let n_expert = exps[0].1.n_mats();
-        // Routes back to the host (this syncs the stream: prefill programs are never captured).
-        let mut rb = vec![0u8; rows * 2 * n_used * 4];
-        dev.download(s, &mut rb, self.b(route))?;
-        let word =
-            |i: usize| u32::from_le_bytes([rb[4 * i], rb[4 * i + 1], rb[4 * i + 2], rb[4 * i + 3]]);
-        let mut by_expert: Vec<Vec<i32>> = vec![Vec::new(); n_expert];
-        for t in 0..rows {
-            for slot in 0..n_used {
-                let e = word(t * 2 * n_used + slot) as usize;
-                if e >= n_expert {
-                    return Err(GpuError::Shape(format!(
-                        "router chose expert {e} of {n_expert}"
-                    )));
-                }
-                by_expert[e].push((t * n_used + slot) as i32);
-            }
+        // Row offsets, then tile offsets, of the n_expert + 1 buckets.
+        let tiles = offsets.ptr + ((n_expert + 2) * 4) as u64;
+        k.moe_sort(
+            self.b(route),
+            rows,
+            n_used,
+            n_expert,
+            offsets.ptr,
+            tiles,
+            order.ptr,
+            s,
+        )?;
+        // x16[i] = f16(x[token of pair order[i]]), in launches of at most 65535 rows (grid.y).
+        let mut i0 = 0;
+        while i0 < pairs {
+            let c = (pairs - i0).min(65535);
+            k.gather_rows_f16(
+                self.b(x),
+                order.ptr + (i0 * 4) as u64,
+                n_used,
+                x16.ptr + (i0 * d * 2) as u64,
+                c,
+                d,
+                s,
+            )?;
+            i0 += c;
         }
-        let order: Vec<i32> = by_expert.iter().flatten().copied().collect();
-        let bytes: Vec<u8> = order.iter().flat_map(|v| v.to_le_bytes()).collect();
-        dev.upload(s, idx.ptr, &bytes)?;
-        // x16[i] = f16(x[token of pair order[i]]).
-        k.gather_rows_f16(self.b(x), idx.ptr, n_used, x16.ptr, pairs, d, s)?;
-        // Device address of expert e's (r × c) matrix inside a 3-D expert tensor.
-        let mat = |(id, t): (TensorId, &pshard_model::spec::TensorDesc),
-                   e: usize,
-                   r: usize,
-                   c: usize|
-         -> Result<u64, GpuError> {
-            let rb = pshard_kernels::cuda::kernels::row_bytes(t.ty, c)?;
-            Ok(w.get(id) + (e * r * rb) as u64)
-        };
-        let mut off = 0usize;
-        for (e, list) in by_expert.iter().enumerate() {
-            let c = list.len();
-            if c == 0 {
-                continue;
-            }
-            for (j, dst) in [(0usize, hg), (1, hu)] {
-                k.dequant_f16(exps[j].1.ty, mat(exps[j], e, ff, d)?, w16.ptr, ff, d, s)?;
-                gpu.blas.matmul(
-                    pshard_kernels::cuda::GemmInput::F16,
-                    w16.ptr,
-                    ff,
-                    d,
-                    x16.ptr + (off * d * 2) as u64,
-                    c,
-                    dst.ptr + (off * ff * 4) as u64,
-                    ff,
-                )?;
-            }
-            off += c;
+        for (j, dst) in [(0usize, hg), (1, hu)] {
+            let (id, t) = exps[j];
+            k.moe_gemm(
+                t.ty,
+                w.get(id),
+                ff,
+                d,
+                n_expert,
+                x16.ptr,
+                offsets.ptr,
+                tiles,
+                pairs,
+                dst.ptr,
+                ff,
+                None,
+                s,
+            )?;
         }
         k.glu(
             hg.ptr,
@@ -974,27 +1030,23 @@ impl GpuRunner {
             s,
         )?;
         k.f32_to_f16(hh.ptr, x16.ptr, pairs * ff, s)?;
-        off = 0;
-        for (e, list) in by_expert.iter().enumerate() {
-            let c = list.len();
-            if c == 0 {
-                continue;
-            }
-            k.dequant_f16(exps[2].1.ty, mat(exps[2], e, d, ff)?, w16.ptr, d, ff, s)?;
-            gpu.blas.matmul(
-                pshard_kernels::cuda::GemmInput::F16,
-                w16.ptr,
-                d,
-                ff,
-                x16.ptr + (off * ff * 2) as u64,
-                c,
-                sorted.ptr + (off * d * 4) as u64,
-                d,
-            )?;
-            off += c;
-        }
-        // ho[pair order[i]] = sorted[i], then the weighted sum per token.
-        k.scatter_rows(sorted.ptr, idx.ptr, ho.ptr, pairs, d, s)?;
+        let (id, t) = exps[2];
+        // ho[order[i]] = W_e · hidden[i]: back in pair order.
+        k.moe_gemm(
+            t.ty,
+            w.get(id),
+            d,
+            ff,
+            n_expert,
+            x16.ptr,
+            offsets.ptr,
+            tiles,
+            pairs,
+            ho.ptr,
+            d,
+            Some(order.ptr),
+            s,
+        )?;
         k.moe_combine(ho.ptr, self.b(route), n_used, self.b(out), rows, d, s)?;
         Ok(())
     }
@@ -1026,6 +1078,7 @@ pub struct GpuEngine {
     n_past: usize,
     released_host_bytes: u64,
     op_timing: bool,
+    exact: bool,
     /// Op times of runners released since the last reset of the times.
     retired_times: HashMap<OpKey, OpTime>,
 }
@@ -1062,6 +1115,7 @@ impl GpuEngine {
             n_past: 0,
             released_host_bytes: released,
             op_timing: false,
+            exact: false,
             retired_times: HashMap::new(),
         })
     }
@@ -1074,6 +1128,23 @@ impl GpuEngine {
         for r in self.runners.values_mut() {
             r.set_op_timing(on);
         }
+    }
+
+    /// Exact-activation mode (off by default), the GPU counterpart of the CPU engine's
+    /// (`Engine::set_exact_activations`): matmuls with quantized weights take their activations
+    /// in f16 through the dequantize + cuBLAS path at every batch size (MoE experts: the grouped
+    /// path), instead of rounding them to 8 bits for the int8 GEMV in small batches; no CUDA
+    /// graphs. Slower; a checking mode that compares decode with the CPU without the 8-bit
+    /// rounding on either side. Programs are rebuilt; the KV cache is kept.
+    pub fn set_exact_activations(&mut self, on: bool) -> Result<(), GpuError> {
+        if on != self.exact {
+            self.exact = on;
+            for (_, r) in self.runners.drain() {
+                merge_times(&mut self.retired_times, r.op_times());
+                r.release(&self.gpu)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether per-op timing is on.
@@ -1231,7 +1302,7 @@ impl GpuEngine {
         let runner = get_runner(
             &mut self.runners,
             &mut self.retired_times,
-            self.op_timing,
+            (self.op_timing, self.exact),
             &self.gpu,
             model,
             (n, logit_rows.len()),
@@ -1254,14 +1325,14 @@ impl GpuEngine {
     }
 }
 
-/// The runner for `key` = (n tokens, n logit rows), created on first use (with op timing as
-/// given). At most 4 programs keep their buffers (the ubatch, decode and a tail or two); others
+/// The runner for `key` = (n tokens, n logit rows), created on first use (with op timing and
+/// exact-activation mode as given). At most 4 programs keep their buffers (the ubatch, decode and a tail or two); others
 /// are released, their op times kept in `retired`.
 #[allow(clippy::too_many_arguments)]
 fn get_runner<'a>(
     runners: &'a mut HashMap<(usize, usize), GpuRunner>,
     retired: &mut HashMap<OpKey, OpTime>,
-    op_timing: bool,
+    (op_timing, exact): (bool, bool),
     gpu: &Gpu,
     model: &Model,
     key: (usize, usize),
@@ -1277,7 +1348,7 @@ fn get_runner<'a>(
                 }
             }
         }
-        let mut r = GpuRunner::new(gpu, model, key.0, key.1, n_ctx)?;
+        let mut r = GpuRunner::new(gpu, model, key.0, key.1, n_ctx, exact)?;
         r.set_op_timing(op_timing);
         runners.insert(key, r);
     }

@@ -63,8 +63,12 @@ fn write_preset(p: &SynthPreset, recipe: &str, path: &Path) {
 fn synth_model(name: &str, recipe: &str) -> PathBuf {
     let path = test_dir().join(format!("{name}-{recipe}.gguf"));
     if !path.exists() {
+        // Tests run in parallel: write a private file and rename it into place, so no test ever
+        // opens a half-written model.
         let p = preset(name).unwrap_or_else(|| panic!("no preset {name}"));
-        write_preset(&p, recipe, &path);
+        let tmp = path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+        write_preset(&p, recipe, &tmp);
+        std::fs::rename(&tmp, &path).unwrap();
     }
     path
 }
@@ -162,11 +166,36 @@ fn compare_steps(
             .unwrap_or(argmax(&c) as u32);
     }
     let worst = decode.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        !graphs_enabled() || gpu.runners.values().any(|r| r.uses_graph()),
+        "{label}: decode did not use a CUDA graph"
+    );
+    // The same decode with neither engine rounding activations to 8 bits: the GPU's f16 GEMM
+    // path at batch 1 against the CPU's exact mode — every decode kernel (split-KV attention,
+    // rope, norms, KV writes, MoE routing) compared without the chaotic 8-bit rounding.
+    cpu.set_exact_activations(true);
+    gpu.set_exact_activations(true).unwrap();
+    cpu.reset();
+    gpu.reset();
+    let mut exact = Vec::new();
+    let mut tok = prompt[0];
+    for i in 0..n_decode {
+        let c = cpu.eval(&[tok], Logits::Last).unwrap();
+        let g = gpu.eval(&gpu_model, &[tok], Logits::Last).unwrap();
+        exact.push(rel_l2(&g, &c));
+        tok = prompt
+            .get(i + 1)
+            .copied()
+            .filter(|_| i < 3)
+            .unwrap_or(argmax(&c) as u32);
+    }
+    let worst_exact = exact.iter().cloned().fold(0.0, f64::max);
     let _ = writeln!(
         std::io::stderr(),
         "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU exact activations, tolerance {TOL:.0e}), \
-         decode max rel L2 {worst:.2e} over {n_decode} steps (CPU 8-bit activations, tolerance \
-         {decode_tol:.0e})"
+         decode max rel L2 {worst:.2e} over {n_decode} steps (both 8-bit activations, tolerance \
+         {decode_tol:.0e}), decode-exact max rel L2 {worst_exact:.2e} (both exact activations, \
+         tolerance {TOL:.0e})"
     );
     assert!(
         prefill <= TOL,
@@ -178,10 +207,12 @@ fn compare_steps(
             "{label}: decode step {step} logits rel L2 {e:.3e} > {decode_tol} (all steps: {decode:.3?})"
         );
     }
-    assert!(
-        !graphs_enabled() || gpu.runners.values().any(|r| r.uses_graph()),
-        "{label}: decode did not use a CUDA graph"
-    );
+    for (step, &e) in exact.iter().enumerate() {
+        assert!(
+            e <= TOL,
+            "{label}: exact-activation decode step {step} logits rel L2 {e:.3e} > {TOL} (all steps: {exact:.3?})"
+        );
+    }
     eprintln!("{}", gpu.report());
 }
 
@@ -542,6 +573,43 @@ fn gpu_submission_thread_matches_direct_engine_while_cpu_works() {
     assert_eq!(eng.n_past(), p.len() + 1);
     // A CPU engine has no submission thread: asking for one is an error, not a panic.
     assert!(cpu.submit_eval(&p, Logits::Last).is_err());
+}
+
+/// Decode programs quantize a shared GEMV input once (runs without a GPU: it checks the plan):
+/// in every layer the k and v projections reuse q's quantized input and up reuses gate's, and
+/// nothing else does; never in exact mode or above the int8-GEMV batch.
+#[test]
+fn decode_gemvs_share_their_quantized_input() {
+    let path = synth_model("tiny-llama", "q4_k");
+    let model = Model::open(&path).unwrap();
+    let plan = |n: usize, exact: bool| {
+        let graph = pshard_model::arch::build_graph(&model.spec, n, 1).unwrap();
+        let p = Program::lower(graph, |_| Lane::GpuCompute, MemSpace::Device);
+        let reuse = shared_gemv_inputs(&model, &p, exact);
+        let names: Vec<String> = p
+            .steps
+            .iter()
+            .zip(&reuse)
+            .filter(|(_, &r)| r)
+            .map(|(st, _)| match p.graph.nodes[st.node].op {
+                Op::MatMul { weight, .. } => model.spec.tensor(weight).name.clone(),
+                ref op => panic!("reuse flagged on {op:?}"),
+            })
+            .collect();
+        names
+    };
+    let n_layer = model.spec.hparams.n_layer;
+    let names = plan(1, false);
+    assert_eq!(names.len(), 3 * n_layer, "{names:?}");
+    for l in 0..n_layer {
+        for t in ["attn_k", "attn_v", "ffn_up"] {
+            let want = format!("blk.{l}.{t}.weight");
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+    }
+    assert_eq!(plan(GEMV_INT8_MAX_ROWS, false).len(), 3 * n_layer);
+    assert!(plan(1, true).is_empty());
+    assert!(plan(GEMV_INT8_MAX_ROWS + 1, false).is_empty());
 }
 
 #[test]
