@@ -321,7 +321,10 @@ impl CudaKernels {
         for &(bm, bn, _) in &MOE_GEMM_TILES {
             for &ty in CUDA_TYPES {
                 let suffix = type_geom(ty).map_or("", |g| g.suffix);
-                k.allow_smem(&format!("moe_gemm_{suffix}_{bm}x{bn}"), moe_gemm_smem(bm, bn))?;
+                k.allow_smem(
+                    &format!("moe_gemm_{suffix}_{bm}x{bn}"),
+                    moe_gemm_smem(bm, bn),
+                )?;
             }
         }
         // The largest tile pair (head dims 256).
