@@ -27,18 +27,40 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = xr[c] * inv * w[c];
 }
 
+// One head normalised in place and scaled by w[head_dim], by the 32 lanes of a warp.
+__device__ __forceinline__ void head_norm_warp(float* __restrict__ xh, const float* __restrict__ w,
+                                               int head_dim, float eps, int lane) {
+    float ss = 0.f;
+    for (int c = lane; c < head_dim; c += 32) ss += xh[c] * xh[c];
+    ss = warp_sum(ss);
+    const float inv = rsqrtf(ss / (float)head_dim + eps);
+    for (int c = lane; c < head_dim; c += 32) xh[c] = xh[c] * inv * w[c];
+}
+
+// Rotates pair i of one head at position p (already scaled): mode 0 pairs (2i, 2i+1), mode 1
+// (i, i + n_dims/2); angle p * base^(-2i/n_dims) / freq_factors[i].
+__device__ __forceinline__ void rope_pair(float* __restrict__ xh, int i, float p, int n_dims,
+                                          int mode, float base,
+                                          const float* __restrict__ freq_factors) {
+    const int half = n_dims / 2;
+    float inv_freq = powf(base, -2.0f * (float)i / (float)n_dims);
+    if (freq_factors) inv_freq /= freq_factors[i];
+    float s, c;
+    sincosf(p * inv_freq, &s, &c);
+    const int a = mode == 0 ? 2 * i : i;
+    const int b = mode == 0 ? 2 * i + 1 : i + half;
+    const float x0 = xh[a], x1 = xh[b];
+    xh[a] = x0 * c - x1 * s;
+    xh[b] = x0 * s + x1 * c;
+}
+
 // In place: each head_dim slice of each row normalised and scaled by w[head_dim]. One warp per head.
 extern "C" __global__ void head_rms_norm(float* __restrict__ x, const float* __restrict__ w,
                                          int n_heads_total, int head_dim, float eps) {
     const int lane = threadIdx.x & 31;
     const i64 h = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (h >= n_heads_total) return;
-    float* xh = x + h * head_dim;
-    float ss = 0.f;
-    for (int c = lane; c < head_dim; c += 32) ss += xh[c] * xh[c];
-    ss = warp_sum(ss);
-    const float inv = rsqrtf(ss / (float)head_dim + eps);
-    for (int c = lane; c < head_dim; c += 32) xh[c] = xh[c] * inv * w[c];
+    head_norm_warp(x + h * head_dim, w, head_dim, eps, lane);
 }
 
 // Rotary embedding in place. x: [n_tokens, n_heads * head_dim]; one thread per rotated pair.
@@ -54,17 +76,34 @@ extern "C" __global__ void rope(float* __restrict__ x, const i32* __restrict__ p
     const int i = (int)(idx % half);
     const i64 th = idx / half;
     const int t = (int)(th / n_heads);
-    float* xh = x + th * head_dim;
+    rope_pair(x + th * head_dim, i, (float)pos[t] * pos_scale, n_dims, mode, base, freq_factors);
+}
+
+// The q and k heads of a batch in one launch, one warp per head: optional per-head RMSNorm (weights
+// qw / kw; null: none), then the rotary embedding — the same device functions as head_rms_norm and
+// rope above, so the results are identical. q: [n_tokens, n_q * head_dim], k: [n_tokens,
+// n_k * head_dim].
+extern "C" __global__ void qk_norm_rope(float* __restrict__ q, float* __restrict__ k,
+                                        const float* __restrict__ qw, const float* __restrict__ kw,
+                                        float eps, const i32* __restrict__ pos, int n_tokens,
+                                        int n_q, int n_k, int head_dim, int n_dims, int mode,
+                                        float base, float pos_scale,
+                                        const float* __restrict__ freq_factors) {
+    const int lane = threadIdx.x & 31;
+    const i64 h = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int per_token = n_q + n_k;
+    if (h >= (i64)n_tokens * per_token) return;
+    const int t = (int)(h / per_token);
+    const int j = (int)(h % per_token);
+    float* xh = j < n_q ? q + ((i64)t * n_q + j) * head_dim : k + ((i64)t * n_k + (j - n_q)) * head_dim;
+    const float* w = j < n_q ? qw : kw;
+    if (w) {
+        head_norm_warp(xh, w, head_dim, eps, lane);
+        // The rotation pairs values written by other lanes.
+        __syncwarp();
+    }
     const float p = (float)pos[t] * pos_scale;
-    float inv_freq = powf(base, -2.0f * (float)i / (float)n_dims);
-    if (freq_factors) inv_freq /= freq_factors[i];
-    float s, c;
-    sincosf(p * inv_freq, &s, &c);
-    const int a = mode == 0 ? 2 * i : i;
-    const int b = mode == 0 ? 2 * i + 1 : i + half;
-    const float x0 = xh[a], x1 = xh[b];
-    xh[a] = x0 * c - x1 * s;
-    xh[b] = x0 * s + x1 * c;
+    for (int i = lane; i < n_dims / 2; i += 32) rope_pair(xh, i, p, n_dims, mode, base, freq_factors);
 }
 
 // out = act(gate) * up. act 0: SiLU; 1: GELU (tanh approximation).

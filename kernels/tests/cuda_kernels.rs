@@ -8,7 +8,7 @@ use half::f16;
 use pshard_kernels::cuda::{
     kernels::{row_bytes, type_geom, CUDA_TYPES, MOE_GEMM_BN},
     AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, PinnedBuf, RegionId,
-    RegionKind, RopeKind,
+    RegionKind, RopeArgs, RopeKind,
 };
 use pshard_kernels::quant;
 use pshard_model::ggml_type::GgmlType;
@@ -699,6 +699,94 @@ fn cuda_get_rows_matches_cpu() {
         }
         c.free(&[w, idd, out]);
     }
+}
+
+/// The fused q/k norm + rope launch against `head_rms_norm` then `rope` on q and on k (the same
+/// arithmetic, so f32 rounding level): with and without the norm, both pairing modes, partial
+/// rotation and frequency factors, 41 tokens of 8 q heads and 2 k heads (GQA), head dim 128.
+#[test]
+fn cuda_qk_norm_rope_matches_separate_kernels() {
+    let Some(c) = ctx("cuda_qk_norm_rope_matches_separate_kernels") else {
+        return;
+    };
+    let mut r = rng("cuda_qk_norm_rope");
+    let s = c.gpu.stream().clone();
+    let k = &c.gpu.kernels;
+    let (n, nq, nk, hd, eps, base) = (41usize, 8usize, 2usize, 128usize, 1e-6f32, 1e6f32);
+    let pos: Vec<i32> = (0..n as i32).map(|i| i * 131 + 7).collect();
+    let pd = c.up_i32(&pos);
+    for (mode, n_dims, ff, norm, pscale) in [
+        (RopeKind::Neox, 128, false, true, 1.0f32),
+        (RopeKind::Adjacent, 128, true, false, 1.0),
+        (RopeKind::Neox, 64, true, true, 0.5),
+    ] {
+        let q = randv(&mut r, n * nq * hd, 2.0);
+        let kk = randv(&mut r, n * nk * hd, 2.0);
+        let (qw, kw) = (randv(&mut r, hd, 1.0), randv(&mut r, hd, 1.0));
+        let f: Vec<f32> = (0..n_dims / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
+        let (qwd, kwd, fd) = (c.up_f32(&qw), c.up_f32(&kw), c.up_f32(&f));
+        let ffp = ff.then_some(fd.ptr);
+        let (q1, k1) = (c.up_f32(&q), c.up_f32(&kk));
+        if norm {
+            k.head_rms_norm(q1.ptr, qwd.ptr, n, nq, hd, eps, &s)
+                .unwrap();
+            k.head_rms_norm(k1.ptr, kwd.ptr, n, nk, hd, eps, &s)
+                .unwrap();
+        }
+        for (x, heads) in [(q1.ptr, nq), (k1.ptr, nk)] {
+            k.rope(x, pd.ptr, n, heads, hd, n_dims, mode, base, pscale, ffp, &s)
+                .unwrap();
+        }
+        let (q2, k2) = (c.up_f32(&q), c.up_f32(&kk));
+        let args = RopeArgs {
+            head_dim: hd,
+            n_dims,
+            mode,
+            base,
+            pos_scale: pscale,
+            freq_factors: ffp,
+        };
+        k.qk_norm_rope(
+            q2.ptr,
+            k2.ptr,
+            norm.then_some((qwd.ptr, kwd.ptr, eps)),
+            pd.ptr,
+            n,
+            nq,
+            nk,
+            &args,
+            &s,
+        )
+        .unwrap();
+        c.sync();
+        for (what, sep, fused, len, orig) in
+            [("q", q1, q2, q.len(), &q), ("k", k1, k2, kk.len(), &kk)]
+        {
+            let want: Vec<f64> = c.down_f32(sep.ptr, len).iter().map(|&v| v as f64).collect();
+            let got = c.down_f32(fused.ptr, len);
+            let err = rel_l2(&got, &want);
+            // The fused launch really transformed the heads (a no-op would fail here).
+            let moved = rel_l2(orig, &want);
+            eprintln!("qk_norm_rope {what} {mode:?} dims {n_dims} norm {norm}: rel L2 {err:.2e} (moved {moved:.2e})");
+            assert!(
+                err <= 1e-6 && moved > 1e-2,
+                "{what} {mode:?} {n_dims} {norm}: {err} {moved}"
+            );
+        }
+        c.free(&[qwd, kwd, fd, q1, k1, q2, k2]);
+    }
+    let odd = RopeArgs {
+        head_dim: hd,
+        n_dims: 63,
+        mode: RopeKind::Neox,
+        base,
+        pos_scale: 1.0,
+        freq_factors: None,
+    };
+    assert!(k
+        .qk_norm_rope(0, 0, None, pd.ptr, n, nq, nk, &odd, &s)
+        .is_err());
+    c.free(&[pd]);
 }
 
 #[test]

@@ -115,6 +115,23 @@ pub enum RopeKind {
     Neox,
 }
 
+/// Rotary embedding parameters of a launch (see [`CudaKernels::qk_norm_rope`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeArgs {
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Rotated dimensions (`<= head_dim`, even).
+    pub n_dims: usize,
+    /// Pairing mode.
+    pub mode: RopeKind,
+    /// Frequency base.
+    pub base: f32,
+    /// Position scale (1 / linear scaling factor).
+    pub pos_scale: f32,
+    /// Per-pair frequency divisors (llama3 scaling), f32 on the device.
+    pub freq_factors: Option<u64>,
+}
+
 /// Parameters of an attention launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnParams {
@@ -1066,6 +1083,66 @@ impl CudaKernels {
             0,
             s,
             &[&x, &w, &(total as i32), &(head_dim as i32), &eps],
+        )
+    }
+
+    /// The q and k heads of a batch in one launch (`q`: `n_tokens × n_q` heads, `k`: `n_tokens ×
+    /// n_k` heads of `rope.head_dim`): each head optionally RMS-normed with its weights (`norm` =
+    /// (q weights, k weights, eps)), then rotated as [`Self::rope`] does — the same arithmetic as
+    /// [`Self::head_rms_norm`] followed by [`Self::rope`] on q and on k, in one launch instead of
+    /// up to four.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_norm_rope(
+        &self,
+        q: u64,
+        k: u64,
+        norm: Option<(u64, u64, f32)>,
+        pos: u64,
+        n_tokens: usize,
+        n_q: usize,
+        n_k: usize,
+        rope: &RopeArgs,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        if rope.n_dims > rope.head_dim || !rope.n_dims.is_multiple_of(2) {
+            return Err(CudaError::Invalid(format!(
+                "rope over {} of {} dims",
+                rope.n_dims, rope.head_dim
+            )));
+        }
+        let heads = n_tokens * (n_q + n_k);
+        if heads > i32::MAX as usize {
+            return Err(CudaError::Invalid(format!("{heads} heads are too many")));
+        }
+        let (qw, kw, eps) = norm.unwrap_or((0, 0, 0.0));
+        let m = match rope.mode {
+            RopeKind::Adjacent => 0i32,
+            RopeKind::Neox => 1,
+        };
+        let ff = rope.freq_factors.unwrap_or(0);
+        self.launch(
+            "qk_norm_rope",
+            (blocks(heads, 8), 1, 1),
+            256,
+            0,
+            s,
+            &[
+                &q,
+                &k,
+                &qw,
+                &kw,
+                &eps,
+                &pos,
+                &(n_tokens as i32),
+                &(n_q as i32),
+                &(n_k as i32),
+                &(rope.head_dim as i32),
+                &(rope.n_dims as i32),
+                &m,
+                &rope.base,
+                &rope.pos_scale,
+                &ff,
+            ],
         )
     }
 

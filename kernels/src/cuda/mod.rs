@@ -27,7 +27,7 @@ pub use device::{DeviceInfo, GpuDevice};
 pub use error::{CudaError, CudaResult};
 pub use graph::CapturedGraph;
 pub use host::{HostRegistration, PinnedBuf};
-pub use kernels::{AttnParams, CudaKernels, RopeKind};
+pub use kernels::{AttnParams, CudaKernels, RopeArgs, RopeKind};
 
 use cudarc::driver::CudaStream;
 use pshard_model::ggml_type::GgmlType;

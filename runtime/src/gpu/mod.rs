@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use pshard_kernels::cuda::{
     kernels::type_geom, AttnParams, CapturedGraph, CudaError, DevBuf, GemmScratch, Gpu, RegionId,
-    RegionKind, RopeKind, GEMV_INT8_MAX_ROWS, GEMV_MAX_ROWS,
+    RegionKind, RopeArgs, RopeKind, GEMV_INT8_MAX_ROWS, GEMV_MAX_ROWS,
 };
 use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, BufId, Op};
@@ -238,10 +238,9 @@ pub struct GpuRunner {
     /// Exact-activation mode: quantized weights take the f16 GEMM path at every batch size
     /// (experts: the grouped path), never the int8 GEMV (see [`GpuEngine::set_exact_activations`]).
     exact: bool,
-    /// Per step: a quantized-weight GEMV whose input the previous step (a GEMV of the same
-    /// activations) already quantized to the same partner format, so it reuses them (q/k/v,
-    /// gate/up).
-    reuse_acts: Vec<bool>,
+    /// How each step runs: its own op, its GEMV on activations the step before quantized, as a
+    /// fused launch covering the next steps too, or not at all (covered by a fused launch).
+    step_runs: Vec<StepRun>,
     graph: Option<CapturedGraph>,
     runs: usize,
     logits: Vec<f32>,
@@ -329,6 +328,122 @@ fn needs(gpu: &Gpu, model: &Model, p: &Program, n_ctx: usize, exact: bool) -> Ne
         }
     }
     n
+}
+
+/// How a step of a GPU program runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum StepRun {
+    /// Its own op.
+    Op,
+    /// Its own int8 GEMV, on the activations the step before quantized.
+    OpReusingActs,
+    /// Nothing: a fused launch at an earlier step covers it.
+    Covered,
+    /// The q and k heads' per-head norms (optional) and rotary embeddings of the next steps, in
+    /// one launch (`qk_norm_rope`).
+    QkNormRope {
+        q: BufId,
+        k: BufId,
+        /// (q norm weight, k norm weight, eps).
+        norm: Option<(TensorId, TensorId, f32)>,
+        rope: FusedRope,
+    },
+}
+
+/// The rotary embedding shared by q and k in a fused step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FusedRope {
+    head_dim: usize,
+    params: pshard_model::graph::RopeParams,
+}
+
+/// How each step of `p` runs: GEMVs flagged in `reuse` reuse the quantized activations of the
+/// step before; the per-head norms and rotary embeddings of q and k that the graph emits back to
+/// back (`HeadRmsNorm q, HeadRmsNorm k, Rope q, Rope k`, or just the two `Rope`s) become one
+/// launch at the first of them.
+fn plan_steps(p: &Program, reuse: &[bool]) -> Vec<StepRun> {
+    let g = &p.graph;
+    let op = |i: usize| p.steps.get(i).map(|st| &g.nodes[st.node].op);
+    let mut runs: Vec<StepRun> = reuse
+        .iter()
+        .map(|&r| {
+            if r {
+                StepRun::OpReusingActs
+            } else {
+                StepRun::Op
+            }
+        })
+        .collect();
+    let ropes = |i: usize| match (op(i), op(i + 1)) {
+        (
+            Some(&Op::Rope {
+                x: q,
+                head_dim,
+                rope,
+            }),
+            Some(&Op::Rope {
+                x: k,
+                head_dim: hd2,
+                rope: rope2,
+            }),
+        ) if q != k && head_dim == hd2 && rope == rope2 => Some((
+            q,
+            k,
+            FusedRope {
+                head_dim,
+                params: rope,
+            },
+        )),
+        _ => None,
+    };
+    let mut i = 0;
+    while i < runs.len() {
+        let norms = match (op(i), op(i + 1)) {
+            (
+                Some(&Op::HeadRmsNorm {
+                    x: q,
+                    weight: qn,
+                    head_dim,
+                    eps,
+                }),
+                Some(&Op::HeadRmsNorm {
+                    x: k,
+                    weight: kn,
+                    head_dim: hd2,
+                    eps: eps2,
+                }),
+            ) if head_dim == hd2 && eps == eps2 => Some((q, k, qn, kn, eps, head_dim)),
+            _ => None,
+        };
+        if let Some((q, k, qn, kn, eps, hd)) = norms {
+            if let Some((rq, rk, rope)) = ropes(i + 2) {
+                if (rq, rk) == (q, k) && rope.head_dim == hd {
+                    runs[i] = StepRun::QkNormRope {
+                        q,
+                        k,
+                        norm: Some((qn, kn, eps)),
+                        rope,
+                    };
+                    runs[i + 1..i + 4].fill(StepRun::Covered);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        if let Some((q, k, rope)) = ropes(i) {
+            runs[i] = StepRun::QkNormRope {
+                q,
+                k,
+                norm: None,
+                rope,
+            };
+            runs[i + 1] = StepRun::Covered;
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    runs
 }
 
 /// For each step of `p`: whether it is an int8 GEMV whose activations the step before (an int8
@@ -435,7 +550,7 @@ impl GpuRunner {
             None
         };
         let n_logits = program.graph.n_logit_rows * model.spec.hparams.n_vocab;
-        let reuse_acts = shared_gemv_inputs(model, &program, exact);
+        let step_runs = plan_steps(&program, &shared_gemv_inputs(model, &program, exact));
         Ok(GpuRunner {
             program,
             region,
@@ -448,7 +563,7 @@ impl GpuRunner {
             moe,
             moe_grouped,
             exact,
-            reuse_acts,
+            step_runs,
             graph: None,
             runs: 0,
             logits: vec![0f32; n_logits],
@@ -597,11 +712,62 @@ impl GpuRunner {
 
     /// Enqueues every step on the compute stream.
     fn record(&self, gpu: &Gpu, w: &GpuWeights, kv: &GpuKv, model: &Model) -> Result<(), GpuError> {
-        for (i, step) in self.program.steps.iter().enumerate() {
-            let node = &self.program.graph.nodes[step.node];
-            self.exec(gpu, w, kv, model, &node.op, self.reuse_acts[i])?;
+        for i in 0..self.program.steps.len() {
+            self.exec_step(gpu, w, kv, model, i)?;
         }
         Ok(())
+    }
+
+    /// Enqueues step `i` as [`Self::step_runs`] says.
+    fn exec_step(
+        &self,
+        gpu: &Gpu,
+        w: &GpuWeights,
+        kv: &GpuKv,
+        model: &Model,
+        i: usize,
+    ) -> Result<(), GpuError> {
+        let node = &self.program.graph.nodes[self.program.steps[i].node];
+        match self.step_runs[i] {
+            StepRun::Op => self.exec(gpu, w, kv, model, &node.op, false),
+            StepRun::OpReusingActs => self.exec(gpu, w, kv, model, &node.op, true),
+            StepRun::Covered => Ok(()),
+            StepRun::QkNormRope { q, k, norm, rope } => {
+                let g = &self.program.graph;
+                let (rows, hd) = (g.rows(q), rope.head_dim);
+                let args = RopeArgs {
+                    head_dim: hd,
+                    n_dims: rope.params.n_dims,
+                    mode: match rope.params.mode {
+                        RopeMode::Adjacent => RopeKind::Adjacent,
+                        RopeMode::Neox => RopeKind::Neox,
+                    },
+                    base: rope.params.base,
+                    pos_scale: rope.params.pos_scale,
+                    freq_factors: rope.params.freq_factors.map(|f| w.get(f)),
+                };
+                gpu.kernels.qk_norm_rope(
+                    self.b(q),
+                    self.b(k),
+                    norm.map(|(qn, kn, eps)| (w.get(qn), w.get(kn), eps)),
+                    self.positions.ptr,
+                    rows,
+                    g.buffer(q).cols / hd,
+                    g.buffer(k).cols / hd,
+                    &args,
+                    gpu.stream(),
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Steps that launch something (the others are covered by a fused launch).
+    pub fn launched_steps(&self) -> usize {
+        self.step_runs
+            .iter()
+            .filter(|r| !matches!(r, StepRun::Covered))
+            .count()
     }
 
     /// [`Self::record`] with a timing event before the first step and after every step; waits
@@ -618,12 +784,11 @@ impl GpuRunner {
         let events = (0..=n)
             .map(|_| gpu.dev.event(true))
             .collect::<Result<Vec<_>, _>>()?;
-        for (i, step) in self.program.steps.iter().enumerate() {
-            events[i]
+        for (i, event) in events.iter().enumerate().take(n) {
+            event
                 .record(s)
                 .map_err(event_err("recording a timing event"))?;
-            let node = &self.program.graph.nodes[step.node];
-            self.exec(gpu, w, kv, model, &node.op, self.reuse_acts[i])?;
+            self.exec_step(gpu, w, kv, model, i)?;
         }
         events[n]
             .record(s)
@@ -636,7 +801,18 @@ impl GpuRunner {
                 .elapsed_ms(&events[i + 1])
                 .map_err(event_err("reading a timing event"))?;
             let node = &self.program.graph.nodes[self.program.steps[i].node];
-            let key = self.op_key(model, &node.op);
+            let mut key = self.op_key(model, &node.op);
+            match self.step_runs[i] {
+                StepRun::Covered => continue,
+                StepRun::QkNormRope { norm, .. } => {
+                    key.op = if norm.is_some() {
+                        "qk_norm+rope"
+                    } else {
+                        "rope q+k"
+                    }
+                }
+                _ => {}
+            }
             let e = self.op_times.entry(key).or_default();
             e.calls += 1;
             e.seconds += f64::from(ms) * 1e-3;

@@ -502,9 +502,10 @@ fn gpu_op_timing_covers_every_step() {
         gpu.runners
             .iter()
             .find(|(k, _)| k.0 == n)
-            .map(|(_, r)| r.program().steps.len())
+            .map(|(_, r)| r.launched_steps())
             .unwrap()
     };
+    // Steps covered by a fused launch (q/k norms and ropes) are not timed on their own.
     let want_calls = (steps(16) + steps(4) + 4 * steps(1)) as u64;
     let calls: u64 = times.iter().map(|(_, t)| t.calls).sum();
     assert_eq!(calls, want_calls, "timed steps");
@@ -610,6 +611,51 @@ fn decode_gemvs_share_their_quantized_input() {
     assert_eq!(plan(GEMV_INT8_MAX_ROWS, false).len(), 3 * n_layer);
     assert!(plan(1, true).is_empty());
     assert!(plan(GEMV_INT8_MAX_ROWS + 1, false).is_empty());
+}
+
+/// The q/k norms and rotary embeddings are planned as one launch per layer (runs without a GPU:
+/// it checks the plan): qwen3 (per-head q/k norms) fuses norm q, norm k, rope q, rope k; llama
+/// fuses its two ropes; every other step runs as itself.
+#[test]
+fn qk_norms_and_ropes_fuse_into_one_launch_per_layer() {
+    for (name, with_norm) in [("tiny-qwen3", true), ("tiny-llama", false)] {
+        let path = synth_model(name, "q4_k");
+        let model = Model::open(&path).unwrap();
+        let graph = pshard_model::arch::build_graph(&model.spec, 3, 1).unwrap();
+        let p = Program::lower(graph, |_| Lane::GpuCompute, MemSpace::Device);
+        let runs = plan_steps(&p, &vec![false; p.steps.len()]);
+        let n_layer = model.spec.hparams.n_layer;
+        let fused: Vec<usize> = (0..runs.len())
+            .filter(|&i| matches!(runs[i], StepRun::QkNormRope { .. }))
+            .collect();
+        assert_eq!(fused.len(), n_layer, "{name}: {runs:?}");
+        let covered = runs.iter().filter(|r| **r == StepRun::Covered).count();
+        assert_eq!(covered, n_layer * if with_norm { 3 } else { 1 }, "{name}");
+        for &i in &fused {
+            let StepRun::QkNormRope { q, k, norm, .. } = runs[i] else {
+                unreachable!()
+            };
+            assert_eq!(norm.is_some(), with_norm, "{name}");
+            let op = |j: usize| &p.graph.nodes[p.steps[j].node].op;
+            let n_cov = if with_norm { 3 } else { 1 };
+            // The covered steps are exactly this layer's norms and ropes of q and k.
+            for j in i..=i + n_cov {
+                match *op(j) {
+                    Op::HeadRmsNorm { x, .. } | Op::Rope { x, .. } => {
+                        assert!(x == q || x == k, "{name} step {j}")
+                    }
+                    ref other => panic!("{name}: step {j} {other:?} was fused"),
+                }
+            }
+            assert!(!matches!(
+                op(i + n_cov + 1),
+                Op::Rope { .. } | Op::HeadRmsNorm { .. }
+            ));
+        }
+        // Nothing else is fused.
+        let plain = runs.iter().filter(|r| **r == StepRun::Op).count();
+        assert_eq!(plain + fused.len() + covered, runs.len());
+    }
 }
 
 #[test]
