@@ -67,7 +67,7 @@ for name in cuda_kernels cuda_runtime $(cd carry && ls cuda_* 2>/dev/null | grep
     filter=""
     [ "$name" = cuda_runtime ] && filter="gpu::"   # the runtime's GPU tests only
     t0=$(date +%s.%N)
-    timeout "$(cap 300)" "$bin" --test-threads=1 --nocapture $filter >"$OUT/$name.log" 2>&1
+    timeout "$(cap 300)" "$bin" --test-threads=1 --nocapture --include-ignored $filter >"$OUT/$name.log" 2>&1
     rc=$?
     t1=$(date +%s.%N)
     passed=$(grep -Eo '[0-9]+ passed' "$OUT/$name.log" | tail -1)
@@ -115,13 +115,25 @@ if command -v compute-sanitizer >/dev/null; then
         # attention) and the CUDA graph capture. A graph cannot be captured under the tool
         # everywhere, so graphs are off here (the tests above cover capture).
         PSHARD_NO_CUDA_GRAPH=1 timeout "$(cap 150)" compute-sanitizer --tool memcheck --error-exitcode 9 \
-            carry/cuda_runtime --test-threads=1 --nocapture --exact \
-            gpu::tests::gpu_op_timing_covers_every_step \
+            carry/cuda_runtime --test-threads=1 --nocapture --include-ignored --exact \
+            gpu::tests::gpu_op_timing_covers_every_launch \
             >"$OUT/cuda_runtime.memcheck.log" 2>&1
         mrc=$?
         summary=$(grep -m1 "ERROR SUMMARY" "$OUT/cuda_runtime.memcheck.log")
         rows+=("memcheck runtime (tiny-qwen3moe)|rc=$mrc ${summary:-no summary}")
         [ $mrc -eq 0 ] || status=1
+        # Mixed placements (pinned, streamed, split, CPU; resident, streamed and host KV): both
+        # streams and the CPU lane together, under memcheck and racecheck.
+        for tool in memcheck racecheck; do
+            PSHARD_NO_CUDA_GRAPH=1 timeout "$(cap 200)" compute-sanitizer --tool $tool --error-exitcode 9 \
+                carry/cuda_runtime --test-threads=1 --nocapture --include-ignored --exact \
+                gpu::tests::gpu_mixed_placements_match_cpu \
+                >"$OUT/cuda_runtime.mixed.$tool.log" 2>&1
+            mrc=$?
+            summary=$(grep -m1 "ERROR SUMMARY\|RACECHECK SUMMARY" "$OUT/cuda_runtime.mixed.$tool.log")
+            rows+=("$tool mixed placements (tiny-llama)|rc=$mrc ${summary:-no summary}")
+            [ $mrc -eq 0 ] || status=1
+        done
     fi
 else
     rows+=("memcheck|compute-sanitizer not found")

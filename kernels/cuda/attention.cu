@@ -1,6 +1,8 @@
-// Attention over an f16 KV cache laid out [n_ctx, n_kv * head_dim] (slot j holds position j).
-// Masks are computed here from the token positions: key j is visible to a query at position p
-// when j <= p and (window == 0 or p - j < window). QK and softmax run in f32.
+// Attention over an f16 KV cache of rows [n_kv * head_dim]: each sequence owns `cells` consecutive
+// rows and position j of a sequence lives in row base + j % cells (a ring for sliding-window
+// layers, whose cells hold the window plus one batch). Masks are computed here from the token
+// positions: key j is visible to a query at position p when j <= p and (window == 0 or
+// p - j < window). QK and softmax run in f32.
 
 #define LOG2E 1.4426950408889634f
 
@@ -46,7 +48,7 @@ template <int D, int BKV>
 __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,
                                            const u16* __restrict__ vc, float* __restrict__ out, int ldo,
                                            const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,
-                                           int n_ctx, float scale, float softcap, int window) {
+                                           int kv_base, int cells, float scale, float softcap, int window) {
     extern __shared__ __align__(16) u16 smem[];
     const int KS = D + 8;
     const int TILE = BKV * KS;
@@ -93,8 +95,8 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
         for (int idx = threadIdx.x; idx < BKV * D / 8; idx += blockDim.x) {
             const int jr = idx / (D / 8), dc = (idx % (D / 8)) * 8;
             const int j = j0 + jr;
-            const bool ok = j <= pmax && j < n_ctx;
-            const i64 off = ok ? ((i64)j * n_kv + kvh) * D + dc : 0;
+            const bool ok = j <= pmax;
+            const i64 off = ok ? ((i64)(kv_base + j % cells) * n_kv + kvh) * D + dc : 0;
             cp_async16(Ks + jr * KS + dc, kc + off, ok);
             cp_async16(Vs + jr * KS + dc, vc + off, ok);
         }
@@ -197,10 +199,10 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
     extern "C" __global__ void __launch_bounds__(128)                                               \
         flash_attn_##D(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,            \
                        const u16* __restrict__ vc, float* __restrict__ out, int ldo,                \
-                       const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv, int n_ctx,  \
-                       float scale, float softcap, int window) {                                    \
-        flash_impl<D, BKV>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, n_ctx, scale,     \
-                           softcap, window);                                                        \
+                       const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,             \
+                       int kv_base, int cells, float scale, float softcap, int window) {            \
+        flash_impl<D, BKV>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, kv_base, cells,   \
+                           scale, softcap, window);                                                 \
     }
 FLASH_KERNEL(64, 64)
 FLASH_KERNEL(128, 64)
@@ -223,14 +225,13 @@ __device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_g
 
 // Visible keys of a query at position p, cut into at most n_split splits of `chunk` keys
 // (live = 0: nothing visible, e.g. a padding row with p < 0).
-__device__ __forceinline__ void split_range(int p, int window, int n_ctx, int n_split, int& j_lo, int& chunk,
-                                            int& live) {
+__device__ __forceinline__ void split_range(int p, int window, int n_split, int& j_lo, int& chunk, int& live) {
     j_lo = 0;
     chunk = SPLIT_TILE;
     live = 0;
     if (p < 0) return;
     if (window > 0) j_lo = max(0, p - window + 1);
-    const int len = min(p + 1, n_ctx) - j_lo;
+    const int len = p + 1 - j_lo;
     if (len <= 0) return;
     const int per = (len + n_split - 1) / n_split;
     chunk = (per + SPLIT_TILE - 1) / SPLIT_TILE * SPLIT_TILE;
@@ -252,8 +253,8 @@ __device__ __forceinline__ float dot8(uint4 k, float4 a, float4 b) {
 // unnormalised O[dv]) of its keys to part[((t * n_head + h) * n_split + s) * (dv + 2)].
 extern "C" __global__ void __launch_bounds__(128)
     attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, const u16* __restrict__ vc,
-               float* __restrict__ part, const i32* __restrict__ pos, int n_head, int n_kv, int n_ctx,
-               int dk, int dv, float scale, float softcap, int window, int n_split) {
+               float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq, int n_head,
+               int n_kv, int cells, int dk, int dv, float scale, float softcap, int window, int n_split) {
     extern __shared__ __align__(16) u16 split_smem[];
     __shared__ __align__(16) float sq[256];
     __shared__ float sp[SPLIT_TILE];
@@ -263,11 +264,12 @@ extern "C" __global__ void __launch_bounds__(128)
     const int tid = threadIdx.x, lane = tid & 31;
     const int p = pos[t];
     int j_lo, chunk, live;
-    split_range(p, window, n_ctx, n_split, j_lo, chunk, live);
+    split_range(p, window, n_split, j_lo, chunk, live);
     // Uniform per block, before any barrier.
     if (split >= live) return;
     const int a = j_lo + split * chunk;
-    const int b = min(a + chunk, min(p + 1, n_ctx));
+    const int b = min(a + chunk, p + 1);
+    const i64 base = (i64)seq[t] * cells;
     const int kvh = h / (n_head / n_kv);
     const int KS = split_stride(dk), VS = split_stride(dv);
     u16* Ks = split_smem;
@@ -291,12 +293,12 @@ extern "C" __global__ void __launch_bounds__(128)
             const int ck = dk / 8, cv = dv / 8;
             for (int i = tid; i < n_in * ck; i += blockDim.x) {
                 const int r = i / ck, c = i % ck;
-                cp_async16(Ks + r * KS + c * 8, kc + ((i64)(j0 + r) * n_kv + kvh) * dk + c * 8, true);
+                cp_async16(Ks + r * KS + c * 8, kc + ((base + (j0 + r) % cells) * n_kv + kvh) * dk + c * 8, true);
             }
             cp_async_commit();
             for (int i = tid; i < n_in * cv; i += blockDim.x) {
                 const int r = i / cv, c = i % cv;
-                cp_async16(Vs + r * VS + c * 8, vc + ((i64)(j0 + r) * n_kv + kvh) * dv + c * 8, true);
+                cp_async16(Vs + r * VS + c * 8, vc + ((base + (j0 + r) % cells) * n_kv + kvh) * dv + c * 8, true);
             }
             cp_async_commit();
             cp_async_wait1();  // this thread's K copies have landed; V may still be in flight
@@ -304,11 +306,11 @@ extern "C" __global__ void __launch_bounds__(128)
             const int ck = dk / 2, cv = dv / 2;
             for (int i = tid; i < n_in * ck; i += blockDim.x) {
                 const int r = i / ck, c = i % ck;
-                *(u32*)(Ks + r * KS + c * 2) = *(const u32*)(kc + ((i64)(j0 + r) * n_kv + kvh) * dk + c * 2);
+                *(u32*)(Ks + r * KS + c * 2) = *(const u32*)(kc + ((base + (j0 + r) % cells) * n_kv + kvh) * dk + c * 2);
             }
             for (int i = tid; i < n_in * cv; i += blockDim.x) {
                 const int r = i / cv, c = i % cv;
-                *(u32*)(Vs + r * VS + c * 2) = *(const u32*)(vc + ((i64)(j0 + r) * n_kv + kvh) * dv + c * 2);
+                *(u32*)(Vs + r * VS + c * 2) = *(const u32*)(vc + ((base + (j0 + r) % cells) * n_kv + kvh) * dv + c * 2);
             }
         }
         __syncthreads();
@@ -381,12 +383,12 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // Merges the live splits of attn_split (n_split <= 64). Grid (n_head, n_tokens), 128 threads.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out, int ldo,
-                                        const i32* __restrict__ pos, int n_head, int n_ctx, int dv, int window,
+                                        const i32* __restrict__ pos, int n_head, int dv, int window,
                                         int n_split) {
     __shared__ float fac[64];
     const int h = blockIdx.x, t = blockIdx.y;
     int j_lo, chunk, live;
-    split_range(pos[t], window, n_ctx, n_split, j_lo, chunk, live);
+    split_range(pos[t], window, n_split, j_lo, chunk, live);
     const i64 stride = dv + 2;
     const float* src = part + ((i64)t * n_head + h) * n_split * stride;
     float M = NEG_INF;

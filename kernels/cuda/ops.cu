@@ -149,15 +149,18 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, u16* __restr
     if (i < n) y[i] = f2bf(x[i]);
 }
 
-// KV write by index: cache[pos[t], :] = f16(src[t, :]). Grid (ceil(row/256), n_tokens).
-// Positions < 0 (padding rows) are skipped.
+// KV write by index: the cell of token t is seq[t] * cells + pos[t] % cells (each sequence owns
+// `cells` consecutive cells, a ring for sliding-window layers); cache[cell, :] = f16(src[t, :]).
+// Grid (ceil(row/256), n_tokens). Positions < 0 (padding rows) are skipped.
 extern "C" __global__ void kv_write(const float* __restrict__ src, int ld_src, u16* __restrict__ cache,
-                                    int row, const i32* __restrict__ pos) {
+                                    int row, const i32* __restrict__ pos, const i32* __restrict__ seq,
+                                    int cells) {
     const int t = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int p = pos[t];
     if (c >= row || p < 0) return;
-    cache[(i64)p * row + c] = f2h(src[(i64)t * ld_src + c]);
+    const i64 cell = (i64)seq[t] * cells + p % cells;
+    cache[cell * row + c] = f2h(src[(i64)t * ld_src + c]);
 }
 
 // out[i, :] = x[rows[i], :]. Grid (ceil(cols/256), n_out).

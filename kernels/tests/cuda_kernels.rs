@@ -7,8 +7,8 @@
 use half::f16;
 use pshard_kernels::cuda::{
     kernels::{row_bytes, type_geom, CUDA_TYPES, MOE_GEMM_BN},
-    AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, PinnedBuf, RegionId,
-    RegionKind, RopeArgs, RopeKind,
+    AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells, PinnedBuf,
+    RegionId, RegionKind, RopeArgs, RopeKind,
 };
 use pshard_kernels::quant;
 use pshard_model::ggml_type::GgmlType;
@@ -1034,6 +1034,8 @@ fn run_attention_case(
             kcache.ptr,
             p.n_kv * p.dk,
             fpd.ptr,
+            c.gpu.kernels.zero_seqs(n_fill).unwrap(),
+            p.n_ctx,
             n_fill,
             &s,
         )
@@ -1046,6 +1048,8 @@ fn run_attention_case(
             vcache.ptr,
             p.n_kv * p.dv,
             fpd.ptr,
+            c.gpu.kernels.zero_seqs(n_fill).unwrap(),
+            p.n_ctx,
             n_fill,
             &s,
         )
@@ -1053,15 +1057,19 @@ fn run_attention_case(
     let pos: Vec<i32> = (start as i32..(start + n) as i32).collect();
     let (qd, pd) = (c.up_f32(&q), c.up_i32(&pos));
     let out = c.poisoned(n * p.n_head * p.dv * 4);
-    let part = c.alloc(c.gpu.kernels.attention_scratch(&p, n).max(4));
+    let part = c.alloc(pshard_kernels::cuda::kernels::attention_scratch(&p, n).max(4));
     c.gpu
         .kernels
         .attention(
             &p,
             qd.ptr,
             p.n_head * p.dk,
-            kcache.ptr,
-            vcache.ptr,
+            KvCells {
+                k: kcache.ptr,
+                v: vcache.ptr,
+                seq: c.gpu.kernels.zero_seqs(n).unwrap(),
+                base: 0,
+            },
             pd.ptr,
             n,
             out.ptr,
@@ -2554,15 +2562,35 @@ fn cuda_bench_kernels() {
         let pd = c.up_i32(&pos);
         c.gpu
             .kernels
-            .kv_write(kf.ptr, kv * d, kc.ptr, kv * d, pd.ptr, n, &s)
+            .kv_write(
+                kf.ptr,
+                kv * d,
+                kc.ptr,
+                kv * d,
+                pd.ptr,
+                c.gpu.kernels.zero_seqs(n).unwrap(),
+                n,
+                n,
+                &s,
+            )
             .unwrap();
         c.gpu
             .kernels
-            .kv_write(kf.ptr, kv * d, vc.ptr, kv * d, pd.ptr, n, &s)
+            .kv_write(
+                kf.ptr,
+                kv * d,
+                vc.ptr,
+                kv * d,
+                pd.ptr,
+                c.gpu.kernels.zero_seqs(n).unwrap(),
+                n,
+                n,
+                &s,
+            )
             .unwrap();
         let q = c.up_f32(&randv(&mut r, n * heads * d, 1.0));
         let out = c.alloc(n * heads * d * 4);
-        let part = c.alloc(c.gpu.kernels.attention_scratch(&p, 1).max(4));
+        let part = c.alloc(pshard_kernels::cuda::kernels::attention_scratch(&p, 1).max(4));
         let ms = time(
             &|| {
                 c.gpu
@@ -2571,8 +2599,12 @@ fn cuda_bench_kernels() {
                         &p,
                         q.ptr,
                         heads * d,
-                        kc.ptr,
-                        vc.ptr,
+                        KvCells {
+                            k: kc.ptr,
+                            v: vc.ptr,
+                            seq: c.gpu.kernels.zero_seqs(n.max(1)).unwrap(),
+                            base: 0,
+                        },
                         pd.ptr,
                         n,
                         out.ptr,
@@ -2598,8 +2630,12 @@ fn cuda_bench_kernels() {
                         &p,
                         q.ptr,
                         heads * d,
-                        kc.ptr,
-                        vc.ptr,
+                        KvCells {
+                            k: kc.ptr,
+                            v: vc.ptr,
+                            seq: c.gpu.kernels.zero_seqs(n.max(1)).unwrap(),
+                            base: 0,
+                        },
                         last.ptr,
                         1,
                         out.ptr,
@@ -2654,12 +2690,22 @@ fn cuda_bench_decode_attention() {
         for cache in [kc, vc] {
             c.gpu
                 .kernels
-                .kv_write(kf.ptr, kv * d, cache.ptr, kv * d, fd.ptr, n_ctx, &s)
+                .kv_write(
+                    kf.ptr,
+                    kv * d,
+                    cache.ptr,
+                    kv * d,
+                    fd.ptr,
+                    c.gpu.kernels.zero_seqs(n_ctx).unwrap(),
+                    n_ctx,
+                    n_ctx,
+                    &s,
+                )
                 .unwrap();
         }
         let q = c.up_f32(&randv(&mut r, heads * d, 1.0));
         let out = c.alloc(heads * d * 4);
-        let part = c.alloc(c.gpu.kernels.attention_scratch(&p, 1).max(4));
+        let part = c.alloc(pshard_kernels::cuda::kernels::attention_scratch(&p, 1).max(4));
         for len in [1usize, 128, 1024, 2048, 8192, 32768] {
             let pd = c.up_i32(&[len as i32 - 1]);
             let run = || {
@@ -2669,8 +2715,12 @@ fn cuda_bench_decode_attention() {
                         &p,
                         q.ptr,
                         heads * d,
-                        kc.ptr,
-                        vc.ptr,
+                        KvCells {
+                            k: kc.ptr,
+                            v: vc.ptr,
+                            seq: c.gpu.kernels.zero_seqs(1).unwrap(),
+                            base: 0,
+                        },
                         pd.ptr,
                         1,
                         out.ptr,

@@ -85,32 +85,43 @@ pub fn kv_bytes_per_token(spec: &ModelSpec, kv_type: GgmlType) -> u64 {
         .sum()
 }
 
-/// Tokens a layer keeps in its KV cache for a context of `n_ctx`: the window for sliding-window
-/// layers (capped at `n_ctx`), `n_ctx` otherwise.
-pub fn kv_tokens_kept(spec: &ModelSpec, layer: usize, n_ctx: usize) -> usize {
+/// KV cells a layer keeps per sequence for a context of `n_ctx` when batches hold at most
+/// `max_batch` tokens: `n_ctx` for global layers; for sliding-window layers a ring of the window plus
+/// one batch (a batch writes all its cells before its first row attends, so the window of that row
+/// must survive the batch's writes), capped at `n_ctx`. Position `p` lives in cell `p % cells`. The
+/// one KV layout: host and device copies of a layer have exactly these cells.
+pub fn kv_cells(spec: &ModelSpec, layer: usize, n_ctx: usize, max_batch: usize) -> usize {
     match spec.layers[layer].window {
-        Some(w) => w.min(n_ctx),
+        Some(w) => n_ctx.min(w + max_batch.max(1)),
         None => n_ctx,
     }
 }
 
-/// KV bytes of one layer for `n_seq` sequences of context `n_ctx`.
+/// KV bytes of one layer for `n_seq` sequences of context `n_ctx` and batches of at most
+/// `max_batch` tokens (see [`kv_cells`]).
 pub fn kv_layer_bytes(
     spec: &ModelSpec,
     kv_type: GgmlType,
     layer: usize,
     n_ctx: usize,
+    max_batch: usize,
     n_seq: usize,
 ) -> u64 {
     kv_bytes_per_token_layer(spec, kv_type, layer)
-        * kv_tokens_kept(spec, layer, n_ctx) as u64
+        * kv_cells(spec, layer, n_ctx, max_batch) as u64
         * n_seq as u64
 }
 
-/// KV bytes of all layers for `n_seq` sequences of context `n_ctx` (windowed layers keep their window).
-pub fn kv_bytes(spec: &ModelSpec, kv_type: GgmlType, n_ctx: usize, n_seq: usize) -> u64 {
+/// KV bytes of all layers for `n_seq` sequences of context `n_ctx` (see [`kv_cells`]).
+pub fn kv_bytes(
+    spec: &ModelSpec,
+    kv_type: GgmlType,
+    n_ctx: usize,
+    max_batch: usize,
+    n_seq: usize,
+) -> u64 {
     (0..spec.layers.len())
-        .map(|l| kv_layer_bytes(spec, kv_type, l, n_ctx, n_seq))
+        .map(|l| kv_layer_bytes(spec, kv_type, l, n_ctx, max_batch, n_seq))
         .sum()
 }
 
@@ -202,7 +213,10 @@ mod tests {
         assert_eq!(kv_bytes_per_token_layer(&s, GgmlType::F16, 0), 4096);
         // Q8_0: 1024 values = 32 blocks × 34 bytes, K and V, 32 layers.
         assert_eq!(kv_bytes_per_token(&s, GgmlType::Q8_0), 32 * 2 * 32 * 34);
-        assert_eq!(kv_bytes(&s, GgmlType::F16, 8192, 2), 131_072 * 8192 * 2);
+        assert_eq!(
+            kv_bytes(&s, GgmlType::F16, 8192, 512, 2),
+            131_072 * 8192 * 2
+        );
     }
 
     #[test]
@@ -210,13 +224,15 @@ mod tests {
         let s = spec("gemma3-270m", QuantRecipe::Q8_0);
         // One KV head of 256: K+V f16 = 1024 bytes per token per layer.
         assert_eq!(kv_bytes_per_token_layer(&s, GgmlType::F16, 3), 1024);
-        // ctx 4096: 15 windowed layers keep 512 tokens, 3 global layers keep 4096.
+        // ctx 4096, batches of 64: 15 windowed layers keep 512 + 64 cells, 3 global layers 4096.
         assert_eq!(
-            kv_bytes(&s, GgmlType::F16, 4096, 1),
-            (15 * 512 + 3 * 4096) * 1024
+            kv_bytes(&s, GgmlType::F16, 4096, 64, 1),
+            (15 * (512 + 64) + 3 * 4096) * 1024
         );
+        // Batches as long as the context: the ring is the whole context.
+        assert_eq!(kv_bytes(&s, GgmlType::F16, 4096, 4096, 1), 18 * 4096 * 1024);
         // A context shorter than the window: every layer keeps n_ctx.
-        assert_eq!(kv_bytes(&s, GgmlType::F16, 100, 1), 18 * 100 * 1024);
+        assert_eq!(kv_bytes(&s, GgmlType::F16, 100, 1, 1), 18 * 100 * 1024);
     }
 
     #[test]

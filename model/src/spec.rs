@@ -206,6 +206,35 @@ pub enum TensorRole {
     FfnDownShexp,
 }
 
+impl TensorRole {
+    /// Whether tensors of this role are weight matrices read in their file block layout (by a
+    /// matmul, the embedding lookup or the expert FFNs) rather than small vectors (norm weights,
+    /// biases, rope factors) that every backend keeps as f32. The one definition of "matrix":
+    /// placements, uploads and byte accounting all ask it.
+    pub fn is_matrix(self) -> bool {
+        use TensorRole::*;
+        matches!(
+            self,
+            TokenEmbd
+                | Output
+                | AttnQ
+                | AttnK
+                | AttnV
+                | AttnOutput
+                | FfnGate
+                | FfnUp
+                | FfnDown
+                | FfnGateInp
+                | FfnGateExps
+                | FfnUpExps
+                | FfnDownExps
+                | FfnGateShexp
+                | FfnUpShexp
+                | FfnDownShexp
+        )
+    }
+}
+
 /// Index of a tensor in [`ModelSpec::tensors`].
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -251,6 +280,14 @@ impl TensorDesc {
     /// Number of matrices (`dims[2]`: experts; 1 otherwise).
     pub fn n_mats(&self) -> usize {
         self.dims.get(2).copied().unwrap_or(1) as usize
+    }
+    /// Whether this is a weight matrix (see [`TensorRole::is_matrix`]).
+    pub fn is_matrix(&self) -> bool {
+        self.role.is_matrix()
+    }
+    /// Bytes of one row of one matrix.
+    pub fn row_bytes(&self) -> u64 {
+        self.bytes / (self.rows() * self.n_mats()).max(1) as u64
     }
 }
 

@@ -114,23 +114,6 @@ pub struct CostTable {
 
 const GB: f64 = 1e9;
 
-/// Token rows up to which the CUDA backend multiplies float weights with the fused GEMV (above:
-/// GEMM); mirrors `pshard_kernels::cuda::GEMV_MAX_ROWS` (the CLI's tests check they agree).
-pub const GPU_GEMV_MAX_ROWS: usize = 4;
-
-/// Token batches the CUDA backend captures and replays as CUDA graphs (decode); mirrors
-/// `pshard_runtime::gpu::GRAPH_MAX_TOKENS`.
-pub const GPU_GRAPH_MAX_TOKENS: usize = 4;
-
-/// Token rows up to which quantized weights take the int8-activation GEMV (above: dequantize +
-/// GEMM); mirrors `pshard_kernels::cuda::GEMV_INT8_MAX_ROWS`.
-pub const GPU_GEMV_INT8_MAX_ROWS: usize = 8;
-
-/// (token, expert) pairs up to which the CUDA backend runs MoE experts as one GEMV per pair (above:
-/// routes read back, one dequantize + GEMM per used expert); mirrors
-/// `pshard_runtime::gpu::MOE_GEMV_MAX_PAIRS` (the CLI's tests check they agree).
-pub const GPU_MOE_GEMV_MAX_PAIRS: usize = 256;
-
 /// Clamp for interpolated efficiencies: guards against a single wild point dominating.
 const EFF_MIN: f64 = 1e-3;
 const EFF_MAX: f64 = 4.0;
@@ -520,21 +503,15 @@ impl CostTable {
         (roof / eff.unwrap_or(1.0)).max(launches * per_launch)
     }
 
-    /// Seconds for a GPU matmul on the path the runtime takes: the fused GEMV up to
-    /// [`GPU_GEMV_MAX_ROWS`] token rows ([`GPU_GEMV_INT8_MAX_ROWS`] for quantized weights),
-    /// dequantize + GEMM above; batches up to [`GPU_GRAPH_MAX_TOKENS`] replay as CUDA graphs.
+    /// Seconds for a GPU matmul on the path the runtime takes ([`crate::lanes::gemm_path`]);
+    /// batches up to [`pshard_kernels::cuda::GRAPH_MAX_TOKENS`] replay as CUDA graphs.
     pub fn gpu_matmul(&self, ty: GgmlType, rows: usize, cols: usize, batch: usize) -> f64 {
-        let gemv_max = if ty.is_quantized() {
-            GPU_GEMV_INT8_MAX_ROWS
-        } else {
-            GPU_GEMV_MAX_ROWS
-        };
-        let path = if batch <= gemv_max {
-            GpuPath::Gemv
-        } else {
+        let path = if crate::lanes::gemm_path(ty, batch, false) {
             GpuPath::Gemm
+        } else {
+            GpuPath::Gemv
         };
-        if batch <= GPU_GRAPH_MAX_TOKENS {
+        if batch <= pshard_kernels::cuda::GRAPH_MAX_TOKENS {
             self.gpu_matmul_path_in_graph(path, ty, rows, cols, batch)
         } else {
             self.gpu_matmul_path(path, ty, rows, cols, batch)

@@ -10,6 +10,7 @@
 pub mod cost;
 pub mod costtable;
 pub mod fingerprint;
+pub mod lanes;
 pub mod placement;
 pub mod profile;
 pub mod registry;
@@ -21,4 +22,4 @@ pub use fingerprint::Fingerprint;
 pub use placement::{Frac, Place, Placement, Strategy};
 pub use profile::Profile;
 pub use registry::Registry;
-pub use search::{plan, tiers, GraphFn, Plan, PlanError, Tier, TierPlan};
+pub use search::{plan, plan_with, tiers, GraphFn, Plan, PlanError, Tier, TierPlan};

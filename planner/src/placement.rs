@@ -119,19 +119,6 @@ impl Placement {
         }
     }
 
-    /// Bytes resident in VRAM.
-    pub fn pinned_bytes(&self, spec: &ModelSpec) -> u64 {
-        let mut total = 0u64;
-        for (gi, g) in spec.groups.iter().enumerate() {
-            for (mi, t) in g.tensors.iter().enumerate() {
-                if self.groups[gi][mi] == Place::Pinned {
-                    total += spec.tensor(*t).bytes;
-                }
-            }
-        }
-        total
-    }
-
     /// Whether any weight is placed on the GPU (pinned, streamed or split).
     pub fn uses_gpu(&self) -> bool {
         self.groups.iter().flatten().any(|p| *p != Place::Cpu)
@@ -233,7 +220,9 @@ impl Strategy {
             .find(|x| x.name() == s)
     }
 
-    /// Where a tensor goes when the strategy did not pin it. `frac` is the CPU share for aggregation.
+    /// Where a tensor goes when the strategy did not pin it. `frac` is the CPU share for aggregation,
+    /// which splits the rows of 2-D matrices; expert tensors are never split (an expert FFN runs on
+    /// one lane, see `lanes`).
     fn unpinned(self, role: GroupRole, is_matrix: bool, frac: Frac) -> Place {
         use Strategy::*;
         // An unpinned output projection produces only the logit rows (one per sequence): reading it
@@ -254,7 +243,7 @@ impl Strategy {
             },
             GpuonlyLayerpinLayerstream | GpuonlyAttnpinFfnstream => Place::Streamed,
             BandwidthAggregation => {
-                if is_matrix {
+                if is_matrix && role != GroupRole::Experts {
                     Place::Split { cpu: frac }
                 } else {
                     Place::Cpu
@@ -380,10 +369,7 @@ pub fn place(spec: &ModelSpec, s: Strategy, steps: &[Step], k: usize, frac: Frac
         p.groups.push(
             g.tensors
                 .iter()
-                .map(|t| {
-                    let td = spec.tensor(*t);
-                    s.unpinned(g.role, td.dims.len() >= 2 && td.rows() > 1, frac)
-                })
+                .map(|t| s.unpinned(g.role, spec.tensor(*t).is_matrix(), frac))
                 .collect(),
         );
     }

@@ -6,7 +6,7 @@
 //! can only add candidates, so predictions never drop when the budget grows.
 
 use pshard_model::graph::Graph;
-use pshard_model::spec::{GroupId, ModelSpec};
+use pshard_model::spec::ModelSpec;
 
 use crate::cost::{layer_kv_bytes, Eval, Incremental, PlanParams, TierBill, TierModel};
 use crate::costtable::CostTable;
@@ -132,6 +132,10 @@ pub struct TierPlan {
     /// minimising ⌈n/ub⌉·ub/tps(ub) (a tier whose own plan is poor runs as ubatches of a smaller
     /// tier's plan); for decode tiers n itself.
     pub ubatch: usize,
+    /// When no GPU plan of this tier fits the budget (its compute buffers are too big) while a
+    /// smaller tier's does: that tier's size. Its batches run in ubatches of that tier with its
+    /// placement (copied into `best`), never on the CPU alone.
+    pub runs_as: Option<usize>,
 }
 
 /// The plans for every tier at one budget.
@@ -187,6 +191,11 @@ fn best_ubatch_of(
 /// Why planning failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// The KV cache type cannot run.
+    #[error(
+        "KV cache type {0} is not supported: the CPU and CUDA attention kernels read f16 KV only (use f16)"
+    )]
+    KvType(pshard_model::ggml_type::GgmlType),
     /// The graph builder failed.
     #[error("building the op graph for {n} tokens: {msg}")]
     Graph {
@@ -271,6 +280,22 @@ pub fn plan(
     params: &PlanParams,
     budget: u64,
 ) -> Result<Plan, PlanError> {
+    plan_with(spec, graph, table, params, budget, None)
+}
+
+/// [`plan`] with every tier forced to one strategy (`Some`): for testing and comparison. Forcing
+/// [`Strategy::AllGpu`] plans the whole model on the GPU, or fails when it does not fit.
+pub fn plan_with(
+    spec: &ModelSpec,
+    graph: &GraphFn<'_>,
+    table: &CostTable,
+    params: &PlanParams,
+    budget: u64,
+    only: Option<Strategy>,
+) -> Result<Plan, PlanError> {
+    if params.kv_type != pshard_model::ggml_type::GgmlType::F16 {
+        return Err(PlanError::KvType(params.kv_type));
+    }
     let tiers = tiers(params);
     let mut models = Vec::with_capacity(tiers.len());
     let mut graphs = Vec::with_capacity(tiers.len());
@@ -286,7 +311,20 @@ pub fn plan(
     // Whole model: one all-GPU plan for every tier when it fits everywhere.
     let all_steps = steps(spec, Strategy::AllGpu);
     let all = place(spec, Strategy::AllGpu, &all_steps, all_steps.len(), Frac(0));
-    let whole = models.iter().all(|m| m.bill(&all).total() <= budget);
+    let whole = only.is_none_or(|s| s == Strategy::AllGpu)
+        && models.iter().all(|m| m.bill(&all).total() <= budget);
+    if only == Some(Strategy::AllGpu) && !whole {
+        let need = models
+            .iter()
+            .map(|m| m.bill(&all).total())
+            .max()
+            .unwrap_or(0);
+        return Err(PlanError::BudgetTooSmall {
+            budget_mib: budget >> 20,
+            min_mib: need.div_ceil(1 << 20),
+            context_mib: table.ceil.cuda_context_bytes >> 20,
+        });
+    }
     let mut tier_plans = Vec::with_capacity(tiers.len());
     let mut min_gpu_bill = u64::MAX;
     let mut any_gpu_fit = false;
@@ -311,13 +349,17 @@ pub fn plan(
                 per_strategy: vec![(Strategy::AllGpu, Some(best), Outcome::Won)],
                 switch_in_s: 0.0,
                 ubatch: 0,
+                runs_as: None,
             });
             any_gpu_fit = true;
             continue;
         }
         let mut per_strategy: Vec<(Strategy, Option<Candidate>)> = Vec::new();
         let mut min_bill_per: Vec<u64> = Vec::new();
-        for s in Strategy::SEARCHED {
+        for s in Strategy::SEARCHED
+            .into_iter()
+            .filter(|s| only.is_none_or(|o| o == *s))
+        {
             let st = steps(spec, s);
             let fracs: Vec<Option<Frac>> = if s == Strategy::BandwidthAggregation {
                 let f = balanced_split(table).get();
@@ -333,13 +375,13 @@ pub fn plan(
             for f in &fracs {
                 let frac = f.unwrap_or(Frac(0));
                 let mut pl = place(spec, s, &st, 0, frac);
-                let mut inc: Option<Incremental<'_, '_>> = None;
-                let mut pending: Vec<GroupId> = Vec::new();
+                let mut inc: Incremental<'_, '_> = m.incremental(&pl);
                 for k in 0..=st.len() {
                     if k > 0 {
-                        pending.extend(apply_step(spec, &mut pl, st[k - 1]));
+                        let touched = apply_step(spec, &mut pl, st[k - 1]);
+                        inc.update(&pl, &touched);
                     }
-                    let bill = m.bill(&pl);
+                    let bill = inc.bill(&pl);
                     let total = bill.total();
                     if pl.uses_gpu() {
                         min_bill = min_bill.min(total);
@@ -353,12 +395,7 @@ pub fn plan(
                     if pl.uses_gpu() {
                         any_gpu_fit = true;
                     }
-                    match inc.as_mut() {
-                        Some(i) => i.update(&pl, &pending),
-                        None => inc = Some(m.incremental(&pl)),
-                    }
-                    pending.clear();
-                    let eval = inc.as_ref().expect("set above").eval();
+                    let eval = inc.eval();
                     if let Some(b) = &best {
                         if eval.tps < b.eval.tps * (1.0 - 1e-9) {
                             continue;
@@ -414,6 +451,7 @@ pub fn plan(
                 per_strategy: vec![],
                 switch_in_s: 0.0,
                 ubatch: 0,
+                runs_as: None,
             });
             continue;
         };
@@ -441,6 +479,7 @@ pub fn plan(
             per_strategy,
             switch_in_s: 0.0,
             ubatch: 0,
+            runs_as: None,
         });
     }
     if budget > 0 && !any_gpu_fit {
@@ -450,26 +489,42 @@ pub fn plan(
             context_mib: table.ceil.cuda_context_bytes >> 20,
         });
     }
-    // A tier where nothing on the GPU fits while others do: it runs on the CPU alone.
-    for tp in &mut tier_plans {
-        if tp.per_strategy.is_empty() && !whole {
-            let m = &models[tiers
-                .iter()
-                .position(|t| *t == tp.tier)
-                .expect("tier listed")];
-            let s = Strategy::StaticFitparamsDenseprioMoeonly;
-            let cpu = Placement::uniform(spec, Place::Cpu);
-            tp.best = Candidate {
-                strategy: s,
-                k: 0,
-                split: None,
-                eval: m.eval(&cpu),
-                placement: cpu,
-                bill: TierBill::default(),
-                pinned_layers: 0,
-                pinned_attn: 0,
-                boundary: None,
-            };
+    // A tier where no GPU plan fits while a smaller one's does runs that tier's plan in ubatches of
+    // its size (its own compute buffers are what did not fit); all-CPU only when nothing fits.
+    for i in 0..tier_plans.len() {
+        if !tier_plans[i].per_strategy.is_empty() || whole {
+            continue;
+        }
+        let donor = (0..i).rev().find(|&j| {
+            !tier_plans[j].per_strategy.is_empty()
+                && tier_plans[j].best.placement.uses_gpu()
+                && tier_plans[j].tier.prefill == tier_plans[i].tier.prefill
+        });
+        let donor = donor.or_else(|| {
+            (0..i).rev().find(|&j| {
+                !tier_plans[j].per_strategy.is_empty() && tier_plans[j].best.placement.uses_gpu()
+            })
+        });
+        match donor {
+            Some(j) => {
+                tier_plans[i].best = tier_plans[j].best.clone();
+                tier_plans[i].runs_as = Some(tier_plans[j].tier.n);
+            }
+            None => {
+                let m = &models[i];
+                let cpu = Placement::uniform(spec, Place::Cpu);
+                tier_plans[i].best = Candidate {
+                    strategy: Strategy::StaticFitparamsDenseprioMoeonly,
+                    k: 0,
+                    split: None,
+                    eval: m.eval(&cpu),
+                    placement: cpu,
+                    bill: TierBill::default(),
+                    pinned_layers: 0,
+                    pinned_attn: 0,
+                    boundary: None,
+                };
+            }
         }
     }
 
@@ -492,26 +547,23 @@ pub fn plan(
                 }
             }
         }
-        let w = common.pinned_bytes(spec);
+        let w = crate::lanes::pinned_bytes(spec, &common) + crate::lanes::vector_bytes(spec);
         let kv: u64 = (0..spec.layers.len())
             .filter(|l| {
-                gpu_tiers
-                    .iter()
-                    .all(|t| t.best.placement.attn_pinned(spec, *l))
+                gpu_tiers.iter().all(|t| {
+                    crate::lanes::attn_kv(spec, &t.best.placement, *l)
+                        == crate::lanes::AttnKv::Resident
+                })
             })
             .map(|l| layer_kv_bytes(spec, l, params))
             .sum();
         (w, kv, Some(common))
     };
-    let context_bytes = if gpu_tiers.is_empty() {
-        0
-    } else {
-        table.ceil.cuda_context_bytes
-    };
+    let context_bytes = gpu_tiers.first().map_or(0, |t| t.best.bill.context);
     let common_bytes = common_weights + common_kv;
     let mut max_tier_bytes = 0u64;
     for tp in &mut tier_plans {
-        if !tp.best.placement.uses_gpu() {
+        if !tp.best.placement.uses_gpu() || tp.runs_as.is_some() {
             continue;
         }
         let b = &tp.best.bill;
@@ -528,11 +580,11 @@ pub fn plan(
     // re-upload of that tier's extra pinned weights included.
     let prefill: Vec<(usize, f64, f64)> = tier_plans
         .iter()
-        .filter(|t| t.tier.prefill)
+        .filter(|t| t.tier.prefill && t.runs_as.is_none())
         .map(|t| (t.tier.n, t.best.eval.tps, t.switch_in_s))
         .collect();
     for tp in &mut tier_plans {
-        tp.ubatch = tp.tier.n;
+        tp.ubatch = tp.runs_as.unwrap_or(tp.tier.n);
         if tp.tier.prefill {
             let n = tp.tier.n;
             if let Some((ub, _)) =

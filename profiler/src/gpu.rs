@@ -45,9 +45,6 @@ pub const GPU_SHAPES: &[(usize, usize)] = &[
     (2048, 768),
     (768, 2048),
 ];
-/// Token batches up to which the runtime replays decode steps as CUDA graphs
-/// (`pshard_runtime::gpu::GRAPH_MAX_TOKENS`); GEMV points at these batches are timed inside a graph.
-pub const GRAPH_MAX_TOKENS: usize = 4;
 /// Expert matrix shapes `[rows, cols]` of the grouped-MoE points (qwen3-30b-a3b's down and gate/up
 /// projections).
 pub const EXPERT_SHAPES: &[(usize, usize)] = &[(2048, 768), (768, 2048)];
@@ -429,7 +426,8 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                         .map(Some)
                     })
                     .with_context(|| format!("{path} {ty} {rows}x{cols} batch {n}"))?;
-                    if path == "matmul_gemv" && n <= GRAPH_MAX_TOKENS {
+                    // GEMV points at batches the runtime replays as CUDA graphs are timed inside a graph.
+                    if path == "matmul_gemv" && n <= pshard_kernels::cuda::GRAPH_MAX_TOKENS {
                         // Decode batches run as CUDA graphs in the runtime: time the GEMV that
                         // way too, as 16 nodes (rotating weights) of one replayed graph.
                         let reps = 16usize;
@@ -666,20 +664,25 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     .collect();
                 dev.upload(gpu.stream(), pos_buf.ptr, &pos)
                     .map_err(gpu_err)?;
-                let part_bytes = gpu.kernels.attention_scratch(&p, n).max(4);
+                let part_bytes = pshard_kernels::cuda::kernels::attention_scratch(&p, n).max(4);
                 let part = dev.alloc(aregion, part_bytes as u64, "attention partials");
                 let part = match part {
                     Ok(b) => b,
                     Err(_) => alloc(part_bytes, "attention partials")?,
                 };
                 let q_cols = max_heads * HEAD_DIM;
+                let seqs = gpu.kernels.zero_seqs(n).map_err(gpu_err)?;
                 let call = || {
                     gpu.kernels.attention(
                         &p,
                         bufs.x.ptr,
                         q_cols,
-                        kc.ptr,
-                        vc.ptr,
+                        pshard_kernels::cuda::KvCells {
+                            k: kc.ptr,
+                            v: vc.ptr,
+                            seq: seqs,
+                            base: 0,
+                        },
                         pos_buf.ptr,
                         n,
                         bufs.out.ptr,

@@ -1,133 +1,381 @@
-//! The engine: a model, its KV cache and one program per batch shape, evaluating token sequences in
-//! ubatches. Generation and perplexity sessions are built on [`Engine::eval`].
+//! The engine: one evaluation loop for every placement. A model, its tiers (placements per token
+//! count), the KV cache of its sequences, and — when any tier uses one — a device. All-CPU and
+//! all-GPU are two placements of this one machinery.
+//!
+//! Each ubatch runs the program of the smallest tier covering its token count. Switching tiers
+//! re-uploads only the weights the new tier pins beyond the ones every GPU tier pins (uploaded
+//! once at start) and moves the KV of layers whose home changes. A program's steps are issued in
+//! order from the calling thread: device steps are enqueued (they return at once), CPU steps run
+//! here after waiting for the device events they depend on.
 
-use std::collections::HashMap;
-
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use pshard_kernels::matmul::ActPrecision;
+use pshard_kernels::cuda::RegionKind;
+use pshard_kernels::matmul::{ActPrecision, WeightMatrix};
+use pshard_model::graph::{BufId, Op};
+use pshard_model::spec::TensorId;
+use pshard_planner::lanes::{self, AttnKv, DeviceScratch, ProgramLanes};
+use pshard_planner::{Place, Placement};
 
-use crate::cpu::{BatchInput, CpuRunner, ExecError, RouteOverride};
-use crate::kv::{KvCache, KvError};
+pub use crate::batch::Logits;
+use crate::batch::{Batch, RouteOverride};
+use crate::cpu::{ActTrace, CpuLane, Weights};
+use crate::device::{
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
+    ScratchPtrs, Shape2d, Stream, WeightRef,
+};
+pub use crate::error::EngineError;
+use crate::kv::{plain_alloc, HostKv, HostKvAccess, KvLayout};
 use crate::model::Model;
-use crate::program::Program;
-use crate::submit::{Pending, SubmitError, SubmitThread};
+use crate::program::{Lane, Program, StepKind};
+use crate::tiers::TierSet;
 
-/// Why an evaluation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The context is full.
-    #[error(transparent)]
-    Kv(#[from] KvError),
-    /// Execution failed.
-    #[error(transparent)]
-    Exec(#[from] ExecError),
-    /// The graph could not be built.
-    #[error(transparent)]
-    Graph(#[from] pshard_model::arch::GraphError),
-    /// Nothing to evaluate.
-    #[error("no tokens to evaluate")]
-    Empty,
-    /// The GPU backend failed.
-    #[error(transparent)]
-    Gpu(#[from] crate::gpu::GpuError),
-    /// The GPU's submission thread failed.
-    #[error(transparent)]
-    Submit(#[from] SubmitError),
+impl Weights for Model {
+    fn matrix(&self, id: TensorId, expert: usize) -> (WeightMatrix<'_>, usize) {
+        (Model::matrix(self, id, expert), 0)
+    }
+    fn vector(&self, id: TensorId) -> &[f32] {
+        Model::vector(self, id)
+    }
 }
 
-/// Which rows of an evaluation produce logits.
+/// What the engine ran for one ubatch (for `run`'s report and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UbatchRecord {
+    /// Tier index.
+    pub tier: usize,
+    /// Tokens.
+    pub n_tokens: usize,
+}
+
+/// Weights and KV resident in VRAM for a set of tiers.
+#[derive(Default)]
+struct Residency {
+    region: Option<pshard_kernels::cuda::RegionId>,
+    weights: HashMap<TensorId, DevPtr>,
+    kv: HashMap<usize, DevPtr>,
+}
+
+/// The device side of an engine.
+struct DevSide {
+    dev: Box<dyn Device>,
+    vectors: HashMap<TensorId, DevPtr>,
+    /// Weights pinned and KV resident in every GPU tier.
+    common: Residency,
+    /// The current tier's own extras beyond the common set, and which tier they are for.
+    extra: Option<(usize, Residency)>,
+    /// Recorded after the last run's final device step (the next run's copies wait for it).
+    run_end: Event,
+    run_end_pending: bool,
+    released_host_bytes: u64,
+}
+
+/// Device resources of one tier: its buffers, inputs, scratch, ring and KV staging, sized for
+/// the tier's token count and shared by its programs of any smaller batch.
+struct LoadedTier {
+    region: Option<pshard_kernels::cuda::RegionId>,
+    bufs: Vec<DevPtr>,
+    inputs: Inputs,
+    scratch: ScratchPtrs,
+    slots: Vec<DevPtr>,
+    stages: [DevPtr; 2],
+    staging: Vec<Option<HostBuf>>,
+    input_stage: Option<HostBuf>,
+    /// Recorded after the last upload of the inputs (the next run rewrites the staging memory).
+    inputs_sent: Option<Event>,
+    programs: HashMap<(usize, usize), LoadedProgram>,
+}
+
+/// A program ready to run.
+struct LoadedProgram {
+    id: u64,
+    program: Arc<Program>,
+    graph: Arc<pshard_model::graph::Graph>,
+    cpu: CpuLane,
+    events: Vec<Event>,
+    /// Weights of each GPU step (by step index).
+    weights: HashMap<usize, Vec<WeightRef>>,
+    /// Offsets of each segment's loads in its slot.
+    load_offsets: Vec<Vec<u64>>,
+    /// Ranges of steps issued as one device graph.
+    graph_blocks: Vec<std::ops::Range<usize>>,
+}
+
+/// Where a layer's KV cells currently are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token (generation).
-    Last,
-    /// Every token (perplexity).
-    All,
+enum KvHome {
+    Host,
+    Device,
 }
 
-/// Model + KV cache + programs, on the CPU or on one GPU.
+/// Model + tiers + KV cache (+ device): evaluates token sequences in ubatches.
 pub struct Engine {
-    /// The loaded model (shared with the GPU's submission thread when running on one).
+    /// The loaded model.
     pub model: Arc<Model>,
-    kv: KvCache,
-    runners: HashMap<(usize, usize), CpuRunner>,
-    ubatch: usize,
-    n_past: usize,
-    route_override: Option<Arc<RouteOverride>>,
+    tiers: TierSet,
+    dev: Option<DevSide>,
+    kv: HostKv,
+    kv_home: Vec<KvHome>,
+    loaded: HashMap<usize, LoadedTier>,
+    n_past: Vec<usize>,
     precision: ActPrecision,
     trace: bool,
-    gpu: Option<GpuSide>,
+    route_override: Option<Arc<RouteOverride>>,
+    op_secs: BTreeMap<&'static str, f64>,
+    next_id: u64,
+    history: Vec<UbatchRecord>,
 }
-
-/// The GPU engine on its own submission thread (see [`crate::submit`]), with the facts that do
-/// not change kept here so asking for them costs no round trip.
-struct GpuSide {
-    thread: SubmitThread<crate::gpu::GpuEngine>,
-    n_ctx: usize,
-    kv_bytes: usize,
-}
-
-/// The logits of an evaluation submitted to the GPU's thread ([`Engine::submit_eval`]).
-pub type PendingLogits = Pending<Result<Vec<f32>, crate::gpu::GpuError>>;
 
 impl Engine {
-    /// An engine with a context of `n_ctx` positions evaluating at most `ubatch` tokens per step.
+    /// An engine that runs everything on the CPU with a context of `n_ctx` positions, evaluating
+    /// at most `ubatch` tokens per step.
     pub fn new(model: Model, n_ctx: usize, ubatch: usize) -> Engine {
         let ubatch = ubatch.clamp(1, n_ctx.max(1));
-        let kv = KvCache::new(&model.spec, n_ctx, ubatch);
-        Engine {
-            model: Arc::new(model),
-            kv,
-            runners: HashMap::new(),
-            ubatch,
-            n_past: 0,
-            route_override: None,
-            precision: ActPrecision::Quantized,
-            trace: false,
-            gpu: None,
-        }
+        let params = pshard_planner::cost::PlanParams::new(n_ctx);
+        let tiers = TierSet::all_cpu(&model.spec, params, ubatch);
+        Engine::build(Arc::new(model), tiers, 1, None)
     }
 
-    /// An engine that runs every op on a GPU: weights uploaded once, KV cache in VRAM. The GPU
-    /// engine (CUDA context, streams, weights, programs) lives on its own submission thread, so
-    /// issuing GPU work never waits for CPU work on the caller's thread, nor the reverse.
-    pub fn with_gpu(
-        model: Model,
-        n_ctx: usize,
-        ubatch: usize,
-        opts: &crate::gpu::GpuOptions,
+    /// An engine running `tiers` with `n_seq` sequences, on `device` when given (required when
+    /// any tier uses the GPU). Uploads the vectors and the weights every GPU tier pins.
+    pub fn with_tiers(
+        model: Arc<Model>,
+        tiers: TierSet,
+        n_seq: usize,
+        device: Option<Box<dyn Device>>,
+        keep_host_weights: bool,
     ) -> Result<Engine, EngineError> {
-        // The CPU side keeps no KV: every evaluation goes to the GPU.
-        let mut e = Engine::new(model, 1, 1);
-        let model = e.model.clone();
-        let opts = opts.clone();
-        let thread = SubmitThread::spawn("gpu", move || {
-            crate::gpu::GpuEngine::new(&model, n_ctx, ubatch, &opts)
-        })?;
-        let (n_ctx, kv_bytes) = thread.call(|g| (g.n_ctx(), g.kv_bytes() as usize))?;
-        e.gpu = Some(GpuSide {
-            thread,
-            n_ctx,
-            kv_bytes,
-        });
+        if tiers.uses_gpu() && device.is_none() {
+            return Err(EngineError::Unsupported(
+                "these plans place weights on the GPU but no device was given".into(),
+            ));
+        }
+        let mut e = Engine::build(model, tiers, n_seq, None);
+        if let Some(dev) = device {
+            e.attach(dev, keep_host_weights)?;
+        }
         Ok(e)
     }
 
-    /// The GPU's report (device, NVRTC cache, VRAM per region), when running on one.
-    pub fn gpu_report(&self) -> Option<String> {
-        let g = self.gpu.as_ref()?;
-        Some(match g.thread.call(|g| g.report()) {
-            Ok(r) => r,
-            Err(e) => format!("gpu: {e}"),
-        })
+    fn build(model: Arc<Model>, tiers: TierSet, n_seq: usize, dev: Option<DevSide>) -> Engine {
+        let layout = KvLayout::new(&model.spec, tiers.params.n_ctx, tiers.max_batch(), n_seq);
+        let n_layer = model.spec.layers.len();
+        Engine {
+            model,
+            tiers,
+            dev,
+            kv: HostKv::new(layout),
+            kv_home: vec![KvHome::Host; n_layer],
+            loaded: HashMap::new(),
+            n_past: vec![0; n_seq.max(1)],
+            precision: ActPrecision::Quantized,
+            trace: false,
+            route_override: None,
+            op_secs: BTreeMap::new(),
+            next_id: 1,
+            history: Vec::new(),
+        }
     }
 
-    /// Seconds spent per op kind over all programs so far, largest first.
+    /// Sets up the device: vectors and common weights uploaded, common resident KV allocated.
+    fn attach(&mut self, dev: Box<dyn Device>, keep_host_weights: bool) -> Result<(), EngineError> {
+        let run_end = dev.new_event()?;
+        let mut side = DevSide {
+            dev,
+            vectors: HashMap::new(),
+            common: Residency::default(),
+            extra: None,
+            run_end,
+            run_end_pending: false,
+            released_host_bytes: 0,
+        };
+        let spec = &self.model.spec;
+        if self.tiers.uses_gpu() {
+            // Vectors: every one, as f32.
+            let vecs: Vec<TensorId> = (0..spec.tensors.len() as u32)
+                .map(TensorId)
+                .filter(|t| !spec.tensor(*t).is_matrix())
+                .collect();
+            let bytes: u64 = vecs
+                .iter()
+                .map(|t| lanes::align(self.model.vector(*t).len() as u64 * 4))
+                .sum();
+            if bytes > 0 {
+                let region = side
+                    .dev
+                    .create_region(RegionKind::Weights, "vectors", bytes)?;
+                for t in vecs {
+                    let v = self.model.vector(t);
+                    let ptr = side
+                        .dev
+                        .alloc(region, v.len() as u64 * 4, &spec.tensor(t).name)?;
+                    let hb = side.dev.host_alloc(v.len() * 4)?;
+                    hb.write(&mut |b: &mut [u8]| b.copy_from_slice(bytemuck::cast_slice(v)));
+                    side.dev.upload(
+                        Stream::Copy,
+                        ptr,
+                        &HostSrc::Buf(hb, 0),
+                        Shape2d::flat(v.len() * 4),
+                    )?;
+                    side.vectors.insert(t, ptr);
+                }
+            }
+            // The common residency: matrices pinned and KV resident in every GPU tier.
+            let gpu_tiers: Vec<&Placement> = self
+                .tiers
+                .tiers
+                .iter()
+                .map(|t| &t.placement)
+                .filter(|p| p.uses_gpu())
+                .collect();
+            let pinned = |pl: &Placement| lanes::pinned_matrices(spec, pl);
+            let mut weights = pinned(gpu_tiers[0]);
+            weights.retain(|t| gpu_tiers.iter().all(|p| pinned(p).contains(t)));
+            let kv: Vec<usize> = (0..spec.layers.len())
+                .filter(|l| {
+                    gpu_tiers
+                        .iter()
+                        .all(|p| lanes::attn_kv(spec, p, *l) == AttnKv::Resident)
+                })
+                .collect();
+            side.common = self.make_residency(&side, "common", &weights, &kv)?;
+            for &l in &kv {
+                self.kv_home[l] = KvHome::Device;
+            }
+            side.dev.synchronize()?;
+            if !keep_host_weights {
+                // Pages of tensors pinned in every tier (and read nowhere else) are dead copies.
+                for t in &weights {
+                    let everywhere = spec.groups.iter().enumerate().all(|(gi, g)| {
+                        g.tensors.iter().enumerate().all(|(mi, x)| {
+                            x != t
+                                || self
+                                    .tiers
+                                    .tiers
+                                    .iter()
+                                    .all(|tier| tier.placement.groups[gi][mi] == Place::Pinned)
+                        })
+                    });
+                    if everywhere {
+                        side.released_host_bytes += self
+                            .model
+                            .file()
+                            .release_pages(spec.tensor(*t).file_index)
+                            .unwrap_or(0);
+                    }
+                }
+            }
+        }
+        self.dev = Some(side);
+        Ok(())
+    }
+
+    /// Allocates a region holding `weights` (uploaded from the mapped file) and the KV of
+    /// `kv_layers` (cells uploaded from their host copies when those exist).
+    fn make_residency(
+        &self,
+        side: &DevSide,
+        name: &str,
+        weights: &[TensorId],
+        kv_layers: &[usize],
+    ) -> Result<Residency, EngineError> {
+        let spec = &self.model.spec;
+        let layout = &self.kv.layout;
+        let bytes: u64 = weights
+            .iter()
+            .map(|t| lanes::align(spec.tensor(*t).bytes))
+            .sum::<u64>()
+            + kv_layers
+                .iter()
+                .map(|l| layout.layer_bytes(*l) as u64)
+                .sum::<u64>();
+        let mut r = Residency::default();
+        if bytes == 0 {
+            return Ok(r);
+        }
+        let region = side.dev.create_region(
+            RegionKind::Weights,
+            &format!("{name} weights and KV"),
+            bytes,
+        )?;
+        r.region = Some(region);
+        for t in weights {
+            let td = spec.tensor(*t);
+            let ptr = side.dev.alloc(region, td.bytes, &td.name)?;
+            side.dev.upload(
+                Stream::Copy,
+                ptr,
+                &HostSrc::Mapped {
+                    file_index: td.file_index,
+                    offset: 0,
+                },
+                Shape2d::flat(td.bytes as usize),
+            )?;
+            r.weights.insert(*t, ptr);
+        }
+        for &l in kv_layers {
+            let ptr = side.dev.alloc(
+                region,
+                layout.layer_bytes(l) as u64,
+                &format!("layer {l} KV"),
+            )?;
+            if let Some(hb) = self.kv.get(l) {
+                side.dev.upload(
+                    Stream::Copy,
+                    ptr,
+                    &HostSrc::Buf(hb.clone(), 0),
+                    Shape2d::flat(layout.layer_bytes(l)),
+                )?;
+            }
+            r.kv.insert(l, ptr);
+        }
+        Ok(r)
+    }
+
+    /// The tiers this engine runs.
+    pub fn tiers(&self) -> &TierSet {
+        &self.tiers
+    }
+
+    /// The ubatches run so far (tier and size), oldest first.
+    pub fn history(&self) -> &[UbatchRecord] {
+        &self.history
+    }
+
+    /// Forgets the recorded ubatches.
+    pub fn clear_history(&mut self) {
+        self.history.clear();
+    }
+
+    /// The device's report, when there is one.
+    pub fn device_report(&self) -> Option<String> {
+        let d = self.dev.as_ref()?;
+        Some(format!(
+            "{}\ndevice: released {:.0} MiB of host weight pages after upload",
+            d.dev.report(),
+            d.released_host_bytes as f64 / (1u64 << 20) as f64
+        ))
+    }
+
+    /// Device memory this process uses, as measured, when there is a device.
+    pub fn device_measured_bytes(&self) -> Option<u64> {
+        self.dev.as_ref().map(|d| d.dev.measured_bytes())
+    }
+
+    /// Bytes copied host→device and device→host so far.
+    pub fn copied_bytes(&self) -> (u64, u64) {
+        self.dev.as_ref().map_or((0, 0), |d| d.dev.copied_bytes())
+    }
+
+    /// Seconds spent per CPU op kind so far, largest first.
     pub fn op_seconds(&self) -> Vec<(&'static str, f64)> {
-        let mut total = std::collections::BTreeMap::new();
-        for r in self.runners.values() {
-            for (k, v) in r.op_seconds() {
-                *total.entry(*k).or_insert(0.0) += v;
+        let mut total = self.op_secs.clone();
+        for t in self.loaded.values() {
+            for p in t.programs.values() {
+                for (k, v) in &p.cpu.op_secs {
+                    *total.entry(*k).or_insert(0.0) += v;
+                }
             }
         }
         let mut v: Vec<_> = total.into_iter().collect();
@@ -135,164 +383,1099 @@ impl Engine {
         v
     }
 
-    /// Forces MoE expert choices (see [`RouteOverride`]); `None` routes normally.
+    /// Per-op device timing on or off (see [`Device::set_op_timing`]).
+    pub fn set_op_timing(&mut self, on: bool) {
+        if let Some(d) = &mut self.dev {
+            d.dev.set_op_timing(on);
+        }
+    }
+
+    /// Device time per op key while timing was on.
+    pub fn device_op_times(&self) -> Vec<(OpKey, OpTime)> {
+        self.dev.as_ref().map_or(Vec::new(), |d| d.dev.op_times())
+    }
+
+    /// Forgets the device op times.
+    pub fn clear_op_times(&mut self) {
+        if let Some(d) = &mut self.dev {
+            d.dev.clear_op_times();
+        }
+    }
+
+    /// Forces MoE expert choices on the CPU lane (see [`RouteOverride`]); `None` routes normally.
     pub fn set_route_override(&mut self, f: Option<Arc<RouteOverride>>) {
         self.route_override = f;
     }
 
-    /// Exact-activation mode of the CPU engine (off by default). When on, every matmul with
-    /// quantized weights takes its f32 activations as they are and dequantizes the weight rows to
-    /// f32 on the fly ([`ActPrecision::Exact`]); when off, activations are rounded per block to
-    /// the weight type's 8-bit partner format (Q8_0 / Q8_1 / Q8_K) and dotted in integers, as
-    /// llama.cpp does — faster, but that rounding costs a few 1e-3 relative error per matmul
-    /// (~3.5e-3 measured on the tiny synthetic models), more through deep random stacks. The exact
-    /// mode is an oracle: for tests against the f64 reference and for checking other backends
-    /// (e.g. the GPU's f16-activation GEMMs) without the 8-bit rounding in the comparison.
-    /// Float weights (F32/F16/BF16) use f32 activations either way. Takes effect from the next
-    /// evaluation; the KV cache is kept. On a GPU ([`Engine::with_gpu`]) the GPU engine's own
-    /// exact mode is switched (`GpuEngine::set_exact_activations`), queued behind earlier work;
-    /// a CUDA error while it frees the old programs is not returned here (such an error leaves
-    /// the context unusable, and the next evaluation reports it).
+    /// Exact-activation mode (off by default). When on, every matmul with quantized weights takes
+    /// its activations unrounded — on the CPU f32 against weights dequantized on the fly, on the
+    /// GPU through the f16 GEMM path at every batch size — instead of rounding them per block to
+    /// the weight type's 8-bit partner format as llama.cpp does. Slower; an oracle for tests and
+    /// for comparing lanes without the 8-bit rounding. Programs are rebuilt; the KV is kept.
     pub fn set_exact_activations(&mut self, on: bool) {
-        self.precision = if on {
+        let p = if on {
             ActPrecision::Exact
         } else {
             ActPrecision::Quantized
         };
-        for r in self.runners.values_mut() {
-            r.set_act_precision(self.precision);
-        }
-        if let Some(g) = &self.gpu {
-            let _ = g.thread.submit(move |g| g.set_exact_activations(on));
+        if p != self.precision {
+            self.precision = p;
+            self.unload_all();
         }
     }
 
-    /// Starts (`true`) or stops recording the rounded activations of every quantized matmul of
-    /// the CPU path, keyed by (weight, expert, position) — a test aid: a reference that follows
-    /// the engine's rounding decisions cannot drift from it through a value that rounds the other
-    /// way. Starting discards what was recorded.
-    pub fn set_act_trace(&mut self, on: bool) {
-        self.trace = on;
-        for r in self.runners.values_mut() {
-            r.set_act_trace(on);
-        }
-    }
-
-    /// Takes the activations recorded since [`Engine::set_act_trace`]`(true)`.
-    pub fn take_act_trace(&mut self) -> crate::cpu::ActTrace {
-        let mut all = crate::cpu::ActTrace::new();
-        for r in self.runners.values_mut() {
-            all.extend(r.take_act_trace());
-        }
-        all
-    }
-
-    /// Whether exact-activation mode is on (see [`Engine::set_exact_activations`]).
+    /// Whether exact-activation mode is on.
     pub fn exact_activations(&self) -> bool {
         self.precision == ActPrecision::Exact
     }
 
-    /// Forgets the sequence (positions restart at 0).
-    pub fn reset(&mut self) {
-        self.n_past = 0;
-        if let Some(g) = &self.gpu {
-            // Queued behind earlier work; a failure shows in the next evaluation.
-            let _ = g.thread.submit(|g| g.reset());
-        }
-    }
-
-    /// Positions evaluated so far.
-    pub fn n_past(&self) -> usize {
-        match &self.gpu {
-            Some(g) => g.thread.call(|g| g.n_past()).unwrap_or(0),
-            None => self.n_past,
-        }
-    }
-
-    /// Context size.
-    pub fn n_ctx(&self) -> usize {
-        match &self.gpu {
-            Some(g) => g.n_ctx,
-            None => self.kv.n_ctx(),
-        }
-    }
-
-    /// Bytes of the KV cache.
-    pub fn kv_bytes(&self) -> usize {
-        match &self.gpu {
-            Some(g) => g.kv_bytes,
-            None => self.kv.bytes(),
-        }
-    }
-
-    /// On a GPU engine: queues the evaluation of `tokens` on the GPU's submission thread and
-    /// returns at once, so the caller can do CPU work while the launches are issued and the GPU
-    /// runs; [`Pending::wait`] gives the logits (as [`Engine::eval`] would). Evaluations run in
-    /// submission order. On a CPU engine this is an error (use [`Engine::eval`]).
-    pub fn submit_eval(&self, tokens: &[u32], which: Logits) -> Result<PendingLogits, EngineError> {
-        let g = self.gpu.as_ref().ok_or_else(|| {
-            EngineError::Gpu(crate::gpu::GpuError::Unsupported(
-                "submit_eval needs an engine running on a GPU".into(),
-            ))
-        })?;
-        if tokens.is_empty() {
-            return Err(EngineError::Empty);
-        }
-        let model = self.model.clone();
-        let tokens = tokens.to_vec();
-        Ok(g.thread.submit(move |g| g.eval(&model, &tokens, which)))
-    }
-
-    /// Evaluates `tokens` after the current sequence; returns logits of the last token (`Last`) or of
-    /// every token (`All`, row-major `tokens.len() × n_vocab`).
-    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>, EngineError> {
-        if tokens.is_empty() {
-            return Err(EngineError::Empty);
-        }
-        if self.gpu.is_some() {
-            return Ok(self.submit_eval(tokens, which)?.wait()??);
-        }
-        self.kv.check(self.n_past, tokens.len())?;
-        let n_vocab = self.model.spec.hparams.n_vocab;
-        let mut all = Vec::new();
-        let chunks: Vec<&[u32]> = tokens.chunks(self.ubatch).collect();
-        let n_chunks = chunks.len();
-        let mut last = Vec::new();
-        for (ci, chunk) in chunks.into_iter().enumerate() {
-            let n = chunk.len();
-            let positions: Vec<u32> = (self.n_past..self.n_past + n).map(|p| p as u32).collect();
-            let logit_rows: Vec<usize> = match which {
-                Logits::All => (0..n).collect(),
-                Logits::Last if ci + 1 == n_chunks => vec![n - 1],
-                // Intermediate prompt chunks still need one row for the graph's output head; it is
-                // cheap (one row) and discarded.
-                Logits::Last => vec![n - 1],
-            };
-            let key = (n, logit_rows.len());
-            if !self.runners.contains_key(&key) {
-                let program = Program::for_cpu(&self.model.spec, n, logit_rows.len())?;
-                let mut runner = CpuRunner::new(program);
-                runner.set_act_precision(self.precision);
-                runner.set_act_trace(self.trace);
-                self.runners.insert(key, runner);
+    /// Starts (`true`) or stops recording the rounded activations of every quantized matmul of
+    /// the CPU lane, keyed by (weight, expert, position) — a test aid. Starting discards what was
+    /// recorded.
+    pub fn set_act_trace(&mut self, on: bool) {
+        self.trace = on;
+        for t in self.loaded.values_mut() {
+            for p in t.programs.values_mut() {
+                p.cpu.trace = on.then(ActTrace::new);
             }
-            let runner = self.runners.get_mut(&key).expect("inserted above");
-            let input = BatchInput {
-                tokens: chunk,
-                positions: &positions,
-                logit_rows: &logit_rows,
-                route_override: self.route_override.as_deref(),
-            };
-            let logits = runner.run(&self.model, &mut self.kv, input)?;
-            self.n_past += n;
-            match which {
-                Logits::All => all.extend_from_slice(logits),
-                Logits::Last => {
-                    last.clear();
-                    last.extend_from_slice(&logits[..n_vocab]);
+        }
+    }
+
+    /// Takes the activations recorded since [`Engine::set_act_trace`]`(true)`.
+    pub fn take_act_trace(&mut self) -> ActTrace {
+        let mut all = ActTrace::new();
+        for t in self.loaded.values_mut() {
+            for p in t.programs.values_mut() {
+                if let Some(tr) = &mut p.cpu.trace {
+                    all.extend(std::mem::take(tr));
                 }
             }
         }
-        Ok(if which == Logits::All { all } else { last })
+        all
     }
+
+    /// Forgets sequence 0 (positions restart at 0).
+    pub fn reset(&mut self) {
+        self.reset_seq(0);
+    }
+
+    /// Forgets sequence `s`.
+    pub fn reset_seq(&mut self, s: usize) {
+        if let Some(p) = self.n_past.get_mut(s) {
+            *p = 0;
+        }
+    }
+
+    /// Positions of sequence 0 evaluated so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past[0]
+    }
+
+    /// Positions of sequence `s` evaluated so far.
+    pub fn seq_len(&self, s: usize) -> usize {
+        self.n_past.get(s).copied().unwrap_or(0)
+    }
+
+    /// Sequences the engine holds.
+    pub fn n_seq(&self) -> usize {
+        self.n_past.len()
+    }
+
+    /// Context size per sequence.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.layout.n_ctx
+    }
+
+    /// Bytes of the KV cache as laid out (all layers, all sequences).
+    pub fn kv_bytes(&self) -> usize {
+        (0..self.kv.layout.cells.len())
+            .map(|l| self.kv.layout.layer_bytes(l))
+            .sum()
+    }
+
+    fn unload_all(&mut self) {
+        if let Some(d) = &mut self.dev {
+            let _ = d.dev.synchronize();
+            for (_, t) in self.loaded.drain() {
+                for p in t.programs.values() {
+                    d.dev.forget_graphs(p.id);
+                }
+                if let Some(r) = t.region {
+                    let _ = d.dev.destroy_region(r);
+                }
+            }
+        } else {
+            self.loaded.clear();
+        }
+    }
+
+    /// Evaluates `tokens` after sequence 0; returns logits of the last token (`Last`) or of every
+    /// token (`All`, row-major `tokens.len() × n_vocab`). A prompt is cut into the ubatch its
+    /// tiers chose; each ubatch runs the program of the smallest tier covering it.
+    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>, EngineError> {
+        self.eval_seq(0, tokens, which)
+    }
+
+    /// [`Engine::eval`] for sequence `s`.
+    pub fn eval_seq(
+        &mut self,
+        s: usize,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Empty);
+        }
+        if s >= self.n_past.len() {
+            return Err(EngineError::Batch(format!(
+                "sequence {s} does not exist (the engine holds {})",
+                self.n_past.len()
+            )));
+        }
+        let start = self.n_past[s];
+        if start + tokens.len() > self.n_ctx() {
+            return Err(EngineError::ContextFull {
+                needed: start + tokens.len(),
+                n_ctx: self.n_ctx(),
+            });
+        }
+        let n_vocab = self.model.spec.hparams.n_vocab;
+        let ub = self.tiers.prompt_ubatch(tokens.len());
+        let chunks: Vec<&[u32]> = tokens.chunks(ub).collect();
+        let n_chunks = chunks.len();
+        let mut out = Vec::new();
+        for (ci, chunk) in chunks.into_iter().enumerate() {
+            let n = chunk.len();
+            let p0 = self.n_past[s];
+            let positions: Vec<u32> = (p0..p0 + n).map(|p| p as u32).collect();
+            let seqs = vec![s as u32; n];
+            let logit_rows: Vec<usize> = match which {
+                Logits::All => (0..n).collect(),
+                // Intermediate prompt chunks still need one row for the output head; it is cheap
+                // (one row) and discarded.
+                Logits::Last => vec![n - 1],
+            };
+            let read = which == Logits::All || ci + 1 == n_chunks;
+            let logits = self.run_ubatch(chunk, &positions, &seqs, &logit_rows, read)?;
+            match which {
+                Logits::All => out.extend_from_slice(&logits),
+                Logits::Last if ci + 1 == n_chunks => out = logits[..n_vocab].to_vec(),
+                Logits::Last => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Evaluates one ubatch of rows from any sequences (each row a token at the end of its
+    /// sequence; rows of one sequence consecutive). Returns the logits of `logit_rows`.
+    pub fn eval_batch(
+        &mut self,
+        tokens: &[u32],
+        seqs: &[u32],
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::Empty);
+        }
+        if seqs.len() != tokens.len() {
+            return Err(EngineError::Batch(format!(
+                "{} tokens but {} sequence ids",
+                tokens.len(),
+                seqs.len()
+            )));
+        }
+        let mut next = self.n_past.clone();
+        let mut positions = Vec::with_capacity(tokens.len());
+        for &s in seqs {
+            let p = next.get_mut(s as usize).ok_or_else(|| {
+                EngineError::Batch(format!(
+                    "sequence {s} does not exist (the engine holds {})",
+                    self.n_past.len()
+                ))
+            })?;
+            positions.push(*p as u32);
+            *p += 1;
+        }
+        self.run_ubatch(tokens, &positions, seqs, logit_rows, true)
+    }
+
+    /// Runs one ubatch with its tier's program; advances the sequences' lengths.
+    fn run_ubatch(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        seqs: &[u32],
+        logit_rows: &[usize],
+        read_logits: bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = tokens.len();
+        let ti = self.tiers.tier_for(n);
+        self.enter_tier(ti)?;
+        let key = (n, logit_rows.len());
+        if !self
+            .loaded
+            .get(&ti)
+            .is_some_and(|t| t.programs.contains_key(&key))
+        {
+            self.load_program(ti, key)?;
+        }
+        let route_override = self.route_override.clone();
+        let batch = Batch {
+            tokens,
+            positions,
+            seqs,
+            logit_rows,
+            route_override: route_override.as_deref(),
+        };
+        let n_vocab = self.model.spec.hparams.n_vocab;
+        batch.check(
+            &self.loaded[&ti].programs[&key].graph,
+            n_vocab,
+            self.n_past.len(),
+            self.n_ctx(),
+        )?;
+        let logits = self.run_program(ti, key, &batch, read_logits)?;
+        for &s in seqs {
+            self.n_past[s as usize] += 1;
+        }
+        self.history.push(UbatchRecord {
+            tier: ti,
+            n_tokens: n,
+        });
+        Ok(logits)
+    }
+
+    /// Makes tier `ti`'s weights and KV resident (switching from the current tier's).
+    fn enter_tier(&mut self, ti: usize) -> Result<(), EngineError> {
+        let spec = &self.model.spec;
+        let pl = &self.tiers.tiers[ti].placement;
+        let target: Vec<KvHome> = (0..spec.layers.len())
+            .map(|l| {
+                if pl.uses_gpu() && lanes::attn_kv(spec, pl, l) == AttnKv::Resident {
+                    KvHome::Device
+                } else {
+                    KvHome::Host
+                }
+            })
+            .collect();
+        let Some(side) = self.dev.as_ref() else {
+            return Ok(());
+        };
+        let current_extra = side.extra.as_ref().map(|(t, _)| *t);
+        let want_weights: Vec<TensorId> = if pl.uses_gpu() {
+            lanes::pinned_matrices(spec, pl)
+                .into_iter()
+                .filter(|t| !side.common.weights.contains_key(t))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let want_kv: Vec<usize> = (0..spec.layers.len())
+            .filter(|l| target[*l] == KvHome::Device && !side.common.kv.contains_key(l))
+            .collect();
+        let same = match &side.extra {
+            Some((_, r)) => {
+                r.weights.len() == want_weights.len()
+                    && want_weights.iter().all(|t| r.weights.contains_key(t))
+                    && r.kv.len() == want_kv.len()
+                    && want_kv.iter().all(|l| r.kv.contains_key(l))
+            }
+            None => want_weights.is_empty() && want_kv.is_empty(),
+        };
+        if same && target == self.kv_home {
+            if let (Some(side), Some(t)) = (self.dev.as_mut(), current_extra) {
+                if t != ti {
+                    if let Some(e) = side.extra.as_mut() {
+                        e.0 = ti;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        // A switch: everything in flight finishes first.
+        let side = self.dev.as_ref().expect("checked above");
+        side.dev.synchronize()?;
+        let moving = |from: KvHome, to: KvHome, home: &[KvHome]| -> Vec<usize> {
+            (0..target.len())
+                .filter(|&l| home[l] == from && target[l] == to)
+                .collect()
+        };
+        // KV leaving the device comes down to its host copy.
+        for l in moving(KvHome::Device, KvHome::Host, &self.kv_home) {
+            {
+                let ptr = side
+                    .common
+                    .kv
+                    .get(&l)
+                    .or_else(|| side.extra.as_ref().and_then(|(_, r)| r.kv.get(&l)))
+                    .copied()
+                    .ok_or_else(|| EngineError::Device(format!("layer {l}'s KV is lost")))?;
+                let alloc = |b: usize| side.dev.host_alloc(b);
+                let hb = self.kv.layer(l, &alloc)?;
+                side.dev.download(
+                    Stream::Copy,
+                    &hb,
+                    0,
+                    ptr,
+                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
+                )?;
+            }
+        }
+        side.dev.synchronize()?;
+        for (home, &t) in self.kv_home.iter_mut().zip(&target) {
+            if t == KvHome::Host {
+                *home = KvHome::Host;
+            }
+        }
+        // Old extras and every other tier's buffers go; the new extras come.
+        let side = self.dev.as_mut().expect("checked above");
+        if let Some((_, r)) = side.extra.take() {
+            if let Some(region) = r.region {
+                side.dev.destroy_region(region)?;
+            }
+        }
+        let others: Vec<usize> = self.loaded.keys().copied().filter(|t| *t != ti).collect();
+        for t in others {
+            if let Some(lt) = self.loaded.remove(&t) {
+                for p in lt.programs.values() {
+                    side.dev.forget_graphs(p.id);
+                }
+                if let Some(r) = lt.region {
+                    side.dev.destroy_region(r)?;
+                }
+            }
+        }
+        // Layers entering the device: upload their host cells (made on first use if absent).
+        for &l in &want_kv {
+            let alloc = |b: usize| side.dev.host_alloc(b);
+            self.kv.layer(l, &alloc)?;
+        }
+        for l in moving(KvHome::Host, KvHome::Device, &self.kv_home) {
+            if side.common.kv.contains_key(&l) {
+                let alloc = |b: usize| side.dev.host_alloc(b);
+                let hb = self.kv.layer(l, &alloc)?;
+                side.dev.upload(
+                    Stream::Copy,
+                    side.common.kv[&l],
+                    &HostSrc::Buf(hb, 0),
+                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
+                )?;
+            }
+        }
+        let side = self.dev.as_ref().expect("checked above");
+        let extra = self.make_residency(side, &format!("tier {ti}"), &want_weights, &want_kv)?;
+        let side = self.dev.as_mut().expect("checked above");
+        side.extra = Some((ti, extra));
+        side.dev.synchronize()?;
+        self.kv_home = target;
+        Ok(())
+    }
+
+    /// The device address of a resident layer's KV.
+    fn resident_kv(&self, l: usize) -> Option<DevPtr> {
+        let side = self.dev.as_ref()?;
+        side.common
+            .kv
+            .get(&l)
+            .or_else(|| side.extra.as_ref().and_then(|(_, r)| r.kv.get(&l)))
+            .copied()
+    }
+
+    /// The device address of a pinned weight.
+    fn pinned_weight(&self, t: TensorId) -> Option<DevPtr> {
+        let side = self.dev.as_ref()?;
+        side.common
+            .weights
+            .get(&t)
+            .or_else(|| side.extra.as_ref().and_then(|(_, r)| r.weights.get(&t)))
+            .copied()
+    }
+
+    /// Allocates tier `ti`'s device resources, sized for its token count.
+    fn load_tier(&mut self, ti: usize) -> Result<(), EngineError> {
+        let spec = &self.model.spec;
+        let tier = &self.tiers.tiers[ti];
+        let n = tier.n.max(1);
+        let g = pshard_model::arch::build_graph(spec, n, n)?;
+        let lanes_ = ProgramLanes::new(spec, &g, &tier.placement, self.tiers.params.ring_slots);
+        let mut lt = LoadedTier {
+            region: None,
+            bufs: vec![0; g.buffers.len()],
+            inputs: Inputs {
+                tokens: 0,
+                positions: 0,
+                seqs: 0,
+                logit_rows: 0,
+            },
+            scratch: ScratchPtrs::default(),
+            slots: Vec::new(),
+            stages: [0, 0],
+            staging: vec![None; g.buffers.len()],
+            input_stage: None,
+            inputs_sent: None,
+            programs: HashMap::new(),
+        };
+        if !lanes_.uses_gpu() {
+            self.loaded.insert(ti, lt);
+            return Ok(());
+        }
+        let side = self.dev.as_ref().ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "tier {n} places weights on the GPU but there is no device"
+            ))
+        })?;
+        let layout = &self.kv.layout;
+        let exact = self.precision == ActPrecision::Exact;
+        let bytes = lanes::program_bytes(spec, &g, &lanes_, layout.n_ctx, &|l| {
+            layout.layer_bytes(l) as u64
+        });
+        let scratch = DeviceScratch::of(
+            spec,
+            &g,
+            lanes_.nodes.iter().enumerate(),
+            layout.n_ctx,
+            exact,
+        );
+        let total = bytes.buffers + scratch.bytes() + bytes.ring + bytes.kv_stage;
+        let region = side
+            .dev
+            .create_region(RegionKind::Scratch, &format!("tier {n}"), total)?;
+        lt.region = Some(region);
+        let dev = &side.dev;
+        for b in lanes_.device_buffers(&g) {
+            let size = (g.rows(b) * g.buffer(b).cols * 4) as u64;
+            lt.bufs[b.0 as usize] = dev.alloc(region, size, g.buffer(b).name)?;
+            lt.staging[b.0 as usize] = Some(dev.host_alloc(size as usize)?);
+        }
+        let i32s = (n * 4) as u64;
+        lt.inputs = Inputs {
+            tokens: dev.alloc(region, i32s, "token ids")?,
+            positions: dev.alloc(region, i32s, "positions")?,
+            seqs: dev.alloc(region, i32s, "sequences")?,
+            logit_rows: dev.alloc(region, i32s, "logit rows")?,
+        };
+        lt.input_stage = Some(dev.host_alloc(4 * n * 4)?);
+        lt.inputs_sent = Some(dev.new_event()?);
+        let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
+            if b > 0 {
+                dev.alloc(region, b, what)
+            } else {
+                Ok(0)
+            }
+        };
+        lt.scratch = ScratchPtrs {
+            gemm_w: sc(scratch.gemm_w, "dequantized weight scratch")?,
+            gemm_x: sc(scratch.gemm_x, "f16 activation scratch")?,
+            attn: sc(scratch.attn, "attention split scratch")?,
+            moe: [
+                sc(scratch.moe_ff, "expert gate")?,
+                sc(scratch.moe_ff, "expert up")?,
+                sc(scratch.moe_ff, "expert hidden")?,
+                sc(scratch.moe_out, "expert out")?,
+            ],
+            moe_grouped: [
+                sc(scratch.moe_x16, "expert f16 rows")?,
+                sc(scratch.moe_idx, "expert pair order")?,
+                sc(scratch.moe_offsets, "expert offsets")?,
+            ],
+        };
+        let slot = lanes_.slot_bytes();
+        let n_slots = (bytes.ring / slot.max(1)) as usize;
+        for s in 0..n_slots {
+            lt.slots
+                .push(dev.alloc(region, slot, &format!("ring slot {s}"))?);
+        }
+        if bytes.kv_stage > 0 {
+            let half = bytes.kv_stage / 2;
+            lt.stages = [
+                dev.alloc(region, half, "KV stage 0")?,
+                dev.alloc(region, half, "KV stage 1")?,
+            ];
+        }
+        self.loaded.insert(ti, lt);
+        Ok(())
+    }
+
+    /// Lowers tier `ti`'s program for `key` = (tokens, logit rows).
+    fn load_program(&mut self, ti: usize, key: (usize, usize)) -> Result<(), EngineError> {
+        if !self.loaded.contains_key(&ti) {
+            self.load_tier(ti)?;
+        }
+        let spec = &self.model.spec;
+        let tier = &self.tiers.tiers[ti];
+        let graph = pshard_model::arch::build_graph(spec, key.0, key.1)?;
+        let exact = self.precision == ActPrecision::Exact;
+        let program = Program::lower(
+            spec,
+            graph.clone(),
+            &tier.placement,
+            self.tiers.params.ring_slots,
+            exact,
+        );
+        let graph = Arc::new(graph);
+        // CPU buffers: those any CPU step touches.
+        let mut used = vec![false; graph.buffers.len()];
+        for st in &program.steps {
+            match &st.kind {
+                StepKind::Cpu { node, .. } => {
+                    let op = &graph.nodes[*node].op;
+                    for b in op.reads().into_iter().chain(op.writes()) {
+                        used[b.0 as usize] = true;
+                    }
+                }
+                StepKind::Stage { buf, .. } | StepKind::Collect { buf, .. } => {
+                    used[buf.0 as usize] = true
+                }
+                _ => {}
+            }
+        }
+        used[graph.logits.0 as usize] = true;
+        let mut cpu = CpuLane::new(&graph, &used);
+        cpu.set_act_precision(self.precision);
+        cpu.trace = self.trace.then(ActTrace::new);
+        let mut events = Vec::new();
+        let mut weights = HashMap::new();
+        let mut load_offsets = Vec::new();
+        let mut graph_blocks = Vec::new();
+        if program.uses_device() {
+            let side = self
+                .dev
+                .as_ref()
+                .ok_or_else(|| EngineError::Unsupported("this program needs a device".into()))?;
+            for _ in 0..program.n_events {
+                events.push(side.dev.new_event()?);
+            }
+            for sp in &program.lanes.segments {
+                let mut off = 0u64;
+                let mut v = Vec::new();
+                for l in &sp.loads {
+                    v.push(off);
+                    off += lanes::align(l.bytes);
+                }
+                load_offsets.push(v);
+            }
+            let lt = &self.loaded[&ti];
+            for (si, st) in program.steps.iter().enumerate() {
+                let StepKind::Gpu(work) = &st.kind else {
+                    continue;
+                };
+                let nodes: Vec<usize> = match work {
+                    GpuWork::Node { node, .. } => vec![*node],
+                    GpuWork::QkNormRope { nodes } => nodes.clone().collect(),
+                };
+                let mut refs = Vec::new();
+                for ni in nodes {
+                    let node = &graph.nodes[ni];
+                    for t in node.op.weights() {
+                        if refs.iter().any(|r: &WeightRef| r.tensor == t) {
+                            continue;
+                        }
+                        let td = spec.tensor(t);
+                        if !td.is_matrix() {
+                            let addr = side.vectors.get(&t).copied().ok_or_else(|| {
+                                EngineError::Device(format!("vector {} not uploaded", td.name))
+                            })?;
+                            refs.push(WeightRef {
+                                tensor: t,
+                                addr,
+                                first_row: 0,
+                            });
+                            continue;
+                        }
+                        let place = lanes::place_of(spec, &tier.placement, node.group, t);
+                        let r = match place {
+                            Place::Pinned => WeightRef {
+                                tensor: t,
+                                addr: self.pinned_weight(t).ok_or_else(|| {
+                                    EngineError::Device(format!("{} is not resident", td.name))
+                                })?,
+                                first_row: 0,
+                            },
+                            Place::Streamed | Place::Split { .. } => {
+                                let seg = program
+                                    .lanes
+                                    .segments
+                                    .iter()
+                                    .position(|s| s.seg.nodes.contains(&ni))
+                                    .expect("every node is in a segment");
+                                let sp = &program.lanes.segments[seg];
+                                let li = sp.loads.iter().position(|l| l.tensor == t).ok_or_else(
+                                    || {
+                                        EngineError::Device(format!(
+                                            "{} is not loaded for its segment",
+                                            td.name
+                                        ))
+                                    },
+                                )?;
+                                let slot = sp.slot.expect("loading segment has a slot");
+                                WeightRef {
+                                    tensor: t,
+                                    addr: lt.slots[slot] + load_offsets[seg][li],
+                                    first_row: sp.loads[li].rows.start,
+                                }
+                            }
+                            Place::Cpu => {
+                                return Err(EngineError::Device(format!(
+                                    "{} is placed on the CPU but a GPU step reads it",
+                                    td.name
+                                )))
+                            }
+                        };
+                        refs.push(r);
+                    }
+                }
+                weights.insert(si, refs);
+            }
+            // Decode programs: the run of GPU steps after the inputs, when nothing else is in
+            // it, replays as one device graph.
+            if key.0 <= pshard_kernels::cuda::GRAPH_MAX_TOKENS && !exact {
+                let mut i = 0;
+                while i < program.steps.len() {
+                    let plain = |s: &crate::program::Step| {
+                        matches!(s.kind, StepKind::Gpu(_))
+                            && s.waits.is_empty()
+                            && s.signal.is_none()
+                    };
+                    if plain(&program.steps[i]) {
+                        let start = i;
+                        while i < program.steps.len() && plain(&program.steps[i]) {
+                            i += 1;
+                        }
+                        if i - start > 1 {
+                            graph_blocks.push(start..i);
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let lp = LoadedProgram {
+            id,
+            program: Arc::new(program),
+            graph,
+            cpu,
+            events,
+            weights,
+            load_offsets,
+            graph_blocks,
+        };
+        self.loaded
+            .get_mut(&ti)
+            .expect("loaded above")
+            .programs
+            .insert(key, lp);
+        Ok(())
+    }
+
+    /// Issues every step of a program for one batch.
+    fn run_program(
+        &mut self,
+        ti: usize,
+        key: (usize, usize),
+        batch: &Batch,
+        read_logits: bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        let model = self.model.clone();
+        let spec = &model.spec;
+        let n_expert = spec.hparams.n_expert;
+        let layout = self.kv.layout.clone();
+        let past: HashMap<u32, usize> = batch
+            .seq_runs()
+            .iter()
+            .map(|(s, r)| (*s, batch.positions[r.start] as usize))
+            .collect();
+        let runs = batch.seq_runs();
+        let resident: HashMap<usize, DevPtr> = (0..spec.layers.len())
+            .filter_map(|l| self.resident_kv(l).map(|p| (l, p)))
+            .collect();
+        let lt = self.loaded.get_mut(&ti).expect("loaded");
+        let lp = lt.programs.get_mut(&key).expect("loaded");
+        lp.cpu.begin_run();
+        let program = lp.program.clone();
+        let g = lp.graph.clone();
+        let side = self.dev.as_mut();
+        let exact = self.precision == ActPrecision::Exact;
+        let kv = &mut self.kv;
+        let Some(side) = side else {
+            // No device: every step is on the CPU.
+            let mut access = HostKvAccess {
+                kv,
+                alloc: &plain_alloc,
+            };
+            for st in &program.steps {
+                if let StepKind::Cpu { node, cols } = &st.kind {
+                    lp.cpu.exec(
+                        &g,
+                        *node,
+                        cols.clone(),
+                        &*model,
+                        &mut access,
+                        batch,
+                        n_expert,
+                    )?;
+                } else {
+                    return Err(EngineError::Unsupported(
+                        "a device step in an engine without a device".into(),
+                    ));
+                }
+            }
+            return Ok(lp.cpu.buf(g.logits).to_vec());
+        };
+        // After an unawaited run: a program with CPU steps waits for all of it (its staging
+        // memory and host KV may still be in use); a GPU-only one makes only the copy stream wait
+        // (its ring slots may still be read), so device runs queue back to back.
+        if side.run_end_pending {
+            if program.steps.iter().any(|st| st.kind.lane() == Lane::Cpu) {
+                side.dev.host_wait(side.run_end)?;
+            } else {
+                side.dev.wait(Stream::Copy, side.run_end)?;
+            }
+            side.run_end_pending = false;
+        }
+        // Inputs go up through the tier's staging memory: wait until the last upload read it.
+        if let Some(e) = lt.inputs_sent {
+            side.dev.host_wait(e)?;
+        }
+        if let Some(stage) = &lt.input_stage {
+            let n = batch.tokens.len();
+            stage.write(&mut |b: &mut [u8]| {
+                let w: &mut [i32] = bytemuck::cast_slice_mut(&mut b[..16 * n]);
+                for t in 0..n {
+                    w[t] = batch.tokens[t] as i32;
+                    w[n + t] = batch.positions[t] as i32;
+                    w[2 * n + t] = batch.seqs[t] as i32;
+                    w[3 * n + t] = batch.logit_rows.get(t).map_or(0, |&r| r as i32);
+                }
+            });
+        }
+        let dev = &mut side.dev;
+        let mut block_at: HashMap<usize, usize> = HashMap::new();
+        for (bi, r) in lp.graph_blocks.iter().enumerate() {
+            block_at.insert(r.start, bi);
+        }
+        let mut i = 0;
+        let n = batch.tokens.len();
+        while i < program.steps.len() {
+            let st = &program.steps[i];
+            let lane = st.kind.lane();
+            let skipped = !read_logits
+                && matches!(&st.kind, StepKind::Collect { buf, .. } if *buf == g.logits);
+            match lane {
+                Lane::Cpu if skipped => {}
+                Lane::Cpu => {
+                    for &e in &st.waits {
+                        dev.host_wait(lp.events[e])?;
+                    }
+                }
+                Lane::Gpu | Lane::Copy => {
+                    let s = if lane == Lane::Gpu {
+                        Stream::Compute
+                    } else {
+                        Stream::Copy
+                    };
+                    for &e in &st.waits {
+                        dev.wait(s, lp.events[e])?;
+                    }
+                }
+            }
+            // A run of plain GPU steps that replays as a device graph.
+            if let Some(&bi) = block_at.get(&i) {
+                let range = lp.graph_blocks[bi].clone();
+                let steps = &program.steps;
+                let ctx = StepCtx {
+                    graph: &g,
+                    bufs: &lt.bufs,
+                    weights: &lp.weights,
+                    inputs: lt.inputs,
+                    scratch: lt.scratch,
+                    exact,
+                    program: &program,
+                    resident: &resident,
+                    stages: lt.stages,
+                    layout: &layout,
+                    seq_runs: &[],
+                };
+                dev.graph_run((lp.id, bi), &mut |d: &dyn Device| {
+                    for j in range.clone() {
+                        if let StepKind::Gpu(work) = &steps[j].kind {
+                            d.launch(&ctx.step(j, work)?)?;
+                        }
+                    }
+                    Ok(())
+                })?;
+                i = range.end;
+                continue;
+            }
+            match &st.kind {
+                StepKind::Inputs => {
+                    let stage = lt.input_stage.clone().expect("GPU tiers stage inputs");
+                    let i32s = 4 * n;
+                    for (k, dst) in [
+                        lt.inputs.tokens,
+                        lt.inputs.positions,
+                        lt.inputs.seqs,
+                        lt.inputs.logit_rows,
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        dev.upload(
+                            Stream::Compute,
+                            dst,
+                            &HostSrc::Buf(stage.clone(), k * i32s),
+                            Shape2d::flat(i32s),
+                        )?;
+                    }
+                    if let Some(e) = lt.inputs_sent {
+                        dev.record(Stream::Compute, e)?;
+                    }
+                }
+                StepKind::Cpu { node, cols } => {
+                    let alloc = |b: usize| dev.host_alloc(b);
+                    let mut access = HostKvAccess { kv, alloc: &alloc };
+                    lp.cpu.exec(
+                        &g,
+                        *node,
+                        cols.clone(),
+                        &*model,
+                        &mut access,
+                        batch,
+                        n_expert,
+                    )?;
+                }
+                StepKind::Gpu(work) => {
+                    let ctx = StepCtx {
+                        graph: &g,
+                        bufs: &lt.bufs,
+                        weights: &lp.weights,
+                        inputs: lt.inputs,
+                        scratch: lt.scratch,
+                        exact,
+                        program: &program,
+                        resident: &resident,
+                        stages: lt.stages,
+                        layout: &layout,
+                        seq_runs: &runs,
+                    };
+                    dev.launch(&ctx.step(i, work)?)?;
+                }
+                StepKind::Stage { buf, cols } => {
+                    let hb = lt.staging[buf.0 as usize]
+                        .as_ref()
+                        .expect("staged buffers have staging memory");
+                    stage_cols(&g, *buf, cols.clone(), lp.cpu.buf(*buf), hb);
+                }
+                StepKind::Collect { buf, .. } if !read_logits && *buf == g.logits => {
+                    // Nobody reads these logits: the next run's download is ordered after this
+                    // one on the compute stream, and its collection waits for its own.
+                }
+                StepKind::Collect { buf, cols } => {
+                    let hb = lt.staging[buf.0 as usize]
+                        .as_ref()
+                        .expect("collected buffers have staging memory")
+                        .clone();
+                    let rows = g.rows(*buf);
+                    let c = g.buffer(*buf).cols;
+                    let dst = lp.cpu.buf_mut(*buf);
+                    hb.read(&mut |b: &[u8]| {
+                        let src: &[f32] = bytemuck::cast_slice(&b[..rows * c * 4]);
+                        for t in 0..rows {
+                            let r = t * c + cols.start..t * c + cols.end;
+                            dst[r.clone()].copy_from_slice(&src[r]);
+                        }
+                    });
+                }
+                StepKind::Upload { buf, cols } | StepKind::Download { buf, cols } => {
+                    let hb = lt.staging[buf.0 as usize]
+                        .clone()
+                        .expect("moved buffers have staging memory");
+                    let c = g.buffer(*buf).cols;
+                    let shape = Shape2d {
+                        width: cols.len() * 4,
+                        rows: g.rows(*buf),
+                        src_pitch: c * 4,
+                        dst_pitch: c * 4,
+                    };
+                    let off = cols.start * 4;
+                    let dptr = lt.bufs[buf.0 as usize] + off as u64;
+                    if matches!(st.kind, StepKind::Upload { .. }) {
+                        dev.upload(Stream::Compute, dptr, &HostSrc::Buf(hb, off), shape)?;
+                    } else {
+                        dev.download(Stream::Compute, &hb, off, dptr, shape)?;
+                    }
+                }
+                StepKind::Load { seg, slot } => {
+                    let sp = &program.lanes.segments[*seg];
+                    for (li, l) in sp.loads.iter().enumerate() {
+                        let td = spec.tensor(l.tensor);
+                        dev.upload(
+                            Stream::Copy,
+                            lt.slots[*slot] + lp.load_offsets[*seg][li],
+                            &HostSrc::Mapped {
+                                file_index: td.file_index,
+                                offset: l.rows.start * td.row_bytes() as usize,
+                            },
+                            Shape2d::flat(l.bytes as usize),
+                        )?;
+                    }
+                }
+                StepKind::KvUp { layer, stage } | StepKind::KvDown { layer, stage } => {
+                    let up = matches!(st.kind, StepKind::KvUp { .. });
+                    let alloc = |b: usize| dev.host_alloc(b);
+                    let hb = kv.layer(*layer, &alloc)?;
+                    let window = spec.layers[*layer].window;
+                    for (s, rows) in batch.seq_runs() {
+                        let p0 = past[&s];
+                        let range = if up {
+                            p0 - lanes::kv_up_cells(window, p0)..p0
+                        } else {
+                            p0..p0 + rows.len()
+                        };
+                        for cr in layout.cell_runs(*layer, range) {
+                            for (cols, base) in
+                                [(layout.k_cols, 0), (layout.v_cols, layout.v_offset(*layer))]
+                            {
+                                let off =
+                                    base + layout.cell_offset(*layer, s as usize, cr.start, cols);
+                                let shape = Shape2d::flat(cr.len() * cols * 2);
+                                let dptr = lt.stages[*stage] + off as u64;
+                                if up {
+                                    dev.upload(
+                                        Stream::Copy,
+                                        dptr,
+                                        &HostSrc::Buf(hb.clone(), off),
+                                        shape,
+                                    )?;
+                                } else {
+                                    dev.download(Stream::Copy, &hb, off, dptr, shape)?;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(e) = st.signal {
+                let s = match lane {
+                    Lane::Copy => Stream::Copy,
+                    _ => Stream::Compute,
+                };
+                if lane != Lane::Cpu {
+                    dev.record(s, lp.events[e])?;
+                }
+            }
+            i += 1;
+        }
+        dev.record(Stream::Compute, side.run_end)?;
+        side.run_end_pending = true;
+        if read_logits {
+            // Every step before the logits' collection has been waited for; the copies of the KV
+            // this step wrote may still be in flight and are ordered before the next step's.
+            Ok(lp.cpu.buf(g.logits).to_vec())
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Enqueues one ubatch without waiting for its logits (benchmarks). Call
+    /// [`Engine::synchronize`] before reading times.
+    pub fn eval_async(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::Empty);
+        }
+        let p0 = self.n_past[0];
+        if p0 + n > self.n_ctx() {
+            return Err(EngineError::ContextFull {
+                needed: p0 + n,
+                n_ctx: self.n_ctx(),
+            });
+        }
+        let positions: Vec<u32> = (p0..p0 + n).map(|p| p as u32).collect();
+        let seqs = vec![0u32; n];
+        self.run_ubatch(tokens, &positions, &seqs, &[n - 1], false)?;
+        Ok(())
+    }
+
+    /// Waits for all device work.
+    pub fn synchronize(&mut self) -> Result<(), EngineError> {
+        if let Some(d) = &mut self.dev {
+            d.dev.synchronize()?;
+            d.run_end_pending = false;
+        }
+        Ok(())
+    }
+}
+
+/// What a GPU step needs besides the step itself.
+struct StepCtx<'a> {
+    graph: &'a Arc<pshard_model::graph::Graph>,
+    bufs: &'a [DevPtr],
+    weights: &'a HashMap<usize, Vec<WeightRef>>,
+    inputs: Inputs,
+    scratch: ScratchPtrs,
+    exact: bool,
+    program: &'a Program,
+    resident: &'a HashMap<usize, DevPtr>,
+    stages: [DevPtr; 2],
+    layout: &'a KvLayout,
+    seq_runs: &'a [(u32, std::ops::Range<usize>)],
+}
+
+impl<'a> StepCtx<'a> {
+    fn step(&self, i: usize, work: &'a GpuWork) -> Result<GpuStep<'a>, EngineError> {
+        let nodes: Vec<usize> = match work {
+            GpuWork::Node { node, .. } => vec![*node],
+            GpuWork::QkNormRope { nodes } => nodes.clone().collect(),
+        };
+        let mut kv = None;
+        for ni in nodes {
+            if let Op::Attention { layer, .. } = self.graph.nodes[ni].op {
+                let base = match self.program.kv_stage.get(&layer) {
+                    Some(&s) => self.stages[s],
+                    None => *self.resident.get(&layer).ok_or_else(|| {
+                        EngineError::Device(format!("layer {layer}'s KV is not on the device"))
+                    })?,
+                };
+                kv = Some(KvRef {
+                    k: base,
+                    v: base + self.layout.v_offset(layer) as u64,
+                    cells: self.layout.cells[layer],
+                    seqs: self.layout.n_seq,
+                });
+            }
+        }
+        Ok(GpuStep {
+            graph: self.graph,
+            work,
+            bufs: self.bufs,
+            weights: self.weights.get(&i).map_or(&[], |v| v.as_slice()),
+            kv,
+            inputs: self.inputs,
+            scratch: self.scratch,
+            exact: self.exact,
+            seq_runs: self.seq_runs,
+        })
+    }
+}
+
+/// Copies columns `cols` of every row of buffer `b` from the CPU lane into its staging memory.
+fn stage_cols(
+    g: &pshard_model::graph::Graph,
+    b: BufId,
+    cols: std::ops::Range<usize>,
+    cpu: &[f32],
+    stage: &HostBuf,
+) {
+    let rows = g.rows(b);
+    let c = g.buffer(b).cols;
+    stage.write(&mut |bytes: &mut [u8]| {
+        let dst: &mut [f32] = bytemuck::cast_slice_mut(&mut bytes[..rows * c * 4]);
+        for t in 0..rows {
+            let r = t * c + cols.start..t * c + cols.end;
+            dst[r.clone()].copy_from_slice(&cpu[r]);
+        }
+    });
 }

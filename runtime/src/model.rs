@@ -7,7 +7,6 @@ use std::path::Path;
 use pshard_kernels::matmul::WeightMatrix;
 use pshard_kernels::quant;
 use pshard_model::gguf::ModelFile;
-use pshard_model::graph::Op;
 use pshard_model::spec::{ModelSpec, TensorId};
 
 /// Why a model could not be loaded.
@@ -76,9 +75,7 @@ impl Model {
                             .join(", "),
                     });
                 };
-                let is_vector = !matches!(node.op, Op::MatMul { weight, .. } if weight == id)
-                    && !matches!(node.op, Op::Embed { .. } | Op::MoeFfn { .. });
-                if is_vector && !vectors.contains_key(&id) {
+                if !t.is_matrix() && !vectors.contains_key(&id) {
                     let mut v = vec![0f32; t.dims.iter().product::<u64>() as usize];
                     (k.dequantize_row)(file.tensor_data(t.file_index), &mut v);
                     vectors.insert(id, v);

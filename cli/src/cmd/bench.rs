@@ -2,10 +2,14 @@
 //! `-n 128` generation tests, `-r` repetitions after one untimed warm-up, synthetic tokens;
 //! markdown or JSON (llama-bench's keys) output. The instrument for every performance claim.
 //!
+//! It runs the same engine as `run` (the model's plans per tier on a GPU, or the CPU): each row
+//! says which tier and strategy ran the test's tokens and the planner's predicted t/s beside the
+//! measured one.
+//!
 //! `--op-times` adds, after the tests, one untimed pass per test with per-op timing and prints
-//! where the time goes to stderr: on CUDA per (op, weight type, shape, batch) from events around
-//! every step (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the matmuls; on the
-//! CPU per op kind.
+//! where the time goes to stderr: on the GPU per (op, weight type, shape, batch) from events
+//! around every launch (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the
+//! matmuls; on the CPU per op kind.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,16 +17,19 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use pshard_model::ggml_type::GgmlType;
 use pshard_planner::Profile;
+use pshard_runtime::device::{OpKey, OpTime};
 use pshard_runtime::engine::{Engine, Logits};
-use pshard_runtime::gpu::{GpuEngine, GpuOptions, OpKey, OpTime};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
-use super::common::{init_threads, load_model, pick_device, Device};
+use super::common::{init_threads, load_model, make_engine, EngineArgs};
 
 /// Arguments of `pshard bench`.
 #[derive(clap::Args)]
 pub struct Args {
+    /// Engine placement, threading, plans (the same engine as `run`).
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Model file (GGUF).
     #[arg(short = 'm', long)]
     model: PathBuf,
@@ -32,44 +39,24 @@ pub struct Args {
     /// Generation tests: tokens per test, comma-separated (0 or empty: none).
     #[arg(short = 'n', long = "n-gen", default_value = "128")]
     n_gen: String,
-    /// Micro-batch size: tokens evaluated per step of a prompt (`-u`, `--ub`, `--ubatch-size`).
-    #[arg(
-        long = "ubatch-size",
-        short = 'u',
-        visible_alias = "ub",
-        default_value_t = 512
-    )]
-    ubatch: usize,
     /// Timed repetitions per test (after one untimed warm-up).
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     reps: usize,
-    /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// VRAM budget in MiB (default: free memory minus a margin).
-    #[arg(long = "vram-budget")]
-    vram_budget: Option<u64>,
+    /// Context size (default: the longest test).
+    #[arg(short = 'c', long = "ctx-size")]
+    ctx: Option<usize>,
     /// Output format: md or json.
     #[arg(short = 'o', long = "output", default_value = "md")]
     output: String,
-    /// CPU threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
-    threads: usize,
-    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
-    #[arg(long = "keep-host-weights")]
-    keep_host_weights: bool,
     /// Seed of the synthetic tokens.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// After the tests, run one more (untimed) pass of each with per-op timing and print where
-    /// the time goes to stderr (CUDA: per op, weight type, shape and batch, from events around
-    /// every op, without CUDA graphs; CPU: per op kind).
+    /// the time goes to stderr (GPU: per op, weight type, shape and batch, from events around
+    /// every launch, without CUDA graphs; CPU: per op kind). With `--gpu-profile`, each GPU
+    /// matmul is put beside the profile's point for the same path, type, shape and batch.
     #[arg(long = "op-times")]
     op_times: bool,
-    /// With `--op-times` on CUDA: put each matmul's time beside the GPU profile's point for the
-    /// same path, weight type, shape and batch (how well the profile predicts the runtime).
-    #[arg(long = "gpu-profile", requires = "op_times")]
-    gpu_profile: Option<PathBuf>,
 }
 
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
@@ -85,103 +72,53 @@ fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
     Ok(v)
 }
 
-/// One engine behind the benchmark, either backend.
-enum Runner {
-    Cpu(Box<Engine>),
-    Gpu(Box<GpuEngine>, Box<Model>),
+/// One pass of a test: the prompt from an empty context, or the generation steps.
+fn pass(e: &mut Engine, test: &TestResult, tokens: &[u32]) -> anyhow::Result<()> {
+    e.reset();
+    if test.n_gen == 0 {
+        e.eval(tokens, Logits::Last)?;
+    } else {
+        for &t in tokens {
+            e.eval(&[t], Logits::Last)?;
+        }
+    }
+    Ok(())
 }
 
-impl Runner {
-    fn reset(&mut self) {
-        match self {
-            Runner::Cpu(e) => e.reset(),
-            Runner::Gpu(e, _) => e.reset(),
+/// Runs one pass of `test` with per-op timing and prints the breakdown to stderr.
+fn op_times_pass(
+    e: &mut Engine,
+    test: &TestResult,
+    tokens: &[u32],
+    profile: Option<&Profile>,
+) -> anyhow::Result<()> {
+    let before = e.op_seconds();
+    e.clear_op_times();
+    e.set_op_timing(true);
+    let t0 = Instant::now();
+    let r = pass(e, test, tokens);
+    let wall = t0.elapsed().as_secs_f64();
+    e.set_op_timing(false);
+    r?;
+    let rows: Vec<(&'static str, f64)> = e
+        .op_seconds()
+        .iter()
+        .map(|&(k, v)| {
+            let b = before.iter().find(|x| x.0 == k).map_or(0.0, |x| x.1);
+            (k, v - b)
+        })
+        .collect();
+    if rows.iter().any(|r| r.1 > 0.0) {
+        eprint!("{}", cpu_op_table(&test.name(), wall, rows));
+    }
+    let times = e.device_op_times();
+    if !times.is_empty() {
+        eprint!("{}", gpu_op_table(&test.name(), wall, &times));
+        if let Some(p) = profile {
+            eprint!("{}", profile_comparison(&test.name(), &times, p));
         }
     }
-
-    /// Evaluates a prompt in ubatches and waits for the GPU.
-    fn prompt(&mut self, tokens: &[u32], ubatch: usize) -> anyhow::Result<()> {
-        match self {
-            Runner::Cpu(e) => {
-                e.eval(tokens, Logits::Last)?;
-            }
-            Runner::Gpu(e, m) => {
-                for chunk in tokens.chunks(ubatch) {
-                    e.eval_async(m, chunk)?;
-                }
-                e.sync()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One generation step with its logits read back, as a sampler needs.
-    fn step(&mut self, token: u32) -> anyhow::Result<()> {
-        match self {
-            Runner::Cpu(e) => {
-                e.eval(&[token], Logits::Last)?;
-            }
-            Runner::Gpu(e, m) => {
-                e.eval(m, &[token], Logits::Last)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One pass of a test: the prompt in ubatches, or the generation steps.
-    fn pass(&mut self, test: &TestResult, tokens: &[u32], ubatch: usize) -> anyhow::Result<()> {
-        if test.n_gen == 0 {
-            self.prompt(tokens, ubatch)
-        } else {
-            tokens.iter().try_for_each(|&t| self.step(t))
-        }
-    }
-
-    /// Runs one pass of `test` with per-op timing and prints the breakdown to stderr.
-    fn op_times_pass(
-        &mut self,
-        test: &TestResult,
-        tokens: &[u32],
-        ubatch: usize,
-        profile: Option<&Profile>,
-    ) -> anyhow::Result<()> {
-        self.reset();
-        let before = match self {
-            Runner::Cpu(e) => e.op_seconds(),
-            Runner::Gpu(e, _) => {
-                e.clear_op_times();
-                e.set_op_timing(true);
-                Vec::new()
-            }
-        };
-        let t0 = Instant::now();
-        let r = self.pass(test, tokens, ubatch);
-        let wall = t0.elapsed().as_secs_f64();
-        match self {
-            Runner::Cpu(e) => {
-                r?;
-                let after = e.op_seconds();
-                let rows: Vec<(&'static str, f64)> = after
-                    .iter()
-                    .map(|&(k, v)| {
-                        let b = before.iter().find(|e| e.0 == k).map_or(0.0, |e| e.1);
-                        (k, v - b)
-                    })
-                    .collect();
-                eprint!("{}", cpu_op_table(&test.name(), wall, rows));
-            }
-            Runner::Gpu(e, _) => {
-                e.set_op_timing(false);
-                r?;
-                let times = e.op_times();
-                eprint!("{}", gpu_op_table(&test.name(), wall, &times));
-                if let Some(p) = profile {
-                    eprint!("{}", profile_comparison(&test.name(), &times, p));
-                }
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The GPU breakdown of one pass: one row per op key, largest total first, then the sum against
@@ -329,6 +266,8 @@ struct TestResult {
     n_prompt: usize,
     n_gen: usize,
     samples_ns: Vec<u64>,
+    /// The tier that ran most of the test's tokens, its strategy and the planner's prediction.
+    tier: Option<(usize, String, Option<f64>)>,
 }
 
 impl TestResult {
@@ -377,9 +316,20 @@ fn main_type(model: &Model) -> GgmlType {
         .unwrap_or(GgmlType::F32)
 }
 
+/// The tier that ran the most tokens since the history was cleared.
+fn main_tier(e: &Engine) -> Option<(usize, String, Option<f64>)> {
+    let mut per: std::collections::BTreeMap<usize, usize> = Default::default();
+    for r in e.history() {
+        *per.entry(r.tier).or_default() += r.n_tokens;
+    }
+    let (&t, _) = per.iter().max_by_key(|(_, n)| **n)?;
+    let tier = &e.tiers().tiers[t];
+    Some((tier.n, tier.strategy.clone(), tier.predicted_tps))
+}
+
 /// Runs `pshard bench`.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    init_threads(a.threads)?;
+    init_threads(a.engine.threads)?;
     let pp = parse_list(&a.n_prompt, "-p")?;
     let tg = parse_list(&a.n_gen, "-n")?;
     if pp.is_empty() && tg.is_empty() {
@@ -391,10 +341,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.output != "md" && a.output != "json" {
         bail!("-o must be md or json (got '{}')", a.output);
     }
-    if a.ubatch == 0 {
+    if a.engine.ubatch == 0 {
         bail!("-ub must be at least 1");
     }
-    let device = pick_device(&a.device)?;
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
     let n_params: u64 = model
@@ -414,31 +363,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         model.spec.arch.gguf_name(),
         main_type(&model).name()
     );
-    let n_ctx = pp.iter().chain(&tg).copied().max().unwrap_or(1);
-    let (mut runner, backend, gpu_info) = match device {
-        Device::Cpu => (
-            Runner::Cpu(Box::new(Engine::new(model, n_ctx, a.ubatch))),
-            "CPU",
-            String::new(),
-        ),
-        Device::Cuda(ordinal) => {
-            let opts = GpuOptions {
-                ordinal,
-                vram_budget: a.vram_budget.map(|m| m << 20),
-                cache_dir: None,
-                keep_host_weights: a.keep_host_weights,
-            };
-            let t0 = Instant::now();
-            let e = GpuEngine::new(&model, n_ctx, a.ubatch, &opts)
-                .with_context(|| format!("opening CUDA device {ordinal}"))?;
-            eprintln!(
-                "{}\nbench: weights uploaded in {:.2} s",
-                e.report(),
-                t0.elapsed().as_secs_f64()
-            );
-            let name = e.gpu.dev.info().name.clone();
-            (Runner::Gpu(Box::new(e), Box::new(model)), "CUDA", name)
-        }
+    let longest = pp.iter().chain(&tg).copied().max().unwrap_or(1);
+    let n_ctx = a.ctx.unwrap_or(longest).max(longest);
+    let t0 = Instant::now();
+    let mut engine = make_engine(model, &a.model, n_ctx, &a.engine)?;
+    eprintln!("bench: engine ready in {:.2} s", t0.elapsed().as_secs_f64());
+    let (backend, gpu_info) = match engine.device_report() {
+        Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
+        None => ("CPU", String::new()),
     };
     // Synthetic tokens (a simple LCG: the same for every backend and run).
     let mut state = a
@@ -453,53 +385,41 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     let mut test_tokens: Vec<Vec<u32>> = Vec::new();
-    for &n in &pp {
-        let tokens: Vec<u32> = (0..n).map(|_| next_token()).collect();
-        let mut samples = Vec::new();
+    let tests: Vec<(usize, usize)> = pp
+        .iter()
+        .map(|&n| (n, 0))
+        .chain(tg.iter().map(|&n| (0, n)))
+        .collect();
+    for (n_prompt, n_gen) in tests {
+        let tokens: Vec<u32> = (0..n_prompt.max(n_gen)).map(|_| next_token()).collect();
+        let mut r = TestResult {
+            n_prompt,
+            n_gen,
+            samples_ns: Vec::new(),
+            tier: None,
+        };
         for rep in 0..=a.reps {
-            runner.reset();
+            engine.clear_history();
             let t0 = Instant::now();
-            runner.prompt(&tokens, a.ubatch)?;
+            pass(&mut engine, &r, &tokens)?;
             if rep > 0 {
-                samples.push(t0.elapsed().as_nanos() as u64);
+                r.samples_ns.push(t0.elapsed().as_nanos() as u64);
             }
         }
-        results.push(TestResult {
-            n_prompt: n,
-            n_gen: 0,
-            samples_ns: samples,
-        });
-        test_tokens.push(tokens);
-    }
-    for &n in &tg {
-        let tokens: Vec<u32> = (0..n).map(|_| next_token()).collect();
-        let mut samples = Vec::new();
-        for rep in 0..=a.reps {
-            runner.reset();
-            let t0 = Instant::now();
-            for &t in &tokens {
-                runner.step(t)?;
-            }
-            if rep > 0 {
-                samples.push(t0.elapsed().as_nanos() as u64);
-            }
-        }
-        results.push(TestResult {
-            n_prompt: 0,
-            n_gen: n,
-            samples_ns: samples,
-        });
+        r.tier = main_tier(&engine);
+        results.push(r);
         test_tokens.push(tokens);
     }
     if a.op_times {
         let profile = a
+            .engine
             .gpu_profile
             .as_deref()
             .map(Profile::load)
             .transpose()
             .context("reading --gpu-profile")?;
         for (r, tokens) in results.iter().zip(&test_tokens) {
-            runner.op_times_pass(r, tokens, a.ubatch, profile.as_ref())?;
+            op_times_pass(&mut engine, r, tokens, profile.as_ref())?;
         }
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
@@ -508,16 +428,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         format!("{:.2} M", n_params as f64 / 1e6)
     };
-    let ngl = if backend == "CPU" { 0 } else { 99 };
+    let ub = |r: &TestResult| r.tier.as_ref().map_or(a.engine.ubatch, |t| t.0);
     if a.output == "md" {
         if !gpu_info.is_empty() {
             println!("device: {gpu_info}");
         }
-        println!("| model | size | params | backend | ngl | n_ubatch | test | t/s |");
-        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |");
+        println!("| model | size | params | backend | n_ubatch | test | t/s | tier | strategy | predicted t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |");
         for r in &results {
             let (m, sd) = mean_sd(&r.ts());
-            println!("| {model_type} | {size_str} | {params_str} | {backend} | {ngl} | {} | {} | {m:.2} ± {sd:.2} |", a.ubatch, r.name());
+            let (tier, strat, pred) = match &r.tier {
+                Some((n, s, p)) => (
+                    n.to_string(),
+                    s.clone(),
+                    p.map_or("-".to_string(), |p| format!("{p:.2}")),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "| {model_type} | {size_str} | {params_str} | {backend} | {} | {} | {m:.2} ± {sd:.2} | {tier} | {strat} | {pred} |",
+                ub(r),
+                r.name()
+            );
         }
     } else {
         let rows: Vec<serde_json::Value> = results
@@ -537,10 +469,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "model_type": model_type,
                     "model_size": model_size,
                     "model_n_params": n_params,
-                    "n_batch": a.ubatch,
-                    "n_ubatch": a.ubatch,
+                    "n_batch": ub(r),
+                    "n_ubatch": ub(r),
                     "n_threads": rayon::current_num_threads(),
-                    "n_gpu_layers": ngl,
                     "flash_attn": true,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
@@ -550,6 +481,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "stddev_ts": stddev_ts,
                     "samples_ns": r.samples_ns,
                     "samples_ts": ts,
+                    "tier": r.tier.as_ref().map(|t| t.0),
+                    "strategy": r.tier.as_ref().map(|t| t.1.clone()),
+                    "predicted_ts": r.tier.as_ref().and_then(|t| t.2),
                 })
             })
             .collect();

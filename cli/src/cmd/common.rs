@@ -1,12 +1,17 @@
 //! Helpers shared by the commands that load and run a model.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use pshard_planner::cost::PlanParams;
+use pshard_planner::{Profile, Strategy};
+use pshard_runtime::device::Device as _;
 use pshard_runtime::engine::Engine;
-use pshard_runtime::gpu::GpuOptions;
+use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
+use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
 
 /// Sets the size of the global rayon pool (0 = one per core).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
@@ -103,16 +108,34 @@ pub struct EngineArgs {
     /// Threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
-    /// Tokens per evaluation step.
-    #[arg(long = "ubatch-size", short = 'u', default_value_t = 512)]
+    /// Tokens per evaluation step on the CPU (with a GPU, the plans choose per tier).
+    #[arg(
+        long = "ubatch-size",
+        short = 'u',
+        visible_alias = "ub",
+        default_value_t = 512
+    )]
     pub ubatch: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// VRAM budget in MiB (default: free memory minus a margin).
+    /// VRAM budget in MiB: a hard cap on everything the process holds on the GPU, CUDA context
+    /// included (default: the free memory minus a margin).
     #[arg(long = "vram-budget")]
     pub vram_budget: Option<u64>,
-    /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
+    /// Force one placement strategy in every tier (for testing and comparison).
+    #[arg(long = "strategy")]
+    pub strategy: Option<String>,
+    /// Registry file to read and write plans (default: next to the model, else the user cache).
+    #[arg(long = "registry")]
+    pub registry: Option<PathBuf>,
+    /// CPU profile to plan with (default: ~/.cache/pshard/profiles/cpu.toml).
+    #[arg(long = "cpu-profile")]
+    pub cpu_profile: Option<PathBuf>,
+    /// GPU profile to plan with (default: ~/.cache/pshard/profiles/gpu.toml).
+    #[arg(long = "gpu-profile")]
+    pub gpu_profile: Option<PathBuf>,
+    /// Keep host pages of weights every tier pins on the GPU (default: release them after upload).
     #[arg(long = "keep-host-weights")]
     pub keep_host_weights: bool,
     /// Print the time spent per op kind at the end.
@@ -125,32 +148,165 @@ pub struct EngineArgs {
     pub exact_acts: bool,
 }
 
-/// Builds the engine for `--device`, `--vram-budget` and `--ubatch-size`, logging the GPU report.
-pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result<Engine> {
-    let (ubatch, vram_budget_mib, keep_host_weights) =
-        (a.ubatch, a.vram_budget, a.keep_host_weights);
-    Ok(match pick_device(&a.device)? {
+/// The machine profiles to plan with: the flags, else `~/.cache/pshard/profiles/{cpu,gpu}.toml`,
+/// else the committed H200 profiles with a warning naming the machine they describe.
+pub fn plan_profiles(a: &EngineArgs) -> anyhow::Result<Profiles> {
+    use pshard_planner::profile::ProfileKind;
+    let cached = |kind: &str| {
+        std::env::var_os("HOME")
+            .map(|h| {
+                PathBuf::from(h)
+                    .join(".cache/pshard/profiles")
+                    .join(format!("{kind}.toml"))
+            })
+            .filter(|p| p.exists())
+    };
+    let load = |flag: &Option<PathBuf>,
+                kind: &str,
+                want: ProfileKind|
+     -> anyhow::Result<Option<Profile>> {
+        let Some(path) = flag.clone().or_else(|| cached(kind)) else {
+            return Ok(None);
+        };
+        let p = Profile::load(&path).with_context(|| format!("reading the {kind} profile"))?;
+        if p.kind != want {
+            bail!(
+                "{}: this is a {:?} profile, but it was given as the {kind} profile",
+                path.display(),
+                p.kind
+            );
+        }
+        Ok(Some(p))
+    };
+    let mut out = Profiles {
+        cpu: load(&a.cpu_profile, "cpu", ProfileKind::Cpu)?,
+        gpu: load(&a.gpu_profile, "gpu", ProfileKind::Gpu)?,
+        warning: None,
+    };
+    let mut borrowed = Vec::new();
+    if out.cpu.is_none() {
+        out.cpu = Some(Profile::from_toml_str(
+            COMMITTED_CPU,
+            "profiles/h200-cpu.toml",
+        )?);
+        borrowed.push("cpu");
+    }
+    if out.gpu.is_none() {
+        out.gpu = Some(Profile::from_toml_str(
+            COMMITTED_GPU,
+            "profiles/h200-gpu.toml",
+        )?);
+        borrowed.push("gpu");
+    }
+    if !borrowed.is_empty() {
+        let gpu_name = out
+            .gpu
+            .as_ref()
+            .and_then(|p| p.machine.gpu.as_ref())
+            .map_or("?", |g| g.name.as_str());
+        out.warning = Some(format!(
+            "planning with the committed {} profile(s) of the machine they were measured on ({gpu_name}              and its host), not of this one: run `pshard profile cpu` / `pshard profile gpu`",
+            borrowed.join(" and ")
+        ));
+    }
+    Ok(out)
+}
+
+/// The committed profiles of the lent H200 machine.
+const COMMITTED_CPU: &str = include_str!("../../../profiles/h200-cpu.toml");
+const COMMITTED_GPU: &str = include_str!("../../../profiles/h200-gpu.toml");
+
+/// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry`: on the CPU
+/// alone, or with the tiers of the model's registry (planned here when none matches) on a GPU.
+/// Says in one line which plans run.
+pub fn make_engine(
+    model: Model,
+    path: &Path,
+    n_ctx: usize,
+    a: &EngineArgs,
+) -> anyhow::Result<Engine> {
+    let strategy = match &a.strategy {
+        Some(name) => Some(Strategy::from_name(name).with_context(|| {
+            let valid: Vec<&str> = std::iter::once(Strategy::AllGpu)
+                .chain(Strategy::SEARCHED)
+                .map(|s| s.name())
+                .collect();
+            format!("unknown --strategy '{name}' (valid: {})", valid.join(", "))
+        })?),
+        None => None,
+    };
+    match pick_device(&a.device)? {
         Device::Cpu => {
-            let mut e = Engine::new(model, n_ctx, ubatch);
+            if strategy.is_some() || a.vram_budget.is_some() {
+                eprintln!("device: cpu — --strategy and --vram-budget apply to GPU plans only");
+            }
+            let mut e = Engine::new(model, n_ctx, a.ubatch);
             e.set_exact_activations(a.exact_acts);
-            e
+            Ok(e)
         }
         Device::Cuda(ordinal) => {
+            let model = Arc::new(model);
             let opts = GpuOptions {
                 ordinal,
-                vram_budget: vram_budget_mib.map(|m| m << 20),
+                vram_budget: a.vram_budget.map(|m| m << 20),
                 cache_dir: None,
-                keep_host_weights,
             };
-            let mut e = Engine::with_gpu(model, n_ctx, ubatch, &opts)
+            let dev = CudaDevice::open(model.clone(), &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
+            let info = dev.gpu().dev.info().clone();
+            // The plans' budget: what this process may hold, the context included.
+            let budget = dev.budget() + info.context_overhead;
+            let mut params = PlanParams::new(n_ctx);
+            params.threads = rayon::current_num_threads();
+            let profiles = plan_profiles(a)?;
+            let req = TierRequest {
+                model_path: path,
+                params,
+                budget,
+                registry: a.registry.as_deref(),
+                strategy,
+                profiles: &profiles,
+                context_bytes: Some(info.context_overhead),
+            };
+            let (tiers, line) = resolve(&model, &req).context("choosing the plans")?;
+            eprintln!("{line}");
+            let mut e =
+                Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), a.keep_host_weights)
+                    .context("loading the model onto the GPU")?;
             e.set_exact_activations(a.exact_acts);
-            if let Some(r) = e.gpu_report() {
+            if let Some(r) = e.device_report() {
                 eprintln!("{r}");
             }
-            e
+            Ok(e)
         }
-    })
+    }
+}
+
+/// One line per tier that ran: tier, strategy, ubatches and tokens (for `run`'s report).
+pub fn tier_report(engine: &Engine) -> String {
+    let mut per: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
+    for r in engine.history() {
+        let e = per.entry(r.tier).or_default();
+        e.0 += 1;
+        e.1 += r.n_tokens;
+    }
+    let tiers = engine.tiers();
+    per.iter()
+        .map(|(&t, &(ub, toks))| {
+            let tier = &tiers.tiers[t];
+            format!(
+                "tier {} ({}): {} ubatches, {} tokens, {}{}",
+                tier.n,
+                if tier.prefill { "prefill" } else { "decode" },
+                ub,
+                toks,
+                tier.strategy,
+                tier.predicted_tps
+                    .map_or(String::new(), |p| format!(", predicted {p:.1} t/s"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Resident memory of this process in bytes (Linux `VmRSS`), if readable.

@@ -66,7 +66,8 @@ struct Report {
     layers: Vec<LayerRow>,
     kv_f16_bytes_per_token: u64,
     kv_q8_0_bytes_per_token: u64,
-    /// f16 KV of 1024 tokens of one sequence (sliding-window layers capped at their window).
+    /// f16 KV of 1024 tokens of one sequence in batches of 512 (sliding-window layers keep their
+    /// window plus one batch).
     kv_f16_bytes_per_1k_tokens: u64,
     /// Tensor bytes the model uses, each tensor once.
     total_tensor_bytes: u64,
@@ -159,7 +160,7 @@ fn report(path: &std::path::Path, file: &ModelFile, spec: &ModelSpec) -> Report 
         layers,
         kv_f16_bytes_per_token: bytes::kv_bytes_per_token(spec, GgmlType::F16),
         kv_q8_0_bytes_per_token: bytes::kv_bytes_per_token(spec, GgmlType::Q8_0),
-        kv_f16_bytes_per_1k_tokens: bytes::kv_bytes(spec, GgmlType::F16, 1024, 1),
+        kv_f16_bytes_per_1k_tokens: bytes::kv_bytes(spec, GgmlType::F16, 1024, 512, 1),
         total_tensor_bytes: bytes::file_bytes(spec),
         unused_tensors: spec
             .unused_file_tensors(file.tensors().len())

@@ -59,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut engine = super::common::make_engine(model, args.ctx_size, &args.engine)?;
+    let mut engine = super::common::make_engine(model, &args.model, args.ctx_size, &args.engine)?;
     let n_chunks = tokens.len() / args.ctx_size;
     eprintln!(
         "calculating perplexity over {n_chunks} chunks, n_ctx={}",

@@ -364,32 +364,3 @@ fn print_json(
         serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     );
 }
-
-#[cfg(test)]
-mod tests {
-    /// The cost model picks the CUDA backend's matmul and MoE paths by the backend's own
-    /// thresholds; the planner (no CUDA dependency) keeps copies that must stay equal.
-    #[test]
-    fn planner_mirrors_the_cuda_backends_path_thresholds() {
-        assert_eq!(
-            pshard_planner::costtable::GPU_GEMV_MAX_ROWS,
-            pshard_kernels::cuda::GEMV_MAX_ROWS
-        );
-        assert_eq!(
-            pshard_planner::costtable::GPU_GEMV_INT8_MAX_ROWS,
-            pshard_kernels::cuda::GEMV_INT8_MAX_ROWS
-        );
-        assert_eq!(
-            pshard_planner::costtable::GPU_GRAPH_MAX_TOKENS,
-            pshard_runtime::gpu::GRAPH_MAX_TOKENS
-        );
-        assert_eq!(
-            pshard_profiler::gpu::GRAPH_MAX_TOKENS,
-            pshard_runtime::gpu::GRAPH_MAX_TOKENS
-        );
-        assert_eq!(
-            pshard_planner::costtable::GPU_MOE_GEMV_MAX_PAIRS,
-            pshard_runtime::gpu::MOE_GEMV_MAX_PAIRS
-        );
-    }
-}

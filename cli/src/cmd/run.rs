@@ -135,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let n_predict = args.n_predict.min(n_ctx - tokens.len());
-    let mut engine = super::common::make_engine(model, n_ctx, &args.engine)?;
+    let mut engine = super::common::make_engine(model, &args.model, n_ctx, &args.engine)?;
     let mut sampler = Sampler::new(SamplerParams {
         temperature: args.temp,
         top_k: args.top_k,
@@ -205,14 +205,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stats.gen_tokens as f64 / stats.gen_secs.max(1e-9),
     );
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!("{}", super::common::tier_report(&engine));
     eprintln!(
         "memory: RSS {:.0} MiB, KV cache {:.0} MiB{}",
         super::common::rss_bytes().map_or(f64::NAN, mib),
         mib(engine.kv_bytes() as u64),
-        if engine.gpu_report().is_some() {
-            " (in VRAM; VRAM per region above)"
-        } else {
-            ""
+        match engine.device_measured_bytes() {
+            Some(b) => format!(", VRAM measured {:.0} MiB", mib(b)),
+            None => String::new(),
         }
     );
     if args.engine.profile {

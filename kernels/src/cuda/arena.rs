@@ -167,6 +167,28 @@ impl VramArena {
         Ok(self.add_region(kind, name, ptr, bytes, false))
     }
 
+    /// A region that no device allocation backs, at address `base` (which the caller's memory
+    /// stands behind): the host device's VRAM, held to the same budget and alignment rules, and
+    /// the allocator's own tests.
+    pub fn create_host_region(
+        &mut self,
+        kind: RegionKind,
+        name: &str,
+        bytes: u64,
+        base: u64,
+    ) -> CudaResult<RegionId> {
+        let bytes = align_up(bytes.max(ALIGN));
+        if bytes > self.unreserved() {
+            return Err(CudaError::OutOfVram {
+                what: format!("{} region '{name}'", kind.as_str()),
+                requested: bytes,
+                available: self.unreserved(),
+                limit: self.budget,
+            });
+        }
+        Ok(self.add_region(kind, name, base, bytes, true))
+    }
+
     fn add_region(
         &mut self,
         kind: RegionKind,
@@ -325,23 +347,13 @@ mod tests {
     use super::*;
 
     impl VramArena {
-        /// A region with a made-up base address: exercises the allocator without a GPU.
         fn fake_region(
             &mut self,
             kind: RegionKind,
             name: &str,
             bytes: u64,
         ) -> CudaResult<RegionId> {
-            let bytes = align_up(bytes.max(ALIGN));
-            if bytes > self.unreserved() {
-                return Err(CudaError::OutOfVram {
-                    what: format!("{} region '{name}'", kind.as_str()),
-                    requested: bytes,
-                    available: self.unreserved(),
-                    limit: self.budget,
-                });
-            }
-            Ok(self.add_region(kind, name, 1 << 40, bytes, true))
+            self.create_host_region(kind, name, bytes, 1 << 40)
         }
     }
 

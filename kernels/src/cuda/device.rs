@@ -99,8 +99,10 @@ impl std::fmt::Debug for GpuDevice {
 }
 
 impl GpuDevice {
-    /// Opens device `ordinal` with a VRAM budget in bytes (`None`: free memory minus
-    /// [`DEFAULT_MARGIN`]). A budget larger than the free memory is an error.
+    /// Opens device `ordinal` with a VRAM budget in bytes for everything the process holds on it,
+    /// the CUDA context included (`None`: the free memory minus [`DEFAULT_MARGIN`]). The arena gets
+    /// the budget less the measured context; a budget the context does not fit in, or larger than
+    /// the free memory, is an error.
     pub fn open(ordinal: usize, budget: Option<u64>) -> CudaResult<Arc<GpuDevice>> {
         let count = device_count()?;
         if ordinal >= count {
@@ -136,16 +138,26 @@ impl GpuDevice {
             free_after_context: free as u64,
             context_overhead,
         };
+        // A budget covers everything the process holds on the device, the context included: the
+        // arena gets what is left after the context.
         let budget = match budget {
-            Some(b) if b > free as u64 => {
+            Some(b) if b > free as u64 + context_overhead => {
                 return Err(CudaError::OutOfVram {
                     what: "the requested VRAM budget".into(),
                     requested: b,
-                    available: free as u64,
+                    available: free as u64 + context_overhead,
                     limit: total as u64,
                 })
             }
-            Some(b) => b,
+            Some(b) if b <= context_overhead => {
+                return Err(CudaError::OutOfVram {
+                    what: "the CUDA context within the VRAM budget".into(),
+                    requested: context_overhead,
+                    available: b,
+                    limit: b,
+                })
+            }
+            Some(b) => b - context_overhead,
             None => (free as u64).saturating_sub(DEFAULT_MARGIN),
         };
         let compute = drv("creating the compute stream", ctx.new_stream())?;
@@ -305,6 +317,57 @@ impl GpuDevice {
             "copying device to host",
             sys::cuMemcpyDtoHAsync_v2(dst as *mut _, src, len, stream.cu_stream()),
         )
+    }
+
+    /// Enqueues a strided copy of `height` rows of `width` bytes between host and device
+    /// (`to_device`: host → device), rows `host_pitch` / `dev_pitch` bytes apart.
+    ///
+    /// # Safety
+    /// As [`Self::upload_async`] / [`Self::download_async`] for every row: the host rows stay valid
+    /// (and untouched, for a download) until the copy completes; the device rows are allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn copy_2d_async(
+        &self,
+        stream: &CudaStream,
+        to_device: bool,
+        host: *mut u8,
+        host_pitch: usize,
+        dev: u64,
+        dev_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> CudaResult<()> {
+        self.bind()?;
+        let mut c: sys::CUDA_MEMCPY2D = std::mem::zeroed();
+        c.WidthInBytes = width;
+        c.Height = height;
+        if to_device {
+            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.srcHost = host as *const _;
+            c.srcPitch = host_pitch;
+            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.dstDevice = dev;
+            c.dstPitch = dev_pitch;
+        } else {
+            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            c.srcDevice = dev;
+            c.srcPitch = dev_pitch;
+            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            c.dstHost = host as *mut _;
+            c.dstPitch = host_pitch;
+        }
+        check(
+            "copying a strided block",
+            sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()),
+        )
+    }
+
+    /// Device memory this process uses now: the context plus what the free memory has dropped by
+    /// since the context was made (`cuMemGetInfo`; other processes' allocations in between would
+    /// count too).
+    pub fn measured_usage(&self) -> CudaResult<u64> {
+        let (free, _) = self.mem_info()?;
+        Ok(self.info.context_overhead + self.info.free_after_context.saturating_sub(free))
     }
 
     /// Enqueues a device-to-device copy of `len` bytes.

@@ -202,6 +202,30 @@ struct ActScratch {
     d: u64,
     /// Q8_K 16-element sums (i16).
     bs: u64,
+    /// [`ZERO_SEQS`] zero i32s.
+    zeros: u64,
+}
+
+/// Zero i32s kept on the device for batches that are all sequence 0 ([`CudaKernels::zero_seqs`]).
+pub const ZERO_SEQS: usize = 1 << 18;
+
+/// Bytes of the int8 GEMV's activation scratch (quants, scales, sums) and the zero sequence ids.
+pub const ACT_SCRATCH_BYTES: u64 =
+    ActScratch::Q_BYTES + ActScratch::D_BYTES + ActScratch::BS_BYTES + (ZERO_SEQS * 4) as u64;
+
+/// How attention finds its KV cells: K and V rows, each sequence owning `AttnParams::n_ctx`
+/// consecutive cells (position `p` in cell `p % n_ctx` of its sequence's span).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCells {
+    /// K rows.
+    pub k: u64,
+    /// V rows.
+    pub v: u64,
+    /// Sequence id of each query token (i32 on the device), for the split-KV (decode) path.
+    pub seq: u64,
+    /// First cell of the batch's sequence, for the flash (prefill) path, which takes one
+    /// sequence per call.
+    pub base: usize,
 }
 
 impl ActScratch {
@@ -211,15 +235,18 @@ impl ActScratch {
     const BS_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS / 8) as u64;
 
     fn new(dev: &Arc<GpuDevice>) -> CudaResult<ActScratch> {
-        let bytes = Self::Q_BYTES + Self::D_BYTES + Self::BS_BYTES;
+        let bytes = ACT_SCRATCH_BYTES;
         let region = dev.create_region(RegionKind::Workspace, "gemv int8 activations", bytes)?;
         let buf = dev.alloc(region, bytes, "gemv int8 activations")?;
+        let zeros = buf.ptr + Self::Q_BYTES + Self::D_BYTES + Self::BS_BYTES;
+        dev.memset(dev.compute_stream(), zeros, 0, ZERO_SEQS * 4)?;
         Ok(ActScratch {
             dev: dev.clone(),
             region,
             q: buf.ptr,
             d: buf.ptr + Self::Q_BYTES,
             bs: buf.ptr + Self::Q_BYTES + Self::D_BYTES,
+            zeros,
         })
     }
 }
@@ -288,6 +315,31 @@ fn split_stride(d: usize) -> usize {
 /// Dynamic shared memory of `attn_split`: one tile of K and one of V.
 fn split_smem(dk: usize, dv: usize) -> usize {
     ATTN_SPLIT_TILE * (split_stride(dk) + split_stride(dv)) * 2
+}
+
+/// Scratch bytes the split-KV attention path needs for `n` query rows (0 when the flash kernel is
+/// used). A pure function of the shapes, so the planner sizes exactly what the runtime allocates.
+pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
+    if uses_flash(p, n) {
+        0
+    } else {
+        n * p.n_head * n_split(p, n) * (p.dv + 2) * 4
+    }
+}
+
+fn uses_flash(p: &AttnParams, n: usize) -> bool {
+    n > ATTN_SPLIT_MAX_ROWS && p.dk == p.dv && FLASH_DIMS.iter().any(|&(d, _)| d == p.dk)
+}
+
+/// Splits of the split-KV path for `n` query rows: enough that a call at full context has about
+/// 1024 blocks, at most [`ATTN_MAX_SPLITS`] and no more than the cache has key tiles. The kernels
+/// size each split on the device from the query's position (a multiple of [`ATTN_SPLIT_TILE`]
+/// keys), so short contexts read only their keys.
+fn n_split(p: &AttnParams, n: usize) -> usize {
+    let want = 1024usize
+        .div_ceil((p.n_head * n).max(1))
+        .clamp(1, ATTN_MAX_SPLITS);
+    want.min(p.n_ctx.div_ceil(ATTN_SPLIT_TILE)).max(1)
 }
 
 fn blocks(n: usize, per: usize) -> u32 {
@@ -1296,7 +1348,8 @@ impl CudaKernels {
         )
     }
 
-    /// Writes `n` rows of `row` f32 values (row stride `ld_src`) into an f16 cache at rows `pos[t]`.
+    /// Writes `n` rows of `row` f32 values (row stride `ld_src`) into an f16 cache: token `t` to
+    /// cell `seq[t] · cells + pos[t] % cells` (i32s on the device; negative positions are skipped).
     pub fn kv_write(
         &self,
         src: u64,
@@ -1304,11 +1357,16 @@ impl CudaKernels {
         cache: u64,
         row: usize,
         pos: u64,
+        seq: u64,
+        cells: usize,
         n: usize,
         s: &CudaStream,
     ) -> CudaResult<()> {
         if n == 0 {
             return Ok(());
+        }
+        if cells == 0 {
+            return Err(CudaError::Invalid("a KV cache of 0 cells".into()));
         }
         self.launch(
             "kv_write",
@@ -1316,8 +1374,26 @@ impl CudaKernels {
             256,
             0,
             s,
-            &[&src, &(ld_src as i32), &cache, &(row as i32), &pos],
+            &[
+                &src,
+                &(ld_src as i32),
+                &cache,
+                &(row as i32),
+                &pos,
+                &seq,
+                &(cells as i32),
+            ],
         )
+    }
+
+    /// Device address of `n` zero i32s: the sequence ids of a batch that is all sequence 0.
+    pub fn zero_seqs(&self, n: usize) -> CudaResult<u64> {
+        if n > ZERO_SEQS {
+            return Err(CudaError::Invalid(format!(
+                "{n} tokens of sequence 0 exceed the {ZERO_SEQS} zeros kept on the device"
+            )));
+        }
+        Ok(self.acts.zeros)
     }
 
     /// `out[i] = x[rows[i]]` for `n` rows (rows: i32 on the device).
@@ -1602,41 +1678,16 @@ impl CudaKernels {
     // Attention
     // ----------------------------------------------------------------------------------------
 
-    /// Scratch bytes the split-KV path needs for `n` query rows (0 when the flash kernel is used).
-    pub fn attention_scratch(&self, p: &AttnParams, n: usize) -> usize {
-        if self.uses_flash(p, n) {
-            0
-        } else {
-            n * p.n_head * Self::n_split(p, n) * (p.dv + 2) * 4
-        }
-    }
-
-    fn uses_flash(&self, p: &AttnParams, n: usize) -> bool {
-        n > ATTN_SPLIT_MAX_ROWS && p.dk == p.dv && FLASH_DIMS.iter().any(|&(d, _)| d == p.dk)
-    }
-
-    /// Splits of the split-KV path for `n` query rows: enough that a call at full context has about
-    /// 1024 blocks, at most [`ATTN_MAX_SPLITS`] and no more than the cache has key tiles. The kernels
-    /// size each split on the device from the query's position (a multiple of
-    /// [`ATTN_SPLIT_TILE`] keys), so short contexts read only their keys.
-    fn n_split(p: &AttnParams, n: usize) -> usize {
-        let want = 1024usize
-            .div_ceil((p.n_head * n).max(1))
-            .clamp(1, ATTN_MAX_SPLITS);
-        want.min(p.n_ctx.div_ceil(ATTN_SPLIT_TILE)).max(1)
-    }
-
     /// Causal (optionally windowed) attention of `n` query rows over the f16 caches at positions
     /// `pos` (i32 on the device). `q`: `[n, n_head·dk]` f32 (row stride `ldq`), `out`:
-    /// `[n, n_head·dv]` f32 (row stride `ldo`). `part` must hold [`Self::attention_scratch`] bytes.
+    /// `[n, n_head·dv]` f32 (row stride `ldo`). `part` must hold [`attention_scratch`] bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         p: &AttnParams,
         q: u64,
         ldq: usize,
-        kc: u64,
-        vc: u64,
+        kv: KvCells,
         pos: u64,
         n: usize,
         out: u64,
@@ -1644,6 +1695,7 @@ impl CudaKernels {
         part: u64,
         s: &CudaStream,
     ) -> CudaResult<()> {
+        let (kc, vc) = (kv.k, kv.v);
         if p.n_kv == 0 || !p.n_head.is_multiple_of(p.n_kv) {
             return Err(CudaError::Invalid(format!(
                 "{} query heads cannot share {} KV heads",
@@ -1654,7 +1706,7 @@ impl CudaKernels {
             return Ok(());
         }
         let common_tail = (p.scale, p.softcap, p.window as i32);
-        if self.uses_flash(p, n) {
+        if uses_flash(p, n) {
             let &(d, bkv) = FLASH_DIMS
                 .iter()
                 .find(|&&(d, _)| d == p.dk)
@@ -1676,6 +1728,7 @@ impl CudaKernels {
                     &(n as i32),
                     &(p.n_head as i32),
                     &(p.n_kv as i32),
+                    &(kv.base as i32),
                     &(p.n_ctx as i32),
                     &common_tail.0,
                     &common_tail.1,
@@ -1695,13 +1748,14 @@ impl CudaKernels {
                 p.dk, p.dv
             )));
         }
-        let ns = Self::n_split(p, n);
+        let ns = n_split(p, n);
         let smem = split_smem(p.dk, p.dv);
         let mut t0 = 0;
         while t0 < n {
             let chunk = (n - t0).min(65535);
             let qo = q + (t0 * ldq * 4) as u64;
             let po = pos + (t0 * 4) as u64;
+            let so = kv.seq + (t0 * 4) as u64;
             self.launch(
                 "attn_split",
                 (ns as u32, p.n_head as u32, chunk as u32),
@@ -1715,6 +1769,7 @@ impl CudaKernels {
                     &vc,
                     &part,
                     &po,
+                    &so,
                     &(p.n_head as i32),
                     &(p.n_kv as i32),
                     &(p.n_ctx as i32),
@@ -1739,7 +1794,6 @@ impl CudaKernels {
                     &(ldo as i32),
                     &po,
                     &(p.n_head as i32),
-                    &(p.n_ctx as i32),
                     &(p.dv as i32),
                     &common_tail.2,
                     &(ns as i32),
@@ -1891,12 +1945,12 @@ mod tests {
             window: 0,
         };
         // ~1024 blocks at full context, capped by attn_combine's 64 and by the cache's tiles.
-        assert_eq!(CudaKernels::n_split(&p(32, 4096), 1), 32);
-        assert_eq!(CudaKernels::n_split(&p(4, 4096), 1), 64);
-        assert_eq!(CudaKernels::n_split(&p(32, 4096), 4), 8);
-        assert_eq!(CudaKernels::n_split(&p(32, 100), 1), 2);
-        assert_eq!(CudaKernels::n_split(&p(32, 4096), 512), 1);
-        assert_eq!(CudaKernels::n_split(&p(1, 1), 1), 1);
+        assert_eq!(n_split(&p(32, 4096), 1), 32);
+        assert_eq!(n_split(&p(4, 4096), 1), 64);
+        assert_eq!(n_split(&p(32, 4096), 4), 8);
+        assert_eq!(n_split(&p(32, 100), 1), 2);
+        assert_eq!(n_split(&p(32, 4096), 512), 1);
+        assert_eq!(n_split(&p(1, 1), 1), 1);
         // Shared memory: head dims 128 fit the default 48 KiB; 256 needs the raised limit, which
         // is what load() sets.
         assert_eq!(split_smem(128, 128), 64 * 144 * 2 * 2);

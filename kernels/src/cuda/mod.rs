@@ -23,13 +23,13 @@ pub mod nvrtc;
 
 pub use arena::{DevBuf, RegionId, RegionKind, RegionReport, VramArena};
 pub use blas::{Blas, GemmInput};
+pub use cudarc::driver::{CudaEvent, CudaStream, DriverError};
 pub use device::{DeviceInfo, GpuDevice};
 pub use error::{CudaError, CudaResult};
 pub use graph::CapturedGraph;
 pub use host::{HostRegistration, PinnedBuf};
-pub use kernels::{AttnParams, CudaKernels, RopeArgs, RopeKind};
+pub use kernels::{AttnParams, CudaKernels, KvCells, RopeArgs, RopeKind};
 
-use cudarc::driver::CudaStream;
 use pshard_model::ggml_type::GgmlType;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,6 +43,19 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// GEMM scratch. Measured on the H200 (2026-11-21, CUDA graphs): at 8 rows it reads Q4_K weights
 /// at 650-870 GB/s against 370-400 for dequantize + GEMM, Q8_0 at 810-1190 against 710-770.
 pub const GEMV_INT8_MAX_ROWS: usize = kernels::GEMV_MAX_NB;
+
+/// (token, expert) pairs up to which MoE experts run as one GEMV per pair, in one launch per
+/// matrix. Above, the pairs are sorted by expert on the device and every matrix is one grouped GEMM
+/// that decodes each used expert once per tile of its tokens (`moe_gemm`): reading an expert once
+/// per pair costs more from about 32 tokens × 8 experts on the H200.
+pub const MOE_GEMV_MAX_PAIRS: usize = 256;
+
+/// VRAM the backend reserves besides what programs allocate: the cuBLAS workspace and the int8
+/// GEMV's activation scratch (regions of the arena, made once per device).
+pub const WORKSPACE_BYTES: u64 = blas::BLAS_WORKSPACE + kernels::ACT_SCRATCH_BYTES;
+
+/// Batches at or below this many tokens are captured as CUDA graphs (decode).
+pub const GRAPH_MAX_TOKENS: usize = 4;
 
 /// Why no GPU is usable here, or `None` if device `ordinal` can be opened. Never panics.
 pub fn probe(ordinal: usize) -> Result<DeviceSummary, CudaError> {

@@ -1,0 +1,803 @@
+//! The host device: the [`Device`] interface on the CPU, so machines without a GPU (CI) run mixed
+//! programs end to end. Device memory is host memory in regions of the same [`VramArena`] the
+//! CUDA device uses (same budget, same alignment, same errors); each stream is a worker thread
+//! running its queue in order; an event is a generation counter that a stream's job bumps; the
+//! kernels are the CPU lane's own ops, reading their inputs from device memory and writing their
+//! outputs back.
+//!
+//! Optionally every job of a stream first sleeps a random while ([`HostDevice::with_delays`]):
+//! a missing event or a ring slot reused too early then shows as wrong logits, not as luck.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use half::f16;
+use pshard_kernels::cuda::{CudaError, RegionId, RegionKind, RegionReport, VramArena};
+use pshard_kernels::matmul::{ActPrecision, WeightMatrix};
+use pshard_model::graph::{BufId, Graph, Op};
+use pshard_model::spec::TensorId;
+
+use crate::batch::Batch;
+use crate::cpu::{CpuLane, KvAccess, LayerKvMut, Weights};
+use crate::device::{
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
+    PlainHostMem, Shape2d, Stream, WeightRef,
+};
+use crate::error::EngineError;
+use crate::model::Model;
+
+/// Bits of an address that are the offset inside its region.
+const REGION_SHIFT: u32 = 40;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One region's memory.
+type RegionMem = Arc<RwLock<Vec<u32>>>;
+
+/// Region memory, addressed by region index.
+type Memory = Arc<RwLock<HashMap<usize, RegionMem>>>;
+
+/// One stream: a worker thread running its jobs in order.
+struct Worker {
+    tx: Option<Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(name: &str) -> Worker {
+        let (tx, rx) = channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawning a host-device stream thread");
+        Worker {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn push(&self, job: Job) {
+        if let Some(tx) = &self.tx {
+            // The worker only stops when the device drops.
+            let _ = tx.send(job);
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Events: per event the generation last recorded (by the issuing thread) and the generation
+/// its stream has reached.
+#[derive(Default)]
+struct Events {
+    state: Mutex<Vec<(u64, u64)>>,
+    done: Condvar,
+}
+
+impl Events {
+    fn wait_for(&self, e: usize, gen: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s[e].1 < gen {
+            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// State the stream workers share.
+struct Shared {
+    model: Arc<Model>,
+    mem: Memory,
+    events: Events,
+    h2d: AtomicU64,
+    d2h: AtomicU64,
+    /// The first failure of a job, reported by the next wait or synchronize.
+    error: Mutex<Option<String>>,
+    op_times: Mutex<HashMap<OpKey, OpTime>>,
+}
+
+impl Shared {
+    fn region(&self, addr: DevPtr) -> Result<(RegionMem, usize), String> {
+        let idx = (addr >> REGION_SHIFT) as usize;
+        let off = (addr & ((1u64 << REGION_SHIFT) - 1)) as usize;
+        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner());
+        let r = idx
+            .checked_sub(1)
+            .and_then(|i| mem.get(&i))
+            .ok_or_else(|| format!("address {addr:#x} is in no region"))?;
+        Ok((r.clone(), off))
+    }
+
+    /// Reads `shape` bytes at `addr` (rows `src_pitch` apart) into `out` (rows `dst_pitch` apart).
+    fn read(&self, addr: DevPtr, shape: Shape2d, out: &mut [u8]) -> Result<(), String> {
+        let (r, off) = self.region(addr)?;
+        let words = r.read().unwrap_or_else(|p| p.into_inner());
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        for row in 0..shape.rows {
+            let s = off + row * shape.src_pitch;
+            let d = row * shape.dst_pitch;
+            let src = bytes.get(s..s + shape.width).ok_or_else(|| {
+                format!(
+                    "read of {} bytes at {addr:#x} leaves its region",
+                    shape.width
+                )
+            })?;
+            out[d..d + shape.width].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (rows `src_pitch` apart) to `addr` (rows `dst_pitch` apart).
+    fn write(&self, addr: DevPtr, shape: Shape2d, data: &[u8]) -> Result<(), String> {
+        let (r, off) = self.region(addr)?;
+        let mut words = r.write().unwrap_or_else(|p| p.into_inner());
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+        for row in 0..shape.rows {
+            let d = off + row * shape.dst_pitch;
+            let s = row * shape.src_pitch;
+            let dst = bytes.get_mut(d..d + shape.width).ok_or_else(|| {
+                format!(
+                    "write of {} bytes at {addr:#x} leaves its region",
+                    shape.width
+                )
+            })?;
+            dst.copy_from_slice(&data[s..s + shape.width]);
+        }
+        Ok(())
+    }
+
+    fn read_f32(&self, addr: DevPtr, n: usize) -> Result<Vec<f32>, String> {
+        let mut v = vec![0f32; n];
+        self.read(addr, Shape2d::flat(n * 4), bytemuck::cast_slice_mut(&mut v))?;
+        Ok(v)
+    }
+
+    fn fail(&self, e: String) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+}
+
+/// Random delays before each job of a stream.
+#[derive(Clone, Copy, Debug)]
+struct Delay {
+    seed: u64,
+    max_us: u64,
+}
+
+/// The host device (see the module notes).
+pub struct HostDevice {
+    shared: Arc<Shared>,
+    arena: Mutex<VramArena>,
+    compute: Worker,
+    copy: Worker,
+    delay: Option<Delay>,
+    jobs: AtomicU64,
+    op_timing: bool,
+}
+
+impl HostDevice {
+    /// A host device with a VRAM budget of `budget` bytes for `model`.
+    pub fn new(model: Arc<Model>, budget: u64) -> HostDevice {
+        HostDevice {
+            shared: Arc::new(Shared {
+                model,
+                mem: Arc::new(RwLock::new(HashMap::new())),
+                events: Events::default(),
+                h2d: AtomicU64::new(0),
+                d2h: AtomicU64::new(0),
+                error: Mutex::new(None),
+                op_times: Mutex::new(HashMap::new()),
+            }),
+            arena: Mutex::new(VramArena::new(budget)),
+            compute: Worker::spawn("host-device compute"),
+            copy: Worker::spawn("host-device copy"),
+            delay: None,
+            jobs: AtomicU64::new(0),
+            op_timing: false,
+        }
+    }
+
+    /// Every job sleeps a random 0..`max_us` µs first (seeded, per job), on both streams.
+    pub fn with_delays(mut self, seed: u64, max_us: u64) -> HostDevice {
+        self.delay = Some(Delay { seed, max_us });
+        self
+    }
+
+    fn push(&self, s: Stream, job: impl FnOnce(&Shared) -> Result<(), String> + Send + 'static) {
+        let shared = self.shared.clone();
+        let n = self.jobs.fetch_add(1, Ordering::Relaxed);
+        let delay = self.delay.map(|d| {
+            // splitmix64 of (seed, job number): reproducible per seed, different per job.
+            let mut z = d.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            z % (d.max_us + 1)
+        });
+        let job: Job = Box::new(move || {
+            if let Some(us) = delay {
+                std::thread::sleep(std::time::Duration::from_micros(us));
+            }
+            if let Err(e) = job(&shared) {
+                shared.fail(e);
+            }
+        });
+        match s {
+            Stream::Compute => self.compute.push(job),
+            Stream::Copy => self.copy.push(job),
+        }
+    }
+
+    fn check_error(&self) -> Result<(), EngineError> {
+        let e = self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match e {
+            Some(e) => Err(EngineError::Device(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn cuda(e: CudaError) -> EngineError {
+    EngineError::Cuda(e)
+}
+
+impl Device for HostDevice {
+    fn describe(&self) -> String {
+        "host device (CPU standing in for a GPU)".into()
+    }
+
+    fn report(&self) -> String {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let mut s = format!(
+            "device: {}; VRAM used {:.0} MiB:",
+            self.describe(),
+            mib(self.measured_bytes())
+        );
+        for r in self.regions() {
+            s += &format!(" {} {:.0} MiB;", r.name, mib(r.capacity));
+        }
+        s
+    }
+
+    fn budget(&self) -> u64 {
+        self.arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .budget()
+    }
+
+    fn create_region(
+        &self,
+        kind: RegionKind,
+        name: &str,
+        bytes: u64,
+    ) -> Result<RegionId, EngineError> {
+        let mut a = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        // The arena hands out region indices; base the addresses on the index it will use.
+        let probe = a.create_host_region(kind, name, bytes, 0).map_err(cuda)?;
+        a.destroy_region(probe).map_err(cuda)?;
+        let base = ((probe.0 + 1) as u64) << REGION_SHIFT;
+        let id = a
+            .create_host_region(kind, name, bytes, base)
+            .map_err(cuda)?;
+        let cap = bytes.max(pshard_kernels::cuda::arena::ALIGN);
+        self.shared
+            .mem
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.0,
+                Arc::new(RwLock::new(vec![0u32; cap.div_ceil(4) as usize])),
+            );
+        Ok(id)
+    }
+
+    fn alloc(&self, region: RegionId, bytes: u64, what: &str) -> Result<DevPtr, EngineError> {
+        let mut a = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(a.alloc(region, bytes, what).map_err(cuda)?.ptr)
+    }
+
+    fn destroy_region(&self, region: RegionId) -> Result<(), EngineError> {
+        self.synchronize()?;
+        let mut a = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        a.destroy_region(region).map_err(cuda)?;
+        self.shared
+            .mem
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&region.0);
+        Ok(())
+    }
+
+    fn regions(&self) -> Vec<RegionReport> {
+        self.arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report()
+    }
+
+    fn measured_bytes(&self) -> u64 {
+        self.arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserved()
+    }
+
+    fn host_alloc(&self, bytes: usize) -> Result<HostBuf, EngineError> {
+        Ok(Arc::new(PlainHostMem::new(bytes)))
+    }
+
+    fn upload(
+        &self,
+        s: Stream,
+        dst: DevPtr,
+        src: &HostSrc,
+        shape: Shape2d,
+    ) -> Result<(), EngineError> {
+        let src = src.clone();
+        self.push(s, move |sh| {
+            let mut data = vec![0u8; (shape.rows.max(1) - 1) * shape.src_pitch + shape.width];
+            match &src {
+                HostSrc::Buf(b, off) => {
+                    let mut res = Ok(());
+                    b.read(
+                        &mut |bytes: &[u8]| match bytes.get(*off..*off + data.len()) {
+                            Some(s) => data.copy_from_slice(s),
+                            None => res = Err("upload reads past its host buffer".to_string()),
+                        },
+                    );
+                    res?;
+                }
+                HostSrc::Mapped { file_index, offset } => {
+                    let t = sh.model.file().tensor_data(*file_index);
+                    let s = t
+                        .get(*offset..*offset + data.len())
+                        .ok_or("upload reads past its tensor")?;
+                    data.copy_from_slice(s);
+                }
+            }
+            sh.write(dst, shape, &data)?;
+            sh.h2d.fetch_add(shape.bytes() as u64, Ordering::Relaxed);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn download(
+        &self,
+        s: Stream,
+        dst: &HostBuf,
+        offset: usize,
+        src: DevPtr,
+        shape: Shape2d,
+    ) -> Result<(), EngineError> {
+        let dst = dst.clone();
+        self.push(s, move |sh| {
+            let len = (shape.rows.max(1) - 1) * shape.dst_pitch + shape.width;
+            let mut res = Ok(());
+            dst.write(&mut |bytes: &mut [u8]| {
+                res = match bytes.get_mut(offset..offset + len) {
+                    Some(out) => sh.read(src, shape, out),
+                    None => Err("download writes past its host buffer".to_string()),
+                };
+            });
+            res?;
+            sh.d2h.fetch_add(shape.bytes() as u64, Ordering::Relaxed);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn copy_d2d(
+        &self,
+        s: Stream,
+        dst: DevPtr,
+        src: DevPtr,
+        bytes: usize,
+    ) -> Result<(), EngineError> {
+        self.push(s, move |sh| {
+            let mut tmp = vec![0u8; bytes];
+            sh.read(src, Shape2d::flat(bytes), &mut tmp)?;
+            sh.write(dst, Shape2d::flat(bytes), &tmp)
+        });
+        Ok(())
+    }
+
+    fn new_event(&self) -> Result<Event, EngineError> {
+        let mut s = self
+            .shared
+            .events
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        s.push((0, 0));
+        Ok(Event(s.len() as u32 - 1))
+    }
+
+    fn record(&self, s: Stream, e: Event) -> Result<(), EngineError> {
+        let gen = {
+            let mut st = self
+                .shared
+                .events
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            st[e.0 as usize].0 += 1;
+            st[e.0 as usize].0
+        };
+        self.push(s, move |sh| {
+            let mut st = sh.events.state.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = &mut st[e.0 as usize].1;
+            *slot = (*slot).max(gen);
+            sh.events.done.notify_all();
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn wait(&self, s: Stream, e: Event) -> Result<(), EngineError> {
+        let gen = self
+            .shared
+            .events
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
+            .0;
+        self.push(s, move |sh| {
+            sh.events.wait_for(e.0 as usize, gen);
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn host_wait(&self, e: Event) -> Result<(), EngineError> {
+        let gen = self
+            .shared
+            .events
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
+            .0;
+        self.shared.events.wait_for(e.0 as usize, gen);
+        self.check_error()
+    }
+
+    fn synchronize(&self) -> Result<(), EngineError> {
+        for s in [Stream::Compute, Stream::Copy] {
+            let e = self.new_event()?;
+            self.record(s, e)?;
+            let gen = self
+                .shared
+                .events
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
+                .0;
+            self.shared.events.wait_for(e.0 as usize, gen);
+        }
+        self.check_error()
+    }
+
+    fn launch(&self, step: &GpuStep<'_>) -> Result<(), EngineError> {
+        let job = OwnedStep {
+            graph: step.graph.clone(),
+            work: step.work.clone(),
+            bufs: step.bufs.to_vec(),
+            weights: step.weights.to_vec(),
+            kv: step.kv,
+            inputs: step.inputs,
+            exact: step.exact,
+        };
+        let timing = self.op_timing;
+        self.push(Stream::Compute, move |sh| {
+            let t0 = std::time::Instant::now();
+            job.run(sh)?;
+            if timing {
+                let ni = match &job.work {
+                    GpuWork::Node { node, .. } => *node,
+                    GpuWork::QkNormRope { nodes } => nodes.start,
+                };
+                let key = OpKey::of(&sh.model, &job.graph, ni);
+                let mut t = sh.op_times.lock().unwrap_or_else(|p| p.into_inner());
+                let e = t.entry(key).or_default();
+                e.calls += 1;
+                e.seconds += t0.elapsed().as_secs_f64();
+            }
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn graph_run(
+        &mut self,
+        _key: (u64, usize),
+        issue: &mut dyn FnMut(&dyn Device) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        issue(self)
+    }
+
+    fn forget_graphs(&mut self, _program: u64) {}
+
+    fn set_op_timing(&mut self, on: bool) {
+        self.op_timing = on;
+    }
+
+    fn op_times(&self) -> Vec<(OpKey, OpTime)> {
+        let mut v: Vec<_> = self
+            .shared
+            .op_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    fn clear_op_times(&mut self) {
+        self.shared
+            .op_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn copied_bytes(&self) -> (u64, u64) {
+        (
+            self.shared.h2d.load(Ordering::Relaxed),
+            self.shared.d2h.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        let _ = self.synchronize();
+    }
+}
+
+/// A GPU step with everything it needs owned, to run on the compute worker.
+struct OwnedStep {
+    graph: Arc<Graph>,
+    work: GpuWork,
+    bufs: Vec<DevPtr>,
+    weights: Vec<WeightRef>,
+    kv: Option<KvRef>,
+    inputs: Inputs,
+    exact: bool,
+}
+
+/// A matrix read from device memory: its rows from `first` on.
+struct DevMatrix {
+    ty: pshard_model::ggml_type::GgmlType,
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    first: usize,
+    n_mats: usize,
+}
+
+/// Weights read from device memory for one step.
+struct DevWeights {
+    mats: HashMap<TensorId, DevMatrix>,
+    vecs: HashMap<TensorId, Vec<f32>>,
+}
+
+impl Weights for DevWeights {
+    fn matrix(&self, id: TensorId, expert: usize) -> (WeightMatrix<'_>, usize) {
+        let m = &self.mats[&id];
+        let per = m.data.len() / m.n_mats.max(1);
+        (
+            WeightMatrix {
+                ty: m.ty,
+                data: &m.data[expert * per..][..per],
+                rows: m.rows,
+                cols: m.cols,
+            },
+            m.first,
+        )
+    }
+    fn vector(&self, id: TensorId) -> &[f32] {
+        &self.vecs[&id]
+    }
+}
+
+/// KV read from device memory for one attention step.
+struct DevKv {
+    k: Vec<f16>,
+    v: Vec<f16>,
+    cells: usize,
+}
+
+impl KvAccess for DevKv {
+    fn with_layer(
+        &mut self,
+        _layer: usize,
+        f: &mut dyn FnMut(LayerKvMut<'_>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        f(LayerKvMut {
+            k: &mut self.k,
+            v: &mut self.v,
+            cells: self.cells,
+        })
+    }
+}
+
+impl OwnedStep {
+    fn run(&self, sh: &Shared) -> Result<(), String> {
+        let g = &*self.graph;
+        let spec = &sh.model.spec;
+        let n = g.n_tokens;
+        let ints = |addr: DevPtr, count: usize| -> Result<Vec<u32>, String> {
+            let mut v = vec![0u32; count];
+            sh.read(
+                addr,
+                Shape2d::flat(count * 4),
+                bytemuck::cast_slice_mut(&mut v),
+            )?;
+            Ok(v)
+        };
+        let tokens = ints(self.inputs.tokens, n)?;
+        let positions = ints(self.inputs.positions, n)?;
+        let seqs = ints(self.inputs.seqs, n)?;
+        let logit_rows: Vec<usize> = ints(self.inputs.logit_rows, g.n_logit_rows)?
+            .into_iter()
+            .map(|r| r as usize)
+            .collect();
+        let nodes: Vec<(usize, Option<std::ops::Range<usize>>)> = match &self.work {
+            GpuWork::Node { node, cols, .. } => vec![(*node, cols.clone())],
+            GpuWork::QkNormRope { nodes } => nodes.clone().map(|i| (i, None)).collect(),
+        };
+        // Buffers the nodes touch, read from device memory.
+        let mut used = vec![false; g.buffers.len()];
+        for (ni, _) in &nodes {
+            let op = &g.nodes[*ni].op;
+            for b in op.reads().into_iter().chain(op.writes()) {
+                used[b.0 as usize] = true;
+            }
+        }
+        let mut lane = CpuLane::new(g, &used);
+        lane.set_act_precision(if self.exact {
+            ActPrecision::Exact
+        } else {
+            ActPrecision::Quantized
+        });
+        for (i, &u) in used.iter().enumerate() {
+            if u {
+                let b = BufId(i as u32);
+                let len = g.rows(b) * g.buffer(b).cols;
+                let v = sh.read_f32(self.bufs[i], len)?;
+                lane.buf_mut(b).copy_from_slice(&v);
+            }
+        }
+        // Weights at their device addresses.
+        let mut w = DevWeights {
+            mats: HashMap::new(),
+            vecs: HashMap::new(),
+        };
+        for r in &self.weights {
+            let td = spec.tensor(r.tensor);
+            if td.is_matrix() {
+                let rows = td.rows() - r.first_row;
+                let bytes = if td.n_mats() > 1 {
+                    td.bytes as usize
+                } else {
+                    rows * td.row_bytes() as usize
+                };
+                let mut data = vec![0u8; bytes];
+                sh.read(r.addr, Shape2d::flat(bytes), &mut data)?;
+                w.mats.insert(
+                    r.tensor,
+                    DevMatrix {
+                        ty: td.ty,
+                        data,
+                        rows,
+                        cols: td.cols(),
+                        first: r.first_row,
+                        n_mats: td.n_mats(),
+                    },
+                );
+            } else {
+                let len = td.dims.iter().product::<u64>() as usize;
+                w.vecs.insert(r.tensor, sh.read_f32(r.addr, len)?);
+            }
+        }
+        let mut kv = DevKv {
+            k: Vec::new(),
+            v: Vec::new(),
+            cells: 0,
+        };
+        if let Some(r) = self.kv {
+            let h = &spec.hparams;
+            let (kc, vc) = (h.n_head_kv * h.head_dim_k, h.n_head_kv * h.head_dim_v);
+            let rows = r.seqs * r.cells;
+            kv.k = vec![f16::ZERO; rows * kc];
+            kv.v = vec![f16::ZERO; rows * vc];
+            kv.cells = r.cells;
+            sh.read(
+                r.k,
+                Shape2d::flat(rows * kc * 2),
+                bytemuck::cast_slice_mut(&mut kv.k),
+            )?;
+            sh.read(
+                r.v,
+                Shape2d::flat(rows * vc * 2),
+                bytemuck::cast_slice_mut(&mut kv.v),
+            )?;
+        }
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seqs: &seqs,
+            logit_rows: &logit_rows,
+            route_override: None,
+        };
+        for (ni, cols) in &nodes {
+            lane.exec(
+                g,
+                *ni,
+                cols.clone(),
+                &w,
+                &mut kv,
+                &batch,
+                spec.hparams.n_expert,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        // Outputs back to device memory.
+        let mut written = vec![false; g.buffers.len()];
+        for (ni, _) in &nodes {
+            for b in g.nodes[*ni].op.writes() {
+                written[b.0 as usize] = true;
+            }
+        }
+        for (i, &wr) in written.iter().enumerate() {
+            if wr {
+                let data = lane.buf(BufId(i as u32));
+                sh.write(
+                    self.bufs[i],
+                    Shape2d::flat(data.len() * 4),
+                    bytemuck::cast_slice(data),
+                )?;
+            }
+        }
+        if let Some(r) = self.kv {
+            if nodes
+                .iter()
+                .any(|(ni, _)| matches!(g.nodes[*ni].op, Op::Attention { .. }))
+            {
+                sh.write(
+                    r.k,
+                    Shape2d::flat(kv.k.len() * 2),
+                    bytemuck::cast_slice(&kv.k),
+                )?;
+                sh.write(
+                    r.v,
+                    Shape2d::flat(kv.v.len() * 2),
+                    bytemuck::cast_slice(&kv.v),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

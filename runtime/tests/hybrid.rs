@@ -1,0 +1,236 @@
+//! Placement invariance on the host device: every strategy's placements (pinned, streamed, CPU
+//! and split weights; resident, streamed and host KV) give the logits of the all-CPU engine,
+//! with both device streams delayed at random so that a missing event or a ring slot reused too
+//! early shows as wrong numbers. The bytes each step copies equal what the lane decisions (which
+//! the planner prices) say.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{rel_l2, synth_model};
+use pshard_model::spec::ModelSpec;
+use pshard_planner::cost::PlanParams;
+use pshard_planner::lanes::{self, ProgramLanes};
+use pshard_planner::placement::{place, steps, Strategy};
+use pshard_planner::{Frac, Place, Placement};
+use pshard_runtime::engine::{Engine, Logits};
+use pshard_runtime::host_device::HostDevice;
+use pshard_runtime::model::Model;
+use pshard_runtime::tiers::{RunTier, TierSet};
+
+/// Identical arithmetic on both sides (the host device's kernels are the CPU lane's ops), so the
+/// only differences could come from wrong data: exact-activation logits must agree to f32
+/// summation noise at most.
+const TOL: f64 = 1e-5;
+
+const PRESETS: [&str; 6] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-qwen3moe",
+    "tiny-mixtral",
+    "tiny-gemma3",
+];
+
+/// Every searched strategy plus all-GPU.
+fn strategies() -> Vec<Strategy> {
+    std::iter::once(Strategy::AllGpu)
+        .chain(Strategy::SEARCHED)
+        .collect()
+}
+
+/// The placement of `s` with about `share` of its pinning steps taken.
+fn placement(spec: &ModelSpec, s: Strategy, share: f64) -> Placement {
+    let st = steps(spec, s);
+    let k = ((st.len() as f64) * share).round() as usize;
+    place(spec, s, &st, k, Frac(5000))
+}
+
+/// Tiers 1, 16 and 512 with their own placements (so ubatches switch tiers).
+fn tier_set(pls: [Placement; 3], n_ctx: usize) -> TierSet {
+    let mut params = PlanParams::new(n_ctx);
+    params.tier_max = Some(512);
+    TierSet {
+        tiers: [1, 16, 512]
+            .into_iter()
+            .zip(pls)
+            .map(|(n, placement)| RunTier {
+                n,
+                prefill: n == 512,
+                placement,
+                strategy: "TEST".into(),
+                ubatch: n,
+                predicted_tps: None,
+                switch_s: 0.0,
+            })
+            .collect(),
+        params,
+        source: "test".into(),
+    }
+}
+
+/// A prompt of 23 tokens, 3 decode steps, then a 16-token chunk, then one more step: every
+/// tier runs, and tiers switch both ways. Returns the logits of every evaluated position.
+fn run(engine: &mut Engine, n_vocab: usize) -> Vec<f32> {
+    let toks: Vec<u32> = (0..43u32)
+        .map(|i| (i * 7919 + 13) % n_vocab as u32)
+        .collect();
+    let mut out = engine.eval(&toks[..23], Logits::All).unwrap();
+    for &t in &toks[23..26] {
+        out.extend(engine.eval(&[t], Logits::Last).unwrap());
+    }
+    out.extend(engine.eval(&toks[26..42], Logits::All).unwrap());
+    out.extend(engine.eval(&toks[42..43], Logits::Last).unwrap());
+    out
+}
+
+fn cpu_logits(path: &std::path::Path) -> Vec<f32> {
+    let model = Model::open(path).unwrap();
+    let nv = model.spec.hparams.n_vocab;
+    let mut e = Engine::new(model, 64, 512);
+    e.set_exact_activations(true);
+    run(&mut e, nv)
+}
+
+fn hybrid_logits(path: &std::path::Path, pls: [Placement; 3], seed: Option<u64>) -> Vec<f32> {
+    let model = Arc::new(Model::open(path).unwrap());
+    let nv = model.spec.hparams.n_vocab;
+    let tiers = tier_set(pls, 64);
+    let mut dev = HostDevice::new(model.clone(), 1 << 30);
+    if let Some(s) = seed {
+        dev = dev.with_delays(s, 60);
+    }
+    let mut e = Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), true).unwrap();
+    e.set_exact_activations(true);
+    run(&mut e, nv)
+}
+
+fn check_model(preset: &str, seeds_per_strategy: u64) {
+    let path = synth_model(preset, "q8_0", 11);
+    let spec = Model::open(&path).unwrap().spec.clone();
+    let want = cpu_logits(&path);
+    let mut seed = 0;
+    for s in strategies() {
+        // Tier 1 lightly pinned, tier 16 half, tier 512 mostly: all kinds of placements, and a
+        // switch at every tier change.
+        let pls = [
+            placement(&spec, s, 0.15),
+            placement(&spec, s, 0.5),
+            placement(&spec, s, 0.85),
+        ];
+        for _ in 0..seeds_per_strategy {
+            let got = hybrid_logits(&path, pls.clone(), Some(seed));
+            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            assert_eq!(got.len(), want.len());
+            let err = rel_l2(&got, &want64);
+            assert!(
+                err <= TOL,
+                "{preset} {} (delay seed {seed}): logits rel L2 {err:.3e} vs all-CPU",
+                s.name()
+            );
+            seed += 1;
+        }
+    }
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn placements_match_the_cpu_engine_llama() {
+    check_model("tiny-llama", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_qwen2() {
+    check_model("tiny-qwen2", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_qwen3() {
+    check_model("tiny-qwen3", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_qwen3moe() {
+    check_model("tiny-qwen3moe", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_mixtral() {
+    check_model("tiny-mixtral", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_gemma3() {
+    check_model("tiny-gemma3", 4);
+}
+
+/// The bytes a decode step copies over the host device equal what the lane decisions say:
+/// streamed weights into their slots, activations at lane boundaries, live KV of streamed
+/// attention up and its new cells down, the inputs, the logits.
+#[test]
+fn bytes_moved_per_step_equal_the_lane_decisions() {
+    for preset in PRESETS {
+        let path = synth_model(preset, "q8_0", 5);
+        let model = Arc::new(Model::open(&path).unwrap());
+        let spec = model.spec.clone();
+        let nv = spec.hparams.n_vocab as u32;
+        for s in strategies() {
+            let pl = placement(&spec, s, 0.4);
+            let tiers = tier_set([pl.clone(), pl.clone(), pl.clone()], 64);
+            let dev = HostDevice::new(model.clone(), 1 << 30);
+            let mut e =
+                Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true).unwrap();
+            let prompt: Vec<u32> = (0..9u32).map(|i| (i * 31 + 7) % nv).collect();
+            e.eval(&prompt, Logits::Last).unwrap();
+            e.synchronize().unwrap();
+            let before = e.copied_bytes();
+            e.eval(&[3], Logits::Last).unwrap();
+            // The copy stream may still be writing this step's KV back.
+            e.synchronize().unwrap();
+            let after = e.copied_bytes();
+            let got = (after.0 - before.0, after.1 - before.1);
+            let g = pshard_model::arch::build_graph(&spec, 1, 1).unwrap();
+            let l = ProgramLanes::new(&spec, &g, &pl, 2);
+            let (act_h2d, act_d2h) = l.move_bytes(&g);
+            let loads: u64 = l.segments.iter().map(|sg| sg.load_bytes()).sum();
+            let cell = pshard_model::bytes::kv_bytes_per_token_layer(
+                &spec,
+                pshard_model::ggml_type::GgmlType::F16,
+                0,
+            );
+            let past = prompt.len();
+            let (mut kv_up, mut kv_down) = (0u64, 0u64);
+            for layer in l.streamed_kv_layers(&g) {
+                kv_up += cell * lanes::kv_up_cells(spec.layers[layer].window, past) as u64;
+                kv_down += cell;
+            }
+            let want = (
+                act_h2d + loads + kv_up + l.input_bytes(&g),
+                act_d2h + kv_down,
+            );
+            assert_eq!(
+                got,
+                want,
+                "{preset} {}: (h2d, d2h) bytes of one decode step",
+                s.name()
+            );
+        }
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+/// All-CPU plans never touch the device; every weight placed on the GPU is there.
+#[test]
+fn all_cpu_tiers_copy_nothing() {
+    let path = synth_model("tiny-llama", "q8_0", 2);
+    let model = Arc::new(Model::open(&path).unwrap());
+    let spec = model.spec.clone();
+    let cpu = Placement::uniform(&spec, Place::Cpu);
+    let tiers = tier_set([cpu.clone(), cpu.clone(), cpu], 64);
+    let dev = HostDevice::new(model.clone(), 1 << 30);
+    let mut e = Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), true).unwrap();
+    e.eval(&[1, 2, 3, 4], Logits::Last).unwrap();
+    assert_eq!(e.copied_bytes(), (0, 0));
+    std::fs::remove_file(&path).ok();
+}
