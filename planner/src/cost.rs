@@ -124,6 +124,10 @@ struct SegOut {
     slot_bytes: u64,
     /// Copy-lane bytes before the segment: its loads and streamed KV (placement alone decides).
     copy_in: f64,
+    /// Activation bytes copied host→device and device→host, and KV cells written back.
+    act_h2d: u64,
+    act_d2h: u64,
+    kv_down: u64,
     compute: f64,
     cpu_busy: bool,
     transfer_s: f64,
@@ -137,10 +141,13 @@ pub struct Eval {
     pub step_s: f64,
     /// Tokens per second.
     pub tps: f64,
-    /// Bytes copied host→device per step (weights and KV).
+    /// Bytes the copy lane brings in per step (streamed weights and KV).
     pub h2d_bytes: f64,
     /// Seconds of activation transfers per step.
     pub transfer_s: f64,
+    /// Every byte one step copies host→device and device→host: weights, KV, activations, the
+    /// step's inputs and the logits (what the runtime's copies add up to).
+    pub copied: (u64, u64),
 }
 
 /// Evaluation state of one placement: per-segment results that [`Incremental::update`] refreshes
@@ -192,9 +199,12 @@ impl Incremental<'_, '_> {
         let n = self.outs.len();
         let copy_in: Vec<f64> = self.outs.iter().map(|o| o.copy_in).collect();
         let (mut total, mut h2d_bytes, mut transfer_s) = (0.0, 0.0, 0.0);
+        let (mut h2d, mut d2h) = (0u64, 0u64);
         for (si, out) in self.outs.iter().enumerate() {
             let next = copy_in[(si + 1) % n];
             h2d_bytes += next;
+            h2d += out.copy_in as u64 + out.act_h2d;
+            d2h += out.act_d2h + out.kv_down;
             transfer_s += out.transfer_s;
             let copy = if next > 0.0 {
                 m.table.h2d(next, out.cpu_busy)
@@ -212,11 +222,13 @@ impl Incremental<'_, '_> {
             let x = m.table.d2h(finals as f64);
             total += x;
             transfer_s += x;
+            d2h += finals;
         }
         if self.uses_gpu() {
             let x = m.table.h2d(m.input_bytes as f64, false);
             total += x;
             transfer_s += x;
+            h2d += m.input_bytes;
         }
         let step_s = total.max(1e-12);
         Eval {
@@ -224,6 +236,7 @@ impl Incremental<'_, '_> {
             tps: m.n_tokens as f64 / step_s,
             h2d_bytes,
             transfer_s,
+            copied: (h2d, d2h),
         }
     }
 
@@ -594,6 +607,7 @@ impl<'a> TierModel<'a> {
         let (plans, loads) = lanes::plan_segment(self.spec, g, pl, seg, &mut loc);
         let kv_cell = kv_cell_bytes(self.spec, self.params.kv_type);
         let (mut compute, mut transfer_s) = (0.0, 0.0);
+        let (mut act_h2d, mut act_d2h, mut kv_down) = (0u64, 0u64, 0u64);
         let mut cpu_busy = false;
         // The copy lane is busy during this segment when the next one brings anything in.
         let copying = self.copy_in((si + 1) % self.segs.len(), pl) > 0.0;
@@ -602,8 +616,14 @@ impl<'a> TierModel<'a> {
             for mv in &np.moves {
                 let b = mv.bytes(g) as f64;
                 let x = match mv.dir {
-                    Dir::H2D => t.h2d(b, false),
-                    Dir::D2H => t.d2h(b),
+                    Dir::H2D => {
+                        act_h2d += mv.bytes(g);
+                        t.h2d(b, false)
+                    }
+                    Dir::D2H => {
+                        act_d2h += mv.bytes(g);
+                        t.d2h(b)
+                    }
                 };
                 compute += x;
                 transfer_s += x;
@@ -636,6 +656,7 @@ impl<'a> TierModel<'a> {
             compute += dt;
             if let (Kind::Attention, Some(AttnKv::Streamed)) = (&node.kind, np.kv) {
                 // The cells this step wrote go back to the host copy.
+                kv_down += (kv_cell * self.n_tokens as f64) as u64;
                 let x = t.d2h(kv_cell * self.n_tokens as f64);
                 compute += x;
                 transfer_s += x;
@@ -646,6 +667,9 @@ impl<'a> TierModel<'a> {
             plans,
             slot_bytes,
             copy_in: self.copy_in(si, pl),
+            act_h2d,
+            act_d2h,
+            kv_down,
             compute,
             cpu_busy,
             transfer_s,

@@ -328,6 +328,8 @@ pub fn plan_with(
     let mut tier_plans = Vec::with_capacity(tiers.len());
     let mut min_gpu_bill = u64::MAX;
     let mut any_gpu_fit = false;
+    // Per tier: whether any candidate that uses the GPU fits.
+    let mut tier_gpu_fit = vec![false; tiers.len()];
     for (t, m) in tiers.iter().zip(&models) {
         if whole {
             let eval = m.eval(&all);
@@ -394,6 +396,7 @@ pub fn plan_with(
                     }
                     if pl.uses_gpu() {
                         any_gpu_fit = true;
+                        tier_gpu_fit[tier_plans.len()] = true;
                     }
                     let eval = inc.eval();
                     if let Some(b) = &best {
@@ -492,19 +495,14 @@ pub fn plan_with(
     // A tier where no GPU plan fits while a smaller one's does runs that tier's plan in ubatches of
     // its size (its own compute buffers are what did not fit); all-CPU only when nothing fits.
     for i in 0..tier_plans.len() {
-        if !tier_plans[i].per_strategy.is_empty() || whole {
+        if tier_gpu_fit[i] || whole || budget == 0 {
             continue;
         }
-        let donor = (0..i).rev().find(|&j| {
-            !tier_plans[j].per_strategy.is_empty()
-                && tier_plans[j].best.placement.uses_gpu()
-                && tier_plans[j].tier.prefill == tier_plans[i].tier.prefill
-        });
-        let donor = donor.or_else(|| {
-            (0..i).rev().find(|&j| {
-                !tier_plans[j].per_strategy.is_empty() && tier_plans[j].best.placement.uses_gpu()
-            })
-        });
+        let own = |j: usize| tier_gpu_fit[j] && tier_plans[j].best.placement.uses_gpu();
+        let donor = (0..i)
+            .rev()
+            .find(|&j| own(j) && tier_plans[j].tier.prefill == tier_plans[i].tier.prefill)
+            .or_else(|| (0..i).rev().find(|&j| own(j)));
         match donor {
             Some(j) => {
                 tier_plans[i].best = tier_plans[j].best.clone();

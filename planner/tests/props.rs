@@ -110,7 +110,56 @@ fn bills_fit_and_predictions_grow_with_budget() {
                 assert!(t.best.bill.total() <= b);
                 assert!(t.best.eval.tps.is_finite() && t.best.eval.tps > 0.0);
             }
-            let tps: Vec<f64> = p.tiers.iter().map(|t| t.best.eval.tps).collect();
+            // No tier degrades to the CPU alone while another tier's GPU plan fits: a tier whose
+            // own buffers do not fit runs a smaller tier's plan in that tier's ubatches.
+            if p.tiers.iter().any(|t| t.best.placement.uses_gpu()) {
+                for t in &p.tiers {
+                    assert!(
+                        t.best.placement.uses_gpu(),
+                        "tier {} runs on the CPU alone at {} MiB although a GPU plan fits",
+                        t.tier.n,
+                        b / MIB
+                    );
+                    if let Some(n) = t.runs_as {
+                        assert!(
+                            n < t.tier.n && t.ubatch <= n,
+                            "tier {} runs as {n}",
+                            t.tier.n
+                        );
+                        for size in [n, t.ubatch] {
+                            assert!(
+                                p.tiers
+                                    .iter()
+                                    .any(|s| s.tier.n == size && s.runs_as.is_none()),
+                                "tier {} runs ubatches of {size}, which has no plan of its own",
+                                t.tier.n
+                            );
+                        }
+                    }
+                }
+            }
+            // The best rate a batch of the tier's size can get: its own plan, or ubatches of a
+            // smaller prompt tier's own plan (switch-in uploads aside: which weights are common
+            // to all tiers changes with the budget).
+            let own = |t: &pshard_planner::TierPlan| t.runs_as.is_none() && t.best.eval.tps > 0.0;
+            let tps: Vec<f64> = p
+                .tiers
+                .iter()
+                .map(|t| {
+                    let mut best = if own(t) { t.best.eval.tps } else { 0.0 };
+                    if t.tier.prefill {
+                        for s in p.tiers.iter().filter(|s| s.tier.prefill && own(s)) {
+                            let n = t.tier.n;
+                            if s.tier.n <= n {
+                                let secs =
+                                    n.div_ceil(s.tier.n) as f64 * s.tier.n as f64 / s.best.eval.tps;
+                                best = best.max(n as f64 / secs);
+                            }
+                        }
+                    }
+                    best
+                })
+                .collect();
             if let Some(prev) = &prev {
                 for (i, (a, bb)) in prev.iter().zip(&tps).enumerate() {
                     assert!(

@@ -1222,11 +1222,12 @@ impl Engine {
                     .into_iter()
                     .enumerate()
                     {
+                        let len = if k == 3 { 4 * g.n_logit_rows } else { i32s };
                         dev.upload(
                             Stream::Compute,
                             dst,
                             &HostSrc::Buf(stage.clone(), k * i32s),
-                            Shape2d::flat(i32s),
+                            Shape2d::flat(len),
                         )?;
                     }
                     if let Some(e) = lt.inputs_sent {

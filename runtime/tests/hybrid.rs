@@ -215,6 +215,34 @@ fn bytes_moved_per_step_equal_the_lane_decisions() {
                 "{preset} {}: (h2d, d2h) bytes of one decode step",
                 s.name()
             );
+            // The cost model counts the same bytes for a decode step at this KV depth.
+            let mut params = PlanParams::new(64);
+            params.tier_max = Some(512);
+            params.decode_depth = past;
+            let table = pshard_planner::CostTable::new(None, None, 1);
+            let tm = pshard_planner::cost::TierModel::new(&spec, &table, &params, &g, false);
+            assert_eq!(
+                tm.eval(&pl).copied,
+                got,
+                "{preset} {}: the cost model's bytes of one decode step",
+                s.name()
+            );
+            // A prompt chunk of 16 after the 10 cells written so far: the prefill cost model.
+            let chunk: Vec<u32> = (0..16u32).map(|i| (i * 13 + 5) % nv).collect();
+            let before = e.copied_bytes();
+            e.eval(&chunk, Logits::Last).unwrap();
+            e.synchronize().unwrap();
+            let after = e.copied_bytes();
+            let got = (after.0 - before.0, after.1 - before.1);
+            params.prefill_past = past + 1;
+            let g16 = pshard_model::arch::build_graph(&spec, 16, 1).unwrap();
+            let tm = pshard_planner::cost::TierModel::new(&spec, &table, &params, &g16, true);
+            assert_eq!(
+                tm.eval(&pl).copied,
+                got,
+                "{preset} {}: the cost model's bytes of a 16-token prompt chunk",
+                s.name()
+            );
         }
         std::fs::remove_file(&path).ok();
     }
@@ -233,4 +261,71 @@ fn all_cpu_tiers_copy_nothing() {
     e.eval(&[1, 2, 3, 4], Logits::Last).unwrap();
     assert_eq!(e.copied_bytes(), (0, 0));
     std::fs::remove_file(&path).ok();
+}
+
+/// Plans at run time: the registry written for a model is used for the same inputs, and never
+/// for another file's content (same path, same size), another context, or a forced strategy.
+#[test]
+fn a_registry_is_used_only_for_its_model_and_inputs() {
+    use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+    let dir = std::env::temp_dir().join(format!("pshard-registry-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    let write = |seed: u64| {
+        let src = synth_model("tiny-llama", "q8_0", seed);
+        std::fs::copy(&src, &path).unwrap();
+        std::fs::remove_file(&src).ok();
+    };
+    write(1);
+    let profiles = Profiles::default();
+    let req = |ctx: usize, strategy| TierRequest {
+        model_path: &path,
+        params: PlanParams::new(ctx),
+        budget: 256 << 20,
+        registry: None,
+        strategy,
+        profiles: &profiles,
+        context_bytes: Some(0),
+    };
+    let model = Model::open(&path).unwrap();
+    let (first, line) = resolve(&model, &req(64, None)).unwrap();
+    assert!(line.contains("planned in-process"), "{line}");
+    let reg = pshard_planner::registry::path_next_to(&path);
+    assert!(reg.exists(), "the registry is written next to the model");
+    let (again, line) = resolve(&model, &req(64, None)).unwrap();
+    assert!(line.starts_with("plans: registry"), "{line}");
+    let key = |t: &TierSet| -> Vec<(usize, Placement, String, usize)> {
+        t.tiers
+            .iter()
+            .map(|r| (r.n, r.placement.clone(), r.strategy.clone(), r.ubatch))
+            .collect()
+    };
+    assert_eq!(
+        key(&again),
+        key(&first),
+        "the registry gives back the plan it recorded"
+    );
+    // Another context: planned anew (and added to the registry).
+    let (_, line) = resolve(&model, &req(128, None)).unwrap();
+    assert!(line.contains("planned in-process"), "{line}");
+    // A forced strategy neither reads nor writes the registry.
+    let before = std::fs::read_to_string(&reg).unwrap();
+    let (forced, line) =
+        resolve(&model, &req(64, Some(Strategy::GpuonlyLayerpinLayerstream))).unwrap();
+    assert!(line.contains("forced"), "{line}");
+    assert!(forced
+        .tiers
+        .iter()
+        .all(|t| t.strategy == "GPUONLY_LAYERPIN_LAYERSTREAM"));
+    assert_eq!(std::fs::read_to_string(&reg).unwrap(), before);
+    // Other content at the same path, of the same size: the registry is not used.
+    drop(model);
+    write(2);
+    let model = Model::open(&path).unwrap();
+    let (_, line) = resolve(&model, &req(64, None)).unwrap();
+    assert!(
+        line.contains("planned in-process") && line.contains("not used"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
