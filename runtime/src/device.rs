@@ -331,6 +331,11 @@ pub trait Device: Send {
     /// Host memory that copies can use asynchronously.
     fn host_alloc(&self, bytes: usize) -> Result<HostBuf, EngineError>;
 
+    /// Makes these ranges of the mapped model file (tensor `file_index`, byte offset, length)
+    /// copyable asynchronously at full speed, in place (CUDA: page-locked read-only, no second
+    /// host copy): the ranges the copy lane streams from. Returns the bytes now locked.
+    fn register_mapped(&mut self, ranges: &[(usize, usize, usize)]) -> Result<u64, EngineError>;
+
     /// Enqueues a copy host→device.
     fn upload(
         &self,

@@ -69,6 +69,8 @@ struct DevSide {
     run_end: Event,
     run_end_pending: bool,
     released_host_bytes: u64,
+    /// Bytes of the mapped file locked in place for the copy lane.
+    registered_bytes: u64,
 }
 
 /// Device resources of one tier: its buffers, inputs, scratch, ring and KV staging, sized for
@@ -100,6 +102,18 @@ struct LoadedProgram {
     load_offsets: Vec<Vec<u64>>,
     /// Ranges of steps issued as one device graph.
     graph_blocks: Vec<std::ops::Range<usize>>,
+    /// Its own device buffers when it wants more logit rows than its tier's region holds (a
+    /// prompt tier is sized for one; perplexity wants every row): region, buffer addresses and
+    /// staging memory replacing the tier's.
+    own: Option<OwnRows>,
+}
+
+/// A program's own row-selected buffers (see [`LoadedProgram::own`]).
+struct OwnRows {
+    region: pshard_kernels::cuda::RegionId,
+    bufs: Vec<DevPtr>,
+    staging: Vec<Option<HostBuf>>,
+    logit_rows: DevPtr,
 }
 
 /// Where a layer's KV cells currently are.
@@ -189,6 +203,7 @@ impl Engine {
             run_end,
             run_end_pending: false,
             released_host_bytes: 0,
+            registered_bytes: 0,
         };
         let spec = &self.model.spec;
         if self.tiers.uses_gpu() {
@@ -240,6 +255,29 @@ impl Engine {
                 })
                 .collect();
             side.common = self.make_residency(&side, "common", &weights, &kv)?;
+            // What the copy lane reads more than once — streamed and split rows, and weights some
+            // tiers pin beyond the common set (uploaded at each switch) — is locked in place.
+            let mut ranges: Vec<(usize, usize, usize)> = Vec::new();
+            for tier in &self.tiers.tiers {
+                let g = pshard_model::arch::build_graph(spec, 1, 1)?;
+                let l = ProgramLanes::new(spec, &g, &tier.placement, self.tiers.params.ring_slots);
+                for seg in &l.segments {
+                    for ld in &seg.loads {
+                        let td = spec.tensor(ld.tensor);
+                        let off = ld.rows.start * td.row_bytes() as usize;
+                        ranges.push((td.file_index, off, ld.bytes as usize));
+                    }
+                }
+                if tier.placement.uses_gpu() {
+                    for t in lanes::pinned_matrices(spec, &tier.placement) {
+                        if !weights.contains(&t) {
+                            let td = spec.tensor(t);
+                            ranges.push((td.file_index, 0, td.bytes as usize));
+                        }
+                    }
+                }
+            }
+            side.registered_bytes = side.dev.register_mapped(&ranges)?;
             for &l in &kv {
                 self.kv_home[l] = KvHome::Device;
             }
@@ -351,10 +389,13 @@ impl Engine {
     /// The device's report, when there is one.
     pub fn device_report(&self) -> Option<String> {
         let d = self.dev.as_ref()?;
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         Some(format!(
-            "{}\ndevice: released {:.0} MiB of host weight pages after upload",
+            "{}\ndevice: released {:.0} MiB of host weight pages after upload; {:.0} MiB of the \
+             mapped file locked in place for streaming and tier switches",
             d.dev.report(),
-            d.released_host_bytes as f64 / (1u64 << 20) as f64
+            mib(d.released_host_bytes),
+            mib(d.registered_bytes)
         ))
     }
 
@@ -499,6 +540,9 @@ impl Engine {
             for (_, t) in self.loaded.drain() {
                 for p in t.programs.values() {
                     d.dev.forget_graphs(p.id);
+                    if let Some(o) = &p.own {
+                        let _ = d.dev.destroy_region(o.region);
+                    }
                 }
                 if let Some(r) = t.region {
                     let _ = d.dev.destroy_region(r);
@@ -556,7 +600,26 @@ impl Engine {
                 Logits::Last => vec![n - 1],
             };
             let read = which == Logits::All || ci + 1 == n_chunks;
-            let logits = self.run_ubatch(chunk, &positions, &seqs, &logit_rows, read)?;
+            let logits = match self.run_ubatch(chunk, &positions, &seqs, &logit_rows, read) {
+                // Logits of every row of a prompt tier need buffers its plan did not bill: when
+                // they do not fit, the chunk runs in the largest decode tier's ubatches, whose
+                // plans carry a logit row per token (nothing ran yet: the program never loaded).
+                Err(EngineError::Cuda(pshard_kernels::cuda::CudaError::OutOfVram { .. }))
+                    if which == Logits::All && self.decode_ubatch() < n =>
+                {
+                    let ub = self.decode_ubatch();
+                    let mut all = Vec::with_capacity(n * n_vocab);
+                    for piece in chunk.chunks(ub) {
+                        let m = piece.len();
+                        let p0 = self.n_past[s];
+                        let pos: Vec<u32> = (p0..p0 + m).map(|p| p as u32).collect();
+                        let rows: Vec<usize> = (0..m).collect();
+                        all.extend(self.run_ubatch(piece, &pos, &seqs[..m], &rows, true)?);
+                    }
+                    all
+                }
+                r => r?,
+            };
             match which {
                 Logits::All => out.extend_from_slice(&logits),
                 Logits::Last if ci + 1 == n_chunks => out = logits[..n_vocab].to_vec(),
@@ -564,6 +627,17 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// The largest ubatch a decode tier runs (its plans compute a logit row per token), at least 1.
+    fn decode_ubatch(&self) -> usize {
+        self.tiers
+            .tiers
+            .iter()
+            .filter(|t| !t.prefill)
+            .map(|t| t.n.min(t.ubatch))
+            .max()
+            .unwrap_or(1)
     }
 
     /// Evaluates one ubatch of rows from any sequences (each row a token at the end of its
@@ -599,8 +673,59 @@ impl Engine {
         self.run_ubatch(tokens, &positions, seqs, logit_rows, true)
     }
 
-    /// Runs one ubatch with its tier's program; advances the sequences' lengths.
+    /// Runs rows with the tier covering their count; when that tier runs a smaller tier's plan
+    /// (its own did not fit the budget), in that tier's ubatches. `logit_rows` ascending; the
+    /// logits come back in their order.
     fn run_ubatch(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        seqs: &[u32],
+        logit_rows: &[usize],
+        read_logits: bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = tokens.len();
+        let ub = {
+            let t = &self.tiers.tiers[self.tiers.tier_for(n)];
+            t.ubatch.min(t.n).max(1)
+        };
+        if n <= ub {
+            return self.run_one(tokens, positions, seqs, logit_rows, read_logits);
+        }
+        if logit_rows.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(EngineError::Batch("logit rows must be ascending".into()));
+        }
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + ub).min(n);
+            let mut rows: Vec<usize> = logit_rows
+                .iter()
+                .filter(|&&r| r >= start && r < end)
+                .map(|&r| r - start)
+                .collect();
+            // The output head needs a row even when none is wanted; its logits are dropped.
+            let wanted = !rows.is_empty();
+            if !wanted {
+                rows.push(end - start - 1);
+            }
+            let l = self.run_one(
+                &tokens[start..end],
+                &positions[start..end],
+                &seqs[start..end],
+                &rows,
+                read_logits && wanted,
+            )?;
+            if wanted {
+                out.extend(l);
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Runs one ubatch with its tier's program; advances the sequences' lengths.
+    fn run_one(
         &mut self,
         tokens: &[u32],
         positions: &[u32],
@@ -734,17 +859,8 @@ impl Engine {
                 side.dev.destroy_region(region)?;
             }
         }
-        let others: Vec<usize> = self.loaded.keys().copied().filter(|t| *t != ti).collect();
-        for t in others {
-            if let Some(lt) = self.loaded.remove(&t) {
-                for p in lt.programs.values() {
-                    side.dev.forget_graphs(p.id);
-                }
-                if let Some(r) = lt.region {
-                    side.dev.destroy_region(r)?;
-                }
-            }
-        }
+        self.unload_tiers_except(ti)?;
+        let side = self.dev.as_mut().expect("checked above");
         // Layers entering the device: upload their host cells (made on first use if absent).
         for &l in &want_kv {
             let alloc = |b: usize| side.dev.host_alloc(b);
@@ -768,6 +884,29 @@ impl Engine {
         side.extra = Some((ti, extra));
         side.dev.synchronize()?;
         self.kv_home = target;
+        Ok(())
+    }
+
+    /// Frees the device buffers of every loaded tier but `keep` (their programs go too).
+    fn unload_tiers_except(&mut self, keep: usize) -> Result<(), EngineError> {
+        let others: Vec<usize> = self.loaded.keys().copied().filter(|t| *t != keep).collect();
+        let Some(side) = self.dev.as_mut() else {
+            return Ok(());
+        };
+        side.dev.synchronize()?;
+        for t in others {
+            if let Some(lt) = self.loaded.remove(&t) {
+                for p in lt.programs.values() {
+                    side.dev.forget_graphs(p.id);
+                    if let Some(o) = &p.own {
+                        side.dev.destroy_region(o.region)?;
+                    }
+                }
+                if let Some(r) = lt.region {
+                    side.dev.destroy_region(r)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -796,7 +935,8 @@ impl Engine {
         let spec = &self.model.spec;
         let tier = &self.tiers.tiers[ti];
         let n = tier.n.max(1);
-        let g = pshard_model::arch::build_graph(spec, n, n)?;
+        // As the planner bills it: a prompt tier wants one logit row, a decode tier one per token.
+        let g = pshard_model::arch::build_graph(spec, n, tier_logit_rows(tier))?;
         let lanes_ = ProgramLanes::new(spec, &g, &tier.placement, self.tiers.params.ring_slots);
         let mut lt = LoadedTier {
             region: None,
@@ -837,9 +977,19 @@ impl Engine {
             exact,
         );
         let total = bytes.buffers + scratch.bytes() + bytes.ring + bytes.kv_stage;
-        let region = side
-            .dev
-            .create_region(RegionKind::Scratch, &format!("tier {n}"), total)?;
+        let name = format!("tier {n}");
+        // Other tiers' buffers stay while the budget holds them (tiers alternate step by step);
+        // when it does not, they go — the plan's bill holds one tier's at a time.
+        let region = match side.dev.create_region(RegionKind::Scratch, &name, total) {
+            Ok(r) => r,
+            Err(EngineError::Cuda(pshard_kernels::cuda::CudaError::OutOfVram { .. })) => {
+                self.unload_tiers_except(ti)?;
+                let side = self.dev.as_ref().expect("checked above");
+                side.dev.create_region(RegionKind::Scratch, &name, total)?
+            }
+            Err(e) => return Err(e),
+        };
+        let side = self.dev.as_ref().expect("checked above");
         lt.region = Some(region);
         let dev = &side.dev;
         for b in lanes_.device_buffers(&g) {
@@ -852,7 +1002,7 @@ impl Engine {
             tokens: dev.alloc(region, i32s, "token ids")?,
             positions: dev.alloc(region, i32s, "positions")?,
             seqs: dev.alloc(region, i32s, "sequences")?,
-            logit_rows: dev.alloc(region, i32s, "logit rows")?,
+            logit_rows: dev.alloc(region, (g.n_logit_rows * 4) as u64, "logit rows")?,
         };
         lt.input_stage = Some(dev.host_alloc(4 * n * 4)?);
         lt.inputs_sent = Some(dev.new_event()?);
@@ -1050,6 +1200,43 @@ impl Engine {
                 }
             }
         }
+        // More logit rows than the tier's region holds: this program's row-selected buffers get
+        // a region of their own (beyond the plan's bill: perplexity on the GPU needs it).
+        let mut own = None;
+        if program.uses_device() && key.1 > tier_logit_rows(tier) {
+            let side = self.dev.as_ref().expect("checked above");
+            let lt = &self.loaded[&ti];
+            let mut bufs = lt.bufs.clone();
+            let mut staging = lt.staging.clone();
+            let rowsel: Vec<BufId> = program
+                .lanes
+                .device_buffers(&graph)
+                .into_iter()
+                .filter(|b| graph.buffer(*b).rows == pshard_model::graph::Rows::LogitRows)
+                .collect();
+            let bytes: u64 = rowsel
+                .iter()
+                .map(|b| lanes::align((graph.rows(*b) * graph.buffer(*b).cols * 4) as u64))
+                .sum::<u64>()
+                + lanes::align((key.1 * 4) as u64);
+            let region = side.dev.create_region(
+                RegionKind::Scratch,
+                &format!("{} logit rows of tier {}", key.1, tier.n),
+                bytes,
+            )?;
+            for b in rowsel {
+                let size = (graph.rows(b) * graph.buffer(b).cols * 4) as u64;
+                bufs[b.0 as usize] = side.dev.alloc(region, size, graph.buffer(b).name)?;
+                staging[b.0 as usize] = Some(side.dev.host_alloc(size as usize)?);
+            }
+            let logit_rows = side.dev.alloc(region, (key.1 * 4) as u64, "logit rows")?;
+            own = Some(OwnRows {
+                region,
+                bufs,
+                staging,
+                logit_rows,
+            });
+        }
         let id = self.next_id;
         self.next_id += 1;
         let lp = LoadedProgram {
@@ -1061,6 +1248,7 @@ impl Engine {
             weights,
             load_offsets,
             graph_blocks,
+            own,
         };
         self.loaded
             .get_mut(&ti)
@@ -1093,6 +1281,13 @@ impl Engine {
             .collect();
         let lt = self.loaded.get_mut(&ti).expect("loaded");
         let lp = lt.programs.get_mut(&key).expect("loaded");
+        // The program's own row-selected buffers, where it has them, else its tier's.
+        let bufs: &[DevPtr] = lp.own.as_ref().map_or(&lt.bufs, |o| &o.bufs);
+        let staging: &[Option<HostBuf>] = lp.own.as_ref().map_or(&lt.staging, |o| &o.staging);
+        let mut inputs = lt.inputs;
+        if let Some(o) = &lp.own {
+            inputs.logit_rows = o.logit_rows;
+        }
         lp.cpu.begin_run();
         let program = lp.program.clone();
         let g = lp.graph.clone();
@@ -1187,9 +1382,9 @@ impl Engine {
                 let steps = &program.steps;
                 let ctx = StepCtx {
                     graph: &g,
-                    bufs: &lt.bufs,
+                    bufs,
                     weights: &lp.weights,
-                    inputs: lt.inputs,
+                    inputs,
                     scratch: lt.scratch,
                     exact,
                     program: &program,
@@ -1214,10 +1409,10 @@ impl Engine {
                     let stage = lt.input_stage.clone().expect("GPU tiers stage inputs");
                     let i32s = 4 * n;
                     for (k, dst) in [
-                        lt.inputs.tokens,
-                        lt.inputs.positions,
-                        lt.inputs.seqs,
-                        lt.inputs.logit_rows,
+                        inputs.tokens,
+                        inputs.positions,
+                        inputs.seqs,
+                        inputs.logit_rows,
                     ]
                     .into_iter()
                     .enumerate()
@@ -1250,9 +1445,9 @@ impl Engine {
                 StepKind::Gpu(work) => {
                     let ctx = StepCtx {
                         graph: &g,
-                        bufs: &lt.bufs,
+                        bufs,
                         weights: &lp.weights,
-                        inputs: lt.inputs,
+                        inputs,
                         scratch: lt.scratch,
                         exact,
                         program: &program,
@@ -1264,7 +1459,7 @@ impl Engine {
                     dev.launch(&ctx.step(i, work)?)?;
                 }
                 StepKind::Stage { buf, cols } => {
-                    let hb = lt.staging[buf.0 as usize]
+                    let hb = staging[buf.0 as usize]
                         .as_ref()
                         .expect("staged buffers have staging memory");
                     stage_cols(&g, *buf, cols.clone(), lp.cpu.buf(*buf), hb);
@@ -1274,7 +1469,7 @@ impl Engine {
                     // one on the compute stream, and its collection waits for its own.
                 }
                 StepKind::Collect { buf, cols } => {
-                    let hb = lt.staging[buf.0 as usize]
+                    let hb = staging[buf.0 as usize]
                         .as_ref()
                         .expect("collected buffers have staging memory")
                         .clone();
@@ -1290,7 +1485,7 @@ impl Engine {
                     });
                 }
                 StepKind::Upload { buf, cols } | StepKind::Download { buf, cols } => {
-                    let hb = lt.staging[buf.0 as usize]
+                    let hb = staging[buf.0 as usize]
                         .clone()
                         .expect("moved buffers have staging memory");
                     let c = g.buffer(*buf).cols;
@@ -1301,7 +1496,7 @@ impl Engine {
                         dst_pitch: c * 4,
                     };
                     let off = cols.start * 4;
-                    let dptr = lt.bufs[buf.0 as usize] + off as u64;
+                    let dptr = bufs[buf.0 as usize] + off as u64;
                     if matches!(st.kind, StepKind::Upload { .. }) {
                         dev.upload(Stream::Compute, dptr, &HostSrc::Buf(hb, off), shape)?;
                     } else {
@@ -1407,6 +1602,16 @@ impl Engine {
             d.run_end_pending = false;
         }
         Ok(())
+    }
+}
+
+/// Logit rows a tier's region is sized for, as the planner bills it: one for a prompt tier, one
+/// per token for a decode tier.
+fn tier_logit_rows(t: &crate::tiers::RunTier) -> usize {
+    if t.prefill {
+        1
+    } else {
+        t.n.max(1)
     }
 }
 

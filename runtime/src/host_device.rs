@@ -190,8 +190,20 @@ pub struct HostDevice {
 }
 
 impl HostDevice {
-    /// A host device with a VRAM budget of `budget` bytes for `model`.
+    /// A host device with a VRAM budget of `budget` bytes for `model`, of which the CUDA
+    /// backend's fixed workspaces take their share as on a GPU.
     pub fn new(model: Arc<Model>, budget: u64) -> HostDevice {
+        let d = HostDevice::bare(model, budget);
+        // Like the CUDA device: cuBLAS and the int8 GEMV scratch live in the arena.
+        let _ = d.create_region(
+            RegionKind::Workspace,
+            "workspaces",
+            pshard_kernels::cuda::WORKSPACE_BYTES,
+        );
+        d
+    }
+
+    fn bare(model: Arc<Model>, budget: u64) -> HostDevice {
         HostDevice {
             shared: Arc::new(Shared {
                 model,
@@ -344,6 +356,11 @@ impl Device for HostDevice {
 
     fn host_alloc(&self, bytes: usize) -> Result<HostBuf, EngineError> {
         Ok(Arc::new(PlainHostMem::new(bytes)))
+    }
+
+    fn register_mapped(&mut self, ranges: &[(usize, usize, usize)]) -> Result<u64, EngineError> {
+        // Host memory is what the stream threads copy from anyway: nothing to lock.
+        Ok(ranges.iter().map(|r| r.2 as u64).sum())
     }
 
     fn upload(

@@ -329,3 +329,63 @@ fn a_registry_is_used_only_for_its_model_and_inputs() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The plans' VRAM bill covers everything the runtime allocates: planned in-process at budgets
+/// from just above the smallest that fits to twice the model, every tier runs on a host device
+/// whose arena holds exactly the budget (minus the context, which a host device has none of).
+#[test]
+fn plans_run_within_their_budget() {
+    use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+    let profiles = Profiles::default();
+    for preset in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3"] {
+        let path = synth_model(preset, "q8_0", 9);
+        let model = Arc::new(Model::open(&path).unwrap());
+        let size: u64 = model.spec.tensors.iter().map(|t| t.bytes).sum();
+        let nv = model.spec.hparams.n_vocab as u32;
+        let reg = std::env::temp_dir().join(format!(
+            "pshard-budget-{}-{preset}.pshard",
+            std::process::id()
+        ));
+        let mut ran = 0;
+        for share in [
+            0.15, 0.2, 0.25, 0.3, 0.35, 0.45, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.3, 1.5, 2.5,
+        ] {
+            let budget = (size as f64 * share) as u64 + pshard_kernels::cuda::WORKSPACE_BYTES;
+            let mut params = PlanParams::new(96);
+            params.n_batch = 64;
+            let req = TierRequest {
+                model_path: &path,
+                params,
+                budget,
+                registry: Some(&reg),
+                strategy: None,
+                profiles: &profiles,
+                context_bytes: Some(0),
+            };
+            let tiers = match resolve(&model, &req) {
+                Ok((t, _)) => t,
+                Err(e) if e.to_string().contains("too small") => continue,
+                Err(e) => panic!("{preset} at {budget} B: {e}"),
+            };
+            let dev = HostDevice::new(model.clone(), budget);
+            let mut e = Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true)
+                .unwrap_or_else(|err| panic!("{preset} at {budget} B: {err}"));
+            let toks: Vec<u32> = (0..90u32).map(|i| (i * 31 + 7) % nv).collect();
+            let r = (|| {
+                e.eval(&toks[..70], Logits::Last)?;
+                for &t in &toks[70..75] {
+                    e.eval(&[t], Logits::Last)?;
+                }
+                e.eval(&toks[75..90], Logits::Last)
+            })();
+            if let Err(err) = r {
+                panic!("{preset} at {budget} B ({share} × the weights): {err}");
+            }
+            assert!(e.device_measured_bytes().unwrap() <= budget);
+            ran += 1;
+        }
+        assert!(ran >= 4, "{preset}: only {ran} budgets planned");
+        std::fs::remove_file(&path).ok();
+        std::fs::remove_file(&reg).ok();
+    }
+}

@@ -85,6 +85,10 @@ pub struct HostRegistration<'a> {
     _borrow: PhantomData<&'a [u8]>,
 }
 
+// SAFETY: a registration is an address range and the driver's record of it; unregistering it from
+// another thread (with the context current, as `drop` needs anyway) is fine.
+unsafe impl Send for HostRegistration<'_> {}
+
 impl<'a> HostRegistration<'a> {
     /// Registers `range` read-only (the device only reads it; works on read-only file mappings).
     /// The range should be page-aligned; the driver rounds to pages.
@@ -106,6 +110,32 @@ impl<'a> HostRegistration<'a> {
         Ok(HostRegistration {
             ptr,
             len: range.len(),
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Registers `len` bytes at `ptr` read-only, for as long as the returned value lives.
+    ///
+    /// # Safety
+    /// The range must stay mapped (and its pages must not be registered already) until the
+    /// registration is dropped: the caller holds what keeps it mapped for longer.
+    pub unsafe fn register_read_only_raw(
+        dev: &GpuDevice,
+        ptr: *const u8,
+        len: usize,
+    ) -> CudaResult<HostRegistration<'static>> {
+        dev.bind()?;
+        check(
+            "registering host memory",
+            sys::cuMemHostRegister_v2(
+                ptr as *mut _,
+                len,
+                sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE,
+            ),
+        )?;
+        Ok(HostRegistration {
+            ptr: ptr as *mut u8,
+            len,
             _borrow: PhantomData,
         })
     }

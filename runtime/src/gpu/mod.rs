@@ -45,6 +45,8 @@ struct GraphEntry {
 
 /// One GPU as the engine's device.
 pub struct CudaDevice {
+    /// Mapped ranges locked in place; dropped (unregistered) before the model they point into.
+    registered: Vec<pshard_kernels::cuda::HostRegistration<'static>>,
     model: Arc<Model>,
     /// The GPU (kernels, cuBLAS, device); dropped after the graphs and events.
     gpu: Gpu,
@@ -64,6 +66,7 @@ impl CudaDevice {
             .unwrap_or_else(pshard_kernels::cuda::nvrtc::default_cache_dir);
         let gpu = Gpu::open(opts.ordinal, opts.vram_budget, &cache)?;
         Ok(CudaDevice {
+            registered: Vec::new(),
             model,
             gpu,
             events: Mutex::new(Vec::new()),
@@ -186,6 +189,53 @@ impl Device for CudaDevice {
     fn host_alloc(&self, bytes: usize) -> Result<HostBuf, EngineError> {
         let b = pshard_kernels::cuda::PinnedBuf::new(&self.gpu.dev, bytes)?;
         Ok(Arc::new(PinnedMem::new(b)))
+    }
+
+    fn register_mapped(&mut self, ranges: &[(usize, usize, usize)]) -> Result<u64, EngineError> {
+        // Whole pages around each range, merged where they touch or overlap, so that every copy
+        // lies inside one registration and no page is registered twice.
+        const PAGE: usize = 4096;
+        let mut spans: Vec<(usize, usize)> = ranges
+            .iter()
+            .map(|&(fi, off, len)| {
+                let data = self.model.file().tensor_data(fi);
+                let a = data.as_ptr() as usize + off.min(data.len());
+                let b = a + len.min(data.len() - off.min(data.len()));
+                (a / PAGE * PAGE, b.div_ceil(PAGE) * PAGE)
+            })
+            .filter(|(a, b)| b > a)
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (a, b) in spans {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let mut bytes = 0u64;
+        for (a, b) in merged {
+            // Parts already registered by an earlier call are skipped whole.
+            if self.registered.iter().any(|r| {
+                let (ra, rb) = (r.as_ptr() as usize, r.as_ptr() as usize + r.len());
+                a < rb && ra < b
+            }) {
+                continue;
+            }
+            // SAFETY: the pages lie in the model file's mapping, which this device keeps alive
+            // (it holds the model) until after `registered` is dropped; overlapping
+            // registrations were skipped above.
+            let r = unsafe {
+                pshard_kernels::cuda::HostRegistration::register_read_only_raw(
+                    &self.gpu.dev,
+                    a as *const u8,
+                    b - a,
+                )?
+            };
+            bytes += (b - a) as u64;
+            self.registered.push(r);
+        }
+        Ok(bytes)
     }
 
     fn upload(

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The budget race on the lent GPU machine: pshard and llama.cpp's auto-fit at the same VRAM budget
+# and context (16384), side by side in one run (use kind: nvidia-h200 for numbers compared with
+# the published ones).
+#
+#   Here:   scripts/gpu-race.sh --build   # builds + strips pshard into carry/pshard and packs the
+#                                         # llama.cpp peer (llama-cpp-python 0.3.36 sdist, vendored
+#                                         # llama.cpp without models/docs/media/benches) into
+#                                         # carry/llama.cpp.tar.gz
+#   There:  scripts/gpu-race.sh [CASES]   # carry: ["carry"]; builds the peer's llama-bench and
+#                                         # llama-fit-params there (~3 min, CUDA, sm_90; pshard
+#                                         # itself is never built there), synthesizes the models,
+#                                         # runs both sides, prints the table last
+#
+# CASES: model@MiB, default "llama3-8b@3072 qwen2.5-32b@8192 qwen3-30b-a3b@4096" (q4_k synth).
+# For each case llama.cpp's `llama-fit-params -c 16384 -fa on -fitt (free - budget)` picks -ngl/-ot,
+# then `llama-bench -fa 1 -ub 2048` measures pp512, pp4096, pp16384 and tg64 with them; pshard runs
+# `pshard bench --vram-budget MiB -c 16384` through its plans (in-process with the machine's profiles
+# when present under ~/.cache/pshard/profiles, else the committed H200 ones). TTFT = 16384 / pp16384.
+# Env: REPS (2), OUT (logs), SYNTH_DIR.
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+    mkdir -p carry
+    cargo build -p pshard --release
+    cp "$CARGO_TARGET_DIR/release/pshard" carry/pshard
+    strip carry/pshard
+    if [ ! -s carry/llama.cpp.tar.gz ]; then
+        tmp=$(mktemp -d)
+        python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36
+        tar -xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
+        src="$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp"
+        rm -rf "$src/models" "$src/docs" "$src/media" "$src/benches"
+        mkdir -p "$src/app" && touch "$src/app/CMakeLists.txt"
+        tar -czf carry/llama.cpp.tar.gz -C "$(dirname "$src")" llama.cpp
+        rm -rf "$tmp"
+    fi
+    du -h carry/pshard carry/llama.cpp.tar.gz
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/pshard-gpu-race}
+mkdir -p "$OUT"
+CASES=${*:-llama3-8b@3072 qwen2.5-32b@8192 qwen3-30b-a3b@4096}
+REPS=${REPS:-2}
+CTX=16384
+DIR=${SYNTH_DIR:-/tmp/pshard-synth}
+mkdir -p "$DIR"
+BIN=carry/pshard
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader | tee "$OUT/device.txt"
+
+# The peer, built for this GPU.
+PEER=/tmp/llama.cpp
+if [ ! -x "$PEER/build/bin/llama-bench" ]; then
+    rm -rf "$PEER" && mkdir -p /tmp && tar -xzf carry/llama.cpp.tar.gz -C /tmp
+    t0=$(date +%s)
+    (cd "$PEER" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF >"$OUT/peer-cmake.log" 2>&1 &&
+        cmake --build build -j "$(nproc)" --target llama-bench llama-fit-params >"$OUT/peer-build.log" 2>&1) ||
+        { echo "peer build failed (see $OUT/peer-build.log)"; tail -20 "$OUT/peer-build.log"; }
+    echo "peer build: $(( $(date +%s) - t0 )) s"
+fi
+
+declare -a rows
+for c in $CASES; do
+    m=${c%@*}
+    budget=${c#*@}
+    f="$DIR/$m-q4_k.gguf"
+    if [ ! -s "$f" ]; then
+        t0=$(date +%s)
+        "$BIN" synth "$m" --quant q4_k -o "$f" >"$OUT/synth-$m.log" 2>&1 || { echo "synth $m failed"; continue; }
+        echo "synth $m: $(( $(date +%s) - t0 )) s"
+    fi
+    # llama.cpp: its own fit at the budget, then llama-bench with what it chose.
+    free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
+    "$PEER/build/bin/llama-fit-params" -m "$f" -c "$CTX" -fa on -fitt $((free - budget)) \
+        >"$OUT/fit-$m.log" 2>&1
+    fit=$(grep -Eo -- '-ngl [0-9]+( -ot [^ ]+)?' "$OUT/fit-$m.log" | tail -1)
+    fit=$(echo "$fit" | sed -E 's/(-ot [^ ]+)/\1/; :a; s/(-ot [^ ,]*),/\1;/; ta')
+    echo "$m @ $budget MiB: llama.cpp fit chose: ${fit:-nothing (see $OUT/fit-$m.log)}"
+    # shellcheck disable=SC2086
+    "$PEER/build/bin/llama-bench" -m "$f" -p 512,4096,16384 -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \
+        -o json >"$OUT/peer-$m.json" 2>"$OUT/peer-$m.log"
+    # pshard at the same budget and context.
+    "$BIN" bench -m "$f" -p 512,4096,16384 -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
+        -c "$CTX" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
+    grep -E "^plans:|^warning|VRAM|error" "$OUT/pshard-$m.log" | head -5
+    rows+=("$(python3 - "$m" "$budget" "$OUT/peer-$m.json" "$OUT/pshard-$m.json" "$fit" <<'PY'
+import json, sys
+m, budget, peer, ours, fit = sys.argv[1:6]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return []
+def rates(rows):
+    r = {}
+    for x in rows:
+        key = f"pp{x['n_prompt']}" if x.get("n_gen", 0) == 0 else f"tg{x['n_gen']}"
+        r[key] = (x["avg_ts"], x.get("strategy"), x.get("predicted_ts"))
+    return r
+a, b = rates(load(peer)), rates(load(ours))
+cells = []
+for side, r in (("llama.cpp fit " + (fit or "?"), a), ("pshard", b)):
+    vals = [f"{r[k][0]:,.1f}" if k in r else "-" for k in ("pp512", "pp4096", "pp16384", "tg64")]
+    ttft = f"{16384 / r['pp16384'][0]:.2f} s" if "pp16384" in r else "-"
+    strat = r.get("tg64", (0, None, None))[1] or ""
+    cells.append(f"| {m} | {budget} | {side} | " + " | ".join(vals) + f" | {ttft} | {strat} |")
+print("\n".join(cells))
+PY
+)")
+done
+echo
+echo "device: $(cat "$OUT/device.txt"), $(date -u +%Y-%m-%d), ctx $CTX"
+echo "| model | budget MiB | side | pp512 | pp4096 | pp16384 | tg64 | TTFT 16k | decode strategy |"
+echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+for r in "${rows[@]}"; do echo "$r"; done
