@@ -86,6 +86,10 @@ struct LoadedTier {
     input_stage: Option<HostBuf>,
     /// Recorded after the last upload of the inputs (the next run rewrites the staging memory).
     inputs_sent: Option<Event>,
+    /// The streaming segment whose weights the end of the last run already loaded into its ring
+    /// slot for the next run of this tier (every program of a tier streams the same segments
+    /// into the same slots).
+    prefetched: Option<usize>,
     programs: HashMap<(usize, usize), LoadedProgram>,
 }
 
@@ -953,6 +957,7 @@ impl Engine {
             staging: vec![None; g.buffers.len()],
             input_stage: None,
             inputs_sent: None,
+            prefetched: None,
             programs: HashMap::new(),
         };
         if !lanes_.uses_gpu() {
@@ -1504,17 +1509,17 @@ impl Engine {
                     }
                 }
                 StepKind::Load { seg, slot } => {
-                    let sp = &program.lanes.segments[*seg];
-                    for (li, l) in sp.loads.iter().enumerate() {
-                        let td = spec.tensor(l.tensor);
-                        dev.upload(
-                            Stream::Copy,
-                            lt.slots[*slot] + lp.load_offsets[*seg][li],
-                            &HostSrc::Mapped {
-                                file_index: td.file_index,
-                                offset: l.rows.start * td.row_bytes() as usize,
-                            },
-                            Shape2d::flat(l.bytes as usize),
+                    // Loaded already by the end of the last run (the copy stream is in order: an
+                    // event recorded now still follows that load).
+                    if lt.prefetched.take() != Some(*seg) {
+                        load_segment(
+                            &**dev,
+                            &program,
+                            spec,
+                            &lt.slots,
+                            &lp.load_offsets,
+                            *seg,
+                            *slot,
                         )?;
                     }
                 }
@@ -1566,6 +1571,25 @@ impl Engine {
         }
         dev.record(Stream::Compute, side.run_end)?;
         side.run_end_pending = true;
+        // The next run of this tier starts by loading the first streaming segment into its slot:
+        // load it now, once this run's compute is done with that slot, so the copy overlaps the
+        // host's turnaround and the next run's first segment (the cost model assumes this cycle).
+        if let Some(first) = program.lanes.segments.iter().position(|s| s.slot.is_some()) {
+            dev.wait(Stream::Copy, side.run_end)?;
+            let slot = program.lanes.segments[first]
+                .slot
+                .expect("streaming segment");
+            load_segment(
+                &**dev,
+                &program,
+                spec,
+                &lt.slots,
+                &lp.load_offsets,
+                first,
+                slot,
+            )?;
+            lt.prefetched = Some(first);
+        }
         if read_logits {
             // Every step before the logits' collection has been waited for; the copies of the KV
             // this step wrote may still be in flight and are ordered before the next step's.
@@ -1603,6 +1627,31 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Enqueues the copies of segment `seg`'s weights into ring slot `slot` on the copy stream.
+fn load_segment(
+    dev: &dyn Device,
+    program: &Program,
+    spec: &pshard_model::spec::ModelSpec,
+    slots: &[DevPtr],
+    offsets: &[Vec<u64>],
+    seg: usize,
+    slot: usize,
+) -> Result<(), EngineError> {
+    for (li, l) in program.lanes.segments[seg].loads.iter().enumerate() {
+        let td = spec.tensor(l.tensor);
+        dev.upload(
+            Stream::Copy,
+            slots[slot] + offsets[seg][li],
+            &HostSrc::Mapped {
+                file_index: td.file_index,
+                offset: l.rows.start * td.row_bytes() as usize,
+            },
+            Shape2d::flat(l.bytes as usize),
+        )?;
+    }
+    Ok(())
 }
 
 /// Logit rows a tier's region is sized for, as the planner bills it: one for a prompt tier, one

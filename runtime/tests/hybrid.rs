@@ -183,6 +183,9 @@ fn bytes_moved_per_step_equal_the_lane_decisions() {
                 Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true).unwrap();
             let prompt: Vec<u32> = (0..9u32).map(|i| (i * 31 + 7) % nv).collect();
             e.eval(&prompt, Logits::Last).unwrap();
+            // A first decode step: afterwards the decode tier is in its steady state (each run
+            // ends by loading the next run's first streamed segment).
+            e.eval(&[2], Logits::Last).unwrap();
             e.synchronize().unwrap();
             let before = e.copied_bytes();
             e.eval(&[3], Logits::Last).unwrap();
@@ -199,7 +202,7 @@ fn bytes_moved_per_step_equal_the_lane_decisions() {
                 pshard_model::ggml_type::GgmlType::F16,
                 0,
             );
-            let past = prompt.len();
+            let past = prompt.len() + 1;
             let (mut kv_up, mut kv_down) = (0u64, 0u64);
             for layer in l.streamed_kv_layers(&g) {
                 kv_up += cell * lanes::kv_up_cells(spec.layers[layer].window, past) as u64;
@@ -227,14 +230,17 @@ fn bytes_moved_per_step_equal_the_lane_decisions() {
                 "{preset} {}: the cost model's bytes of one decode step",
                 s.name()
             );
-            // A prompt chunk of 16 after the 10 cells written so far: the prefill cost model.
+            // Prompt chunks of 16 (the second in its tier's steady state): the prefill cost
+            // model.
             let chunk: Vec<u32> = (0..16u32).map(|i| (i * 13 + 5) % nv).collect();
+            e.eval(&chunk, Logits::Last).unwrap();
+            e.synchronize().unwrap();
             let before = e.copied_bytes();
             e.eval(&chunk, Logits::Last).unwrap();
             e.synchronize().unwrap();
             let after = e.copied_bytes();
             let got = (after.0 - before.0, after.1 - before.1);
-            params.prefill_past = past + 1;
+            params.prefill_past = past + 1 + 16;
             let g16 = pshard_model::arch::build_graph(&spec, 16, 1).unwrap();
             let tm = pshard_planner::cost::TierModel::new(&spec, &table, &params, &g16, true);
             assert_eq!(
@@ -387,5 +393,67 @@ fn plans_run_within_their_budget() {
         assert!(ran >= 4, "{preset}: only {ran} budgets planned");
         std::fs::remove_file(&path).ok();
         std::fs::remove_file(&reg).ok();
+    }
+}
+
+/// A long prompt on a streaming tier of 16: its ubatches are issued back to back without waiting
+/// for the device in between (only the last reads logits), so ring slots, staging memory and the
+/// next run's prefetched first segment are reused while earlier runs may still be in flight.
+#[test]
+fn chained_ubatches_match_the_cpu_engine() {
+    for preset in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3"] {
+        let path = synth_model(preset, "q8_0", 13);
+        let model = Arc::new(Model::open(&path).unwrap());
+        let spec = model.spec.clone();
+        let nv = spec.hparams.n_vocab as u32;
+        let toks: Vec<u32> = (0..60u32).map(|i| (i * 7919 + 13) % nv).collect();
+        let run = |e: &mut Engine| {
+            e.set_exact_activations(true);
+            let mut out = e.eval(&toks[..50], Logits::Last).unwrap();
+            for &t in &toks[50..54] {
+                out.extend(e.eval(&[t], Logits::Last).unwrap());
+            }
+            out
+        };
+        let mut cpu = Engine::new(Model::open(&path).unwrap(), 64, 16);
+        let want: Vec<f64> = run(&mut cpu).into_iter().map(f64::from).collect();
+        for s in [
+            Strategy::GpuonlyLayerpinLayerstream,
+            Strategy::GpuonlyAttnpinFfnstream,
+            Strategy::DynamicFfncpuAttnstream,
+        ] {
+            for seed in 0..4 {
+                let mut params = PlanParams::new(64);
+                params.tier_max = Some(16);
+                let pl = placement(&spec, s, 0.3);
+                let tiers = TierSet {
+                    tiers: [1, 16]
+                        .into_iter()
+                        .map(|n| RunTier {
+                            n,
+                            prefill: n == 16,
+                            placement: pl.clone(),
+                            strategy: s.name().into(),
+                            ubatch: n,
+                            predicted_tps: None,
+                            switch_s: 0.0,
+                        })
+                        .collect(),
+                    params,
+                    source: "test".into(),
+                };
+                let dev = HostDevice::new(model.clone(), 1 << 30).with_delays(100 + seed, 80);
+                let mut e =
+                    Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true).unwrap();
+                let got = run(&mut e);
+                let err = rel_l2(&got, &want);
+                assert!(
+                    err <= TOL,
+                    "{preset} {} seed {seed}: rel L2 {err:.3e}",
+                    s.name()
+                );
+            }
+        }
+        std::fs::remove_file(&path).ok();
     }
 }
