@@ -25,7 +25,7 @@ use pshard_model::ggml_type::GgmlType;
 use super::act::{f16_at, Q8_0_BYTES, QK8};
 use super::kquants::{q8k, QK_K};
 use super::legacy::TileFn;
-use super::{ActFormat, DotFn, QuantKernel, SimdLevel};
+use super::{ActFormat, DotFn, QuantKernel};
 
 mod quantize;
 #[cfg(target_arch = "x86_64")]
@@ -355,11 +355,6 @@ pub fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
     {
         None
     }
-}
-
-/// Whether `level` is available on this CPU (the K-quants' detection, shared).
-fn available(level: SimdLevel) -> bool {
-    level.available()
 }
 
 #[cfg(test)]

@@ -22,11 +22,29 @@ fn nearest(v: f32, table: &[i8; 16]) -> usize {
     best
 }
 
+/// [`nearest`] for an ascending table, by bisection (the same index, ties included).
+#[inline]
+fn nearest_sorted(v: f32, table: &[i8; 16]) -> usize {
+    let i = table.partition_point(|&t| (t as f32) < v);
+    if i == 0 {
+        0
+    } else if i == 16 || v - table[i - 1] as f32 <= table[i] as f32 - v {
+        i - 1
+    } else {
+        i
+    }
+}
+
 /// Indices of `x` on the grid `s · table` (index of the table's zero-nearest entry where `s` is 0).
 fn levels(x: &[f32], s: f32, table: &[i8; 16], out: &mut [usize]) {
     let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
+    let sorted = table.windows(2).all(|w| w[0] < w[1]);
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = nearest(v * inv, table);
+        *o = if sorted {
+            nearest_sorted(v * inv, table)
+        } else {
+            nearest(v * inv, table)
+        };
     }
 }
 
@@ -175,5 +193,22 @@ pub(super) fn quantize_mxfp4(src: &[f32], dst: &mut [u8]) {
         b[0] = best.1;
         levels(x, e8m0_half(best.1), &FP4, &mut idx);
         pack(&idx, &mut b[1..17]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bisection_finds_the_linear_scan_index() {
+        let mut v = -140.0f32;
+        while v < 140.0 {
+            assert_eq!(nearest_sorted(v, &NL), nearest(v, &NL), "v = {v}");
+            v += 0.25;
+        }
+        // Exact midpoints tie to the lower entry in both.
+        assert_eq!(nearest_sorted(-115.5, &NL), 0);
+        assert_eq!(nearest(-115.5, &NL), 0);
     }
 }

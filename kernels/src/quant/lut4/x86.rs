@@ -39,7 +39,7 @@ pub(super) fn variants(ty: GgmlType) -> Vec<(DotFn, SimdLevel)> {
         GgmlType::MXFP4 => (dot_mxfp4_avx2, dot_mxfp4_avx512),
         _ => return v,
     };
-    if super::available(SimdLevel::Avx512) {
+    if SimdLevel::Avx512.available() {
         v.push((avx512, SimdLevel::Avx512));
     }
     if has_avx2() {
@@ -314,7 +314,7 @@ fn steps<const TY: u8, const R: usize, const T: usize>(
 fn dot_avx512<const TY: u8>(w: &[u8], a: &[u8], n: usize) -> f32 {
     let ty = ggml(TY);
     let nb = check_dot(&geometry_or_panic(ty), w, a, n, ty.name());
-    if !super::available(SimdLevel::Avx512) {
+    if !SimdLevel::Avx512.available() {
         return match TY {
             TY_XS => dot_iq4_xs_avx2(w, a, n),
             TY_MX => dot_mxfp4_avx2(w, a, n),
@@ -340,7 +340,7 @@ fn dot_mxfp4_avx512(w: &[u8], a: &[u8], n: usize) -> f32 {
 
 /// The register tiles of `ty` (`TILE` × `TILE`, `TILE` × 1) if this CPU has AVX-512 VNNI.
 pub(super) fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
-    if !super::available(SimdLevel::Avx512) {
+    if !SimdLevel::Avx512.available() {
         return None;
     }
     Some(match ty {
@@ -359,7 +359,7 @@ fn tile<const TY: u8, const T: usize>(
     out: &mut [[f32; TILE]; TILE],
 ) {
     assert!(
-        super::available(SimdLevel::Avx512),
+        SimdLevel::Avx512.available(),
         "tile kernels need AVX-512 VNNI"
     );
     let ty = ggml(TY);
