@@ -311,6 +311,84 @@ struct TQ6_K {
     }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Lookup-table types (IQ4_NL, IQ4_XS, MXFP4): each nibble indexes 16 signed byte levels, given as
+// four little-endian words (the CPU's lut4::NL and lut4::FP4; a host test compares them).
+// ---------------------------------------------------------------------------------------------
+
+#define LUT4_NL 0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u
+#define LUT4_FP4 0x03020100u, 0x0c080604u, 0xfdfeff00u, 0xf4f8fafcu
+
+// Four nibbles (one per byte of v, each 0..15) to their levels, one signed byte each: two byte
+// permutes pick from the lower and upper eight entries, bit 3 of each nibble selects between them.
+__device__ __forceinline__ u32 lut4(u32 v, u32 t0, u32 t1, u32 t2, u32 t3) {
+    const u32 s = (v & 0x7u) | ((v >> 4) & 0x70u) | ((v >> 8) & 0x700u) | ((v >> 12) & 0x7000u);
+    const u32 lo = __byte_perm(t0, t1, s);
+    const u32 hi = __byte_perm(t2, t3, s);
+    const u32 m = ((v >> 3) & 0x01010101u) * 0xffu;
+    return (hi & m) | (lo & ~m);
+}
+
+// 4 bytes from any address (MXFP4 blocks are 17 bytes, so their fields have no alignment).
+__device__ __forceinline__ u32 ld32_a1(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+// 2^(e - 128): the MXFP4 block scale (half the E8M0 value, the levels being doubled E2M1 values).
+__device__ __forceinline__ float e8m0_half(u32 e) {
+    return __uint_as_float(e < 2 ? (0x00200000u << e) : ((e - 1) << 23));
+}
+
+// One unit of a lookup-table type: the 4 bytes `w` hold elements o0..o0+3 (low nibbles) and
+// o1..o1+3 (high nibbles), each level times `d`.
+__device__ __forceinline__ void lut4_unit(u32 w, u32 t0, u32 t1, u32 t2, u32 t3, float d, float* v) {
+    const u32 lo = lut4(w & 0x0f0f0f0fu, t0, t1, t2, t3);
+    const u32 hi = lut4((w >> 4) & 0x0f0f0f0fu, t0, t1, t2, t3);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[i] = (float)(i8)((lo >> (8 * i)) & 0xff) * d;
+        v[4 + i] = (float)(i8)((hi >> (8 * i)) & 0xff) * d;
+    }
+}
+
+// IQ4_NL: f16 d, 16 nibble bytes; element j low nibble of qs[j], j + 16 its high nibble.
+struct TIQ4_NL {
+    static const int QK = 32, BYTES = 18, U = 4;
+    __device__ static __forceinline__ void unit(const u8* b, int u, float* v, int& o0, int& o1) {
+        lut4_unit(ld32_a2(b + 2 + 4 * u), LUT4_NL, h2f(ld16(b)), v);
+        o0 = 4 * u; o1 = 16 + 4 * u;
+    }
+};
+
+// MXFP4: E8M0 exponent byte, 16 nibble bytes (as IQ4_NL), levels FP4.
+struct TMXFP4 {
+    static const int QK = 32, BYTES = 17, U = 4;
+    __device__ static __forceinline__ void unit(const u8* b, int u, float* v, int& o0, int& o1) {
+        lut4_unit(ld32_a1(b + 1 + 4 * u), LUT4_FP4, e8m0_half(b[0]), v);
+        o0 = 4 * u; o1 = 16 + 4 * u;
+    }
+};
+
+// Signed 6-bit scale ls - 32 of IQ4_XS sub-block j: low nibble in scales_l[j / 2] (bytes 4..8),
+// top 2 bits at bit 2j of scales_h (bytes 2..4).
+__device__ __forceinline__ int iq4xs_scale(const u8* b, int j) {
+    const int lo = (b[4 + (j >> 1)] >> (4 * (j & 1))) & 0xf;
+    const int hi = (ld16(b + 2) >> (2 * j)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// IQ4_XS: f16 d, u16 scales_h, 4 B scales_l, 8 sub-blocks of 32 with 16 nibble bytes each at
+// 8 + 16j. Unit u: sub-block j = u / 4, bytes 4 (u % 4)..+4 of its run.
+struct TIQ4_XS {
+    static const int QK = 256, BYTES = 136, U = 32;
+    __device__ static __forceinline__ void unit(const u8* b, int u, float* v, int& o0, int& o1) {
+        const int j = u >> 2, k = u & 3;
+        const float dl = h2f(ld16(b)) * (float)iq4xs_scale(b, j);
+        lut4_unit(ld32(b + 8 + 16 * j + 4 * k), LUT4_NL, dl, v);
+        o0 = 32 * j + 4 * k; o1 = 32 * j + 16 + 4 * k;
+    }
+};
+
 // Applies MACRO(NAME, TYPE) to every supported weight type.
 #define FOR_EACH_TYPE(MACRO) \
     MACRO(f32, TF32)         \
@@ -325,7 +403,10 @@ struct TQ6_K {
     MACRO(q3_k, TQ3_K)       \
     MACRO(q4_k, TQ4_K)       \
     MACRO(q5_k, TQ5_K)       \
-    MACRO(q6_k, TQ6_K)
+    MACRO(q6_k, TQ6_K)       \
+    MACRO(iq4_nl, TIQ4_NL)   \
+    MACRO(iq4_xs, TIQ4_XS)   \
+    MACRO(mxfp4, TMXFP4)
 
 // Applies MACRO(NAME, TYPE) to the float weight types (those without an int8 dot path).
 #define FOR_EACH_FLOAT_TYPE(MACRO) \

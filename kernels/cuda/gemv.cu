@@ -439,6 +439,69 @@ struct DQ6_K {
     }
 };
 
+// Lookup-table types, 32-element blocks (IQ4_NL, MXFP4; Q8_0 partner): the DLegacy chunks with
+// levels from the table (lut4) instead of offset nibbles. CPU per block: sum += (dw * da) * isum.
+template <bool MX>
+struct DLut32 {
+    static const int QK = 32, BYTES = MX ? 17 : 18, CH = 2, DF = 1;
+    struct W { u32 lo0, lo1, hi0, hi1; float d; };
+    struct A { int2 a0, a1; float d; };
+    __device__ static __forceinline__ u32 levels(u32 q) {
+        return MX ? lut4(q, LUT4_FP4) : lut4(q, LUT4_NL);
+    }
+    __device__ static __forceinline__ W load(const u8* b, int c) {
+        // MXFP4 fields have no alignment (17-byte blocks); IQ4_NL's are 2-byte aligned.
+        const u32 q0 = MX ? ld32_a1(b + 1 + 8 * c) : ld32_a2(b + 2 + 8 * c);
+        const u32 q1 = MX ? ld32_a1(b + 5 + 8 * c) : ld32_a2(b + 6 + 8 * c);
+        W w;
+        w.lo0 = levels(q0 & 0x0f0f0f0fu);
+        w.lo1 = levels(q1 & 0x0f0f0f0fu);
+        w.hi0 = levels((q0 >> 4) & 0x0f0f0f0fu);
+        w.hi1 = levels((q1 >> 4) & 0x0f0f0f0fu);
+        w.d = MX ? e8m0_half(b[0]) : h2f(ld16(b));
+        return w;
+    }
+    __device__ static __forceinline__ A acts(const Acts& a, int t, int blk, int c) {
+        const i8* p = act_q(a, t, blk * 32 + 8 * c);
+        return A{ld_a8(p), ld_a8(p + 16), a.d[t * (a.cols >> 5) + blk]};
+    }
+    __device__ static __forceinline__ float dot(const W& w, const A& x) {
+        return w.d * x.d * (float)(dot8(w.lo0, w.lo1, x.a0) + dot8(w.hi0, w.hi1, x.a1));
+    }
+};
+typedef DLut32<false> DIQ4_NL;
+typedef DLut32<true> DMXFP4;
+
+// IQ4_XS (Q8_K partner): chunk c = sub-block c, its 16 nibble bytes at 8 + 16c (8-byte aligned:
+// blocks are 136 bytes) give elements 32c.. (low) and 32c+16.. (high). CPU per block:
+// acc += d * da * Σ_c (ls_c - 32) · isum_c.
+struct DIQ4_XS {
+    static const int QK = 256, BYTES = 136, CH = 8, DF = 1;
+    struct W { u32 lo[4], hi[4]; int sc; float d; };
+    struct A { int4 a0, a1; float d; };
+    __device__ static __forceinline__ W load(const u8* b, int c) {
+        const uint2 q01 = *(const uint2*)(b + 8 + 16 * c);
+        const uint2 q23 = *(const uint2*)(b + 16 + 16 * c);
+        const u32 q[4] = {q01.x, q01.y, q23.x, q23.y};
+        W w;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w.lo[i] = lut4(q[i] & 0x0f0f0f0fu, LUT4_NL);
+            w.hi[i] = lut4((q[i] >> 4) & 0x0f0f0f0fu, LUT4_NL);
+        }
+        w.sc = iq4xs_scale(b, c);
+        w.d = h2f(ld16(b));
+        return w;
+    }
+    __device__ static __forceinline__ A acts(const Acts& a, int t, int blk, int c) {
+        const i8* p = act_q(a, t, blk * 256 + 32 * c);
+        return A{ld_a16(p), ld_a16(p + 16), a.d[t * (a.cols >> 8) + blk]};
+    }
+    __device__ static __forceinline__ float dot(const W& w, const A& x) {
+        return x.d * w.d * (float)(w.sc * (dot16(w.lo, x.a0) + dot16(w.hi, x.a1)));
+    }
+};
+
 // y[t, r] = Σ_c W[r, c] x[t, c] (+ bias[r]) for nb <= NB activation rows. A team of TW warps
 // owns R consecutive weight rows (4 * R / TW rows per block of 4 warps); its threads stride over
 // the rows' chunks, so every weight byte is read once and every activation load serves R rows.
@@ -540,7 +603,10 @@ __device__ __forceinline__ void gemvq_impl(const u8* __restrict__ w, i64 row_byt
     MACRO(q3_k, DQ3_K)             \
     MACRO(q4_k, DQ4_K)             \
     MACRO(q5_k, DQ5_K)             \
-    MACRO(q6_k, DQ6_K)
+    MACRO(q6_k, DQ6_K)             \
+    MACRO(iq4_nl, DIQ4_NL)         \
+    MACRO(iq4_xs, DIQ4_XS)         \
+    MACRO(mxfp4, DMXFP4)
 
 FOR_EACH_QUANT_TYPE(GEMVQ_KERNELS)
 

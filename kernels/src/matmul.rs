@@ -228,7 +228,9 @@ pub fn matmul(
 ) -> Result<(), KernelError> {
     let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
     let tiles = match quant::simd_cap() {
-        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
+        SimdLevel::Avx512 => legacy::tiles(w.ty)
+            .or_else(|| crate::quant::kquants::tiles(w.ty))
+            .or_else(|| crate::quant::lut4::tiles(w.ty)),
         _ => None,
     };
     matmul_with(k, tiles, w, x, out, out_stride, rows)
@@ -249,7 +251,9 @@ pub fn matmul_at(
 ) -> Result<(), KernelError> {
     let k = quant::kernel_at(w.ty, level).ok_or(KernelError::UnsupportedType(w.ty))?;
     let tiles = match level {
-        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
+        SimdLevel::Avx512 => legacy::tiles(w.ty)
+            .or_else(|| crate::quant::kquants::tiles(w.ty))
+            .or_else(|| crate::quant::lut4::tiles(w.ty)),
         _ => None,
     };
     matmul_with(k, tiles, w, x, out, out_stride, rows)

@@ -176,7 +176,16 @@ fn random_blocks(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<
     let rb = row_bytes(ty, cols).unwrap();
     let mut b: Vec<u8> = (0..rows * rb).map(|_| r.gen()).collect();
     let (bs, scale_offs): (usize, &[usize]) = match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (ty.type_size() as usize, &[0]),
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+            (ty.type_size() as usize, &[0])
+        }
+        GgmlType::MXFP4 => {
+            // The E8M0 exponent byte: block scales 2^-18..2^1.
+            for blk in b.chunks_exact_mut(17) {
+                blk[0] = r.gen_range(110..130);
+            }
+            return b;
+        }
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
             (ty.type_size() as usize, &[0, 2])
         }
@@ -390,6 +399,9 @@ fn cuda_matmul_gemm_path_and_row_range() {
         GgmlType::Q6_K,
         GgmlType::Q8_0,
         GgmlType::Q4_1,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+        GgmlType::MXFP4,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::F32,
@@ -620,6 +632,7 @@ fn cuda_gemv_int8_graph_replay_matches_direct() {
         GgmlType::Q6_K,
         GgmlType::Q4_1,
         GgmlType::Q8_0,
+        GgmlType::MXFP4,
     ] {
         let w = c.up_bytes(&random_blocks(&mut r, ty, rows, cols));
         for n in [1usize, 5] {
@@ -666,6 +679,9 @@ fn cuda_get_rows_matches_cpu() {
         GgmlType::F16,
         GgmlType::F32,
         GgmlType::Q5_0,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+        GgmlType::MXFP4,
     ] {
         let (bytes, wf) = make_weights(&mut r, ty, vocab, cols);
         let ids: Vec<i32> = (0..9).map(|_| r.gen_range(0..vocab as i32)).collect();
@@ -1531,6 +1547,8 @@ fn cuda_moe_gemv_int8_matches_cpu_engine() {
         GgmlType::Q6_K,
         GgmlType::Q4_0,
         GgmlType::Q8_0,
+        GgmlType::MXFP4,
+        GgmlType::IQ4_XS,
     ] {
         let bytes = random_blocks(&mut r, ty, n_expert * 19, 4096);
         let w = (bytes.clone(), c.up_bytes(&bytes));
@@ -1915,6 +1933,9 @@ fn cuda_moe_gemm_matches_cpu() {
         GgmlType::Q5_1,
         GgmlType::Q2_K,
         GgmlType::Q3_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+        GgmlType::MXFP4,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::F32,

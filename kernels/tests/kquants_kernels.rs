@@ -14,12 +14,16 @@
 //!
 //! Random data with a fresh seed per run, printed; `PSHARD_SEED=<n>` replays a run.
 
+mod common;
+
+use common::{gaussian, rng};
+
 use half::f16;
 use pshard_kernels::quant::kquants::{self, Variant, QK_K};
 use pshard_kernels::quant::{self as quant, ActFormat, QuantKernel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TYPES: [GgmlType; 5] = [
     GgmlType::Q2_K,
@@ -28,22 +32,6 @@ const TYPES: [GgmlType; 5] = [
     GgmlType::Q5_K,
     GgmlType::Q6_K,
 ];
-
-fn rng(test: &str) -> StdRng {
-    let seed = match std::env::var("PSHARD_SEED") {
-        Ok(s) => s.parse().expect("PSHARD_SEED must be an unsigned integer"),
-        Err(_) => rand::random::<u64>(),
-    };
-    println!("{test}: seed {seed} (replay with PSHARD_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
-
-fn gaussian(r: &mut StdRng) -> f32 {
-    // Box-Muller.
-    let u1: f64 = r.gen_range(1e-12..1.0);
-    let u2: f64 = r.gen_range(0.0..1.0);
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
 
 /// Values with a different scale and offset per 16-element group, some zero, constant and outlier
 /// groups (to exercise the scale fitting and the min terms).

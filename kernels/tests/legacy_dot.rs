@@ -14,11 +14,15 @@
 //!   (round-to-nearest, then the f16 rounding of the scale, subnormal included). For
 //!   F32/F16/BF16 activations are not quantized and the loose bound equals the tight one.
 
+mod common;
+
+use common::rng;
+
 use half::f16;
 use pshard_kernels::quant::{self, act, float, legacy, ActFormat, QuantKernel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TYPES: [GgmlType; 8] = [
     GgmlType::F32,
@@ -30,15 +34,6 @@ const TYPES: [GgmlType; 8] = [
     GgmlType::Q5_0,
     GgmlType::Q5_1,
 ];
-
-fn rng(test: &str) -> StdRng {
-    let seed = match std::env::var("PSHARD_SEED") {
-        Ok(s) => s.parse().expect("PSHARD_SEED must be an unsigned integer"),
-        Err(_) => rand::random::<u64>(),
-    };
-    println!("{test}: seed {seed} (replay with PSHARD_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
 
 /// Values with a different scale and offset per 32-block, some zero, constant and outlier blocks.
 fn random_row(r: &mut StdRng, n: usize) -> Vec<f32> {

@@ -10,6 +10,10 @@
 //! The exact-activation path (`matmul_exact`) is checked against f64 over the dequantized weights
 //! and the unrounded f32 activations, within `1e-5 · Σ|w·a|` (f32 products and sums only).
 
+mod common;
+
+use common::rng;
+
 use half::f16;
 use pshard_kernels::matmul::{
     matmul, matmul_at, matmul_exact, matmul_f32, matmul_f32_with, quantize_acts, ActPrecision,
@@ -18,16 +22,7 @@ use pshard_kernels::matmul::{
 use pshard_kernels::quant::{self, act, ActFormat, QuantKernel, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn rng(test: &str) -> StdRng {
-    let seed = match std::env::var("PSHARD_SEED") {
-        Ok(s) => s.parse().expect("PSHARD_SEED must be an unsigned integer"),
-        Err(_) => rand::random::<u64>(),
-    };
-    println!("{test}: seed {seed} (replay with PSHARD_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
+use rand::Rng;
 
 fn random_vec(r: &mut StdRng, n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);

@@ -27,9 +27,12 @@ use crate::spec::{
     TensorId, TensorRole,
 };
 
-/// Rope base of gemma3's sliding-window layers (not stored in the GGUF).
+/// Rope base of gemma3's sliding-window layers when the GGUF has no `gemma3.rope.freq_base_swa`
+/// (llama.cpp's default, `rope_freq_base_train_swa` in src/llama-hparams.h).
 pub const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
-/// gemma3: every `GEMMA3_GLOBAL_EVERY`-th layer (il % 6 == 5) attends globally.
+/// gemma3's sliding-window period when the GGUF has no `gemma3.attention.sliding_window_pattern`:
+/// layer `il` attends globally when `il % 6 == 5` (llama.cpp's `load_swa_pattern(ml, 6)` in
+/// src/models/gemma3.cpp).
 pub const GEMMA3_GLOBAL_EVERY: usize = 6;
 
 /// Why a GGUF header could not be turned into a [`ModelSpec`].
@@ -171,17 +174,6 @@ fn meta_str<'a>(h: &'a GgufHeader, key: &str) -> Result<Option<&'a str>, SpecErr
         Some(_) => Err(SpecError::BadKey {
             key: key.to_string(),
             what: "expected a string".to_string(),
-        }),
-    }
-}
-
-fn meta_bool(h: &GgufHeader, key: &str) -> Result<Option<bool>, SpecError> {
-    match meta(h, key) {
-        None => Ok(None),
-        Some(MetaValue::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(SpecError::BadKey {
-            key: key.to_string(),
-            what: "expected a bool".to_string(),
         }),
     }
 }
@@ -389,6 +381,7 @@ impl ModelSpec {
             Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => RopeMode::Neox,
         };
 
+        // MoE: which keys give the expert width, and the routing, as llama.cpp reads them.
         let n_expert = match arch {
             Arch::Llama | Arch::Qwen3Moe => to_usize(
                 &k("expert_count"),
@@ -414,20 +407,29 @@ impl ModelSpec {
                     what: format!("{used} exceeds expert_count {n_expert}"),
                 });
             }
-            // Mixtral stores the expert width as feed_forward_length.
-            let ff_exp = match (meta_uint(header, &k("expert_feed_forward_length"))?, arch) {
-                (Some(v), _) => nonzero(&k("expert_feed_forward_length"), v)?,
-                (None, Arch::Llama) => nonzero(
-                    &k("feed_forward_length"),
-                    n_ff_key.ok_or_else(|| SpecError::MissingKey {
-                        key: k("feed_forward_length"),
-                    })?,
-                )?,
-                (None, _) => {
-                    return Err(SpecError::MissingKey {
-                        key: k("expert_feed_forward_length"),
-                    })
-                }
+            let ff_key = || {
+                n_ff_key.ok_or_else(|| SpecError::MissingKey {
+                    key: k("feed_forward_length"),
+                })
+            };
+            let ff_exp = match arch {
+                // llama.cpp's llama graph sizes the expert tensors by feed_forward_length and never
+                // reads expert_feed_forward_length (src/models/llama.cpp, load_arch_tensors).
+                Arch::Llama => nonzero(&k("feed_forward_length"), ff_key()?)?,
+                // qwen3moe: expert_feed_forward_length, or else feed_forward_length divided by the
+                // experts used (src/models/qwen3moe.cpp, load_arch_tensors).
+                _ => match meta_uint(header, &k("expert_feed_forward_length"))? {
+                    Some(v) => nonzero(&k("expert_feed_forward_length"), v)?,
+                    None => {
+                        let ff = to_usize(&k("feed_forward_length"), ff_key()?)?;
+                        if ff / used == 0 {
+                            return Err(SpecError::MissingKey {
+                                key: k("expert_feed_forward_length"),
+                            });
+                        }
+                        ff / used
+                    }
+                },
             };
             (0, used, ff_exp)
         } else {
@@ -436,21 +438,38 @@ impl ModelSpec {
             })?;
             (nonzero(&k("feed_forward_length"), ff)?, 0, 0)
         };
-        // Meaningless for dense models: false there.
-        let expert_weights_norm =
-            moe && meta_bool(header, &k("expert_weights_norm"))?.unwrap_or(true);
-        let sliding_window = if arch == Arch::Gemma3 {
-            let w = meta_uint(header, &k("attention.sliding_window"))?.ok_or_else(|| {
-                SpecError::MissingKey {
-                    key: k("attention.sliding_window"),
-                }
-            })?;
-            Some(nonzero(&k("attention.sliding_window"), w)?)
+        // llama.cpp's llama and qwen3moe graphs always renormalize the top-k weights (they pass
+        // norm_w = true to build_moe_ffn and never read expert_weights_norm); meaningless for
+        // dense models: false there.
+        let expert_weights_norm = moe;
+        // gemma3 as llama.cpp reads it (src/models/gemma3.cpp, load_arch_hparams): the window is
+        // optional (absent or 0: every layer attends globally); with one, the per-layer pattern
+        // and the local rope base come from the GGUF when present.
+        let (sliding_window, swa_layers) = if arch == Arch::Gemma3 {
+            match meta_uint(header, &k("attention.sliding_window"))? {
+                Some(w) if w > 0 => (
+                    Some(to_usize(&k("attention.sliding_window"), w)?),
+                    swa_pattern(header, &k("attention.sliding_window_pattern"), n_layer)?,
+                ),
+                _ => (None, vec![false; n_layer]),
+            }
+        } else {
+            (None, vec![false; n_layer])
+        };
+        let rope_base_swa = if sliding_window.is_some() {
+            meta_f32(header, &k("rope.freq_base_swa"))?.unwrap_or(GEMMA3_LOCAL_ROPE_BASE)
+        } else {
+            rope_base
+        };
+        // No catalogued architecture applies attention logit softcapping in llama.cpp (gemma2
+        // and grok do; gemma3 ignores `attn_logit_softcapping`); only gemma3 reads
+        // `final_logit_softcapping` (0 or absent: none).
+        let attn_softcap = None;
+        let final_softcap = if arch == Arch::Gemma3 {
+            meta_f32(header, &k("final_logit_softcapping"))?.filter(|&c| c != 0.0)
         } else {
             None
         };
-        let attn_softcap = meta_f32(header, &k("attn_logit_softcapping"))?;
-        let final_softcap = meta_f32(header, &k("final_logit_softcapping"))?;
         let embed_scale = if arch == Arch::Gemma3 {
             (n_embd as f32).sqrt()
         } else {
@@ -521,7 +540,7 @@ impl ModelSpec {
         let shexp_key = meta_uint(header, &k("expert_shared_feed_forward_length"))?;
         let mut n_ff_shared_expert = 0usize;
         let mut layers = Vec::with_capacity(n_layer);
-        for il in 0..n_layer {
+        for (il, &sliding) in swa_layers.iter().enumerate() {
             let t = |s: &str| format!("blk.{il}.{s}");
             let l = Some(il);
             let attn = b.new_group(GroupRole::Attn, l);
@@ -679,16 +698,13 @@ impl ModelSpec {
                 }
                 groups.push(ffn);
             }
-            let global =
-                arch != Arch::Gemma3 || il % GEMMA3_GLOBAL_EVERY == GEMMA3_GLOBAL_EVERY - 1;
+            // Sliding layers use the local rope base without rope scaling (llama.cpp's
+            // rope_freq_scale_train_swa is 1).
+            let global = !sliding;
             layers.push(LayerSpec {
                 index: il,
                 window: if global { None } else { sliding_window },
-                rope_base: if global {
-                    rope_base
-                } else {
-                    GEMMA3_LOCAL_ROPE_BASE
-                },
+                rope_base: if global { rope_base } else { rope_base_swa },
                 rope_linear_scale: if global { rope_linear_scale } else { 1.0 },
                 groups,
             });
@@ -738,11 +754,7 @@ impl ModelSpec {
             n_ctx_train,
             norm_eps,
             rope_base,
-            rope_base_local: if arch == Arch::Gemma3 {
-                GEMMA3_LOCAL_ROPE_BASE
-            } else {
-                rope_base
-            },
+            rope_base_local: rope_base_swa,
             rope_linear_scale,
             rope_dims,
             rope_mode,
@@ -797,6 +809,44 @@ impl ModelSpec {
             .map(|(i, _)| i)
             .collect()
     }
+}
+
+/// Which of `n_layer` layers use the sliding window, from `key` as llama.cpp reads it
+/// (`load_swa_pattern`, src/llama-model.cpp; `set_swa_pattern`, src/llama-hparams.cpp): an array
+/// gives each layer (true or non-zero: sliding; layers past its end attend globally); an integer
+/// `n` is a period, layer `il` sliding when `il % n < n − 1` (every layer when `n` is 0); absent,
+/// the period is [`GEMMA3_GLOBAL_EVERY`].
+fn swa_pattern(h: &GgufHeader, key: &str, n_layer: usize) -> Result<Vec<bool>, SpecError> {
+    let bad = |what: String| SpecError::BadKey {
+        key: key.to_string(),
+        what,
+    };
+    if let Some(MetaValue::Array(_, items)) = meta(h, key) {
+        let mut out = vec![false; n_layer];
+        for (il, it) in items.iter().enumerate() {
+            let v = match it {
+                MetaValue::Bool(b) => *b,
+                MetaValue::U8(x) => *x != 0,
+                MetaValue::I8(x) => *x != 0,
+                MetaValue::U16(x) => *x != 0,
+                MetaValue::I16(x) => *x != 0,
+                MetaValue::U32(x) => *x != 0,
+                MetaValue::I32(x) => *x != 0,
+                MetaValue::U64(x) => *x != 0,
+                MetaValue::I64(x) => *x != 0,
+                _ => return Err(bad(format!("element {il} is not a bool or an integer"))),
+            };
+            if let Some(slot) = out.get_mut(il) {
+                *slot = v;
+            }
+        }
+        return Ok(out);
+    }
+    let n = match meta_uint(h, key)? {
+        Some(n) => to_usize(key, n)?,
+        None => GEMMA3_GLOBAL_EVERY,
+    };
+    Ok((0..n_layer).map(|il| n == 0 || il % n < n - 1).collect())
 }
 
 /// Linear rope scaling factor from `{arch}.rope.scaling.*` (or the older `rope.scale_linear`).

@@ -80,7 +80,8 @@ pub struct Hparams {
     pub norm_eps: f32,
     /// Rope frequency base of global layers.
     pub rope_base: f32,
-    /// Rope base of sliding-window layers (gemma3: 10,000); equals rope_base elsewhere.
+    /// Rope base of sliding-window layers (gemma3: `rope.freq_base_swa`, default 10,000); equals
+    /// rope_base where no layer slides.
     pub rope_base_local: f32,
     /// Linear rope scaling factor applied to positions of global layers (1.0 = none).
     pub rope_linear_scale: f32,

@@ -1,4 +1,6 @@
-//! Catalogue errors: unsupported architectures, missing keys, missing and ill-shaped tensors.
+//! Catalogue: errors (unsupported architectures, missing keys, missing and ill-shaped tensors) and
+//! hparams read as llama.cpp reads them (gemma3's window pattern and local rope base, softcaps,
+//! expert widths, top-k renormalization).
 
 use pshard_model::catalogue::SpecError;
 use pshard_model::gguf::{GgufHeader, MetaValue};
@@ -132,10 +134,145 @@ fn linear_rope_scaling_and_softcaps_are_read() {
     assert_eq!(s.hparams.rope_linear_scale, 8.0);
     assert_eq!(s.layers[5].rope_linear_scale, 8.0);
     assert_eq!(s.layers[4].rope_linear_scale, 1.0);
+    // llama.cpp's gemma3 never applies attention logit softcapping; the final one it reads.
     assert_eq!(
         (s.hparams.attn_softcap, s.hparams.final_softcap),
-        (Some(50.0), Some(30.0))
+        (None, Some(30.0))
     );
+    set(
+        &mut h,
+        "gemma3.final_logit_softcapping",
+        MetaValue::F32(0.0),
+    );
+    assert_eq!(build(&h).unwrap().hparams.final_softcap, None, "0 is none");
+    // Other architectures read neither key.
+    let mut q = header("tiny-qwen3");
+    set(&mut q, "qwen3.attn_logit_softcapping", MetaValue::F32(50.0));
+    set(
+        &mut q,
+        "qwen3.final_logit_softcapping",
+        MetaValue::F32(30.0),
+    );
+    let s = build(&q).unwrap();
+    assert_eq!(
+        (s.hparams.attn_softcap, s.hparams.final_softcap),
+        (None, None)
+    );
+}
+
+/// Indices of the layers without a sliding window.
+fn global_layers(s: &ModelSpec) -> Vec<usize> {
+    s.layers
+        .iter()
+        .filter(|l| l.window.is_none())
+        .map(|l| l.index)
+        .collect()
+}
+
+#[test]
+fn gemma3_window_pattern_is_read_from_the_file() {
+    // gemma3-270m: 18 layers, window 512, rope bases 1e6 (global) and 1e4 (local by default).
+    let h = header("gemma3-270m");
+    let s = build(&h).unwrap();
+    assert_eq!(global_layers(&s), vec![5, 11, 17]);
+    assert_eq!(s.hparams.rope_base_local, 10_000.0);
+    // A period: layer il slides when il % n < n - 1; 0 slides everywhere, 1 nowhere.
+    for (n, want) in [
+        (4u32, vec![3, 7, 11, 15]),
+        (0, vec![]),
+        (1, (0..18).collect::<Vec<_>>()),
+    ] {
+        let mut h = h.clone();
+        set(
+            &mut h,
+            "gemma3.attention.sliding_window_pattern",
+            MetaValue::U32(n),
+        );
+        assert_eq!(global_layers(&build(&h).unwrap()), want, "period {n}");
+    }
+    // A per-layer array (true: sliding); layers past its end attend globally.
+    let mut h2 = h.clone();
+    let arr: Vec<MetaValue> = (0..6).map(|il| MetaValue::Bool(il % 2 == 0)).collect();
+    set(
+        &mut h2,
+        "gemma3.attention.sliding_window_pattern",
+        MetaValue::Array(pshard_model::gguf::MetaType::Bool, arr),
+    );
+    let s = build(&h2).unwrap();
+    assert_eq!(
+        global_layers(&s),
+        [1, 3, 5].into_iter().chain(6..18).collect::<Vec<_>>()
+    );
+    assert_eq!(s.layers[0].window, Some(512));
+    // The local rope base.
+    let mut h3 = h.clone();
+    set(
+        &mut h3,
+        "gemma3.rope.freq_base_swa",
+        MetaValue::F32(20_000.0),
+    );
+    let s = build(&h3).unwrap();
+    assert_eq!(s.layers[0].rope_base, 20_000.0);
+    assert_eq!(s.layers[5].rope_base, 1_000_000.0);
+    assert_eq!(s.hparams.rope_base_local, 20_000.0);
+    // A pattern of another type is named.
+    let mut h4 = h.clone();
+    set(
+        &mut h4,
+        "gemma3.attention.sliding_window_pattern",
+        MetaValue::Array(
+            pshard_model::gguf::MetaType::String,
+            vec![MetaValue::String("x".into())],
+        ),
+    );
+    let e = build(&h4).unwrap_err().to_string();
+    assert!(e.contains("gemma3.attention.sliding_window_pattern"), "{e}");
+}
+
+#[test]
+fn gemma3_without_a_window_attends_globally_everywhere() {
+    for w in [None, Some(0u32)] {
+        let mut h = header("gemma3-270m");
+        h.metadata
+            .retain(|(k, _)| k != "gemma3.attention.sliding_window");
+        if let Some(w) = w {
+            set(&mut h, "gemma3.attention.sliding_window", MetaValue::U32(w));
+        }
+        set(
+            &mut h,
+            "gemma3.rope.freq_base_swa",
+            MetaValue::F32(20_000.0),
+        );
+        let s = build(&h).unwrap();
+        assert_eq!(s.hparams.sliding_window, None, "window {w:?}");
+        assert_eq!(global_layers(&s), (0..18).collect::<Vec<_>>());
+        assert!(s.layers.iter().all(|l| l.rope_base == 1_000_000.0));
+    }
+}
+
+#[test]
+fn llama_moe_expert_width_is_feed_forward_length() {
+    // llama.cpp's llama never reads expert_feed_forward_length.
+    let mut h = header("tiny-mixtral");
+    set(
+        &mut h,
+        "llama.expert_feed_forward_length",
+        MetaValue::U32(999),
+    );
+    assert_eq!(build(&h).unwrap().hparams.n_ff_expert, 256);
+}
+
+#[test]
+fn qwen3moe_expert_width_falls_back_to_ff_over_experts_used() {
+    // tiny-qwen3moe: experts 64 wide, 2 used per token.
+    let mut h = header("tiny-qwen3moe");
+    h.metadata
+        .retain(|(k, _)| k != "qwen3moe.expert_feed_forward_length");
+    set(&mut h, "qwen3moe.feed_forward_length", MetaValue::U32(128));
+    assert_eq!(build(&h).unwrap().hparams.n_ff_expert, 64);
+    set(&mut h, "qwen3moe.feed_forward_length", MetaValue::U32(256));
+    let e = build(&h).unwrap_err().to_string();
+    assert!(e.contains("ffn_gate_exps") && e.contains("128"), "{e}");
 }
 
 #[test]
@@ -149,16 +286,23 @@ fn old_per_expert_mixtral_layout_is_rejected_clearly() {
 }
 
 #[test]
-fn expert_weights_norm_key_is_honoured() {
-    let h = header("tiny-qwen3moe");
-    assert!(build(&h).unwrap().hparams.expert_weights_norm);
-    let mut h2 = h.clone();
-    set(
-        &mut h2,
-        "qwen3moe.expert_weights_norm",
-        MetaValue::Bool(false),
+fn moe_top_k_weights_are_always_renormalized() {
+    // llama.cpp's llama and qwen3moe graphs renormalize whatever expert_weights_norm says.
+    for (name, key) in [
+        ("tiny-qwen3moe", "qwen3moe.expert_weights_norm"),
+        ("tiny-mixtral", "llama.expert_weights_norm"),
+    ] {
+        let mut h = header(name);
+        assert!(build(&h).unwrap().hparams.expert_weights_norm);
+        set(&mut h, key, MetaValue::Bool(false));
+        assert!(build(&h).unwrap().hparams.expert_weights_norm, "{name}");
+    }
+    assert!(
+        !build(&header("tiny-llama"))
+            .unwrap()
+            .hparams
+            .expert_weights_norm
     );
-    assert!(!build(&h2).unwrap().hparams.expert_weights_norm);
 }
 
 #[test]

@@ -409,6 +409,15 @@ impl CostTable {
         let size = (shape[0] * shape[1]) as f64;
         let shape = Some([shape[0] as u64, shape[1] as u64]);
         let pts = self.series.get(&SeriesKey { op, quant }).or_else(|| {
+            // A type the profile did not measure (one made before the type was supported) costs
+            // like its kernel twin when that was measured.
+            let twin = quant.and_then(kernel_twin)?;
+            self.series.get(&SeriesKey {
+                op,
+                quant: Some(twin),
+            })
+        });
+        let pts = pts.or_else(|| {
             // Another quant type of the same op: efficiencies transfer better than raw times because
             // the roofline already accounts for the bytes per weight. Prefer a quantized stand-in for
             // quantized types and a float one for floats, then anything.
@@ -659,6 +668,19 @@ impl AttnShape {
     }
 }
 
+/// The measured type whose kernels do the same work per weight as `ty`, for types that profiles
+/// made before their support lack: IQ4_NL and MXFP4 are Q4_0's 32-element blocks of nibbles with
+/// the same Q8_0 activation partner (one byte shuffle more per 32 weights on the CPU, a byte
+/// permute on the GPU); IQ4_XS is 256-element blocks with 32-element sub-block scales and the
+/// Q8_K partner, as Q4_K. Their roofline already counts their own bytes per weight.
+pub fn kernel_twin(ty: GgmlType) -> Option<GgmlType> {
+    match ty {
+        GgmlType::IQ4_NL | GgmlType::MXFP4 => Some(GgmlType::Q4_0),
+        GgmlType::IQ4_XS => Some(GgmlType::Q4_K),
+        _ => None,
+    }
+}
+
 /// Bytes of a `rows × cols` matrix of type `ty` (fractional blocks rounded up).
 pub fn weight_bytes(ty: GgmlType, rows: usize, cols: usize) -> f64 {
     let blocks = (cols as u64).div_ceil(ty.block_size());
@@ -791,6 +813,34 @@ mod tests {
         assert!((interpolate(&pts, 1e7f64.ln(), 0.0, None) - 0.6).abs() < 1e-12);
         // Beyond the range: edge efficiency.
         assert!((interpolate(&pts, 1e9f64.ln(), 1000f64.ln(), None) - 0.8).abs() < 1e-12);
+    }
+
+    /// A type the profile lacks costs like its kernel twin (same efficiency, its own bytes), and
+    /// a lone unmeasured type with no twin falls back to another measured series, never panics.
+    #[test]
+    fn unmeasured_types_cost_like_their_kernel_twin() {
+        let mut t = CostTable::new(None, None, 0);
+        let (rows, cols) = (4096usize, 4096usize);
+        let key = |q| SeriesKey {
+            op: KnownOp::Matmul,
+            quant: Some(q),
+        };
+        t.series.insert(
+            key(GgmlType::Q4_0),
+            vec![pt((rows * cols) as f64, 1.0, 0.25)],
+        );
+        t.series.insert(
+            key(GgmlType::Q8_0),
+            vec![pt((rows * cols) as f64, 1.0, 0.9)],
+        );
+        for ty in [GgmlType::IQ4_NL, GgmlType::MXFP4] {
+            let got = t.cpu_matmul(ty, rows, cols, 1, false);
+            let roof = t.roof_cpu_matmul(ty, rows, cols, 1, false);
+            assert!((got - roof / 0.25).abs() <= 1e-12 * got, "{ty}: {got}");
+        }
+        // IQ4_XS's twin Q4_K is not measured: another quantized series stands in.
+        let got = t.cpu_matmul(GgmlType::IQ4_XS, rows, cols, 1, false);
+        assert!(got.is_finite() && got > 0.0);
     }
 
     #[test]

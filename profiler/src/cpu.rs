@@ -711,3 +711,29 @@ fn measure_while_h2d(
         h2d_gbs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full run measures every type the CPU engine computes with, the lookup-table types
+    /// included, at each of its matmul shapes; the quick run keeps its three types.
+    #[test]
+    fn full_plan_measures_every_supported_type() {
+        let full = plan(&CpuConfig::default(), 2, 32 << 20);
+        for m in full.matmuls.iter().take(4) {
+            for ty in SUPPORTED {
+                assert!(m.types.contains(ty), "{ty} missing at {:?}", m.shape);
+            }
+        }
+        for ty in [GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4] {
+            assert!(SUPPORTED.contains(&ty));
+            assert!(make_weights(ty, 4, 256, &mut StdRng::seed_from_u64(1)).is_ok());
+        }
+        let quick = CpuConfig {
+            quick: true,
+            ..CpuConfig::default()
+        };
+        assert_eq!(plan(&quick, 2, 32 << 20).matmuls[0].types.len(), 3);
+    }
+}

@@ -16,7 +16,8 @@ pub struct Args {
     /// Preset to write (see --list).
     #[arg(required_unless_present = "list")]
     pub preset: Option<String>,
-    /// Quantization recipe: f16, q8_0, q4_0, q4_k (Q4_K + Q6_K output), q4_k_m.
+    /// Quantization recipe: f16, q8_0, q4_0, q4_k (Q4_K + Q6_K output), q4_k_m, iq4_nl, iq4_xs,
+    /// mxfp4_moe (llama.cpp's mixes), mxfp4 (every matrix MXFP4).
     #[arg(long, short = 'q', default_value = "q4_k")]
     pub quant: String,
     /// Output file [default: PRESET-RECIPE.gguf].

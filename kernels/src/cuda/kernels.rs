@@ -54,6 +54,9 @@ pub fn type_geom(ty: GgmlType) -> Option<TypeGeom> {
         GgmlType::Q4_K => g("q4_k", 256, 144),
         GgmlType::Q5_K => g("q5_k", 256, 176),
         GgmlType::Q6_K => g("q6_k", 256, 210),
+        GgmlType::IQ4_NL => g("iq4_nl", 32, 18),
+        GgmlType::IQ4_XS => g("iq4_xs", 256, 136),
+        GgmlType::MXFP4 => g("mxfp4", 32, 17),
         _ => None,
     }
 }
@@ -73,6 +76,9 @@ pub const CUDA_TYPES: &[GgmlType] = &[
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+    GgmlType::MXFP4,
 ];
 
 fn geom(ty: GgmlType, cols: usize) -> CudaResult<TypeGeom> {
@@ -1912,6 +1918,10 @@ mod tests {
             "moe_route",
             "moe_sort",
             "moe_gemm_q4_k_64x64",
+            "gemvq_iq4_xs_8r4w1",
+            "moe_gemvq_mxfp4_r2w4",
+            "moe_gemm_iq4_nl_128x64",
+            "dequant_mxfp4",
             "moe_gemm_f16_128x64",
             "flash_attn_128",
             "attn_combine",
@@ -1919,6 +1929,33 @@ mod tests {
             "glu",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not found in {names:?}");
+        }
+    }
+
+    /// The lookup-table levels the CUDA decoders read (four little-endian words per table in
+    /// common.cuh) are the CPU's.
+    #[test]
+    fn lut4_tables_match_cpu() {
+        use crate::quant::lut4::{FP4, NL};
+        for (name, table) in [("LUT4_NL", &NL), ("LUT4_FP4", &FP4)] {
+            let line = super::super::nvrtc::COMMON
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} not defined in common.cuh"));
+            let words: Vec<u32> = line
+                .split_whitespace()
+                .skip(2)
+                .map(|w| {
+                    let w = w.trim_end_matches(',').trim_end_matches('u');
+                    u32::from_str_radix(w.trim_start_matches("0x"), 16).expect("hex word")
+                })
+                .collect();
+            let bytes: Vec<i8> = words
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .map(|b| b as i8)
+                .collect();
+            assert_eq!(bytes, table.to_vec(), "{name}");
         }
     }
 

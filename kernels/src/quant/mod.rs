@@ -12,17 +12,18 @@ pub mod exact;
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+pub mod lut4;
 
 /// The format activations are converted to before dotting with a weight type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActFormat {
     /// Plain f32 values (F32/F16/BF16 weights).
     F32,
-    /// Q8_0 blocks of 32 (Q4_0, Q5_0, Q8_0 weights).
+    /// Q8_0 blocks of 32 (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 weights).
     Q8_0,
     /// Q8_1 blocks of 32 with block sums (Q4_1, Q5_1 weights).
     Q8_1,
-    /// Q8_K blocks of 256 with 16-element sums (K-quants).
+    /// Q8_K blocks of 256 with 16-element sums (K-quants, IQ4_XS).
     Q8K,
 }
 
@@ -69,6 +70,7 @@ pub fn kernel(ty: GgmlType) -> Option<QuantKernel> {
         GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             Some(kquants::kernel(ty))
         }
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::MXFP4 => Some(lut4::kernel(ty)),
         _ => None,
     }
 }
@@ -125,6 +127,7 @@ fn variants(ty: GgmlType) -> Vec<QuantKernel> {
             v.reverse();
             v
         }
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::MXFP4 => lut4::kernel_variants(ty),
         _ => Vec::new(),
     }
 }
@@ -148,6 +151,7 @@ pub fn scalar_kernel(ty: GgmlType) -> Option<QuantKernel> {
         GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
             Some(kquants::scalar_kernel(ty))
         }
+        GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::MXFP4 => Some(lut4::scalar_kernel(ty)),
         _ => None,
     }
 }
@@ -167,4 +171,7 @@ pub const SUPPORTED: &[GgmlType] = &[
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
+    GgmlType::MXFP4,
 ];

@@ -116,6 +116,12 @@ const RMS_Q5_K: f32 = 9.233;
 const RMS_Q6_K: f32 = 18.48;
 const RMS_SC_K: f32 = 48.39;
 const RMS_SC_Q6: f32 = 41.86;
+// Lookup-table types with uniform indices: RMS of the IQ4_NL codebook 67.44 (mean −5.875, cancelled
+// by a random sign on the block scale); of the doubled E2M1 levels (mean 0) 5.852. IQ4_XS sub-block
+// scales `ls − 32` drawn with magnitude uniform in 16..=31 and a random sign: RMS 23.95.
+const RMS_NL: f32 = 67.44;
+const RMS_FP4: f32 = 5.852;
+const RMS_SC_XS: f32 = 23.95;
 
 /// Block scale jitter: uniform in [0.8, 1.2] (RMS 1.0067), so blocks differ like real ones.
 #[inline]
@@ -150,7 +156,20 @@ pub fn supported(ty: GgmlType) -> bool {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
+            | GgmlType::IQ4_NL
+            | GgmlType::IQ4_XS
+            | GgmlType::MXFP4
     )
+}
+
+/// An MXFP4 exponent byte whose scale `2^(e − 128)` has mean square `target²`: the two powers of
+/// two around `target`, the upper one with the probability that matches the mean square.
+fn mxfp4_exponent(rng: &mut Rng, target: f32) -> u8 {
+    let lo = target.log2().floor();
+    let a = lo.exp2();
+    let p_up = ((target / a).powi(2) - 1.0) / 3.0;
+    let e = lo as i32 + 128 + i32::from(rng.unit() < p_up);
+    e.clamp(0, 255) as u8
 }
 
 /// Fills `out` (whole blocks of `ty`) with values per `init`; `first_elem` is the index of the first
@@ -269,6 +288,38 @@ pub fn fill(ty: GgmlType, init: &Init, first_elem: usize, rng: &mut Rng, out: &m
                 );
             }
         }
+        GgmlType::IQ4_NL => {
+            // d (f16), 16 bytes of nibbles: x = d·NL[q].
+            for b in out.chunks_exact_mut(18) {
+                put_f16(&mut b[0..2], rng.sign() * sigma * jitter(rng) / RMS_NL);
+                rng.fill(&mut b[2..18]);
+            }
+        }
+        GgmlType::IQ4_XS => {
+            // d (f16), scales_h (u16), scales_l (4 bytes), 128 bytes of nibbles:
+            // x = d·(ls − 32)·NL[q] per 32-element sub-block.
+            for b in out.chunks_exact_mut(136) {
+                put_f16(&mut b[0..2], sigma * jitter(rng) / (RMS_SC_XS * RMS_NL));
+                let mut h = 0u16;
+                b[4..8].fill(0);
+                for j in 0..8 {
+                    let mag = rng.range(16, 31) as i32;
+                    let ls = (32 + if rng.sign() > 0.0 { mag } else { -mag }) as u8;
+                    b[4 + j / 2] |= (ls & 0xF) << (4 * (j % 2));
+                    h |= u16::from(ls >> 4) << (2 * j);
+                }
+                b[2..4].copy_from_slice(&h.to_le_bytes());
+                rng.fill(&mut b[8..136]);
+            }
+        }
+        GgmlType::MXFP4 => {
+            // e (E8M0), 16 bytes of nibbles: x = 2^(e − 128)·FP4[q] (symmetric levels).
+            for b in out.chunks_exact_mut(17) {
+                let target = sigma * jitter(rng) / RMS_FP4;
+                b[0] = mxfp4_exponent(rng, target);
+                rng.fill(&mut b[1..17]);
+            }
+        }
         _ => return false,
     }
     true
@@ -297,6 +348,57 @@ mod tests {
         pack_scales_mins(&sc, &m, &mut out);
         for j in 0..8 {
             assert_eq!(unpack(&out, j), (sc[j], m[j]), "sub-block {j}");
+        }
+    }
+
+    /// The generated blocks of each type, decoded here from the layout, have the requested σ.
+    #[test]
+    fn lookup_table_blocks_have_the_requested_sigma() {
+        const NL: [i8; 16] = [
+            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+        ];
+        const FP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+        let nib = |qs: &[u8], e: usize| {
+            if e < 16 {
+                (qs[e] & 15) as usize
+            } else {
+                (qs[e - 16] >> 4) as usize
+            }
+        };
+        let f16v = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f64();
+        let sigma = 0.03f32;
+        for ty in [GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4] {
+            let n_blocks = 4096 * 32 / ty.block_size() as usize;
+            let mut out = vec![0u8; n_blocks * ty.type_size() as usize];
+            let mut rng = Rng::new(3, 1, 2);
+            assert!(fill(ty, &Init::Random { sigma }, 0, &mut rng, &mut out));
+            let (mut s1, mut s2, mut n) = (0f64, 0f64, 0f64);
+            for b in out.chunks_exact(ty.type_size() as usize) {
+                for e in 0..ty.block_size() as usize {
+                    let v = match ty {
+                        GgmlType::IQ4_NL => f16v(b) * NL[nib(&b[2..], e)] as f64,
+                        GgmlType::MXFP4 => {
+                            2f64.powi(b[0] as i32 - 128) * FP4[nib(&b[1..], e)] as f64
+                        }
+                        _ => {
+                            let j = e / 32;
+                            let lo = (b[4 + j / 2] >> (4 * (j % 2))) & 15;
+                            let hi = (u16::from_le_bytes([b[2], b[3]]) >> (2 * j)) & 3;
+                            let ls = (lo as i32 | (hi as i32) << 4) - 32;
+                            f16v(b) * ls as f64 * NL[nib(&b[8 + 16 * j..], e % 32)] as f64
+                        }
+                    };
+                    s1 += v;
+                    s2 += v * v;
+                    n += 1.0;
+                }
+            }
+            let (mean, sd) = (s1 / n, (s2 / n).sqrt());
+            assert!(
+                (sd / sigma as f64 - 1.0).abs() < 0.05,
+                "{ty}: σ {sd} vs {sigma}"
+            );
+            assert!(mean.abs() < 0.05 * sigma as f64, "{ty}: mean {mean}");
         }
     }
 

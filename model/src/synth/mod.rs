@@ -44,16 +44,32 @@ pub enum QuantRecipe {
     /// `use_more_bits` layers (first and last eighth, every third in between), and its 70B and
     /// 8-expert bumps.
     Q4_K_M,
+    /// llama.cpp's IQ4_NL mix: IQ4_NL base, Q6_K output, Q5_K on `attn_v` when 4+ query heads
+    /// share a KV head and on `ffn_down` of the first eighth of the layers, and its 8-expert bumps.
+    IQ4_NL,
+    /// llama.cpp's IQ4_XS mix: as [`QuantRecipe::IQ4_NL`] with IQ4_XS base (IQ4_NL where a row is
+    /// not whole 256-blocks).
+    IQ4_XS,
+    /// llama.cpp's MXFP4_MOE mix: expert tensors MXFP4, every other matrix (output and embeddings
+    /// included) Q8_0.
+    MXFP4_MOE,
+    /// Every matrix MXFP4 (what `llama-quantize --pure` writes for MXFP4_MOE): MXFP4 in dense
+    /// models too.
+    MXFP4,
 }
 
 impl QuantRecipe {
     /// All recipes.
-    pub const ALL: [QuantRecipe; 5] = [
+    pub const ALL: [QuantRecipe; 9] = [
         QuantRecipe::F16,
         QuantRecipe::Q8_0,
         QuantRecipe::Q4_0,
         QuantRecipe::Q4_K,
         QuantRecipe::Q4_K_M,
+        QuantRecipe::IQ4_NL,
+        QuantRecipe::IQ4_XS,
+        QuantRecipe::MXFP4_MOE,
+        QuantRecipe::MXFP4,
     ];
 
     /// Lowercase name used on the command line and in file names.
@@ -64,6 +80,10 @@ impl QuantRecipe {
             QuantRecipe::Q4_0 => "q4_0",
             QuantRecipe::Q4_K => "q4_k",
             QuantRecipe::Q4_K_M => "q4_k_m",
+            QuantRecipe::IQ4_NL => "iq4_nl",
+            QuantRecipe::IQ4_XS => "iq4_xs",
+            QuantRecipe::MXFP4_MOE => "mxfp4_moe",
+            QuantRecipe::MXFP4 => "mxfp4",
         }
     }
 
@@ -74,7 +94,8 @@ impl QuantRecipe {
             .find(|r| r.name().eq_ignore_ascii_case(s))
     }
 
-    /// `general.file_type` (llama.cpp's ftype enum; `q4_k` is reported as Q4_K_S, its closest mix).
+    /// `general.file_type` (llama.cpp's ftype enum; `q4_k` is reported as Q4_K_S, its closest mix,
+    /// and `mxfp4` as MXFP4_MOE, the ftype `--pure` keeps).
     pub fn file_type(self) -> u32 {
         match self {
             QuantRecipe::F16 => 1,
@@ -82,6 +103,9 @@ impl QuantRecipe {
             QuantRecipe::Q4_0 => 2,
             QuantRecipe::Q4_K => 14,
             QuantRecipe::Q4_K_M => 15,
+            QuantRecipe::IQ4_NL => 25,
+            QuantRecipe::IQ4_XS => 30,
+            QuantRecipe::MXFP4_MOE | QuantRecipe::MXFP4 => 38,
         }
     }
 
@@ -91,6 +115,9 @@ impl QuantRecipe {
             QuantRecipe::Q8_0 => GgmlType::Q8_0,
             QuantRecipe::Q4_0 => GgmlType::Q4_0,
             QuantRecipe::Q4_K | QuantRecipe::Q4_K_M => GgmlType::Q4_K,
+            QuantRecipe::IQ4_NL => GgmlType::IQ4_NL,
+            QuantRecipe::IQ4_XS => GgmlType::IQ4_XS,
+            QuantRecipe::MXFP4_MOE | QuantRecipe::MXFP4 => GgmlType::MXFP4,
         }
     }
 }
@@ -121,12 +148,13 @@ pub fn use_more_bits(i_layer: usize, n_layer: usize) -> bool {
 }
 
 /// Replaces a type whose block does not divide the row length `cols`, as llama.cpp does
-/// (K-quants to legacy 32-blocks, then F16).
+/// (K-quants to legacy 32-blocks, IQ4_XS to IQ4_NL, then F16).
 fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
     if (cols as u64).is_multiple_of(ty.block_size()) {
         return ty;
     }
     let alt = match ty {
+        GgmlType::IQ4_XS => GgmlType::IQ4_NL,
         GgmlType::Q4_K => GgmlType::Q5_0,
         GgmlType::Q5_K => GgmlType::Q5_1,
         GgmlType::Q6_K => GgmlType::Q8_0,
@@ -139,20 +167,28 @@ fn fallback(ty: GgmlType, cols: usize) -> GgmlType {
     }
 }
 
+/// The type llama.cpp's `llama-quantize` gives a tensor of `kind` in `layer` with rows of `cols`
+/// under `recipe` (`expert`: a stacked 3-D expert tensor).
 fn tensor_type(
     p: &SynthPreset,
     recipe: QuantRecipe,
     kind: Kind,
     layer: usize,
     cols: usize,
+    expert: bool,
 ) -> GgmlType {
     use GgmlType as T;
     if matches!(kind, Kind::Vector | Kind::Router) {
         return T::F32;
     }
     let base = recipe.base();
-    if recipe == QuantRecipe::F16 {
-        return T::F16;
+    match recipe {
+        QuantRecipe::F16 => return T::F16,
+        QuantRecipe::MXFP4 => return fallback(T::MXFP4, cols),
+        QuantRecipe::MXFP4_MOE => {
+            return fallback(if expert { T::MXFP4 } else { T::Q8_0 }, cols);
+        }
+        _ => {}
     }
     // The output projection (or the embedding table when it doubles as the output).
     if kind == Kind::Output || (kind == Kind::TokenEmbd && p.tied) {
@@ -179,6 +215,23 @@ fn tensor_type(
             }
             Kind::AttnK if p.n_expert == 8 => ty = T::Q8_0,
             Kind::FfnDown if use_more_bits(layer, p.n_layer) => ty = T::Q6_K,
+            Kind::AttnOutput if p.n_expert == 8 => ty = T::Q5_K,
+            _ => {}
+        }
+    }
+    if matches!(recipe, QuantRecipe::IQ4_NL | QuantRecipe::IQ4_XS) {
+        match kind {
+            Kind::AttnV => {
+                if p.n_head >= 4 * p.n_head_kv {
+                    ty = T::Q5_K;
+                }
+                if p.n_expert == 8 {
+                    ty = T::Q8_0;
+                }
+            }
+            Kind::AttnK if p.n_expert == 8 => ty = T::Q8_0,
+            // Without an importance matrix (synthetic files have none).
+            Kind::FfnDown if layer < p.n_layer / 8 => ty = T::Q5_K,
             Kind::AttnOutput if p.n_expert == 8 => ty = T::Q5_K,
             _ => {}
         }
@@ -323,7 +376,7 @@ pub fn plan(p: &SynthPreset, recipe: QuantRecipe) -> SynthPlan {
     let (hq, hkv, hd) = (p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
     let mut tensors = Vec::new();
     let mut add = |name: String, dims: Vec<u64>, kind: Kind, layer: usize, init: Init| {
-        let ty = tensor_type(p, recipe, kind, layer, dims[0] as usize);
+        let ty = tensor_type(p, recipe, kind, layer, dims[0] as usize, dims.len() == 3);
         tensors.push(PlannedTensor {
             name,
             dims,
@@ -622,6 +675,105 @@ mod tests {
         assert_eq!(fallback(GgmlType::Q5_K, 640), GgmlType::Q5_1);
         assert_eq!(fallback(GgmlType::Q4_K, 1024), GgmlType::Q4_K);
         assert_eq!(fallback(GgmlType::Q4_0, 48), GgmlType::F16);
+        assert_eq!(fallback(GgmlType::IQ4_XS, 576), GgmlType::IQ4_NL);
+        assert_eq!(fallback(GgmlType::MXFP4, 48), GgmlType::F16);
+    }
+
+    /// The lookup-table recipes pick llama.cpp's types tensor by tensor.
+    #[test]
+    fn lookup_table_recipes_follow_llama_cpp() {
+        let count = |recipe, name: &str, want: GgmlType, p: &SynthPreset| {
+            let pl = plan(p, recipe);
+            let t = pl
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(t.ty, want, "{} {name}", recipe.name());
+        };
+        // SmolLM2-135M's shapes: rows of 576 are not whole 256-blocks, 1536 are.
+        let smol = preset("smollm2-135m").expect("preset");
+        count(
+            QuantRecipe::IQ4_XS,
+            "blk.5.attn_q.weight",
+            GgmlType::IQ4_NL,
+            &smol,
+        );
+        count(
+            QuantRecipe::IQ4_XS,
+            "blk.5.ffn_down.weight",
+            GgmlType::IQ4_XS,
+            &smol,
+        );
+        // The first eighth of ffn_down gets Q5_K (rows of 1536 are whole 256-blocks).
+        count(
+            QuantRecipe::IQ4_XS,
+            "blk.0.ffn_down.weight",
+            GgmlType::Q5_K,
+            &smol,
+        );
+        count(
+            QuantRecipe::IQ4_XS,
+            "blk.0.attn_v.weight",
+            GgmlType::IQ4_NL,
+            &smol,
+        );
+        count(
+            QuantRecipe::IQ4_NL,
+            "blk.5.ffn_down.weight",
+            GgmlType::IQ4_NL,
+            &smol,
+        );
+        count(
+            QuantRecipe::IQ4_NL,
+            "token_embd.weight",
+            GgmlType::Q8_0,
+            &smol,
+        );
+        count(
+            QuantRecipe::MXFP4,
+            "blk.3.attn_v.weight",
+            GgmlType::MXFP4,
+            &smol,
+        );
+        count(
+            QuantRecipe::MXFP4,
+            "token_embd.weight",
+            GgmlType::MXFP4,
+            &smol,
+        );
+        count(
+            QuantRecipe::MXFP4_MOE,
+            "blk.3.ffn_up.weight",
+            GgmlType::Q8_0,
+            &smol,
+        );
+        // A MoE: experts MXFP4 under MXFP4_MOE, the rest Q8_0; 8 experts bump attn_v to Q8_0.
+        let moe = preset("mixtral-8x7b").expect("preset");
+        count(
+            QuantRecipe::MXFP4_MOE,
+            "blk.0.ffn_up_exps.weight",
+            GgmlType::MXFP4,
+            &moe,
+        );
+        count(
+            QuantRecipe::MXFP4_MOE,
+            "blk.0.attn_q.weight",
+            GgmlType::Q8_0,
+            &moe,
+        );
+        count(
+            QuantRecipe::MXFP4_MOE,
+            "output.weight",
+            GgmlType::Q8_0,
+            &moe,
+        );
+        count(
+            QuantRecipe::IQ4_XS,
+            "blk.1.attn_v.weight",
+            GgmlType::Q8_0,
+            &moe,
+        );
     }
 
     #[test]

@@ -8,9 +8,9 @@ use super::{check_row_args, nearest_i32, QK_K};
 /// Bytes per Q8_K block.
 pub const BLOCK_BYTES: usize = 292;
 /// Offset of the quants in a block.
-pub(super) const QS: usize = 4;
+pub(crate) const QS: usize = 4;
 /// Offset of the 16-element sums in a block.
-pub(super) const BSUMS: usize = 260;
+pub(crate) const BSUMS: usize = 260;
 
 /// Quantizes `src.len()` activations (a multiple of 256) into Q8_K blocks at the start of `dst`.
 ///

@@ -25,7 +25,7 @@ use super::{ActFormat, DotFn, QuantKernel};
 #[cfg(target_arch = "x86_64")]
 mod tile;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 /// Rows and tokens of a full register tile.
 pub(crate) const TILE: usize = 4;

@@ -17,7 +17,7 @@ use pshard_model::ggml_type::GgmlType;
 use crate::quant::DotFn;
 
 /// AVX2, FMA and F16C (Haswell and later).
-pub(super) fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
@@ -79,14 +79,14 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn load16(b: &[u8; 16]) -> __m128i {
+pub(crate) fn load16(b: &[u8; 16]) -> __m128i {
     // SAFETY: `b` is 16 readable bytes; the load is unaligned.
     unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn load32(b: &[u8; 32]) -> __m256i {
+pub(crate) fn load32(b: &[u8; 32]) -> __m256i {
     // SAFETY: `b` is 32 readable bytes; the load is unaligned.
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
 }
@@ -95,7 +95,7 @@ pub(super) fn load32(b: &[u8; 32]) -> __m256i {
 /// nibbles (elements 16..32) in the high lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles(qs: &[u8; 16]) -> __m256i {
+pub(crate) fn nibbles(qs: &[u8; 16]) -> __m256i {
     let x = load16(qs);
     let v = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
     _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
@@ -143,7 +143,7 @@ fn mul_us(u: __m256i, a: __m256i) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(crate) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -1,0 +1,388 @@
+//! The 4-bit lookup-table types IQ4_NL, IQ4_XS and MXFP4 (GGUF block layouts): each weight is a
+//! 4-bit index into a fixed table of 16 signed integers, times a block or sub-block scale.
+//!
+//! | type   | id | elems | bytes | layout                                                        | value                   | partner |
+//! |--------|----|-------|-------|---------------------------------------------------------------|-------------------------|---------|
+//! | IQ4_NL | 20 | 32    | 18    | f16 `d`, 16 B nibbles                                         | `d · NL[q]`             | Q8_0    |
+//! | IQ4_XS | 23 | 256   | 136   | f16 `d`, u16 `scales_h`, 4 B `scales_l`, 128 B nibbles         | `d · (ls_j − 32) · NL[q]` | Q8_K  |
+//! | MXFP4  | 39 | 32    | 17    | u8 `e` (E8M0 exponent), 16 B nibbles                          | `2^(e − 128) · FP4[q]`  | Q8_0    |
+//!
+//! Nibbles (all three, per run of 32 elements over 16 bytes `qs`): element `j < 16` is the low
+//! nibble of `qs[j]`, element `j + 16` its high nibble. IQ4_XS has eight such runs (sub-blocks
+//! `j = 0..8`, `qs` at byte `8 + 16 j`), each with a 6-bit scale `ls_j`: low 4 bits in
+//! `scales_l[j / 2]` (low nibble for even `j`, high for odd), top 2 bits at bits `2j..2j+2` of
+//! `scales_h` (little-endian).
+//!
+//! [`NL`] is the IQ4_NL codebook; [`FP4`] the E2M1 values doubled (so they are integers), which is
+//! why the MXFP4 scale is half the E8M0 value `2^(e − 127)`. The partner formats are those
+//! llama.cpp pairs with these types (its `vec_dot_type`), so results agree with its CPU backend.
+//!
+//! Every block is exactly `scale × i8` per run of 32 ([`unpack`]): dequantization, the int8
+//! dots and any int8 GEMM converter start from that one decoder.
+
+use pshard_model::ggml_type::GgmlType;
+
+use super::act::{f16_at, Q8_0_BYTES, QK8};
+use super::kquants::{q8k, QK_K};
+use super::legacy::TileFn;
+use super::{ActFormat, DotFn, QuantKernel};
+
+mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// The IQ4_NL (and IQ4_XS) codebook: index `q` (0..16) → level.
+pub const NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The E2M1 (FP4) values ×2 as MXFP4 stores them: index `q` → level (`q ≥ 8` is the negative of
+/// `q − 8`; E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
+pub const FP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Bytes per IQ4_NL block.
+pub const IQ4_NL_BYTES: usize = 18;
+/// Bytes per IQ4_XS block.
+pub const IQ4_XS_BYTES: usize = 136;
+/// Bytes per MXFP4 block.
+pub const MXFP4_BYTES: usize = 17;
+
+/// Elements per scaled run: every scale of these types covers 32 elements.
+pub const RUN: usize = 32;
+
+/// The types of this module.
+pub const TYPES: [GgmlType; 3] = [GgmlType::IQ4_NL, GgmlType::IQ4_XS, GgmlType::MXFP4];
+
+/// `2^(e − 128)`: the MXFP4 block scale (half the E8M0 value, because [`FP4`] is doubled). Exact
+/// for every `e` (0 and 1 are subnormal f32).
+#[inline]
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        (e as u32 - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
+/// Geometry of one of this module's types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Elements per block.
+    pub qk: usize,
+    /// Bytes per block.
+    pub bytes: usize,
+    /// The codebook.
+    pub table: &'static [i8; 16],
+    /// The activation partner format.
+    pub act: ActFormat,
+}
+
+/// The geometry of `ty`, or `None` if it is not one of [`TYPES`].
+pub fn geometry(ty: GgmlType) -> Option<Geometry> {
+    Some(match ty {
+        GgmlType::IQ4_NL => Geometry {
+            qk: QK8,
+            bytes: IQ4_NL_BYTES,
+            table: &NL,
+            act: ActFormat::Q8_0,
+        },
+        GgmlType::IQ4_XS => Geometry {
+            qk: QK_K,
+            bytes: IQ4_XS_BYTES,
+            table: &NL,
+            act: ActFormat::Q8K,
+        },
+        GgmlType::MXFP4 => Geometry {
+            qk: QK8,
+            bytes: MXFP4_BYTES,
+            table: &FP4,
+            act: ActFormat::Q8_0,
+        },
+        _ => return None,
+    })
+}
+
+fn geometry_or_panic(ty: GgmlType) -> Geometry {
+    geometry(ty).unwrap_or_else(|| panic!("lookup-table kernels do not handle {ty}"))
+}
+
+/// The signed 6-bit scale `ls_j − 32` (−32..=31) of IQ4_XS sub-block `j` (0..8) of block `b`.
+#[inline]
+pub fn iq4xs_scale(b: &[u8], j: usize) -> i32 {
+    let lo = (b[4 + j / 2] >> (4 * (j % 2))) & 0x0F;
+    let hi = (u16::from_le_bytes([b[2], b[3]]) >> (2 * j)) & 3;
+    (lo as i32 | (hi as i32) << 4) - 32
+}
+
+/// Decodes 16 nibble bytes through `table` into 32 levels (low nibbles first).
+#[inline]
+fn run_levels(qs: &[u8], table: &[i8; 16], q: &mut [i8]) {
+    for j in 0..16 {
+        q[j] = table[(qs[j] & 0x0F) as usize];
+        q[j + 16] = table[(qs[j] >> 4) as usize];
+    }
+}
+
+/// Decodes one block of `ty` exactly into int8 levels and one f32 scale per run of [`RUN`]
+/// elements: element `i` is `scales[i / 32] · q[i]`, with no rounding (the scales are the f16 or
+/// E8M0 values, times the integer sub-block scale for IQ4_XS). This is the single decoder of the
+/// module: dequantization, the int8 dots and int8 GEMM converters build on it.
+///
+/// # Panics
+/// If `ty` is not one of [`TYPES`], or `block`, `q` or `scales` are shorter than one block needs
+/// (`bytes`, `qk` and `qk / 32`).
+pub fn unpack(ty: GgmlType, block: &[u8], q: &mut [i8], scales: &mut [f32]) {
+    let g = geometry_or_panic(ty);
+    let b = &block[..g.bytes];
+    match ty {
+        GgmlType::IQ4_NL => {
+            scales[0] = f16_at(b);
+            run_levels(&b[2..18], &NL, &mut q[..RUN]);
+        }
+        GgmlType::MXFP4 => {
+            scales[0] = e8m0_half(b[0]);
+            run_levels(&b[1..17], &FP4, &mut q[..RUN]);
+        }
+        _ => {
+            let d = f16_at(b);
+            for j in 0..QK_K / RUN {
+                scales[j] = d * iq4xs_scale(b, j) as f32;
+                run_levels(
+                    &b[8 + 16 * j..24 + 16 * j],
+                    &NL,
+                    &mut q[RUN * j..RUN * (j + 1)],
+                );
+            }
+        }
+    }
+}
+
+/// Checks a row conversion's lengths; returns the number of blocks.
+fn check_row(g: &Geometry, bytes_len: usize, elems: usize, what: &str) -> usize {
+    assert!(
+        elems.is_multiple_of(g.qk),
+        "{what}: {elems} elements is not a whole number of {}-element blocks",
+        g.qk
+    );
+    let nb = elems / g.qk;
+    assert!(
+        bytes_len >= nb * g.bytes,
+        "{what}: {bytes_len} bytes of blocks, {elems} elements need {}",
+        nb * g.bytes
+    );
+    nb
+}
+
+/// Dequantizes `dst.len()` elements (whole blocks) of `ty` from `src`.
+fn dequantize_with(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    let g = geometry_or_panic(ty);
+    let nb = check_row(&g, src.len(), dst.len(), "dequantize");
+    let mut q = [0i8; QK_K];
+    let mut s = [0f32; QK_K / RUN];
+    for (b, y) in src[..nb * g.bytes]
+        .chunks_exact(g.bytes)
+        .zip(dst.chunks_exact_mut(g.qk))
+    {
+        unpack(ty, b, &mut q, &mut s);
+        for (i, v) in y.iter_mut().enumerate() {
+            *v = s[i / RUN] * q[i] as f32;
+        }
+    }
+}
+
+fn dequantize_iq4_nl(src: &[u8], dst: &mut [f32]) {
+    dequantize_with(GgmlType::IQ4_NL, src, dst)
+}
+
+fn dequantize_iq4_xs(src: &[u8], dst: &mut [f32]) {
+    dequantize_with(GgmlType::IQ4_XS, src, dst)
+}
+
+fn dequantize_mxfp4(src: &[u8], dst: &mut [f32]) {
+    dequantize_with(GgmlType::MXFP4, src, dst)
+}
+
+/// Checks a dot product's arguments; returns the number of weight blocks.
+///
+/// # Panics
+/// If `n` is not whole blocks or a row is shorter than `n` elements need (shapes are validated
+/// when a model loads, so this is a programming error).
+fn check_dot(g: &Geometry, w: &[u8], a: &[u8], n: usize, name: &str) -> usize {
+    let nb = check_row(g, w.len(), n, name);
+    let need = g
+        .act
+        .row_bytes(n)
+        .expect("whole weight blocks are whole partner blocks");
+    assert!(
+        a.len() >= need,
+        "{name} dot: {} activation row has {} bytes, {n} elements need {need}",
+        g.act.name(),
+        a.len()
+    );
+    nb
+}
+
+/// Portable dot of an IQ4_NL or MXFP4 row with a Q8_0 row: per block, the integer sum of levels
+/// times activation quants, scaled by `d_w d_a`.
+fn dot_scalar_32(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let g = geometry_or_panic(ty);
+    let nb = check_dot(&g, w, a, n, ty.name());
+    let mut q = [0i8; RUN];
+    let mut s = [0f32; 1];
+    let mut sum = 0f32;
+    for (wb, ab) in w[..nb * g.bytes]
+        .chunks_exact(g.bytes)
+        .zip(a.chunks_exact(Q8_0_BYTES))
+    {
+        unpack(ty, wb, &mut q, &mut s);
+        let isum: i32 = q
+            .iter()
+            .zip(&ab[2..Q8_0_BYTES])
+            .map(|(&x, &y)| x as i32 * y as i8 as i32)
+            .sum();
+        sum += s[0] * f16_at(ab) * isum as f32;
+    }
+    sum
+}
+
+pub(crate) fn dot_iq4_nl_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_scalar_32(GgmlType::IQ4_NL, w, a, n)
+}
+
+pub(crate) fn dot_mxfp4_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_scalar_32(GgmlType::MXFP4, w, a, n)
+}
+
+/// Portable dot of an IQ4_XS row with a Q8_K row: per block `d_w d_a Σ_j (ls_j − 32) Σ NL[q] a`,
+/// the sub-block sums and scales in integers.
+pub(crate) fn dot_iq4_xs_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
+    let g = geometry_or_panic(GgmlType::IQ4_XS);
+    let nb = check_dot(&g, w, a, n, "IQ4_XS");
+    let mut q = [0i8; RUN];
+    let mut sum = 0f32;
+    for (wb, ab) in w[..nb * g.bytes]
+        .chunks_exact(g.bytes)
+        .zip(a.chunks_exact(q8k::BLOCK_BYTES))
+    {
+        let qa = &ab[q8k::QS..q8k::QS + QK_K];
+        let mut sumi = 0i32;
+        for j in 0..QK_K / RUN {
+            run_levels(&wb[8 + 16 * j..24 + 16 * j], &NL, &mut q);
+            let s: i32 = q
+                .iter()
+                .zip(&qa[RUN * j..RUN * (j + 1)])
+                .map(|(&x, &y)| x as i32 * y as i8 as i32)
+                .sum();
+            sumi += iq4xs_scale(wb, j) * s;
+        }
+        let da = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        sum += f16_at(wb) * da * sumi as f32;
+    }
+    sum
+}
+
+/// Dequantizer signature of [`QuantKernel`].
+type DequantFn = fn(&[u8], &mut [f32]);
+/// Quantizer signature of [`QuantKernel`].
+type QuantFn = fn(&[f32], &mut [u8]);
+
+fn make(ty: GgmlType, dot: DotFn, dot_variant: &'static str) -> QuantKernel {
+    let (dequantize_row, quantize_row): (DequantFn, QuantFn) = match ty {
+        GgmlType::IQ4_NL => (dequantize_iq4_nl, quantize::quantize_iq4_nl),
+        GgmlType::IQ4_XS => (dequantize_iq4_xs, quantize::quantize_iq4_xs),
+        GgmlType::MXFP4 => (dequantize_mxfp4, quantize::quantize_mxfp4),
+        _ => panic!("lookup-table kernels do not handle {ty}"),
+    };
+    QuantKernel {
+        ty,
+        act: geometry_or_panic(ty).act,
+        dequantize_row,
+        quantize_row,
+        dot,
+        dot_variant,
+    }
+}
+
+/// The portable scalar kernel of one of [`TYPES`].
+///
+/// # Panics
+/// For any other type.
+pub fn scalar_kernel(ty: GgmlType) -> QuantKernel {
+    let dot: DotFn = match ty {
+        GgmlType::IQ4_NL => dot_iq4_nl_scalar,
+        GgmlType::IQ4_XS => dot_iq4_xs_scalar,
+        GgmlType::MXFP4 => dot_mxfp4_scalar,
+        _ => panic!("lookup-table kernels do not handle {ty}"),
+    };
+    make(ty, dot, "scalar")
+}
+
+/// Every dot variant this CPU can run for `ty`, best first (the last is always scalar): AVX-512
+/// (BW, VL, VNNI), AVX2 (+FMA, F16C), scalar.
+///
+/// # Panics
+/// For a type not in [`TYPES`].
+pub fn kernel_variants(ty: GgmlType) -> Vec<QuantKernel> {
+    let scalar = scalar_kernel(ty);
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    for (dot, level) in x86::variants(ty) {
+        v.push(make(ty, dot, level.name()));
+    }
+    v.push(scalar);
+    v
+}
+
+/// The kernel of `ty` with the fastest dot variant this CPU supports.
+///
+/// # Panics
+/// For a type not in [`TYPES`].
+pub fn kernel(ty: GgmlType) -> QuantKernel {
+    kernel_variants(ty)[0]
+}
+
+/// Register-tile kernels for `ty` on this CPU (`TILE` × `TILE` tokens, `TILE` rows × 1 token;
+/// the contract of [`TileFn`]): all three types with AVX-512 VNNI, `None` otherwise or for other
+/// types.
+pub fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
+    geometry(ty)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::tiles(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e8m0_half_is_two_to_the_e_minus_128() {
+        for e in 0..=255u8 {
+            assert_eq!(e8m0_half(e) as f64, 2f64.powi(e as i32 - 128), "e = {e}");
+        }
+    }
+
+    #[test]
+    fn tables_are_sorted_codebooks() {
+        assert!(NL.windows(2).all(|w| w[0] < w[1]));
+        for q in 0..8 {
+            assert_eq!(FP4[q + 8], -FP4[q], "sign bit of index {q}");
+        }
+    }
+
+    #[test]
+    fn iq4xs_scale_bits() {
+        let mut b = [0u8; IQ4_XS_BYTES];
+        // Sub-block 5: low nibble 0xA in the high nibble of scales_l[2], top bits 0b11 at 10..12.
+        b[4 + 2] = 0xA0;
+        b[2..4].copy_from_slice(&(0b11u16 << 10).to_le_bytes());
+        assert_eq!(iq4xs_scale(&b, 5), 0x3A - 32);
+        assert_eq!(iq4xs_scale(&b, 4), -32);
+    }
+}
