@@ -363,12 +363,7 @@ impl Engine {
                 &format!("layer {l} KV"),
             )?;
             if let Some(hb) = self.kv.get(l) {
-                side.dev.upload(
-                    Stream::Copy,
-                    ptr,
-                    &HostSrc::Buf(hb.clone(), 0),
-                    Shape2d::flat(layout.layer_bytes(l)),
-                )?;
+                move_live_kv(&*side.dev, layout, &self.n_past, l, hb, ptr, true)?;
             }
             r.kv.insert(l, ptr);
         }
@@ -841,12 +836,14 @@ impl Engine {
                     .ok_or_else(|| EngineError::Device(format!("layer {l}'s KV is lost")))?;
                 let alloc = |b: usize| side.dev.host_alloc(b);
                 let hb = self.kv.layer(l, &alloc)?;
-                side.dev.download(
-                    Stream::Copy,
+                move_live_kv(
+                    &*side.dev,
+                    &self.kv.layout,
+                    &self.n_past,
+                    l,
                     &hb,
-                    0,
                     ptr,
-                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
+                    false,
                 )?;
             }
         }
@@ -874,12 +871,8 @@ impl Engine {
             if side.common.kv.contains_key(&l) {
                 let alloc = |b: usize| side.dev.host_alloc(b);
                 let hb = self.kv.layer(l, &alloc)?;
-                side.dev.upload(
-                    Stream::Copy,
-                    side.common.kv[&l],
-                    &HostSrc::Buf(hb, 0),
-                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
-                )?;
+                let ptr = side.common.kv[&l];
+                move_live_kv(&*side.dev, &self.kv.layout, &self.n_past, l, &hb, ptr, true)?;
             }
         }
         let side = self.dev.as_ref().expect("checked above");
@@ -1627,6 +1620,39 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Copies the live cells of layer `l` (each sequence's positions so far; a sliding-window ring's
+/// last cells) between its host copy `hb` and its device copy at `dev_ptr` on the copy stream
+/// (`up`: host → device). Cells no sequence has written are not copied.
+fn move_live_kv(
+    dev: &dyn Device,
+    layout: &KvLayout,
+    n_past: &[usize],
+    l: usize,
+    hb: &HostBuf,
+    dev_ptr: DevPtr,
+    up: bool,
+) -> Result<(), EngineError> {
+    for (s, &len) in n_past.iter().enumerate() {
+        for cr in layout.cell_runs(l, 0..len) {
+            for (cols, base) in [(layout.k_cols, 0), (layout.v_cols, layout.v_offset(l))] {
+                let off = base + layout.cell_offset(l, s, cr.start, cols);
+                let shape = Shape2d::flat(cr.len() * cols * 2);
+                if up {
+                    dev.upload(
+                        Stream::Copy,
+                        dev_ptr + off as u64,
+                        &HostSrc::Buf(hb.clone(), off),
+                        shape,
+                    )?;
+                } else {
+                    dev.download(Stream::Copy, hb, off, dev_ptr + off as u64, shape)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Enqueues the copies of segment `seg`'s weights into ring slot `slot` on the copy stream.
