@@ -4,6 +4,7 @@
 pub mod cuda;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 
 pub use matmul::KernelError;

@@ -1,11 +1,12 @@
 //! The CPU matmul driver: a weight matrix in its file layout times activations converted to the
-//! weight type's partner format, parallel over output rows with rayon (the current pool).
+//! weight type's partner format, output rows split statically over the CPU pool ([`crate::pool`]).
 //!
 //! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
 //!
-//! One token (decode) splits the rows into chunks written straight into `out`. Several tokens
-//! (prefill) walk each chunk in small row tiles that fit in L1, dotting every tile with all tokens
-//! before moving on, so each weight row is read from memory once per call.
+//! Each pool participant takes one contiguous part of the rows (whole tiles), so a decode step
+//! streams every weight byte once with no scheduling between ops. Several tokens (prefill) walk
+//! each part in small row tiles that fit in L1, dotting every tile with all tokens before moving
+//! on, so each weight row is read from memory once per call.
 //!
 //! Two activation precisions ([`ActPrecision`]): the fast path ([`matmul`]) rounds activations
 //! to the weight type's 8-bit partner format and dots in integers, as llama.cpp does; the exact
@@ -16,8 +17,8 @@
 use std::ops::Range;
 
 use pshard_model::ggml_type::GgmlType;
-use rayon::prelude::*;
 
+use crate::pool::{self, SharedSlice};
 use crate::quant::exact::{dot4_f32, dot_f32};
 use crate::quant::legacy::{self, TileFn, TILE};
 use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn, QuantKernel, SimdLevel};
@@ -174,15 +175,19 @@ pub fn quantize_acts_into(
     if cols == 0 || n_rows == 0 {
         return Ok(());
     }
-    let work = |(src, out): (&[f32], &mut [u8])| quantize_acts_row(format, src, &mut out[..used]);
     if x.len() >= PAR_QUANT_MIN && n_rows > 1 {
-        x.par_chunks(cols)
-            .zip(dst.data.par_chunks_mut(row_bytes))
-            .for_each(work);
+        let out = SharedSlice::new(&mut dst.data);
+        pool::for_range(n_rows, 1, |r| {
+            for t in r {
+                // SAFETY: participants get disjoint row ranges, so their byte ranges are disjoint.
+                let o = unsafe { out.range_mut(t * row_bytes..t * row_bytes + used) };
+                quantize_acts_row(format, &x[t * cols..(t + 1) * cols], o);
+            }
+        });
     } else {
-        x.chunks(cols)
-            .zip(dst.data.chunks_mut(row_bytes))
-            .for_each(work);
+        for (src, out) in x.chunks(cols).zip(dst.data.chunks_mut(row_bytes)) {
+            quantize_acts_row(format, src, &mut out[..used]);
+        }
     }
     Ok(())
 }
@@ -205,19 +210,9 @@ const TILE_BYTES: usize = 16 << 10;
 /// Total weight bytes × tokens below which the call runs on the calling thread.
 const SEQ_WORK: usize = 1 << 17;
 
-/// Output row chunk length for parallel work: about 4 chunks per thread, whole tiles.
-fn chunk_rows(n_rows_out: usize, tile: usize, work: usize) -> usize {
-    if work < SEQ_WORK {
-        return n_rows_out.max(1);
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let per = n_rows_out.div_ceil(threads * 4).max(1);
-    per.div_ceil(tile) * tile
-}
-
 /// `out[t * out_stride + r] = dot(weight row r, act row t)` for `r` in `rows` (a sub-range of the
 /// output rows: plans may split one matrix between CPU and GPU) and every activation row `t`;
-/// other entries of `out` are left untouched. Parallel over row chunks in the current rayon pool.
+/// other entries of `out` are left untouched. Rows split statically over the CPU pool.
 /// Kernels: the best this CPU runs, up to [`quant::simd_cap`].
 pub fn matmul(
     w: &WeightMatrix,
@@ -300,13 +295,8 @@ fn matmul_with(
     };
     let n = w.cols;
     let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
-    let chunk = chunk_rows(
-        rows.len(),
-        tile,
-        wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows),
-    );
-
-    par_row_chunks(out, out_stride, x.n_rows, rows, chunk, |r0, outs| {
+    let work = wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows);
+    par_rows(out, out_stride, x.n_rows, rows, tile, work, |r0, outs| {
         let len = outs[0].len();
         if x.n_rows == 1 {
             rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), outs);
@@ -357,41 +347,35 @@ fn check_output(
     Ok(true)
 }
 
-/// Splits output rows `rows` into chunks of `chunk` rows and calls `f(first_row, outs)` for each
-/// in parallel, where `outs[t]` is token `t`'s slice of the chunk's outputs (all the same length).
-/// One token writes straight into `out`; several tokens get disjoint pieces of every token's row.
-fn par_row_chunks<F>(
+/// Splits output rows `rows` into one part per pool participant (whole multiples of `align`) and
+/// calls `f(first_row, outs)` for each, where `outs[t]` is token `t`'s slice of the part's outputs
+/// (all the same length). `work` (bytes × tokens) below [`SEQ_WORK`] runs on the calling thread.
+pub(crate) fn par_rows<F>(
     out: &mut [f32],
     out_stride: usize,
     n_tok: usize,
     rows: Range<usize>,
-    chunk: usize,
+    align: usize,
+    work: usize,
     f: F,
 ) where
-    F: Fn(usize, &mut [&mut [f32]]) + Sync + Send,
+    F: Fn(usize, &mut [&mut [f32]]) + Sync,
 {
-    if n_tok == 1 {
-        out[rows.clone()]
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, o)| f(rows.start + c * chunk, &mut [o]));
-        return;
+    let shared = SharedSlice::new(out);
+    let body = |sub: Range<usize>| {
+        let (r0, r1) = (rows.start + sub.start, rows.start + sub.end);
+        let mut outs: Vec<&mut [f32]> = (0..n_tok)
+            // SAFETY: parts are disjoint row ranges and `out_stride >= rows.end` (checked by the
+            // callers) when there are several tokens, so no two pieces overlap.
+            .map(|t| unsafe { shared.range_mut(t * out_stride + r0..t * out_stride + r1) })
+            .collect();
+        f(r0, &mut outs);
+    };
+    if work < SEQ_WORK {
+        body(0..rows.len());
+    } else {
+        pool::for_range(rows.len(), align, body);
     }
-    let n_chunks = rows.len().div_ceil(chunk);
-    let mut pieces: Vec<Vec<&mut [f32]>> =
-        (0..n_chunks).map(|_| Vec::with_capacity(n_tok)).collect();
-    for tok in out.chunks_mut(out_stride).take(n_tok) {
-        let mut rest = &mut tok[rows.clone()];
-        for p in pieces.iter_mut() {
-            let (head, tail) = rest.split_at_mut(chunk.min(rest.len()));
-            p.push(head);
-            rest = tail;
-        }
-    }
-    pieces
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(c, mut outs)| f(rows.start + c * chunk, &mut outs));
 }
 
 /// How a weight type is computed: register tiles of rows × tokens, or one dot per output.
@@ -509,7 +493,7 @@ const EXACT_TILE_MAX: usize = 16;
 /// (exactly the values the type's dequantizer gives) and the f32 activations `x` used as they are;
 /// products summed in f32. Other entries of `out` are left untouched.
 ///
-/// Parallel over output-row chunks in the current rayon pool like [`matmul`]; within a chunk, a
+/// Rows split over the CPU pool like [`matmul`]; within a part, a
 /// tile of rows is dequantized once and dotted with every token (SIMD f32 dots, four rows per load
 /// of the activations), so each weight byte is read and dequantized once per call. Results do not
 /// depend on the tiling or the thread count (each output is one dot in a fixed order).
@@ -535,12 +519,8 @@ pub fn matmul_exact(
     }
     let dequantize = k.dequantize_row;
     let tile = (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX);
-    let chunk = chunk_rows(
-        rows.len(),
-        tile,
-        wrb.saturating_mul(rows.len()).saturating_mul(n_rows),
-    );
-    par_row_chunks(out, out_stride, n_rows, rows, chunk, |r0, outs| {
+    let work = wrb.saturating_mul(rows.len()).saturating_mul(n_rows);
+    par_rows(out, out_stride, n_rows, rows, tile, work, |r0, outs| {
         let len = outs[0].len();
         let mut buf = vec![0f32; tile.min(len) * cols];
         let mut i0 = 0;

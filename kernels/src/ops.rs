@@ -5,7 +5,8 @@
 //! and softmax too), matching what the GPU kernels do.
 
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pool::{self, SharedSlice};
 
 /// Rows at or above which the row-wise ops go parallel (below, thread hand-off costs more).
 const PAR_ROWS: usize = 16;
@@ -20,10 +21,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], out: &mut [f32], eps: f32) {
             *o = v * inv * w;
         }
     };
-    if x.len() / cols >= PAR_ROWS {
-        x.par_chunks(cols)
-            .zip(out.par_chunks_mut(cols))
-            .for_each(norm_row);
+    let rows = x.len() / cols.max(1);
+    if rows >= PAR_ROWS {
+        let o = SharedSlice::new(out);
+        pool::for_range(rows, 1, |r| {
+            // SAFETY: participants get disjoint row ranges.
+            let o = unsafe { o.range_mut(r.start * cols..r.end * cols) };
+            x[r.start * cols..r.end * cols]
+                .chunks(cols)
+                .zip(o.chunks_mut(cols))
+                .for_each(norm_row);
+        });
     } else {
         x.chunks(cols).zip(out.chunks_mut(cols)).for_each(norm_row);
     }
@@ -98,9 +106,14 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
         }
     };
     if positions.len() >= PAR_ROWS {
-        x.par_chunks_mut(cols)
-            .zip(positions.par_iter())
-            .for_each(rotate_row);
+        let xs = SharedSlice::new(x);
+        pool::for_range(positions.len(), 1, |r| {
+            // SAFETY: participants get disjoint row ranges.
+            let rows = unsafe { xs.range_mut(r.start * cols..r.end * cols) };
+            rows.chunks_mut(cols)
+                .zip(&positions[r])
+                .for_each(rotate_row);
+        });
     } else {
         x.chunks_mut(cols)
             .zip(positions.iter())
@@ -127,10 +140,12 @@ pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], gelu: bool) {
         *o = if gelu { gelu_tanh(*g) } else { silu(*g) } * u;
     };
     if out.len() >= 1 << 16 {
-        out.par_iter_mut()
-            .zip(gate.par_iter())
-            .zip(up.par_iter())
-            .for_each(f);
+        let o = SharedSlice::new(out);
+        pool::for_range(gate.len().min(up.len()).min(o.len()), 1024, |r| {
+            // SAFETY: participants get disjoint ranges.
+            let o = unsafe { o.range_mut(r.clone()) };
+            o.iter_mut().zip(&gate[r.clone()]).zip(&up[r]).for_each(f);
+        });
     } else {
         out.iter_mut().zip(gate).zip(up).for_each(f);
     }
@@ -251,12 +266,16 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     };
     if pairs >= ATTN_SPLIT_BELOW_PAIRS {
         // Enough pairs: one task per pair, normalised straight into the output.
-        out.par_chunks_mut(group * dv).enumerate().for_each_init(
+        let o = SharedSlice::new(out);
+        pool::for_each_dynamic_init(
+            pairs,
             || (AttnScratch::new(p), vec![0f32; group * (dv + 2)]),
-            |(scratch, part), (idx, o)| {
+            |(scratch, part), idx| {
                 let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
                 let (a, b) = span_of(t);
                 attend_span(q, t, kh, a, b, kv, p, scratch, part);
+                // SAFETY: each pair index is claimed by one participant; pairs own disjoint slices.
+                let o = unsafe { o.range_mut(idx * group * dv..(idx + 1) * group * dv) };
                 finish_pair(part, 1, group, dv, o);
             },
         );
@@ -278,22 +297,22 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     first_task.push(tasks.len());
     let stride = group * (dv + 2);
     let mut parts = vec![0f32; tasks.len() * stride];
-    parts
-        .par_chunks_mut(stride)
-        .zip(tasks.par_iter())
-        .for_each_init(
-            || AttnScratch::new(p),
-            |scratch, (part, &(idx, a, b))| {
-                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
-                attend_span(q, t, kh, a, b, kv, p, scratch, part);
-            },
-        );
-    out.par_chunks_mut(group * dv)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (lo, hi) = (first_task[idx], first_task[idx + 1]);
-            finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
-        });
+    let ps = SharedSlice::new(&mut parts);
+    pool::for_each_dynamic_init(
+        tasks.len(),
+        || AttnScratch::new(p),
+        |scratch, i| {
+            let (idx, a, b) = tasks[i];
+            let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+            // SAFETY: each task index is claimed by one participant; tasks own disjoint slices.
+            let part = unsafe { ps.range_mut(i * stride..(i + 1) * stride) };
+            attend_span(q, t, kh, a, b, kv, p, scratch, part);
+        },
+    );
+    for (idx, o) in out.chunks_mut(group * dv).enumerate().take(pairs) {
+        let (lo, hi) = (first_task[idx], first_task[idx + 1]);
+        finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
+    }
 }
 
 /// Tests set this to run the portable span body on CPUs that have AVX2 too.

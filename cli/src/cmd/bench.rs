@@ -539,7 +539,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "model_n_params": n_params,
                     "n_batch": a.ubatch,
                     "n_ubatch": a.ubatch,
-                    "n_threads": rayon::current_num_threads(),
+                    "n_threads": pshard_kernels::pool::threads(),
                     "n_gpu_layers": ngl,
                     "flash_attn": true,
                     "n_prompt": r.n_prompt,

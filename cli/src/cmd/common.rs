@@ -8,11 +8,16 @@ use pshard_runtime::engine::Engine;
 use pshard_runtime::gpu::GpuOptions;
 use pshard_runtime::model::Model;
 
-/// Sets the size of the global rayon pool (0 = one per core).
+/// Sets the CPU kernels' pool (and the global rayon pool of the remaining rayon users) to
+/// `threads` (0 = one per core; more than the cores is capped at them, with a note on stderr).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
+    let t = pshard_kernels::pool::set_threads(threads);
+    if let Some(note) = t.capped_note() {
+        eprintln!("pshard: {note}");
+    }
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(t.used)
             .build_global()
             .context("setting up the thread pool")?;
     }
