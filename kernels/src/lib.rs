@@ -2,6 +2,7 @@
 //! and the CUDA backend (NVRTC-compiled `.cu` sources, loaded dynamically).
 
 pub mod cuda;
+pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use pshard_model::ggml_type::GgmlType;
 
+use crate::gemm;
 use crate::pool::{self, SharedSlice};
 use crate::quant::exact::{dot4_f32, dot_f32};
 use crate::quant::legacy::{self, TileFn, TILE};
@@ -222,18 +223,16 @@ pub fn matmul(
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
     let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let tiles = match quant::simd_cap() {
-        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
-        _ => None,
-    };
-    matmul_with(k, tiles, w, x, out, out_stride, rows)
+    let job = RowsJob::new(k, quant::simd_cap(), *w, x)?;
+    job.run(out, out_stride, rows)
 }
 
 /// [`matmul`] with the kernels of SIMD level `level` at most (the best this CPU runs up to it,
 /// regardless of [`quant::simd_cap`]):
-/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. The
-/// register tiles of the batched path are AVX-512 VNNI kernels, so below `Avx512` several tokens
-/// go through the row-at-a-time dot product.
+/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. From
+/// [`crate::gemm::GEMM_MIN_TOKENS`] tokens the int8 GEMM runs (VNNI or AVX2 kernel, none at
+/// `Scalar`); below, the register tiles are AVX-512 VNNI kernels, so below `Avx512` a few tokens go
+/// through the row-at-a-time dot product.
 pub fn matmul_at(
     level: SimdLevel,
     w: &WeightMatrix,
@@ -243,74 +242,168 @@ pub fn matmul_at(
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
     let k = quant::kernel_at(w.ty, level).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let tiles = match level {
-        SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
-        _ => None,
-    };
-    matmul_with(k, tiles, w, x, out, out_stride, rows)
+    let job = RowsJob::new(k, level, *w, x)?;
+    job.run(out, out_stride, rows)
 }
 
-/// The matmul driver with kernel `k` and, if given, its register tiles.
-fn matmul_with(
-    k: QuantKernel,
-    tiles: Option<(TileFn, TileFn)>,
-    w: &WeightMatrix,
-    x: &QuantizedActs,
-    out: &mut [f32],
-    out_stride: usize,
-    rows: Range<usize>,
-) -> Result<(), KernelError> {
-    let wrb = w.row_bytes()?;
-    if x.format != k.act {
-        return Err(KernelError::ActFormatMismatch {
-            ty: w.ty,
-            want: k.act.name(),
-            got: x.format.name(),
+/// The int8 GEMM of a batched matmul: the type's converter, the kernel level, the activations in
+/// the GEMM's form and the rows per tile.
+struct Gemm {
+    conv: gemm::Converter,
+    level: SimdLevel,
+    acts: gemm::GemmActs,
+    rows: usize,
+}
+
+thread_local! {
+    /// Each thread's GEMM tile buffers, reused from tile to tile and call to call.
+    static GEMM_TILE: std::cell::RefCell<gemm::Tile> = std::cell::RefCell::new(gemm::Tile::default());
+}
+
+/// A validated matmul of one weight matrix with one activation buffer: any part of its output
+/// rows can be computed, by any thread ([`RowsJob::compute`]).
+pub(crate) struct RowsJob<'a> {
+    engine: Engine,
+    w: WeightMatrix<'a>,
+    x: &'a QuantizedActs,
+    wrb: usize,
+    /// Rows per L1 tile of the register-tile path.
+    tile: usize,
+    gemm: Option<Gemm>,
+}
+
+impl<'a> RowsJob<'a> {
+    /// Checks `w` against `x` for kernel `k` and picks the engine of SIMD level `level`: the int8
+    /// GEMM from [`gemm::GEMM_MIN_TOKENS`] tokens where the type has a converter, else the
+    /// type's register tiles (AVX-512) or its dot product.
+    pub(crate) fn new(
+        k: QuantKernel,
+        level: SimdLevel,
+        w: WeightMatrix<'a>,
+        x: &'a QuantizedActs,
+    ) -> Result<Self, KernelError> {
+        let wrb = w.row_bytes()?;
+        if x.format != k.act {
+            return Err(KernelError::ActFormatMismatch {
+                ty: w.ty,
+                want: k.act.name(),
+                got: x.format.name(),
+            });
+        }
+        if x.cols != w.cols {
+            return Err(mismatch(format!(
+                "activations have {} columns, weights {}",
+                x.cols, w.cols
+            )));
+        }
+        let used = x
+            .format
+            .row_bytes(x.cols)
+            .ok_or_else(|| mismatch(format!("bad activation width {}", x.cols)))?;
+        if x.row_bytes < used || x.data.len() < x.n_rows * x.row_bytes {
+            return Err(mismatch(format!(
+                "activation buffer: {} bytes for {} rows of stride {} (row needs {used})",
+                x.data.len(),
+                x.n_rows,
+                x.row_bytes
+            )));
+        }
+        let tiles = match level {
+            SimdLevel::Avx512 => {
+                legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty))
+            }
+            _ => None,
+        };
+        let engine = match tiles {
+            Some((full, one)) => Engine::Tiles { full, one },
+            None => Engine::Dot(k.dot),
+        };
+        let gemm = match (gemm::converter(w.ty), gemm::rows_per_tile(level)) {
+            (Some(conv), Some(rows)) if x.n_rows >= gemm::GEMM_MIN_TOKENS => {
+                gemm::GemmActs::from_acts(x, rows == 16).map(|acts| Gemm {
+                    conv,
+                    level,
+                    acts,
+                    rows,
+                })
+            }
+            _ => None,
+        };
+        let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
+        Ok(RowsJob {
+            engine,
+            w,
+            x,
+            wrb,
+            tile,
+            gemm,
+        })
+    }
+
+    /// Rows a part of the output should be a multiple of.
+    pub(crate) fn align(&self) -> usize {
+        self.gemm.as_ref().map_or(self.tile, |g| g.rows)
+    }
+
+    /// Bytes × tokens of computing `rows` output rows (what decides whether to go parallel).
+    pub(crate) fn work(&self, rows: usize) -> usize {
+        self.wrb.saturating_mul(rows).saturating_mul(self.x.n_rows)
+    }
+
+    /// Checks the output and computes rows `rows` into `out` (stride `out_stride`), split over
+    /// the pool.
+    fn run(&self, out: &mut [f32], out_stride: usize, rows: Range<usize>) -> Result<(), KernelError> {
+        if !check_output(&self.w, self.x.n_rows, out.len(), out_stride, &rows)? {
+            return Ok(());
+        }
+        let work = self.work(rows.len());
+        par_rows(out, out_stride, self.x.n_rows, rows, self.align(), work, |r0, outs| {
+            self.compute(r0, outs)
         });
+        Ok(())
     }
-    if x.cols != w.cols {
-        return Err(mismatch(format!(
-            "activations have {} columns, weights {}",
-            x.cols, w.cols
-        )));
-    }
-    let used = x
-        .format
-        .row_bytes(x.cols)
-        .ok_or_else(|| mismatch(format!("bad activation width {}", x.cols)))?;
-    if x.row_bytes < used || x.data.len() < x.n_rows * x.row_bytes {
-        return Err(mismatch(format!(
-            "activation buffer: {} bytes for {} rows of stride {} (row needs {used})",
-            x.data.len(),
-            x.n_rows,
-            x.row_bytes
-        )));
-    }
-    if !check_output(w, x.n_rows, out.len(), out_stride, &rows)? {
-        return Ok(());
-    }
-    let engine = match tiles {
-        Some((full, one)) => Engine::Tiles { full, one },
-        None => Engine::Dot(k.dot),
-    };
-    let n = w.cols;
-    let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
-    let work = wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows);
-    par_rows(out, out_stride, x.n_rows, rows, tile, work, |r0, outs| {
+
+    /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
+    pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        let (w, x) = (&self.w, self.x);
         let len = outs[0].len();
+        if let Some(g) = &self.gemm {
+            let wrow = |r: usize| &w.data[r * self.wrb..(r + 1) * self.wrb];
+            GEMM_TILE.with(|t| {
+                let mut tile = t.borrow_mut();
+                let mut res = [[0f32; 16]; 8];
+                let mut i = 0;
+                while i < len {
+                    let nr = (len - i).min(g.rows);
+                    let range = r0 + i..r0 + i + nr;
+                    tile.load(&g.conv, g.rows, w.cols, range, wrow, g.rows == 8);
+                    let mut t0 = 0;
+                    while t0 < x.n_rows {
+                        let nt = (x.n_rows - t0).min(8);
+                        gemm::tile_dot(g.level, &tile, &g.acts, t0, nt, &mut res);
+                        for (j, rj) in res.iter().enumerate().take(nt) {
+                            outs[t0 + j][i..i + nr].copy_from_slice(&rj[..nr]);
+                        }
+                        t0 += nt;
+                    }
+                    i += nr;
+                }
+            });
+            return;
+        }
+        let n = w.cols;
         if x.n_rows == 1 {
-            rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), outs);
+            rows_block(self.engine, (w.data, self.wrb), x, n, (r0, 0, len, len), outs);
             return;
         }
         // Tiles of rows small enough to stay in L1 while every token passes over them.
         let mut i0 = 0;
         while i0 < len {
-            let i1 = (i0 + tile).min(len);
-            rows_block(engine, (w.data, wrb), x, n, (r0, i0, i1, len), outs);
+            let i1 = (i0 + self.tile).min(len);
+            rows_block(self.engine, (w.data, self.wrb), x, n, (r0, i0, i1, len), outs);
             i0 = i1;
         }
-    });
-    Ok(())
+    }
 }
 
 /// Checks that `out` (stride `out_stride`) can take output rows `rows` of `w` for `n_tok` tokens;

@@ -265,7 +265,8 @@ fn odd_shapes_all_types() {
 }
 
 /// Every type's driver path at each SIMD level this CPU runs, forced below its best: AVX2 or
-/// scalar dots (one row at a time, several tokens included) where the CPU has AVX-512 tiles.
+/// scalar dots (one row at a time, several tokens included) where the CPU has AVX-512 tiles, and
+/// the int8 GEMM's kernel of each level for batches.
 #[test]
 fn forced_simd_levels() {
     let mut r = rng("forced_simd_levels");
@@ -286,7 +287,15 @@ fn forced_simd_levels() {
                 // Every type has an AVX2 dot.
                 assert_eq!(k.dot_variant, "avx2", "{ty}");
             }
-            for (rows, tokens, cols) in [(17, 1, 256), (17, 5, 256), (131, 7, 512)] {
+            // 20 and 45 tokens take the int8 GEMM (AVX-512 VNNI or AVX2 kernel; row dots at
+            // Scalar), with partial row tiles and partial token groups.
+            for (rows, tokens, cols) in [
+                (17, 1, 256),
+                (17, 5, 256),
+                (131, 7, 512),
+                (37, 20, 512),
+                (9, 45, 256),
+            ] {
                 check_shape_at(&mut r, &k, Some(level), rows, tokens, cols);
             }
         }
