@@ -4,6 +4,7 @@
 pub mod cuda;
 pub mod gemm;
 pub mod matmul;
+pub mod moe;
 pub mod ops;
 pub mod pool;
 pub mod quant;

@@ -309,9 +309,7 @@ impl<'a> RowsJob<'a> {
             )));
         }
         let tiles = match level {
-            SimdLevel::Avx512 => {
-                legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty))
-            }
+            SimdLevel::Avx512 => legacy::tiles(w.ty).or_else(|| crate::quant::kquants::tiles(w.ty)),
             _ => None,
         };
         let engine = match tiles {
@@ -352,14 +350,25 @@ impl<'a> RowsJob<'a> {
 
     /// Checks the output and computes rows `rows` into `out` (stride `out_stride`), split over
     /// the pool.
-    fn run(&self, out: &mut [f32], out_stride: usize, rows: Range<usize>) -> Result<(), KernelError> {
+    fn run(
+        &self,
+        out: &mut [f32],
+        out_stride: usize,
+        rows: Range<usize>,
+    ) -> Result<(), KernelError> {
         if !check_output(&self.w, self.x.n_rows, out.len(), out_stride, &rows)? {
             return Ok(());
         }
         let work = self.work(rows.len());
-        par_rows(out, out_stride, self.x.n_rows, rows, self.align(), work, |r0, outs| {
-            self.compute(r0, outs)
-        });
+        par_rows(
+            out,
+            out_stride,
+            self.x.n_rows,
+            rows,
+            self.align(),
+            work,
+            |r0, outs| self.compute(r0, outs),
+        );
         Ok(())
     }
 
@@ -393,14 +402,28 @@ impl<'a> RowsJob<'a> {
         }
         let n = w.cols;
         if x.n_rows == 1 {
-            rows_block(self.engine, (w.data, self.wrb), x, n, (r0, 0, len, len), outs);
+            rows_block(
+                self.engine,
+                (w.data, self.wrb),
+                x,
+                n,
+                (r0, 0, len, len),
+                outs,
+            );
             return;
         }
         // Tiles of rows small enough to stay in L1 while every token passes over them.
         let mut i0 = 0;
         while i0 < len {
             let i1 = (i0 + self.tile).min(len);
-            rows_block(self.engine, (w.data, self.wrb), x, n, (r0, i0, i1, len), outs);
+            rows_block(
+                self.engine,
+                (w.data, self.wrb),
+                x,
+                n,
+                (r0, i0, i1, len),
+                outs,
+            );
             i0 = i1;
         }
     }
@@ -598,22 +621,61 @@ pub fn matmul_exact(
     out_stride: usize,
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
-    let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let wrb = w.row_bytes()?;
-    let cols = w.cols;
-    if n_rows.checked_mul(cols) != Some(x.len()) {
-        return Err(mismatch(format!(
-            "activations: {} values given for {n_rows} rows of {cols}",
-            x.len()
-        )));
-    }
+    let job = ExactJob::new(*w, x, n_rows)?;
     if !check_output(w, n_rows, out.len(), out_stride, &rows)? {
         return Ok(());
     }
-    let dequantize = k.dequantize_row;
-    let tile = (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX);
-    let work = wrb.saturating_mul(rows.len()).saturating_mul(n_rows);
-    par_rows(out, out_stride, n_rows, rows, tile, work, |r0, outs| {
+    let work = job.wrb.saturating_mul(rows.len()).saturating_mul(n_rows);
+    par_rows(out, out_stride, n_rows, rows, job.tile, work, |r0, outs| {
+        job.compute(r0, outs)
+    });
+    Ok(())
+}
+
+/// A validated exact-activation matmul ([`matmul_exact`]) whose output rows any thread can
+/// compute a part of.
+pub(crate) struct ExactJob<'a> {
+    w: WeightMatrix<'a>,
+    x: &'a [f32],
+    dequantize: fn(&[u8], &mut [f32]),
+    wrb: usize,
+    /// Rows dequantized at a time.
+    tile: usize,
+}
+
+impl<'a> ExactJob<'a> {
+    /// Checks `x` (`n_rows` rows of `w.cols`) against `w`.
+    pub(crate) fn new(
+        w: WeightMatrix<'a>,
+        x: &'a [f32],
+        n_rows: usize,
+    ) -> Result<Self, KernelError> {
+        let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+        let wrb = w.row_bytes()?;
+        let cols = w.cols;
+        if n_rows.checked_mul(cols) != Some(x.len()) {
+            return Err(mismatch(format!(
+                "activations: {} values given for {n_rows} rows of {cols}",
+                x.len()
+            )));
+        }
+        Ok(ExactJob {
+            w,
+            x,
+            dequantize: k.dequantize_row,
+            wrb,
+            tile: (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX),
+        })
+    }
+
+    /// Rows a part of the output should be a multiple of.
+    pub(crate) fn align(&self) -> usize {
+        self.tile
+    }
+
+    /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
+    pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        let (w, x, cols, wrb, tile) = (&self.w, self.x, self.w.cols, self.wrb, self.tile);
         let len = outs[0].len();
         let mut buf = vec![0f32; tile.min(len) * cols];
         let mut i0 = 0;
@@ -621,7 +683,7 @@ pub fn matmul_exact(
             let nr = (len - i0).min(tile);
             for (j, dst) in buf.chunks_exact_mut(cols.max(1)).take(nr).enumerate() {
                 let r = r0 + i0 + j;
-                dequantize(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
+                (self.dequantize)(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
             }
             let wrow = |j: usize| &buf[j * cols..(j + 1) * cols];
             for (t, o) in outs.iter_mut().enumerate() {
@@ -639,8 +701,7 @@ pub fn matmul_exact(
             }
             i0 += nr;
         }
-    });
-    Ok(())
+    }
 }
 
 /// Convenience: computes all output rows of `w` for `n_rows` rows of f32 activations `x`

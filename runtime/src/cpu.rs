@@ -433,7 +433,8 @@ impl CpuRunner {
         Ok(())
     }
 
-    /// Expert FFNs: tokens are grouped by expert so each expert's matrices are read once per batch.
+    /// Expert FFNs: all routed experts of the batch as one parallel job per stage
+    /// ([`pshard_kernels::moe::moe_ffn`]; each expert's matrices read once per batch).
     #[allow(clippy::too_many_arguments)]
     fn moe_ffn(
         &mut self,
@@ -445,78 +446,71 @@ impl CpuRunner {
         out: BufId,
         positions: &[u32],
     ) -> Result<(), ExecError> {
+        use pshard_kernels::moe::{self, ExpertFfn, MoeInput, MoeRoutes};
         let n = self.program.graph.n_tokens;
         let cols = self.cols(x);
         let n_used = self.cols(route) / 2;
         let n_expert = model.spec.hparams.n_expert;
-        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_expert];
+        let (mut ids, mut weights) = (
+            Vec::with_capacity(n * n_used),
+            Vec::with_capacity(n * n_used),
+        );
         {
             let r = &self.bufs[route.0 as usize];
             for t in 0..n {
                 for k in 0..n_used {
-                    let e = r[t * 2 * n_used + k].to_bits() as usize;
-                    by_expert[e].push((t, r[t * 2 * n_used + n_used + k]));
+                    ids.push(r[t * 2 * n_used + k].to_bits());
+                    weights.push(r[t * 2 * n_used + n_used + k]);
                 }
             }
         }
-        let mut acc = vec![0f32; n * cols];
-        let xs = &self.bufs[x.0 as usize];
-        for (e, toks) in by_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
+        let experts: Vec<ExpertFfn> = (0..n_expert)
+            .map(|e| ExpertFfn {
+                gate: model.matrix(exps[0], e),
+                up: model.matrix(exps[1], e),
+                down: model.matrix(exps[2], e),
+            })
+            .collect();
+        let routes = MoeRoutes {
+            ids: &ids,
+            weights: &weights,
+            n_used,
+        };
+        let (xi, oi) = (x.0 as usize, out.0 as usize);
+        let mut o = std::mem::take(&mut self.bufs[oi]);
+        let mut trace = self.trace.take();
+        let traced = trace.is_some();
+        let mut rec = |which: MoeInput, e: usize, toks: &[usize], q: &QuantizedActs| {
+            if let Some(tr) = trace.as_mut() {
+                let id = match which {
+                    MoeInput::Gate => exps[0],
+                    MoeInput::Up => exps[1],
+                    MoeInput::Down => exps[2],
+                };
+                record(tr, q, (id, e), |i| positions[toks[i]]);
             }
-            let m = toks.len();
-            let mut xe = vec![0f32; m * cols];
-            for (i, &(t, _)) in toks.iter().enumerate() {
-                xe[i * cols..][..cols].copy_from_slice(&xs[t * cols..][..cols]);
-            }
-            let gate = model.matrix(exps[0], e);
-            let up = model.matrix(exps[1], e);
-            let down = model.matrix(exps[2], e);
-            let ff = gate.rows;
-            let mut g = vec![0f32; m * ff];
-            let mut u = vec![0f32; m * ff];
-            let mut qx: Option<QuantizedActs> = None;
-            let pos = |i: usize| positions[toks[i].0];
-            for (w, id, o) in [(&gate, exps[0], &mut g), (&up, exps[1], &mut u)] {
-                let fmt = quant::kernel(w.ty).expect("checked at load").act;
-                if self.exact(fmt) {
-                    matmul_exact(w, &xe, m, o, ff, 0..ff)?;
-                    continue;
-                }
-                // Gate and up usually share a type: quantize their input once.
-                if qx.as_ref().is_none_or(|q| q.format != fmt) {
-                    qx = Some(quantize_acts(fmt, &xe, m, cols));
-                }
-                let q = qx.as_ref().expect("set above");
-                if let Some(trace) = &mut self.trace {
-                    record(trace, q, (id, e), pos);
-                }
-                matmul(w, q, o, ff, 0..ff)?;
-            }
-            let mut h = vec![0f32; m * ff];
-            ops::glu(&g, &u, &mut h, act == Activation::GeluTanh);
-            let dfmt = quant::kernel(down.ty).expect("checked at load").act;
-            let mut d = vec![0f32; m * cols];
-            if self.exact(dfmt) {
-                matmul_exact(&down, &h, m, &mut d, cols, 0..cols)?;
-            } else {
-                let qh = quantize_acts(dfmt, &h, m, ff);
-                if let Some(trace) = &mut self.trace {
-                    record(trace, &qh, (exps[2], e), pos);
-                }
-                matmul(&down, &qh, &mut d, cols, 0..cols)?;
-            }
-            for (i, &(t, w)) in toks.iter().enumerate() {
-                for (a, v) in acc[t * cols..][..cols]
-                    .iter_mut()
-                    .zip(&d[i * cols..][..cols])
-                {
-                    *a += w * v;
-                }
-            }
-        }
-        self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
+        };
+        // The output buffer is taken out while the kernel writes it (the graph gives the FFN
+        // distinct input and output buffers; an aliased one is copied first).
+        let xs: std::borrow::Cow<[f32]> = if xi == oi {
+            std::borrow::Cow::Owned(o[..n * cols].to_vec())
+        } else {
+            std::borrow::Cow::Borrowed(&self.bufs[xi][..n * cols])
+        };
+        let res = moe::moe_ffn(
+            &experts,
+            &xs,
+            n,
+            routes,
+            act == Activation::GeluTanh,
+            self.precision,
+            &mut o[..n * cols],
+            traced.then_some(&mut rec as moe::MoeTrace),
+        );
+        drop(xs);
+        self.bufs[oi] = o;
+        self.trace = trace;
+        res?;
         Ok(())
     }
 }

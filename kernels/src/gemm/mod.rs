@@ -288,8 +288,15 @@ pub fn tile_dot(
     nt: usize,
     out: &mut [[f32; 16]; 8],
 ) {
-    assert!((1..=8).contains(&nt) && t0 + nt <= acts.n_rows, "bad token range");
-    assert_eq!(tile.q.len(), tile.r * acts.cols, "tile and activations disagree");
+    assert!(
+        (1..=8).contains(&nt) && t0 + nt <= acts.n_rows,
+        "bad token range"
+    );
+    assert_eq!(
+        tile.q.len(),
+        tile.r * acts.cols,
+        "tile and activations disagree"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         x86::tile_dot(level, tile, acts, t0, nt, out);
@@ -300,4 +307,3 @@ pub fn tile_dot(
         panic!("the int8 GEMM has no kernel on this architecture");
     }
 }
-

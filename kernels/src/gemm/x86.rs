@@ -52,7 +52,10 @@ pub(super) fn tile_dot(
                 }
             }
         }
-        _ => panic!("no int8 GEMM kernel for {level:?} with {}-row tiles", tile.r),
+        _ => panic!(
+            "no int8 GEMM kernel for {level:?} with {}-row tiles",
+            tile.r
+        ),
     }
 }
 

@@ -45,7 +45,11 @@ pub fn dequantize_row(src: &[u8], dst: &mut [f32]) {
 /// The int8 GEMM's converter ([`crate::gemm::Converter`]): `q.len()` elements as `q · scale +
 /// min` per sub-block of 32 (`scale = d·sc`, `min = −dmin·m`).
 pub(crate) fn to_int8(src: &[u8], q: &mut [i8], scales: &mut [f32], mins: &mut [f32]) {
-    for (i, b) in src.chunks_exact(BLOCK_BYTES).take(q.len() / QK_K).enumerate() {
+    for (i, b) in src
+        .chunks_exact(BLOCK_BYTES)
+        .take(q.len() / QK_K)
+        .enumerate()
+    {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (sc, mn) = unpack_scales_mins_k4(&b[4..16]);
         for j in 0..8 {
