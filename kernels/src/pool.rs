@@ -1,13 +1,18 @@
 //! The CPU lane's persistent worker pool: one job at a time, run by the calling thread and
 //! `threads() - 1` workers that stay hot between jobs.
 //!
-//! A job is a closure called once per participant with its index (`0` is the caller). The caller
-//! publishes the job by bumping an epoch counter; workers spin on that counter for [`SPIN`] after
-//! their last job and only then park on a condition variable, so the ops of one layer (matmuls,
-//! norms, rope, GLU, attention) follow each other without a wake-up per op. The caller waits for
-//! the others by spinning on a counter of pending participants. Work is split statically
-//! ([`for_range`]: participant `i` takes the `i`-th of `n` equal parts) or claimed from an atomic
-//! counter ([`for_each_dynamic`], for tasks of uneven cost).
+//! A job is a number of tasks and a closure called once per task. The caller publishes the job by
+//! bumping an epoch counter; workers spin on that counter for [`SPIN`] after their last job and
+//! only then park on a condition variable, so the ops of one layer (matmuls, norms, rope, GLU,
+//! attention) follow each other without a wake-up per op. Everyone, the caller included, claims
+//! tasks from one atomic counter, and the caller waits only for tasks others have claimed: a
+//! worker that is descheduled (more runnable threads than cores, as on a shared machine) never
+//! holds up an op — the caller takes its share. Measured on the 2-core dev VM under load ~10:
+//! with a fixed share per worker, every op waited for the other thread to be scheduled (SmolLM2
+//! tg16 7.3 t/s against rayon's 41.7); with claimed tasks it no longer does.
+//!
+//! Work is split into tasks by [`for_range`] (contiguous parts of a range, a few per thread) or
+//! [`for_each_dynamic`] (one task per item, for items of uneven cost).
 //!
 //! Jobs never nest: a job that calls into the pool (or a second thread that finds the pool busy,
 //! e.g. tests running in parallel) runs its work inline on its own thread, with the same results —
@@ -23,45 +28,84 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it parks. Longer than the gap between two ops of a layer
 /// (a few µs of caller-side work: quantizing a row, routing), far shorter than a token.
-const SPIN: Duration = Duration::from_micros(200);
+const SPIN: Duration = Duration::from_micros(100);
 
-/// A job: called with the participant index.
+/// Tasks per thread when a range is split ([`for_range`]): enough for the caller to absorb the
+/// share of a worker that is not running, few enough to keep each task's rows contiguous.
+const TASKS_PER_THREAD: usize = 4;
+
+/// A job's task body: called with the task index.
 type JobFn<'a> = dyn Fn(usize) + Sync + 'a;
 
 /// State shared by the caller and the workers of one pool.
 struct Shared {
-    /// Bumped once per job; workers run the job when it changes.
+    /// Bumped once per job; workers look for work when it changes.
     epoch: AtomicU64,
-    /// The current job (lifetime erased): written by the caller before the epoch is bumped, read
-    /// by workers after they see the new epoch, valid until `pending` reaches zero.
+    /// The current job (lifetime erased): written by the caller while `closed` is set and no
+    /// worker is `inside`, read by workers after they entered and saw `closed` clear.
     job: UnsafeCell<Option<*const JobFn<'static>>>,
-    /// Participants of the current job (the caller included).
-    active: AtomicUsize,
-    /// Workers that have not finished the current job.
-    pending: AtomicUsize,
+    /// Tasks of the current job.
+    n_tasks: AtomicUsize,
+    /// Next unclaimed task.
+    next: AtomicUsize,
+    /// Tasks finished.
+    done: AtomicUsize,
+    /// Set when the current job is over (or none is published).
+    closed: AtomicBool,
+    /// Workers that entered the current job and have not left it.
+    inside: AtomicUsize,
     /// Workers parked on `cv` (the caller only takes the lock to notify when this is non-zero).
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     cv: Condvar,
     shutdown: AtomicBool,
-    /// The payload of a panic in a worker's part of the current job.
+    /// The payload of a panic in a task.
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
-// SAFETY: `job` is written only by the thread holding the pool's submit lock, before the epoch
-// store (Release) that publishes it, and read by workers only after the matching Acquire load; the
-// pointee is `Sync`. Every other field is a sync primitive.
+// SAFETY: `job` is written only by the thread holding the pool's submit lock while `closed` is
+// set and `inside` is zero, and read only by workers that incremented `inside` and then saw
+// `closed` clear (SeqCst on both sides orders these); the pointee is `Sync`. Every other field is
+// a sync primitive.
 unsafe impl Sync for Shared {}
 // SAFETY: as above; the raw pointer is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
+
+impl Shared {
+    /// Claims and runs tasks of the current job until none is left.
+    fn work(&self, f: &JobFn) {
+        let n = self.n_tasks.load(Ordering::Relaxed);
+        loop {
+            let t = self.next.fetch_add(1, Ordering::Relaxed);
+            if t >= n {
+                break;
+            }
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(t))) {
+                *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// Spins on `cond` briefly, then yields the CPU between checks (the awaited thread may need it).
+fn wait_until(cond: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !cond() {
+        spins = spins.wrapping_add(1);
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
 
 /// A started pool: shared state and the worker threads (indices `1..threads`).
 struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// Participants (workers + caller) actually running.
-    threads: usize,
-    /// Participants asked for when started.
+    /// Participants (workers + caller) asked for when started.
     requested: usize,
 }
 
@@ -70,29 +114,31 @@ impl Pool {
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             job: UnsafeCell::new(None),
-            active: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            closed: AtomicBool::new(true),
+            inside: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             cv: Condvar::new(),
             shutdown: AtomicBool::new(false),
             panic: Mutex::new(None),
         });
+        // A worker that could not be spawned shrinks the pool instead of failing the engine
+        // (the caller claims its tasks).
         let workers = (1..threads)
             .filter_map(|i| {
                 let s = Arc::clone(&shared);
                 std::thread::Builder::new()
                     .name(format!("pshard-cpu-{i}"))
-                    .spawn(move || worker(s, i))
+                    .spawn(move || worker(s))
                     .ok()
             })
             .collect::<Vec<_>>();
-        // A worker that could not be spawned shrinks the pool instead of failing the engine.
-        let running = workers.len() + 1;
         Pool {
             shared,
             workers,
-            threads: running,
             requested: threads,
         }
     }
@@ -108,39 +154,34 @@ impl Pool {
         }
     }
 
-    /// Runs `f(i)` for `i in 0..n` (`n <= threads`), `f(0)` on the calling thread.
-    fn run(&self, n: usize, f: &JobFn) {
+    /// Runs `f(t)` for every `t in 0..n_tasks`, the calling thread claiming tasks too.
+    fn run(&self, n_tasks: usize, f: &JobFn) {
         let s = &*self.shared;
-        // SAFETY: lifetime erasure only; the pointer is dereferenced by workers strictly before
-        // they decrement `pending`, and this function does not return before `pending` is zero,
-        // so `f` outlives every use.
+        // SAFETY: lifetime erasure only; workers dereference the pointer only between entering
+        // (inside + 1, closed clear) and leaving (inside − 1), and this function does not return
+        // before the job is closed and no worker is inside, so `f` outlives every use.
         let ptr: *const JobFn<'static> = unsafe { std::mem::transmute(f as *const JobFn) };
-        // SAFETY: we hold the submit lock and every worker is idle (pending was zero when the
-        // last job returned), so nobody reads `job` while it is written.
+        // SAFETY: we hold the submit lock; the previous job is closed and no worker is inside
+        // (the previous call waited for that), so nobody reads `job` while it is written.
         unsafe { *s.job.get() = Some(ptr) };
-        s.active.store(n, Ordering::Relaxed);
-        s.pending.store(self.threads - 1, Ordering::Relaxed);
+        s.n_tasks.store(n_tasks, Ordering::Relaxed);
+        s.next.store(0, Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
+        s.closed.store(false, Ordering::SeqCst);
         s.epoch.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.cv.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| with_in_job(|| f(0))));
-        let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            spins = spins.wrapping_add(1);
-            if spins < 1 << 14 {
-                std::hint::spin_loop();
-            } else {
-                // A descheduled worker (more runnable threads than cores): let it run.
-                std::thread::yield_now();
-            }
-        }
-        let theirs = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Err(p) = mine {
-            resume_unwind(p);
-        }
-        if let Some(p) = theirs {
+        with_in_job(|| s.work(f));
+        // Tasks others claimed; a worker that has not shown up has claimed none.
+        wait_until(|| s.done.load(Ordering::Acquire) >= n_tasks);
+        s.closed.store(true, Ordering::SeqCst);
+        wait_until(|| s.inside.load(Ordering::SeqCst) == 0);
+        // SAFETY: closed and nobody inside: no worker reads `job` any more.
+        unsafe { *s.job.get() = None };
+        let p = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = p {
             resume_unwind(p);
         }
     }
@@ -164,7 +205,7 @@ fn with_in_job<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn worker(s: Arc<Shared>, index: usize) {
+fn worker(s: Arc<Shared>) {
     IN_JOB.with(|c| c.set(true));
     let mut seen = 0u64;
     loop {
@@ -190,19 +231,17 @@ fn worker(s: Arc<Shared>, index: usize) {
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        if index < s.active.load(Ordering::Relaxed) {
-            // SAFETY: the epoch load (Acquire) above synchronises with the caller's store after
-            // it wrote `job`; the caller keeps the closure alive until `pending` reaches zero.
+        s.inside.fetch_add(1, Ordering::SeqCst);
+        if !s.closed.load(Ordering::SeqCst) {
+            // SAFETY: entered (inside + 1) and saw the job open: the caller neither rewrites
+            // `job` nor returns (dropping the closure) until we leave.
             let job = unsafe { *s.job.get() };
             if let Some(job) = job {
                 // SAFETY: see above: the closure is alive and `Sync`.
-                let f = unsafe { &*job };
-                if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(index))) {
-                    *s.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
-                }
+                s.work(unsafe { &*job });
             }
         }
-        s.pending.fetch_sub(1, Ordering::AcqRel);
+        s.inside.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -272,45 +311,37 @@ pub fn threads() -> usize {
     }
 }
 
-/// Runs `f(i, n)` once for every participant `i in 0..n` of a pool job, `n = threads()` (or 1
-/// when called from inside a job, or while another thread's job holds the pool: the work then
-/// runs on the calling thread, `f(i, n)` for every `i` in turn). Returns when all have finished;
-/// a panic in any participant is re-raised here.
+/// Runs `f(i, n)` once for every `i in 0..n`, `n = threads()`, as one pool job (each call a task:
+/// any participant may run any `i`; 1 when called from inside a job, or while another thread's job
+/// holds the pool: then everything runs on the calling thread). Returns when all have finished; a
+/// panic in any of them is re-raised here.
 pub fn run(f: impl Fn(usize, usize) + Sync) {
     let n = threads();
-    if n <= 1 || IN_JOB.with(|c| c.get()) {
-        for i in 0..n.max(1) {
-            with_in_job(|| f(i, n.max(1)));
-        }
+    run_tasks(n, &|i| f(i, n));
+}
+
+/// Runs `f(t)` for every `t in 0..n_tasks` as one pool job.
+fn run_tasks(n_tasks: usize, f: &JobFn) {
+    if n_tasks == 0 {
+        return;
+    }
+    let n = threads();
+    if n <= 1 || n_tasks == 1 || IN_JOB.with(|c| c.get()) {
+        with_in_job(|| (0..n_tasks).for_each(f));
         return;
     }
     let mut g = match global().try_lock() {
         Ok(g) => g,
         Err(TryLockError::Poisoned(e)) => e.into_inner(),
         Err(TryLockError::WouldBlock) => {
-            for i in 0..n {
-                with_in_job(|| f(i, n));
-            }
+            with_in_job(|| (0..n_tasks).for_each(f));
             return;
         }
     };
     if g.as_ref().is_none_or(|p| p.requested != n) {
         *g = Some(Pool::start(n));
     }
-    let pool = g.as_ref().expect("started above");
-    let m = pool.threads.min(n);
-    if m < n {
-        // Fewer workers than asked (spawn failed): still call every index.
-        pool.run(m, &|i| {
-            let mut k = i;
-            while k < n {
-                f(k, n);
-                k += m;
-            }
-        });
-    } else {
-        pool.run(n, &|i| f(i, n));
-    }
+    g.as_ref().expect("started above").run(n_tasks, f);
 }
 
 /// The `i`-th of `n` near-equal parts of `0..len`, boundaries at multiples of `align` (except
@@ -322,43 +353,44 @@ pub fn part(len: usize, align: usize, i: usize, n: usize) -> Range<usize> {
     at(i)..at(i + 1)
 }
 
-/// Static partition: calls `f(range)` for each participant's part of `0..len` (parts aligned to
-/// `align`; empty parts are skipped). Runs on the calling thread alone when `len` is at most
-/// `align` (one part).
+/// Calls `f(range)` for contiguous parts of `0..len` (boundaries at multiples of `align`), about
+/// [`TASKS_PER_THREAD`] per thread, as one pool job. Runs on the calling thread alone when `len`
+/// is at most `align` (one part).
 pub fn for_range(len: usize, align: usize, f: impl Fn(Range<usize>) + Sync) {
-    if len <= align.max(1) {
+    let units = len.div_ceil(align.max(1));
+    let tasks = units.min(threads() * TASKS_PER_THREAD);
+    if tasks <= 1 {
         if len > 0 {
             f(0..len);
         }
         return;
     }
-    run(|i, n| {
-        let r = part(len, align, i, n);
+    run_tasks(tasks, &|t| {
+        let r = part(len, align, t, tasks);
         if !r.is_empty() {
             f(r);
         }
     });
 }
 
-/// Dynamic partition: calls `f(task)` for every `task in 0..n_tasks`, participants claiming tasks
-/// from a shared counter (for tasks of uneven cost). Order of calls is unspecified.
+/// Calls `f(task)` for every `task in 0..n_tasks`, one pool task each (for tasks of uneven
+/// cost). Order of calls is unspecified.
 pub fn for_each_dynamic(n_tasks: usize, f: impl Fn(usize) + Sync) {
-    for_each_dynamic_init(n_tasks, || (), |_, t| f(t));
+    run_tasks(n_tasks, &f);
 }
 
-/// [`for_each_dynamic`] with per-participant state: each participant calls `init()` once (if it
-/// gets a task) and passes its state to every `f(&mut state, task)` it runs.
+/// [`for_each_dynamic`] with per-thread state: each participant calls `init()` once (when it
+/// first gets a task) and passes its state to every `f(&mut state, task)` it runs.
 pub fn for_each_dynamic_init<S>(
     n_tasks: usize,
     init: impl Fn() -> S + Sync,
     f: impl Fn(&mut S, usize) + Sync,
 ) {
-    if n_tasks <= 1 {
-        if n_tasks == 1 {
-            f(&mut init(), 0);
-        }
+    if n_tasks == 0 {
         return;
     }
+    // Each participant's loop claims items from this counter; `threads()` loop tasks so every
+    // running participant gets one.
     let next = AtomicUsize::new(0);
     run(|_, _| {
         let mut state = None;
