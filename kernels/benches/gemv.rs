@@ -109,16 +109,14 @@ fn main() {
             .collect();
         let x: Vec<f32> = (0..COLS).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
         let mut out = vec![0f32; ROWS];
-        let mut i = 0;
         let mut gbs = Vec::new();
         for rep in 0..REPS + 2 {
             let w = WeightMatrix {
                 ty,
-                data: &copies[i % copies.len()],
+                data: &copies[rep % copies.len()],
                 rows: ROWS,
                 cols: COLS,
             };
-            i += 1;
             let t0 = Instant::now();
             // The runtime quantizes the input once per op: included, as in a decode step.
             let q = quantize_acts(k.act, &x, 1, COLS);

@@ -472,7 +472,7 @@ mod tests {
                 for i in 0..n {
                     let r = part(len, 4, i, n);
                     assert_eq!(r.start, end, "len {len} n {n} part {i}");
-                    assert!(r.start % 4 == 0 || r.start == len);
+                    assert!(r.start.is_multiple_of(4) || r.start == len);
                     end = r.end;
                 }
                 assert_eq!(end, len);
