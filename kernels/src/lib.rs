@@ -2,8 +2,11 @@
 //! and the CUDA backend (NVRTC-compiled `.cu` sources, loaded dynamically).
 
 pub mod cuda;
+pub mod gemm;
 pub mod matmul;
+pub mod moe;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 
 pub use matmul::KernelError;

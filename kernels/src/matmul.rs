@@ -1,11 +1,12 @@
 //! The CPU matmul driver: a weight matrix in its file layout times activations converted to the
-//! weight type's partner format, parallel over output rows with rayon (the current pool).
+//! weight type's partner format, output rows split statically over the CPU pool ([`crate::pool`]).
 //!
 //! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
 //!
-//! One token (decode) splits the rows into chunks written straight into `out`. Several tokens
-//! (prefill) walk each chunk in small row tiles that fit in L1, dotting every tile with all tokens
-//! before moving on, so each weight row is read from memory once per call.
+//! Each pool participant takes one contiguous part of the rows (whole tiles), so a decode step
+//! streams every weight byte once with no scheduling between ops. Several tokens (prefill) walk
+//! each part in small row tiles that fit in L1, dotting every tile with all tokens before moving
+//! on, so each weight row is read from memory once per call.
 //!
 //! Two activation precisions ([`ActPrecision`]): the fast path ([`matmul`]) rounds activations
 //! to the weight type's 8-bit partner format and dots in integers, as llama.cpp does; the exact
@@ -16,8 +17,9 @@
 use std::ops::Range;
 
 use pshard_model::ggml_type::GgmlType;
-use rayon::prelude::*;
 
+use crate::gemm;
+use crate::pool::{self, SharedSlice};
 use crate::quant::exact::{dot4_f32, dot_f32};
 use crate::quant::legacy::{self, TileFn, TILE};
 use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn, QuantKernel, SimdLevel};
@@ -174,15 +176,19 @@ pub fn quantize_acts_into(
     if cols == 0 || n_rows == 0 {
         return Ok(());
     }
-    let work = |(src, out): (&[f32], &mut [u8])| quantize_acts_row(format, src, &mut out[..used]);
     if x.len() >= PAR_QUANT_MIN && n_rows > 1 {
-        x.par_chunks(cols)
-            .zip(dst.data.par_chunks_mut(row_bytes))
-            .for_each(work);
+        let out = SharedSlice::new(&mut dst.data);
+        pool::for_range(n_rows, 1, |r| {
+            for t in r {
+                // SAFETY: participants get disjoint row ranges, so their byte ranges are disjoint.
+                let o = unsafe { out.range_mut(t * row_bytes..t * row_bytes + used) };
+                quantize_acts_row(format, &x[t * cols..(t + 1) * cols], o);
+            }
+        });
     } else {
-        x.chunks(cols)
-            .zip(dst.data.chunks_mut(row_bytes))
-            .for_each(work);
+        for (src, out) in x.chunks(cols).zip(dst.data.chunks_mut(row_bytes)) {
+            quantize_acts_row(format, src, &mut out[..used]);
+        }
     }
     Ok(())
 }
@@ -205,19 +211,9 @@ const TILE_BYTES: usize = 16 << 10;
 /// Total weight bytes × tokens below which the call runs on the calling thread.
 const SEQ_WORK: usize = 1 << 17;
 
-/// Output row chunk length for parallel work: about 4 chunks per thread, whole tiles.
-fn chunk_rows(n_rows_out: usize, tile: usize, work: usize) -> usize {
-    if work < SEQ_WORK {
-        return n_rows_out.max(1);
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let per = n_rows_out.div_ceil(threads * 4).max(1);
-    per.div_ceil(tile) * tile
-}
-
 /// `out[t * out_stride + r] = dot(weight row r, act row t)` for `r` in `rows` (a sub-range of the
 /// output rows: plans may split one matrix between CPU and GPU) and every activation row `t`;
-/// other entries of `out` are left untouched. Parallel over row chunks in the current rayon pool.
+/// other entries of `out` are left untouched. Rows split statically over the CPU pool.
 /// Kernels: the best this CPU runs, up to [`quant::simd_cap`].
 pub fn matmul(
     w: &WeightMatrix,
@@ -227,20 +223,16 @@ pub fn matmul(
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
     let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let tiles = match quant::simd_cap() {
-        SimdLevel::Avx512 => legacy::tiles(w.ty)
-            .or_else(|| crate::quant::kquants::tiles(w.ty))
-            .or_else(|| crate::quant::lut4::tiles(w.ty)),
-        _ => None,
-    };
-    matmul_with(k, tiles, w, x, out, out_stride, rows)
+    let job = RowsJob::new(k, quant::simd_cap(), *w, x)?;
+    job.run(out, out_stride, rows)
 }
 
 /// [`matmul`] with the kernels of SIMD level `level` at most (the best this CPU runs up to it,
 /// regardless of [`quant::simd_cap`]):
-/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. The
-/// register tiles of the batched path are AVX-512 VNNI kernels, so below `Avx512` several tokens
-/// go through the row-at-a-time dot product.
+/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. From
+/// [`crate::gemm::GEMM_MIN_TOKENS`] tokens the int8 GEMM runs (VNNI or AVX2 kernel, none at
+/// `Scalar`); below, the register tiles are AVX-512 VNNI kernels, so below `Avx512` a few tokens go
+/// through the row-at-a-time dot product.
 pub fn matmul_at(
     level: SimdLevel,
     w: &WeightMatrix,
@@ -250,81 +242,193 @@ pub fn matmul_at(
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
     let k = quant::kernel_at(w.ty, level).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let tiles = match level {
-        SimdLevel::Avx512 => legacy::tiles(w.ty)
-            .or_else(|| crate::quant::kquants::tiles(w.ty))
-            .or_else(|| crate::quant::lut4::tiles(w.ty)),
-        _ => None,
-    };
-    matmul_with(k, tiles, w, x, out, out_stride, rows)
+    let job = RowsJob::new(k, level, *w, x)?;
+    job.run(out, out_stride, rows)
 }
 
-/// The matmul driver with kernel `k` and, if given, its register tiles.
-fn matmul_with(
-    k: QuantKernel,
-    tiles: Option<(TileFn, TileFn)>,
-    w: &WeightMatrix,
-    x: &QuantizedActs,
-    out: &mut [f32],
-    out_stride: usize,
-    rows: Range<usize>,
-) -> Result<(), KernelError> {
-    let wrb = w.row_bytes()?;
-    if x.format != k.act {
-        return Err(KernelError::ActFormatMismatch {
-            ty: w.ty,
-            want: k.act.name(),
-            got: x.format.name(),
-        });
-    }
-    if x.cols != w.cols {
-        return Err(mismatch(format!(
-            "activations have {} columns, weights {}",
-            x.cols, w.cols
-        )));
-    }
-    let used = x
-        .format
-        .row_bytes(x.cols)
-        .ok_or_else(|| mismatch(format!("bad activation width {}", x.cols)))?;
-    if x.row_bytes < used || x.data.len() < x.n_rows * x.row_bytes {
-        return Err(mismatch(format!(
-            "activation buffer: {} bytes for {} rows of stride {} (row needs {used})",
-            x.data.len(),
-            x.n_rows,
-            x.row_bytes
-        )));
-    }
-    if !check_output(w, x.n_rows, out.len(), out_stride, &rows)? {
-        return Ok(());
-    }
-    let engine = match tiles {
-        Some((full, one)) => Engine::Tiles { full, one },
-        None => Engine::Dot(k.dot),
-    };
-    let n = w.cols;
-    let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
-    let chunk = chunk_rows(
-        rows.len(),
-        tile,
-        wrb.saturating_mul(rows.len()).saturating_mul(x.n_rows),
-    );
+/// The int8 GEMM of a batched matmul: the type's converter, the kernel level, the activations in
+/// the GEMM's form and the rows per tile.
+struct Gemm {
+    conv: gemm::Converter,
+    level: SimdLevel,
+    acts: gemm::GemmActs,
+    rows: usize,
+}
 
-    par_row_chunks(out, out_stride, x.n_rows, rows, chunk, |r0, outs| {
+thread_local! {
+    /// Each thread's GEMM tile buffers, reused from tile to tile and call to call.
+    static GEMM_TILE: std::cell::RefCell<gemm::Tile> = std::cell::RefCell::new(gemm::Tile::default());
+}
+
+/// A validated matmul of one weight matrix with one activation buffer: any part of its output
+/// rows can be computed, by any thread ([`RowsJob::compute`]).
+pub(crate) struct RowsJob<'a> {
+    engine: Engine,
+    w: WeightMatrix<'a>,
+    x: &'a QuantizedActs,
+    wrb: usize,
+    /// Rows per L1 tile of the register-tile path.
+    tile: usize,
+    gemm: Option<Gemm>,
+}
+
+impl<'a> RowsJob<'a> {
+    /// Checks `w` against `x` for kernel `k` and picks the engine of SIMD level `level`: the int8
+    /// GEMM from [`gemm::GEMM_MIN_TOKENS`] tokens where the type has a converter, else the
+    /// type's register tiles (AVX-512) or its dot product.
+    pub(crate) fn new(
+        k: QuantKernel,
+        level: SimdLevel,
+        w: WeightMatrix<'a>,
+        x: &'a QuantizedActs,
+    ) -> Result<Self, KernelError> {
+        let wrb = w.row_bytes()?;
+        if x.format != k.act {
+            return Err(KernelError::ActFormatMismatch {
+                ty: w.ty,
+                want: k.act.name(),
+                got: x.format.name(),
+            });
+        }
+        if x.cols != w.cols {
+            return Err(mismatch(format!(
+                "activations have {} columns, weights {}",
+                x.cols, w.cols
+            )));
+        }
+        let used = x
+            .format
+            .row_bytes(x.cols)
+            .ok_or_else(|| mismatch(format!("bad activation width {}", x.cols)))?;
+        if x.row_bytes < used || x.data.len() < x.n_rows * x.row_bytes {
+            return Err(mismatch(format!(
+                "activation buffer: {} bytes for {} rows of stride {} (row needs {used})",
+                x.data.len(),
+                x.n_rows,
+                x.row_bytes
+            )));
+        }
+        let tiles = match level {
+            SimdLevel::Avx512 => legacy::tiles(w.ty)
+                .or_else(|| crate::quant::kquants::tiles(w.ty))
+                .or_else(|| crate::quant::lut4::tiles(w.ty)),
+            _ => None,
+        };
+        let engine = match tiles {
+            Some((full, one)) => Engine::Tiles { full, one },
+            None => Engine::Dot(k.dot),
+        };
+        let gemm = match (gemm::converter(w.ty), gemm::rows_per_tile(level)) {
+            (Some(conv), Some(rows)) if x.n_rows >= gemm::GEMM_MIN_TOKENS => {
+                gemm::GemmActs::from_acts(x, rows == 16).map(|acts| Gemm {
+                    conv,
+                    level,
+                    acts,
+                    rows,
+                })
+            }
+            _ => None,
+        };
+        let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
+        Ok(RowsJob {
+            engine,
+            w,
+            x,
+            wrb,
+            tile,
+            gemm,
+        })
+    }
+
+    /// Rows a part of the output should be a multiple of.
+    pub(crate) fn align(&self) -> usize {
+        self.gemm.as_ref().map_or(self.tile, |g| g.rows)
+    }
+
+    /// Bytes × tokens of computing `rows` output rows (what decides whether to go parallel).
+    pub(crate) fn work(&self, rows: usize) -> usize {
+        self.wrb.saturating_mul(rows).saturating_mul(self.x.n_rows)
+    }
+
+    /// Checks the output and computes rows `rows` into `out` (stride `out_stride`), split over
+    /// the pool.
+    fn run(
+        &self,
+        out: &mut [f32],
+        out_stride: usize,
+        rows: Range<usize>,
+    ) -> Result<(), KernelError> {
+        if !check_output(&self.w, self.x.n_rows, out.len(), out_stride, &rows)? {
+            return Ok(());
+        }
+        let work = self.work(rows.len());
+        par_rows(
+            out,
+            out_stride,
+            self.x.n_rows,
+            rows,
+            self.align(),
+            work,
+            |r0, outs| self.compute(r0, outs),
+        );
+        Ok(())
+    }
+
+    /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
+    pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        let (w, x) = (&self.w, self.x);
         let len = outs[0].len();
+        if let Some(g) = &self.gemm {
+            let wrow = |r: usize| &w.data[r * self.wrb..(r + 1) * self.wrb];
+            GEMM_TILE.with(|t| {
+                let mut tile = t.borrow_mut();
+                let mut res = [[0f32; 16]; 8];
+                let mut i = 0;
+                while i < len {
+                    let nr = (len - i).min(g.rows);
+                    let range = r0 + i..r0 + i + nr;
+                    tile.load(&g.conv, g.rows, w.cols, range, wrow, g.rows == 8);
+                    let mut t0 = 0;
+                    while t0 < x.n_rows {
+                        let nt = (x.n_rows - t0).min(8);
+                        gemm::tile_dot(g.level, &tile, &g.acts, t0, nt, &mut res);
+                        for (j, rj) in res.iter().enumerate().take(nt) {
+                            outs[t0 + j][i..i + nr].copy_from_slice(&rj[..nr]);
+                        }
+                        t0 += nt;
+                    }
+                    i += nr;
+                }
+            });
+            return;
+        }
+        let n = w.cols;
         if x.n_rows == 1 {
-            rows_block(engine, (w.data, wrb), x, n, (r0, 0, len, len), outs);
+            rows_block(
+                self.engine,
+                (w.data, self.wrb),
+                x,
+                n,
+                (r0, 0, len, len),
+                outs,
+            );
             return;
         }
         // Tiles of rows small enough to stay in L1 while every token passes over them.
         let mut i0 = 0;
         while i0 < len {
-            let i1 = (i0 + tile).min(len);
-            rows_block(engine, (w.data, wrb), x, n, (r0, i0, i1, len), outs);
+            let i1 = (i0 + self.tile).min(len);
+            rows_block(
+                self.engine,
+                (w.data, self.wrb),
+                x,
+                n,
+                (r0, i0, i1, len),
+                outs,
+            );
             i0 = i1;
         }
-    });
-    Ok(())
+    }
 }
 
 /// Checks that `out` (stride `out_stride`) can take output rows `rows` of `w` for `n_tok` tokens;
@@ -361,41 +465,35 @@ fn check_output(
     Ok(true)
 }
 
-/// Splits output rows `rows` into chunks of `chunk` rows and calls `f(first_row, outs)` for each
-/// in parallel, where `outs[t]` is token `t`'s slice of the chunk's outputs (all the same length).
-/// One token writes straight into `out`; several tokens get disjoint pieces of every token's row.
-fn par_row_chunks<F>(
+/// Splits output rows `rows` into one part per pool participant (whole multiples of `align`) and
+/// calls `f(first_row, outs)` for each, where `outs[t]` is token `t`'s slice of the part's outputs
+/// (all the same length). `work` (bytes × tokens) below [`SEQ_WORK`] runs on the calling thread.
+pub(crate) fn par_rows<F>(
     out: &mut [f32],
     out_stride: usize,
     n_tok: usize,
     rows: Range<usize>,
-    chunk: usize,
+    align: usize,
+    work: usize,
     f: F,
 ) where
-    F: Fn(usize, &mut [&mut [f32]]) + Sync + Send,
+    F: Fn(usize, &mut [&mut [f32]]) + Sync,
 {
-    if n_tok == 1 {
-        out[rows.clone()]
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, o)| f(rows.start + c * chunk, &mut [o]));
-        return;
+    let shared = SharedSlice::new(out);
+    let body = |sub: Range<usize>| {
+        let (r0, r1) = (rows.start + sub.start, rows.start + sub.end);
+        let mut outs: Vec<&mut [f32]> = (0..n_tok)
+            // SAFETY: parts are disjoint row ranges and `out_stride >= rows.end` (checked by the
+            // callers) when there are several tokens, so no two pieces overlap.
+            .map(|t| unsafe { shared.range_mut(t * out_stride + r0..t * out_stride + r1) })
+            .collect();
+        f(r0, &mut outs);
+    };
+    if work < SEQ_WORK {
+        body(0..rows.len());
+    } else {
+        pool::for_range(rows.len(), align, body);
     }
-    let n_chunks = rows.len().div_ceil(chunk);
-    let mut pieces: Vec<Vec<&mut [f32]>> =
-        (0..n_chunks).map(|_| Vec::with_capacity(n_tok)).collect();
-    for tok in out.chunks_mut(out_stride).take(n_tok) {
-        let mut rest = &mut tok[rows.clone()];
-        for p in pieces.iter_mut() {
-            let (head, tail) = rest.split_at_mut(chunk.min(rest.len()));
-            p.push(head);
-            rest = tail;
-        }
-    }
-    pieces
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(c, mut outs)| f(rows.start + c * chunk, &mut outs));
 }
 
 /// How a weight type is computed: register tiles of rows × tokens, or one dot per output.
@@ -513,7 +611,7 @@ const EXACT_TILE_MAX: usize = 16;
 /// (exactly the values the type's dequantizer gives) and the f32 activations `x` used as they are;
 /// products summed in f32. Other entries of `out` are left untouched.
 ///
-/// Parallel over output-row chunks in the current rayon pool like [`matmul`]; within a chunk, a
+/// Rows split over the CPU pool like [`matmul`]; within a part, a
 /// tile of rows is dequantized once and dotted with every token (SIMD f32 dots, four rows per load
 /// of the activations), so each weight byte is read and dequantized once per call. Results do not
 /// depend on the tiling or the thread count (each output is one dot in a fixed order).
@@ -525,26 +623,61 @@ pub fn matmul_exact(
     out_stride: usize,
     rows: Range<usize>,
 ) -> Result<(), KernelError> {
-    let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
-    let wrb = w.row_bytes()?;
-    let cols = w.cols;
-    if n_rows.checked_mul(cols) != Some(x.len()) {
-        return Err(mismatch(format!(
-            "activations: {} values given for {n_rows} rows of {cols}",
-            x.len()
-        )));
-    }
+    let job = ExactJob::new(*w, x, n_rows)?;
     if !check_output(w, n_rows, out.len(), out_stride, &rows)? {
         return Ok(());
     }
-    let dequantize = k.dequantize_row;
-    let tile = (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX);
-    let chunk = chunk_rows(
-        rows.len(),
-        tile,
-        wrb.saturating_mul(rows.len()).saturating_mul(n_rows),
-    );
-    par_row_chunks(out, out_stride, n_rows, rows, chunk, |r0, outs| {
+    let work = job.wrb.saturating_mul(rows.len()).saturating_mul(n_rows);
+    par_rows(out, out_stride, n_rows, rows, job.tile, work, |r0, outs| {
+        job.compute(r0, outs)
+    });
+    Ok(())
+}
+
+/// A validated exact-activation matmul ([`matmul_exact`]) whose output rows any thread can
+/// compute a part of.
+pub(crate) struct ExactJob<'a> {
+    w: WeightMatrix<'a>,
+    x: &'a [f32],
+    dequantize: fn(&[u8], &mut [f32]),
+    wrb: usize,
+    /// Rows dequantized at a time.
+    tile: usize,
+}
+
+impl<'a> ExactJob<'a> {
+    /// Checks `x` (`n_rows` rows of `w.cols`) against `w`.
+    pub(crate) fn new(
+        w: WeightMatrix<'a>,
+        x: &'a [f32],
+        n_rows: usize,
+    ) -> Result<Self, KernelError> {
+        let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
+        let wrb = w.row_bytes()?;
+        let cols = w.cols;
+        if n_rows.checked_mul(cols) != Some(x.len()) {
+            return Err(mismatch(format!(
+                "activations: {} values given for {n_rows} rows of {cols}",
+                x.len()
+            )));
+        }
+        Ok(ExactJob {
+            w,
+            x,
+            dequantize: k.dequantize_row,
+            wrb,
+            tile: (EXACT_TILE_BYTES / (cols * 4).max(1)).clamp(4, EXACT_TILE_MAX),
+        })
+    }
+
+    /// Rows a part of the output should be a multiple of.
+    pub(crate) fn align(&self) -> usize {
+        self.tile
+    }
+
+    /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
+    pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        let (w, x, cols, wrb, tile) = (&self.w, self.x, self.w.cols, self.wrb, self.tile);
         let len = outs[0].len();
         let mut buf = vec![0f32; tile.min(len) * cols];
         let mut i0 = 0;
@@ -552,7 +685,7 @@ pub fn matmul_exact(
             let nr = (len - i0).min(tile);
             for (j, dst) in buf.chunks_exact_mut(cols.max(1)).take(nr).enumerate() {
                 let r = r0 + i0 + j;
-                dequantize(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
+                (self.dequantize)(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
             }
             let wrow = |j: usize| &buf[j * cols..(j + 1) * cols];
             for (t, o) in outs.iter_mut().enumerate() {
@@ -570,8 +703,7 @@ pub fn matmul_exact(
             }
             i0 += nr;
         }
-    });
-    Ok(())
+    }
 }
 
 /// Convenience: computes all output rows of `w` for `n_rows` rows of f32 activations `x`

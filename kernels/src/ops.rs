@@ -4,8 +4,11 @@
 //! All activations are f32 row-major `[rows, cols]`. Reductions accumulate in f32 (attention scores
 //! and softmax too), matching what the GPU kernels do.
 
+use std::ops::Range;
+
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pool::{self, SharedSlice};
 
 /// Rows at or above which the row-wise ops go parallel (below, thread hand-off costs more).
 const PAR_ROWS: usize = 16;
@@ -20,10 +23,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], out: &mut [f32], eps: f32) {
             *o = v * inv * w;
         }
     };
-    if x.len() / cols >= PAR_ROWS {
-        x.par_chunks(cols)
-            .zip(out.par_chunks_mut(cols))
-            .for_each(norm_row);
+    let rows = x.len() / cols.max(1);
+    if rows >= PAR_ROWS {
+        let o = SharedSlice::new(out);
+        pool::for_range(rows, 1, |r| {
+            // SAFETY: participants get disjoint row ranges.
+            let o = unsafe { o.range_mut(r.start * cols..r.end * cols) };
+            x[r.start * cols..r.end * cols]
+                .chunks(cols)
+                .zip(o.chunks_mut(cols))
+                .for_each(norm_row);
+        });
     } else {
         x.chunks(cols).zip(out.chunks_mut(cols)).for_each(norm_row);
     }
@@ -98,9 +108,14 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
         }
     };
     if positions.len() >= PAR_ROWS {
-        x.par_chunks_mut(cols)
-            .zip(positions.par_iter())
-            .for_each(rotate_row);
+        let xs = SharedSlice::new(x);
+        pool::for_range(positions.len(), 1, |r| {
+            // SAFETY: participants get disjoint row ranges.
+            let rows = unsafe { xs.range_mut(r.start * cols..r.end * cols) };
+            rows.chunks_mut(cols)
+                .zip(&positions[r])
+                .for_each(rotate_row);
+        });
     } else {
         x.chunks_mut(cols)
             .zip(positions.iter())
@@ -127,10 +142,12 @@ pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], gelu: bool) {
         *o = if gelu { gelu_tanh(*g) } else { silu(*g) } * u;
     };
     if out.len() >= 1 << 16 {
-        out.par_iter_mut()
-            .zip(gate.par_iter())
-            .zip(up.par_iter())
-            .for_each(f);
+        let o = SharedSlice::new(out);
+        pool::for_range(gate.len().min(up.len()).min(o.len()), 1024, |r| {
+            // SAFETY: participants get disjoint ranges.
+            let o = unsafe { o.range_mut(r.clone()) };
+            o.iter_mut().zip(&gate[r.clone()]).zip(&up[r]).for_each(f);
+        });
     } else {
         out.iter_mut().zip(gate).zip(up).for_each(f);
     }
@@ -250,14 +267,17 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         (first, pos + 1)
     };
     if pairs >= ATTN_SPLIT_BELOW_PAIRS {
-        // Enough pairs: one task per pair, normalised straight into the output.
-        out.par_chunks_mut(group * dv).enumerate().for_each_init(
-            || (AttnScratch::new(p), vec![0f32; group * (dv + 2)]),
-            |(scratch, part), (idx, o)| {
-                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
-                let (a, b) = span_of(t);
-                attend_span(q, t, kh, a, b, kv, p, scratch, part);
-                finish_pair(part, 1, group, dv, o);
+        // Enough pairs (prefill): tiles of ATTN_BQ tokens × one kv head, keys in blocks.
+        let n_tok = positions.len();
+        let blocks = n_tok.div_ceil(ATTN_BQ);
+        let o = SharedSlice::new(out);
+        pool::for_each_dynamic_init(
+            blocks * p.n_head_kv,
+            || TileScratch::new(p),
+            |scratch, task| {
+                let (blk, kh) = (task / p.n_head_kv, task % p.n_head_kv);
+                let toks = blk * ATTN_BQ..((blk + 1) * ATTN_BQ).min(n_tok);
+                attend_tile(q, positions, toks, kh, kv, p, scratch, &o);
             },
         );
         return;
@@ -278,27 +298,354 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     first_task.push(tasks.len());
     let stride = group * (dv + 2);
     let mut parts = vec![0f32; tasks.len() * stride];
-    parts
-        .par_chunks_mut(stride)
-        .zip(tasks.par_iter())
-        .for_each_init(
-            || AttnScratch::new(p),
-            |scratch, (part, &(idx, a, b))| {
-                let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
-                attend_span(q, t, kh, a, b, kv, p, scratch, part);
-            },
-        );
-    out.par_chunks_mut(group * dv)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (lo, hi) = (first_task[idx], first_task[idx + 1]);
-            finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
-        });
+    let ps = SharedSlice::new(&mut parts);
+    pool::for_each_dynamic_init(
+        tasks.len(),
+        || AttnScratch::new(p),
+        |scratch, i| {
+            let (idx, a, b) = tasks[i];
+            let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+            // SAFETY: each task index is claimed by one participant; tasks own disjoint slices.
+            let part = unsafe { ps.range_mut(i * stride..(i + 1) * stride) };
+            attend_span(q, t, kh, a, b, kv, p, scratch, part);
+        },
+    );
+    for (idx, o) in out.chunks_mut(group * dv).enumerate().take(pairs) {
+        let (lo, hi) = (first_task[idx], first_task[idx + 1]);
+        finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
+    }
 }
 
-/// Tests set this to run the portable span body on CPUs that have AVX2 too.
-static PORTABLE_ATTENTION: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// Query tokens per attention tile (prefill): each key/value row is widened from f16 once per
+/// tile of this many tokens (× the GQA group's heads) instead of once per token.
+const ATTN_BQ: usize = 16;
+/// Keys per block of a tile: scores of one query row for a block are 64 f32 (four 512-bit
+/// accumulators), the block's K (transposed) and V stay in L1.
+const ATTN_BK: usize = 64;
+
+/// Per-thread buffers of [`attend_tile`].
+struct TileScratch {
+    /// K block transposed: `kt[d * ATTN_BK + i]` = element `d` of key `i`.
+    kt: Vec<f32>,
+    /// V block: `vb[i * dv + d]`.
+    vb: Vec<f32>,
+    krow: Vec<f32>,
+    /// Running max, sum and unnormalised output per query row of the tile.
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl TileScratch {
+    fn new(p: &AttnParams) -> Self {
+        let rows = ATTN_BQ * (p.n_head / p.n_head_kv);
+        TileScratch {
+            kt: vec![0f32; p.head_dim_k * ATTN_BK],
+            vb: vec![0f32; ATTN_BK * p.head_dim_v],
+            krow: vec![0f32; p.head_dim_k],
+            m: vec![0f32; rows],
+            l: vec![0f32; rows],
+            o: vec![0f32; rows * p.head_dim_v],
+        }
+    }
+}
+
+/// `e^x` for `x ≤ 0` to ~1e-7 relative (0 below −87): range reduction to `2^n · e^r`, `|r| ≤
+/// ln2/2`, degree-6 Taylor polynomial. Branch-free, so loops over it vectorise.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.max(-87.0);
+    // Round to nearest by the 1.5·2^23 trick (no libm call).
+    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let poly = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        poly * scale
+    }
+}
+
+/// Attention of tokens `toks` (a tile) for the query heads of kv head `kh` over their causal
+/// (and window) key ranges, keys in blocks of [`ATTN_BK`] with an online softmax; writes the
+/// normalised outputs of those heads into `out`.
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    out: &SharedSlice<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match attention_level() {
+        crate::quant::SimdLevel::Avx512 => {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (attention_level checked), the only
+            // requirement of the target-feature function; its body is the same safe code as the
+            // portable path.
+            unsafe { attend_tile_avx512(q, positions, toks, kh, kv, p, scratch, out) };
+            return;
+        }
+        crate::quant::SimdLevel::Avx2 => {
+            // SAFETY: as above, for AVX2 and FMA.
+            unsafe { attend_tile_avx2(q, positions, toks, kh, kv, p, scratch, out) };
+            return;
+        }
+        crate::quant::SimdLevel::Scalar => {}
+    }
+    attend_tile_body::<false>(q, positions, toks, kh, kv, p, scratch, out);
+}
+
+/// [`attend_tile_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn attend_tile_avx512(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    out: &SharedSlice<f32>,
+) {
+    attend_tile_body::<true>(q, positions, toks, kh, kv, p, scratch, out);
+}
+
+/// [`attend_tile_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn attend_tile_avx2(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    out: &SharedSlice<f32>,
+) {
+    attend_tile_body::<true>(q, positions, toks, kh, kv, p, scratch, out);
+}
+
+/// `a · b + c`, fused where the body is compiled with FMA (a software `fma` call otherwise).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_tile_body<const FMA: bool>(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    out: &SharedSlice<f32>,
+) {
+    use half::slice::HalfFloatSliceExt;
+    const BK: usize = ATTN_BK;
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let group = p.n_head / p.n_head_kv;
+    let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
+    let span = |t: usize| {
+        let pos = positions[t] as usize;
+        let first = match p.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        (first, pos + 1)
+    };
+    let lo = toks.clone().map(|t| span(t).0).min().unwrap_or(0);
+    let hi = toks.clone().map(|t| span(t).1).max().unwrap_or(0);
+    let rows = toks.len() * group;
+    let TileScratch {
+        kt,
+        vb,
+        krow,
+        m,
+        l,
+        o,
+    } = scratch;
+    m[..rows].fill(f32::NEG_INFINITY);
+    l[..rows].fill(0.0);
+    o[..rows * dv].fill(0.0);
+    let mut j0 = lo;
+    while j0 < hi {
+        let j1 = (j0 + BK).min(hi);
+        for (i, j) in (j0..j1).enumerate() {
+            let slot = j % kv.cells;
+            kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
+            for (d, &x) in krow.iter().enumerate() {
+                kt[d * BK + i] = x;
+            }
+            kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(&mut vb[i * dv..][..dv]);
+        }
+        for (ti, t) in toks.clone().enumerate() {
+            let (a, b) = span(t);
+            let (a, b) = (a.max(j0) - j0, b.min(j1).saturating_sub(j0));
+            if a >= b {
+                continue;
+            }
+            for g in 0..group {
+                let qrow = &q[t * p.n_head * dk + (kh * group + g) * dk..][..dk];
+                // Scores of the block: four independent 16-key accumulators (FMA latency) over
+                // the transposed K block.
+                let mut acc = [[0f32; 16]; 4];
+                for (d, &qd) in qrow.iter().enumerate() {
+                    let k64: &[f32; BK] = kt[d * BK..][..BK].try_into().expect("BK keys");
+                    for (c, ac) in acc.iter_mut().enumerate() {
+                        for z in 0..16 {
+                            ac[z] = madd::<FMA>(qd, k64[16 * c + z], ac[z]);
+                        }
+                    }
+                }
+                let mut s = [0f32; BK];
+                for (sc, ac) in s.chunks_exact_mut(16).zip(&acc) {
+                    sc.copy_from_slice(ac);
+                }
+                // Scale (and cap); keys outside a..b masked to −inf; lane-wise max.
+                if let Some(c) = p.softcap {
+                    for v in &mut s[a..b] {
+                        *v = c * (*v * p.scale / c).tanh();
+                    }
+                } else {
+                    s[a..b].iter_mut().for_each(|v| *v *= p.scale);
+                }
+                s[..a].fill(f32::NEG_INFINITY);
+                s[b..].fill(f32::NEG_INFINITY);
+                let mut mx = [f32::NEG_INFINITY; 16];
+                for sc in s.chunks_exact(16) {
+                    for z in 0..16 {
+                        mx[z] = mx[z].max(sc[z]);
+                    }
+                }
+                let mb = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let r = ti * group + g;
+                let m_new = m[r].max(mb);
+                let orow = &mut o[r * dv..][..dv];
+                if m[r] != m_new {
+                    let alpha = (m[r] - m_new).exp();
+                    l[r] *= alpha;
+                    orow.iter_mut().for_each(|v| *v *= alpha);
+                    m[r] = m_new;
+                }
+                let mut sums = [0f32; 16];
+                for sc in s.chunks_exact_mut(16) {
+                    for z in 0..16 {
+                        sc[z] = exp_neg(sc[z] - m_new);
+                        sums[z] += sc[z];
+                    }
+                }
+                l[r] += sums.iter().sum::<f32>();
+                // o += Σ_i p_i · v_i: 64 output lanes (four independent accumulators) held
+                // across the keys.
+                let mut c0 = 0;
+                while c0 + 64 <= dv {
+                    let mut acc = [[0f32; 16]; 4];
+                    for (c, ac) in acc.iter_mut().enumerate() {
+                        ac.copy_from_slice(&orow[c0 + 16 * c..][..16]);
+                    }
+                    for (i, &pi) in s[a..b].iter().enumerate() {
+                        let v64: &[f32; 64] = vb[(a + i) * dv + c0..][..64].try_into().expect("64");
+                        for (c, ac) in acc.iter_mut().enumerate() {
+                            for z in 0..16 {
+                                ac[z] = madd::<FMA>(pi, v64[16 * c + z], ac[z]);
+                            }
+                        }
+                    }
+                    for (c, ac) in acc.iter().enumerate() {
+                        orow[c0 + 16 * c..][..16].copy_from_slice(ac);
+                    }
+                    c0 += 64;
+                }
+                for (i, &pi) in s[a..b].iter().enumerate() {
+                    let vrow = &vb[(a + i) * dv..][c0..dv];
+                    for (ov, &x) in orow[c0..].iter_mut().zip(vrow) {
+                        *ov = madd::<FMA>(pi, x, *ov);
+                    }
+                }
+            }
+        }
+        j0 = j1;
+    }
+    for (ti, t) in toks.enumerate() {
+        let base = t * p.n_head * dv + kh * group * dv;
+        // SAFETY: each (token tile, kv head) task owns these heads of these tokens.
+        let dst = unsafe { out.range_mut(base..base + group * dv) };
+        for g in 0..group {
+            let r = ti * group + g;
+            let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+            for (d, &v) in dst[g * dv..][..dv].iter_mut().zip(&o[r * dv..][..dv]) {
+                *d = v * inv;
+            }
+        }
+    }
+}
+
+/// Tests cap the attention bodies' SIMD level with this (0: no cap, 1: portable, 2: AVX2 at
+/// most), below what the CPU has; `PSHARD_CPU_SIMD` ([`crate::quant::simd_cap`]) caps it too.
+static ATTENTION_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The SIMD level the attention bodies may use: the CPU's, capped by [`crate::quant::simd_cap`]
+/// and [`ATTENTION_CAP`].
+fn attention_level() -> crate::quant::SimdLevel {
+    use crate::quant::SimdLevel;
+    let level = match ATTENTION_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => SimdLevel::Scalar,
+        2 => SimdLevel::Avx2,
+        _ => crate::quant::simd_cap(),
+    };
+    let level = if level as u8 > crate::quant::simd_cap() as u8 {
+        crate::quant::simd_cap()
+    } else {
+        level
+    };
+    match level {
+        SimdLevel::Avx512 if is_avx512() => SimdLevel::Avx512,
+        SimdLevel::Avx512 | SimdLevel::Avx2 if is_avx2() => SimdLevel::Avx2,
+        _ => SimdLevel::Scalar,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && is_avx2()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_avx512() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_avx2() -> bool {
+    false
+}
 
 /// Per-thread buffers of [`attend_span`].
 struct AttnScratch {
@@ -356,12 +703,9 @@ fn attend_span(
     part: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && !PORTABLE_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
-    {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above), the only requirement of the
-        // target-feature function; its body is the same safe code as the portable path.
+    if attention_level() != crate::quant::SimdLevel::Scalar {
+        // SAFETY: the CPU supports AVX2 and FMA (attention_level checked), the only requirement of
+        // the target-feature function; its body is the same safe code as the portable path.
         unsafe { attend_span_avx2(q, t, kh, a, b, kv, p, scratch, part) };
         return;
     }
@@ -546,6 +890,19 @@ mod tests {
     }
 
     #[test]
+    fn exp_neg_matches_exp() {
+        let mut x = 0f32;
+        while x > -90.0 {
+            let (got, want) = (exp_neg(x) as f64, (x as f64).exp());
+            let tol = if x < -87.0 { 1e-37 } else { 4e-7 * want };
+            assert!((got - want).abs() <= tol, "exp({x}) = {got}, want {want}");
+            x -= 0.0137;
+        }
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
     fn attention_split_spans_match_f64() {
         use rand::{Rng, SeedableRng};
         let seed = std::env::var("PSHARD_SEED")
@@ -569,13 +926,16 @@ mod tests {
             v: &v,
             cells,
         };
-        for (portable, window, softcap) in [
-            (false, None, None),
-            (false, Some(300), Some(2.0)),
-            (false, Some(2000), None),
-            (true, None, Some(2.0)),
+        // Caps: 0 the CPU's best, 2 AVX2 at most, 1 portable.
+        for (cap, window, softcap) in [
+            (0u8, None, None),
+            (0, Some(300), Some(2.0)),
+            (0, Some(2000), None),
+            (2, None, None),
+            (2, Some(300), Some(2.0)),
+            (1, None, Some(2.0)),
         ] {
-            PORTABLE_ATTENTION.store(portable, std::sync::atomic::Ordering::Relaxed);
+            ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
             let p = AttnParams {
                 n_head,
                 n_head_kv,
@@ -606,13 +966,13 @@ mod tests {
                         let got = out[t * n_head * dv + i] as f64;
                         assert!(
                             (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "seed {seed} portable {portable} window {window:?} pos {pos} [{i}]: {got} vs {w}"
+                            "seed {seed} cap {cap} window {window:?} pos {pos} [{i}]: {got} vs {w}"
                         );
                     }
                 }
             }
         }
-        PORTABLE_ATTENTION.store(false, std::sync::atomic::Ordering::Relaxed);
+        ATTENTION_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use pshard_kernels::matmul::{
     matmul, matmul_at, matmul_exact, matmul_f32, matmul_f32_with, quantize_acts, ActPrecision,
     KernelError, QuantizedActs, WeightMatrix,
 };
+use pshard_kernels::pool;
 use pshard_kernels::quant::{self, act, ActFormat, QuantKernel, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
@@ -259,7 +260,8 @@ fn odd_shapes_all_types() {
 }
 
 /// Every type's driver path at each SIMD level this CPU runs, forced below its best: AVX2 or
-/// scalar dots (one row at a time, several tokens included) where the CPU has AVX-512 tiles.
+/// scalar dots (one row at a time, several tokens included) where the CPU has AVX-512 tiles, and
+/// the int8 GEMM's kernel of each level for batches.
 #[test]
 fn forced_simd_levels() {
     let mut r = rng("forced_simd_levels");
@@ -280,23 +282,29 @@ fn forced_simd_levels() {
                 // Every type has an AVX2 dot.
                 assert_eq!(k.dot_variant, "avx2", "{ty}");
             }
-            for (rows, tokens, cols) in [(17, 1, 256), (17, 5, 256), (131, 7, 512)] {
+            // 20 and 45 tokens take the int8 GEMM (AVX-512 VNNI or AVX2 kernel; row dots at
+            // Scalar), with partial row tiles and partial token groups.
+            for (rows, tokens, cols) in [
+                (17, 1, 256),
+                (17, 5, 256),
+                (131, 7, 512),
+                (37, 20, 512),
+                (9, 45, 256),
+            ] {
                 check_shape_at(&mut r, &k, Some(level), rows, tokens, cols);
             }
         }
     }
 }
 
-/// Shapes big enough to be split into parallel chunks, in pools of 1, 2 and 3 threads.
+/// Shapes big enough to be split over the pool, with 1 thread and with every core (the pool is
+/// process-wide: other tests may run inline meanwhile, which must give the same results).
 #[test]
 fn parallel_chunks_in_several_pools() {
     let mut r = rng("parallel_chunks_in_several_pools");
-    for threads in [1usize, 2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+    for threads in [1usize, 0] {
+        pool::set_threads(threads);
+        {
             for ty in [
                 GgmlType::Q4_0,
                 GgmlType::Q4_1,
@@ -308,8 +316,9 @@ fn parallel_chunks_in_several_pools() {
                 check_shape(&mut r, &k, 301, 1, 512);
                 check_shape(&mut r, &k, 131, 7, 512);
             }
-        });
+        }
     }
+    pool::set_threads(0);
 }
 
 #[test]
@@ -402,8 +411,8 @@ fn errors_name_the_problem() {
 }
 
 /// The exact path's outputs do not depend on the thread count or the row tiling (each output is
-/// one dot in a fixed order): the full range in pools of 1 and 3 threads, and every row alone,
-/// agree bit for bit.
+/// one dot in a fixed order): the full range with 1 thread and with every core, and every row
+/// alone, agree bit for bit.
 #[test]
 fn exact_path_is_deterministic() {
     let mut r = rng("exact_path_is_deterministic");
@@ -418,16 +427,14 @@ fn exact_path_is_deterministic() {
     };
     let xs = random_vec(&mut r, tokens * cols);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        pool::set_threads(threads);
         let mut out = vec![0f32; tokens * rows];
-        pool.install(|| matmul_exact(&w, &xs, tokens, &mut out, rows, 0..rows).unwrap());
+        matmul_exact(&w, &xs, tokens, &mut out, rows, 0..rows).unwrap();
+        pool::set_threads(0);
         out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };
     let one = run(1);
-    assert_eq!(one, run(3));
+    assert_eq!(one, run(0));
     let mut single = vec![0f32; tokens * rows];
     for row in 0..rows {
         matmul_exact(&w, &xs, tokens, &mut single, rows, row..row + 1).unwrap();

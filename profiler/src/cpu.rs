@@ -588,15 +588,16 @@ pub fn run_cpu(c: &CpuConfig) -> Result<Profile> {
     }
 
     let main_pool = pool(threads)?;
-    // Fixed cost of one op: waking every thread of the pool and joining them, with no work.
+    // The kernels run on their own pool: the same thread count.
+    pshard_kernels::pool::set_threads(threads);
+    // Fixed cost of one op: handing an empty job to every participant of the kernels' pool and
+    // waiting for all of them (workers hot from the previous op, as within a layer).
     r.progress.step("op fan-out overhead");
-    let overhead = main_pool.install(|| {
-        measure(&r.plan.cfg, || {
-            rayon::broadcast(|ctx| {
-                black_box(ctx.index());
-            });
-            None
-        })
+    let overhead = measure(&r.plan.cfg, || {
+        pshard_kernels::pool::run(|i, _| {
+            black_box(i);
+        });
+        None
     });
     r.points.push(point(
         "op_overhead",

@@ -471,7 +471,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "model_n_params": n_params,
                     "n_batch": ub(r),
                     "n_ubatch": ub(r),
-                    "n_threads": rayon::current_num_threads(),
+                    "n_threads": pshard_kernels::pool::threads(),
                     "flash_attn": true,
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,

@@ -13,11 +13,16 @@ use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
 use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
 
-/// Sets the size of the global rayon pool (0 = one per core).
+/// Sets the CPU kernels' pool (and the global rayon pool of the remaining rayon users) to
+/// `threads` (0 = one per core; more than the cores is capped at them, with a note on stderr).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
+    let t = pshard_kernels::pool::set_threads(threads);
+    if let Some(note) = t.capped_note() {
+        eprintln!("pshard: {note}");
+    }
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(t.used)
             .build_global()
             .context("setting up the thread pool")?;
     }
@@ -257,7 +262,7 @@ pub fn make_engine(
             // The plans' budget: what this process may hold, the context included.
             let budget = dev.budget() + info.context_overhead;
             let mut params = PlanParams::new(n_ctx);
-            params.threads = rayon::current_num_threads();
+            params.threads = pshard_kernels::pool::threads();
             let profiles = plan_profiles(a)?;
             let req = TierRequest {
                 model_path: path,

@@ -476,7 +476,9 @@ impl CpuLane {
         Ok(())
     }
 
-    /// Expert FFNs: tokens are grouped by expert so each expert's matrices are read once per batch.
+    /// Expert FFNs: all active experts of the batch as one parallel job per stage
+    /// ([`pshard_kernels::moe::moe_ffn`]: gate and up of every used expert, GLU, down, the
+    /// weighted sums in expert order), each expert's matrices read once per batch.
     #[allow(clippy::too_many_arguments)]
     fn moe_ffn(
         &mut self,
@@ -490,94 +492,78 @@ impl CpuLane {
         positions: &[u32],
         n_expert: usize,
     ) -> Result<(), EngineError> {
+        use pshard_kernels::moe::{self, ExpertFfn, MoeInput, MoeRoutes};
         let n = g.n_tokens;
         let cols = g.buffer(x).cols;
         let n_used = g.buffer(route).cols / 2;
-        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_expert];
+        let (mut ids, mut weights) = (
+            Vec::with_capacity(n * n_used),
+            Vec::with_capacity(n * n_used),
+        );
         {
             let r = &self.bufs[route.0 as usize];
             for t in 0..n {
                 for k in 0..n_used {
-                    let e = r[t * 2 * n_used + k].to_bits() as usize;
-                    if e >= n_expert {
+                    let e = r[t * 2 * n_used + k].to_bits();
+                    if e as usize >= n_expert {
                         return Err(EngineError::Batch(format!(
                             "expert id {e} out of {n_expert} in the routes"
                         )));
                     }
-                    by_expert[e].push((t, r[t * 2 * n_used + n_used + k]));
+                    ids.push(e);
+                    weights.push(r[t * 2 * n_used + n_used + k]);
                 }
             }
         }
-        let mut acc = vec![0f32; n * cols];
-        let xs = &self.bufs[x.0 as usize];
-        let exact = self.precision == ActPrecision::Exact;
-        for (e, toks) in by_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
+        let experts: Vec<ExpertFfn> = (0..n_expert)
+            .map(|e| ExpertFfn {
+                gate: w.matrix(exps[0], e).0,
+                up: w.matrix(exps[1], e).0,
+                down: w.matrix(exps[2], e).0,
+            })
+            .collect();
+        let routes = MoeRoutes {
+            ids: &ids,
+            weights: &weights,
+            n_used,
+        };
+        let (xi, oi) = (x.0 as usize, out.0 as usize);
+        let mut o = std::mem::take(&mut self.bufs[oi]);
+        let mut trace = self.trace.take();
+        let traced = trace.is_some();
+        let mut rec = |which: MoeInput, e: usize, toks: &[usize], q: &QuantizedActs| {
+            if let Some(tr) = trace.as_mut() {
+                let id = match which {
+                    MoeInput::Gate => exps[0],
+                    MoeInput::Up => exps[1],
+                    MoeInput::Down => exps[2],
+                };
+                record(tr, q, (id, e), |i| positions[toks[i]]);
             }
-            let m = toks.len();
-            let mut xe = vec![0f32; m * cols];
-            for (i, &(t, _)) in toks.iter().enumerate() {
-                xe[i * cols..][..cols].copy_from_slice(&xs[t * cols..][..cols]);
-            }
-            let (gate, _) = w.matrix(exps[0], e);
-            let (up, _) = w.matrix(exps[1], e);
-            let (down, _) = w.matrix(exps[2], e);
-            let ff = gate.rows;
-            let mut gt = vec![0f32; m * ff];
-            let mut ut = vec![0f32; m * ff];
-            let mut qx: Option<QuantizedActs> = None;
-            let pos = |i: usize| positions[toks[i].0];
-            for (wm, id, o) in [(&gate, exps[0], &mut gt), (&up, exps[1], &mut ut)] {
-                let fmt = act_format(wm)?;
-                if exact && fmt != ActFormat::F32 {
-                    matmul_exact(wm, &xe, m, o, ff, 0..ff)?;
-                    continue;
-                }
-                // Gate and up usually share a type: quantize their input once.
-                if qx.as_ref().is_none_or(|q| q.format != fmt) {
-                    qx = Some(quantize_acts(fmt, &xe, m, cols));
-                }
-                let q = qx.as_ref().expect("set above");
-                if let Some(trace) = &mut self.trace {
-                    record(trace, q, (id, e), pos);
-                }
-                matmul(wm, q, o, ff, 0..ff)?;
-            }
-            let mut h = vec![0f32; m * ff];
-            ops::glu(&gt, &ut, &mut h, act == Activation::GeluTanh);
-            let dfmt = act_format(&down)?;
-            let mut d = vec![0f32; m * cols];
-            if exact && dfmt != ActFormat::F32 {
-                matmul_exact(&down, &h, m, &mut d, cols, 0..cols)?;
-            } else {
-                let qh = quantize_acts(dfmt, &h, m, ff);
-                if let Some(trace) = &mut self.trace {
-                    record(trace, &qh, (exps[2], e), pos);
-                }
-                matmul(&down, &qh, &mut d, cols, 0..cols)?;
-            }
-            for (i, &(t, wt)) in toks.iter().enumerate() {
-                for (a, v) in acc[t * cols..][..cols]
-                    .iter_mut()
-                    .zip(&d[i * cols..][..cols])
-                {
-                    *a += wt * v;
-                }
-            }
-        }
-        self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
+        };
+        // The output buffer is taken out while the kernel writes it (the graph gives the FFN
+        // distinct input and output buffers; an aliased one is copied first).
+        let xs: std::borrow::Cow<[f32]> = if xi == oi {
+            std::borrow::Cow::Owned(o[..n * cols].to_vec())
+        } else {
+            std::borrow::Cow::Borrowed(&self.bufs[xi][..n * cols])
+        };
+        let res = moe::moe_ffn(
+            &experts,
+            &xs,
+            n,
+            routes,
+            act == Activation::GeluTanh,
+            self.precision,
+            &mut o[..n * cols],
+            traced.then_some(&mut rec as moe::MoeTrace),
+        );
+        drop(xs);
+        self.bufs[oi] = o;
+        self.trace = trace;
+        res?;
         Ok(())
     }
-}
-
-/// The partner activation format of a weight's type.
-fn act_format(w: &WeightMatrix) -> Result<ActFormat, EngineError> {
-    quant::kernel(w.ty)
-        .map(|k| k.act)
-        .ok_or(EngineError::Kernel(
-            pshard_kernels::matmul::KernelError::UnsupportedType(w.ty),
-        ))
 }
 
 /// Records each row of `acts` (dequantized) under (weight, expert, `position(row)`); float

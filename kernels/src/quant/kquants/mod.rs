@@ -224,6 +224,19 @@ pub fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
     }
 }
 
+/// The int8 GEMM's converter of a K-quant type (see [`crate::gemm::Converter`]); Q2_K has none
+/// (its per-16 minima would need per-16 activation sums) and takes the row dots.
+pub(crate) fn int8_converter(ty: GgmlType) -> Option<crate::gemm::Converter> {
+    let (sub16, min, row): (bool, bool, crate::gemm::ConvertFn) = match ty {
+        GgmlType::Q3_K => (true, false, q3k::to_int8),
+        GgmlType::Q4_K => (false, true, q4k::to_int8),
+        GgmlType::Q5_K => (false, true, q5k::to_int8),
+        GgmlType::Q6_K => (true, false, q6k::to_int8),
+        _ => return None,
+    };
+    Some(crate::gemm::Converter { sub16, min, row })
+}
+
 /// Checks the arguments of a dot product and returns the number of blocks.
 ///
 /// # Panics

@@ -96,6 +96,31 @@ pub(super) fn quantize_affine_block(x: &[f32], qmax: i32, b: &mut [u8]) -> [u8; 
     q
 }
 
+/// The int8 GEMM's converter ([`crate::gemm::Converter`]): `q.len()` elements as `q · scale +
+/// min` per sub-block of 32 (`scale = d·sc`, `min = −dmin·m`).
+pub(crate) fn to_int8(src: &[u8], q: &mut [i8], scales: &mut [f32], mins: &mut [f32]) {
+    for (i, b) in src
+        .chunks_exact(BLOCK_BYTES)
+        .take(q.len() / QK_K)
+        .enumerate()
+    {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (sc, mn) = unpack_scales_mins_k4(&b[4..16]);
+        for j in 0..8 {
+            scales[8 * i + j] = d * sc[j] as f32;
+            mins[8 * i + j] = -dmin * mn[j] as f32;
+        }
+        let y = &mut q[QK_K * i..QK_K * (i + 1)];
+        for c in 0..4 {
+            let qs = &b[QS + 32 * c..QS + 32 * c + 32];
+            for l in 0..32 {
+                y[64 * c + l] = (qs[l] & 15) as i8;
+                y[64 * c + 32 + l] = (qs[l] >> 4) as i8;
+            }
+        }
+    }
+}
+
 /// Portable dot product of a Q4_K row with a Q8_K row of `n` elements.
 ///
 /// # Panics

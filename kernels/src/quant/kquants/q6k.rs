@@ -32,6 +32,25 @@ fn unpack_quants(b: &[u8]) -> [u8; QK_K] {
     q
 }
 
+/// The int8 GEMM's converter ([`crate::gemm::Converter`]): `q.len()` elements as `(q − 32) ·
+/// scale` per sub-block of 16 (`scale = d·sc`).
+pub(crate) fn to_int8(src: &[u8], q: &mut [i8], scales: &mut [f32], _mins: &mut [f32]) {
+    for (i, b) in src
+        .chunks_exact(BLOCK_BYTES)
+        .take(q.len() / QK_K)
+        .enumerate()
+    {
+        let d = f16_at(b, D);
+        for j in 0..16 {
+            scales[16 * i + j] = d * b[SC + j] as i8 as f32;
+        }
+        let u = unpack_quants(b);
+        for (o, &v) in q[QK_K * i..QK_K * (i + 1)].iter_mut().zip(&u) {
+            *o = v as i8 - 32;
+        }
+    }
+}
+
 /// Dequantizes `dst.len()` values (a multiple of 256) from Q6_K blocks in `src`.
 ///
 /// # Panics

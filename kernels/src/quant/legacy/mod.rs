@@ -190,6 +190,51 @@ dequant_fn!(dequantize_q5_0, 22, decode_q5_0);
 dequant_fn!(dequantize_q5_1, 24, decode_q5_1);
 dequant_fn!(dequantize_q8_0, 34, decode_q8_0);
 
+/// The int8 GEMM's converter ([`crate::gemm`]) for a legacy type: `q.len()` elements of the row
+/// `src` as `q · scale + min` per block of 32 (one scale and one minimum per block).
+fn to_int8_with(
+    src: &[u8],
+    q: &mut [i8],
+    scales: &mut [f32],
+    mins: &mut [f32],
+    bytes: usize,
+    decode: impl Fn(&[u8]) -> Decoded,
+) {
+    let nb = q.len() / QK;
+    for (i, b) in src[..nb * bytes].chunks_exact(bytes).enumerate() {
+        let dec = decode(b);
+        for (o, &v) in q[i * QK..(i + 1) * QK].iter_mut().zip(&dec.q) {
+            *o = v as i8;
+        }
+        scales[i] = dec.d;
+        mins[i] = dec.m;
+    }
+}
+
+/// The int8 GEMM's converter of a legacy type (see [`crate::gemm::Converter`]).
+pub(crate) fn int8_converter(ty: GgmlType) -> Option<crate::gemm::Converter> {
+    macro_rules! conv {
+        ($bytes:expr, $decode:ident, $min:expr) => {{
+            fn row(src: &[u8], q: &mut [i8], scales: &mut [f32], mins: &mut [f32]) {
+                to_int8_with(src, q, scales, mins, $bytes, $decode)
+            }
+            crate::gemm::Converter {
+                sub16: false,
+                min: $min,
+                row,
+            }
+        }};
+    }
+    Some(match ty {
+        GgmlType::Q4_0 => conv!(18, decode_q4_0, false),
+        GgmlType::Q4_1 => conv!(20, decode_q4_1, true),
+        GgmlType::Q5_0 => conv!(22, decode_q5_0, false),
+        GgmlType::Q5_1 => conv!(24, decode_q5_1, true),
+        GgmlType::Q8_0 => conv!(34, decode_q8_0, false),
+        _ => return None,
+    })
+}
+
 /// Splits `src` into blocks and checks `dst` is long enough.
 fn blocks<'a>(
     src: &'a [f32],

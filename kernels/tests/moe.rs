@@ -1,0 +1,249 @@
+//! The batched MoE FFN (`moe::moe_ffn`) against the per-expert path it replaces (each expert's
+//! tokens gathered, matmuls one expert at a time, weighted sums in expert order): bit for bit, for
+//! decode and prefill batches, both activation precisions (kernels of `quant::simd_cap()`).
+
+use pshard_kernels::matmul::{matmul_at, matmul_exact, quantize_acts, ActPrecision, WeightMatrix};
+use pshard_kernels::moe::{moe_ffn, ExpertFfn, MoeInput, MoeRoutes};
+use pshard_kernels::ops;
+use pshard_kernels::quant::{self, SimdLevel};
+use pshard_model::ggml_type::GgmlType;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+struct Experts {
+    gate: Vec<Vec<u8>>,
+    up: Vec<Vec<u8>>,
+    down: Vec<Vec<u8>>,
+    tys: [GgmlType; 3],
+    cols: usize,
+    ff: usize,
+}
+
+fn quantized(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let k = quant::kernel(ty).unwrap();
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut out = vec![0u8; rows * rb];
+    for row in out.chunks_exact_mut(rb) {
+        let x: Vec<f32> = (0..cols).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        (k.quantize_row)(&x, row);
+    }
+    out
+}
+
+fn experts(r: &mut StdRng, n: usize, tys: [GgmlType; 3], cols: usize, ff: usize) -> Experts {
+    Experts {
+        gate: (0..n).map(|_| quantized(r, tys[0], ff, cols)).collect(),
+        up: (0..n).map(|_| quantized(r, tys[1], ff, cols)).collect(),
+        down: (0..n).map(|_| quantized(r, tys[2], cols, ff)).collect(),
+        tys,
+        cols,
+        ff,
+    }
+}
+
+impl Experts {
+    fn view(&self) -> Vec<ExpertFfn<'_>> {
+        (0..self.gate.len())
+            .map(|e| ExpertFfn {
+                gate: WeightMatrix {
+                    ty: self.tys[0],
+                    data: &self.gate[e],
+                    rows: self.ff,
+                    cols: self.cols,
+                },
+                up: WeightMatrix {
+                    ty: self.tys[1],
+                    data: &self.up[e],
+                    rows: self.ff,
+                    cols: self.cols,
+                },
+                down: WeightMatrix {
+                    ty: self.tys[2],
+                    data: &self.down[e],
+                    rows: self.cols,
+                    cols: self.ff,
+                },
+            })
+            .collect()
+    }
+}
+
+/// The per-expert path: one expert at a time, as the CPU executor ran it before.
+fn per_expert(
+    ex: &[ExpertFfn],
+    x: &[f32],
+    n_tok: usize,
+    routes: &MoeRoutes,
+    precision: ActPrecision,
+    level: SimdLevel,
+) -> Vec<f32> {
+    let cols = ex[0].gate.cols;
+    let ff = ex[0].gate.rows;
+    let mut acc = vec![0f32; n_tok * cols];
+    for (e, w) in ex.iter().enumerate() {
+        let toks: Vec<(usize, f32)> = (0..n_tok * routes.n_used)
+            .filter(|&i| routes.ids[i] as usize == e)
+            .map(|i| (i / routes.n_used, routes.weights[i]))
+            .collect();
+        if toks.is_empty() {
+            continue;
+        }
+        let m = toks.len();
+        let xe: Vec<f32> = toks
+            .iter()
+            .flat_map(|&(t, _)| x[t * cols..(t + 1) * cols].iter().copied())
+            .collect();
+        let mm = |w: &WeightMatrix, a: &[f32], m: usize, out: &mut [f32]| {
+            let k = quant::kernel(w.ty).unwrap();
+            if precision == ActPrecision::Exact && k.act != quant::ActFormat::F32 {
+                matmul_exact(w, a, m, out, w.rows, 0..w.rows).unwrap();
+            } else {
+                let q = quantize_acts(k.act, a, m, w.cols);
+                matmul_at(level, w, &q, out, w.rows, 0..w.rows).unwrap();
+            }
+        };
+        let mut g = vec![0f32; m * ff];
+        let mut u = vec![0f32; m * ff];
+        mm(&w.gate, &xe, m, &mut g);
+        mm(&w.up, &xe, m, &mut u);
+        let mut h = vec![0f32; m * ff];
+        ops::glu(&g, &u, &mut h, false);
+        let mut d = vec![0f32; m * cols];
+        mm(&w.down, &h, m, &mut d);
+        for (i, &(t, wt)) in toks.iter().enumerate() {
+            for (a, v) in acc[t * cols..(t + 1) * cols]
+                .iter_mut()
+                .zip(&d[i * cols..(i + 1) * cols])
+            {
+                *a += wt * v;
+            }
+        }
+    }
+    acc
+}
+
+/// Random routes: `n_used` distinct experts per token.
+fn routes(r: &mut StdRng, n_tok: usize, n_expert: usize, n_used: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut ids = Vec::new();
+    let mut wts = Vec::new();
+    for _ in 0..n_tok {
+        let mut chosen: Vec<u32> = Vec::new();
+        while chosen.len() < n_used {
+            let e = r.gen_range(0..n_expert as u32);
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        ids.extend(chosen);
+        wts.extend((0..n_used).map(|_| r.gen_range(0.05f32..1.0)));
+    }
+    (ids, wts)
+}
+
+#[test]
+fn batched_moe_matches_the_per_expert_path() {
+    let mut r = StdRng::seed_from_u64(0x0e0e);
+    let cases = [
+        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
+        [GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::Q8_0],
+        [GgmlType::Q5_1, GgmlType::F16, GgmlType::Q5_K],
+    ];
+    for tys in cases {
+        let ex = experts(&mut r, 6, tys, 256, 512);
+        let view = ex.view();
+        // Decode, a short batch, and a prefill batch where experts get GEMM-sized groups.
+        for (n_tok, n_used) in [(1usize, 2usize), (5, 3), (40, 3)] {
+            let x: Vec<f32> = (0..n_tok * ex.cols)
+                .map(|_| r.gen_range(-1.0f32..1.0))
+                .collect();
+            let (ids, wts) = routes(&mut r, n_tok, 6, n_used);
+            let rt = MoeRoutes {
+                ids: &ids,
+                weights: &wts,
+                n_used,
+            };
+            for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
+                let level = quant::simd_cap();
+                let want = per_expert(&view, &x, n_tok, &rt, precision, level);
+                let mut got = vec![f32::NAN; n_tok * ex.cols];
+                let mut records = 0;
+                let mut rec = |which: MoeInput, e: usize, toks: &[usize], q: &_| {
+                    let q: &pshard_kernels::matmul::QuantizedActs = q;
+                    assert_eq!(q.n_rows, toks.len());
+                    assert!(toks
+                        .iter()
+                        .all(|&t| (0..n_used).any(|k| ids[t * n_used + k] as usize == e)));
+                    if which == MoeInput::Down {
+                        assert_eq!(q.cols, ex.ff);
+                    }
+                    records += 1;
+                };
+                moe_ffn(
+                    &view,
+                    &x,
+                    n_tok,
+                    rt,
+                    false,
+                    precision,
+                    &mut got,
+                    Some(&mut rec),
+                )
+                .unwrap();
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{tys:?} n_tok {n_tok} {precision:?}"
+                );
+                if precision == ActPrecision::Quantized {
+                    // Gate, up (F16 in one case: no record) and down of each active expert.
+                    assert!(records > 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn moe_errors_name_the_problem() {
+    let mut r = StdRng::seed_from_u64(7);
+    let ex = experts(&mut r, 2, [GgmlType::Q4_0; 3], 64, 64);
+    let view = ex.view();
+    let x = vec![0.5f32; 64];
+    let mut out = vec![0f32; 64];
+    let rt = MoeRoutes {
+        ids: &[5],
+        weights: &[1.0],
+        n_used: 1,
+    };
+    let e = moe_ffn(
+        &view,
+        &x,
+        1,
+        rt,
+        false,
+        ActPrecision::Quantized,
+        &mut out,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("expert 5 of 2"), "{e}");
+    let rt = MoeRoutes {
+        ids: &[0, 1],
+        weights: &[1.0],
+        n_used: 2,
+    };
+    let e = moe_ffn(
+        &view,
+        &x,
+        1,
+        rt,
+        false,
+        ActPrecision::Quantized,
+        &mut out,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("2 ids and 1 weights"), "{e}");
+}

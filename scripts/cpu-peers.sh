@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Builds the two CPU peers (llama.cpp and ik_llama.cpp) for the CPU this runs on and prints the
+# three-way table pshard bench / llama-bench / ik_llama.cpp llama-bench.
+#
+#   scripts/cpu-peers.sh build LLAMA_SRC IK_SRC      # build both peers under $PEERS (~15 min each on 2 cores)
+#   scripts/cpu-peers.sh table MODEL.gguf...         # the three-way table (pp$PP and tg$TG)
+#
+# LLAMA_SRC: a llama.cpp source tree, e.g. vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist
+#   (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`).
+# IK_SRC: an ik_llama.cpp source tree (examples/server may be absent: it is not built).
+# A peer whose build dir already holds bin/llama-bench is not rebuilt (another build may be running:
+# a file BUILDING-* next to the build dir names who builds it; wait for it instead of starting a second).
+#
+# llama.cpp is configured with GGML_NATIVE=OFF and the x86 features this CPU reports turned on one by one
+# (AMX never: a CPU may report AMX while the OS does not grant it, and llama.cpp's AMX code then faults).
+# ik_llama.cpp is configured with GGML_NATIVE=ON (its own feature checks), only llama-bench built.
+#
+# Env: PEERS (/work/peers), THREADS (2), PP (512), TG (64), REPS (3), PSHARD (target/release/pshard),
+#      OUT (/tmp/pshard-cpu-peers), JOBS (nproc).
+set -u
+cd "$(dirname "$0")/.."
+PEERS=${PEERS:-/work/peers}
+THREADS=${THREADS:-2}
+PP=${PP:-512}
+TG=${TG:-64}
+REPS=${REPS:-3}
+PSHARD=${PSHARD:-target/release/pshard}
+OUT=${OUT:-/tmp/pshard-cpu-peers}
+JOBS=${JOBS:-$(nproc)}
+LLAMA_BIN=$PEERS/llama.cpp/build/bin/llama-bench
+IK_BIN=$PEERS/ik_llama.cpp/build/bin/llama-bench
+
+die() { echo "cpu-peers: $*" >&2; exit 1; }
+
+has_flag() { grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -qx "$1"; }
+
+# -DGGML_X=ON for each x86 feature this CPU reports (llama.cpp's non-native build options).
+llama_cpu_flags() {
+    local f=(-DGGML_NATIVE=OFF)
+    has_flag avx && f+=(-DGGML_AVX=ON)
+    has_flag avx2 && f+=(-DGGML_AVX2=ON)
+    has_flag fma && f+=(-DGGML_FMA=ON)
+    has_flag f16c && f+=(-DGGML_F16C=ON)
+    has_flag bmi2 && f+=(-DGGML_BMI2=ON)
+    has_flag avx512f && f+=(-DGGML_AVX512=ON)
+    has_flag avx512vbmi && f+=(-DGGML_AVX512_VBMI=ON)
+    has_flag avx512_vnni && f+=(-DGGML_AVX512_VNNI=ON)
+    has_flag avx512_bf16 && f+=(-DGGML_AVX512_BF16=ON)
+    has_flag avx_vnni && f+=(-DGGML_AVX_VNNI=ON)
+    echo "${f[@]}"
+}
+
+# build NAME SRC DEST CMAKE_ARGS...: configures SRC into DEST/build and builds llama-bench.
+build_one() {
+    local name=$1 src=$2 dest=$3
+    shift 3
+    if [ -x "$dest/build/bin/llama-bench" ]; then
+        echo "$name: $dest/build/bin/llama-bench exists, not rebuilding"
+        return 0
+    fi
+    local other
+    other=$(ls "$dest"/BUILDING-* 2>/dev/null | grep -v BUILDING-cpu-peers.txt | head -1)
+    if [ -n "$other" ]; then
+        echo "$name: another build is under way ($other: $(cat "$other")); not starting a second"
+        return 0
+    fi
+    [ -f "$src/CMakeLists.txt" ] || die "$name: $src has no CMakeLists.txt"
+    if [ "$(realpath "$src")" != "$(realpath -m "$dest")" ]; then
+        mkdir -p "$dest"
+        cp -a "$src/." "$dest/"
+    fi
+    echo "built by scripts/cpu-peers.sh from $src; started $(date -u)" >"$dest/BUILDING-cpu-peers.txt"
+    echo "$name: cmake $*"
+    cmake -S "$dest" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "$@" \
+        >"$dest/build-configure.log" 2>&1 || die "$name: configure failed, see $dest/build-configure.log"
+    cmake --build "$dest/build" --target llama-bench -j "$JOBS" >"$dest/build.log" 2>&1 \
+        || die "$name: build failed, see $dest/build.log"
+    echo "$name: built $dest/build/bin/llama-bench"
+}
+
+cmd_build() {
+    [ $# -eq 2 ] || die "usage: $0 build LLAMA_SRC IK_SRC"
+    command -v cmake >/dev/null || die "cmake is missing (apt-get install cmake)"
+    # shellcheck disable=SC2046
+    build_one llama.cpp "$1" "$PEERS/llama.cpp" $(llama_cpu_flags)
+    build_one ik_llama.cpp "$2" "$PEERS/ik_llama.cpp" -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF \
+        -DGGML_IQK_FA_ALL_QUANTS=OFF -DLLAMA_BUILD_TESTS=OFF
+}
+
+# The t/s column of a markdown row whose test column is $2, from file $1.
+tps() { grep -E "\| *$2 *\|" "$1" 2>/dev/null | head -1 | awk -F'|' '{print $(NF-1)}' | sed 's/±.*//' | xargs; }
+
+cmd_table() {
+    [ $# -ge 1 ] || die "usage: $0 table MODEL.gguf..."
+    [ -x "$PSHARD" ] || die "$PSHARD missing (cargo build --release -p pshard-cli)"
+    mkdir -p "$OUT"
+    local rows=()
+    for m in "$@"; do
+        [ -s "$m" ] || die "model $m not found"
+        local b
+        b=$(basename "$m" .gguf)
+        "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --device cpu -o md \
+            >"$OUT/pshard-$b.md" 2>"$OUT/pshard-$b.log" || echo "pshard bench failed on $b (see $OUT/pshard-$b.log)"
+        for peer in llama ik; do
+            local bin=$LLAMA_BIN
+            [ $peer = ik ] && bin=$IK_BIN
+            [ -x "$bin" ] || continue
+            LD_LIBRARY_PATH=$(dirname "$bin") "$bin" -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" -o md \
+                >"$OUT/$peer-$b.md" 2>"$OUT/$peer-$b.log" || echo "$peer llama-bench failed on $b"
+        done
+        for test in "pp$PP" "tg$TG"; do
+            local p l i
+            p=$(tps "$OUT/pshard-$b.md" "$test")
+            l=$(tps "$OUT/llama-$b.md" "$test")
+            i=$(tps "$OUT/ik-$b.md" "$test")
+            local rl ri
+            rl=$(awk -v a="$p" -v b="$l" 'BEGIN{if (a>0 && b>0) printf "%.2f", a/b; else print "?"}')
+            ri=$(awk -v a="$p" -v b="$i" 'BEGIN{if (a>0 && b>0) printf "%.2f", a/b; else print "?"}')
+            rows+=("| $b | $test | ${p:-?} | ${l:-?} | ${i:-?} | ${rl}x | ${ri}x |")
+        done
+    done
+    echo
+    echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, -t $THREADS, $(date -u '+%Y-%m-%d %H:%M UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "| model | test | pshard t/s | llama.cpp t/s | ik_llama.cpp t/s | vs llama.cpp | vs ik |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
+    for r in "${rows[@]}"; do echo "$r"; done
+}
+
+case "${1:-}" in
+build) shift; cmd_build "$@" ;;
+table) shift; cmd_table "$@" ;;
+*) die "usage: $0 build LLAMA_SRC IK_SRC | table MODEL.gguf..." ;;
+esac
