@@ -4,9 +4,14 @@
 //! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
 //!
 //! Each pool participant takes one contiguous part of the rows (whole tiles), so a decode step
-//! streams every weight byte once with no scheduling between ops. Several tokens (prefill) walk
-//! each part in small row tiles that fit in L1, dotting every tile with all tokens before moving
-//! on, so each weight row is read from memory once per call.
+//! streams every weight byte once with no scheduling between ops. Quantized weights go through
+//! the int8 GEMM ([`crate::gemm`]) at every batch size, decode included: a tile of rows is
+//! converted a chunk of columns at a time and every token passes over it while it sits in L1, so
+//! each weight row is read from memory once per call.
+//!
+//! Every output is one fixed sequence of operations on its weight row and activation row
+//! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
+//! depend on the batch, the rows asked for, the thread count or the SIMD level.
 //!
 //! Two activation precisions ([`ActPrecision`]): the fast path ([`matmul`]) rounds activations
 //! to the weight type's 8-bit partner format and dots in integers, as llama.cpp does; the exact
@@ -21,7 +26,6 @@ use pshard_model::ggml_type::GgmlType;
 use crate::gemm;
 use crate::pool::{self, SharedSlice};
 use crate::quant::exact::{dot4_f32, dot_f32};
-use crate::quant::legacy::{self, TileFn, TILE};
 use crate::quant::{self, act::quantize_acts_row, ActFormat, DotFn, QuantKernel, SimdLevel};
 
 /// Errors of the CPU kernels.
@@ -206,8 +210,9 @@ pub fn quantize_acts(format: ActFormat, x: &[f32], n_rows: usize, cols: usize) -
     q
 }
 
-/// Target bytes of weight rows in one tile of the batched path (fits L1 next to the activations).
-const TILE_BYTES: usize = 16 << 10;
+/// Rows per part of the float dots' output (the rows' bytes stay in L1/L2 while every token
+/// passes over them).
+const DOT_ROWS: usize = 16;
 /// Total weight bytes × tokens below which the call runs on the calling thread.
 const SEQ_WORK: usize = 1 << 17;
 
@@ -228,11 +233,10 @@ pub fn matmul(
 }
 
 /// [`matmul`] with the kernels of SIMD level `level` at most (the best this CPU runs up to it,
-/// regardless of [`quant::simd_cap`]):
-/// tests and benchmarks force the AVX2 or scalar path with it on a CPU that has better. From
-/// [`crate::gemm::GEMM_MIN_TOKENS`] tokens the int8 GEMM runs (VNNI or AVX2 kernel, none at
-/// `Scalar`); below, the register tiles are AVX-512 VNNI kernels, so below `Avx512` a few tokens go
-/// through the row-at-a-time dot product.
+/// regardless of [`quant::simd_cap`]): tests and benchmarks force the AVX2 or portable path with
+/// it on a CPU that has better. Quantized weights: the int8 GEMM's 16-row AVX-512 VNNI kernel,
+/// its 8-row AVX2 kernel, or (`Scalar`) the portable definition row by row; float weights: the
+/// f32 dot of that level. Every level gives the same bits.
 pub fn matmul_at(
     level: SimdLevel,
     w: &WeightMatrix,
@@ -246,18 +250,39 @@ pub fn matmul_at(
     job.run(out, out_stride, rows)
 }
 
-/// The int8 GEMM of a batched matmul: the type's converter, the kernel level, the activations in
-/// the GEMM's form and the rows per tile.
-struct Gemm {
-    conv: gemm::Converter,
-    level: SimdLevel,
-    acts: gemm::GemmActs,
-    rows: usize,
+/// Each thread's GEMM buffers (the converted tile and the tokens' accumulators), reused from
+/// tile to tile and call to call.
+#[derive(Default)]
+struct GemmScratch {
+    tile: gemm::Tile,
+    acc: Vec<[f32; 16]>,
+    u: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
 }
 
 thread_local! {
-    /// Each thread's GEMM tile buffers, reused from tile to tile and call to call.
-    static GEMM_TILE: std::cell::RefCell<gemm::Tile> = std::cell::RefCell::new(gemm::Tile::default());
+    static GEMM_SCRATCH: std::cell::RefCell<GemmScratch> =
+        std::cell::RefCell::new(GemmScratch::default());
+}
+
+/// How a weight type is computed.
+enum Engine {
+    /// Float weights: one f32 dot per output.
+    Dot(DotFn),
+    /// Quantized weights, the int8 GEMM with `rows`-row tiles at `level`.
+    Gemm {
+        conv: gemm::Converter,
+        acts: gemm::GemmActs,
+        level: SimdLevel,
+        rows: usize,
+    },
+    /// Quantized weights on the portable path: each row converted, then
+    /// [`gemm::dot_converted`] per token.
+    Rows {
+        conv: gemm::Converter,
+        acts: gemm::GemmActs,
+    },
 }
 
 /// A validated matmul of one weight matrix with one activation buffer: any part of its output
@@ -267,15 +292,11 @@ pub(crate) struct RowsJob<'a> {
     w: WeightMatrix<'a>,
     x: &'a QuantizedActs,
     wrb: usize,
-    /// Rows per L1 tile of the register-tile path.
-    tile: usize,
-    gemm: Option<Gemm>,
 }
 
 impl<'a> RowsJob<'a> {
     /// Checks `w` against `x` for kernel `k` and picks the engine of SIMD level `level`: the int8
-    /// GEMM from [`gemm::GEMM_MIN_TOKENS`] tokens where the type has a converter, else the
-    /// type's register tiles (AVX-512) or its dot product.
+    /// GEMM (or its portable definition) for quantized types, the dot of `k` for float types.
     pub(crate) fn new(
         k: QuantKernel,
         level: SimdLevel,
@@ -308,41 +329,37 @@ impl<'a> RowsJob<'a> {
                 x.row_bytes
             )));
         }
-        let tiles = match level {
-            SimdLevel::Avx512 => legacy::tiles(w.ty)
-                .or_else(|| crate::quant::kquants::tiles(w.ty))
-                .or_else(|| crate::quant::lut4::tiles(w.ty)),
-            _ => None,
-        };
-        let engine = match tiles {
-            Some((full, one)) => Engine::Tiles { full, one },
+        let engine = match gemm::converter(w.ty) {
+            Some(conv) => {
+                let tile_rows = gemm::rows_per_tile(level);
+                let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
+                if acts.low {
+                    return Err(mismatch(format!(
+                        "{} activations hold −128, outside the format's ±127",
+                        x.format.name()
+                    )));
+                }
+                match tile_rows {
+                    Some(rows) => Engine::Gemm {
+                        conv,
+                        acts,
+                        level,
+                        rows,
+                    },
+                    None => Engine::Rows { conv, acts },
+                }
+            }
             None => Engine::Dot(k.dot),
         };
-        let gemm = match (gemm::converter(w.ty), gemm::rows_per_tile(level)) {
-            (Some(conv), Some(rows)) if x.n_rows >= gemm::GEMM_MIN_TOKENS => {
-                gemm::GemmActs::from_acts(x, rows == 16).map(|acts| Gemm {
-                    conv,
-                    level,
-                    acts,
-                    rows,
-                })
-            }
-            _ => None,
-        };
-        let tile = (TILE_BYTES / wrb.max(1)).clamp(TILE, 16) / TILE * TILE;
-        Ok(RowsJob {
-            engine,
-            w,
-            x,
-            wrb,
-            tile,
-            gemm,
-        })
+        Ok(RowsJob { engine, w, x, wrb })
     }
 
     /// Rows a part of the output should be a multiple of.
     pub(crate) fn align(&self) -> usize {
-        self.gemm.as_ref().map_or(self.tile, |g| g.rows)
+        match &self.engine {
+            Engine::Gemm { rows, .. } => *rows,
+            _ => DOT_ROWS,
+        }
     }
 
     /// Bytes × tokens of computing `rows` output rows (what decides whether to go parallel).
@@ -376,57 +393,100 @@ impl<'a> RowsJob<'a> {
 
     /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
     pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
-        let (w, x) = (&self.w, self.x);
+        let (w, x, wrb) = (&self.w, self.x, self.wrb);
+        let wrow = |r: usize| &w.data[r * wrb..(r + 1) * wrb];
         let len = outs[0].len();
-        if let Some(g) = &self.gemm {
-            let wrow = |r: usize| &w.data[r * self.wrb..(r + 1) * self.wrb];
-            GEMM_TILE.with(|t| {
-                let mut tile = t.borrow_mut();
-                let mut res = [[0f32; 16]; 8];
+        let n = w.cols;
+        match &self.engine {
+            Engine::Dot(dot) => {
+                let used = x.format.row_bytes(x.cols).expect("validated by matmul");
+                let arow = |t: usize| &x.data[t * x.row_bytes..t * x.row_bytes + used];
+                // Tiles of rows that stay in cache while every token passes over them.
+                let mut i0 = 0;
+                while i0 < len {
+                    let i1 = (i0 + DOT_ROWS).min(len);
+                    for (t, o) in outs.iter_mut().enumerate() {
+                        let a = arow(t);
+                        for i in i0..i1 {
+                            o[i] = dot(wrow(r0 + i), a, n);
+                        }
+                    }
+                    i0 = i1;
+                }
+            }
+            Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
+                let s = &mut *s.borrow_mut();
+                let subs = n / conv.sub();
+                s.u.resize(n, 0);
+                s.scales.resize(subs, 0.0);
+                s.mins.resize(subs, 0.0);
+                for i in 0..len {
+                    (conv.row)(wrow(r0 + i), &mut s.u, &mut s.scales, &mut s.mins);
+                    for (t, o) in outs.iter_mut().enumerate() {
+                        o[i] = gemm::dot_converted(conv, &s.u, &s.scales, &s.mins, acts, t);
+                    }
+                }
+            }),
+            Engine::Gemm {
+                conv,
+                acts,
+                level,
+                rows,
+            } => GEMM_SCRATCH.with(|s| {
+                let s = &mut *s.borrow_mut();
+                let GemmScratch { tile, acc, .. } = s;
+                let (rr, n_tok) = (*rows, x.n_rows);
+                acc.resize(n_tok, [0f32; 16]);
+                let (bs, bb) = (w.ty.block_size() as usize, w.ty.type_size() as usize);
+                let bytes = |e: usize| e / bs * bb;
                 let mut i = 0;
                 while i < len {
-                    let nr = (len - i).min(g.rows);
+                    let nr = (len - i).min(rr);
                     let range = r0 + i..r0 + i + nr;
-                    tile.load(&g.conv, g.rows, w.cols, range, wrow, g.rows == 8);
-                    let mut t0 = 0;
-                    while t0 < x.n_rows {
-                        let nt = (x.n_rows - t0).min(8);
-                        gemm::tile_dot(g.level, &tile, &g.acts, t0, nt, &mut res);
-                        for (j, rj) in res.iter().enumerate().take(nt) {
-                            outs[t0 + j][i..i + nr].copy_from_slice(&rj[..nr]);
+                    acc.iter_mut().for_each(|a| *a = [0f32; 16]);
+                    let mut e0 = 0;
+                    while e0 < n {
+                        let ne = (n - e0).min(gemm::CHUNK);
+                        tile.load(conv, *level, rr, range.clone(), wrow, e0, ne);
+                        // The next chunk of these rows, or the next tile's first chunk, while
+                        // this one is multiplied.
+                        if e0 + ne < n {
+                            let next = bytes(e0 + ne)..bytes((e0 + ne + gemm::CHUNK).min(n));
+                            for r in range.clone() {
+                                gemm::prefetch(&wrow(r)[next.clone()]);
+                            }
+                        } else {
+                            let end = (r0 + len).min(range.end + rr);
+                            for r in range.end..end {
+                                gemm::prefetch(&wrow(r)[..bytes(gemm::CHUNK.min(n))]);
+                            }
                         }
-                        t0 += nt;
+                        let mut t0 = 0;
+                        while t0 < n_tok {
+                            let nt = match n_tok - t0 {
+                                k if k >= 8 => 8,
+                                k if k >= 4 => 4,
+                                k if k >= 2 => 2,
+                                _ => 1,
+                            };
+                            gemm::tile_dot(
+                                conv,
+                                tile,
+                                acts,
+                                e0 / gemm::QB,
+                                t0,
+                                &mut acc[t0..t0 + nt],
+                            );
+                            t0 += nt;
+                        }
+                        e0 += ne;
+                    }
+                    for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                        o[i..i + nr].copy_from_slice(&a[..nr]);
                     }
                     i += nr;
                 }
-            });
-            return;
-        }
-        let n = w.cols;
-        if x.n_rows == 1 {
-            rows_block(
-                self.engine,
-                (w.data, self.wrb),
-                x,
-                n,
-                (r0, 0, len, len),
-                outs,
-            );
-            return;
-        }
-        // Tiles of rows small enough to stay in L1 while every token passes over them.
-        let mut i0 = 0;
-        while i0 < len {
-            let i1 = (i0 + self.tile).min(len);
-            rows_block(
-                self.engine,
-                (w.data, self.wrb),
-                x,
-                n,
-                (r0, i0, i1, len),
-                outs,
-            );
-            i0 = i1;
+            }),
         }
     }
 }
@@ -493,69 +553,6 @@ pub(crate) fn par_rows<F>(
         body(0..rows.len());
     } else {
         pool::for_range(rows.len(), align, body);
-    }
-}
-
-/// How a weight type is computed: register tiles of rows × tokens, or one dot per output.
-#[derive(Clone, Copy)]
-enum Engine {
-    Tiles { full: TileFn, one: TileFn },
-    Dot(DotFn),
-}
-
-/// Outputs `outs[t][i]` for chunk-local rows `i0..i1` (weight row `r0 + i`, `w` = (matrix bytes,
-/// row bytes)) and every token `t`; rows up to chunk-local `end` may be prefetched.
-fn rows_block(
-    engine: Engine,
-    w: (&[u8], usize),
-    x: &QuantizedActs,
-    n: usize,
-    (r0, i0, i1, end): (usize, usize, usize, usize),
-    outs: &mut [&mut [f32]],
-) {
-    let (wdata, wrb) = w;
-    let wrow = |r: usize| &wdata[r * wrb..(r + 1) * wrb];
-    let n_tok = x.n_rows;
-    // Activation rows by index, without re-deriving the row size per call.
-    let used = x.format.row_bytes(x.cols).expect("validated by matmul");
-    let arow = |t: usize| &x.data[t * x.row_bytes..t * x.row_bytes + used];
-    match engine {
-        Engine::Dot(dot) => {
-            for (t, o) in outs.iter_mut().enumerate() {
-                let a = arow(t);
-                for i in i0..i1 {
-                    o[i] = dot(wrow(r0 + i), a, n);
-                }
-            }
-        }
-        Engine::Tiles { full, one } => {
-            let mut i = i0;
-            while i < i1 {
-                let nr = (i1 - i).min(TILE);
-                let wr: [&[u8]; TILE] = std::array::from_fn(|k| wrow(r0 + i + k.min(nr - 1)));
-                // The rows after this tile (up to the chunk's `end`), for prefetching.
-                let ahead = (end - i - nr).min(TILE);
-                let next = &wdata[(r0 + i + nr) * wrb..(r0 + i + nr + ahead) * wrb];
-                let mut t = 0;
-                while t < n_tok {
-                    let nt = (n_tok - t).min(TILE);
-                    let ar: [&[u8]; TILE] = std::array::from_fn(|k| arow(t + k.min(nt - 1)));
-                    let mut res = [[0f32; TILE]; TILE];
-                    if nt == 1 {
-                        one(&wr, &ar, next, n, &mut res);
-                    } else {
-                        full(&wr, &ar, next, n, &mut res);
-                    }
-                    for (k, rr) in res.iter().enumerate().take(nr) {
-                        for (j, v) in rr.iter().enumerate().take(nt) {
-                            outs[t + j][i + k] = *v;
-                        }
-                    }
-                    t += nt;
-                }
-                i += nr;
-            }
-        }
     }
 }
 

@@ -240,34 +240,32 @@ pub struct AttnParams {
     pub softcap: Option<f32>,
 }
 
-/// Keys per task when attention splits one (token, kv head) pair over several tasks.
-const ATTN_SPLIT_KEYS: usize = 256;
-/// Below this many (token, kv head) pairs the keys are split too (decode and short batches), so
-/// every thread has work; the split depends only on the shapes, never on the thread count, so
-/// results do not change with `-t`.
+/// Keys per span: a row's keys are attended span by span (spans at multiples of this many
+/// positions) and the spans' partial results merged in order — decode splits one row's spans over
+/// tasks, prefill walks them in one task, with the same arithmetic.
+const ATTN_SPAN: usize = 256;
+/// Below this many (token, kv head) pairs each span is its own task (decode and short batches),
+/// so every thread has work; how work is split never changes a row's arithmetic.
 const ATTN_SPLIT_BELOW_PAIRS: usize = 64;
 
 /// Causal attention of `q` (rows at `positions`) over the cache, which already holds every position
 /// `≤` each row's own. Writes `out` (`rows × n_head · head_dim_v`).
 ///
-/// Work is split over (token, kv head, key span) tasks; each task widens every cache row of its
-/// span from f16 once (run-time-detected F16C via `half`'s slice conversion) for all query heads of
-/// the GQA group, keeps its own running max, and the spans are merged with the usual log-sum-exp
-/// rescaling. QK, softmax and PV all accumulate in f32.
+/// **One arithmetic per row.** A query row's keys `[a, b)` (causal, within the window) are taken
+/// in spans of [`ATTN_SPAN`] positions and, within a span, blocks of [`ATTN_BK`] positions, both
+/// at fixed multiples of the absolute position. Per span an online softmax over its blocks gives
+/// a partial result (running max, sum of exponentials, unnormalised output); the spans' partials
+/// are merged in ascending order ([`merge_partial`]) and normalised. Every step depends only on
+/// the row's own query, positions and the cache, so a row's result does not depend on the other
+/// rows of the batch or on how the work is split: prefill runs tiles of [`ATTN_BQ`] tokens × one
+/// kv head (each K/V block widened from f16 once for the whole tile), decode runs one task per
+/// (token, kv head, span) and merges after. QK, softmax and PV accumulate in f32.
 pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out: &mut [f32]) {
     let group = p.n_head / p.n_head_kv;
     let dv = p.head_dim_v;
     let pairs = positions.len() * p.n_head_kv;
-    let span_of = |t: usize| {
-        let pos = positions[t] as usize;
-        let first = match p.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        (first, pos + 1)
-    };
     if pairs >= ATTN_SPLIT_BELOW_PAIRS {
-        // Enough pairs (prefill): tiles of ATTN_BQ tokens × one kv head, keys in blocks.
+        // Enough pairs (prefill): tiles of ATTN_BQ tokens × one kv head, every span in one task.
         let n_tok = positions.len();
         let blocks = n_tok.div_ceil(ATTN_BQ);
         let o = SharedSlice::new(out);
@@ -282,17 +280,16 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         );
         return;
     }
-    // Few pairs (decode): split each pair's keys into spans of ATTN_SPLIT_KEYS.
-    let mut tasks = Vec::new(); // (pair, first key, end key)
+    // Few pairs (decode): one task per (pair, span).
+    let mut tasks = Vec::new(); // (pair, span start)
     let mut first_task = Vec::with_capacity(pairs + 1);
     for idx in 0..pairs {
         first_task.push(tasks.len());
-        let (a, b) = span_of(idx / p.n_head_kv);
-        let mut j = a;
+        let (a, b) = key_range(positions[idx / p.n_head_kv], p);
+        let mut j = a / ATTN_SPAN * ATTN_SPAN;
         while j < b {
-            let e = (j + ATTN_SPLIT_KEYS).min(b);
-            tasks.push((idx, j, e));
-            j = e;
+            tasks.push((idx, j));
+            j += ATTN_SPAN;
         }
     }
     first_task.push(tasks.len());
@@ -301,39 +298,96 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     let ps = SharedSlice::new(&mut parts);
     pool::for_each_dynamic_init(
         tasks.len(),
-        || AttnScratch::new(p),
+        || TileScratch::new(p),
         |scratch, i| {
-            let (idx, a, b) = tasks[i];
+            let (idx, j) = tasks[i];
             let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+            span_partials(q, positions, t..t + 1, kh, kv, p, scratch, j);
             // SAFETY: each task index is claimed by one participant; tasks own disjoint slices.
             let part = unsafe { ps.range_mut(i * stride..(i + 1) * stride) };
-            attend_span(q, t, kh, a, b, kv, p, scratch, part);
+            for (g, pg) in part.chunks_exact_mut(dv + 2).enumerate() {
+                pg[0] = scratch.m[g];
+                pg[1] = scratch.l[g];
+                pg[2..].copy_from_slice(&scratch.o[g * dv..(g + 1) * dv]);
+            }
         },
     );
+    let mut ro = vec![0f32; dv];
     for (idx, o) in out.chunks_mut(group * dv).enumerate().take(pairs) {
-        let (lo, hi) = (first_task[idx], first_task[idx + 1]);
-        finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
+        for (g, og) in o.chunks_exact_mut(dv).enumerate() {
+            let (mut rm, mut rl) = (f32::NEG_INFINITY, 0f32);
+            for c in first_task[idx]..first_task[idx + 1] {
+                let pc = &parts[c * stride + g * (dv + 2)..][..dv + 2];
+                merge_partial(&mut rm, &mut rl, &mut ro, pc[0], pc[1], &pc[2..]);
+            }
+            normalise(rl, &ro, og);
+        }
+    }
+}
+
+/// The keys `[a, b)` of a query at `pos`: causal, within the window.
+fn key_range(pos: u32, p: &AttnParams) -> (usize, usize) {
+    let pos = pos as usize;
+    let first = match p.window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    (first, pos + 1)
+}
+
+/// Merges one span's partial result (`m`, `l`, unnormalised `o`) into a row's running result
+/// (`rm`, `rl`, `ro`): the first span is taken as it is, later ones rescaled to the larger max.
+/// Spans without keys (`l = 0`) are skipped.
+#[inline]
+fn merge_partial(rm: &mut f32, rl: &mut f32, ro: &mut [f32], m: f32, l: f32, o: &[f32]) {
+    if l == 0.0 {
+        return;
+    }
+    if *rl == 0.0 {
+        (*rm, *rl) = (m, l);
+        ro.copy_from_slice(o);
+        return;
+    }
+    let mx = rm.max(m);
+    let (alpha, beta) = ((*rm - mx).exp(), (m - mx).exp());
+    *rl = *rl * alpha + l * beta;
+    for (r, &x) in ro.iter_mut().zip(o) {
+        *r = *r * alpha + x * beta;
+    }
+    *rm = mx;
+}
+
+/// `out = o / l` (zero without keys).
+#[inline]
+fn normalise(l: f32, o: &[f32], out: &mut [f32]) {
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (d, &v) in out.iter_mut().zip(o) {
+        *d = v * inv;
     }
 }
 
 /// Query tokens per attention tile (prefill): each key/value row is widened from f16 once per
 /// tile of this many tokens (× the GQA group's heads) instead of once per token.
 const ATTN_BQ: usize = 16;
-/// Keys per block of a tile: scores of one query row for a block are 64 f32 (four 512-bit
+/// Keys per block of a span: scores of one query row for a block are 64 f32 (four 512-bit
 /// accumulators), the block's K (transposed) and V stay in L1.
 const ATTN_BK: usize = 64;
 
-/// Per-thread buffers of [`attend_tile`].
+/// Per-thread buffers of the attention tasks.
 struct TileScratch {
     /// K block transposed: `kt[d * ATTN_BK + i]` = element `d` of key `i`.
     kt: Vec<f32>,
     /// V block: `vb[i * dv + d]`.
     vb: Vec<f32>,
     krow: Vec<f32>,
-    /// Running max, sum and unnormalised output per query row of the tile.
+    /// One span's running max, sum and unnormalised output per query row of the tile.
     m: Vec<f32>,
     l: Vec<f32>,
     o: Vec<f32>,
+    /// The merged result of the spans so far per query row (prefill tiles).
+    rm: Vec<f32>,
+    rl: Vec<f32>,
+    ro: Vec<f32>,
 }
 
 impl TileScratch {
@@ -346,6 +400,9 @@ impl TileScratch {
             m: vec![0f32; rows],
             l: vec![0f32; rows],
             o: vec![0f32; rows * p.head_dim_v],
+            rm: vec![0f32; rows],
+            rl: vec![0f32; rows],
+            ro: vec![0f32; rows * p.head_dim_v],
         }
     }
 }
@@ -373,9 +430,9 @@ fn exp_neg(x: f32) -> f32 {
     }
 }
 
-/// Attention of tokens `toks` (a tile) for the query heads of kv head `kh` over their causal
-/// (and window) key ranges, keys in blocks of [`ATTN_BK`] with an online softmax; writes the
-/// normalised outputs of those heads into `out`.
+/// Attention of tokens `toks` (a tile) for the query heads of kv head `kh` over their key ranges,
+/// span by span ([`span_partials`], merged per row in order); writes the normalised outputs of
+/// those heads into `out`.
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
     q: &[f32],
@@ -387,30 +444,90 @@ fn attend_tile(
     scratch: &mut TileScratch,
     out: &SharedSlice<f32>,
 ) {
+    let dv = p.head_dim_v;
+    let group = p.n_head / p.n_head_kv;
+    let rows = toks.len() * group;
+    let lo = toks.clone().map(|t| key_range(positions[t], p).0).min();
+    let hi = toks.clone().map(|t| key_range(positions[t], p).1).max();
+    let (Some(lo), Some(hi)) = (lo, hi) else {
+        return;
+    };
+    scratch.rl[..rows].fill(0.0);
+    let mut j = lo / ATTN_SPAN * ATTN_SPAN;
+    while j < hi {
+        span_partials(q, positions, toks.clone(), kh, kv, p, scratch, j);
+        let TileScratch {
+            m,
+            l,
+            o,
+            rm,
+            rl,
+            ro,
+            ..
+        } = scratch;
+        for r in 0..rows {
+            let ro = &mut ro[r * dv..(r + 1) * dv];
+            merge_partial(
+                &mut rm[r],
+                &mut rl[r],
+                ro,
+                m[r],
+                l[r],
+                &o[r * dv..(r + 1) * dv],
+            );
+        }
+        j += ATTN_SPAN;
+    }
+    for (ti, t) in toks.enumerate() {
+        let base = t * p.n_head * dv + kh * group * dv;
+        // SAFETY: each (token tile, kv head) task owns these heads of these tokens.
+        let dst = unsafe { out.range_mut(base..base + group * dv) };
+        for (g, dg) in dst.chunks_exact_mut(dv).enumerate() {
+            let r = ti * group + g;
+            normalise(scratch.rl[r], &scratch.ro[r * dv..(r + 1) * dv], dg);
+        }
+    }
+}
+
+/// One span's partial results (`scratch.m`, `l`, `o` per query row `ti · group + g`) for tokens
+/// `toks` and the query heads of kv head `kh`: keys of the span starting at `span` (a multiple of
+/// [`ATTN_SPAN`]) within each row's key range, blocks of [`ATTN_BK`] at multiples of their size,
+/// online softmax. Rows without keys in the span get `l = 0`.
+#[allow(clippy::too_many_arguments)]
+fn span_partials(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    span: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     match attention_level() {
         crate::quant::SimdLevel::Avx512 => {
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA (attention_level checked), the only
             // requirement of the target-feature function; its body is the same safe code as the
             // portable path.
-            unsafe { attend_tile_avx512(q, positions, toks, kh, kv, p, scratch, out) };
+            unsafe { span_partials_avx512(q, positions, toks, kh, kv, p, scratch, span) };
             return;
         }
         crate::quant::SimdLevel::Avx2 => {
             // SAFETY: as above, for AVX2 and FMA.
-            unsafe { attend_tile_avx2(q, positions, toks, kh, kv, p, scratch, out) };
+            unsafe { span_partials_avx2(q, positions, toks, kh, kv, p, scratch, span) };
             return;
         }
         crate::quant::SimdLevel::Scalar => {}
     }
-    attend_tile_body::<false>(q, positions, toks, kh, kv, p, scratch, out);
+    span_partials_body(q, positions, toks, kh, kv, p, scratch, span);
 }
 
-/// [`attend_tile_body`] compiled for AVX-512.
+/// [`span_partials_body`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile_avx512(
+fn span_partials_avx512(
     q: &[f32],
     positions: &[u32],
     toks: Range<usize>,
@@ -418,16 +535,16 @@ fn attend_tile_avx512(
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    out: &SharedSlice<f32>,
+    span: usize,
 ) {
-    attend_tile_body::<true>(q, positions, toks, kh, kv, p, scratch, out);
+    span_partials_body(q, positions, toks, kh, kv, p, scratch, span);
 }
 
-/// [`attend_tile_body`] compiled for AVX2 + FMA.
+/// [`span_partials_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile_avx2(
+fn span_partials_avx2(
     q: &[f32],
     positions: &[u32],
     toks: Range<usize>,
@@ -435,24 +552,17 @@ fn attend_tile_avx2(
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    out: &SharedSlice<f32>,
+    span: usize,
 ) {
-    attend_tile_body::<true>(q, positions, toks, kh, kv, p, scratch, out);
+    span_partials_body(q, positions, toks, kh, kv, p, scratch, span);
 }
 
-/// `a · b + c`, fused where the body is compiled with FMA (a software `fma` call otherwise).
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
+/// The body of [`span_partials`]: the same operations at every SIMD level (fused multiply-adds
+/// where the scores and outputs accumulate — a library call on the portable path — and the
+/// polynomial [`exp_neg`]), so every level gives the same bits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile_body<const FMA: bool>(
+fn span_partials_body(
     q: &[f32],
     positions: &[u32],
     toks: Range<usize>,
@@ -460,23 +570,17 @@ fn attend_tile_body<const FMA: bool>(
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    out: &SharedSlice<f32>,
+    span: usize,
 ) {
     use half::slice::HalfFloatSliceExt;
     const BK: usize = ATTN_BK;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
     let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
-    let span = |t: usize| {
-        let pos = positions[t] as usize;
-        let first = match p.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
-        (first, pos + 1)
+    let range = |t: usize| {
+        let (a, b) = key_range(positions[t], p);
+        (a.max(span), b.min(span + ATTN_SPAN))
     };
-    let lo = toks.clone().map(|t| span(t).0).min().unwrap_or(0);
-    let hi = toks.clone().map(|t| span(t).1).max().unwrap_or(0);
     let rows = toks.len() * group;
     let TileScratch {
         kt,
@@ -485,14 +589,18 @@ fn attend_tile_body<const FMA: bool>(
         m,
         l,
         o,
+        ..
     } = scratch;
     m[..rows].fill(f32::NEG_INFINITY);
     l[..rows].fill(0.0);
     o[..rows * dv].fill(0.0);
-    let mut j0 = lo;
+    let lo = toks.clone().map(|t| range(t).0).min().unwrap_or(0);
+    let hi = toks.clone().map(|t| range(t).1).max().unwrap_or(0);
+    let mut j0 = lo / BK * BK;
     while j0 < hi {
         let j1 = (j0 + BK).min(hi);
-        for (i, j) in (j0..j1).enumerate() {
+        for j in j0.max(lo)..j1 {
+            let i = j - j0;
             let slot = j % kv.cells;
             kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
             for (d, &x) in krow.iter().enumerate() {
@@ -501,7 +609,7 @@ fn attend_tile_body<const FMA: bool>(
             kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(&mut vb[i * dv..][..dv]);
         }
         for (ti, t) in toks.clone().enumerate() {
-            let (a, b) = span(t);
+            let (a, b) = range(t);
             let (a, b) = (a.max(j0) - j0, b.min(j1).saturating_sub(j0));
             if a >= b {
                 continue;
@@ -515,7 +623,7 @@ fn attend_tile_body<const FMA: bool>(
                     let k64: &[f32; BK] = kt[d * BK..][..BK].try_into().expect("BK keys");
                     for (c, ac) in acc.iter_mut().enumerate() {
                         for z in 0..16 {
-                            ac[z] = madd::<FMA>(qd, k64[16 * c + z], ac[z]);
+                            ac[z] = qd.mul_add(k64[16 * c + z], ac[z]);
                         }
                     }
                 }
@@ -523,7 +631,8 @@ fn attend_tile_body<const FMA: bool>(
                 for (sc, ac) in s.chunks_exact_mut(16).zip(&acc) {
                     sc.copy_from_slice(ac);
                 }
-                // Scale (and cap); keys outside a..b masked to −inf; lane-wise max.
+                // Scale (and cap); keys outside a..b masked to −inf (scores of keys not loaded
+                // for this block are never used); lane-wise max.
                 if let Some(c) = p.softcap {
                     for v in &mut s[a..b] {
                         *v = c * (*v * p.scale / c).tanh();
@@ -569,7 +678,7 @@ fn attend_tile_body<const FMA: bool>(
                         let v64: &[f32; 64] = vb[(a + i) * dv + c0..][..64].try_into().expect("64");
                         for (c, ac) in acc.iter_mut().enumerate() {
                             for z in 0..16 {
-                                ac[z] = madd::<FMA>(pi, v64[16 * c + z], ac[z]);
+                                ac[z] = pi.mul_add(v64[16 * c + z], ac[z]);
                             }
                         }
                     }
@@ -581,24 +690,12 @@ fn attend_tile_body<const FMA: bool>(
                 for (i, &pi) in s[a..b].iter().enumerate() {
                     let vrow = &vb[(a + i) * dv..][c0..dv];
                     for (ov, &x) in orow[c0..].iter_mut().zip(vrow) {
-                        *ov = madd::<FMA>(pi, x, *ov);
+                        *ov = pi.mul_add(x, *ov);
                     }
                 }
             }
         }
         j0 = j1;
-    }
-    for (ti, t) in toks.enumerate() {
-        let base = t * p.n_head * dv + kh * group * dv;
-        // SAFETY: each (token tile, kv head) task owns these heads of these tokens.
-        let dst = unsafe { out.range_mut(base..base + group * dv) };
-        for g in 0..group {
-            let r = ti * group + g;
-            let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-            for (d, &v) in dst[g * dv..][..dv].iter_mut().zip(&o[r * dv..][..dv]) {
-                *d = v * inv;
-            }
-        }
     }
 }
 
@@ -647,170 +744,37 @@ fn is_avx2() -> bool {
     false
 }
 
-/// Per-thread buffers of [`attend_span`].
-struct AttnScratch {
-    row: Vec<f32>,
-    scores: Vec<f32>,
-}
-
-impl AttnScratch {
-    fn new(p: &AttnParams) -> Self {
-        AttnScratch {
-            row: vec![0f32; p.head_dim_k.max(p.head_dim_v)],
-            scores: Vec::new(),
-        }
-    }
-}
-
-/// Merges `n` span partials of one (token, kv head) pair — per query head of the group:
-/// `[max, sum, unnormalised o[dv]]` — into the normalised output `o` (`group × dv`).
-fn finish_pair(parts: &[f32], n: usize, group: usize, dv: usize, o: &mut [f32]) {
-    let stride = group * (dv + 2);
-    for g in 0..group {
-        let at = |c: usize| &parts[c * stride + g * (dv + 2)..][..dv + 2];
-        let m = (0..n).map(|c| at(c)[0]).fold(f32::NEG_INFINITY, f32::max);
-        let og = &mut o[g * dv..][..dv];
-        og.iter_mut().for_each(|v| *v = 0.0);
-        let mut l = 0f32;
-        for c in 0..n {
-            let pc = at(c);
-            if pc[1] == 0.0 {
-                continue;
-            }
-            let w = (pc[0] - m).exp();
-            l += pc[1] * w;
-            for (a, b) in og.iter_mut().zip(&pc[2..]) {
-                *a += w * b;
-            }
-        }
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        og.iter_mut().for_each(|v| *v *= inv);
-    }
-}
-
-/// Attention of token `t`'s query heads of kv head `kh` over keys `[a, b)`: writes per query head
-/// `[max score, Σ exp(s − max), Σ exp(s − max)·v]` into `part` (`group × (dv + 2)`).
-#[allow(clippy::too_many_arguments)]
-fn attend_span(
-    q: &[f32],
-    t: usize,
-    kh: usize,
-    a: usize,
-    b: usize,
-    kv: &KvView,
-    p: &AttnParams,
-    scratch: &mut AttnScratch,
-    part: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if attention_level() != crate::quant::SimdLevel::Scalar {
-        // SAFETY: the CPU supports AVX2 and FMA (attention_level checked), the only requirement of
-        // the target-feature function; its body is the same safe code as the portable path.
-        unsafe { attend_span_avx2(q, t, kh, a, b, kv, p, scratch, part) };
-        return;
-    }
-    attend_span_body(q, t, kh, a, b, kv, p, scratch, part);
-}
-
-/// [`attend_span_body`] compiled for AVX2 + FMA so its f32 loops use 256-bit vectors.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn attend_span_avx2(
-    q: &[f32],
-    t: usize,
-    kh: usize,
-    a: usize,
-    b: usize,
-    kv: &KvView,
-    p: &AttnParams,
-    scratch: &mut AttnScratch,
-    part: &mut [f32],
-) {
-    attend_span_body(q, t, kh, a, b, kv, p, scratch, part);
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_span_body(
-    q: &[f32],
-    t: usize,
-    kh: usize,
-    a: usize,
-    b: usize,
-    kv: &KvView,
-    p: &AttnParams,
-    scratch: &mut AttnScratch,
-    part: &mut [f32],
-) {
-    use half::slice::HalfFloatSliceExt;
-    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
-    let group = p.n_head / p.n_head_kv;
-    let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
-    let len = b - a;
-    let qg = &q[t * p.n_head * dk + kh * group * dk..][..group * dk];
-    let AttnScratch { row, scores } = scratch;
-    scores.clear();
-    scores.resize(group * len, 0.0);
-    let krow = &mut row[..dk];
-    for (i, j) in (a..b).enumerate() {
-        let slot = j % kv.cells;
-        kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
-        for g in 0..group {
-            let s = dot_f32(&qg[g * dk..][..dk], krow) * p.scale;
-            scores[g * len + i] = match p.softcap {
-                Some(c) => c * (s / c).tanh(),
-                None => s,
-            };
-        }
-    }
-    for g in 0..group {
-        let sc = &mut scores[g * len..][..len];
-        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0f32;
-        for v in sc.iter_mut() {
-            *v = (*v - m).exp();
-            l += *v;
-        }
-        let pg = &mut part[g * (dv + 2)..][..dv + 2];
-        pg[0] = m;
-        pg[1] = if len == 0 { 0.0 } else { l };
-        pg[2..].iter_mut().for_each(|v| *v = 0.0);
-    }
-    let vrow = &mut row[..dv];
-    for (i, j) in (a..b).enumerate() {
-        let slot = j % kv.cells;
-        kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(vrow);
-        for g in 0..group {
-            let w = scores[g * len + i];
-            for (o, x) in part[g * (dv + 2) + 2..][..dv].iter_mut().zip(vrow.iter()) {
-                *o += w * x;
-            }
-        }
-    }
-}
-
-/// f32 dot product in 8 independent lanes so the compiler vectorises it.
-#[inline(always)]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A seeded generator for test `name` (fresh seed per run, printed; `PSHARD_SEED` replays).
+    fn test_rng(name: &str) -> rand::rngs::StdRng {
+        use rand::SeedableRng;
+        let seed = std::env::var("PSHARD_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        eprintln!("{name}: PSHARD_SEED={seed}");
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
+    /// A random f16 K and V cache of `cells` cells (`kv_dims` = (kv heads, K dim, V dim)), values
+    /// in `−amp..amp`.
+    fn random_cache(
+        rng: &mut rand::rngs::StdRng,
+        cells: usize,
+        (n_head_kv, dk, dv): (usize, usize, usize),
+        amp: f32,
+    ) -> (Vec<f16>, Vec<f16>) {
+        use rand::Rng;
+        let mut r = |n: usize| -> Vec<f16> {
+            (0..n)
+                .map(|_| f16::from_f32(rng.gen_range(-amp..amp)))
+                .collect()
+        };
+        (r(cells * n_head_kv * dk), r(cells * n_head_kv * dv))
+    }
 
     #[test]
     fn rms_norm_unit_rows() {
@@ -904,23 +868,11 @@ mod tests {
 
     #[test]
     fn attention_split_spans_match_f64() {
-        use rand::{Rng, SeedableRng};
-        let seed = std::env::var("PSHARD_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random::<u64>);
-        eprintln!("attention_split_spans_match_f64: PSHARD_SEED={seed}");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        use rand::Rng;
+        let mut rng = test_rng("attention_split_spans_match_f64");
         let (n_head, n_head_kv, dk, dv, cells) = (6, 2, 40, 24, 1100);
+        let (k, v) = random_cache(&mut rng, cells, (n_head_kv, dk, dv), 1.0);
         let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-        let k: Vec<f16> = r(cells * n_head_kv * dk)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let v: Vec<f16> = r(cells * n_head_kv * dv)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
         let kv = KvView {
             k: &k,
             v: &v,
@@ -945,8 +897,8 @@ mod tests {
                 scale: 0.7,
                 softcap,
             };
-            // One decode row (split into spans of ATTN_SPLIT_KEYS), a few rows (split), and 40
-            // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: one task per pair).
+            // One decode row (one task per span of ATTN_SPAN), a few rows (likewise), and 40
+            // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: tiles of tokens).
             for positions in [
                 vec![1099u32],
                 vec![0, 255, 256, 257, 700],
@@ -966,9 +918,86 @@ mod tests {
                         let got = out[t * n_head * dv + i] as f64;
                         assert!(
                             (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "seed {seed} cap {cap} window {window:?} pos {pos} [{i}]: {got} vs {w}"
+                            "cap {cap} window {window:?} pos {pos} [{i}]: {got} vs {w}"
                         );
                     }
+                }
+            }
+        }
+        ATTENTION_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A row's output is the same bits alone (decode tasks per span), inside batches of other
+    /// rows (tiles of tokens, the row at other positions of a tile, other tiles' key ranges) and
+    /// at every SIMD level, with and without a window and soft-cap.
+    #[test]
+    fn attention_rows_do_not_depend_on_the_batch_or_level() {
+        use rand::Rng;
+        let mut rng = test_rng("attention_rows_do_not_depend_on_the_batch_or_level");
+        let (n_head, n_head_kv, dk, dv, cells) = (6, 2, 72, 80, 1100);
+        let (k, v) = random_cache(&mut rng, cells, (n_head_kv, dk, dv), 2.0);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let kv = KvView {
+            k: &k,
+            v: &v,
+            cells,
+        };
+        let queries = r(64 * n_head * dk);
+        let positions: Vec<u32> = (0..64u32)
+            .map(|i| match i % 4 {
+                0 => i * 17,
+                1 => 1099 - i,
+                2 => 255 + i,
+                _ => 500 + 3 * i,
+            })
+            .collect();
+        let (qw, ow) = (n_head * dk, n_head * dv);
+        for (window, softcap) in [(None, None), (Some(300), Some(3.0)), (Some(70), None)] {
+            let p = AttnParams {
+                n_head,
+                n_head_kv,
+                head_dim_k: dk,
+                head_dim_v: dv,
+                window,
+                scale: 0.3,
+                softcap,
+            };
+            let run = |rows: &[usize], cap: u8| -> Vec<f32> {
+                ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
+                let q: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|&i| queries[i * qw..(i + 1) * qw].iter().copied())
+                    .collect();
+                let pos: Vec<u32> = rows.iter().map(|&i| positions[i]).collect();
+                let mut out = vec![f32::NAN; rows.len() * ow];
+                attention(&q, &pos, &kv, &p, &mut out);
+                out
+            };
+            let alone: Vec<Vec<f32>> = (0..64).map(|i| run(&[i], 0)).collect();
+            let all: Vec<usize> = (0..64).collect();
+            let shifted: Vec<usize> = (0..64).map(|i| (i * 7 + 3) % 64).collect();
+            for (rows, cap) in [
+                (all.clone(), 0u8),
+                (shifted.clone(), 0),
+                (all[5..40].to_vec(), 0),
+                (all[..3].to_vec(), 0),
+                (shifted.clone(), 2),
+                (all.clone(), 1),
+            ] {
+                let out = run(&rows, cap);
+                for (j, &i) in rows.iter().enumerate() {
+                    let got: Vec<u32> = out[j * ow..(j + 1) * ow]
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect();
+                    let want: Vec<u32> = alone[i].iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(
+                        got,
+                        want,
+                        "window {window:?}: row {i} (pos {}) at {j} of {} rows, cap {cap}",
+                        positions[i],
+                        rows.len()
+                    );
                 }
             }
         }

@@ -462,7 +462,6 @@ fn quant_table_dispatches_here() {
         );
     }
     assert!(lut4::geometry(GgmlType::Q4_0).is_none());
-    assert!(lut4::tiles(GgmlType::Q4_K).is_none());
 }
 
 #[test]
@@ -470,61 +469,4 @@ fn quant_table_dispatches_here() {
 fn dot_rejects_partial_block() {
     let k = lut4::kernel(GgmlType::IQ4_XS);
     (k.dot)(&[0u8; 136], &[0u8; 292], 100);
-}
-
-#[test]
-fn tiles_match_f64() {
-    let mut r = rng("tiles_match_f64");
-    for ty in TYPES {
-        let Some((full, one)) = lut4::tiles(ty) else {
-            println!("{ty}: no tile kernels on this CPU");
-            continue;
-        };
-        let fmt = lut4::geometry(ty).unwrap().act;
-        for n in [256usize, 1280] {
-            let rows: Vec<Vec<u8>> = (0..4)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        let mut q = vec![0u8; n / qk(ty) * bb(ty)];
-                        (lut4::scalar_kernel(ty).quantize_row)(&random_row(&mut r, n), &mut q);
-                        q
-                    } else {
-                        random_blocks(&mut r, ty, n / qk(ty))
-                    }
-                })
-                .collect();
-            let acts: Vec<(Vec<u8>, Vec<f32>)> = (0..4)
-                .map(|_| act_rows(fmt, &random_row(&mut r, n)))
-                .collect();
-            let w: [&[u8]; 4] = std::array::from_fn(|i| rows[i].as_slice());
-            let a: [&[u8]; 4] = std::array::from_fn(|t| acts[t].0.as_slice());
-            let next = rows.concat();
-            let mut out = [[f32::NAN; 4]; 4];
-            full(&w, &a, &next, n, &mut out);
-            let mut out_none = [[f32::NAN; 4]; 4];
-            full(&w, &a, &[], n, &mut out_none);
-            assert_eq!(out, out_none, "{ty}: results depend on `next`");
-            let mut out1 = [[f32::NAN; 4]; 4];
-            one(&w, &[a[2]; 4], &next[..next.len() / 3], n, &mut out1);
-            for (ri, row) in rows.iter().enumerate() {
-                let wd = dequant(ty, row, n);
-                for (t, (_, ad)) in acts.iter().enumerate() {
-                    let (want, abs) = dot_f64(&wd, ad);
-                    let tight = 1e-5 * abs + 1e-30;
-                    let got = out[ri][t] as f64;
-                    assert!(
-                        (got - want).abs() <= tight,
-                        "{ty} tile n={n} row {ri} token {t}: {got} vs {want}"
-                    );
-                    if t == 2 {
-                        let got1 = out1[ri][0] as f64;
-                        assert!(
-                            (got1 - want).abs() <= tight,
-                            "{ty} 1-token tile n={n} row {ri}: {got1} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
-    }
 }

@@ -1,10 +1,12 @@
 //! The batched MoE FFN (`moe::moe_ffn`) against the per-expert path it replaces (each expert's
 //! tokens gathered, matmuls one expert at a time, weighted sums in expert order): bit for bit, for
-//! decode and prefill batches, both activation precisions (kernels of `quant::simd_cap()`).
+//! decode and prefill batches, both activation precisions (kernels of `quant::simd_cap()`); and a
+//! token's output alone against the same token in batches.
 
 use pshard_kernels::matmul::{matmul_at, matmul_exact, quantize_acts, ActPrecision, WeightMatrix};
 use pshard_kernels::moe::{moe_ffn, ExpertFfn, MoeInput, MoeRoutes};
 use pshard_kernels::ops;
+use pshard_kernels::pool;
 use pshard_kernels::quant::{self, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
 use rand::rngs::StdRng;
@@ -200,6 +202,84 @@ fn batched_moe_matches_the_per_expert_path() {
                 }
             }
         }
+    }
+}
+
+/// A token's MoE output is the same bits alone (decode: its experts' GEMVs) as inside batches
+/// (its experts' GEMMs with other tokens), at one thread and at all cores.
+#[test]
+fn moe_token_outputs_do_not_depend_on_the_batch() {
+    let mut r = StdRng::seed_from_u64(0x1e1e);
+    for tys in [
+        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
+        [GgmlType::Q4_1, GgmlType::MXFP4, GgmlType::Q8_0],
+    ] {
+        let ex = experts(&mut r, 4, tys, 256, 256);
+        let view = ex.view();
+        let n_tok = 37;
+        let n_used = 2;
+        let x: Vec<f32> = (0..n_tok * ex.cols)
+            .map(|_| r.gen_range(-1.0f32..1.0))
+            .collect();
+        let (ids, wts) = routes(&mut r, n_tok, 4, n_used);
+        let run = |toks: &[usize]| -> Vec<f32> {
+            let xs: Vec<f32> = toks
+                .iter()
+                .flat_map(|&t| x[t * ex.cols..(t + 1) * ex.cols].iter().copied())
+                .collect();
+            let i: Vec<u32> = toks
+                .iter()
+                .flat_map(|&t| ids[t * n_used..(t + 1) * n_used].to_vec())
+                .collect();
+            let w: Vec<f32> = toks
+                .iter()
+                .flat_map(|&t| wts[t * n_used..(t + 1) * n_used].to_vec())
+                .collect();
+            let rt = MoeRoutes {
+                ids: &i,
+                weights: &w,
+                n_used,
+            };
+            let mut out = vec![f32::NAN; toks.len() * ex.cols];
+            moe_ffn(
+                &view,
+                &xs,
+                toks.len(),
+                rt,
+                false,
+                ActPrecision::Quantized,
+                &mut out,
+                None,
+            )
+            .unwrap();
+            out
+        };
+        let alone: Vec<Vec<u32>> = (0..n_tok)
+            .map(|t| run(&[t]).iter().map(|v| v.to_bits()).collect())
+            .collect();
+        for threads in [1usize, 0] {
+            pool::set_threads(threads);
+            for toks in [
+                (0..n_tok).collect::<Vec<_>>(),
+                (0..n_tok).rev().step_by(2).collect(),
+                (3..9).collect(),
+            ] {
+                let out = run(&toks);
+                for (j, &t) in toks.iter().enumerate() {
+                    let got: Vec<u32> = out[j * ex.cols..(j + 1) * ex.cols]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    assert_eq!(
+                        got,
+                        alone[t],
+                        "{tys:?}: token {t} in a batch of {}",
+                        toks.len()
+                    );
+                }
+            }
+        }
+        pool::set_threads(0);
     }
 }
 

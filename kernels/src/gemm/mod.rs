@@ -1,74 +1,124 @@
-//! The int8 GEMM of batched matmuls (prefill): every quant type is converted, a tile of weight
-//! rows at a time, into one row-interleaved int8 layout, and one register-tiled kernel per SIMD
-//! level multiplies it with all tokens.
+//! The one arithmetic of every quantized CPU matmul, and the int8 GEMM that computes it for any
+//! number of tokens.
 //!
-//! **Weights.** A type's [`Converter`] turns a row into int8 values `w` with `value = w · scale +
-//! min`, one `scale` per sub-block of 32 elements (16 for the types with 16-element sub-blocks:
-//! `sub16`) and, for the types with a minimum, one `min` per 32. A tile of [`rows_per_tile`] rows
-//! is then interleaved: for each block of 32 elements and each group of 4 elements, the 4 bytes
-//! of row 0, row 1, … lie side by side, so one 512-bit (AVX-512: 16 rows) or 256-bit (AVX2: 8
-//! rows) load feeds one output row per 32-bit lane. A new type plugs in with one converter.
+//! **Batch invariance.** An output `Σ_c W[r, c] · X[t, c]` is one fixed sequence of integer and
+//! f32 operations on (weight row `r`, activation row `t`) — never a function of how many rows or
+//! tokens share the call, which rows a thread takes, the thread count or the SIMD level. So a
+//! sequence's logits do not depend on what else shares its batch, and a hybrid placement that
+//! splits the same tokens into other ubatches gets the same bits.
 //!
-//! **Activations.** The partner-format rows (Q8_0, Q8_1, Q8_K) are re-expressed, without new
-//! rounding, as int8 values with one f32 scale `d` and one block sum `sa = d · Σ q` per 32.
+//! **Weights.** A type's [`Converter`] decodes a row exactly (no rounding) into unsigned bytes `u`
+//! and f32 factors: element value `(u − offset) · scale_s + min_s` for its sub-block `s` (32
+//! elements, or 16 for the `sub16` types; `min_s` only for the types with a minimum).
 //!
-//! **Kernels.** AVX-512 VNNI: activations offset to unsigned (`q + 128`), `vpdpbusd` of 4
-//! activation bytes broadcast against 16 rows' weight bytes; the offset's contribution
-//! `128 · Σ w` is a per-(row, sub-block) constant computed when the tile is interleaved and
-//! seeds the accumulator. AVX2: `vpmaddubsw` of `|a|` with the weights signed by `a` (no
-//! saturation: `|a| ≤ 128`, `|w| ≤ 127`). Either way each sub-block's integer sum is scaled
-//! by `scale · d` and the minimum term `min · sa` added, in f32.
+//! **Activations.** The partner-format rows (Q8_0, Q8_1, Q8_K) as [`GemmActs`]: the int8 values
+//! `a`, per block of 32 the scale `d` (exact), and for the types with a minimum per sub-block the
+//! scaled sum `sa` (Q8_1: its stored f16 sum; Q8_K: `d · Σa` from its 16-element sums).
 //!
-//! The conversion is paid once per tile and shared by every token of the batch, so it is used
-//! from [`GEMM_MIN_TOKENS`] tokens on.
+//! **The order** ([`dot_converted`] is its definition), per output, starting from `acc = 0`:
+//! for each sub-block `s` in ascending order, `I = Σ (u − offset) · a` in integers (exact), then
+//! `acc = fma(f32(I), scale_s · d, acc)` and, with a minimum, `acc = fma(min_s, sa_s, acc)`.
+//! Every step is one correctly rounded f32 operation, so any implementation that keeps the order
+//! gets the same bits; the serial dependency is hidden by computing many outputs at once.
+//!
+//! **The GEMM.** Rows are converted a tile at a time ([`rows_per_tile`]: 16 with AVX-512 VNNI, 8
+//! with AVX2) and a chunk of [`CHUNK`] columns at a time into one row-interleaved layout: for each
+//! block of 32 and each group of 4 elements, the 4 bytes of row 0, row 1, … lie side by side, so
+//! one 512-bit (256-bit) load feeds one output row per 32-bit lane. Per group, 4 activation bytes
+//! are broadcast: AVX-512 VNNI `vpdpbusd` of the unsigned weights with the signed activations, the
+//! offset's contribution `−offset · Σa` (per token and sub-block) seeding the sum; AVX2
+//! `vpmaddubsw` of one operand's magnitude with the other signed by it (the weights are stored
+//! signed, `u − offset`; no saturation: see [`x86`]). The per-lane f32 steps are the order above.
+//! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
+//! conversion is paid once per weight byte and call, decode included.
 
 use pshard_model::ggml_type::GgmlType;
 
-use crate::matmul::QuantizedActs;
+use crate::matmul::{KernelError, QuantizedActs};
 use crate::quant::{ActFormat, SimdLevel};
 
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
-/// Tokens from which a batched matmul takes the int8 GEMM (below, the register tiles or row dots
-/// of the weight type: the tile conversion is not paid back by fewer tokens).
-pub const GEMM_MIN_TOKENS: usize = 16;
-
-/// Elements per GEMM block (one activation scale, one minimum).
+/// Elements per GEMM block (one activation scale).
 pub const QB: usize = 32;
 
-/// Converts one weight row to int8: `src` holds the row in its GGUF layout; `q.len()` elements
-/// (whole blocks of the type) go to `q`, one scale per sub-block to `scales` and, for types with
-/// a minimum, one minimum per 32 elements to `mins` (untouched otherwise). Value = `q · scale +
-/// min`.
-pub type ConvertFn = fn(src: &[u8], q: &mut [i8], scales: &mut [f32], mins: &mut [f32]);
+/// Columns converted at a time (a multiple of every type's block: 256 for the K-quants): the
+/// tile of converted weights stays in L1 (16 rows × 512 bytes) while the tokens pass over it.
+pub const CHUNK: usize = 512;
 
-/// How a weight type feeds the int8 GEMM.
+/// Converts whole blocks of one weight row: `src` starts at the first block; `u.len()` elements go
+/// to `u`, one scale per sub-block to `scales` and, for types with a minimum, one minimum per
+/// sub-block to `mins` (untouched otherwise). Value = `(u − offset) · scale + min`, exactly.
+pub type ConvertFn = fn(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]);
+
+/// Converts elements `e0 .. e0 + n` (whole blocks of the type) of 16 rows straight into a 16-row
+/// tile (the VNNI kernel's layout: `q`, `scale`, `min` as in [`Tile`]), giving exactly what the
+/// converter and the interleaving give, without the row-major detour.
+pub type Tile16Fn =
+    fn(rows: &[&[u8]; 16], e0: usize, n: usize, q: &mut [u8], scale: &mut [f32], min: &mut [f32]);
+
+/// How a quantized weight type enters the GEMM.
 #[derive(Clone, Copy)]
 pub struct Converter {
+    /// The weight type.
+    pub ty: GgmlType,
     /// Sub-blocks of 16 elements (one scale each) instead of 32.
     pub sub16: bool,
-    /// The type has a minimum per 32 elements (needs the activations' block sums).
+    /// The type has a minimum per sub-block (needs the activations' scaled sums).
     pub min: bool,
-    /// The row converter.
+    /// `u − offset` is the signed integer level.
+    pub offset: u8,
+    /// The portable converter (the definition).
     pub row: ConvertFn,
+    /// A SIMD converter giving the same bytes and factors, where the type has one and the CPU
+    /// runs it (used from the AVX2 level on).
+    pub fast: Option<ConvertFn>,
+    /// A direct 16-row tile loader, where the type has one and the CPU runs it (AVX-512 level).
+    pub tile16: Option<Tile16Fn>,
 }
 
 impl std::fmt::Debug for Converter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Converter")
+            .field("ty", &self.ty)
             .field("sub16", &self.sub16)
             .field("min", &self.min)
+            .field("offset", &self.offset)
+            .field("fast", &self.fast.is_some())
+            .field("tile16", &self.tile16.is_some())
             .finish()
     }
 }
 
-/// The converter of `ty`, if the type feeds the int8 GEMM.
-pub fn converter(ty: GgmlType) -> Option<Converter> {
-    crate::quant::legacy::int8_converter(ty).or_else(|| crate::quant::kquants::int8_converter(ty))
+impl Converter {
+    /// Elements per sub-block (16 or 32).
+    pub fn sub(&self) -> usize {
+        if self.sub16 {
+            16
+        } else {
+            QB
+        }
+    }
+
+    /// The converter of a SIMD level: the fast one from AVX2 on, else the portable one.
+    fn at(&self, level: SimdLevel) -> ConvertFn {
+        match (level, self.fast) {
+            (SimdLevel::Avx2 | SimdLevel::Avx512, Some(f)) => f,
+            _ => self.row,
+        }
+    }
 }
 
-/// Weight rows per tile at a SIMD level (`None`: no GEMM kernel at that level on this CPU).
+/// The converter of `ty`; `None` for the float types (they take the f32 dot).
+pub fn converter(ty: GgmlType) -> Option<Converter> {
+    crate::quant::legacy::int8_converter(ty)
+        .or_else(|| crate::quant::kquants::int8_converter(ty))
+        .or_else(|| crate::quant::lut4::int8_converter(ty))
+}
+
+/// Weight rows per tile at a SIMD level on this CPU (`None`: no GEMM kernel at that level; the
+/// portable path computes [`dot_converted`] row by row).
 pub fn rows_per_tile(level: SimdLevel) -> Option<usize> {
     match level {
         SimdLevel::Avx512 if SimdLevel::Avx512.available() => Some(16),
@@ -77,233 +127,427 @@ pub fn rows_per_tile(level: SimdLevel) -> Option<usize> {
     }
 }
 
-/// Activations re-expressed for the GEMM: int8 rows (offset by 128 to unsigned for the VNNI
-/// kernel), and per token and block of 32 the scale `d` and the sum `sa = d · Σ q`.
+/// Activations as the GEMM reads them (see the module notes): per token the int8 values, per
+/// block of 32 the scale, per sub-block the scaled sum (types with a minimum) and the offset's
+/// seed `−offset · Σa` (VNNI kernel, types with an offset).
 pub struct GemmActs {
-    /// `n_rows × cols` bytes.
-    pub q: Vec<u8>,
+    /// `n_rows × cols` values.
+    pub q: Vec<i8>,
     /// `n_rows × cols / 32` scales.
     pub d: Vec<f32>,
-    /// `n_rows × cols / 32` block sums.
+    /// `n_rows × subs` scaled sums (empty without a minimum).
     pub sa: Vec<f32>,
+    /// `n_rows × subs` seeds (empty unless asked for).
+    pub seed: Vec<i32>,
     /// Tokens.
     pub n_rows: usize,
     /// Elements per row.
     pub cols: usize,
+    /// Sub-blocks per row.
+    pub subs: usize,
+    /// The values may be −128 (Q8_K); else they lie in −127..=127.
+    pub full_range: bool,
+    /// A Q8_0/Q8_1 value is −128, outside those formats' range (their quantizers never write
+    /// it; the AVX2 kernel relies on that, so the matmul rejects such rows).
+    pub low: bool,
 }
 
 impl GemmActs {
-    /// Converts `x` (Q8_0, Q8_1 or Q8_K rows); `unsigned` adds 128 to every value (the VNNI
-    /// kernel's form). `None` for F32 activations.
-    pub fn from_acts(x: &QuantizedActs, unsigned: bool) -> Option<GemmActs> {
+    /// Converts `x` (Q8_0, Q8_1 or Q8_K rows) for weights of `conv`; `seeds`: fill
+    /// [`GemmActs::seed`]. Errors on F32 rows.
+    pub fn new(x: &QuantizedActs, conv: &Converter, seeds: bool) -> Result<GemmActs, KernelError> {
         let (cols, n) = (x.cols, x.n_rows);
         let nb = cols / QB;
+        let per = conv.sub();
+        let subs = cols / per;
+        let seeds = seeds && conv.offset != 0;
+        if x.format == ActFormat::F32 {
+            return Err(KernelError::ShapeMismatch {
+                what: format!("{} weights need quantized activations, got F32", conv.ty),
+            });
+        }
         let mut g = GemmActs {
-            q: vec![0u8; n * cols],
+            q: vec![0i8; n * cols],
             d: vec![0f32; n * nb],
-            sa: vec![0f32; n * nb],
+            sa: vec![0f32; if conv.min { n * subs } else { 0 }],
+            seed: vec![0i32; if seeds { n * subs } else { 0 }],
             n_rows: n,
             cols,
+            subs,
+            full_range: x.format == ActFormat::Q8K,
+            low: false,
         };
-        let flip = if unsigned { 0x80u8 } else { 0 };
-        let q = crate::pool::SharedSlice::new(&mut g.q);
-        let d = crate::pool::SharedSlice::new(&mut g.d);
-        let sa = crate::pool::SharedSlice::new(&mut g.sa);
-        let format = x.format;
-        if format == ActFormat::F32 {
-            return None;
-        }
-        let convert = |t: usize| {
-            let row = x.row(t);
-            // SAFETY: every token index is handled by exactly one participant; token rows are
-            // disjoint ranges of each buffer.
-            let (qt, dt, st) = unsafe {
-                (
-                    q.range_mut(t * cols..(t + 1) * cols),
-                    d.range_mut(t * nb..(t + 1) * nb),
-                    sa.range_mut(t * nb..(t + 1) * nb),
-                )
+        let low = std::sync::atomic::AtomicBool::new(false);
+        {
+            let q = crate::pool::SharedSlice::new(&mut g.q);
+            let d = crate::pool::SharedSlice::new(&mut g.d);
+            let sa = crate::pool::SharedSlice::new(&mut g.sa);
+            let seed = crate::pool::SharedSlice::new(&mut g.seed);
+            let (with_sa, with_seed) = (conv.min, seeds);
+            let convert = |t: usize| {
+                // SAFETY: every token index is handled by exactly one participant; token rows are
+                // disjoint ranges of each buffer.
+                let (qt, dt, st, et) = unsafe {
+                    (
+                        q.range_mut(t * cols..(t + 1) * cols),
+                        d.range_mut(t * nb..(t + 1) * nb),
+                        if with_sa {
+                            sa.range_mut(t * subs..(t + 1) * subs)
+                        } else {
+                            &mut []
+                        },
+                        if with_seed {
+                            seed.range_mut(t * subs..(t + 1) * subs)
+                        } else {
+                            &mut []
+                        },
+                    )
+                };
+                if convert_act_row(x.format, x.row(t), per, qt, dt, st) {
+                    low.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                for (e, a) in et.iter_mut().zip(qt.chunks_exact(per)) {
+                    *e = -(conv.offset as i32) * a.iter().map(|&v| v as i32).sum::<i32>();
+                }
             };
-            convert_act_row(format, row, flip, qt, dt, st);
-        };
-        if n * cols >= 1 << 16 {
-            crate::pool::for_range(n, 1, |r| r.for_each(convert));
-        } else {
-            (0..n).for_each(convert);
+            if n * cols >= 1 << 16 {
+                crate::pool::for_range(n, 1, |r| r.for_each(convert));
+            } else {
+                (0..n).for_each(convert);
+            }
         }
-        Some(g)
+        g.low = low.into_inner();
+        Ok(g)
     }
 }
 
-/// One activation row in `format` into int8 bytes (xor `flip`), block scales and block sums.
+/// One activation row in `format` into int8 values, block scales and (where `sa` is not empty)
+/// scaled sums per sub-block of `per` elements; `true` if a Q8_0/Q8_1 value is −128.
 fn convert_act_row(
     format: ActFormat,
     row: &[u8],
-    flip: u8,
-    q: &mut [u8],
+    per: usize,
+    q: &mut [i8],
     d: &mut [f32],
     sa: &mut [f32],
-) {
+) -> bool {
     use crate::quant::act::{f16_at, Q8_0_BYTES, Q8_1_BYTES};
-    let sum = |b: &[u8]| b.iter().map(|&v| v as i8 as i32).sum::<i32>();
-    let copy = |src: &[u8], dst: &mut [u8]| {
+    let copy = |src: &[u8], dst: &mut [i8]| {
+        let mut low = false;
         for (o, &v) in dst.iter_mut().zip(src) {
-            *o = v ^ flip;
+            *o = v as i8;
+            low |= v == 0x80;
         }
+        low
     };
+    let mut low = false;
     match format {
         ActFormat::Q8_0 => {
             for (i, b) in row.chunks_exact(Q8_0_BYTES).enumerate() {
-                let qs = &b[2..34];
                 d[i] = f16_at(b);
-                sa[i] = d[i] * sum(qs) as f32;
-                copy(qs, &mut q[QB * i..QB * (i + 1)]);
+                low |= copy(&b[2..34], &mut q[QB * i..QB * (i + 1)]);
             }
+            // Q8_0 partners have no minimum: `sa` is empty.
         }
         ActFormat::Q8_1 => {
             for (i, b) in row.chunks_exact(Q8_1_BYTES).enumerate() {
                 d[i] = f16_at(b);
-                // The stored sum, as the row dots use it.
-                sa[i] = f16_at(&b[2..]);
-                copy(&b[4..36], &mut q[QB * i..QB * (i + 1)]);
+                if let Some(s) = sa.get_mut(i) {
+                    // The stored sum (per 32: the Q8_1 partners have 32-element sub-blocks).
+                    *s = f16_at(&b[2..]);
+                }
+                low |= copy(&b[4..36], &mut q[QB * i..QB * (i + 1)]);
             }
         }
         ActFormat::Q8K => {
             let bb = GgmlType::Q8_K.type_size() as usize;
             for (i, b) in row.chunks_exact(bb).enumerate() {
                 let da = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                let qs = &b[4..260];
-                for j in 0..8 {
-                    let k = 8 * i + j;
-                    d[k] = da;
-                    let bs = |m: usize| i16::from_le_bytes([b[260 + 2 * m], b[261 + 2 * m]]) as i32;
-                    sa[k] = da * (bs(2 * j) + bs(2 * j + 1)) as f32;
+                d[8 * i..8 * i + 8].fill(da);
+                let bs = |m: usize| i16::from_le_bytes([b[260 + 2 * m], b[261 + 2 * m]]) as i32;
+                if !sa.is_empty() {
+                    if per == 16 {
+                        for m in 0..16 {
+                            sa[16 * i + m] = da * bs(m) as f32;
+                        }
+                    } else {
+                        for j in 0..8 {
+                            sa[8 * i + j] = da * (bs(2 * j) + bs(2 * j + 1)) as f32;
+                        }
+                    }
                 }
-                copy(qs, &mut q[256 * i..256 * (i + 1)]);
+                // Q8_K spans the full signed range: −128 is a valid value there.
+                copy(&b[4..260], &mut q[256 * i..256 * (i + 1)]);
             }
         }
         ActFormat::F32 => unreachable!("F32 activations never reach the int8 GEMM"),
     }
+    low
 }
 
-/// A converted, interleaved tile of `r` weight rows over `cols` elements (buffers reused from
-/// tile to tile).
+/// The definition of every quantized output (see the module notes): weight row `u`/`scales`/
+/// `mins` converted by `conv` (whole row), activation row `t` of `acts`.
+pub fn dot_converted(
+    conv: &Converter,
+    u: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    acts: &GemmActs,
+    t: usize,
+) -> f32 {
+    let per = conv.sub();
+    let o = conv.offset as i32;
+    let cols = acts.cols;
+    let a = &acts.q[t * cols..(t + 1) * cols];
+    let d = &acts.d[t * (cols / QB)..(t + 1) * (cols / QB)];
+    let mut acc = 0f32;
+    for (s, (us, aa)) in u[..cols]
+        .chunks_exact(per)
+        .zip(a.chunks_exact(per))
+        .enumerate()
+    {
+        let i: i32 = us
+            .iter()
+            .zip(aa)
+            .map(|(&w, &x)| (w as i32 - o) * x as i32)
+            .sum();
+        acc = (i as f32).mul_add(scales[s] * d[s * per / QB], acc);
+        if conv.min {
+            acc = mins[s].mul_add(acts.sa[t * acts.subs + s], acc);
+        }
+    }
+    acc
+}
+
+/// One output of the quantized matmul by its definition, on the portable path: weight row `w`
+/// (`n` elements of `conv.ty`) with activation row `a` (`n` elements in `format`). Every
+/// quantized type's [`crate::quant::QuantKernel::dot`].
+///
+/// # Panics
+/// If `n` is not whole blocks of the type or a row is shorter than `n` elements need.
+pub fn dot_row(conv: &Converter, format: ActFormat, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let (bs, bb) = (conv.ty.block_size() as usize, conv.ty.type_size() as usize);
+    assert!(
+        n.is_multiple_of(bs) && n.is_multiple_of(QB),
+        "{} dot: {n} elements is not a whole number of {bs}-element blocks",
+        conv.ty
+    );
+    assert!(
+        w.len() >= n / bs * bb,
+        "{} dot: weight row has {} bytes, {n} elements need {}",
+        conv.ty,
+        w.len(),
+        n / bs * bb
+    );
+    let ab = format
+        .row_bytes(n)
+        .expect("whole blocks of the type are whole partner blocks");
+    assert!(
+        a.len() >= ab,
+        "{} dot: {} activation row has {} bytes, {n} elements need {ab}",
+        conv.ty,
+        format.name(),
+        a.len()
+    );
+    let x = QuantizedActs {
+        format,
+        data: a[..ab].to_vec(),
+        row_bytes: ab,
+        n_rows: 1,
+        cols: n,
+    };
+    let acts = GemmActs::new(&x, conv, false).expect("a quantized partner format");
+    let subs = n / conv.sub();
+    let (mut u, mut scales, mut mins) = (vec![0u8; n], vec![0f32; subs], vec![0f32; subs]);
+    (conv.row)(w, &mut u, &mut scales, &mut mins);
+    dot_converted(conv, &u, &scales, &mins, &acts, 0)
+}
+
+/// A converted, interleaved tile of `r` weight rows over one chunk of columns (buffers reused
+/// from chunk to chunk).
 #[derive(Default)]
 pub struct Tile {
-    /// Row-major int8 rows (`r × cols`), the converters' output.
-    rows_q: Vec<i8>,
+    /// Row-major converted rows (`r × n`), the converters' output.
+    rows_u: Vec<u8>,
     rows_scale: Vec<f32>,
     rows_min: Vec<f32>,
     /// Interleaved weights: block `b`, group `g` (4 elements), row `k`: 4 bytes at
-    /// `(b · 8 + g) · 4r + 4k`.
-    pub q: Vec<i8>,
-    /// Per sub-block and row: `scale` at `s · r + k` (`s` counts sub-blocks of 16 or 32).
+    /// `(b · 8 + g) · 4r + 4k` — unsigned `u` for the 16-row (VNNI) tile, signed `u − offset`
+    /// for the 8-row (AVX2) tile.
+    pub q: Vec<u8>,
+    /// Per sub-block and row: `scale` at `s · r + k`.
     pub scale: Vec<f32>,
-    /// Per sub-block and row: `−128 · Σ w` (VNNI kernel's offset correction).
-    pub corr: Vec<i32>,
-    /// Per block of 32 and row: the minimum (types with one).
+    /// Per sub-block and row: the minimum (types with one).
     pub min: Vec<f32>,
     /// Rows per tile.
     pub r: usize,
-    /// Sub-blocks per block of 32 (1 or 2).
-    pub subs: usize,
+    /// Blocks of 32 in the chunk.
+    pub nb: usize,
+    /// The converter's flags.
+    pub sub16: bool,
     /// The type has minima.
     pub has_min: bool,
 }
 
 impl Tile {
-    /// Converts rows `rows` (at most `r`; missing rows repeat the last) of the matrix whose row
-    /// `i` is `row(i)` and interleaves them.
+    /// Converts elements `e0 .. e0 + n` (whole blocks of the type) of rows `rows` (at most `r`;
+    /// missing rows repeat the last) of the matrix whose row `i` is `row(i)`, with the converter of
+    /// `level`, and interleaves them for the kernel of `r` rows.
+    #[allow(clippy::too_many_arguments)]
     pub fn load<'a>(
         &mut self,
         conv: &Converter,
+        level: SimdLevel,
         r: usize,
-        cols: usize,
         rows: std::ops::Range<usize>,
         row: impl Fn(usize) -> &'a [u8],
-        avx2: bool,
+        e0: usize,
+        n: usize,
     ) {
-        let subs = if conv.sub16 { 2 } else { 1 };
-        let nb = cols / QB;
-        let nsub = nb * subs;
+        let per = conv.sub();
+        let nsub = n / per;
+        let (bs, bb) = (conv.ty.block_size() as usize, conv.ty.type_size() as usize);
         self.r = r;
-        self.subs = subs;
+        self.nb = n / QB;
+        self.sub16 = conv.sub16;
         self.has_min = conv.min;
-        self.rows_q.resize(r * cols, 0);
-        self.rows_scale.resize(r * nsub, 0.0);
-        self.rows_min.resize(r * nb, 0.0);
         let last = rows.end - 1;
+        if let (16, SimdLevel::Avx512, Some(load)) = (r, level, conv.tile16) {
+            self.q.resize(r * n, 0);
+            self.scale.resize(r * nsub, 0.0);
+            self.min.resize(r * nsub, 0.0);
+            let src: [&[u8]; 16] = std::array::from_fn(|k| row((rows.start + k).min(last)));
+            load(&src, e0, n, &mut self.q, &mut self.scale, &mut self.min);
+            return;
+        }
+        self.rows_u.resize(r * n, 0);
+        self.rows_scale.resize(r * nsub, 0.0);
+        self.rows_min.resize(r * nsub, 0.0);
+        let convert = conv.at(level);
         for k in 0..r {
-            let src = row((rows.start + k).min(last));
-            (conv.row)(
+            let i = (rows.start + k).min(last);
+            if i < rows.start + k {
+                // A repeated last row: copy the previous tile row's conversion.
+                self.rows_u.copy_within((k - 1) * n..k * n, k * n);
+                self.rows_scale
+                    .copy_within((k - 1) * nsub..k * nsub, k * nsub);
+                self.rows_min
+                    .copy_within((k - 1) * nsub..k * nsub, k * nsub);
+                continue;
+            }
+            let src = &row(i)[e0 / bs * bb..];
+            convert(
                 src,
-                &mut self.rows_q[k * cols..(k + 1) * cols],
+                &mut self.rows_u[k * n..(k + 1) * n],
                 &mut self.rows_scale[k * nsub..(k + 1) * nsub],
-                &mut self.rows_min[k * nb..(k + 1) * nb],
+                &mut self.rows_min[k * nsub..(k + 1) * nsub],
             );
         }
-        self.q.resize(r * cols, 0);
+        self.q.resize(r * n, 0);
         self.scale.resize(r * nsub, 0.0);
-        self.corr.resize(r * nsub, 0);
-        self.min.resize(r * nb, 0.0);
-        for k in 0..r {
-            let src = &self.rows_q[k * cols..(k + 1) * cols];
-            for (gi, g4) in src.chunks_exact(4).enumerate() {
-                let at = gi * 4 * r + 4 * k;
-                self.q[at..at + 4].copy_from_slice(g4);
-                if avx2 {
-                    // The AVX2 kernel negates weights (by the activations' signs): −128 (no
-                    // converter makes it; only a Q8_0 file from another quantizer could hold
-                    // it) is taken as −127 there.
-                    for v in &mut self.q[at..at + 4] {
-                        *v = (*v).max(-127);
-                    }
-                }
-            }
-            let per = QB / subs;
-            for (s, sub) in src.chunks_exact(per).enumerate() {
-                let sum: i32 = sub.iter().map(|&v| v as i32).sum();
-                self.corr[s * r + k] = -128 * sum;
-                self.scale[s * r + k] = self.rows_scale[k * nsub + s];
-            }
-            if conv.min {
-                for b in 0..nb {
-                    self.min[b * r + k] = self.rows_min[k * nb + b];
-                }
+        self.min.resize(r * nsub, 0.0);
+        let shift = if r == 16 { 0 } else { conv.offset };
+        interleave(&self.rows_u, &mut self.q, r, n, shift, level);
+        interleave_f32(&self.rows_scale, &mut self.scale, r, nsub, level);
+        if conv.min {
+            interleave_f32(&self.rows_min, &mut self.min, r, nsub, level);
+        }
+    }
+}
+
+/// Interleaves `r` row-major rows of `n` bytes (`src`, `n` a multiple of 4) into groups of 4
+/// bytes per row (`dst[(i · r + k) · 4 ..]` = bytes `4i..4i+4` of row `k`), subtracting `shift`
+/// (wrapping).
+fn interleave(src: &[u8], dst: &mut [u8], r: usize, n: usize, shift: u8, level: SimdLevel) {
+    assert!(
+        n.is_multiple_of(4) && src.len() >= r * n && dst.len() >= r * n,
+        "interleave shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if x86::interleave(src.as_ptr(), dst.as_mut_ptr(), r, n, shift, level) {
+        return;
+    }
+    let _ = level;
+    for k in 0..r {
+        for (i, g) in src[k * n..(k + 1) * n].chunks_exact(4).enumerate() {
+            let at = (i * r + k) * 4;
+            for (o, &v) in dst[at..at + 4].iter_mut().zip(g) {
+                *o = v.wrapping_sub(shift);
             }
         }
     }
 }
 
-/// `out[j][k] = Σ_c W[row k, c] · A[token t0 + j, c]` for the tile's `r` rows and tokens
-/// `t0..t0 + nt` (`nt ≤ 8`; `out` rows beyond `nt` are scratch), with the kernel of `level`.
-///
-/// # Panics
-/// If the CPU lacks the level's features, `nt` is 0 or above 8, or the shapes disagree.
-pub fn tile_dot(
-    level: SimdLevel,
-    tile: &Tile,
-    acts: &GemmActs,
-    t0: usize,
-    nt: usize,
-    out: &mut [[f32; 16]; 8],
-) {
+/// Transposes `r` rows of `n` f32 (`src`) into `dst[i · r + k]` = element `i` of row `k`.
+fn interleave_f32(src: &[f32], dst: &mut [f32], r: usize, n: usize, level: SimdLevel) {
     assert!(
-        (1..=8).contains(&nt) && t0 + nt <= acts.n_rows,
-        "bad token range"
-    );
-    assert_eq!(
-        tile.q.len(),
-        tile.r * acts.cols,
-        "tile and activations disagree"
+        src.len() >= r * n && dst.len() >= r * n,
+        "interleave shapes"
     );
     #[cfg(target_arch = "x86_64")]
+    if x86::interleave(
+        src.as_ptr().cast(),
+        dst.as_mut_ptr().cast(),
+        r,
+        4 * n,
+        0,
+        level,
+    ) {
+        return;
+    }
+    let _ = level;
+    for k in 0..r {
+        for i in 0..n {
+            dst[i * r + k] = src[k * n + i];
+        }
+    }
+}
+
+/// Adds the products of the tile's `r` rows with tokens `t0 .. t0 + acc.len()` over the chunk's
+/// blocks (the chunk starts at activation block `blk0`) to `acc[j][k]` (token `t0 + j`, row `k`),
+/// in the order of [`dot_converted`]. `acc.len()` is 1, 2, 4 or 8.
+///
+/// # Panics
+/// If the CPU lacks the kernel's features, `acc.len()` is not 1, 2, 4 or 8, or the shapes
+/// disagree.
+pub fn tile_dot(
+    conv: &Converter,
+    tile: &Tile,
+    acts: &GemmActs,
+    blk0: usize,
+    t0: usize,
+    acc: &mut [[f32; 16]],
+) {
+    assert!(
+        t0 + acc.len() <= acts.n_rows && (blk0 + tile.nb) * QB <= acts.cols,
+        "bad token or block range"
+    );
+    assert_eq!(tile.q.len(), tile.r * tile.nb * QB, "tile shape");
+    #[cfg(target_arch = "x86_64")]
     {
-        x86::tile_dot(level, tile, acts, t0, nt, out);
+        x86::tile_dot(conv, tile, acts, blk0, t0, acc);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (level, out);
+        let _ = (conv, acc);
         panic!("the int8 GEMM has no kernel on this architecture");
     }
+}
+
+/// Asks the caches to load `b` ahead of use (a hint: decode streams each weight byte once, and
+/// the rows of a tile are 16 interleaved streams).
+#[inline]
+pub fn prefetch(b: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..b.len()).step_by(64) {
+        // SAFETY: a prefetch is only a hint and never faults; the address lies inside `b`; SSE is
+        // part of every x86-64 CPU.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                b[off..].as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = b;
 }

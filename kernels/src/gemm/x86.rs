@@ -1,194 +1,298 @@
-//! x86-64 kernels of the int8 GEMM: 16 rows × 8 tokens with AVX-512 VNNI, 8 rows × 8 tokens
-//! with AVX2 (see the module above for the layouts).
+//! x86-64 kernels of the int8 GEMM: 16 rows × `TN` tokens with AVX-512 VNNI, 8 rows × `TN`
+//! tokens with AVX2 (see the module above for the layouts and the order), and the interleaving
+//! of converted rows (in-register dword transposes).
+//!
+//! AVX2 has no unsigned × signed dot of bytes into 32 bits: `vpmaddubsw` multiplies unsigned by
+//! signed bytes into saturating i16 pair sums. One operand's magnitude times the other signed by
+//! it gives the exact products as long as neither the magnitude exceeds 128 nor the signed operand
+//! is −128: with Q8_K activations (full range, −128 included) the weights are the signed operand
+//! (every Q8_K partner's levels lie in −127..=127), otherwise the activations are (Q8_0 and Q8_1
+//! values lie in −127..=127, checked when they are converted) and the weights — Q8_0's may be
+//! −128 — give the magnitude. Pair sums stay within 2 · 128 · 127 < 2^15.
 
 use std::arch::x86_64::*;
 
-use super::{GemmActs, Tile, QB};
+use super::{Converter, GemmActs, Tile, QB};
 use crate::quant::SimdLevel;
 
-/// Tokens per kernel call.
-const TN: usize = 8;
-
+/// Dispatches to the kernel of the tile's width with the converter's flags and `acc.len()`
+/// tokens.
 pub(super) fn tile_dot(
-    level: SimdLevel,
+    conv: &Converter,
     tile: &Tile,
     acts: &GemmActs,
+    blk0: usize,
     t0: usize,
-    nt: usize,
-    out: &mut [[f32; 16]; 8],
+    acc: &mut [[f32; 16]],
 ) {
-    let (sub16, min) = (tile.subs == 2, tile.has_min);
-    match (level, tile.r) {
-        (SimdLevel::Avx512, 16) => {
+    let (sub16, min) = (conv.sub16, conv.min);
+    macro_rules! tn {
+        ($k:ident, $($c:expr),*) => {
+            match acc.len() {
+                1 => $k::<1, $($c),*>(tile, acts, blk0, t0, acc),
+                2 => $k::<2, $($c),*>(tile, acts, blk0, t0, acc),
+                4 => $k::<4, $($c),*>(tile, acts, blk0, t0, acc),
+                8 => $k::<8, $($c),*>(tile, acts, blk0, t0, acc),
+                n => panic!("the GEMM kernels take 1, 2, 4 or 8 tokens, not {n}"),
+            }
+        };
+    }
+    match tile.r {
+        16 => {
             assert!(
                 SimdLevel::Avx512.available(),
                 "the VNNI GEMM kernel needs AVX-512 VNNI"
             );
+            let seed = !acts.seed.is_empty();
             // SAFETY: AVX-512 F/BW/VL/VNNI and the AVX2 set were detected just above; the
             // pointers the kernel forms stay inside `tile` and `acts` (shapes asserted by the
-            // caller: tile.q is 16 × cols, acts rows t0..t0 + nt exist).
+            // caller: tile.q holds 16 rows × nb blocks, the tokens and blocks exist in acts, the
+            // seeds and sums are present when the flags ask for them).
             unsafe {
-                match (sub16, min) {
-                    (false, false) => vnni::<false, false>(tile, acts, t0, nt, out),
-                    (false, true) => vnni::<false, true>(tile, acts, t0, nt, out),
-                    (true, false) => vnni::<true, false>(tile, acts, t0, nt, out),
-                    (true, true) => vnni::<true, true>(tile, acts, t0, nt, out),
+                match (sub16, min, seed) {
+                    (false, false, false) => tn!(vnni, false, false, false),
+                    (false, false, true) => tn!(vnni, false, false, true),
+                    (false, true, false) => tn!(vnni, false, true, false),
+                    (false, true, true) => tn!(vnni, false, true, true),
+                    (true, false, false) => tn!(vnni, true, false, false),
+                    (true, false, true) => tn!(vnni, true, false, true),
+                    (true, true, false) => tn!(vnni, true, true, false),
+                    (true, true, true) => tn!(vnni, true, true, true),
                 }
             }
         }
-        (SimdLevel::Avx512 | SimdLevel::Avx2, 8) => {
+        8 => {
             assert!(
                 SimdLevel::Avx2.available(),
                 "the AVX2 GEMM kernel needs AVX2"
             );
+            let abs_w = !acts.full_range;
             // SAFETY: AVX2/FMA were detected just above; shapes as for the VNNI kernel with
             // 8-row tiles.
             unsafe {
-                match (sub16, min) {
-                    (false, false) => avx2::<false, false>(tile, acts, t0, nt, out),
-                    (false, true) => avx2::<false, true>(tile, acts, t0, nt, out),
-                    (true, false) => avx2::<true, false>(tile, acts, t0, nt, out),
-                    (true, true) => avx2::<true, true>(tile, acts, t0, nt, out),
+                match (sub16, min, abs_w) {
+                    (false, false, false) => tn!(avx2, false, false, false),
+                    (false, false, true) => tn!(avx2, false, false, true),
+                    (false, true, false) => tn!(avx2, false, true, false),
+                    (false, true, true) => tn!(avx2, false, true, true),
+                    (true, false, false) => tn!(avx2, true, false, false),
+                    (true, false, true) => tn!(avx2, true, false, true),
+                    (true, true, false) => tn!(avx2, true, true, false),
+                    (true, true, true) => tn!(avx2, true, true, true),
                 }
             }
         }
-        _ => panic!(
-            "no int8 GEMM kernel for {level:?} with {}-row tiles",
-            tile.r
-        ),
+        r => panic!("no int8 GEMM kernel for {r}-row tiles"),
     }
 }
 
-/// Pointers to the rows of tokens `t0..t0 + nt`, the last repeated up to [`TN`].
-fn token_rows(acts: &GemmActs, t0: usize, nt: usize) -> ([*const u8; TN], [usize; TN]) {
-    let nb = acts.cols / QB;
-    let t = |j: usize| t0 + j.min(nt - 1);
-    (
-        std::array::from_fn(|j| acts.q[t(j) * acts.cols..].as_ptr()),
-        std::array::from_fn(|j| t(j) * nb),
-    )
+/// One token's activations from a chunk's first block on: values, block scales, per-sub-block
+/// scaled sums and seeds (formed with `wrapping_add`: the kernels read sums and seeds only
+/// where the activations have them).
+#[derive(Clone, Copy)]
+pub(crate) struct Tok {
+    q: *const i8,
+    d: *const f32,
+    sa: *const f32,
+    seed: *const i32,
+}
+
+impl Tok {
+    /// Token `t` of `acts` at block `blk0` (sub-blocks of 16 when `sub16`).
+    pub(crate) fn new(acts: &GemmActs, blk0: usize, t: usize, sub16: bool) -> Tok {
+        let nb = acts.cols / QB;
+        let s0 = if sub16 { 2 * blk0 } else { blk0 };
+        Tok {
+            q: acts.q.as_ptr().wrapping_add(t * acts.cols + blk0 * QB),
+            d: acts.d.as_ptr().wrapping_add(t * nb + blk0),
+            sa: acts.sa.as_ptr().wrapping_add(t * acts.subs + s0),
+            seed: acts.seed.as_ptr().wrapping_add(t * acts.subs + s0),
+        }
+    }
+
+    /// Tokens `t0 .. t0 + TN`.
+    pub(crate) fn several<const TN: usize>(
+        acts: &GemmActs,
+        blk0: usize,
+        t0: usize,
+        sub16: bool,
+    ) -> [Tok; TN] {
+        std::array::from_fn(|j| Tok::new(acts, blk0, t0 + j, sub16))
+    }
+}
+
+/// One block of 32 of the order of [`super::dot_converted`] for 16 rows (one per lane):
+/// `w[g]` holds group `g` (4 elements) of each row as unsigned levels, `k`/`m` the rows' scales
+/// and minima of the block's one or two sub-blocks; the token's block `b` (counted from its
+/// pointers' block) is added to `f`. Every 16-row VNNI path computes a block through this.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; block `b` of `t` exists, with sums (`MIN`) and seeds (`SEED`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub(crate) unsafe fn chain_block<const SUB16: bool, const MIN: bool, const SEED: bool>(
+    f: __m512,
+    w: &[__m512i; 8],
+    k: [__m512; 2],
+    m: [__m512; 2],
+    t: Tok,
+    b: usize,
+) -> __m512 {
+    // SAFETY: block b's 32 values, scale, sums and seeds exist (caller).
+    unsafe {
+        let ap = t.q.add(b * QB);
+        let a = |g: usize| _mm512_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
+        let da = _mm512_set1_ps(*t.d.add(b));
+        let seed = |s: usize| {
+            if SEED {
+                _mm512_set1_epi32(*t.seed.add(s))
+            } else {
+                _mm512_setzero_si512()
+            }
+        };
+        let mut f = f;
+        if SUB16 {
+            let mut x = seed(2 * b);
+            let mut y = seed(2 * b + 1);
+            for g in 0..4 {
+                x = _mm512_dpbusd_epi32(x, w[g], a(g));
+                y = _mm512_dpbusd_epi32(y, w[g + 4], a(g + 4));
+            }
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(k[0], da), f);
+            if MIN {
+                f = _mm512_fmadd_ps(m[0], _mm512_set1_ps(*t.sa.add(2 * b)), f);
+            }
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(y), _mm512_mul_ps(k[1], da), f);
+            if MIN {
+                f = _mm512_fmadd_ps(m[1], _mm512_set1_ps(*t.sa.add(2 * b + 1)), f);
+            }
+        } else {
+            // Two integer chains of four groups (shorter dependencies), summed exactly.
+            let mut x = seed(b);
+            let mut y = _mm512_setzero_si512();
+            for g in 0..4 {
+                x = _mm512_dpbusd_epi32(x, w[g], a(g));
+                y = _mm512_dpbusd_epi32(y, w[g + 4], a(g + 4));
+            }
+            let s = _mm512_add_epi32(x, y);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(k[0], da), f);
+            if MIN {
+                f = _mm512_fmadd_ps(m[0], _mm512_set1_ps(*t.sa.add(b)), f);
+            }
+        }
+        f
+    }
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; `tile` holds 16 rows of `acts.cols` elements; tokens
-/// `t0..t0 + nt` exist in `acts`.
+/// AVX-512 F/BW/VL/VNNI available; `tile` holds 16 rows of `tile.nb` blocks; tokens `t0..t0 + TN`
+/// and blocks `blk0 .. blk0 + tile.nb` exist in `acts`; with `MIN` the sums, with `SEED` the seeds
+/// are present; `acc` holds `TN` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn vnni<const SUB16: bool, const MIN: bool>(
+unsafe fn vnni<const TN: usize, const SUB16: bool, const MIN: bool, const SEED: bool>(
     tile: &Tile,
     acts: &GemmActs,
+    blk0: usize,
     t0: usize,
-    nt: usize,
-    out: &mut [[f32; 16]; 8],
+    acc: &mut [[f32; 16]],
 ) {
     const R: usize = 16;
-    let nb = acts.cols / QB;
-    let (aq, ab) = token_rows(acts, t0, nt);
-    let wq = tile.q.as_ptr().cast::<u8>();
-    let mut f = [_mm512_setzero_ps(); TN];
-    for b in 0..nb {
+    let toks = Tok::several::<TN>(acts, blk0, t0, SUB16);
+    let wq = tile.q.as_ptr();
+    let mut f: [__m512; TN] = std::array::from_fn(|j| _mm512_loadu_ps(acc[j].as_ptr()));
+    for b in 0..tile.nb {
         // SAFETY (whole block): b < nb, so the weight groups (b·8 + g)·64 .. + 64 lie in the
-        // 16 × cols tile, sub-block entries s·16 .. + 16 (s < nb·subs) in scale/corr, b·16 .. + 16
-        // in min, token bytes b·32 .. + 32 in each token row and index ab[j] + b in d/sa.
+        // 16 × nb·32-byte tile, sub-block entries s·16 .. + 16 in scale/min, and block b exists
+        // for every token (caller's shapes).
         unsafe {
             let w: [__m512i; 8] =
                 std::array::from_fn(|g| _mm512_loadu_si512(wq.add((b * 8 + g) * 64).cast()));
             let s0 = if SUB16 { 2 * b } else { b };
-            let c0 = _mm512_loadu_si512(tile.corr.as_ptr().add(s0 * R).cast());
-            let k0 = _mm512_loadu_ps(tile.scale.as_ptr().add(s0 * R));
-            let (c1, k1) = if SUB16 {
-                (
-                    _mm512_loadu_si512(tile.corr.as_ptr().add((s0 + 1) * R).cast()),
-                    _mm512_loadu_ps(tile.scale.as_ptr().add((s0 + 1) * R)),
-                )
+            let sub = |v: &Vec<f32>, s: usize| _mm512_loadu_ps(v.as_ptr().add(s * R));
+            let k = [
+                sub(&tile.scale, s0),
+                if SUB16 {
+                    sub(&tile.scale, s0 + 1)
+                } else {
+                    _mm512_setzero_ps()
+                },
+            ];
+            let m = if MIN {
+                [
+                    sub(&tile.min, s0),
+                    if SUB16 {
+                        sub(&tile.min, s0 + 1)
+                    } else {
+                        _mm512_setzero_ps()
+                    },
+                ]
             } else {
-                (c0, k0)
-            };
-            let mn = if MIN {
-                _mm512_loadu_ps(tile.min.as_ptr().add(b * R))
-            } else {
-                _mm512_setzero_ps()
+                [_mm512_setzero_ps(); 2]
             };
             for j in 0..TN {
-                let ap = aq[j].add(b * QB);
-                let a = |g: usize| _mm512_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
-                let da = _mm512_set1_ps(*acts.d.get_unchecked(ab[j] + b));
-                if SUB16 {
-                    let mut x = c0;
-                    let mut y = c1;
-                    for g in 0..4 {
-                        x = _mm512_dpbusd_epi32(x, a(g), w[g]);
-                        y = _mm512_dpbusd_epi32(y, a(g + 4), w[g + 4]);
-                    }
-                    f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(k0, da), f[j]);
-                    f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(y), _mm512_mul_ps(k1, da), f[j]);
-                } else {
-                    // Two chains of four, summed: shorter dependency chains.
-                    let mut x = c0;
-                    let mut y = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        x = _mm512_dpbusd_epi32(x, a(g), w[g]);
-                        y = _mm512_dpbusd_epi32(y, a(g + 4), w[g + 4]);
-                    }
-                    let s = _mm512_add_epi32(x, y);
-                    f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(k0, da), f[j]);
-                }
-                if MIN {
-                    let sa = _mm512_set1_ps(*acts.sa.get_unchecked(ab[j] + b));
-                    f[j] = _mm512_fmadd_ps(mn, sa, f[j]);
-                }
+                f[j] = chain_block::<SUB16, MIN, SEED>(f[j], &w, k, m, toks[j], b);
             }
         }
     }
-    for (o, v) in out.iter_mut().zip(f) {
+    for (o, v) in acc.iter_mut().zip(f) {
         // SAFETY: `o` is 16 writable f32.
         unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
     }
 }
 
 /// # Safety
-/// AVX2 and FMA available; `tile` holds 8 rows of `acts.cols` elements (no −128); tokens
-/// `t0..t0 + nt` exist in `acts`, stored signed (not offset).
+/// AVX2 and FMA available; `tile` holds 8 signed rows of `tile.nb` blocks; tokens `t0..t0 + TN`
+/// and blocks `blk0 .. blk0 + tile.nb` exist in `acts`; with `MIN` the sums are present; `acc`
+/// holds `TN` rows (8 of each 16 lanes written). `ABS_W`: the weights give the magnitude (the
+/// activations then never hold −128); else the activations do (the weights never hold −128).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<const SUB16: bool, const MIN: bool>(
+unsafe fn avx2<const TN: usize, const SUB16: bool, const MIN: bool, const ABS_W: bool>(
     tile: &Tile,
     acts: &GemmActs,
+    blk0: usize,
     t0: usize,
-    nt: usize,
-    out: &mut [[f32; 16]; 8],
+    acc: &mut [[f32; 16]],
 ) {
     const R: usize = 8;
-    let nb = acts.cols / QB;
-    let (aq, ab) = token_rows(acts, t0, nt);
-    let wq = tile.q.as_ptr().cast::<u8>();
+    let p = Tok::several::<TN>(acts, blk0, t0, SUB16);
+    let wq = tile.q.as_ptr();
     let ones = _mm256_set1_epi16(1);
-    let mut f = [_mm256_setzero_ps(); TN];
-    for b in 0..nb {
+    let mut f: [__m256; TN] = std::array::from_fn(|j| _mm256_loadu_ps(acc[j].as_ptr()));
+    for b in 0..tile.nb {
         // SAFETY (whole block): as in the VNNI kernel, with 32-byte groups of 8 rows.
         unsafe {
             let s0 = if SUB16 { 2 * b } else { b };
             let k0 = _mm256_loadu_ps(tile.scale.as_ptr().add(s0 * R));
-            let k1 = if SUB16 {
-                _mm256_loadu_ps(tile.scale.as_ptr().add((s0 + 1) * R))
-            } else {
-                k0
-            };
-            let mn = if MIN {
-                _mm256_loadu_ps(tile.min.as_ptr().add(b * R))
+            let m0 = if MIN {
+                _mm256_loadu_ps(tile.min.as_ptr().add(s0 * R))
             } else {
                 _mm256_setzero_ps()
             };
+            let (k1, m1) = if SUB16 {
+                (
+                    _mm256_loadu_ps(tile.scale.as_ptr().add((s0 + 1) * R)),
+                    if MIN {
+                        _mm256_loadu_ps(tile.min.as_ptr().add((s0 + 1) * R))
+                    } else {
+                        _mm256_setzero_ps()
+                    },
+                )
+            } else {
+                (k0, m0)
+            };
             for j in 0..TN {
-                let ap = aq[j].add(b * QB);
+                let ap = p[j].q.add(b * QB);
                 let group = |g: usize| {
                     let w = _mm256_loadu_si256(wq.add((b * 8 + g) * 32).cast());
                     let a = _mm256_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
-                    // |a| (Q8_K may hold −128: as unsigned 128) times w signed by a.
-                    _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a)),
-                        ones,
-                    )
+                    let pairs = if ABS_W {
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
+                    } else {
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a))
+                    };
+                    _mm256_madd_epi16(pairs, ones)
                 };
-                let da = _mm256_set1_ps(*acts.d.get_unchecked(ab[j] + b));
+                let da = _mm256_set1_ps(*p[j].d.add(b));
                 let x = _mm256_add_epi32(
                     _mm256_add_epi32(group(0), group(1)),
                     _mm256_add_epi32(group(2), group(3)),
@@ -199,20 +303,227 @@ unsafe fn avx2<const SUB16: bool, const MIN: bool>(
                 );
                 if SUB16 {
                     f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), _mm256_mul_ps(k0, da), f[j]);
+                    if MIN {
+                        let sa = _mm256_set1_ps(*p[j].sa.add(2 * b));
+                        f[j] = _mm256_fmadd_ps(m0, sa, f[j]);
+                    }
                     f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(y), _mm256_mul_ps(k1, da), f[j]);
+                    if MIN {
+                        let sa = _mm256_set1_ps(*p[j].sa.add(2 * b + 1));
+                        f[j] = _mm256_fmadd_ps(m1, sa, f[j]);
+                    }
                 } else {
                     let s = _mm256_add_epi32(x, y);
                     f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(k0, da), f[j]);
-                }
-                if MIN {
-                    let sa = _mm256_set1_ps(*acts.sa.get_unchecked(ab[j] + b));
-                    f[j] = _mm256_fmadd_ps(mn, sa, f[j]);
+                    if MIN {
+                        let sa = _mm256_set1_ps(*p[j].sa.add(b));
+                        f[j] = _mm256_fmadd_ps(m0, sa, f[j]);
+                    }
                 }
             }
         }
     }
-    for (o, v) in out.iter_mut().zip(f) {
+    for (o, v) in acc.iter_mut().zip(f) {
         // SAFETY: `o` holds 16 writable f32; 8 are written.
         unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
     }
+}
+
+/// Interleaves `r` rows of `n` bytes at `src` (`n` a multiple of 4) into `dst` with in-register
+/// dword transposes where the CPU has the level's instructions: 16 rows (AVX-512, 64 bytes of
+/// each row per step) or 8 rows (AVX2, 32 bytes per step), `shift` subtracted from every byte;
+/// the last bytes of a row that do not fill a step are copied dword by dword. `false`: not
+/// handled (the caller's portable loop runs). The caller checked that both buffers hold `r · n`
+/// bytes.
+pub(super) fn interleave(
+    src: *const u8,
+    dst: *mut u8,
+    r: usize,
+    n: usize,
+    shift: u8,
+    level: SimdLevel,
+) -> bool {
+    let step = match (r, level) {
+        (16, SimdLevel::Avx512) if SimdLevel::Avx512.available() && shift == 0 => 64,
+        (8, SimdLevel::Avx2 | SimdLevel::Avx512) if SimdLevel::Avx2.available() => 32,
+        _ => return false,
+    };
+    let full = n / step * step;
+    // SAFETY: the features of the chosen transpose were detected just above; both buffers hold
+    // r × n bytes (caller), and the transposes touch columns 0..full ≤ n of r rows.
+    unsafe {
+        if r == 16 {
+            interleave16(src, dst, n, full);
+        } else {
+            interleave8(src, dst, n, full, shift);
+        }
+    }
+    for k in 0..r {
+        for i in full / 4..n / 4 {
+            for b in 0..4 {
+                // SAFETY: row k < r, bytes 4i + b < n: inside both r × n buffers.
+                unsafe {
+                    *dst.add((i * r + k) * 4 + b) =
+                        (*src.add(k * n + 4 * i + b)).wrapping_sub(shift)
+                };
+            }
+        }
+    }
+    true
+}
+
+/// 16 rows of `n` bytes, columns `0..full` (a multiple of 64): per 64 columns, a 16 × 16 dword
+/// transpose.
+///
+/// # Safety
+/// AVX-512F available; `s` and `d` hold 16 × `n` bytes; `full ≤ n`.
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave16(s: *const u8, d: *mut u8, n: usize, full: usize) {
+    let mut c = 0;
+    while c < full {
+        // SAFETY: rows k < 16 at k·n + c .. + 64 ≤ 16·n; output dwords (c/4 + e)·16 .. + 16 for
+        // e < 16 end at (c + 64)·16 ≤ 16·n bytes.
+        unsafe {
+            let r: [__m512i; 16] =
+                std::array::from_fn(|k| _mm512_loadu_si512(s.add(k * n + c).cast()));
+            let t: [__m512i; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi32(a, b)
+                } else {
+                    _mm512_unpackhi_epi32(a, b)
+                }
+            });
+            // u[4a + c'] lane L = rows 4a..4a+4 at dword 4L + c'.
+            let u: [__m512i; 16] = std::array::from_fn(|i| {
+                let (a, cc) = (i / 4, i % 4);
+                let (lo, hi) = (t[4 * a + (cc / 2)], t[4 * a + 2 + (cc / 2)]);
+                if cc % 2 == 0 {
+                    _mm512_unpacklo_epi64(lo, hi)
+                } else {
+                    _mm512_unpackhi_epi64(lo, hi)
+                }
+            });
+            for cc in 0..4 {
+                let p0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[cc], u[4 + cc]);
+                let p1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[cc], u[4 + cc]);
+                let q0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[8 + cc], u[12 + cc]);
+                let q1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[8 + cc], u[12 + cc]);
+                let outs = [
+                    _mm512_shuffle_i32x4::<0b10_00_10_00>(p0, q0),
+                    _mm512_shuffle_i32x4::<0b11_01_11_01>(p0, q0),
+                    _mm512_shuffle_i32x4::<0b10_00_10_00>(p1, q1),
+                    _mm512_shuffle_i32x4::<0b11_01_11_01>(p1, q1),
+                ];
+                for (l, o) in outs.into_iter().enumerate() {
+                    let e = 4 * l + cc;
+                    _mm512_storeu_si512(d.add((c / 4 + e) * 64).cast(), o);
+                }
+            }
+        }
+        c += 64;
+    }
+}
+
+/// 8 rows of `n` bytes, columns `0..full` (a multiple of 32): per 32 columns, an 8 × 8 dword
+/// transpose, `shift` subtracted from every byte.
+///
+/// # Safety
+/// AVX2 available; `s` and `d` hold 8 × `n` bytes; `full ≤ n`.
+#[target_feature(enable = "avx2")]
+unsafe fn interleave8(s: *const u8, d: *mut u8, n: usize, full: usize, shift: u8) {
+    let sh = _mm256_set1_epi8(shift as i8);
+    let mut c = 0;
+    while c < full {
+        // SAFETY: rows k < 8 at k·n + c .. + 32 ≤ 8·n; outputs (c/4 + e)·32 .. + 32 for e < 8 end
+        // at (c + 32)·8 ≤ 8·n.
+        unsafe {
+            let r: [__m256i; 8] =
+                std::array::from_fn(|k| _mm256_loadu_si256(s.add(k * n + c).cast()));
+            let t: [__m256i; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_epi32(a, b)
+                } else {
+                    _mm256_unpackhi_epi32(a, b)
+                }
+            });
+            let u: [__m256i; 8] = std::array::from_fn(|i| {
+                let (a, cc) = (i / 4, i % 4);
+                let (lo, hi) = (t[4 * a + (cc / 2)], t[4 * a + 2 + (cc / 2)]);
+                if cc % 2 == 0 {
+                    _mm256_unpacklo_epi64(lo, hi)
+                } else {
+                    _mm256_unpackhi_epi64(lo, hi)
+                }
+            });
+            for cc in 0..4 {
+                let lo = _mm256_permute2x128_si256::<0x20>(u[cc], u[4 + cc]);
+                let hi = _mm256_permute2x128_si256::<0x31>(u[cc], u[4 + cc]);
+                _mm256_storeu_si256(d.add((c / 4 + cc) * 32).cast(), _mm256_sub_epi8(lo, sh));
+                _mm256_storeu_si256(d.add((c / 4 + 4 + cc) * 32).cast(), _mm256_sub_epi8(hi, sh));
+            }
+        }
+        c += 32;
+    }
+}
+
+/// The 16 bytes at `rows[k] + off` of 16 rows as four vectors of dwords, row `k` in lane `k`:
+/// `out[i]` lane `k` = dword `i` of row `k`'s 16 bytes (loads into 128-bit lanes, one in-lane
+/// 4 × 4 transpose). The building block of the direct tile loaders.
+///
+/// # Safety
+/// AVX-512F available; `rows[k] + off .. + 16` readable for every `k`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn rows16x4(rows: &[*const u8; 16], off: usize) -> [__m512i; 4] {
+    // SAFETY: 16 readable bytes at each rows[k] + off (caller).
+    let l = |k: usize| unsafe { _mm_loadu_si128(rows[k].add(off).cast()) };
+    // z[a] lane L = row a + 4L.
+    let z: [__m512i; 4] = std::array::from_fn(|a| {
+        let v = _mm512_castsi128_si512(l(a));
+        let v = _mm512_inserti32x4::<1>(v, l(a + 4));
+        let v = _mm512_inserti32x4::<2>(v, l(a + 8));
+        _mm512_inserti32x4::<3>(v, l(a + 12))
+    });
+    let t0 = _mm512_unpacklo_epi32(z[0], z[1]);
+    let t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    let t2 = _mm512_unpacklo_epi32(z[2], z[3]);
+    let t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// The f16 in the low (`HIGH` false) or high half of each dword lane, as 16 f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn f16_lanes<const HIGH: bool>(v: __m512i) -> __m512 {
+    let v = if HIGH { _mm512_srli_epi32::<16>(v) } else { v };
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+}
+
+/// Stores 64 bytes at `p`.
+///
+/// # Safety
+/// `p .. p + 64` writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store64(p: *mut u8, v: __m512i) {
+    // SAFETY: 64 writable bytes (caller); unaligned store.
+    unsafe { _mm512_storeu_si512(p.cast(), v) }
+}
+
+/// Stores 16 f32 at `p`.
+///
+/// # Safety
+/// `p .. p + 16` writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store16f(p: *mut f32, v: __m512) {
+    // SAFETY: 16 writable f32 (caller); unaligned store.
+    unsafe { _mm512_storeu_ps(p, v) }
 }

@@ -30,14 +30,14 @@ fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
 fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len();
     for (d, b) in dst.iter_mut().zip(src[..n * 2].chunks_exact(2)) {
-        *d = f16::from_bits(u16_at(b)).to_f32();
+        *d = f16_elem(b);
     }
 }
 
 fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len();
     for (d, b) in dst.iter_mut().zip(src[..n * 2].chunks_exact(2)) {
-        *d = f32::from_bits((u16_at(b) as u32) << 16);
+        *d = bf16_elem(b);
     }
 }
 
@@ -61,41 +61,42 @@ fn quantize_bf16(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// Scalar dot with 8 partial sums (keeps the error growth like the SIMD paths, and lets the
-/// compiler vectorise).
+/// Portable dot in the order of [`super::exact`] (element `i` into partial sum `i mod 64`,
+/// fused multiply-adds, one fixed reduction), every element widened exactly to f32 by `conv`.
 #[inline]
 fn dot_scalar_with(w: &[u8], a: &[u8], n: usize, wb: usize, conv: impl Fn(&[u8]) -> f32) -> f32 {
-    let w = &w[..n * wb];
-    let a = &a[..n * 4];
-    let mut acc = [0f32; 8];
-    let mut wc = w.chunks_exact(8 * wb);
-    let mut ac = a.chunks_exact(32);
-    for (w8, a8) in (&mut wc).zip(&mut ac) {
-        for k in 0..8 {
-            acc[k] += conv(&w8[k * wb..]) * f32_at(&a8[k * 4..]);
-        }
-    }
-    for (k, (wr, ar)) in wc
-        .remainder()
-        .chunks_exact(wb)
-        .zip(ac.remainder().chunks_exact(4))
-        .enumerate()
-    {
-        acc[k] += conv(wr) * f32_at(ar);
-    }
-    acc.iter().sum()
+    let (w, a) = (&w[..n * wb], &a[..n * 4]);
+    super::exact::finish(
+        &mut [0f32; super::exact::LANES],
+        0,
+        n,
+        |i| conv(&w[i * wb..]),
+        |i| f32_at(&a[i * 4..]),
+    )
 }
 
 fn dot_f32_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
     dot_scalar_with(w, a, n, 4, f32_at)
 }
 
+/// An F16 element as f32 (exact).
+#[inline]
+fn f16_elem(b: &[u8]) -> f32 {
+    f16::from_bits(u16_at(b)).to_f32()
+}
+
+/// A BF16 element as f32 (exact).
+#[inline]
+fn bf16_elem(b: &[u8]) -> f32 {
+    f32::from_bits((u16_at(b) as u32) << 16)
+}
+
 fn dot_f16_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_scalar_with(w, a, n, 2, |b| f16::from_bits(u16_at(b)).to_f32())
+    dot_scalar_with(w, a, n, 2, f16_elem)
 }
 
 fn dot_bf16_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_scalar_with(w, a, n, 2, |b| f32::from_bits((u16_at(b) as u32) << 16))
+    dot_scalar_with(w, a, n, 2, bf16_elem)
 }
 
 /// Dequantizer signature of [`QuantKernel`].
@@ -186,6 +187,8 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
+    use super::super::exact::{finish, LANES};
+
     pub(super) fn has_avx2() -> bool {
         is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
@@ -196,18 +199,11 @@ mod x86 {
         has_avx2() && is_x86_feature_detected!("avx512f")
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Loads 8 elements of `ty` at `w` (element index `i`) as f32 — the three formats share the
-    /// loop below.
+    /// The three formats share the loops below: `$load` widens 8 (AVX2) or 16 (AVX-512)
+    /// elements at `$p` to f32, `$scalar` is the type's portable dot and `$conv` its element
+    /// widening for the tail.
     macro_rules! dot_avx2 {
-        ($name:ident, $imp:ident, $wb:expr, $scalar:path, |$p:ident| $load:expr) => {
+        ($name:ident, $imp:ident, $wb:expr, $scalar:path, $conv:path, |$p:ident| $load:expr) => {
             pub(super) fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
                 if !has_avx2() {
                     return $scalar(w, a, n);
@@ -216,26 +212,37 @@ mod x86 {
                 unsafe { $imp(w, a, n) }
             }
 
+            /// 8 accumulators of 8 lanes: partial sum `8m + l` in lane `l` of accumulator `m`.
             #[target_feature(enable = "avx2,fma,f16c")]
             fn $imp(w: &[u8], a: &[u8], n: usize) -> f32 {
-                let w = &w[..n * $wb];
-                let a = &a[..n * 4];
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut wc = w.chunks_exact(32 * $wb);
-                let mut ac = a.chunks_exact(128);
-                for (w32, a32) in (&mut wc).zip(&mut ac) {
-                    for k in 0..4 {
-                        let $p = w32[k * 8 * $wb..].as_ptr();
-                        // SAFETY: w32 holds 32 elements and a32 32 f32; chunk k reads elements
-                        // 8k..8k+8 of each, in bounds. Unaligned loads.
-                        let (wv, av) =
-                            unsafe { ($load, _mm256_loadu_ps(a32[k * 32..].as_ptr().cast())) };
-                        acc[k] = _mm256_fmadd_ps(wv, av, acc[k]);
+                let (w, a) = (&w[..n * $wb], &a[..n * 4]);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let full = n / LANES * LANES;
+                let mut i = 0;
+                while i < full {
+                    for (m, s) in acc.iter_mut().enumerate() {
+                        let $p = w[(i + 8 * m) * $wb..].as_ptr();
+                        // SAFETY: elements i + 8m .. + 8 < full ≤ n of both rows; unaligned
+                        // loads.
+                        let (wv, av) = unsafe {
+                            ($load, _mm256_loadu_ps(a[(i + 8 * m) * 4..].as_ptr().cast()))
+                        };
+                        *s = _mm256_fmadd_ps(wv, av, *s);
                     }
+                    i += LANES;
                 }
-                let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                let tail = $scalar(wc.remainder(), ac.remainder(), n % 32);
-                hsum256(s) + tail
+                let mut p = [0f32; LANES];
+                for (m, v) in acc.iter().enumerate() {
+                    // SAFETY: `p[8m..8m + 8]` is writable; unaligned store.
+                    unsafe { _mm256_storeu_ps(p[8 * m..].as_mut_ptr(), *v) };
+                }
+                finish(
+                    &mut p,
+                    full,
+                    n,
+                    |k| $conv(&w[k * $wb..]),
+                    |k| super::f32_at(&a[k * 4..]),
+                )
             }
         };
     }
@@ -245,6 +252,7 @@ mod x86 {
         dot_f32_avx2_imp,
         4,
         super::dot_f32_scalar,
+        super::f32_at,
         |p| _mm256_loadu_ps(p.cast())
     );
     dot_avx2!(
@@ -252,6 +260,7 @@ mod x86 {
         dot_f16_avx2_imp,
         2,
         super::dot_f16_scalar,
+        super::f16_elem,
         |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     );
     dot_avx2!(
@@ -259,6 +268,7 @@ mod x86 {
         dot_bf16_avx2_imp,
         2,
         super::dot_bf16_scalar,
+        super::bf16_elem,
         |p| _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
             16
@@ -266,7 +276,7 @@ mod x86 {
     );
 
     macro_rules! dot_avx512 {
-        ($name:ident, $imp:ident, $wb:expr, $scalar:path, |$p:ident| $load:expr) => {
+        ($name:ident, $imp:ident, $wb:expr, $scalar:path, $conv:path, |$p:ident| $load:expr) => {
             pub(super) fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
                 if !has_avx512() {
                     return $scalar(w, a, n);
@@ -275,26 +285,40 @@ mod x86 {
                 unsafe { $imp(w, a, n) }
             }
 
+            /// 4 accumulators of 16 lanes: partial sum `16k + l` in lane `l` of accumulator `k`.
             #[target_feature(enable = "avx512f,avx2,fma,f16c")]
             fn $imp(w: &[u8], a: &[u8], n: usize) -> f32 {
-                let w = &w[..n * $wb];
-                let a = &a[..n * 4];
+                let (w, a) = (&w[..n * $wb], &a[..n * 4]);
                 let mut acc = [_mm512_setzero_ps(); 4];
-                let mut wc = w.chunks_exact(64 * $wb);
-                let mut ac = a.chunks_exact(256);
-                for (w64, a64) in (&mut wc).zip(&mut ac) {
-                    for k in 0..4 {
-                        let $p = w64[k * 16 * $wb..].as_ptr();
-                        // SAFETY: w64 holds 64 elements and a64 64 f32; chunk k reads elements
-                        // 16k..16k+16 of each, in bounds. Unaligned loads.
-                        let (wv, av) =
-                            unsafe { ($load, _mm512_loadu_ps(a64[k * 64..].as_ptr().cast())) };
-                        acc[k] = _mm512_fmadd_ps(wv, av, acc[k]);
+                let full = n / LANES * LANES;
+                let mut i = 0;
+                while i < full {
+                    for (k, s) in acc.iter_mut().enumerate() {
+                        let $p = w[(i + 16 * k) * $wb..].as_ptr();
+                        // SAFETY: elements i + 16k .. + 16 < full ≤ n of both rows; unaligned
+                        // loads.
+                        let (wv, av) = unsafe {
+                            (
+                                $load,
+                                _mm512_loadu_ps(a[(i + 16 * k) * 4..].as_ptr().cast()),
+                            )
+                        };
+                        *s = _mm512_fmadd_ps(wv, av, *s);
                     }
+                    i += LANES;
                 }
-                let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-                let tail = $scalar(wc.remainder(), ac.remainder(), n % 64);
-                _mm512_reduce_add_ps(s) + tail
+                let mut p = [0f32; LANES];
+                for (k, v) in acc.iter().enumerate() {
+                    // SAFETY: `p[16k..16k + 16]` is writable; unaligned store.
+                    unsafe { _mm512_storeu_ps(p[16 * k..].as_mut_ptr(), *v) };
+                }
+                finish(
+                    &mut p,
+                    full,
+                    n,
+                    |k| $conv(&w[k * $wb..]),
+                    |k| super::f32_at(&a[k * 4..]),
+                )
             }
         };
     }
@@ -304,6 +328,7 @@ mod x86 {
         dot_f32_avx512_imp,
         4,
         super::dot_f32_scalar,
+        super::f32_at,
         |p| _mm512_loadu_ps(p.cast())
     );
     dot_avx512!(
@@ -311,6 +336,7 @@ mod x86 {
         dot_f16_avx512_imp,
         2,
         super::dot_f16_scalar,
+        super::f16_elem,
         |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
     );
     dot_avx512!(
@@ -318,6 +344,7 @@ mod x86 {
         dot_bf16_avx512_imp,
         2,
         super::dot_bf16_scalar,
+        super::bf16_elem,
         |p| {
             _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),

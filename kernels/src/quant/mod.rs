@@ -1,5 +1,6 @@
-//! Quant block formats: dequantize, reference quantize, and dot products against activations
-//! quantized to each type's partner format. One file per block family.
+//! Quant block formats: dequantize, reference quantize, the int8 GEMM's converters and the
+//! reference dot products against activations quantized to each type's partner format. One file
+//! per block family.
 //!
 //! Weight rows are read in the GGUF block layout exactly as they lie in the file.
 
@@ -42,9 +43,12 @@ pub struct QuantKernel {
     pub dequantize_row: fn(src: &[u8], dst: &mut [f32]),
     /// Reference quantizer: `src.len()` elements (whole blocks) into `dst`.
     pub quantize_row: fn(src: &[f32], dst: &mut [u8]),
-    /// Dot product, the fastest variant this CPU supports (picked once at run time).
+    /// Dot product of one weight row with one activation row: for the float types the f32 dot
+    /// of the best level this CPU runs (every level gives the same bits); for the quantized types
+    /// the portable reference of the matmul's arithmetic ([`crate::gemm::dot_row`]; matmuls run
+    /// the int8 GEMM).
     pub dot: DotFn,
-    /// Name of the chosen dot variant (e.g. `"avx2"`, `"scalar"`), for reports.
+    /// Name of the dot variant (`"avx512"`, `"avx2"`, `"scalar"`), for reports.
     pub dot_variant: &'static str,
 }
 
@@ -123,9 +127,7 @@ fn variants(ty: GgmlType) -> Vec<QuantKernel> {
             legacy::kernel_variants(ty)
         }
         GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-            let mut v = kquants::kernel_variants(ty);
-            v.reverse();
-            v
+            kquants::kernel_variants(ty)
         }
         GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::MXFP4 => lut4::kernel_variants(ty),
         _ => Vec::new(),

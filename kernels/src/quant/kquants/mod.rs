@@ -2,22 +2,18 @@
 //!
 //! All K-quants use super-blocks of [`QK_K`] = 256 elements split into sub-blocks of 16 or 32
 //! elements, each with a small integer scale (and, for Q2_K/Q4_K/Q5_K, a minimum) relative to f16
-//! super-block scales. Dot products multiply the integer weight quants with Q8_K activation
-//! quants, apply the sub-block scales in integer arithmetic and handle the minimum terms through
-//! the activation block's 16-element sums (`bsums`), so a block costs one or two float
-//! multiply-adds.
-//!
-//! Each type has a portable scalar dot and an AVX2 (+FMA, F16C) variant; Q4_K, Q5_K and Q6_K
-//! also have AVX-512 (BW, VL, VNNI) variants and register tiles ([`tiles`]: 4 rows × 4 tokens, for
-//! batched matmuls). The best available variant is picked once per process. The SIMD dots
-//! prefetch weight blocks a few blocks ahead: decode streams every weight byte exactly once.
+//! super-block scales. Matmuls convert a block exactly into unsigned levels with one f32 scale
+//! (`d · sc`) and minimum (`−dmin · m`) per sub-block ([`int8_converter`], portable and AVX2) and
+//! compute in the one order of [`crate::gemm`]: per sub-block the integer sum of levels times
+//! Q8_K activation quants, one f32 multiply-add with its scale, one with its minimum times the
+//! activation block's scaled 16-element sums (`bsums`).
 
 use std::sync::OnceLock;
 
 use pshard_model::ggml_type::GgmlType;
 
-use super::legacy::TileFn;
 use super::{ActFormat, DotFn, QuantKernel};
+use crate::gemm::Converter;
 
 mod fit;
 pub mod q2k;
@@ -27,9 +23,7 @@ pub mod q5k;
 pub mod q6k;
 pub mod q8k;
 #[cfg(target_arch = "x86_64")]
-mod simd;
-#[cfg(target_arch = "x86_64")]
-mod tile;
+mod x86;
 
 pub use q8k::{dequantize_row_q8k, quantize_row_q8k};
 
@@ -43,8 +37,7 @@ pub enum Variant {
     Scalar,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
-    /// x86-64 AVX-512 F/BW/VL with VNNI (plus the AVX2 set). Q2_K and Q3_K have none: with
-    /// 512-bit operations on two ports it measured no faster than their AVX2 variants.
+    /// x86-64 AVX-512 F/BW/VL with VNNI (plus the AVX2 set).
     Avx512,
 }
 
@@ -96,108 +89,77 @@ fn detect_features() -> (bool, bool) {
     (false, false)
 }
 
-/// The per-type functions, with the dot variants the type implements.
+/// The per-type functions.
 struct TypeFns {
     dequantize_row: fn(&[u8], &mut [f32]),
     quantize_row: fn(&[f32], &mut [u8]),
-    scalar: DotFn,
-    avx2: Option<DotFn>,
-    avx512: Option<DotFn>,
+    dot: DotFn,
 }
+
+/// The reference dot of `ty` (the matmul's arithmetic for one output, portable).
+fn dot_ref(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let conv = int8_converter(ty).expect("a K-quant weight type");
+    crate::gemm::dot_row(&conv, ActFormat::Q8K, w, a, n)
+}
+
+macro_rules! ref_dot_fn {
+    ($name:ident, $ty:expr) => {
+        fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
+            dot_ref($ty, w, a, n)
+        }
+    };
+}
+ref_dot_fn!(dot_q2k, GgmlType::Q2_K);
+ref_dot_fn!(dot_q3k, GgmlType::Q3_K);
+ref_dot_fn!(dot_q4k, GgmlType::Q4_K);
+ref_dot_fn!(dot_q5k, GgmlType::Q5_K);
+ref_dot_fn!(dot_q6k, GgmlType::Q6_K);
 
 fn type_fns(ty: GgmlType) -> Option<TypeFns> {
-    #[cfg(target_arch = "x86_64")]
-    macro_rules! x86 {
-        ($f:expr) => {
-            Some($f as DotFn)
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    macro_rules! x86 {
-        ($f:expr) => {
-            None
-        };
-    }
-    let fns = match ty {
-        GgmlType::Q2_K => TypeFns {
-            dequantize_row: q2k::dequantize_row,
-            quantize_row: q2k::quantize_row,
-            scalar: q2k::dot_scalar,
-            avx2: x86!(q2k::dot_avx2),
-            avx512: None,
-        },
-        GgmlType::Q3_K => TypeFns {
-            dequantize_row: q3k::dequantize_row,
-            quantize_row: q3k::quantize_row,
-            scalar: q3k::dot_scalar,
-            avx2: x86!(q3k::dot_avx2),
-            avx512: None,
-        },
-        GgmlType::Q4_K => TypeFns {
-            dequantize_row: q4k::dequantize_row,
-            quantize_row: q4k::quantize_row,
-            scalar: q4k::dot_scalar,
-            avx2: x86!(q4k::dot_avx2),
-            avx512: x86!(q4k::dot_avx512),
-        },
-        GgmlType::Q5_K => TypeFns {
-            dequantize_row: q5k::dequantize_row,
-            quantize_row: q5k::quantize_row,
-            scalar: q5k::dot_scalar,
-            avx2: x86!(q5k::dot_avx2),
-            avx512: x86!(q5k::dot_avx512),
-        },
-        GgmlType::Q6_K => TypeFns {
-            dequantize_row: q6k::dequantize_row,
-            quantize_row: q6k::quantize_row,
-            scalar: q6k::dot_scalar,
-            avx2: x86!(q6k::dot_avx2),
-            avx512: x86!(q6k::dot_avx512),
-        },
-        _ => return None,
+    let fns = |dequantize_row, quantize_row, dot| TypeFns {
+        dequantize_row,
+        quantize_row,
+        dot,
     };
-    Some(fns)
+    Some(match ty {
+        GgmlType::Q2_K => fns(q2k::dequantize_row, q2k::quantize_row, dot_q2k),
+        GgmlType::Q3_K => fns(q3k::dequantize_row, q3k::quantize_row, dot_q3k),
+        GgmlType::Q4_K => fns(q4k::dequantize_row, q4k::quantize_row, dot_q4k),
+        GgmlType::Q5_K => fns(q5k::dequantize_row, q5k::quantize_row, dot_q5k),
+        GgmlType::Q6_K => fns(q6k::dequantize_row, q6k::quantize_row, dot_q6k),
+        _ => return None,
+    })
 }
 
-/// The kernel of a K-quant type using dot variant `variant`; `None` if `ty` is not one of
-/// Q2_K..Q6_K, the type has no such variant, or this CPU cannot run it.
+/// The kernel of a K-quant type: its dot is the portable reference of the matmul's arithmetic
+/// (matmuls run the int8 GEMM, [`crate::gemm`]); `None` if `ty` is not one of Q2_K..Q6_K or
+/// `variant` is not `Scalar` (the only dot).
 pub fn kernel_variant(ty: GgmlType, variant: Variant) -> Option<QuantKernel> {
     let fns = type_fns(ty)?;
-    if !variant.available() {
+    if variant != Variant::Scalar {
         return None;
     }
-    let dot = match variant {
-        Variant::Scalar => Some(fns.scalar),
-        Variant::Avx2 => fns.avx2,
-        Variant::Avx512 => fns.avx512,
-    }?;
     Some(QuantKernel {
         ty,
         act: ActFormat::Q8K,
         dequantize_row: fns.dequantize_row,
         quantize_row: fns.quantize_row,
-        dot,
+        dot: fns.dot,
         dot_variant: variant.name(),
     })
 }
 
-/// Every kernel variant of `ty` this CPU can run, slowest (scalar) first; empty if `ty` is not a
-/// K-quant weight type.
+/// The kernels of `ty` (one: the reference dot); empty if `ty` is not a K-quant weight type.
 pub fn kernel_variants(ty: GgmlType) -> Vec<QuantKernel> {
-    Variant::ALL
-        .iter()
-        .filter_map(|&v| kernel_variant(ty, v))
-        .collect()
+    kernel_variant(ty, Variant::Scalar).into_iter().collect()
 }
 
-/// The kernel of a K-quant type with the fastest dot variant this CPU supports.
+/// The kernel of a K-quant type.
 ///
 /// # Panics
 /// If `ty` is not Q2_K, Q3_K, Q4_K, Q5_K or Q6_K (the quant module dispatches only those here).
 pub fn kernel(ty: GgmlType) -> QuantKernel {
-    kernel_variants(ty)
-        .pop()
-        .unwrap_or_else(|| panic!("{} is not a K-quant weight type", ty.name()))
+    scalar_kernel(ty)
 }
 
 /// The portable scalar kernel of a K-quant type.
@@ -209,58 +171,40 @@ pub fn scalar_kernel(ty: GgmlType) -> QuantKernel {
         .unwrap_or_else(|| panic!("{} is not a K-quant weight type", ty.name()))
 }
 
-/// Register-tile kernels for `ty` on this CPU, if it has them: (`TILE` × `TILE` tokens, `TILE`
-/// rows × 1 token), with the same contract (`TileFn`) as the legacy types' tiles. Present for Q4_K, Q5_K
-/// and Q6_K with AVX-512 VNNI.
-pub fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        tile::tiles(ty)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        None
-    }
-}
-
-/// The int8 GEMM's converter of a K-quant type (see [`crate::gemm::Converter`]); Q2_K has none
-/// (its per-16 minima would need per-16 activation sums) and takes the row dots.
-pub(crate) fn int8_converter(ty: GgmlType) -> Option<crate::gemm::Converter> {
-    let (sub16, min, row): (bool, bool, crate::gemm::ConvertFn) = match ty {
-        GgmlType::Q3_K => (true, false, q3k::to_int8),
-        GgmlType::Q4_K => (false, true, q4k::to_int8),
-        GgmlType::Q5_K => (false, true, q5k::to_int8),
-        GgmlType::Q6_K => (true, false, q6k::to_int8),
+/// The int8 GEMM's converter of a K-quant type (see [`crate::gemm::Converter`]).
+pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
+    let (sub16, min, offset, row): (bool, bool, u8, crate::gemm::ConvertFn) = match ty {
+        GgmlType::Q2_K => (true, true, 0, q2k::convert),
+        GgmlType::Q3_K => (true, false, 4, q3k::convert),
+        GgmlType::Q4_K => (false, true, 0, q4k::convert),
+        GgmlType::Q5_K => (false, true, 0, q5k::convert),
+        GgmlType::Q6_K => (true, false, 32, q6k::convert),
         _ => return None,
     };
-    Some(crate::gemm::Converter { sub16, min, row })
+    #[cfg(target_arch = "x86_64")]
+    let (fast, tile16) = (x86::converter(ty), x86::tile16(ty));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (fast, tile16) = (None, None);
+    Some(Converter {
+        ty,
+        sub16,
+        min,
+        offset,
+        row,
+        fast,
+        tile16,
+    })
 }
 
-/// Checks the arguments of a dot product and returns the number of blocks.
-///
-/// # Panics
-/// If `n` is not a multiple of [`QK_K`] or a row is shorter than `n` elements need (callers
-/// validate shapes when a model loads, so this is a programming error).
-fn check_dot_args(w: &[u8], a: &[u8], n: usize, block_bytes: usize, name: &str) -> usize {
-    assert!(
-        n.is_multiple_of(QK_K),
-        "{name} dot: n = {n} is not a multiple of {QK_K}"
-    );
-    let nb = n / QK_K;
-    assert!(
-        w.len() >= nb * block_bytes,
-        "{name} dot: weight row has {} bytes, {n} elements need {}",
-        w.len(),
-        nb * block_bytes
-    );
-    assert!(
-        a.len() >= nb * q8k::BLOCK_BYTES,
-        "{name} dot: Q8_K activation row has {} bytes, {n} elements need {}",
-        a.len(),
-        nb * q8k::BLOCK_BYTES
-    );
-    nb
+/// The GEMM factors of a Q4_K/Q5_K block: per sub-block of 32 the scale `d · sc` and the
+/// minimum `−dmin · m`.
+fn k4_factors(b: &[u8], scales: &mut [f32], mins: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, mn) = unpack_scales_mins_k4(&b[4..16]);
+    for j in 0..8 {
+        scales[j] = d * sc[j] as f32;
+        mins[j] = -dmin * mn[j] as f32;
+    }
 }
 
 /// Checks the arguments of a row conversion and returns the number of blocks.
@@ -293,17 +237,6 @@ fn put_f16(b: &mut [u8], off: usize, v: f32) -> f32 {
     let h = half::f16::from_f32(v);
     b[off..off + 2].copy_from_slice(&h.to_le_bytes());
     h.to_f32()
-}
-
-/// The 16 sums of 16 consecutive Q8_K quants of one block.
-#[inline]
-fn act_bsums(ab: &[u8]) -> [i32; 16] {
-    let mut s = [0i32; 16];
-    for (k, v) in s.iter_mut().enumerate() {
-        let o = q8k::BSUMS + 2 * k;
-        *v = i16::from_le_bytes([ab[o], ab[o + 1]]) as i32;
-    }
-    s
 }
 
 /// Unpacks the 12-byte Q4_K/Q5_K scale field into 8 six-bit scales and 8 six-bit mins.

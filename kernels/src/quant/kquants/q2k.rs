@@ -6,15 +6,15 @@
 //! Value: `d · (scales[e/16] & 15) · q − dmin · (scales[e/16] >> 4)`.
 
 use super::fit::{fit_affine, quantize_scales_unsigned};
-use super::{act_bsums, check_dot_args, check_row_args, f16_at, nearest_i32, put_f16, q8k, QK_K};
+use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 
 /// Bytes per Q2_K block.
 pub const BLOCK_BYTES: usize = 84;
 const QS: usize = 16;
-const D: usize = 80;
+pub(super) const D: usize = 80;
 
 /// The 2-bit quants of one block in element order.
-fn unpack_quants(b: &[u8]) -> [u8; QK_K] {
+pub(super) fn unpack_quants(b: &[u8]) -> [u8; QK_K] {
     let mut q = [0u8; QK_K];
     for (h, half) in q.chunks_exact_mut(128).enumerate() {
         let bytes = &b[QS + 32 * h..QS + 32 * h + 32];
@@ -88,98 +88,28 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// Portable dot product of a Q2_K row with a Q8_K row of `n` elements.
-///
-/// # Panics
-/// If `n` is not a multiple of 256 or a row is too short.
-pub fn dot_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    let nb = check_dot_args(w, a, n, BLOCK_BYTES, "Q2_K");
-    let mut acc = 0.0f32;
-    for (b, ab) in w
+/// The GEMM factors of one block: per sub-block of 16 the scale `d · (sc & 15)` and the minimum
+/// `−dmin · (sc >> 4)`.
+pub(super) fn factors(b: &[u8], scales: &mut [f32], mins: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, D), f16_at(b, D + 2));
+    for j in 0..16 {
+        scales[j] = d * (b[j] & 15) as f32;
+        mins[j] = -dmin * (b[j] >> 4) as f32;
+    }
+}
+
+/// The portable converter ([`crate::gemm::ConvertFn`]): levels 0..=3, offset 0.
+pub(crate) fn convert(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    for (i, b) in src
         .chunks_exact(BLOCK_BYTES)
-        .zip(a.chunks_exact(q8k::BLOCK_BYTES))
-        .take(nb)
+        .take(u.len() / QK_K)
+        .enumerate()
     {
-        let (d, dmin) = (f16_at(b, D), f16_at(b, D + 2));
-        let da = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
-        let q = unpack_quants(b);
-        let qa = &ab[q8k::QS..q8k::QS + QK_K];
-        let bs = act_bsums(ab);
-        let (mut sumi, mut summ) = (0i32, 0i32);
-        for j in 0..16 {
-            let s: i32 = (16 * j..16 * j + 16)
-                .map(|e| q[e] as i32 * qa[e] as i8 as i32)
-                .sum();
-            sumi += (b[j] & 15) as i32 * s;
-            summ += (b[j] >> 4) as i32 * bs[j];
-        }
-        acc += da * (d * sumi as f32 - dmin * summ as f32);
-    }
-    acc
-}
-
-/// AVX2 dot product (safe wrapper; falls back to scalar if AVX2 is missing).
-#[cfg(target_arch = "x86_64")]
-pub(super) fn dot_avx2(w: &[u8], a: &[u8], n: usize) -> f32 {
-    let nb = check_dot_args(w, a, n, BLOCK_BYTES, "Q2_K");
-    if !super::Variant::Avx2.available() {
-        return dot_scalar(w, a, n);
-    }
-    // SAFETY: AVX2/FMA/F16C were detected just above; check_dot_args verified that `w` holds nb
-    // Q2_K blocks and `a` nb Q8_K blocks, which is all x86::dot_avx2 reads.
-    unsafe { x86::dot_avx2(w.as_ptr(), a.as_ptr(), nb) }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::super::q8k;
-    use super::super::simd::{f16x2, f32_at, hsum_ps, load128, load256, pair_mask, prefetch_ahead};
-    use super::{BLOCK_BYTES, D, QS};
-
-    /// # Safety
-    /// `w` must hold `nb` Q2_K blocks and `a` `nb` Q8_K blocks; AVX2, FMA and F16C available.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(w: *const u8, a: *const u8, nb: usize) -> f32 {
-        let m3 = _mm256_set1_epi8(3);
-        let m4 = _mm_set1_epi8(0x0f);
-        let mut acc = _mm256_setzero_ps();
-        let mut accm = _mm256_setzero_ps();
-        for i in 0..nb {
-            // SAFETY: i < nb, so both blocks lie inside the rows the caller vouched for; every
-            // offset below stays within one block.
-            unsafe {
-                let wb = w.add(i * BLOCK_BYTES);
-                prefetch_ahead(wb, BLOCK_BYTES);
-                let ab = a.add(i * q8k::BLOCK_BYTES);
-                let (d, dmin) = f16x2(wb.add(D));
-                let da = f32_at(ab);
-                let raw = load128(wb);
-                let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4));
-                let mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-                let pm = _mm256_madd_epi16(load256(ab.add(q8k::BSUMS)), mn16);
-                let mut sumi = _mm256_setzero_si256();
-                for h in 0..2 {
-                    let scv = if h == 0 {
-                        _mm256_permute2x128_si256(sc16, sc16, 0x00)
-                    } else {
-                        _mm256_permute2x128_si256(sc16, sc16, 0x11)
-                    };
-                    let mut q = load256(wb.add(QS + 32 * h));
-                    for j in 0..4 {
-                        let u = _mm256_and_si256(q, m3);
-                        q = _mm256_srli_epi16(q, 2);
-                        let av = load256(ab.add(q8k::QS + 128 * h + 32 * j));
-                        let p = _mm256_maddubs_epi16(u, av);
-                        let s = _mm256_shuffle_epi8(scv, pair_mask(2 * j, 2 * j + 1));
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
-                    }
-                }
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sumi), acc);
-                accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin * da), _mm256_cvtepi32_ps(pm), accm);
-            }
-        }
-        hsum_ps(acc) - hsum_ps(accm)
+        factors(
+            b,
+            &mut scales[16 * i..16 * i + 16],
+            &mut mins[16 * i..16 * i + 16],
+        );
+        u[QK_K * i..QK_K * (i + 1)].copy_from_slice(&unpack_quants(b));
     }
 }

@@ -8,17 +8,17 @@
 //! `scales[8 + i%4]`. Value: `d · (scale[e/16] − 32) · q`.
 
 use super::fit::{fit_symmetric, quantize_scales_signed};
-use super::{check_dot_args, check_row_args, f16_at, nearest_i32, put_f16, q8k, QK_K};
+use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 
 /// Bytes per Q3_K block.
 pub const BLOCK_BYTES: usize = 110;
 const QS: usize = 32;
-const SC: usize = 96;
-const D: usize = 108;
+pub(super) const SC: usize = 96;
+pub(super) const D: usize = 108;
 
 /// The 16 signed scales (−32..31) of a block from its 12-byte scale field.
 #[inline]
-fn unpack_scales(s: &[u8]) -> [i8; 16] {
+pub(super) fn unpack_scales(s: &[u8]) -> [i8; 16] {
     let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
     let (a0, a1, t) = (w(0), w(1), w(2));
     let parts = [
@@ -62,23 +62,24 @@ fn unpack_quants(b: &[u8]) -> [u8; QK_K] {
     q
 }
 
-/// The int8 GEMM's converter ([`crate::gemm::Converter`]): `q.len()` elements as `(q − 4) ·
-/// scale` per sub-block of 16 (`scale = d·sc`).
-pub(crate) fn to_int8(src: &[u8], q: &mut [i8], scales: &mut [f32], _mins: &mut [f32]) {
+/// The GEMM factors of one block: per sub-block of 16 the scale `d · sc`.
+pub(super) fn factors(b: &[u8], scales: &mut [f32]) {
+    let d = f16_at(b, D);
+    let sc = unpack_scales(&b[SC..SC + 12]);
+    for j in 0..16 {
+        scales[j] = d * sc[j] as f32;
+    }
+}
+
+/// The portable converter ([`crate::gemm::ConvertFn`]): levels 0..=7, offset 4.
+pub(crate) fn convert(src: &[u8], u: &mut [u8], scales: &mut [f32], _mins: &mut [f32]) {
     for (i, b) in src
         .chunks_exact(BLOCK_BYTES)
-        .take(q.len() / QK_K)
+        .take(u.len() / QK_K)
         .enumerate()
     {
-        let d = f16_at(b, D);
-        let sc = unpack_scales(&b[SC..SC + 12]);
-        for j in 0..16 {
-            scales[16 * i + j] = d * sc[j] as f32;
-        }
-        let u = unpack_quants(b);
-        for (o, &v) in q[QK_K * i..QK_K * (i + 1)].iter_mut().zip(&u) {
-            *o = v as i8 - 4;
-        }
+        factors(b, &mut scales[16 * i..16 * i + 16]);
+        u[QK_K * i..QK_K * (i + 1)].copy_from_slice(&unpack_quants(b));
     }
 }
 
@@ -137,104 +138,5 @@ pub fn quantize_row(src: &[f32], dst: &mut [u8]) {
                 b[l] |= (u >> 2) << (4 * h + g);
             }
         }
-    }
-}
-
-/// Portable dot product of a Q3_K row with a Q8_K row of `n` elements.
-///
-/// # Panics
-/// If `n` is not a multiple of 256 or a row is too short.
-pub fn dot_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    let nb = check_dot_args(w, a, n, BLOCK_BYTES, "Q3_K");
-    let mut acc = 0.0f32;
-    for (b, ab) in w
-        .chunks_exact(BLOCK_BYTES)
-        .zip(a.chunks_exact(q8k::BLOCK_BYTES))
-        .take(nb)
-    {
-        let d = f16_at(b, D);
-        let da = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
-        let sc = unpack_scales(&b[SC..SC + 12]);
-        let q = unpack_quants(b);
-        let qa = &ab[q8k::QS..q8k::QS + QK_K];
-        let mut sumi = 0i32;
-        for (j, &scale) in sc.iter().enumerate() {
-            let s: i32 = (16 * j..16 * j + 16)
-                .map(|e| (q[e] as i32 - 4) * qa[e] as i8 as i32)
-                .sum();
-            sumi += scale as i32 * s;
-        }
-        acc += da * d * sumi as f32;
-    }
-    acc
-}
-
-/// AVX2 dot product (safe wrapper; falls back to scalar if AVX2 is missing).
-#[cfg(target_arch = "x86_64")]
-pub(super) fn dot_avx2(w: &[u8], a: &[u8], n: usize) -> f32 {
-    let nb = check_dot_args(w, a, n, BLOCK_BYTES, "Q3_K");
-    if !super::Variant::Avx2.available() {
-        return dot_scalar(w, a, n);
-    }
-    // SAFETY: AVX2/FMA/F16C were detected just above; check_dot_args verified that `w` holds nb
-    // Q3_K blocks and `a` nb Q8_K blocks, which is all x86::dot_avx2 reads.
-    unsafe { x86::dot_avx2(w.as_ptr(), a.as_ptr(), nb) }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::super::q8k;
-    use super::super::simd::{f16_1, f32_at, hsum_ps, load256, pair_mask, prefetch_ahead};
-    use super::{unpack_scales, BLOCK_BYTES, D, QS, SC};
-
-    /// # Safety
-    /// `w` must hold `nb` Q3_K blocks and `a` `nb` Q8_K blocks; AVX2, FMA and F16C available.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_avx2(w: *const u8, a: *const u8, nb: usize) -> f32 {
-        let m3 = _mm256_set1_epi8(3);
-        let one = _mm256_set1_epi8(1);
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
-            // SAFETY: i < nb, so both blocks lie inside the rows the caller vouched for; every
-            // offset below stays within one block.
-            unsafe {
-                let wb = w.add(i * BLOCK_BYTES);
-                prefetch_ahead(wb, BLOCK_BYTES);
-                let ab = a.add(i * q8k::BLOCK_BYTES);
-                let d = f16_1(wb.add(D));
-                let da = f32_at(ab);
-                let sc = unpack_scales(std::slice::from_raw_parts(wb.add(SC), 12));
-                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr().cast()));
-                // Quants are stored +4: subtract 4 · Σ scale · bsum at the end.
-                let offs = _mm256_madd_epi16(load256(ab.add(q8k::BSUMS)), sc16);
-                // Shifted right by one per group so that bit 0 holds the current high bit.
-                let mut hm = load256(wb);
-                let mut sumi = _mm256_setzero_si256();
-                for h in 0..2 {
-                    let scv = if h == 0 {
-                        _mm256_permute2x128_si256(sc16, sc16, 0x00)
-                    } else {
-                        _mm256_permute2x128_si256(sc16, sc16, 0x11)
-                    };
-                    let mut q = load256(wb.add(QS + 32 * h));
-                    for j in 0..4 {
-                        let low = _mm256_and_si256(q, m3);
-                        q = _mm256_srli_epi16(q, 2);
-                        let high = _mm256_slli_epi16(_mm256_and_si256(hm, one), 2);
-                        hm = _mm256_srli_epi16(hm, 1);
-                        let u = _mm256_or_si256(low, high);
-                        let av = load256(ab.add(q8k::QS + 128 * h + 32 * j));
-                        let p = _mm256_maddubs_epi16(u, av);
-                        let s = _mm256_shuffle_epi8(scv, pair_mask(2 * j, 2 * j + 1));
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
-                    }
-                }
-                sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offs, 2));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * da), _mm256_cvtepi32_ps(sumi), acc);
-            }
-        }
-        hsum_ps(acc)
     }
 }

@@ -11,46 +11,21 @@
 //! Nibbles: element `j` is the low nibble of byte `j`, element `j + 16` the high nibble. For the
 //! 5-bit types bit `j` of `qh` (little-endian) is bit 4 of element `j`.
 //!
-//! A dot product works block by block in integers, `Σ q_w q_a`, scaled by `d_w d_a`; the types with
-//! a minimum add `m_w s_a`, where `s_a = d_a Σ q_a` is the Q8_1 block's stored sum.
+//! Matmuls convert blocks exactly to `(u − offset) · d + m` ([`int8_converter`]) and compute in the
+//! one order of [`crate::gemm`]: per block `Σ (u − offset) q_a` in integers, scaled by `d_w d_a`;
+//! the types with a minimum add `m_w s_a`, where `s_a` is the Q8_1 block's stored sum.
 
 use std::sync::OnceLock;
 
 use half::f16;
 use pshard_model::ggml_type::GgmlType;
 
-use super::act::{f16_at, quantize_row_q8_0, Q8_0_BYTES, Q8_1_BYTES, QK8};
+use super::act::{f16_at, quantize_row_q8_0, QK8};
 use super::{ActFormat, DotFn, QuantKernel};
+use crate::gemm::Converter;
 
-#[cfg(target_arch = "x86_64")]
-mod tile;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
-
-/// Rows and tokens of a full register tile.
-pub(crate) const TILE: usize = 4;
-
-/// A register tile: `out[r][t] = dot(w[r], a[t])` over `n` elements for `TILE` weight rows and
-/// up to `TILE` activation rows; slots the caller does not need may repeat a used row (their
-/// results are ignored). `next` holds the weight rows the caller computes next (back to back,
-/// possibly empty): they are prefetched alongside, so a single thread streaming weights from
-/// DRAM overlaps loading with computing.
-pub(crate) type TileFn =
-    fn(w: &[&[u8]; TILE], a: &[&[u8]; TILE], next: &[u8], n: usize, out: &mut [[f32; TILE]; TILE]);
-
-/// Register-tile kernels for `ty` on this CPU, if it has them: (`TILE` × `TILE` tokens,
-/// `TILE` rows × 1 token).
-pub(crate) fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        tile::tiles(ty)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        None
-    }
-}
 
 /// Elements per block of every legacy type.
 pub const QK: usize = QK8;
@@ -84,155 +59,162 @@ fn u32_at(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// A decoded block: integer levels `q` with `value = q * d + m`.
-struct Decoded {
-    q: [i32; QK],
-    d: f32,
-    m: f32,
-}
-
-#[inline]
-fn nibbles(qs: &[u8], q: &mut [i32; QK], high: u32, offset: i32) {
-    for j in 0..16 {
-        let lo = (qs[j] & 0x0F) as u32 | ((high >> j) & 1) << 4;
-        let hi = (qs[j] >> 4) as u32 | ((high >> (j + 16)) & 1) << 4;
-        q[j] = lo as i32 - offset;
-        q[j + 16] = hi as i32 - offset;
-    }
-}
-
-#[inline]
-fn decode_q4_0(b: &[u8]) -> Decoded {
-    let mut q = [0; QK];
-    nibbles(&b[2..18], &mut q, 0, 8);
-    Decoded {
-        q,
-        d: f16_at(b),
-        m: 0.0,
-    }
-}
-
-#[inline]
-fn decode_q4_1(b: &[u8]) -> Decoded {
-    let mut q = [0; QK];
-    nibbles(&b[4..20], &mut q, 0, 0);
-    Decoded {
-        q,
-        d: f16_at(b),
-        m: f16_at(&b[2..]),
-    }
-}
-
-#[inline]
-fn decode_q5_0(b: &[u8]) -> Decoded {
-    let mut q = [0; QK];
-    nibbles(&b[6..22], &mut q, u32_at(&b[2..6]), 16);
-    Decoded {
-        q,
-        d: f16_at(b),
-        m: 0.0,
-    }
-}
-
-#[inline]
-fn decode_q5_1(b: &[u8]) -> Decoded {
-    let mut q = [0; QK];
-    nibbles(&b[8..24], &mut q, u32_at(&b[4..8]), 0);
-    Decoded {
-        q,
-        d: f16_at(b),
-        m: f16_at(&b[2..]),
-    }
-}
-
-#[inline]
-fn decode_q8_0(b: &[u8]) -> Decoded {
-    let mut q = [0; QK];
-    for (qi, &v) in q.iter_mut().zip(&b[2..34]) {
-        *qi = v as i8 as i32;
-    }
-    Decoded {
-        q,
-        d: f16_at(b),
-        m: 0.0,
-    }
-}
-
-/// Dequantizes whole blocks (`dst.len()` elements) of a legacy type.
-fn dequantize_with(src: &[u8], dst: &mut [f32], bytes: usize, decode: impl Fn(&[u8]) -> Decoded) {
+/// Dequantizes whole blocks (`dst.len()` elements) of a legacy type: `(u − offset) · d + m` from
+/// the converter's exact levels and factors.
+fn dequantize_with(src: &[u8], dst: &mut [f32], ty: GgmlType) {
     assert!(
         dst.len().is_multiple_of(QK),
         "element count {} is not a whole number of blocks",
         dst.len()
     );
+    let l = layout(ty);
     let nb = dst.len() / QK;
-    for (b, y) in src[..nb * bytes]
-        .chunks_exact(bytes)
+    let mut u = [0u8; QK];
+    let (mut d, mut m) = ([0f32; 1], [0f32; 1]);
+    for (b, y) in src[..nb * l.bytes]
+        .chunks_exact(l.bytes)
         .zip(dst.chunks_exact_mut(QK))
     {
-        let dec = decode(b);
-        for (yi, &q) in y.iter_mut().zip(&dec.q) {
-            *yi = q as f32 * dec.d + dec.m;
+        convert_with(b, &mut u, &mut d, &mut m, l);
+        for (yi, &q) in y.iter_mut().zip(&u) {
+            *yi = (q as i32 - l.offset as i32) as f32 * d[0] + m[0];
         }
     }
 }
 
 macro_rules! dequant_fn {
-    ($name:ident, $bytes:expr, $decode:ident) => {
+    ($name:ident, $ty:expr) => {
         fn $name(src: &[u8], dst: &mut [f32]) {
-            dequantize_with(src, dst, $bytes, $decode)
+            dequantize_with(src, dst, $ty)
         }
     };
 }
-dequant_fn!(dequantize_q4_0, 18, decode_q4_0);
-dequant_fn!(dequantize_q4_1, 20, decode_q4_1);
-dequant_fn!(dequantize_q5_0, 22, decode_q5_0);
-dequant_fn!(dequantize_q5_1, 24, decode_q5_1);
-dequant_fn!(dequantize_q8_0, 34, decode_q8_0);
+dequant_fn!(dequantize_q4_0, GgmlType::Q4_0);
+dequant_fn!(dequantize_q4_1, GgmlType::Q4_1);
+dequant_fn!(dequantize_q5_0, GgmlType::Q5_0);
+dequant_fn!(dequantize_q5_1, GgmlType::Q5_1);
+dequant_fn!(dequantize_q8_0, GgmlType::Q8_0);
 
-/// The int8 GEMM's converter ([`crate::gemm`]) for a legacy type: `q.len()` elements of the row
-/// `src` as `q · scale + min` per block of 32 (one scale and one minimum per block).
-fn to_int8_with(
-    src: &[u8],
-    q: &mut [i8],
-    scales: &mut [f32],
-    mins: &mut [f32],
-    bytes: usize,
-    decode: impl Fn(&[u8]) -> Decoded,
-) {
-    let nb = q.len() / QK;
-    for (i, b) in src[..nb * bytes].chunks_exact(bytes).enumerate() {
-        let dec = decode(b);
-        for (o, &v) in q[i * QK..(i + 1) * QK].iter_mut().zip(&dec.q) {
-            *o = v as i8;
+/// Where a legacy block keeps its fields, for the converters.
+#[derive(Clone, Copy)]
+pub(crate) struct Layout {
+    /// Bytes per block.
+    pub bytes: usize,
+    /// Offset of the 16 nibble bytes (or of Q8_0's 32 quants).
+    pub qs: usize,
+    /// Offset of the 32-bit word of fifth bits (Q5_0, Q5_1).
+    pub qh: Option<usize>,
+    /// Offset of the f16 minimum (Q4_1, Q5_1).
+    pub m: Option<usize>,
+    /// Q8_0: 32 signed quants instead of nibbles.
+    pub eight: bool,
+    /// The converter's offset: the level is `u − offset`.
+    pub offset: u8,
+}
+
+/// The block layout of a legacy type.
+///
+/// # Panics
+/// For a non-legacy type.
+pub(crate) fn layout(ty: GgmlType) -> Layout {
+    let l = |bytes, qs, qh, m, offset| Layout {
+        bytes,
+        qs,
+        qh,
+        m,
+        eight: false,
+        offset,
+    };
+    match ty {
+        GgmlType::Q4_0 => l(18, 2, None, None, 8),
+        GgmlType::Q4_1 => l(20, 4, None, Some(2), 0),
+        GgmlType::Q5_0 => l(22, 6, Some(2), None, 16),
+        GgmlType::Q5_1 => l(24, 8, Some(4), Some(2), 0),
+        GgmlType::Q8_0 => Layout {
+            eight: true,
+            ..l(34, 2, None, None, 128)
+        },
+        _ => panic!("legacy kernels do not handle {ty}"),
+    }
+}
+
+/// The portable converter of a legacy type ([`crate::gemm::ConvertFn`]): per block of 32 the
+/// levels as unsigned bytes (Q8_0's quants offset by 128), the scale `d` and the minimum `m`.
+fn convert_with(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32], l: Layout) {
+    let nb = u.len() / QK;
+    for (i, b) in src[..nb * l.bytes].chunks_exact(l.bytes).enumerate() {
+        let y = &mut u[i * QK..(i + 1) * QK];
+        if l.eight {
+            for (o, &v) in y.iter_mut().zip(&b[l.qs..l.qs + QK]) {
+                *o = v ^ 0x80;
+            }
+        } else {
+            let high = l.qh.map_or(0, |o| u32_at(&b[o..]));
+            let qs = &b[l.qs..l.qs + 16];
+            for j in 0..16 {
+                y[j] = (qs[j] & 0x0F) | (((high >> j) & 1) << 4) as u8;
+                y[j + 16] = (qs[j] >> 4) | (((high >> (j + 16)) & 1) << 4) as u8;
+            }
         }
-        scales[i] = dec.d;
-        mins[i] = dec.m;
+        scales[i] = f16_at(b);
+        if let Some(m) = l.m {
+            mins[i] = f16_at(&b[m..]);
+        }
     }
 }
 
 /// The int8 GEMM's converter of a legacy type (see [`crate::gemm::Converter`]).
-pub(crate) fn int8_converter(ty: GgmlType) -> Option<crate::gemm::Converter> {
+pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
     macro_rules! conv {
-        ($bytes:expr, $decode:ident, $min:expr) => {{
-            fn row(src: &[u8], q: &mut [i8], scales: &mut [f32], mins: &mut [f32]) {
-                to_int8_with(src, q, scales, mins, $bytes, $decode)
+        ($ty:expr) => {{
+            fn row(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+                convert_with(src, u, scales, mins, layout($ty))
             }
-            crate::gemm::Converter {
+            Converter {
+                ty: $ty,
                 sub16: false,
-                min: $min,
+                min: layout($ty).m.is_some(),
+                offset: layout($ty).offset,
                 row,
+                fast: fast_converter($ty),
+                tile16: tile16_loader($ty),
             }
         }};
     }
     Some(match ty {
-        GgmlType::Q4_0 => conv!(18, decode_q4_0, false),
-        GgmlType::Q4_1 => conv!(20, decode_q4_1, true),
-        GgmlType::Q5_0 => conv!(22, decode_q5_0, false),
-        GgmlType::Q5_1 => conv!(24, decode_q5_1, true),
-        GgmlType::Q8_0 => conv!(34, decode_q8_0, false),
+        GgmlType::Q4_0 => conv!(GgmlType::Q4_0),
+        GgmlType::Q4_1 => conv!(GgmlType::Q4_1),
+        GgmlType::Q5_0 => conv!(GgmlType::Q5_0),
+        GgmlType::Q5_1 => conv!(GgmlType::Q5_1),
+        GgmlType::Q8_0 => conv!(GgmlType::Q8_0),
         _ => return None,
     })
+}
+
+/// The SIMD converter of `ty` if this CPU runs it.
+fn fast_converter(ty: GgmlType) -> Option<crate::gemm::ConvertFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::converter(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
+
+/// The direct 16-row tile loader of `ty` if this CPU runs it.
+fn tile16_loader(ty: GgmlType) -> Option<crate::gemm::Tile16Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::tile16(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
 }
 
 /// Splits `src` into blocks and checks `dst` is long enough.
@@ -351,55 +333,24 @@ fn quantize_q8_0(src: &[f32], dst: &mut [u8]) {
     quantize_row_q8_0(src, dst)
 }
 
-/// Scalar dot of `n` elements: weight blocks of `wb` bytes, activation blocks of `ab` bytes
-/// (34 = Q8_0, 36 = Q8_1 with its stored sum used for the minimum term).
-#[inline]
-fn dot_scalar_with(
-    w: &[u8],
-    a: &[u8],
-    n: usize,
-    wb: usize,
-    ab: usize,
-    decode: impl Fn(&[u8]) -> Decoded,
-) -> f32 {
-    assert!(
-        n.is_multiple_of(QK),
-        "dot length {n} is not a whole number of blocks"
-    );
-    let nb = n / QK;
-    let mut sum = 0f32;
-    for (wblk, ablk) in w[..nb * wb]
-        .chunks_exact(wb)
-        .zip(a[..nb * ab].chunks_exact(ab))
-    {
-        let dec = decode(wblk);
-        let aq = &ablk[ab - QK..];
-        let isum: i32 = dec
-            .q
-            .iter()
-            .zip(aq)
-            .map(|(&x, &y)| x * (y as i8 as i32))
-            .sum();
-        sum += dec.d * f16_at(ablk) * isum as f32;
-        if ab == Q8_1_BYTES {
-            sum += dec.m * f16_at(&ablk[2..]);
-        }
-    }
-    sum
+/// The reference dot of `ty` (the matmul's arithmetic for one output, portable).
+fn dot_ref(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let conv = int8_converter(ty).expect("a legacy type");
+    crate::gemm::dot_row(&conv, act_format(ty), w, a, n)
 }
 
-macro_rules! scalar_dot_fn {
-    ($name:ident, $wb:expr, $ab:expr, $decode:ident) => {
-        pub(crate) fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
-            dot_scalar_with(w, a, n, $wb, $ab, $decode)
+macro_rules! ref_dot_fn {
+    ($name:ident, $ty:expr) => {
+        fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
+            dot_ref($ty, w, a, n)
         }
     };
 }
-scalar_dot_fn!(dot_q4_0_scalar, 18, Q8_0_BYTES, decode_q4_0);
-scalar_dot_fn!(dot_q4_1_scalar, 20, Q8_1_BYTES, decode_q4_1);
-scalar_dot_fn!(dot_q5_0_scalar, 22, Q8_0_BYTES, decode_q5_0);
-scalar_dot_fn!(dot_q5_1_scalar, 24, Q8_1_BYTES, decode_q5_1);
-scalar_dot_fn!(dot_q8_0_scalar, 34, Q8_0_BYTES, decode_q8_0);
+ref_dot_fn!(dot_q4_0, GgmlType::Q4_0);
+ref_dot_fn!(dot_q4_1, GgmlType::Q4_1);
+ref_dot_fn!(dot_q5_0, GgmlType::Q5_0);
+ref_dot_fn!(dot_q5_1, GgmlType::Q5_1);
+ref_dot_fn!(dot_q8_0, GgmlType::Q8_0);
 
 /// Dequantizer signature of [`QuantKernel`].
 type DequantFn = fn(&[u8], &mut [f32]);
@@ -425,36 +376,29 @@ fn make(ty: GgmlType, dot: DotFn, dot_variant: &'static str) -> QuantKernel {
     }
 }
 
-/// The portable scalar kernel for a legacy type.
+/// The kernel of a legacy type: its dot is the portable reference of the matmul's arithmetic
+/// (matmuls run the int8 GEMM, [`crate::gemm`]).
 ///
 /// # Panics
 /// For a non-legacy type (the dispatcher in `quant::kernel` only passes legacy types).
 pub fn scalar_kernel(ty: GgmlType) -> QuantKernel {
     let dot: DotFn = match ty {
-        GgmlType::Q4_0 => dot_q4_0_scalar,
-        GgmlType::Q4_1 => dot_q4_1_scalar,
-        GgmlType::Q5_0 => dot_q5_0_scalar,
-        GgmlType::Q5_1 => dot_q5_1_scalar,
-        GgmlType::Q8_0 => dot_q8_0_scalar,
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q4_1 => dot_q4_1,
+        GgmlType::Q5_0 => dot_q5_0,
+        GgmlType::Q5_1 => dot_q5_1,
+        GgmlType::Q8_0 => dot_q8_0,
         _ => panic!("legacy kernels do not handle {ty}"),
     };
     make(ty, dot, "scalar")
 }
 
-/// Every dot variant this CPU can run for `ty`, best first (the last is always scalar). Tests
-/// check each of them.
+/// The kernels of `ty` (one: the reference dot).
 ///
 /// # Panics
 /// For a non-legacy type.
 pub fn kernel_variants(ty: GgmlType) -> Vec<QuantKernel> {
-    let scalar = scalar_kernel(ty);
-    let mut v = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    for (dot, name) in x86::variants(ty) {
-        v.push(make(ty, dot, name));
-    }
-    v.push(scalar);
-    v
+    vec![scalar_kernel(ty)]
 }
 
 const TYPES: [GgmlType; 5] = [
@@ -465,15 +409,15 @@ const TYPES: [GgmlType; 5] = [
     GgmlType::Q8_0,
 ];
 
-/// The kernel for a legacy type with the fastest dot variant this CPU supports (detected once).
+/// The kernel for a legacy type.
 ///
 /// # Panics
 /// For a non-legacy type.
 pub fn kernel(ty: GgmlType) -> QuantKernel {
-    static BEST: OnceLock<[QuantKernel; 5]> = OnceLock::new();
-    let best = BEST.get_or_init(|| TYPES.map(|t| kernel_variants(t)[0]));
+    static KERNELS: OnceLock<[QuantKernel; 5]> = OnceLock::new();
+    let all = KERNELS.get_or_init(|| TYPES.map(scalar_kernel));
     match TYPES.iter().position(|&t| t == ty) {
-        Some(i) => best[i],
+        Some(i) => all[i],
         None => panic!("legacy kernels do not handle {ty}"),
     }
 }

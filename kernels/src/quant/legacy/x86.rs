@@ -1,20 +1,19 @@
-//! x86-64 dot products for the legacy types: AVX2 (+FMA, F16C) with `vpmaddubsw`, and AVX-512
-//! VNNI (`vpdpbusd`, with AVX-512 BW/VL for byte masks).
+//! x86-64 converters of the legacy types (AVX2 + F16C): a block's 32 levels as unsigned bytes in
+//! one register (low nibbles in the low 128-bit lane, high nibbles in the high lane, the fifth
+//! bits spread from their word), bit for bit the portable converter's output.
 //!
-//! Each block becomes 32 weight bytes in register order element 0..31 (low nibbles in the low
-//! 128-bit lane, high nibbles in the high lane, matching the activation bytes), multiplied with the
-//! 32 activation bytes into eight i32 partial sums, converted to f32 and accumulated with the
-//! block's scale `d_w d_a`. Two blocks per iteration go to two accumulators to hide FMA latency.
-//!
-//! The public wrappers are plain `fn`s so they fit [`DotFn`]; each re-checks the (cached) feature
-//! flags, so calling one on a CPU without the features falls back to scalar instead of executing
-//! unsupported instructions.
+//! The public wrappers are plain `fn`s so they fit [`ConvertFn`]; each re-checks the (cached)
+//! feature flags, so calling one on a CPU without the features falls back to the portable
+//! converter instead of executing unsupported instructions.
 
 use std::arch::x86_64::*;
 
 use pshard_model::ggml_type::GgmlType;
 
-use crate::quant::DotFn;
+use super::{convert_with, layout, Layout, QK};
+use crate::gemm::x86::{f16_lanes, rows16x4, store16f, store64};
+use crate::gemm::{ConvertFn, Tile16Fn};
+use crate::quant::SimdLevel;
 
 /// AVX2, FMA and F16C (Haswell and later).
 pub(crate) fn has_avx2() -> bool {
@@ -23,58 +22,19 @@ pub(crate) fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// AVX-512 F/BW/VL/DQ with VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later), plus the AVX2 set.
-pub(super) fn has_vnni() -> bool {
-    has_avx2()
-        && is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512dq")
-        && is_x86_feature_detected!("avx512vnni")
-}
-
-/// The SIMD dot variants this CPU supports for `ty`, best first.
-pub(super) fn variants(ty: GgmlType) -> Vec<(DotFn, &'static str)> {
-    let mut v: Vec<(DotFn, &'static str)> = Vec::new();
-    if has_vnni() {
-        let f: DotFn = match ty {
-            GgmlType::Q4_0 => dot_q4_0_vnni,
-            GgmlType::Q4_1 => dot_q4_1_vnni,
-            GgmlType::Q5_0 => dot_q5_0_vnni,
-            GgmlType::Q5_1 => dot_q5_1_vnni,
-            _ => dot_q8_0_vnni,
-        };
-        v.push((f, "avx512vnni"));
+/// The SIMD converter of `ty` if this CPU runs it.
+pub(super) fn converter(ty: GgmlType) -> Option<ConvertFn> {
+    if !has_avx2() {
+        return None;
     }
-    if has_avx2() {
-        let f: DotFn = match ty {
-            GgmlType::Q4_0 => dot_q4_0_avx2,
-            GgmlType::Q4_1 => dot_q4_1_avx2,
-            GgmlType::Q5_0 => dot_q5_0_avx2,
-            GgmlType::Q5_1 => dot_q5_1_avx2,
-            _ => dot_q8_0_avx2,
-        };
-        v.push((f, "avx2"));
-    }
-    v
-}
-
-/// `b[off..off + N]` as an array (offsets are constants, so the check folds away).
-#[inline]
-fn arr<const N: usize>(b: &[u8], off: usize) -> &[u8; N] {
-    b[off..off + N]
-        .try_into()
-        .expect("block field within its block")
-}
-
-#[inline]
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes(*arr::<2>(b, off))
-}
-
-#[inline]
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(*arr::<4>(b, off))
+    Some(match ty {
+        GgmlType::Q4_0 => convert_q4_0,
+        GgmlType::Q4_1 => convert_q4_1,
+        GgmlType::Q5_0 => convert_q5_0,
+        GgmlType::Q5_1 => convert_q5_1,
+        GgmlType::Q8_0 => convert_q8_0,
+        _ => return None,
+    })
 }
 
 #[inline]
@@ -91,6 +51,22 @@ pub(crate) fn load32(b: &[u8; 32]) -> __m256i {
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
 }
 
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn store32(b: &mut [u8], v: __m256i) {
+    let b: &mut [u8; 32] = (&mut b[..32]).try_into().expect("32 bytes");
+    // SAFETY: `b` is 32 writable bytes; the store is unaligned.
+    unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
+}
+
+/// The little-endian f16 at `b[off..off + 2]` as f32 (F16C).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn f16c(b: &[u8], off: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[off], b[off + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
 /// 16 bytes of nibbles → 32 bytes 0..=15: low nibbles (elements 0..16) in the low lane, high
 /// nibbles (elements 16..32) in the high lane.
 #[inline]
@@ -101,10 +77,10 @@ pub(crate) fn nibbles(qs: &[u8; 16]) -> __m256i {
     _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
 }
 
-/// Bit `j` of `qh` → byte `j` = 0x10 if set, else 0 (AVX2: spread the 4 bytes, test one bit each).
+/// Bit `j` of `qh` → byte `j` = 0x10 if set, else 0 (spread the 4 bytes, test one bit each).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn high_bits_avx2(qh: u32) -> __m256i {
+fn high_bits(qh: u32) -> __m256i {
     let v = _mm256_set1_epi32(qh as i32);
     let spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
@@ -116,293 +92,186 @@ fn high_bits_avx2(qh: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// `a * b` of two f16 given as bits (one F16C conversion for both).
-#[inline]
+/// The blocks of `src` as the portable converter writes them.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_mul(a: u16, b: u16) -> f32 {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((a as u32 | (b as u32) << 16) as i32));
-    _mm_cvtss_f32(_mm_mul_ss(v, _mm_movehdup_ps(v)))
-}
-
-/// Signed bytes × signed bytes → eight i32 sums of four products. `|w| <= 128` and `|a| <= 127`,
-/// so the i16 pair sums of `vpmaddubsw` cannot saturate.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn mul_ss(w: __m256i, a: __m256i) -> __m256i {
-    let aw = _mm256_sign_epi8(w, w);
-    let sa = _mm256_sign_epi8(a, w);
-    _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), _mm256_set1_epi16(1))
-}
-
-/// Unsigned bytes (<= 31) × signed bytes → eight i32 sums of four products.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn mul_us(u: __m256i, a: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-/// Generates a checked wrapper and the `#[target_feature]` loop for one type and variant. `$block`
-/// maps one weight block `$w: &[u8; WB]` and activation block `$a: &[u8; AB]` to
-/// `(i32x8 products, d_w d_a, minimum term)`; the minimum term is `-0.0` (folds away) for
-/// types without a minimum.
-macro_rules! dot_fn {
-    ($name:ident, $imp:ident, $feat:literal, $has:ident, $scalar:path, $wb:literal, $ab:literal,
-     |$w:ident, $a:ident| $block:expr) => {
-        pub(super) fn $name(w: &[u8], a: &[u8], n: usize) -> f32 {
-            if !$has() {
-                return $scalar(w, a, n);
+fn convert_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32], l: Layout) {
+    let nb = u.len() / QK;
+    for (i, b) in src[..nb * l.bytes].chunks_exact(l.bytes).enumerate() {
+        let v = if l.eight {
+            let q: &[u8; 32] = b[l.qs..l.qs + 32].try_into().expect("32 quants");
+            _mm256_xor_si256(load32(q), _mm256_set1_epi8(-128))
+        } else {
+            let q: &[u8; 16] = b[l.qs..l.qs + 16].try_into().expect("16 nibble bytes");
+            match l.qh {
+                Some(o) => {
+                    let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+                    _mm256_or_si256(nibbles(q), high_bits(qh))
+                }
+                None => nibbles(q),
             }
-            // SAFETY: the CPU features `$imp` is compiled for were detected just above.
-            unsafe { $imp(w, a, n) }
+        };
+        store32(&mut u[i * QK..], v);
+        scales[i] = f16c(b, 0);
+        if let Some(m) = l.m {
+            mins[i] = f16c(b, m);
         }
+    }
+}
 
-        #[target_feature(enable = $feat)]
-        fn $imp(w: &[u8], a: &[u8], n: usize) -> f32 {
-            assert!(
-                n.is_multiple_of(32),
-                "dot length {n} is not a whole number of blocks"
-            );
-            let nb = n / 32;
-            let mut wp = w[..nb * $wb].chunks_exact(2 * $wb);
-            let mut ap = a[..nb * $ab].chunks_exact(2 * $ab);
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut m0, mut m1) = (0f32, 0f32);
-            for (w2, a2) in (&mut wp).zip(&mut ap) {
-                let (p, s, m) = {
-                    let $w: &[u8; $wb] = arr(w2, 0);
-                    let $a: &[u8; $ab] = arr(a2, 0);
-                    $block
-                };
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc0);
-                m0 += m;
-                let (p, s, m) = {
-                    let $w: &[u8; $wb] = arr(w2, $wb);
-                    let $a: &[u8; $ab] = arr(a2, $ab);
-                    $block
-                };
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc1);
-                m1 += m;
+macro_rules! convert_fn {
+    ($name:ident, $ty:expr) => {
+        fn $name(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+            if !has_avx2() {
+                return convert_with(src, u, scales, mins, layout($ty));
             }
-            let (wr, ar) = (wp.remainder(), ap.remainder());
-            if !wr.is_empty() {
-                let (p, s, m) = {
-                    let $w: &[u8; $wb] = arr(wr, 0);
-                    let $a: &[u8; $ab] = arr(ar, 0);
-                    $block
-                };
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc0);
-                m0 += m;
-            }
-            hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1)
+            // SAFETY: AVX2, FMA and F16C were detected just above.
+            unsafe { convert_avx2(src, u, scales, mins, layout($ty)) }
         }
     };
 }
+convert_fn!(convert_q4_0, GgmlType::Q4_0);
+convert_fn!(convert_q4_1, GgmlType::Q4_1);
+convert_fn!(convert_q5_0, GgmlType::Q5_0);
+convert_fn!(convert_q5_1, GgmlType::Q5_1);
+convert_fn!(convert_q8_0, GgmlType::Q8_0);
 
-dot_fn!(
-    dot_q4_0_avx2,
-    dot_q4_0_avx2_imp,
-    "avx2,fma,f16c",
-    has_avx2,
-    super::dot_q4_0_scalar,
-    18,
-    34,
-    |w, a| {
-        let q = _mm256_sub_epi8(nibbles(arr(w, 2)), _mm256_set1_epi8(8));
-        (
-            mul_ss(q, load32(arr(a, 2))),
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            -0.0,
+/// The direct 16-row tile loader of `ty` if this CPU runs it (AVX-512 VNNI level).
+pub(super) fn tile16(ty: GgmlType) -> Option<Tile16Fn> {
+    if !SimdLevel::Avx512.available() {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::Q4_0 => tile16_q4_0,
+        GgmlType::Q4_1 => tile16_q4_1,
+        GgmlType::Q5_0 => tile16_q5_0,
+        GgmlType::Q5_1 => tile16_q5_1,
+        GgmlType::Q8_0 => tile16_q8_0,
+        _ => return None,
+    })
+}
+
+macro_rules! tile16_fn {
+    ($name:ident, $ty:expr) => {
+        fn $name(
+            rows: &[&[u8]; 16],
+            e0: usize,
+            n: usize,
+            q: &mut [u8],
+            scale: &mut [f32],
+            min: &mut [f32],
+        ) {
+            tile16_with(rows, e0, n, q, scale, min, layout($ty))
+        }
+    };
+}
+tile16_fn!(tile16_q4_0, GgmlType::Q4_0);
+tile16_fn!(tile16_q4_1, GgmlType::Q4_1);
+tile16_fn!(tile16_q5_0, GgmlType::Q5_0);
+tile16_fn!(tile16_q5_1, GgmlType::Q5_1);
+tile16_fn!(tile16_q8_0, GgmlType::Q8_0);
+
+/// Elements `e0 .. e0 + n` of 16 rows of layout `l` into a 16-row tile (see [`Tile16Fn`]).
+///
+/// # Panics
+/// If the elements are not whole blocks, a row is too short, the outputs are too small or the CPU
+/// lacks AVX-512.
+fn tile16_with(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+    l: Layout,
+) {
+    assert!(
+        e0.is_multiple_of(QK) && n.is_multiple_of(QK),
+        "tile loader: elements {e0}..+{n} are not whole blocks"
+    );
+    let (first, nb) = (e0 / QK, n / QK);
+    assert!(
+        rows.iter().all(|r| r.len() >= (first + nb) * l.bytes),
+        "tile loader: rows shorter than {} elements",
+        e0 + n
+    );
+    assert!(
+        q.len() >= 16 * n && scale.len() >= 16 * nb && (l.m.is_none() || min.len() >= 16 * nb),
+        "tile loader: output buffers too small"
+    );
+    assert!(
+        SimdLevel::Avx512.available(),
+        "tile loaders need AVX-512 VNNI"
+    );
+    let p: [*const u8; 16] = std::array::from_fn(|k| rows[k][first * l.bytes..].as_ptr());
+    // SAFETY: AVX-512 checked; every row holds `nb` blocks from `p[k]`, the outputs 16 rows × nb
+    // blocks (assertions above).
+    unsafe {
+        legacy_tile16(
+            &p,
+            nb,
+            q.as_mut_ptr(),
+            scale.as_mut_ptr(),
+            min.as_mut_ptr(),
+            l,
         )
     }
-);
+}
 
-dot_fn!(
-    dot_q4_1_avx2,
-    dot_q4_1_avx2_imp,
-    "avx2,fma,f16c",
-    has_avx2,
-    super::dot_q4_1_scalar,
-    20,
-    36,
-    |w, a| {
-        let p = mul_us(nibbles(arr(w, 4)), load32(arr(a, 4)));
-        (
-            p,
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            f16_mul(u16_at(w, 2), u16_at(a, 2)),
-        )
+/// # Safety
+/// AVX-512 F/BW/VL available; `p[k]` points at `nb` blocks of layout `l`; `q` holds `16 · 32 · nb`
+/// bytes, `scale` (and with a minimum `min`) `16 · nb` f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn legacy_tile16(
+    p: &[*const u8; 16],
+    nb: usize,
+    q: *mut u8,
+    scale: *mut f32,
+    min: *mut f32,
+    l: Layout,
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    // Bit r of a 4-bit value → bit 4 of byte r (no two partial products meet, so no carries).
+    let spread = _mm512_set1_epi32((1 << 4) | (1 << 11) | (1 << 18) | (1 << 25));
+    let (nib4, bit4) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(0x1010_1010));
+    let fifth = |qh: __m512i, sh: u32| {
+        let x = _mm512_and_si512(_mm512_srl_epi32(qh, _mm_cvtsi32_si128(sh as i32)), nib4);
+        _mm512_and_si512(_mm512_mullo_epi32(x, spread), bit4)
+    };
+    for i in 0..nb {
+        let base = i * l.bytes;
+        // SAFETY (whole block): every 16-byte read lies within block i of each row (header at
+        // 0, fifth bits at qh, quants at qs .. qs + 16 or, for Q8_0, qs .. qs + 32 of a 34-byte
+        // block); outputs of block i within the caller's buffers.
+        unsafe {
+            let out = |g: usize, v: __m512i| store64(q.add((i * 8 + g) * 64), v);
+            let [hd, ..] = rows16x4(p, base);
+            store16f(scale.add(i * 16), f16_lanes::<false>(hd));
+            if l.m.is_some() {
+                // Q4_1 and Q5_1 keep the minimum in bytes 2..4, right after d.
+                store16f(min.add(i * 16), f16_lanes::<true>(hd));
+            }
+            if l.eight {
+                let flip = _mm512_set1_epi8(-128);
+                for h in 0..2 {
+                    let v = rows16x4(p, base + l.qs + 16 * h);
+                    for (k, x) in v.into_iter().enumerate() {
+                        out(4 * h + k, _mm512_xor_si512(x, flip));
+                    }
+                }
+                continue;
+            }
+            let v = rows16x4(p, base + l.qs);
+            let qh = l.qh.map(|o| rows16x4(p, base + o)[0]);
+            for (k, x) in v.into_iter().enumerate() {
+                let mut lo = _mm512_and_si512(x, m4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);
+                if let Some(h) = qh {
+                    lo = _mm512_or_si512(lo, fifth(h, 4 * k as u32));
+                    hi = _mm512_or_si512(hi, fifth(h, 16 + 4 * k as u32));
+                }
+                out(k, lo);
+                out(4 + k, hi);
+            }
+        }
     }
-);
-
-dot_fn!(
-    dot_q5_0_avx2,
-    dot_q5_0_avx2_imp,
-    "avx2,fma,f16c",
-    has_avx2,
-    super::dot_q5_0_scalar,
-    22,
-    34,
-    |w, a| {
-        let q = _mm256_or_si256(nibbles(arr(w, 6)), high_bits_avx2(u32_at(w, 2)));
-        let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-        (
-            mul_ss(q, load32(arr(a, 2))),
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            -0.0,
-        )
-    }
-);
-
-dot_fn!(
-    dot_q5_1_avx2,
-    dot_q5_1_avx2_imp,
-    "avx2,fma,f16c",
-    has_avx2,
-    super::dot_q5_1_scalar,
-    24,
-    36,
-    |w, a| {
-        let q = _mm256_or_si256(nibbles(arr(w, 8)), high_bits_avx2(u32_at(w, 4)));
-        let p = mul_us(q, load32(arr(a, 4)));
-        (
-            p,
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            f16_mul(u16_at(w, 2), u16_at(a, 2)),
-        )
-    }
-);
-
-dot_fn!(
-    dot_q8_0_avx2,
-    dot_q8_0_avx2_imp,
-    "avx2,fma,f16c",
-    has_avx2,
-    super::dot_q8_0_scalar,
-    34,
-    34,
-    |w, a| {
-        (
-            mul_ss(load32(arr(w, 2)), load32(arr(a, 2))),
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            -0.0,
-        )
-    }
-);
-
-// AVX-512 VNNI: `vpdpbusd` multiplies unsigned weight bytes with signed activation bytes and sums
-// groups of four straight into i32. Offsets of the symmetric types (8, 16) are removed with a
-// second `vpdpbusd` of the offset against the activations: Σ (q - o) a = Σ q a - Σ o a.
-
-dot_fn!(
-    dot_q4_0_vnni,
-    dot_q4_0_vnni_imp,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-    has_vnni,
-    super::dot_q4_0_scalar,
-    18,
-    34,
-    |w, a| {
-        let av = load32(arr(a, 2));
-        let z = _mm256_setzero_si256();
-        let p = _mm256_sub_epi32(
-            _mm256_dpbusd_epi32(z, nibbles(arr(w, 2)), av),
-            _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), av),
-        );
-        (p, f16_mul(u16_at(w, 0), u16_at(a, 0)), -0.0)
-    }
-);
-
-dot_fn!(
-    dot_q4_1_vnni,
-    dot_q4_1_vnni_imp,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-    has_vnni,
-    super::dot_q4_1_scalar,
-    20,
-    36,
-    |w, a| {
-        let p = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            nibbles(arr(w, 4)),
-            load32(arr(a, 4)),
-        );
-        (
-            p,
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            f16_mul(u16_at(w, 2), u16_at(a, 2)),
-        )
-    }
-);
-
-dot_fn!(
-    dot_q5_0_vnni,
-    dot_q5_0_vnni_imp,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-    has_vnni,
-    super::dot_q5_0_scalar,
-    22,
-    34,
-    |w, a| {
-        let q = _mm256_or_si256(
-            nibbles(arr(w, 6)),
-            _mm256_maskz_set1_epi8(u32_at(w, 2), 0x10),
-        );
-        let av = load32(arr(a, 2));
-        let z = _mm256_setzero_si256();
-        let p = _mm256_sub_epi32(
-            _mm256_dpbusd_epi32(z, q, av),
-            _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), av),
-        );
-        (p, f16_mul(u16_at(w, 0), u16_at(a, 0)), -0.0)
-    }
-);
-
-dot_fn!(
-    dot_q5_1_vnni,
-    dot_q5_1_vnni_imp,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-    has_vnni,
-    super::dot_q5_1_scalar,
-    24,
-    36,
-    |w, a| {
-        let q = _mm256_or_si256(
-            nibbles(arr(w, 8)),
-            _mm256_maskz_set1_epi8(u32_at(w, 4), 0x10),
-        );
-        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, load32(arr(a, 4)));
-        (
-            p,
-            f16_mul(u16_at(w, 0), u16_at(a, 0)),
-            f16_mul(u16_at(w, 2), u16_at(a, 2)),
-        )
-    }
-);
-
-dot_fn!(
-    dot_q8_0_vnni,
-    dot_q8_0_vnni_imp,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-    has_vnni,
-    super::dot_q8_0_scalar,
-    34,
-    34,
-    |w, a| {
-        let wv = load32(arr(w, 2));
-        let p = _mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            _mm256_abs_epi8(wv),
-            _mm256_sign_epi8(load32(arr(a, 2)), wv),
-        );
-        (p, f16_mul(u16_at(w, 0), u16_at(a, 0)), -0.0)
-    }
-);
+}

@@ -17,15 +17,16 @@
 //! why the MXFP4 scale is half the E8M0 value `2^(e − 127)`. The partner formats are those
 //! llama.cpp pairs with these types (its `vec_dot_type`), so results agree with its CPU backend.
 //!
-//! Every block is exactly `scale × i8` per run of 32 ([`unpack`]): dequantization, the int8
-//! dots and any int8 GEMM converter start from that one decoder.
+//! Every block is exactly `scale × i8` per run of 32 ([`unpack`]): dequantization and the int8
+//! GEMM's converter ([`int8_converter`]: levels + 128 as unsigned bytes, offset 128) start from
+//! that one decoder; matmuls compute in the one order of [`crate::gemm`].
 
 use pshard_model::ggml_type::GgmlType;
 
-use super::act::{f16_at, Q8_0_BYTES, QK8};
-use super::kquants::{q8k, QK_K};
-use super::legacy::TileFn;
+use super::act::{f16_at, QK8};
+use super::kquants::QK_K;
 use super::{ActFormat, DotFn, QuantKernel};
+use crate::gemm::Converter;
 
 mod quantize;
 #[cfg(target_arch = "x86_64")]
@@ -127,7 +128,7 @@ fn run_levels(qs: &[u8], table: &[i8; 16], q: &mut [i8]) {
 /// Decodes one block of `ty` exactly into int8 levels and one f32 scale per run of [`RUN`]
 /// elements: element `i` is `scales[i / 32] · q[i]`, with no rounding (the scales are the f16 or
 /// E8M0 values, times the integer sub-block scale for IQ4_XS). This is the single decoder of the
-/// module: dequantization, the int8 dots and int8 GEMM converters build on it.
+/// module: dequantization and the int8 GEMM's converter build on it.
 ///
 /// # Panics
 /// If `ty` is not one of [`TYPES`], or `block`, `q` or `scales` are shorter than one block needs
@@ -203,83 +204,76 @@ fn dequantize_mxfp4(src: &[u8], dst: &mut [f32]) {
     dequantize_with(GgmlType::MXFP4, src, dst)
 }
 
-/// Checks a dot product's arguments; returns the number of weight blocks.
-///
-/// # Panics
-/// If `n` is not whole blocks or a row is shorter than `n` elements need (shapes are validated
-/// when a model loads, so this is a programming error).
-fn check_dot(g: &Geometry, w: &[u8], a: &[u8], n: usize, name: &str) -> usize {
-    let nb = check_row(g, w.len(), n, name);
-    let need = g
-        .act
-        .row_bytes(n)
-        .expect("whole weight blocks are whole partner blocks");
-    assert!(
-        a.len() >= need,
-        "{name} dot: {} activation row has {} bytes, {n} elements need {need}",
-        g.act.name(),
-        a.len()
-    );
-    nb
-}
-
-/// Portable dot of an IQ4_NL or MXFP4 row with a Q8_0 row: per block, the integer sum of levels
-/// times activation quants, scaled by `d_w d_a`.
-fn dot_scalar_32(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+/// The portable converter ([`crate::gemm::ConvertFn`]) of `ty`: the levels plus 128 as unsigned
+/// bytes (offset 128), one scale per run of 32.
+fn convert_with(ty: GgmlType, src: &[u8], u: &mut [u8], scales: &mut [f32]) {
     let g = geometry_or_panic(ty);
-    let nb = check_dot(&g, w, a, n, ty.name());
-    let mut q = [0i8; RUN];
-    let mut s = [0f32; 1];
-    let mut sum = 0f32;
-    for (wb, ab) in w[..nb * g.bytes]
-        .chunks_exact(g.bytes)
-        .zip(a.chunks_exact(Q8_0_BYTES))
-    {
-        unpack(ty, wb, &mut q, &mut s);
-        let isum: i32 = q
-            .iter()
-            .zip(&ab[2..Q8_0_BYTES])
-            .map(|(&x, &y)| x as i32 * y as i8 as i32)
-            .sum();
-        sum += s[0] * f16_at(ab) * isum as f32;
-    }
-    sum
-}
-
-pub(crate) fn dot_iq4_nl_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_scalar_32(GgmlType::IQ4_NL, w, a, n)
-}
-
-pub(crate) fn dot_mxfp4_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    dot_scalar_32(GgmlType::MXFP4, w, a, n)
-}
-
-/// Portable dot of an IQ4_XS row with a Q8_K row: per block `d_w d_a Σ_j (ls_j − 32) Σ NL[q] a`,
-/// the sub-block sums and scales in integers.
-pub(crate) fn dot_iq4_xs_scalar(w: &[u8], a: &[u8], n: usize) -> f32 {
-    let g = geometry_or_panic(GgmlType::IQ4_XS);
-    let nb = check_dot(&g, w, a, n, "IQ4_XS");
-    let mut q = [0i8; RUN];
-    let mut sum = 0f32;
-    for (wb, ab) in w[..nb * g.bytes]
-        .chunks_exact(g.bytes)
-        .zip(a.chunks_exact(q8k::BLOCK_BYTES))
-    {
-        let qa = &ab[q8k::QS..q8k::QS + QK_K];
-        let mut sumi = 0i32;
-        for j in 0..QK_K / RUN {
-            run_levels(&wb[8 + 16 * j..24 + 16 * j], &NL, &mut q);
-            let s: i32 = q
-                .iter()
-                .zip(&qa[RUN * j..RUN * (j + 1)])
-                .map(|(&x, &y)| x as i32 * y as i8 as i32)
-                .sum();
-            sumi += iq4xs_scale(wb, j) * s;
+    let nb = check_row(&g, src.len(), u.len(), "convert");
+    let mut q = [0i8; QK_K];
+    let runs = g.qk / RUN;
+    for (i, b) in src[..nb * g.bytes].chunks_exact(g.bytes).enumerate() {
+        unpack(ty, b, &mut q, &mut scales[i * runs..(i + 1) * runs]);
+        for (o, &v) in u[i * g.qk..(i + 1) * g.qk].iter_mut().zip(&q) {
+            *o = (v as u8) ^ 0x80;
         }
-        let da = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
-        sum += f16_at(wb) * da * sumi as f32;
     }
-    sum
+}
+
+/// The int8 GEMM's converter of one of [`TYPES`] (see [`crate::gemm::Converter`]).
+pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
+    macro_rules! conv {
+        ($ty:expr) => {{
+            fn row(src: &[u8], u: &mut [u8], scales: &mut [f32], _mins: &mut [f32]) {
+                convert_with($ty, src, u, scales)
+            }
+            Converter {
+                ty: $ty,
+                sub16: false,
+                min: false,
+                offset: 128,
+                row,
+                fast: fast_converter($ty),
+                tile16: None,
+            }
+        }};
+    }
+    Some(match ty {
+        GgmlType::IQ4_NL => conv!(GgmlType::IQ4_NL),
+        GgmlType::IQ4_XS => conv!(GgmlType::IQ4_XS),
+        GgmlType::MXFP4 => conv!(GgmlType::MXFP4),
+        _ => return None,
+    })
+}
+
+/// The SIMD converter of `ty` if this CPU runs it.
+fn fast_converter(ty: GgmlType) -> Option<crate::gemm::ConvertFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::converter(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
+
+/// The reference dot of `ty` (the matmul's arithmetic for one output, portable).
+fn dot_ref(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f32 {
+    let conv = int8_converter(ty).expect("a lookup-table type");
+    crate::gemm::dot_row(&conv, geometry_or_panic(ty).act, w, a, n)
+}
+
+fn dot_iq4_nl(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_ref(GgmlType::IQ4_NL, w, a, n)
+}
+
+fn dot_iq4_xs(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_ref(GgmlType::IQ4_XS, w, a, n)
+}
+
+fn dot_mxfp4(w: &[u8], a: &[u8], n: usize) -> f32 {
+    dot_ref(GgmlType::MXFP4, w, a, n)
 }
 
 /// Dequantizer signature of [`QuantKernel`].
@@ -304,57 +298,35 @@ fn make(ty: GgmlType, dot: DotFn, dot_variant: &'static str) -> QuantKernel {
     }
 }
 
-/// The portable scalar kernel of one of [`TYPES`].
+/// The kernel of one of [`TYPES`]: its dot is the portable reference of the matmul's arithmetic
+/// (matmuls run the int8 GEMM, [`crate::gemm`]).
 ///
 /// # Panics
 /// For any other type.
 pub fn scalar_kernel(ty: GgmlType) -> QuantKernel {
     let dot: DotFn = match ty {
-        GgmlType::IQ4_NL => dot_iq4_nl_scalar,
-        GgmlType::IQ4_XS => dot_iq4_xs_scalar,
-        GgmlType::MXFP4 => dot_mxfp4_scalar,
+        GgmlType::IQ4_NL => dot_iq4_nl,
+        GgmlType::IQ4_XS => dot_iq4_xs,
+        GgmlType::MXFP4 => dot_mxfp4,
         _ => panic!("lookup-table kernels do not handle {ty}"),
     };
     make(ty, dot, "scalar")
 }
 
-/// Every dot variant this CPU can run for `ty`, best first (the last is always scalar): AVX-512
-/// (BW, VL, VNNI), AVX2 (+FMA, F16C), scalar.
+/// The kernels of `ty` (one: the reference dot).
 ///
 /// # Panics
 /// For a type not in [`TYPES`].
 pub fn kernel_variants(ty: GgmlType) -> Vec<QuantKernel> {
-    let scalar = scalar_kernel(ty);
-    let mut v = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    for (dot, level) in x86::variants(ty) {
-        v.push(make(ty, dot, level.name()));
-    }
-    v.push(scalar);
-    v
+    vec![scalar_kernel(ty)]
 }
 
-/// The kernel of `ty` with the fastest dot variant this CPU supports.
+/// The kernel of `ty`.
 ///
 /// # Panics
 /// For a type not in [`TYPES`].
 pub fn kernel(ty: GgmlType) -> QuantKernel {
-    kernel_variants(ty)[0]
-}
-
-/// Register-tile kernels for `ty` on this CPU (`TILE` × `TILE` tokens, `TILE` rows × 1 token;
-/// the contract of [`TileFn`]): all three types with AVX-512 VNNI, `None` otherwise or for other
-/// types.
-pub fn tiles(ty: GgmlType) -> Option<(TileFn, TileFn)> {
-    geometry(ty)?;
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::tiles(ty)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        None
-    }
+    scalar_kernel(ty)
 }
 
 #[cfg(test)]

@@ -1,0 +1,397 @@
+//! x86-64 converters of the K-quants (AVX2): the levels of 32 elements per register with shifts
+//! and masks (16-bit shifts are masked to bits that stay within their byte), the factors from the
+//! portable per-block code, so the output is the portable converter's bit for bit.
+//!
+//! The public wrappers are plain `fn`s so they fit [`ConvertFn`]; each re-checks the (cached)
+//! feature flags, so calling one on a CPU without the features falls back to the portable
+//! converter instead of executing unsupported instructions.
+
+use std::arch::x86_64::*;
+
+use pshard_model::ggml_type::GgmlType;
+
+use super::{q2k, q3k, q4k, q5k, q6k, unpack_scales_mins_k4, QK_K};
+use crate::gemm::x86::{f16_lanes, rows16x4, store16f, store64};
+use crate::gemm::{ConvertFn, Tile16Fn};
+use crate::quant::legacy::x86::has_avx2;
+use crate::quant::SimdLevel;
+
+/// The SIMD converter of `ty` if this CPU runs it.
+pub(super) fn converter(ty: GgmlType) -> Option<ConvertFn> {
+    if !has_avx2() {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::Q2_K => convert_q2k,
+        GgmlType::Q3_K => convert_q3k,
+        GgmlType::Q4_K => convert_q4k,
+        GgmlType::Q5_K => convert_q5k,
+        GgmlType::Q6_K => convert_q6k,
+        _ => return None,
+    })
+}
+
+/// Unaligned 32-byte load of `b[off..off + 32]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load(b: &[u8], off: usize) -> __m256i {
+    let s: &[u8; 32] = b[off..off + 32].try_into().expect("32 bytes");
+    // SAFETY: `s` is 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// Unaligned 32-byte store to `u[off..off + 32]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store(u: &mut [u8], off: usize, v: __m256i) {
+    let d: &mut [u8; 32] = (&mut u[off..off + 32]).try_into().expect("32 bytes");
+    // SAFETY: `d` is 32 writable bytes; the store is unaligned.
+    unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), v) }
+}
+
+/// Each byte of `v` shifted right by `k` (a 16-bit shift; the caller masks the bits that came
+/// from the neighbouring byte).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn srl(v: __m256i, k: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(k as i32))
+}
+
+/// The f16 at `b[off..off + 2]` as f32 (F16C).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16c(b: &[u8], off: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[off], b[off + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// `out[j] = d · v[j]` for 8 small integers (`v` unsigned, or signed bytes if `signed`): the
+/// portable factors' f32 products, 8 at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn times8(out: &mut [f32], d: f32, v: &[u8], signed: bool) {
+    let b = i64::from_le_bytes(v[..8].try_into().expect("8 factors"));
+    let x = _mm_cvtsi64_si128(b);
+    let i = if signed {
+        _mm256_cvtepi8_epi32(x)
+    } else {
+        _mm256_cvtepu8_epi32(x)
+    };
+    let p = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(i));
+    let o: &mut [f32; 8] = (&mut out[..8]).try_into().expect("8 outputs");
+    // SAFETY: `o` is 8 writable f32; unaligned store.
+    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), p) };
+}
+
+/// [`super::k4_factors`] with F16C and 8-wide products.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_factors(b: &[u8], scales: &mut [f32], mins: &mut [f32]) {
+    let (d, dmin) = (f16c(b, 0), f16c(b, 2));
+    let (sc, mn) = unpack_scales_mins_k4(&b[4..16]);
+    times8(scales, d, &sc, false);
+    times8(mins, -dmin, &mn, false);
+}
+
+/// 16 signed sub-block factors `d · sc[j]` (Q3_K, Q6_K).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn signed16(scales: &mut [f32], d: f32, sc: &[u8]) {
+    times8(&mut scales[..8], d, &sc[..8], true);
+    times8(&mut scales[8..16], d, &sc[8..16], true);
+}
+
+/// The blocks of `src` covering `u`, each given to `f(block, index)`.
+fn blocks<'a>(
+    src: &'a [u8],
+    u: &[u8],
+    bytes: usize,
+) -> impl Iterator<Item = (usize, &'a [u8])> + 'a {
+    src.chunks_exact(bytes).take(u.len() / QK_K).enumerate()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2k_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    let m3 = _mm256_set1_epi8(3);
+    for (i, b) in blocks(src, u, q2k::BLOCK_BYTES) {
+        // q2k::factors with F16C and 8-wide products.
+        let (d, dmin) = (f16c(b, q2k::D), f16c(b, q2k::D + 2));
+        let lo: [u8; 16] = std::array::from_fn(|j| b[j] & 15);
+        let hi: [u8; 16] = std::array::from_fn(|j| b[j] >> 4);
+        for h in 0..2 {
+            times8(&mut scales[16 * i + 8 * h..], d, &lo[8 * h..], false);
+            times8(&mut mins[16 * i + 8 * h..], -dmin, &hi[8 * h..], false);
+        }
+        for h in 0..2 {
+            let q = load(b, 16 + 32 * h);
+            for j in 0..4 {
+                store(
+                    u,
+                    QK_K * i + 128 * h + 32 * j,
+                    _mm256_and_si256(srl(q, 2 * j), m3),
+                );
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3k_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32]) {
+    let (m3, m1) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
+    for (i, b) in blocks(src, u, q3k::BLOCK_BYTES) {
+        let sc = q3k::unpack_scales(&b[q3k::SC..q3k::SC + 12]).map(|v| v as u8);
+        signed16(&mut scales[16 * i..], f16c(b, q3k::D), &sc);
+        let hm = load(b, 0);
+        for h in 0..2 {
+            let q = load(b, 32 + 32 * h);
+            for j in 0..4 {
+                let low = _mm256_and_si256(srl(q, 2 * j), m3);
+                let hb = _mm256_and_si256(srl(hm, 4 * h + j), m1);
+                let v = _mm256_or_si256(low, _mm256_slli_epi16(hb, 2));
+                store(u, QK_K * i + 128 * h + 32 * j, v);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (i, b) in blocks(src, u, q4k::BLOCK_BYTES) {
+        k4_factors(
+            b,
+            &mut scales[8 * i..8 * i + 8],
+            &mut mins[8 * i..8 * i + 8],
+        );
+        for c in 0..4 {
+            let v = load(b, 16 + 32 * c);
+            store(u, QK_K * i + 64 * c, _mm256_and_si256(v, m4));
+            store(u, QK_K * i + 64 * c + 32, _mm256_and_si256(srl(v, 4), m4));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5k_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    let (m4, m1) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+    for (i, b) in blocks(src, u, q5k::BLOCK_BYTES) {
+        k4_factors(
+            b,
+            &mut scales[8 * i..8 * i + 8],
+            &mut mins[8 * i..8 * i + 8],
+        );
+        let qh = load(b, 16);
+        for c in 0..4 {
+            let v = load(b, 48 + 32 * c);
+            let h0 = _mm256_slli_epi16(_mm256_and_si256(srl(qh, 2 * c), m1), 4);
+            let h1 = _mm256_slli_epi16(_mm256_and_si256(srl(qh, 2 * c + 1), m1), 4);
+            store(
+                u,
+                QK_K * i + 64 * c,
+                _mm256_or_si256(_mm256_and_si256(v, m4), h0),
+            );
+            let hi = _mm256_and_si256(srl(v, 4), m4);
+            store(u, QK_K * i + 64 * c + 32, _mm256_or_si256(hi, h1));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_avx2(src: &[u8], u: &mut [u8], scales: &mut [f32]) {
+    let (m4, m30) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    for (i, b) in blocks(src, u, q6k::BLOCK_BYTES) {
+        signed16(
+            &mut scales[16 * i..],
+            f16c(b, q6k::D),
+            &b[q6k::SC..q6k::SC + 16],
+        );
+        for h in 0..2 {
+            let (a, c) = (load(b, 64 * h), load(b, 64 * h + 32));
+            let hq = load(b, 128 + 32 * h);
+            let at = QK_K * i + 128 * h;
+            let hi2 = |v: __m256i| _mm256_and_si256(v, m30);
+            store(
+                u,
+                at,
+                _mm256_or_si256(_mm256_and_si256(a, m4), hi2(_mm256_slli_epi16(hq, 4))),
+            );
+            store(
+                u,
+                at + 32,
+                _mm256_or_si256(_mm256_and_si256(c, m4), hi2(_mm256_slli_epi16(hq, 2))),
+            );
+            store(
+                u,
+                at + 64,
+                _mm256_or_si256(_mm256_and_si256(srl(a, 4), m4), hi2(hq)),
+            );
+            store(
+                u,
+                at + 96,
+                _mm256_or_si256(_mm256_and_si256(srl(c, 4), m4), hi2(srl(hq, 2))),
+            );
+        }
+    }
+}
+
+macro_rules! convert_fn {
+    ($name:ident, $portable:path, |$s:ident, $u:ident, $sc:ident, $mn:ident| $simd:expr) => {
+        fn $name($s: &[u8], $u: &mut [u8], $sc: &mut [f32], $mn: &mut [f32]) {
+            if !has_avx2() {
+                return $portable($s, $u, $sc, $mn);
+            }
+            // SAFETY: AVX2 (with FMA and F16C) was detected just above.
+            unsafe { $simd }
+        }
+    };
+}
+convert_fn!(convert_q2k, q2k::convert, |s, u, sc, mn| q2k_avx2(
+    s, u, sc, mn
+));
+convert_fn!(convert_q3k, q3k::convert, |s, u, sc, _mn| q3k_avx2(
+    s, u, sc
+));
+convert_fn!(convert_q4k, q4k::convert, |s, u, sc, mn| q4k_avx2(
+    s, u, sc, mn
+));
+convert_fn!(convert_q5k, q5k::convert, |s, u, sc, mn| q5k_avx2(
+    s, u, sc, mn
+));
+convert_fn!(convert_q6k, q6k::convert, |s, u, sc, _mn| q6k_avx2(
+    s, u, sc
+));
+
+/// The direct 16-row tile loader of `ty` if this CPU runs it (AVX-512 VNNI level).
+pub(super) fn tile16(ty: GgmlType) -> Option<Tile16Fn> {
+    if !SimdLevel::Avx512.available() {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::Q4_K => tile16_q4k,
+        _ => return None,
+    })
+}
+
+/// Checks a loader's arguments: whole super-blocks, rows long enough, outputs large enough;
+/// returns pointers to each row's first super-block and the number of super-blocks.
+fn tile16_args(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    bb: usize,
+    q: &[u8],
+    scale: &[f32],
+    subs: usize,
+) -> ([*const u8; 16], usize) {
+    assert!(
+        e0.is_multiple_of(QK_K) && n.is_multiple_of(QK_K),
+        "tile loader: elements {e0}..+{n} are not whole super-blocks"
+    );
+    let (first, nb) = (e0 / QK_K, n / QK_K);
+    assert!(
+        rows.iter().all(|r| r.len() >= (first + nb) * bb),
+        "tile loader: rows shorter than {} elements",
+        e0 + n
+    );
+    assert!(
+        q.len() >= 16 * n && scale.len() >= 16 * nb * subs,
+        "tile loader: output buffers too small"
+    );
+    assert!(
+        SimdLevel::Avx512.available(),
+        "tile loaders need AVX-512 VNNI"
+    );
+    (std::array::from_fn(|k| rows[k][first * bb..].as_ptr()), nb)
+}
+
+/// `−v` (the sign flipped, as the portable `-x`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn neg(v: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(v),
+        _mm512_set1_epi32(i32::MIN),
+    ))
+}
+
+/// Q4_K rows into a 16-row tile.
+fn tile16_q4k(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+) {
+    let (p, nb) = tile16_args(rows, e0, n, q4k::BLOCK_BYTES, q, scale, 8);
+    assert!(
+        min.len() >= 16 * 8 * nb,
+        "tile loader: output buffers too small"
+    );
+    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
+    // 16 rows × nb super-blocks (tile16_args and the assertion above).
+    unsafe { q4k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q4_K super-blocks; `q` holds `16 · 256 · nb`
+/// bytes, `scale` and `min` `16 · 8 · nb` f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn q4k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, min: *mut f32) {
+    let (m4, m6, m2) = (
+        _mm512_set1_epi8(0x0F),
+        _mm512_set1_epi32(63),
+        _mm512_set1_epi32(3),
+    );
+    let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
+    for i in 0..nb {
+        let base = i * q4k::BLOCK_BYTES;
+        // SAFETY (whole super-block): offsets within the block (16-byte reads at 0 and 16 + 16h
+        // for h < 8, all ≤ 144), outputs of super-block i within the caller's buffers.
+        unsafe {
+            // d | dmin, scales 0..4, 4..8, 8..12 of every row (lanes = rows).
+            let [dd, s0, s1, s2] = rows16x4(p, base);
+            let d = f16_lanes::<false>(dd);
+            let dmin = neg(f16_lanes::<true>(dd));
+            for j in 0..4u32 {
+                let sc = _mm512_and_si512(byte(s0, 8 * j), m6);
+                let mn = _mm512_and_si512(byte(s1, 8 * j), m6);
+                let hi =
+                    |s: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(byte(s, 8 * j + 6), m2));
+                let sc4 = _mm512_or_si512(
+                    _mm512_and_si512(byte(s2, 8 * j), _mm512_set1_epi32(15)),
+                    hi(s0),
+                );
+                let mn4 = _mm512_or_si512(
+                    _mm512_and_si512(byte(s2, 8 * j + 4), _mm512_set1_epi32(15)),
+                    hi(s1),
+                );
+                let at = |sub: usize| (8 * i + sub) * 16;
+                let j = j as usize;
+                store16f(scale.add(at(j)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)));
+                store16f(min.add(at(j)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)));
+                store16f(
+                    scale.add(at(4 + j)),
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc4)),
+                );
+                store16f(
+                    min.add(at(4 + j)),
+                    _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn4)),
+                );
+            }
+            // Nibbles: chunk c's dword g holds group g of block 2c (low) and 2c + 1 (high).
+            for c in 0..4 {
+                for h in 0..2 {
+                    let v = rows16x4(p, base + 16 + 32 * c + 16 * h);
+                    for (k, x) in v.into_iter().enumerate() {
+                        let g = 4 * h + k;
+                        let lo = _mm512_and_si512(x, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);
+                        store64(q.add(((8 * i + 2 * c) * 8 + g) * 64), lo);
+                        store64(q.add(((8 * i + 2 * c + 1) * 8 + g) * 64), hi);
+                    }
+                }
+            }
+        }
+    }
+}
