@@ -46,8 +46,16 @@ pub fn synth_model(preset: &str, recipe: &str, seed: u64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pshard-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{preset}-{recipe}-{seed}.gguf"));
-    let f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    // Tests of one binary run in parallel and may ask for the same model while another has it
+    // mapped: truncating that file in place killed the other with SIGBUS. Write a private file and
+    // rename it over the name (a mapping keeps the old file).
+    let tmp = dir.join(format!(
+        "{preset}-{recipe}-{seed}.{:?}.part",
+        std::thread::current().id()
+    ));
+    let f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
     synth::write_synth(&p, r, seed, f, &mut |_, _| {}).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 
