@@ -9,7 +9,7 @@ use pshard_model::spec::ModelSpec;
 use pshard_planner::cost::PlanParams;
 use pshard_planner::fingerprint::Fingerprint;
 use pshard_planner::profile::{Profile, ProfileKind};
-use pshard_planner::registry::{self, Registry};
+use pshard_planner::registry;
 use pshard_planner::search::{self, Outcome, Plan};
 use pshard_planner::CostTable;
 use serde_json::json;
@@ -190,10 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let section = registry::section_from_plan(&spec, fp, &params, &profile_id, &plan);
     let written = match &args.output {
         Some(path) => {
-            let mut reg = Registry::load(path).unwrap_or_default();
-            reg.upsert(section);
-            registry::write_atomic(path, &reg.to_text())
-                .with_context(|| format!("writing {}", path.display()))?;
+            registry::update(path, section).context("writing the registry")?;
             path.clone()
         }
         None => registry::save_for_model(&args.model, section).context("writing the registry")?,
