@@ -7,6 +7,7 @@
 //! every step (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the matmuls; on the
 //! CPU per op kind.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use pshard_runtime::gpu::{GpuEngine, GpuOptions, OpKey, OpTime};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
-use super::common::{init_threads, load_model, pick_device, Device};
+use super::common::{check_context, init_threads, load_model, pick_device, Device};
 
 /// Arguments of `pshard bench`.
 #[derive(clap::Args)]
@@ -37,23 +38,24 @@ pub struct Args {
         long = "ubatch-size",
         short = 'u',
         visible_alias = "ub",
-        default_value_t = 512
+        default_value_t = 512,
+        value_parser = crate::args::at_least_one
     )]
     ubatch: usize,
     /// Timed repetitions per test (after one untimed warm-up).
-    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = crate::args::at_least_one)]
     reps: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
     /// VRAM budget in MiB (default: free memory minus a margin).
-    #[arg(long = "vram-budget")]
+    #[arg(long = "vram-budget", value_parser = crate::args::vram_mib)]
     vram_budget: Option<u64>,
     /// Output format: md or json.
     #[arg(short = 'o', long = "output", default_value = "md")]
     output: String,
-    /// CPU threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    /// CPU threads (0 = all hardware threads).
+    #[arg(short = 't', long, default_value_t = 0, value_parser = pshard_profiler::cli::thread_count)]
     threads: usize,
     /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
     #[arg(long = "keep-host-weights")]
@@ -70,14 +72,30 @@ pub struct Args {
     /// same path, weight type, shape and batch (how well the profile predicts the runtime).
     #[arg(long = "gpu-profile", requires = "op_times")]
     gpu_profile: Option<PathBuf>,
+    /// More detail about the device.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// llama.cpp's flags, answered honestly.
+    #[command(flatten)]
+    llama: crate::compat::LlamaArgs,
+}
+
+impl Args {
+    /// The checks that need no file.
+    pub fn check(&self) -> anyhow::Result<()> {
+        parse_list(&self.n_prompt, "-p")?;
+        parse_list(&self.n_gen, "-n")?;
+        if self.output != "md" && self.output != "json" {
+            bail!("-o must be md or json (got '{}')", self.output);
+        }
+        self.llama.check()
+    }
 }
 
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let n: usize = part
-            .parse()
-            .with_context(|| format!("{what}: '{part}' is not a token count"))?;
+        let n = crate::args::ctx_size(part).map_err(|e| anyhow::anyhow!("{what} {part}: {e}"))?;
         if n > 0 {
             v.push(n);
         }
@@ -385,16 +403,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if pp.is_empty() && tg.is_empty() {
         bail!("nothing to measure: give -p and/or -n token counts");
     }
-    if a.reps == 0 {
-        bail!("-r must be at least 1");
-    }
-    if a.output != "md" && a.output != "json" {
-        bail!("-o must be md or json (got '{}')", a.output);
-    }
-    if a.ubatch == 0 {
-        bail!("-ub must be at least 1");
-    }
-    let device = pick_device(&a.device)?;
+    let device = pick_device(&a.device, a.verbose)?;
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
     let n_params: u64 = model
@@ -415,9 +424,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         main_type(&model).name()
     );
     let n_ctx = pp.iter().chain(&tg).copied().max().unwrap_or(1);
+    check_context(&model.spec, n_ctx, "the longest -p/-n test", &device)?;
+    let ubatch = a.ubatch.min(n_ctx);
     let (mut runner, backend, gpu_info) = match device {
         Device::Cpu => (
-            Runner::Cpu(Box::new(Engine::new(model, n_ctx, a.ubatch))),
+            Runner::Cpu(Box::new(Engine::new(model, n_ctx, ubatch))),
             "CPU",
             String::new(),
         ),
@@ -429,7 +440,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 keep_host_weights: a.keep_host_weights,
             };
             let t0 = Instant::now();
-            let e = GpuEngine::new(&model, n_ctx, a.ubatch, &opts)
+            let e = GpuEngine::new(&model, n_ctx, ubatch, &opts)
                 .with_context(|| format!("opening CUDA device {ordinal}"))?;
             eprintln!(
                 "{}\nbench: weights uploaded in {:.2} s",
@@ -459,7 +470,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for rep in 0..=a.reps {
             runner.reset();
             let t0 = Instant::now();
-            runner.prompt(&tokens, a.ubatch)?;
+            runner.prompt(&tokens, ubatch)?;
             if rep > 0 {
                 samples.push(t0.elapsed().as_nanos() as u64);
             }
@@ -499,7 +510,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .transpose()
             .context("reading --gpu-profile")?;
         for (r, tokens) in results.iter().zip(&test_tokens) {
-            runner.op_times_pass(r, tokens, a.ubatch, profile.as_ref())?;
+            runner.op_times_pass(r, tokens, ubatch, profile.as_ref())?;
         }
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
@@ -509,15 +520,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         format!("{:.2} M", n_params as f64 / 1e6)
     };
     let ngl = if backend == "CPU" { 0 } else { 99 };
+    let mut out = std::io::stdout().lock();
     if a.output == "md" {
         if !gpu_info.is_empty() {
-            println!("device: {gpu_info}");
+            writeln!(out, "device: {gpu_info}")?;
         }
-        println!("| model | size | params | backend | ngl | n_ubatch | test | t/s |");
-        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |");
+        writeln!(
+            out,
+            "| model | size | params | backend | ngl | n_ubatch | test | t/s |"
+        )?;
+        writeln!(
+            out,
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+        )?;
         for r in &results {
             let (m, sd) = mean_sd(&r.ts());
-            println!("| {model_type} | {size_str} | {params_str} | {backend} | {ngl} | {} | {} | {m:.2} ± {sd:.2} |", a.ubatch, r.name());
+            writeln!(out, "| {model_type} | {size_str} | {params_str} | {backend} | {ngl} | {} | {} | {m:.2} ± {sd:.2} |", ubatch, r.name())?;
         }
     } else {
         let rows: Vec<serde_json::Value> = results
@@ -537,8 +555,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "model_type": model_type,
                     "model_size": model_size,
                     "model_n_params": n_params,
-                    "n_batch": a.ubatch,
-                    "n_ubatch": a.ubatch,
+                    "n_batch": ubatch,
+                    "n_ubatch": ubatch,
                     "n_threads": rayon::current_num_threads(),
                     "n_gpu_layers": ngl,
                     "flash_attn": true,
@@ -553,7 +571,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
 }

@@ -1,14 +1,19 @@
 //! Helpers shared by the commands that load and run a model.
 
+use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use pshard_model::bytes;
+use pshard_model::ggml_type::GgmlType;
+use pshard_model::spec::ModelSpec;
 use pshard_runtime::engine::Engine;
 use pshard_runtime::gpu::GpuOptions;
 use pshard_runtime::model::Model;
 
-/// Sets the size of the global rayon pool (0 = one per core).
+/// Sets the size of the global rayon pool (0 = one per hardware thread; larger counts are refused
+/// where the argument is parsed).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
@@ -75,17 +80,23 @@ pub enum Device {
 }
 
 /// Parses `--device auto|cpu|cuda|cuda:N`; `auto` takes GPU 0 when one works, else the CPU, and
-/// says which.
-pub fn pick_device(s: &str) -> anyhow::Result<Device> {
+/// says which in one line (`device: cpu (no CUDA driver found)`); `verbose` adds the details.
+pub fn pick_device(s: &str, verbose: bool) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "auto" => match pshard_kernels::cuda::probe(0) {
             Ok(d) => {
-                eprintln!("device: using GPU 0 ({d:?})");
+                eprintln!("device: cuda:0");
+                if verbose {
+                    eprintln!("device: {d:?}");
+                }
                 Ok(Device::Cuda(0))
             }
             Err(e) => {
-                eprintln!("device: no usable GPU ({e}); using the CPU");
+                eprintln!("device: cpu ({})", e.short_reason());
+                if verbose {
+                    eprintln!("device: {e}");
+                }
                 Ok(Device::Cpu)
             }
         },
@@ -100,17 +111,17 @@ pub fn pick_device(s: &str) -> anyhow::Result<Device> {
 /// Flags shared by the commands that evaluate a model: where it runs and how.
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    /// Threads (0 = all hardware threads).
+    #[arg(short = 't', long, default_value_t = 0, value_parser = pshard_profiler::cli::thread_count)]
     pub threads: usize,
-    /// Tokens per evaluation step.
-    #[arg(long = "ubatch-size", short = 'u', default_value_t = 512)]
+    /// Tokens per evaluation step (`-ub` as llama.cpp spells it; at most the context).
+    #[arg(long = "ubatch-size", short = 'u', visible_alias = "ub", default_value_t = 512, value_parser = crate::args::at_least_one)]
     pub ubatch: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// VRAM budget in MiB (default: free memory minus a margin).
-    #[arg(long = "vram-budget")]
+    #[arg(long = "vram-budget", value_parser = crate::args::vram_mib)]
     pub vram_budget: Option<u64>,
     /// Keep host pages of weights uploaded to the GPU (default: release them after upload).
     #[arg(long = "keep-host-weights")]
@@ -123,13 +134,79 @@ pub struct EngineArgs {
     /// every batch size, no CUDA graphs) — slower; a reference for checking results.
     #[arg(long = "exact-acts")]
     pub exact_acts: bool,
+    /// More detail about the device and the run.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// llama.cpp's flags, answered honestly.
+    #[command(flatten)]
+    pub llama: crate::compat::LlamaArgs,
 }
 
-/// Builds the engine for `--device`, `--vram-budget` and `--ubatch-size`, logging the GPU report.
-pub fn make_engine(model: Model, n_ctx: usize, a: &EngineArgs) -> anyhow::Result<Engine> {
+/// Checks a context size against the model: at most its training context (positions past it have
+/// no trained meaning, and the KV cache is sized by it), and, on the CPU, a KV cache that fits the
+/// memory this machine has available. `flag` names the argument in the message.
+pub fn check_context(
+    spec: &ModelSpec,
+    n_ctx: usize,
+    flag: &str,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let train = spec.hparams.n_ctx_train;
+    if n_ctx > train {
+        bail!(
+            "{flag} {n_ctx} exceeds the model's training context of {train} tokens (accepted: 1 to {train})"
+        );
+    }
+    if matches!(device, Device::Cpu) {
+        let kv = bytes::kv_bytes(spec, GgmlType::F16, n_ctx, 1);
+        if let Some(avail) = mem_available_bytes() {
+            if kv > avail {
+                bail!(
+                    "{flag} {n_ctx}: the KV cache would take {:.1} GiB but this machine has {:.1} GiB available (lower {flag})",
+                    kv as f64 / GIB,
+                    avail as f64 / GIB
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory available to new allocations (Linux `MemAvailable`), if readable.
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reads a text argument's file; `-` is standard input (as llama.cpp's `-f -`).
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Builds the engine for `--device`, `--vram-budget` and `--ubatch-size` on a context checked by
+/// [`check_context`] (`flag` names the context's argument), logging the GPU report.
+pub fn make_engine(
+    model: Model,
+    n_ctx: usize,
+    flag: &str,
+    a: &EngineArgs,
+) -> anyhow::Result<Engine> {
+    let device = pick_device(&a.device, a.verbose)?;
+    check_context(&model.spec, n_ctx, flag, &device)?;
     let (ubatch, vram_budget_mib, keep_host_weights) =
-        (a.ubatch, a.vram_budget, a.keep_host_weights);
-    Ok(match pick_device(&a.device)? {
+        (a.ubatch.min(n_ctx), a.vram_budget, a.keep_host_weights);
+    Ok(match device {
         Device::Cpu => {
             let mut e = Engine::new(model, n_ctx, ubatch);
             e.set_exact_activations(a.exact_acts);
