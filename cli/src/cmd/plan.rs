@@ -170,6 +170,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         c => c,
     };
+    if ctx.saturating_mul(args.parallel) > crate::args::MAX_CTX {
+        bail!(
+            "--parallel {} × -c {ctx}: more KV cells than the {} a context may hold",
+            args.parallel,
+            crate::args::MAX_CTX
+        );
+    }
     if let Some(d) = args.decode_depth.filter(|&d| d > ctx) {
         bail!("--decode-depth {d} exceeds the context of {ctx} (accepted: 0 to {ctx})");
     }
