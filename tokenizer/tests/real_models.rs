@@ -1,5 +1,5 @@
 //! Tokenizers and chat templates of the real test models (SmolLM2-135M-Instruct, gemma-3-270m), checked
-//! against token ids produced by llama.cpp. Skips, with a message, when the models are not present.
+//! against token ids produced by llama.cpp. Skips visibly when the models are not present (a failure in CI, which fetches them).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,17 +10,7 @@ use pshard_tokenizer::{
 };
 
 fn model_path(name: &str) -> Option<PathBuf> {
-    let dir = match std::env::var_os("PSHARD_MODELS") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/pshard/models"),
-    };
-    let p = dir.join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: {} not found (set PSHARD_MODELS)", p.display());
-        None
-    }
+    pshard_testkit::real_model(name)
 }
 
 fn load(name: &str) -> Option<(Tokenizer, Option<ChatTemplate>)> {

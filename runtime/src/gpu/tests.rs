@@ -1,6 +1,8 @@
 //! All-GPU vs all-CPU logits on synthetic models: tiny ones of every architecture and recipe, and
 //! two-layer models with llama3-8b and qwen3-30b-a3b dimensions; greedy tokens identical on a
-//! model with large top-1 margins; per-op timing. SKIP with a message when no GPU is present.
+//! model with large top-1 margins; per-op timing. The tests that need a GPU are ignored by default
+//! (`needs a CUDA GPU`; scripts/gpu-check.sh runs them with `--include-ignored`) and SKIP visibly
+//! when run on a machine without one.
 //!
 //! Every comparison prints one `LOGITS ...` line (gpu-check.sh collects them into its table).
 
@@ -31,13 +33,17 @@ fn skip_reason() -> Option<String> {
     pshard_kernels::cuda::probe(0).err().map(|e| e.to_string())
 }
 
-fn skip(test: &str) -> bool {
-    match skip_reason() {
-        Some(why) => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+/// Whether a GPU test must return early: only when this machine has no GPU at all, with a visible
+/// SKIP (a failure where `PSHARD_NO_SKIP` is set, as on the GPU machine). A GPU that is present but
+/// unusable (missing toolkit library, failing driver) fails the test.
+fn skip(_test: &str) -> bool {
+    match pshard_kernels::cuda::probe(0) {
+        Ok(_) => false,
+        Err(e) if e.is_no_gpu() => {
+            pshard_testkit::skip(&format!("no CUDA GPU ({})", e.short_reason()));
             true
         }
-        None => false,
+        Err(e) => panic!("a GPU is present but unusable: {e}"),
     }
 }
 
@@ -237,6 +243,7 @@ fn compare(name: &str, recipe: &str) {
 macro_rules! gpu_vs_cpu {
     ($($test:ident: $name:expr, $recipe:expr;)*) => {$(
         #[test]
+        #[ignore = "needs a CUDA GPU"]
         fn $test() {
             if skip(stringify!($test)) {
                 return;
@@ -293,6 +300,7 @@ fn compare_big(name: &str) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_matches_cpu_llama3_8b_shapes_2_layers() {
     if skip("gpu_matches_cpu_llama3_8b_shapes_2_layers") {
         return;
@@ -301,6 +309,7 @@ fn gpu_matches_cpu_llama3_8b_shapes_2_layers() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_matches_cpu_qwen3_30b_a3b_shapes_2_layers() {
     if skip("gpu_matches_cpu_qwen3_30b_a3b_shapes_2_layers") {
         return;
@@ -380,6 +389,7 @@ fn large_margin_model() -> PathBuf {
 /// which is allowed only on a step that does not qualify; at least 28 of the 32 steps must be
 /// compared and qualify, and every compared step must also meet the relative L2 tolerance.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_greedy_tokens_match_cpu() {
     if skip("gpu_greedy_tokens_match_cpu") {
         return;
@@ -463,6 +473,7 @@ fn gpu_greedy_tokens_match_cpu() {
 /// Per-op timing: every step of every run is timed, no CUDA graph is used while it is on, the
 /// logits do not change, and graphs come back when it is off.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_op_timing_covers_every_step() {
     if skip("gpu_op_timing_covers_every_step") {
         return;
@@ -540,6 +551,7 @@ fn gpu_op_timing_covers_every_step() {
 /// [`GpuEngine`] driven directly from this thread (same kernels: only the issuing thread
 /// differs), and the sequence continues on the thread (decode step, positions counted there).
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_submission_thread_matches_direct_engine_while_cpu_works() {
     if skip("gpu_submission_thread_matches_direct_engine_while_cpu_works") {
         return;
@@ -661,6 +673,9 @@ fn qk_norms_and_ropes_fuse_into_one_launch_per_layer() {
 #[test]
 fn gpu_engine_without_gpu_is_an_error_not_a_panic() {
     if skip_reason().is_none() {
+        pshard_testkit::note(
+            "gpu_engine_without_gpu_is_an_error_not_a_panic: a GPU is present, nothing to check",
+        );
         return;
     }
     let path = synth_model("tiny-llama", "q4_k");
