@@ -75,6 +75,18 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Most timed repetitions of a benchmark: llama-bench's default is 5; a thousand measure nothing
+/// more, and a count from a typo (2^31) would run for weeks.
+pub const MAX_REPETITIONS: usize = 1000;
+
+/// `bench -r`: 1 to [`MAX_REPETITIONS`].
+pub fn repetitions(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_REPETITIONS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a count from 1 to {MAX_REPETITIONS}")),
+    }
+}
+
 /// Any finite number (`--temp`: at or below 0 means greedy).
 pub fn finite(s: &str) -> Result<f32, String> {
     match s.parse::<f32>() {

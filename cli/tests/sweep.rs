@@ -344,8 +344,13 @@ fn sweep_hostile_numeric_arguments() {
     for (base, flags) in cases {
         for flag in flags.iter() {
             for v in HOSTILE {
+                // The flag's value replaces the base's, if the base sets it (clap refuses a flag twice).
                 let mut args = base.clone();
-                args.extend_from_slice(&[flag, v]);
+                match args.iter().position(|a| a == flag) {
+                    Some(i) => args[i + 1] = v,
+                    None => args.extend_from_slice(&[flag, v]),
+                }
+                assert_eq!(args.iter().filter(|a| *a == flag).count(), 1);
                 let o = run_full(&args, None, Out::Capture, CASE);
                 o.assert_clean();
                 if o.code != Some(0) {

@@ -43,7 +43,7 @@ pub struct Args {
     )]
     ubatch: usize,
     /// Timed repetitions per test (after one untimed warm-up).
-    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = crate::args::at_least_one)]
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = crate::args::repetitions)]
     reps: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
