@@ -644,3 +644,14 @@ fn exit_codes() {
     assert!(o.stdout.starts_with("wrote "), "{o:#?}");
     run(&["synth", "no-such-preset"]).assert_error(&["unknown preset"]);
 }
+
+/// `profile plot P -o P` would have replaced the profile with its chart.
+#[test]
+fn plot_never_writes_over_its_profile() {
+    let committed =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/h200-cpu.toml");
+    let p = file("plot-self.toml", &std::fs::read(committed).unwrap());
+    let before = read(&p);
+    run(&["profile", "plot", &p, "-o", &p]).assert_error(&["would overwrite the profile"]);
+    assert_eq!(read(&p), before);
+}
