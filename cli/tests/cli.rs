@@ -77,13 +77,7 @@ fn perplexity_context_below_three_is_refused() {
         "cpu",
     ]);
     o.assert_ok();
-    let ppl: f64 = o
-        .stdout
-        .split("PPL = ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no PPL: {o:#?}"));
+    let ppl = common::number_after(&o.stdout, "PPL = ").unwrap_or_else(|| panic!("no PPL: {o:#?}"));
     assert!(ppl.is_finite() && ppl > 1.0, "{o:#?}");
 }
 

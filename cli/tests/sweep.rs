@@ -34,6 +34,32 @@ impl Rng {
     }
 }
 
+/// `good` cut at `cuts − 1` evenly spaced lengths (from 0), then `mutations` copies with one byte
+/// changed: to a character of `alphabet` (plausible syntax), to its successor, or to anything.
+fn corrupted(
+    good: &[u8],
+    cuts: usize,
+    mutations: usize,
+    alphabet: &[u8],
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    let mut cases: Vec<Vec<u8>> = (0..cuts)
+        .map(|i| good[..good.len() * i / cuts].to_vec())
+        .collect();
+    let mut rng = Rng(seed);
+    for _ in 0..mutations {
+        let mut c = good.to_vec();
+        let at = rng.below(c.len());
+        c[at] = match rng.below(3) {
+            0 => alphabet[rng.below(alphabet.len())],
+            1 => c[at].wrapping_add(1),
+            _ => rng.next() as u8,
+        };
+        cases.push(c);
+    }
+    cases
+}
+
 /// Runs `args` on the case; the outcome must be clean, and an accepted model must run one token.
 fn gguf_case(name: &str, bytes: &[u8]) -> bool {
     let m = file(name, bytes);
@@ -244,13 +270,8 @@ const HOSTILE: [&str; 12] = [
 /// A run that exits 0 generated what was asked, or says why not.
 fn check_not_silently_short(o: &common::Outcome, asked: Option<usize>) {
     let Some(n) = asked else { return };
-    let got: usize = o
-        .stderr
-        .split("generation: ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no generation count: {o:#?}"));
+    let got = common::number_after(&o.stderr, "generation: ")
+        .unwrap_or_else(|| panic!("no generation count: {o:#?}")) as usize;
     assert!(
         got == n || o.stderr.contains("is full"),
         "{got} of {n} tokens, silently: {o:#?}"
@@ -366,13 +387,7 @@ fn sweep_hostile_numeric_arguments() {
                         check_not_silently_short(&o, asked);
                     }
                     "perplexity" => {
-                        let ppl: f64 = o
-                            .stdout
-                            .split("PPL = ")
-                            .nth(1)
-                            .and_then(|s| s.split_whitespace().next())
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(f64::NAN);
+                        let ppl = common::number_after(&o.stdout, "PPL = ").unwrap_or(f64::NAN);
                         assert!(
                             ppl.is_finite(),
                             "exit 0 without a finite perplexity: {o:#?}"
@@ -402,20 +417,7 @@ fn sweep_corrupted_registries() {
     ])
     .assert_ok();
     let good = read(good_path.to_str().unwrap());
-    let mut rng = Rng(0x5eed_0002);
-    let mut cases: Vec<Vec<u8>> = (0..10)
-        .map(|i| good[..good.len() * i / 10].to_vec())
-        .collect();
-    for _ in 0..40 {
-        let mut c = good.clone();
-        let at = rng.below(c.len());
-        c[at] = match rng.below(3) {
-            0 => b"0123456789 -.[]#\n"[rng.below(17)],
-            1 => c[at].wrapping_add(1),
-            _ => rng.next() as u8,
-        };
-        cases.push(c);
-    }
+    let cases = corrupted(&good, 10, 40, b"0123456789 -.[]#\n", 0x5eed_0002);
     for c in cases {
         let reg = file("sweep-reg.pshard", &c);
         let o = run_full(
@@ -456,20 +458,7 @@ fn sweep_corrupted_profiles() {
     let committed =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/h200-cpu.toml");
     let good = std::fs::read(committed).unwrap();
-    let mut rng = Rng(0x5eed_0003);
-    let mut cases: Vec<Vec<u8>> = (1..8)
-        .map(|i| good[..good.len() * i / 8].to_vec())
-        .collect();
-    for _ in 0..30 {
-        let mut c = good.clone();
-        let at = rng.below(c.len());
-        c[at] = match rng.below(3) {
-            0 => b"0123456789e-.+[]=\"\n"[rng.below(19)],
-            1 => c[at].wrapping_add(1),
-            _ => rng.next() as u8,
-        };
-        cases.push(c);
-    }
+    let cases = corrupted(&good, 8, 30, b"0123456789e-.+[]=\"\n", 0x5eed_0003);
     let svg = path("sweep.svg");
     let svg = svg.to_str().unwrap();
     let reg = path("sweep-prof.pshard");

@@ -261,3 +261,13 @@ pub fn tensor_type_at(gguf: &[u8], name: &str) -> usize {
 pub fn read(p: &str) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
+
+/// The number that follows the first `marker` in `text` (e.g. `PPL = 3.2`, `generation: 12 tokens`).
+pub fn number_after(text: &str, marker: &str) -> Option<f64> {
+    text.split(marker)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
