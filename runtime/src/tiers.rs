@@ -300,11 +300,7 @@ pub fn resolve(
             let section =
                 registry::section_from_plan(spec, fp, &req.params, &req.profiles.identity(), &plan);
             let written = match req.registry {
-                Some(p) => {
-                    let mut reg = Registry::load(p).unwrap_or_default();
-                    reg.upsert(section);
-                    registry::write_atomic(p, &reg.to_text()).map(|_| p.to_path_buf())
-                }
+                Some(p) => registry::update(p, section).map(|()| p.to_path_buf()),
                 None => registry::save_for_model(req.model_path, section),
             };
             match written {

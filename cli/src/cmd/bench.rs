@@ -11,6 +11,7 @@
 //! around every launch (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the
 //! matmuls; on the CPU per op kind.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -40,10 +41,10 @@ pub struct Args {
     #[arg(short = 'n', long = "n-gen", default_value = "128")]
     n_gen: String,
     /// Timed repetitions per test (after one untimed warm-up).
-    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = crate::args::repetitions)]
     reps: usize,
     /// Context size (default: the longest test).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = crate::args::ctx_size)]
     ctx: Option<usize>,
     /// Output format: md or json.
     #[arg(short = 'o', long = "output", default_value = "md")]
@@ -59,12 +60,22 @@ pub struct Args {
     op_times: bool,
 }
 
+impl Args {
+    /// The checks that need no file.
+    pub fn check(&self) -> anyhow::Result<()> {
+        parse_list(&self.n_prompt, "-p")?;
+        parse_list(&self.n_gen, "-n")?;
+        if self.output != "md" && self.output != "json" {
+            bail!("-o must be md or json (got '{}')", self.output);
+        }
+        self.engine.llama.check()
+    }
+}
+
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let n: usize = part
-            .parse()
-            .with_context(|| format!("{what}: '{part}' is not a token count"))?;
+        let n = crate::args::ctx_size(part).map_err(|e| anyhow::anyhow!("{what} {part}: {e}"))?;
         if n > 0 {
             v.push(n);
         }
@@ -335,15 +346,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if pp.is_empty() && tg.is_empty() {
         bail!("nothing to measure: give -p and/or -n token counts");
     }
-    if a.reps == 0 {
-        bail!("-r must be at least 1");
-    }
-    if a.output != "md" && a.output != "json" {
-        bail!("-o must be md or json (got '{}')", a.output);
-    }
-    if a.engine.ubatch == 0 {
-        bail!("-ub must be at least 1");
-    }
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
     let n_params: u64 = model
@@ -366,7 +368,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let longest = pp.iter().chain(&tg).copied().max().unwrap_or(1);
     let n_ctx = a.ctx.unwrap_or(longest).max(longest);
     let t0 = Instant::now();
-    let mut engine = make_engine(model, &a.model, n_ctx, &a.engine)?;
+    let mut engine = make_engine(model, &a.model, n_ctx, "the longest -p/-n test", &a.engine)?;
     eprintln!("bench: engine ready in {:.2} s", t0.elapsed().as_secs_f64());
     let (backend, gpu_info) = match engine.device_report() {
         Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
@@ -429,12 +431,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         format!("{:.2} M", n_params as f64 / 1e6)
     };
     let ub = |r: &TestResult| r.tier.as_ref().map_or(a.engine.ubatch, |t| t.0);
+    let mut out = std::io::stdout().lock();
     if a.output == "md" {
         if !gpu_info.is_empty() {
-            println!("device: {gpu_info}");
+            writeln!(out, "device: {gpu_info}")?;
         }
-        println!("| model | size | params | backend | n_ubatch | test | t/s | tier | strategy | predicted t/s |");
-        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |");
+        writeln!(out, "| model | size | params | backend | n_ubatch | test | t/s | tier | strategy | predicted t/s |")?;
+        writeln!(
+            out,
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"
+        )?;
         for r in &results {
             let (m, sd) = mean_sd(&r.ts());
             let (tier, strat, pred) = match &r.tier {
@@ -445,11 +451,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ),
                 None => ("-".into(), "-".into(), "-".into()),
             };
-            println!(
+            writeln!(
+                out,
                 "| {model_type} | {size_str} | {params_str} | {backend} | {} | {} | {m:.2} ± {sd:.2} | {tier} | {strat} | {pred} |",
                 ub(r),
                 r.name()
-            );
+            )?;
         }
     } else {
         let rows: Vec<serde_json::Value> = results
@@ -487,7 +494,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
 }

@@ -1,10 +1,14 @@
 //! Helpers shared by the commands that load and run a model.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use pshard_model::bytes;
+use pshard_model::ggml_type::GgmlType;
+use pshard_model::spec::ModelSpec;
 use pshard_planner::cost::PlanParams;
 use pshard_planner::{Profile, Strategy};
 use pshard_runtime::device::Device as _;
@@ -13,7 +17,8 @@ use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
 use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
 
-/// Sets the size of the global rayon pool (0 = one per core).
+/// Sets the size of the global rayon pool (0 = one per hardware thread; larger counts are refused
+/// where the argument is parsed).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
@@ -80,17 +85,23 @@ pub enum Device {
 }
 
 /// Parses `--device auto|cpu|cuda|cuda:N`; `auto` takes GPU 0 when one works, else the CPU, and
-/// says which.
-pub fn pick_device(s: &str) -> anyhow::Result<Device> {
+/// says which in one line (`device: cpu (no CUDA driver found)`); `verbose` adds the details.
+pub fn pick_device(s: &str, verbose: bool) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "auto" => match pshard_kernels::cuda::probe(0) {
             Ok(d) => {
-                eprintln!("device: using GPU 0 ({d:?})");
+                eprintln!("device: cuda:0");
+                if verbose {
+                    eprintln!("device: {d:?}");
+                }
                 Ok(Device::Cuda(0))
             }
             Err(e) => {
-                eprintln!("device: no usable GPU ({e}); using the CPU");
+                eprintln!("device: cpu ({})", e.short_reason());
+                if verbose {
+                    eprintln!("device: {e}");
+                }
                 Ok(Device::Cpu)
             }
         },
@@ -105,23 +116,19 @@ pub fn pick_device(s: &str) -> anyhow::Result<Device> {
 /// Flags shared by the commands that evaluate a model: where it runs and how.
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    /// Threads (0 = all hardware threads).
+    #[arg(short = 't', long, default_value_t = 0, value_parser = pshard_profiler::cli::thread_count)]
     pub threads: usize,
-    /// Tokens per evaluation step on the CPU (with a GPU, the plans choose per tier).
-    #[arg(
-        long = "ubatch-size",
-        short = 'u',
-        visible_alias = "ub",
-        default_value_t = 512
-    )]
+    /// Tokens per evaluation step on the CPU (`-ub` as llama.cpp spells it; at most the
+    /// context; with a GPU, the plans choose per tier).
+    #[arg(long = "ubatch-size", short = 'u', visible_alias = "ub", default_value_t = 512, value_parser = crate::args::at_least_one)]
     pub ubatch: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// VRAM budget in MiB: a hard cap on everything the process holds on the GPU, CUDA context
     /// included (default: the free memory minus a margin).
-    #[arg(long = "vram-budget")]
+    #[arg(long = "vram-budget", value_parser = crate::args::vram_mib)]
     pub vram_budget: Option<u64>,
     /// Force one placement strategy in every tier (for testing and comparison).
     #[arg(long = "strategy")]
@@ -146,6 +153,12 @@ pub struct EngineArgs {
     /// every batch size, no CUDA graphs) — slower; a reference for checking results.
     #[arg(long = "exact-acts")]
     pub exact_acts: bool,
+    /// More detail about the device and the run.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// llama.cpp's flags, answered honestly.
+    #[command(flatten)]
+    pub llama: crate::compat::LlamaArgs,
 }
 
 /// The machine profiles to plan with: the flags, else `~/.cache/pshard/profiles/{cpu,gpu}.toml`,
@@ -216,13 +229,67 @@ pub fn plan_profiles(a: &EngineArgs) -> anyhow::Result<Profiles> {
 const COMMITTED_CPU: &str = include_str!("../../../profiles/h200-cpu.toml");
 const COMMITTED_GPU: &str = include_str!("../../../profiles/h200-gpu.toml");
 
-/// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry`: on the CPU
-/// alone, or with the tiers of the model's registry (planned here when none matches) on a GPU.
-/// Says in one line which plans run.
+/// Checks a context size against the model: at most its training context (positions past it have
+/// no trained meaning, and the KV cache is sized by it), and, on the CPU, a KV cache that fits the
+/// memory this machine has available. `flag` names the argument in the message.
+pub fn check_context(
+    spec: &ModelSpec,
+    n_ctx: usize,
+    flag: &str,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let train = spec.hparams.n_ctx_train;
+    if n_ctx > train {
+        bail!(
+            "{flag} {n_ctx} exceeds the model's training context of {train} tokens (accepted: 1 to {train})"
+        );
+    }
+    if matches!(device, Device::Cpu) {
+        let kv = bytes::kv_bytes(spec, GgmlType::F16, n_ctx, n_ctx, 1);
+        if let Some(avail) = mem_available_bytes() {
+            if kv > avail {
+                bail!(
+                    "{flag} {n_ctx}: the KV cache would take {:.1} GiB but this machine has {:.1} GiB available (lower {flag})",
+                    kv as f64 / GIB,
+                    avail as f64 / GIB
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory available to new allocations (Linux `MemAvailable`), if readable.
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reads a text argument's file; `-` is standard input (as llama.cpp's `-f -`).
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry` on a context
+/// checked by [`check_context`] (`flag` names the context's argument): on the CPU alone, or with
+/// the tiers of the model's registry (planned here when none matches) on a GPU. Says in one line
+/// which plans run.
 pub fn make_engine(
     model: Model,
     path: &Path,
     n_ctx: usize,
+    flag: &str,
     a: &EngineArgs,
 ) -> anyhow::Result<Engine> {
     let strategy = match &a.strategy {
@@ -235,12 +302,14 @@ pub fn make_engine(
         })?),
         None => None,
     };
-    match pick_device(&a.device)? {
+    let device = pick_device(&a.device, a.verbose)?;
+    check_context(&model.spec, n_ctx, flag, &device)?;
+    match device {
         Device::Cpu => {
             if strategy.is_some() || a.vram_budget.is_some() {
                 eprintln!("device: cpu — --strategy and --vram-budget apply to GPU plans only");
             }
-            let mut e = Engine::new(model, n_ctx, a.ubatch);
+            let mut e = Engine::new(model, n_ctx, a.ubatch.min(n_ctx));
             e.set_exact_activations(a.exact_acts);
             Ok(e)
         }
