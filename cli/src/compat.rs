@@ -103,15 +103,17 @@ pub fn rewrite(argv: impl IntoIterator<Item = OsString>) -> anyhow::Result<Vec<O
 /// llama.cpp flags that `run`, `perplexity` and `bench` accept, each answered honestly.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct LlamaArgs {
-    /// llama.cpp's `-ngl N`: layers on the GPU. Not runnable yet: a partial placement needs the
-    /// hybrid runtime; use --device cpu or --device cuda (the whole model).
+    /// llama.cpp's `-ngl N`: a static plan with the last N layers on the GPU (N above the layer
+    /// count adds the output projection; `all` is everything), the rest on the CPU — for
+    /// comparison with llama.cpp. 0 runs on the CPU; -1 or `auto` lets pshard plan (the default).
     #[arg(
         long = "n-gpu-layers",
         visible_alias = "gpu-layers",
         value_name = "N",
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = gpu_layers
     )]
-    pub n_gpu_layers: Option<String>,
+    pub n_gpu_layers: Option<GpuLayers>,
     /// llama.cpp's `-fa [on|auto]`: accepted; attention is always fused (flash-style) here.
     #[arg(long = "flash-attn", value_name = "on|off|auto", num_args = 0..=1, default_missing_value = "on")]
     pub flash_attn: Option<String>,
@@ -126,15 +128,42 @@ pub struct LlamaArgs {
     pub cache_type_v: Option<String>,
 }
 
+/// What `-ngl` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuLayers {
+    /// `-1` or `auto`: pshard's planner chooses (as without the flag).
+    Auto,
+    /// `all`: every layer and the output projection.
+    All,
+    /// The last N layers (N above the layer count adds the output projection).
+    Count(usize),
+}
+
+impl GpuLayers {
+    /// The layer count to pin of a model with `n_layer` layers; `None` for [`GpuLayers::Auto`].
+    pub fn count(self, n_layer: usize) -> Option<usize> {
+        match self {
+            GpuLayers::Auto => None,
+            GpuLayers::All => Some(n_layer + 1),
+            GpuLayers::Count(n) => Some(n),
+        }
+    }
+}
+
+/// Parses `-ngl`: a count, `all`, or `-1`/`auto`.
+fn gpu_layers(s: &str) -> Result<GpuLayers, String> {
+    match s {
+        "-1" | "auto" => Ok(GpuLayers::Auto),
+        "all" => Ok(GpuLayers::All),
+        _ => s.parse::<usize>().map(GpuLayers::Count).map_err(|_| {
+            format!("'{s}' is not a layer count (accepted: 0 or more, all, or -1/auto)")
+        }),
+    }
+}
+
 impl LlamaArgs {
     /// Refuses what pshard cannot do, naming the flag; accepts the rest.
     pub fn check(&self) -> anyhow::Result<()> {
-        if let Some(n) = &self.n_gpu_layers {
-            bail!(
-                "-ngl {n}: a static plan with some layers on the GPU needs a placement the engine cannot run yet; \
-                 use --device cuda (the whole model on the GPU) or --device cpu"
-            );
-        }
         match self.flash_attn.as_deref() {
             None | Some("on" | "auto" | "1" | "true") => {}
             Some("off" | "0" | "false") => {

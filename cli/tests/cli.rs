@@ -399,7 +399,14 @@ fn llama_cpp_multi_letter_flags() {
     with(&["-ctk", "f16", "-ctv", "f16"]).assert_ok();
     with(&["-ub", "16"]).assert_ok();
     with(&["-fa", "off"]).assert_error(&["-fa off", "always fused"]);
-    with(&["-ngl", "99"]).assert_error(&["-ngl 99", "cannot run yet"]);
+    let o = with(&["-ngl", "99"]);
+    o.assert_ok();
+    assert!(o.stderr.contains("apply to GPU plans only"), "{o:#?}");
+    with(&["-ngl", "0"]).assert_ok();
+    with(&["-ngl", "-1"]).assert_ok();
+    with(&["-ngl", "some"]).assert_error(&["some", "not a layer count"]);
+    with(&["-ngl", "3", "--strategy", "STATIC_ATTNPRIO_ALLMODELS"])
+        .assert_error(&["--strategy and -ngl"]);
     with(&["-cnv"]).assert_error(&["-cnv", "no interactive chat"]);
     with(&["-ctk", "q8_0"]).assert_error(&["-ctk q8_0", "not runnable"]);
     with(&["-ctv", "q4_0"]).assert_error(&["-ctv q4_0", "f16"]);

@@ -15,7 +15,7 @@ use pshard_runtime::device::Device as _;
 use pshard_runtime::engine::Engine;
 use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
-use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+use pshard_runtime::tiers::{resolve, Forced, Profiles, TierRequest};
 
 /// Sets the size of the global rayon pool (0 = one per hardware thread; larger counts are refused
 /// where the argument is parsed).
@@ -302,12 +302,26 @@ pub fn make_engine(
         })?),
         None => None,
     };
-    let device = pick_device(&a.device, a.verbose)?;
+    let n_layer = model.spec.layers.len();
+    let ngl = a.llama.n_gpu_layers.and_then(|g| g.count(n_layer));
+    let forced = match (strategy, ngl) {
+        (Some(_), Some(_)) => bail!("--strategy and -ngl both choose the placement: give one"),
+        (Some(s), None) => Some(Forced::Strategy(s)),
+        (None, Some(n)) => Some(Forced::GpuLayers(n)),
+        (None, None) => None,
+    };
+    let mut device = pick_device(&a.device, a.verbose)?;
+    if ngl == Some(0) && !matches!(device, Device::Cpu) {
+        eprintln!("-ngl 0: no layer on the GPU, running on the CPU");
+        device = Device::Cpu;
+    }
     check_context(&model.spec, n_ctx, flag, &device)?;
     match device {
         Device::Cpu => {
-            if strategy.is_some() || a.vram_budget.is_some() {
-                eprintln!("device: cpu — --strategy and --vram-budget apply to GPU plans only");
+            if (forced.is_some() && ngl != Some(0)) || a.vram_budget.is_some() {
+                eprintln!(
+                    "device: cpu — --strategy, -ngl and --vram-budget apply to GPU plans only"
+                );
             }
             let mut e = Engine::new(model, n_ctx, a.ubatch.min(n_ctx));
             e.set_exact_activations(a.exact_acts);
@@ -333,7 +347,7 @@ pub fn make_engine(
                 params,
                 budget,
                 registry: a.registry.as_deref(),
-                strategy,
+                forced,
                 profiles: &profiles,
                 context_bytes: Some(info.context_overhead),
             };
