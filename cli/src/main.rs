@@ -30,11 +30,21 @@ enum Command {
     Profile(cmd::profile::Args),
     /// Benchmark prompt processing and generation (llama-bench style).
     Bench(cmd::bench::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(cmd::serve::Args),
+    /// Chat with the model in the terminal.
+    Chat(cmd::chat::Args),
 }
 
 fn main() {
-    // llama-bench spells the ubatch flag `-ub`; clap's short flags are one letter.
-    let argv = std::env::args().map(|a| if a == "-ub" { "--ub".to_string() } else { a });
+    // llama.cpp spells some flags with one dash and several letters (`-ub`, `-cnv`, `-np`);
+    // clap's short flags are one letter.
+    let argv = std::env::args().map(|a| match a.as_str() {
+        "-ub" => "--ub".to_string(),
+        "-cnv" => "--conversation".to_string(),
+        "-np" => "--parallel".to_string(),
+        _ => a,
+    });
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),
@@ -45,6 +55,8 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Profile(a) => cmd::profile::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -75,7 +75,11 @@ fn a_sequence_alone_and_in_a_crowd_gives_the_same_bits() {
     let Some((model, tok)) = model() else { return };
     let n_vocab = model.spec.hparams.n_vocab;
     let p0 = tok.encode("The capital of France is", true, true);
-    let p1 = tok.encode("Once upon a time, in a land far away, there lived", true, true);
+    let p1 = tok.encode(
+        "Once upon a time, in a land far away, there lived",
+        true,
+        true,
+    );
     let p2 = tok.encode("def fibonacci(n):", true, true);
     let steps = 6;
     let (want, want_toks) = alone(&model, &p0, steps);
