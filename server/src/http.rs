@@ -97,6 +97,7 @@ fn router(st: Shared) -> Router {
             .route("/health", get(health))
             .merge(api)
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(st.clone()),
         st,
     )
@@ -121,6 +122,13 @@ fn panic_response(p: Box<dyn std::any::Any + Send + 'static>) -> Response {
         ),
     )
     .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -523,7 +523,12 @@ impl Worker {
         if tokens.is_empty() {
             return Ok(());
         }
-        let rows: Vec<usize> = want.iter().map(|w| w.1).collect();
+        let mut rows: Vec<usize> = want.iter().map(|w| w.1).collect();
+        if rows.is_empty() {
+            // Only prompt chunks that do not finish their prompt: an evaluation still computes
+            // one row of logits (the graph needs one); it is discarded.
+            rows.push(tokens.len() - 1);
+        }
         let t0 = Instant::now();
         let result = self.engine.eval_batch(&tokens, &seqs, &rows);
         let dt = t0.elapsed();
