@@ -21,12 +21,17 @@ struct Term {
 
 impl Term {
     fn start(args: &[&str]) -> Option<Term> {
+        Term::spawn("chat", args)
+    }
+
+    /// `pshard COMMAND --device cpu ... ARGS` on a new pseudo-terminal.
+    fn spawn(command: &str, args: &[&str]) -> Option<Term> {
         let model = common::model()?;
         let pty = openpty(None, None).unwrap();
         let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().unwrap());
         let child = common::pshard()
             .args([
-                "chat", "--device", "cpu", "-t", "2", "-c", "512", "--temp", "0", "-m",
+                command, "--device", "cpu", "-t", "2", "-c", "512", "--temp", "0", "-m",
             ])
             .arg(model)
             .args(args)
@@ -187,4 +192,27 @@ fn sigint_stops_a_reply_and_exit_leaves() {
     t.type_line("/exit");
     let st = t.wait_exit();
     assert!(st.success(), "{st:?}\n{}", t.screen());
+}
+
+#[test]
+fn run_cnv_starts_the_chat() {
+    let Some(mut t) = Term::spawn("run", &["-cnv", "-n", "4"]) else {
+        return;
+    };
+    t.wait_for("Ctrl-D or /exit leaves", 1);
+    t.type_line("Hello!");
+    let l = t.wait_for("[prompt ", 1);
+    assert!(stats(&l[0]).3 <= 4, "{}", l[0]);
+    t.type_line("/exit");
+    let st = t.wait_exit();
+    assert!(st.success(), "{st:?}\n{}", t.screen());
+    // A prompt flag has no place in an interactive chat.
+    let model = common::model().unwrap();
+    let out = common::pshard()
+        .args(["run", "-cnv", "-p", "hi", "--device", "cpu", "-m"])
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-cnv starts an interactive chat"));
 }

@@ -164,3 +164,34 @@ fn truncating_to_a_prefix_and_continuing_matches_evaluating_whole() {
     assert!(e.truncate_seq(0, b.len() + 1).is_err());
     assert_eq!(e.seq_len(0), b.len());
 }
+
+/// Sliding-window layers keep a ring of the window plus one batch: truncating may drop at most
+/// that batch's worth of positions. At the limit the continuation still matches evaluating whole
+/// (the positions the next token reads survived); past it the engine refuses.
+#[test]
+fn truncating_a_sliding_window_sequence_is_bounded_by_its_ring() {
+    let path = common::synth_model("tiny-gemma3", "q8_0", 7);
+    let model = Arc::new(Model::open(&path).unwrap());
+    let w = model.spec.layers.iter().find_map(|l| l.window).unwrap();
+    let ub = 4;
+    let n_ctx = 64;
+    let tiers = || TierSet::all_cpu(&model.spec, PlanParams::new(n_ctx), ub);
+    let cells = w + ub;
+    let a: Vec<u32> = (0..30).map(|i| (i * 7 + 3) % 200).collect();
+    let keep = a.len() - (cells - w);
+    let b: Vec<u32> = a[..keep].iter().copied().chain([11, 12, 13]).collect();
+    let mut whole = Engine::with_tiers(model.clone(), tiers(), 1, None, false).unwrap();
+    let want = whole.eval(&b, Logits::Last).unwrap();
+    let mut e = Engine::with_tiers(model.clone(), tiers(), 1, None, false).unwrap();
+    e.eval(&a, Logits::Last).unwrap();
+    let err = e.truncate_seq(0, keep - 1).unwrap_err();
+    assert!(err.to_string().contains("sliding-window"), "{err}");
+    assert_eq!(e.seq_len(0), a.len());
+    e.truncate_seq(0, keep).unwrap();
+    let got = e.eval(&b[keep..], Logits::Last).unwrap();
+    assert!(
+        first_diff(&want, &got).is_none(),
+        "window {w}, ring {cells}"
+    );
+    std::fs::remove_file(&path).ok();
+}
