@@ -17,10 +17,11 @@ const SPELLINGS: &[(&str, &str)] = &[
     ("-ctk", "--cache-type-k"),
     ("-ctv", "--cache-type-v"),
     ("-sys", "--system"),
+    ("-np", "--parallel"),
 ];
 
 /// llama.cpp flags that ask for pshard's default behaviour: dropped.
-const DEFAULTS: &[&str] = &["-no-cnv", "--no-conversation"];
+const DEFAULTS: &[&str] = &["-no-cnv", "--no-conversation", "-cb", "--cont-batching"];
 
 /// llama.cpp flags with no meaning in pshard: (spelling, llama.cpp's long name, what to use instead).
 const UNSUPPORTED: &[(&str, &str, &str)] = &[
@@ -52,9 +53,11 @@ const UNSUPPORTED: &[(&str, &str, &str)] = &[
         "--no-kv-offload",
         "the KV cache lives where its layer runs",
     ),
-    ("-np", "--parallel", "one sequence per run"),
-    ("-cb", "--cont-batching", "one sequence per run"),
-    ("-nocb", "--no-cont-batching", "one sequence per run"),
+    (
+        "-nocb",
+        "--no-cont-batching",
+        "`pshard serve` always batches continuously",
+    ),
     (
         "-tb",
         "--threads-batch",
@@ -117,9 +120,6 @@ pub struct LlamaArgs {
     /// llama.cpp's `-fa [on|auto]`: accepted; attention is always fused (flash-style) here.
     #[arg(long = "flash-attn", value_name = "on|off|auto", num_args = 0..=1, default_missing_value = "on")]
     pub flash_attn: Option<String>,
-    /// llama.cpp's `-cnv`: interactive chat. Not available yet (use --chat -p TEXT for one reply).
-    #[arg(long = "conversation")]
-    pub conversation: bool,
     /// llama.cpp's `-ctk`: KV cache type of K. f16 (the only type the engine runs).
     #[arg(long = "cache-type-k", value_name = "TYPE")]
     pub cache_type_k: Option<String>,
@@ -170,9 +170,6 @@ impl LlamaArgs {
                 bail!("-fa off: attention is always fused in pshard and cannot be turned off")
             }
             Some(other) => bail!("-fa {other}: expected on, off or auto"),
-        }
-        if self.conversation {
-            bail!("-cnv: pshard has no interactive chat yet; use --chat -p TEXT for one reply");
         }
         for (flag, ty) in [("-ctk", &self.cache_type_k), ("-ctv", &self.cache_type_v)] {
             match ty.as_deref().map(str::to_ascii_lowercase).as_deref() {

@@ -38,6 +38,10 @@ pub enum Command {
     Profile(cmd::profile::Args),
     /// Benchmark prompt processing and generation (llama-bench style).
     Bench(cmd::bench::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(cmd::serve::Args),
+    /// Chat with the model in the terminal.
+    Chat(cmd::chat::Args),
 }
 
 /// Why a command line was not accepted.
@@ -77,6 +81,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Profile(a) => cmd::profile::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
     }
 }
 

@@ -407,7 +407,7 @@ fn llama_cpp_multi_letter_flags() {
     with(&["-ngl", "some"]).assert_error(&["some", "not a layer count"]);
     with(&["-ngl", "3", "--strategy", "STATIC_ATTNPRIO_ALLMODELS"])
         .assert_error(&["--strategy and -ngl"]);
-    with(&["-cnv"]).assert_error(&["-cnv", "no interactive chat"]);
+    with(&["-cnv"]).assert_error(&["-cnv starts an interactive chat", "not with -p"]);
     with(&["-ctk", "q8_0"]).assert_error(&["-ctk q8_0", "not runnable"]);
     with(&["-ctv", "q4_0"]).assert_error(&["-ctv q4_0", "f16"]);
     with(&["-ot", "exps=CPU"]).assert_error(&["`-ot`", "--override-tensor"]);

@@ -23,7 +23,7 @@ use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
-use super::common::{init_threads, load_model, make_engine, EngineArgs};
+use super::common::{init_threads, load_model, make_engine, make_engine_parallel, EngineArgs};
 
 /// Arguments of `pshard bench`.
 #[derive(clap::Args)]
@@ -58,6 +58,12 @@ pub struct Args {
     /// matmul is put beside the profile's point for the same path, type, shape and batch.
     #[arg(long = "op-times")]
     op_times: bool,
+    /// Aggregate decode of N sequences at once (as llama-batched-bench): comma-separated
+    /// sequence counts. Each test fills N sequences with a prompt of the first -p size, then
+    /// times the first -n size of decode steps, each one token of every sequence; the engine
+    /// holds the largest N (GPU plans are made for it).
+    #[arg(long = "parallel")]
+    parallel: Option<String>,
 }
 
 impl Args {
@@ -65,6 +71,9 @@ impl Args {
     pub fn check(&self) -> anyhow::Result<()> {
         parse_list(&self.n_prompt, "-p")?;
         parse_list(&self.n_gen, "-n")?;
+        if let Some(list) = &self.parallel {
+            parse_list(list, "--parallel")?;
+        }
         if self.output != "md" && self.output != "json" {
             bail!("-o must be md or json (got '{}')", self.output);
         }
@@ -346,6 +355,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if pp.is_empty() && tg.is_empty() {
         bail!("nothing to measure: give -p and/or -n token counts");
     }
+    if let Some(list) = &a.parallel {
+        let npl = parse_list(list, "--parallel")?;
+        return run_parallel(
+            &a,
+            &npl,
+            pp.first().copied().unwrap_or(0),
+            tg.first().copied(),
+        );
+    }
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
     let n_params: u64 = model
@@ -374,17 +392,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
         None => ("CPU", String::new()),
     };
-    // Synthetic tokens (a simple LCG: the same for every backend and run).
-    let mut state = a
-        .seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next_token = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % n_vocab as u64) as u32
-    };
+    let mut next_token = token_source(a.seed, n_vocab);
     let mut results = Vec::new();
     let mut test_tokens: Vec<Vec<u32>> = Vec::new();
     let tests: Vec<(usize, usize)> = pp
@@ -495,6 +503,130 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Synthetic tokens from a seed (a simple LCG: the same for every backend and run).
+fn token_source(seed: u64, n_vocab: usize) -> impl FnMut() -> u32 {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n_vocab as u64) as u32
+    }
+}
+
+/// `--parallel`: for each N, the prompt of every sequence (timed, each sequence's own ubatches)
+/// then `tg` steps of N decode rows in one evaluation each (timed): aggregate t/s.
+fn run_parallel(a: &Args, npl: &[usize], pp: usize, tg: Option<usize>) -> anyhow::Result<()> {
+    let Some(tg) = tg else {
+        bail!("--parallel measures decode: give -n with a token count");
+    };
+    let Some(&max_n) = npl.iter().max() else {
+        bail!("--parallel: give sequence counts, e.g. 1,4,16,64");
+    };
+    if a.reps == 0 {
+        bail!("-r must be at least 1");
+    }
+    let model = load_model(&a.model)?;
+    let n_vocab = model.spec.hparams.n_vocab;
+    let n_ctx = a.ctx.unwrap_or(pp + tg).max(pp + tg);
+    let mut engine = make_engine_parallel(
+        model,
+        &a.model,
+        n_ctx,
+        "the longest -p/-n test",
+        &a.engine,
+        max_n,
+    )?;
+    let backend = if engine.device_report().is_some() {
+        "CUDA"
+    } else {
+        "CPU"
+    };
+    let mut next = token_source(a.seed, n_vocab);
+    let prompts: Vec<Vec<u32>> = (0..max_n)
+        .map(|_| (0..pp).map(|_| next()).collect())
+        .collect();
+    let steps: Vec<u32> = (0..tg * max_n).map(|_| next()).collect();
+    let mut rows = Vec::new();
+    for &n in npl {
+        let (mut pp_s, mut tg_s) = (Vec::new(), Vec::new());
+        let mut tier = None;
+        for rep in 0..=a.reps {
+            for s in 0..n {
+                engine.reset_seq(s);
+            }
+            let t0 = Instant::now();
+            if pp > 0 {
+                for (s, p) in prompts.iter().enumerate().take(n) {
+                    engine.eval_seq(s, p, Logits::Last)?;
+                }
+            }
+            let t_pp = t0.elapsed().as_secs_f64();
+            engine.clear_history();
+            let seqs: Vec<u32> = (0..n as u32).collect();
+            let logit_rows: Vec<usize> = (0..n).collect();
+            let t1 = Instant::now();
+            for k in 0..tg {
+                engine.eval_batch(&steps[k * max_n..k * max_n + n], &seqs, &logit_rows)?;
+            }
+            let t_tg = t1.elapsed().as_secs_f64();
+            if rep > 0 {
+                pp_s.push((n * pp) as f64 / t_pp.max(1e-12));
+                tg_s.push((n * tg) as f64 / t_tg.max(1e-12));
+            }
+            tier = main_tier(&engine);
+        }
+        rows.push((n, mean_sd(&pp_s), mean_sd(&tg_s), tier));
+    }
+    if a.output == "json" {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, pps, tgs, tier)| {
+                json!({
+                    "model_filename": a.model.display().to_string(),
+                    "backends": backend,
+                    "n_parallel": n,
+                    "n_prompt": pp,
+                    "n_gen": tg,
+                    "pp_avg_ts": pps.0,
+                    "pp_stddev_ts": pps.1,
+                    "tg_avg_ts": tgs.0,
+                    "tg_stddev_ts": tgs.1,
+                    "tg_per_sequence_ts": tgs.0 / *n as f64,
+                    "tier": tier.as_ref().map(|t| t.0),
+                    "strategy": tier.as_ref().map(|t| t.1.clone()),
+                    "predicted_ts": tier.as_ref().and_then(|t| t.2),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("| backend | parallel | pp | tg | pp t/s | tg t/s (all sequences) | tg t/s per sequence | tier | strategy | predicted t/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for (n, pps, tgs, tier) in &rows {
+        let (t, strat, pred) = match tier {
+            Some((t, s, p)) => (
+                t.to_string(),
+                s.clone(),
+                p.map_or("-".into(), |p| format!("{p:.2}")),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {backend} | {n} | {pp} | {tg} | {:.2} ± {:.2} | {:.2} ± {:.2} | {:.2} | {t} | {strat} | {pred} |",
+            pps.0,
+            pps.1,
+            tgs.0,
+            tgs.1,
+            tgs.0 / *n as f64
+        );
     }
     Ok(())
 }

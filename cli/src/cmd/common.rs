@@ -15,7 +15,10 @@ use pshard_runtime::device::Device as _;
 use pshard_runtime::engine::Engine;
 use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
-use pshard_runtime::tiers::{resolve, Forced, Profiles, TierRequest};
+use pshard_runtime::sampler::SamplerParams;
+use pshard_runtime::tiers::{resolve, Forced, Profiles, TierRequest, TierSet};
+use pshard_tokenizer::chat::ChatTemplate;
+use pshard_tokenizer::Tokenizer;
 
 /// Sets the size of the global rayon pool (0 = one per hardware thread; larger counts are refused
 /// where the argument is parsed).
@@ -284,7 +287,7 @@ pub fn read_text(path: &Path) -> anyhow::Result<String> {
 /// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry` on a context
 /// checked by [`check_context`] (`flag` names the context's argument): on the CPU alone, or with
 /// the tiers of the model's registry (planned here when none matches) on a GPU. Says in one line
-/// which plans run.
+/// which plans run. One sequence; see [`make_engine_parallel`].
 pub fn make_engine(
     model: Model,
     path: &Path,
@@ -292,6 +295,21 @@ pub fn make_engine(
     flag: &str,
     a: &EngineArgs,
 ) -> anyhow::Result<Engine> {
+    make_engine_parallel(model, path, n_ctx, flag, a, 1)
+}
+
+/// [`make_engine`] for `parallel` sequences of `n_ctx` positions each: the GPU plans are made
+/// (or looked up in the registry) for that many sequences, so the planner adds its multi-user
+/// decode tiers (1/4/16/32/64 up to `parallel`).
+pub fn make_engine_parallel(
+    model: Model,
+    path: &Path,
+    n_ctx: usize,
+    flag: &str,
+    a: &EngineArgs,
+    parallel: usize,
+) -> anyhow::Result<Engine> {
+    let parallel = parallel.max(1);
     let strategy = match &a.strategy {
         Some(name) => Some(Strategy::from_name(name).with_context(|| {
             let valid: Vec<&str> = std::iter::once(Strategy::AllGpu)
@@ -323,7 +341,9 @@ pub fn make_engine(
                     "device: cpu — --strategy, -ngl and --vram-budget apply to GPU plans only"
                 );
             }
-            let mut e = Engine::new(model, n_ctx, a.ubatch.min(n_ctx));
+            let tiers = TierSet::all_cpu(&model.spec, PlanParams::new(n_ctx), a.ubatch.min(n_ctx));
+            let mut e = Engine::with_tiers(Arc::new(model), tiers, parallel, None, false)
+                .context("setting up the CPU engine")?;
             e.set_exact_activations(a.exact_acts);
             Ok(e)
         }
@@ -341,6 +361,7 @@ pub fn make_engine(
             let budget = dev.budget() + info.context_overhead;
             let mut params = PlanParams::new(n_ctx);
             params.threads = rayon::current_num_threads();
+            params.parallel = parallel;
             let profiles = plan_profiles(a)?;
             let req = TierRequest {
                 model_path: path,
@@ -353,9 +374,14 @@ pub fn make_engine(
             };
             let (tiers, line) = resolve(&model, &req).context("choosing the plans")?;
             eprintln!("{line}");
-            let mut e =
-                Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), a.keep_host_weights)
-                    .context("loading the model onto the GPU")?;
+            let mut e = Engine::with_tiers(
+                model,
+                tiers,
+                parallel,
+                Some(Box::new(dev)),
+                a.keep_host_weights,
+            )
+            .context("loading the model onto the GPU")?;
             e.set_exact_activations(a.exact_acts);
             if let Some(r) = e.device_report() {
                 eprintln!("{r}");
@@ -363,6 +389,119 @@ pub fn make_engine(
             Ok(e)
         }
     }
+}
+
+/// The plan an engine runs: where it came from, then one line per tier (tokens, prefill or
+/// decode, strategy, ubatch, the planner's predicted t/s).
+pub fn plan_report(engine: &Engine) -> String {
+    let t = engine.tiers();
+    let mut s = format!(
+        "plan: {} ({} sequence(s) of {} positions, KV cache {:.0} MiB)",
+        t.source,
+        engine.n_seq(),
+        engine.n_ctx(),
+        engine.kv_bytes() as f64 / (1u64 << 20) as f64
+    );
+    for tier in &t.tiers {
+        s += &format!(
+            "\n  tier {:>4} {:<7} {:<16} ubatch {:>4}{}",
+            tier.n,
+            if tier.prefill { "prefill" } else { "decode" },
+            tier.strategy,
+            tier.ubatch,
+            tier.predicted_tps
+                .map_or(String::new(), |p| format!(", predicted {p:.1} t/s"))
+        );
+    }
+    s
+}
+
+/// Sampling flags (llama.cpp's names and defaults), shared by `run` and `chat`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature (≤ 0: greedy).
+    #[arg(long, default_value_t = SamplerParams::default().temperature, value_parser = crate::args::finite, allow_negative_numbers = true)]
+    pub temp: f32,
+    /// Top-k (0 = off).
+    #[arg(long = "top-k", default_value_t = SamplerParams::default().top_k)]
+    pub top_k: usize,
+    /// Top-p, 0 to 1 (1 = off).
+    #[arg(long = "top-p", default_value_t = SamplerParams::default().top_p, value_parser = crate::args::unit, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Min-p, 0 to 1 (0 = off).
+    #[arg(long = "min-p", default_value_t = SamplerParams::default().min_p, value_parser = crate::args::unit, allow_negative_numbers = true)]
+    pub min_p: f32,
+    /// Repetition penalty, above 0 (1 = off).
+    #[arg(long = "repeat-penalty", default_value_t = SamplerParams::default().repeat_penalty, value_parser = crate::args::positive, allow_negative_numbers = true)]
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back over.
+    #[arg(long = "repeat-last-n", default_value_t = SamplerParams::default().repeat_last_n)]
+    pub repeat_last_n: usize,
+    /// Random seed (-1 or absent: random).
+    #[arg(short = 's', long, value_parser = crate::args::seed, allow_negative_numbers = true)]
+    pub seed: Option<crate::args::Seed>,
+}
+
+impl SamplingArgs {
+    /// The sampler settings (a seed from the clock when none was given).
+    pub fn params(&self) -> SamplerParams {
+        SamplerParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed.and_then(|s| s.0),
+            ..SamplerParams::default()
+        }
+    }
+}
+
+/// The chat template to use: `--chat-template` (a built-in name or Jinja source), else the
+/// GGUF's, else the well-known one of the model's family; `None` when there is none.
+pub fn chat_template(model: &Model, flag: Option<&str>) -> anyhow::Result<Option<ChatTemplate>> {
+    if let Some(src) = flag {
+        return Ok(Some(
+            ChatTemplate::from_name_or_source(src).context("parsing --chat-template")?,
+        ));
+    }
+    let from_file = ChatTemplate::from_gguf(model.file().header())
+        .context("reading the model's chat template")?;
+    if from_file.is_some() {
+        return Ok(from_file);
+    }
+    // Some GGUFs (gemma-3-270m) ship no template; their family's is well known.
+    let name = match model.spec.arch {
+        pshard_model::spec::Arch::Gemma3 => "gemma",
+        pshard_model::spec::Arch::Qwen2
+        | pshard_model::spec::Arch::Qwen3
+        | pshard_model::spec::Arch::Qwen3Moe => "chatml",
+        _ => return Ok(None),
+    };
+    let t = ChatTemplate::builtin(name);
+    if t.is_some() {
+        eprintln!(
+            "note: the model has no chat template; using the built-in '{name}' template of its family (--chat-template chooses another)"
+        );
+    }
+    Ok(t)
+}
+
+/// The error for a model without a chat template.
+pub fn no_template(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} has no chat template (tokenizer.chat_template); pass one with --chat-template (a \
+         Jinja template or one of: {})",
+        path.display(),
+        ChatTemplate::BUILTIN_NAMES.join(", ")
+    )
+}
+
+/// The text of a special token, or "" when the model has none.
+pub fn special_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
+    id.map(|i| tokenizer.token_text(i).to_string())
+        .unwrap_or_default()
 }
 
 /// One line per tier that ran: tier, strategy, ubatches and tokens (for `run`'s report).

@@ -4,12 +4,15 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pshard_runtime::sampler::{Sampler, SamplerParams};
+use pshard_runtime::sampler::Sampler;
 use pshard_runtime::session::{generate, StopReason};
-use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
+use pshard_tokenizer::chat::ChatMessage;
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 
-use super::common::{init_threads, load_model, read_text, EngineArgs};
+use super::common::{
+    chat_template, init_threads, load_model, no_template, read_text, special_text, EngineArgs,
+    SamplingArgs,
+};
 use crate::args::{self, TokenLimit};
 
 /// Arguments of `pshard run` (llama.cpp-style flags).
@@ -33,27 +36,9 @@ pub struct Args {
     /// Context size (0 = the model's training context, capped at 4096; at most the training context).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0, value_parser = args::ctx_size)]
     ctx_size: usize,
-    /// Sampling temperature (≤ 0: greedy).
-    #[arg(long, default_value_t = SamplerParams::default().temperature, value_parser = args::finite, allow_negative_numbers = true)]
-    temp: f32,
-    /// Top-k (0 = off).
-    #[arg(long = "top-k", default_value_t = SamplerParams::default().top_k)]
-    top_k: usize,
-    /// Top-p, 0 to 1 (1 = off).
-    #[arg(long = "top-p", default_value_t = SamplerParams::default().top_p, value_parser = args::unit, allow_negative_numbers = true)]
-    top_p: f32,
-    /// Min-p, 0 to 1 (0 = off).
-    #[arg(long = "min-p", default_value_t = SamplerParams::default().min_p, value_parser = args::unit, allow_negative_numbers = true)]
-    min_p: f32,
-    /// Repetition penalty, above 0 (1 = off).
-    #[arg(long = "repeat-penalty", default_value_t = SamplerParams::default().repeat_penalty, value_parser = args::positive, allow_negative_numbers = true)]
-    repeat_penalty: f32,
-    /// Tokens the repetition penalty looks back over.
-    #[arg(long = "repeat-last-n", default_value_t = SamplerParams::default().repeat_last_n)]
-    repeat_last_n: usize,
-    /// Random seed (-1 or absent: random).
-    #[arg(short = 's', long, value_parser = args::seed, allow_negative_numbers = true)]
-    seed: Option<args::Seed>,
+    /// Sampling.
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Apply the model's chat template to the prompt (as a user message).
     #[arg(long)]
     chat: bool,
@@ -66,6 +51,9 @@ pub struct Args {
     /// Keep generating past end-of-generation tokens.
     #[arg(long = "ignore-eos")]
     ignore_eos: bool,
+    /// Interactive chat (llama.cpp's `-cnv`): runs `pshard chat` with these flags.
+    #[arg(long = "conversation")]
+    conversation: bool,
     /// Do not echo the prompt before the generated text.
     #[arg(long = "no-display-prompt")]
     no_display_prompt: bool,
@@ -80,6 +68,23 @@ impl Args {
 
 /// Runs `pshard run`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.conversation {
+        if args.prompt.is_some() || args.file.is_some() {
+            bail!("-cnv starts an interactive chat: give the first message at its prompt, not with -p/-f");
+        }
+        return super::chat::run(super::chat::Args {
+            engine: args.engine,
+            model: args.model,
+            ctx_size: args.ctx_size,
+            n_predict: match args.n_predict {
+                TokenLimit::Unlimited => 0,
+                TokenLimit::Tokens(n) => n,
+            },
+            sampling: args.sampling,
+            system: args.system,
+            chat_template: args.chat_template,
+        });
+    }
     init_threads(args.engine.threads)?;
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
@@ -91,32 +96,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("{}: reading the tokenizer", args.model.display()))?;
     let chat = args.chat || args.chat_template.is_some();
     let tokens = if chat {
-        let template = match &args.chat_template {
-            Some(src) => {
-                ChatTemplate::from_name_or_source(src).context("parsing --chat-template")?
-            }
-            None => match ChatTemplate::from_gguf(model.file().header())
-                .context("reading the model's chat template")?
-            {
-                Some(t) => t,
-                // Some GGUFs (gemma-3-270m) ship no template; their family's is well known.
-                None => {
-                    let (name, t) = builtin_for(&model.spec).with_context(|| {
-                        format!(
-                            "{} has no chat template (tokenizer.chat_template); pass one with \
-                             --chat-template (a Jinja template or one of: {})",
-                            args.model.display(),
-                            ChatTemplate::BUILTIN_NAMES.join(", ")
-                        )
-                    })?;
-                    eprintln!(
-                        "note: {} has no chat template; using the built-in '{name}' template of its family (--chat-template chooses another)",
-                        args.model.display()
-                    );
-                    t
-                }
-            },
-        };
+        let template = chat_template(&model, args.chat_template.as_deref())?
+            .ok_or_else(|| no_template(&args.model))?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(ChatMessage::new("system", s.clone()));
@@ -149,16 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let mut engine = super::common::make_engine(model, &args.model, n_ctx, "-c", &args.engine)?;
-    let mut sampler = Sampler::new(SamplerParams {
-        temperature: args.temp,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repeat_penalty: args.repeat_penalty,
-        repeat_last_n: args.repeat_last_n,
-        seed: args.seed.and_then(|s| s.0),
-        ..SamplerParams::default()
-    });
+    let mut sampler = Sampler::new(args.sampling.params());
     if args.engine.verbose {
         eprintln!("seed: {}", sampler.seed());
     }
@@ -244,22 +216,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::common::print_op_profile(&engine);
     }
     Ok(())
-}
-
-/// The built-in chat template (name, template) of a model family whose GGUF may lack one.
-fn builtin_for(spec: &pshard_model::spec::ModelSpec) -> Option<(&'static str, ChatTemplate)> {
-    let name = match spec.arch {
-        pshard_model::spec::Arch::Gemma3 => "gemma",
-        pshard_model::spec::Arch::Qwen2
-        | pshard_model::spec::Arch::Qwen3
-        | pshard_model::spec::Arch::Qwen3Moe => "chatml",
-        pshard_model::spec::Arch::Llama => return None,
-    };
-    ChatTemplate::builtin(name).map(|t| (name, t))
-}
-
-/// The text of a special token, or "" when the model has none.
-fn special_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
-    id.map(|i| tokenizer.token_text(i).to_string())
-        .unwrap_or_default()
 }
