@@ -506,6 +506,35 @@ impl Engine {
         }
     }
 
+    /// Keeps the first `len` positions of sequence `s` and forgets the rest, so a continuation
+    /// of a cached prefix evaluates only its new tokens. The cells past `len` are simply
+    /// overwritten later. Fails (the sequence unchanged) when `len` exceeds the sequence, or when
+    /// a sliding-window layer's ring has already overwritten cells the next position would read:
+    /// the ring holds the last `cells` positions and the next one reads the `window` before it,
+    /// so at most `cells − window` positions can be dropped (one batch, see
+    /// [`pshard_model::bytes::kv_cells`]). Callers then [`Engine::reset_seq`].
+    pub fn truncate_seq(&mut self, s: usize, len: usize) -> Result<(), EngineError> {
+        let cur = self.seq_len(s);
+        if s >= self.n_past.len() || len > cur {
+            return Err(EngineError::Batch(format!(
+                "cannot truncate sequence {s} of {cur} positions to {len}"
+            )));
+        }
+        for (l, layer) in self.model.spec.layers.iter().enumerate() {
+            if let Some(w) = layer.window {
+                let cells = self.kv.layout.cells[l];
+                if cells < self.n_ctx() && cur - len > cells.saturating_sub(w) {
+                    return Err(EngineError::Batch(format!(
+                        "sequence {s}: layer {l}'s sliding-window ring ({cells} cells, window {w}) \
+                         no longer holds the positions before {len}"
+                    )));
+                }
+            }
+        }
+        self.n_past[s] = len;
+        Ok(())
+    }
+
     /// Positions of sequence 0 evaluated so far.
     pub fn n_past(&self) -> usize {
         self.n_past[0]
