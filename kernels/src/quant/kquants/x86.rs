@@ -268,6 +268,8 @@ pub(super) fn tile16(ty: GgmlType) -> Option<Tile16Fn> {
     }
     Some(match ty {
         GgmlType::Q4_K => tile16_q4k,
+        GgmlType::Q5_K => tile16_q5k,
+        GgmlType::Q6_K => tile16_q6k,
         _ => return None,
     })
 }
@@ -330,24 +332,68 @@ fn tile16_q4k(
     );
     // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
     // 16 rows × nb super-blocks (tile16_args and the assertion above).
-    unsafe { q4k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
+    unsafe { k45_tile16::<false>(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
 }
 
+/// Q5_K rows into a 16-row tile.
+fn tile16_q5k(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+) {
+    let (p, nb) = tile16_args(rows, e0, n, q5k::BLOCK_BYTES, q, scale, 8);
+    assert!(
+        min.len() >= 16 * 8 * nb,
+        "tile loader: output buffers too small"
+    );
+    // SAFETY: as for Q4_K, with Q5_K super-blocks.
+    unsafe { k45_tile16::<true>(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
+}
+
+/// Q4_K (`FIVE` false) or Q5_K super-blocks of 16 rows into a tile: the same header (d, dmin, 12
+/// bytes of 6-bit scales and minima), nibbles at 16 (Q4_K) or 48 (Q5_K), Q5_K's fifth bits at 16
+/// (bit `2c` of byte `l` for element `l` of block `2c`, bit `2c + 1` for block `2c + 1`).
+///
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q4_K super-blocks; `q` holds `16 · 256 · nb`
-/// bytes, `scale` and `min` `16 · 8 · nb` f32.
+/// AVX-512 F/BW/VL available; `p[k]` points at `nb` super-blocks of the type; `q` holds
+/// `16 · 256 · nb` bytes, `scale` and `min` `16 · 8 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q4k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, min: *mut f32) {
+unsafe fn k45_tile16<const FIVE: bool>(
+    p: &[*const u8; 16],
+    nb: usize,
+    q: *mut u8,
+    scale: *mut f32,
+    min: *mut f32,
+) {
     let (m4, m6, m2) = (
         _mm512_set1_epi8(0x0F),
         _mm512_set1_epi32(63),
         _mm512_set1_epi32(3),
     );
+    let (bytes, qs) = if FIVE {
+        (q5k::BLOCK_BYTES, 48)
+    } else {
+        (q4k::BLOCK_BYTES, 16)
+    };
+    let bit4 = _mm512_set1_epi8(0x10);
+    // Bit `b` of every byte moved to bit 4 (16-bit shifts; the mask keeps the byte's own bit).
+    let fifth = |qh: __m512i, b: u32| {
+        let v = if b <= 4 {
+            _mm512_sll_epi16(qh, _mm_cvtsi32_si128(4 - b as i32))
+        } else {
+            _mm512_srl_epi16(qh, _mm_cvtsi32_si128(b as i32 - 4))
+        };
+        _mm512_and_si512(v, bit4)
+    };
     let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
     for i in 0..nb {
-        let base = i * q4k::BLOCK_BYTES;
-        // SAFETY (whole super-block): offsets within the block (16-byte reads at 0 and 16 + 16h
-        // for h < 8, all ≤ 144), outputs of super-block i within the caller's buffers.
+        let base = i * bytes;
+        // SAFETY (whole super-block): offsets within the block (16-byte reads at 0, at the fifth
+        // bits 16 + 16h and at the nibbles qs + 32c + 16h, all ending by the block's last byte),
+        // outputs of super-block i within the caller's buffers.
         unsafe {
             // d | dmin, scales 0..4, 4..8, 8..12 of every row (lanes = rows).
             let [dd, s0, s1, s2] = rows16x4(p, base);
@@ -380,15 +426,87 @@ unsafe fn q4k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
                 );
             }
             // Nibbles: chunk c's dword g holds group g of block 2c (low) and 2c + 1 (high).
-            for c in 0..4 {
-                for h in 0..2 {
-                    let v = rows16x4(p, base + 16 + 32 * c + 16 * h);
+            for h in 0..2 {
+                let qh = if FIVE {
+                    rows16x4(p, base + 16 + 16 * h)
+                } else {
+                    [_mm512_setzero_si512(); 4]
+                };
+                for c in 0..4 {
+                    let v = rows16x4(p, base + qs + 32 * c + 16 * h);
                     for (k, x) in v.into_iter().enumerate() {
                         let g = 4 * h + k;
-                        let lo = _mm512_and_si512(x, m4);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);
+                        let mut lo = _mm512_and_si512(x, m4);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);
+                        if FIVE {
+                            lo = _mm512_or_si512(lo, fifth(qh[k], 2 * c as u32));
+                            hi = _mm512_or_si512(hi, fifth(qh[k], 2 * c as u32 + 1));
+                        }
                         store64(q.add(((8 * i + 2 * c) * 8 + g) * 64), lo);
                         store64(q.add(((8 * i + 2 * c + 1) * 8 + g) * 64), hi);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Q6_K rows into a 16-row tile.
+fn tile16_q6k(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    _min: &mut [f32],
+) {
+    let (p, nb) = tile16_args(rows, e0, n, q6k::BLOCK_BYTES, q, scale, 16);
+    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
+    // 16 rows × nb super-blocks (tile16_args).
+    unsafe { q6k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr()) }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q6_K super-blocks; `q` holds `16 · 256 · nb`
+/// bytes, `scale` `16 · 16 · nb` f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32) {
+    let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+    for i in 0..nb {
+        let base = i * q6k::BLOCK_BYTES;
+        // SAFETY (whole super-block): 16-byte reads at 64h + 16c, 64h + 32 + 16c (ql),
+        // 128 + 32h + 16c (qh), 192 (scales) and 194 (d in bytes 208..210), all within the 210
+        // bytes; outputs of super-block i within the caller's buffers.
+        unsafe {
+            let d = f16_lanes::<true>(rows16x4(p, base + q6k::D - 14)[3]);
+            let sc = rows16x4(p, base + q6k::SC);
+            for m in 0..16 {
+                // Byte m of the scales, sign-extended: byte m % 4 of dword m / 4.
+                let v = _mm512_sll_epi32(sc[m / 4], _mm_cvtsi32_si128(24 - 8 * (m % 4) as i32));
+                let s = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(v));
+                store16f(scale.add((16 * i + m) * 16), _mm512_mul_ps(d, s));
+            }
+            for h in 0..2 {
+                for c in 0..2 {
+                    let a = rows16x4(p, base + 64 * h + 16 * c);
+                    let b = rows16x4(p, base + 64 * h + 32 + 16 * c);
+                    let hq = rows16x4(p, base + 128 + 32 * h + 16 * c);
+                    for k in 0..4 {
+                        let g = 4 * c + k;
+                        let hi2 = |v: __m512i| _mm512_and_si512(v, m30);
+                        let lo4 = |v: __m512i| _mm512_and_si512(v, m4);
+                        let quarters = [
+                            _mm512_or_si512(lo4(a[k]), hi2(_mm512_slli_epi16::<4>(hq[k]))),
+                            _mm512_or_si512(lo4(b[k]), hi2(_mm512_slli_epi16::<2>(hq[k]))),
+                            _mm512_or_si512(lo4(_mm512_srli_epi16::<4>(a[k])), hi2(hq[k])),
+                            _mm512_or_si512(
+                                lo4(_mm512_srli_epi16::<4>(b[k])),
+                                hi2(_mm512_srli_epi16::<2>(hq[k])),
+                            ),
+                        ];
+                        for (j, v) in quarters.into_iter().enumerate() {
+                            store64(q.add(((8 * i + 4 * h + j) * 8 + g) * 64), v);
+                        }
                     }
                 }
             }
