@@ -333,12 +333,6 @@ impl<'a> RowsJob<'a> {
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
                 let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
-                if acts.low {
-                    return Err(mismatch(format!(
-                        "{} activations hold −128, outside the format's ±127",
-                        x.format.name()
-                    )));
-                }
                 match tile_rows {
                     Some(rows) => Engine::Gemm {
                         conv,

@@ -290,3 +290,58 @@ fn tile_loaders_match_the_converters() {
         }
     }
 }
+
+/// A Q8_0/Q8_1 activation block holding −128 (outside those formats: their SIMD quantizer writes
+/// it for NaN input) makes that token's outputs NaN on every path, the reference dot included,
+/// and leaves the other tokens' outputs as they were.
+#[test]
+fn out_of_range_activations_give_nan_on_every_path() {
+    let mut r = rng("low_acts");
+    let rows = 19;
+    for &ty in quant::SUPPORTED {
+        let k = quant::scalar_kernel(ty).expect("supported type");
+        if !matches!(k.act, quant::ActFormat::Q8_0 | quant::ActFormat::Q8_1) {
+            continue;
+        }
+        let cols = cols_for(ty);
+        let data = weights(&mut r, &k, rows, cols);
+        let w = WeightMatrix {
+            ty,
+            data: &data,
+            rows,
+            cols,
+        };
+        let rb = data.len() / rows;
+        let n = 5;
+        let xs = random_vec(&mut r, n * cols);
+        let mut x = quantize_acts(k.act, &xs, n, cols);
+        let clean = x.clone();
+        // Token 2, a value in its second block.
+        let block = x.format.row_bytes(32).unwrap();
+        let at = 2 * x.row_bytes + block + block - 1;
+        x.data[at] = 0x80;
+        for level in SimdLevel::ALL {
+            if !level.available() {
+                continue;
+            }
+            let mut out = vec![0f32; n * rows];
+            matmul_at(level, &w, &x, &mut out, rows, 0..rows).unwrap();
+            for t in 0..n {
+                for i in 0..rows {
+                    let got = out[t * rows + i];
+                    let refd = (k.dot)(&data[i * rb..(i + 1) * rb], x.row(t), cols);
+                    if t == 2 {
+                        assert!(
+                            got.is_nan() && refd.is_nan(),
+                            "{ty} {}: {got}",
+                            level.name()
+                        );
+                    } else {
+                        let want = (k.dot)(&data[i * rb..(i + 1) * rb], clean.row(t), cols);
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} {}", level.name());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -147,9 +147,6 @@ pub struct GemmActs {
     pub subs: usize,
     /// The values may be −128 (Q8_K); else they lie in −127..=127.
     pub full_range: bool,
-    /// A Q8_0/Q8_1 value is −128, outside those formats' range (their quantizers never write
-    /// it; the AVX2 kernel relies on that, so the matmul rejects such rows).
-    pub low: bool,
 }
 
 impl GemmActs {
@@ -175,9 +172,7 @@ impl GemmActs {
             cols,
             subs,
             full_range: x.format == ActFormat::Q8K,
-            low: false,
         };
-        let low = std::sync::atomic::AtomicBool::new(false);
         {
             let q = crate::pool::SharedSlice::new(&mut g.q);
             let d = crate::pool::SharedSlice::new(&mut g.d);
@@ -203,9 +198,7 @@ impl GemmActs {
                         },
                     )
                 };
-                if convert_act_row(x.format, x.row(t), per, qt, dt, st) {
-                    low.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                convert_act_row(x.format, x.row(t), per, qt, dt, st);
                 for (e, a) in et.iter_mut().zip(qt.chunks_exact(per)) {
                     *e = -(conv.offset as i32) * a.iter().map(|&v| v as i32).sum::<i32>();
                 }
@@ -216,13 +209,16 @@ impl GemmActs {
                 (0..n).for_each(convert);
             }
         }
-        g.low = low.into_inner();
         Ok(g)
     }
 }
 
 /// One activation row in `format` into int8 values, block scales and (where `sa` is not empty)
-/// scaled sums per sub-block of `per` elements; `true` if a Q8_0/Q8_1 value is −128.
+/// scaled sums per sub-block of `per` elements.
+///
+/// A Q8_0/Q8_1 value of −128 lies outside those formats' −127..=127 (the AVX2 kernel relies on
+/// that): the quantizers write it only for a non-finite input (the SIMD one turns NaN into −128).
+/// Such a block becomes zeros with a NaN scale, so every output it touches is NaN on every path.
 fn convert_act_row(
     format: ActFormat,
     row: &[u8],
@@ -230,22 +226,27 @@ fn convert_act_row(
     q: &mut [i8],
     d: &mut [f32],
     sa: &mut [f32],
-) -> bool {
+) {
     use crate::quant::act::{f16_at, Q8_0_BYTES, Q8_1_BYTES};
     let copy = |src: &[u8], dst: &mut [i8]| {
-        let mut low = false;
         for (o, &v) in dst.iter_mut().zip(src) {
             *o = v as i8;
-            low |= v == 0x80;
         }
-        low
     };
-    let mut low = false;
+    // Copies a ±127 block; a block holding −128 becomes zeros with a NaN scale.
+    let copy127 = |src: &[u8], dst: &mut [i8], d: &mut f32| {
+        if src.contains(&0x80) {
+            dst.fill(0);
+            *d = f32::NAN;
+        } else {
+            copy(src, dst);
+        }
+    };
     match format {
         ActFormat::Q8_0 => {
             for (i, b) in row.chunks_exact(Q8_0_BYTES).enumerate() {
                 d[i] = f16_at(b);
-                low |= copy(&b[2..34], &mut q[QB * i..QB * (i + 1)]);
+                copy127(&b[2..34], &mut q[QB * i..QB * (i + 1)], &mut d[i]);
             }
             // Q8_0 partners have no minimum: `sa` is empty.
         }
@@ -256,7 +257,7 @@ fn convert_act_row(
                     // The stored sum (per 32: the Q8_1 partners have 32-element sub-blocks).
                     *s = f16_at(&b[2..]);
                 }
-                low |= copy(&b[4..36], &mut q[QB * i..QB * (i + 1)]);
+                copy127(&b[4..36], &mut q[QB * i..QB * (i + 1)], &mut d[i]);
             }
         }
         ActFormat::Q8K => {
@@ -282,7 +283,6 @@ fn convert_act_row(
         }
         ActFormat::F32 => unreachable!("F32 activations never reach the int8 GEMM"),
     }
-    low
 }
 
 /// The definition of every quantized output (see the module notes): weight row `u`/`scales`/

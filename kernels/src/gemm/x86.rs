@@ -7,7 +7,7 @@
 //! it gives the exact products as long as neither the magnitude exceeds 128 nor the signed operand
 //! is −128: with Q8_K activations (full range, −128 included) the weights are the signed operand
 //! (every Q8_K partner's levels lie in −127..=127), otherwise the activations are (Q8_0 and Q8_1
-//! values lie in −127..=127, checked when they are converted) and the weights — Q8_0's may be
+//! values lie in −127..=127: a block holding −128 is replaced when converted, see `convert_act_row`) and the weights — Q8_0's may be
 //! −128 — give the magnitude. Pair sums stay within 2 · 128 · 127 < 2^15.
 
 use std::arch::x86_64::*;
