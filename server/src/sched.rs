@@ -394,6 +394,17 @@ impl Worker {
         }
     }
 
+    /// Frees slot `i` (its cache stays), then sends its job's last event: the counters are
+    /// settled before the client can see the end (a client reading the metrics right after its
+    /// response saw its sequence still busy when the event went first).
+    fn end_job(&mut self, i: usize, last: Event) {
+        let events = self.slots[i].job.as_ref().map(|j| j.events.clone());
+        self.release(i);
+        if let Some(e) = events {
+            let _ = e.send(last);
+        }
+    }
+
     /// Frees slot `i` (its cache stays).
     fn release(&mut self, i: usize) {
         if self.slots[i].job.take().is_some() {
@@ -459,10 +470,7 @@ impl Worker {
     /// half written).
     fn fail_all(&mut self, msg: &str) {
         for i in 0..self.slots.len() {
-            if let Some(j) = &self.slots[i].job {
-                let _ = j.events.send(Event::Error(msg.to_string()));
-            }
-            self.release(i);
+            self.end_job(i, Event::Error(msg.to_string()));
             self.slots[i].cached.clear();
             self.engine.reset_seq(i);
         }
@@ -540,12 +548,7 @@ impl Worker {
                 let mut hit: Vec<usize> = seqs.iter().map(|&s| s as usize).collect();
                 hit.dedup();
                 for i in hit {
-                    if let Some(j) = &self.slots[i].job {
-                        let _ = j
-                            .events
-                            .send(Event::Error(format!("evaluation failed: {e}")));
-                    }
-                    self.release(i);
+                    self.end_job(i, Event::Error(format!("evaluation failed: {e}")));
                     self.slots[i].cached.clear();
                     self.engine.reset_seq(i);
                 }
@@ -596,8 +599,7 @@ impl Worker {
                 }
             };
             if let Some(ev) = end {
-                let _ = j.events.send(ev);
-                self.release(i);
+                self.end_job(i, ev);
             }
         }
         let _ = decode_rows;
