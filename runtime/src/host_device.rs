@@ -24,8 +24,8 @@ use pshard_planner::lanes::{DeviceScratch, Lane, Run};
 use crate::batch::Batch;
 use crate::cpu::{CpuLane, KvAccess, LayerKvMut, Weights};
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
-    PlainHostMem, ScratchPtrs, Shape2d, Stream, WeightRef,
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, KvShift, OpKey,
+    OpTime, PlainHostMem, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 use crate::error::EngineError;
 use crate::model::Model;
@@ -529,6 +529,32 @@ impl Device for HostDevice {
             self.shared.events.wait_for(e.0 as usize, gen);
         }
         self.check_error()
+    }
+
+    fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError> {
+        let shift = shift.clone();
+        self.push(Stream::Compute, move |sh| {
+            let ff = shift
+                .rope
+                .and_then(|r| r.freq_factors)
+                .map(|t| sh.model.vector(t));
+            let rope = shift.rope.as_ref().map(|r| crate::cpu::ops_rope(r, ff));
+            let cells = shift.kv.cells;
+            for (base, cols, rope) in [
+                (shift.kv.k, shift.k_cols, rope.as_ref()),
+                (shift.kv.v, shift.v_cols, None),
+            ] {
+                let addr = base + (shift.seq * cells * cols * 2) as u64;
+                let shape = Shape2d::flat(cells * cols * 2);
+                let mut rows = vec![f16::ZERO; cells * cols];
+                sh.read(addr, shape, bytemuck::cast_slice_mut(&mut rows))?;
+                let hd = if rope.is_some() { shift.head_dim } else { cols };
+                pshard_kernels::ops::kv_shift(&mut rows, cols, hd, rope, shift.delta, &shift.runs);
+                sh.write(addr, shape, bytemuck::cast_slice(&rows))?;
+            }
+            Ok(())
+        });
+        Ok(())
     }
 
     fn launch(&self, step: &GpuStep<'_>) -> Result<(), EngineError> {

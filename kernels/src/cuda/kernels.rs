@@ -1266,6 +1266,81 @@ impl CudaKernels {
         )
     }
 
+    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): `n_runs`
+    /// runs of cell moves (`moves`: i32 source, destination pairs; `run_start`: `n_runs + 1`
+    /// i32 offsets into them; `cyclic`: one i32 flag per run, see `pshard_kernels::ops::ShiftRun`),
+    /// each moved row rotated by the rope angles of `delta` positions when `rope` is given (K),
+    /// copied otherwise (V).
+    pub fn kv_shift(
+        &self,
+        rows: u64,
+        cols: usize,
+        moves: u64,
+        run_start: u64,
+        cyclic: u64,
+        n_runs: usize,
+        rope: Option<&RopeArgs>,
+        delta: f32,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        if n_runs == 0 {
+            return Ok(());
+        }
+        let (head_dim, n_dims, mode, base, pos_scale, ff) = match rope {
+            Some(r) => {
+                if r.n_dims > r.head_dim
+                    || !r.n_dims.is_multiple_of(2)
+                    || r.head_dim == 0
+                    || !cols.is_multiple_of(r.head_dim)
+                {
+                    return Err(CudaError::Invalid(format!(
+                        "KV shift of rows of {cols} with rope over {} of {} dims",
+                        r.n_dims, r.head_dim
+                    )));
+                }
+                let m = match r.mode {
+                    RopeKind::Adjacent => 0i32,
+                    RopeKind::Neox => 1,
+                };
+                (
+                    r.head_dim,
+                    r.n_dims,
+                    m,
+                    r.base,
+                    r.pos_scale,
+                    r.freq_factors.unwrap_or(0),
+                )
+            }
+            None => (cols, 0, 0, 1.0f32, 1.0f32, 0u64),
+        };
+        if !cols.is_multiple_of(2) || !head_dim.is_multiple_of(2) {
+            return Err(CudaError::Invalid(format!(
+                "KV shift of rows of {cols} values in heads of {head_dim}: not pairs"
+            )));
+        }
+        self.launch(
+            "kv_shift",
+            (n_runs as u32, blocks(cols / 2, 128), 1),
+            128,
+            0,
+            s,
+            &[
+                &rows,
+                &(cols as i32),
+                &moves,
+                &run_start,
+                &cyclic,
+                &(head_dim as i32),
+                &(n_dims as i32),
+                &mode,
+                &base,
+                &pos_scale,
+                &ff,
+                &delta,
+            ],
+        )
+    }
+
     /// `out = act(gate) · up` over `n` values; `gelu` selects GELU-tanh instead of SiLU.
     pub fn glu(
         &self,
@@ -1929,6 +2004,7 @@ mod tests {
             "moe_gemvq_q6_k_r2w4",
             "rms_norm",
             "rope",
+            "kv_shift",
             "moe_route",
             "moe_sort",
             "moe_gemm_q4_k_64x64",
