@@ -106,6 +106,52 @@ extern "C" __global__ void qk_norm_rope(float* __restrict__ q, float* __restrict
     for (int i = lane; i < n_dims / 2; i += 32) rope_pair(xh, i, p, n_dims, mode, base, freq_factors);
 }
 
+// Context shift of one sequence's KV rows in place (f16, `cols` per row): cell moves in runs
+// (moves[2m] = source cell, moves[2m + 1] = destination; run r covers moves run_start[r] ..
+// run_start[r + 1]; when cyclic[r], its last move's source is read before anything is written).
+// Block x = run, block y and thread = a pair of values of a row, so each thread does the moves
+// of its run in order on its own values and reads nothing another thread writes. Pairs the rope
+// rotates (j < n_dims/2 in each head of head_dim; n_dims = 0: none, V) turn by delta positions
+// with rope_pair's angles; the other values are copied.
+extern "C" __global__ void kv_shift(u16* __restrict__ rows, int cols, const i32* __restrict__ moves,
+                                    const i32* __restrict__ run_start,
+                                    const i32* __restrict__ cyclic, int head_dim, int n_dims,
+                                    int mode, float base, float pos_scale,
+                                    const float* __restrict__ freq_factors, float delta) {
+    const int u = blockIdx.y * blockDim.x + threadIdx.x;
+    if (u >= cols / 2) return;
+    const int r = blockIdx.x;
+    const int m0 = run_start[r], m1 = run_start[r + 1];
+    if (m1 <= m0) return;
+    const int per_head = head_dim / 2, h = u / per_head, j = u % per_head;
+    const bool rot = j < n_dims / 2;
+    int a = h * head_dim + 2 * j, b = a + 1;
+    float s = 0.f, c = 1.f;
+    if (rot) {
+        if (mode == 1) {
+            a = h * head_dim + j;
+            b = a + n_dims / 2;
+        }
+        float inv_freq = powf(base, -2.0f * (float)j / (float)n_dims);
+        if (freq_factors) inv_freq /= freq_factors[j];
+        sincosf(delta * pos_scale * inv_freq, &s, &c);
+    }
+    u16 sa = 0, sb = 0;
+    if (cyclic[r]) {
+        const i64 src = moves[2 * (m1 - 1)];
+        sa = rows[src * cols + a];
+        sb = rows[src * cols + b];
+    }
+    for (int m = m0; m < m1; m++) {
+        const i64 src = moves[2 * m], dst = moves[2 * m + 1];
+        const bool saved = cyclic[r] && m + 1 == m1;
+        const float x0 = h2f(saved ? sa : rows[src * cols + a]);
+        const float x1 = h2f(saved ? sb : rows[src * cols + b]);
+        rows[dst * cols + a] = f2h(x0 * c - x1 * s);
+        rows[dst * cols + b] = f2h(x0 * s + x1 * c);
+    }
+}
+
 // out = act(gate) * up. act 0: SiLU; 1: GELU (tanh approximation).
 extern "C" __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
                                float* __restrict__ out, i64 n, int act) {

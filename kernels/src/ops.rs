@@ -78,26 +78,30 @@ pub struct Rope<'a> {
     pub freq_factors: Option<&'a [f32]>,
 }
 
-/// Applies rope in place to `x` (`positions.len()` rows of heads of `head_dim`).
-pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
-    let cols = x.len() / positions.len().max(1);
-    let half = r.n_dims / 2;
-    // Per-pair inverse frequencies, computed once per call.
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let f = r.base.powf(-2.0 * i as f32 / r.n_dims as f32);
-            match r.freq_factors {
-                Some(ff) => f / ff[i],
-                None => f,
-            }
-        })
-        .collect();
-    let rotate_row = |(row, &pos): (&mut [f32], &u32)| {
-        let p = pos as f32 * r.pos_scale;
+impl Rope<'_> {
+    /// Per-pair inverse frequencies: `base^(-2i/n_dims) / freq_factors[i]`.
+    fn inv_freq(&self) -> Vec<f32> {
+        let half = self.n_dims / 2;
+        (0..half)
+            .map(|i| {
+                let f = self.base.powf(-2.0 * i as f32 / self.n_dims as f32);
+                match self.freq_factors {
+                    Some(ff) => f / ff[i],
+                    None => f,
+                }
+            })
+            .collect()
+    }
+
+    /// Rotates every head of one row by the angles of (unscaled) position `pos`, which may be
+    /// negative (a rotation back).
+    fn rotate_row(&self, row: &mut [f32], head_dim: usize, pos: f32, inv_freq: &[f32]) {
+        let half = self.n_dims / 2;
+        let p = pos * self.pos_scale;
         let sin_cos: Vec<(f32, f32)> = inv_freq.iter().map(|f| (p * f).sin_cos()).collect();
         for head in row.chunks_mut(head_dim) {
             for (i, &(s, c)) in sin_cos.iter().enumerate() {
-                let (a, b) = match r.pairing {
+                let (a, b) = match self.pairing {
                     RopePairing::Adjacent => (2 * i, 2 * i + 1),
                     RopePairing::Neox => (i, i + half),
                 };
@@ -106,7 +110,16 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
                 head[b] = x0 * s + x1 * c;
             }
         }
-    };
+    }
+}
+
+/// Applies rope in place to `x` (`positions.len()` rows of heads of `head_dim`).
+pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
+    let cols = x.len() / positions.len().max(1);
+    // Per-pair inverse frequencies, computed once per call.
+    let inv_freq = r.inv_freq();
+    let rotate_row =
+        |(row, &pos): (&mut [f32], &u32)| r.rotate_row(row, head_dim, pos as f32, &inv_freq);
     if positions.len() >= PAR_ROWS {
         let xs = SharedSlice::new(x);
         pool::for_range(positions.len(), 1, |r| {
@@ -120,6 +133,57 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
         x.chunks_mut(cols)
             .zip(positions.iter())
             .for_each(rotate_row);
+    }
+}
+
+/// One ordered run of KV cell moves of a context shift. Moves run in order; runs touch disjoint
+/// cells, so they may run in parallel. A cyclic run's first move overwrites its last move's
+/// source: that source is read before anything is written (a single self-move rotates a cell in
+/// place).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShiftRun {
+    /// (source cell, destination cell), in the order they run.
+    pub moves: Vec<(u32, u32)>,
+    /// Whether the run is a cycle (see above).
+    pub cyclic: bool,
+}
+
+/// Moves cells of one sequence's KV rows (`cells` is `n_cells × cols` f16) as `runs` say, each
+/// moved row rotated by the rope angles of `delta` positions when `rope` is given (K of a layer
+/// with rotary embeddings; heads of `head_dim`), copied as is otherwise (V, or K without rope).
+/// The rotation is computed in f32 from the stored f16 and rounded back to f16, as the CUDA
+/// `kv_shift` kernel does.
+pub fn kv_shift(
+    cells: &mut [f16],
+    cols: usize,
+    head_dim: usize,
+    rope: Option<&Rope>,
+    delta: i64,
+    runs: &[ShiftRun],
+) {
+    let inv_freq = rope.map(|r| r.inv_freq()).unwrap_or_default();
+    let row = |c: u32| c as usize * cols..(c as usize + 1) * cols;
+    let mut buf = vec![0f32; cols];
+    for run in runs {
+        let Some(&(last_src, _)) = run.moves.last() else {
+            continue;
+        };
+        let saved: Option<Vec<f16>> = run.cyclic.then(|| cells[row(last_src)].to_vec());
+        for (i, &(src, dst)) in run.moves.iter().enumerate() {
+            let from: &[f16] = match &saved {
+                Some(v) if i + 1 == run.moves.len() => v,
+                _ => &cells[row(src)],
+            };
+            for (b, v) in buf.iter_mut().zip(from) {
+                *b = v.to_f32();
+            }
+            if let Some(r) = rope {
+                r.rotate_row(&mut buf, head_dim, delta as f32, &inv_freq);
+            }
+            for (o, b) in cells[row(dst)].iter_mut().zip(&buf) {
+                *o = f16::from_f32(*b);
+            }
+        }
     }
 }
 

@@ -811,6 +811,108 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
     c.free(&[pd]);
 }
 
+/// The context-shift kernel against the CPU's `ops::kv_shift` on the same runs: a cycle of
+/// three, a chain, a self-move (rotation in place) and a cell left alone; K rotated (NEOX with
+/// frequency factors; adjacent pairs over half the head with a position scale), V copied.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_kv_shift_matches_cpu() {
+    use pshard_kernels::ops::{self, ShiftRun};
+    let Some(c) = ctx("cuda_kv_shift_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_kv_shift");
+    let s = c.gpu.stream().clone();
+    let k = &c.gpu.kernels;
+    let (cells, hd, heads, delta) = (12usize, 64usize, 2usize, -18i64);
+    let cols = hd * heads;
+    let runs = vec![
+        ShiftRun {
+            moves: vec![(1, 2), (0, 1), (2, 0)],
+            cyclic: true,
+        },
+        ShiftRun {
+            moves: vec![(4, 3), (5, 4)],
+            cyclic: false,
+        },
+        ShiftRun {
+            moves: vec![(7, 7)],
+            cyclic: true,
+        },
+    ];
+    let mut moves: Vec<i32> = Vec::new();
+    let mut starts = vec![0i32];
+    let mut cyclic = Vec::new();
+    for run in &runs {
+        moves.extend(run.moves.iter().flat_map(|&(a, b)| [a as i32, b as i32]));
+        starts.push(moves.len() as i32 / 2);
+        cyclic.push(run.cyclic as i32);
+    }
+    let (md, sd, cd) = (c.up_i32(&moves), c.up_i32(&starts), c.up_i32(&cyclic));
+    let f: Vec<f32> = (0..hd / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
+    let fd = c.up_f32(&f);
+    for (mode, n_dims, ff, pscale) in [
+        (Some(RopeKind::Neox), hd, true, 1.0f32),
+        (Some(RopeKind::Adjacent), hd / 2, false, 0.5),
+        (None, 0, false, 1.0),
+    ] {
+        let x: Vec<f16> = randv(&mut r, cells * cols, 2.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let xd = c.up_bytes(&bytes);
+        let args = mode.map(|m| RopeArgs {
+            head_dim: hd,
+            n_dims,
+            mode: m,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(fd.ptr),
+        });
+        k.kv_shift(
+            xd.ptr,
+            cols,
+            md.ptr,
+            sd.ptr,
+            cd.ptr,
+            runs.len(),
+            args.as_ref(),
+            delta as f32,
+            &s,
+        )
+        .unwrap();
+        c.sync();
+        let got = c.down_f16(xd.ptr, cells * cols);
+        let mut want = x.clone();
+        let cpu_rope = mode.map(|m| ops::Rope {
+            pairing: match m {
+                RopeKind::Adjacent => ops::RopePairing::Adjacent,
+                RopeKind::Neox => ops::RopePairing::Neox,
+            },
+            n_dims,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(&f[..]),
+        });
+        let head = if mode.is_some() { hd } else { cols };
+        ops::kv_shift(&mut want, cols, head, cpu_rope.as_ref(), delta, &runs);
+        let want64: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        let err = rel_l2(&got, &want64);
+        let orig: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let moved = rel_l2(&orig, &want64);
+        eprintln!("kv_shift {mode:?} dims {n_dims}: rel L2 {err:.2e} (moved {moved:.2e})");
+        assert!(
+            err <= 1e-3 && moved > 1e-1,
+            "{mode:?} {n_dims}: {err} {moved}"
+        );
+        // Cell 6 is in no run: untouched.
+        assert_eq!(&got[6 * cols..7 * cols], &orig[6 * cols..7 * cols]);
+        c.free(&[xd]);
+    }
+    c.free(&[md, sd, cd, fd]);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_norms_rope_glu_add_match_cpu() {
@@ -1024,8 +1126,10 @@ fn ref_attention(
     out
 }
 
-/// Writes the whole cache (positions 0..n_fill) with kv_write, then runs `n` queries at
-/// positions start..start+n and checks `check_rows` of them.
+/// Writes the cells any query can see (positions from the first query's window start to
+/// start+n) with kv_write over a cache of NaNs, then runs `n` queries at positions
+/// start..start+n and checks `check_rows` of them: a kernel that lets an invisible cell's value
+/// into a sum (0 · NaN) fails. (A cache staged from the host holds only the visible cells.)
 #[allow(clippy::too_many_arguments)]
 fn run_attention_case(
     c: &Ctx,
@@ -1044,10 +1148,19 @@ fn run_attention_case(
     let k16: Vec<f32> = kf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     let v16: Vec<f32> = vf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     let s = c.gpu.stream().clone();
-    let kcache = c.alloc(p.n_ctx * p.n_kv * p.dk * 2);
-    let vcache = c.alloc(p.n_ctx * p.n_kv * p.dv * 2);
-    let (kd, vd) = (c.up_f32(&kf), c.up_f32(&vf));
-    let fill_pos: Vec<i32> = (0..n_fill as i32).collect();
+    let kcache = c.poisoned(p.n_ctx * p.n_kv * p.dk * 2);
+    let vcache = c.poisoned(p.n_ctx * p.n_kv * p.dv * 2);
+    let lo = if p.window > 0 {
+        (start + 1).saturating_sub(p.window)
+    } else {
+        0
+    };
+    let (kd, vd) = (
+        c.up_f32(&kf[lo * p.n_kv * p.dk..]),
+        c.up_f32(&vf[lo * p.n_kv * p.dv..]),
+    );
+    let fill_pos: Vec<i32> = (lo as i32..n_fill as i32).collect();
+    let n_fill = n_fill - lo;
     let fpd = c.up_i32(&fill_pos);
     c.gpu
         .kernels
@@ -1208,21 +1321,24 @@ fn cuda_attention_prefill_and_decode_match_cpu() {
     // Several tiles per split (32 heads: 32 splits, 12001 keys → 384-key splits), GQA 4:1.
     run_attention_case(&c, &mut r, base(32, 8, 128, 16384), 12000, 1, 1, 1e-4);
     // Sliding windows: window inside one tile, window across tiles and splits, window larger
-    // than the context, with soft-capping.
+    // than the context, with soft-capping; decode rows (split-KV) and a prefill batch (flash,
+    // whose first key tile starts below the window).
     for (window, start) in [(40usize, 300usize), (700, 2000), (5000, 900)] {
-        run_attention_case(
-            &c,
-            &mut r,
-            AttnParams {
-                window,
-                softcap: 30.0,
-                ..base(8, 4, 64, 4096)
-            },
-            start,
-            2,
-            1,
-            1e-4,
-        );
+        for n in [2, 100] {
+            run_attention_case(
+                &c,
+                &mut r,
+                AttnParams {
+                    window,
+                    softcap: 30.0,
+                    ..base(8, 4, 64, 4096)
+                },
+                start,
+                n,
+                1,
+                if n > 4 { 5e-3 } else { 1e-4 },
+            );
+        }
     }
     // Head dims that are not multiples of 8 (4-byte copy path), dk != dv, GQA 3:1.
     run_attention_case(

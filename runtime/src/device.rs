@@ -157,6 +157,31 @@ pub struct KvRef {
     pub seqs: usize,
 }
 
+/// A context shift of one sequence in one layer's KV on the device (see
+/// [`crate::engine::Engine::shift_seq`]): cells move as `runs` say, K rows rotated back by the
+/// rope angles of `delta` positions when `rope` is given, V rows copied.
+#[derive(Clone, Debug)]
+pub struct KvShift {
+    /// The layer's KV; the moves are cells of sequence `seq` in it.
+    pub kv: KvRef,
+    /// The sequence.
+    pub seq: usize,
+    /// f16 values per K row.
+    pub k_cols: usize,
+    /// f16 values per V row.
+    pub v_cols: usize,
+    /// Head dimension of K.
+    pub head_dim: usize,
+    /// The rotary embedding of the layer's K, when it has one.
+    pub rope: Option<pshard_model::graph::RopeParams>,
+    /// Where the rope's frequency factors lie on the device, when it has them.
+    pub freq_factors: Option<WeightRef>,
+    /// Positions every moved cell moves by (negative: towards the start).
+    pub delta: i64,
+    /// The moves.
+    pub runs: Vec<pshard_kernels::ops::ShiftRun>,
+}
+
 /// The per-step inputs of a program on the device (i32 each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inputs {
@@ -375,6 +400,9 @@ pub trait Device: Send {
 
     /// Enqueues one GPU-lane step on the compute stream.
     fn launch(&self, step: &GpuStep<'_>) -> Result<(), EngineError>;
+
+    /// Enqueues a context shift of one layer's cells of one sequence on the compute stream.
+    fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError>;
 
     /// Runs `issue`, which enqueues a fixed run of compute-stream steps of a program, as a CUDA
     /// graph where the device supports it: the run is captured the second time `key` comes (the

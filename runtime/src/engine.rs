@@ -22,11 +22,11 @@ pub use crate::batch::Logits;
 use crate::batch::{Batch, RouteOverride};
 use crate::cpu::{ActTrace, CpuLane, Weights};
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
-    ScratchPtrs, Shape2d, Stream, WeightRef,
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, KvShift, OpKey,
+    OpTime, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 pub use crate::error::EngineError;
-use crate::kv::{plain_alloc, HostKv, HostKvAccess, KvLayout};
+use crate::kv::{plain_alloc, with_bytes_as_kv, HostKv, HostKvAccess, KvLayout};
 use crate::model::Model;
 use crate::program::{Lane, Program, StepKind};
 use crate::tiers::TierSet;
@@ -80,6 +80,8 @@ struct LoadedTier {
     bufs: Vec<DevPtr>,
     inputs: Inputs,
     scratch: ScratchPtrs,
+    /// What `scratch` was sized for.
+    scratch_sizes: DeviceScratch,
     slots: Vec<DevPtr>,
     stages: [DevPtr; 2],
     staging: Vec<Option<HostBuf>>,
@@ -118,6 +120,9 @@ struct OwnRows {
     bufs: Vec<DevPtr>,
     staging: Vec<Option<HostBuf>>,
     logit_rows: DevPtr,
+    /// Its own scratch where its graph needs more than its tier's (the output projection over
+    /// every row takes the dequantize + GEMM path that one row does not).
+    scratch: Option<ScratchPtrs>,
 }
 
 /// Where a layer's KV cells currently are.
@@ -532,6 +537,114 @@ impl Engine {
             }
         }
         self.n_past[s] = len;
+        Ok(())
+    }
+
+    /// Context shift of sequence `s` (llama.cpp's `--context-shift`): its first `keep` positions
+    /// stay, the next `discard` are forgotten, and the rest move down by `discard` positions —
+    /// their cells move in every layer wherever its KV lives (host or device), and their cached K
+    /// turns back by the rope angles of `discard` positions (the layer's own rope: pairing,
+    /// rotated dimensions, base, position scale, frequency factors), so it equals K computed at
+    /// the new positions up to f16 rounding. K of layers without rope and every V only move.
+    /// A sliding-window layer moves the positions its ring still holds; the shift fails (the
+    /// sequence unchanged) when the window of the next token reaches a kept position the ring
+    /// has already overwritten.
+    pub fn shift_seq(&mut self, s: usize, keep: usize, discard: usize) -> Result<(), EngineError> {
+        let len = self.seq_len(s);
+        if s >= self.n_past.len() || keep + discard > len {
+            return Err(EngineError::Batch(format!(
+                "cannot shift sequence {s} of {len} positions: keep {keep}, discard {discard}"
+            )));
+        }
+        if discard == 0 {
+            return Ok(());
+        }
+        let spec = &self.model.spec;
+        let layout = &self.kv.layout;
+        let runs = (0..spec.layers.len())
+            .map(|l| layout.shift_runs(l, spec.layers[l].window, len, keep, discard))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| EngineError::Batch(format!("context shift of sequence {s}: {e}")))?;
+        // Each layer's K rope: the rope op applied to the K its attention writes.
+        let g = pshard_model::arch::build_graph(spec, 1, 1)?;
+        let mut ropes: Vec<Option<(usize, pshard_model::graph::RopeParams)>> =
+            vec![None; spec.layers.len()];
+        for n in &g.nodes {
+            if let Op::Attention { layer, k, .. } = n.op {
+                ropes[layer] = g.nodes.iter().find_map(|m| match m.op {
+                    Op::Rope { x, head_dim, rope } if x == k => Some((head_dim, rope)),
+                    _ => None,
+                });
+            }
+        }
+        if let Some(d) = &mut self.dev {
+            d.dev.synchronize()?;
+            d.run_end_pending = false;
+        }
+        let delta = -(discard as i64);
+        for (l, runs) in runs.into_iter().enumerate() {
+            if runs.is_empty() {
+                continue;
+            }
+            let (head_dim, rope) = match ropes[l] {
+                Some((hd, r)) => (hd, Some(r)),
+                None => (layout.k_cols, None),
+            };
+            match (self.kv_home[l], self.resident_kv(l)) {
+                (KvHome::Device, Some(ptr)) => {
+                    let side = self.dev.as_ref().expect("device-homed KV has a device");
+                    let freq_factors = rope.and_then(|r| r.freq_factors).map(|t| WeightRef {
+                        tensor: t,
+                        addr: side.vectors.get(&t).copied().unwrap_or(0),
+                        first_row: 0,
+                    });
+                    side.dev.shift_kv(&KvShift {
+                        kv: KvRef {
+                            k: ptr,
+                            v: ptr + layout.v_offset(l) as u64,
+                            cells: layout.cells[l],
+                            seqs: layout.n_seq,
+                        },
+                        seq: s,
+                        k_cols: layout.k_cols,
+                        v_cols: layout.v_cols,
+                        head_dim,
+                        rope,
+                        freq_factors,
+                        delta,
+                        runs,
+                    })?;
+                }
+                (KvHome::Device, None) => {
+                    return Err(EngineError::Device(format!("layer {l}'s KV is lost")));
+                }
+                (KvHome::Host, _) => {
+                    let Some(hb) = self.kv.get(l) else {
+                        // Never written: nothing to move.
+                        continue;
+                    };
+                    let ff = rope
+                        .and_then(|r| r.freq_factors)
+                        .map(|t| self.model.vector(t));
+                    let r = rope.as_ref().map(|r| crate::cpu::ops_rope(r, ff));
+                    with_bytes_as_kv(hb, layout, l, &mut |kv| {
+                        let cells = kv.cells;
+                        for (rows, cols, r, hd) in [
+                            (kv.k, layout.k_cols, r.as_ref(), head_dim),
+                            (kv.v, layout.v_cols, None, layout.v_cols),
+                        ] {
+                            let seq = &mut rows[s * cells * cols..(s + 1) * cells * cols];
+                            pshard_kernels::ops::kv_shift(seq, cols, hd, r, delta, &runs);
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        if let Some(d) = &mut self.dev {
+            d.dev.synchronize()?;
+        }
+        self.n_past[s] = len - discard;
         Ok(())
     }
 
@@ -974,6 +1087,7 @@ impl Engine {
                 logit_rows: 0,
             },
             scratch: ScratchPtrs::default(),
+            scratch_sizes: DeviceScratch::default(),
             slots: Vec::new(),
             stages: [0, 0],
             staging: vec![None; g.buffers.len()],
@@ -1033,29 +1147,8 @@ impl Engine {
         };
         lt.input_stage = Some(dev.host_alloc(4 * n * 4)?);
         lt.inputs_sent = Some(dev.new_event()?);
-        let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
-            if b > 0 {
-                dev.alloc(region, b, what)
-            } else {
-                Ok(0)
-            }
-        };
-        lt.scratch = ScratchPtrs {
-            gemm_w: sc(scratch.gemm_w, "dequantized weight scratch")?,
-            gemm_x: sc(scratch.gemm_x, "f16 activation scratch")?,
-            attn: sc(scratch.attn, "attention split scratch")?,
-            moe: [
-                sc(scratch.moe_ff, "expert gate")?,
-                sc(scratch.moe_ff, "expert up")?,
-                sc(scratch.moe_ff, "expert hidden")?,
-                sc(scratch.moe_out, "expert out")?,
-            ],
-            moe_grouped: [
-                sc(scratch.moe_x16, "expert f16 rows")?,
-                sc(scratch.moe_idx, "expert pair order")?,
-                sc(scratch.moe_offsets, "expert offsets")?,
-            ],
-        };
+        lt.scratch = alloc_scratch(dev.as_ref(), region, &scratch)?;
+        lt.scratch_sizes = scratch;
         let slot = lanes_.slot_bytes();
         let n_slots = (bytes.ring / slot.max(1)) as usize;
         for s in 0..n_slots {
@@ -1241,11 +1334,20 @@ impl Engine {
                 .into_iter()
                 .filter(|b| graph.buffer(*b).rows == pshard_model::graph::Rows::LogitRows)
                 .collect();
+            let need = DeviceScratch::of(
+                spec,
+                &graph,
+                program.lanes.nodes.iter().enumerate(),
+                self.kv.layout.n_ctx,
+                exact,
+            );
+            let own_scratch = (!lt.scratch_sizes.covers(&need)).then(|| need.max(lt.scratch_sizes));
             let bytes: u64 = rowsel
                 .iter()
                 .map(|b| lanes::align((graph.rows(*b) * graph.buffer(*b).cols * 4) as u64))
                 .sum::<u64>()
-                + lanes::align((key.1 * 4) as u64);
+                + lanes::align((key.1 * 4) as u64)
+                + own_scratch.map_or(0, |s| s.bytes());
             let region = side.dev.create_region(
                 RegionKind::Scratch,
                 &format!("{} logit rows of tier {}", key.1, tier.n),
@@ -1257,11 +1359,15 @@ impl Engine {
                 staging[b.0 as usize] = Some(side.dev.host_alloc(size as usize)?);
             }
             let logit_rows = side.dev.alloc(region, (key.1 * 4) as u64, "logit rows")?;
+            let scratch = own_scratch
+                .map(|s| alloc_scratch(side.dev.as_ref(), region, &s))
+                .transpose()?;
             own = Some(OwnRows {
                 region,
                 bufs,
                 staging,
                 logit_rows,
+                scratch,
             });
         }
         let id = self.next_id;
@@ -1315,6 +1421,11 @@ impl Engine {
         if let Some(o) = &lp.own {
             inputs.logit_rows = o.logit_rows;
         }
+        let scratch = lp
+            .own
+            .as_ref()
+            .and_then(|o| o.scratch)
+            .unwrap_or(lt.scratch);
         lp.cpu.begin_run();
         let program = lp.program.clone();
         let g = lp.graph.clone();
@@ -1412,7 +1523,7 @@ impl Engine {
                     bufs,
                     weights: &lp.weights,
                     inputs,
-                    scratch: lt.scratch,
+                    scratch,
                     exact,
                     program: &program,
                     resident: &resident,
@@ -1475,7 +1586,7 @@ impl Engine {
                         bufs,
                         weights: &lp.weights,
                         inputs,
-                        scratch: lt.scratch,
+                        scratch,
                         exact,
                         program: &program,
                         resident: &resident,
@@ -1717,6 +1828,37 @@ fn tier_logit_rows(t: &crate::tiers::RunTier) -> usize {
     } else {
         t.n.max(1)
     }
+}
+
+/// Allocates in `region` every part of `s` that is not empty (absent parts stay 0).
+fn alloc_scratch(
+    dev: &dyn Device,
+    region: pshard_kernels::cuda::RegionId,
+    s: &DeviceScratch,
+) -> Result<ScratchPtrs, EngineError> {
+    let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
+        if b > 0 {
+            dev.alloc(region, b, what)
+        } else {
+            Ok(0)
+        }
+    };
+    Ok(ScratchPtrs {
+        gemm_w: sc(s.gemm_w, "dequantized weight scratch")?,
+        gemm_x: sc(s.gemm_x, "f16 activation scratch")?,
+        attn: sc(s.attn, "attention split scratch")?,
+        moe: [
+            sc(s.moe_ff, "expert gate")?,
+            sc(s.moe_ff, "expert up")?,
+            sc(s.moe_ff, "expert hidden")?,
+            sc(s.moe_out, "expert out")?,
+        ],
+        moe_grouped: [
+            sc(s.moe_x16, "expert f16 rows")?,
+            sc(s.moe_idx, "expert pair order")?,
+            sc(s.moe_offsets, "expert offsets")?,
+        ],
+    })
 }
 
 /// What a GPU step needs besides the step itself.

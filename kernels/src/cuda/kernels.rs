@@ -323,14 +323,28 @@ fn split_smem(dk: usize, dv: usize) -> usize {
     ATTN_SPLIT_TILE * (split_stride(dk) + split_stride(dv)) * 2
 }
 
-/// Scratch bytes the split-KV attention path needs for `n` query rows (0 when the flash kernel is
-/// used). A pure function of the shapes, so the planner sizes exactly what the runtime allocates.
-pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
+/// Scratch bytes the split-KV attention path needs for one call of exactly `n` query rows (0 when
+/// the flash kernel is used).
+fn attention_scratch_rows(p: &AttnParams, n: usize) -> usize {
     if uses_flash(p, n) {
         0
     } else {
         n * p.n_head * n_split(p, n) * (p.dv + 2) * 4
     }
+}
+
+/// Scratch bytes the attention kernels need for any call of 1 to `n` query rows: a program sized
+/// for `n` rows also runs shorter batches (a prompt's tail, one sequence of several), and those
+/// below the flash threshold take the split-KV path even when `n` itself would not. A pure function
+/// of the shapes, so the planner sizes exactly what the runtime allocates.
+pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
+    // Past 1024 rows every head has one split (`n_split`), so the bytes only grow with the rows:
+    // the rows up to 1024 and `n` itself cover the maximum.
+    (1..=n.clamp(1, 1024))
+        .chain([n.max(1)])
+        .map(|m| attention_scratch_rows(p, m))
+        .max()
+        .unwrap_or(0)
 }
 
 fn uses_flash(p: &AttnParams, n: usize) -> bool {
@@ -1252,6 +1266,81 @@ impl CudaKernels {
         )
     }
 
+    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): `n_runs`
+    /// runs of cell moves (`moves`: i32 source, destination pairs; `run_start`: `n_runs + 1`
+    /// i32 offsets into them; `cyclic`: one i32 flag per run, see `pshard_kernels::ops::ShiftRun`),
+    /// each moved row rotated by the rope angles of `delta` positions when `rope` is given (K),
+    /// copied otherwise (V).
+    pub fn kv_shift(
+        &self,
+        rows: u64,
+        cols: usize,
+        moves: u64,
+        run_start: u64,
+        cyclic: u64,
+        n_runs: usize,
+        rope: Option<&RopeArgs>,
+        delta: f32,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        if n_runs == 0 {
+            return Ok(());
+        }
+        let (head_dim, n_dims, mode, base, pos_scale, ff) = match rope {
+            Some(r) => {
+                if r.n_dims > r.head_dim
+                    || !r.n_dims.is_multiple_of(2)
+                    || r.head_dim == 0
+                    || !cols.is_multiple_of(r.head_dim)
+                {
+                    return Err(CudaError::Invalid(format!(
+                        "KV shift of rows of {cols} with rope over {} of {} dims",
+                        r.n_dims, r.head_dim
+                    )));
+                }
+                let m = match r.mode {
+                    RopeKind::Adjacent => 0i32,
+                    RopeKind::Neox => 1,
+                };
+                (
+                    r.head_dim,
+                    r.n_dims,
+                    m,
+                    r.base,
+                    r.pos_scale,
+                    r.freq_factors.unwrap_or(0),
+                )
+            }
+            None => (cols, 0, 0, 1.0f32, 1.0f32, 0u64),
+        };
+        if !cols.is_multiple_of(2) || !head_dim.is_multiple_of(2) {
+            return Err(CudaError::Invalid(format!(
+                "KV shift of rows of {cols} values in heads of {head_dim}: not pairs"
+            )));
+        }
+        self.launch(
+            "kv_shift",
+            (n_runs as u32, blocks(cols / 2, 128), 1),
+            128,
+            0,
+            s,
+            &[
+                &rows,
+                &(cols as i32),
+                &moves,
+                &run_start,
+                &cyclic,
+                &(head_dim as i32),
+                &(n_dims as i32),
+                &mode,
+                &base,
+                &pos_scale,
+                &ff,
+                &delta,
+            ],
+        )
+    }
+
     /// `out = act(gate) · up` over `n` values; `gelu` selects GELU-tanh instead of SiLU.
     pub fn glu(
         &self,
@@ -1915,6 +2004,7 @@ mod tests {
             "moe_gemvq_q6_k_r2w4",
             "rms_norm",
             "rope",
+            "kv_shift",
             "moe_route",
             "moe_sort",
             "moe_gemm_q4_k_64x64",
@@ -1988,6 +2078,27 @@ mod tests {
         assert_eq!(n_split(&p(32, 100), 1), 2);
         assert_eq!(n_split(&p(32, 4096), 512), 1);
         assert_eq!(n_split(&p(1, 1), 1), 1);
+        // A program sized for n rows also runs shorter calls: its scratch covers every one, the
+        // split-KV calls below the flash threshold included (a flash-sized batch of 512 rows needs
+        // none itself, its 3-row tail does).
+        for (heads, ctx, dv) in [(32, 4096, 128), (4, 32768, 256), (2, 100, 80), (1, 64, 64)] {
+            let q = AttnParams {
+                dv,
+                dk: dv,
+                ..p(heads, ctx)
+            };
+            for n in [1, 3, 4, 5, 17, 512, 2000] {
+                let s = attention_scratch(&q, n);
+                for m in 1..=n {
+                    assert!(
+                        s >= attention_scratch_rows(&q, m),
+                        "{heads} heads, {n} ≥ {m} rows"
+                    );
+                }
+            }
+        }
+        assert_eq!(attention_scratch_rows(&p(32, 4096), 512), 0);
+        assert!(attention_scratch(&p(32, 4096), 512) > 0);
         // Shared memory: head dims 128 fit the default 48 KiB; 256 needs the raised limit, which
         // is what load() sets.
         assert_eq!(split_smem(128, 128), 64 * 144 * 2 * 2);

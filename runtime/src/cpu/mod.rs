@@ -283,17 +283,7 @@ impl CpuLane {
                 }
             }
             Op::Rope { x, head_dim, rope } => {
-                let ff = rope.freq_factors.map(|t| w.vector(t));
-                let r = ops::Rope {
-                    pairing: match rope.mode {
-                        RopeMode::Adjacent => ops::RopePairing::Adjacent,
-                        RopeMode::Neox => ops::RopePairing::Neox,
-                    },
-                    n_dims: rope.n_dims,
-                    base: rope.base,
-                    pos_scale: rope.pos_scale,
-                    freq_factors: ff,
-                };
+                let r = ops_rope(&rope, rope.freq_factors.map(|t| w.vector(t)));
                 ops::rope(&mut self.bufs[x.0 as usize], head_dim, batch.positions, &r);
             }
             Op::Attention {
@@ -581,5 +571,22 @@ fn record(
         let mut v = vec![0f32; acts.cols];
         quant::act::dequantize_acts_row(acts.format, acts.row(t), &mut v);
         trace.insert((weight, expert, position(t)), v);
+    }
+}
+
+/// The CPU ops' form of a graph rope with its frequency factors (when it has them).
+pub fn ops_rope<'a>(
+    rope: &pshard_model::graph::RopeParams,
+    ff: Option<&'a [f32]>,
+) -> ops::Rope<'a> {
+    ops::Rope {
+        pairing: match rope.mode {
+            RopeMode::Adjacent => ops::RopePairing::Adjacent,
+            RopeMode::Neox => ops::RopePairing::Neox,
+        },
+        n_dims: rope.n_dims,
+        base: rope.base,
+        pos_scale: rope.pos_scale,
+        freq_factors: ff,
     }
 }

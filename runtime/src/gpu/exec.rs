@@ -12,7 +12,8 @@ use crate::device::{GpuStep, GpuWork};
 use crate::error::EngineError;
 use crate::model::Model;
 
-fn rope_kind(m: RopeMode) -> RopeKind {
+/// The kernels' form of a rope pairing mode.
+pub(crate) fn rope_kind(m: RopeMode) -> RopeKind {
     match m {
         RopeMode::Adjacent => RopeKind::Adjacent,
         RopeMode::Neox => RopeKind::Neox,
