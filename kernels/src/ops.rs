@@ -1,10 +1,12 @@
-//! CPU implementations of the op graph's non-matmul ops: norms, rope, GLU, residual add, soft-cap,
-//! softmax/top-k routing and attention over an f16 KV cache.
+//! CPU implementations of the op graph's non-matmul ops: norms, rope (YaRN included), GLUs,
+//! residual add, soft-cap, MoE routing and attention (with sinks) over an f16 KV cache.
 //!
 //! All activations are f32 row-major `[rows, cols]`. Reductions accumulate in f32 (attention scores
 //! and softmax too), matching what the GPU kernels do.
 
 use half::f16;
+use pshard_model::graph::{Activation, RopeYarn, Routing, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
+use pshard_model::spec::Gating;
 use rayon::prelude::*;
 
 /// Rows at or above which the row-wise ops go parallel (below, thread hand-off costs more).
@@ -66,35 +68,89 @@ pub struct Rope<'a> {
     pub pos_scale: f32,
     /// Per-pair frequency divisors (llama3), `n_dims / 2` long.
     pub freq_factors: Option<&'a [f32]>,
+    /// YaRN's per-pair mix and magnitude.
+    pub yarn: Option<RopeYarn>,
+}
+
+impl Rope<'_> {
+    /// Per pair: the angle per unit of position (positions are not pre-scaled).
+    fn angle_rates(&self) -> Vec<f32> {
+        (0..self.n_dims / 2)
+            .map(|i| {
+                let mut f = self.base.powf(-2.0 * i as f32 / self.n_dims as f32);
+                if let Some(ff) = self.freq_factors {
+                    f /= ff[i];
+                }
+                match self.yarn {
+                    Some(y) => f * y.angle_factor(i, self.pos_scale),
+                    None => f * self.pos_scale,
+                }
+            })
+            .collect()
+    }
+
+    /// `(sin, cos)` of each pair at `pos`, times YaRN's magnitude.
+    fn table(&self, rates: &[f32], pos: u32) -> Vec<(f32, f32)> {
+        let m = self.yarn.map_or(1.0, |y| y.mscale);
+        rates
+            .iter()
+            .map(|f| {
+                let (s, c) = (pos as f32 * f).sin_cos();
+                (s * m, c * m)
+            })
+            .collect()
+    }
+
+    /// Rotates the first `n_dims` values of one head by `table`.
+    fn rotate(&self, head: &mut [f32], table: &[(f32, f32)]) {
+        let half = self.n_dims / 2;
+        for (i, &(s, c)) in table.iter().enumerate() {
+            let (a, b) = match self.pairing {
+                RopePairing::Adjacent => (2 * i, 2 * i + 1),
+                RopePairing::Neox => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// Rope of `n_heads` heads per row taken from `src` (head `h` at `h·src_stride + src_off`) into
+/// `dst` (at `h·dst_stride + dst_off`), `n_dims` values each; rows of `src` and `dst` are
+/// `positions.len()` long. Multi-head latent attention ropes its key and query parts this way.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_heads(
+    src: &[f32],
+    (src_stride, src_off): (usize, usize),
+    dst: &mut [f32],
+    (dst_stride, dst_off): (usize, usize),
+    n_heads: usize,
+    positions: &[u32],
+    r: &Rope,
+) {
+    let n = positions.len().max(1);
+    let (sc, dc) = (src.len() / n, dst.len() / n);
+    let rates = r.angle_rates();
+    for (t, &pos) in positions.iter().enumerate() {
+        let table = r.table(&rates, pos);
+        for h in 0..n_heads {
+            let d = &mut dst[t * dc + h * dst_stride + dst_off..][..r.n_dims];
+            d.copy_from_slice(&src[t * sc + h * src_stride + src_off..][..r.n_dims]);
+            r.rotate(d, &table);
+        }
+    }
 }
 
 /// Applies rope in place to `x` (`positions.len()` rows of heads of `head_dim`).
 pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
     let cols = x.len() / positions.len().max(1);
-    let half = r.n_dims / 2;
-    // Per-pair inverse frequencies, computed once per call.
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let f = r.base.powf(-2.0 * i as f32 / r.n_dims as f32);
-            match r.freq_factors {
-                Some(ff) => f / ff[i],
-                None => f,
-            }
-        })
-        .collect();
+    // Per-pair angle rates, computed once per call.
+    let rates = r.angle_rates();
     let rotate_row = |(row, &pos): (&mut [f32], &u32)| {
-        let p = pos as f32 * r.pos_scale;
-        let sin_cos: Vec<(f32, f32)> = inv_freq.iter().map(|f| (p * f).sin_cos()).collect();
+        let table = r.table(&rates, pos);
         for head in row.chunks_mut(head_dim) {
-            for (i, &(s, c)) in sin_cos.iter().enumerate() {
-                let (a, b) = match r.pairing {
-                    RopePairing::Adjacent => (2 * i, 2 * i + 1),
-                    RopePairing::Neox => (i, i + half),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c - x1 * s;
-                head[b] = x0 * s + x1 * c;
-            }
+            r.rotate(head, &table);
         }
     };
     if positions.len() >= PAR_ROWS {
@@ -121,10 +177,22 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// `out = act(gate) · up` elementwise; `gelu` picks GELU-tanh, else SiLU.
-pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], gelu: bool) {
+/// gpt-oss's clamped SwiGLU of one (gate, up) pair (see [`Activation::SwigluOai`]).
+#[inline]
+pub fn swiglu_oai(gate: f32, up: f32) -> f32 {
+    let g = gate.min(SWIGLU_OAI_LIMIT);
+    let u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT);
+    g / (1.0 + (-SWIGLU_OAI_ALPHA * g).exp()) * (u + 1.0)
+}
+
+/// `out = act(gate, up)` elementwise.
+pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], act: Activation) {
     let f = |((o, g), u): ((&mut f32, &f32), &f32)| {
-        *o = if gelu { gelu_tanh(*g) } else { silu(*g) } * u;
+        *o = match act {
+            Activation::Silu => silu(*g) * u,
+            Activation::GeluTanh => gelu_tanh(*g) * u,
+            Activation::SwigluOai => swiglu_oai(*g, *u),
+        };
     };
     if out.len() >= 1 << 16 {
         out.par_iter_mut()
@@ -158,55 +226,108 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// MoE routing of one token: softmax over `logits`, the `ids.len()` largest (ties → lower id), with
-/// their probabilities optionally renormalised to sum to 1.
-pub fn route_top_k(logits: &[f32], ids: &mut [u32], weights: &mut [f32], normalize: bool) {
+/// MoE routing of one token as llama.cpp's `build_moe_ffn` does it: gated values (softmax,
+/// sigmoid, or the raw logits when the softmax comes after the top k), `select_bias` added for
+/// choosing only, the group limit, the `ids.len()` best (ties → lower id) — or the `forced`
+/// experts —, their gated values as weights (softmaxed among themselves for
+/// [`Gating::SoftmaxAfterTopK`]), renormalised (sum clamped at 2⁻¹⁴ as llama.cpp does) and scaled
+/// when `r` says so.
+pub fn route(
+    logits: &[f32],
+    r: &Routing,
+    select_bias: Option<&[f32]>,
+    forced: Option<&[u32]>,
+    ids: &mut [u32],
+    weights: &mut [f32],
+) {
     let mut probs = logits.to_vec();
-    softmax(&mut probs);
-    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
-    order.sort_by(|&a, &b| {
-        probs[b as usize]
-            .total_cmp(&probs[a as usize])
-            .then(a.cmp(&b))
-    });
-    for (k, &e) in order.iter().take(ids.len()).enumerate() {
-        ids[k] = e;
-        weights[k] = probs[e as usize];
+    match r.gating {
+        Gating::Softmax => softmax(&mut probs),
+        Gating::Sigmoid => probs
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        Gating::SoftmaxAfterTopK => {}
     }
-    if normalize {
-        let s: f32 = weights.iter().sum();
-        weights.iter_mut().for_each(|w| *w /= s);
+    match forced {
+        Some(f) => ids.copy_from_slice(f),
+        None => {
+            let mut sel = probs.clone();
+            if let Some(b) = select_bias {
+                sel.iter_mut().zip(b).for_each(|(s, b)| *s += b);
+            }
+            let (groups, used) = r.groups;
+            if groups > 1 {
+                limit_groups(&mut sel, groups, used);
+            }
+            let mut order: Vec<u32> = (0..sel.len() as u32).collect();
+            order.sort_by(|&a, &b| sel[b as usize].total_cmp(&sel[a as usize]).then(a.cmp(&b)));
+            ids.copy_from_slice(&order[..ids.len()]);
+        }
     }
-}
-
-/// MoE routing of one token with the experts given (`ids`): their softmax probabilities, optionally
-/// renormalised. Tests use it to force a reference's expert choice.
-pub fn route_forced(logits: &[f32], ids: &[u32], weights: &mut [f32], normalize: bool) {
-    let mut probs = logits.to_vec();
-    softmax(&mut probs);
-    for (w, &e) in weights.iter_mut().zip(ids) {
+    for (w, &e) in weights.iter_mut().zip(ids.iter()) {
         *w = probs[e as usize];
     }
-    if normalize {
-        let s: f32 = weights.iter().sum();
+    if r.gating == Gating::SoftmaxAfterTopK {
+        softmax(weights);
+    }
+    if r.normalize {
+        let s: f32 = weights.iter().sum::<f32>().max(6.103_515_6e-5);
         weights.iter_mut().for_each(|w| *w /= s);
+    }
+    if r.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= r.scale);
     }
 }
 
-/// One layer's KV cache as the attention kernel sees it: `cells` slots of `n_head_kv · head_dim`
-/// f16 values for K and for V (V not transposed). Position `p` lives in slot `p % cells`.
+/// Group-limited routing: each of `groups` consecutive expert groups scores the sum of its two
+/// best values; all but the `used` best groups (ties → lower group) are masked to −∞.
+fn limit_groups(sel: &mut [f32], groups: usize, used: usize) {
+    let per = sel.len() / groups;
+    let score = |g: &[f32]| {
+        let mut top = [f32::NEG_INFINITY; 2];
+        for &v in g {
+            if v > top[0] {
+                top = [v, top[0]];
+            } else if v > top[1] {
+                top[1] = v;
+            }
+        }
+        if per < 2 {
+            top[0]
+        } else {
+            top[0] + top[1]
+        }
+    };
+    let scores: Vec<f32> = sel.chunks(per).map(score).collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    for &g in &order[used..] {
+        sel[g * per..(g + 1) * per]
+            .iter_mut()
+            .for_each(|v| *v = f32::NEG_INFINITY);
+    }
+}
+
+/// One layer's KV cache as the attention kernel sees it: `cells` slots of K rows (`k_row` f16
+/// values, head `h` at `h · head_dim_k`) and of V rows (`v_row` values, head `h` at
+/// `h · head_dim_v`; V not transposed). Position `p` lives in slot `p % cells`. Latent attention
+/// passes the K rows as V too (its values are the first `head_dim_v` of each K row).
 pub struct KvView<'a> {
-    /// Keys, `cells × kv_k_cols`.
+    /// Keys, `cells × k_row`.
     pub k: &'a [f16],
-    /// Values, `cells × kv_v_cols`.
+    /// Values, `cells × v_row`.
     pub v: &'a [f16],
     /// Slots.
     pub cells: usize,
+    /// f16 values per K slot.
+    pub k_row: usize,
+    /// f16 values per V slot.
+    pub v_row: usize,
 }
 
 /// Attention shape and masking parameters.
 #[derive(Clone, Copy, Debug)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     /// Query heads.
     pub n_head: usize,
     /// KV heads.
@@ -221,6 +342,8 @@ pub struct AttnParams {
     pub scale: f32,
     /// Score soft-cap.
     pub softcap: Option<f32>,
+    /// Per query head, a logit that joins the softmax's denominator without a value.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Keys per task when attention splits one (token, kv head) pair over several tasks.
@@ -257,7 +380,7 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
                 let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
                 let (a, b) = span_of(t);
                 attend_span(q, t, kh, a, b, kv, p, scratch, part);
-                finish_pair(part, 1, group, dv, o);
+                finish_pair(part, 1, group, dv, sinks_of(p, kh), o);
             },
         );
         return;
@@ -292,7 +415,14 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         .enumerate()
         .for_each(|(idx, o)| {
             let (lo, hi) = (first_task[idx], first_task[idx + 1]);
-            finish_pair(&parts[lo * stride..hi * stride], hi - lo, group, dv, o);
+            finish_pair(
+                &parts[lo * stride..hi * stride],
+                hi - lo,
+                group,
+                dv,
+                sinks_of(p, idx % p.n_head_kv),
+                o,
+            );
         });
 }
 
@@ -315,16 +445,34 @@ impl AttnScratch {
     }
 }
 
+/// The sinks of kv head `kh`'s query heads.
+fn sinks_of<'a>(p: &AttnParams<'a>, kh: usize) -> Option<&'a [f32]> {
+    let group = p.n_head / p.n_head_kv;
+    p.sinks.map(|s| &s[kh * group..][..group])
+}
+
 /// Merges `n` span partials of one (token, kv head) pair — per query head of the group:
-/// `[max, sum, unnormalised o[dv]]` — into the normalised output `o` (`group × dv`).
-fn finish_pair(parts: &[f32], n: usize, group: usize, dv: usize, o: &mut [f32]) {
+/// `[max, sum, unnormalised o[dv]]` — into the normalised output `o` (`group × dv`); each
+/// head's sink (if any) joins the denominator.
+fn finish_pair(
+    parts: &[f32],
+    n: usize,
+    group: usize,
+    dv: usize,
+    sinks: Option<&[f32]>,
+    o: &mut [f32],
+) {
     let stride = group * (dv + 2);
     for g in 0..group {
         let at = |c: usize| &parts[c * stride + g * (dv + 2)..][..dv + 2];
-        let m = (0..n).map(|c| at(c)[0]).fold(f32::NEG_INFINITY, f32::max);
+        let sink = sinks.map(|s| s[g]);
+        let m = (0..n)
+            .map(|c| at(c)[0])
+            .chain(sink)
+            .fold(f32::NEG_INFINITY, f32::max);
         let og = &mut o[g * dv..][..dv];
         og.iter_mut().for_each(|v| *v = 0.0);
-        let mut l = 0f32;
+        let mut l = sink.map_or(0.0, |s| (s - m).exp());
         for c in 0..n {
             let pc = at(c);
             if pc[1] == 0.0 {
@@ -402,7 +550,7 @@ fn attend_span_body(
     use half::slice::HalfFloatSliceExt;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
-    let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
+    let (kk, vv) = (kv.k_row, kv.v_row);
     let len = b - a;
     let qg = &q[t * p.n_head * dk + kh * group * dk..][..group * dk];
     let AttnScratch { row, scores } = scratch;
@@ -487,6 +635,7 @@ mod tests {
             base: 10000.0,
             pos_scale: 1.0,
             freq_factors: None,
+            yarn: None,
         };
         let mut x = vec![1.0f32, 0.0, 1.0, 0.0];
         rope(&mut x, 4, &[1], &r);
@@ -503,13 +652,91 @@ mod tests {
         assert!((y[1] - f1.cos()).abs() < 1e-6 && (y[3] - f1.sin()).abs() < 1e-6);
     }
 
+    fn routing(gating: Gating, normalize: bool, scale: f32, groups: (usize, usize)) -> Routing {
+        Routing {
+            n_expert: 4,
+            n_used: 2,
+            gating,
+            normalize,
+            scale,
+            groups,
+        }
+    }
+
     #[test]
     fn route_picks_top_k_and_renormalises() {
         let mut ids = [0u32; 2];
         let mut w = [0f32; 2];
-        route_top_k(&[0.0, 3.0, 1.0, 2.9], &mut ids, &mut w, true);
+        let r = routing(Gating::Softmax, true, 1.0, (0, 0));
+        route(&[0.0, 3.0, 1.0, 2.9], &r, None, None, &mut ids, &mut w);
         assert_eq!(ids, [1, 3]);
         assert!((w[0] + w[1] - 1.0).abs() < 1e-6 && w[0] > w[1]);
+    }
+
+    #[test]
+    fn route_gatings_bias_groups_and_scale() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let (mut ids, mut w) = ([0u32; 2], [0f32; 2]);
+        // Softmax after top-k: the two best logits, softmaxed between themselves.
+        let r = routing(Gating::SoftmaxAfterTopK, false, 1.0, (0, 0));
+        route(&logits, &r, None, None, &mut ids, &mut w);
+        assert_eq!(ids, [1, 3]);
+        let e = (0.1f32).exp();
+        assert!((w[0] - e / (e + 1.0)).abs() < 1e-6 && (w[1] - 1.0 / (e + 1.0)).abs() < 1e-6);
+        // Sigmoid with a selection bias that promotes expert 2 over 3; weights stay unbiased.
+        let r = routing(Gating::Sigmoid, false, 2.5, (0, 0));
+        route(
+            &logits,
+            &r,
+            Some(&[0.0, 0.0, 0.5, 0.0]),
+            None,
+            &mut ids,
+            &mut w,
+        );
+        assert_eq!(ids, [1, 2]);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((w[0] - 2.5 * sig(3.0)).abs() < 1e-6 && (w[1] - 2.5 * sig(1.0)).abs() < 1e-6);
+        // Two groups of two, one used: group {0, 1} scores 3.0, {2, 3} 3.9 → experts 3 and 2.
+        let r = routing(Gating::SoftmaxAfterTopK, false, 1.0, (2, 1));
+        route(&logits, &r, None, None, &mut ids, &mut w);
+        assert_eq!(ids, [3, 2]);
+    }
+
+    #[test]
+    fn swiglu_oai_clamps() {
+        // Below the limit: g·σ(1.702 g)·(u + 1).
+        let want = 0.5 / (1.0 + (-1.702f32 * 0.5).exp()) * 1.25;
+        assert!((swiglu_oai(0.5, 0.25) - want).abs() < 1e-7);
+        // Gate clamped from above only, up on both sides.
+        let g = 7.0 / (1.0 + (-1.702f32 * 7.0).exp());
+        assert!((swiglu_oai(9.0, -20.0) - g * -6.0).abs() < 1e-5);
+        assert!(swiglu_oai(-30.0, 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn yarn_rope_mixes_and_scales() {
+        // Pairs below `low` keep their frequency, above `high` take pos_scale; all scaled by mscale.
+        let y = RopeYarn {
+            low: 1.0,
+            high: 3.0,
+            ext_factor: 1.0,
+            mscale: 1.5,
+        };
+        let r = Rope {
+            pairing: RopePairing::Adjacent,
+            n_dims: 8,
+            base: 10.0,
+            pos_scale: 0.25,
+            freq_factors: None,
+            yarn: Some(y),
+        };
+        let mut x = vec![1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        rope(&mut x, 8, &[3], &r);
+        for (i, mix) in [(0usize, 1.0f32), (1, 1.0), (2, 0.25 * 0.5 + 0.5), (3, 0.25)] {
+            let theta = 3.0 * 10f32.powf(-2.0 * i as f32 / 8.0) * mix;
+            assert!((x[2 * i] - 1.5 * theta.cos()).abs() < 1e-5, "pair {i}");
+            assert!((x[2 * i + 1] - 1.5 * theta.sin()).abs() < 1e-5, "pair {i}");
+        }
     }
 
     /// f64 attention of one row, for the split/unsplit comparison below.
@@ -523,7 +750,7 @@ mod tests {
             let sc: Vec<f64> = (first..=pos)
                 .map(|j| {
                     let slot = j % kv.cells;
-                    let kr = &kv.k[(slot * p.n_head_kv + kh) * dk..][..dk];
+                    let kr = &kv.k[slot * kv.k_row + kh * dk..][..dk];
                     let s: f64 = (0..dk)
                         .map(|d| q[h * dk + d] as f64 * kr[d].to_f64())
                         .sum::<f64>()
@@ -531,18 +758,59 @@ mod tests {
                     p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                 })
                 .collect();
-            let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sink = p.sinks.map(|s| s[h] as f64);
+            let m = sc
+                .iter()
+                .copied()
+                .chain(sink)
+                .fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
-            let l: f64 = e.iter().sum();
+            let l: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - m).exp());
             for (i, j) in (first..=pos).enumerate() {
                 let slot = j % kv.cells;
-                let vr = &kv.v[(slot * p.n_head_kv + kh) * dv..][..dv];
+                let vr = &kv.v[slot * kv.v_row + kh * dv..][..dv];
                 for d in 0..dv {
                     out[h * dv + d] += e[i] / l * vr[d].to_f64();
                 }
             }
         }
         out
+    }
+
+    /// Checks `attention` against [`naive_attention`] on one decode row, a few rows and 40 rows.
+    fn check_attention(
+        kv: &KvView,
+        p: &AttnParams,
+        r: &mut impl FnMut(usize) -> Vec<f32>,
+        what: &str,
+    ) {
+        // One decode row (split into spans of ATTN_SPLIT_KEYS), a few rows (split), and 40
+        // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: one task per pair).
+        let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+        for positions in [
+            vec![1099u32],
+            vec![0, 255, 256, 257, 700],
+            (1060..1100).collect(),
+        ] {
+            let q = r(positions.len() * p.n_head * dk);
+            let mut out = vec![0f32; positions.len() * p.n_head * dv];
+            attention(&q, &positions, kv, p, &mut out);
+            for (t, &pos) in positions.iter().enumerate() {
+                let want = naive_attention(
+                    &q[t * p.n_head * dk..][..p.n_head * dk],
+                    pos as usize,
+                    kv,
+                    p,
+                );
+                for (i, w) in want.iter().enumerate() {
+                    let got = out[t * p.n_head * dv + i] as f64;
+                    assert!(
+                        (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what} pos {pos} [{i}]: {got} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -568,12 +836,15 @@ mod tests {
             k: &k,
             v: &v,
             cells,
+            k_row: n_head_kv * dk,
+            v_row: n_head_kv * dv,
         };
-        for (portable, window, softcap) in [
-            (false, None, None),
-            (false, Some(300), Some(2.0)),
-            (false, Some(2000), None),
-            (true, None, Some(2.0)),
+        let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
+        for (portable, window, softcap, sinks) in [
+            (false, None, None, None),
+            (false, Some(300), Some(2.0), None),
+            (false, Some(2000), None, Some(&sinks[..])),
+            (true, None, Some(2.0), Some(&sinks[..])),
         ] {
             PORTABLE_ATTENTION.store(portable, std::sync::atomic::Ordering::Relaxed);
             let p = AttnParams {
@@ -584,35 +855,34 @@ mod tests {
                 window,
                 scale: 0.7,
                 softcap,
+                sinks,
             };
-            // One decode row (split into spans of ATTN_SPLIT_KEYS), a few rows (split), and 40
-            // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: one task per pair).
-            for positions in [
-                vec![1099u32],
-                vec![0, 255, 256, 257, 700],
-                (1060..1100).collect(),
-            ] {
-                let q = r(positions.len() * n_head * dk);
-                let mut out = vec![0f32; positions.len() * n_head * dv];
-                attention(&q, &positions, &kv, &p, &mut out);
-                for (t, &pos) in positions.iter().enumerate() {
-                    let want = naive_attention(
-                        &q[t * n_head * dk..][..n_head * dk],
-                        pos as usize,
-                        &kv,
-                        &p,
-                    );
-                    for (i, w) in want.iter().enumerate() {
-                        let got = out[t * n_head * dv + i] as f64;
-                        assert!(
-                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "seed {seed} portable {portable} window {window:?} pos {pos} [{i}]: {got} vs {w}"
-                        );
-                    }
-                }
-            }
+            let what = format!(
+                "seed {seed} portable {portable} window {window:?} sinks {}",
+                sinks.is_some()
+            );
+            check_attention(&kv, &p, &mut r, &what);
         }
         PORTABLE_ATTENTION.store(false, std::sync::atomic::Ordering::Relaxed);
+        // Latent attention: one KV head whose values are the first 24 of each 40-value K row.
+        let kv = KvView {
+            k: &k[..cells * dk],
+            v: &k[..cells * dk],
+            cells,
+            k_row: dk,
+            v_row: dk,
+        };
+        let p = AttnParams {
+            n_head: 4,
+            n_head_kv: 1,
+            head_dim_k: dk,
+            head_dim_v: dv,
+            window: None,
+            scale: 0.3,
+            softcap: None,
+            sinks: None,
+        };
+        check_attention(&kv, &p, &mut r, &format!("seed {seed} values inside K"));
     }
 
     #[test]
@@ -625,6 +895,8 @@ mod tests {
             k: &k,
             v: &v,
             cells,
+            k_row: 1,
+            v_row: 1,
         };
         let p = AttnParams {
             n_head: 2,
@@ -634,6 +906,7 @@ mod tests {
             window: Some(2),
             scale: 1.0,
             softcap: None,
+            sinks: None,
         };
         let q = vec![1.0f32, 1.0];
         let mut out = vec![0f32; 2];

@@ -83,10 +83,10 @@ pub fn kv_cell_bytes(spec: &ModelSpec, kv_type: GgmlType) -> f64 {
 /// V, each aligned): what a resident layer keeps in VRAM and what one staging buffer of a
 /// streamed layer holds.
 pub fn layer_kv_bytes(spec: &ModelSpec, layer: usize, p: &PlanParams) -> u64 {
-    let h = &spec.hparams;
     let cells = (p.kv_cells(spec, layer) * p.parallel.max(1)) as u64;
-    let k = pshard_model::bytes::kv_row_bytes(p.kv_type, h.n_head_kv * h.head_dim_k);
-    let v = pshard_model::bytes::kv_row_bytes(p.kv_type, h.n_head_kv * h.head_dim_v);
+    let (kc, vc) = pshard_model::bytes::kv_cols(spec, layer);
+    let k = pshard_model::bytes::kv_row_bytes(p.kv_type, kc);
+    let v = pshard_model::bytes::kv_row_bytes(p.kv_type, vc);
     lanes::align(cells * k) + lanes::align(cells * v)
 }
 

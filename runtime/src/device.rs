@@ -147,10 +147,14 @@ pub struct WeightRef {
 /// One layer's KV on the device: K then V cells, `cells` per sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvRef {
-    /// K cells: `n_seq · cells` rows of `n_kv · head_dim_k` f16.
+    /// K cells: `n_seq · cells` rows of `k_cols` f16.
     pub k: DevPtr,
-    /// V cells, same rows of `n_kv · head_dim_v` f16.
+    /// V cells, same rows of `v_cols` f16.
     pub v: DevPtr,
+    /// f16 values per K row.
+    pub k_cols: usize,
+    /// f16 values per V row (0: the values live inside K).
+    pub v_cols: usize,
     /// Cells per sequence (position `p` of sequence `s` lives in cell `s · cells + p % cells`).
     pub cells: usize,
     /// Sequences.

@@ -1536,8 +1536,12 @@ impl Engine {
                             p0..p0 + rows.len()
                         };
                         for cr in layout.cell_runs(*layer, range) {
-                            for (cols, base) in
-                                [(layout.k_cols, 0), (layout.v_cols, layout.v_offset(*layer))]
+                            for (cols, base) in [
+                                (layout.k_cols[*layer], 0),
+                                (layout.v_cols[*layer], layout.v_offset(*layer)),
+                            ]
+                            .into_iter()
+                            .filter(|c| c.0 > 0)
                             {
                                 let off =
                                     base + layout.cell_offset(*layer, s as usize, cr.start, cols);
@@ -1697,6 +1701,8 @@ impl<'a> StepCtx<'a> {
                 kv = Some(KvRef {
                     k: base,
                     v: base + self.layout.v_offset(layer) as u64,
+                    k_cols: self.layout.k_cols[layer],
+                    v_cols: self.layout.v_cols[layer],
                     cells: self.layout.cells[layer],
                     seqs: self.layout.n_seq,
                 });

@@ -745,8 +745,7 @@ impl OwnedStep {
             cells: 0,
         };
         if let Some(r) = self.kv {
-            let h = &spec.hparams;
-            let (kc, vc) = (h.n_head_kv * h.head_dim_k, h.n_head_kv * h.head_dim_v);
+            let (kc, vc) = (r.k_cols, r.v_cols);
             let rows = r.seqs * r.cells;
             kv.k = vec![f16::ZERO; rows * kc];
             kv.v = vec![f16::ZERO; rows * vc];

@@ -228,7 +228,11 @@ fn builtin_for(spec: &pshard_model::spec::ModelSpec) -> Option<ChatTemplate> {
         pshard_model::spec::Arch::Qwen2
         | pshard_model::spec::Arch::Qwen3
         | pshard_model::spec::Arch::Qwen3Moe => ChatTemplate::builtin("chatml"),
-        pshard_model::spec::Arch::Llama => None,
+        // Their GGUFs carry their own templates (gpt-oss's harmony format among them).
+        pshard_model::spec::Arch::Llama
+        | pshard_model::spec::Arch::GptOss
+        | pshard_model::spec::Arch::Glm4Moe
+        | pshard_model::spec::Arch::Deepseek2 => None,
     }
 }
 

@@ -283,17 +283,7 @@ impl CpuLane {
                 }
             }
             Op::Rope { x, head_dim, rope } => {
-                let ff = rope.freq_factors.map(|t| w.vector(t));
-                let r = ops::Rope {
-                    pairing: match rope.mode {
-                        RopeMode::Adjacent => ops::RopePairing::Adjacent,
-                        RopeMode::Neox => ops::RopePairing::Neox,
-                    },
-                    n_dims: rope.n_dims,
-                    base: rope.base,
-                    pos_scale: rope.pos_scale,
-                    freq_factors: ff,
-                };
+                let r = rope_op(&rope, w);
                 ops::rope(&mut self.bufs[x.0 as usize], head_dim, batch.positions, &r);
             }
             Op::Attention {
@@ -309,6 +299,8 @@ impl CpuLane {
                 window,
                 scale,
                 softcap,
+                sinks,
+                v_in_k,
             } => {
                 let p = ops::AttnParams {
                     n_head,
@@ -318,8 +310,11 @@ impl CpuLane {
                     window,
                     scale,
                     softcap,
+                    sinks: sinks.map(|t| w.vector(t)),
                 };
-                let (kc, vc) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
+                // With values inside K the cache has no V rows.
+                let kc = n_head_kv * head_dim_k;
+                let vc = if v_in_k { 0 } else { n_head_kv * head_dim_v };
                 let (qc, oc) = (ncols(q), ncols(out));
                 let runs = batch.seq_runs();
                 let (qi, ki, vi, oi) = (q.0 as usize, k.0 as usize, v.0 as usize, out.0 as usize);
@@ -348,8 +343,10 @@ impl CpuLane {
                         }
                         let view = ops::KvView {
                             k: kcache,
-                            v: vcache,
+                            v: if v_in_k { kcache } else { vcache },
                             cells,
+                            k_row: kc,
+                            v_row: if v_in_k { kc } else { vc },
                         };
                         ops::attention(
                             &bufs[qi][rows.start * qc..rows.end * qc],
@@ -366,10 +363,9 @@ impl CpuLane {
             }
             Op::Glu { gate, up, out, act } => {
                 let (gi, ui, o) = (gate.0 as usize, up.0 as usize, out.0 as usize);
-                let gelu = act == Activation::GeluTanh;
                 let mut o_buf = std::mem::take(&mut self.bufs[o]);
                 match &cols {
-                    None => ops::glu(&self.bufs[gi], &self.bufs[ui], &mut o_buf, gelu),
+                    None => ops::glu(&self.bufs[gi], &self.bufs[ui], &mut o_buf, act),
                     Some(r) => {
                         let c = ncols(out);
                         for t in 0..g.rows(out) {
@@ -378,7 +374,7 @@ impl CpuLane {
                                 &self.bufs[gi][span.clone()],
                                 &self.bufs[ui][span.clone()],
                                 &mut o_buf[span],
-                                gelu,
+                                act,
                             );
                         }
                     }
@@ -421,10 +417,11 @@ impl CpuLane {
             Op::MoeRoute {
                 logits,
                 out,
-                n_expert,
-                n_used,
-                normalize,
+                routing,
+                select_bias,
             } => {
+                let (n_expert, n_used) = (routing.n_expert, routing.n_used);
+                let bias = select_bias.map(|t| w.vector(t));
                 let (src, dst) = self.pair(logits, out);
                 for t in 0..n {
                     let mut ids = vec![0u32; n_used];
@@ -433,14 +430,9 @@ impl CpuLane {
                     let forced = match (batch.route_override, layer) {
                         (Some(f), Some(l)) => f(l, batch.positions[t]),
                         _ => None,
-                    };
-                    match forced {
-                        Some(f) if f.len() == n_used => {
-                            ids.copy_from_slice(&f);
-                            ops::route_forced(logits, &ids, &mut wt, normalize);
-                        }
-                        _ => ops::route_top_k(logits, &mut ids, &mut wt, normalize),
                     }
+                    .filter(|f| f.len() == n_used);
+                    ops::route(logits, &routing, bias, forced.as_deref(), &mut ids, &mut wt);
                     let row = &mut dst[t * 2 * n_used..][..2 * n_used];
                     for k in 0..n_used {
                         row[k] = f32::from_bits(ids[k]);
@@ -456,9 +448,80 @@ impl CpuLane {
                 down_exps,
                 act,
                 out,
+                bias,
             } => {
                 let exps = [gate_exps, up_exps, down_exps];
-                self.moe_ffn(g, w, x, route, exps, act, out, batch.positions, n_expert)?;
+                let bias = bias.map(|b| b.map(|t| w.vector(t)));
+                self.moe_ffn(
+                    g,
+                    w,
+                    x,
+                    route,
+                    exps,
+                    bias,
+                    act,
+                    out,
+                    batch.positions,
+                    n_expert,
+                )?;
+            }
+            Op::HeadMatMul {
+                weight,
+                x,
+                x_stride,
+                out,
+                out_stride,
+            } => self.head_matmul(g, w, weight, x, x_stride, out, out_stride, batch.positions)?,
+            Op::MlaKv {
+                x,
+                norm,
+                out,
+                kv_lora,
+                eps,
+                rope,
+            } => {
+                let (xc, oc) = (ncols(x), ncols(out));
+                let nw = w.vector(norm);
+                let r = rope_op(&rope, w);
+                let (src, dst) = self.pair(x, out);
+                for t in 0..n {
+                    ops::rms_norm(
+                        &src[t * xc..][..kv_lora],
+                        nw,
+                        &mut dst[t * oc..][..kv_lora],
+                        eps,
+                    );
+                }
+                ops::rope_heads(
+                    &src[..n * xc],
+                    (xc, kv_lora),
+                    &mut dst[..n * oc],
+                    (oc, kv_lora),
+                    1,
+                    batch.positions,
+                    &r,
+                );
+            }
+            Op::MlaQRope {
+                q,
+                out,
+                n_head,
+                nope,
+                kv_lora,
+                rope,
+            } => {
+                let d = rope.n_dims;
+                let r = rope_op(&rope, w);
+                let (src, dst) = self.pair(q, out);
+                ops::rope_heads(
+                    &src[..n * n_head * (nope + d)],
+                    (nope + d, nope),
+                    &mut dst[..n * n_head * (kv_lora + d)],
+                    (kv_lora + d, kv_lora),
+                    n_head,
+                    batch.positions,
+                    &r,
+                );
             }
             Op::Softcap { x, cap } => {
                 let c = ncols(x);
@@ -485,6 +548,7 @@ impl CpuLane {
         x: BufId,
         route: BufId,
         exps: [TensorId; 3],
+        bias: Option<[&[f32]; 3]>,
         act: Activation,
         out: BufId,
         positions: &[u32],
@@ -544,18 +608,25 @@ impl CpuLane {
                 }
                 matmul(wm, q, o, ff, 0..ff)?;
             }
+            if let Some([bg, bu, _]) = bias {
+                add_rows(&mut gt, &bg[e * ff..][..ff]);
+                add_rows(&mut ut, &bu[e * ff..][..ff]);
+            }
             let mut h = vec![0f32; m * ff];
-            ops::glu(&gt, &ut, &mut h, act == Activation::GeluTanh);
-            let dfmt = act_format(&down)?;
+            ops::glu(&gt, &ut, &mut h, act);
             let mut d = vec![0f32; m * cols];
-            if exact && dfmt != ActFormat::F32 {
-                matmul_exact(&down, &h, m, &mut d, cols, 0..cols)?;
-            } else {
-                let qh = quantize_acts(dfmt, &h, m, ff);
-                if let Some(trace) = &mut self.trace {
-                    record(trace, &qh, (exps[2], e), pos);
-                }
-                matmul(&down, &qh, &mut d, cols, 0..cols)?;
+            matmul_rows(
+                self.precision,
+                &mut self.trace,
+                &down,
+                (exps[2], e),
+                &h,
+                m,
+                &pos,
+                &mut d,
+            )?;
+            if let Some([_, _, bd]) = bias {
+                add_rows(&mut d, &bd[e * cols..][..cols]);
             }
             for (i, &(t, wt)) in toks.iter().enumerate() {
                 for (a, v) in acc[t * cols..][..cols]
@@ -568,6 +639,98 @@ impl CpuLane {
         }
         self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
         Ok(())
+    }
+
+    /// [`Op::HeadMatMul`]: head `h`'s columns of every row through matrix `h` of `weight`.
+    #[allow(clippy::too_many_arguments)]
+    fn head_matmul(
+        &mut self,
+        g: &Graph,
+        w: &dyn Weights,
+        weight: TensorId,
+        x: BufId,
+        x_stride: usize,
+        out: BufId,
+        out_stride: usize,
+        positions: &[u32],
+    ) -> Result<(), EngineError> {
+        let n = g.rows(x);
+        let (xc, oc) = (g.buffer(x).cols, g.buffer(out).cols);
+        let n_heads = xc / x_stride;
+        let mut xh = Vec::new();
+        let mut oh = Vec::new();
+        for h in 0..n_heads {
+            let (wm, _) = w.matrix(weight, h);
+            let (cols, rows) = (wm.cols, wm.rows);
+            xh.clear();
+            for t in 0..n {
+                xh.extend_from_slice(&self.bufs[x.0 as usize][t * xc + h * x_stride..][..cols]);
+            }
+            oh.clear();
+            oh.resize(n * rows, 0.0);
+            matmul_rows(
+                self.precision,
+                &mut self.trace,
+                &wm,
+                (weight, h),
+                &xh,
+                n,
+                &|t| positions[t],
+                &mut oh,
+            )?;
+            let o = &mut self.bufs[out.0 as usize];
+            for t in 0..n {
+                o[t * oc + h * out_stride..][..rows].copy_from_slice(&oh[t * rows..][..rows]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `out = W x` for `m` rows of `x` (each `wm.cols` wide) into rows of `wm.rows`: activations
+/// rounded to the weight's partner format (recorded under `key` at `pos(row)` when tracing), or
+/// exact.
+#[allow(clippy::too_many_arguments)]
+fn matmul_rows(
+    precision: ActPrecision,
+    trace: &mut Option<ActTrace>,
+    wm: &WeightMatrix,
+    key: (TensorId, usize),
+    x: &[f32],
+    m: usize,
+    pos: &dyn Fn(usize) -> u32,
+    out: &mut [f32],
+) -> Result<(), EngineError> {
+    let fmt = act_format(wm)?;
+    let rows = wm.rows;
+    if precision == ActPrecision::Exact && fmt != ActFormat::F32 {
+        return Ok(matmul_exact(wm, x, m, out, rows, 0..rows)?);
+    }
+    let q = quantize_acts(fmt, x, m, wm.cols);
+    if let Some(trace) = trace {
+        record(trace, &q, key, pos);
+    }
+    Ok(matmul(wm, &q, out, rows, 0..rows)?)
+}
+
+/// Adds `bias` to every row of `rows` (rows of `bias.len()` values).
+fn add_rows(rows: &mut [f32], bias: &[f32]) {
+    rows.chunks_mut(bias.len())
+        .for_each(|r| ops::add_inplace(r, bias));
+}
+
+/// The kernels' rope parameters of a graph rope.
+fn rope_op<'w>(rope: &pshard_model::graph::RopeParams, w: &'w dyn Weights) -> ops::Rope<'w> {
+    ops::Rope {
+        pairing: match rope.mode {
+            RopeMode::Adjacent => ops::RopePairing::Adjacent,
+            RopeMode::Neox => ops::RopePairing::Neox,
+        },
+        n_dims: rope.n_dims,
+        base: rope.base,
+        pos_scale: rope.pos_scale,
+        freq_factors: rope.freq_factors.map(|t| w.vector(t)),
+        yarn: rope.yarn,
     }
 }
 

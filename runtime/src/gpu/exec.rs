@@ -360,16 +360,22 @@ fn node_op(
         Op::MoeRoute {
             logits,
             out,
-            n_expert,
-            n_used,
-            normalize,
+            routing,
+            select_bias,
         } => {
+            if routing.gating != pshard_model::spec::Gating::Softmax
+                || select_bias.is_some()
+                || routing.groups.0 > 1
+                || routing.scale != 1.0
+            {
+                return Err(EngineError::Unsupported("WIP routing on the GPU".into()));
+            }
             k.moe_route(
                 step.buf(logits),
                 g.rows(logits),
-                n_expert,
-                n_used,
-                normalize,
+                routing.n_expert,
+                routing.n_used,
+                routing.normalize,
                 step.buf(out),
                 s,
             )?;
@@ -382,6 +388,7 @@ fn node_op(
             down_exps,
             act,
             out,
+            ..
         } => super::moe::expert_ffn(
             gpu,
             model,
@@ -392,6 +399,9 @@ fn node_op(
             act,
             out,
         )?,
+        Op::HeadMatMul { .. } | Op::MlaKv { .. } | Op::MlaQRope { .. } => {
+            return Err(EngineError::Unsupported("WIP".into()))
+        }
         Op::Softcap { x, cap } => {
             let c = ncols(x);
             match &cols {
