@@ -683,7 +683,8 @@ mod tests {
         assert_eq!(ids, [1, 3]);
         let e = (0.1f32).exp();
         assert!((w[0] - e / (e + 1.0)).abs() < 1e-6 && (w[1] - 1.0 / (e + 1.0)).abs() < 1e-6);
-        // Sigmoid with a selection bias that promotes expert 2 over 3; weights stay unbiased.
+        // Sigmoid with a selection bias that lifts expert 2 (σ(1) + 0.5) above 1 (σ(3)) and 3;
+        // the weights stay unbiased.
         let r = routing(Gating::Sigmoid, false, 2.5, (0, 0));
         route(
             &logits,
@@ -693,9 +694,9 @@ mod tests {
             &mut ids,
             &mut w,
         );
-        assert_eq!(ids, [1, 2]);
+        assert_eq!(ids, [2, 1]);
         let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-        assert!((w[0] - 2.5 * sig(3.0)).abs() < 1e-6 && (w[1] - 2.5 * sig(1.0)).abs() < 1e-6);
+        assert!((w[0] - 2.5 * sig(1.0)).abs() < 1e-6 && (w[1] - 2.5 * sig(3.0)).abs() < 1e-6);
         // Two groups of two, one used: group {0, 1} scores 3.0, {2, 3} 3.9 → experts 3 and 2.
         let r = routing(Gating::SoftmaxAfterTopK, false, 1.0, (2, 1));
         route(&logits, &r, None, None, &mut ids, &mut w);
