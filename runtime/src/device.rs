@@ -187,6 +187,8 @@ pub struct ScratchPtrs {
     pub moe: [DevPtr; 4],
     /// Grouped expert path: f16 rows, pair order, offsets.
     pub moe_grouped: [DevPtr; 3],
+    /// Per-head matmuls' routes.
+    pub head_route: DevPtr,
 }
 
 /// What a GPU-lane step computes.

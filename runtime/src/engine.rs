@@ -1033,6 +1033,7 @@ impl Engine {
                 sc(scratch.moe_idx, "expert pair order")?,
                 sc(scratch.moe_offsets, "expert offsets")?,
             ],
+            head_route: sc(scratch.head_route, "head routes")?,
         };
         let slot = lanes_.slot_bytes();
         let n_slots = (bytes.ring / slot.max(1)) as usize;

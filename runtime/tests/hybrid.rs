@@ -24,13 +24,16 @@ use pshard_runtime::tiers::{RunTier, TierSet};
 /// summation noise at most.
 const TOL: f64 = 1e-5;
 
-const PRESETS: [&str; 6] = [
+const PRESETS: [&str; 9] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-qwen3moe",
     "tiny-mixtral",
     "tiny-gemma3",
+    "tiny-gpt-oss",
+    "tiny-glm4moe",
+    "tiny-deepseek2",
 ];
 
 /// Every searched strategy plus all-GPU.
@@ -163,6 +166,21 @@ fn placements_match_the_cpu_engine_mixtral() {
 #[test]
 fn placements_match_the_cpu_engine_gemma3() {
     check_model("tiny-gemma3", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_gpt_oss() {
+    check_model("tiny-gpt-oss", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_glm4moe() {
+    check_model("tiny-glm4moe", 4);
+}
+
+#[test]
+fn placements_match_the_cpu_engine_deepseek2() {
+    check_model("tiny-deepseek2", 4);
 }
 
 /// The bytes a decode step copies over the host device equal what the lane decisions say:

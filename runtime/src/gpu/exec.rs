@@ -4,8 +4,9 @@
 //! with the step.
 
 use pshard_kernels::cuda::kernels::row_bytes;
+use pshard_kernels::cuda::kernels::RopeYarnArg;
 use pshard_kernels::cuda::{AttnParams, GemmScratch, Gpu, KvCells, RopeArgs, RopeKind};
-use pshard_model::graph::{Activation, BufId, Op, RopeParams};
+use pshard_model::graph::{BufId, Op, RopeParams};
 use pshard_model::spec::RopeMode;
 
 use crate::device::{GpuStep, GpuWork};
@@ -30,6 +31,7 @@ fn rope_args(step: &GpuStep<'_>, head_dim: usize, r: &RopeParams) -> Result<Rope
             Some(f) => Some(step.weight(f)?.addr),
             None => None,
         },
+        yarn: RopeYarnArg::of(r.yarn),
     })
 }
 
@@ -222,23 +224,64 @@ fn node_op(
             }
         }
         Op::Rope { x, head_dim, rope } => {
+            let args = rope_args(step, head_dim, &rope)?;
             k.rope(
                 step.buf(x),
                 step.inputs.positions,
                 n,
                 ncols(x) / head_dim,
-                head_dim,
-                rope.n_dims,
-                rope_kind(rope.mode),
-                rope.base,
-                rope.pos_scale,
-                match rope.freq_factors {
-                    Some(f) => Some(step.weight(f)?.addr),
-                    None => None,
-                },
+                &args,
                 s,
             )?;
         }
+        Op::MlaKv {
+            x,
+            norm,
+            out,
+            kv_lora,
+            eps,
+            rope,
+        } => {
+            let args = rope_args(step, rope.n_dims, &rope)?;
+            k.mla_kv(
+                (step.buf(x), ncols(x)),
+                step.weight(norm)?.addr,
+                (step.buf(out), ncols(out)),
+                kv_lora,
+                eps,
+                step.inputs.positions,
+                n,
+                &args,
+                s,
+            )?;
+        }
+        Op::MlaQRope {
+            q,
+            out,
+            n_head,
+            nope,
+            kv_lora,
+            rope,
+        } => {
+            let d = rope.n_dims;
+            let args = rope_args(step, d, &rope)?;
+            k.rope_heads(
+                (step.buf(q), ncols(q), nope + d, nope),
+                (step.buf(out), ncols(out), kv_lora + d, kv_lora),
+                n_head,
+                step.inputs.positions,
+                n,
+                &args,
+                s,
+            )?;
+        }
+        Op::HeadMatMul {
+            weight,
+            x,
+            x_stride,
+            out,
+            out_stride,
+        } => super::moe::head_matmul(gpu, model, step, weight, (x, x_stride), (out, out_stride))?,
         Op::Attention {
             q,
             k: kb,
@@ -251,6 +294,8 @@ fn node_op(
             window,
             scale,
             softcap,
+            sinks,
+            v_in_k,
             ..
         } => {
             let kv = step
@@ -259,7 +304,14 @@ fn node_op(
             let (kr, vr) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
             let (pos, seqs) = (step.inputs.positions, step.inputs.seqs);
             k.kv_write(step.buf(kb), ncols(kb), kv.k, kr, pos, seqs, kv.cells, n, s)?;
-            k.kv_write(step.buf(v), ncols(v), kv.v, vr, pos, seqs, kv.cells, n, s)?;
+            // Latent attention keeps no V rows: its values are inside K.
+            if !v_in_k {
+                k.kv_write(step.buf(v), ncols(v), kv.v, vr, pos, seqs, kv.cells, n, s)?;
+            }
+            let sinks = match sinks {
+                Some(t) => Some(step.weight(t)?.addr),
+                None => None,
+            };
             let p = AttnParams {
                 n_head,
                 n_kv: n_head_kv,
@@ -269,6 +321,7 @@ fn node_op(
                 scale,
                 softcap: softcap.unwrap_or(0.0),
                 window: window.unwrap_or(0),
+                v_in_k,
             };
             let (ldq, ldo) = (ncols(q), ncols(out));
             // The prefill kernel takes one sequence per call; a batch of several runs calls it per
@@ -296,12 +349,12 @@ fn node_op(
                     step.buf(out) + (a * ldo * 4) as u64,
                     ldo,
                     step.scratch.attn,
+                    sinks,
                     s,
                 )?;
             }
         }
         Op::Glu { gate, up, out, act } => {
-            let gelu = act == Activation::GeluTanh;
             let c = ncols(out);
             match &cols {
                 None => k.glu(
@@ -309,7 +362,7 @@ fn node_op(
                     step.buf(up),
                     step.buf(out),
                     g.rows(gate) * c,
-                    gelu,
+                    act,
                     s,
                 )?,
                 Some(r) => per_row(
@@ -319,7 +372,7 @@ fn node_op(
                             step.buf(up) + off,
                             step.buf(out) + off,
                             r.len(),
-                            gelu,
+                            act,
                             s,
                         )?)
                     },
@@ -363,19 +416,15 @@ fn node_op(
             routing,
             select_bias,
         } => {
-            if routing.gating != pshard_model::spec::Gating::Softmax
-                || select_bias.is_some()
-                || routing.groups.0 > 1
-                || routing.scale != 1.0
-            {
-                return Err(EngineError::Unsupported("WIP routing on the GPU".into()));
-            }
+            let bias = match select_bias {
+                Some(t) => Some(step.weight(t)?.addr),
+                None => None,
+            };
             k.moe_route(
                 step.buf(logits),
                 g.rows(logits),
-                routing.n_expert,
-                routing.n_used,
-                routing.normalize,
+                &routing,
+                bias,
                 step.buf(out),
                 s,
             )?;
@@ -388,20 +437,17 @@ fn node_op(
             down_exps,
             act,
             out,
-            ..
+            bias,
         } => super::moe::expert_ffn(
             gpu,
             model,
             step,
             [gate_exps, up_exps, down_exps],
-            x,
-            route,
+            bias,
+            (x, route),
             act,
             out,
         )?,
-        Op::HeadMatMul { .. } | Op::MlaKv { .. } | Op::MlaQRope { .. } => {
-            return Err(EngineError::Unsupported("WIP".into()))
-        }
         Op::Softcap { x, cap } => {
             let c = ncols(x);
             match &cols {
