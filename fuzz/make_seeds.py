@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Writes small valid GGUF files into corpus/gguf_parse/ as fuzzing seeds (the corpus is not committed)."""
+"""Writes fuzzing seeds (the corpus is not committed): small valid GGUF files into corpus/gguf_parse/,
+the registry examples of registry-format.md into corpus/registry_parse/, the committed profiles into
+corpus/profile_parse/ and llama.cpp-style command lines into corpus/cli_args/."""
 import os
 import struct
 
@@ -15,7 +17,8 @@ def gguf(kvs, tensors, align=32, version=3, data_len=None):
         out += s(name.encode()) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
         out += struct.pack("<IQ", ty, off)
     out += b"\0" * (-len(out) % align)
-    return out + bytes(range(256)) * ((data_len or 0) // 256 + 1)
+    # Exactly the data the tensors tile (the reader refuses bytes no tensor claims).
+    return out + (bytes(range(256)) * ((data_len or 0) // 256 + 1))[: data_len or 0]
 
 arr = lambda tid, items: struct.pack("<IQ", tid, len(items)) + b"".join(items)
 seeds = {
@@ -35,9 +38,51 @@ seeds = {
                     align=64, data_len=512),
     "v2": gguf([kv("k", 8, s(b"v"))], [("t", [4], 0, 0)], version=2, data_len=16),
 }
-d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "gguf_parse")
-os.makedirs(d, exist_ok=True)
-for name, data in seeds.items():
-    with open(os.path.join(d, "seed-" + name), "wb") as f:
-        f.write(data)
-print(f"wrote {len(seeds)} seeds to {d}")
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+
+
+def write_seeds(target, named):
+    d = os.path.join(here, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in named.items():
+        with open(os.path.join(d, "seed-" + name), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(named)} seeds to {d}")
+
+
+write_seeds("gguf_parse", seeds)
+
+# Registry examples: the fenced blocks of registry-format.md that start with the magic line.
+text = open(os.path.join(root, "registry-format.md")).read()
+blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if "\n" in b]
+regs = {f"example{i}": b.encode() for i, b in enumerate(blocks) if b.startswith("pshard-registry ")}
+write_seeds("registry_parse", regs)
+
+profiles = os.path.join(root, "profiles")
+# The committed profiles cut after a few points: small seeds keep executions fast.
+def head_points(text, n):
+    parts = text.split("[[point]]")
+    return "[[point]]".join(parts[: n + 1])
+
+
+prof = {}
+for name in sorted(os.listdir(profiles)):
+    t = open(os.path.join(profiles, name)).read()
+    for n in (0, 3, 12):
+        prof[f"{name}-{n}"] = head_points(t, n).encode()
+write_seeds("profile_parse", prof)
+
+# Command lines: NUL-separated arguments after the program name.
+lines = [
+    "run -m M.gguf -p hello -n 16 -c 256 --temp 0.7 --top-p 0.9 --min-p 0.05 -s 1",
+    "run -m M.gguf -f - -n -1 -s -1 -ub 16 -ngl 0 -fa -ctk f16 -ctv f16 --chat",
+    "perplexity -m M.gguf -f t.txt -c 512 --chunks 2 -t 2 -u 128",
+    "bench -m M.gguf -p 512,4096 -n 128 -ub 2048 -r 3 -o json --device cpu",
+    "plan -m M.gguf --vram-budget 3072 -c 16384 --kv-type f16 -b 2048 -o M.gguf.pshard --json",
+    "inspect -m M.gguf --json",
+    "tokenize -m M.gguf -p hi --ids --show-count",
+    "synth tiny-llama -q q4_k -o t.gguf --seed 3",
+    "profile plot p.toml -o r.svg",
+]
+write_seeds("cli_args", {f"line{i}": l.replace(" ", "\0").encode() for i, l in enumerate(lines)})

@@ -65,6 +65,7 @@ if [ ! -x "$PEER/build/bin/llama-bench" ]; then
 fi
 
 declare -a rows
+set -f   # the -ot patterns hold [...]: never glob them
 for c in $CASES; do
     m=${c%@*}
     budget=${c#*@}
@@ -78,8 +79,10 @@ for c in $CASES; do
     free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
     "$PEER/build/bin/llama-fit-params" -m "$f" -c "$CTX" -fa on -fitt $((free - budget)) \
         >"$OUT/fit-$m.log" 2>&1
-    fit=$(grep -Eo -- '-ngl [0-9]+( -ot [^ ]+)?' "$OUT/fit-$m.log" | tail -1)
-    fit=$(echo "$fit" | sed -E 's/(-ot [^ ]+)/\1/; :a; s/(-ot [^ ,]*),/\1;/; ta')
+    # It prints `-c N -ngl N [-ot "pat=CPU,pat=CPU"]`: drop the quotes (the value is passed as one
+    # word below) and separate the overrides with `;` (llama-bench's `,` separates test values).
+    fit=$(grep -Eo -- '-ngl [0-9]+( -ot "?[^ ]+)?' "$OUT/fit-$m.log" | tail -1 | tr -d '"')
+    fit=$(echo "$fit" | sed -E ':a; s/(-ot [^ ,]*),/\1;/; ta')
     echo "$m @ $budget MiB: llama.cpp fit chose: ${fit:-nothing (see $OUT/fit-$m.log)}"
     # shellcheck disable=SC2086
     "$PEER/build/bin/llama-bench" -m "$f" -p 512,4096,16384 -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \

@@ -1,53 +1,21 @@
 //! The `pshard` command line.
 
-mod cmd;
-
-use clap::{Parser, Subcommand};
-
-/// pshard: run GGUF language models on GPUs whose memory is smaller than the model.
-#[derive(Parser)]
-#[command(name = "pshard", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Show a model's architecture, hparams, quant mix, bytes per role and per layer.
-    Inspect(cmd::inspect::Args),
-    /// Write a GGUF with random weights and the exact layout of a real model.
-    Synth(cmd::synth::Args),
-    /// Plan placements per token tier under a VRAM budget and write the registry.
-    Plan(cmd::plan::Args),
-    /// Generate text from a prompt.
-    Run(cmd::run::Args),
-    /// Measure perplexity over a text file (llama-perplexity compatible).
-    Perplexity(cmd::perplexity::Args),
-    /// Show how a text tokenizes.
-    Tokenize(cmd::tokenize::Args),
-    /// Measure this machine with pshard's own kernels (cpu|gpu) or draw a profile's roofline (plot).
-    Profile(cmd::profile::Args),
-    /// Benchmark prompt processing and generation (llama-bench style).
-    Bench(cmd::bench::Args),
-}
-
 fn main() {
-    // llama-bench spells the ubatch flag `-ub`; clap's short flags are one letter.
-    let argv = std::env::args().map(|a| if a == "-ub" { "--ub".to_string() } else { a });
-    let cli = Cli::parse_from(argv);
-    let result = match cli.command {
-        Command::Inspect(a) => cmd::inspect::run(a),
-        Command::Synth(a) => cmd::synth::run(a),
-        Command::Plan(a) => cmd::plan::run(a),
-        Command::Run(a) => cmd::run::run(a),
-        Command::Perplexity(a) => cmd::perplexity::run(a),
-        Command::Tokenize(a) => cmd::tokenize::run(a),
-        Command::Bench(a) => cmd::bench::run(a),
-        Command::Profile(a) => cmd::profile::run(a),
+    let cli = match pshard::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(pshard::ParseError::Clap(e)) => e.exit(),
+        Err(pshard::ParseError::Compat(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match pshard::run(cli) {
+        Ok(()) => {}
+        // The reader of the output went away (`pshard … | head`): a normal end.
+        Err(e) if pshard::is_broken_pipe(&e) => {}
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

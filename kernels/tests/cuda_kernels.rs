@@ -1,5 +1,7 @@
-//! CUDA kernels against CPU references on random inputs. Every test prints SKIP and passes when no
-//! usable GPU is present (CI has none); on a GPU machine they run for real.
+//! CUDA kernels against CPU references on random inputs. The tests that need a GPU are ignored by
+//! default (`needs a CUDA GPU`: CI has none and counts them as skipped); scripts/gpu-check.sh runs
+//! them with `--include-ignored`. Run on a machine without a GPU they SKIP visibly; a GPU that is
+//! present but fails to open fails them.
 //!
 //! Seeds: `PSHARD_SEED` (default 1234) replays a run; each test prints the seed it used.
 //! Tolerances are stated per test: relative L2 error ‖gpu − ref‖ / ‖ref‖ against f64 references.
@@ -23,10 +25,12 @@ struct Ctx {
     scratch: RegionId,
 }
 
-static CTX: OnceLock<Option<Mutex<Ctx>>> = OnceLock::new();
+static CTX: OnceLock<Result<Mutex<Ctx>, String>> = OnceLock::new();
 
-/// The shared GPU, or `None` (after printing SKIP) when there is none.
-fn ctx(test: &str) -> Option<MutexGuard<'static, Ctx>> {
+/// The shared GPU, or `None` after a visible SKIP when this machine has no GPU at all. Any other
+/// failure to open it — an NVRTC compile error in a `.cu` file, a module that does not load, cuBLAS
+/// set-up — fails the calling test.
+fn ctx(_test: &str) -> Option<MutexGuard<'static, Ctx>> {
     let c = CTX.get_or_init(|| {
         let cache = pshard_kernels::cuda::nvrtc::default_cache_dir();
         match Gpu::open(0, None, &cache) {
@@ -46,22 +50,16 @@ fn ctx(test: &str) -> Option<MutexGuard<'static, Ctx>> {
                     .dev
                     .create_region(RegionKind::Scratch, "tests", 3 << 30)
                     .expect("scratch region");
-                Some(Mutex::new(Ctx { gpu, scratch }))
+                Ok(Mutex::new(Ctx { gpu, scratch }))
             }
-            Err(e) => {
-                eprintln!("cuda: no usable GPU: {e}");
-                None
-            }
+            Err(e) if e.is_no_gpu() => Err(e.short_reason()),
+            Err(e) => panic!("cuda: a GPU is present but could not be opened: {e}"),
         }
     });
     match c {
-        Some(m) => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
-        None => {
-            // Written to the stream directly so the harness's output capture does not hide it.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP {test}: no usable CUDA GPU on this machine"
-            );
+        Ok(m) => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
+        Err(why) => {
+            pshard_testkit::skip(&format!("no CUDA GPU ({why})"));
             None
         }
     }
@@ -227,6 +225,7 @@ fn cpu_dequant(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32>
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_dequant_every_type_matches_cpu() {
     let Some(c) = ctx("cuda_dequant_every_type_matches_cpu") else {
         return;
@@ -343,6 +342,7 @@ fn ref_gemv(
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_gemv_every_type_matches_cpu() {
     let Some(c) = ctx("cuda_gemv_every_type_matches_cpu") else {
         return;
@@ -389,6 +389,7 @@ fn cuda_gemv_every_type_matches_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_matmul_gemm_path_and_row_range() {
     let Some(c) = ctx("cuda_matmul_gemm_path_and_row_range") else {
         return;
@@ -476,6 +477,7 @@ fn cuda_matmul_gemm_path_and_row_range() {
 /// The GPU activation quantizer writes the same quants, scales and sums as the CPU engine's, bit
 /// for bit (ties to even, the first largest magnitude for Q8_K, zero blocks).
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_quantize_acts_bit_exact_vs_cpu() {
     let Some(c) = ctx("cuda_quantize_acts_bit_exact_vs_cpu") else {
         return;
@@ -554,6 +556,7 @@ fn cuda_quantize_acts_bit_exact_vs_cpu() {
 /// activations: odd row counts (not multiples of the rows per block), each batch size 1..8 and a
 /// batch of 11 (8 + 3), every warps-per-row variant.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_gemv_int8_matches_cpu_engine() {
     let Some(c) = ctx("cuda_gemv_int8_matches_cpu_engine") else {
         return;
@@ -623,6 +626,7 @@ fn cuda_gemv_int8_matches_cpu_engine() {
 /// The int8 GEMV (quantizer + dependent GEMV launch) captured in a CUDA graph and replayed on new
 /// activations gives the same bits as direct calls.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_gemv_int8_graph_replay_matches_direct() {
     let Some(c) = ctx("cuda_gemv_int8_graph_replay_matches_direct") else {
         return;
@@ -667,6 +671,7 @@ fn cuda_gemv_int8_graph_replay_matches_direct() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_get_rows_matches_cpu() {
     let Some(c) = ctx("cuda_get_rows_matches_cpu") else {
         return;
@@ -723,6 +728,7 @@ fn cuda_get_rows_matches_cpu() {
 /// arithmetic, so f32 rounding level): with and without the norm, both pairing modes, partial
 /// rotation and frequency factors, 41 tokens of 8 q heads and 2 k heads (GQA), head dim 128.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_qk_norm_rope_matches_separate_kernels() {
     let Some(c) = ctx("cuda_qk_norm_rope_matches_separate_kernels") else {
         return;
@@ -823,6 +829,7 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
 /// parts moved into the wider rows, other columns untouched), `head_route`, `moe_add_bias` in
 /// pair and sorted order.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_latent_attention_ops_match_cpu() {
     let Some(c) = ctx("cuda_latent_attention_ops_match_cpu") else {
         return;
@@ -1024,6 +1031,7 @@ fn cuda_latent_attention_ops_match_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_norms_rope_glu_add_match_cpu() {
     let Some(c) = ctx("cuda_norms_rope_glu_add_match_cpu") else {
         return;
@@ -1382,6 +1390,7 @@ fn run_attention_sinks(
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_attention_prefill_and_decode_match_cpu() {
     let Some(c) = ctx("cuda_attention_prefill_and_decode_match_cpu") else {
         return;
@@ -1536,6 +1545,7 @@ fn cuda_attention_prefill_and_decode_match_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_moe_route_and_experts_match_cpu() {
     let Some(c) = ctx("cuda_moe_route_and_experts_match_cpu") else {
         return;
@@ -1815,6 +1825,7 @@ fn route_bytes(ids: &[u32], n_used: usize, r: &mut StdRng) -> Vec<u8> {
 /// row per token (gate/up) and per pair (down), padded strides, every kernel shape; a launch
 /// beyond the activation scratch (chunked); and a CUDA graph replayed on new routes and inputs.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_moe_gemv_int8_matches_cpu_engine() {
     let Some(c) = ctx("cuda_moe_gemv_int8_matches_cpu_engine") else {
         return;
@@ -1970,7 +1981,7 @@ fn cuda_moe_gemv_int8_matches_cpu_engine() {
 /// random routes. GB/s counts the bytes of the distinct experts each call reads; the plain int8
 /// GEMV over one contiguous matrix of the same bytes (8 experts' rows) is the reference.
 #[test]
-#[ignore]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_moe_gemv() {
     let Some(c) = ctx("cuda_bench_moe_gemv") else {
         return;
@@ -2103,6 +2114,7 @@ fn cuda_bench_moe_gemv() {
 /// Float experts (F16, BF16, F32) keep the f32 MoE GEMV: against an f64 reference on the same
 /// (f16/bf16-exact) weights with unquantized activations.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_moe_gemv_float_matches_reference() {
     let Some(c) = ctx("cuda_moe_gemv_float_matches_reference") else {
         return;
@@ -2175,6 +2187,7 @@ fn ref_moe_offsets(ids: &[u32], n_expert: usize) -> (Vec<usize>, Vec<i32>) {
 /// every pair inside its expert's range; few and many experts (1024: more buckets than threads),
 /// unused experts, 1..32768 pairs, and ids >= n_expert collected in the extra last bucket.
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_moe_sort_groups_pairs_by_expert() {
     let Some(c) = ctx("cuda_moe_sort_groups_pairs_by_expert") else {
         return;
@@ -2263,6 +2276,7 @@ fn cuda_moe_sort_groups_pairs_by_expert() {
 /// the tile list), the scattered output (`y_rows`), and invalid-id rows set to NaN. Tolerance: rel L2 <= 1e-3 (the weights are rounded
 /// to f16 in the kernel, accumulation is f32).
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_moe_gemm_matches_cpu() {
     let Some(c) = ctx("cuda_moe_gemm_matches_cpu") else {
         return;
@@ -2428,7 +2442,7 @@ fn cuda_moe_gemm_matches_cpu() {
 /// 4096 tokens of uniform random routes, each tile variant: time per launch (CUDA events, median
 /// of 3 runs of 10), TFLOP/s (2 · pairs · rows · cols) and the weight bytes read per second.
 #[test]
-#[ignore]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_moe_gemm() {
     let Some(c) = ctx("cuda_bench_moe_gemm") else {
         return;
@@ -2527,6 +2541,7 @@ fn cuda_bench_moe_gemm() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_arena_budget_is_enforced_and_named() {
     let Some(c) = ctx("cuda_arena_budget_is_enforced_and_named") else {
         return;
@@ -2554,6 +2569,7 @@ fn cuda_arena_budget_is_enforced_and_named() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_pinned_and_registered_async_copies() {
     let Some(c) = ctx("cuda_pinned_and_registered_async_copies") else {
         return;
@@ -2607,6 +2623,7 @@ fn cuda_pinned_and_registered_async_copies() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
 fn cuda_nvrtc_second_load_is_a_cache_hit() {
     let Some(c) = ctx("cuda_nvrtc_second_load_is_a_cache_hit") else {
         return;
@@ -2645,7 +2662,7 @@ fn cuda_type_geometry_covers_cpu_types() {
 /// the L2 cache so every call reads HBM. `PSHARD_GEMV_RW` = "R,TW"
 /// forces the kernel shape (rows and warps per team).
 #[test]
-#[ignore]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_gemv() {
     let Some(c) = ctx("cuda_bench_gemv") else {
         return;
@@ -2803,7 +2820,7 @@ fn cuda_bench_gemv() {
 
 /// Kernel timings (run with `--ignored`): the numbers the executor's design rests on.
 #[test]
-#[ignore]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_kernels() {
     let Some(c) = ctx("cuda_bench_kernels") else {
         return;
@@ -3044,7 +3061,7 @@ fn cuda_bench_kernels() {
 /// `--ignored`): the split-KV kernel sizes its splits from the position on the device, so a call
 /// over L keys should cost a few µs plus L keys' bytes at HBM speed, independent of n_ctx.
 #[test]
-#[ignore]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_decode_attention() {
     let Some(c) = ctx("cuda_bench_decode_attention") else {
         return;

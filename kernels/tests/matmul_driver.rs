@@ -265,7 +265,10 @@ fn forced_simd_levels() {
     let mut r = rng("forced_simd_levels");
     for level in SimdLevel::ALL {
         if !level.available() {
-            println!("SKIP level {}: this CPU lacks it", level.name());
+            pshard_testkit::note(&format!(
+                "forced_simd_levels: level {} not checked, this CPU lacks it",
+                level.name()
+            ));
             continue;
         }
         for &ty in quant::SUPPORTED {

@@ -189,14 +189,66 @@ fn to_usize(key: &str, v: u64) -> Result<usize, SpecError> {
     })
 }
 
-fn nonzero(key: &str, v: u64) -> Result<usize, SpecError> {
-    if v == 0 {
+/// Largest size or count hparam accepted: ggml keeps them in 32 bits, and the bound keeps every
+/// product of two (a tensor dimension such as `head_count × key_length`) inside `u64`.
+pub const MAX_HPARAM: u64 = u32::MAX as u64;
+
+/// A size or count hparam that may be 0 (e.g. `expert_count` of a dense model), at most [`MAX_HPARAM`].
+fn count(key: &str, v: u64) -> Result<usize, SpecError> {
+    if v > MAX_HPARAM {
         return Err(SpecError::BadKey {
             key: key.to_string(),
-            what: "must be > 0".to_string(),
+            what: format!("{v} is out of range (accepted: 0..={MAX_HPARAM})"),
         });
     }
     to_usize(key, v)
+}
+
+/// A size or count hparam in 1..=[`MAX_HPARAM`].
+fn nonzero(key: &str, v: u64) -> Result<usize, SpecError> {
+    if v == 0 || v > MAX_HPARAM {
+        return Err(SpecError::BadKey {
+            key: key.to_string(),
+            what: format!("{v} is out of range (accepted: 1..={MAX_HPARAM})"),
+        });
+    }
+    to_usize(key, v)
+}
+
+/// A float hparam, checked to be finite, above `lo` and below `hi` when given.
+fn float_in(key: &str, v: f32, lo: f32, hi: Option<f32>) -> Result<f32, SpecError> {
+    if v.is_finite() && v > lo && hi.is_none_or(|h| v < h) {
+        return Ok(v);
+    }
+    let range = match hi {
+        Some(h) => format!("finite, above {lo} and below {h}"),
+        None => format!("finite and above {lo}"),
+    };
+    Err(SpecError::BadKey {
+        key: key.to_string(),
+        what: format!("{v} is out of range (accepted: {range})"),
+    })
+}
+
+/// The number of transformer blocks the tensor table holds: one more than the largest `N` of a
+/// `blk.N.` tensor name (0 when there is none; `u64::MAX` for an index too long to parse).
+fn blocks_in_tensors(tensors: &[TensorInfo]) -> u64 {
+    tensors
+        .iter()
+        .filter_map(|t| {
+            let rest = t.name.strip_prefix("blk.")?;
+            let digits = rest.split('.').next()?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(
+                digits
+                    .parse::<u64>()
+                    .map_or(u64::MAX, |n| n.saturating_add(1)),
+            )
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Dims with trailing 1s removed (keeping at least one), so `[n]` and `[n, 1]` compare equal.
@@ -331,7 +383,18 @@ impl ModelSpec {
         // block_count counts the multi-token-prediction layers too (llama.cpp's n_layer_all);
         // the decoder runs the ones before them.
         let n_layer_all = nonzero(&k("block_count"), meta_uint_req(header, &k("block_count"))?)?;
-        let n_nextn_layers = to_usize(
+        // Before anything is sized by it: the layer count must be the one the tensors hold.
+        let present = blocks_in_tensors(tensors);
+        if present != n_layer_all as u64 {
+            return Err(SpecError::BadKey {
+                key: k("block_count"),
+                what: format!(
+                    "{n_layer_all}, but the file's tensors hold {present} blocks (blk.0 … blk.{})",
+                    present.saturating_sub(1)
+                ),
+            });
+        }
+        let n_nextn_layers = count(
             &k("nextn_predict_layers"),
             meta_uint(header, &k("nextn_predict_layers"))?.unwrap_or(0),
         )?;
@@ -371,17 +434,24 @@ impl ModelSpec {
             Some(v) => nonzero(&k("attention.value_length"), v)?,
             None => head_dim_k,
         };
-        let n_ctx_train = to_usize(
+        let n_ctx_train = nonzero(
             &k("context_length"),
             meta_uint_req(header, &k("context_length"))?,
         )?;
-        let norm_eps =
-            meta_f32(header, &k("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
-                SpecError::MissingKey {
-                    key: k("attention.layer_norm_rms_epsilon"),
-                }
-            })?;
-        let rope_base = meta_f32(header, &k("rope.freq_base"))?.unwrap_or(10_000.0);
+        let eps_key = k("attention.layer_norm_rms_epsilon");
+        let norm_eps = float_in(
+            &eps_key,
+            meta_f32(header, &eps_key)?.ok_or_else(|| SpecError::MissingKey {
+                key: eps_key.clone(),
+            })?,
+            0.0,
+            Some(1.0),
+        )?;
+        // Frequencies are base^(−2i/d): a base at or below 1 does not rotate slower with i.
+        let rope_base = match meta_f32(header, &k("rope.freq_base"))? {
+            Some(b) => float_in(&k("rope.freq_base"), b, 1.0, None)?,
+            None => 10_000.0,
+        };
         let rope_dims = match meta_uint(header, &k("rope.dimension_count"))? {
             Some(v) => nonzero(&k("rope.dimension_count"), v)?,
             None => head_dim_k,
@@ -508,7 +578,11 @@ impl ModelSpec {
         // `final_logit_softcapping` (0 or absent: none).
         let attn_softcap = None;
         let final_softcap = if arch == Arch::Gemma3 {
-            meta_f32(header, &k("final_logit_softcapping"))?.filter(|&c| c != 0.0)
+            let key = k("final_logit_softcapping");
+            meta_f32(header, &key)?
+                .filter(|&c| c != 0.0)
+                .map(|c| float_in(&key, c, 0.0, None))
+                .transpose()?
         } else {
             None
         };
@@ -1201,14 +1275,14 @@ fn moe_hparams(
 ) -> Result<MoeHparams, SpecError> {
     let k = |s: &str| format!("{a}.{s}");
     let n_layer_dense_lead = match arch {
-        Arch::Glm4Moe | Arch::Deepseek2 => to_usize(
+        Arch::Glm4Moe | Arch::Deepseek2 => count(
             &k("leading_dense_block_count"),
             meta_uint(h, &k("leading_dense_block_count"))?.unwrap_or(0),
         )?,
         _ => 0,
     };
     let n_expert = match arch {
-        Arch::Llama | Arch::Qwen3Moe | Arch::GptOss | Arch::Glm4Moe | Arch::Deepseek2 => to_usize(
+        Arch::Llama | Arch::Qwen3Moe | Arch::GptOss | Arch::Glm4Moe | Arch::Deepseek2 => count(
             &k("expert_count"),
             meta_uint(h, &k("expert_count"))?.unwrap_or(0),
         )?,
@@ -1274,9 +1348,9 @@ fn moe_hparams(
                 (_, v) => v.unwrap_or(0),
             };
             if v > 0 {
-                to_usize(&k("expert_feed_forward_length"), v)?
+                count(&k("expert_feed_forward_length"), v)?
             } else {
-                let ff = to_usize(&k("feed_forward_length"), ff_key()?)?;
+                let ff = count(&k("feed_forward_length"), ff_key()?)?;
                 if ff / used == 0 {
                     return Err(SpecError::MissingKey {
                         key: k("expert_feed_forward_length"),
@@ -1302,9 +1376,14 @@ fn moe_hparams(
     };
     if matches!(arch, Arch::Glm4Moe | Arch::Deepseek2) {
         // 0 (the default) and 1 both mean no scaling in build_moe_ffn.
-        let s = meta_f32(h, &k("expert_weights_scale"))?.unwrap_or(0.0);
-        m.expert_weights_scale = if s == 0.0 { 1.0 } else { s };
-        m.n_expert_shared = to_usize(
+        let key = k("expert_weights_scale");
+        let s = meta_f32(h, &key)?.unwrap_or(0.0);
+        m.expert_weights_scale = if s == 0.0 {
+            1.0
+        } else {
+            float_in(&key, s, 0.0, None)?
+        };
+        m.n_expert_shared = count(
             &k("expert_shared_count"),
             meta_uint_req(h, &k("expert_shared_count"))?,
         )?;
@@ -1343,11 +1422,11 @@ fn moe_hparams(
         _ => Gating::Softmax,
     };
     // Group-limited routing applies to every architecture's MoE in llama.cpp (build_moe_ffn).
-    let groups = to_usize(
+    let groups = count(
         &k("expert_group_count"),
         meta_uint(h, &k("expert_group_count"))?.unwrap_or(0),
     )?;
-    let group_used = to_usize(
+    let group_used = count(
         &k("expert_group_used_count"),
         meta_uint(h, &k("expert_group_used_count"))?.unwrap_or(0),
     )?;

@@ -488,3 +488,80 @@ fn deepseek2_hparams() {
     let e = build(&bad).unwrap_err().to_string();
     assert!(e.contains("expert_group"), "{e}");
 }
+
+/// `block_count` must match the blocks the tensors hold: an absurd count is refused before
+/// anything is sized by it (it used to allocate 240 GB of layer descriptions), and a count smaller
+/// than the tensors present is not allowed to ignore the extra layers.
+#[test]
+fn block_count_must_match_the_tensors() {
+    let h0 = header("tiny-llama");
+    let n = h0.get_u64("llama.block_count").unwrap();
+    for bad in [u64::from(u32::MAX), n + 1, n - 1, 0] {
+        let mut h = h0.clone();
+        set(&mut h, "llama.block_count", MetaValue::U32(bad as u32));
+        let e = build(&h).expect_err("bad block_count").to_string();
+        assert!(e.contains("llama.block_count"), "{bad}: {e}");
+        if bad != 0 {
+            assert!(e.contains(&format!("hold {n} blocks")), "{bad}: {e}");
+        }
+    }
+    // A stray tensor of a block past the count.
+    let mut h = h0.clone();
+    let mut extra = h.tensors[1].clone();
+    extra.name = format!("blk.{n}.attn_norm.weight");
+    h.tensors.push(extra);
+    let e = build(&h).expect_err("extra block").to_string();
+    assert!(e.contains(&format!("hold {} blocks", n + 1)), "{e}");
+}
+
+/// Float hparams are checked where they are read: NaN, infinite, zero or negative values of the
+/// RMS epsilon and the rope base, and NaN or negative final softcaps (0 there means none), are
+/// refused with the key and the accepted range. gemma3's `attn_logit_softcapping` is not read at
+/// all (llama.cpp ignores it for gemma3 too).
+#[test]
+fn float_hparams_out_of_range_are_refused() {
+    let cases: [(&str, &str, &[f32]); 3] = [
+        (
+            "tiny-llama",
+            "llama.attention.layer_norm_rms_epsilon",
+            &[f32::NAN, -1e-5, 0.0, 1.0, f32::INFINITY],
+        ),
+        (
+            "tiny-llama",
+            "llama.rope.freq_base",
+            &[f32::NAN, -10_000.0, 0.0, 1.0, f32::INFINITY],
+        ),
+        (
+            "tiny-gemma3",
+            "gemma3.final_logit_softcapping",
+            &[f32::NAN, -30.0, f32::NEG_INFINITY],
+        ),
+    ];
+    for (preset_name, key, values) in cases {
+        for &v in values {
+            let mut h = header(preset_name);
+            set(&mut h, key, MetaValue::F32(v));
+            let e = build(&h)
+                .expect_err(&format!("{key} = {v} accepted"))
+                .to_string();
+            assert!(e.contains(key) && e.contains("out of range"), "{e}");
+        }
+    }
+}
+
+/// Size hparams are bounded where they are read, so no product of two of them can overflow.
+#[test]
+fn size_hparams_out_of_range_are_refused() {
+    for (key, v) in [
+        ("llama.attention.head_count", u64::MAX),
+        ("llama.attention.key_length", 1 << 40),
+        ("llama.context_length", 0),
+        ("llama.context_length", 1 << 33),
+        ("llama.feed_forward_length", 1 << 32),
+    ] {
+        let mut h = header("tiny-llama");
+        set(&mut h, key, MetaValue::U64(v));
+        let e = build(&h).expect_err(&format!("{key} = {v}")).to_string();
+        assert!(e.contains(key) && e.contains("out of range"), "{e}");
+    }
+}

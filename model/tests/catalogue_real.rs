@@ -8,21 +8,7 @@ use pshard_model::gguf::ModelFile;
 use pshard_model::spec::{Arch, GroupRole, ModelSpec, RopeMode};
 
 fn model(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("PSHARD_MODELS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pshard/models"))
-        })?;
-    let p = dir.join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIP: {} not found (set PSHARD_MODELS or fetch the test models)",
-            p.display()
-        );
-        None
-    }
+    pshard_testkit::real_model(name)
 }
 
 /// Groups (tied output excluded) add up to the file's tensor data, and every file tensor is used.

@@ -476,3 +476,47 @@ fn too_many_array_elements() {
     f.resize(f.len() + n as usize, 7);
     expect_err(&f, "more than 16777216 array elements", Some(37 + 4));
 }
+
+/// The tensors must tile the data section: a tensor whose type or shape was changed to a smaller
+/// one leaves bytes no tensor claims, and so does data appended after the last tensor's padding.
+#[test]
+fn data_section_bytes_are_all_accounted_for() {
+    let f0 = tiny();
+    // tens.a: Q8_0 [32, 2] = 68 bytes at 0; tens.b: F32 [8] = 32 bytes at 96; tens.c: Q4_0 [64] =
+    // 36 bytes at 128, padded to 160.
+    let (_, _, a_ty, _) = tensor_fields(&f0, "tens.a", 2);
+    let (_, _, b_ty, _) = tensor_fields(&f0, "tens.b", 1);
+    let (_, c_dims, _, _) = tensor_fields(&f0, "tens.c", 1);
+    let (_, _, _, b_off) = tensor_fields(&f0, "tens.b", 1);
+    // Q8_0 -> Q4_0 (type 2): 36 bytes, so 64..96 belongs to nothing.
+    let mut f = f0.clone();
+    put_u32(&mut f, a_ty, 2);
+    let e = expect_err(
+        &f,
+        "32 bytes of the data section belong to no tensor",
+        Some(b_off),
+    );
+    assert!(
+        e.what.contains("\"tens.a\"") && e.what.contains("\"tens.b\""),
+        "{e}"
+    );
+    // F32 -> F16 (type 1) leaves 16 bytes, which the 32-byte alignment padding covers: a change
+    // hidden inside the padding cannot be told from padding (tiling bounds it by the alignment).
+    let mut f = f0.clone();
+    put_u32(&mut f, b_ty, 1);
+    assert!(GgufHeader::parse(&f, "b.gguf").is_ok());
+    // The last tensor shrunk: its old data trails it.
+    let mut f = f0.clone();
+    put_u64(&mut f, c_dims, 32);
+    let e = expect_err(&f, "after the last tensor's data", None);
+    assert!(e.what.contains("\"tens.c\""), "{e}");
+    // Bytes appended after the final padding.
+    let mut f = f0.clone();
+    f.extend_from_slice(&[0u8; 32]);
+    expect_err(&f, "32 bytes after the last tensor's data", None);
+    // The first tensor moved off the start of the data section.
+    let (_, _, _, a_off) = tensor_fields(&f0, "tens.a", 2);
+    let mut f = f0.clone();
+    put_u64(&mut f, a_off, 32);
+    expect_err(&f, "", Some(a_off));
+}

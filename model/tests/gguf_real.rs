@@ -7,21 +7,7 @@ use pshard_model::ggml_type::GgmlType;
 use pshard_model::gguf::{GgufHeader, MetaType, ModelFile};
 
 fn model(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("PSHARD_MODELS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pshard/models"))
-        })?;
-    let p = dir.join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIP: test model {} not found (set PSHARD_MODELS)",
-            p.display()
-        );
-        None
-    }
+    pshard_testkit::real_model(name)
 }
 
 const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

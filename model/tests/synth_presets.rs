@@ -1,8 +1,6 @@
 //! Synthetic presets: every preset plans a header that the catalogue reads back with the preset's
 //! hparams; the model sizes match llama-bench's; the Q4_K_M mix matches a real llama.cpp file.
 
-use std::path::PathBuf;
-
 use pshard_model::bytes;
 use pshard_model::gguf::ModelFile;
 use pshard_model::spec::{Arch, GroupRole, ModelSpec};
@@ -171,16 +169,7 @@ fn sizes_match_llama_bench() {
 
 #[test]
 fn q4_k_m_matches_a_real_llama_cpp_file() {
-    let dir = std::env::var_os("PSHARD_MODELS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pshard/models"))
-        });
-    let Some(path) = dir
-        .map(|d| d.join("gemma-3-270m-q4_k_m.gguf"))
-        .filter(|p| p.exists())
-    else {
-        eprintln!("SKIP: gemma-3-270m-q4_k_m.gguf not found");
+    let Some(path) = pshard_testkit::real_model("gemma-3-270m-q4_k_m.gguf") else {
         return;
     };
     let real = ModelFile::open(&path).unwrap();

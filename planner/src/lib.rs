@@ -22,4 +22,6 @@ pub use fingerprint::Fingerprint;
 pub use placement::{Frac, Place, Placement, Strategy};
 pub use profile::Profile;
 pub use registry::Registry;
-pub use search::{plan, plan_with, tiers, GraphFn, Plan, PlanError, Tier, TierPlan};
+pub use search::{
+    plan, plan_gpu_layers, plan_with, tiers, GraphFn, Plan, PlanError, Tier, TierPlan,
+};

@@ -187,6 +187,9 @@ pub enum Strategy {
     GpuonlyAttnpinFfnstream,
     /// Full layers pinned; every matrix of the rest split by rows between CPU and streaming.
     BandwidthAggregation,
+    /// llama.cpp's `-ngl N`: the last N layers pinned whole, then the output projection; the rest
+    /// on the CPU. Never searched: planned only when asked for (`plan_gpu_layers`).
+    StaticNgl,
 }
 
 impl Strategy {
@@ -210,12 +213,14 @@ impl Strategy {
             Strategy::GpuonlyLayerpinLayerstream => "GPUONLY_LAYERPIN_LAYERSTREAM",
             Strategy::GpuonlyAttnpinFfnstream => "GPUONLY_ATTNPIN_FFNSTREAM",
             Strategy::BandwidthAggregation => "BANDWIDTH_AGGREGATION",
+            Strategy::StaticNgl => "STATIC_NGL",
         }
     }
 
     /// Parses a name.
     pub fn from_name(s: &str) -> Option<Strategy> {
-        std::iter::once(Strategy::AllGpu)
+        [Strategy::AllGpu, Strategy::StaticNgl]
+            .into_iter()
             .chain(Strategy::SEARCHED)
             .find(|x| x.name() == s)
     }
@@ -236,7 +241,7 @@ impl Strategy {
         }
         match self {
             AllGpu => Place::Pinned,
-            StaticFitparamsDenseprioMoeonly | StaticAttnprioAllmodels => Place::Cpu,
+            StaticFitparamsDenseprioMoeonly | StaticAttnprioAllmodels | StaticNgl => Place::Cpu,
             DynamicFfncpuAttnstream => match role {
                 GroupRole::Attn => Place::Streamed,
                 _ => Place::Cpu,
@@ -339,6 +344,21 @@ pub fn steps(spec: &ModelSpec, s: Strategy) -> Vec<Step> {
                     v.push(Step { layer: l, part });
                 }
             }
+        }
+        Strategy::StaticNgl => {
+            // As llama.cpp counts: layers from the last one down, the output projection as the
+            // (n_layer + 1)-th.
+            v.clear();
+            for l in (0..n).rev() {
+                v.push(Step {
+                    layer: l,
+                    part: Part::Rest,
+                });
+            }
+            v.push(Step {
+                layer: 0,
+                part: Part::Output,
+            });
         }
         Strategy::StaticAttnprioAllmodels | Strategy::GpuonlyAttnpinFfnstream => {
             for l in 0..n {

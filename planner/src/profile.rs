@@ -306,6 +306,19 @@ fn syntax(origin: &str, text: &str, e: toml::de::Error) -> ProfileError {
     }
 }
 
+/// Shortest median time a point may record: nothing pshard times finishes in under a nanosecond
+/// (a few clock cycles; the timers themselves resolve tens of nanoseconds). Below it, rates derived
+/// from the point overflow to infinity.
+pub const MIN_TIME_S: f64 = 1e-9;
+/// Longest median time a point may record: an hour (the profiler's longest op takes under a second).
+pub const MAX_TIME_S: f64 = 3600.0;
+/// Largest product of a point's shape entries and batch. The largest real point, a 152064 × 4096
+/// output matmul at batch 4096, is 2^41; the bound keeps every product the cost table forms from a
+/// point (elements × type size, bytes × 4, …) inside 64 bits.
+pub const MAX_POINT_WORK: u64 = 1 << 48;
+/// Largest roofline ceiling (GB/s or GFLOP/s): 10^9, a thousand times any machine's.
+pub const MAX_CEILING: f64 = 1e9;
+
 /// Parses `"MAJOR.MINOR"`.
 fn parse_version(v: &str) -> Option<(u32, u32)> {
     let (a, b) = v.split_once('.')?;
@@ -419,10 +432,10 @@ impl Profile {
         ];
         for (name, v) in ceilings {
             if let Some(v) = v {
-                if !(v.is_finite() && v > 0.0) {
+                if !(v.is_finite() && v > 0.0 && v <= MAX_CEILING) {
                     return Err(invalid(
                         rline,
-                        format!("roofline.{name} must be positive and finite, got {v}"),
+                        format!("roofline.{name} must be in (0, {MAX_CEILING:e}], got {v}"),
                     ));
                 }
             }
@@ -435,10 +448,13 @@ impl Profile {
             ("copy_latency_us", r.copy_latency_us),
         ] {
             if let Some(v) = v {
-                if !(v.is_finite() && v >= 0.0) {
+                if !(0.0..=MAX_TIME_S * 1e6).contains(&v) {
                     return Err(invalid(
                         rline,
-                        format!("roofline.{name} must be finite and ≥ 0, got {v}"),
+                        format!(
+                            "roofline.{name} must be from 0 to {:e} µs, got {v}",
+                            MAX_TIME_S * 1e6
+                        ),
                     ));
                 }
             }
@@ -470,12 +486,26 @@ impl Profile {
             let line = point_line(text, i);
             let s = &p.stats;
             let what = format!("point {} (op {})", i + 1, p.op);
-            if !(s.median_s.is_finite() && s.median_s > 0.0) {
+            if !(s.median_s.is_finite() && (MIN_TIME_S..=MAX_TIME_S).contains(&s.median_s)) {
                 return Err(invalid(
                     line,
                     format!(
-                        "{what}: median_s must be positive and finite, got {}",
+                        "{what}: median_s must be a time from {MIN_TIME_S:e} to {MAX_TIME_S} s, got {}",
                         s.median_s
+                    ),
+                ));
+            }
+            let work = p
+                .shape
+                .iter()
+                .try_fold(p.batch, |acc, &d| acc.checked_mul(d))
+                .filter(|&w| w <= MAX_POINT_WORK);
+            if work.is_none() {
+                return Err(invalid(
+                    line,
+                    format!(
+                        "{what}: shape {:?} × batch {} exceeds 2^48 (no measured op is that large)",
+                        p.shape, p.batch
                     ),
                 ));
             }

@@ -1142,39 +1142,87 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
     result
 }
 
-/// Merges `section` into the model's registry and writes it: next to the model, or in the per-user
-/// cache when the model's folder is not writable. An unreadable or malformed existing registry is
-/// replaced. Returns the path written.
-pub fn save_for_model(model: &Path, section: Section) -> io::Result<PathBuf> {
-    let write = |path: &Path, section: Section| -> io::Result<()> {
-        let mut reg = Registry::load(path).unwrap_or_default();
-        reg.upsert(section);
-        write_atomic(path, &reg.to_text())
-    };
-    let next = path_next_to(model);
-    match write(&next, section.clone()) {
-        Ok(()) => Ok(next),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
-            ) =>
-        {
-            let cache = cache_path(model).ok_or_else(|| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{}: {e}; and no cache directory (HOME unset)",
-                        next.display()
-                    ),
-                )
-            })?;
-            if let Some(d) = cache.parent() {
-                std::fs::create_dir_all(d)?;
-            }
-            write(&cache, section)?;
-            Ok(cache)
+/// Why a registry could not be written. An existing file is replaced only when it is a registry
+/// this pshard reads: anything else is kept as it is and the write stops.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryWriteError {
+    /// The file exists and is not a registry (e.g. the model itself given as the output).
+    #[error("{}: not a pshard registry (its first line is not `{REGISTRY_MAGIC} MAJOR.MINOR`); refusing to overwrite it", .0.display())]
+    NotARegistry(PathBuf),
+    /// The file is a registry this pshard cannot read: malformed, or of another format version.
+    #[error("{}: an existing registry this pshard cannot read ({}); it is kept as it is: move it away, or write elsewhere", .0.display(), .1)]
+    Unreadable(PathBuf, RegistryError),
+    /// Reading or writing failed.
+    #[error("{}: {}", .0.display(), .1)]
+    Io(PathBuf, io::Error),
+}
+
+impl RegistryWriteError {
+    /// The I/O error kind, when reading or writing failed.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            RegistryWriteError::Io(_, e) => Some(e.kind()),
+            _ => None,
         }
-        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", next.display()))),
     }
+}
+
+/// The registry at `path` to merge a new section into: empty when there is no file; an error —
+/// leaving the file alone — when the file is not a registry or one this pshard cannot read.
+pub fn load_for_update(path: &Path) -> Result<Registry, RegistryWriteError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry::default()),
+        Err(e) => return Err(RegistryWriteError::Io(path.to_path_buf(), e)),
+    };
+    if !bytes.starts_with(format!("{REGISTRY_MAGIC} ").as_bytes()) {
+        return Err(RegistryWriteError::NotARegistry(path.to_path_buf()));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        RegistryWriteError::Unreadable(
+            path.to_path_buf(),
+            err(
+                0,
+                format!("not UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+            ),
+        )
+    })?;
+    Registry::parse(&text).map_err(|e| RegistryWriteError::Unreadable(path.to_path_buf(), e))
+}
+
+/// Merges `section` into the registry at `path` ([`load_for_update`]) and writes it atomically.
+pub fn update(path: &Path, section: Section) -> Result<(), RegistryWriteError> {
+    let mut reg = load_for_update(path)?;
+    reg.upsert(section);
+    write_atomic(path, &reg.to_text()).map_err(|e| RegistryWriteError::Io(path.to_path_buf(), e))
+}
+
+/// Merges `section` into the model's registry and writes it ([`update`]): next to the model, or in
+/// the per-user cache when the model's folder is not writable. Returns the path written.
+pub fn save_for_model(model: &Path, section: Section) -> Result<PathBuf, RegistryWriteError> {
+    let next = path_next_to(model);
+    let e = match update(&next, section.clone()) {
+        Ok(()) => return Ok(next),
+        Err(e) => e,
+    };
+    if !matches!(
+        e.io_kind(),
+        Some(io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem)
+    ) {
+        return Err(e);
+    }
+    let Some(cache) = cache_path(model) else {
+        return Err(RegistryWriteError::Io(
+            next,
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{e}; and no cache directory (HOME unset)"),
+            ),
+        ));
+    };
+    if let Some(d) = cache.parent() {
+        std::fs::create_dir_all(d).map_err(|e| RegistryWriteError::Io(d.to_path_buf(), e))?;
+    }
+    update(&cache, section)?;
+    Ok(cache)
 }

@@ -217,6 +217,24 @@ pub enum PlanError {
         /// Context margin.
         context_mib: u64,
     },
+    /// `-ngl 0` asked for a GPU plan with nothing on the GPU.
+    #[error("-ngl 0 puts no layer on the GPU: that is the CPU engine (--device cpu)")]
+    NoGpuLayers,
+    /// The layers asked for with `-ngl` fit in no tier.
+    #[error(
+        "-ngl {n}: {n} layers on the GPU need {need_mib} MiB (of which {context_mib} MiB CUDA context margin) \
+         but the VRAM budget is {budget_mib} MiB; lower -ngl, or raise --vram-budget (without -ngl pshard picks the placement)"
+    )]
+    GpuLayersDoNotFit {
+        /// Layers asked for.
+        n: usize,
+        /// Budget given.
+        budget_mib: u64,
+        /// What the smallest tier needs with those layers.
+        need_mib: u64,
+        /// Context margin.
+        context_mib: u64,
+    },
 }
 
 fn counts(spec: &ModelSpec, pl: &Placement) -> (usize, usize, Option<Boundary>) {
@@ -293,6 +311,60 @@ pub fn plan_with(
     budget: u64,
     only: Option<Strategy>,
 ) -> Result<Plan, PlanError> {
+    plan_inner(spec, graph, table, params, budget, only, None)
+}
+
+/// llama.cpp's `-ngl n` as a plan: the last `n` layers pinned whole on the GPU in every tier,
+/// then (from `n` = layers + 1) the output projection, everything else on the CPU
+/// ([`Strategy::StaticNgl`]). A tier whose compute buffers do not fit beside them runs in smaller
+/// ubatches; [`PlanError::BudgetTooSmall`] when the layers fit in no tier. `n` = 0 plans nothing
+/// on the GPU: that is the CPU engine, and an error here.
+pub fn plan_gpu_layers(
+    spec: &ModelSpec,
+    graph: &GraphFn<'_>,
+    table: &CostTable,
+    params: &PlanParams,
+    budget: u64,
+    n: usize,
+) -> Result<Plan, PlanError> {
+    let k = n.min(spec.layers.len() + 1);
+    if k == 0 {
+        return Err(PlanError::NoGpuLayers);
+    }
+    plan_inner(
+        spec,
+        graph,
+        table,
+        params,
+        budget,
+        Some(Strategy::StaticNgl),
+        Some(k),
+    )
+    .map_err(|e| match e {
+        PlanError::BudgetTooSmall {
+            budget_mib,
+            min_mib,
+            context_mib,
+        } => PlanError::GpuLayersDoNotFit {
+            n,
+            budget_mib,
+            need_mib: min_mib,
+            context_mib,
+        },
+        e => e,
+    })
+}
+
+/// The search: every strategy (or `only`) at every knob (or only `fixed_k`).
+fn plan_inner(
+    spec: &ModelSpec,
+    graph: &GraphFn<'_>,
+    table: &CostTable,
+    params: &PlanParams,
+    budget: u64,
+    only: Option<Strategy>,
+    fixed_k: Option<usize>,
+) -> Result<Plan, PlanError> {
     if params.kv_type != pshard_model::ggml_type::GgmlType::F16 {
         return Err(PlanError::KvType(params.kv_type));
     }
@@ -360,7 +432,11 @@ pub fn plan_with(
         let mut min_bill_per: Vec<u64> = Vec::new();
         for s in Strategy::SEARCHED
             .into_iter()
-            .filter(|s| only.is_none_or(|o| o == *s))
+            .chain(std::iter::once(Strategy::StaticNgl))
+            .filter(|s| match only {
+                Some(o) => o == *s,
+                None => *s != Strategy::StaticNgl,
+            })
         {
             let st = steps(spec, s);
             let fracs: Vec<Option<Frac>> = if s == Strategy::BandwidthAggregation {
@@ -382,6 +458,9 @@ pub fn plan_with(
                     if k > 0 {
                         let touched = apply_step(spec, &mut pl, st[k - 1]);
                         inc.update(&pl, &touched);
+                    }
+                    if fixed_k.is_some_and(|f| f != k) {
+                        continue;
                     }
                     let bill = inc.bill(&pl);
                     let total = bill.total();

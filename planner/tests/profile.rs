@@ -152,3 +152,51 @@ fn fit_only_table_without_profiles() {
     assert!(!t.is_measured());
     assert!(t.cpu_matmul(GgmlType::Q4_K, 4096, 4096, 1, false) > 0.0);
 }
+
+/// Values that parse but no measurement can produce are refused where the profile is read, so no
+/// user of it (the cost table, the roofline plot) meets infinite rates or overflowing products: a
+/// median of 1e-300 s used to send `profile plot` into an endless loop.
+#[test]
+fn implausible_values_are_refused() {
+    let text = profile_text();
+    let first_median = text
+        .lines()
+        .find(|l| l.starts_with("median_s"))
+        .expect("a median")
+        .to_string();
+    let first_shape = text
+        .lines()
+        .find(|l| l.starts_with("shape"))
+        .expect("a shape")
+        .to_string();
+    let cases = [
+        (
+            first_median.clone(),
+            "median_s = 1e-300".to_string(),
+            "median_s must be a time",
+        ),
+        (
+            first_median,
+            "median_s = 1e300".to_string(),
+            "median_s must be a time",
+        ),
+        (
+            first_shape,
+            "shape = [4294967296, 4294967296]".to_string(),
+            "exceeds 2^48",
+        ),
+        (
+            "cpu_mem_gbs = ".to_string(),
+            "cpu_mem_gbs = 1e300 # ".to_string(),
+            "roofline.cpu_mem_gbs must be in",
+        ),
+    ];
+    for (from, to, expect) in cases {
+        assert!(text.contains(&from), "{from}");
+        let bad = text.replacen(&from, &to, 1);
+        let e = Profile::from_toml_str(&bad, "p.toml")
+            .expect_err(&to)
+            .to_string();
+        assert!(e.contains(expect), "{to}: {e}");
+    }
+}

@@ -295,26 +295,109 @@ fn save_next_to_model_then_cache_fallback_when_read_only() {
         vec![3072, 4096]
     );
 
-    // Read-only folder: fall back to the per-user cache.
+    // A folder this process cannot write into: fall back to the per-user cache. A 0555 folder
+    // stops other users; root writes anywhere there, but not into sysfs.
     use std::os::unix::fs::PermissionsExt;
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).expect("mkdir");
-    let model_ro = ro.join("m.gguf");
-    std::fs::write(&model_ro, b"x").expect("write");
+    std::fs::write(ro.join("m.gguf"), b"x").expect("write");
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
-    if std::fs::File::create(ro.join("probe")).is_ok() {
-        println!("SKIP read-only fallback: this user can write into a 0555 folder (root?)");
-        let _ = std::fs::remove_file(ro.join("probe"));
-    } else {
-        let cache = dir.path().join("cache");
-        // SAFETY-free env change: this test binary sets XDG_CACHE_HOME only here and reads it in
-        // the same thread right after.
-        std::env::set_var("XDG_CACHE_HOME", &cache);
-        let written = registry::save_for_model(&model_ro, sec).expect("save to cache");
-        assert!(written.starts_with(&cache), "{}", written.display());
-        assert_eq!(registry::locate(&model_ro), Some(written));
+    let writable = |d: &Path| {
+        let probe = d.join("pshard-write-probe");
+        let ok = std::fs::File::create(&probe).is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    };
+    let ro_dir = [ro.clone(), Path::new("/sys").to_path_buf()]
+        .into_iter()
+        .find(|d| d.is_dir() && !writable(d));
+    match ro_dir {
+        None => {
+            pshard_testkit::skip("no folder here refuses writes to this user (not 0555, not /sys)")
+        }
+        Some(d) => {
+            let model_ro = d.join("m.gguf");
+            let cache = dir.path().join("cache");
+            // This test binary sets XDG_CACHE_HOME only here and reads it in the same thread right after.
+            std::env::set_var("XDG_CACHE_HOME", &cache);
+            let written = registry::save_for_model(&model_ro, sec).expect("save to cache");
+            assert!(written.starts_with(&cache), "{}", written.display());
+            assert_eq!(registry::locate(&model_ro), Some(written));
+        }
     }
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).expect("chmod back");
+}
+
+/// Writing a registry never replaces a file it cannot read: not a registry (the model itself given
+/// as the output), a malformed one, or one of another format version. The file is kept byte for
+/// byte and the error names it.
+#[test]
+fn existing_files_that_are_not_readable_registries_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, reg, _) = example_registry("llama3-8b", 3072);
+    let sec = reg.sections[0].clone();
+    let good = reg.to_text();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "model.gguf",
+            b"GGUF\x03\x00\x00\x00rest of a model".to_vec(),
+            "not a pshard registry",
+        ),
+        ("empty.pshard", Vec::new(), "not a pshard registry"),
+        (
+            "bad.pshard",
+            good.replace("[tier]", "[tear]").into_bytes(),
+            "cannot read",
+        ),
+        (
+            "newer.pshard",
+            good.replace("pshard-registry 1.0", "pshard-registry 2.0")
+                .into_bytes(),
+            "version 2.0",
+        ),
+        (
+            "newer-minor.pshard",
+            good.replacen("pshard-registry 1.0", "pshard-registry 1.3", 1)
+                .replacen("[section]", "[section]\nnew_key 1", 1)
+                .into_bytes(),
+            "cannot read",
+        ),
+        (
+            "latin1.pshard",
+            [b"pshard-registry 1.0\n# caf\xe9\n".as_slice()].concat(),
+            "not UTF-8",
+        ),
+    ];
+    for (name, bytes, expect) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = registry::update(&path, sec.clone())
+            .expect_err(name)
+            .to_string();
+        assert!(e.contains(expect) && e.contains(name), "{name}: {e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} was changed");
+        // Next to a model: the same rule.
+        let model = dir.path().join(name.replace(".pshard", ".gguf"));
+        if !model.exists() {
+            std::fs::write(&model, b"x").unwrap();
+            let beside = registry::path_next_to(&model);
+            std::fs::write(&beside, &bytes).unwrap();
+            assert!(
+                registry::save_for_model(&model, sec.clone()).is_err(),
+                "{name}"
+            );
+            assert_eq!(
+                std::fs::read(&beside).unwrap(),
+                bytes,
+                "{name} beside the model"
+            );
+        }
+    }
+    // A readable registry is updated in place.
+    let path = dir.path().join("ok.pshard");
+    std::fs::write(&path, &good).unwrap();
+    registry::update(&path, sec).expect("update a good registry");
+    assert_eq!(Registry::load(&path).unwrap(), reg);
 }
 
 fn arb_place() -> impl Strategy<Value = Place> {

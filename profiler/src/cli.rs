@@ -1,5 +1,6 @@
 //! Command-line front ends shared by the `pshard-profile-*` binaries and `pshard profile`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -16,8 +17,8 @@ pub struct CpuArgs {
     /// Where to write the profile.
     #[arg(long, short = 'o', default_value = "cpu-profile.toml")]
     pub output: PathBuf,
-    /// Largest thread count to measure (default: all hardware threads).
-    #[arg(long)]
+    /// Largest thread count to measure (default or 0: all hardware threads).
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
     /// Do not probe for a GPU (skips the CPU-while-PCIe measurements).
     #[arg(long)]
@@ -66,6 +67,24 @@ pub struct PlotArgs {
     pub output: PathBuf,
 }
 
+/// Hardware threads of this machine, as the OS reports them to this process.
+pub fn hardware_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Parses a thread count: 0 (all hardware threads) or 1..=[`hardware_threads`]. More threads than
+/// the machine runs at once only take turns on its cores: rayon's pools spin and yield among them,
+/// and 2000 threads on 2 cores made a run crawl without end.
+pub fn thread_count(s: &str) -> std::result::Result<usize, String> {
+    let hw = hardware_threads();
+    match s.parse::<usize>() {
+        Ok(n) if n <= hw => Ok(n),
+        _ => Err(format!(
+            "expected 0 (all) or a thread count from 1 to {hw}, the hardware threads of this machine"
+        )),
+    }
+}
+
 /// Serialises, checks by reading back through the planner's reader, and writes a profile.
 pub fn write_profile(p: &Profile, path: &Path) -> Result<()> {
     let text = p.to_toml_string();
@@ -81,12 +100,9 @@ pub fn write_profile(p: &Profile, path: &Path) -> Result<()> {
 
 /// Runs a CPU profile, writes it and prints the summary.
 pub fn cpu(a: &CpuArgs) -> Result<Profile> {
-    if a.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
-    }
     let p = crate::run_cpu(&crate::CpuConfig {
         quick: a.quick,
-        threads: a.threads,
+        threads: a.threads.filter(|&t| t > 0),
         seed: a.seed,
         progress: !a.no_progress,
         use_gpu: !a.no_gpu,
@@ -110,11 +126,13 @@ pub fn gpu(a: &GpuArgs) -> Result<Profile> {
 
 fn finish(p: &Profile, output: &Path, svg: Option<&Path>) -> Result<()> {
     write_profile(p, output)?;
-    println!("{}", summary::summary_table(p));
-    println!("wrote {}", output.display());
+    // Written with `?`, not `println!`: a closed pipe is an error the caller sees, not a panic.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", summary::summary_table(p))?;
+    writeln!(out, "wrote {}", output.display())?;
     if let Some(svg) = svg {
         plot::roofline_svg(p, svg)?;
-        println!("wrote {}", svg.display());
+        writeln!(out, "wrote {}", svg.display())?;
     }
     Ok(())
 }
@@ -122,7 +140,21 @@ fn finish(p: &Profile, output: &Path, svg: Option<&Path>) -> Result<()> {
 /// Reads a profile and draws its roofline chart.
 pub fn plot(a: &PlotArgs) -> Result<()> {
     let p = Profile::load(&a.profile)?;
+    if same_file(&a.profile, &a.output) {
+        anyhow::bail!(
+            "{}: the chart would overwrite the profile it is drawn from; give another -o",
+            a.output.display()
+        );
+    }
     plot::roofline_svg(&p, &a.output)?;
-    println!("wrote {}", a.output.display());
+    writeln!(std::io::stdout().lock(), "wrote {}", a.output.display())?;
     Ok(())
+}
+
+/// Whether two paths name one existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }

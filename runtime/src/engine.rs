@@ -363,12 +363,7 @@ impl Engine {
                 &format!("layer {l} KV"),
             )?;
             if let Some(hb) = self.kv.get(l) {
-                side.dev.upload(
-                    Stream::Copy,
-                    ptr,
-                    &HostSrc::Buf(hb.clone(), 0),
-                    Shape2d::flat(layout.layer_bytes(l)),
-                )?;
+                move_live_kv(&*side.dev, layout, &self.n_past, l, hb, ptr, true)?;
             }
             r.kv.insert(l, ptr);
         }
@@ -509,6 +504,35 @@ impl Engine {
         if let Some(p) = self.n_past.get_mut(s) {
             *p = 0;
         }
+    }
+
+    /// Keeps the first `len` positions of sequence `s` and forgets the rest, so a continuation
+    /// of a cached prefix evaluates only its new tokens. The cells past `len` are simply
+    /// overwritten later. Fails (the sequence unchanged) when `len` exceeds the sequence, or when
+    /// a sliding-window layer's ring has already overwritten cells the next position would read:
+    /// the ring holds the last `cells` positions and the next one reads the `window` before it,
+    /// so at most `cells − window` positions can be dropped (one batch, see
+    /// [`pshard_model::bytes::kv_cells`]). Callers then [`Engine::reset_seq`].
+    pub fn truncate_seq(&mut self, s: usize, len: usize) -> Result<(), EngineError> {
+        let cur = self.seq_len(s);
+        if s >= self.n_past.len() || len > cur {
+            return Err(EngineError::Batch(format!(
+                "cannot truncate sequence {s} of {cur} positions to {len}"
+            )));
+        }
+        for (l, layer) in self.model.spec.layers.iter().enumerate() {
+            if let Some(w) = layer.window {
+                let cells = self.kv.layout.cells[l];
+                if cells < self.n_ctx() && cur - len > cells.saturating_sub(w) {
+                    return Err(EngineError::Batch(format!(
+                        "sequence {s}: layer {l}'s sliding-window ring ({cells} cells, window {w}) \
+                         no longer holds the positions before {len}"
+                    )));
+                }
+            }
+        }
+        self.n_past[s] = len;
+        Ok(())
     }
 
     /// Positions of sequence 0 evaluated so far.
@@ -841,12 +865,14 @@ impl Engine {
                     .ok_or_else(|| EngineError::Device(format!("layer {l}'s KV is lost")))?;
                 let alloc = |b: usize| side.dev.host_alloc(b);
                 let hb = self.kv.layer(l, &alloc)?;
-                side.dev.download(
-                    Stream::Copy,
+                move_live_kv(
+                    &*side.dev,
+                    &self.kv.layout,
+                    &self.n_past,
+                    l,
                     &hb,
-                    0,
                     ptr,
-                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
+                    false,
                 )?;
             }
         }
@@ -874,12 +900,8 @@ impl Engine {
             if side.common.kv.contains_key(&l) {
                 let alloc = |b: usize| side.dev.host_alloc(b);
                 let hb = self.kv.layer(l, &alloc)?;
-                side.dev.upload(
-                    Stream::Copy,
-                    side.common.kv[&l],
-                    &HostSrc::Buf(hb, 0),
-                    Shape2d::flat(self.kv.layout.layer_bytes(l)),
-                )?;
+                let ptr = side.common.kv[&l];
+                move_live_kv(&*side.dev, &self.kv.layout, &self.n_past, l, &hb, ptr, true)?;
             }
         }
         let side = self.dev.as_ref().expect("checked above");
@@ -1632,6 +1654,46 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Copies the live cells of layer `l` (each sequence's positions so far; a sliding-window ring's
+/// last cells) between its host copy `hb` and its device copy at `dev_ptr` on the copy stream
+/// (`up`: host → device). Cells no sequence has written are not copied.
+fn move_live_kv(
+    dev: &dyn Device,
+    layout: &KvLayout,
+    n_past: &[usize],
+    l: usize,
+    hb: &HostBuf,
+    dev_ptr: DevPtr,
+    up: bool,
+) -> Result<(), EngineError> {
+    for (s, &len) in n_past.iter().enumerate() {
+        for cr in layout.cell_runs(l, 0..len) {
+            for (cols, base) in [
+                (layout.k_cols[l], 0),
+                (layout.v_cols[l], layout.v_offset(l)),
+            ] {
+                // Latent attention keeps no V rows.
+                if cols == 0 {
+                    continue;
+                }
+                let off = base + layout.cell_offset(l, s, cr.start, cols);
+                let shape = Shape2d::flat(cr.len() * cols * 2);
+                if up {
+                    dev.upload(
+                        Stream::Copy,
+                        dev_ptr + off as u64,
+                        &HostSrc::Buf(hb.clone(), off),
+                        shape,
+                    )?;
+                } else {
+                    dev.download(Stream::Copy, hb, off, dev_ptr + off as u64, shape)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Enqueues the copies of segment `seg`'s weights into ring slot `slot` on the copy stream.

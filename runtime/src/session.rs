@@ -4,6 +4,20 @@ use std::time::Instant;
 
 use crate::engine::{Engine, EngineError, Logits};
 
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StopReason {
+    /// `n_predict` tokens were generated.
+    #[default]
+    Limit,
+    /// An end-of-generation token was sampled.
+    Eog,
+    /// The context is full: the last token was sampled into its last position.
+    ContextFull,
+    /// The token consumer asked to stop.
+    Consumer,
+}
+
 /// Timings of a generation.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GenStats {
@@ -15,11 +29,15 @@ pub struct GenStats {
     pub gen_tokens: usize,
     /// Seconds spent generating.
     pub gen_secs: f64,
+    /// Why generation ended.
+    pub stop: StopReason,
 }
 
-/// Generates up to `n_predict` tokens after `prompt`. `sample(logits, history)` picks the next token;
-/// `on_token` receives each one and returns `false` to stop; generation also stops after a token for
-/// which `is_eog` is true.
+/// Generates up to `n_predict` tokens after `prompt` (`usize::MAX`: until an end-of-generation token
+/// or a full context). `sample(logits, history)` picks the next token; `on_token` receives each one
+/// and returns `false` to stop; generation also stops after a token for which `is_eog` is true, and
+/// when the context is full. [`GenStats::stop`] says which. Logits without a finite value (a model
+/// whose weights hold NaN or infinity) are an error, never sampled from.
 pub fn generate(
     engine: &mut Engine,
     prompt: &[u32],
@@ -27,7 +45,7 @@ pub fn generate(
     sample: &mut dyn FnMut(&[f32], &[u32]) -> u32,
     is_eog: &dyn Fn(u32) -> bool,
     on_token: &mut dyn FnMut(u32) -> bool,
-) -> Result<GenStats, EngineError> {
+) -> Result<GenStats, GenError> {
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -37,14 +55,26 @@ pub fn generate(
     stats.prompt_secs = t0.elapsed().as_secs_f64();
     let mut history = prompt.to_vec();
     let t1 = Instant::now();
+    stats.stop = StopReason::Limit;
     for _ in 0..n_predict {
+        if !logits.iter().any(|v| v.is_finite()) {
+            return Err(GenError::NonFinite {
+                position: engine.n_past(),
+            });
+        }
         let tok = sample(&logits, &history);
         history.push(tok);
         stats.gen_tokens += 1;
-        if !on_token(tok) || is_eog(tok) {
+        if !on_token(tok) {
+            stats.stop = StopReason::Consumer;
+            break;
+        }
+        if is_eog(tok) {
+            stats.stop = StopReason::Eog;
             break;
         }
         if engine.n_past() >= engine.n_ctx() {
+            stats.stop = StopReason::ContextFull;
             break;
         }
         logits = engine.eval(&[tok], Logits::Last)?;
@@ -52,6 +82,24 @@ pub fn generate(
     stats.gen_secs = t1.elapsed().as_secs_f64();
     Ok(stats)
 }
+
+/// Why a generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    /// The model's logits held no finite value.
+    #[error("the model produced no finite logits at position {position} (its weights hold NaN or infinity)")]
+    NonFinite {
+        /// Position whose logits were bad.
+        position: usize,
+    },
+    /// Evaluation failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The smallest context perplexity can score: each chunk scores its last `n_ctx − 1 − n_ctx/2`
+/// predictions, which is none below 3.
+pub const PERPLEXITY_MIN_CTX: usize = 3;
 
 /// Result of a perplexity run.
 #[derive(Clone, Debug)]
@@ -69,6 +117,22 @@ pub struct Perplexity {
 /// Why perplexity could not be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum PerplexityError {
+    /// A context too small to score anything.
+    #[error(
+        "a context of {n_ctx} scores no token (perplexity needs at least {PERPLEXITY_MIN_CTX})"
+    )]
+    ContextTooSmall {
+        /// Context size.
+        n_ctx: usize,
+    },
+    /// The model's logits were not finite.
+    #[error(
+        "the model produced non-finite logits in chunk {chunk} (its weights hold NaN or infinity)"
+    )]
+    NonFinite {
+        /// 1-based chunk.
+        chunk: usize,
+    },
     /// Too little text.
     #[error("need at least {need} tokens (2 × context {n_ctx}) but the text has {have}")]
     TooShort {
@@ -95,9 +159,12 @@ pub fn perplexity(
     bos: Option<u32>,
     on_chunk: &mut dyn FnMut(usize, f64),
 ) -> Result<Perplexity, PerplexityError> {
-    if n_ctx < 2 || tokens.len() < 2 * n_ctx {
+    if n_ctx < PERPLEXITY_MIN_CTX {
+        return Err(PerplexityError::ContextTooSmall { n_ctx });
+    }
+    if tokens.len() / 2 < n_ctx {
         return Err(PerplexityError::TooShort {
-            need: 2 * n_ctx,
+            need: n_ctx.saturating_mul(2),
             n_ctx,
             have: tokens.len(),
         });
@@ -123,6 +190,9 @@ pub fn perplexity(
             nll += v;
             nll2 += v * v;
             count += 1;
+        }
+        if !nll.is_finite() {
+            return Err(PerplexityError::NonFinite { chunk: c + 1 });
         }
         let ppl = (nll / count as f64).exp();
         per_chunk.push(ppl);

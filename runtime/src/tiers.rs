@@ -201,6 +201,16 @@ impl Profiles {
     }
 }
 
+/// A placement asked for instead of the planner's choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forced {
+    /// One strategy in every tier, at the knob the planner finds best (`--strategy`).
+    Strategy(pshard_planner::Strategy),
+    /// llama.cpp's `-ngl N`: the last N layers on the GPU (the output projection as the
+    /// (layers + 1)-th), the rest on the CPU.
+    GpuLayers(usize),
+}
+
 /// What to resolve an engine's tiers for.
 pub struct TierRequest<'a> {
     /// The model's path (the registry lives next to it or in the per-user cache).
@@ -211,9 +221,9 @@ pub struct TierRequest<'a> {
     pub budget: u64,
     /// A registry file to use instead of the default places.
     pub registry: Option<&'a std::path::Path>,
-    /// Forces one strategy in every tier (plans in-process, never read from or written to a
+    /// Forces a placement in every tier (plans in-process, never read from or written to a
     /// registry).
-    pub strategy: Option<pshard_planner::Strategy>,
+    pub forced: Option<Forced>,
     /// Profiles to plan with when no registry matches.
     pub profiles: &'a Profiles,
     /// The CUDA context as measured on this device (replaces the profile's in plans made here).
@@ -254,7 +264,7 @@ pub fn resolve(
         .map(|p| p.to_path_buf())
         .or_else(|| registry::locate(req.model_path));
     let mut stale = None;
-    if req.strategy.is_none() {
+    if req.forced.is_none() {
         if let Some(path) = &path {
             match Registry::load(path) {
                 Ok(reg) => {
@@ -288,23 +298,37 @@ pub fn resolve(
         pshard_model::arch::build_graph(s, n, l).map_err(|e| e.to_string())
     };
     let t0 = std::time::Instant::now();
-    let plan =
-        pshard_planner::plan_with(spec, &graph, &table, &req.params, req.budget, req.strategy)?;
+    let (params, budget) = (&req.params, req.budget);
+    let plan = match req.forced {
+        Some(Forced::GpuLayers(n)) => {
+            pshard_planner::plan_gpu_layers(spec, &graph, &table, params, budget, n)?
+        }
+        Some(Forced::Strategy(s)) => {
+            pshard_planner::plan_with(spec, &graph, &table, params, budget, Some(s))?
+        }
+        None => pshard_planner::plan_with(spec, &graph, &table, params, budget, None)?,
+    };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut line = match req.strategy {
-        Some(s) => format!(
+    let mut line = match req.forced {
+        Some(Forced::Strategy(s)) => format!(
             "plans: {} forced, planned in-process in {ms:.0} ms",
             s.name()
         ),
+        Some(Forced::GpuLayers(n)) => {
+            let n_layer = spec.layers.len();
+            let k = n.min(n_layer);
+            format!(
+                "plans: -ngl {n}: layers {}..{} on the GPU{}, the rest on the CPU (planned in-process in {ms:.0} ms)",
+                n_layer - k,
+                n_layer,
+                if n > n_layer { " with the output projection" } else { "" }
+            )
+        }
         None => {
             let section =
                 registry::section_from_plan(spec, fp, &req.params, &req.profiles.identity(), &plan);
             let written = match req.registry {
-                Some(p) => {
-                    let mut reg = Registry::load(p).unwrap_or_default();
-                    reg.upsert(section);
-                    registry::write_atomic(p, &reg.to_text()).map(|_| p.to_path_buf())
-                }
+                Some(p) => registry::update(p, section).map(|()| p.to_path_buf()),
                 None => registry::save_for_model(req.model_path, section),
             };
             match written {

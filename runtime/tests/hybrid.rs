@@ -17,7 +17,7 @@ use pshard_planner::{Frac, Place, Placement};
 use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::host_device::HostDevice;
 use pshard_runtime::model::Model;
-use pshard_runtime::tiers::{RunTier, TierSet};
+use pshard_runtime::tiers::{Forced, RunTier, TierSet};
 
 /// Identical arithmetic on both sides (the host device's kernels are the CPU lane's ops), so the
 /// only differences could come from wrong data: exact-activation logits must agree to f32
@@ -302,12 +302,12 @@ fn a_registry_is_used_only_for_its_model_and_inputs() {
     };
     write(1);
     let profiles = Profiles::default();
-    let req = |ctx: usize, strategy| TierRequest {
+    let req = |ctx: usize, forced| TierRequest {
         model_path: &path,
         params: PlanParams::new(ctx),
         budget: 256 << 20,
         registry: None,
-        strategy,
+        forced,
         profiles: &profiles,
         context_bytes: Some(0),
     };
@@ -334,13 +334,23 @@ fn a_registry_is_used_only_for_its_model_and_inputs() {
     assert!(line.contains("planned in-process"), "{line}");
     // A forced strategy neither reads nor writes the registry.
     let before = std::fs::read_to_string(&reg).unwrap();
-    let (forced, line) =
-        resolve(&model, &req(64, Some(Strategy::GpuonlyLayerpinLayerstream))).unwrap();
+    let (forced, line) = resolve(
+        &model,
+        &req(
+            64,
+            Some(Forced::Strategy(Strategy::GpuonlyLayerpinLayerstream)),
+        ),
+    )
+    .unwrap();
     assert!(line.contains("forced"), "{line}");
     assert!(forced
         .tiers
         .iter()
         .all(|t| t.strategy == "GPUONLY_LAYERPIN_LAYERSTREAM"));
+    assert_eq!(std::fs::read_to_string(&reg).unwrap(), before);
+    // Nor does -ngl.
+    let (_, line) = resolve(&model, &req(64, Some(Forced::GpuLayers(1)))).unwrap();
+    assert!(line.contains("-ngl 1"), "{line}");
     assert_eq!(std::fs::read_to_string(&reg).unwrap(), before);
     // Other content at the same path, of the same size: the registry is not used.
     drop(model);
@@ -382,7 +392,7 @@ fn plans_run_within_their_budget() {
                 params,
                 budget,
                 registry: Some(&reg),
-                strategy: None,
+                forced: None,
                 profiles: &profiles,
                 context_bytes: Some(0),
             };
@@ -472,6 +482,93 @@ fn chained_ubatches_match_the_cpu_engine() {
                 );
             }
         }
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+/// llama.cpp's `-ngl N`: the last N layers pinned whole in every tier, the output projection
+/// only from N = layers + 1, nothing else on the GPU; the engine running those plans gives the
+/// all-CPU engine's logits. Too many layers for the budget, and `-ngl 0`, are errors that say so.
+#[test]
+fn gpu_layers_pin_the_last_layers_and_match_the_cpu_engine() {
+    use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+    let profiles = Profiles::default();
+    for preset in [
+        "tiny-llama",
+        "tiny-qwen3moe",
+        "tiny-gemma3",
+        "tiny-gpt-oss",
+        "tiny-glm4moe",
+        "tiny-deepseek2",
+    ] {
+        let path = synth_model(preset, "q8_0", 21);
+        let model = Arc::new(Model::open(&path).unwrap());
+        let spec = model.spec.clone();
+        let n_layer = spec.layers.len();
+        let want = cpu_logits(&path);
+        let req = |n: usize, budget: u64| TierRequest {
+            model_path: &path,
+            params: PlanParams::new(64),
+            budget,
+            registry: None,
+            forced: Some(Forced::GpuLayers(n)),
+            profiles: &profiles,
+            context_bytes: Some(0),
+        };
+        for n in [1, n_layer / 2, n_layer, n_layer + 1, 99] {
+            let (tiers, line) = resolve(&model, &req(n, 1 << 30)).unwrap();
+            assert!(line.contains(&format!("-ngl {n}")), "{line}");
+            for t in &tiers.tiers {
+                let pl = &t.placement;
+                assert_eq!(t.strategy, "STATIC_NGL");
+                for l in 0..n_layer {
+                    let on_gpu = l + n.min(n_layer) >= n_layer;
+                    assert_eq!(
+                        pl.layer_pinned(&spec, l),
+                        on_gpu,
+                        "{preset} -ngl {n} layer {l}"
+                    );
+                    if !on_gpu {
+                        for g in &spec.layers[l].groups {
+                            assert!(
+                                pl.groups[g.0 as usize].iter().all(|p| *p == Place::Cpu),
+                                "{preset} -ngl {n}: layer {l} is on the CPU whole"
+                            );
+                        }
+                    }
+                }
+                let out = pl.groups[spec.output.0 as usize][0];
+                assert_eq!(
+                    out == Place::Pinned,
+                    n > n_layer,
+                    "{preset} -ngl {n} output"
+                );
+                assert!(pl.groups[spec.embed.0 as usize]
+                    .iter()
+                    .all(|p| *p == Place::Cpu));
+            }
+            let dev = HostDevice::new(model.clone(), 1 << 30).with_delays(n as u64, 40);
+            let mut e =
+                Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true).unwrap();
+            e.set_exact_activations(true);
+            let got = run(&mut e, spec.hparams.n_vocab);
+            let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            assert_eq!(got.len(), want.len());
+            let d = rel_l2(&got, &want64);
+            assert!(
+                d <= TOL,
+                "{preset} -ngl {n}: rel L2 {d:e} against the CPU engine"
+            );
+        }
+        let e = resolve(&model, &req(n_layer, 1 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("-ngl {n_layer}")) && e.contains("lower -ngl"),
+            "{e}"
+        );
+        let e = resolve(&model, &req(0, 1 << 30)).unwrap_err().to_string();
+        assert!(e.contains("-ngl 0") && e.contains("--device cpu"), "{e}");
         std::fs::remove_file(&path).ok();
     }
 }

@@ -14,7 +14,7 @@ use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::host_device::HostDevice;
 use pshard_runtime::model::Model;
 use pshard_runtime::session::perplexity;
-use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+use pshard_runtime::tiers::{resolve, Forced, Profiles, TierRequest};
 use pshard_tokenizer::Tokenizer;
 
 const GPL2: &str = "/usr/share/common-licenses/GPL-2";
@@ -70,7 +70,7 @@ fn smollm2_under_a_budget_matches_the_cpu_for_every_strategy() {
             params,
             budget,
             registry: Some(&reg),
-            strategy: Some(s),
+            forced: Some(Forced::Strategy(s)),
             profiles: &profiles,
             context_bytes: Some(0),
         };

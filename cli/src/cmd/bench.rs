@@ -11,6 +11,7 @@
 //! around every launch (no CUDA graphs in that pass), with weight GB/s and GFLOP/s of the
 //! matmuls; on the CPU per op kind.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::model::Model;
 use serde_json::json;
 
-use super::common::{init_threads, load_model, make_engine, EngineArgs};
+use super::common::{init_threads, load_model, make_engine, make_engine_parallel, EngineArgs};
 
 /// Arguments of `pshard bench`.
 #[derive(clap::Args)]
@@ -40,10 +41,10 @@ pub struct Args {
     #[arg(short = 'n', long = "n-gen", default_value = "128")]
     n_gen: String,
     /// Timed repetitions per test (after one untimed warm-up).
-    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = crate::args::repetitions)]
     reps: usize,
     /// Context size (default: the longest test).
-    #[arg(short = 'c', long = "ctx-size")]
+    #[arg(short = 'c', long = "ctx-size", value_parser = crate::args::ctx_size)]
     ctx: Option<usize>,
     /// Output format: md or json.
     #[arg(short = 'o', long = "output", default_value = "md")]
@@ -57,14 +58,33 @@ pub struct Args {
     /// matmul is put beside the profile's point for the same path, type, shape and batch.
     #[arg(long = "op-times")]
     op_times: bool,
+    /// Aggregate decode of N sequences at once (as llama-batched-bench): comma-separated
+    /// sequence counts. Each test fills N sequences with a prompt of the first -p size, then
+    /// times the first -n size of decode steps, each one token of every sequence; the engine
+    /// holds the largest N (GPU plans are made for it).
+    #[arg(long = "parallel")]
+    parallel: Option<String>,
+}
+
+impl Args {
+    /// The checks that need no file.
+    pub fn check(&self) -> anyhow::Result<()> {
+        parse_list(&self.n_prompt, "-p")?;
+        parse_list(&self.n_gen, "-n")?;
+        if let Some(list) = &self.parallel {
+            parse_list(list, "--parallel")?;
+        }
+        if self.output != "md" && self.output != "json" {
+            bail!("-o must be md or json (got '{}')", self.output);
+        }
+        self.engine.llama.check()
+    }
 }
 
 fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let n: usize = part
-            .parse()
-            .with_context(|| format!("{what}: '{part}' is not a token count"))?;
+        let n = crate::args::ctx_size(part).map_err(|e| anyhow::anyhow!("{what} {part}: {e}"))?;
         if n > 0 {
             v.push(n);
         }
@@ -335,14 +355,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if pp.is_empty() && tg.is_empty() {
         bail!("nothing to measure: give -p and/or -n token counts");
     }
-    if a.reps == 0 {
-        bail!("-r must be at least 1");
-    }
-    if a.output != "md" && a.output != "json" {
-        bail!("-o must be md or json (got '{}')", a.output);
-    }
-    if a.engine.ubatch == 0 {
-        bail!("-ub must be at least 1");
+    if let Some(list) = &a.parallel {
+        let npl = parse_list(list, "--parallel")?;
+        return run_parallel(
+            &a,
+            &npl,
+            pp.first().copied().unwrap_or(0),
+            tg.first().copied(),
+        );
     }
     let model = load_model(&a.model)?;
     let n_vocab = model.spec.hparams.n_vocab;
@@ -366,23 +386,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let longest = pp.iter().chain(&tg).copied().max().unwrap_or(1);
     let n_ctx = a.ctx.unwrap_or(longest).max(longest);
     let t0 = Instant::now();
-    let mut engine = make_engine(model, &a.model, n_ctx, &a.engine)?;
+    let mut engine = make_engine(model, &a.model, n_ctx, "the longest -p/-n test", &a.engine)?;
     eprintln!("bench: engine ready in {:.2} s", t0.elapsed().as_secs_f64());
     let (backend, gpu_info) = match engine.device_report() {
         Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
         None => ("CPU", String::new()),
     };
-    // Synthetic tokens (a simple LCG: the same for every backend and run).
-    let mut state = a
-        .seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next_token = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % n_vocab as u64) as u32
-    };
+    let mut next_token = token_source(a.seed, n_vocab);
     let mut results = Vec::new();
     let mut test_tokens: Vec<Vec<u32>> = Vec::new();
     let tests: Vec<(usize, usize)> = pp
@@ -429,12 +439,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         format!("{:.2} M", n_params as f64 / 1e6)
     };
     let ub = |r: &TestResult| r.tier.as_ref().map_or(a.engine.ubatch, |t| t.0);
+    let mut out = std::io::stdout().lock();
     if a.output == "md" {
         if !gpu_info.is_empty() {
-            println!("device: {gpu_info}");
+            writeln!(out, "device: {gpu_info}")?;
         }
-        println!("| model | size | params | backend | n_ubatch | test | t/s | tier | strategy | predicted t/s |");
-        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |");
+        writeln!(out, "| model | size | params | backend | n_ubatch | test | t/s | tier | strategy | predicted t/s |")?;
+        writeln!(
+            out,
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"
+        )?;
         for r in &results {
             let (m, sd) = mean_sd(&r.ts());
             let (tier, strat, pred) = match &r.tier {
@@ -445,11 +459,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 ),
                 None => ("-".into(), "-".into(), "-".into()),
             };
-            println!(
+            writeln!(
+                out,
                 "| {model_type} | {size_str} | {params_str} | {backend} | {} | {} | {m:.2} ± {sd:.2} | {tier} | {strat} | {pred} |",
                 ub(r),
                 r.name()
-            );
+            )?;
         }
     } else {
         let rows: Vec<serde_json::Value> = results
@@ -487,7 +502,131 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Synthetic tokens from a seed (a simple LCG: the same for every backend and run).
+fn token_source(seed: u64, n_vocab: usize) -> impl FnMut() -> u32 {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % n_vocab as u64) as u32
+    }
+}
+
+/// `--parallel`: for each N, the prompt of every sequence (timed, each sequence's own ubatches)
+/// then `tg` steps of N decode rows in one evaluation each (timed): aggregate t/s.
+fn run_parallel(a: &Args, npl: &[usize], pp: usize, tg: Option<usize>) -> anyhow::Result<()> {
+    let Some(tg) = tg else {
+        bail!("--parallel measures decode: give -n with a token count");
+    };
+    let Some(&max_n) = npl.iter().max() else {
+        bail!("--parallel: give sequence counts, e.g. 1,4,16,64");
+    };
+    if a.reps == 0 {
+        bail!("-r must be at least 1");
+    }
+    let model = load_model(&a.model)?;
+    let n_vocab = model.spec.hparams.n_vocab;
+    let n_ctx = a.ctx.unwrap_or(pp + tg).max(pp + tg);
+    let mut engine = make_engine_parallel(
+        model,
+        &a.model,
+        n_ctx,
+        "the longest -p/-n test",
+        &a.engine,
+        max_n,
+    )?;
+    let backend = if engine.device_report().is_some() {
+        "CUDA"
+    } else {
+        "CPU"
+    };
+    let mut next = token_source(a.seed, n_vocab);
+    let prompts: Vec<Vec<u32>> = (0..max_n)
+        .map(|_| (0..pp).map(|_| next()).collect())
+        .collect();
+    let steps: Vec<u32> = (0..tg * max_n).map(|_| next()).collect();
+    let mut rows = Vec::new();
+    for &n in npl {
+        let (mut pp_s, mut tg_s) = (Vec::new(), Vec::new());
+        let mut tier = None;
+        for rep in 0..=a.reps {
+            for s in 0..n {
+                engine.reset_seq(s);
+            }
+            let t0 = Instant::now();
+            if pp > 0 {
+                for (s, p) in prompts.iter().enumerate().take(n) {
+                    engine.eval_seq(s, p, Logits::Last)?;
+                }
+            }
+            let t_pp = t0.elapsed().as_secs_f64();
+            engine.clear_history();
+            let seqs: Vec<u32> = (0..n as u32).collect();
+            let logit_rows: Vec<usize> = (0..n).collect();
+            let t1 = Instant::now();
+            for k in 0..tg {
+                engine.eval_batch(&steps[k * max_n..k * max_n + n], &seqs, &logit_rows)?;
+            }
+            let t_tg = t1.elapsed().as_secs_f64();
+            if rep > 0 {
+                pp_s.push((n * pp) as f64 / t_pp.max(1e-12));
+                tg_s.push((n * tg) as f64 / t_tg.max(1e-12));
+            }
+            tier = main_tier(&engine);
+        }
+        rows.push((n, mean_sd(&pp_s), mean_sd(&tg_s), tier));
+    }
+    if a.output == "json" {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, pps, tgs, tier)| {
+                json!({
+                    "model_filename": a.model.display().to_string(),
+                    "backends": backend,
+                    "n_parallel": n,
+                    "n_prompt": pp,
+                    "n_gen": tg,
+                    "pp_avg_ts": pps.0,
+                    "pp_stddev_ts": pps.1,
+                    "tg_avg_ts": tgs.0,
+                    "tg_stddev_ts": tgs.1,
+                    "tg_per_sequence_ts": tgs.0 / *n as f64,
+                    "tier": tier.as_ref().map(|t| t.0),
+                    "strategy": tier.as_ref().map(|t| t.1.clone()),
+                    "predicted_ts": tier.as_ref().and_then(|t| t.2),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("| backend | parallel | pp | tg | pp t/s | tg t/s (all sequences) | tg t/s per sequence | tier | strategy | predicted t/s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for (n, pps, tgs, tier) in &rows {
+        let (t, strat, pred) = match tier {
+            Some((t, s, p)) => (
+                t.to_string(),
+                s.clone(),
+                p.map_or("-".into(), |p| format!("{p:.2}")),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {backend} | {n} | {pp} | {tg} | {:.2} ± {:.2} | {:.2} ± {:.2} | {:.2} | {t} | {strat} | {pred} |",
+            pps.0,
+            pps.1,
+            tgs.0,
+            tgs.1,
+            tgs.0 / *n as f64
+        );
     }
     Ok(())
 }

@@ -1,19 +1,27 @@
 //! Helpers shared by the commands that load and run a model.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use pshard_model::bytes;
+use pshard_model::ggml_type::GgmlType;
+use pshard_model::spec::ModelSpec;
 use pshard_planner::cost::PlanParams;
 use pshard_planner::{Profile, Strategy};
 use pshard_runtime::device::Device as _;
 use pshard_runtime::engine::Engine;
 use pshard_runtime::gpu::{CudaDevice, GpuOptions};
 use pshard_runtime::model::Model;
-use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
+use pshard_runtime::sampler::SamplerParams;
+use pshard_runtime::tiers::{resolve, Forced, Profiles, TierRequest, TierSet};
+use pshard_tokenizer::chat::ChatTemplate;
+use pshard_tokenizer::Tokenizer;
 
-/// Sets the size of the global rayon pool (0 = one per core).
+/// Sets the size of the global rayon pool (0 = one per hardware thread; larger counts are refused
+/// where the argument is parsed).
 pub fn init_threads(threads: usize) -> anyhow::Result<()> {
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
@@ -80,17 +88,23 @@ pub enum Device {
 }
 
 /// Parses `--device auto|cpu|cuda|cuda:N`; `auto` takes GPU 0 when one works, else the CPU, and
-/// says which.
-pub fn pick_device(s: &str) -> anyhow::Result<Device> {
+/// says which in one line (`device: cpu (no CUDA driver found)`); `verbose` adds the details.
+pub fn pick_device(s: &str, verbose: bool) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "auto" => match pshard_kernels::cuda::probe(0) {
             Ok(d) => {
-                eprintln!("device: using GPU 0 ({d:?})");
+                eprintln!("device: cuda:0");
+                if verbose {
+                    eprintln!("device: {d:?}");
+                }
                 Ok(Device::Cuda(0))
             }
             Err(e) => {
-                eprintln!("device: no usable GPU ({e}); using the CPU");
+                eprintln!("device: cpu ({})", e.short_reason());
+                if verbose {
+                    eprintln!("device: {e}");
+                }
                 Ok(Device::Cpu)
             }
         },
@@ -105,23 +119,19 @@ pub fn pick_device(s: &str) -> anyhow::Result<Device> {
 /// Flags shared by the commands that evaluate a model: where it runs and how.
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// Threads (0 = all cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    /// Threads (0 = all hardware threads).
+    #[arg(short = 't', long, default_value_t = 0, value_parser = pshard_profiler::cli::thread_count)]
     pub threads: usize,
-    /// Tokens per evaluation step on the CPU (with a GPU, the plans choose per tier).
-    #[arg(
-        long = "ubatch-size",
-        short = 'u',
-        visible_alias = "ub",
-        default_value_t = 512
-    )]
+    /// Tokens per evaluation step on the CPU (`-ub` as llama.cpp spells it; at most the
+    /// context; with a GPU, the plans choose per tier).
+    #[arg(long = "ubatch-size", short = 'u', visible_alias = "ub", default_value_t = 512, value_parser = crate::args::at_least_one)]
     pub ubatch: usize,
     /// Device: auto (a working GPU, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// VRAM budget in MiB: a hard cap on everything the process holds on the GPU, CUDA context
     /// included (default: the free memory minus a margin).
-    #[arg(long = "vram-budget")]
+    #[arg(long = "vram-budget", value_parser = crate::args::vram_mib)]
     pub vram_budget: Option<u64>,
     /// Force one placement strategy in every tier (for testing and comparison).
     #[arg(long = "strategy")]
@@ -146,6 +156,12 @@ pub struct EngineArgs {
     /// every batch size, no CUDA graphs) — slower; a reference for checking results.
     #[arg(long = "exact-acts")]
     pub exact_acts: bool,
+    /// More detail about the device and the run.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// llama.cpp's flags, answered honestly.
+    #[command(flatten)]
+    pub llama: crate::compat::LlamaArgs,
 }
 
 /// The machine profiles to plan with: the flags, else `~/.cache/pshard/profiles/{cpu,gpu}.toml`,
@@ -216,15 +232,84 @@ pub fn plan_profiles(a: &EngineArgs) -> anyhow::Result<Profiles> {
 const COMMITTED_CPU: &str = include_str!("../../../profiles/h200-cpu.toml");
 const COMMITTED_GPU: &str = include_str!("../../../profiles/h200-gpu.toml");
 
-/// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry`: on the CPU
-/// alone, or with the tiers of the model's registry (planned here when none matches) on a GPU.
-/// Says in one line which plans run.
+/// Checks a context size against the model: at most its training context (positions past it have
+/// no trained meaning, and the KV cache is sized by it), and, on the CPU, a KV cache that fits the
+/// memory this machine has available. `flag` names the argument in the message.
+pub fn check_context(
+    spec: &ModelSpec,
+    n_ctx: usize,
+    flag: &str,
+    device: &Device,
+) -> anyhow::Result<()> {
+    let train = spec.hparams.n_ctx_train;
+    if n_ctx > train {
+        bail!(
+            "{flag} {n_ctx} exceeds the model's training context of {train} tokens (accepted: 1 to {train})"
+        );
+    }
+    if matches!(device, Device::Cpu) {
+        let kv = bytes::kv_bytes(spec, GgmlType::F16, n_ctx, n_ctx, 1);
+        if let Some(avail) = mem_available_bytes() {
+            if kv > avail {
+                bail!(
+                    "{flag} {n_ctx}: the KV cache would take {:.1} GiB but this machine has {:.1} GiB available (lower {flag})",
+                    kv as f64 / GIB,
+                    avail as f64 / GIB
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Memory available to new allocations (Linux `MemAvailable`), if readable.
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reads a text argument's file; `-` is standard input (as llama.cpp's `-f -`).
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Builds the engine for `--device`, `--vram-budget`, `--strategy` and `--registry` on a context
+/// checked by [`check_context`] (`flag` names the context's argument): on the CPU alone, or with
+/// the tiers of the model's registry (planned here when none matches) on a GPU. Says in one line
+/// which plans run. One sequence; see [`make_engine_parallel`].
 pub fn make_engine(
     model: Model,
     path: &Path,
     n_ctx: usize,
+    flag: &str,
     a: &EngineArgs,
 ) -> anyhow::Result<Engine> {
+    make_engine_parallel(model, path, n_ctx, flag, a, 1)
+}
+
+/// [`make_engine`] for `parallel` sequences of `n_ctx` positions each: the GPU plans are made
+/// (or looked up in the registry) for that many sequences, so the planner adds its multi-user
+/// decode tiers (1/4/16/32/64 up to `parallel`).
+pub fn make_engine_parallel(
+    model: Model,
+    path: &Path,
+    n_ctx: usize,
+    flag: &str,
+    a: &EngineArgs,
+    parallel: usize,
+) -> anyhow::Result<Engine> {
+    let parallel = parallel.max(1);
     let strategy = match &a.strategy {
         Some(name) => Some(Strategy::from_name(name).with_context(|| {
             let valid: Vec<&str> = std::iter::once(Strategy::AllGpu)
@@ -235,12 +320,30 @@ pub fn make_engine(
         })?),
         None => None,
     };
-    match pick_device(&a.device)? {
+    let n_layer = model.spec.layers.len();
+    let ngl = a.llama.n_gpu_layers.and_then(|g| g.count(n_layer));
+    let forced = match (strategy, ngl) {
+        (Some(_), Some(_)) => bail!("--strategy and -ngl both choose the placement: give one"),
+        (Some(s), None) => Some(Forced::Strategy(s)),
+        (None, Some(n)) => Some(Forced::GpuLayers(n)),
+        (None, None) => None,
+    };
+    let mut device = pick_device(&a.device, a.verbose)?;
+    if ngl == Some(0) && !matches!(device, Device::Cpu) {
+        eprintln!("-ngl 0: no layer on the GPU, running on the CPU");
+        device = Device::Cpu;
+    }
+    check_context(&model.spec, n_ctx, flag, &device)?;
+    match device {
         Device::Cpu => {
-            if strategy.is_some() || a.vram_budget.is_some() {
-                eprintln!("device: cpu — --strategy and --vram-budget apply to GPU plans only");
+            if (forced.is_some() && ngl != Some(0)) || a.vram_budget.is_some() {
+                eprintln!(
+                    "device: cpu — --strategy, -ngl and --vram-budget apply to GPU plans only"
+                );
             }
-            let mut e = Engine::new(model, n_ctx, a.ubatch);
+            let tiers = TierSet::all_cpu(&model.spec, PlanParams::new(n_ctx), a.ubatch.min(n_ctx));
+            let mut e = Engine::with_tiers(Arc::new(model), tiers, parallel, None, false)
+                .context("setting up the CPU engine")?;
             e.set_exact_activations(a.exact_acts);
             Ok(e)
         }
@@ -258,21 +361,27 @@ pub fn make_engine(
             let budget = dev.budget() + info.context_overhead;
             let mut params = PlanParams::new(n_ctx);
             params.threads = rayon::current_num_threads();
+            params.parallel = parallel;
             let profiles = plan_profiles(a)?;
             let req = TierRequest {
                 model_path: path,
                 params,
                 budget,
                 registry: a.registry.as_deref(),
-                strategy,
+                forced,
                 profiles: &profiles,
                 context_bytes: Some(info.context_overhead),
             };
             let (tiers, line) = resolve(&model, &req).context("choosing the plans")?;
             eprintln!("{line}");
-            let mut e =
-                Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), a.keep_host_weights)
-                    .context("loading the model onto the GPU")?;
+            let mut e = Engine::with_tiers(
+                model,
+                tiers,
+                parallel,
+                Some(Box::new(dev)),
+                a.keep_host_weights,
+            )
+            .context("loading the model onto the GPU")?;
             e.set_exact_activations(a.exact_acts);
             if let Some(r) = e.device_report() {
                 eprintln!("{r}");
@@ -280,6 +389,119 @@ pub fn make_engine(
             Ok(e)
         }
     }
+}
+
+/// The plan an engine runs: where it came from, then one line per tier (tokens, prefill or
+/// decode, strategy, ubatch, the planner's predicted t/s).
+pub fn plan_report(engine: &Engine) -> String {
+    let t = engine.tiers();
+    let mut s = format!(
+        "plan: {} ({} sequence(s) of {} positions, KV cache {:.0} MiB)",
+        t.source,
+        engine.n_seq(),
+        engine.n_ctx(),
+        engine.kv_bytes() as f64 / (1u64 << 20) as f64
+    );
+    for tier in &t.tiers {
+        s += &format!(
+            "\n  tier {:>4} {:<7} {:<16} ubatch {:>4}{}",
+            tier.n,
+            if tier.prefill { "prefill" } else { "decode" },
+            tier.strategy,
+            tier.ubatch,
+            tier.predicted_tps
+                .map_or(String::new(), |p| format!(", predicted {p:.1} t/s"))
+        );
+    }
+    s
+}
+
+/// Sampling flags (llama.cpp's names and defaults), shared by `run` and `chat`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature (≤ 0: greedy).
+    #[arg(long, default_value_t = SamplerParams::default().temperature, value_parser = crate::args::finite, allow_negative_numbers = true)]
+    pub temp: f32,
+    /// Top-k (0 = off).
+    #[arg(long = "top-k", default_value_t = SamplerParams::default().top_k)]
+    pub top_k: usize,
+    /// Top-p, 0 to 1 (1 = off).
+    #[arg(long = "top-p", default_value_t = SamplerParams::default().top_p, value_parser = crate::args::unit, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Min-p, 0 to 1 (0 = off).
+    #[arg(long = "min-p", default_value_t = SamplerParams::default().min_p, value_parser = crate::args::unit, allow_negative_numbers = true)]
+    pub min_p: f32,
+    /// Repetition penalty, above 0 (1 = off).
+    #[arg(long = "repeat-penalty", default_value_t = SamplerParams::default().repeat_penalty, value_parser = crate::args::positive, allow_negative_numbers = true)]
+    pub repeat_penalty: f32,
+    /// Tokens the repetition penalty looks back over.
+    #[arg(long = "repeat-last-n", default_value_t = SamplerParams::default().repeat_last_n)]
+    pub repeat_last_n: usize,
+    /// Random seed (-1 or absent: random).
+    #[arg(short = 's', long, value_parser = crate::args::seed, allow_negative_numbers = true)]
+    pub seed: Option<crate::args::Seed>,
+}
+
+impl SamplingArgs {
+    /// The sampler settings (a seed from the clock when none was given).
+    pub fn params(&self) -> SamplerParams {
+        SamplerParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed.and_then(|s| s.0),
+            ..SamplerParams::default()
+        }
+    }
+}
+
+/// The chat template to use: `--chat-template` (a built-in name or Jinja source), else the
+/// GGUF's, else the well-known one of the model's family; `None` when there is none.
+pub fn chat_template(model: &Model, flag: Option<&str>) -> anyhow::Result<Option<ChatTemplate>> {
+    if let Some(src) = flag {
+        return Ok(Some(
+            ChatTemplate::from_name_or_source(src).context("parsing --chat-template")?,
+        ));
+    }
+    let from_file = ChatTemplate::from_gguf(model.file().header())
+        .context("reading the model's chat template")?;
+    if from_file.is_some() {
+        return Ok(from_file);
+    }
+    // Some GGUFs (gemma-3-270m) ship no template; their family's is well known.
+    let name = match model.spec.arch {
+        pshard_model::spec::Arch::Gemma3 => "gemma",
+        pshard_model::spec::Arch::Qwen2
+        | pshard_model::spec::Arch::Qwen3
+        | pshard_model::spec::Arch::Qwen3Moe => "chatml",
+        _ => return Ok(None),
+    };
+    let t = ChatTemplate::builtin(name);
+    if t.is_some() {
+        eprintln!(
+            "note: the model has no chat template; using the built-in '{name}' template of its family (--chat-template chooses another)"
+        );
+    }
+    Ok(t)
+}
+
+/// The error for a model without a chat template.
+pub fn no_template(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} has no chat template (tokenizer.chat_template); pass one with --chat-template (a \
+         Jinja template or one of: {})",
+        path.display(),
+        ChatTemplate::BUILTIN_NAMES.join(", ")
+    )
+}
+
+/// The text of a special token, or "" when the model has none.
+pub fn special_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
+    id.map(|i| tokenizer.token_text(i).to_string())
+        .unwrap_or_default()
 }
 
 /// One line per tier that ran: tier, strategy, ubatches and tokens (for `run`'s report).

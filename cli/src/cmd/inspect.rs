@@ -1,6 +1,7 @@
 //! `pshard inspect MODEL.gguf [--json]`: architecture, hparams, quant mix, bytes per role, a per-layer
 //! table and KV bytes, all from the GGUF header.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -14,7 +15,11 @@ use serde::Serialize;
 #[derive(clap::Args)]
 pub struct Args {
     /// GGUF model file (for a split model, any of its files).
-    pub model: PathBuf,
+    #[arg(required_unless_present = "model_flag", conflicts_with = "model_flag")]
+    pub model: Option<PathBuf>,
+    /// The model file, as the other commands take it (`-m MODEL`).
+    #[arg(short = 'm', long = "model", value_name = "MODEL")]
+    pub model_flag: Option<PathBuf>,
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -186,23 +191,29 @@ fn human(b: u64) -> String {
     }
 }
 
-fn print_text(r: &Report) {
+fn print_text(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let h = &r.hparams;
-    println!(
+    writeln!(
+        out,
         "file          {} ({}, tensor data {})",
         r.file,
         human(r.file_bytes),
         human(r.file_tensor_bytes)
-    );
-    println!("name          {}", r.name);
-    println!("architecture  {}", r.arch);
-    println!("layers        {}", h.n_layer);
-    println!("embedding     {}", h.n_embd);
-    println!("heads         {} (kv heads {})", h.n_head, h.n_head_kv);
-    println!("head_dim      {} (k) / {} (v)", h.head_dim_k, h.head_dim_v);
-    println!("vocab         {}", h.n_vocab);
+    )?;
+    writeln!(out, "name          {}", r.name)?;
+    writeln!(out, "architecture  {}", r.arch)?;
+    writeln!(out, "layers        {}", h.n_layer)?;
+    writeln!(out, "embedding     {}", h.n_embd)?;
+    writeln!(out, "heads         {} (kv heads {})", h.n_head, h.n_head_kv)?;
+    writeln!(
+        out,
+        "head_dim      {} (k) / {} (v)",
+        h.head_dim_k, h.head_dim_v
+    )?;
+    writeln!(out, "vocab         {}", h.n_vocab)?;
     if h.n_expert > 0 {
-        println!(
+        writeln!(
+            out,
             "experts       {} (used {}, width {}{}, renormalised: {})",
             h.n_expert,
             h.n_expert_used,
@@ -213,12 +224,13 @@ fn print_text(r: &Report) {
                 String::new()
             },
             h.expert_weights_norm
-        );
+        )?;
     } else {
-        println!("ffn           {}", h.n_ff);
+        writeln!(out, "ffn           {}", h.n_ff)?;
     }
-    println!("context       {} (training)", h.n_ctx_train);
-    println!(
+    writeln!(out, "context       {} (training)", h.n_ctx_train)?;
+    writeln!(
+        out,
         "rope          {:?}, {} dims, base {}{}{}",
         h.rope_mode,
         h.rope_dims,
@@ -233,15 +245,17 @@ fn print_text(r: &Report) {
         } else {
             String::new()
         },
-    );
+    )?;
     if let Some(w) = h.sliding_window {
-        println!(
+        writeln!(
+            out,
             "window        {} (sliding; global layers: {:?})",
             w, r.global_layers
-        );
+        )?;
     }
-    println!("norm eps      {:e}", h.norm_eps);
-    println!(
+    writeln!(out, "norm eps      {:e}", h.norm_eps)?;
+    writeln!(
+        out,
         "embeddings    {}{}",
         if h.tied_embeddings { "tied" } else { "untied" },
         if h.embed_scale != 1.0 {
@@ -249,58 +263,63 @@ fn print_text(r: &Report) {
         } else {
             String::new()
         }
-    );
+    )?;
     if let Some(c) = h.attn_softcap {
-        println!("attn softcap  {c}");
+        writeln!(out, "attn softcap  {c}")?;
     }
     if let Some(c) = h.final_softcap {
-        println!("final softcap {c}");
+        writeln!(out, "final softcap {c}")?;
     }
-    println!();
-    println!("quant mix");
+    writeln!(out)?;
+    writeln!(out, "quant mix")?;
     for t in &r.quant_mix {
-        println!(
+        writeln!(
+            out,
             "  {:<8} {:>5} tensors {:>14} bytes  {:>11}",
             t.ty,
             t.tensors,
             t.bytes,
             human(t.bytes)
-        );
+        )?;
     }
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "bytes per role{}",
         if h.tied_embeddings {
             " (output = the tied embedding table)"
         } else {
             ""
         }
-    );
+    )?;
     for g in &r.roles {
-        println!(
+        writeln!(
+            out,
             "  {:<12} {:>4} groups {:>14} bytes  {:>11}",
             g.role,
             g.groups,
             g.bytes,
             human(g.bytes)
-        );
+        )?;
     }
-    println!();
+    writeln!(out)?;
     let ffn_head = if h.n_expert > 0 {
         "moe bytes"
     } else {
         "ffn bytes"
     };
-    println!(
+    writeln!(
+        out,
         "{:>5}  {:<11} {:>10}  {:>12}  {:>12}  {:<20} ffn types",
         "layer", "attention", "rope base", "attn bytes", ffn_head, "attn types"
-    );
+    )?;
     for l in &r.layers {
         let att = match l.window {
             Some(w) => format!("window {w}"),
             None => "global".to_string(),
         };
-        println!(
+        writeln!(
+            out,
             "{:>5}  {:<11} {:>10}  {:>12}  {:>12}  {:<20} {}",
             l.layer,
             att,
@@ -309,10 +328,11 @@ fn print_text(r: &Report) {
             l.ffn_bytes,
             l.attn_types.join(","),
             l.ffn_types.join(",")
-        );
+        )?;
     }
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "KV cache      f16 {} per token ({} per 1k tokens{}), q8_0 {} per token",
         human(r.kv_f16_bytes_per_token),
         human(r.kv_f16_bytes_per_1k_tokens),
@@ -322,8 +342,9 @@ fn print_text(r: &Report) {
             ""
         },
         human(r.kv_q8_0_bytes_per_token)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "total         {} tensor bytes ({}), file tensor data {} bytes{}",
         r.total_tensor_bytes,
         human(r.total_tensor_bytes),
@@ -333,19 +354,25 @@ fn print_text(r: &Report) {
         } else {
             ""
         }
-    );
+    )?;
     if !r.unused_tensors.is_empty() {
-        println!(
+        writeln!(
+            out,
             "unused        {} file tensors: {}",
             r.unused_tensors.len(),
             r.unused_tensors.join(", ")
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Runs `pshard inspect`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let path = &args.model;
+    let path = args
+        .model
+        .as_ref()
+        .or(args.model_flag.as_ref())
+        .context("give the model as an argument or with -m")?;
     if !path.exists() {
         bail!("model file not found: {}", path.display());
     }
@@ -356,10 +383,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let spec = ModelSpec::from_file(&file)
         .with_context(|| format!("{}: cannot describe the model", path.display()))?;
     let r = report(path, &file, &spec);
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
     } else {
-        print_text(&r);
+        print_text(&mut out, &r)?;
     }
+    out.flush()?;
     Ok(())
 }

@@ -4,11 +4,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
-use pshard_runtime::session::perplexity;
+use anyhow::{bail, Context};
+use pshard_runtime::session::{perplexity, PERPLEXITY_MIN_CTX};
 use pshard_tokenizer::Tokenizer;
 
-use super::common::{init_threads, load_model, EngineArgs};
+use super::common::{init_threads, load_model, read_text, EngineArgs};
 
 /// Arguments of `pshard perplexity`.
 #[derive(clap::Args)]
@@ -19,22 +19,34 @@ pub struct Args {
     /// Model file.
     #[arg(short = 'm', long)]
     model: PathBuf,
-    /// Text file to score.
+    /// Text file to score (`-` for standard input).
     #[arg(short = 'f', long)]
     file: PathBuf,
-    /// Context (chunk) size.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
+    /// Context (chunk) size: at least 3, at most the model's training context.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512, value_parser = crate::args::ctx_size)]
     ctx_size: usize,
     /// Score at most this many chunks (0 = all).
     #[arg(long = "chunks", default_value_t = 0)]
     chunks: usize,
 }
 
+impl Args {
+    /// The checks that need no file.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.ctx_size < PERPLEXITY_MIN_CTX {
+            bail!(
+                "-c {}: perplexity needs a context of at least {PERPLEXITY_MIN_CTX} (each chunk scores its second half)",
+                self.ctx_size
+            );
+        }
+        self.engine.llama.check()
+    }
+}
+
 /// Runs `pshard perplexity`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     init_threads(args.engine.threads)?;
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    let text = read_text(&args.file)?;
     let model = load_model(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(model.file().header())
         .with_context(|| format!("{}: reading the tokenizer", args.model.display()))?;
@@ -46,31 +58,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokens.len(),
         t0.elapsed().as_secs_f64()
     );
+    let n_ctx = args.ctx_size;
     if args.chunks > 0 {
-        tokens.truncate(args.chunks * args.ctx_size);
         // Keep the two-chunk minimum when only one chunk is asked for.
-        if args.chunks == 1 && tokens.len() < 2 * args.ctx_size {
-            tokens = tokenizer.encode(&text, true, false);
-            tokens.truncate(2 * args.ctx_size);
-        }
+        tokens.truncate(args.chunks.max(2).saturating_mul(n_ctx));
     }
     let bos = if tokenizer.add_bos() {
         tokenizer.bos()
     } else {
         None
     };
-    let mut engine = super::common::make_engine(model, &args.model, args.ctx_size, &args.engine)?;
-    let n_chunks = tokens.len() / args.ctx_size;
-    eprintln!(
-        "calculating perplexity over {n_chunks} chunks, n_ctx={}",
-        args.ctx_size
-    );
+    let mut engine = super::common::make_engine(model, &args.model, n_ctx, "-c", &args.engine)?;
+    let n_chunks = tokens.len() / n_ctx;
+    eprintln!("calculating perplexity over {n_chunks} chunks, n_ctx={n_ctx}");
     let t1 = Instant::now();
     let mut out = std::io::stdout().lock();
-    let result = perplexity(&mut engine, &tokens, args.ctx_size, bos, &mut |i, ppl| {
-        let _ = write!(out, "[{}]{:.4},", i + 1, ppl);
-        let _ = out.flush();
+    let mut write_err = None;
+    let result = perplexity(&mut engine, &tokens, n_ctx, bos, &mut |i, ppl| {
+        if write_err.is_none() {
+            if let Err(e) = write!(out, "[{}]{:.4},", i + 1, ppl).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
     })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing output");
+    }
     writeln!(out)?;
     writeln!(
         out,
@@ -81,9 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "{} chunks, {} tokens in {:.2} s ({:.1} t/s)",
         n_chunks,
-        n_chunks * args.ctx_size,
+        n_chunks * n_ctx,
         secs,
-        (n_chunks * args.ctx_size) as f64 / secs.max(1e-9)
+        (n_chunks * n_ctx) as f64 / secs.max(1e-9)
     );
     if args.engine.profile {
         super::common::print_op_profile(&engine);

@@ -1,5 +1,6 @@
 //! `pshard plan`: choose placements per token tier under a VRAM budget and write the registry.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -9,7 +10,7 @@ use pshard_model::spec::ModelSpec;
 use pshard_planner::cost::PlanParams;
 use pshard_planner::fingerprint::Fingerprint;
 use pshard_planner::profile::{Profile, ProfileKind};
-use pshard_planner::registry::{self, Registry};
+use pshard_planner::registry;
 use pshard_planner::search::{self, Outcome, Plan};
 use pshard_planner::CostTable;
 use serde_json::json;
@@ -23,22 +24,24 @@ pub struct Args {
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
     /// VRAM budget in MiB (default: the GPU profile's memory minus 1 GiB; 0 = all-CPU plan).
-    #[arg(long = "vram-budget")]
+    #[arg(long = "vram-budget", value_parser = crate::args::vram_mib)]
     pub vram_budget: Option<u64>,
-    /// Context length per sequence.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    /// Context length per sequence (0 = the model's training context, capped at 4096; at most the
+    /// training context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0, value_parser = crate::args::ctx_size)]
     pub ctx: usize,
     /// Parallel sequences.
-    #[arg(long = "parallel", default_value_t = 1)]
+    #[arg(long = "parallel", default_value_t = 1, value_parser = crate::args::at_least_one)]
     pub parallel: usize,
     /// KV cache type: f16 or q8_0.
     #[arg(long = "kv-type", default_value = "f16")]
     pub kv_type: String,
-    /// CPU threads (default: all available).
-    #[arg(short = 't', long = "threads")]
+    /// CPU threads the plan assumes (default: all available; at most the CPU profile's threads, or
+    /// this machine's without one).
+    #[arg(short = 't', long = "threads", value_parser = crate::args::at_least_one)]
     pub threads: Option<usize>,
     /// Logical batch size (prefill tiers reach at least min(max(n_batch, 16384), ctx)).
-    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048, value_parser = crate::args::at_least_one)]
     pub n_batch: usize,
     /// CPU profile (default: ~/.cache/pshard/profiles/cpu.toml when present).
     #[arg(long = "cpu-profile")]
@@ -47,10 +50,10 @@ pub struct Args {
     #[arg(long = "gpu-profile")]
     pub gpu_profile: Option<PathBuf>,
     /// Largest prefill tier (overrides the default).
-    #[arg(long = "tier-max")]
+    #[arg(long = "tier-max", value_parser = crate::args::at_least_one)]
     pub tier_max: Option<usize>,
-    /// KV length assumed for decode predictions (default: min(ctx/4, 4096)).
-    #[arg(long = "decode-depth")]
+    /// KV length assumed for decode predictions (default: min(ctx/4, 4096); at most the context).
+    #[arg(long = "decode-depth", value_parser = crate::args::ctx_size)]
     pub decode_depth: Option<usize>,
     /// Registry output path (default: MODEL.gguf.pshard, or the per-user cache when read-only).
     #[arg(short = 'o', long = "output")]
@@ -110,23 +113,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "q8_0" => GgmlType::Q8_0,
         other => bail!("--kv-type must be f16 or q8_0, got `{other}`"),
     };
-    if args.ctx == 0 || args.parallel == 0 || args.n_batch == 0 {
-        bail!("--ctx-size, --parallel and --batch-size must be at least 1");
-    }
-    if args.tier_max == Some(0) {
-        bail!("--tier-max must be at least 1");
-    }
-    let threads = match args.threads {
-        Some(0) => bail!("--threads must be at least 1"),
-        Some(t) => t,
-        None => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-    };
     let cpu_path = args.cpu_profile.clone().or_else(|| default_profile("cpu"));
     let gpu_path = args.gpu_profile.clone().or_else(|| default_profile("gpu"));
     let cpu = load_profile(cpu_path.as_deref(), ProfileKind::Cpu, "CPU")?;
     let gpu = load_profile(gpu_path.as_deref(), ProfileKind::Gpu, "GPU")?;
+    // The plan is for the machine the CPU profile measured, or this one.
+    let (max_threads, whose) = match &cpu {
+        Some(p) => (p.machine.cpu_threads as usize, "the CPU profile's machine"),
+        None => (pshard_profiler::cli::hardware_threads(), "this machine"),
+    };
+    let threads = match args.threads {
+        Some(t) if t > max_threads => bail!(
+            "--threads {t}: {whose} has {max_threads} hardware threads (accepted: 1 to {max_threads})"
+        ),
+        Some(t) => t,
+        None => pshard_profiler::cli::hardware_threads().min(max_threads),
+    };
     let budget_mib = match args.vram_budget {
         Some(b) => b,
         None => match gpu_free_mib() {
@@ -160,8 +162,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let fp = Fingerprint::of_splits(&splits)
         .with_context(|| format!("fingerprinting {}", args.model.display()))?;
+    let train = spec.hparams.n_ctx_train;
+    let ctx = match args.ctx {
+        0 => train.min(4096),
+        c if c > train => bail!(
+            "-c {c}: exceeds the model's training context of {train} tokens (accepted: 1 to {train})"
+        ),
+        c => c,
+    };
+    if ctx.saturating_mul(args.parallel) > crate::args::MAX_CTX {
+        bail!(
+            "--parallel {} × -c {ctx}: more KV cells than the {} a context may hold",
+            args.parallel,
+            crate::args::MAX_CTX
+        );
+    }
+    if let Some(d) = args.decode_depth.filter(|&d| d > ctx) {
+        bail!("--decode-depth {d} exceeds the context of {ctx} (accepted: 0 to {ctx})");
+    }
 
-    let mut params = PlanParams::new(args.ctx);
+    let mut params = PlanParams::new(ctx);
     params.parallel = args.parallel;
     params.kv_type = kv_type;
     params.threads = threads;
@@ -190,10 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let section = registry::section_from_plan(&spec, fp, &params, &profile_id, &plan);
     let written = match &args.output {
         Some(path) => {
-            let mut reg = Registry::load(path).unwrap_or_default();
-            reg.upsert(section);
-            registry::write_atomic(path, &reg.to_text())
-                .with_context(|| format!("writing {}", path.display()))?;
+            registry::update(path, section).context("writing the registry")?;
             path.clone()
         }
         None => registry::save_for_model(&args.model, section).context("writing the registry")?,
@@ -209,33 +226,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(_)) => Some("no CPU profile: CPU numbers are nominal"),
         _ => None,
     };
+    let mut out = std::io::stdout().lock();
     if args.json {
         print_json(
+            &mut out,
             &spec,
             &plan,
-            &args,
-            &written,
+            &params,
+            (&args.model, &written),
             warning.or(partial),
             elapsed.as_secs_f64(),
-        );
+        )?;
     } else {
         if let Some(w) = warning {
             eprintln!("\n!!! WARNING: {w}\n");
         } else if let Some(w) = partial {
             eprintln!("warning: {w}");
         }
-        print_text(&spec, &plan, &params, args.explain);
-        println!(
+        print_text(&mut out, &spec, &plan, &params, args.explain)?;
+        writeln!(
+            out,
             "registry: {} (planned in {:.0} ms)",
             written.display(),
             elapsed.as_secs_f64() * 1e3
-        );
+        )?;
     }
     Ok(())
 }
 
-fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool) {
-    println!(
+fn print_text(
+    out: &mut impl Write,
+    spec: &ModelSpec,
+    plan: &Plan,
+    params: &PlanParams,
+    explain: bool,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{} ({} layers) · ctx {} × {} seq · KV {} · budget {} MiB · bill {} MiB (common {} + largest tier {} + context {}){}",
         spec.name,
         spec.layers.len(),
@@ -248,12 +275,13 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
         plan.max_tier_bytes / MIB,
         plan.context_bytes / MIB,
         if plan.whole_model_fits { " · the whole model fits: one all-GPU plan" } else { "" }
-    );
-    println!("map: one cell per layer — P pinned, S streamed, C CPU, X rows split CPU/stream, lowercase = partly pinned (p), streamed (s) or mixed CPU (c)");
-    println!(
+    )?;
+    writeln!(out, "map: one cell per layer — P pinned, S streamed, C CPU, X rows split CPU/stream, lowercase = partly pinned (p), streamed (s) or mixed CPU (c)")?;
+    writeln!(
+        out,
         "{:>7} {:>7}  {:<34} {:>11} {:>9}  map",
         "tokens", "ubatch", "strategy", "t/s", "VRAM MiB"
-    );
+    )?;
     for t in &plan.tiers {
         let b = &t.best;
         let tps = if plan.measured {
@@ -261,7 +289,8 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
         } else {
             format!("~{:.0}", b.eval.tps)
         };
-        println!(
+        writeln!(
+            out,
             "{:>7} {:>7}  {:<34} {:>11} {:>9}  {}",
             t.tier.n,
             t.ubatch,
@@ -269,7 +298,7 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
             tps,
             b.bill.total().div_ceil(MIB),
             b.placement.layer_map(spec)
-        );
+        )?;
         if explain {
             for (s, c, outcome) in &t.per_strategy {
                 let why = match (outcome, c) {
@@ -286,33 +315,37 @@ fn print_text(spec: &ModelSpec, plan: &Plan, params: &PlanParams, explain: bool)
                     }
                     (Outcome::Slower, None) => "lost".to_string(),
                 };
-                println!("         {:<34} {why}", s.name());
+                writeln!(out, "         {:<34} {why}", s.name())?;
             }
             if t.switch_in_s > 0.0 {
-                println!(
+                writeln!(
+                    out,
                     "         switching into this tier re-uploads pinned weights: {:.1} ms",
                     t.switch_in_s * 1e3
-                );
+                )?;
             }
         }
     }
     let prompt = params.n_ctx;
     if let Some((ub, s)) = plan.best_ubatch(prompt) {
-        println!(
+        writeln!(
+            out,
             "optimal ubatch for a {prompt}-token prompt: {ub} ({:.2} s predicted)",
             s
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn print_json(
+    out: &mut impl Write,
     spec: &ModelSpec,
     plan: &Plan,
-    args: &Args,
-    written: &Path,
+    params: &PlanParams,
+    (model, written): (&Path, &Path),
     warning: Option<&str>,
     planning_s: f64,
-) {
+) -> std::io::Result<()> {
     let tiers: Vec<serde_json::Value> = plan
         .tiers
         .iter()
@@ -345,7 +378,7 @@ fn print_json(
         .collect();
     let v = json!({
         "model": spec.name,
-        "path": args.model.display().to_string(),
+        "path": model.display().to_string(),
         "registry": written.display().to_string(),
         "budget_mib": plan.budget / MIB,
         "bill_bytes": plan.bill(),
@@ -356,11 +389,12 @@ fn print_json(
         "measured": plan.measured,
         "warning": warning,
         "planning_s": planning_s,
-        "optimal_ubatch": plan.best_ubatch(args.ctx).map(|(ub, s)| json!({ "prompt": args.ctx, "ubatch": ub, "seconds": s })),
+        "optimal_ubatch": plan.best_ubatch(params.n_ctx).map(|(ub, s)| json!({ "prompt": params.n_ctx, "ubatch": ub, "seconds": s })),
         "tiers": tiers,
     });
-    println!(
+    writeln!(
+        out,
         "{}",
         serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-    );
+    )
 }

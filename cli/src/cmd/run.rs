@@ -4,12 +4,16 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use pshard_runtime::sampler::{Sampler, SamplerParams};
-use pshard_runtime::session::generate;
-use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
+use pshard_runtime::sampler::Sampler;
+use pshard_runtime::session::{generate, StopReason};
+use pshard_tokenizer::chat::ChatMessage;
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 
-use super::common::{init_threads, load_model, EngineArgs};
+use super::common::{
+    chat_template, init_threads, load_model, no_template, read_text, special_text, EngineArgs,
+    SamplingArgs,
+};
+use crate::args::{self, TokenLimit};
 
 /// Arguments of `pshard run` (llama.cpp-style flags).
 #[derive(clap::Args)]
@@ -23,36 +27,18 @@ pub struct Args {
     /// Prompt text.
     #[arg(short = 'p', long, conflicts_with = "file")]
     prompt: Option<String>,
-    /// Read the prompt from a file.
+    /// Read the prompt from a file (`-` for standard input).
     #[arg(short = 'f', long)]
     file: Option<PathBuf>,
-    /// Tokens to generate.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
-    n_predict: usize,
-    /// Context size (0 = the model's training context, capped at 4096).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    /// Tokens to generate (-1: until end of generation or a full context).
+    #[arg(short = 'n', long = "n-predict", default_value = "128", value_parser = args::token_limit, allow_negative_numbers = true)]
+    n_predict: TokenLimit,
+    /// Context size (0 = the model's training context, capped at 4096; at most the training context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0, value_parser = args::ctx_size)]
     ctx_size: usize,
-    /// Sampling temperature (≤ 0: greedy).
-    #[arg(long, default_value_t = SamplerParams::default().temperature)]
-    temp: f32,
-    /// Top-k (0 = off).
-    #[arg(long = "top-k", default_value_t = SamplerParams::default().top_k)]
-    top_k: usize,
-    /// Top-p (1 = off).
-    #[arg(long = "top-p", default_value_t = SamplerParams::default().top_p)]
-    top_p: f32,
-    /// Min-p (0 = off).
-    #[arg(long = "min-p", default_value_t = SamplerParams::default().min_p)]
-    min_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long = "repeat-penalty", default_value_t = SamplerParams::default().repeat_penalty)]
-    repeat_penalty: f32,
-    /// Tokens the repetition penalty looks back over.
-    #[arg(long = "repeat-last-n", default_value_t = SamplerParams::default().repeat_last_n)]
-    repeat_last_n: usize,
-    /// Random seed (default: random).
-    #[arg(short = 's', long)]
-    seed: Option<u64>,
+    /// Sampling.
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Apply the model's chat template to the prompt (as a user message).
     #[arg(long)]
     chat: bool,
@@ -65,44 +51,53 @@ pub struct Args {
     /// Keep generating past end-of-generation tokens.
     #[arg(long = "ignore-eos")]
     ignore_eos: bool,
+    /// Interactive chat (llama.cpp's `-cnv`): runs `pshard chat` with these flags.
+    #[arg(long = "conversation")]
+    conversation: bool,
     /// Do not echo the prompt before the generated text.
     #[arg(long = "no-display-prompt")]
     no_display_prompt: bool,
 }
 
+impl Args {
+    /// The checks that need no file.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.engine.llama.check()
+    }
+}
+
 /// Runs `pshard run`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.conversation {
+        if args.prompt.is_some() || args.file.is_some() {
+            bail!("-cnv starts an interactive chat: give the first message at its prompt, not with -p/-f");
+        }
+        return super::chat::run(super::chat::Args {
+            engine: args.engine,
+            model: args.model,
+            ctx_size: args.ctx_size,
+            n_predict: match args.n_predict {
+                TokenLimit::Unlimited => 0,
+                TokenLimit::Tokens(n) => n,
+            },
+            sampling: args.sampling,
+            system: args.system,
+            chat_template: args.chat_template,
+        });
+    }
     init_threads(args.engine.threads)?;
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading prompt file {}", f.display()))?,
-        (None, None) => bail!("give a prompt with -p TEXT or -f FILE"),
+        (None, Some(f)) => read_text(f).context("reading the prompt")?,
+        (None, None) => bail!("give a prompt with -p TEXT or -f FILE (-f - reads standard input)"),
     };
     let model = load_model(&args.model)?;
     let tokenizer = Tokenizer::from_gguf(model.file().header())
         .with_context(|| format!("{}: reading the tokenizer", args.model.display()))?;
     let chat = args.chat || args.chat_template.is_some();
     let tokens = if chat {
-        let template = match &args.chat_template {
-            Some(src) => {
-                ChatTemplate::from_name_or_source(src).context("parsing --chat-template")?
-            }
-            None => match ChatTemplate::from_gguf(model.file().header())
-                .context("reading the model's chat template")?
-            {
-                Some(t) => t,
-                // Some GGUFs (gemma-3-270m) ship no template; their family's is well known.
-                None => builtin_for(&model.spec).with_context(|| {
-                    format!(
-                        "{} has no chat template (tokenizer.chat_template); pass one with \
-                         --chat-template (a Jinja template or one of: {})",
-                        args.model.display(),
-                        ChatTemplate::BUILTIN_NAMES.join(", ")
-                    )
-                })?,
-            },
-        };
+        let template = chat_template(&model, args.chat_template.as_deref())?
+            .ok_or_else(|| no_template(&args.model))?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(ChatMessage::new("system", s.clone()));
@@ -126,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let n_ctx = if args.ctx_size > 0 {
         args.ctx_size
     } else {
-        model.spec.hparams.n_ctx_train.clamp(1, 4096)
+        model.spec.hparams.n_ctx_train.min(4096)
     };
     if tokens.len() + 1 > n_ctx {
         bail!(
@@ -134,18 +129,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokens.len()
         );
     }
-    let n_predict = args.n_predict.min(n_ctx - tokens.len());
-    let mut engine = super::common::make_engine(model, &args.model, n_ctx, &args.engine)?;
-    let mut sampler = Sampler::new(SamplerParams {
-        temperature: args.temp,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repeat_penalty: args.repeat_penalty,
-        repeat_last_n: args.repeat_last_n,
-        seed: Some(args.seed.unwrap_or_else(rand_seed)),
-        ..SamplerParams::default()
-    });
+    let mut engine = super::common::make_engine(model, &args.model, n_ctx, "-c", &args.engine)?;
+    let mut sampler = Sampler::new(args.sampling.params());
+    if args.engine.verbose {
+        eprintln!("seed: {}", sampler.seed());
+    }
     let mut out = std::io::stdout().lock();
     if !args.no_display_prompt && !chat {
         write!(out, "{prompt}")?;
@@ -163,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let stats = generate(
         &mut engine,
         &tokens,
-        n_predict,
+        args.n_predict.get(),
         &mut |logits, history| {
             if ignore_eos {
                 // As llama.cpp: end-of-generation tokens can't be sampled at all.
@@ -179,7 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &is_eog,
         &mut |tok| {
             if is_eog(tok) {
-                return false;
+                return true;
             }
             let piece = decoder.push(&tokenizer, tok);
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
@@ -189,11 +177,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             true
         },
     )?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing output");
+    }
     let rest = decoder.finish();
     out.write_all(rest.as_bytes())?;
     writeln!(out)?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing output");
+    out.flush()?;
+    if stats.stop == StopReason::ContextFull {
+        eprintln!(
+            "generation stopped: the context of {n_ctx} tokens is full ({} prompt + {} generated; -c sets it, up to the model's {})",
+            stats.prompt_tokens,
+            stats.gen_tokens,
+            engine.model.spec.hparams.n_ctx_train
+        );
     }
     eprintln!(
         "prompt: {} tokens in {:.2} s ({:.1} t/s) | generation: {} tokens in {:.2} s ({:.1} t/s)",
@@ -219,32 +216,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::common::print_op_profile(&engine);
     }
     Ok(())
-}
-
-/// The built-in chat template of a model family whose GGUF may lack one.
-fn builtin_for(spec: &pshard_model::spec::ModelSpec) -> Option<ChatTemplate> {
-    match spec.arch {
-        pshard_model::spec::Arch::Gemma3 => ChatTemplate::builtin("gemma"),
-        pshard_model::spec::Arch::Qwen2
-        | pshard_model::spec::Arch::Qwen3
-        | pshard_model::spec::Arch::Qwen3Moe => ChatTemplate::builtin("chatml"),
-        // Their GGUFs carry their own templates (gpt-oss's harmony format among them).
-        pshard_model::spec::Arch::Llama
-        | pshard_model::spec::Arch::GptOss
-        | pshard_model::spec::Arch::Glm4Moe
-        | pshard_model::spec::Arch::Deepseek2 => None,
-    }
-}
-
-/// The text of a special token, or "" when the model has none.
-fn special_text(tokenizer: &Tokenizer, id: Option<u32>) -> String {
-    id.map(|i| tokenizer.token_text(i).to_string())
-        .unwrap_or_default()
-}
-
-fn rand_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x5eed)
 }

@@ -2,7 +2,7 @@
 //! random weights and the exact layout and metadata of a real model.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -35,11 +35,13 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-fn list() {
-    println!(
+fn list() -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:<15} {:<9} {:>6} {:>6} {:>8} {:>9} {:>8} {:>10}  q4_k size",
         "preset", "arch", "layers", "embd", "heads", "head_dim", "experts", "vocab"
-    );
+    )?;
     for name in preset_names() {
         let Some(p) = preset(name) else { continue };
         let size = plan(&p, QuantRecipe::Q4_K).tensor_bytes();
@@ -48,7 +50,8 @@ fn list() {
         } else {
             "-".to_string()
         };
-        println!(
+        writeln!(
+            out,
             "{:<15} {:<9} {:>6} {:>6} {:>8} {:>9} {:>8} {:>10}  {:.2} GiB ({} bytes)",
             p.name,
             p.arch.gguf_name(),
@@ -60,10 +63,11 @@ fn list() {
             p.n_vocab,
             gib(size),
             size
-        );
+        )?;
     }
     let recipes: Vec<&str> = QuantRecipe::ALL.iter().map(|r| r.name()).collect();
-    println!("\nrecipes: {}", recipes.join(", "));
+    writeln!(out, "\nrecipes: {}", recipes.join(", "))?;
+    out.flush()
 }
 
 /// A temporary path next to `out`, renamed over it when complete.
@@ -78,8 +82,7 @@ fn temp_path(out: &Path) -> PathBuf {
 /// Runs `pshard synth`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.list {
-        list();
-        return Ok(());
+        return Ok(list()?);
     }
     let name = args
         .preset
@@ -143,7 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
     let tensors = plan(&p, recipe).tensor_bytes();
-    println!(
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
         "wrote {}: {} bytes ({:.2} GiB; tensor data {:.2} GiB) in {:.2} s ({:.2} GB/s)",
         out.display(),
         size,
@@ -151,6 +156,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gib(tensors),
         secs,
         size as f64 / secs.max(1e-9) / 1e9
-    );
+    )?;
     Ok(())
 }

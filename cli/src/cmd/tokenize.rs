@@ -21,7 +21,7 @@ pub struct Args {
         required_unless_present = "file"
     )]
     pub prompt: Option<String>,
-    /// Read the text from a file instead.
+    /// Read the text from a file instead (`-` for standard input).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// Print only the ids, as a list: `[1, 2, 3]`.
@@ -42,9 +42,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let text = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        }
+        (None, Some(f)) => super::common::read_text(f)?,
         (None, None) => anyhow::bail!("give the text with -p TEXT or -f FILE"),
     };
     let file = ModelFile::open(&args.model)

@@ -56,6 +56,33 @@ pub enum CudaError {
     Io(String),
 }
 
+impl CudaError {
+    /// Whether this says there is no GPU here at all — no driver library, or a driver that sees no
+    /// device — as opposed to a GPU that is present but failed (a kernel that does not compile, a
+    /// missing toolkit library, a module that does not load). Tests skip on the first kind only.
+    pub fn is_no_gpu(&self) -> bool {
+        match self {
+            CudaError::MissingLibrary { lib } => *lib == "libcuda",
+            CudaError::NoDevice { count, .. } => *count == 0,
+            CudaError::Driver { err, .. } => err.contains("CUDA_ERROR_NO_DEVICE"),
+            _ => false,
+        }
+    }
+
+    /// A few words for a one-line device report (the full text says more).
+    pub fn short_reason(&self) -> String {
+        match self {
+            CudaError::MissingLibrary { lib: "libcuda" } => "no CUDA driver found".into(),
+            CudaError::MissingLibrary { lib } => format!("{lib} not found"),
+            CudaError::NoDevice { ordinal, count } if *count > 0 => {
+                format!("no CUDA device {ordinal}; {count} found")
+            }
+            e if e.is_no_gpu() => "no CUDA device found".into(),
+            _ => "the GPU could not be used; -v says why".into(),
+        }
+    }
+}
+
 impl fmt::Display for CudaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

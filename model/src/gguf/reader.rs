@@ -2,7 +2,8 @@
 //!
 //! [`GgufHeader::parse`] checks everything before it allocates or trusts it: magic, version, counts
 //! against the bytes that remain, string lengths, array nesting, type ids, dimensions (checked
-//! arithmetic), alignment, and that every tensor's data lies inside the file without overlapping another.
+//! arithmetic), alignment, and that the tensors' data tiles the data section: every tensor inside the
+//! file, none overlapping another, and no byte between or after them but alignment padding.
 //! Every failure is a [`GgufError`] naming the file, the byte offset and what was wrong.
 
 use std::collections::HashSet;
@@ -376,6 +377,79 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Checks that the tensors tile the data section: in offset order, the first starts at 0 and each
+/// next one where the previous one ends, rounded up to the alignment, and the file ends after the
+/// last one's data plus at most its padding. Every byte of the data section then belongs to a
+/// tensor or to alignment padding, so a tensor whose type or shape was changed to a smaller one
+/// (leaving a gap) or a larger one (overlapping the next) is caught, as is data no tensor claims.
+/// Every range was checked to lie inside the file before, so no sum here overflows.
+fn check_tiling(
+    c: &Cursor<'_>,
+    tensors: &[TensorInfo],
+    offset_fields: &[usize],
+    data_offset: u64,
+    alignment: u64,
+) -> Result<(), GgufError> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| tensors[i].offset);
+    // Where the next tensor must start (relative to the data section) and who ends there.
+    let mut next = 0u64;
+    let mut prev: Option<&TensorInfo> = None;
+    for &i in &order {
+        let t = &tensors[i];
+        if t.offset != next {
+            let what = match prev {
+                Some(a) if t.offset < next => format!(
+                    "tensor {:?} (data offset {}) overlaps tensor {:?} (data offset {}, {} bytes)",
+                    t.name, t.offset, a.name, a.offset, a.bytes
+                ),
+                Some(a) => format!(
+                    "tensor {:?} starts at data offset {}, but tensor {:?} ends at {} (next aligned start {next}): \
+                     {} bytes of the data section belong to no tensor (a tensor's type or shape is wrong, or the file is corrupt)",
+                    t.name,
+                    t.offset,
+                    a.name,
+                    a.offset + a.bytes,
+                    t.offset - next
+                ),
+                None => format!(
+                    "tensor {:?} starts at data offset {}: the first {} bytes of the data section belong to no tensor",
+                    t.name, t.offset, t.offset
+                ),
+            };
+            return Err(c.err(offset_fields[i], what));
+        }
+        let end = t.offset + t.bytes;
+        next = end.div_ceil(alignment) * alignment;
+        prev = Some(t);
+    }
+    let file_len = c.bytes.len() as u64;
+    if let Some(last) = prev {
+        let end = data_offset + last.offset + last.bytes;
+        let padded = data_offset + next;
+        if file_len > padded {
+            return Err(c.err(
+                end as usize,
+                format!(
+                    "{} bytes after the last tensor's data (tensor {:?} ends at byte {end}, its padding at {padded}) belong to no tensor \
+                     (a tensor's type or shape is wrong, or the file is corrupt)",
+                    file_len - padded,
+                    last.name
+                ),
+            ));
+        }
+    } else if file_len > data_offset {
+        return Err(c.err(
+            data_offset as usize,
+            format!(
+                "the file has no tensors but {} bytes of tensor data",
+                file_len - data_offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn utf8<'a>(c: &Cursor<'_>, at: usize, bytes: &'a [u8], what: &str) -> Result<&'a str, GgufError> {
     std::str::from_utf8(bytes).map_err(|e| c.err(at, format!("{what} is not valid UTF-8 ({e})")))
 }
@@ -384,7 +458,7 @@ impl GgufHeader {
     /// Parses and validates a GGUF header from a whole file's bytes; `file` names the file in errors.
     ///
     /// Never panics and never reads out of bounds; every tensor's data range is checked to lie inside
-    /// `bytes`, aligned and not overlapping another tensor.
+    /// `bytes`, aligned, and the ranges to tile the data section (see [`check_tiling`]).
     pub fn parse(bytes: &[u8], file: &str) -> Result<GgufHeader, GgufError> {
         let mut c = Cursor {
             bytes,
@@ -580,21 +654,7 @@ impl GgufHeader {
                 }
             }
         }
-        let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| tensors[i].offset);
-        for w in order.windows(2) {
-            let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
-            // Both ranges were checked to lie in the file, so the sum cannot overflow.
-            if b.offset < a.offset + a.bytes {
-                return Err(c.err(
-                    offset_fields[w[1]],
-                    format!(
-                        "tensor {:?} (data offset {}) overlaps tensor {:?} (data offset {}, {} bytes)",
-                        b.name, b.offset, a.name, a.offset, a.bytes
-                    ),
-                ));
-            }
-        }
+        check_tiling(&c, &tensors, &offset_fields, data_offset, alignment)?;
 
         Ok(GgufHeader {
             version,

@@ -10,7 +10,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pshard_kernels::quant::act::{dequantize_acts_row, quantize_acts_row};
 use pshard_kernels::quant::{self, ActFormat};
@@ -19,24 +19,9 @@ use pshard_model::graph::{RopeYarn, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
 use pshard_model::spec::{Gating, ModelSpec, RopeMode, TensorId, TensorRole};
 use pshard_runtime::cpu::ActTrace;
 
-/// Where the real test models are, if present.
-pub fn models_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("PSHARD_MODELS")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/pshard/models")))?;
-    dir.is_dir().then_some(dir)
-}
-
-/// A real model file, or `None` with a printed SKIP message.
+/// A real test model, or `None` after a visible skip (a failure in CI).
 pub fn real_model(name: &str) -> Option<PathBuf> {
-    let p = models_dir().map(|d| d.join(name));
-    match p {
-        Some(p) if p.is_file() => Some(p),
-        _ => {
-            eprintln!("SKIP: {name} not found (run scripts/fetch-models.sh or set PSHARD_MODELS)");
-            None
-        }
-    }
+    pshard_testkit::real_model(name)
 }
 
 /// Writes a synthetic model to a temp file and returns its path.
