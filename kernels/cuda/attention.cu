@@ -88,15 +88,18 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
     for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    int j_lo = (window > 0 && pmax >= 0) ? max(0, pmin - window + 1) : 0;
-    j_lo -= j_lo % BKV;
+    // First key any row sees; tiles start at a multiple of BKV below it, and the keys in front
+    // of it are zero-filled, never read: a cache staged from the host holds only visible cells,
+    // and a masked score (P = 0) times a stale non-finite V would still poison the sum.
+    const int j_vis = (window > 0 && pmax >= 0) ? max(0, pmin - window + 1) : 0;
+    int j_lo = j_vis - j_vis % BKV;
     auto load_tile = [&](int stage, int j0) {
         u16* Ks = smem + 2 * stage * TILE;
         u16* Vs = Ks + TILE;
         for (int idx = threadIdx.x; idx < BKV * D / 8; idx += blockDim.x) {
             const int jr = idx / (D / 8), dc = (idx % (D / 8)) * 8;
             const int j = j0 + jr;
-            const bool ok = j <= pmax;
+            const bool ok = j >= j_vis && j <= pmax;
             const i64 off = ok ? ((i64)(kv_base + j % cells) * n_kv + kvh) * D + dc : 0;
             cp_async16(Ks + jr * KS + dc, kc + off, ok);
             cp_async16(Vs + jr * KS + dc, vc + off, ok);

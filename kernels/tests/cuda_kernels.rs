@@ -1272,8 +1272,11 @@ fn ref_attention(
     out
 }
 
-/// Writes the whole cache (positions 0..n_fill) with kv_write, then runs `n` queries at
-/// positions start..start+n and checks every `stride`th row and the last.
+/// Writes the cells any query can see (positions from the first query's window start to
+/// start+n) with kv_write over a cache of NaNs, then runs `n` queries at positions
+/// start..start+n and checks every `stride`th row and the last: a kernel that lets an invisible
+/// cell's value into a sum (0 · NaN) fails. (A cache staged from the host holds only the visible
+/// cells.)
 fn run_attention_case(
     c: &Ctx,
     r: &mut StdRng,
@@ -1306,10 +1309,19 @@ fn run_attention_sinks(
     let k16: Vec<f32> = kf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     let v16: Vec<f32> = vf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     let s = c.gpu.stream().clone();
-    let kcache = c.alloc(p.n_ctx * p.n_kv * p.dk * 2);
-    let vcache = c.alloc(p.n_ctx * p.n_kv * p.dv * 2);
-    let (kd, vd) = (c.up_f32(&kf), c.up_f32(&vf));
-    let fill_pos: Vec<i32> = (0..n_fill as i32).collect();
+    let kcache = c.poisoned(p.n_ctx * p.n_kv * p.dk * 2);
+    let vcache = c.poisoned(p.n_ctx * p.n_kv * p.dv * 2);
+    let lo = if p.window > 0 {
+        (start + 1).saturating_sub(p.window)
+    } else {
+        0
+    };
+    let (kd, vd) = (
+        c.up_f32(&kf[lo * p.n_kv * p.dk..]),
+        c.up_f32(&vf[lo * p.n_kv * p.dv..]),
+    );
+    let fill_pos: Vec<i32> = (lo as i32..n_fill as i32).collect();
+    let n_fill = n_fill - lo;
     let fpd = c.up_i32(&fill_pos);
     c.gpu
         .kernels
@@ -1506,21 +1518,24 @@ fn cuda_attention_prefill_and_decode_match_cpu() {
     // Several tiles per split (32 heads: 32 splits, 12001 keys → 384-key splits), GQA 4:1.
     run_attention_case(&c, &mut r, base(32, 8, 128, 16384), 12000, 1, 1, 1e-4);
     // Sliding windows: window inside one tile, window across tiles and splits, window larger
-    // than the context, with soft-capping.
+    // than the context, with soft-capping; decode rows (split-KV) and a prefill batch (flash,
+    // whose first key tile starts below the window).
     for (window, start) in [(40usize, 300usize), (700, 2000), (5000, 900)] {
-        run_attention_case(
-            &c,
-            &mut r,
-            AttnParams {
-                window,
-                softcap: 30.0,
-                ..base(8, 4, 64, 4096)
-            },
-            start,
-            2,
-            1,
-            1e-4,
-        );
+        for n in [2, 100] {
+            run_attention_case(
+                &c,
+                &mut r,
+                AttnParams {
+                    window,
+                    softcap: 30.0,
+                    ..base(8, 4, 64, 4096)
+                },
+                start,
+                n,
+                1,
+                if n > 4 { 5e-3 } else { 1e-4 },
+            );
+        }
     }
     // Head dims that are not multiples of 8 (4-byte copy path), dk != dv, GQA 3:1.
     run_attention_case(

@@ -747,83 +747,97 @@ impl DeviceScratch {
         kv_cells: usize,
         exact: bool,
     ) -> DeviceScratch {
+        nodes.fold(DeviceScratch::default(), |n, (ni, p)| {
+            n.max(DeviceScratch::of_node(spec, g, ni, p.run, kv_cells, exact))
+        })
+    }
+
+    /// Scratch of node `ni` of `g` run as `run` (nothing when no part is on the GPU).
+    pub fn of_node(
+        spec: &ModelSpec,
+        g: &Graph,
+        ni: usize,
+        run: Run,
+        kv_cells: usize,
+        exact: bool,
+    ) -> DeviceScratch {
         let mut n = DeviceScratch::default();
-        for (ni, p) in nodes {
-            let node = &g.nodes[ni];
-            if !p.run.uses_gpu() {
-                continue;
-            }
-            match node.op {
-                Op::MatMul { weight, x, .. } => {
-                    let rows = g.rows(x);
-                    let t = spec.tensor(weight);
-                    let gpu_rows = match p.run {
-                        Run::Split { cpu_cols } => t.rows() - cpu_cols,
-                        _ => t.rows(),
-                    };
-                    if gemm_path(t.ty, rows, exact) {
-                        n.gemm_w = n.gemm_w.max((gpu_rows * t.cols() * 2) as u64);
-                        n.gemm_x = n.gemm_x.max((rows * t.cols() * 2) as u64);
-                    }
+        if !run.uses_gpu() {
+            return n;
+        }
+        match g.nodes[ni].op {
+            Op::MatMul { weight, x, .. } => {
+                let rows = g.rows(x);
+                let t = spec.tensor(weight);
+                let gpu_rows = match run {
+                    Run::Split { cpu_cols } => t.rows() - cpu_cols,
+                    _ => t.rows(),
+                };
+                if gemm_path(t.ty, rows, exact) {
+                    n.gemm_w = (gpu_rows * t.cols() * 2) as u64;
+                    n.gemm_x = (rows * t.cols() * 2) as u64;
                 }
-                Op::Attention {
-                    q,
+            }
+            Op::Attention {
+                q,
+                n_head,
+                n_head_kv,
+                head_dim_k,
+                head_dim_v,
+                v_in_k,
+                ..
+            } => {
+                let a = AttnParams {
                     n_head,
-                    n_head_kv,
-                    head_dim_k,
-                    head_dim_v,
+                    n_kv: n_head_kv,
+                    dk: head_dim_k,
+                    dv: head_dim_v,
+                    n_ctx: kv_cells,
+                    scale: 1.0,
+                    softcap: 0.0,
+                    window: 0,
                     v_in_k,
-                    ..
-                } => {
-                    let a = AttnParams {
-                        n_head,
-                        n_kv: n_head_kv,
-                        dk: head_dim_k,
-                        dv: head_dim_v,
-                        n_ctx: kv_cells,
-                        scale: 1.0,
-                        softcap: 0.0,
-                        window: 0,
-                        v_in_k,
-                    };
-                    n.attn = n
-                        .attn
-                        .max(cu::kernels::attention_scratch(&a, g.rows(q)) as u64);
-                }
-                Op::MoeFfn {
-                    x,
-                    route,
-                    gate_exps,
-                    ..
-                } => {
-                    let pairs = g.rows(x) * g.buffer(route).cols / 2;
-                    let gate = spec.tensor(gate_exps);
-                    let (ff, d) = (gate.rows(), g.buffer(x).cols);
-                    n.moe_ff = n.moe_ff.max((pairs * ff * 4) as u64);
-                    n.moe_out = n.moe_out.max((pairs * d * 4) as u64);
-                    if moe_grouped(pairs, exact) {
-                        n.moe_x16 = n.moe_x16.max((pairs * d.max(ff) * 2) as u64);
-                        n.moe_idx = n.moe_idx.max((pairs * 4) as u64);
-                        n.moe_offsets = n.moe_offsets.max((2 * (gate.n_mats() + 2) * 4) as u64);
-                    }
-                }
-                // Run as routed experts with every (token, head) pair routed to its head: the
-                // routes, and the grouped path's sorted f16 rows, order and offsets.
-                Op::HeadMatMul { weight, x, .. } => {
-                    let t = spec.tensor(weight);
-                    let (heads, rows) = (t.n_mats(), g.rows(x));
-                    let pairs = rows * heads;
-                    n.head_route = n.head_route.max((rows * 2 * heads * 4) as u64);
-                    if moe_grouped(pairs, exact) {
-                        n.moe_x16 = n.moe_x16.max((pairs * t.cols() * 2) as u64);
-                        n.moe_idx = n.moe_idx.max((pairs * 4) as u64);
-                        n.moe_offsets = n.moe_offsets.max((2 * (heads + 2) * 4) as u64);
-                    }
-                }
-                _ => {}
+                };
+                n.attn = cu::kernels::attention_scratch(&a, g.rows(q)) as u64;
             }
+            Op::MoeFfn {
+                x,
+                route,
+                gate_exps,
+                ..
+            } => {
+                let pairs = g.rows(x) * g.buffer(route).cols / 2;
+                let gate = spec.tensor(gate_exps);
+                let (ff, d) = (gate.rows(), g.buffer(x).cols);
+                n.moe_ff = (pairs * ff * 4) as u64;
+                n.moe_out = (pairs * d * 4) as u64;
+                if moe_grouped(pairs, exact) {
+                    n.moe_x16 = (pairs * d.max(ff) * 2) as u64;
+                    n.moe_idx = (pairs * 4) as u64;
+                    n.moe_offsets = (2 * (gate.n_mats() + 2) * 4) as u64;
+                }
+            }
+            // Run as routed experts with every (token, head) pair routed to its head: the routes,
+            // and the grouped path's sorted f16 rows, order and offsets.
+            Op::HeadMatMul { weight, x, .. } => {
+                let t = spec.tensor(weight);
+                let (heads, rows) = (t.n_mats(), g.rows(x));
+                let pairs = rows * heads;
+                n.head_route = (rows * 2 * heads * 4) as u64;
+                if moe_grouped(pairs, exact) {
+                    n.moe_x16 = (pairs * t.cols() * 2) as u64;
+                    n.moe_idx = (pairs * 4) as u64;
+                    n.moe_offsets = (2 * (heads + 2) * 4) as u64;
+                }
+            }
+            _ => {}
         }
         n
+    }
+
+    /// Whether every part is at least as large as `o`'s.
+    pub fn covers(&self, o: &DeviceScratch) -> bool {
+        self.max(*o) == *self
     }
 
     /// The larger of each part.

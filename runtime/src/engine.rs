@@ -80,6 +80,8 @@ struct LoadedTier {
     bufs: Vec<DevPtr>,
     inputs: Inputs,
     scratch: ScratchPtrs,
+    /// What `scratch` was sized for.
+    scratch_sizes: DeviceScratch,
     slots: Vec<DevPtr>,
     stages: [DevPtr; 2],
     staging: Vec<Option<HostBuf>>,
@@ -118,6 +120,9 @@ struct OwnRows {
     bufs: Vec<DevPtr>,
     staging: Vec<Option<HostBuf>>,
     logit_rows: DevPtr,
+    /// Its own scratch where its graph needs more than its tier's (the output projection over
+    /// every row takes the dequantize + GEMM path that one row does not).
+    scratch: Option<ScratchPtrs>,
 }
 
 /// Where a layer's KV cells currently are.
@@ -974,6 +979,7 @@ impl Engine {
                 logit_rows: 0,
             },
             scratch: ScratchPtrs::default(),
+            scratch_sizes: DeviceScratch::default(),
             slots: Vec::new(),
             stages: [0, 0],
             staging: vec![None; g.buffers.len()],
@@ -1033,30 +1039,8 @@ impl Engine {
         };
         lt.input_stage = Some(dev.host_alloc(4 * n * 4)?);
         lt.inputs_sent = Some(dev.new_event()?);
-        let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
-            if b > 0 {
-                dev.alloc(region, b, what)
-            } else {
-                Ok(0)
-            }
-        };
-        lt.scratch = ScratchPtrs {
-            gemm_w: sc(scratch.gemm_w, "dequantized weight scratch")?,
-            gemm_x: sc(scratch.gemm_x, "f16 activation scratch")?,
-            attn: sc(scratch.attn, "attention split scratch")?,
-            moe: [
-                sc(scratch.moe_ff, "expert gate")?,
-                sc(scratch.moe_ff, "expert up")?,
-                sc(scratch.moe_ff, "expert hidden")?,
-                sc(scratch.moe_out, "expert out")?,
-            ],
-            moe_grouped: [
-                sc(scratch.moe_x16, "expert f16 rows")?,
-                sc(scratch.moe_idx, "expert pair order")?,
-                sc(scratch.moe_offsets, "expert offsets")?,
-            ],
-            head_route: sc(scratch.head_route, "head routes")?,
-        };
+        lt.scratch = alloc_scratch(dev.as_ref(), region, &scratch)?;
+        lt.scratch_sizes = scratch;
         let slot = lanes_.slot_bytes();
         let n_slots = (bytes.ring / slot.max(1)) as usize;
         for s in 0..n_slots {
@@ -1242,11 +1226,20 @@ impl Engine {
                 .into_iter()
                 .filter(|b| graph.buffer(*b).rows == pshard_model::graph::Rows::LogitRows)
                 .collect();
+            let need = DeviceScratch::of(
+                spec,
+                &graph,
+                program.lanes.nodes.iter().enumerate(),
+                self.kv.layout.n_ctx,
+                exact,
+            );
+            let own_scratch = (!lt.scratch_sizes.covers(&need)).then(|| need.max(lt.scratch_sizes));
             let bytes: u64 = rowsel
                 .iter()
                 .map(|b| lanes::align((graph.rows(*b) * graph.buffer(*b).cols * 4) as u64))
                 .sum::<u64>()
-                + lanes::align((key.1 * 4) as u64);
+                + lanes::align((key.1 * 4) as u64)
+                + own_scratch.map_or(0, |s| s.bytes());
             let region = side.dev.create_region(
                 RegionKind::Scratch,
                 &format!("{} logit rows of tier {}", key.1, tier.n),
@@ -1258,11 +1251,15 @@ impl Engine {
                 staging[b.0 as usize] = Some(side.dev.host_alloc(size as usize)?);
             }
             let logit_rows = side.dev.alloc(region, (key.1 * 4) as u64, "logit rows")?;
+            let scratch = own_scratch
+                .map(|s| alloc_scratch(side.dev.as_ref(), region, &s))
+                .transpose()?;
             own = Some(OwnRows {
                 region,
                 bufs,
                 staging,
                 logit_rows,
+                scratch,
             });
         }
         let id = self.next_id;
@@ -1316,6 +1313,11 @@ impl Engine {
         if let Some(o) = &lp.own {
             inputs.logit_rows = o.logit_rows;
         }
+        let scratch = lp
+            .own
+            .as_ref()
+            .and_then(|o| o.scratch)
+            .unwrap_or(lt.scratch);
         lp.cpu.begin_run();
         let program = lp.program.clone();
         let g = lp.graph.clone();
@@ -1413,7 +1415,7 @@ impl Engine {
                     bufs,
                     weights: &lp.weights,
                     inputs,
-                    scratch: lt.scratch,
+                    scratch,
                     exact,
                     program: &program,
                     resident: &resident,
@@ -1476,7 +1478,7 @@ impl Engine {
                         bufs,
                         weights: &lp.weights,
                         inputs,
-                        scratch: lt.scratch,
+                        scratch,
                         exact,
                         program: &program,
                         resident: &resident,
@@ -1729,6 +1731,38 @@ fn tier_logit_rows(t: &crate::tiers::RunTier) -> usize {
     } else {
         t.n.max(1)
     }
+}
+
+/// Allocates in `region` every part of `s` that is not empty (absent parts stay 0).
+fn alloc_scratch(
+    dev: &dyn Device,
+    region: pshard_kernels::cuda::RegionId,
+    s: &DeviceScratch,
+) -> Result<ScratchPtrs, EngineError> {
+    let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
+        if b > 0 {
+            dev.alloc(region, b, what)
+        } else {
+            Ok(0)
+        }
+    };
+    Ok(ScratchPtrs {
+        gemm_w: sc(s.gemm_w, "dequantized weight scratch")?,
+        gemm_x: sc(s.gemm_x, "f16 activation scratch")?,
+        attn: sc(s.attn, "attention split scratch")?,
+        moe: [
+            sc(s.moe_ff, "expert gate")?,
+            sc(s.moe_ff, "expert up")?,
+            sc(s.moe_ff, "expert hidden")?,
+            sc(s.moe_out, "expert out")?,
+        ],
+        moe_grouped: [
+            sc(s.moe_x16, "expert f16 rows")?,
+            sc(s.moe_idx, "expert pair order")?,
+            sc(s.moe_offsets, "expert offsets")?,
+        ],
+        head_route: sc(s.head_route, "head routes")?,
+    })
 }
 
 /// What a GPU step needs besides the step itself.

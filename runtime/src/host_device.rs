@@ -19,12 +19,13 @@ use pshard_kernels::cuda::{CudaError, RegionId, RegionKind, RegionReport, VramAr
 use pshard_kernels::matmul::{ActPrecision, WeightMatrix};
 use pshard_model::graph::{BufId, Graph, Op};
 use pshard_model::spec::TensorId;
+use pshard_planner::lanes::{DeviceScratch, Lane, Run};
 
 use crate::batch::Batch;
 use crate::cpu::{CpuLane, KvAccess, LayerKvMut, Weights};
 use crate::device::{
     DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
-    PlainHostMem, Shape2d, Stream, WeightRef,
+    PlainHostMem, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 use crate::error::EngineError;
 use crate::model::Model;
@@ -107,6 +108,9 @@ struct Shared {
     /// The first failure of a job, reported by the next wait or synchronize.
     error: Mutex<Option<String>>,
     op_times: Mutex<HashMap<OpKey, OpTime>>,
+    /// Bytes of each allocation, by address: a step checks that its kernel scratch holds what
+    /// the CUDA kernels of its nodes would use.
+    allocs: Mutex<HashMap<DevPtr, u64>>,
 }
 
 impl Shared {
@@ -213,6 +217,7 @@ impl HostDevice {
                 d2h: AtomicU64::new(0),
                 error: Mutex::new(None),
                 op_times: Mutex::new(HashMap::new()),
+                allocs: Mutex::new(HashMap::new()),
             }),
             arena: Mutex::new(VramArena::new(budget)),
             compute: Worker::spawn("host-device compute"),
@@ -325,7 +330,13 @@ impl Device for HostDevice {
 
     fn alloc(&self, region: RegionId, bytes: u64, what: &str) -> Result<DevPtr, EngineError> {
         let mut a = self.arena.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(a.alloc(region, bytes, what).map_err(cuda)?.ptr)
+        let ptr = a.alloc(region, bytes, what).map_err(cuda)?.ptr;
+        self.shared
+            .allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ptr, bytes);
+        Ok(ptr)
     }
 
     fn destroy_region(&self, region: RegionId) -> Result<(), EngineError> {
@@ -337,6 +348,12 @@ impl Device for HostDevice {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&region.0);
+        let base = (region.0 as u64 + 1) << REGION_SHIFT;
+        self.shared
+            .allocs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&a, _| a >> REGION_SHIFT != base >> REGION_SHIFT);
         Ok(())
     }
 
@@ -522,6 +539,7 @@ impl Device for HostDevice {
             weights: step.weights.to_vec(),
             kv: step.kv,
             inputs: step.inputs,
+            scratch: step.scratch,
             exact: step.exact,
         };
         let timing = self.op_timing;
@@ -601,6 +619,7 @@ struct OwnedStep {
     weights: Vec<WeightRef>,
     kv: Option<KvRef>,
     inputs: Inputs,
+    scratch: ScratchPtrs,
     exact: bool,
 }
 
@@ -661,6 +680,60 @@ impl KvAccess for DevKv {
 }
 
 impl OwnedStep {
+    /// Fails unless every scratch part the CUDA kernels of `nodes` would use at this batch is an
+    /// allocation at least that large (the host kernels need none, so without this check a
+    /// program sized short would pass here and write out of bounds on a GPU).
+    fn check_scratch(
+        &self,
+        sh: &Shared,
+        nodes: &[(usize, Option<std::ops::Range<usize>>)],
+    ) -> Result<(), String> {
+        let spec = &sh.model.spec;
+        let cells = self.kv.map_or(0, |k| k.cells);
+        let need = nodes
+            .iter()
+            .fold(DeviceScratch::default(), |acc, (ni, cols)| {
+                let run = match cols {
+                    None => Run::On(Lane::Gpu),
+                    Some(r) => Run::Split { cpu_cols: r.start },
+                };
+                acc.max(DeviceScratch::of_node(
+                    spec,
+                    &self.graph,
+                    *ni,
+                    run,
+                    cells,
+                    self.exact,
+                ))
+            });
+        let s = &self.scratch;
+        let parts = [
+            (s.gemm_w, need.gemm_w, "dequantized weight"),
+            (s.gemm_x, need.gemm_x, "f16 activation"),
+            (s.attn, need.attn, "attention split"),
+            (s.moe[0], need.moe_ff, "expert gate"),
+            (s.moe[1], need.moe_ff, "expert up"),
+            (s.moe[2], need.moe_ff, "expert hidden"),
+            (s.moe[3], need.moe_out, "expert out"),
+            (s.moe_grouped[0], need.moe_x16, "expert f16 rows"),
+            (s.moe_grouped[1], need.moe_idx, "expert pair order"),
+            (s.moe_grouped[2], need.moe_offsets, "expert offsets"),
+            (s.head_route, need.head_route, "head routes"),
+        ];
+        let allocs = sh.allocs.lock().unwrap_or_else(|p| p.into_inner());
+        for (ptr, bytes, what) in parts {
+            let have = allocs.get(&ptr).copied().unwrap_or(0);
+            if bytes > have {
+                return Err(format!(
+                    "{what} scratch at {ptr:#x} holds {have} bytes; node {} of a {}-token \
+                     program needs {bytes}",
+                    nodes[0].0, self.graph.n_tokens
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, sh: &Shared) -> Result<(), String> {
         let g = &*self.graph;
         let spec = &sh.model.spec;
@@ -685,6 +758,7 @@ impl OwnedStep {
             GpuWork::Node { node, cols, .. } => vec![(*node, cols.clone())],
             GpuWork::QkNormRope { nodes } => nodes.clone().map(|i| (i, None)).collect(),
         };
+        self.check_scratch(sh, &nodes)?;
         // Buffers the nodes touch, read from device memory.
         let mut used = vec![false; g.buffers.len()];
         for (ni, _) in &nodes {

@@ -338,24 +338,31 @@ impl GpuDevice {
         height: usize,
     ) -> CudaResult<()> {
         self.bind()?;
-        let mut c: sys::CUDA_MEMCPY2D = std::mem::zeroed();
-        c.WidthInBytes = width;
-        c.Height = height;
-        if to_device {
-            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-            c.srcHost = host as *const _;
-            c.srcPitch = host_pitch;
-            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            c.dstDevice = dev;
-            c.dstPitch = dev_pitch;
-        } else {
-            c.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            c.srcDevice = dev;
-            c.srcPitch = dev_pitch;
-            c.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
-            c.dstHost = host as *mut _;
-            c.dstPitch = host_pitch;
-        }
+        // Every field set: the struct holds enums (`CUmemorytype`), for which all-zero bytes are
+        // not a valid value, so it cannot start from `mem::zeroed`.
+        let (host_type, dev_type) = (
+            sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+            sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        );
+        let null = std::ptr::null_mut();
+        let c = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: if to_device { host_type } else { dev_type },
+            srcHost: if to_device { host as *const _ } else { null },
+            srcDevice: if to_device { 0 } else { dev },
+            srcArray: null as _,
+            srcPitch: if to_device { host_pitch } else { dev_pitch },
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: if to_device { dev_type } else { host_type },
+            dstHost: if to_device { null } else { host as *mut _ },
+            dstDevice: if to_device { dev } else { 0 },
+            dstArray: null as _,
+            dstPitch: if to_device { dev_pitch } else { host_pitch },
+            WidthInBytes: width,
+            Height: height,
+        };
         check(
             "copying a strided block",
             sys::cuMemcpy2DAsync_v2(&c, stream.cu_stream()),

@@ -402,14 +402,28 @@ fn split_smem(dk: usize, dv: usize) -> usize {
     ATTN_SPLIT_TILE * (split_stride(dk) + split_stride(dv)) * 2
 }
 
-/// Scratch bytes the split-KV attention path needs for `n` query rows (0 when the flash kernel is
-/// used). A pure function of the shapes, so the planner sizes exactly what the runtime allocates.
-pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
+/// Scratch bytes the split-KV attention path needs for one call of exactly `n` query rows (0 when
+/// the flash kernel is used).
+fn attention_scratch_rows(p: &AttnParams, n: usize) -> usize {
     if uses_flash(p, n) {
         0
     } else {
         n * p.n_head * n_split(p, n) * (p.dv + 2) * 4
     }
+}
+
+/// Scratch bytes the attention kernels need for any call of 1 to `n` query rows: a program sized
+/// for `n` rows also runs shorter batches (a prompt's tail, one sequence of several), and those
+/// below the flash threshold take the split-KV path even when `n` itself would not. A pure function
+/// of the shapes, so the planner sizes exactly what the runtime allocates.
+pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
+    // Past 1024 rows every head has one split (`n_split`), so the bytes only grow with the rows:
+    // the rows up to 1024 and `n` itself cover the maximum.
+    (1..=n.clamp(1, 1024))
+        .chain([n.max(1)])
+        .map(|m| attention_scratch_rows(p, m))
+        .max()
+        .unwrap_or(0)
 }
 
 fn uses_flash(p: &AttnParams, n: usize) -> bool {
@@ -2349,6 +2363,27 @@ mod tests {
         assert_eq!(n_split(&p(32, 100), 1), 2);
         assert_eq!(n_split(&p(32, 4096), 512), 1);
         assert_eq!(n_split(&p(1, 1), 1), 1);
+        // A program sized for n rows also runs shorter calls: its scratch covers every one, the
+        // split-KV calls below the flash threshold included (a flash-sized batch of 512 rows needs
+        // none itself, its 3-row tail does).
+        for (heads, ctx, dv) in [(32, 4096, 128), (4, 32768, 256), (2, 100, 80), (1, 64, 64)] {
+            let q = AttnParams {
+                dv,
+                dk: dv,
+                ..p(heads, ctx)
+            };
+            for n in [1, 3, 4, 5, 17, 512, 2000] {
+                let s = attention_scratch(&q, n);
+                for m in 1..=n {
+                    assert!(
+                        s >= attention_scratch_rows(&q, m),
+                        "{heads} heads, {n} ≥ {m} rows"
+                    );
+                }
+            }
+        }
+        assert_eq!(attention_scratch_rows(&p(32, 4096), 512), 0);
+        assert!(attention_scratch(&p(32, 4096), 512) > 0);
         // Shared memory: head dims 128 fit the default 48 KiB; 256 needs the raised limit, which
         // is what load() sets.
         assert_eq!(split_smem(128, 128), 64 * 144 * 2 * 2);
