@@ -45,6 +45,21 @@ pub fn token_limit(s: &str) -> Result<TokenLimit, String> {
     }
 }
 
+/// Prompt tokens a context shift keeps: `None` is the whole prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep(pub Option<usize>);
+
+/// `--keep`: -1 (the whole prompt) or a token count.
+pub fn keep_count(s: &str) -> Result<Keep, String> {
+    match s.parse::<i64>() {
+        Ok(-1) => Ok(Keep(None)),
+        Ok(n) if n >= 0 => usize::try_from(n)
+            .map(|n| Keep(Some(n)))
+            .map_err(|_| "too large".to_string()),
+        _ => Err("expected -1 (the whole prompt) or a token count ≥ 0".into()),
+    }
+}
+
 /// A random seed as given: `None` asks for a random one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seed(pub Option<u64>);
@@ -128,6 +143,9 @@ mod tests {
         assert_eq!(token_limit("-1"), Ok(TokenLimit::Unlimited));
         assert_eq!(token_limit("7"), Ok(TokenLimit::Tokens(7)));
         assert!(token_limit("-2").is_err());
+        assert_eq!(keep_count("-1"), Ok(Keep(None)));
+        assert_eq!(keep_count("4"), Ok(Keep(Some(4))));
+        assert!(keep_count("-3").is_err() && keep_count("x").is_err());
         assert_eq!(seed("-1"), Ok(Seed(None)));
         assert_eq!(seed("42"), Ok(Seed(Some(42))));
         assert!(seed("-2").is_err());

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{file, path, read, run, run_full, set_f32, set_uint, synth_bytes, tiny, Out, TIMEOUT};
+use common::{
+    file, number_after, path, read, run, run_full, set_f32, set_uint, synth_bytes, tiny, Out,
+    TIMEOUT,
+};
 use pshard_planner::registry::Registry;
 
 // ---- broken pipes ------------------------------------------------------------------------------
@@ -302,6 +305,50 @@ fn reaching_the_context_is_said() {
     ]);
     o.assert_ok();
     assert!(!o.stderr.contains("is full"), "{o:#?}");
+}
+
+/// `--context-shift` keeps generating past a full context (llama.cpp's context shift): all 200
+/// tokens come, after shifts, where the same run without it stops at the context.
+#[test]
+fn context_shift_generates_past_the_context() {
+    let model = tiny();
+    let args = |shift: bool| {
+        let mut a = vec![
+            "run",
+            "-m",
+            &model,
+            "-p",
+            "hello",
+            "-c",
+            "64",
+            "-n",
+            "200",
+            "--ignore-eos",
+            "--device",
+            "cpu",
+        ];
+        if shift {
+            a.extend(["--context-shift", "--keep", "2"]);
+        }
+        run(&a)
+    };
+    let o = args(true);
+    o.assert_ok();
+    assert_eq!(
+        number_after(&o.stderr, "generation: "),
+        Some(200.0),
+        "{o:#?}"
+    );
+    assert!(o.stderr.contains("context shifts: "), "{o:#?}");
+    assert!(!o.stderr.contains("is full"), "{o:#?}");
+    let o = args(false);
+    o.assert_ok();
+    assert!(
+        o.stderr.contains("the context of 64 tokens is full"),
+        "{o:#?}"
+    );
+    let n = number_after(&o.stderr, "generation: ").expect("a generation line");
+    assert!(n < 64.0, "{o:#?}");
 }
 
 /// `-n -1` (until end of generation or a full context), `-s -1` (random seed) and `-f -` (stdin)

@@ -61,9 +61,9 @@ struct RopeP {
     RopeYarn y;
 };
 
-// sin and cos of pair i at position pos (unscaled): angle pos * base^(-2i/n_dims) /
-// freq_factors[i] * (pos_scale, or YaRN's mix), both times the YaRN magnitude.
-__device__ __forceinline__ void rope_sincos(int i, float pos, const RopeP& r, float* s, float* c) {
+// Pair i's angle per unit of (unscaled) position: base^(-2i/n_dims) / freq_factors[i] *
+// (pos_scale, or YaRN's mix).
+__device__ __forceinline__ float rope_rate(int i, const RopeP& r) {
     float inv_freq = powf(r.base, -2.0f * (float)i / (float)r.n_dims);
     if (r.freq_factors) inv_freq /= r.freq_factors[i];
     float factor = r.pos_scale;
@@ -72,7 +72,12 @@ __device__ __forceinline__ void rope_sincos(int i, float pos, const RopeP& r, fl
             (1.f - fminf(1.f, fmaxf(0.f, ((float)i - r.y.low) / fmaxf(0.001f, r.y.high - r.y.low)))) * r.y.ext;
         factor = r.pos_scale * (1.f - m) + m;
     }
-    sincosf(pos * (inv_freq * factor), s, c);
+    return inv_freq * factor;
+}
+
+// sin and cos of pair i at position pos (unscaled), both times the YaRN magnitude.
+__device__ __forceinline__ void rope_sincos(int i, float pos, const RopeP& r, float* s, float* c) {
+    sincosf(pos * rope_rate(i, r), s, c);
     *s *= r.y.mscale;
     *c *= r.y.mscale;
 }
@@ -174,6 +179,46 @@ extern "C" __global__ void qk_norm_rope(float* __restrict__ q, float* __restrict
     }
     const float p = (float)pos[t];
     for (int i = lane; i < r.n_dims / 2; i += 32) rope_pair_to(xh, xh, i, p, r);
+}
+
+// Context shift of one sequence's KV rows in place (f16, `cols` per row): cell moves in runs
+// (moves[2m] = source cell, moves[2m + 1] = destination; run r covers moves run_start[r] ..
+// run_start[r + 1]; when cyclic[r], its last move's source is read before anything is written).
+// Block x = run, block y and thread = a pair of values of a row, so each thread does the moves
+// of its run in order on its own values and reads nothing another thread writes. In each head of
+// head_dim, the r.n_dims values from rope_off on (r.n_dims = 0: none, V) turn by delta positions
+// with rope_rate's angles and without the YaRN magnitude (the cached K carries it already); the
+// other values are copied.
+extern "C" __global__ void kv_shift(u16* __restrict__ rows, int cols, const i32* __restrict__ moves,
+                                    const i32* __restrict__ run_start, const i32* __restrict__ cyclic,
+                                    int head_dim, int rope_off, float delta, RopeP r) {
+    const int u = blockIdx.y * blockDim.x + threadIdx.x;
+    if (u >= cols / 2) return;
+    const int run = blockIdx.x;
+    const int m0 = run_start[run], m1 = run_start[run + 1];
+    if (m1 <= m0) return;
+    const int per_head = head_dim / 2, h = u / per_head, j = u % per_head - rope_off / 2;
+    int a = h * head_dim + 2 * (u % per_head), b = a + 1;
+    float s = 0.f, c = 1.f;
+    if (j >= 0 && j < r.n_dims / 2) {
+        a = h * head_dim + rope_off + (r.mode == 0 ? 2 * j : j);
+        b = r.mode == 0 ? a + 1 : a + r.n_dims / 2;
+        sincosf(delta * rope_rate(j, r), &s, &c);
+    }
+    u16 sa = 0, sb = 0;
+    if (cyclic[run]) {
+        const i64 src = moves[2 * (m1 - 1)];
+        sa = rows[src * cols + a];
+        sb = rows[src * cols + b];
+    }
+    for (int m = m0; m < m1; m++) {
+        const i64 src = moves[2 * m], dst = moves[2 * m + 1];
+        const bool saved = cyclic[run] && m + 1 == m1;
+        const float x0 = h2f(saved ? sa : rows[src * cols + a]);
+        const float x1 = h2f(saved ? sb : rows[src * cols + b]);
+        rows[dst * cols + a] = f2h(x0 * c - x1 * s);
+        rows[dst * cols + b] = f2h(x0 * s + x1 * c);
+    }
 }
 
 // out = act(gate, up). act 0: SiLU(gate) * up; 1: GELU(gate) (tanh approximation) * up; 2: gpt-oss's

@@ -91,12 +91,16 @@ impl Rope<'_> {
 
     /// `(sin, cos)` of each pair at `pos`, times YaRN's magnitude.
     fn table(&self, rates: &[f32], pos: u32) -> Vec<(f32, f32)> {
-        let m = self.yarn.map_or(1.0, |y| y.mscale);
+        Self::table_at(rates, pos as f32, self.yarn.map_or(1.0, |y| y.mscale))
+    }
+
+    /// `(sin, cos)` of each pair at `pos` (any real, negative turns back), times `magnitude`.
+    fn table_at(rates: &[f32], pos: f32, magnitude: f32) -> Vec<(f32, f32)> {
         rates
             .iter()
             .map(|f| {
-                let (s, c) = (pos as f32 * f).sin_cos();
-                (s * m, c * m)
+                let (s, c) = (pos * f).sin_cos();
+                (s * magnitude, c * magnitude)
             })
             .collect()
     }
@@ -161,6 +165,64 @@ pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
         x.chunks_mut(cols)
             .zip(positions.iter())
             .for_each(rotate_row);
+    }
+}
+
+/// One ordered run of KV cell moves of a context shift. Moves run in order; runs touch disjoint
+/// cells, so they may run in parallel. A cyclic run's first move overwrites its last move's
+/// source: that source is read before anything is written (a single self-move rotates a cell in
+/// place).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShiftRun {
+    /// (source cell, destination cell), in the order they run.
+    pub moves: Vec<(u32, u32)>,
+    /// Whether the run is a cycle (see above).
+    pub cyclic: bool,
+}
+
+/// Moves cells of one sequence's KV rows (`cells` is `n_cells × cols` f16) as `runs` say, each
+/// moved row rotated by the rope angles of `delta` positions when `rope` is given (K of a layer
+/// with rotary embeddings: in each head of `head_dim` values, the `rope.n_dims` from `rope_off`
+/// on; latent attention's one head ropes after its latent), copied as is otherwise (V, or K
+/// without rope). The angles are the forward rope's (frequency factors, position scale, YaRN's
+/// per-pair mix) but not YaRN's magnitude: the cached K already carries it, and a rotation by
+/// the difference of two positions' angles keeps magnitudes. The rotation is computed in f32
+/// from the stored f16 and rounded back to f16, as the CUDA `kv_shift` kernel does.
+pub fn kv_shift(
+    cells: &mut [f16],
+    cols: usize,
+    (head_dim, rope_off): (usize, usize),
+    rope: Option<&Rope>,
+    delta: i64,
+    runs: &[ShiftRun],
+) {
+    let table = rope
+        .map(|r| Rope::table_at(&r.angle_rates(), delta as f32, 1.0))
+        .unwrap_or_default();
+    let row = |c: u32| c as usize * cols..(c as usize + 1) * cols;
+    let mut buf = vec![0f32; cols];
+    for run in runs {
+        let Some(&(last_src, _)) = run.moves.last() else {
+            continue;
+        };
+        let saved: Option<Vec<f16>> = run.cyclic.then(|| cells[row(last_src)].to_vec());
+        for (i, &(src, dst)) in run.moves.iter().enumerate() {
+            let from: &[f16] = match &saved {
+                Some(v) if i + 1 == run.moves.len() => v,
+                _ => &cells[row(src)],
+            };
+            for (b, v) in buf.iter_mut().zip(from) {
+                *b = v.to_f32();
+            }
+            if let Some(r) = rope {
+                for head in buf.chunks_mut(head_dim) {
+                    r.rotate(&mut head[rope_off..], &table);
+                }
+            }
+            for (o, b) in cells[row(dst)].iter_mut().zip(&buf) {
+                *o = f16::from_f32(*b);
+            }
+        }
     }
 }
 
@@ -650,6 +712,79 @@ mod tests {
         rope(&mut y, 4, &[1], &r);
         assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6);
         assert!((y[1] - f1.cos()).abs() < 1e-6 && (y[3] - f1.sin()).abs() < 1e-6);
+    }
+
+    /// A K row roped at position 40 and shifted by -18 equals the row roped at 22 (up to f16
+    /// rounding) for YaRN with a magnitude (applied once, by the forward rope) and for latent
+    /// attention's row (latent untouched, rope part after it); the latent and the unrotated
+    /// tail of a partial rope are copied exactly.
+    #[test]
+    fn kv_shift_turns_k_to_its_new_position() {
+        let yarn = RopeYarn {
+            low: 2.0,
+            high: 9.0,
+            ext_factor: 1.0,
+            mscale: 1.35,
+        };
+        // (pairing, head width, rotated dims, offset, YaRN).
+        for (pairing, head, n_dims, off, y) in [
+            (RopePairing::Neox, 32, 32, 0, Some(yarn)),
+            (RopePairing::Adjacent, 32, 16, 0, Some(yarn)),
+            (RopePairing::Neox, 32, 16, 0, None),
+            (RopePairing::Adjacent, 48, 16, 32, Some(yarn)),
+        ] {
+            let r = Rope {
+                pairing,
+                n_dims,
+                base: 10000.0,
+                pos_scale: 0.25,
+                freq_factors: None,
+                yarn: y,
+            };
+            let cols = 2 * head;
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 4.0)
+                .collect();
+            let roped_at = |pos: u32| {
+                let mut v = x.clone();
+                for h in v.chunks_mut(head) {
+                    let mut part = h[off..off + n_dims].to_vec();
+                    rope(&mut part, n_dims, &[pos], &r);
+                    h[off..off + n_dims].copy_from_slice(&part);
+                }
+                v
+            };
+            // Cells 0 and 1: cell 1 (position 40) moves to cell 0.
+            let mut cells: Vec<f16> = [vec![0f32; cols], roped_at(40)]
+                .concat()
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let runs = [ShiftRun {
+                moves: vec![(1, 0)],
+                cyclic: false,
+            }];
+            kv_shift(&mut cells, cols, (head, off), Some(&r), -18, &runs);
+            let want = roped_at(22);
+            let got: Vec<f32> = cells[..cols].iter().map(|v| v.to_f32()).collect();
+            let far = roped_at(40);
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                let in_rope = (off..off + n_dims).contains(&(j % head));
+                if in_rope {
+                    assert!(
+                        (g - w).abs() < 1e-2,
+                        "{pairing:?} {off}: col {j}: {g} vs {w}"
+                    );
+                } else {
+                    assert_eq!(*g, f16::from_f32(*w).to_f32(), "{pairing:?} col {j} copied");
+                }
+            }
+            let moved: f32 = far.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();
+            assert!(
+                moved > 1.0,
+                "{pairing:?} {off}: positions 40 and 22 too alike"
+            );
+        }
     }
 
     fn routing(gating: Gating, normalize: bool, scale: f32, groups: (usize, usize)) -> Routing {

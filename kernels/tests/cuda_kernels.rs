@@ -1208,6 +1208,135 @@ fn cuda_norms_rope_glu_add_match_cpu() {
     c.free(&[gd, ud, od]);
 }
 
+/// The context-shift kernel against the CPU's `ops::kv_shift` on the same runs: a cycle of
+/// three, a chain, a self-move (rotation in place) and a cell left alone; K rotated (NEOX with
+/// frequency factors; adjacent pairs over half the head with a position scale; YaRN with a
+/// magnitude, which the shift must not apply again; latent attention's one head roped after its
+/// latent), V copied.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_kv_shift_matches_cpu() {
+    use pshard_kernels::ops::{self, ShiftRun};
+    let Some(c) = ctx("cuda_kv_shift_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_kv_shift");
+    let s = c.gpu.stream().clone();
+    let k = &c.gpu.kernels;
+    let (cells, hd, heads, delta) = (12usize, 64usize, 2usize, -18i64);
+    let cols = hd * heads;
+    let runs = vec![
+        ShiftRun {
+            moves: vec![(1, 2), (0, 1), (2, 0)],
+            cyclic: true,
+        },
+        ShiftRun {
+            moves: vec![(4, 3), (5, 4)],
+            cyclic: false,
+        },
+        ShiftRun {
+            moves: vec![(7, 7)],
+            cyclic: true,
+        },
+    ];
+    let mut moves: Vec<i32> = Vec::new();
+    let mut starts = vec![0i32];
+    let mut cyclic = Vec::new();
+    for run in &runs {
+        moves.extend(run.moves.iter().flat_map(|&(a, b)| [a as i32, b as i32]));
+        starts.push(moves.len() as i32 / 2);
+        cyclic.push(run.cyclic as i32);
+    }
+    let (md, sd, cd) = (c.up_i32(&moves), c.up_i32(&starts), c.up_i32(&cyclic));
+    let f: Vec<f32> = (0..hd / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
+    let fd = c.up_f32(&f);
+    let yarn = pshard_model::graph::RopeYarn {
+        low: 3.0,
+        high: 11.0,
+        ext_factor: 1.0,
+        mscale: 1.35,
+    };
+    // (pairing, head width, rotated dims, offset in the head, frequency factors, position
+    // scale, YaRN).
+    for (mode, head, n_dims, off, ff, pscale, y) in [
+        (Some(RopeKind::Neox), hd, hd, 0, true, 1.0f32, None),
+        (Some(RopeKind::Adjacent), hd, hd / 2, 0, false, 0.5, None),
+        (Some(RopeKind::Neox), hd, hd, 0, false, 0.25, Some(yarn)),
+        (
+            Some(RopeKind::Neox),
+            cols,
+            32,
+            cols - 32,
+            false,
+            0.25,
+            Some(yarn),
+        ),
+        (None, cols, 0, 0, false, 1.0, None),
+    ] {
+        let x: Vec<f16> = randv(&mut r, cells * cols, 2.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let xd = c.up_bytes(&bytes);
+        let args = mode.map(|m| RopeArgs {
+            head_dim: head,
+            n_dims,
+            mode: m,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(fd.ptr),
+            yarn: RopeYarnArg::of(y),
+        });
+        k.kv_shift(
+            xd.ptr,
+            cols,
+            (md.ptr, sd.ptr, cd.ptr, runs.len()),
+            args.as_ref().map(|a| (a, off)),
+            delta as f32,
+            &s,
+        )
+        .unwrap();
+        c.sync();
+        let got = c.down_f16(xd.ptr, cells * cols);
+        let mut want = x.clone();
+        let cpu_rope = mode.map(|m| ops::Rope {
+            pairing: match m {
+                RopeKind::Adjacent => ops::RopePairing::Adjacent,
+                RopeKind::Neox => ops::RopePairing::Neox,
+            },
+            n_dims,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(&f[..]),
+            yarn: y,
+        });
+        ops::kv_shift(
+            &mut want,
+            cols,
+            (head, off),
+            cpu_rope.as_ref(),
+            delta,
+            &runs,
+        );
+        let want64: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        let err = rel_l2(&got, &want64);
+        let orig: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let moved = rel_l2(&orig, &want64);
+        eprintln!(
+            "kv_shift {mode:?} dims {n_dims} from {off}: rel L2 {err:.2e} (moved {moved:.2e})"
+        );
+        assert!(
+            err <= 1e-3 && moved > 1e-1,
+            "{mode:?} {n_dims} {off}: {err} {moved}"
+        );
+        // Cell 6 is in no run: untouched.
+        assert_eq!(&got[6 * cols..7 * cols], &orig[6 * cols..7 * cols]);
+        c.free(&[xd]);
+    }
+    c.free(&[md, sd, cd, fd]);
+}
+
 /// f64 attention reference of `rows` over f16-rounded K/V: query t at position pos[t] sees cache
 /// slots j <= pos[t] (and pos[t] - j < window); `sinks` join each head's softmax denominator; with
 /// `p.v_in_k` the values are the first `dv` of each K row (`vc` unused).

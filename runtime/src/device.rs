@@ -161,6 +161,65 @@ pub struct KvRef {
     pub seqs: usize,
 }
 
+/// The rotary embedding of a layer's cached K: in each head of `head_dim` values, the
+/// `rope.n_dims` from `offset` on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KRope {
+    /// The rope.
+    pub rope: pshard_model::graph::RopeParams,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Where the rotated values start in each head.
+    pub offset: usize,
+}
+
+impl KRope {
+    /// The rope `op` applies to K buffer `k`, when it ropes it: a rope op in place (every head
+    /// from its start), or latent attention's K row (one head, roped after its latent).
+    pub fn of(op: &pshard_model::graph::Op, k: pshard_model::graph::BufId) -> Option<KRope> {
+        use pshard_model::graph::Op;
+        match *op {
+            Op::Rope { x, head_dim, rope } if x == k => Some(KRope {
+                rope,
+                head_dim,
+                offset: 0,
+            }),
+            Op::MlaKv {
+                out, kv_lora, rope, ..
+            } if out == k => Some(KRope {
+                rope,
+                head_dim: kv_lora + rope.n_dims,
+                offset: kv_lora,
+            }),
+            _ => None,
+        }
+    }
+
+    /// `(head_dim, offset)`, as `pshard_kernels::ops::kv_shift` takes them.
+    pub fn span(&self) -> (usize, usize) {
+        (self.head_dim, self.offset)
+    }
+}
+
+/// A context shift of one sequence in one layer's KV on the device (see
+/// [`crate::engine::Engine::shift_seq`]): cells move as `runs` say, K rows rotated back by the
+/// rope angles of `delta` positions when `rope` is given, V rows copied.
+#[derive(Clone, Debug)]
+pub struct KvShift {
+    /// The layer's KV; the moves are cells of sequence `seq` in it.
+    pub kv: KvRef,
+    /// The sequence.
+    pub seq: usize,
+    /// The rotary embedding of the layer's K, when it has one.
+    pub rope: Option<KRope>,
+    /// Where the rope's frequency factors lie on the device, when it has them.
+    pub freq_factors: Option<WeightRef>,
+    /// Positions every moved cell moves by (negative: towards the start).
+    pub delta: i64,
+    /// The moves.
+    pub runs: Vec<pshard_kernels::ops::ShiftRun>,
+}
+
 /// The per-step inputs of a program on the device (i32 each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Inputs {
@@ -381,6 +440,9 @@ pub trait Device: Send {
 
     /// Enqueues one GPU-lane step on the compute stream.
     fn launch(&self, step: &GpuStep<'_>) -> Result<(), EngineError>;
+
+    /// Enqueues a context shift of one layer's cells of one sequence on the compute stream.
+    fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError>;
 
     /// Runs `issue`, which enqueues a fixed run of compute-stream steps of a program, as a CUDA
     /// graph where the device supports it: the run is captured the second time `key` comes (the

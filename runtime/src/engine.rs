@@ -22,11 +22,11 @@ pub use crate::batch::Logits;
 use crate::batch::{Batch, RouteOverride};
 use crate::cpu::{ActTrace, CpuLane, Weights};
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
-    ScratchPtrs, Shape2d, Stream, WeightRef,
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KRope, KvRef, KvShift,
+    OpKey, OpTime, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 pub use crate::error::EngineError;
-use crate::kv::{plain_alloc, HostKv, HostKvAccess, KvLayout};
+use crate::kv::{plain_alloc, with_bytes_as_kv, HostKv, HostKvAccess, KvLayout};
 use crate::model::Model;
 use crate::program::{Lane, Program, StepKind};
 use crate::tiers::TierSet;
@@ -537,6 +537,111 @@ impl Engine {
             }
         }
         self.n_past[s] = len;
+        Ok(())
+    }
+
+    /// Context shift of sequence `s` (llama.cpp's `--context-shift`): its first `keep` positions
+    /// stay, the next `discard` are forgotten, and the rest move down by `discard` positions —
+    /// their cells move in every layer wherever its KV lives (host or device), and their cached K
+    /// turns back by the rope angles of `discard` positions (the layer's own rope: pairing,
+    /// rotated dimensions, base, position scale, frequency factors, YaRN's per-pair mix but not
+    /// its magnitude, which K already carries; latent attention turns the rope part after the
+    /// latent), so it equals K computed at the new positions up to f16 rounding. K of layers
+    /// without rope and every V only move.
+    /// A sliding-window layer moves the positions its ring still holds; the shift fails (the
+    /// sequence unchanged) when the window of the next token reaches a kept position the ring
+    /// has already overwritten.
+    pub fn shift_seq(&mut self, s: usize, keep: usize, discard: usize) -> Result<(), EngineError> {
+        let len = self.seq_len(s);
+        if s >= self.n_past.len() || keep + discard > len {
+            return Err(EngineError::Batch(format!(
+                "cannot shift sequence {s} of {len} positions: keep {keep}, discard {discard}"
+            )));
+        }
+        if discard == 0 {
+            return Ok(());
+        }
+        let spec = &self.model.spec;
+        let layout = &self.kv.layout;
+        let runs = (0..spec.layers.len())
+            .map(|l| layout.shift_runs(l, spec.layers[l].window, len, keep, discard))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| EngineError::Batch(format!("context shift of sequence {s}: {e}")))?;
+        // Each layer's K rope: the op that ropes the K its attention writes.
+        let g = pshard_model::arch::build_graph(spec, 1, 1)?;
+        let mut ropes: Vec<Option<KRope>> = vec![None; spec.layers.len()];
+        for n in &g.nodes {
+            if let Op::Attention { layer, k, .. } = n.op {
+                ropes[layer] = g
+                    .nodes
+                    .iter()
+                    .filter(|m| m.layer == Some(layer))
+                    .find_map(|m| KRope::of(&m.op, k));
+            }
+        }
+        if let Some(d) = &mut self.dev {
+            d.dev.synchronize()?;
+            d.run_end_pending = false;
+        }
+        let delta = -(discard as i64);
+        for (l, runs) in runs.into_iter().enumerate() {
+            if runs.is_empty() {
+                continue;
+            }
+            let rope = ropes[l];
+            match (self.kv_home[l], self.resident_kv(l)) {
+                (KvHome::Device, Some(ptr)) => {
+                    let side = self.dev.as_ref().expect("device-homed KV has a device");
+                    let freq_factors = rope.and_then(|r| r.rope.freq_factors).map(|t| WeightRef {
+                        tensor: t,
+                        addr: side.vectors.get(&t).copied().unwrap_or(0),
+                        first_row: 0,
+                    });
+                    side.dev.shift_kv(&KvShift {
+                        kv: KvRef {
+                            k: ptr,
+                            v: ptr + layout.v_offset(l) as u64,
+                            k_cols: layout.k_cols[l],
+                            v_cols: layout.v_cols[l],
+                            cells: layout.cells[l],
+                            seqs: layout.n_seq,
+                        },
+                        seq: s,
+                        rope,
+                        freq_factors,
+                        delta,
+                        runs,
+                    })?;
+                }
+                (KvHome::Device, None) => {
+                    return Err(EngineError::Device(format!("layer {l}'s KV is lost")));
+                }
+                (KvHome::Host, _) => {
+                    let Some(hb) = self.kv.get(l) else {
+                        // Never written: nothing to move.
+                        continue;
+                    };
+                    let model: &Model = &self.model;
+                    let r = rope.map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
+                    with_bytes_as_kv(hb, layout, l, &mut |kv| {
+                        let cells = kv.cells;
+                        for (rows, cols, r) in [
+                            (kv.k, layout.k_cols[l], r.as_ref()),
+                            (kv.v, layout.v_cols[l], None),
+                        ] {
+                            let seq = &mut rows[s * cells * cols..(s + 1) * cells * cols];
+                            let (rope, span) = (r.map(|r| &r.0), r.map_or((cols, 0), |r| r.1));
+                            pshard_kernels::ops::kv_shift(seq, cols, span, rope, delta, &runs);
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+        }
+        if let Some(d) = &mut self.dev {
+            d.dev.synchronize()?;
+        }
+        self.n_past[s] = len - discard;
         Ok(())
     }
 

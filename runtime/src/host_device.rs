@@ -24,8 +24,8 @@ use pshard_planner::lanes::{DeviceScratch, Lane, Run};
 use crate::batch::Batch;
 use crate::cpu::{CpuLane, KvAccess, LayerKvMut, Weights};
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, OpKey, OpTime,
-    PlainHostMem, ScratchPtrs, Shape2d, Stream, WeightRef,
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, KvShift, OpKey,
+    OpTime, PlainHostMem, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 use crate::error::EngineError;
 use crate::model::Model;
@@ -529,6 +529,34 @@ impl Device for HostDevice {
             self.shared.events.wait_for(e.0 as usize, gen);
         }
         self.check_error()
+    }
+
+    fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError> {
+        let shift = shift.clone();
+        self.push(Stream::Compute, move |sh| {
+            let model: &Model = &sh.model;
+            let rope = shift
+                .rope
+                .map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
+            let cells = shift.kv.cells;
+            for (base, cols, rope) in [
+                (shift.kv.k, shift.kv.k_cols, rope.as_ref()),
+                (shift.kv.v, shift.kv.v_cols, None),
+            ] {
+                if cols == 0 {
+                    continue;
+                }
+                let addr = base + (shift.seq * cells * cols * 2) as u64;
+                let shape = Shape2d::flat(cells * cols * 2);
+                let mut rows = vec![f16::ZERO; cells * cols];
+                sh.read(addr, shape, bytemuck::cast_slice_mut(&mut rows))?;
+                let (r, span) = (rope.map(|r| &r.0), rope.map_or((cols, 0), |r| r.1));
+                pshard_kernels::ops::kv_shift(&mut rows, cols, span, r, shift.delta, &shift.runs);
+                sh.write(addr, shape, bytemuck::cast_slice(&rows))?;
+            }
+            Ok(())
+        });
+        Ok(())
     }
 
     fn launch(&self, step: &GpuStep<'_>) -> Result<(), EngineError> {

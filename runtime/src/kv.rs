@@ -7,7 +7,10 @@
 //! so moving it between them is a copy: one allocation holds K at offset 0 and V at
 //! [`KvLayout::v_offset`].
 
+use std::collections::HashMap;
+
 use half::f16;
+pub use pshard_kernels::ops::ShiftRun;
 use pshard_model::spec::ModelSpec;
 use pshard_planner::lanes::align;
 
@@ -95,6 +98,93 @@ impl KvLayout {
             vec![start..cells, 0..start + n - cells]
         }
     }
+
+    /// The cell moves of a context shift of one sequence in layer `l` (a sliding-window layer when
+    /// `window` is set): of its `len` positions the first `keep` stay, the next `discard` go, and
+    /// the rest move down by `discard`. Each new position `q` the layer still holds after the shift
+    /// (the last `cells`) takes the cell of its old position; positions the ring has already
+    /// overwritten are left alone when no later token's window reaches them, and fail the shift
+    /// when one does (a sliding-window layer whose window reaches back into a kept prefix older
+    /// than its ring). Moves come ordered as [`ShiftRun`]s: chains end first, cycles marked.
+    pub fn shift_runs(
+        &self,
+        l: usize,
+        window: Option<usize>,
+        len: usize,
+        keep: usize,
+        discard: usize,
+    ) -> Result<Vec<ShiftRun>, String> {
+        let cells = self.cells[l];
+        let new_len = len - discard;
+        let held_from = len.saturating_sub(cells);
+        // The next token (at new_len) reads from new_len + 1 − window on; later ones further on.
+        let needed_from = window.map_or(0, |w| (new_len + 1).saturating_sub(w));
+        let mut next: HashMap<u32, u32> = HashMap::new();
+        for q in new_len.saturating_sub(cells)..new_len {
+            let old = if q < keep { q } else { q + discard };
+            if old < held_from {
+                if q >= needed_from {
+                    return Err(format!(
+                        "layer {l}'s sliding-window ring ({cells} cells) no longer holds position \
+                         {old}, which the window of {} positions still reads after the shift",
+                        window.unwrap_or(0)
+                    ));
+                }
+                continue;
+            }
+            if old != q {
+                next.insert((old % cells) as u32, (q % cells) as u32);
+            }
+        }
+        Ok(order_moves(next))
+    }
+}
+
+/// Orders cell moves (source → destination; sources distinct, destinations distinct) into runs
+/// that may run in parallel: each chain from its end back to its start, so no cell is
+/// overwritten before it is read, and each cycle as a cyclic run.
+fn order_moves(mut next: HashMap<u32, u32>) -> Vec<ShiftRun> {
+    let dsts: std::collections::HashSet<u32> = next.values().copied().collect();
+    let mut starts: Vec<u32> = next.keys().copied().filter(|c| !dsts.contains(c)).collect();
+    starts.sort_unstable();
+    let mut runs = Vec::new();
+    for start in starts {
+        let mut chain = Vec::new();
+        let mut c = start;
+        while let Some(d) = next.remove(&c) {
+            chain.push((c, d));
+            c = d;
+        }
+        chain.reverse();
+        runs.push(ShiftRun {
+            moves: chain,
+            cyclic: false,
+        });
+    }
+    // What is left are cycles.
+    let mut rest: Vec<u32> = next.keys().copied().collect();
+    rest.sort_unstable();
+    for start in rest {
+        let mut cycle = Vec::new();
+        let mut c = start;
+        while let Some(d) = next.remove(&c) {
+            cycle.push((c, d));
+            c = d;
+        }
+        if cycle.is_empty() {
+            continue;
+        }
+        // Followed forward: c0→c1, …, c(m−1)→c0. Run backward from c(m−2)→c(m−1), which
+        // overwrites the source of the last move c(m−1)→c0: the run saves that source first.
+        let last = cycle.remove(cycle.len() - 1);
+        cycle.reverse();
+        cycle.push(last);
+        runs.push(ShiftRun {
+            moves: cycle,
+            cyclic: true,
+        });
+    }
+    runs
 }
 
 /// The host copies of the layers whose attention runs on the CPU or streams its KV: one buffer
@@ -192,4 +282,62 @@ pub fn with_bytes_as_kv(
 /// Host memory for engines without a device.
 pub fn plain_alloc(bytes: usize) -> Result<HostBuf, EngineError> {
     Ok(std::sync::Arc::new(PlainHostMem::new(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the moves on cells holding their own index: each destination must end up with its
+    /// source's original content, every other cell untouched.
+    fn apply(runs: &[ShiftRun], n: usize) -> Vec<u32> {
+        let mut cells: Vec<u32> = (0..n as u32).collect();
+        for r in runs {
+            let saved = r.cyclic.then(|| cells[r.moves.last().unwrap().0 as usize]);
+            for (i, &(s, d)) in r.moves.iter().enumerate() {
+                cells[d as usize] = match saved {
+                    Some(v) if i + 1 == r.moves.len() => v,
+                    _ => cells[s as usize],
+                };
+            }
+        }
+        cells
+    }
+
+    #[test]
+    fn moves_in_runs_act_as_one_simultaneous_move() {
+        for (cells, len, keep, discard) in [
+            (48, 40, 3, 18),
+            (48, 48, 0, 24),
+            (12, 40, 3, 18),
+            (12, 47, 0, 23),
+            (12, 30, 2, 12),
+            (12, 40, 0, 13),
+        ] {
+            let layout = KvLayout {
+                cells: vec![cells],
+                n_seq: 1,
+                k_cols: vec![2],
+                v_cols: vec![2],
+                n_ctx: 48,
+            };
+            let window = (cells < 48).then_some(8);
+            let runs = layout.shift_runs(0, window, len, keep, discard).unwrap();
+            let got = apply(&runs, cells);
+            let new_len = len - discard;
+            for q in new_len.saturating_sub(cells)..new_len {
+                let old = if q < keep { q } else { q + discard };
+                if old + cells >= len {
+                    assert_eq!(got[q % cells], (old % cells) as u32, "{cells} {len} {q}");
+                }
+            }
+            // Rings moved by a multiple-free amount cycle; the whole context only chains.
+            let cyclic = runs.iter().any(|r| r.cyclic);
+            assert_eq!(
+                cyclic,
+                cells < 48,
+                "{cells} {len} {keep} {discard}: {runs:?}"
+            );
+        }
+    }
 }

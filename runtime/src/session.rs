@@ -31,6 +31,8 @@ pub struct GenStats {
     pub gen_secs: f64,
     /// Why generation ended.
     pub stop: StopReason,
+    /// Context shifts made (see [`generate`]'s `shift_keep`).
+    pub shifts: usize,
 }
 
 /// Generates up to `n_predict` tokens after `prompt` (`usize::MAX`: until an end-of-generation token
@@ -38,10 +40,16 @@ pub struct GenStats {
 /// and returns `false` to stop; generation also stops after a token for which `is_eog` is true, and
 /// when the context is full. [`GenStats::stop`] says which. Logits without a finite value (a model
 /// whose weights hold NaN or infinity) are an error, never sampled from.
+///
+/// With `shift_keep = Some(keep)` a full context does not stop generation: as llama.cpp's
+/// `--context-shift`, the first `keep` positions stay and the older half of the rest is
+/// discarded ([`Engine::shift_seq`]); generation stops at a full context only when nothing is
+/// left to discard.
 pub fn generate(
     engine: &mut Engine,
     prompt: &[u32],
     n_predict: usize,
+    shift_keep: Option<usize>,
     sample: &mut dyn FnMut(&[f32], &[u32]) -> u32,
     is_eog: &dyn Fn(u32) -> bool,
     on_token: &mut dyn FnMut(u32) -> bool,
@@ -74,8 +82,18 @@ pub fn generate(
             break;
         }
         if engine.n_past() >= engine.n_ctx() {
-            stats.stop = StopReason::ContextFull;
-            break;
+            let keep = shift_keep.map(|k| k.min(engine.n_past()));
+            let discard = keep.map_or(0, |k| (engine.n_past() - k) / 2);
+            match keep {
+                Some(k) if discard > 0 => {
+                    engine.shift_seq(0, k, discard)?;
+                    stats.shifts += 1;
+                }
+                _ => {
+                    stats.stop = StopReason::ContextFull;
+                    break;
+                }
+            }
         }
         logits = engine.eval(&[tok], Logits::Last)?;
     }

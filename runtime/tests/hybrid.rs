@@ -8,12 +8,11 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{rel_l2, synth_model};
-use pshard_model::spec::ModelSpec;
+use common::{placement, rel_l2, strategies, synth_model, tiers_of};
 use pshard_planner::cost::PlanParams;
 use pshard_planner::lanes::{self, ProgramLanes};
-use pshard_planner::placement::{place, steps, Strategy};
-use pshard_planner::{Frac, Place, Placement};
+use pshard_planner::placement::Strategy;
+use pshard_planner::{Place, Placement};
 use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::host_device::HostDevice;
 use pshard_runtime::model::Model;
@@ -36,41 +35,10 @@ const PRESETS: [&str; 9] = [
     "tiny-deepseek2",
 ];
 
-/// Every searched strategy plus all-GPU.
-fn strategies() -> Vec<Strategy> {
-    std::iter::once(Strategy::AllGpu)
-        .chain(Strategy::SEARCHED)
-        .collect()
-}
-
-/// The placement of `s` with about `share` of its pinning steps taken.
-fn placement(spec: &ModelSpec, s: Strategy, share: f64) -> Placement {
-    let st = steps(spec, s);
-    let k = ((st.len() as f64) * share).round() as usize;
-    place(spec, s, &st, k, Frac(5000))
-}
-
 /// Tiers 1, 16 and 512 with their own placements (so ubatches switch tiers).
 fn tier_set(pls: [Placement; 3], n_ctx: usize) -> TierSet {
-    let mut params = PlanParams::new(n_ctx);
-    params.tier_max = Some(512);
-    TierSet {
-        tiers: [1, 16, 512]
-            .into_iter()
-            .zip(pls)
-            .map(|(n, placement)| RunTier {
-                n,
-                prefill: n == 512,
-                placement,
-                strategy: "TEST".into(),
-                ubatch: n,
-                predicted_tps: None,
-                switch_s: 0.0,
-            })
-            .collect(),
-        params,
-        source: "test".into(),
-    }
+    let [a, b, c] = pls;
+    tiers_of(vec![(1, a), (16, b), (512, c)], n_ctx)
 }
 
 /// A prompt of 23 tokens, 3 decode steps, then a 16-token chunk, then one more step: every

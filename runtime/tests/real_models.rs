@@ -225,6 +225,7 @@ fn smollm2_chat_stops_at_end_of_turn() {
         &mut engine,
         &prompt,
         200,
+        None,
         &mut |logits, _| {
             logits
                 .iter()

@@ -54,6 +54,15 @@ pub struct Args {
     /// Interactive chat (llama.cpp's `-cnv`): runs `pshard chat` with these flags.
     #[arg(long = "conversation")]
     conversation: bool,
+    /// When the context fills, keep the first --keep tokens and discard the older half of the
+    /// rest (their KV moves down, K re-rotated), instead of stopping (llama.cpp's
+    /// --context-shift).
+    #[arg(long = "context-shift")]
+    context_shift: bool,
+    /// Prompt tokens a context shift keeps (-1: the whole prompt); as in llama.cpp, a BOS token
+    /// the tokenizer added is kept besides.
+    #[arg(long = "keep", default_value = "0", value_parser = args::keep_count, allow_negative_numbers = true)]
+    keep: args::Keep,
     /// Do not echo the prompt before the generated text.
     #[arg(long = "no-display-prompt")]
     no_display_prompt: bool,
@@ -148,10 +157,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let is_eog = |t: u32| !ignore_eos && tokenizer.is_eog(t);
     let mut write_err = None;
+    let shift_keep = args.context_shift.then(|| {
+        let bos =
+            usize::from(tokenizer.bos().is_some() && tokens.first() == tokenizer.bos().as_ref());
+        args.keep
+            .0
+            .map_or(tokens.len(), |k| (k + bos).min(tokens.len()))
+    });
     let stats = generate(
         &mut engine,
         &tokens,
         args.n_predict.get(),
+        shift_keep,
         &mut |logits, history| {
             if ignore_eos {
                 // As llama.cpp: end-of-generation tokens can't be sampled at all.
@@ -186,10 +203,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     out.flush()?;
     if stats.stop == StopReason::ContextFull {
         eprintln!(
-            "generation stopped: the context of {n_ctx} tokens is full ({} prompt + {} generated; -c sets it, up to the model's {})",
+            "generation stopped: the context of {n_ctx} tokens is full ({} prompt + {} generated; -c sets it, up to the model's {}; --context-shift keeps going)",
             stats.prompt_tokens,
             stats.gen_tokens,
             engine.model.spec.hparams.n_ctx_train
+        );
+    }
+    if stats.shifts > 0 {
+        eprintln!(
+            "context shifts: {} (kept the first {} tokens each time)",
+            stats.shifts,
+            shift_keep.unwrap_or(0)
         );
     }
     eprintln!(

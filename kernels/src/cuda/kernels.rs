@@ -1389,6 +1389,77 @@ impl CudaKernels {
         )
     }
 
+    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): the runs
+    /// of cell moves `(moves, run_start, cyclic, n_runs)` (`moves`: i32 source, destination
+    /// pairs; `run_start`: `n_runs + 1` i32 offsets into them; `cyclic`: one i32 flag per run, see
+    /// `pshard_kernels::ops::ShiftRun`), each moved row rotated by the rope angles of `delta`
+    /// positions when `rope` is given (K: in each head of `rope.head_dim`, the `rope.n_dims`
+    /// values from the given offset on; without YaRN's magnitude, which the cached K already
+    /// carries), copied otherwise (V). The same rotation as `pshard_kernels::ops::kv_shift`.
+    pub fn kv_shift(
+        &self,
+        rows: u64,
+        cols: usize,
+        (moves, run_start, cyclic, n_runs): (u64, u64, u64, usize),
+        rope: Option<(&RopeArgs, usize)>,
+        delta: f32,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        if n_runs == 0 || cols == 0 {
+            return Ok(());
+        }
+        let (head_dim, rope_off, r) = match rope {
+            Some((r, off)) => {
+                if r.head_dim == 0
+                    || off + r.n_dims > r.head_dim
+                    || !off.is_multiple_of(2)
+                    || !cols.is_multiple_of(r.head_dim)
+                {
+                    return Err(CudaError::Invalid(format!(
+                        "KV shift of rows of {cols} with rope over {} of {} dims from {off}",
+                        r.n_dims, r.head_dim
+                    )));
+                }
+                (r.head_dim, off, r.karg()?)
+            }
+            None => {
+                let none = RopeArgs {
+                    head_dim: cols,
+                    n_dims: 0,
+                    mode: RopeKind::Adjacent,
+                    base: 1.0,
+                    pos_scale: 1.0,
+                    freq_factors: None,
+                    yarn: RopeYarnArg::NONE,
+                };
+                (cols, 0, none.karg()?)
+            }
+        };
+        if !cols.is_multiple_of(2) || !head_dim.is_multiple_of(2) {
+            return Err(CudaError::Invalid(format!(
+                "KV shift of rows of {cols} values in heads of {head_dim}: not pairs"
+            )));
+        }
+        self.launch(
+            "kv_shift",
+            (n_runs as u32, blocks(cols / 2, 128), 1),
+            128,
+            0,
+            s,
+            &[
+                &rows,
+                &(cols as i32),
+                &moves,
+                &run_start,
+                &cyclic,
+                &(head_dim as i32),
+                &(rope_off as i32),
+                &delta,
+                &r,
+            ],
+        )
+    }
+
     /// Latent attention's K rows of `n` tokens: `out[..kv_lora]` = RMS-normed `x[..kv_lora]` times
     /// `w`, `out[kv_lora..][..n_dims]` = `x[kv_lora..]` roped (`x`, `out`: row strides `ldx`,
     /// `ldo`).
@@ -2251,6 +2322,7 @@ mod tests {
             "moe_gemvq_q6_k_r2w4",
             "rms_norm",
             "rope",
+            "kv_shift",
             "moe_route",
             "moe_sort",
             "moe_gemm_q4_k_64x64",
@@ -2273,8 +2345,6 @@ mod tests {
         }
     }
 
-    /// The lookup-table levels the CUDA decoders read (four little-endian words per table in
-    /// common.cuh) are the CPU's.
     /// `RopeKArg` is copied byte for byte into ops.cu's `RopeP`: four 4-byte fields, the
     /// 8-byte pointer at 16, the four YaRN floats at 24.
     #[test]
@@ -2308,6 +2378,8 @@ mod tests {
         );
     }
 
+    /// The lookup-table levels the CUDA decoders read (four little-endian words per table in
+    /// common.cuh) are the CPU's.
     #[test]
     fn lut4_tables_match_cpu() {
         use crate::quant::lut4::{FP4, NL};

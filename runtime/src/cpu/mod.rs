@@ -720,7 +720,10 @@ fn add_rows(rows: &mut [f32], bias: &[f32]) {
 }
 
 /// The kernels' rope parameters of a graph rope.
-fn rope_op<'w>(rope: &pshard_model::graph::RopeParams, w: &'w dyn Weights) -> ops::Rope<'w> {
+pub(crate) fn rope_op<'w>(
+    rope: &pshard_model::graph::RopeParams,
+    w: &'w dyn Weights,
+) -> ops::Rope<'w> {
     ops::Rope {
         pairing: match rope.mode {
             RopeMode::Adjacent => ops::RopePairing::Adjacent,

@@ -13,26 +13,29 @@ use crate::device::{GpuStep, GpuWork};
 use crate::error::EngineError;
 use crate::model::Model;
 
-fn rope_kind(m: RopeMode) -> RopeKind {
-    match m {
-        RopeMode::Adjacent => RopeKind::Adjacent,
-        RopeMode::Neox => RopeKind::Neox,
+/// The kernels' form of a graph rope over heads of `head_dim`, its frequency factors (when it
+/// has them) at `freq_factors` on the device.
+pub(crate) fn kernel_rope(head_dim: usize, r: &RopeParams, freq_factors: Option<u64>) -> RopeArgs {
+    RopeArgs {
+        head_dim,
+        n_dims: r.n_dims,
+        mode: match r.mode {
+            RopeMode::Adjacent => RopeKind::Adjacent,
+            RopeMode::Neox => RopeKind::Neox,
+        },
+        base: r.base,
+        pos_scale: r.pos_scale,
+        freq_factors,
+        yarn: RopeYarnArg::of(r.yarn),
     }
 }
 
 fn rope_args(step: &GpuStep<'_>, head_dim: usize, r: &RopeParams) -> Result<RopeArgs, EngineError> {
-    Ok(RopeArgs {
-        head_dim,
-        n_dims: r.n_dims,
-        mode: rope_kind(r.mode),
-        base: r.base,
-        pos_scale: r.pos_scale,
-        freq_factors: match r.freq_factors {
-            Some(f) => Some(step.weight(f)?.addr),
-            None => None,
-        },
-        yarn: RopeYarnArg::of(r.yarn),
-    })
+    let ff = match r.freq_factors {
+        Some(f) => Some(step.weight(f)?.addr),
+        None => None,
+    };
+    Ok(kernel_rope(head_dim, r, ff))
 }
 
 /// Enqueues `step`.

@@ -19,7 +19,7 @@ use pshard_kernels::cuda::CudaEvent;
 use pshard_kernels::cuda::{CapturedGraph, Gpu, RegionId, RegionKind, RegionReport};
 
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, HostBuf, HostSrc, OpKey, OpTime, Shape2d, Stream,
+    DevPtr, Device, Event, GpuStep, HostBuf, HostSrc, KvShift, OpKey, OpTime, Shape2d, Stream,
 };
 use crate::error::EngineError;
 use crate::model::Model;
@@ -350,6 +350,78 @@ impl Device for CudaDevice {
             });
         }
         exec::launch(&self.gpu, &self.model, step)
+    }
+
+    fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError> {
+        self.gpu.dev.bind()?;
+        // The move tables: (source, destination) pairs, run offsets, cyclic flags.
+        let mut moves: Vec<i32> = Vec::new();
+        let mut starts: Vec<i32> = vec![0];
+        let mut cyclic: Vec<i32> = Vec::new();
+        for r in &shift.runs {
+            moves.extend(r.moves.iter().flat_map(|&(s, d)| [s as i32, d as i32]));
+            starts.push((moves.len() / 2) as i32);
+            cyclic.push(r.cyclic as i32);
+        }
+        if cyclic.is_empty() {
+            return Ok(());
+        }
+        let tables: [&[i32]; 3] = [&moves, &starts, &cyclic];
+        let bytes: u64 = tables
+            .iter()
+            .map(|t| pshard_planner::lanes::align(t.len() as u64 * 4))
+            .sum();
+        let region = self.create_region(
+            pshard_kernels::cuda::RegionKind::Scratch,
+            "context shift moves",
+            bytes,
+        )?;
+        let res = (|| {
+            let st = self.stream(Stream::Compute);
+            let mut ptrs = [0u64; 3];
+            let mut hosts = Vec::new();
+            for (i, t) in tables.iter().enumerate() {
+                ptrs[i] = self.alloc(region, t.len() as u64 * 4, "context shift table")?;
+                let hb = self.host_alloc(t.len() * 4)?;
+                hb.write(&mut |b: &mut [u8]| b.copy_from_slice(bytemuck::cast_slice(t)));
+                self.upload(
+                    Stream::Compute,
+                    ptrs[i],
+                    &HostSrc::Buf(hb.clone(), 0),
+                    Shape2d::flat(t.len() * 4),
+                )?;
+                // Kept until the region goes (which waits for the device).
+                hosts.push(hb);
+            }
+            let rope = shift.rope.map(|r| {
+                let ff = shift.freq_factors.map(|w| w.addr);
+                (exec::kernel_rope(r.head_dim, &r.rope, ff), r.offset)
+            });
+            let cells = shift.kv.cells;
+            for (base, cols, rope) in [
+                (
+                    shift.kv.k,
+                    shift.kv.k_cols,
+                    rope.as_ref().map(|(a, o)| (a, *o)),
+                ),
+                (shift.kv.v, shift.kv.v_cols, None),
+            ] {
+                let rows = base + (shift.seq * cells * cols * 2) as u64;
+                self.gpu.kernels.kv_shift(
+                    rows,
+                    cols,
+                    (ptrs[0], ptrs[1], ptrs[2], cyclic.len()),
+                    rope,
+                    shift.delta as f32,
+                    st,
+                )?;
+            }
+            self.gpu.dev.synchronize()?;
+            drop(hosts);
+            Ok(())
+        })();
+        let freed = self.destroy_region(region);
+        res.and(freed)
     }
 
     fn graph_run(

@@ -588,6 +588,60 @@ fn gpu_mixed_placements_match_cpu() {
     }
 }
 
+/// Context shift on the GPU (the `kv_shift` kernel over resident KV): one-layer models (whose K
+/// and V depend only on token and position) evaluate 40 tokens, keep 3, drop 18 and take one
+/// more; the logits match a fresh CPU engine fed the 22 kept tokens and the next one (tolerance
+/// [`TOL`]: the GPU-vs-CPU difference plus f16 re-rounding of the rotated K, 1e-4 on the host
+/// device), while the unshifted logits are far from them. Covers adjacent pairs with llama3
+/// frequency factors, NEOX pairs, gemma3's sliding-window ring (ubatch 4: 12 cells, moved in
+/// cycles), gpt-oss's YaRN, glm4moe's partial rope and deepseek2's latent K rows.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_context_shift_matches_fresh_evaluation() {
+    if skip() {
+        return;
+    }
+    for (name, ubatch) in [
+        ("tiny-llama", 16),
+        ("tiny-qwen3", 16),
+        ("tiny-gemma3", 4),
+        ("tiny-gpt-oss", 16),
+        ("tiny-glm4moe", 16),
+        ("tiny-deepseek2", 16),
+    ] {
+        let mut p = preset(name).unwrap();
+        p.n_layer = 1;
+        p.n_nextn = 0;
+        let path = test_dir().join(format!("{name}-1layer-shift.gguf"));
+        write_preset(&p, "q8_0", &path);
+        let nv = p.n_vocab;
+        let toks = prompt(40, nv);
+        let next = 77 % nv as u32;
+        let (keep, discard) = (3, 18);
+        let mut kept: Vec<u32> = toks[..keep].to_vec();
+        kept.extend(&toks[keep + discard..]);
+        kept.push(next);
+        let mut cpu = Engine::new(Model::open(&path).unwrap(), 48, ubatch);
+        cpu.set_exact_activations(true);
+        let want = cpu.eval(&kept, Logits::Last).unwrap();
+        let mut gpu = gpu_engine(&path, 48, ubatch);
+        gpu.set_exact_activations(true);
+        let before = gpu.eval(&toks, Logits::Last).unwrap();
+        gpu.shift_seq(0, keep, discard).unwrap();
+        let got = gpu.eval(&[next], Logits::Last).unwrap();
+        let err = rel_l2(&got, &want);
+        let unshifted = rel_l2(&before, &want);
+        let _ = writeln!(
+            std::io::stderr(),
+            "LOGITS context shift {name} ubatch {ubatch}: rel L2 {err:.2e} vs fresh CPU evaluation \
+             (tolerance {TOL:.0e}; unshifted {unshifted:.2e})"
+        );
+        assert!(err <= TOL, "{name} ubatch {ubatch}: rel L2 {err:.3e}");
+        assert!(unshifted > 10.0 * TOL, "{name}: the oracle cannot tell");
+        std::fs::remove_file(&path).ok();
+    }
+}
+
 /// Opening the CUDA device without a GPU is an error, not a panic (runs where there is none).
 #[test]
 fn cuda_device_without_gpu_is_an_error_not_a_panic() {

@@ -626,3 +626,51 @@ pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den).sqrt()
 }
+
+/// Every searched strategy plus all-GPU.
+pub fn strategies() -> Vec<pshard_planner::placement::Strategy> {
+    use pshard_planner::placement::Strategy;
+    std::iter::once(Strategy::AllGpu)
+        .chain(Strategy::SEARCHED)
+        .collect()
+}
+
+/// The placement of `s` with about `share` of its pinning steps taken.
+pub fn placement(
+    spec: &ModelSpec,
+    s: pshard_planner::placement::Strategy,
+    share: f64,
+) -> pshard_planner::Placement {
+    use pshard_planner::placement::{place, steps};
+    let st = steps(spec, s);
+    let k = ((st.len() as f64) * share).round() as usize;
+    place(spec, s, &st, k, pshard_planner::Frac(5000))
+}
+
+/// Tiers of these token counts (ascending) with their placements, each running ubatches of its
+/// count; the largest is the prompt tier.
+pub fn tiers_of(
+    tiers: Vec<(usize, pshard_planner::Placement)>,
+    n_ctx: usize,
+) -> pshard_runtime::tiers::TierSet {
+    use pshard_runtime::tiers::{RunTier, TierSet};
+    let mut params = pshard_planner::cost::PlanParams::new(n_ctx);
+    let max = tiers.iter().map(|t| t.0).max().unwrap_or(1);
+    params.tier_max = Some(max);
+    TierSet {
+        tiers: tiers
+            .into_iter()
+            .map(|(n, placement)| RunTier {
+                n,
+                prefill: n == max,
+                placement,
+                strategy: "TEST".into(),
+                ubatch: n,
+                predicted_tps: None,
+                switch_s: 0.0,
+            })
+            .collect(),
+        params,
+        source: "test".into(),
+    }
+}
