@@ -48,7 +48,8 @@ template <int D, int BKV>
 __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,
                                            const u16* __restrict__ vc, float* __restrict__ out, int ldo,
                                            const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,
-                                           int kv_base, int cells, float scale, float softcap, int window) {
+                                           int kv_base, int cells, float scale, float softcap, int window,
+                                           const float* __restrict__ sinks) {
     extern __shared__ __align__(16) u16 smem[];
     const int KS = D + 8;
     const int TILE = BKV * KS;
@@ -189,6 +190,19 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    if (sinks) {
+        // The head's sink joins each row's softmax denominator: rescale to the larger maximum.
+        const float sk = sinks[h];
+        const float n0 = fmaxf(m0, sk), n1 = fmaxf(m1, sk);
+        const float a0 = __expf(m0 - n0), a1 = __expf(m1 - n1);
+        l0 = l0 * a0 + __expf(sk - n0);
+        l1 = l1 * a1 + __expf(sk - n1);
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= a0; o[dt][1] *= a0;
+            o[dt][2] *= a1; o[dt][3] *= a1;
+        }
+    }
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++) {
@@ -203,9 +217,10 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
         flash_attn_##D(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,            \
                        const u16* __restrict__ vc, float* __restrict__ out, int ldo,                \
                        const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,             \
-                       int kv_base, int cells, float scale, float softcap, int window) {            \
+                       int kv_base, int cells, float scale, float softcap, int window,              \
+                       const float* __restrict__ sinks) {                                           \
         flash_impl<D, BKV>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, kv_base, cells,   \
-                           scale, softcap, window);                                                 \
+                           scale, softcap, window, sinks);                                          \
     }
 FLASH_KERNEL(64, 64)
 FLASH_KERNEL(128, 64)
@@ -384,29 +399,143 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// Merges the live splits of attn_split (n_split <= 64). Grid (n_head, n_tokens), 128 threads.
+// Merges the live splits of attn_split or mla_attn_split (n_split <= 64); each head's sink (sinks:
+// n_head f32, or null) joins the denominator. Grid (n_head, n_tokens), 128 threads.
 extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out, int ldo,
                                         const i32* __restrict__ pos, int n_head, int dv, int window,
-                                        int n_split) {
+                                        int n_split, const float* __restrict__ sinks) {
     __shared__ float fac[64];
     const int h = blockIdx.x, t = blockIdx.y;
     int j_lo, chunk, live;
     split_range(pos[t], window, n_split, j_lo, chunk, live);
     const i64 stride = dv + 2;
     const float* src = part + ((i64)t * n_head + h) * n_split * stride;
-    float M = NEG_INF;
+    float M = sinks ? sinks[h] : NEG_INF;
     for (int s = 0; s < live; s++) M = fmaxf(M, src[s * stride]);
     for (int s = threadIdx.x; s < live; s += blockDim.x) {
         const float ms = src[s * stride];
         fac[s] = ms == NEG_INF ? 0.f : __expf(ms - M);
     }
     __syncthreads();
-    float L = 0.f;
+    float L = sinks ? __expf(sinks[h] - M) : 0.f;
     for (int s = 0; s < live; s++) L += fac[s] * src[s * stride + 1];
     const float inv = L > 0.f ? 1.f / L : 0.f;
     for (int d = threadIdx.x; d < dv; d += blockDim.x) {
         float acc = 0.f;
         for (int s = 0; s < live; s++) acc += fac[s] * src[s * stride + 2 + d];
         out[(i64)t * ldo + (i64)h * dv + d] = acc * inv;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-head latent attention (one KV head whose values are the first dv columns of each K row of
+// dk columns, row stride ldk): split-KV over key spans like attn_split, but each block serves
+// MLA_HG query heads of one token so a K tile is staged once for all of them. Grid (n_split,
+// ceil(n_head / MLA_HG), n_tokens), 256 threads, dynamic shared memory mla_smem(dk) bytes. Writes
+// the partials attn_combine merges. dk <= 1024, dv <= MLA_MAX_DV, dk and dv even.
+
+#define MLA_HG 16
+#define MLA_TILE 32
+#define MLA_MAX_DV 512
+
+extern "C" __global__ void __launch_bounds__(256)
+    mla_attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, int ldk,
+                   float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq,
+                   int n_head, int cells, int dk, int dv, float scale, int window, int n_split) {
+    extern __shared__ __align__(16) float mla_smem[];
+    __shared__ float m_run[MLA_HG], l_run[MLA_HG], alpha[MLA_HG];
+    const int split = blockIdx.x, h0 = blockIdx.y * MLA_HG, t = blockIdx.z;
+    const int nh = min(MLA_HG, n_head - h0);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int p = pos[t];
+    int j_lo, chunk, live;
+    split_range(p, window, n_split, j_lo, chunk, live);
+    // Uniform per block, before any barrier.
+    if (split >= live) return;
+    const int a = j_lo + split * chunk;
+    const int b = min(a + chunk, p + 1);
+    const i64 base = (i64)seq[t] * cells;
+    float* sq = mla_smem;                          // nh x dk queries
+    u16* ks = (u16*)(sq + MLA_HG * dk);            // MLA_TILE x dk keys
+    float* sp = (float*)(ks + MLA_TILE * dk);      // nh x MLA_TILE scores, then weights
+    for (int i = tid; i < nh * dk; i += blockDim.x)
+        sq[i] = q[(i64)t * ldq + (i64)(h0 + i / dk) * dk + i % dk];
+    if (tid < MLA_HG) {
+        m_run[tid] = NEG_INF;
+        l_run[tid] = 0.f;
+    }
+    // This thread's outputs: o = tid + 256 k covers head o / dv, value o % dv.
+    float acc[MLA_HG * MLA_MAX_DV / 256];
+    const int n_out = nh * dv;
+#pragma unroll
+    for (int k = 0; k < MLA_HG * MLA_MAX_DV / 256; k++) acc[k] = 0.f;
+    for (int j0 = a; j0 < b; j0 += MLA_TILE) {
+        const int n_in = min(MLA_TILE, b - j0);
+        __syncthreads();  // the previous tile's weights and keys are no longer read
+        for (int i = tid; i < n_in * (dk / 2); i += blockDim.x) {
+            const int r = i / (dk / 2), c = i % (dk / 2);
+            *(u32*)(ks + r * dk + 2 * c) = *(const u32*)(kc + (base + (j0 + r) % cells) * ldk + 2 * c);
+        }
+        __syncthreads();
+        // Scores: one warp per (head, key) pair.
+        for (int idx = warp; idx < nh * MLA_TILE; idx += 8) {
+            const int hh = idx / MLA_TILE, r = idx % MLA_TILE;
+            float s = 0.f;
+            if (r < n_in) {
+                const float* qh = sq + hh * dk;
+                const u16* kr = ks + r * dk;
+                for (int c = lane; c < dk / 2; c += 32) {
+                    const u32 k2 = *(const u32*)(kr + 2 * c);
+                    s += qh[2 * c] * h2f((u16)(k2 & 0xffff)) + qh[2 * c + 1] * h2f((u16)(k2 >> 16));
+                }
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                const int j = j0 + r;
+                const bool ok = r < n_in && j <= p && (window <= 0 || p - j < window);
+                sp[hh * MLA_TILE + r] = ok ? s * scale : NEG_INF;
+            }
+        }
+        __syncthreads();
+        // Online softmax per head (MLA_TILE == 32: one key per lane). Every tile has a visible
+        // key (the span ends at the query's own position), so the new maximum is finite.
+        for (int hh = warp; hh < nh; hh += 8) {
+            const float v = sp[hh * MLA_TILE + lane];
+            const float mn = fmaxf(m_run[hh], warp_max(v));
+            const float e = __expf(v - mn);
+            sp[hh * MLA_TILE + lane] = e;
+            const float l = warp_sum(e);
+            if (lane == 0) {
+                const float al = __expf(m_run[hh] - mn);
+                alpha[hh] = al;
+                l_run[hh] = l_run[hh] * al + l;
+                m_run[hh] = mn;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < MLA_HG * MLA_MAX_DV / 256; k++) {
+            const int o = tid + 256 * k;
+            if (o < n_out) {
+                const int hh = o / dv, d = o % dv;
+                float v = acc[k] * alpha[hh];
+                for (int r = 0; r < n_in; r++) v += sp[hh * MLA_TILE + r] * h2f(ks[r * dk + d]);
+                acc[k] = v;
+            }
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < MLA_HG * MLA_MAX_DV / 256; k++) {
+        const int o = tid + 256 * k;
+        if (o < n_out) {
+            const int hh = o / dv, d = o % dv;
+            float* dst = part + (((i64)t * n_head + h0 + hh) * n_split + split) * (dv + 2);
+            dst[2 + d] = acc[k];
+            if (d == 0) {
+                dst[0] = m_run[hh];
+                dst[1] = l_run[hh];
+            }
+        }
     }
 }

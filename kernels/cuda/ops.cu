@@ -1,5 +1,6 @@
-// Row and elementwise ops on f32 activations: norms, rotary embedding, GLU, add, soft-cap,
-// conversions, KV writes by position, row selection and MoE routing.
+// Row and elementwise ops on f32 activations: norms, rotary embedding (YaRN included), GLUs, add,
+// soft-cap, conversions, KV writes by position, row selection, MoE routing and expert biases,
+// multi-head latent attention's K row, query rope and head routes.
 
 // Block-wide sum for blockDim.x <= 1024 (multiple of 32).
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -14,17 +15,21 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return s;
 }
 
-// y[r] = x[r] / rms(x[r]) * w. One block per row.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    float* __restrict__ y, int cols, float eps) {
-    __shared__ float red[32];
-    const float* xr = x + (i64)blockIdx.x * cols;
-    float* yr = y + (i64)blockIdx.x * cols;
+// yr = xr / rms(xr) * w over cols values, by the whole block.
+__device__ __forceinline__ void block_rms_norm(const float* __restrict__ xr, const float* __restrict__ w,
+                                               float* __restrict__ yr, int cols, float eps, float* red) {
     float ss = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
     ss = block_sum(ss, red);
     const float inv = rsqrtf(ss / (float)cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = xr[c] * inv * w[c];
+}
+
+// y[r] = x[r] / rms(x[r]) * w. One block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ y, int cols, float eps) {
+    __shared__ float red[32];
+    block_rms_norm(x + (i64)blockIdx.x * cols, w, y + (i64)blockIdx.x * cols, cols, eps, red);
 }
 
 // One head normalised in place and scaled by w[head_dim], by the 32 lanes of a warp.
@@ -37,21 +42,55 @@ __device__ __forceinline__ void head_norm_warp(float* __restrict__ xh, const flo
     for (int c = lane; c < head_dim; c += 32) xh[c] = xh[c] * inv * w[c];
 }
 
-// Rotates pair i of one head at position p (already scaled): mode 0 pairs (2i, 2i+1), mode 1
-// (i, i + n_dims/2); angle p * base^(-2i/n_dims) / freq_factors[i].
-__device__ __forceinline__ void rope_pair(float* __restrict__ xh, int i, float p, int n_dims,
-                                          int mode, float base,
-                                          const float* __restrict__ freq_factors) {
-    const int half = n_dims / 2;
-    float inv_freq = powf(base, -2.0f * (float)i / (float)n_dims);
-    if (freq_factors) inv_freq /= freq_factors[i];
+// YaRN of a rope launch (see pshard_model::graph::RopeYarn): pair i's angle rate is multiplied by
+// pos_scale (1 - r) + r with r = (1 - clamp((i - low) / max(0.001, high - low), 0, 1)) * ext, and
+// the rotated values by mscale. ext = 0, mscale = 1: plain rope scaled by pos_scale.
+struct RopeYarn {
+    float low, high, ext, mscale;
+};
+
+// A rope launch's parameters, passed by value (RopeKArg in kernels.rs, same layout): rotated
+// dimensions per head, pairing (0: adjacent pairs (2i, 2i+1); 1: NEOX halves (i, i + n_dims/2)),
+// frequency base, position scale, per-pair frequency divisors (or null), YaRN.
+struct RopeP {
+    int n_dims;
+    int mode;
+    float base;
+    float pos_scale;
+    const float* freq_factors;
+    RopeYarn y;
+};
+
+// Pair i's angle per unit of (unscaled) position: base^(-2i/n_dims) / freq_factors[i] *
+// (pos_scale, or YaRN's mix).
+__device__ __forceinline__ float rope_rate(int i, const RopeP& r) {
+    float inv_freq = powf(r.base, -2.0f * (float)i / (float)r.n_dims);
+    if (r.freq_factors) inv_freq /= r.freq_factors[i];
+    float factor = r.pos_scale;
+    if (r.y.ext != 0.f) {
+        const float m =
+            (1.f - fminf(1.f, fmaxf(0.f, ((float)i - r.y.low) / fmaxf(0.001f, r.y.high - r.y.low)))) * r.y.ext;
+        factor = r.pos_scale * (1.f - m) + m;
+    }
+    return inv_freq * factor;
+}
+
+// sin and cos of pair i at position pos (unscaled), both times the YaRN magnitude.
+__device__ __forceinline__ void rope_sincos(int i, float pos, const RopeP& r, float* s, float* c) {
+    sincosf(pos * rope_rate(i, r), s, c);
+    *s *= r.y.mscale;
+    *c *= r.y.mscale;
+}
+
+// Rotates pair i of one head from src into dst (they may be the same).
+__device__ __forceinline__ void rope_pair_to(const float* src, float* dst, int i, float pos, const RopeP& r) {
     float s, c;
-    sincosf(p * inv_freq, &s, &c);
-    const int a = mode == 0 ? 2 * i : i;
-    const int b = mode == 0 ? 2 * i + 1 : i + half;
-    const float x0 = xh[a], x1 = xh[b];
-    xh[a] = x0 * c - x1 * s;
-    xh[b] = x0 * s + x1 * c;
+    rope_sincos(i, pos, r, &s, &c);
+    const int a = r.mode == 0 ? 2 * i : i;
+    const int b = r.mode == 0 ? 2 * i + 1 : i + r.n_dims / 2;
+    const float x0 = src[a], x1 = src[b];
+    dst[a] = x0 * c - x1 * s;
+    dst[b] = x0 * s + x1 * c;
 }
 
 // In place: each head_dim slice of each row normalised and scaled by w[head_dim]. One warp per head.
@@ -63,20 +102,58 @@ extern "C" __global__ void head_rms_norm(float* __restrict__ x, const float* __r
     head_norm_warp(x + h * head_dim, w, head_dim, eps, lane);
 }
 
-// Rotary embedding in place. x: [n_tokens, n_heads * head_dim]; one thread per rotated pair.
-// mode 0: adjacent pairs (2i, 2i+1); mode 1: NEOX halves (i, i + n_dims/2).
-// theta = pos[t] * pos_scale * base^(-2i/n_dims) / freq_factors[i].
+// Rotary embedding in place (see RopeP). x: [n_tokens, n_heads * head_dim]; one thread per rotated
+// pair.
 extern "C" __global__ void rope(float* __restrict__ x, const i32* __restrict__ pos, int n_tokens,
-                                int n_heads, int head_dim, int n_dims, int mode, float base,
-                                float pos_scale, const float* __restrict__ freq_factors) {
-    const int half = n_dims / 2;
+                                int n_heads, int head_dim, RopeP r) {
+    const int half = r.n_dims / 2;
     const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 total = (i64)n_tokens * n_heads * half;
     if (idx >= total) return;
     const int i = (int)(idx % half);
     const i64 th = idx / half;
     const int t = (int)(th / n_heads);
-    rope_pair(x + th * head_dim, i, (float)pos[t] * pos_scale, n_dims, mode, base, freq_factors);
+    float* xh = x + th * head_dim;
+    rope_pair_to(xh, xh, i, (float)pos[t], r);
+}
+
+// Rope of n_heads heads per row from src into dst (multi-head latent attention's query and key
+// parts): head h reads src[t * ld_src + h * src_stride + src_off ..][..n_dims] and writes
+// dst[t * ld_dst + h * dst_stride + dst_off ..]. One thread per rotated pair.
+extern "C" __global__ void rope_heads(const float* __restrict__ src, int ld_src, int src_stride, int src_off,
+                                      float* __restrict__ dst, int ld_dst, int dst_stride, int dst_off,
+                                      int n_heads, const i32* __restrict__ pos, int n_tokens, RopeP r) {
+    const int half = r.n_dims / 2;
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (i64)n_tokens * n_heads * half) return;
+    const int i = (int)(idx % half);
+    const i64 th = idx / half;
+    const int t = (int)(th / n_heads), h = (int)(th % n_heads);
+    rope_pair_to(src + (i64)t * ld_src + h * src_stride + src_off, dst + (i64)t * ld_dst + h * dst_stride + dst_off,
+                 i, (float)pos[t], r);
+}
+
+// Multi-head latent attention's K row, one block per token: out[..kv_lora] = x[..kv_lora] /
+// rms · w (eps), out[kv_lora ..][..r.n_dims] = x[kv_lora ..] roped (one head). Rows: x with stride
+// ldx, out with stride ldo.
+extern "C" __global__ void mla_kv(const float* __restrict__ x, int ldx, const float* __restrict__ w,
+                                  float* __restrict__ out, int ldo, int kv_lora, float eps,
+                                  const i32* __restrict__ pos, RopeP r) {
+    __shared__ float red[32];
+    const float* xr = x + (i64)blockIdx.x * ldx;
+    float* yr = out + (i64)blockIdx.x * ldo;
+    block_rms_norm(xr, w, yr, kv_lora, eps, red);
+    for (int i = threadIdx.x; i < r.n_dims / 2; i += blockDim.x)
+        rope_pair_to(xr + kv_lora, yr + kv_lora, i, (float)pos[blockIdx.x], r);
+}
+
+// Every pair of a latent-attention head matmul is routed to its head: route[t] = (0, 1, ...,
+// n_heads - 1, then n_heads weights of 1), the routes moe_gemv and moe_sort read.
+extern "C" __global__ void head_route(u32* __restrict__ route, int n_tokens, int n_heads) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)n_tokens * 2 * n_heads) return;
+    const int j = (int)(i % (2 * n_heads));
+    route[i] = j < n_heads ? (u32)j : __float_as_uint(1.f);
 }
 
 // The q and k heads of a batch in one launch, one warp per head: optional per-head RMSNorm (weights
@@ -86,9 +163,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const i32* __restrict__ p
 extern "C" __global__ void qk_norm_rope(float* __restrict__ q, float* __restrict__ k,
                                         const float* __restrict__ qw, const float* __restrict__ kw,
                                         float eps, const i32* __restrict__ pos, int n_tokens,
-                                        int n_q, int n_k, int head_dim, int n_dims, int mode,
-                                        float base, float pos_scale,
-                                        const float* __restrict__ freq_factors) {
+                                        int n_q, int n_k, int head_dim, RopeP r) {
     const int lane = threadIdx.x & 31;
     const i64 h = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int per_token = n_q + n_k;
@@ -102,49 +177,43 @@ extern "C" __global__ void qk_norm_rope(float* __restrict__ q, float* __restrict
         // The rotation pairs values written by other lanes.
         __syncwarp();
     }
-    const float p = (float)pos[t] * pos_scale;
-    for (int i = lane; i < n_dims / 2; i += 32) rope_pair(xh, i, p, n_dims, mode, base, freq_factors);
+    const float p = (float)pos[t];
+    for (int i = lane; i < r.n_dims / 2; i += 32) rope_pair_to(xh, xh, i, p, r);
 }
 
 // Context shift of one sequence's KV rows in place (f16, `cols` per row): cell moves in runs
 // (moves[2m] = source cell, moves[2m + 1] = destination; run r covers moves run_start[r] ..
 // run_start[r + 1]; when cyclic[r], its last move's source is read before anything is written).
 // Block x = run, block y and thread = a pair of values of a row, so each thread does the moves
-// of its run in order on its own values and reads nothing another thread writes. Pairs the rope
-// rotates (j < n_dims/2 in each head of head_dim; n_dims = 0: none, V) turn by delta positions
-// with rope_pair's angles; the other values are copied.
+// of its run in order on its own values and reads nothing another thread writes. In each head of
+// head_dim, the r.n_dims values from rope_off on (r.n_dims = 0: none, V) turn by delta positions
+// with rope_rate's angles and without the YaRN magnitude (the cached K carries it already); the
+// other values are copied.
 extern "C" __global__ void kv_shift(u16* __restrict__ rows, int cols, const i32* __restrict__ moves,
-                                    const i32* __restrict__ run_start,
-                                    const i32* __restrict__ cyclic, int head_dim, int n_dims,
-                                    int mode, float base, float pos_scale,
-                                    const float* __restrict__ freq_factors, float delta) {
+                                    const i32* __restrict__ run_start, const i32* __restrict__ cyclic,
+                                    int head_dim, int rope_off, float delta, RopeP r) {
     const int u = blockIdx.y * blockDim.x + threadIdx.x;
     if (u >= cols / 2) return;
-    const int r = blockIdx.x;
-    const int m0 = run_start[r], m1 = run_start[r + 1];
+    const int run = blockIdx.x;
+    const int m0 = run_start[run], m1 = run_start[run + 1];
     if (m1 <= m0) return;
-    const int per_head = head_dim / 2, h = u / per_head, j = u % per_head;
-    const bool rot = j < n_dims / 2;
-    int a = h * head_dim + 2 * j, b = a + 1;
+    const int per_head = head_dim / 2, h = u / per_head, j = u % per_head - rope_off / 2;
+    int a = h * head_dim + 2 * (u % per_head), b = a + 1;
     float s = 0.f, c = 1.f;
-    if (rot) {
-        if (mode == 1) {
-            a = h * head_dim + j;
-            b = a + n_dims / 2;
-        }
-        float inv_freq = powf(base, -2.0f * (float)j / (float)n_dims);
-        if (freq_factors) inv_freq /= freq_factors[j];
-        sincosf(delta * pos_scale * inv_freq, &s, &c);
+    if (j >= 0 && j < r.n_dims / 2) {
+        a = h * head_dim + rope_off + (r.mode == 0 ? 2 * j : j);
+        b = r.mode == 0 ? a + 1 : a + r.n_dims / 2;
+        sincosf(delta * rope_rate(j, r), &s, &c);
     }
     u16 sa = 0, sb = 0;
-    if (cyclic[r]) {
+    if (cyclic[run]) {
         const i64 src = moves[2 * (m1 - 1)];
         sa = rows[src * cols + a];
         sb = rows[src * cols + b];
     }
     for (int m = m0; m < m1; m++) {
         const i64 src = moves[2 * m], dst = moves[2 * m + 1];
-        const bool saved = cyclic[r] && m + 1 == m1;
+        const bool saved = cyclic[run] && m + 1 == m1;
         const float x0 = h2f(saved ? sa : rows[src * cols + a]);
         const float x1 = h2f(saved ? sb : rows[src * cols + b]);
         rows[dst * cols + a] = f2h(x0 * c - x1 * s);
@@ -152,12 +221,19 @@ extern "C" __global__ void kv_shift(u16* __restrict__ rows, int cols, const i32*
     }
 }
 
-// out = act(gate) * up. act 0: SiLU; 1: GELU (tanh approximation).
+// out = act(gate, up). act 0: SiLU(gate) * up; 1: GELU(gate) (tanh approximation) * up; 2: gpt-oss's
+// clamped SwiGLU, g = min(gate, limit), u = clamp(up, -limit, limit), g * sigmoid(alpha g) * (u + 1).
 extern "C" __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
-                               float* __restrict__ out, i64 n, int act) {
+                               float* __restrict__ out, i64 n, int act, float alpha, float limit) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float g = gate[i];
+    if (act == 2) {
+        const float x = fminf(g, limit);
+        const float u = fminf(fmaxf(up[i], -limit), limit);
+        out[i] = x / (1.f + expf(-alpha * x)) * (u + 1.f);
+        return;
+    }
     float a;
     if (act == 0) {
         a = g / (1.f + expf(-g));
@@ -217,10 +293,21 @@ extern "C" __global__ void select_rows(const float* __restrict__ x, const i32* _
     if (c < cols) out[(i64)i * cols + c] = x[(i64)rows[i] * cols + c];
 }
 
-// MoE router, one warp per token: softmax over n_expert logits, top n_used (ties: lowest id),
-// optional renormalisation. route row: n_used expert ids (u32) then n_used f32 weights.
+// The gated value of logit v: gating 0 softmax (v - mx, over sum), 1 sigmoid, 2 the raw logit.
+__device__ __forceinline__ float gate_value(float v, int gating, float mx, float sum) {
+    return gating == 0 ? expf(v - mx) / sum : gating == 1 ? 1.f / (1.f + expf(-v)) : v;
+}
+
+// MoE router, one warp per token, as llama.cpp's build_moe_ffn: gated values (gating above),
+// `sel_bias` (n_expert f32, or null) added for choosing only, group limit (n_groups > 1: groups of
+// n_expert / n_groups experts score the sum of their two best, all but the n_groups_used best are
+// masked; n_groups <= 32), the top n_used (ties: lowest id), their gated values as weights —
+// softmaxed among themselves for gating 2 —, renormalised (sum clamped at 2^-14) when `normalize`
+// and scaled by `scale`. route row: n_used expert ids (u32) then n_used f32 weights.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_tokens, int n_expert,
-                                     int n_used, int normalize, u32* __restrict__ route) {
+                                     int n_used, int gating, const float* __restrict__ sel_bias,
+                                     int n_groups, int n_groups_used, int normalize, float scale,
+                                     u32* __restrict__ route) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= n_tokens) return;
@@ -231,17 +318,52 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_tok
     float sum = 0.f;
     for (int e = lane; e < n_expert; e += 32) sum += expf(l[e] - mx);
     sum = warp_sum(sum);
+    // Allowed groups, one bit each (all when there is no group limit).
+    u32 groups_ok = 0xffffffffu;
+    if (n_groups > 1) {
+        const int per = n_expert / n_groups;
+        float score_mine = NEG_INF;  // lane g keeps group g's score
+        for (int g = 0; g < n_groups; g++) {
+            float b0 = NEG_INF, b1 = NEG_INF;
+            for (int e = g * per + lane; e < (g + 1) * per; e += 32) {
+                const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
+                if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float o0 = __shfl_xor_sync(0xffffffffu, b0, o);
+                const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+                const float hi = fmaxf(b0, o0);
+                b1 = fmaxf(fminf(b0, o0), fmaxf(b1, o1));
+                b0 = hi;
+            }
+            if (lane == g) score_mine = per < 2 ? b0 : b0 + b1;
+        }
+        groups_ok = 0;
+        for (int k = 0; k < n_groups_used; k++) {
+            float best = lane < n_groups && !((groups_ok >> lane) & 1) ? score_mine : NEG_INF;
+            int bi = lane < n_groups && !((groups_ok >> lane) & 1) ? lane : 0x7fffffff;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+            }
+            groups_ok |= 1u << bi;
+        }
+    }
+    const int per = n_groups > 1 ? n_expert / n_groups : n_expert;
     u32* out = route + (i64)t * 2 * n_used;
     float* wout = (float*)(out + n_used);
     // Experts already chosen, one bit per lane-local index j (expert lane + 32 j; n_expert <= 1024).
     u32 taken = 0;
-    float wsum = 0.f;
     for (int k = 0; k < n_used; k++) {
         float best = NEG_INF;
         int bi = 0x7fffffff;
         for (int e = lane, j = 0; e < n_expert; e += 32, j++) {
-            const float v = l[e];
-            if (!((taken >> j) & 1) && (v > best || (v == best && e < bi))) { best = v; bi = e; }
+            if ((taken >> j) & 1 || !((groups_ok >> (e / per)) & 1)) continue;
+            const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
+            if (v > best || (v == best && e < bi)) { best = v; bi = e; }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -250,15 +372,39 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_tok
             if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
         }
         if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        const float p = expf(best - mx) / sum;
-        wsum += p;
-        if (lane == 0) { out[k] = (u32)bi; wout[k] = p; }
+        if (lane == 0) { out[k] = (u32)bi; wout[k] = gate_value(l[bi], gating, mx, sum); }
     }
-    if (normalize) {
-        __syncwarp();
-        if (lane == 0)
-            for (int k = 0; k < n_used; k++) wout[k] /= wsum;
+    __syncwarp();
+    if (lane == 0) {
+        if (gating == 2) {
+            float m = NEG_INF, s = 0.f;
+            for (int k = 0; k < n_used; k++) m = fmaxf(m, wout[k]);
+            for (int k = 0; k < n_used; k++) s += (wout[k] = expf(wout[k] - m));
+            for (int k = 0; k < n_used; k++) wout[k] /= s;
+        }
+        if (normalize) {
+            float s = 0.f;
+            for (int k = 0; k < n_used; k++) s += wout[k];
+            s = fmaxf(s, 6.103515625e-5f);
+            for (int k = 0; k < n_used; k++) wout[k] /= s;
+        }
+        if (scale != 1.f)
+            for (int k = 0; k < n_used; k++) wout[k] *= scale;
     }
+}
+
+// Per-expert biases of expert FFN rows: h[i, :cols] += bias[e(i) * cols ..], where row i is pair
+// p = order ? order[i] : row0 + i (token p / n_used, slot p % n_used) and e(i) its routed expert.
+// Grid (ceil(cols/256), n_rows).
+extern "C" __global__ void moe_add_bias(float* __restrict__ h, int ldh, const u32* __restrict__ route, int n_used,
+                                        const i32* __restrict__ order, int row0, const float* __restrict__ bias,
+                                        int cols) {
+    const int i = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const int p = order ? order[i] : row0 + i;
+    const u32 e = route[(i64)(p / n_used) * 2 * n_used + p % n_used];
+    h[(i64)i * ldh + c] += bias[(i64)e * cols + c];
 }
 
 // out[t, :] = sum_s w[t, s] * h[t * n_used + s, :]. Grid (ceil(cols/256), n_tokens).
@@ -273,12 +419,13 @@ extern "C" __global__ void moe_combine(const float* __restrict__ h, const u32* _
     out[(i64)t * cols + c] = acc;
 }
 
-// Gathers rows for grouped expert matmuls: out[i, :] = f16(x[rows[i] / x_div, :]).
-extern "C" __global__ void gather_rows_f16(const float* __restrict__ x, const i32* __restrict__ rows,
+// Gathers rows for grouped expert matmuls: out[i, :cols] = f16(x[rows[i] / x_div, :cols]), x with
+// row stride ldx.
+extern "C" __global__ void gather_rows_f16(const float* __restrict__ x, int ldx, const i32* __restrict__ rows,
                                            int x_div, u16* __restrict__ out, int cols) {
     const int i = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < cols) out[(i64)i * cols + c] = f2h(x[(i64)(rows[i] / x_div) * cols + c]);
+    if (c < cols) out[(i64)i * cols + c] = f2h(x[(i64)(rows[i] / x_div) * ldx + c]);
 }
 
 // Scatters rows back: y[rows[i], :] = x[i, :].

@@ -185,7 +185,7 @@ fn run_rows(jobs: &[(Job, usize, usize, SharedSlice<f32>)]) {
 }
 
 /// The MoE FFN of a batch: `out[t] = Σ_k weight(t,k) · down_e(act(gate_e(x_t)) · up_e(x_t))` over
-/// token `t`'s routed experts `e = ids[t, k]` (`gelu`: GELU-tanh, else SiLU). `x` and `out` are
+/// token `t`'s routed experts `e = ids[t, k]` (`act`: the GLU's activation). `x` and `out` are
 /// `n_tok × cols`; every expert's matrices have the same shape and types. Matmuls follow
 /// `precision` as [`crate::matmul::matmul`] / [`crate::matmul::matmul_exact`] do; each token's
 /// sum adds its experts in id order.
@@ -195,7 +195,7 @@ pub fn moe_ffn(
     x: &[f32],
     n_tok: usize,
     routes: MoeRoutes,
-    gelu: bool,
+    act: pshard_model::graph::Activation,
     precision: ActPrecision,
     out: &mut [f32],
     mut trace: Option<MoeTrace>,
@@ -316,7 +316,7 @@ pub fn moe_ffn(
             let a = unsafe { &mut acts.range_mut(i..i + 1)[0] };
             let m = a.toks.len();
             let mut h = vec![0f32; m * ff];
-            crate::ops::glu(&a.g, &a.u, &mut h, gelu);
+            crate::ops::glu(&a.g, &a.u, &mut h, act);
             a.down_in = Some(match (df, down_exact) {
                 (Some(f), false) => {
                     let mut q = QuantizedActs::empty(f);

@@ -1,5 +1,5 @@
-//! CPU implementations of the op graph's non-matmul ops: norms, rope, GLU, residual add, soft-cap,
-//! softmax/top-k routing and attention over an f16 KV cache.
+//! CPU implementations of the op graph's non-matmul ops: norms, rope (YaRN included), GLUs,
+//! residual add, soft-cap, MoE routing and attention (with sinks) over an f16 KV cache.
 //!
 //! All activations are f32 row-major `[rows, cols]`. Reductions accumulate in f32 (attention scores
 //! and softmax too), matching what the GPU kernels do.
@@ -9,6 +9,8 @@ use std::ops::Range;
 use half::f16;
 
 use crate::pool::{self, SharedSlice};
+use pshard_model::graph::{Activation, RopeYarn, Routing, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
+use pshard_model::spec::Gating;
 
 /// Rows at or above which the row-wise ops go parallel (below, thread hand-off costs more).
 const PAR_ROWS: usize = 16;
@@ -76,39 +78,80 @@ pub struct Rope<'a> {
     pub pos_scale: f32,
     /// Per-pair frequency divisors (llama3), `n_dims / 2` long.
     pub freq_factors: Option<&'a [f32]>,
+    /// YaRN's per-pair mix and magnitude.
+    pub yarn: Option<RopeYarn>,
 }
 
 impl Rope<'_> {
-    /// Per-pair inverse frequencies: `base^(-2i/n_dims) / freq_factors[i]`.
-    fn inv_freq(&self) -> Vec<f32> {
-        let half = self.n_dims / 2;
-        (0..half)
+    /// Per pair: the angle per unit of position (positions are not pre-scaled).
+    fn angle_rates(&self) -> Vec<f32> {
+        (0..self.n_dims / 2)
             .map(|i| {
-                let f = self.base.powf(-2.0 * i as f32 / self.n_dims as f32);
-                match self.freq_factors {
-                    Some(ff) => f / ff[i],
-                    None => f,
+                let mut f = self.base.powf(-2.0 * i as f32 / self.n_dims as f32);
+                if let Some(ff) = self.freq_factors {
+                    f /= ff[i];
+                }
+                match self.yarn {
+                    Some(y) => f * y.angle_factor(i, self.pos_scale),
+                    None => f * self.pos_scale,
                 }
             })
             .collect()
     }
 
-    /// Rotates every head of one row by the angles of (unscaled) position `pos`, which may be
-    /// negative (a rotation back).
-    fn rotate_row(&self, row: &mut [f32], head_dim: usize, pos: f32, inv_freq: &[f32]) {
+    /// `(sin, cos)` of each pair at `pos`, times YaRN's magnitude.
+    fn table(&self, rates: &[f32], pos: u32) -> Vec<(f32, f32)> {
+        Self::table_at(rates, pos as f32, self.yarn.map_or(1.0, |y| y.mscale))
+    }
+
+    /// `(sin, cos)` of each pair at `pos` (any real, negative turns back), times `magnitude`.
+    fn table_at(rates: &[f32], pos: f32, magnitude: f32) -> Vec<(f32, f32)> {
+        rates
+            .iter()
+            .map(|f| {
+                let (s, c) = (pos * f).sin_cos();
+                (s * magnitude, c * magnitude)
+            })
+            .collect()
+    }
+
+    /// Rotates the first `n_dims` values of one head by `table`.
+    fn rotate(&self, head: &mut [f32], table: &[(f32, f32)]) {
         let half = self.n_dims / 2;
-        let p = pos * self.pos_scale;
-        let sin_cos: Vec<(f32, f32)> = inv_freq.iter().map(|f| (p * f).sin_cos()).collect();
-        for head in row.chunks_mut(head_dim) {
-            for (i, &(s, c)) in sin_cos.iter().enumerate() {
-                let (a, b) = match self.pairing {
-                    RopePairing::Adjacent => (2 * i, 2 * i + 1),
-                    RopePairing::Neox => (i, i + half),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c - x1 * s;
-                head[b] = x0 * s + x1 * c;
-            }
+        for (i, &(s, c)) in table.iter().enumerate() {
+            let (a, b) = match self.pairing {
+                RopePairing::Adjacent => (2 * i, 2 * i + 1),
+                RopePairing::Neox => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// Rope of `n_heads` heads per row taken from `src` (head `h` at `h·src_stride + src_off`) into
+/// `dst` (at `h·dst_stride + dst_off`), `n_dims` values each; rows of `src` and `dst` are
+/// `positions.len()` long. Multi-head latent attention ropes its key and query parts this way.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_heads(
+    src: &[f32],
+    (src_stride, src_off): (usize, usize),
+    dst: &mut [f32],
+    (dst_stride, dst_off): (usize, usize),
+    n_heads: usize,
+    positions: &[u32],
+    r: &Rope,
+) {
+    let n = positions.len().max(1);
+    let (sc, dc) = (src.len() / n, dst.len() / n);
+    let rates = r.angle_rates();
+    for (t, &pos) in positions.iter().enumerate() {
+        let table = r.table(&rates, pos);
+        for h in 0..n_heads {
+            let d = &mut dst[t * dc + h * dst_stride + dst_off..][..r.n_dims];
+            d.copy_from_slice(&src[t * sc + h * src_stride + src_off..][..r.n_dims]);
+            r.rotate(d, &table);
         }
     }
 }
@@ -116,10 +159,14 @@ impl Rope<'_> {
 /// Applies rope in place to `x` (`positions.len()` rows of heads of `head_dim`).
 pub fn rope(x: &mut [f32], head_dim: usize, positions: &[u32], r: &Rope) {
     let cols = x.len() / positions.len().max(1);
-    // Per-pair inverse frequencies, computed once per call.
-    let inv_freq = r.inv_freq();
-    let rotate_row =
-        |(row, &pos): (&mut [f32], &u32)| r.rotate_row(row, head_dim, pos as f32, &inv_freq);
+    // Per-pair angle rates, computed once per call.
+    let rates = r.angle_rates();
+    let rotate_row = |(row, &pos): (&mut [f32], &u32)| {
+        let table = r.table(&rates, pos);
+        for head in row.chunks_mut(head_dim) {
+            r.rotate(head, &table);
+        }
+    };
     if positions.len() >= PAR_ROWS {
         let xs = SharedSlice::new(x);
         pool::for_range(positions.len(), 1, |r| {
@@ -150,18 +197,23 @@ pub struct ShiftRun {
 
 /// Moves cells of one sequence's KV rows (`cells` is `n_cells × cols` f16) as `runs` say, each
 /// moved row rotated by the rope angles of `delta` positions when `rope` is given (K of a layer
-/// with rotary embeddings; heads of `head_dim`), copied as is otherwise (V, or K without rope).
-/// The rotation is computed in f32 from the stored f16 and rounded back to f16, as the CUDA
-/// `kv_shift` kernel does.
+/// with rotary embeddings: in each head of `head_dim` values, the `rope.n_dims` from `rope_off`
+/// on; latent attention's one head ropes after its latent), copied as is otherwise (V, or K
+/// without rope). The angles are the forward rope's (frequency factors, position scale, YaRN's
+/// per-pair mix) but not YaRN's magnitude: the cached K already carries it, and a rotation by
+/// the difference of two positions' angles keeps magnitudes. The rotation is computed in f32
+/// from the stored f16 and rounded back to f16, as the CUDA `kv_shift` kernel does.
 pub fn kv_shift(
     cells: &mut [f16],
     cols: usize,
-    head_dim: usize,
+    (head_dim, rope_off): (usize, usize),
     rope: Option<&Rope>,
     delta: i64,
     runs: &[ShiftRun],
 ) {
-    let inv_freq = rope.map(|r| r.inv_freq()).unwrap_or_default();
+    let table = rope
+        .map(|r| Rope::table_at(&r.angle_rates(), delta as f32, 1.0))
+        .unwrap_or_default();
     let row = |c: u32| c as usize * cols..(c as usize + 1) * cols;
     let mut buf = vec![0f32; cols];
     for run in runs {
@@ -178,7 +230,9 @@ pub fn kv_shift(
                 *b = v.to_f32();
             }
             if let Some(r) = rope {
-                r.rotate_row(&mut buf, head_dim, delta as f32, &inv_freq);
+                for head in buf.chunks_mut(head_dim) {
+                    r.rotate(&mut head[rope_off..], &table);
+                }
             }
             for (o, b) in cells[row(dst)].iter_mut().zip(&buf) {
                 *o = f16::from_f32(*b);
@@ -200,10 +254,22 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// `out = act(gate) · up` elementwise; `gelu` picks GELU-tanh, else SiLU.
-pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], gelu: bool) {
+/// gpt-oss's clamped SwiGLU of one (gate, up) pair (see [`Activation::SwigluOai`]).
+#[inline]
+pub fn swiglu_oai(gate: f32, up: f32) -> f32 {
+    let g = gate.min(SWIGLU_OAI_LIMIT);
+    let u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT);
+    g / (1.0 + (-SWIGLU_OAI_ALPHA * g).exp()) * (u + 1.0)
+}
+
+/// `out = act(gate, up)` elementwise.
+pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], act: Activation) {
     let f = |((o, g), u): ((&mut f32, &f32), &f32)| {
-        *o = if gelu { gelu_tanh(*g) } else { silu(*g) } * u;
+        *o = match act {
+            Activation::Silu => silu(*g) * u,
+            Activation::GeluTanh => gelu_tanh(*g) * u,
+            Activation::SwigluOai => swiglu_oai(*g, *u),
+        };
     };
     if out.len() >= 1 << 16 {
         let o = SharedSlice::new(out);
@@ -239,55 +305,108 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// MoE routing of one token: softmax over `logits`, the `ids.len()` largest (ties → lower id), with
-/// their probabilities optionally renormalised to sum to 1.
-pub fn route_top_k(logits: &[f32], ids: &mut [u32], weights: &mut [f32], normalize: bool) {
+/// MoE routing of one token as llama.cpp's `build_moe_ffn` does it: gated values (softmax,
+/// sigmoid, or the raw logits when the softmax comes after the top k), `select_bias` added for
+/// choosing only, the group limit, the `ids.len()` best (ties → lower id) — or the `forced`
+/// experts —, their gated values as weights (softmaxed among themselves for
+/// [`Gating::SoftmaxAfterTopK`]), renormalised (sum clamped at 2⁻¹⁴ as llama.cpp does) and scaled
+/// when `r` says so.
+pub fn route(
+    logits: &[f32],
+    r: &Routing,
+    select_bias: Option<&[f32]>,
+    forced: Option<&[u32]>,
+    ids: &mut [u32],
+    weights: &mut [f32],
+) {
     let mut probs = logits.to_vec();
-    softmax(&mut probs);
-    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
-    order.sort_by(|&a, &b| {
-        probs[b as usize]
-            .total_cmp(&probs[a as usize])
-            .then(a.cmp(&b))
-    });
-    for (k, &e) in order.iter().take(ids.len()).enumerate() {
-        ids[k] = e;
-        weights[k] = probs[e as usize];
+    match r.gating {
+        Gating::Softmax => softmax(&mut probs),
+        Gating::Sigmoid => probs
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        Gating::SoftmaxAfterTopK => {}
     }
-    if normalize {
-        let s: f32 = weights.iter().sum();
-        weights.iter_mut().for_each(|w| *w /= s);
+    match forced {
+        Some(f) => ids.copy_from_slice(f),
+        None => {
+            let mut sel = probs.clone();
+            if let Some(b) = select_bias {
+                sel.iter_mut().zip(b).for_each(|(s, b)| *s += b);
+            }
+            let (groups, used) = r.groups;
+            if groups > 1 {
+                limit_groups(&mut sel, groups, used);
+            }
+            let mut order: Vec<u32> = (0..sel.len() as u32).collect();
+            order.sort_by(|&a, &b| sel[b as usize].total_cmp(&sel[a as usize]).then(a.cmp(&b)));
+            ids.copy_from_slice(&order[..ids.len()]);
+        }
     }
-}
-
-/// MoE routing of one token with the experts given (`ids`): their softmax probabilities, optionally
-/// renormalised. Tests use it to force a reference's expert choice.
-pub fn route_forced(logits: &[f32], ids: &[u32], weights: &mut [f32], normalize: bool) {
-    let mut probs = logits.to_vec();
-    softmax(&mut probs);
-    for (w, &e) in weights.iter_mut().zip(ids) {
+    for (w, &e) in weights.iter_mut().zip(ids.iter()) {
         *w = probs[e as usize];
     }
-    if normalize {
-        let s: f32 = weights.iter().sum();
+    if r.gating == Gating::SoftmaxAfterTopK {
+        softmax(weights);
+    }
+    if r.normalize {
+        let s: f32 = weights.iter().sum::<f32>().max(6.103_515_6e-5);
         weights.iter_mut().for_each(|w| *w /= s);
+    }
+    if r.scale != 1.0 {
+        weights.iter_mut().for_each(|w| *w *= r.scale);
     }
 }
 
-/// One layer's KV cache as the attention kernel sees it: `cells` slots of `n_head_kv · head_dim`
-/// f16 values for K and for V (V not transposed). Position `p` lives in slot `p % cells`.
+/// Group-limited routing: each of `groups` consecutive expert groups scores the sum of its two
+/// best values; all but the `used` best groups (ties → lower group) are masked to −∞.
+fn limit_groups(sel: &mut [f32], groups: usize, used: usize) {
+    let per = sel.len() / groups;
+    let score = |g: &[f32]| {
+        let mut top = [f32::NEG_INFINITY; 2];
+        for &v in g {
+            if v > top[0] {
+                top = [v, top[0]];
+            } else if v > top[1] {
+                top[1] = v;
+            }
+        }
+        if per < 2 {
+            top[0]
+        } else {
+            top[0] + top[1]
+        }
+    };
+    let scores: Vec<f32> = sel.chunks(per).map(score).collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    for &g in &order[used..] {
+        sel[g * per..(g + 1) * per]
+            .iter_mut()
+            .for_each(|v| *v = f32::NEG_INFINITY);
+    }
+}
+
+/// One layer's KV cache as the attention kernel sees it: `cells` slots of K rows (`k_row` f16
+/// values, head `h` at `h · head_dim_k`) and of V rows (`v_row` values, head `h` at
+/// `h · head_dim_v`; V not transposed). Position `p` lives in slot `p % cells`. Latent attention
+/// passes the K rows as V too (its values are the first `head_dim_v` of each K row).
 pub struct KvView<'a> {
-    /// Keys, `cells × kv_k_cols`.
+    /// Keys, `cells × k_row`.
     pub k: &'a [f16],
-    /// Values, `cells × kv_v_cols`.
+    /// Values, `cells × v_row`.
     pub v: &'a [f16],
     /// Slots.
     pub cells: usize,
+    /// f16 values per K slot.
+    pub k_row: usize,
+    /// f16 values per V slot.
+    pub v_row: usize,
 }
 
 /// Attention shape and masking parameters.
 #[derive(Clone, Copy, Debug)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     /// Query heads.
     pub n_head: usize,
     /// KV heads.
@@ -302,6 +421,8 @@ pub struct AttnParams {
     pub scale: f32,
     /// Score soft-cap.
     pub softcap: Option<f32>,
+    /// Per query head, a logit that joins the softmax's denominator without a value.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Keys per span: a row's keys are attended span by span (spans at multiples of this many
@@ -378,13 +499,14 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
     );
     let mut ro = vec![0f32; dv];
     for (idx, o) in out.chunks_mut(group * dv).enumerate().take(pairs) {
+        let sinks = sinks_of(p, idx % p.n_head_kv);
         for (g, og) in o.chunks_exact_mut(dv).enumerate() {
             let (mut rm, mut rl) = (f32::NEG_INFINITY, 0f32);
             for c in first_task[idx]..first_task[idx + 1] {
                 let pc = &parts[c * stride + g * (dv + 2)..][..dv + 2];
                 merge_partial(&mut rm, &mut rl, &mut ro, pc[0], pc[1], &pc[2..]);
             }
-            normalise(rl, &ro, og);
+            normalise(rm, rl, sinks.map(|s| s[g]), &ro, og);
         }
     }
 }
@@ -397,6 +519,12 @@ fn key_range(pos: u32, p: &AttnParams) -> (usize, usize) {
         None => 0,
     };
     (first, pos + 1)
+}
+
+/// The sinks of kv head `kh`'s query heads.
+fn sinks_of<'a>(p: &AttnParams<'a>, kh: usize) -> Option<&'a [f32]> {
+    let group = p.n_head / p.n_head_kv;
+    p.sinks.map(|s| &s[kh * group..][..group])
 }
 
 /// Merges one span's partial result (`m`, `l`, unnormalised `o`) into a row's running result
@@ -421,9 +549,15 @@ fn merge_partial(rm: &mut f32, rl: &mut f32, ro: &mut [f32], m: f32, l: f32, o: 
     *rm = mx;
 }
 
-/// `out = o / l` (zero without keys).
+/// `out = o / l` (zero without keys), a sink logit added to the denominator.
 #[inline]
-fn normalise(l: f32, o: &[f32], out: &mut [f32]) {
+fn normalise(m: f32, l: f32, sink: Option<f32>, o: &[f32], out: &mut [f32]) {
+    // A sink joins the denominator at the row's own max: exp(sink − m) (no keys: l = 0, and the
+    // output is 0 whatever the sink).
+    let l = match sink {
+        Some(s) if l > 0.0 => l + (s - m).exp(),
+        _ => l,
+    };
     let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
     for (d, &v) in out.iter_mut().zip(o) {
         *d = v * inv;
@@ -542,13 +676,20 @@ fn attend_tile(
         }
         j += ATTN_SPAN;
     }
+    let sinks = sinks_of(p, kh);
     for (ti, t) in toks.enumerate() {
         let base = t * p.n_head * dv + kh * group * dv;
         // SAFETY: each (token tile, kv head) task owns these heads of these tokens.
         let dst = unsafe { out.range_mut(base..base + group * dv) };
         for (g, dg) in dst.chunks_exact_mut(dv).enumerate() {
             let r = ti * group + g;
-            normalise(scratch.rl[r], &scratch.ro[r * dv..(r + 1) * dv], dg);
+            normalise(
+                scratch.rm[r],
+                scratch.rl[r],
+                sinks.map(|s| s[g]),
+                &scratch.ro[r * dv..(r + 1) * dv],
+                dg,
+            );
         }
     }
 }
@@ -640,7 +781,7 @@ fn span_partials_body(
     const BK: usize = ATTN_BK;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
-    let (kk, vv) = (p.n_head_kv * dk, p.n_head_kv * dv);
+    let (kk, vv) = (kv.k_row, kv.v_row);
     let range = |t: usize| {
         let (a, b) = key_range(positions[t], p);
         (a.max(span), b.min(span + ATTN_SPAN))
@@ -859,6 +1000,7 @@ mod tests {
             base: 10000.0,
             pos_scale: 1.0,
             freq_factors: None,
+            yarn: None,
         };
         let mut x = vec![1.0f32, 0.0, 1.0, 0.0];
         rope(&mut x, 4, &[1], &r);
@@ -875,13 +1017,165 @@ mod tests {
         assert!((y[1] - f1.cos()).abs() < 1e-6 && (y[3] - f1.sin()).abs() < 1e-6);
     }
 
+    /// A K row roped at position 40 and shifted by -18 equals the row roped at 22 (up to f16
+    /// rounding) for YaRN with a magnitude (applied once, by the forward rope) and for latent
+    /// attention's row (latent untouched, rope part after it); the latent and the unrotated
+    /// tail of a partial rope are copied exactly.
+    #[test]
+    fn kv_shift_turns_k_to_its_new_position() {
+        let yarn = RopeYarn {
+            low: 2.0,
+            high: 9.0,
+            ext_factor: 1.0,
+            mscale: 1.35,
+        };
+        // (pairing, head width, rotated dims, offset, YaRN).
+        for (pairing, head, n_dims, off, y) in [
+            (RopePairing::Neox, 32, 32, 0, Some(yarn)),
+            (RopePairing::Adjacent, 32, 16, 0, Some(yarn)),
+            (RopePairing::Neox, 32, 16, 0, None),
+            (RopePairing::Adjacent, 48, 16, 32, Some(yarn)),
+        ] {
+            let r = Rope {
+                pairing,
+                n_dims,
+                base: 10000.0,
+                pos_scale: 0.25,
+                freq_factors: None,
+                yarn: y,
+            };
+            let cols = 2 * head;
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 4.0)
+                .collect();
+            let roped_at = |pos: u32| {
+                let mut v = x.clone();
+                for h in v.chunks_mut(head) {
+                    let mut part = h[off..off + n_dims].to_vec();
+                    rope(&mut part, n_dims, &[pos], &r);
+                    h[off..off + n_dims].copy_from_slice(&part);
+                }
+                v
+            };
+            // Cells 0 and 1: cell 1 (position 40) moves to cell 0.
+            let mut cells: Vec<f16> = [vec![0f32; cols], roped_at(40)]
+                .concat()
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            let runs = [ShiftRun {
+                moves: vec![(1, 0)],
+                cyclic: false,
+            }];
+            kv_shift(&mut cells, cols, (head, off), Some(&r), -18, &runs);
+            let want = roped_at(22);
+            let got: Vec<f32> = cells[..cols].iter().map(|v| v.to_f32()).collect();
+            let far = roped_at(40);
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                let in_rope = (off..off + n_dims).contains(&(j % head));
+                if in_rope {
+                    assert!(
+                        (g - w).abs() < 1e-2,
+                        "{pairing:?} {off}: col {j}: {g} vs {w}"
+                    );
+                } else {
+                    assert_eq!(*g, f16::from_f32(*w).to_f32(), "{pairing:?} col {j} copied");
+                }
+            }
+            let moved: f32 = far.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();
+            assert!(
+                moved > 1.0,
+                "{pairing:?} {off}: positions 40 and 22 too alike"
+            );
+        }
+    }
+
+    fn routing(gating: Gating, normalize: bool, scale: f32, groups: (usize, usize)) -> Routing {
+        Routing {
+            n_expert: 4,
+            n_used: 2,
+            gating,
+            normalize,
+            scale,
+            groups,
+        }
+    }
+
     #[test]
     fn route_picks_top_k_and_renormalises() {
         let mut ids = [0u32; 2];
         let mut w = [0f32; 2];
-        route_top_k(&[0.0, 3.0, 1.0, 2.9], &mut ids, &mut w, true);
+        let r = routing(Gating::Softmax, true, 1.0, (0, 0));
+        route(&[0.0, 3.0, 1.0, 2.9], &r, None, None, &mut ids, &mut w);
         assert_eq!(ids, [1, 3]);
         assert!((w[0] + w[1] - 1.0).abs() < 1e-6 && w[0] > w[1]);
+    }
+
+    #[test]
+    fn route_gatings_bias_groups_and_scale() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let (mut ids, mut w) = ([0u32; 2], [0f32; 2]);
+        // Softmax after top-k: the two best logits, softmaxed between themselves.
+        let r = routing(Gating::SoftmaxAfterTopK, false, 1.0, (0, 0));
+        route(&logits, &r, None, None, &mut ids, &mut w);
+        assert_eq!(ids, [1, 3]);
+        let e = (0.1f32).exp();
+        assert!((w[0] - e / (e + 1.0)).abs() < 1e-6 && (w[1] - 1.0 / (e + 1.0)).abs() < 1e-6);
+        // Sigmoid with a selection bias that lifts expert 2 (σ(1) + 0.5) above 1 (σ(3)) and 3;
+        // the weights stay unbiased.
+        let r = routing(Gating::Sigmoid, false, 2.5, (0, 0));
+        route(
+            &logits,
+            &r,
+            Some(&[0.0, 0.0, 0.5, 0.0]),
+            None,
+            &mut ids,
+            &mut w,
+        );
+        assert_eq!(ids, [2, 1]);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((w[0] - 2.5 * sig(1.0)).abs() < 1e-6 && (w[1] - 2.5 * sig(3.0)).abs() < 1e-6);
+        // Two groups of two, one used: group {0, 1} scores 3.0, {2, 3} 3.9 → experts 3 and 2.
+        let r = routing(Gating::SoftmaxAfterTopK, false, 1.0, (2, 1));
+        route(&logits, &r, None, None, &mut ids, &mut w);
+        assert_eq!(ids, [3, 2]);
+    }
+
+    #[test]
+    fn swiglu_oai_clamps() {
+        // Below the limit: g·σ(1.702 g)·(u + 1).
+        let want = 0.5 / (1.0 + (-1.702f32 * 0.5).exp()) * 1.25;
+        assert!((swiglu_oai(0.5, 0.25) - want).abs() < 1e-7);
+        // Gate clamped from above only, up on both sides.
+        let g = 7.0 / (1.0 + (-1.702f32 * 7.0).exp());
+        assert!((swiglu_oai(9.0, -20.0) - g * -6.0).abs() < 1e-5);
+        assert!(swiglu_oai(-30.0, 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn yarn_rope_mixes_and_scales() {
+        // Pairs below `low` keep their frequency, above `high` take pos_scale; all scaled by mscale.
+        let y = RopeYarn {
+            low: 1.0,
+            high: 3.0,
+            ext_factor: 1.0,
+            mscale: 1.5,
+        };
+        let r = Rope {
+            pairing: RopePairing::Adjacent,
+            n_dims: 8,
+            base: 10.0,
+            pos_scale: 0.25,
+            freq_factors: None,
+            yarn: Some(y),
+        };
+        let mut x = vec![1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        rope(&mut x, 8, &[3], &r);
+        for (i, mix) in [(0usize, 1.0f32), (1, 1.0), (2, 0.25 * 0.5 + 0.5), (3, 0.25)] {
+            let theta = 3.0 * 10f32.powf(-2.0 * i as f32 / 8.0) * mix;
+            assert!((x[2 * i] - 1.5 * theta.cos()).abs() < 1e-5, "pair {i}");
+            assert!((x[2 * i + 1] - 1.5 * theta.sin()).abs() < 1e-5, "pair {i}");
+        }
     }
 
     /// f64 attention of one row, for the split/unsplit comparison below.
@@ -895,7 +1189,7 @@ mod tests {
             let sc: Vec<f64> = (first..=pos)
                 .map(|j| {
                     let slot = j % kv.cells;
-                    let kr = &kv.k[(slot * p.n_head_kv + kh) * dk..][..dk];
+                    let kr = &kv.k[slot * kv.k_row + kh * dk..][..dk];
                     let s: f64 = (0..dk)
                         .map(|d| q[h * dk + d] as f64 * kr[d].to_f64())
                         .sum::<f64>()
@@ -903,18 +1197,59 @@ mod tests {
                     p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                 })
                 .collect();
-            let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sink = p.sinks.map(|s| s[h] as f64);
+            let m = sc
+                .iter()
+                .copied()
+                .chain(sink)
+                .fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
-            let l: f64 = e.iter().sum();
+            let l: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - m).exp());
             for (i, j) in (first..=pos).enumerate() {
                 let slot = j % kv.cells;
-                let vr = &kv.v[(slot * p.n_head_kv + kh) * dv..][..dv];
+                let vr = &kv.v[slot * kv.v_row + kh * dv..][..dv];
                 for d in 0..dv {
                     out[h * dv + d] += e[i] / l * vr[d].to_f64();
                 }
             }
         }
         out
+    }
+
+    /// Checks `attention` against [`naive_attention`] on one decode row, a few rows and 40 rows.
+    fn check_attention(
+        kv: &KvView,
+        p: &AttnParams,
+        r: &mut impl FnMut(usize) -> Vec<f32>,
+        what: &str,
+    ) {
+        // One decode row (one task per span of ATTN_SPAN), a few rows (likewise), and 40 rows
+        // (≥ ATTN_SPLIT_BELOW_PAIRS pairs: tiles of tokens).
+        let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+        for positions in [
+            vec![1099u32],
+            vec![0, 255, 256, 257, 700],
+            (1060..1100).collect(),
+        ] {
+            let q = r(positions.len() * p.n_head * dk);
+            let mut out = vec![0f32; positions.len() * p.n_head * dv];
+            attention(&q, &positions, kv, p, &mut out);
+            for (t, &pos) in positions.iter().enumerate() {
+                let want = naive_attention(
+                    &q[t * p.n_head * dk..][..p.n_head * dk],
+                    pos as usize,
+                    kv,
+                    p,
+                );
+                for (i, w) in want.iter().enumerate() {
+                    let got = out[t * p.n_head * dv + i] as f64;
+                    assert!(
+                        (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what} pos {pos} [{i}]: {got} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -941,15 +1276,18 @@ mod tests {
             k: &k,
             v: &v,
             cells,
+            k_row: n_head_kv * dk,
+            v_row: n_head_kv * dv,
         };
         // Caps: 0 the CPU's best, 2 AVX2 at most, 1 portable.
-        for (cap, window, softcap) in [
-            (0u8, None, None),
-            (0, Some(300), Some(2.0)),
-            (0, Some(2000), None),
-            (2, None, None),
-            (2, Some(300), Some(2.0)),
-            (1, None, Some(2.0)),
+        let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
+        for (cap, window, softcap, sinks) in [
+            (0u8, None, None, None),
+            (0, Some(300), Some(2.0), None),
+            (0, Some(2000), None, Some(&sinks[..])),
+            (2, None, None, Some(&sinks[..])),
+            (2, Some(300), Some(2.0), None),
+            (1, None, Some(2.0), Some(&sinks[..])),
         ] {
             ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
             let p = AttnParams {
@@ -960,6 +1298,7 @@ mod tests {
                 window,
                 scale: 0.7,
                 softcap,
+                sinks,
             };
             // One decode row (one task per span of ATTN_SPAN), a few rows (likewise), and 40
             // rows (≥ ATTN_SPLIT_BELOW_PAIRS pairs: tiles of tokens).
@@ -1005,8 +1344,11 @@ mod tests {
             k: &k,
             v: &v,
             cells,
+            k_row: n_head_kv * dk,
+            v_row: n_head_kv * dv,
         };
         let queries = r(64 * n_head * dk);
+        let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
         let positions: Vec<u32> = (0..64u32)
             .map(|i| match i % 4 {
                 0 => i * 17,
@@ -1016,7 +1358,11 @@ mod tests {
             })
             .collect();
         let (qw, ow) = (n_head * dk, n_head * dv);
-        for (window, softcap) in [(None, None), (Some(300), Some(3.0)), (Some(70), None)] {
+        for (window, softcap, sinks) in [
+            (None, None, None),
+            (Some(300), Some(3.0), Some(&sinks[..])),
+            (Some(70), None, None),
+        ] {
             let p = AttnParams {
                 n_head,
                 n_head_kv,
@@ -1025,6 +1371,7 @@ mod tests {
                 window,
                 scale: 0.3,
                 softcap,
+                sinks,
             };
             let run = |rows: &[usize], cap: u8| -> Vec<f32> {
                 ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
@@ -1068,6 +1415,34 @@ mod tests {
         ATTENTION_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Latent attention: one KV head whose values are the first 24 of each 40-value K row.
+    #[test]
+    fn attention_values_inside_k() {
+        use rand::Rng;
+        let mut rng = test_rng("attention_values_inside_k");
+        let (dk, dv, cells) = (40, 24, 1100);
+        let (k, _) = random_cache(&mut rng, cells, (1, dk, dv), 2.0);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+        let kv = KvView {
+            k: &k,
+            v: &k,
+            cells,
+            k_row: dk,
+            v_row: dk,
+        };
+        let p = AttnParams {
+            n_head: 4,
+            n_head_kv: 1,
+            head_dim_k: dk,
+            head_dim_v: dv,
+            window: None,
+            scale: 0.3,
+            softcap: None,
+            sinks: None,
+        };
+        check_attention(&kv, &p, &mut r, "values inside K");
+    }
+
     #[test]
     fn attention_window_and_gqa() {
         // 2 query heads sharing 1 kv head of dim 1; values = position; window 2.
@@ -1078,6 +1453,8 @@ mod tests {
             k: &k,
             v: &v,
             cells,
+            k_row: 1,
+            v_row: 1,
         };
         let p = AttnParams {
             n_head: 2,
@@ -1087,6 +1464,7 @@ mod tests {
             window: Some(2),
             scale: 1.0,
             softcap: None,
+            sinks: None,
         };
         let q = vec![1.0f32, 1.0];
         let mut out = vec![0f32; 2];

@@ -8,12 +8,14 @@
 
 use half::f16;
 use pshard_kernels::cuda::{
-    kernels::{row_bytes, type_geom, CUDA_TYPES, MOE_GEMM_BN},
+    kernels::{row_bytes, type_geom, RopeYarnArg, CUDA_TYPES, MOE_GEMM_BN},
     AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells, PinnedBuf,
     RegionId, RegionKind, RopeArgs, RopeKind,
 };
 use pshard_kernels::quant;
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::{Activation, Routing};
+use pshard_model::spec::Gating;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::io::Write;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -755,11 +757,16 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
             k.head_rms_norm(k1.ptr, kwd.ptr, n, nk, hd, eps, &s)
                 .unwrap();
         }
-        for (x, heads) in [(q1.ptr, nq), (k1.ptr, nk)] {
-            k.rope(x, pd.ptr, n, heads, hd, n_dims, mode, base, pscale, ffp, &s)
-                .unwrap();
-        }
-        let (q2, k2) = (c.up_f32(&q), c.up_f32(&kk));
+        let yarn = if pscale < 1.0 {
+            RopeYarnArg {
+                low: 3.0,
+                high: 20.0,
+                ext: 1.0,
+                mscale: 1.2,
+            }
+        } else {
+            RopeYarnArg::NONE
+        };
         let args = RopeArgs {
             head_dim: hd,
             n_dims,
@@ -767,7 +774,12 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
             base,
             pos_scale: pscale,
             freq_factors: ffp,
+            yarn,
         };
+        for (x, heads) in [(q1.ptr, nq), (k1.ptr, nk)] {
+            k.rope(x, pd.ptr, n, heads, &args, &s).unwrap();
+        }
+        let (q2, k2) = (c.up_f32(&q), c.up_f32(&kk));
         k.qk_norm_rope(
             q2.ptr,
             k2.ptr,
@@ -804,6 +816,7 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
         base,
         pos_scale: 1.0,
         freq_factors: None,
+        yarn: RopeYarnArg::NONE,
     };
     assert!(k
         .qk_norm_rope(0, 0, None, pd.ptr, n, nq, nk, &odd, &s)
@@ -811,106 +824,210 @@ fn cuda_qk_norm_rope_matches_separate_kernels() {
     c.free(&[pd]);
 }
 
-/// The context-shift kernel against the CPU's `ops::kv_shift` on the same runs: a cycle of
-/// three, a chain, a self-move (rotation in place) and a cell left alone; K rotated (NEOX with
-/// frequency factors; adjacent pairs over half the head with a position scale), V copied.
+/// Latent attention's row ops and the per-head and expert-bias helpers against the CPU lane's
+/// ops: `mla_kv` (RMS-normed latent, roped key part, strided rows), `rope_heads` (query rope
+/// parts moved into the wider rows, other columns untouched), `head_route`, `moe_add_bias` in
+/// pair and sorted order.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn cuda_kv_shift_matches_cpu() {
-    use pshard_kernels::ops::{self, ShiftRun};
-    let Some(c) = ctx("cuda_kv_shift_matches_cpu") else {
+fn cuda_latent_attention_ops_match_cpu() {
+    let Some(c) = ctx("cuda_latent_attention_ops_match_cpu") else {
         return;
     };
-    let mut r = rng("cuda_kv_shift");
+    let mut r = rng("cuda_mla_ops");
     let s = c.gpu.stream().clone();
     let k = &c.gpu.kernels;
-    let (cells, hd, heads, delta) = (12usize, 64usize, 2usize, -18i64);
-    let cols = hd * heads;
-    let runs = vec![
-        ShiftRun {
-            moves: vec![(1, 2), (0, 1), (2, 0)],
-            cyclic: true,
-        },
-        ShiftRun {
-            moves: vec![(4, 3), (5, 4)],
-            cyclic: false,
-        },
-        ShiftRun {
-            moves: vec![(7, 7)],
-            cyclic: true,
-        },
-    ];
-    let mut moves: Vec<i32> = Vec::new();
-    let mut starts = vec![0i32];
-    let mut cyclic = Vec::new();
-    for run in &runs {
-        moves.extend(run.moves.iter().flat_map(|&(a, b)| [a as i32, b as i32]));
-        starts.push(moves.len() as i32 / 2);
-        cyclic.push(run.cyclic as i32);
+    let (n, kv_lora, d, nope, heads, eps) = (9usize, 512usize, 64usize, 128usize, 5usize, 1e-6f32);
+    let yarn = pshard_model::graph::RopeYarn {
+        low: 3.0,
+        high: 20.0,
+        ext_factor: 1.0,
+        mscale: 1.3,
+    };
+    let cpu_rope = pshard_kernels::ops::Rope {
+        pairing: pshard_kernels::ops::RopePairing::Adjacent,
+        n_dims: d,
+        base: 10000.0,
+        pos_scale: 1.0 / 40.0,
+        freq_factors: None,
+        yarn: Some(yarn),
+    };
+    let args = RopeArgs {
+        head_dim: d,
+        n_dims: d,
+        mode: RopeKind::Adjacent,
+        base: cpu_rope.base,
+        pos_scale: cpu_rope.pos_scale,
+        freq_factors: None,
+        yarn: RopeYarnArg::of(Some(yarn)),
+    };
+    let pos: Vec<i32> = (0..n as i32).map(|i| i * 373 + 5).collect();
+    let upos: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+    let pd = c.up_i32(&pos);
+
+    // mla_kv: rows of kv_lora + d + 16 (a wider source, as the fused kv_a projection is), output
+    // rows of kv_lora + d + 8.
+    let (ldx, ldo) = (kv_lora + d + 16, kv_lora + d + 8);
+    let x = randv(&mut r, n * ldx, 2.0);
+    let w = randv(&mut r, kv_lora, 1.0);
+    let (xd, wd, od) = (c.up_f32(&x), c.up_f32(&w), c.poisoned(n * ldo * 4));
+    k.mla_kv(
+        (xd.ptr, ldx),
+        wd.ptr,
+        (od.ptr, ldo),
+        kv_lora,
+        eps,
+        pd.ptr,
+        n,
+        &args,
+        &s,
+    )
+    .unwrap();
+    c.sync();
+    let got = c.down_f32(od.ptr, n * ldo);
+    let mut want = vec![0f32; n * ldo];
+    for t in 0..n {
+        pshard_kernels::ops::rms_norm(
+            &x[t * ldx..][..kv_lora],
+            &w,
+            &mut want[t * ldo..][..kv_lora],
+            eps,
+        );
     }
-    let (md, sd, cd) = (c.up_i32(&moves), c.up_i32(&starts), c.up_i32(&cyclic));
-    let f: Vec<f32> = (0..hd / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
-    let fd = c.up_f32(&f);
-    for (mode, n_dims, ff, pscale) in [
-        (Some(RopeKind::Neox), hd, true, 1.0f32),
-        (Some(RopeKind::Adjacent), hd / 2, false, 0.5),
-        (None, 0, false, 1.0),
-    ] {
-        let x: Vec<f16> = randv(&mut r, cells * cols, 2.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let xd = c.up_bytes(&bytes);
-        let args = mode.map(|m| RopeArgs {
-            head_dim: hd,
-            n_dims,
-            mode: m,
-            base: 1e4,
-            pos_scale: pscale,
-            freq_factors: ff.then_some(fd.ptr),
-        });
-        k.kv_shift(
-            xd.ptr,
+    pshard_kernels::ops::rope_heads(
+        &x,
+        (ldx, kv_lora),
+        &mut want,
+        (ldo, kv_lora),
+        1,
+        &upos,
+        &cpu_rope,
+    );
+    let pick = |v: &[f32]| -> Vec<f32> {
+        (0..n)
+            .flat_map(|t| v[t * ldo..][..kv_lora + d].to_vec())
+            .collect()
+    };
+    let want64: Vec<f64> = pick(&want).iter().map(|&v| v as f64).collect();
+    let err = rel_l2(&pick(&got), &want64);
+    assert!(err < 1e-4, "mla_kv: {err}");
+    c.free(&[xd, wd, od]);
+
+    // rope_heads: each head's rope part of q (nope + d wide) into out (kv_lora + d wide).
+    let (qc, oc) = (heads * (nope + d), heads * (kv_lora + d));
+    let q = randv(&mut r, n * qc, 2.0);
+    let (qd, od) = (c.up_f32(&q), c.poisoned(n * oc * 4));
+    k.rope_heads(
+        (qd.ptr, qc, nope + d, nope),
+        (od.ptr, oc, kv_lora + d, kv_lora),
+        heads,
+        pd.ptr,
+        n,
+        &args,
+        &s,
+    )
+    .unwrap();
+    c.sync();
+    let got = c.down_f32(od.ptr, n * oc);
+    let mut want = vec![f32::NAN; n * oc];
+    pshard_kernels::ops::rope_heads(
+        &q,
+        (nope + d, nope),
+        &mut want,
+        (kv_lora + d, kv_lora),
+        heads,
+        &upos,
+        &cpu_rope,
+    );
+    let roped = |i: usize| (i % (kv_lora + d)) >= kv_lora;
+    for (i, g) in got.iter().enumerate() {
+        if !roped(i % oc) {
+            assert!(
+                g.is_nan(),
+                "rope_heads wrote column {} of row {}",
+                i % oc,
+                i / oc
+            );
+        }
+    }
+    let sel = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .enumerate()
+            .filter(|(i, _)| roped(i % oc))
+            .map(|(_, &x)| x)
+            .collect()
+    };
+    let want64: Vec<f64> = sel(&want).iter().map(|&v| v as f64).collect();
+    let err = rel_l2(&sel(&got), &want64);
+    assert!(err < 1e-4, "rope_heads: {err}");
+    c.free(&[qd, od, pd]);
+
+    // head_route: token t's route row is the heads in order, then weights of 1.
+    let route = c.poisoned(n * 2 * heads * 4);
+    k.head_route(route.ptr, n, heads, &s).unwrap();
+    c.sync();
+    let rb = c.down_bytes(route.ptr, n * 2 * heads * 4);
+    let word = |i: usize| u32::from_le_bytes(rb[4 * i..4 * i + 4].try_into().unwrap());
+    for t in 0..n {
+        for h in 0..heads {
+            assert_eq!(word(t * 2 * heads + h), h as u32, "head route {t} {h}");
+            assert_eq!(f32::from_bits(word(t * 2 * heads + heads + h)), 1.0);
+        }
+    }
+    c.free(&[route]);
+
+    // moe_add_bias: pair rows (row i is pair i) and sorted rows (row i is pair order[i]).
+    let (n_expert, n_used, cols, ldh) = (6usize, 2usize, 300usize, 304usize);
+    let pairs = n * n_used;
+    let ids: Vec<u32> = (0..pairs)
+        .map(|_| r.gen_range(0..n_expert as u32))
+        .collect();
+    let mut rw = Vec::new();
+    for t in 0..n {
+        rw.extend_from_slice(&ids[t * n_used..][..n_used]);
+        rw.extend((0..n_used).map(|_| 0.5f32.to_bits()));
+    }
+    let route = c.up_bytes(&rw.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+    let bias = randv(&mut r, n_expert * cols, 1.0);
+    let bd = c.up_f32(&bias);
+    let order: Vec<i32> = (0..pairs as i32).rev().collect();
+    let ordd = c.up_i32(&order);
+    for sorted in [false, true] {
+        let h = randv(&mut r, pairs * ldh, 1.0);
+        let hd = c.up_f32(&h);
+        k.moe_add_bias(
+            hd.ptr,
+            ldh,
+            route.ptr,
+            n_used,
+            sorted.then_some(ordd.ptr),
+            bd.ptr,
+            pairs,
             cols,
-            md.ptr,
-            sd.ptr,
-            cd.ptr,
-            runs.len(),
-            args.as_ref(),
-            delta as f32,
             &s,
         )
         .unwrap();
         c.sync();
-        let got = c.down_f16(xd.ptr, cells * cols);
-        let mut want = x.clone();
-        let cpu_rope = mode.map(|m| ops::Rope {
-            pairing: match m {
-                RopeKind::Adjacent => ops::RopePairing::Adjacent,
-                RopeKind::Neox => ops::RopePairing::Neox,
-            },
-            n_dims,
-            base: 1e4,
-            pos_scale: pscale,
-            freq_factors: ff.then_some(&f[..]),
-        });
-        let head = if mode.is_some() { hd } else { cols };
-        ops::kv_shift(&mut want, cols, head, cpu_rope.as_ref(), delta, &runs);
-        let want64: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
-        let err = rel_l2(&got, &want64);
-        let orig: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        let moved = rel_l2(&orig, &want64);
-        eprintln!("kv_shift {mode:?} dims {n_dims}: rel L2 {err:.2e} (moved {moved:.2e})");
-        assert!(
-            err <= 1e-3 && moved > 1e-1,
-            "{mode:?} {n_dims}: {err} {moved}"
-        );
-        // Cell 6 is in no run: untouched.
-        assert_eq!(&got[6 * cols..7 * cols], &orig[6 * cols..7 * cols]);
-        c.free(&[xd]);
+        let got = c.down_f32(hd.ptr, pairs * ldh);
+        for i in 0..pairs {
+            let p = if sorted { order[i] as usize } else { i };
+            let e = ids[p] as usize;
+            for j in 0..ldh {
+                let want = if j < cols {
+                    h[i * ldh + j] + bias[e * cols + j]
+                } else {
+                    h[i * ldh + j]
+                };
+                assert_eq!(
+                    got[i * ldh + j],
+                    want,
+                    "bias sorted={sorted} row {i} col {j}"
+                );
+            }
+        }
+        c.free(&[hd]);
     }
-    c.free(&[md, sd, cd, fd]);
+    c.free(&[route, bd, ordd]);
 }
 
 #[test]
@@ -971,31 +1088,35 @@ fn cuda_norms_rope_glu_add_match_cpu() {
     );
     c.free(&[xd, wd]);
 
-    // RoPE: both modes, partial rotation, freq factors, position scale, large positions.
-    for (mode, n_dims, ff, pscale) in [
-        (RopeKind::Adjacent, 64, false, 1.0f32),
-        (RopeKind::Neox, 64, true, 0.25),
-        (RopeKind::Neox, 32, false, 1.0),
+    // RoPE: both modes, partial rotation, freq factors, position scale, large positions, YaRN
+    // (gpt-oss's factor 32: pairs 4 to 9 ramp from extrapolation to interpolation).
+    let gpt_oss_yarn = RopeYarnArg {
+        low: 4.0,
+        high: 9.0,
+        ext: 1.0,
+        mscale: 1.0 + 0.1 * 32f32.ln(),
+    };
+    for (mode, n_dims, ff, pscale, yarn) in [
+        (RopeKind::Adjacent, 64, false, 1.0f32, RopeYarnArg::NONE),
+        (RopeKind::Neox, 64, true, 0.25, RopeYarnArg::NONE),
+        (RopeKind::Neox, 32, false, 1.0, RopeYarnArg::NONE),
+        (RopeKind::Neox, 64, false, 1.0 / 32.0, gpt_oss_yarn),
     ] {
         let (heads, hd, base) = (4usize, 64usize, 500000f32);
         let pos: Vec<i32> = (0..n as i32).map(|i| i * 977 + 3).collect();
         let x = randv(&mut r, n * heads * hd, 1.0);
         let f: Vec<f32> = (0..n_dims / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
         let (xd, pd, fd) = (c.up_f32(&x), c.up_i32(&pos), c.up_f32(&f));
-        k.rope(
-            xd.ptr,
-            pd.ptr,
-            n,
-            heads,
-            hd,
+        let args = RopeArgs {
+            head_dim: hd,
             n_dims,
             mode,
             base,
-            pscale,
-            ff.then_some(fd.ptr),
-            &s,
-        )
-        .unwrap();
+            pos_scale: pscale,
+            freq_factors: ff.then_some(fd.ptr),
+            yarn,
+        };
+        k.rope(xd.ptr, pd.ptr, n, heads, &args, &s).unwrap();
         c.sync();
         let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         for (t, &pt) in pos.iter().enumerate() {
@@ -1006,14 +1127,20 @@ fn cuda_norms_rope_glu_add_match_cpu() {
                     if ff {
                         inv /= fi as f64;
                     }
-                    let th = pt as f64 * pscale as f64 * inv;
+                    let ramp = ((i as f64 - yarn.low as f64)
+                        / (yarn.high as f64 - yarn.low as f64).max(0.001))
+                    .clamp(0.0, 1.0);
+                    let mix = (1.0 - ramp) * yarn.ext as f64;
+                    let factor = pscale as f64 * (1.0 - mix) + mix;
+                    let th = pt as f64 * factor * inv;
+                    let m = yarn.mscale as f64;
                     let (a, b) = match mode {
                         RopeKind::Adjacent => (2 * i, 2 * i + 1),
                         RopeKind::Neox => (i, i + n_dims / 2),
                     };
                     let (x0, x1) = (x[o + a] as f64, x[o + b] as f64);
-                    want[o + a] = x0 * th.cos() - x1 * th.sin();
-                    want[o + b] = x0 * th.sin() + x1 * th.cos();
+                    want[o + a] = m * (x0 * th.cos() - x1 * th.sin());
+                    want[o + b] = m * (x0 * th.sin() + x1 * th.cos());
                 }
             }
         }
@@ -1028,29 +1155,36 @@ fn cuda_norms_rope_glu_add_match_cpu() {
     let g = randv(&mut r, m, 6.0);
     let u = randv(&mut r, m, 2.0);
     let (gd, ud, od) = (c.up_f32(&g), c.up_f32(&u), c.poisoned(m * 4));
-    for gelu in [false, true] {
-        k.glu(gd.ptr, ud.ptr, od.ptr, m, gelu, &s).unwrap();
+    for act in [
+        Activation::Silu,
+        Activation::GeluTanh,
+        Activation::SwigluOai,
+    ] {
+        k.glu(gd.ptr, ud.ptr, od.ptr, m, act, &s).unwrap();
         c.sync();
         let want: Vec<f64> = g
             .iter()
             .zip(&u)
             .map(|(&a, &b)| {
-                let a = a as f64;
-                let act = if gelu {
-                    0.5 * a
-                        * (1.0
-                            + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a))
-                                .tanh())
-                } else {
-                    a / (1.0 + (-a).exp())
-                };
-                act * b as f64
+                let (a, b) = (a as f64, b as f64);
+                match act {
+                    Activation::GeluTanh => {
+                        0.5 * a
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (a + 0.044715 * a * a * a))
+                                    .tanh())
+                            * b
+                    }
+                    Activation::Silu => a / (1.0 + (-a).exp()) * b,
+                    Activation::SwigluOai => {
+                        let x = a.min(7.0);
+                        x / (1.0 + (-1.702 * x).exp()) * (b.clamp(-7.0, 7.0) + 1.0)
+                    }
+                }
             })
             .collect();
-        assert!(
-            rel_l2(&c.down_f32(od.ptr, m), &want) < 1e-6,
-            "glu gelu={gelu}"
-        );
+        assert!(rel_l2(&c.down_f32(od.ptr, m), &want) < 1e-6, "glu {act:?}");
     }
     k.add(gd.ptr, ud.ptr, od.ptr, m, &s).unwrap();
     c.sync();
@@ -1074,8 +1208,138 @@ fn cuda_norms_rope_glu_add_match_cpu() {
     c.free(&[gd, ud, od]);
 }
 
-/// f64 attention reference over f16-rounded K/V: query t at position pos[t] sees cache slots
-/// j <= pos[t] (and pos[t] - j < window).
+/// The context-shift kernel against the CPU's `ops::kv_shift` on the same runs: a cycle of
+/// three, a chain, a self-move (rotation in place) and a cell left alone; K rotated (NEOX with
+/// frequency factors; adjacent pairs over half the head with a position scale; YaRN with a
+/// magnitude, which the shift must not apply again; latent attention's one head roped after its
+/// latent), V copied.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_kv_shift_matches_cpu() {
+    use pshard_kernels::ops::{self, ShiftRun};
+    let Some(c) = ctx("cuda_kv_shift_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_kv_shift");
+    let s = c.gpu.stream().clone();
+    let k = &c.gpu.kernels;
+    let (cells, hd, heads, delta) = (12usize, 64usize, 2usize, -18i64);
+    let cols = hd * heads;
+    let runs = vec![
+        ShiftRun {
+            moves: vec![(1, 2), (0, 1), (2, 0)],
+            cyclic: true,
+        },
+        ShiftRun {
+            moves: vec![(4, 3), (5, 4)],
+            cyclic: false,
+        },
+        ShiftRun {
+            moves: vec![(7, 7)],
+            cyclic: true,
+        },
+    ];
+    let mut moves: Vec<i32> = Vec::new();
+    let mut starts = vec![0i32];
+    let mut cyclic = Vec::new();
+    for run in &runs {
+        moves.extend(run.moves.iter().flat_map(|&(a, b)| [a as i32, b as i32]));
+        starts.push(moves.len() as i32 / 2);
+        cyclic.push(run.cyclic as i32);
+    }
+    let (md, sd, cd) = (c.up_i32(&moves), c.up_i32(&starts), c.up_i32(&cyclic));
+    let f: Vec<f32> = (0..hd / 2).map(|_| r.gen_range(1.0f32..8.0)).collect();
+    let fd = c.up_f32(&f);
+    let yarn = pshard_model::graph::RopeYarn {
+        low: 3.0,
+        high: 11.0,
+        ext_factor: 1.0,
+        mscale: 1.35,
+    };
+    // (pairing, head width, rotated dims, offset in the head, frequency factors, position
+    // scale, YaRN).
+    for (mode, head, n_dims, off, ff, pscale, y) in [
+        (Some(RopeKind::Neox), hd, hd, 0, true, 1.0f32, None),
+        (Some(RopeKind::Adjacent), hd, hd / 2, 0, false, 0.5, None),
+        (Some(RopeKind::Neox), hd, hd, 0, false, 0.25, Some(yarn)),
+        (
+            Some(RopeKind::Neox),
+            cols,
+            32,
+            cols - 32,
+            false,
+            0.25,
+            Some(yarn),
+        ),
+        (None, cols, 0, 0, false, 1.0, None),
+    ] {
+        let x: Vec<f16> = randv(&mut r, cells * cols, 2.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let xd = c.up_bytes(&bytes);
+        let args = mode.map(|m| RopeArgs {
+            head_dim: head,
+            n_dims,
+            mode: m,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(fd.ptr),
+            yarn: RopeYarnArg::of(y),
+        });
+        k.kv_shift(
+            xd.ptr,
+            cols,
+            (md.ptr, sd.ptr, cd.ptr, runs.len()),
+            args.as_ref().map(|a| (a, off)),
+            delta as f32,
+            &s,
+        )
+        .unwrap();
+        c.sync();
+        let got = c.down_f16(xd.ptr, cells * cols);
+        let mut want = x.clone();
+        let cpu_rope = mode.map(|m| ops::Rope {
+            pairing: match m {
+                RopeKind::Adjacent => ops::RopePairing::Adjacent,
+                RopeKind::Neox => ops::RopePairing::Neox,
+            },
+            n_dims,
+            base: 1e4,
+            pos_scale: pscale,
+            freq_factors: ff.then_some(&f[..]),
+            yarn: y,
+        });
+        ops::kv_shift(
+            &mut want,
+            cols,
+            (head, off),
+            cpu_rope.as_ref(),
+            delta,
+            &runs,
+        );
+        let want64: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+        let err = rel_l2(&got, &want64);
+        let orig: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let moved = rel_l2(&orig, &want64);
+        eprintln!(
+            "kv_shift {mode:?} dims {n_dims} from {off}: rel L2 {err:.2e} (moved {moved:.2e})"
+        );
+        assert!(
+            err <= 1e-3 && moved > 1e-1,
+            "{mode:?} {n_dims} {off}: {err} {moved}"
+        );
+        // Cell 6 is in no run: untouched.
+        assert_eq!(&got[6 * cols..7 * cols], &orig[6 * cols..7 * cols]);
+        c.free(&[xd]);
+    }
+    c.free(&[md, sd, cd, fd]);
+}
+
+/// f64 attention reference of `rows` over f16-rounded K/V: query t at position pos[t] sees cache
+/// slots j <= pos[t] (and pos[t] - j < window); `sinks` join each head's softmax denominator; with
+/// `p.v_in_k` the values are the first `dv` of each K row (`vc` unused).
 #[allow(clippy::too_many_arguments)]
 fn ref_attention(
     p: &AttnParams,
@@ -1084,6 +1348,7 @@ fn ref_attention(
     vc: &[f32],
     pos: &[i32],
     rows: &[usize],
+    sinks: Option<&[f32]>,
 ) -> Vec<f64> {
     let grp = p.n_head / p.n_kv;
     let mut out = Vec::new();
@@ -1111,13 +1376,23 @@ fn ref_attention(
                 }
                 scores.push(s);
             }
-            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sink = sinks.map(|s| s[h] as f64);
+            let mx = scores
+                .iter()
+                .cloned()
+                .chain(sink)
+                .fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-            let sum: f64 = e.iter().sum();
+            let sum: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - mx).exp());
             for d in 0..p.dv {
                 let mut acc = 0.0;
                 for (i, j) in (lo..=pt).enumerate() {
-                    acc += e[i] * vc[(j * p.n_kv + kvh) * p.dv + d] as f64;
+                    let v = if p.v_in_k {
+                        kc[j * p.dk + d]
+                    } else {
+                        vc[(j * p.n_kv + kvh) * p.dv + d]
+                    };
+                    acc += e[i] * v as f64;
                 }
                 out.push(acc / sum);
             }
@@ -1128,13 +1403,28 @@ fn ref_attention(
 
 /// Writes the cells any query can see (positions from the first query's window start to
 /// start+n) with kv_write over a cache of NaNs, then runs `n` queries at positions
-/// start..start+n and checks `check_rows` of them: a kernel that lets an invisible cell's value
-/// into a sum (0 · NaN) fails. (A cache staged from the host holds only the visible cells.)
-#[allow(clippy::too_many_arguments)]
+/// start..start+n and checks every `stride`th row and the last: a kernel that lets an invisible
+/// cell's value into a sum (0 · NaN) fails. (A cache staged from the host holds only the visible
+/// cells.)
 fn run_attention_case(
     c: &Ctx,
     r: &mut StdRng,
     p: AttnParams,
+    start: usize,
+    n: usize,
+    stride: usize,
+    tol: f64,
+) {
+    run_attention_sinks(c, r, p, None, start, n, stride, tol)
+}
+
+/// [`run_attention_case`] with per-head sinks.
+#[allow(clippy::too_many_arguments)]
+fn run_attention_sinks(
+    c: &Ctx,
+    r: &mut StdRng,
+    p: AttnParams,
+    sinks: Option<&[f32]>,
     start: usize,
     n: usize,
     stride: usize,
@@ -1194,6 +1484,7 @@ fn run_attention_case(
     let (qd, pd) = (c.up_f32(&q), c.up_i32(&pos));
     let out = c.poisoned(n * p.n_head * p.dv * 4);
     let part = c.alloc(pshard_kernels::cuda::kernels::attention_scratch(&p, n).max(4));
+    let sd = sinks.map(|v| c.up_f32(v));
     c.gpu
         .kernels
         .attention(
@@ -1211,13 +1502,14 @@ fn run_attention_case(
             out.ptr,
             p.n_head * p.dv,
             part.ptr,
+            sd.as_ref().map(|b| b.ptr),
             &s,
         )
         .unwrap();
     c.sync();
     let got = c.down_f32(out.ptr, n * p.n_head * p.dv);
     let rows: Vec<usize> = (0..n).filter(|t| t % stride == 0 || *t == n - 1).collect();
-    let want = ref_attention(&p, &q, &k16, &v16, &pos, &rows);
+    let want = ref_attention(&p, &q, &k16, &v16, &pos, &rows, sinks);
     let got_rows: Vec<f32> = rows
         .iter()
         .flat_map(|&t| got[t * p.n_head * p.dv..(t + 1) * p.n_head * p.dv].to_vec())
@@ -1233,6 +1525,9 @@ fn run_attention_case(
         "unwritten or non-finite attention output"
     );
     c.free(&[kcache, vcache, kd, vd, fpd, qd, pd, out, part]);
+    if let Some(b) = sd {
+        c.free(&[b]);
+    }
 }
 
 #[test]
@@ -1251,7 +1546,38 @@ fn cuda_attention_prefill_and_decode_match_cpu() {
         scale: 1.0 / (d as f32).sqrt(),
         softcap: 0.0,
         window: 0,
+        v_in_k: false,
     };
+    // Sinks (gpt-oss: head dim 64, windows of 128): flash prefill and split-KV decode.
+    let sinks: Vec<f32> = (0..8).map(|h| h as f32 * 0.7 - 2.0).collect();
+    let gpt_oss = AttnParams {
+        window: 128,
+        ..base(8, 2, 64, 1024)
+    };
+    run_attention_sinks(&c, &mut r, gpt_oss, Some(&sinks), 100, 200, 1, 5e-3);
+    run_attention_sinks(&c, &mut r, gpt_oss, Some(&sinks), 900, 1, 1, 1e-4);
+    run_attention_sinks(
+        &c,
+        &mut r,
+        base(8, 2, 64, 1024),
+        Some(&sinks),
+        500,
+        3,
+        1,
+        1e-4,
+    );
+    // Latent attention (deepseek2: 576-wide keys, values their first 512, one KV head): decode,
+    // a few rows, a prefill chunk, 16 and 20 heads (a partial head group).
+    let mla = |n_head| AttnParams {
+        dk: 576,
+        dv: 512,
+        v_in_k: true,
+        scale: 0.07,
+        ..base(n_head, 1, 576, 2048)
+    };
+    run_attention_case(&c, &mut r, mla(16), 1500, 1, 1, 1e-4);
+    run_attention_case(&c, &mut r, mla(20), 63, 3, 1, 1e-4);
+    run_attention_case(&c, &mut r, mla(16), 0, 300, 7, 1e-4);
     // Flash (tensor-core) prefill: P and Q rounded to f16 inside, so 5e-3. Split-KV: f32, 1e-4.
     run_attention_case(&c, &mut r, base(8, 2, 128, 512), 0, 100, 1, 5e-3);
     run_attention_case(&c, &mut r, base(4, 4, 64, 512), 37, 130, 1, 5e-3);
@@ -1371,13 +1697,73 @@ fn cuda_moe_route_and_experts_match_cpu() {
     let mut r = rng("cuda_moe");
     let s = c.gpu.stream().clone();
     let (n, n_expert, n_used, d, ff) = (7usize, 16usize, 4usize, 256usize, 512usize);
+    // Every gating, with a selection bias, a group limit and a scale, against the CPU's routing.
+    let bias = randv(&mut r, n_expert, 0.3);
+    let bd = c.up_f32(&bias);
+    for (gating, groups, scale) in [
+        (Gating::Sigmoid, (0, 0), 2.5),
+        (Gating::SoftmaxAfterTopK, (0, 0), 1.0),
+        (Gating::Softmax, (4, 2), 1.0),
+        (Gating::Sigmoid, (8, 3), 1.0),
+    ] {
+        let rt = Routing {
+            n_expert,
+            n_used,
+            gating,
+            normalize: gating == Gating::Sigmoid,
+            scale,
+            groups,
+        };
+        let logits = randv(&mut r, n * n_expert, 3.0);
+        let ld = c.up_f32(&logits);
+        let route = c.poisoned(n * 2 * n_used * 4);
+        let sel = (gating == Gating::Sigmoid).then_some(bd.ptr);
+        c.gpu
+            .kernels
+            .moe_route(ld.ptr, n, &rt, sel, route.ptr, &s)
+            .unwrap();
+        c.sync();
+        let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
+        for t in 0..n {
+            let (mut ids, mut w) = (vec![0u32; n_used], vec![0f32; n_used]);
+            let b = sel.map(|_| &bias[..]);
+            pshard_kernels::ops::route(
+                &logits[t * n_expert..(t + 1) * n_expert],
+                &rt,
+                b,
+                None,
+                &mut ids,
+                &mut w,
+            );
+            let word = |i: usize| u32::from_le_bytes(rb[4 * i..4 * i + 4].try_into().unwrap());
+            for k in 0..n_used {
+                assert_eq!(
+                    word(t * 2 * n_used + k),
+                    ids[k],
+                    "{rt:?} token {t} expert {k}"
+                );
+                let got = f32::from_bits(word(t * 2 * n_used + n_used + k));
+                assert!((got - w[k]).abs() < 1e-5, "{rt:?} token {t} weight {k}");
+            }
+        }
+        c.free(&[ld, route]);
+    }
+    c.free(&[bd]);
     for normalize in [true, false] {
         let logits = randv(&mut r, n * n_expert, 3.0);
         let ld = c.up_f32(&logits);
         let route = c.poisoned(n * 2 * n_used * 4);
+        let rt = Routing {
+            n_expert,
+            n_used,
+            gating: Gating::Softmax,
+            normalize,
+            scale: 1.0,
+            groups: (0, 0),
+        };
         c.gpu
             .kernels
-            .moe_route(ld.ptr, n, n_expert, n_used, normalize, route.ptr, &s)
+            .moe_route(ld.ptr, n, &rt, None, route.ptr, &s)
             .unwrap();
         c.sync();
         let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
@@ -1462,7 +1848,8 @@ fn cuda_moe_route_and_experts_match_cpu() {
             )
             .unwrap();
         }
-        k.glu(hg.ptr, hu.ptr, hh.ptr, np * ff, false, &s).unwrap();
+        k.glu(hg.ptr, hu.ptr, hh.ptr, np * ff, Activation::Silu, &s)
+            .unwrap();
         k.moe_gemv(
             GgmlType::Q6_K,
             dd.ptr,
@@ -2707,6 +3094,7 @@ fn cuda_bench_kernels() {
             scale: 0.088,
             softcap: 0.0,
             window: 0,
+            v_in_k: false,
         };
         let kc = c.alloc(n * kv * d * 2);
         let vc = c.alloc(n * kv * d * 2);
@@ -2763,6 +3151,7 @@ fn cuda_bench_kernels() {
                         out.ptr,
                         heads * d,
                         part.ptr,
+                        None,
                         &s,
                     )
                     .unwrap()
@@ -2794,6 +3183,7 @@ fn cuda_bench_kernels() {
                         out.ptr,
                         heads * d,
                         part.ptr,
+                        None,
                         &s,
                     )
                     .unwrap()
@@ -2834,6 +3224,7 @@ fn cuda_bench_decode_attention() {
             scale: 1.0 / (d as f32).sqrt(),
             softcap: 0.0,
             window: 0,
+            v_in_k: false,
         };
         let kc = c.alloc(n_ctx * kv * d * 2);
         let vc = c.alloc(n_ctx * kv * d * 2);
@@ -2879,6 +3270,7 @@ fn cuda_bench_decode_attention() {
                         out.ptr,
                         heads * d,
                         part.ptr,
+                        None,
                         &s,
                     )
                     .unwrap()

@@ -9,6 +9,7 @@ use pshard_kernels::ops;
 use pshard_kernels::pool;
 use pshard_kernels::quant::{self, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::Activation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -109,7 +110,7 @@ fn per_expert(
         mm(&w.gate, &xe, m, &mut g);
         mm(&w.up, &xe, m, &mut u);
         let mut h = vec![0f32; m * ff];
-        ops::glu(&g, &u, &mut h, false);
+        ops::glu(&g, &u, &mut h, Activation::Silu);
         let mut d = vec![0f32; m * cols];
         mm(&w.down, &h, m, &mut d);
         for (i, &(t, wt)) in toks.iter().enumerate() {
@@ -185,7 +186,7 @@ fn batched_moe_matches_the_per_expert_path() {
                     &x,
                     n_tok,
                     rt,
-                    false,
+                    Activation::Silu,
                     precision,
                     &mut got,
                     Some(&mut rec),
@@ -246,7 +247,7 @@ fn moe_token_outputs_do_not_depend_on_the_batch() {
                 &xs,
                 toks.len(),
                 rt,
-                false,
+                Activation::Silu,
                 ActPrecision::Quantized,
                 &mut out,
                 None,
@@ -300,7 +301,7 @@ fn moe_errors_name_the_problem() {
         &x,
         1,
         rt,
-        false,
+        Activation::Silu,
         ActPrecision::Quantized,
         &mut out,
         None,
@@ -318,7 +319,7 @@ fn moe_errors_name_the_problem() {
         &x,
         1,
         rt,
-        false,
+        Activation::Silu,
         ActPrecision::Quantized,
         &mut out,
         None,

@@ -69,13 +69,25 @@ pub fn kv_row_bytes(kv_type: GgmlType, n: usize) -> u64 {
     (n as u64).div_ceil(kv_type.block_size()) * kv_type.type_size()
 }
 
-/// KV bytes one token occupies in one layer: a K row of `n_head_kv·head_dim_k` and a V row of
-/// `n_head_kv·head_dim_v` values, both in `kv_type` (F16 or Q8_0 in practice).
-pub fn kv_bytes_per_token_layer(spec: &ModelSpec, kv_type: GgmlType, layer: usize) -> u64 {
+/// Values per KV cell of `layer`: (K row, V row). `n_head_kv·head_dim_k` and
+/// `n_head_kv·head_dim_v`; multi-head latent attention keeps the latent and the rope key
+/// (`kv_lora_rank + rope_dims`) in K and no V (its values are the latent inside K). The one
+/// definition of a layer's row widths: the KV layout, its host and device copies and the
+/// planner's bill all ask it.
+pub fn kv_cols(spec: &ModelSpec, layer: usize) -> (usize, usize) {
     let _ = &spec.layers[layer];
     let h = &spec.hparams;
-    kv_row_bytes(kv_type, h.n_head_kv * h.head_dim_k)
-        + kv_row_bytes(kv_type, h.n_head_kv * h.head_dim_v)
+    match h.mla {
+        Some(m) => (m.kv_lora_rank + h.rope_dims, 0),
+        None => (h.n_head_kv * h.head_dim_k, h.n_head_kv * h.head_dim_v),
+    }
+}
+
+/// KV bytes one token occupies in one layer: its K and V rows ([`kv_cols`]) in `kv_type` (F16
+/// or Q8_0 in practice).
+pub fn kv_bytes_per_token_layer(spec: &ModelSpec, kv_type: GgmlType, layer: usize) -> u64 {
+    let (k, v) = kv_cols(spec, layer);
+    kv_row_bytes(kv_type, k) + kv_row_bytes(kv_type, v)
 }
 
 /// KV bytes one token occupies across all layers (ignoring windows).
@@ -156,23 +168,30 @@ pub fn activation_bytes(
 }
 
 /// Activation bytes estimated from the hparams alone (f32): per token the residual, normed input, q,
-/// k, v, attention output, projection, FFN gate/up/hidden (the widest FFN), and for MoE the router
-/// logits and routes (and the shared-expert output); plus per logit row the selected and normed rows
-/// and the logits. Close to
+/// k, v, attention output, projection, dense FFN gate/up/hidden, for MoE the router logits and
+/// routes (and the shared experts' rows and output), latent attention's extra rows; plus per
+/// logit row the selected and normed rows and the logits. Close to
 /// [`activation_bytes`]; useful where no graph can be built.
 pub fn activation_bytes_estimate(spec: &ModelSpec, n_tokens: usize, n_logit_rows: usize) -> u64 {
     let h = &spec.hparams;
-    let ff = h.n_ff.max(h.n_ff_expert).max(h.n_ff_shared_expert);
     let mut per_token = 3 * h.n_embd // x, xn, proj
         + h.n_head * h.head_dim_k
         + h.n_head_kv * (h.head_dim_k + h.head_dim_v)
         + h.n_head * h.head_dim_v
-        + 3 * ff;
+        + 3 * h.n_ff;
     if h.n_expert > 0 {
         per_token += h.n_expert + 2 * h.n_expert_used;
     }
     if h.n_ff_shared_expert > 0 {
-        per_token += h.n_embd;
+        per_token += h.n_embd + 3 * h.n_ff_shared_expert;
+    }
+    if let Some(m) = h.mla {
+        // Queries as projected, the q lora, the KV compression, the decompressed head outputs.
+        per_token += h.n_head * (m.nope + h.rope_dims)
+            + m.q_lora_rank
+            + m.kv_lora_rank
+            + h.rope_dims
+            + h.n_head * m.head_dim_v;
     }
     // Selected rows, their norm, and the logits.
     let per_logit_row = 2 * h.n_embd + h.n_vocab;
@@ -270,7 +289,15 @@ mod tests {
 
     #[test]
     fn activation_estimate_matches_graph() {
-        for name in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3", "llama3-8b"] {
+        for name in [
+            "tiny-llama",
+            "tiny-qwen3moe",
+            "tiny-gemma3",
+            "llama3-8b",
+            "tiny-gpt-oss",
+            "tiny-glm4moe",
+            "tiny-deepseek2",
+        ] {
             let s = spec(name, QuantRecipe::Q8_0);
             for (n, rows) in [(1, 1), (512, 1), (512, 512)] {
                 let est = activation_bytes_estimate(&s, n, rows);

@@ -51,6 +51,67 @@ pub enum Activation {
     Silu,
     /// GELU-tanh(gate) · up (GeGLU).
     GeluTanh,
+    /// gpt-oss's clamped SwiGLU: with g = min(gate, L) and u = clamp(up, −L, L),
+    /// `g · σ(α g) · (u + 1)` ([`SWIGLU_OAI_ALPHA`], [`SWIGLU_OAI_LIMIT`]).
+    SwigluOai,
+}
+
+/// α of [`Activation::SwigluOai`] (gpt-oss's value; llama.cpp hard-codes it too).
+pub const SWIGLU_OAI_ALPHA: f32 = 1.702;
+/// The clamp limit of [`Activation::SwigluOai`].
+pub const SWIGLU_OAI_LIMIT: f32 = 7.0;
+
+/// YaRN's per-pair mix of one rope op (see [`crate::spec::Yarn`]): pair `i` rotates at
+/// `θ_i · (s (1 − r_i) + r_i)` where `s` is the op's `pos_scale` and
+/// `r_i = (1 − clamp((i − low) / max(0.001, high − low), 0, 1)) · ext_factor`; rotated values are
+/// multiplied by `mscale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeYarn {
+    /// First pair of the ramp.
+    pub low: f32,
+    /// Last pair of the ramp.
+    pub high: f32,
+    /// Weight of the ramp.
+    pub ext_factor: f32,
+    /// Multiplier of the rotated values.
+    pub mscale: f32,
+}
+
+impl RopeYarn {
+    /// The op parameters for `n_dims` rotated dimensions at frequency `base`.
+    pub fn new(y: &crate::spec::Yarn, n_dims: usize, base: f32) -> RopeYarn {
+        let [low, high] = y.corr_dims(n_dims, base);
+        RopeYarn {
+            low,
+            high,
+            ext_factor: y.ext_factor,
+            mscale: y.mscale,
+        }
+    }
+
+    /// The factor pair `i`'s angle is multiplied by, given the op's position scale.
+    pub fn angle_factor(&self, i: usize, pos_scale: f32) -> f32 {
+        let y = (i as f32 - self.low) / (self.high - self.low).max(0.001);
+        let r = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
+        pos_scale * (1.0 - r) + r
+    }
+}
+
+/// How a MoE router turns logits into routes (one op's parameters).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Routing {
+    /// Experts.
+    pub n_expert: usize,
+    /// Experts used per token.
+    pub n_used: usize,
+    /// Logits to weights.
+    pub gating: crate::spec::Gating,
+    /// Renormalise the chosen weights to sum to 1.
+    pub normalize: bool,
+    /// Multiplier of the final weights (1 = none).
+    pub scale: f32,
+    /// Group-limited routing: (groups, groups used); (0, 0) or fewer than 2 groups: none.
+    pub groups: (usize, usize),
 }
 
 /// Rotary embedding parameters of one op.
@@ -66,6 +127,8 @@ pub struct RopeParams {
     pub pos_scale: f32,
     /// Per-dimension-pair frequency divisors (`rope_freqs.weight`, llama3 scaling).
     pub freq_factors: Option<TensorId>,
+    /// YaRN scaling, if any.
+    pub yarn: Option<RopeYarn>,
 }
 
 /// One operation.
@@ -107,6 +170,9 @@ pub enum Op {
     /// Writes this batch's `k`, `v` rows into layer `layer`'s KV cache at the run's positions, then
     /// causal attention of `q` over the cache (window-limited when `window` is set).
     /// QK and softmax accumulate in f32. `out` has `n_head · head_dim_v` columns.
+    /// `sinks` (one logit per head) join each softmax's denominator without a value.
+    /// With `v_in_k` the cache holds no V: each head's values are the first `head_dim_v` columns
+    /// of its K row (multi-head latent attention), and `v` is not read.
     Attention {
         layer: usize,
         q: BufId,
@@ -120,6 +186,8 @@ pub enum Op {
         window: Option<usize>,
         scale: f32,
         softcap: Option<f32>,
+        sinks: Option<TensorId>,
+        v_in_k: bool,
     },
     /// `out = act(gate) · up`, elementwise.
     Glu {
@@ -132,15 +200,17 @@ pub enum Op {
     Add { a: BufId, b: BufId, out: BufId },
     /// Copies the rows that need logits (given by the run) from `x` into `out`.
     SelectRows { x: BufId, out: BufId },
-    /// MoE router: softmax over `logits` (n_expert columns), top `n_used`, optional renormalisation.
+    /// MoE router over `logits` (n_expert columns): gating, optional group limit, top `n_used` by
+    /// the gated values plus `select_bias` (the bias only chooses; weights come unbiased),
+    /// optional renormalisation and scale.
     MoeRoute {
         logits: BufId,
         out: BufId,
-        n_expert: usize,
-        n_used: usize,
-        normalize: bool,
+        routing: Routing,
+        select_bias: Option<TensorId>,
     },
-    /// Expert FFNs: for each token, `Σ_e w_e · down_e(act(gate_e x) · up_e x)` over its routed experts.
+    /// Expert FFNs: for each token, `Σ_e w_e · down_e(act(gate_e x) · up_e x)` over its routed
+    /// experts; `bias` (gate, up, down: one row per expert) is added after each projection.
     MoeFfn {
         x: BufId,
         route: BufId,
@@ -149,6 +219,39 @@ pub enum Op {
         down_exps: TensorId,
         act: Activation,
         out: BufId,
+        bias: Option<[TensorId; 3]>,
+    },
+    /// One matrix per head (`weight` is 3-D, one `rows × cols` matrix per head): for each token
+    /// and head `h`, `out[h·out_stride ..][..rows] = W_h · x[h·x_stride ..][..cols]`. Other
+    /// columns of `out` are undefined afterwards: a later op must write them (the lane rules
+    /// treat `out` as written whole).
+    HeadMatMul {
+        weight: TensorId,
+        x: BufId,
+        x_stride: usize,
+        out: BufId,
+        out_stride: usize,
+    },
+    /// Multi-head latent attention's K row: `out[..kv_lora] = rms_norm(x[..kv_lora]) · norm`,
+    /// `out[kv_lora..]` = `x[kv_lora..]` roped (one head of `rope.n_dims`).
+    MlaKv {
+        x: BufId,
+        norm: TensorId,
+        out: BufId,
+        kv_lora: usize,
+        eps: f32,
+        rope: RopeParams,
+    },
+    /// Multi-head latent attention's query rope part: for each head `h` of `n_head`,
+    /// `out[h·(kv_lora + d) + kv_lora ..][..d]` = rope of `q[h·(nope + d) + nope ..][..d]` with
+    /// `d = rope.n_dims`; the other columns of `out` are left as they are.
+    MlaQRope {
+        q: BufId,
+        out: BufId,
+        n_head: usize,
+        nope: usize,
+        kv_lora: usize,
+        rope: RopeParams,
     },
     /// `x = cap · tanh(x / cap)` in place.
     Softcap { x: BufId, cap: f32 },
@@ -259,11 +362,23 @@ impl Op {
             Op::Embed { .. } => vec![],
             Op::RmsNorm { x, .. } | Op::MatMul { x, .. } | Op::SelectRows { x, .. } => vec![x],
             Op::HeadRmsNorm { x, .. } | Op::Rope { x, .. } | Op::Softcap { x, .. } => vec![x],
-            Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Attention {
+                q, k, v, v_in_k, ..
+            } => {
+                if v_in_k {
+                    vec![q, k]
+                } else {
+                    vec![q, k, v]
+                }
+            }
             Op::Glu { gate, up, .. } => vec![gate, up],
             Op::Add { a, b, .. } => vec![a, b],
             Op::MoeRoute { logits, .. } => vec![logits],
             Op::MoeFfn { x, route, .. } => vec![x, route],
+            Op::HeadMatMul { x, .. } => vec![x],
+            // A partial writer reads what it keeps, so the lane rules move the whole buffer.
+            Op::MlaKv { x, .. } => vec![x],
+            Op::MlaQRope { q, out, .. } => vec![q, out],
         }
     }
 
@@ -278,7 +393,10 @@ impl Op {
             | Op::Glu { out, .. }
             | Op::Add { out, .. }
             | Op::MoeRoute { out, .. }
-            | Op::MoeFfn { out, .. } => vec![out],
+            | Op::MoeFfn { out, .. }
+            | Op::HeadMatMul { out, .. }
+            | Op::MlaKv { out, .. }
+            | Op::MlaQRope { out, .. } => vec![out],
             Op::HeadRmsNorm { x, .. } | Op::Rope { x, .. } | Op::Softcap { x, .. } => vec![x],
         }
     }
@@ -289,19 +407,28 @@ impl Op {
             Op::Embed { table, .. } => vec![table],
             Op::RmsNorm { weight, .. } | Op::HeadRmsNorm { weight, .. } => vec![weight],
             Op::MatMul { weight, bias, .. } => std::iter::once(weight).chain(bias).collect(),
-            Op::Rope { rope, .. } => rope.freq_factors.into_iter().collect(),
+            Op::Rope { rope, .. } | Op::MlaQRope { rope, .. } => {
+                rope.freq_factors.into_iter().collect()
+            }
             Op::MoeFfn {
                 gate_exps,
                 up_exps,
                 down_exps,
+                bias,
                 ..
-            } => vec![gate_exps, up_exps, down_exps],
-            Op::Attention { .. }
-            | Op::Glu { .. }
-            | Op::Add { .. }
-            | Op::SelectRows { .. }
-            | Op::MoeRoute { .. }
-            | Op::Softcap { .. } => vec![],
+            } => [gate_exps, up_exps, down_exps]
+                .into_iter()
+                .chain(bias.into_iter().flatten())
+                .collect(),
+            Op::Attention { sinks, .. } => sinks.into_iter().collect(),
+            Op::MoeRoute { select_bias, .. } => select_bias.into_iter().collect(),
+            Op::HeadMatMul { weight, .. } => vec![weight],
+            Op::MlaKv { norm, rope, .. } => {
+                std::iter::once(norm).chain(rope.freq_factors).collect()
+            }
+            Op::Glu { .. } | Op::Add { .. } | Op::SelectRows { .. } | Op::Softcap { .. } => {
+                vec![]
+            }
         }
     }
 
@@ -320,6 +447,9 @@ impl Op {
             Op::MoeRoute { .. } => "moe_route",
             Op::MoeFfn { .. } => "moe_ffn",
             Op::Softcap { .. } => "softcap",
+            Op::HeadMatMul { .. } => "head_matmul",
+            Op::MlaKv { .. } => "mla_kv",
+            Op::MlaQRope { .. } => "mla_q_rope",
         }
     }
 }

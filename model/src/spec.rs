@@ -18,6 +18,15 @@ pub enum Arch {
     Qwen3Moe,
     /// Gemma 3 (pre/post norms, sliding window, GeGLU).
     Gemma3,
+    /// gpt-oss (attention sinks, alternating sliding-window and full layers, biases, clamped
+    /// SwiGLU experts, YaRN rope, softmax after top-k).
+    GptOss,
+    /// GLM-4.5 MoE (shared expert, sigmoid routing with a selection bias, partial rope, dense
+    /// leading layers).
+    Glm4Moe,
+    /// DeepSeek-V2/V3 (multi-head latent attention, shared experts, dense leading layers,
+    /// group-limited routing).
+    Deepseek2,
 }
 
 impl Arch {
@@ -29,20 +38,27 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Gemma3 => "gemma3",
+            Arch::GptOss => "gpt-oss",
+            Arch::Glm4Moe => "glm4moe",
+            Arch::Deepseek2 => "deepseek2",
         }
     }
 
+    /// Every supported architecture.
+    pub const ALL: [Arch; 8] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Qwen3Moe,
+        Arch::Gemma3,
+        Arch::GptOss,
+        Arch::Glm4Moe,
+        Arch::Deepseek2,
+    ];
+
     /// Parses a `general.architecture` string.
     pub fn from_gguf_name(s: &str) -> Option<Arch> {
-        [
-            Arch::Llama,
-            Arch::Qwen2,
-            Arch::Qwen3,
-            Arch::Qwen3Moe,
-            Arch::Gemma3,
-        ]
-        .into_iter()
-        .find(|a| a.gguf_name() == s)
+        Arch::ALL.into_iter().find(|a| a.gguf_name() == s)
     }
 }
 
@@ -53,6 +69,81 @@ pub enum RopeMode {
     Adjacent,
     /// Split halves (x[i], x[i + d/2]) — NEOX style: qwen*, gemma3.
     Neox,
+}
+
+/// How MoE router logits become the weights of the chosen experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Gating {
+    /// Softmax over every expert; the top k keep their probabilities (llama, qwen3moe,
+    /// deepseek2 by default).
+    Softmax,
+    /// Sigmoid of each logit (glm4moe, deepseek v3).
+    Sigmoid,
+    /// The top k of the raw logits, then a softmax over those k (gpt-oss).
+    SoftmaxAfterTopK,
+}
+
+impl Gating {
+    /// Short name for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gating::Softmax => "softmax",
+            Gating::Sigmoid => "sigmoid",
+            Gating::SoftmaxAfterTopK => "softmax after top-k",
+        }
+    }
+}
+
+/// YaRN rope scaling as llama.cpp applies it (`rope.scaling.type = yarn`): each rotated pair's
+/// angle mixes the position scaled by 1/factor with the unscaled one by a ramp over the pair
+/// index, and the rotated values are multiplied by `mscale`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Yarn {
+    /// `rope.scaling.original_context_length` (default: the training context).
+    pub orig_ctx: usize,
+    /// Pairs rotating faster than this many turns over the original context keep their
+    /// frequency (llama.cpp's default 32).
+    pub beta_fast: f32,
+    /// Pairs rotating slower than this many turns are fully interpolated (default 1).
+    pub beta_slow: f32,
+    /// Weight of the ramp (1 for YaRN).
+    pub ext_factor: f32,
+    /// Multiplier of the rotated values: llama.cpp's `attn_factor` times its YaRN magnitude
+    /// correction `1 + 0.1 ln(factor)`.
+    pub mscale: f32,
+}
+
+impl Yarn {
+    /// The pair-index range `[low, high]` over which the ramp goes from extrapolation to
+    /// interpolation, for `n_dims` rotated dimensions and frequency `base` (ggml's
+    /// `ggml_rope_yarn_corr_dims`, in f32 as it computes them).
+    pub fn corr_dims(&self, n_dims: usize, base: f32) -> [f32; 2] {
+        let corr = |turns: f32| {
+            n_dims as f32 * (self.orig_ctx as f32 / (turns * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        [
+            corr(self.beta_fast).floor().max(0.0),
+            corr(self.beta_slow).ceil().min(n_dims as f32 - 1.0),
+        ]
+    }
+}
+
+/// Multi-head latent attention (deepseek2): K and V of every head are decompressed from one
+/// latent vector per token, so the cache holds the latent (`kv_lora_rank`) and the shared rope
+/// part (`rope_dims`) per token. Queries are absorbed into the latent space (`attn_k_b`), the
+/// attention runs as one KV head of `kv_lora_rank + rope_dims` keys whose first
+/// `kv_lora_rank` values are the V rows, and each head's output is decompressed by `attn_v_b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Mla {
+    /// Rank of the query compression (`attention.q_lora_rank`; 0: queries projected directly).
+    pub q_lora_rank: usize,
+    /// Rank of the KV compression (`attention.kv_lora_rank`).
+    pub kv_lora_rank: usize,
+    /// Query/key head dimensions without rope (`key_length_mla` − rope dims).
+    pub nope: usize,
+    /// Value head dimension after decompression (`value_length_mla`).
+    pub head_dim_v: usize,
 }
 
 /// Architecture hyper-parameters, read from `{arch}.*` metadata keys.
@@ -109,6 +200,28 @@ pub struct Hparams {
     pub embed_scale: f32,
     /// The output projection reuses the token embedding.
     pub tied_embeddings: bool,
+    /// YaRN rope scaling (positions are then scaled by 1/`rope_linear_scale` as its factor).
+    pub yarn: Option<Yarn>,
+    /// Scale of the attention scores (1/√head_dim; deepseek2 with YaRN: its mscale² / √head_dim).
+    pub attn_scale: f32,
+    /// Leading layers with a dense FFN before the MoE layers (`leading_dense_block_count`).
+    pub n_layer_dense_lead: usize,
+    /// Shared experts per MoE layer (`expert_shared_count`; their FFN is `n_ff_shared_expert`
+    /// wide).
+    pub n_expert_shared: usize,
+    /// How router logits become expert weights.
+    pub gating: Gating,
+    /// Multiplier of the routed experts' weights (`expert_weights_scale`; 1 = none).
+    pub expert_weights_scale: f32,
+    /// Expert groups for group-limited routing (`expert_group_count`; ≤ 1: none).
+    pub n_expert_groups: usize,
+    /// Groups a token's experts may come from (`expert_group_used_count`).
+    pub n_group_used: usize,
+    /// Multi-head latent attention, for deepseek2.
+    pub mla: Option<Mla>,
+    /// Multi-token-prediction layers the file holds after the decoder's (`nextn_predict_layers`;
+    /// not run, their tensors are reported unused).
+    pub n_nextn_layers: usize,
 }
 
 /// Role of a tensor group: the unit of placement.
@@ -179,9 +292,10 @@ pub enum TensorRole {
     AttnQNorm,
     /// `blk.N.attn_k_norm.weight`
     AttnKNorm,
-    /// `blk.N.post_attention_norm.weight` (gemma3)
+    /// `blk.N.post_attention_norm.weight` (gemma3: the attention output's norm)
     AttnPostNorm,
-    /// `blk.N.ffn_norm.weight`
+    /// The FFN's input norm: `blk.N.ffn_norm.weight`, or `blk.N.post_attention_norm.weight` in
+    /// gpt-oss and glm4moe (which norm the residual after attention under that name).
     FfnNorm,
     /// `blk.N.ffn_gate.weight`
     FfnGate,
@@ -205,6 +319,34 @@ pub enum TensorRole {
     FfnUpShexp,
     /// `blk.N.ffn_down_shexp.weight`
     FfnDownShexp,
+    /// `blk.N.attn_output.bias` (gpt-oss)
+    AttnOutputBias,
+    /// `blk.N.attn_sinks.weight`: per-head sink logits (gpt-oss)
+    AttnSinks,
+    /// `blk.N.ffn_gate_inp.bias`: router logit bias (gpt-oss)
+    FfnGateInpBias,
+    /// `blk.N.ffn_gate_exps.bias`: per-expert gate bias (gpt-oss)
+    FfnGateExpsBias,
+    /// `blk.N.ffn_up_exps.bias` (gpt-oss)
+    FfnUpExpsBias,
+    /// `blk.N.ffn_down_exps.bias` (gpt-oss)
+    FfnDownExpsBias,
+    /// `blk.N.exp_probs_b.bias`: expert selection bias (glm4moe, deepseek v3)
+    FfnExpProbsBias,
+    /// `blk.N.attn_q_a.weight`: query compression (deepseek2 with q lora)
+    AttnQA,
+    /// `blk.N.attn_q_a_norm.weight`
+    AttnQANorm,
+    /// `blk.N.attn_q_b.weight`: query decompression
+    AttnQB,
+    /// `blk.N.attn_kv_a_mqa.weight`: KV compression plus the shared rope key
+    AttnKvAMqa,
+    /// `blk.N.attn_kv_a_norm.weight`
+    AttnKvANorm,
+    /// `blk.N.attn_k_b.weight`: per-head key decompression, transposed (absorbed into queries)
+    AttnKB,
+    /// `blk.N.attn_v_b.weight`: per-head value decompression
+    AttnVB,
 }
 
 impl TensorRole {
@@ -232,6 +374,11 @@ impl TensorRole {
                 | FfnGateShexp
                 | FfnUpShexp
                 | FfnDownShexp
+                | AttnQA
+                | AttnQB
+                | AttnKvAMqa
+                | AttnKB
+                | AttnVB
         )
     }
 }

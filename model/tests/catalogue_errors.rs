@@ -4,7 +4,7 @@
 
 use pshard_model::catalogue::SpecError;
 use pshard_model::gguf::{GgufHeader, MetaValue};
-use pshard_model::spec::ModelSpec;
+use pshard_model::spec::{GroupRole, ModelSpec, TensorRole};
 use pshard_model::synth::{plan, preset, QuantRecipe};
 
 fn header(name: &str) -> GgufHeader {
@@ -108,11 +108,22 @@ fn unsupported_rope_scaling_is_named() {
     set(
         &mut h,
         "qwen2.rope.scaling.type",
+        MetaValue::String("longrope".into()),
+    );
+    let e = build(&h).unwrap_err();
+    assert!(
+        matches!(e, SpecError::UnsupportedRopeScaling { ref kind } if kind == "longrope"),
+        "{e}"
+    );
+    // YaRN is supported but needs its factor.
+    set(
+        &mut h,
+        "qwen2.rope.scaling.type",
         MetaValue::String("yarn".into()),
     );
     let e = build(&h).unwrap_err();
     assert!(
-        matches!(e, SpecError::UnsupportedRopeScaling { ref kind } if kind == "yarn"),
+        matches!(e, SpecError::MissingKey { ref key } if key == "qwen2.rope.scaling.factor"),
         "{e}"
     );
 }
@@ -309,7 +320,7 @@ fn moe_top_k_weights_are_always_renormalized() {
 fn shared_experts_form_their_own_group() {
     use pshard_model::ggml_type::GgmlType;
     use pshard_model::gguf::TensorInfo;
-    use pshard_model::spec::GroupRole;
+
     let mut h = header("tiny-qwen3moe");
     set(
         &mut h,
@@ -357,6 +368,125 @@ fn shared_experts_form_their_own_group() {
         e.contains("blk.1.ffn_up_shexp.weight") && e.contains("[128, 96]"),
         "{e}"
     );
+}
+
+/// gpt-oss as llama.cpp reads it: even layers slide (period 2), every layer keeps the YaRN scale,
+/// rope magnitude 1 + 0.1 ln(factor), softmax after the top k, no renormalisation.
+#[test]
+fn gpt_oss_hparams() {
+    use pshard_model::spec::Gating;
+    let h = header("tiny-gpt-oss");
+    let s = build(&h).unwrap();
+    let windows: Vec<Option<usize>> = s.layers.iter().map(|l| l.window).collect();
+    assert_eq!(windows, [Some(16), None, Some(16), None]);
+    assert!(s.layers.iter().all(|l| l.rope_linear_scale == 32.0));
+    let y = s.hparams.yarn.unwrap();
+    assert_eq!(y.orig_ctx, 4096);
+    assert!((y.mscale - (1.0 + 0.1 * 32f32.ln())).abs() < 1e-6);
+    // ggml's correction range for 32 rotated dims at base 150,000: pairs 4 to 9.
+    assert_eq!(y.corr_dims(32, 150_000.0), [4.0, 9.0]);
+    assert_eq!(s.hparams.gating, Gating::SoftmaxAfterTopK);
+    assert!(!s.hparams.expert_weights_norm);
+    assert_eq!(s.hparams.attn_scale, 1.0 / 32f32.sqrt());
+    assert!(s.find(Some(3), TensorRole::AttnSinks).is_some());
+    assert!(s.find(Some(0), TensorRole::FfnDownExpsBias).is_some());
+    // A pattern in the file wins over the period.
+    let mut h2 = h.clone();
+    set(
+        &mut h2,
+        "gpt-oss.attention.sliding_window_pattern",
+        MetaValue::Array(
+            pshard_model::gguf::MetaType::Bool,
+            vec![MetaValue::Bool(false), MetaValue::Bool(true)],
+        ),
+    );
+    let s = build(&h2).unwrap();
+    let windows: Vec<Option<usize>> = s.layers.iter().map(|l| l.window).collect();
+    assert_eq!(windows, [None, Some(16), None, None]);
+    // The window is required.
+    let mut h3 = h;
+    h3.metadata
+        .retain(|(k, _)| k != "gpt-oss.attention.sliding_window");
+    let e = build(&h3).unwrap_err().to_string();
+    assert!(e.contains("gpt-oss.attention.sliding_window"), "{e}");
+}
+
+/// glm4moe: the multi-token-prediction layer is not a decoder layer, one dense layer leads,
+/// sigmoid gating by default, the weight scale and renormalisation from the file.
+#[test]
+fn glm4moe_hparams() {
+    use pshard_model::spec::Gating;
+    let mut h = header("tiny-glm4moe");
+    let s = build(&h).unwrap();
+    assert_eq!((s.hparams.n_layer, s.hparams.n_nextn_layers), (3, 1));
+    assert_eq!(s.layers.len(), 3);
+    assert!(s.layer_group(0, GroupRole::Ffn).is_some());
+    assert!(s.layer_group(1, GroupRole::SharedExperts).is_some());
+    assert_eq!(s.hparams.n_ff_shared_expert, 64);
+    assert_eq!(s.hparams.gating, Gating::Sigmoid);
+    assert_eq!(s.hparams.expert_weights_scale, 2.5);
+    assert!(s.hparams.expert_weights_norm);
+    assert_eq!(s.hparams.rope_dims, 16);
+    let unused = s.unused_file_tensors(h.tensors.len());
+    assert!(unused
+        .iter()
+        .all(|&i| h.tensors[i].name.starts_with("blk.3.")));
+    assert!(!unused.is_empty());
+    // Without the key: still sigmoid (llama.cpp's default for glm4moe).
+    h.metadata
+        .retain(|(k, _)| k != "glm4moe.expert_gating_func");
+    assert_eq!(build(&h).unwrap().hparams.gating, Gating::Sigmoid);
+    set(&mut h, "glm4moe.expert_gating_func", MetaValue::U32(4));
+    let e = build(&h).unwrap_err().to_string();
+    assert!(e.contains("expert_gating_func"), "{e}");
+}
+
+/// deepseek2: latent attention shapes, its YaRN-corrected score scale, group-limited routing;
+/// the lite variants never read q_lora_rank; pre-MLA files are refused by name.
+#[test]
+fn deepseek2_hparams() {
+    let h = header("tiny-deepseek2");
+    let s = build(&h).unwrap();
+    let m = s.hparams.mla.unwrap();
+    assert_eq!(
+        (m.q_lora_rank, m.kv_lora_rank, m.nope, m.head_dim_v),
+        (64, 64, 32, 32)
+    );
+    assert_eq!((s.hparams.head_dim_k, s.hparams.head_dim_v), (80, 64));
+    assert_eq!((s.hparams.n_expert_groups, s.hparams.n_group_used), (4, 2));
+    let ms = 1.0 + 0.1 * 0.707f32 * 40f32.ln();
+    assert!((s.hparams.attn_scale - ms * ms / 48f32.sqrt()).abs() < 1e-6);
+    // YaRN's own magnitude cancels for deepseek2.
+    assert!((s.hparams.yarn.unwrap().mscale - 1.0).abs() < 1e-6);
+    assert_eq!(pshard_model::bytes::kv_cols(&s, 1), (80, 0));
+    // DeepSeek-V2-Lite (27 layers) projects queries directly even when the key is present.
+    let mut lite = plan(&preset("deepseek-v2-lite").unwrap(), QuantRecipe::Q4_K_M)
+        .header()
+        .unwrap();
+    set(
+        &mut lite,
+        "deepseek2.attention.q_lora_rank",
+        MetaValue::U32(1536),
+    );
+    let s = build(&lite).unwrap();
+    assert_eq!(s.hparams.mla.unwrap().q_lora_rank, 0);
+    assert!(s.find(Some(0), TensorRole::AttnQ).is_some());
+    // A file converted before MLA (joint attn_kv_b, no key_length_mla).
+    let mut old = h.clone();
+    old.metadata
+        .retain(|(k, _)| !k.ends_with("key_length_mla") && !k.ends_with("value_length_mla"));
+    for t in old.tensors.iter_mut() {
+        if t.name.ends_with("attn_k_b.weight") {
+            t.name = t.name.replace("attn_k_b", "attn_kv_b");
+        }
+    }
+    let e = build(&old).unwrap_err().to_string();
+    assert!(e.contains("attn_kv_b") && e.contains("re-convert"), "{e}");
+    // Groups must divide the experts.
+    let mut bad = h;
+    set(&mut bad, "deepseek2.expert_group_count", MetaValue::U32(3));
+    let e = build(&bad).unwrap_err().to_string();
+    assert!(e.contains("expert_group"), "{e}");
 }
 
 /// `block_count` must match the blocks the tensors hold: an absurd count is refused before

@@ -26,54 +26,99 @@ fn check_hparams(p: &SynthPreset, s: &ModelSpec) {
             h.head_dim_k,
             h.head_dim_v
         ),
-        (
-            p.n_vocab,
-            p.n_embd,
-            p.n_layer,
-            p.n_head,
-            p.n_head_kv,
-            p.head_dim,
-            p.head_dim
-        ),
+        match p.mla {
+            // Latent attention: one KV head of the latent plus the rope key, values the latent.
+            Some(m) => (
+                p.n_vocab,
+                p.n_embd,
+                p.n_layer,
+                p.n_head,
+                1,
+                m.kv_lora_rank + m.rope,
+                m.kv_lora_rank
+            ),
+            None => (
+                p.n_vocab,
+                p.n_embd,
+                p.n_layer,
+                p.n_head,
+                p.n_head_kv,
+                p.head_dim,
+                p.head_dim
+            ),
+        },
         "{}",
         p.name
     );
+    assert_eq!(h.n_nextn_layers, p.n_nextn);
+    assert_eq!(h.n_layer_dense_lead, p.n_layer_dense_lead);
+    assert_eq!(h.n_expert_shared, p.n_expert_shared);
+    assert_eq!(h.n_ff_shared_expert, p.n_ff_expert * p.n_expert_shared);
+    assert_eq!(h.yarn.is_some(), p.yarn.is_some());
+    if let Some(d) = p.rope_dims {
+        assert_eq!(h.rope_dims, d);
+    }
     assert_eq!(h.n_ctx_train, p.n_ctx_train);
     assert_eq!((h.norm_eps, h.rope_base), (p.norm_eps, p.rope_base));
     assert_eq!(h.tied_embeddings, p.tied);
     assert_eq!(h.n_expert, p.n_expert);
     if p.n_expert > 0 {
+        // Dense leading layers keep feed_forward_length.
+        let n_ff = if p.n_layer_dense_lead > 0 { p.n_ff } else { 0 };
         assert_eq!(
             (h.n_ff, h.n_expert_used, h.n_ff_expert),
-            (0, p.n_expert_used, p.n_ff_expert)
+            (n_ff, p.n_expert_used, p.n_ff_expert)
         );
-        assert!(h.expert_weights_norm);
+        // llama and qwen3moe always renormalise, gpt-oss never, the others as the file says.
+        let norm = match p.arch {
+            Arch::GptOss => false,
+            Arch::Glm4Moe | Arch::Deepseek2 => p.expert_weights_norm.unwrap_or(false),
+            _ => true,
+        };
+        assert_eq!(h.expert_weights_norm, norm, "{}", p.name);
     } else {
         assert_eq!(h.n_ff, p.n_ff);
     }
     assert_eq!(h.sliding_window, p.sliding_window);
-    assert_eq!(h.rope_linear_scale, p.rope_linear.unwrap_or(1.0));
+    let scale = p.rope_linear.or(p.yarn.map(|y| y.factor)).unwrap_or(1.0);
+    assert_eq!(h.rope_linear_scale, scale);
     assert_eq!(s.rope_freqs.is_some(), p.llama3_rope.is_some());
     let windowed = s.layers.iter().filter(|l| l.window.is_some()).count();
-    if p.arch == Arch::Gemma3 {
-        assert_eq!(windowed, p.n_layer - p.n_layer / 6);
-        assert!((h.embed_scale - (p.n_embd as f32).sqrt()).abs() < 1e-3);
-    } else {
-        assert_eq!(windowed, 0);
-        assert_eq!(h.embed_scale, 1.0);
+    match p.arch {
+        Arch::Gemma3 => {
+            assert_eq!(windowed, p.n_layer - p.n_layer / 6);
+            assert!((h.embed_scale - (p.n_embd as f32).sqrt()).abs() < 1e-3);
+        }
+        Arch::GptOss => {
+            assert_eq!(windowed, p.n_layer / 2);
+            assert_eq!(h.embed_scale, 1.0);
+        }
+        _ => {
+            assert_eq!(windowed, 0);
+            assert_eq!(h.embed_scale, 1.0);
+        }
     }
-    let roles: Vec<GroupRole> = s.layers[0]
-        .groups
-        .iter()
-        .map(|&g| s.group(g).role)
-        .collect();
-    if p.n_expert > 0 {
-        assert_eq!(
-            roles,
+    let roles = |l: usize| -> Vec<GroupRole> {
+        s.layers[l]
+            .groups
+            .iter()
+            .map(|&g| s.group(g).role)
+            .collect()
+    };
+    for l in 0..p.n_layer {
+        let want = if p.n_expert == 0 || l < p.n_layer_dense_lead {
+            vec![GroupRole::Attn, GroupRole::Ffn]
+        } else if p.n_expert_shared > 0 {
+            vec![
+                GroupRole::Attn,
+                GroupRole::Router,
+                GroupRole::Experts,
+                GroupRole::SharedExperts,
+            ]
+        } else {
             vec![GroupRole::Attn, GroupRole::Router, GroupRole::Experts]
-        );
-    } else {
-        assert_eq!(roles, vec![GroupRole::Attn, GroupRole::Ffn]);
+        };
+        assert_eq!(roles(l), want, "{} layer {l}", p.name);
     }
 }
 
@@ -84,9 +129,19 @@ fn every_preset_and_recipe_reads_back() {
         for r in QuantRecipe::ALL {
             let s = spec_of(&p, r);
             check_hparams(&p, &s);
+            // Every tensor is the spec's, but the multi-token-prediction layers'.
+            let pl = plan(&p, r);
+            let unused = s.unused_file_tensors(pl.tensors.len());
+            assert!(
+                unused.iter().all(|&i| pl.tensors[i]
+                    .name
+                    .starts_with(&format!("blk.{}.", p.n_layer))),
+                "{name}: unused tensors outside the MTP layer"
+            );
+            let unused_bytes: u64 = unused.iter().map(|&i| pl.tensors[i].bytes()).sum();
             assert_eq!(
-                bytes::file_bytes(&s),
-                plan(&p, r).tensor_bytes(),
+                bytes::file_bytes(&s) + unused_bytes,
+                pl.tensor_bytes(),
                 "{name} {}",
                 r.name()
             );

@@ -83,10 +83,10 @@ pub fn kv_cell_bytes(spec: &ModelSpec, kv_type: GgmlType) -> f64 {
 /// V, each aligned): what a resident layer keeps in VRAM and what one staging buffer of a
 /// streamed layer holds.
 pub fn layer_kv_bytes(spec: &ModelSpec, layer: usize, p: &PlanParams) -> u64 {
-    let h = &spec.hparams;
     let cells = (p.kv_cells(spec, layer) * p.parallel.max(1)) as u64;
-    let k = pshard_model::bytes::kv_row_bytes(p.kv_type, h.n_head_kv * h.head_dim_k);
-    let v = pshard_model::bytes::kv_row_bytes(p.kv_type, h.n_head_kv * h.head_dim_v);
+    let (kc, vc) = pshard_model::bytes::kv_cols(spec, layer);
+    let k = pshard_model::bytes::kv_row_bytes(p.kv_type, kc);
+    let v = pshard_model::bytes::kv_row_bytes(p.kv_type, vc);
     lanes::align(cells * k) + lanes::align(cells * v)
 }
 
@@ -501,6 +501,7 @@ impl<'a> TierModel<'a> {
                     head_dim_k,
                     head_dim_v,
                     window,
+                    v_in_k,
                     ..
                 } => {
                     let kv_len = match window {
@@ -515,6 +516,7 @@ impl<'a> TierModel<'a> {
                         n_head_kv: *n_head_kv,
                         head_dim_k: *head_dim_k,
                         head_dim_v: *head_dim_v,
+                        v_in_k: *v_in_k,
                         kv_type: params.kv_type,
                     };
                     let s = seqs as f64;
@@ -522,6 +524,40 @@ impl<'a> TierModel<'a> {
                         Kind::Attention,
                         s * table.attention(Lane::Cpu, &shape),
                         s * table.attention(Lane::Gpu, &shape),
+                    )
+                }
+                Op::HeadMatMul { weight, x, .. } => {
+                    // One matrix per head: the CPU runs them one after the other; the CUDA
+                    // backend runs them as routed experts with every head routed (one GEMV over
+                    // the stacked pairs up to MOE_GEMV_MAX_PAIRS, else one grouped GEMM).
+                    let td = spec.tensor(*weight);
+                    let (heads, b) = (td.n_mats(), graph.rows(*x));
+                    let pairs = b * heads;
+                    let gpu = if lanes::moe_grouped(pairs, false) {
+                        heads as f64 * table.gpu_grouped_expert(td.ty, td.rows(), td.cols(), b)
+                            + 3.0 * table.gpu_launch()
+                    } else if in_graph {
+                        table.gpu_matmul_path_in_graph(
+                            GpuPath::Gemv,
+                            td.ty,
+                            pairs * td.rows(),
+                            td.cols(),
+                            1,
+                        )
+                    } else {
+                        table.gpu_matmul_path(GpuPath::Gemv, td.ty, pairs * td.rows(), td.cols(), 1)
+                    };
+                    let cpu = |conc| {
+                        heads as f64 * table.cpu_matmul(td.ty, td.rows(), td.cols(), b, conc)
+                    };
+                    (
+                        Kind::Weight(vec![WeightTime {
+                            cpu: cpu(false),
+                            cpu_conc: cpu(true),
+                            gpu,
+                        }]),
+                        ew_cpu,
+                        ew_gpu,
                     )
                 }
                 _ => (Kind::Other, ew_cpu, ew_gpu),

@@ -322,6 +322,7 @@ impl CostTable {
                     n_head_kv: nkv,
                     head_dim_k: hd,
                     head_dim_v: hd,
+                    v_in_k: false,
                     kv_type: ty,
                 };
                 let roof = if lane == Lane::Cpu {
@@ -635,13 +636,16 @@ pub struct AttnShape {
     pub head_dim_k: usize,
     /// Value head dimension.
     pub head_dim_v: usize,
+    /// The values are the first `head_dim_v` of each K row (latent attention): no V bytes.
+    pub v_in_k: bool,
     /// KV element type.
     pub kv_type: GgmlType,
 }
 
 impl AttnShape {
     fn kv_bytes(&self) -> f64 {
-        let per_cell = self.n_head_kv * (self.head_dim_k + self.head_dim_v);
+        let v = if self.v_in_k { 0 } else { self.head_dim_v };
+        let per_cell = self.n_head_kv * (self.head_dim_k + v);
         weight_bytes(self.kv_type, self.kv_len.max(1), per_cell)
     }
     fn flops(&self) -> f64 {

@@ -8,8 +8,9 @@
 //!   streamed, on the CPU when it is CPU-placed, and split by output columns when its rows are split
 //!   (`Place::Split`): the first [`split_cols`] rows are computed on the CPU from the mapped file,
 //!   the rest on the GPU from rows the copy lane streamed in. Expert FFNs run on the GPU when all
-//!   three expert tensors are pinned or streamed, else on the CPU (experts are never split). The
-//!   embedding lookup runs on the GPU only when its table is pinned.
+//!   three expert tensors are pinned or streamed, else on the CPU (experts are never split); so do
+//!   per-head matmuls (latent attention's 3-D `attn_k_b` / `attn_v_b`). The embedding lookup runs
+//!   on the GPU only when its table is pinned.
 //! - **Attention follows q**: the lane of the layer's query projection. Pinned q: on the GPU with
 //!   the layer's KV resident in VRAM. Streamed q: on the GPU with the KV kept in host memory, its
 //!   live cells copied up before and the cells the step wrote copied back after ([`AttnKv`]). CPU or
@@ -315,6 +316,11 @@ fn fixed_run(spec: &ModelSpec, g: &Graph, pl: &Placement, ni: usize) -> Option<R
             });
             Run::On(if gpu { Lane::Gpu } else { Lane::Cpu })
         }
+        // One matrix per head, like experts never split: on the GPU when pinned or streamed.
+        Op::HeadMatMul { weight, .. } => match place_of(spec, pl, node.group, *weight) {
+            Place::Pinned | Place::Streamed => Run::On(Lane::Gpu),
+            _ => Run::On(Lane::Cpu),
+        },
         Op::Attention { layer, .. } => match attn_kv(spec, pl, *layer) {
             AttnKv::Host => Run::On(Lane::Cpu),
             _ => Run::On(Lane::Gpu),
@@ -425,6 +431,11 @@ fn node_loads(spec: &ModelSpec, g: &Graph, pl: &Placement, ni: usize, run: Run) 
             .filter(|t| place_of(spec, pl, node.group, **t) == Place::Streamed)
             .map(|t| whole(*t))
             .collect(),
+        Op::HeadMatMul { weight, .. }
+            if place_of(spec, pl, node.group, *weight) == Place::Streamed =>
+        {
+            vec![whole(*weight)]
+        }
         _ => Vec::new(),
     }
 }
@@ -721,6 +732,8 @@ pub struct DeviceScratch {
     pub moe_idx: u64,
     /// Grouped expert path: per-expert row and tile offsets.
     pub moe_offsets: u64,
+    /// Per-head matmuls: every pair routed to its head (`head_route` in ops.cu).
+    pub head_route: u64,
 }
 
 impl DeviceScratch {
@@ -771,6 +784,7 @@ impl DeviceScratch {
                 n_head_kv,
                 head_dim_k,
                 head_dim_v,
+                v_in_k,
                 ..
             } => {
                 let a = AttnParams {
@@ -782,6 +796,7 @@ impl DeviceScratch {
                     scale: 1.0,
                     softcap: 0.0,
                     window: 0,
+                    v_in_k,
                 };
                 n.attn = cu::kernels::attention_scratch(&a, g.rows(q)) as u64;
             }
@@ -800,6 +815,19 @@ impl DeviceScratch {
                     n.moe_x16 = (pairs * d.max(ff) * 2) as u64;
                     n.moe_idx = (pairs * 4) as u64;
                     n.moe_offsets = (2 * (gate.n_mats() + 2) * 4) as u64;
+                }
+            }
+            // Run as routed experts with every (token, head) pair routed to its head: the routes,
+            // and the grouped path's sorted f16 rows, order and offsets.
+            Op::HeadMatMul { weight, x, .. } => {
+                let t = spec.tensor(weight);
+                let (heads, rows) = (t.n_mats(), g.rows(x));
+                let pairs = rows * heads;
+                n.head_route = (rows * 2 * heads * 4) as u64;
+                if moe_grouped(pairs, exact) {
+                    n.moe_x16 = (pairs * t.cols() * 2) as u64;
+                    n.moe_idx = (pairs * 4) as u64;
+                    n.moe_offsets = (2 * (heads + 2) * 4) as u64;
                 }
             }
             _ => {}
@@ -823,6 +851,7 @@ impl DeviceScratch {
             moe_x16: self.moe_x16.max(o.moe_x16),
             moe_idx: self.moe_idx.max(o.moe_idx),
             moe_offsets: self.moe_offsets.max(o.moe_offsets),
+            head_route: self.head_route.max(o.head_route),
         }
     }
 
@@ -837,6 +866,7 @@ impl DeviceScratch {
             + a(self.moe_x16)
             + a(self.moe_idx)
             + a(self.moe_offsets)
+            + a(self.head_route)
     }
 }
 

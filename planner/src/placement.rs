@@ -226,9 +226,9 @@ impl Strategy {
     }
 
     /// Where a tensor goes when the strategy did not pin it. `frac` is the CPU share for aggregation,
-    /// which splits the rows of 2-D matrices; expert tensors are never split (an expert FFN runs on
-    /// one lane, see `lanes`).
-    fn unpinned(self, role: GroupRole, is_matrix: bool, frac: Frac) -> Place {
+    /// which splits the rows of 2-D matrices (`splittable`); expert tensors and other 3-D
+    /// matrices are never split (an expert FFN or a per-head matmul runs on one lane, see `lanes`).
+    fn unpinned(self, role: GroupRole, splittable: bool, frac: Frac) -> Place {
         use Strategy::*;
         // An unpinned output projection produces only the logit rows (one per sequence): reading it
         // where it lies beats streaming hundreds of MB for a GEMV, so every strategy but aggregation
@@ -248,7 +248,7 @@ impl Strategy {
             },
             GpuonlyLayerpinLayerstream | GpuonlyAttnpinFfnstream => Place::Streamed,
             BandwidthAggregation => {
-                if is_matrix && role != GroupRole::Experts {
+                if splittable && role != GroupRole::Experts {
                     Place::Split { cpu: frac }
                 } else {
                     Place::Cpu
@@ -269,7 +269,7 @@ impl fmt::Display for Strategy {
 pub enum Part {
     /// The attention group.
     Attn,
-    /// Attention plus router plus shared experts (MoE "dense part").
+    /// Attention plus router plus shared experts plus dense FFNs (MoE "dense part").
     Dense,
     /// The up projection (dense FFN with its norm; MoE: up_exps with the router).
     Up,
@@ -293,9 +293,11 @@ pub struct Step {
 fn tensor_in_part(role: TensorRole, group: GroupRole, part: Part) -> bool {
     match part {
         Part::Attn => group == GroupRole::Attn,
+        // Everything but the routed experts: the dense leading layers' FFNs of glm4moe and
+        // deepseek2 too (llama.cpp's expert offload keeps them with attention).
         Part::Dense => matches!(
             group,
-            GroupRole::Attn | GroupRole::Router | GroupRole::SharedExperts
+            GroupRole::Attn | GroupRole::Router | GroupRole::SharedExperts | GroupRole::Ffn
         ),
         Part::Up => {
             matches!(
@@ -389,7 +391,10 @@ pub fn place(spec: &ModelSpec, s: Strategy, steps: &[Step], k: usize, frac: Frac
         p.groups.push(
             g.tensors
                 .iter()
-                .map(|t| s.unpinned(g.role, spec.tensor(*t).is_matrix(), frac))
+                .map(|t| {
+                    let td = spec.tensor(*t);
+                    s.unpinned(g.role, td.is_matrix() && td.n_mats() == 1, frac)
+                })
                 .collect(),
         );
     }
@@ -457,6 +462,12 @@ mod tests {
         assert!(!tensor_in_part(
             R::FfnUpExps,
             GroupRole::Experts,
+            Part::Dense
+        ));
+        assert!(tensor_in_part(R::FfnDown, GroupRole::Ffn, Part::Dense));
+        assert!(tensor_in_part(
+            R::FfnDownShexp,
+            GroupRole::SharedExperts,
             Part::Dense
         ));
     }

@@ -512,6 +512,7 @@ impl Runner {
                         window: None,
                         scale: 1.0 / (HEAD_DIM as f32).sqrt(),
                         softcap: None,
+                        sinks: None,
                     };
                     let mut i = 0usize;
                     let stats = p.install(|| {
@@ -522,6 +523,8 @@ impl Runner {
                                 k: &kv[base..][..ctx * kk],
                                 v: &kv[base + ctx * kk..][..ctx * kk],
                                 cells: ctx,
+                                k_row: kk,
+                                v_row: kk,
                             };
                             attention(&q, &positions, &view, &params, &mut out);
                             None

@@ -658,6 +658,7 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                     scale: 1.0 / (HEAD_DIM as f32).sqrt(),
                     softcap: 0.0,
                     window: 0,
+                    v_in_k: false,
                 };
                 let pos: Vec<u8> = ((ctx - n) as i32..ctx as i32)
                     .flat_map(|p| p.to_le_bytes())
@@ -688,6 +689,7 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                         bufs.out.ptr,
                         q_cols,
                         part.ptr,
+                        None,
                         gpu.stream(),
                     )
                 };

@@ -147,14 +147,58 @@ pub struct WeightRef {
 /// One layer's KV on the device: K then V cells, `cells` per sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvRef {
-    /// K cells: `n_seq · cells` rows of `n_kv · head_dim_k` f16.
+    /// K cells: `n_seq · cells` rows of `k_cols` f16.
     pub k: DevPtr,
-    /// V cells, same rows of `n_kv · head_dim_v` f16.
+    /// V cells, same rows of `v_cols` f16.
     pub v: DevPtr,
+    /// f16 values per K row.
+    pub k_cols: usize,
+    /// f16 values per V row (0: the values live inside K).
+    pub v_cols: usize,
     /// Cells per sequence (position `p` of sequence `s` lives in cell `s · cells + p % cells`).
     pub cells: usize,
     /// Sequences.
     pub seqs: usize,
+}
+
+/// The rotary embedding of a layer's cached K: in each head of `head_dim` values, the
+/// `rope.n_dims` from `offset` on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KRope {
+    /// The rope.
+    pub rope: pshard_model::graph::RopeParams,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Where the rotated values start in each head.
+    pub offset: usize,
+}
+
+impl KRope {
+    /// The rope `op` applies to K buffer `k`, when it ropes it: a rope op in place (every head
+    /// from its start), or latent attention's K row (one head, roped after its latent).
+    pub fn of(op: &pshard_model::graph::Op, k: pshard_model::graph::BufId) -> Option<KRope> {
+        use pshard_model::graph::Op;
+        match *op {
+            Op::Rope { x, head_dim, rope } if x == k => Some(KRope {
+                rope,
+                head_dim,
+                offset: 0,
+            }),
+            Op::MlaKv {
+                out, kv_lora, rope, ..
+            } if out == k => Some(KRope {
+                rope,
+                head_dim: kv_lora + rope.n_dims,
+                offset: kv_lora,
+            }),
+            _ => None,
+        }
+    }
+
+    /// `(head_dim, offset)`, as `pshard_kernels::ops::kv_shift` takes them.
+    pub fn span(&self) -> (usize, usize) {
+        (self.head_dim, self.offset)
+    }
 }
 
 /// A context shift of one sequence in one layer's KV on the device (see
@@ -166,14 +210,8 @@ pub struct KvShift {
     pub kv: KvRef,
     /// The sequence.
     pub seq: usize,
-    /// f16 values per K row.
-    pub k_cols: usize,
-    /// f16 values per V row.
-    pub v_cols: usize,
-    /// Head dimension of K.
-    pub head_dim: usize,
     /// The rotary embedding of the layer's K, when it has one.
-    pub rope: Option<pshard_model::graph::RopeParams>,
+    pub rope: Option<KRope>,
     /// Where the rope's frequency factors lie on the device, when it has them.
     pub freq_factors: Option<WeightRef>,
     /// Positions every moved cell moves by (negative: towards the start).
@@ -208,6 +246,8 @@ pub struct ScratchPtrs {
     pub moe: [DevPtr; 4],
     /// Grouped expert path: f16 rows, pair order, offsets.
     pub moe_grouped: [DevPtr; 3],
+    /// Per-head matmuls' routes.
+    pub head_route: DevPtr,
 }
 
 /// What a GPU-lane step computes.

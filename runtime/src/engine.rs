@@ -22,8 +22,8 @@ pub use crate::batch::Logits;
 use crate::batch::{Batch, RouteOverride};
 use crate::cpu::{ActTrace, CpuLane, Weights};
 use crate::device::{
-    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, KvShift, OpKey,
-    OpTime, ScratchPtrs, Shape2d, Stream, WeightRef,
+    DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KRope, KvRef, KvShift,
+    OpKey, OpTime, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 pub use crate::error::EngineError;
 use crate::kv::{plain_alloc, with_bytes_as_kv, HostKv, HostKvAccess, KvLayout};
@@ -544,8 +544,10 @@ impl Engine {
     /// stay, the next `discard` are forgotten, and the rest move down by `discard` positions —
     /// their cells move in every layer wherever its KV lives (host or device), and their cached K
     /// turns back by the rope angles of `discard` positions (the layer's own rope: pairing,
-    /// rotated dimensions, base, position scale, frequency factors), so it equals K computed at
-    /// the new positions up to f16 rounding. K of layers without rope and every V only move.
+    /// rotated dimensions, base, position scale, frequency factors, YaRN's per-pair mix but not
+    /// its magnitude, which K already carries; latent attention turns the rope part after the
+    /// latent), so it equals K computed at the new positions up to f16 rounding. K of layers
+    /// without rope and every V only move.
     /// A sliding-window layer moves the positions its ring still holds; the shift fails (the
     /// sequence unchanged) when the window of the next token reaches a kept position the ring
     /// has already overwritten.
@@ -565,16 +567,16 @@ impl Engine {
             .map(|l| layout.shift_runs(l, spec.layers[l].window, len, keep, discard))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|e| EngineError::Batch(format!("context shift of sequence {s}: {e}")))?;
-        // Each layer's K rope: the rope op applied to the K its attention writes.
+        // Each layer's K rope: the op that ropes the K its attention writes.
         let g = pshard_model::arch::build_graph(spec, 1, 1)?;
-        let mut ropes: Vec<Option<(usize, pshard_model::graph::RopeParams)>> =
-            vec![None; spec.layers.len()];
+        let mut ropes: Vec<Option<KRope>> = vec![None; spec.layers.len()];
         for n in &g.nodes {
             if let Op::Attention { layer, k, .. } = n.op {
-                ropes[layer] = g.nodes.iter().find_map(|m| match m.op {
-                    Op::Rope { x, head_dim, rope } if x == k => Some((head_dim, rope)),
-                    _ => None,
-                });
+                ropes[layer] = g
+                    .nodes
+                    .iter()
+                    .filter(|m| m.layer == Some(layer))
+                    .find_map(|m| KRope::of(&m.op, k));
             }
         }
         if let Some(d) = &mut self.dev {
@@ -586,14 +588,11 @@ impl Engine {
             if runs.is_empty() {
                 continue;
             }
-            let (head_dim, rope) = match ropes[l] {
-                Some((hd, r)) => (hd, Some(r)),
-                None => (layout.k_cols, None),
-            };
+            let rope = ropes[l];
             match (self.kv_home[l], self.resident_kv(l)) {
                 (KvHome::Device, Some(ptr)) => {
                     let side = self.dev.as_ref().expect("device-homed KV has a device");
-                    let freq_factors = rope.and_then(|r| r.freq_factors).map(|t| WeightRef {
+                    let freq_factors = rope.and_then(|r| r.rope.freq_factors).map(|t| WeightRef {
                         tensor: t,
                         addr: side.vectors.get(&t).copied().unwrap_or(0),
                         first_row: 0,
@@ -602,13 +601,12 @@ impl Engine {
                         kv: KvRef {
                             k: ptr,
                             v: ptr + layout.v_offset(l) as u64,
+                            k_cols: layout.k_cols[l],
+                            v_cols: layout.v_cols[l],
                             cells: layout.cells[l],
                             seqs: layout.n_seq,
                         },
                         seq: s,
-                        k_cols: layout.k_cols,
-                        v_cols: layout.v_cols,
-                        head_dim,
                         rope,
                         freq_factors,
                         delta,
@@ -623,18 +621,17 @@ impl Engine {
                         // Never written: nothing to move.
                         continue;
                     };
-                    let ff = rope
-                        .and_then(|r| r.freq_factors)
-                        .map(|t| self.model.vector(t));
-                    let r = rope.as_ref().map(|r| crate::cpu::ops_rope(r, ff));
+                    let model: &Model = &self.model;
+                    let r = rope.map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
                     with_bytes_as_kv(hb, layout, l, &mut |kv| {
                         let cells = kv.cells;
-                        for (rows, cols, r, hd) in [
-                            (kv.k, layout.k_cols, r.as_ref(), head_dim),
-                            (kv.v, layout.v_cols, None, layout.v_cols),
+                        for (rows, cols, r) in [
+                            (kv.k, layout.k_cols[l], r.as_ref()),
+                            (kv.v, layout.v_cols[l], None),
                         ] {
                             let seq = &mut rows[s * cells * cols..(s + 1) * cells * cols];
-                            pshard_kernels::ops::kv_shift(seq, cols, hd, r, delta, &runs);
+                            let (rope, span) = (r.map(|r| &r.0), r.map_or((cols, 0), |r| r.1));
+                            pshard_kernels::ops::kv_shift(seq, cols, span, rope, delta, &runs);
                         }
                         Ok(())
                     })?;
@@ -1669,8 +1666,12 @@ impl Engine {
                             p0..p0 + rows.len()
                         };
                         for cr in layout.cell_runs(*layer, range) {
-                            for (cols, base) in
-                                [(layout.k_cols, 0), (layout.v_cols, layout.v_offset(*layer))]
+                            for (cols, base) in [
+                                (layout.k_cols[*layer], 0),
+                                (layout.v_cols[*layer], layout.v_offset(*layer)),
+                            ]
+                            .into_iter()
+                            .filter(|c| c.0 > 0)
                             {
                                 let off =
                                     base + layout.cell_offset(*layer, s as usize, cr.start, cols);
@@ -1776,7 +1777,14 @@ fn move_live_kv(
 ) -> Result<(), EngineError> {
     for (s, &len) in n_past.iter().enumerate() {
         for cr in layout.cell_runs(l, 0..len) {
-            for (cols, base) in [(layout.k_cols, 0), (layout.v_cols, layout.v_offset(l))] {
+            for (cols, base) in [
+                (layout.k_cols[l], 0),
+                (layout.v_cols[l], layout.v_offset(l)),
+            ] {
+                // Latent attention keeps no V rows.
+                if cols == 0 {
+                    continue;
+                }
                 let off = base + layout.cell_offset(l, s, cr.start, cols);
                 let shape = Shape2d::flat(cr.len() * cols * 2);
                 if up {
@@ -1858,6 +1866,7 @@ fn alloc_scratch(
             sc(s.moe_idx, "expert pair order")?,
             sc(s.moe_offsets, "expert offsets")?,
         ],
+        head_route: sc(s.head_route, "head routes")?,
     })
 }
 
@@ -1894,6 +1903,8 @@ impl<'a> StepCtx<'a> {
                 kv = Some(KvRef {
                     k: base,
                     v: base + self.layout.v_offset(layer) as u64,
+                    k_cols: self.layout.k_cols[layer],
+                    v_cols: self.layout.v_cols[layer],
                     cells: self.layout.cells[layer],
                     seqs: self.layout.n_seq,
                 });

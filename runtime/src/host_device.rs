@@ -534,22 +534,24 @@ impl Device for HostDevice {
     fn shift_kv(&self, shift: &KvShift) -> Result<(), EngineError> {
         let shift = shift.clone();
         self.push(Stream::Compute, move |sh| {
-            let ff = shift
+            let model: &Model = &sh.model;
+            let rope = shift
                 .rope
-                .and_then(|r| r.freq_factors)
-                .map(|t| sh.model.vector(t));
-            let rope = shift.rope.as_ref().map(|r| crate::cpu::ops_rope(r, ff));
+                .map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
             let cells = shift.kv.cells;
             for (base, cols, rope) in [
-                (shift.kv.k, shift.k_cols, rope.as_ref()),
-                (shift.kv.v, shift.v_cols, None),
+                (shift.kv.k, shift.kv.k_cols, rope.as_ref()),
+                (shift.kv.v, shift.kv.v_cols, None),
             ] {
+                if cols == 0 {
+                    continue;
+                }
                 let addr = base + (shift.seq * cells * cols * 2) as u64;
                 let shape = Shape2d::flat(cells * cols * 2);
                 let mut rows = vec![f16::ZERO; cells * cols];
                 sh.read(addr, shape, bytemuck::cast_slice_mut(&mut rows))?;
-                let hd = if rope.is_some() { shift.head_dim } else { cols };
-                pshard_kernels::ops::kv_shift(&mut rows, cols, hd, rope, shift.delta, &shift.runs);
+                let (r, span) = (rope.map(|r| &r.0), rope.map_or((cols, 0), |r| r.1));
+                pshard_kernels::ops::kv_shift(&mut rows, cols, span, r, shift.delta, &shift.runs);
                 sh.write(addr, shape, bytemuck::cast_slice(&rows))?;
             }
             Ok(())
@@ -744,6 +746,7 @@ impl OwnedStep {
             (s.moe_grouped[0], need.moe_x16, "expert f16 rows"),
             (s.moe_grouped[1], need.moe_idx, "expert pair order"),
             (s.moe_grouped[2], need.moe_offsets, "expert offsets"),
+            (s.head_route, need.head_route, "head routes"),
         ];
         let allocs = sh.allocs.lock().unwrap_or_else(|p| p.into_inner());
         for (ptr, bytes, what) in parts {
@@ -844,8 +847,7 @@ impl OwnedStep {
             cells: 0,
         };
         if let Some(r) = self.kv {
-            let h = &spec.hparams;
-            let (kc, vc) = (h.n_head_kv * h.head_dim_k, h.n_head_kv * h.head_dim_v);
+            let (kc, vc) = (r.k_cols, r.v_cols);
             let rows = r.seqs * r.cells;
             kv.k = vec![f16::ZERO; rows * kc];
             kv.v = vec![f16::ZERO; rows * vc];

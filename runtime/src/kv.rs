@@ -1,5 +1,6 @@
 //! The KV cache: one layout wherever a layer's cells live. Per layer, `n_seq · cells` rows of K
-//! (then of V) as f16, V not transposed, the cells of each sequence contiguous; position `p` of
+//! (then of V) as f16, of the layer's widths ([`pshard_model::bytes::kv_cols`]: latent attention
+//! keeps only K rows of its latent and rope key), V not transposed, the cells of each sequence contiguous; position `p` of
 //! sequence `s` lives in cell `s · cells + p % cells`, where `cells` is the context for global
 //! layers and a ring of the window plus one batch for sliding-window layers
 //! ([`pshard_model::bytes::kv_cells`]). A layer's bytes are the same on the host and on the device,
@@ -24,10 +25,10 @@ pub struct KvLayout {
     pub cells: Vec<usize>,
     /// Sequences.
     pub n_seq: usize,
-    /// f16 values per K row.
-    pub k_cols: usize,
-    /// f16 values per V row.
-    pub v_cols: usize,
+    /// f16 values per K row, per layer ([`pshard_model::bytes::kv_cols`]).
+    pub k_cols: Vec<usize>,
+    /// f16 values per V row, per layer (0 where values live inside K).
+    pub v_cols: Vec<usize>,
     /// Context per sequence.
     pub n_ctx: usize,
 }
@@ -36,26 +37,30 @@ impl KvLayout {
     /// The layout for `n_seq` sequences of `n_ctx` positions evaluated in batches of at most
     /// `max_batch` tokens.
     pub fn new(spec: &ModelSpec, n_ctx: usize, max_batch: usize, n_seq: usize) -> KvLayout {
-        let h = &spec.hparams;
+        let layers = 0..spec.layers.len();
+        let cols: Vec<(usize, usize)> = layers
+            .clone()
+            .map(|l| pshard_model::bytes::kv_cols(spec, l))
+            .collect();
         KvLayout {
-            cells: (0..spec.layers.len())
+            cells: layers
                 .map(|l| pshard_model::bytes::kv_cells(spec, l, n_ctx, max_batch))
                 .collect(),
             n_seq: n_seq.max(1),
-            k_cols: h.n_head_kv * h.head_dim_k,
-            v_cols: h.n_head_kv * h.head_dim_v,
+            k_cols: cols.iter().map(|c| c.0).collect(),
+            v_cols: cols.iter().map(|c| c.1).collect(),
             n_ctx,
         }
     }
 
     /// Bytes of layer `l`'s K rows.
     pub fn k_bytes(&self, l: usize) -> usize {
-        self.n_seq * self.cells[l] * self.k_cols * 2
+        self.n_seq * self.cells[l] * self.k_cols[l] * 2
     }
 
     /// Bytes of layer `l`'s V rows.
     pub fn v_bytes(&self, l: usize) -> usize {
-        self.n_seq * self.cells[l] * self.v_cols * 2
+        self.n_seq * self.cells[l] * self.v_cols[l] * 2
     }
 
     /// Offset of V in a layer's allocation.
@@ -312,8 +317,8 @@ mod tests {
             let layout = KvLayout {
                 cells: vec![cells],
                 n_seq: 1,
-                k_cols: 2,
-                v_cols: 2,
+                k_cols: vec![2],
+                v_cols: vec![2],
                 n_ctx: 48,
             };
             let window = (cells < 48).then_some(8);

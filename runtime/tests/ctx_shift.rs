@@ -3,7 +3,8 @@
 //! exact up to f16 rounding (a layer's K and V depend only on its token and position), so it
 //! checks the re-rotation of K for each rope style (llama adjacent pairs with llama3 frequency
 //! factors, NEOX pairs with q/k norms, gemma3's linear position scale and sliding-window ring
-//! whose cells move in cycles). With more layers the kept tokens' KV legitimately differs from a
+//! whose cells move in cycles, gpt-oss's YaRN, glm4moe's partial rope, deepseek2's latent K
+//! rows). With more layers the kept tokens' KV legitimately differs from a
 //! fresh evaluation (they attended to the discarded tokens), so there every placement on the
 //! host device — KV resident on the device, streamed, or on the host — must give the all-CPU
 //! engine's logits through two shifts.
@@ -19,8 +20,10 @@ use pshard_runtime::host_device::HostDevice;
 use pshard_runtime::model::Model;
 
 /// f16 rounding of the rotated K (rounded at the old position, rotated, rounded again, against
-/// rounded once at the new one): measured 0.7e-4 (llama), 1.5e-4 (gemma3), 2.7e-4 (qwen3)
-/// relative; rotating the wrong way gave 0.2–0.57, no shift at all 1.2–1.4.
+/// rounded once at the new one): measured 0.7e-4 (llama), 1.5e-4 (gemma3), 2.7e-4 (qwen3),
+/// 0.4e-4 (glm4moe), 0.8e-4 (deepseek2) relative; rotating the wrong way gave 0.2–0.57, no shift
+/// at all 1.2–1.4, YaRN's magnitude applied again 0.19 and its angles left out 0.56 (gpt-oss),
+/// latent K rows moved without turning their rope part 0.16 (deepseek2).
 const ORACLE_TOL: f64 = 1e-3;
 
 /// Placements against the all-CPU engine: the same arithmetic on both sides.
@@ -39,6 +42,8 @@ fn one_layer(preset: &str) -> PathBuf {
     use pshard_model::synth;
     let mut p = synth::preset(preset).expect("preset exists");
     p.n_layer = 1;
+    // The one layer is a main layer (no next-token-prediction layer after it).
+    p.n_nextn = 0;
     let r = synth::QuantRecipe::from_name("q8_0").expect("recipe exists");
     let dir = std::env::temp_dir().join(format!("pshard-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -126,6 +131,25 @@ fn shift_matches_fresh_evaluation_gemma3_sliding_window() {
     check_oracle("tiny-gemma3", 4);
 }
 
+#[test]
+fn shift_matches_fresh_evaluation_gpt_oss_yarn() {
+    // YaRN: the shift turns K by the forward rope's mixed angles and leaves its magnitude (which
+    // the forward rope applied once) alone; the one layer is a window of 16 in a ring of 32.
+    check_oracle("tiny-gpt-oss", 16);
+}
+
+#[test]
+fn shift_matches_fresh_evaluation_glm4moe_partial_rope() {
+    check_oracle("tiny-glm4moe", 16);
+}
+
+#[test]
+fn shift_matches_fresh_evaluation_deepseek2_latent() {
+    // Latent attention: the rope part after the latent in each K row turns (YaRN), the latent
+    // only moves.
+    check_oracle("tiny-deepseek2", 16);
+}
+
 /// Two shifts during a generation: every placement gives the all-CPU engine's logits at every
 /// step.
 fn check_placements(preset: &str, ubatch: usize) {
@@ -174,6 +198,11 @@ fn shift_is_placement_invariant_gemma3() {
 #[test]
 fn shift_is_placement_invariant_qwen3moe() {
     check_placements("tiny-qwen3moe", 16);
+}
+
+#[test]
+fn shift_is_placement_invariant_deepseek2() {
+    check_placements("tiny-deepseek2", 16);
 }
 
 /// A ring that no longer holds a kept position the next token's window reads refuses the shift

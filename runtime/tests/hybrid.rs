@@ -23,13 +23,16 @@ use pshard_runtime::tiers::{Forced, RunTier, TierSet};
 /// summation noise at most.
 const TOL: f64 = 1e-5;
 
-const PRESETS: [&str; 6] = [
+const PRESETS: [&str; 9] = [
     "tiny-llama",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-qwen3moe",
     "tiny-mixtral",
     "tiny-gemma3",
+    "tiny-gpt-oss",
+    "tiny-glm4moe",
+    "tiny-deepseek2",
 ];
 
 /// Tiers 1, 16 and 512 with their own placements (so ubatches switch tiers).
@@ -139,6 +142,21 @@ fn placements_match_the_cpu_engine_mixtral() {
 #[test]
 fn placements_match_the_cpu_engine_gemma3() {
     check_model("tiny-gemma3", seeds());
+}
+
+#[test]
+fn placements_match_the_cpu_engine_gpt_oss() {
+    check_model("tiny-gpt-oss", seeds());
+}
+
+#[test]
+fn placements_match_the_cpu_engine_glm4moe() {
+    check_model("tiny-glm4moe", seeds());
+}
+
+#[test]
+fn placements_match_the_cpu_engine_deepseek2() {
+    check_model("tiny-deepseek2", seeds());
 }
 
 /// The bytes a decode step copies over the host device equal what the lane decisions say:
@@ -451,7 +469,14 @@ fn chained_ubatches_match_the_cpu_engine() {
 fn gpu_layers_pin_the_last_layers_and_match_the_cpu_engine() {
     use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
     let profiles = Profiles::default();
-    for preset in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3"] {
+    for preset in [
+        "tiny-llama",
+        "tiny-qwen3moe",
+        "tiny-gemma3",
+        "tiny-gpt-oss",
+        "tiny-glm4moe",
+        "tiny-deepseek2",
+    ] {
         let path = synth_model(preset, "q8_0", 21);
         let model = Arc::new(Model::open(&path).unwrap());
         let spec = model.spec.clone();

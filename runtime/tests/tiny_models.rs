@@ -306,3 +306,24 @@ fn run_engine_prompt(path: &std::path::Path, tokens: &[u32]) -> (Vec<f32>, ActTr
     let logits = engine.eval(tokens, Logits::All).unwrap();
     (logits, engine.take_act_trace())
 }
+
+#[test]
+fn tiny_gpt_oss() {
+    for r in ["q8_0", "mxfp4_moe"] {
+        check("tiny-gpt-oss", r);
+    }
+}
+
+#[test]
+fn tiny_glm4moe() {
+    for r in ["q8_0", "q4_k_m"] {
+        check("tiny-glm4moe", r);
+    }
+}
+
+#[test]
+fn tiny_deepseek2() {
+    for r in ["q8_0", "iq4_nl"] {
+        check("tiny-deepseek2", r);
+    }
+}

@@ -12,6 +12,8 @@ use crate::quant::ActFormat;
 use cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::{Activation, Routing, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
+use pshard_model::spec::Gating;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::Path;
@@ -112,6 +114,42 @@ macro_rules! karg {
 }
 karg!(u64, i64, i32, u32, f32);
 
+/// YaRN parameters of a rope launch, as the kernels' `RopeYarn` struct takes them by value (see
+/// [`pshard_model::graph::RopeYarn`]); [`RopeYarnArg::NONE`] is plain rope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeYarnArg {
+    /// First pair of the ramp.
+    pub low: f32,
+    /// Last pair of the ramp.
+    pub high: f32,
+    /// Weight of the ramp (0: no YaRN).
+    pub ext: f32,
+    /// Multiplier of the rotated values.
+    pub mscale: f32,
+}
+
+impl RopeYarnArg {
+    /// No YaRN.
+    pub const NONE: RopeYarnArg = RopeYarnArg {
+        low: 0.0,
+        high: 0.0,
+        ext: 0.0,
+        mscale: 1.0,
+    };
+
+    /// The launch argument of a graph rope's YaRN (none: [`Self::NONE`]).
+    pub fn of(y: Option<pshard_model::graph::RopeYarn>) -> RopeYarnArg {
+        y.map_or(Self::NONE, |y| RopeYarnArg {
+            low: y.low,
+            high: y.high,
+            ext: y.ext_factor,
+            mscale: y.mscale,
+        })
+    }
+}
+karg!(RopeYarnArg);
+
 /// Rotary pairing mode as the kernel encodes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeKind {
@@ -136,6 +174,45 @@ pub struct RopeArgs {
     pub pos_scale: f32,
     /// Per-pair frequency divisors (llama3 scaling), f32 on the device.
     pub freq_factors: Option<u64>,
+    /// YaRN.
+    pub yarn: RopeYarnArg,
+}
+
+/// A rope launch's parameters as the kernels' `RopeP` struct takes them by value (same field
+/// order and layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RopeKArg {
+    n_dims: i32,
+    mode: i32,
+    base: f32,
+    pos_scale: f32,
+    freq_factors: u64,
+    yarn: RopeYarnArg,
+}
+karg!(RopeKArg);
+
+impl RopeArgs {
+    /// The launch argument, after checking the rotated dimensions (even, at most `head_dim`).
+    fn karg(&self) -> CudaResult<RopeKArg> {
+        if self.n_dims > self.head_dim || !self.n_dims.is_multiple_of(2) {
+            return Err(CudaError::Invalid(format!(
+                "rope over {} of {} dims",
+                self.n_dims, self.head_dim
+            )));
+        }
+        Ok(RopeKArg {
+            n_dims: self.n_dims as i32,
+            mode: match self.mode {
+                RopeKind::Adjacent => 0,
+                RopeKind::Neox => 1,
+            },
+            base: self.base,
+            pos_scale: self.pos_scale,
+            freq_factors: self.freq_factors.unwrap_or(0),
+            yarn: self.yarn,
+        })
+    }
 }
 
 /// Parameters of an attention launch.
@@ -157,6 +234,8 @@ pub struct AttnParams {
     pub softcap: f32,
     /// Sliding window (0 = none).
     pub window: usize,
+    /// Latent attention: one KV head whose values are the first `dv` of each `dk`-wide K row.
+    pub v_in_k: bool,
 }
 
 /// Weight rows at or below which a single-row GEMV puts a whole block on each row (more warps in
@@ -348,7 +427,42 @@ pub fn attention_scratch(p: &AttnParams, n: usize) -> usize {
 }
 
 fn uses_flash(p: &AttnParams, n: usize) -> bool {
-    n > ATTN_SPLIT_MAX_ROWS && p.dk == p.dv && FLASH_DIMS.iter().any(|&(d, _)| d == p.dk)
+    n > ATTN_SPLIT_MAX_ROWS
+        && !p.v_in_k
+        && p.dk == p.dv
+        && FLASH_DIMS.iter().any(|&(d, _)| d == p.dk)
+}
+
+/// Query heads per block of `mla_attn_split` (`MLA_HG` in attention.cu).
+const MLA_HG: usize = 16;
+/// Keys per tile of `mla_attn_split` (`MLA_TILE`).
+const MLA_TILE: usize = 32;
+/// Widest latent-attention values (`MLA_MAX_DV`).
+const MLA_MAX_DV: usize = 512;
+/// Widest latent-attention keys the raised shared-memory limit covers (deepseek2: 576).
+const MLA_MAX_DK: usize = 576;
+
+/// Dynamic shared memory of `mla_attn_split`: the block's queries, one key tile, its scores.
+fn mla_smem(dk: usize) -> usize {
+    MLA_HG * dk * 4 + MLA_TILE * dk * 2 + MLA_HG * MLA_TILE * 4
+}
+
+/// Whether `mla_attn_split` covers latent attention of these parameters.
+fn mla_supported(p: &AttnParams) -> CudaResult<()> {
+    if p.n_kv != 1
+        || p.dk > MLA_MAX_DK
+        || p.dv > MLA_MAX_DV
+        || p.dv > p.dk
+        || !p.dk.is_multiple_of(2)
+        || !p.dv.is_multiple_of(2)
+        || p.softcap != 0.0
+    {
+        return Err(CudaError::Invalid(format!(
+            "latent attention of {} KV heads, key/value widths {}/{} (at most {MLA_MAX_DK}/{MLA_MAX_DV}, even, values inside keys, no soft-cap) is not supported on CUDA",
+            p.n_kv, p.dk, p.dv
+        )));
+    }
+    Ok(())
 }
 
 /// Splits of the split-KV path for `n` query rows: enough that a call at full context has about
@@ -418,6 +532,7 @@ impl CudaKernels {
         }
         // The largest tile pair (head dims 256).
         k.allow_smem("attn_split", split_smem(256, 256))?;
+        k.allow_smem("mla_attn_split", mla_smem(MLA_MAX_DK))?;
         Ok(k)
     }
 
@@ -1176,22 +1291,12 @@ impl CudaKernels {
         rope: &RopeArgs,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if rope.n_dims > rope.head_dim || !rope.n_dims.is_multiple_of(2) {
-            return Err(CudaError::Invalid(format!(
-                "rope over {} of {} dims",
-                rope.n_dims, rope.head_dim
-            )));
-        }
+        let r = rope.karg()?;
         let heads = n_tokens * (n_q + n_k);
         if heads > i32::MAX as usize {
             return Err(CudaError::Invalid(format!("{heads} heads are too many")));
         }
         let (qw, kw, eps) = norm.unwrap_or((0, 0, 0.0));
-        let m = match rope.mode {
-            RopeKind::Adjacent => 0i32,
-            RopeKind::Neox => 1,
-        };
-        let ff = rope.freq_factors.unwrap_or(0);
         self.launch(
             "qk_norm_rope",
             (blocks(heads, 8), 1, 1),
@@ -1209,42 +1314,24 @@ impl CudaKernels {
                 &(n_q as i32),
                 &(n_k as i32),
                 &(rope.head_dim as i32),
-                &(rope.n_dims as i32),
-                &m,
-                &rope.base,
-                &rope.pos_scale,
-                &ff,
+                &r,
             ],
         )
     }
 
-    /// Rotary embedding in place; positions are i32 on the device.
-    #[allow(clippy::too_many_arguments)]
+    /// Rotary embedding in place of `n_tokens` rows of `n_heads` heads of `rope.head_dim`;
+    /// positions are i32 on the device.
     pub fn rope(
         &self,
         x: u64,
         pos: u64,
         n_tokens: usize,
         n_heads: usize,
-        head_dim: usize,
-        n_dims: usize,
-        mode: RopeKind,
-        base: f32,
-        pos_scale: f32,
-        freq_factors: Option<u64>,
+        rope: &RopeArgs,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if n_dims > head_dim || !n_dims.is_multiple_of(2) {
-            return Err(CudaError::Invalid(format!(
-                "rope over {n_dims} of {head_dim} dims"
-            )));
-        }
-        let total = n_tokens * n_heads * n_dims / 2;
-        let m = match mode {
-            RopeKind::Adjacent => 0i32,
-            RopeKind::Neox => 1,
-        };
-        let ff = freq_factors.unwrap_or(0);
+        let r = rope.karg()?;
+        let total = n_tokens * n_heads * rope.n_dims / 2;
         self.launch(
             "rope",
             (blocks(total, 256), 1, 1),
@@ -1256,62 +1343,97 @@ impl CudaKernels {
                 &pos,
                 &(n_tokens as i32),
                 &(n_heads as i32),
-                &(head_dim as i32),
-                &(n_dims as i32),
-                &m,
-                &base,
-                &pos_scale,
-                &ff,
+                &(rope.head_dim as i32),
+                &r,
             ],
         )
     }
 
-    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): `n_runs`
-    /// runs of cell moves (`moves`: i32 source, destination pairs; `run_start`: `n_runs + 1`
-    /// i32 offsets into them; `cyclic`: one i32 flag per run, see `pshard_kernels::ops::ShiftRun`),
-    /// each moved row rotated by the rope angles of `delta` positions when `rope` is given (K),
-    /// copied otherwise (V).
+    /// Rope of `n_heads` heads per row from `src` into `dst` (see `rope_heads` in ops.cu): head
+    /// `h` of row `t` reads `src[t·ld_src + h·src_stride + src_off ..][..n_dims]`, writes `dst`
+    /// likewise. `rope.head_dim` bounds `n_dims` as usual.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_heads(
+        &self,
+        (src, ld_src, src_stride, src_off): (u64, usize, usize, usize),
+        (dst, ld_dst, dst_stride, dst_off): (u64, usize, usize, usize),
+        n_heads: usize,
+        pos: u64,
+        n_tokens: usize,
+        rope: &RopeArgs,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let r = rope.karg()?;
+        let total = n_tokens * n_heads * rope.n_dims / 2;
+        let i = |v: usize| v as i32;
+        self.launch(
+            "rope_heads",
+            (blocks(total, 256), 1, 1),
+            256,
+            0,
+            s,
+            &[
+                &src,
+                &i(ld_src),
+                &i(src_stride),
+                &i(src_off),
+                &dst,
+                &i(ld_dst),
+                &i(dst_stride),
+                &i(dst_off),
+                &i(n_heads),
+                &pos,
+                &i(n_tokens),
+                &r,
+            ],
+        )
+    }
+
+    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): the runs
+    /// of cell moves `(moves, run_start, cyclic, n_runs)` (`moves`: i32 source, destination
+    /// pairs; `run_start`: `n_runs + 1` i32 offsets into them; `cyclic`: one i32 flag per run, see
+    /// `pshard_kernels::ops::ShiftRun`), each moved row rotated by the rope angles of `delta`
+    /// positions when `rope` is given (K: in each head of `rope.head_dim`, the `rope.n_dims`
+    /// values from the given offset on; without YaRN's magnitude, which the cached K already
+    /// carries), copied otherwise (V). The same rotation as `pshard_kernels::ops::kv_shift`.
     pub fn kv_shift(
         &self,
         rows: u64,
         cols: usize,
-        moves: u64,
-        run_start: u64,
-        cyclic: u64,
-        n_runs: usize,
-        rope: Option<&RopeArgs>,
+        (moves, run_start, cyclic, n_runs): (u64, u64, u64, usize),
+        rope: Option<(&RopeArgs, usize)>,
         delta: f32,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if n_runs == 0 {
+        if n_runs == 0 || cols == 0 {
             return Ok(());
         }
-        let (head_dim, n_dims, mode, base, pos_scale, ff) = match rope {
-            Some(r) => {
-                if r.n_dims > r.head_dim
-                    || !r.n_dims.is_multiple_of(2)
-                    || r.head_dim == 0
+        let (head_dim, rope_off, r) = match rope {
+            Some((r, off)) => {
+                if r.head_dim == 0
+                    || off + r.n_dims > r.head_dim
+                    || !off.is_multiple_of(2)
                     || !cols.is_multiple_of(r.head_dim)
                 {
                     return Err(CudaError::Invalid(format!(
-                        "KV shift of rows of {cols} with rope over {} of {} dims",
+                        "KV shift of rows of {cols} with rope over {} of {} dims from {off}",
                         r.n_dims, r.head_dim
                     )));
                 }
-                let m = match r.mode {
-                    RopeKind::Adjacent => 0i32,
-                    RopeKind::Neox => 1,
-                };
-                (
-                    r.head_dim,
-                    r.n_dims,
-                    m,
-                    r.base,
-                    r.pos_scale,
-                    r.freq_factors.unwrap_or(0),
-                )
+                (r.head_dim, off, r.karg()?)
             }
-            None => (cols, 0, 0, 1.0f32, 1.0f32, 0u64),
+            None => {
+                let none = RopeArgs {
+                    head_dim: cols,
+                    n_dims: 0,
+                    mode: RopeKind::Adjacent,
+                    base: 1.0,
+                    pos_scale: 1.0,
+                    freq_factors: None,
+                    yarn: RopeYarnArg::NONE,
+                };
+                (cols, 0, none.karg()?)
+            }
         };
         if !cols.is_multiple_of(2) || !head_dim.is_multiple_of(2) {
             return Err(CudaError::Invalid(format!(
@@ -1331,34 +1453,99 @@ impl CudaKernels {
                 &run_start,
                 &cyclic,
                 &(head_dim as i32),
-                &(n_dims as i32),
-                &mode,
-                &base,
-                &pos_scale,
-                &ff,
+                &(rope_off as i32),
                 &delta,
+                &r,
             ],
         )
     }
 
-    /// `out = act(gate) · up` over `n` values; `gelu` selects GELU-tanh instead of SiLU.
+    /// Latent attention's K rows of `n` tokens: `out[..kv_lora]` = RMS-normed `x[..kv_lora]` times
+    /// `w`, `out[kv_lora..][..n_dims]` = `x[kv_lora..]` roped (`x`, `out`: row strides `ldx`,
+    /// `ldo`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_kv(
+        &self,
+        (x, ldx): (u64, usize),
+        w: u64,
+        (out, ldo): (u64, usize),
+        kv_lora: usize,
+        eps: f32,
+        pos: u64,
+        n: usize,
+        rope: &RopeArgs,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let r = rope.karg()?;
+        self.launch(
+            "mla_kv",
+            (n as u32, 1, 1),
+            256,
+            0,
+            s,
+            &[
+                &x,
+                &(ldx as i32),
+                &w,
+                &out,
+                &(ldo as i32),
+                &(kv_lora as i32),
+                &eps,
+                &pos,
+                &r,
+            ],
+        )
+    }
+
+    /// Routes every pair of `n` tokens × `n_heads` heads to its head (the route rows
+    /// [`Self::moe_gemv`] and [`Self::moe_sort`] read), for per-head matmuls.
+    pub fn head_route(
+        &self,
+        route: u64,
+        n: usize,
+        n_heads: usize,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        self.launch(
+            "head_route",
+            (blocks(n * 2 * n_heads, 256), 1, 1),
+            256,
+            0,
+            s,
+            &[&route, &(n as i32), &(n_heads as i32)],
+        )
+    }
+
+    /// `out = act(gate, up)` over `n` values.
     pub fn glu(
         &self,
         gate: u64,
         up: u64,
         out: u64,
         n: usize,
-        gelu: bool,
+        act: Activation,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        let act = gelu as i32;
+        let code = match act {
+            Activation::Silu => 0i32,
+            Activation::GeluTanh => 1,
+            Activation::SwigluOai => 2,
+        };
         self.launch(
             "glu",
             (blocks(n, 256), 1, 1),
             256,
             0,
             s,
-            &[&gate, &up, &out, &(n as i64), &act],
+            &[
+                &gate,
+                &up,
+                &out,
+                &(n as i64),
+                &code,
+                &SWIGLU_OAI_ALPHA,
+                &SWIGLU_OAI_LIMIT,
+            ],
         )
     }
 
@@ -1511,22 +1698,35 @@ impl CudaKernels {
         )
     }
 
-    /// MoE routing of `n` tokens: softmax, top `n_used`, optional renormalisation.
+    /// MoE routing of `n` tokens as [`Routing`] says (gating, group limit, top `n_used`,
+    /// renormalisation, scale), choosing by the gated values plus `select_bias` (f32 per expert)
+    /// when given.
     pub fn moe_route(
         &self,
         logits: u64,
         n: usize,
-        n_expert: usize,
-        n_used: usize,
-        normalize: bool,
+        r: &Routing,
+        select_bias: Option<u64>,
         route: u64,
         s: &CudaStream,
     ) -> CudaResult<()> {
-        if n_expert > 1024 || n_used == 0 || n_used > n_expert {
+        let (n_expert, n_used) = (r.n_expert, r.n_used);
+        let (groups, groups_used) = if r.groups.0 > 1 { r.groups } else { (0, 0) };
+        if n_expert > 1024
+            || n_used == 0
+            || n_used > n_expert
+            || groups > 32
+            || (groups > 1 && (!n_expert.is_multiple_of(groups) || groups_used == 0))
+        {
             return Err(CudaError::Invalid(format!(
-                "MoE routing of {n_used} of {n_expert} experts is not supported"
+                "MoE routing of {n_used} of {n_expert} experts in {groups} groups ({groups_used} used) is not supported"
             )));
         }
+        let gating = match r.gating {
+            Gating::Softmax => 0i32,
+            Gating::Sigmoid => 1,
+            Gating::SoftmaxAfterTopK => 2,
+        };
         self.launch(
             "moe_route",
             (blocks(n, 8), 1, 1),
@@ -1538,10 +1738,57 @@ impl CudaKernels {
                 &(n as i32),
                 &(n_expert as i32),
                 &(n_used as i32),
-                &(normalize as i32),
+                &gating,
+                &select_bias.unwrap_or(0),
+                &(groups as i32),
+                &(groups_used as i32),
+                &(r.normalize as i32),
+                &r.scale,
                 &route,
             ],
         )
+    }
+
+    /// Adds each row's expert bias (`bias`: `cols` f32 per expert) to `n` expert FFN rows of
+    /// `h` (row stride `ldh`); row `i` is pair `order[i]` (sorted rows) or `i` (pair order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_add_bias(
+        &self,
+        h: u64,
+        ldh: usize,
+        route: u64,
+        n_used: usize,
+        order: Option<u64>,
+        bias: u64,
+        n: usize,
+        cols: usize,
+        s: &CudaStream,
+    ) -> CudaResult<()> {
+        let mut r0 = 0;
+        while r0 < n {
+            let c = (n - r0).min(65535);
+            let ho = h + (r0 * ldh * 4) as u64;
+            let oo = order.map_or(0, |o| o + (r0 * 4) as u64);
+            self.launch(
+                "moe_add_bias",
+                (blocks(cols, 256), c as u32, 1),
+                256,
+                0,
+                s,
+                &[
+                    &ho,
+                    &(ldh as i32),
+                    &route,
+                    &(n_used as i32),
+                    &oo,
+                    &(r0 as i32),
+                    &bias,
+                    &(cols as i32),
+                ],
+            )?;
+            r0 += c;
+        }
+        Ok(())
     }
 
     /// `out[t] = Σ_s w[t,s] · h[t·n_used + s]`.
@@ -1565,11 +1812,11 @@ impl CudaKernels {
         )
     }
 
-    /// `out[i] = f16(x[rows[i] / x_div])` for `n` rows.
+    /// `out[i] = f16(x[rows[i] / x_div][..cols])` for `n` rows (`x`: row stride `ldx`).
     #[allow(clippy::too_many_arguments)]
     pub fn gather_rows_f16(
         &self,
-        x: u64,
+        (x, ldx): (u64, usize),
         rows: u64,
         x_div: usize,
         out: u64,
@@ -1583,7 +1830,14 @@ impl CudaKernels {
             256,
             0,
             s,
-            &[&x, &rows, &(x_div as i32), &out, &(cols as i32)],
+            &[
+                &x,
+                &(ldx as i32),
+                &rows,
+                &(x_div as i32),
+                &out,
+                &(cols as i32),
+            ],
         )
     }
 
@@ -1776,6 +2030,8 @@ impl CudaKernels {
     /// Causal (optionally windowed) attention of `n` query rows over the f16 caches at positions
     /// `pos` (i32 on the device). `q`: `[n, n_head·dk]` f32 (row stride `ldq`), `out`:
     /// `[n, n_head·dv]` f32 (row stride `ldo`). `part` must hold [`attention_scratch`] bytes.
+    /// `sinks` (f32 per query head) join each softmax's denominator. With `p.v_in_k` (latent
+    /// attention, one KV head) the values are the first `dv` of each K row and `kv.v` is unused.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -1788,6 +2044,7 @@ impl CudaKernels {
         out: u64,
         ldo: usize,
         part: u64,
+        sinks: Option<u64>,
         s: &CudaStream,
     ) -> CudaResult<()> {
         let (kc, vc) = (kv.k, kv.v);
@@ -1801,6 +2058,47 @@ impl CudaKernels {
             return Ok(());
         }
         let common_tail = (p.scale, p.softcap, p.window as i32);
+        let sinks = sinks.unwrap_or(0);
+        if p.v_in_k {
+            // Latent attention: `mla_attn_split` stages every K tile once for MLA_HG query heads.
+            mla_supported(p)?;
+            let ns = n_split(p, n);
+            return self.split_then_combine(
+                p,
+                ns,
+                n,
+                pos,
+                (out, ldo),
+                part,
+                sinks,
+                s,
+                |t0, chunk| {
+                    self.launch(
+                        "mla_attn_split",
+                        (ns as u32, p.n_head.div_ceil(MLA_HG) as u32, chunk as u32),
+                        256,
+                        mla_smem(p.dk) as u32,
+                        s,
+                        &[
+                            &(q + (t0 * ldq * 4) as u64),
+                            &(ldq as i32),
+                            &kv.k,
+                            &(p.dk as i32),
+                            &part,
+                            &(pos + (t0 * 4) as u64),
+                            &(kv.seq + (t0 * 4) as u64),
+                            &(p.n_head as i32),
+                            &(p.n_ctx as i32),
+                            &(p.dk as i32),
+                            &(p.dv as i32),
+                            &p.scale,
+                            &(p.window as i32),
+                            &(ns as i32),
+                        ],
+                    )
+                },
+            );
+        }
         if uses_flash(p, n) {
             let &(d, bkv) = FLASH_DIMS
                 .iter()
@@ -1828,6 +2126,7 @@ impl CudaKernels {
                     &common_tail.0,
                     &common_tail.1,
                     &common_tail.2,
+                    &sinks,
                 ],
             );
         }
@@ -1845,12 +2144,7 @@ impl CudaKernels {
         }
         let ns = n_split(p, n);
         let smem = split_smem(p.dk, p.dv);
-        let mut t0 = 0;
-        while t0 < n {
-            let chunk = (n - t0).min(65535);
-            let qo = q + (t0 * ldq * 4) as u64;
-            let po = pos + (t0 * 4) as u64;
-            let so = kv.seq + (t0 * 4) as u64;
+        self.split_then_combine(p, ns, n, pos, (out, ldo), part, sinks, s, |t0, chunk| {
             self.launch(
                 "attn_split",
                 (ns as u32, p.n_head as u32, chunk as u32),
@@ -1858,13 +2152,13 @@ impl CudaKernels {
                 smem as u32,
                 s,
                 &[
-                    &qo,
+                    &(q + (t0 * ldq * 4) as u64),
                     &(ldq as i32),
                     &kc,
                     &vc,
                     &part,
-                    &po,
-                    &so,
+                    &(pos + (t0 * 4) as u64),
+                    &(kv.seq + (t0 * 4) as u64),
                     &(p.n_head as i32),
                     &(p.n_kv as i32),
                     &(p.n_ctx as i32),
@@ -1875,8 +2169,31 @@ impl CudaKernels {
                     &common_tail.2,
                     &(ns as i32),
                 ],
-            )?;
-            let oo = out + (t0 * ldo * 4) as u64;
+            )
+        })
+    }
+
+    /// The split-KV path in launches of at most 65535 query rows (grid.z): `split(t0, chunk)`
+    /// writes the partials of rows `t0..t0 + chunk` into `part` (`ns` splits each), then
+    /// `attn_combine` merges them into `out` (row stride `ldo`), each head's sink (`sinks`: f32
+    /// per head, or 0) joining the denominator.
+    #[allow(clippy::too_many_arguments)]
+    fn split_then_combine(
+        &self,
+        p: &AttnParams,
+        ns: usize,
+        n: usize,
+        pos: u64,
+        (out, ldo): (u64, usize),
+        part: u64,
+        sinks: u64,
+        s: &CudaStream,
+        split: impl Fn(usize, usize) -> CudaResult<()>,
+    ) -> CudaResult<()> {
+        let mut t0 = 0;
+        while t0 < n {
+            let chunk = (n - t0).min(65535);
+            split(t0, chunk)?;
             self.launch(
                 "attn_combine",
                 (p.n_head as u32, chunk as u32, 1),
@@ -1885,13 +2202,14 @@ impl CudaKernels {
                 s,
                 &[
                     &part,
-                    &oo,
+                    &(out + (t0 * ldo * 4) as u64),
                     &(ldo as i32),
-                    &po,
+                    &(pos + (t0 * 4) as u64),
                     &(p.n_head as i32),
                     &(p.dv as i32),
-                    &common_tail.2,
+                    &(p.window as i32),
                     &(ns as i32),
+                    &sinks,
                 ],
             )?;
             t0 += chunk;
@@ -2017,9 +2335,47 @@ mod tests {
             "attn_combine",
             "kv_write",
             "glu",
+            "mla_attn_split",
+            "mla_kv",
+            "rope_heads",
+            "head_route",
+            "moe_add_bias",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not found in {names:?}");
         }
+    }
+
+    /// `RopeKArg` is copied byte for byte into ops.cu's `RopeP`: four 4-byte fields, the
+    /// 8-byte pointer at 16, the four YaRN floats at 24.
+    #[test]
+    fn rope_argument_layout_matches_the_kernels_struct() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(offset_of!(RopeKArg, pos_scale), 12);
+        assert_eq!(offset_of!(RopeKArg, freq_factors), 16);
+        assert_eq!(offset_of!(RopeKArg, yarn), 24);
+        assert_eq!((size_of::<RopeKArg>(), align_of::<RopeKArg>()), (40, 8));
+        let src = include_str!("../../cuda/ops.cu");
+        let body = src
+            .split("struct RopeP {")
+            .nth(1)
+            .and_then(|t| t.split("};").next())
+            .expect("RopeP in ops.cu");
+        let fields: Vec<&str> = body
+            .split(';')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "int n_dims",
+                "int mode",
+                "float base",
+                "float pos_scale",
+                "const float* freq_factors",
+                "RopeYarn y"
+            ]
+        );
     }
 
     /// The lookup-table levels the CUDA decoders read (four little-endian words per table in
@@ -2070,6 +2426,7 @@ mod tests {
             scale: 1.0,
             softcap: 0.0,
             window: 0,
+            v_in_k: false,
         };
         // ~1024 blocks at full context, capped by attn_combine's 64 and by the cache's tiles.
         assert_eq!(n_split(&p(32, 4096), 1), 32);

@@ -5,7 +5,7 @@
 //! with depth.
 
 use super::GraphError;
-use crate::graph::{Activation, BufId, GraphBuilder, Op, RopeParams, Rows};
+use crate::graph::{Activation, BufId, GraphBuilder, Op, RopeParams, RopeYarn, Routing, Rows};
 use crate::spec::{GroupRole, TensorId, TensorRole};
 
 /// Per-architecture switches of the shared blocks.
@@ -19,8 +19,10 @@ pub(crate) struct Flavor {
     pub post_attn_norm: bool,
     /// Norm of the FFN output before the residual add (gemma3).
     pub post_ffn_norm: bool,
-    /// GLU activation.
+    /// GLU activation of the dense and shared-expert FFNs.
     pub act: Activation,
+    /// GLU activation of the routed experts.
+    pub expert_act: Activation,
 }
 
 /// The buffers every layer reuses.
@@ -35,12 +37,28 @@ pub(crate) struct Bufs {
     pub attn: BufId,
     /// Output of a sub-block before the residual add.
     pub proj: BufId,
-    pub gate: BufId,
-    pub up: BufId,
-    pub hidden: BufId,
+    /// Dense FFN gate, up and hidden rows (`n_ff` wide), when some layer is dense.
+    pub ffn: Option<[BufId; 3]>,
+    /// The shared experts' gate, up and hidden rows (`n_ff_shared_expert` wide).
+    pub shexp: Option<[BufId; 3]>,
     pub router: Option<BufId>,
     pub route: Option<BufId>,
     pub shared: Option<BufId>,
+    /// Latent attention's extra buffers.
+    pub mla: Option<MlaBufs>,
+}
+
+/// Buffers of multi-head latent attention; the shared `q` holds the absorbed queries
+/// (`n_head · (kv_lora + rope)`), `k` the latent K rows and `attn` each head's latent output.
+pub(crate) struct MlaBufs {
+    /// Queries as projected (`n_head · (nope + rope)`).
+    pub q: BufId,
+    /// The compressed query (`q_lora_rank`), with q lora.
+    pub q_lora: Option<BufId>,
+    /// The KV compression's output (`kv_lora + rope`).
+    pub kva: BufId,
+    /// Each head's decompressed output (`n_head · head_dim_v`).
+    pub attn_v: BufId,
 }
 
 pub(crate) fn tensor(
@@ -64,7 +82,6 @@ pub(crate) fn embed(b: &mut GraphBuilder, f: &Flavor) -> Result<Bufs, GraphError
     let q_cols = h.n_head * h.head_dim_k;
     let kv_k = h.n_head_kv * h.head_dim_k;
     let kv_v = h.n_head_kv * h.head_dim_v;
-    let ff = h.n_ff.max(h.n_ff_expert).max(h.n_ff_shared_expert);
     let moe = h.n_expert > 0;
     let bufs = Bufs {
         x: b.buf("x", Rows::Tokens, h.n_embd),
@@ -74,9 +91,20 @@ pub(crate) fn embed(b: &mut GraphBuilder, f: &Flavor) -> Result<Bufs, GraphError
         v: b.buf("v", Rows::Tokens, kv_v),
         attn: b.buf("attn", Rows::Tokens, h.n_head * h.head_dim_v),
         proj: b.buf("proj", Rows::Tokens, h.n_embd),
-        gate: b.buf("gate", Rows::Tokens, ff),
-        up: b.buf("up", Rows::Tokens, ff),
-        hidden: b.buf("hidden", Rows::Tokens, ff),
+        ffn: (h.n_ff > 0).then(|| {
+            [
+                b.buf("gate", Rows::Tokens, h.n_ff),
+                b.buf("up", Rows::Tokens, h.n_ff),
+                b.buf("hidden", Rows::Tokens, h.n_ff),
+            ]
+        }),
+        shexp: (h.n_ff_shared_expert > 0).then(|| {
+            [
+                b.buf("shexp_gate", Rows::Tokens, h.n_ff_shared_expert),
+                b.buf("shexp_up", Rows::Tokens, h.n_ff_shared_expert),
+                b.buf("shexp_hidden", Rows::Tokens, h.n_ff_shared_expert),
+            ]
+        }),
         router: moe.then(|| b.buf("router", Rows::Tokens, h.n_expert)),
         route: moe.then(|| {
             b.buf_kind(
@@ -87,6 +115,12 @@ pub(crate) fn embed(b: &mut GraphBuilder, f: &Flavor) -> Result<Bufs, GraphError
             )
         }),
         shared: (h.n_ff_shared_expert > 0).then(|| b.buf("shared", Rows::Tokens, h.n_embd)),
+        mla: h.mla.map(|m| MlaBufs {
+            q: b.buf("q_mla", Rows::Tokens, h.n_head * (m.nope + h.rope_dims)),
+            q_lora: (m.q_lora_rank > 0).then(|| b.buf("q_lora", Rows::Tokens, m.q_lora_rank)),
+            kva: b.buf("kv_a", Rows::Tokens, m.kv_lora_rank + h.rope_dims),
+            attn_v: b.buf("attn_v", Rows::Tokens, h.n_head * m.head_dim_v),
+        }),
     };
     let table = tensor(b, f, None, TensorRole::TokenEmbd)?;
     let group = b.spec.embed;
@@ -102,6 +136,61 @@ pub(crate) fn embed(b: &mut GraphBuilder, f: &Flavor) -> Result<Bufs, GraphError
     Ok(bufs)
 }
 
+/// The rope of layer `l` over `n_dims` rotated dimensions.
+fn rope_params(spec: &crate::spec::ModelSpec, l: usize, n_dims: usize) -> RopeParams {
+    let layer = &spec.layers[l];
+    RopeParams {
+        mode: spec.hparams.rope_mode,
+        n_dims,
+        base: layer.rope_base,
+        pos_scale: 1.0 / layer.rope_linear_scale,
+        // llama3 frequency factors apply to global layers only (all layers in llama).
+        freq_factors: if layer.window.is_none() {
+            spec.rope_freqs
+        } else {
+            None
+        },
+        yarn: spec
+            .hparams
+            .yarn
+            .map(|y| RopeYarn::new(&y, n_dims, layer.rope_base)),
+    }
+}
+
+/// The attention input norm of layer `l` (`x` → `xn`).
+fn attn_input_norm(
+    b: &mut GraphBuilder,
+    f: &Flavor,
+    s: &Bufs,
+    l: usize,
+    g: crate::spec::GroupId,
+) -> Result<(), GraphError> {
+    let norm = tensor(b, f, Some(l), TensorRole::AttnNorm)?;
+    let eps = b.spec.hparams.norm_eps;
+    b.push(
+        Op::RmsNorm {
+            x: s.x,
+            weight: norm,
+            out: s.xn,
+            eps,
+        },
+        Some(l),
+        g,
+    );
+    Ok(())
+}
+
+/// Layer `l`'s attention group.
+fn attn_group(b: &GraphBuilder, f: &Flavor, l: usize) -> Result<crate::spec::GroupId, GraphError> {
+    b.spec
+        .layer_group(l, GroupRole::Attn)
+        .ok_or_else(|| GraphError::MissingTensor {
+            arch: f.arch,
+            layer: Some(l),
+            role: "attention group".into(),
+        })
+}
+
 /// Attention sub-block of layer `l`: norm, q/k/v, optional q/k norm, rope, attention, output
 /// projection, optional post-norm, residual add.
 pub(crate) fn attention(
@@ -110,28 +199,14 @@ pub(crate) fn attention(
     s: &Bufs,
     l: usize,
 ) -> Result<(), GraphError> {
+    if b.spec.hparams.mla.is_some() {
+        return mla_attention(b, f, s, l);
+    }
     let h = b.spec.hparams.clone();
     let layer = b.spec.layers[l].clone();
-    let g = b
-        .spec
-        .layer_group(l, GroupRole::Attn)
-        .ok_or_else(|| GraphError::MissingTensor {
-            arch: f.arch,
-            layer: Some(l),
-            role: "attention group".into(),
-        })?;
+    let g = attn_group(b, f, l)?;
     let lo = Some(l);
-    let norm = tensor(b, f, lo, TensorRole::AttnNorm)?;
-    b.push(
-        Op::RmsNorm {
-            x: s.x,
-            weight: norm,
-            out: s.xn,
-            eps: h.norm_eps,
-        },
-        lo,
-        g,
-    );
+    attn_input_norm(b, f, s, l, g)?;
     for (role, bias_role, out) in [
         (TensorRole::AttnQ, TensorRole::AttnQBias, s.q),
         (TensorRole::AttnK, TensorRole::AttnKBias, s.k),
@@ -150,7 +225,8 @@ pub(crate) fn attention(
             g,
         );
     }
-    if f.qk_norm {
+    // Required by the flavor, or present (glm4moe's are optional).
+    if f.qk_norm || b.spec.find(lo, TensorRole::AttnQNorm).is_some() {
         let qn = tensor(b, f, lo, TensorRole::AttnQNorm)?;
         let kn = tensor(b, f, lo, TensorRole::AttnKNorm)?;
         b.push(
@@ -174,18 +250,7 @@ pub(crate) fn attention(
             g,
         );
     }
-    let rope = RopeParams {
-        mode: h.rope_mode,
-        n_dims: h.rope_dims,
-        base: layer.rope_base,
-        pos_scale: 1.0 / layer.rope_linear_scale,
-        // llama3 frequency factors apply to global layers only (all layers in llama).
-        freq_factors: if layer.window.is_none() {
-            b.spec.rope_freqs
-        } else {
-            None
-        },
-    };
+    let rope = rope_params(b.spec, l, h.rope_dims);
     b.push(
         Op::Rope {
             x: s.q,
@@ -216,19 +281,155 @@ pub(crate) fn attention(
             head_dim_k: h.head_dim_k,
             head_dim_v: h.head_dim_v,
             window: layer.window,
-            scale: 1.0 / (h.head_dim_k as f32).sqrt(),
+            scale: h.attn_scale,
             softcap: h.attn_softcap,
+            sinks: b.spec.find(lo, TensorRole::AttnSinks),
+            v_in_k: false,
         },
         lo,
         g,
     );
+    output_projection(b, f, s, l, s.attn)
+}
+
+/// Multi-head latent attention of layer `l` (see [`crate::spec::Mla`]): queries (directly or
+/// through the q lora), the KV compression, its latent K row, the queries absorbed into the
+/// latent space, attention over the latent cache, each head's output decompressed, then the
+/// output projection and residual add.
+fn mla_attention(b: &mut GraphBuilder, f: &Flavor, s: &Bufs, l: usize) -> Result<(), GraphError> {
+    let h = b.spec.hparams.clone();
+    let layer = b.spec.layers[l].clone();
+    let (Some(m), Some(mb)) = (h.mla, s.mla.as_ref()) else {
+        return Err(GraphError::MissingTensor {
+            arch: f.arch,
+            layer: Some(l),
+            role: "latent attention hparams".into(),
+        });
+    };
+    let g = attn_group(b, f, l)?;
+    let lo = Some(l);
+    attn_input_norm(b, f, s, l, g)?;
+    let matmul = |b: &mut GraphBuilder, weight, x, out| {
+        b.push(
+            Op::MatMul {
+                weight,
+                x,
+                out,
+                bias: None,
+            },
+            lo,
+            g,
+        )
+    };
+    match mb.q_lora {
+        Some(ql) => {
+            matmul(b, tensor(b, f, lo, TensorRole::AttnQA)?, s.xn, ql);
+            let qn = tensor(b, f, lo, TensorRole::AttnQANorm)?;
+            b.push(
+                Op::RmsNorm {
+                    x: ql,
+                    weight: qn,
+                    out: ql,
+                    eps: h.norm_eps,
+                },
+                lo,
+                g,
+            );
+            matmul(b, tensor(b, f, lo, TensorRole::AttnQB)?, ql, mb.q);
+        }
+        None => matmul(b, tensor(b, f, lo, TensorRole::AttnQ)?, s.xn, mb.q),
+    }
+    matmul(b, tensor(b, f, lo, TensorRole::AttnKvAMqa)?, s.xn, mb.kva);
+    let rope = rope_params(b.spec, l, h.rope_dims);
+    b.push(
+        Op::MlaKv {
+            x: mb.kva,
+            norm: tensor(b, f, lo, TensorRole::AttnKvANorm)?,
+            out: s.k,
+            kv_lora: m.kv_lora_rank,
+            eps: h.norm_eps,
+            rope,
+        },
+        lo,
+        g,
+    );
+    let qk = m.kv_lora_rank + h.rope_dims;
+    b.push(
+        Op::HeadMatMul {
+            weight: tensor(b, f, lo, TensorRole::AttnKB)?,
+            x: mb.q,
+            x_stride: m.nope + h.rope_dims,
+            out: s.q,
+            out_stride: qk,
+        },
+        lo,
+        g,
+    );
+    b.push(
+        Op::MlaQRope {
+            q: mb.q,
+            out: s.q,
+            n_head: h.n_head,
+            nope: m.nope,
+            kv_lora: m.kv_lora_rank,
+            rope,
+        },
+        lo,
+        g,
+    );
+    b.push(
+        Op::Attention {
+            layer: l,
+            q: s.q,
+            k: s.k,
+            v: s.k,
+            out: s.attn,
+            n_head: h.n_head,
+            n_head_kv: 1,
+            head_dim_k: qk,
+            head_dim_v: m.kv_lora_rank,
+            window: layer.window,
+            scale: h.attn_scale,
+            softcap: h.attn_softcap,
+            sinks: None,
+            v_in_k: true,
+        },
+        lo,
+        g,
+    );
+    b.push(
+        Op::HeadMatMul {
+            weight: tensor(b, f, lo, TensorRole::AttnVB)?,
+            x: s.attn,
+            x_stride: m.kv_lora_rank,
+            out: mb.attn_v,
+            out_stride: m.head_dim_v,
+        },
+        lo,
+        g,
+    );
+    output_projection(b, f, s, l, mb.attn_v)
+}
+
+/// The output projection of layer `l`'s attention output `attn` (with its bias), optional
+/// post-norm and residual add.
+fn output_projection(
+    b: &mut GraphBuilder,
+    f: &Flavor,
+    s: &Bufs,
+    l: usize,
+    attn: BufId,
+) -> Result<(), GraphError> {
+    let h = b.spec.hparams.clone();
+    let g = attn_group(b, f, l)?;
+    let lo = Some(l);
     let wo = tensor(b, f, lo, TensorRole::AttnOutput)?;
     b.push(
         Op::MatMul {
             weight: wo,
-            x: s.attn,
+            x: attn,
             out: s.proj,
-            bias: None,
+            bias: b.spec.find(lo, TensorRole::AttnOutputBias),
         },
         lo,
         g,
@@ -286,13 +487,17 @@ pub(crate) fn dense_ffn(
         lo,
         g,
     );
+    let bufs = s.ffn.ok_or_else(|| GraphError::MissingTensor {
+        arch: f.arch,
+        layer: lo,
+        role: "dense FFN buffers (feed_forward_length is 0)".into(),
+    })?;
     glu_mlp(
         b,
         f,
-        s,
-        lo,
-        g,
+        (lo, g),
         [TensorRole::FfnGate, TensorRole::FfnUp, TensorRole::FfnDown],
+        (s.xn, bufs),
         s.proj,
     )?;
     if f.post_ffn_norm {
@@ -320,14 +525,13 @@ pub(crate) fn dense_ffn(
     Ok(())
 }
 
-/// `out = down(act(gate · xn) ⊙ (up · xn))`.
+/// `out = down(act(gate · xn) ⊙ (up · xn))` through the `[gate, up, hidden]` buffers `bufs`.
 fn glu_mlp(
     b: &mut GraphBuilder,
     f: &Flavor,
-    s: &Bufs,
-    lo: Option<usize>,
-    g: crate::spec::GroupId,
+    (lo, g): (Option<usize>, crate::spec::GroupId),
     roles: [TensorRole; 3],
+    (xn, [gate_b, up_b, hidden_b]): (BufId, [BufId; 3]),
     out: BufId,
 ) -> Result<(), GraphError> {
     let gate = tensor(b, f, lo, roles[0])?;
@@ -336,8 +540,8 @@ fn glu_mlp(
     b.push(
         Op::MatMul {
             weight: gate,
-            x: s.xn,
-            out: s.gate,
+            x: xn,
+            out: gate_b,
             bias: None,
         },
         lo,
@@ -346,8 +550,8 @@ fn glu_mlp(
     b.push(
         Op::MatMul {
             weight: up,
-            x: s.xn,
-            out: s.up,
+            x: xn,
+            out: up_b,
             bias: None,
         },
         lo,
@@ -355,9 +559,9 @@ fn glu_mlp(
     );
     b.push(
         Op::Glu {
-            gate: s.gate,
-            up: s.up,
-            out: s.hidden,
+            gate: gate_b,
+            up: up_b,
+            out: hidden_b,
             act: f.act,
         },
         lo,
@@ -366,7 +570,7 @@ fn glu_mlp(
     b.push(
         Op::MatMul {
             weight: down,
-            x: s.hidden,
+            x: hidden_b,
             out,
             bias: None,
         },
@@ -420,7 +624,7 @@ pub(crate) fn moe_ffn(
             weight: gate_inp,
             x: s.xn,
             out: router,
-            bias: None,
+            bias: b.spec.find(lo, TensorRole::FfnGateInpBias),
         },
         lo,
         router_g,
@@ -429,13 +633,25 @@ pub(crate) fn moe_ffn(
         Op::MoeRoute {
             logits: router,
             out: route,
-            n_expert: h.n_expert,
-            n_used: h.n_expert_used,
-            normalize: h.expert_weights_norm,
+            routing: Routing {
+                n_expert: h.n_expert,
+                n_used: h.n_expert_used,
+                gating: h.gating,
+                normalize: h.expert_weights_norm,
+                scale: h.expert_weights_scale,
+                groups: (h.n_expert_groups, h.n_group_used),
+            },
+            select_bias: b.spec.find(lo, TensorRole::FfnExpProbsBias),
         },
         lo,
         router_g,
     );
+    let bias = [
+        TensorRole::FfnGateExpsBias,
+        TensorRole::FfnUpExpsBias,
+        TensorRole::FfnDownExpsBias,
+    ]
+    .map(|r| b.spec.find(lo, r));
     b.push(
         Op::MoeFfn {
             x: s.xn,
@@ -443,26 +659,31 @@ pub(crate) fn moe_ffn(
             gate_exps: tensor(b, f, lo, TensorRole::FfnGateExps)?,
             up_exps: tensor(b, f, lo, TensorRole::FfnUpExps)?,
             down_exps: tensor(b, f, lo, TensorRole::FfnDownExps)?,
-            act: f.act,
+            act: f.expert_act,
             out: s.proj,
+            bias: match bias {
+                [Some(g), Some(u), Some(d)] => Some([g, u, d]),
+                _ => None,
+            },
         },
         lo,
         experts_g,
     );
-    if let (Some(shared_out), Some(sg)) =
-        (s.shared, b.spec.layer_group(l, GroupRole::SharedExperts))
-    {
+    if let (Some(shared_out), Some(bufs), Some(sg)) = (
+        s.shared,
+        s.shexp,
+        b.spec.layer_group(l, GroupRole::SharedExperts),
+    ) {
         glu_mlp(
             b,
             f,
-            s,
-            lo,
-            sg,
+            (lo, sg),
             [
                 TensorRole::FfnGateShexp,
                 TensorRole::FfnUpShexp,
                 TensorRole::FfnDownShexp,
             ],
+            (s.xn, bufs),
             shared_out,
         )?;
         b.push(

@@ -17,6 +17,7 @@ pub fn build(spec: &ModelSpec, n_tokens: usize, n_logit_rows: usize) -> Result<G
         post_attn_norm: true,
         post_ffn_norm: true,
         act: Activation::GeluTanh,
+        expert_act: Activation::GeluTanh,
     };
     decoder(spec, flavor, n_tokens, n_logit_rows)
 }

@@ -4,7 +4,10 @@
 //! costs exactly the graph built here.
 
 mod blocks;
+pub mod deepseek2;
 pub mod gemma3;
+pub mod glm4moe;
+pub mod gpt_oss;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
@@ -48,5 +51,8 @@ pub fn build_graph(
         Arch::Qwen3 => qwen3::build(spec, n_tokens, n_logit_rows),
         Arch::Qwen3Moe => qwen3moe::build(spec, n_tokens, n_logit_rows),
         Arch::Gemma3 => gemma3::build(spec, n_tokens, n_logit_rows),
+        Arch::GptOss => gpt_oss::build(spec, n_tokens, n_logit_rows),
+        Arch::Glm4Moe => glm4moe::build(spec, n_tokens, n_logit_rows),
+        Arch::Deepseek2 => deepseek2::build(spec, n_tokens, n_logit_rows),
     }
 }

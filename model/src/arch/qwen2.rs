@@ -15,6 +15,7 @@ pub fn build(spec: &ModelSpec, n_tokens: usize, n_logit_rows: usize) -> Result<G
         post_attn_norm: false,
         post_ffn_norm: false,
         act: Activation::Silu,
+        expert_act: Activation::Silu,
     };
     decoder(spec, flavor, n_tokens, n_logit_rows)
 }

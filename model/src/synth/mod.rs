@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use rayon::prelude::*;
 
 pub use blocks::{Init, Rng};
-pub use presets::{preset, preset_names, Llama3Rope, SynthPreset};
+pub use presets::{preset, preset_names, Llama3Rope, SynthMla, SynthPreset, SynthYarn};
 
 use crate::ggml_type::GgmlType;
 use crate::gguf::{GgufHeader, GgufWriter, MetaValue, TensorInfo};
@@ -31,6 +31,9 @@ pub const SYNTH_ALIGNMENT: u64 = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum QuantRecipe {
+    /// Every tensor F32 (llama.cpp's `ALL_F32`): what the llama.cpp reference logits use, where
+    /// both sides multiply in f32.
+    F32,
     /// Every matrix F16; norms, biases and the router F32.
     F16,
     /// Every matrix Q8_0 (output too, as llama.cpp's Q8_0).
@@ -60,7 +63,8 @@ pub enum QuantRecipe {
 
 impl QuantRecipe {
     /// All recipes.
-    pub const ALL: [QuantRecipe; 9] = [
+    pub const ALL: [QuantRecipe; 10] = [
+        QuantRecipe::F32,
         QuantRecipe::F16,
         QuantRecipe::Q8_0,
         QuantRecipe::Q4_0,
@@ -75,6 +79,7 @@ impl QuantRecipe {
     /// Lowercase name used on the command line and in file names.
     pub fn name(self) -> &'static str {
         match self {
+            QuantRecipe::F32 => "f32",
             QuantRecipe::F16 => "f16",
             QuantRecipe::Q8_0 => "q8_0",
             QuantRecipe::Q4_0 => "q4_0",
@@ -98,6 +103,7 @@ impl QuantRecipe {
     /// and `mxfp4` as MXFP4_MOE, the ftype `--pure` keeps).
     pub fn file_type(self) -> u32 {
         match self {
+            QuantRecipe::F32 => 0,
             QuantRecipe::F16 => 1,
             QuantRecipe::Q8_0 => 7,
             QuantRecipe::Q4_0 => 2,
@@ -111,6 +117,7 @@ impl QuantRecipe {
 
     fn base(self) -> GgmlType {
         match self {
+            QuantRecipe::F32 => GgmlType::F32,
             QuantRecipe::F16 => GgmlType::F16,
             QuantRecipe::Q8_0 => GgmlType::Q8_0,
             QuantRecipe::Q4_0 => GgmlType::Q4_0,
@@ -137,6 +144,9 @@ enum Kind {
     AttnOutput,
     FfnGateUp,
     FfnDown,
+    /// Matrices llama.cpp's quantizer puts in no category: the recipe's base type (latent
+    /// attention's projections, multi-token-prediction projections).
+    Other,
 }
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third in between.
@@ -183,6 +193,7 @@ fn tensor_type(
     }
     let base = recipe.base();
     match recipe {
+        QuantRecipe::F32 => return T::F32,
         QuantRecipe::F16 => return T::F16,
         QuantRecipe::MXFP4 => return fallback(T::MXFP4, cols),
         QuantRecipe::MXFP4_MOE => {
@@ -323,79 +334,117 @@ impl SynthPlan {
 pub fn plan(p: &SynthPreset, recipe: QuantRecipe) -> SynthPlan {
     let a = p.arch.gguf_name();
     let mut md: Vec<(String, MetaValue)> = Vec::new();
-    let mut kv = |k: &str, v: MetaValue| md.push((k.to_string(), v));
+    let mut kv = |k: &str, v: MetaValue| md.push((format!("{a}.{k}"), v));
     let u = |x: usize| MetaValue::U32(x as u32);
-    kv("general.architecture", MetaValue::String(a.to_string()));
-    kv("general.name", MetaValue::String(p.model_name.to_string()));
-    kv(&format!("{a}.context_length"), u(p.n_ctx_train));
-    kv(&format!("{a}.embedding_length"), u(p.n_embd));
-    kv(&format!("{a}.block_count"), u(p.n_layer));
-    kv(&format!("{a}.feed_forward_length"), u(p.n_ff));
-    kv(&format!("{a}.attention.head_count"), u(p.n_head));
-    kv(&format!("{a}.attention.head_count_kv"), u(p.n_head_kv));
-    kv(
-        &format!("{a}.attention.layer_norm_rms_epsilon"),
-        MetaValue::F32(p.norm_eps),
-    );
-    kv(&format!("{a}.rope.freq_base"), MetaValue::F32(p.rope_base));
-    if p.head_dim * p.n_head != p.n_embd || p.arch != Arch::Llama {
-        kv(&format!("{a}.attention.key_length"), u(p.head_dim));
-        kv(&format!("{a}.attention.value_length"), u(p.head_dim));
+    let f = MetaValue::F32;
+    kv("context_length", u(p.n_ctx_train));
+    kv("embedding_length", u(p.n_embd));
+    kv("block_count", u(p.n_layer + p.n_nextn));
+    kv("feed_forward_length", u(p.n_ff));
+    kv("attention.head_count", u(p.n_head));
+    kv("attention.head_count_kv", u(p.n_head_kv));
+    kv("attention.layer_norm_rms_epsilon", f(p.norm_eps));
+    kv("rope.freq_base", f(p.rope_base));
+    if let Some(m) = p.mla {
+        // As llama.cpp's converter writes latent attention: one KV head of the latent plus the
+        // rope key, the values the latent itself.
+        kv("attention.key_length", u(m.kv_lora_rank + m.rope));
+        kv("attention.value_length", u(m.kv_lora_rank));
+        kv("attention.key_length_mla", u(m.nope + m.rope));
+        kv("attention.value_length_mla", u(m.head_dim_v));
+        kv("attention.kv_lora_rank", u(m.kv_lora_rank));
+        if m.q_lora_rank > 0 {
+            kv("attention.q_lora_rank", u(m.q_lora_rank));
+        }
+        kv("rope.dimension_count", u(m.rope));
+    } else if p.head_dim * p.n_head != p.n_embd || p.arch != Arch::Llama {
+        kv("attention.key_length", u(p.head_dim));
+        kv("attention.value_length", u(p.head_dim));
     }
     if p.arch == Arch::Llama {
-        kv(&format!("{a}.rope.dimension_count"), u(p.head_dim));
+        kv("rope.dimension_count", u(p.head_dim));
+    }
+    if let Some(d) = p.rope_dims {
+        kv("rope.dimension_count", u(d));
     }
     if p.n_expert > 0 {
-        kv(&format!("{a}.expert_count"), u(p.n_expert));
-        kv(&format!("{a}.expert_used_count"), u(p.n_expert_used));
-        if p.arch == Arch::Qwen3Moe {
-            kv(&format!("{a}.expert_feed_forward_length"), u(p.n_ff_expert));
+        kv("expert_count", u(p.n_expert));
+        kv("expert_used_count", u(p.n_expert_used));
+        if p.arch != Arch::Llama {
+            kv("expert_feed_forward_length", u(p.n_ff_expert));
         }
     }
+    if matches!(p.arch, Arch::Glm4Moe | Arch::Deepseek2) {
+        kv("expert_shared_count", u(p.n_expert_shared));
+        kv("leading_dense_block_count", u(p.n_layer_dense_lead));
+    }
+    if p.arch == Arch::Glm4Moe {
+        // GLM's converter writes the sigmoid gating (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID).
+        kv("expert_gating_func", u(2));
+    }
+    if let Some(s) = p.expert_weights_scale {
+        kv("expert_weights_scale", f(s));
+    }
+    if let Some(n) = p.expert_weights_norm {
+        kv("expert_weights_norm", MetaValue::Bool(n));
+    }
+    if let Some((g, used)) = p.expert_groups {
+        kv("expert_group_count", u(g));
+        kv("expert_group_used_count", u(used));
+    }
+    if p.n_nextn > 0 {
+        kv("nextn_predict_layers", u(p.n_nextn));
+    }
     if let Some(w) = p.sliding_window {
-        kv(&format!("{a}.attention.sliding_window"), u(w));
+        kv("attention.sliding_window", u(w));
     }
-    if let Some(f) = p.rope_linear {
-        kv(
-            &format!("{a}.rope.scaling.type"),
-            MetaValue::String("linear".to_string()),
-        );
-        kv(&format!("{a}.rope.scaling.factor"), MetaValue::F32(f));
+    if let Some(fac) = p.rope_linear {
+        kv("rope.scaling.type", MetaValue::String("linear".to_string()));
+        kv("rope.scaling.factor", f(fac));
     }
-    kv(&format!("{a}.vocab_size"), u(p.n_vocab));
-    kv(
-        "tokenizer.ggml.model",
-        MetaValue::String("none".to_string()),
+    if let Some(y) = p.yarn {
+        kv("rope.scaling.type", MetaValue::String("yarn".to_string()));
+        kv("rope.scaling.factor", f(y.factor));
+        kv("rope.scaling.original_context_length", u(y.orig_ctx));
+        if let Some(m) = y.log_mul {
+            kv("rope.scaling.yarn_log_multiplier", f(m));
+        }
+    }
+    kv("vocab_size", u(p.n_vocab));
+    md.insert(
+        0,
+        ("general.architecture".into(), MetaValue::String(a.into())),
     );
-    kv("general.file_type", MetaValue::U32(recipe.file_type()));
-    if recipe != QuantRecipe::F16 {
-        kv("general.quantization_version", MetaValue::U32(2));
+    md.insert(
+        1,
+        (
+            "general.name".into(),
+            MetaValue::String(p.model_name.to_string()),
+        ),
+    );
+    md.push((
+        "tokenizer.ggml.model".into(),
+        MetaValue::String("none".to_string()),
+    ));
+    md.push((
+        "general.file_type".into(),
+        MetaValue::U32(recipe.file_type()),
+    ));
+    if !matches!(recipe, QuantRecipe::F16 | QuantRecipe::F32) {
+        md.push(("general.quantization_version".into(), MetaValue::U32(2)));
     }
 
+    let mut t = Tensors {
+        p,
+        recipe,
+        list: Vec::new(),
+    };
     let (e, v) = (p.n_embd as u64, p.n_vocab as u64);
-    let (hq, hkv, hd) = (p.n_head as u64, p.n_head_kv as u64, p.head_dim as u64);
-    let mut tensors = Vec::new();
-    let mut add = |name: String, dims: Vec<u64>, kind: Kind, layer: usize, init: Init| {
-        let ty = tensor_type(p, recipe, kind, layer, dims[0] as usize, dims.len() == 3);
-        tensors.push(PlannedTensor {
-            name,
-            dims,
-            ty,
-            init,
-        });
-    };
-    let norm = || Init::Around {
-        center: 1.0,
-        noise: 0.02,
-    };
-    let mat = |fan_in: u64| Init::Random {
-        sigma: 1.0 / (fan_in as f32).sqrt(),
-    };
     if let Some(r) = p.llama3_rope {
         let f = r.freq_factors(p.head_dim, p.rope_base);
-        add(
+        t.add(
             "rope_freqs.weight".into(),
-            vec![hd / 2],
+            vec![p.head_dim as u64 / 2],
             Kind::Vector,
             0,
             Init::Values(f),
@@ -404,123 +453,414 @@ pub fn plan(p: &SynthPreset, recipe: QuantRecipe) -> SynthPlan {
     // Untied embeddings: rows of σ 1 (the first norm rescales them). Tied: σ 1/√n_embd so the logits
     // stay O(1); gemma3 multiplies by √n_embd at lookup, which brings its rows back to σ 1.
     let embd_sigma = if p.tied { 1.0 / (e as f32).sqrt() } else { 1.0 };
-    add(
+    t.add(
         "token_embd.weight".into(),
         vec![e, v],
         Kind::TokenEmbd,
         0,
         Init::Random { sigma: embd_sigma },
     );
-    for il in 0..p.n_layer {
-        let t = |s: &str| format!("blk.{il}.{s}");
-        add(t("attn_norm.weight"), vec![e], Kind::Vector, il, norm());
-        add(
-            t("attn_q.weight"),
-            vec![e, hq * hd],
-            Kind::AttnQ,
-            il,
-            mat(e),
-        );
-        add(
-            t("attn_k.weight"),
-            vec![e, hkv * hd],
-            Kind::AttnK,
-            il,
-            mat(e),
-        );
-        add(
-            t("attn_v.weight"),
-            vec![e, hkv * hd],
-            Kind::AttnV,
-            il,
-            mat(e),
-        );
-        if p.arch == Arch::Qwen2 {
-            let bias = || Init::Random { sigma: 0.02 };
-            add(t("attn_q.bias"), vec![hq * hd], Kind::Vector, il, bias());
-            add(t("attn_k.bias"), vec![hkv * hd], Kind::Vector, il, bias());
-            add(t("attn_v.bias"), vec![hkv * hd], Kind::Vector, il, bias());
-        }
-        if matches!(p.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) {
-            add(t("attn_q_norm.weight"), vec![hd], Kind::Vector, il, norm());
-            add(t("attn_k_norm.weight"), vec![hd], Kind::Vector, il, norm());
-        }
-        add(
-            t("attn_output.weight"),
-            vec![hq * hd, e],
-            Kind::AttnOutput,
-            il,
-            mat(hq * hd),
-        );
-        if p.arch == Arch::Gemma3 {
-            add(
-                t("post_attention_norm.weight"),
-                vec![e],
-                Kind::Vector,
-                il,
-                norm(),
-            );
-        }
-        add(t("ffn_norm.weight"), vec![e], Kind::Vector, il, norm());
-        if p.n_expert > 0 {
-            let (x, f) = (p.n_expert as u64, p.n_ff_expert as u64);
-            add(
-                t("ffn_gate_inp.weight"),
-                vec![e, x],
-                Kind::Router,
-                il,
-                mat(e),
-            );
-            add(
-                t("ffn_gate_exps.weight"),
-                vec![e, f, x],
-                Kind::FfnGateUp,
-                il,
-                mat(e),
-            );
-            add(
-                t("ffn_up_exps.weight"),
-                vec![e, f, x],
-                Kind::FfnGateUp,
-                il,
-                mat(e),
-            );
-            add(
-                t("ffn_down_exps.weight"),
-                vec![f, e, x],
-                Kind::FfnDown,
-                il,
-                mat(f),
-            );
-        } else {
-            let f = p.n_ff as u64;
-            add(
-                t("ffn_gate.weight"),
-                vec![e, f],
-                Kind::FfnGateUp,
-                il,
-                mat(e),
-            );
-            add(t("ffn_up.weight"), vec![e, f], Kind::FfnGateUp, il, mat(e));
-            add(t("ffn_down.weight"), vec![f, e], Kind::FfnDown, il, mat(f));
-        }
-        if p.arch == Arch::Gemma3 {
-            add(t("post_ffw_norm.weight"), vec![e], Kind::Vector, il, norm());
-        }
+    for il in 0..p.n_layer + p.n_nextn {
+        plan_layer(&mut t, il);
     }
-    add(
+    t.add(
         "output_norm.weight".into(),
         vec![e],
         Kind::Vector,
         0,
-        norm(),
+        norm_init(),
     );
     if !p.tied {
-        add("output.weight".into(), vec![e, v], Kind::Output, 0, mat(e));
+        t.add(
+            "output.weight".into(),
+            vec![e, v],
+            Kind::Output,
+            0,
+            mat_init(e),
+        );
     }
     SynthPlan {
         metadata: md,
-        tensors,
+        tensors: t.list,
+    }
+}
+
+/// Tensors being planned.
+struct Tensors<'a> {
+    p: &'a SynthPreset,
+    recipe: QuantRecipe,
+    list: Vec<PlannedTensor>,
+}
+
+impl Tensors<'_> {
+    fn add(&mut self, name: String, dims: Vec<u64>, kind: Kind, layer: usize, init: Init) {
+        let ty = tensor_type(
+            self.p,
+            self.recipe,
+            kind,
+            layer,
+            dims[0] as usize,
+            dims.len() == 3,
+        );
+        self.list.push(PlannedTensor {
+            name,
+            dims,
+            ty,
+            init,
+        });
+    }
+}
+
+/// Norm weights: around 1.
+fn norm_init() -> Init {
+    Init::Around {
+        center: 1.0,
+        noise: 0.02,
+    }
+}
+
+/// A matrix of `fan_in` inputs: σ 1/√fan_in, so activations stay O(1).
+fn mat_init(fan_in: u64) -> Init {
+    Init::Random {
+        sigma: 1.0 / (fan_in as f32).sqrt(),
+    }
+}
+
+/// Small biases.
+fn bias_init() -> Init {
+    Init::Random { sigma: 0.02 }
+}
+
+/// Layer `il`'s tensors (a multi-token-prediction layer's too, past `n_layer`).
+fn plan_layer(t: &mut Tensors, il: usize) {
+    let p = t.p;
+    let n = |s: &str| format!("blk.{il}.{s}");
+    let (e, hq, hkv, hd) = (
+        p.n_embd as u64,
+        p.n_head as u64,
+        p.n_head_kv as u64,
+        p.head_dim as u64,
+    );
+    t.add(
+        n("attn_norm.weight"),
+        vec![e],
+        Kind::Vector,
+        il,
+        norm_init(),
+    );
+    if let Some(m) = p.mla {
+        let (ql, kl) = (m.q_lora_rank as u64, m.kv_lora_rank as u64);
+        let (nope, rope, vm) = (m.nope as u64, m.rope as u64, m.head_dim_v as u64);
+        if ql > 0 {
+            t.add(
+                n("attn_q_a.weight"),
+                vec![e, ql],
+                Kind::Other,
+                il,
+                mat_init(e),
+            );
+            t.add(
+                n("attn_q_a_norm.weight"),
+                vec![ql],
+                Kind::Vector,
+                il,
+                norm_init(),
+            );
+            t.add(
+                n("attn_q_b.weight"),
+                vec![ql, hq * (nope + rope)],
+                Kind::Other,
+                il,
+                mat_init(ql),
+            );
+        } else {
+            t.add(
+                n("attn_q.weight"),
+                vec![e, hq * (nope + rope)],
+                Kind::AttnQ,
+                il,
+                mat_init(e),
+            );
+        }
+        t.add(
+            n("attn_kv_a_mqa.weight"),
+            vec![e, kl + rope],
+            Kind::Other,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("attn_kv_a_norm.weight"),
+            vec![kl],
+            Kind::Vector,
+            il,
+            norm_init(),
+        );
+        t.add(
+            n("attn_k_b.weight"),
+            vec![nope, kl, hq],
+            Kind::Other,
+            il,
+            mat_init(nope),
+        );
+        t.add(
+            n("attn_v_b.weight"),
+            vec![kl, vm, hq],
+            Kind::Other,
+            il,
+            mat_init(kl),
+        );
+        t.add(
+            n("attn_output.weight"),
+            vec![hq * vm, e],
+            Kind::AttnOutput,
+            il,
+            mat_init(hq * vm),
+        );
+    } else {
+        t.add(
+            n("attn_q.weight"),
+            vec![e, hq * hd],
+            Kind::AttnQ,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("attn_k.weight"),
+            vec![e, hkv * hd],
+            Kind::AttnK,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("attn_v.weight"),
+            vec![e, hkv * hd],
+            Kind::AttnV,
+            il,
+            mat_init(e),
+        );
+        if matches!(p.arch, Arch::Qwen2 | Arch::GptOss | Arch::Glm4Moe) {
+            t.add(
+                n("attn_q.bias"),
+                vec![hq * hd],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+            t.add(
+                n("attn_k.bias"),
+                vec![hkv * hd],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+            t.add(
+                n("attn_v.bias"),
+                vec![hkv * hd],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+        }
+        if matches!(p.arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3) || p.qk_norm {
+            t.add(
+                n("attn_q_norm.weight"),
+                vec![hd],
+                Kind::Vector,
+                il,
+                norm_init(),
+            );
+            t.add(
+                n("attn_k_norm.weight"),
+                vec![hd],
+                Kind::Vector,
+                il,
+                norm_init(),
+            );
+        }
+        t.add(
+            n("attn_output.weight"),
+            vec![hq * hd, e],
+            Kind::AttnOutput,
+            il,
+            mat_init(hq * hd),
+        );
+    }
+    if p.arch == Arch::GptOss {
+        t.add(
+            n("attn_output.bias"),
+            vec![e],
+            Kind::Vector,
+            il,
+            bias_init(),
+        );
+        t.add(
+            n("attn_sinks.weight"),
+            vec![hq],
+            Kind::Vector,
+            il,
+            Init::Random { sigma: 1.0 },
+        );
+    }
+    if p.arch == Arch::Gemma3 {
+        t.add(
+            n("post_attention_norm.weight"),
+            vec![e],
+            Kind::Vector,
+            il,
+            norm_init(),
+        );
+    }
+    // gpt-oss and glm4moe call their FFN input norm post_attention_norm.
+    let ffn_norm = if matches!(p.arch, Arch::GptOss | Arch::Glm4Moe) {
+        "post_attention_norm.weight"
+    } else {
+        "ffn_norm.weight"
+    };
+    t.add(n(ffn_norm), vec![e], Kind::Vector, il, norm_init());
+    if p.n_expert > 0 && il >= p.n_layer_dense_lead {
+        let (x, f) = (p.n_expert as u64, p.n_ff_expert as u64);
+        t.add(
+            n("ffn_gate_inp.weight"),
+            vec![e, x],
+            Kind::Router,
+            il,
+            mat_init(e),
+        );
+        match p.arch {
+            Arch::GptOss => t.add(
+                n("ffn_gate_inp.bias"),
+                vec![x],
+                Kind::Vector,
+                il,
+                Init::Random { sigma: 0.1 },
+            ),
+            Arch::Glm4Moe => t.add(
+                n("exp_probs_b.bias"),
+                vec![x],
+                Kind::Vector,
+                il,
+                Init::Random { sigma: 0.1 },
+            ),
+            _ => {}
+        }
+        t.add(
+            n("ffn_gate_exps.weight"),
+            vec![e, f, x],
+            Kind::FfnGateUp,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("ffn_up_exps.weight"),
+            vec![e, f, x],
+            Kind::FfnGateUp,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("ffn_down_exps.weight"),
+            vec![f, e, x],
+            Kind::FfnDown,
+            il,
+            mat_init(f),
+        );
+        if p.arch == Arch::GptOss {
+            t.add(
+                n("ffn_gate_exps.bias"),
+                vec![f, x],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+            t.add(
+                n("ffn_up_exps.bias"),
+                vec![f, x],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+            t.add(
+                n("ffn_down_exps.bias"),
+                vec![e, x],
+                Kind::Vector,
+                il,
+                bias_init(),
+            );
+        }
+        if p.n_expert_shared > 0 {
+            let fs = f * p.n_expert_shared as u64;
+            t.add(
+                n("ffn_gate_shexp.weight"),
+                vec![e, fs],
+                Kind::FfnGateUp,
+                il,
+                mat_init(e),
+            );
+            t.add(
+                n("ffn_up_shexp.weight"),
+                vec![e, fs],
+                Kind::FfnGateUp,
+                il,
+                mat_init(e),
+            );
+            t.add(
+                n("ffn_down_shexp.weight"),
+                vec![fs, e],
+                Kind::FfnDown,
+                il,
+                mat_init(fs),
+            );
+        }
+    } else {
+        let f = p.n_ff as u64;
+        t.add(
+            n("ffn_gate.weight"),
+            vec![e, f],
+            Kind::FfnGateUp,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("ffn_up.weight"),
+            vec![e, f],
+            Kind::FfnGateUp,
+            il,
+            mat_init(e),
+        );
+        t.add(
+            n("ffn_down.weight"),
+            vec![f, e],
+            Kind::FfnDown,
+            il,
+            mat_init(f),
+        );
+    }
+    if p.arch == Arch::Gemma3 {
+        t.add(
+            n("post_ffw_norm.weight"),
+            vec![e],
+            Kind::Vector,
+            il,
+            norm_init(),
+        );
+    }
+    if il >= p.n_layer {
+        // The multi-token-prediction block's own tensors (llama.cpp's NEXTN_*).
+        t.add(
+            n("nextn.eh_proj.weight"),
+            vec![2 * e, e],
+            Kind::Other,
+            il,
+            mat_init(2 * e),
+        );
+        for s in [
+            "nextn.enorm.weight",
+            "nextn.hnorm.weight",
+            "nextn.shared_head_norm.weight",
+        ] {
+            t.add(n(s), vec![e], Kind::Vector, il, norm_init());
+        }
     }
 }
 

@@ -85,6 +85,52 @@ pub struct SynthPreset {
     pub llama3_rope: Option<Llama3Rope>,
     /// Linear rope scaling factor of global layers (`rope.scaling.type = linear`).
     pub rope_linear: Option<f32>,
+    /// YaRN rope scaling (`rope.scaling.type = yarn`).
+    pub yarn: Option<SynthYarn>,
+    /// Rotated dimensions per head when not all (`rope.dimension_count`; glm4moe's partial rope).
+    pub rope_dims: Option<usize>,
+    /// Per-head q/k RMS norms in an architecture where they are optional (glm4moe).
+    pub qk_norm: bool,
+    /// Shared experts of the routed width (`expert_shared_count`; glm4moe, deepseek2).
+    pub n_expert_shared: usize,
+    /// Leading dense layers (`leading_dense_block_count`).
+    pub n_layer_dense_lead: usize,
+    /// Multi-token-prediction layers after the decoder's (`nextn_predict_layers`).
+    pub n_nextn: usize,
+    /// `expert_weights_scale`, when written.
+    pub expert_weights_scale: Option<f32>,
+    /// `expert_weights_norm`, when written.
+    pub expert_weights_norm: Option<bool>,
+    /// `expert_group_count` and `expert_group_used_count`, when written.
+    pub expert_groups: Option<(usize, usize)>,
+    /// Multi-head latent attention shapes (deepseek2; `head_dim` is then unused).
+    pub mla: Option<SynthMla>,
+}
+
+/// YaRN rope scaling of a synthetic model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SynthYarn {
+    /// `rope.scaling.factor`.
+    pub factor: f32,
+    /// `rope.scaling.original_context_length`.
+    pub orig_ctx: usize,
+    /// deepseek2's `rope.scaling.yarn_log_multiplier` as its converter writes it (0.1 · mscale_all_dim).
+    pub log_mul: Option<f32>,
+}
+
+/// Multi-head latent attention shapes of a synthetic deepseek2.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SynthMla {
+    /// `attention.q_lora_rank` (0: none, queries projected directly).
+    pub q_lora_rank: usize,
+    /// `attention.kv_lora_rank`.
+    pub kv_lora_rank: usize,
+    /// Query/key dimensions per head without rope.
+    pub nope: usize,
+    /// Rope dimensions (shared key part).
+    pub rope: usize,
+    /// Value dimensions per head.
+    pub head_dim_v: usize,
 }
 
 const LLAMA31_ROPE: Llama3Rope = Llama3Rope {
@@ -115,6 +161,45 @@ const BASE: SynthPreset = SynthPreset {
     tied: false,
     llama3_rope: None,
     rope_linear: None,
+    yarn: None,
+    rope_dims: None,
+    qk_norm: false,
+    n_expert_shared: 0,
+    n_layer_dense_lead: 0,
+    n_nextn: 0,
+    expert_weights_scale: None,
+    expert_weights_norm: None,
+    expert_groups: None,
+    mla: None,
+};
+
+/// gpt-oss's YaRN: factor 32 over an original context of 4096.
+const GPT_OSS_YARN: SynthYarn = SynthYarn {
+    factor: 32.0,
+    orig_ctx: 4096,
+    log_mul: None,
+};
+
+const GPT_OSS_20B: SynthPreset = SynthPreset {
+    name: "gpt-oss-20b",
+    model_name: "gpt-oss 20B (synthetic)",
+    arch: Arch::GptOss,
+    n_vocab: 201_088,
+    n_embd: 2880,
+    n_layer: 24,
+    n_head: 64,
+    n_head_kv: 8,
+    head_dim: 64,
+    n_ff: 2880,
+    n_ctx_train: 131_072,
+    norm_eps: 1e-5,
+    rope_base: 150_000.0,
+    n_expert: 32,
+    n_expert_used: 4,
+    n_ff_expert: 2880,
+    sliding_window: Some(128),
+    yarn: Some(GPT_OSS_YARN),
+    ..BASE
 };
 
 const PRESETS: &[SynthPreset] = &[
@@ -247,6 +332,73 @@ const PRESETS: &[SynthPreset] = &[
         tied: true,
         ..BASE
     },
+    GPT_OSS_20B,
+    SynthPreset {
+        name: "gpt-oss-120b",
+        model_name: "gpt-oss 120B (synthetic)",
+        n_layer: 36,
+        n_expert: 128,
+        ..GPT_OSS_20B
+    },
+    SynthPreset {
+        name: "glm-4.5-air",
+        model_name: "GLM-4.5-Air (synthetic)",
+        arch: Arch::Glm4Moe,
+        n_vocab: 151_552,
+        n_embd: 4096,
+        n_layer: 46,
+        n_head: 96,
+        n_head_kv: 8,
+        head_dim: 128,
+        n_ff: 10_944,
+        n_ctx_train: 131_072,
+        norm_eps: 1e-5,
+        rope_base: 1_000_000.0,
+        n_expert: 128,
+        n_expert_used: 8,
+        n_ff_expert: 1408,
+        rope_dims: Some(64),
+        n_expert_shared: 1,
+        n_layer_dense_lead: 1,
+        n_nextn: 1,
+        expert_weights_scale: Some(1.0),
+        expert_weights_norm: Some(true),
+        ..BASE
+    },
+    SynthPreset {
+        name: "deepseek-v2-lite",
+        model_name: "DeepSeek-V2-Lite (synthetic)",
+        arch: Arch::Deepseek2,
+        n_vocab: 102_400,
+        n_embd: 2048,
+        n_layer: 27,
+        n_head: 16,
+        n_head_kv: 1,
+        head_dim: 0,
+        n_ff: 10_944,
+        n_ctx_train: 163_840,
+        norm_eps: 1e-6,
+        rope_base: 10_000.0,
+        n_expert: 64,
+        n_expert_used: 6,
+        n_ff_expert: 1408,
+        n_expert_shared: 2,
+        n_layer_dense_lead: 1,
+        expert_weights_scale: Some(1.0),
+        yarn: Some(SynthYarn {
+            factor: 40.0,
+            orig_ctx: 4096,
+            log_mul: Some(0.0707),
+        }),
+        mla: Some(SynthMla {
+            q_lora_rank: 0,
+            kv_lora_rank: 512,
+            nope: 128,
+            rope: 64,
+            head_dim_v: 128,
+        }),
+        ..BASE
+    },
     // Tiny variants: a few MB, for tests. tiny-llama has K-quant-friendly widths (multiples of 256) and
     // llama3 rope scaling; the others use widths that exercise llama.cpp's K-quant fallbacks.
     SynthPreset {
@@ -322,6 +474,70 @@ const PRESETS: &[SynthPreset] = &[
         rope_linear: Some(8.0),
         ..BASE
     },
+    // gpt-oss as it is, smaller: alternating windows (16 here) and YaRN with the real factor.
+    SynthPreset {
+        name: "tiny-gpt-oss",
+        model_name: "tiny gpt-oss (synthetic)",
+        arch: Arch::GptOss,
+        n_layer: 4,
+        n_ff: 128,
+        n_ctx_train: 2048,
+        rope_base: 150_000.0,
+        n_expert: 8,
+        n_expert_used: 4,
+        n_ff_expert: 128,
+        sliding_window: Some(16),
+        yarn: Some(GPT_OSS_YARN),
+        ..BASE
+    },
+    // GLM-4.5's options: q/k norms, a weight scale, partial rope, one dense layer, one MTP layer.
+    SynthPreset {
+        name: "tiny-glm4moe",
+        model_name: "tiny glm4moe (synthetic)",
+        arch: Arch::Glm4Moe,
+        n_layer: 3,
+        rope_dims: Some(16),
+        qk_norm: true,
+        n_expert: 8,
+        n_expert_used: 2,
+        n_ff_expert: 64,
+        n_expert_shared: 1,
+        n_layer_dense_lead: 1,
+        n_nextn: 1,
+        expert_weights_scale: Some(2.5),
+        expert_weights_norm: Some(true),
+        ..BASE
+    },
+    // DeepSeek-V2's options: q lora, group-limited routing, YaRN with its log multiplier.
+    SynthPreset {
+        name: "tiny-deepseek2",
+        model_name: "tiny deepseek2 (synthetic)",
+        arch: Arch::Deepseek2,
+        n_layer: 3,
+        n_head_kv: 1,
+        head_dim: 0,
+        n_ctx_train: 2048,
+        norm_eps: 1e-6,
+        n_expert: 8,
+        n_expert_used: 2,
+        n_ff_expert: 64,
+        n_expert_shared: 2,
+        n_layer_dense_lead: 1,
+        expert_groups: Some((4, 2)),
+        yarn: Some(SynthYarn {
+            factor: 40.0,
+            orig_ctx: 128,
+            log_mul: Some(0.0707),
+        }),
+        mla: Some(SynthMla {
+            q_lora_rank: 64,
+            kv_lora_rank: 64,
+            nope: 32,
+            rope: 16,
+            head_dim_v: 32,
+        }),
+        ..BASE
+    },
 ];
 
 const NAMES: &[&str] = &[
@@ -333,12 +549,19 @@ const NAMES: &[&str] = &[
     "mixtral-8x7b",
     "smollm2-135m",
     "gemma3-270m",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
+    "glm-4.5-air",
+    "deepseek-v2-lite",
     "tiny-llama",
     "tiny-qwen2",
     "tiny-qwen3",
     "tiny-qwen3moe",
     "tiny-mixtral",
     "tiny-gemma3",
+    "tiny-gpt-oss",
+    "tiny-glm4moe",
+    "tiny-deepseek2",
 ];
 
 /// The preset with this name.

@@ -283,7 +283,7 @@ impl CpuLane {
                 }
             }
             Op::Rope { x, head_dim, rope } => {
-                let r = ops_rope(&rope, rope.freq_factors.map(|t| w.vector(t)));
+                let r = rope_op(&rope, w);
                 ops::rope(&mut self.bufs[x.0 as usize], head_dim, batch.positions, &r);
             }
             Op::Attention {
@@ -299,6 +299,8 @@ impl CpuLane {
                 window,
                 scale,
                 softcap,
+                sinks,
+                v_in_k,
             } => {
                 let p = ops::AttnParams {
                     n_head,
@@ -308,8 +310,11 @@ impl CpuLane {
                     window,
                     scale,
                     softcap,
+                    sinks: sinks.map(|t| w.vector(t)),
                 };
-                let (kc, vc) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
+                // With values inside K the cache has no V rows.
+                let kc = n_head_kv * head_dim_k;
+                let vc = if v_in_k { 0 } else { n_head_kv * head_dim_v };
                 let (qc, oc) = (ncols(q), ncols(out));
                 let runs = batch.seq_runs();
                 let (qi, ki, vi, oi) = (q.0 as usize, k.0 as usize, v.0 as usize, out.0 as usize);
@@ -338,8 +343,10 @@ impl CpuLane {
                         }
                         let view = ops::KvView {
                             k: kcache,
-                            v: vcache,
+                            v: if v_in_k { kcache } else { vcache },
                             cells,
+                            k_row: kc,
+                            v_row: if v_in_k { kc } else { vc },
                         };
                         ops::attention(
                             &bufs[qi][rows.start * qc..rows.end * qc],
@@ -356,10 +363,9 @@ impl CpuLane {
             }
             Op::Glu { gate, up, out, act } => {
                 let (gi, ui, o) = (gate.0 as usize, up.0 as usize, out.0 as usize);
-                let gelu = act == Activation::GeluTanh;
                 let mut o_buf = std::mem::take(&mut self.bufs[o]);
                 match &cols {
-                    None => ops::glu(&self.bufs[gi], &self.bufs[ui], &mut o_buf, gelu),
+                    None => ops::glu(&self.bufs[gi], &self.bufs[ui], &mut o_buf, act),
                     Some(r) => {
                         let c = ncols(out);
                         for t in 0..g.rows(out) {
@@ -368,7 +374,7 @@ impl CpuLane {
                                 &self.bufs[gi][span.clone()],
                                 &self.bufs[ui][span.clone()],
                                 &mut o_buf[span],
-                                gelu,
+                                act,
                             );
                         }
                     }
@@ -411,10 +417,11 @@ impl CpuLane {
             Op::MoeRoute {
                 logits,
                 out,
-                n_expert,
-                n_used,
-                normalize,
+                routing,
+                select_bias,
             } => {
+                let (n_expert, n_used) = (routing.n_expert, routing.n_used);
+                let bias = select_bias.map(|t| w.vector(t));
                 let (src, dst) = self.pair(logits, out);
                 for t in 0..n {
                     let mut ids = vec![0u32; n_used];
@@ -423,14 +430,9 @@ impl CpuLane {
                     let forced = match (batch.route_override, layer) {
                         (Some(f), Some(l)) => f(l, batch.positions[t]),
                         _ => None,
-                    };
-                    match forced {
-                        Some(f) if f.len() == n_used => {
-                            ids.copy_from_slice(&f);
-                            ops::route_forced(logits, &ids, &mut wt, normalize);
-                        }
-                        _ => ops::route_top_k(logits, &mut ids, &mut wt, normalize),
                     }
+                    .filter(|f| f.len() == n_used);
+                    ops::route(logits, &routing, bias, forced.as_deref(), &mut ids, &mut wt);
                     let row = &mut dst[t * 2 * n_used..][..2 * n_used];
                     for k in 0..n_used {
                         row[k] = f32::from_bits(ids[k]);
@@ -446,9 +448,80 @@ impl CpuLane {
                 down_exps,
                 act,
                 out,
+                bias,
             } => {
                 let exps = [gate_exps, up_exps, down_exps];
-                self.moe_ffn(g, w, x, route, exps, act, out, batch.positions, n_expert)?;
+                let bias = bias.map(|b| b.map(|t| w.vector(t)));
+                self.moe_ffn(
+                    g,
+                    w,
+                    x,
+                    route,
+                    exps,
+                    bias,
+                    act,
+                    out,
+                    batch.positions,
+                    n_expert,
+                )?;
+            }
+            Op::HeadMatMul {
+                weight,
+                x,
+                x_stride,
+                out,
+                out_stride,
+            } => self.head_matmul(g, w, weight, x, x_stride, out, out_stride, batch.positions)?,
+            Op::MlaKv {
+                x,
+                norm,
+                out,
+                kv_lora,
+                eps,
+                rope,
+            } => {
+                let (xc, oc) = (ncols(x), ncols(out));
+                let nw = w.vector(norm);
+                let r = rope_op(&rope, w);
+                let (src, dst) = self.pair(x, out);
+                for t in 0..n {
+                    ops::rms_norm(
+                        &src[t * xc..][..kv_lora],
+                        nw,
+                        &mut dst[t * oc..][..kv_lora],
+                        eps,
+                    );
+                }
+                ops::rope_heads(
+                    &src[..n * xc],
+                    (xc, kv_lora),
+                    &mut dst[..n * oc],
+                    (oc, kv_lora),
+                    1,
+                    batch.positions,
+                    &r,
+                );
+            }
+            Op::MlaQRope {
+                q,
+                out,
+                n_head,
+                nope,
+                kv_lora,
+                rope,
+            } => {
+                let d = rope.n_dims;
+                let r = rope_op(&rope, w);
+                let (src, dst) = self.pair(q, out);
+                ops::rope_heads(
+                    &src[..n * n_head * (nope + d)],
+                    (nope + d, nope),
+                    &mut dst[..n * n_head * (kv_lora + d)],
+                    (kv_lora + d, kv_lora),
+                    n_head,
+                    batch.positions,
+                    &r,
+                );
             }
             Op::Softcap { x, cap } => {
                 let c = ncols(x);
@@ -477,6 +550,7 @@ impl CpuLane {
         x: BufId,
         route: BufId,
         exps: [TensorId; 3],
+        bias: Option<[&[f32]; 3]>,
         act: Activation,
         out: BufId,
         positions: &[u32],
@@ -504,6 +578,12 @@ impl CpuLane {
                     weights.push(r[t * 2 * n_used + n_used + k]);
                 }
             }
+        }
+        // Expert biases are not in the parallel job: those FFNs run expert by expert (the same
+        // batch-invariant matmuls, one expert at a time).
+        if bias.is_some() {
+            let routes = (ids.as_slice(), weights.as_slice(), n_used);
+            return self.moe_ffn_per_expert(g, w, x, routes, exps, bias, act, out, positions);
         }
         let experts: Vec<ExpertFfn> = (0..n_expert)
             .map(|e| ExpertFfn {
@@ -543,7 +623,7 @@ impl CpuLane {
             &xs,
             n,
             routes,
-            act == Activation::GeluTanh,
+            act,
             self.precision,
             &mut o[..n * cols],
             traced.then_some(&mut rec as moe::MoeTrace),
@@ -553,6 +633,203 @@ impl CpuLane {
         self.trace = trace;
         res?;
         Ok(())
+    }
+
+    /// Expert FFNs one expert at a time, for what the parallel job does not do: biases after
+    /// each projection. `routes`: (expert ids, weights, experts
+    /// per token), already checked.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_ffn_per_expert(
+        &mut self,
+        g: &Graph,
+        w: &dyn Weights,
+        x: BufId,
+        routes: (&[u32], &[f32], usize),
+        exps: [TensorId; 3],
+        bias: Option<[&[f32]; 3]>,
+        act: Activation,
+        out: BufId,
+        positions: &[u32],
+    ) -> Result<(), EngineError> {
+        let n = g.n_tokens;
+        let cols = g.buffer(x).cols;
+        let (ids, wts, n_used) = routes;
+        let n_expert = ids.iter().map(|&e| e as usize + 1).max().unwrap_or(0);
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_expert];
+        for (i, (&e, &wt)) in ids.iter().zip(wts).enumerate() {
+            by_expert[e as usize].push((i / n_used, wt));
+        }
+        let mut acc = vec![0f32; n * cols];
+        let xs = &self.bufs[x.0 as usize];
+        let exact = self.precision == ActPrecision::Exact;
+        for (e, toks) in by_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let m = toks.len();
+            let mut xe = vec![0f32; m * cols];
+            for (i, &(t, _)) in toks.iter().enumerate() {
+                xe[i * cols..][..cols].copy_from_slice(&xs[t * cols..][..cols]);
+            }
+            let (gate, _) = w.matrix(exps[0], e);
+            let (up, _) = w.matrix(exps[1], e);
+            let (down, _) = w.matrix(exps[2], e);
+            let ff = gate.rows;
+            let mut gt = vec![0f32; m * ff];
+            let mut ut = vec![0f32; m * ff];
+            let mut qx: Option<QuantizedActs> = None;
+            let pos = |i: usize| positions[toks[i].0];
+            for (wm, id, o) in [(&gate, exps[0], &mut gt), (&up, exps[1], &mut ut)] {
+                let fmt = act_format(wm)?;
+                if exact && fmt != ActFormat::F32 {
+                    matmul_exact(wm, &xe, m, o, ff, 0..ff)?;
+                    continue;
+                }
+                // Gate and up usually share a type: quantize their input once.
+                if qx.as_ref().is_none_or(|q| q.format != fmt) {
+                    qx = Some(quantize_acts(fmt, &xe, m, cols));
+                }
+                let q = qx.as_ref().expect("set above");
+                if let Some(trace) = &mut self.trace {
+                    record(trace, q, (id, e), pos);
+                }
+                matmul(wm, q, o, ff, 0..ff)?;
+            }
+            if let Some([bg, bu, _]) = bias {
+                add_rows(&mut gt, &bg[e * ff..][..ff]);
+                add_rows(&mut ut, &bu[e * ff..][..ff]);
+            }
+            let mut h = vec![0f32; m * ff];
+            ops::glu(&gt, &ut, &mut h, act);
+            let mut d = vec![0f32; m * cols];
+            matmul_rows(
+                self.precision,
+                &mut self.trace,
+                &down,
+                (exps[2], e),
+                &h,
+                m,
+                &pos,
+                &mut d,
+            )?;
+            if let Some([_, _, bd]) = bias {
+                add_rows(&mut d, &bd[e * cols..][..cols]);
+            }
+            for (i, &(t, wt)) in toks.iter().enumerate() {
+                for (a, v) in acc[t * cols..][..cols]
+                    .iter_mut()
+                    .zip(&d[i * cols..][..cols])
+                {
+                    *a += wt * v;
+                }
+            }
+        }
+        self.bufs[out.0 as usize][..n * cols].copy_from_slice(&acc);
+        Ok(())
+    }
+
+    /// [`Op::HeadMatMul`]: head `h`'s columns of every row through matrix `h` of `weight`.
+    #[allow(clippy::too_many_arguments)]
+    fn head_matmul(
+        &mut self,
+        g: &Graph,
+        w: &dyn Weights,
+        weight: TensorId,
+        x: BufId,
+        x_stride: usize,
+        out: BufId,
+        out_stride: usize,
+        positions: &[u32],
+    ) -> Result<(), EngineError> {
+        let n = g.rows(x);
+        let (xc, oc) = (g.buffer(x).cols, g.buffer(out).cols);
+        let n_heads = xc / x_stride;
+        let mut xh = Vec::new();
+        let mut oh = Vec::new();
+        for h in 0..n_heads {
+            let (wm, _) = w.matrix(weight, h);
+            let (cols, rows) = (wm.cols, wm.rows);
+            xh.clear();
+            for t in 0..n {
+                xh.extend_from_slice(&self.bufs[x.0 as usize][t * xc + h * x_stride..][..cols]);
+            }
+            oh.clear();
+            oh.resize(n * rows, 0.0);
+            matmul_rows(
+                self.precision,
+                &mut self.trace,
+                &wm,
+                (weight, h),
+                &xh,
+                n,
+                &|t| positions[t],
+                &mut oh,
+            )?;
+            let o = &mut self.bufs[out.0 as usize];
+            for t in 0..n {
+                o[t * oc + h * out_stride..][..rows].copy_from_slice(&oh[t * rows..][..rows]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `out = W x` for `m` rows of `x` (each `wm.cols` wide) into rows of `wm.rows`: activations
+/// rounded to the weight's partner format (recorded under `key` at `pos(row)` when tracing), or
+/// exact.
+#[allow(clippy::too_many_arguments)]
+fn matmul_rows(
+    precision: ActPrecision,
+    trace: &mut Option<ActTrace>,
+    wm: &WeightMatrix,
+    key: (TensorId, usize),
+    x: &[f32],
+    m: usize,
+    pos: &dyn Fn(usize) -> u32,
+    out: &mut [f32],
+) -> Result<(), EngineError> {
+    let fmt = act_format(wm)?;
+    let rows = wm.rows;
+    if precision == ActPrecision::Exact && fmt != ActFormat::F32 {
+        return Ok(matmul_exact(wm, x, m, out, rows, 0..rows)?);
+    }
+    let q = quantize_acts(fmt, x, m, wm.cols);
+    if let Some(trace) = trace {
+        record(trace, &q, key, pos);
+    }
+    Ok(matmul(wm, &q, out, rows, 0..rows)?)
+}
+
+/// The activation format `w`'s kernel multiplies with.
+fn act_format(w: &WeightMatrix) -> Result<ActFormat, EngineError> {
+    quant::kernel(w.ty)
+        .map(|k| k.act)
+        .ok_or(EngineError::Kernel(
+            pshard_kernels::matmul::KernelError::UnsupportedType(w.ty),
+        ))
+}
+
+/// Adds `bias` to every row of `rows` (rows of `bias.len()` values).
+fn add_rows(rows: &mut [f32], bias: &[f32]) {
+    rows.chunks_mut(bias.len())
+        .for_each(|r| ops::add_inplace(r, bias));
+}
+
+/// The kernels' rope parameters of a graph rope.
+pub(crate) fn rope_op<'w>(
+    rope: &pshard_model::graph::RopeParams,
+    w: &'w dyn Weights,
+) -> ops::Rope<'w> {
+    ops::Rope {
+        pairing: match rope.mode {
+            RopeMode::Adjacent => ops::RopePairing::Adjacent,
+            RopeMode::Neox => ops::RopePairing::Neox,
+        },
+        n_dims: rope.n_dims,
+        base: rope.base,
+        pos_scale: rope.pos_scale,
+        freq_factors: rope.freq_factors.map(|t| w.vector(t)),
+        yarn: rope.yarn,
     }
 }
 
@@ -571,22 +848,5 @@ fn record(
         let mut v = vec![0f32; acts.cols];
         quant::act::dequantize_acts_row(acts.format, acts.row(t), &mut v);
         trace.insert((weight, expert, position(t)), v);
-    }
-}
-
-/// The CPU ops' form of a graph rope with its frequency factors (when it has them).
-pub fn ops_rope<'a>(
-    rope: &pshard_model::graph::RopeParams,
-    ff: Option<&'a [f32]>,
-) -> ops::Rope<'a> {
-    ops::Rope {
-        pairing: match rope.mode {
-            RopeMode::Adjacent => ops::RopePairing::Adjacent,
-            RopeMode::Neox => ops::RopePairing::Neox,
-        },
-        n_dims: rope.n_dims,
-        base: rope.base,
-        pos_scale: rope.pos_scale,
-        freq_factors: ff,
     }
 }

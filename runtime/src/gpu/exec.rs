@@ -4,34 +4,38 @@
 //! with the step.
 
 use pshard_kernels::cuda::kernels::row_bytes;
+use pshard_kernels::cuda::kernels::RopeYarnArg;
 use pshard_kernels::cuda::{AttnParams, GemmScratch, Gpu, KvCells, RopeArgs, RopeKind};
-use pshard_model::graph::{Activation, BufId, Op, RopeParams};
+use pshard_model::graph::{BufId, Op, RopeParams};
 use pshard_model::spec::RopeMode;
 
 use crate::device::{GpuStep, GpuWork};
 use crate::error::EngineError;
 use crate::model::Model;
 
-/// The kernels' form of a rope pairing mode.
-pub(crate) fn rope_kind(m: RopeMode) -> RopeKind {
-    match m {
-        RopeMode::Adjacent => RopeKind::Adjacent,
-        RopeMode::Neox => RopeKind::Neox,
+/// The kernels' form of a graph rope over heads of `head_dim`, its frequency factors (when it
+/// has them) at `freq_factors` on the device.
+pub(crate) fn kernel_rope(head_dim: usize, r: &RopeParams, freq_factors: Option<u64>) -> RopeArgs {
+    RopeArgs {
+        head_dim,
+        n_dims: r.n_dims,
+        mode: match r.mode {
+            RopeMode::Adjacent => RopeKind::Adjacent,
+            RopeMode::Neox => RopeKind::Neox,
+        },
+        base: r.base,
+        pos_scale: r.pos_scale,
+        freq_factors,
+        yarn: RopeYarnArg::of(r.yarn),
     }
 }
 
 fn rope_args(step: &GpuStep<'_>, head_dim: usize, r: &RopeParams) -> Result<RopeArgs, EngineError> {
-    Ok(RopeArgs {
-        head_dim,
-        n_dims: r.n_dims,
-        mode: rope_kind(r.mode),
-        base: r.base,
-        pos_scale: r.pos_scale,
-        freq_factors: match r.freq_factors {
-            Some(f) => Some(step.weight(f)?.addr),
-            None => None,
-        },
-    })
+    let ff = match r.freq_factors {
+        Some(f) => Some(step.weight(f)?.addr),
+        None => None,
+    };
+    Ok(kernel_rope(head_dim, r, ff))
 }
 
 /// Enqueues `step`.
@@ -223,23 +227,64 @@ fn node_op(
             }
         }
         Op::Rope { x, head_dim, rope } => {
+            let args = rope_args(step, head_dim, &rope)?;
             k.rope(
                 step.buf(x),
                 step.inputs.positions,
                 n,
                 ncols(x) / head_dim,
-                head_dim,
-                rope.n_dims,
-                rope_kind(rope.mode),
-                rope.base,
-                rope.pos_scale,
-                match rope.freq_factors {
-                    Some(f) => Some(step.weight(f)?.addr),
-                    None => None,
-                },
+                &args,
                 s,
             )?;
         }
+        Op::MlaKv {
+            x,
+            norm,
+            out,
+            kv_lora,
+            eps,
+            rope,
+        } => {
+            let args = rope_args(step, rope.n_dims, &rope)?;
+            k.mla_kv(
+                (step.buf(x), ncols(x)),
+                step.weight(norm)?.addr,
+                (step.buf(out), ncols(out)),
+                kv_lora,
+                eps,
+                step.inputs.positions,
+                n,
+                &args,
+                s,
+            )?;
+        }
+        Op::MlaQRope {
+            q,
+            out,
+            n_head,
+            nope,
+            kv_lora,
+            rope,
+        } => {
+            let d = rope.n_dims;
+            let args = rope_args(step, d, &rope)?;
+            k.rope_heads(
+                (step.buf(q), ncols(q), nope + d, nope),
+                (step.buf(out), ncols(out), kv_lora + d, kv_lora),
+                n_head,
+                step.inputs.positions,
+                n,
+                &args,
+                s,
+            )?;
+        }
+        Op::HeadMatMul {
+            weight,
+            x,
+            x_stride,
+            out,
+            out_stride,
+        } => super::moe::head_matmul(gpu, model, step, weight, (x, x_stride), (out, out_stride))?,
         Op::Attention {
             q,
             k: kb,
@@ -252,6 +297,8 @@ fn node_op(
             window,
             scale,
             softcap,
+            sinks,
+            v_in_k,
             ..
         } => {
             let kv = step
@@ -260,7 +307,14 @@ fn node_op(
             let (kr, vr) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
             let (pos, seqs) = (step.inputs.positions, step.inputs.seqs);
             k.kv_write(step.buf(kb), ncols(kb), kv.k, kr, pos, seqs, kv.cells, n, s)?;
-            k.kv_write(step.buf(v), ncols(v), kv.v, vr, pos, seqs, kv.cells, n, s)?;
+            // Latent attention keeps no V rows: its values are inside K.
+            if !v_in_k {
+                k.kv_write(step.buf(v), ncols(v), kv.v, vr, pos, seqs, kv.cells, n, s)?;
+            }
+            let sinks = match sinks {
+                Some(t) => Some(step.weight(t)?.addr),
+                None => None,
+            };
             let p = AttnParams {
                 n_head,
                 n_kv: n_head_kv,
@@ -270,6 +324,7 @@ fn node_op(
                 scale,
                 softcap: softcap.unwrap_or(0.0),
                 window: window.unwrap_or(0),
+                v_in_k,
             };
             let (ldq, ldo) = (ncols(q), ncols(out));
             // The prefill kernel takes one sequence per call; a batch of several runs calls it per
@@ -297,12 +352,12 @@ fn node_op(
                     step.buf(out) + (a * ldo * 4) as u64,
                     ldo,
                     step.scratch.attn,
+                    sinks,
                     s,
                 )?;
             }
         }
         Op::Glu { gate, up, out, act } => {
-            let gelu = act == Activation::GeluTanh;
             let c = ncols(out);
             match &cols {
                 None => k.glu(
@@ -310,7 +365,7 @@ fn node_op(
                     step.buf(up),
                     step.buf(out),
                     g.rows(gate) * c,
-                    gelu,
+                    act,
                     s,
                 )?,
                 Some(r) => per_row(
@@ -320,7 +375,7 @@ fn node_op(
                             step.buf(up) + off,
                             step.buf(out) + off,
                             r.len(),
-                            gelu,
+                            act,
                             s,
                         )?)
                     },
@@ -361,16 +416,18 @@ fn node_op(
         Op::MoeRoute {
             logits,
             out,
-            n_expert,
-            n_used,
-            normalize,
+            routing,
+            select_bias,
         } => {
+            let bias = match select_bias {
+                Some(t) => Some(step.weight(t)?.addr),
+                None => None,
+            };
             k.moe_route(
                 step.buf(logits),
                 g.rows(logits),
-                n_expert,
-                n_used,
-                normalize,
+                &routing,
+                bias,
                 step.buf(out),
                 s,
             )?;
@@ -383,13 +440,14 @@ fn node_op(
             down_exps,
             act,
             out,
+            bias,
         } => super::moe::expert_ffn(
             gpu,
             model,
             step,
             [gate_exps, up_exps, down_exps],
-            x,
-            route,
+            bias,
+            (x, route),
             act,
             out,
         )?,

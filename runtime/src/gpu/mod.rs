@@ -393,27 +393,24 @@ impl Device for CudaDevice {
                 // Kept until the region goes (which waits for the device).
                 hosts.push(hb);
             }
-            let rope = shift.rope.map(|r| pshard_kernels::cuda::RopeArgs {
-                head_dim: shift.head_dim,
-                n_dims: r.n_dims,
-                mode: exec::rope_kind(r.mode),
-                base: r.base,
-                pos_scale: r.pos_scale,
-                freq_factors: shift.freq_factors.map(|w| w.addr),
+            let rope = shift.rope.map(|r| {
+                let ff = shift.freq_factors.map(|w| w.addr);
+                (exec::kernel_rope(r.head_dim, &r.rope, ff), r.offset)
             });
             let cells = shift.kv.cells;
             for (base, cols, rope) in [
-                (shift.kv.k, shift.k_cols, rope.as_ref()),
-                (shift.kv.v, shift.v_cols, None),
+                (
+                    shift.kv.k,
+                    shift.kv.k_cols,
+                    rope.as_ref().map(|(a, o)| (a, *o)),
+                ),
+                (shift.kv.v, shift.kv.v_cols, None),
             ] {
                 let rows = base + (shift.seq * cells * cols * 2) as u64;
                 self.gpu.kernels.kv_shift(
                     rows,
                     cols,
-                    ptrs[0],
-                    ptrs[1],
-                    ptrs[2],
-                    cyclic.len(),
+                    (ptrs[0], ptrs[1], ptrs[2], cyclic.len()),
                     rope,
                     shift.delta as f32,
                     st,

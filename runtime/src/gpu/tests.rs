@@ -251,13 +251,20 @@ gpu_vs_cpu! {
     gpu_matches_cpu_tiny_qwen3moe_q8_0: "tiny-qwen3moe", "q8_0";
     gpu_matches_cpu_tiny_mixtral_q4_k: "tiny-mixtral", "q4_k";
     gpu_matches_cpu_tiny_gemma3_q4_k_m: "tiny-gemma3", "q4_k_m";
+    gpu_matches_cpu_tiny_gpt_oss_f16: "tiny-gpt-oss", "f16";
+    gpu_matches_cpu_tiny_gpt_oss_mxfp4_moe: "tiny-gpt-oss", "mxfp4_moe";
+    gpu_matches_cpu_tiny_glm4moe_f16: "tiny-glm4moe", "f16";
+    gpu_matches_cpu_tiny_glm4moe_q8_0: "tiny-glm4moe", "q8_0";
+    gpu_matches_cpu_tiny_deepseek2_f16: "tiny-deepseek2", "f16";
+    gpu_matches_cpu_tiny_deepseek2_q8_0: "tiny-deepseek2", "q8_0";
 }
 
 /// A real model's dimensions with only 2 layers, `q4_k` (Q4_K matrices, Q6_K output): the shapes
-/// the benchmarks run, small enough for the CPU reference. The file (about 1 GB) is deleted
+/// the benchmarks run, small enough for the CPU reference. The file (1 to 4 GB) is deleted
 /// afterwards.
 fn compare_big(name: &str) {
     let mut p = preset(name).unwrap_or_else(|| panic!("no preset {name}"));
+    // Two evaluated layers (with a dense leading layer: one of each kind).
     p.n_layer = 2;
     let path = test_dir().join(format!("{name}-2layers-q4_k.gguf"));
     write_preset(&p, "q4_k", &path);
@@ -295,6 +302,24 @@ fn gpu_matches_cpu_qwen3_30b_a3b_shapes_2_layers() {
         return;
     }
     compare_big("qwen3-30b-a3b");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
+fn gpu_matches_cpu_gpt_oss_20b_shapes_2_layers() {
+    compare_big("gpt-oss-20b");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
+fn gpu_matches_cpu_glm_4_5_air_shapes_2_layers() {
+    compare_big("glm-4.5-air");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check.sh runs it)"]
+fn gpu_matches_cpu_deepseek_v2_lite_shapes_2_layers() {
+    compare_big("deepseek-v2-lite");
 }
 
 /// Next-token map of the large-margin model: a bijection of the vocabulary (5 is odd, so
@@ -500,7 +525,14 @@ fn gpu_mixed_placements_match_cpu() {
     }
     use crate::tiers::RunTier;
     use pshard_planner::placement::{place, steps, Strategy};
-    for name in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen3moe",
+        "tiny-gemma3",
+        "tiny-gpt-oss",
+        "tiny-glm4moe",
+        "tiny-deepseek2",
+    ] {
         let path = synth_model(name, "q8_0");
         let model = Arc::new(Model::open(&path).unwrap());
         let spec = model.spec.clone();
@@ -561,17 +593,25 @@ fn gpu_mixed_placements_match_cpu() {
 /// more; the logits match a fresh CPU engine fed the 22 kept tokens and the next one (tolerance
 /// [`TOL`]: the GPU-vs-CPU difference plus f16 re-rounding of the rotated K, 1e-4 on the host
 /// device), while the unshifted logits are far from them. Covers adjacent pairs with llama3
-/// frequency factors, NEOX pairs, and gemma3's sliding-window ring (ubatch 4: 12 cells, moved in
-/// cycles).
+/// frequency factors, NEOX pairs, gemma3's sliding-window ring (ubatch 4: 12 cells, moved in
+/// cycles), gpt-oss's YaRN, glm4moe's partial rope and deepseek2's latent K rows.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_context_shift_matches_fresh_evaluation() {
     if skip() {
         return;
     }
-    for (name, ubatch) in [("tiny-llama", 16), ("tiny-qwen3", 16), ("tiny-gemma3", 4)] {
+    for (name, ubatch) in [
+        ("tiny-llama", 16),
+        ("tiny-qwen3", 16),
+        ("tiny-gemma3", 4),
+        ("tiny-gpt-oss", 16),
+        ("tiny-glm4moe", 16),
+        ("tiny-deepseek2", 16),
+    ] {
         let mut p = preset(name).unwrap();
         p.n_layer = 1;
+        p.n_nextn = 0;
         let path = test_dir().join(format!("{name}-1layer-shift.gguf"));
         write_preset(&p, "q8_0", &path);
         let nv = p.n_vocab;

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use pshard_kernels::quant::act::{dequantize_acts_row, quantize_acts_row};
 use pshard_kernels::quant::{self, ActFormat};
 use pshard_model::gguf::ModelFile;
-use pshard_model::spec::{ModelSpec, RopeMode, TensorId, TensorRole};
+use pshard_model::graph::{RopeYarn, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
+use pshard_model::spec::{Gating, ModelSpec, RopeMode, TensorId, TensorRole};
 use pshard_runtime::cpu::ActTrace;
 
 /// A real test model, or `None` after a visible skip (a failure in CI).
@@ -250,104 +251,18 @@ impl<'a> Reference<'a> {
                     .collect()
             })
             .collect();
-        let rope_freqs = self
-            .spec
-            .rope_freqs
-            .map(|id| dequant(self.file, self.spec, id));
-        for (l, layer) in self.spec.layers.iter().enumerate() {
+        for l in 0..self.spec.layers.len() {
             let lo = Some(l);
-            let an = self.t(lo, TensorRole::AttnNorm).unwrap();
-            let (wq, wk, wv, wo) = (
-                self.t(lo, TensorRole::AttnQ).unwrap(),
-                self.t(lo, TensorRole::AttnK).unwrap(),
-                self.t(lo, TensorRole::AttnV).unwrap(),
-                self.t(lo, TensorRole::AttnOutput).unwrap(),
-            );
-            let (bq, bk, bv) = (
-                self.t(lo, TensorRole::AttnQBias),
-                self.t(lo, TensorRole::AttnKBias),
-                self.t(lo, TensorRole::AttnVBias),
-            );
-            let (qn, kn) = (
-                self.t(lo, TensorRole::AttnQNorm),
-                self.t(lo, TensorRole::AttnKNorm),
-            );
-            let hd = h.head_dim_k;
-            let hv = h.head_dim_v;
-            let mut qs = Vec::new();
-            let mut ks = Vec::new();
-            let mut vs = Vec::new();
-            for (t, xt) in x.iter().enumerate() {
-                let xn = rms_norm(xt, &an, eps);
-                let mut q = self.mv(&wq, &wq, 0, t, &xn);
-                let mut k = self.mv(&wk, &wk, 0, t, &xn);
-                let mut v = self.mv(&wv, &wv, 0, t, &xn);
-                for (y, b) in [(&mut q, &bq), (&mut k, &bk), (&mut v, &bv)] {
-                    if let Some(b) = b {
-                        y.iter_mut().zip(b.iter()).for_each(|(a, c)| *a += c);
-                    }
-                }
-                if let (Some(qn), Some(kn)) = (&qn, &kn) {
-                    q = q.chunks(hd).flat_map(|c| rms_norm(c, qn, eps)).collect();
-                    k = k.chunks(hd).flat_map(|c| rms_norm(c, kn, eps)).collect();
-                }
-                let pos = t as f64 / layer.rope_linear_scale as f64;
-                for y in [&mut q, &mut k] {
-                    for head in y.chunks_mut(hd) {
-                        let nd = h.rope_dims;
-                        for i in 0..nd / 2 {
-                            let mut theta =
-                                pos * (layer.rope_base as f64).powf(-2.0 * i as f64 / nd as f64);
-                            if let (Some(ff), None) = (&rope_freqs, layer.window) {
-                                theta /= ff[i];
-                            }
-                            let (a, b) = match h.rope_mode {
-                                RopeMode::Adjacent => (2 * i, 2 * i + 1),
-                                RopeMode::Neox => (i, i + nd / 2),
-                            };
-                            let (x0, x1) = (head[a], head[b]);
-                            head[a] = x0 * theta.cos() - x1 * theta.sin();
-                            head[b] = x0 * theta.sin() + x1 * theta.cos();
-                        }
-                    }
-                }
-                if self.kv_f16 {
-                    round_f16(&mut k);
-                    round_f16(&mut v);
-                }
-                qs.push(q);
-                ks.push(k);
-                vs.push(v);
-            }
-            let group = h.n_head / h.n_head_kv;
-            for t in 0..n {
-                let first = layer.window.map_or(0, |w| (t + 1).saturating_sub(w));
-                let mut att = vec![0f64; h.n_head * hv];
-                for hh in 0..h.n_head {
-                    let kh = hh / group;
-                    let q = &qs[t][hh * hd..][..hd];
-                    let mut sc: Vec<f64> = (first..=t)
-                        .map(|j| {
-                            let s = q
-                                .iter()
-                                .zip(&ks[j][kh * hd..][..hd])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
-                                / (hd as f64).sqrt();
-                            match h.attn_softcap {
-                                Some(c) => c as f64 * (s / c as f64).tanh(),
-                                None => s,
-                            }
-                        })
-                        .collect();
-                    softmax(&mut sc);
-                    for (j, w) in (first..=t).zip(&sc) {
-                        for d in 0..hv {
-                            att[hh * hv + d] += w * vs[j][kh * hv + d];
-                        }
-                    }
-                }
-                let mut o = self.mv(&wo, &wo, 0, t, &att);
+            let att = if h.mla.is_some() {
+                self.mla_attention(l, &x)
+            } else {
+                self.attention(l, &x)
+            };
+            let wo = self.t(lo, TensorRole::AttnOutput).unwrap();
+            let bo = self.t(lo, TensorRole::AttnOutputBias);
+            for (t, a) in att.iter().enumerate() {
+                let mut o = self.mv(&wo, &wo, 0, t, a);
+                add_bias(&mut o, bo.as_deref());
                 if let Some(pn) = self.t(lo, TensorRole::AttnPostNorm).filter(|_| gemma) {
                     o = rms_norm(&o, &pn, eps);
                 }
@@ -358,34 +273,12 @@ impl<'a> Reference<'a> {
             for (t, xt) in x.iter_mut().enumerate() {
                 let xn = rms_norm(xt, &fnorm, eps);
                 let mut f = if let Some(gi) = self.t(lo, TensorRole::FfnGateInp) {
-                    let mut p = self.mv(&gi, &gi, 0, t, &xn);
-                    softmax(&mut p);
-                    let mut order: Vec<usize> = (0..p.len()).collect();
-                    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-                    let forced: Option<Vec<usize>> = self
-                        .experts_in
-                        .map(|ex| ex[l][t].iter().map(|&i| i as usize).collect());
-                    let top = forced.as_deref().unwrap_or(&order[..h.n_expert_used]);
-                    let mut w: Vec<f64> = top.iter().map(|&i| p[i]).collect();
-                    if h.expert_weights_norm {
-                        let s: f64 = w.iter().sum();
-                        w.iter_mut().for_each(|v| *v /= s);
-                    }
-                    chosen.push(top.iter().map(|&i| i as u32).collect());
-                    let (ge, ue, de) = (
-                        self.t(lo, TensorRole::FfnGateExps).unwrap(),
-                        self.t(lo, TensorRole::FfnUpExps).unwrap(),
-                        self.t(lo, TensorRole::FfnDownExps).unwrap(),
-                    );
-                    let ff = h.n_ff_expert;
-                    let mut out = vec![0f64; e];
-                    for (&ex, wt) in top.iter().zip(&w) {
-                        let g = self.mv(&ge, &ge[ex * ff * e..][..ff * e], ex, t, &xn);
-                        let u = self.mv(&ue, &ue[ex * ff * e..][..ff * e], ex, t, &xn);
-                        let hdn: Vec<f64> =
-                            g.iter().zip(&u).map(|(a, b)| act(*a, gemma) * b).collect();
-                        let d = self.mv(&de, &de[ex * e * ff..][..e * ff], ex, t, &hdn);
-                        out.iter_mut().zip(&d).for_each(|(a, b)| *a += wt * b);
+                    let mut out = self.moe(l, t, &gi, &xn, &mut chosen);
+                    if let Some(gs) = self.t(lo, TensorRole::FfnGateShexp) {
+                        let us = self.t(lo, TensorRole::FfnUpShexp).unwrap();
+                        let ds = self.t(lo, TensorRole::FfnDownShexp).unwrap();
+                        let s = self.glu_mlp([&gs, &us, &ds], t, &xn, gemma);
+                        out.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
                     }
                     out
                 } else {
@@ -394,14 +287,7 @@ impl<'a> Reference<'a> {
                         self.t(lo, TensorRole::FfnUp).unwrap(),
                         self.t(lo, TensorRole::FfnDown).unwrap(),
                     );
-                    let gv = self.mv(&g, &g, 0, t, &xn);
-                    let uv = self.mv(&u, &u, 0, t, &xn);
-                    let hdn: Vec<f64> = gv
-                        .iter()
-                        .zip(&uv)
-                        .map(|(a, b)| act(*a, gemma) * b)
-                        .collect();
-                    self.mv(&d, &d, 0, t, &hdn)
+                    self.glu_mlp([&g, &u, &d], t, &xn, gemma)
                 };
                 if let Some(pn) = self.t(lo, TensorRole::FfnPostNorm).filter(|_| gemma) {
                     f = rms_norm(&f, &pn, eps);
@@ -425,6 +311,321 @@ impl<'a> Reference<'a> {
         }
         logits
     }
+
+    /// `down(act(gate x) · up x)`.
+    fn glu_mlp(&self, [g, u, d]: [&Tensor; 3], t: usize, xn: &[f64], gemma: bool) -> Vec<f64> {
+        let gv = self.mv(g, g, 0, t, xn);
+        let uv = self.mv(u, u, 0, t, xn);
+        let hdn: Vec<f64> = gv
+            .iter()
+            .zip(&uv)
+            .map(|(a, b)| act(*a, gemma) * b)
+            .collect();
+        self.mv(d, d, 0, t, &hdn)
+    }
+
+    /// Rope of one head's first `nd` values in place at position `t` of layer `l`.
+    fn rope(&self, l: usize, head: &mut [f64], nd: usize, t: usize) {
+        let h = &self.spec.hparams;
+        let layer = &self.spec.layers[l];
+        let rope_freqs = self
+            .spec
+            .rope_freqs
+            .filter(|_| layer.window.is_none())
+            .map(|id| dequant(self.file, self.spec, id));
+        let s = 1.0 / layer.rope_linear_scale as f64;
+        let yarn = h.yarn.map(|y| RopeYarn::new(&y, nd, layer.rope_base));
+        for i in 0..nd / 2 {
+            let mut theta = t as f64 * (layer.rope_base as f64).powf(-2.0 * i as f64 / nd as f64);
+            if let Some(ff) = &rope_freqs {
+                theta /= ff[i];
+            }
+            let (factor, m) = match yarn {
+                Some(y) => (y.angle_factor(i, s as f32) as f64, y.mscale as f64),
+                None => (s, 1.0),
+            };
+            theta *= factor;
+            let (a, b) = match h.rope_mode {
+                RopeMode::Adjacent => (2 * i, 2 * i + 1),
+                RopeMode::Neox => (i, i + nd / 2),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = m * (x0 * theta.cos() - x1 * theta.sin());
+            head[b] = m * (x0 * theta.sin() + x1 * theta.cos());
+        }
+    }
+
+    /// Causal (window-limited) attention of every position over `qs`/`ks`/`vs` (per position:
+    /// heads of `dk` / KV heads of `dk` and `dv`), with the layer's sinks.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        l: usize,
+        qs: &[Vec<f64>],
+        ks: &[Vec<f64>],
+        vs: &[Vec<f64>],
+        (n_head, n_kv, dk, dv): (usize, usize, usize, usize),
+        scale: f64,
+    ) -> Vec<Vec<f64>> {
+        let window = self.spec.layers[l].window;
+        let sinks = self.t(Some(l), TensorRole::AttnSinks);
+        let group = n_head / n_kv;
+        (0..qs.len())
+            .map(|t| {
+                let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
+                let mut att = vec![0f64; n_head * dv];
+                for hh in 0..n_head {
+                    let kh = hh / group;
+                    let q = &qs[t][hh * dk..][..dk];
+                    let mut sc: Vec<f64> = (first..=t)
+                        .map(|j| {
+                            q.iter()
+                                .zip(&ks[j][kh * dk..][..dk])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    // A sink joins the softmax as one more logit without a value.
+                    if let Some(s) = &sinks {
+                        sc.push(s[hh]);
+                    }
+                    softmax(&mut sc);
+                    for (j, w) in (first..=t).zip(&sc) {
+                        for d in 0..dv {
+                            att[hh * dv + d] += w * vs[j][kh * dv + d];
+                        }
+                    }
+                }
+                att
+            })
+            .collect()
+    }
+
+    /// Standard attention of layer `l` up to its output projection: each position's head outputs.
+    fn attention(&self, l: usize, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let h = &self.spec.hparams;
+        let eps = h.norm_eps as f64;
+        let lo = Some(l);
+        let an = self.t(lo, TensorRole::AttnNorm).unwrap();
+        let (wq, wk, wv) = (
+            self.t(lo, TensorRole::AttnQ).unwrap(),
+            self.t(lo, TensorRole::AttnK).unwrap(),
+            self.t(lo, TensorRole::AttnV).unwrap(),
+        );
+        let (bq, bk, bv) = (
+            self.t(lo, TensorRole::AttnQBias),
+            self.t(lo, TensorRole::AttnKBias),
+            self.t(lo, TensorRole::AttnVBias),
+        );
+        let (qn, kn) = (
+            self.t(lo, TensorRole::AttnQNorm),
+            self.t(lo, TensorRole::AttnKNorm),
+        );
+        let hd = h.head_dim_k;
+        let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (t, xt) in x.iter().enumerate() {
+            let xn = rms_norm(xt, &an, eps);
+            let mut q = self.mv(&wq, &wq, 0, t, &xn);
+            let mut k = self.mv(&wk, &wk, 0, t, &xn);
+            let mut v = self.mv(&wv, &wv, 0, t, &xn);
+            add_bias(&mut q, bq.as_deref());
+            add_bias(&mut k, bk.as_deref());
+            add_bias(&mut v, bv.as_deref());
+            if let (Some(qn), Some(kn)) = (&qn, &kn) {
+                q = q.chunks(hd).flat_map(|c| rms_norm(c, qn, eps)).collect();
+                k = k.chunks(hd).flat_map(|c| rms_norm(c, kn, eps)).collect();
+            }
+            for y in [&mut q, &mut k] {
+                for head in y.chunks_mut(hd) {
+                    self.rope(l, head, h.rope_dims, t);
+                }
+            }
+            if self.kv_f16 {
+                round_f16(&mut k);
+                round_f16(&mut v);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        let shape = (h.n_head, h.n_head_kv, hd, h.head_dim_v);
+        self.attend(l, &qs, &ks, &vs, shape, h.attn_scale as f64)
+    }
+
+    /// Multi-head latent attention of layer `l` up to its output projection, in the absorbed
+    /// form (queries into the latent space, attention over the latent and the rope key, heads
+    /// decompressed after): each position's decompressed head outputs.
+    fn mla_attention(&self, l: usize, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let h = &self.spec.hparams;
+        let m = h.mla.unwrap();
+        let eps = h.norm_eps as f64;
+        let lo = Some(l);
+        let r = h.rope_dims;
+        let (kl, nope) = (m.kv_lora_rank, m.nope);
+        let an = self.t(lo, TensorRole::AttnNorm).unwrap();
+        let kva = self.t(lo, TensorRole::AttnKvAMqa).unwrap();
+        let kvn = self.t(lo, TensorRole::AttnKvANorm).unwrap();
+        let kb = self.t(lo, TensorRole::AttnKB).unwrap();
+        let vb = self.t(lo, TensorRole::AttnVB).unwrap();
+        let (mut qs, mut ks) = (Vec::new(), Vec::new());
+        for (t, xt) in x.iter().enumerate() {
+            let xn = rms_norm(xt, &an, eps);
+            let q = match self.t(lo, TensorRole::AttnQ) {
+                Some(wq) => self.mv(&wq, &wq, 0, t, &xn),
+                None => {
+                    let qa = self.t(lo, TensorRole::AttnQA).unwrap();
+                    let qan = self.t(lo, TensorRole::AttnQANorm).unwrap();
+                    let qb = self.t(lo, TensorRole::AttnQB).unwrap();
+                    let c = rms_norm(&self.mv(&qa, &qa, 0, t, &xn), &qan, eps);
+                    self.mv(&qb, &qb, 0, t, &c)
+                }
+            };
+            let c = self.mv(&kva, &kva, 0, t, &xn);
+            let mut k = rms_norm(&c[..kl], &kvn, eps);
+            let mut kpe = c[kl..].to_vec();
+            self.rope(l, &mut kpe, r, t);
+            k.extend(kpe);
+            if self.kv_f16 {
+                round_f16(&mut k);
+            }
+            let mut qa = Vec::with_capacity(h.n_head * (kl + r));
+            for hh in 0..h.n_head {
+                let qh = &q[hh * (nope + r)..][..nope + r];
+                let w = &kb[hh * kl * nope..][..kl * nope];
+                qa.extend(self.mv(&kb, w, hh, t, &qh[..nope]));
+                let mut pe = qh[nope..].to_vec();
+                self.rope(l, &mut pe, r, t);
+                qa.extend(pe);
+            }
+            qs.push(qa);
+            ks.push(k);
+        }
+        let shape = (h.n_head, 1, kl + r, kl);
+        // Values are the first kv_lora values of each K row.
+        let latent = self.attend(l, &qs, &ks, &ks, shape, h.attn_scale as f64);
+        latent
+            .iter()
+            .enumerate()
+            .map(|(t, o)| {
+                (0..h.n_head)
+                    .flat_map(|hh| {
+                        let w = &vb[hh * m.head_dim_v * kl..][..m.head_dim_v * kl];
+                        self.mv(&vb, w, hh, t, &o[hh * kl..][..kl])
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The routed experts of layer `l` for position `t`: routing as llama.cpp's build_moe_ffn
+    /// (gating, selection bias, group limit, top k or the forced experts, softmax after top-k,
+    /// renormalisation, scale), each expert's FFN with its biases, weighted and summed.
+    fn moe(
+        &self,
+        l: usize,
+        t: usize,
+        gi: &Tensor,
+        xn: &[f64],
+        chosen: &mut Vec<Vec<u32>>,
+    ) -> Vec<f64> {
+        let h = &self.spec.hparams;
+        let lo = Some(l);
+        let gemma = self.spec.arch == pshard_model::spec::Arch::Gemma3;
+        let mut p = self.mv(gi, gi, 0, t, xn);
+        add_bias(&mut p, self.t(lo, TensorRole::FfnGateInpBias).as_deref());
+        match h.gating {
+            Gating::Softmax => softmax(&mut p),
+            Gating::Sigmoid => p.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            Gating::SoftmaxAfterTopK => {}
+        }
+        let mut sel = p.clone();
+        add_bias(&mut sel, self.t(lo, TensorRole::FfnExpProbsBias).as_deref());
+        if h.n_expert_groups > 1 {
+            let per = h.n_expert / h.n_expert_groups;
+            let score: Vec<f64> = sel
+                .chunks(per)
+                .map(|g| {
+                    let mut v = g.to_vec();
+                    v.sort_by(|a, b| b.total_cmp(a));
+                    v.iter().take(2).sum()
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..score.len()).collect();
+            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+            for &g in &order[h.n_group_used..] {
+                sel[g * per..(g + 1) * per]
+                    .iter_mut()
+                    .for_each(|v| *v = f64::NEG_INFINITY);
+            }
+        }
+        let mut order: Vec<usize> = (0..sel.len()).collect();
+        order.sort_by(|&a, &b| sel[b].total_cmp(&sel[a]).then(a.cmp(&b)));
+        let forced: Option<Vec<usize>> = self
+            .experts_in
+            .map(|ex| ex[l][t].iter().map(|&i| i as usize).collect());
+        let top = forced.as_deref().unwrap_or(&order[..h.n_expert_used]);
+        let mut w: Vec<f64> = top.iter().map(|&i| p[i]).collect();
+        if h.gating == Gating::SoftmaxAfterTopK {
+            softmax(&mut w);
+        }
+        if h.expert_weights_norm {
+            let s: f64 = w.iter().sum::<f64>().max(6.103515625e-5);
+            w.iter_mut().for_each(|v| *v /= s);
+        }
+        w.iter_mut()
+            .for_each(|v| *v *= h.expert_weights_scale as f64);
+        chosen.push(top.iter().map(|&i| i as u32).collect());
+        let (ge, ue, de) = (
+            self.t(lo, TensorRole::FfnGateExps).unwrap(),
+            self.t(lo, TensorRole::FfnUpExps).unwrap(),
+            self.t(lo, TensorRole::FfnDownExps).unwrap(),
+        );
+        let bias = [
+            TensorRole::FfnGateExpsBias,
+            TensorRole::FfnUpExpsBias,
+            TensorRole::FfnDownExpsBias,
+        ]
+        .map(|r| self.t(lo, r));
+        let (ff, e) = (h.n_ff_expert, h.n_embd);
+        let mut out = vec![0f64; e];
+        for (&ex, wt) in top.iter().zip(&w) {
+            let mut g = self.mv(&ge, &ge[ex * ff * e..][..ff * e], ex, t, xn);
+            let mut u = self.mv(&ue, &ue[ex * ff * e..][..ff * e], ex, t, xn);
+            add_bias(&mut g, bias[0].as_ref().map(|b| &b[ex * ff..][..ff]));
+            add_bias(&mut u, bias[1].as_ref().map(|b| &b[ex * ff..][..ff]));
+            let hdn: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(a, b)| {
+                    if self.spec.arch == pshard_model::spec::Arch::GptOss {
+                        swiglu_oai(*a, *b)
+                    } else {
+                        act(*a, gemma) * b
+                    }
+                })
+                .collect();
+            let mut d = self.mv(&de, &de[ex * e * ff..][..e * ff], ex, t, &hdn);
+            add_bias(&mut d, bias[2].as_ref().map(|b| &b[ex * e..][..e]));
+            out.iter_mut().zip(&d).for_each(|(a, b)| *a += wt * b);
+        }
+        out
+    }
+}
+
+/// `y += b` when there is a bias.
+fn add_bias(y: &mut [f64], b: Option<&[f64]>) {
+    if let Some(b) = b {
+        y.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+    }
+}
+
+/// gpt-oss's clamped SwiGLU, in f64.
+fn swiglu_oai(g: f64, u: f64) -> f64 {
+    let (alpha, limit) = (SWIGLU_OAI_ALPHA as f64, SWIGLU_OAI_LIMIT as f64);
+    let g = g.min(limit);
+    let u = u.clamp(-limit, limit);
+    g / (1.0 + (-alpha * g).exp()) * (u + 1.0)
 }
 
 /// ‖a − b‖ / ‖b‖.
