@@ -52,6 +52,19 @@ mkdir -p "$DIR"
 BIN=carry/pshard
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader | tee "$OUT/device.txt"
 
+# The models, synthesized in the background while the peer builds (both take minutes; the
+# device is held the whole time). Each is written under a temporary name and renamed when done.
+synth_pids=()
+for c in $CASES; do
+    m=${c%@*}
+    f="$DIR/$m-q4_k.gguf"
+    [ -s "$f" ] && continue
+    ( t0=$(date +%s)
+      "$BIN" synth "$m" --quant q4_k -o "$f.part" >"$OUT/synth-$m.log" 2>&1 && mv "$f.part" "$f" &&
+          echo "synth $m: $(( $(date +%s) - t0 )) s" ) &
+    synth_pids+=($!)
+done
+
 # The peer, built for this GPU.
 PEER=/tmp/llama.cpp
 if [ ! -x "$PEER/build/bin/llama-bench" ]; then
@@ -63,6 +76,8 @@ if [ ! -x "$PEER/build/bin/llama-bench" ]; then
         { echo "peer build failed (see $OUT/peer-build.log)"; tail -20 "$OUT/peer-build.log"; }
     echo "peer build: $(( $(date +%s) - t0 )) s"
 fi
+
+[ ${#synth_pids[@]} -gt 0 ] && wait "${synth_pids[@]}"
 
 declare -a rows
 set -f   # the -ot patterns hold [...]: never glob them
