@@ -216,3 +216,16 @@ fn q4_k_m_mix_bumps_attn_v_and_ffn_down() {
     assert_eq!(b.tensor(b.find(Some(11), R::AttnV).unwrap()).ty, T::Q5_K);
     assert_eq!(b.tensor(b.find(Some(12), R::AttnV).unwrap()).ty, T::Q6_K);
 }
+
+/// A deepseek2 file without `attention.q_lora_rank` and without `attn_q_a` projects queries
+/// directly whatever its layer count (llama.cpp tells its "lite" models by 26/27 layers, which a
+/// model cut to 2 layers no longer has); the catalogue reads the rank as 0.
+#[test]
+fn deepseek2_without_query_compression_reads_at_any_layer_count() {
+    let mut p = preset("deepseek-v2-lite").unwrap();
+    p.n_layer = 2;
+    let s = spec_of(&p, QuantRecipe::from_name("q4_k").unwrap());
+    assert_eq!(s.hparams.n_layer, 2);
+    let mla = s.hparams.mla.as_ref().expect("latent attention");
+    assert_eq!(mla.q_lora_rank, 0);
+}
