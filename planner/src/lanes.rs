@@ -855,18 +855,30 @@ impl DeviceScratch {
         }
     }
 
+    /// Every buffer allocated for these parts, in allocation order, with its name: the three
+    /// per-pair expert intermediates (gate, up, hidden) are `moe_ff` bytes each.
+    pub fn parts(&self) -> [(u64, &'static str); 11] {
+        [
+            (self.gemm_w, "dequantized weight"),
+            (self.gemm_x, "f16 activation"),
+            (self.attn, "attention split"),
+            (self.moe_ff, "expert gate"),
+            (self.moe_ff, "expert up"),
+            (self.moe_ff, "expert hidden"),
+            (self.moe_out, "expert out"),
+            (self.moe_x16, "expert f16 rows"),
+            (self.moe_idx, "expert pair order"),
+            (self.moe_offsets, "expert offsets"),
+            (self.head_route, "head routes"),
+        ]
+    }
+
     /// Bytes of all parts, each aligned as allocated (absent parts are not allocated).
     pub fn bytes(&self) -> u64 {
-        let a = |b: u64| if b > 0 { align(b) } else { 0 };
-        a(self.gemm_w)
-            + a(self.gemm_x)
-            + a(self.attn)
-            + 3 * a(self.moe_ff)
-            + a(self.moe_out)
-            + a(self.moe_x16)
-            + a(self.moe_idx)
-            + a(self.moe_offsets)
-            + a(self.head_route)
+        self.parts()
+            .iter()
+            .map(|&(b, _)| if b > 0 { align(b) } else { 0 })
+            .sum()
     }
 }
 

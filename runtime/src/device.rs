@@ -250,6 +250,38 @@ pub struct ScratchPtrs {
     pub head_route: DevPtr,
 }
 
+impl ScratchPtrs {
+    /// The addresses in `DeviceScratch::parts` order.
+    pub fn from_parts(p: [DevPtr; 11]) -> ScratchPtrs {
+        ScratchPtrs {
+            gemm_w: p[0],
+            gemm_x: p[1],
+            attn: p[2],
+            moe: [p[3], p[4], p[5], p[6]],
+            moe_grouped: [p[7], p[8], p[9]],
+            head_route: p[10],
+        }
+    }
+
+    /// The addresses in `DeviceScratch::parts` order.
+    pub fn parts(&self) -> [DevPtr; 11] {
+        let (m, g) = (self.moe, self.moe_grouped);
+        [
+            self.gemm_w,
+            self.gemm_x,
+            self.attn,
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            g[0],
+            g[1],
+            g[2],
+            self.head_route,
+        ]
+    }
+}
+
 /// What a GPU-lane step computes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GpuWork {

@@ -1844,30 +1844,13 @@ fn alloc_scratch(
     region: pshard_kernels::cuda::RegionId,
     s: &DeviceScratch,
 ) -> Result<ScratchPtrs, EngineError> {
-    let sc = |b: u64, what: &str| -> Result<DevPtr, EngineError> {
-        if b > 0 {
-            dev.alloc(region, b, what)
-        } else {
-            Ok(0)
+    let mut ptrs = [0; 11];
+    for (ptr, (bytes, what)) in ptrs.iter_mut().zip(s.parts()) {
+        if bytes > 0 {
+            *ptr = dev.alloc(region, bytes, &format!("{what} scratch"))?;
         }
-    };
-    Ok(ScratchPtrs {
-        gemm_w: sc(s.gemm_w, "dequantized weight scratch")?,
-        gemm_x: sc(s.gemm_x, "f16 activation scratch")?,
-        attn: sc(s.attn, "attention split scratch")?,
-        moe: [
-            sc(s.moe_ff, "expert gate")?,
-            sc(s.moe_ff, "expert up")?,
-            sc(s.moe_ff, "expert hidden")?,
-            sc(s.moe_out, "expert out")?,
-        ],
-        moe_grouped: [
-            sc(s.moe_x16, "expert f16 rows")?,
-            sc(s.moe_idx, "expert pair order")?,
-            sc(s.moe_offsets, "expert offsets")?,
-        ],
-        head_route: sc(s.head_route, "head routes")?,
-    })
+    }
+    Ok(ScratchPtrs::from_parts(ptrs))
 }
 
 /// What a GPU step needs besides the step itself.

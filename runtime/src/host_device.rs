@@ -734,22 +734,8 @@ impl OwnedStep {
                     self.exact,
                 ))
             });
-        let s = &self.scratch;
-        let parts = [
-            (s.gemm_w, need.gemm_w, "dequantized weight"),
-            (s.gemm_x, need.gemm_x, "f16 activation"),
-            (s.attn, need.attn, "attention split"),
-            (s.moe[0], need.moe_ff, "expert gate"),
-            (s.moe[1], need.moe_ff, "expert up"),
-            (s.moe[2], need.moe_ff, "expert hidden"),
-            (s.moe[3], need.moe_out, "expert out"),
-            (s.moe_grouped[0], need.moe_x16, "expert f16 rows"),
-            (s.moe_grouped[1], need.moe_idx, "expert pair order"),
-            (s.moe_grouped[2], need.moe_offsets, "expert offsets"),
-            (s.head_route, need.head_route, "head routes"),
-        ];
         let allocs = sh.allocs.lock().unwrap_or_else(|p| p.into_inner());
-        for (ptr, bytes, what) in parts {
+        for (ptr, (bytes, what)) in self.scratch.parts().into_iter().zip(need.parts()) {
             let have = allocs.get(&ptr).copied().unwrap_or(0);
             if bytes > have {
                 return Err(format!(
