@@ -88,7 +88,13 @@ cmd_build() {
 }
 
 # The t/s column of a markdown row whose test column is $2, from file $1.
-tps() { grep -E "\| *$2 *\|" "$1" 2>/dev/null | head -1 | awk -F'|' '{print $(NF-1)}' | sed 's/±.*//' | xargs; }
+# The "t/s" column (found by its header: pshard's table has more columns after it) of the row of test $2.
+tps() {
+    awk -F'|' -v t="$2" '
+        col == 0 { for (i = 1; i <= NF; i++) { h = $i; gsub(/ /, "", h); if (h == "t/s") col = i } next }
+        { for (i = 1; i <= NF; i++) { f = $i; gsub(/ /, "", f); if (f == t) { v = $col; sub(/±.*/, "", v); gsub(/ /, "", v); print v; exit } } }
+    ' "$1" 2>/dev/null
+}
 
 cmd_table() {
     [ $# -ge 1 ] || die "usage: $0 table MODEL.gguf..."
