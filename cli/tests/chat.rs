@@ -160,6 +160,34 @@ fn two_turns_the_second_evaluating_only_its_own_tokens() {
     assert!(st.success(), "{st:?}\n{}", t.screen());
 }
 
+/// A message longer than the context: refused without `--context-shift`, cut to fit with it.
+#[test]
+fn a_message_longer_than_the_context_needs_a_context_shift() {
+    let long = "word ".repeat(600);
+    let Some(mut t) = Term::start(&["-n", "4"]) else {
+        return;
+    };
+    t.wait_for("Ctrl-D or /exit leaves", 1);
+    t.type_line(&long);
+    t.wait_for("the conversation would need", 1);
+    t.type_line("/exit");
+    assert!(t.wait_exit().success());
+    let Some(mut t) = Term::start(&["-n", "4", "--context-shift"]) else {
+        return;
+    };
+    t.wait_for("Ctrl-D or /exit leaves", 1);
+    t.type_line(&long);
+    let l = t.wait_for("[prompt ", 1);
+    // (The reply may be empty: the cut prompt lost the template's opening.)
+    let (p, r, e, _) = stats(&l[0]);
+    assert!(p > 512, "{}", l[0]);
+    // Kept: nothing but the BOS, if any, and the last half of the context.
+    assert!(r == 0 && e <= 257, "{}", l[0]);
+    assert!(l[0].contains("cut to fit the context"), "{}", l[0]);
+    t.type_line("/exit");
+    assert!(t.wait_exit().success());
+}
+
 #[test]
 fn sigint_stops_a_reply_and_exit_leaves() {
     let Some(mut t) = Term::start(&["-n", "400"]) else {

@@ -299,6 +299,78 @@ async fn concurrent_greedy_requests_match_pshard_run() {
     assert!(evals < toks, "{m}");
 }
 
+/// `--context-shift`: a reply longer than the context goes on (the same tokens as `pshard run
+/// --context-shift` with the same --keep), and a prompt longer than the context is cut instead of
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_shift_goes_on_past_the_context_as_pshard_run_does() {
+    let Some(model) = serving::model() else {
+        return;
+    };
+    let prompt = "Once upon a time";
+    let out = pshard()
+        .args([
+            "run",
+            "--device",
+            "cpu",
+            "-t",
+            "1",
+            "-c",
+            "64",
+            "--context-shift",
+        ])
+        .args([
+            "--keep",
+            "4",
+            "--temp",
+            "0",
+            "--no-display-prompt",
+            "-n",
+            "100",
+            "-m",
+        ])
+        .arg(&model)
+        .args(["-p", prompt])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = String::from_utf8(out.stdout).unwrap();
+    let s = Server::start_ctx(
+        &model,
+        64,
+        &["--parallel", "1", "--context-shift", "--keep", "4"],
+    );
+    let c = client();
+    let (st, v) = post(
+        &c,
+        format!("{}/v1/completions", s.base),
+        json!({"prompt": prompt, "temperature": 0, "max_tokens": 100}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap(),
+        want.trim_end_matches('\n')
+    );
+    // 100 tokens after a prompt of a few in a context of 64: shifted at least once.
+    assert_eq!(v["usage"]["completion_tokens"], 100, "{v}");
+    let m = metrics(&c, &s.base).await;
+    assert!(metric(&m, "pshard_context_shifts_total") >= 1.0, "{m}");
+    let long = "word ".repeat(100);
+    let (st, v) = post(
+        &c,
+        format!("{}/v1/completions", s.base),
+        json!({"prompt": long, "temperature": 0, "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_answered_4xx_and_the_server_keeps_serving() {
     let Some(model) = serving::model() else {

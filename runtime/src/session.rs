@@ -83,7 +83,7 @@ pub fn generate(
         }
         if engine.n_past() >= engine.n_ctx() {
             let keep = shift_keep.map(|k| k.min(engine.n_past()));
-            let discard = keep.map_or(0, |k| (engine.n_past() - k) / 2);
+            let discard = keep.map_or(0, |k| shift_discard(engine.n_past(), k));
             match keep {
                 Some(k) if discard > 0 => {
                     engine.shift_seq(0, k, discard)?;
@@ -99,6 +99,48 @@ pub fn generate(
     }
     stats.gen_secs = t1.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+/// llama.cpp's `--context-shift` with its `--keep`: what a sequence whose context is full keeps
+/// when it goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContextShift {
+    /// Prompt tokens kept at every shift (`None`: the whole prompt); as in llama.cpp, a BOS
+    /// token the tokenizer put first is kept besides.
+    pub keep: Option<usize>,
+}
+
+impl ContextShift {
+    /// Positions a shift keeps for a sequence that started with `prompt` (`bos`: the
+    /// tokenizer's BOS id, if it has one).
+    pub fn keep_for(&self, prompt: &[u32], bos: Option<u32>) -> usize {
+        let b = usize::from(bos.is_some() && prompt.first() == bos.as_ref());
+        self.keep
+            .map_or(prompt.len(), |k| (k + b).min(prompt.len()))
+    }
+}
+
+/// Positions a context shift of a full sequence of `len` positions discards when it keeps the
+/// first `keep`: the older half of the rest.
+pub fn shift_discard(len: usize, keep: usize) -> usize {
+    len.saturating_sub(keep) / 2
+}
+
+/// A prompt too long for a context of `n_ctx` cut to fit as a context shift would have left it:
+/// its first `keep` tokens and its last `(n_ctx − keep) / 2` (half the rest of the context stays
+/// free for the reply). `None` when `keep` leaves no room (`keep + 2 > n_ctx`); a prompt that fits
+/// comes back whole.
+pub fn truncate_prompt(prompt: &[u32], n_ctx: usize, keep: usize) -> Option<Vec<u32>> {
+    if prompt.len() < n_ctx {
+        return Some(prompt.to_vec());
+    }
+    if keep + 2 > n_ctx {
+        return None;
+    }
+    let tail = (n_ctx - keep) / 2;
+    let mut p = prompt[..keep].to_vec();
+    p.extend_from_slice(&prompt[prompt.len() - tail..]);
+    Some(p)
 }
 
 /// Why a generation failed.
@@ -230,4 +272,35 @@ pub fn perplexity(
         per_chunk,
         count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_counts_a_leading_bos_besides() {
+        let p = [1, 7, 8, 9];
+        let s = ContextShift { keep: Some(2) };
+        assert_eq!(s.keep_for(&p, Some(1)), 3);
+        assert_eq!(s.keep_for(&p, Some(5)), 2);
+        assert_eq!(s.keep_for(&p, None), 2);
+        assert_eq!(ContextShift { keep: None }.keep_for(&p, Some(1)), 4);
+        assert_eq!(ContextShift { keep: Some(10) }.keep_for(&p, Some(1)), 4);
+    }
+
+    #[test]
+    fn a_truncated_prompt_keeps_its_head_and_tail_and_half_the_context_free() {
+        let p: Vec<u32> = (0..50).collect();
+        let t = truncate_prompt(&p, 32, 4).unwrap();
+        // 4 kept, then the last (32 − 4) / 2 = 14.
+        assert_eq!(t.len(), 18);
+        assert_eq!(&t[..4], &[0, 1, 2, 3]);
+        assert_eq!(&t[4..], &p[36..]);
+        assert_eq!(truncate_prompt(&p[..31], 32, 4).unwrap(), p[..31].to_vec());
+        assert_eq!(truncate_prompt(&p, 32, 31), None);
+        assert_eq!(truncate_prompt(&p, 32, 30).unwrap().len(), 31);
+        assert_eq!(shift_discard(32, 4), 14);
+        assert_eq!(shift_discard(3, 4), 0);
+    }
 }

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
+use pshard_runtime::session::ContextShift;
 use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 use serde_json::{json, Value};
@@ -41,6 +42,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How long a shutdown waits for requests in flight.
     pub drain: Duration,
+    /// Context shift of full sequences and cutting of prompts too long for the context
+    /// (llama.cpp's `--context-shift`); `None`: such requests end or are refused.
+    pub context_shift: Option<ContextShift>,
 }
 
 /// What the server needs once the model is loaded.
@@ -330,6 +334,12 @@ async fn metrics(State(st): State<Shared>) -> Response {
                 l(&x.generated_tokens),
             ),
             (
+                "context_shifts_total",
+                "counter",
+                "Context shifts of full sequences.",
+                l(&x.context_shifts),
+            ),
+            (
                 "evaluations_total",
                 "counter",
                 "Engine evaluations (ubatches).",
@@ -523,19 +533,12 @@ impl Drop for Gen {
 fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams) -> Result<Gen, ApiError> {
     let r = ready(st)?;
     let n_ctx = r.sched.info.n_ctx;
-    if prompt.len() >= n_ctx {
-        let mut e = ApiError::param(
-            "messages",
-            format!(
-                "the prompt has {} tokens but a sequence's context holds {n_ctx} (one more is needed to generate)",
-                prompt.len()
-            ),
-        );
-        e.code = Some("context_length_exceeded");
-        return Err(e);
+    let shift = st.cfg.context_shift;
+    let mut max_tokens = p.max_tokens.unwrap_or(st.cfg.max_tokens);
+    if shift.is_none() {
+        max_tokens = max_tokens.min(n_ctx.saturating_sub(prompt.len()).max(1));
     }
-    let room = n_ctx - prompt.len();
-    let max_tokens = p.max_tokens.unwrap_or(st.cfg.max_tokens).min(room);
+    let context_shift = shift.map(|c| c.keep_for(&prompt, r.tokenizer.bos()));
     let stop_tokens = if p.ignore_eos {
         Vec::new()
     } else {
@@ -549,6 +552,7 @@ fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams) -> Result<Gen, ApiError> 
             max_tokens,
             sampler: p.sampler.clone(),
             stop_tokens,
+            context_shift,
         })
         .map_err(|e| match e {
             SubmitError::QueueFull(_) => {
@@ -556,9 +560,13 @@ fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams) -> Result<Gen, ApiError> 
                 a.retry_after = Some(1);
                 a
             }
-            SubmitError::TooLong { .. } | SubmitError::Invalid(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            SubmitError::TooLong { .. } => {
+                // A prompt cut by a context shift fits unless --keep leaves no room.
+                let mut a = ApiError::param("messages", e.to_string());
+                a.code = Some("context_length_exceeded");
+                a
             }
+            SubmitError::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
             SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         })?;
     Ok(Gen {
@@ -907,6 +915,7 @@ mod tests {
                 max_tokens: 16,
                 max_body_bytes: 1024,
                 drain: Duration::from_secs(1),
+                context_shift: None,
             },
             ready: OnceLock::new(),
             created: 0,

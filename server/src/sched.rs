@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use pshard_runtime::engine::Engine;
 use pshard_runtime::sampler::{Sampler, SamplerParams};
+use pshard_runtime::session::{shift_discard, truncate_prompt};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Why a generation ended.
@@ -27,7 +28,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 pub enum Finish {
     /// An end-of-generation token (it is reported in [`Done::stop_token`], not as a token).
     Stop,
-    /// `max_tokens` generated or the context is full.
+    /// `max_tokens` generated, or the context is full (and no context shift was asked for or
+    /// possible).
     Length,
 }
 
@@ -54,6 +56,8 @@ pub struct Done {
     pub cached_tokens: usize,
     /// Tokens generated (sent as [`Event::Token`]).
     pub completion_tokens: usize,
+    /// Context shifts made while generating.
+    pub context_shifts: usize,
 }
 
 /// What a request's receiver gets, in order: `Started`, tokens, then `Done` or `Error`.
@@ -65,6 +69,8 @@ pub enum Event {
         slot: usize,
         /// Prompt tokens reused.
         cached: usize,
+        /// Prompt tokens cut from the middle to fit the context ([`Request::context_shift`]).
+        truncated: usize,
     },
     /// One generated token.
     Token(u32),
@@ -84,6 +90,13 @@ pub struct Request {
     pub sampler: SamplerParams,
     /// Tokens that end the generation (end-of-generation ids), not sent as tokens.
     pub stop_tokens: Vec<u32>,
+    /// Positions a context shift keeps (llama.cpp's `--context-shift`; see
+    /// [`pshard_runtime::session::ContextShift::keep_for`]): a sequence whose context fills
+    /// discards the older half of the rest and goes on, and a prompt too long for the context is
+    /// cut to its first `keep` tokens and its last ones
+    /// ([`pshard_runtime::session::truncate_prompt`]). `None`: generation ends at a full
+    /// context and a prompt too long is refused.
+    pub context_shift: Option<usize>,
 }
 
 /// Why a request was not queued.
@@ -127,6 +140,8 @@ pub struct Stats {
     pub generated_tokens: AtomicU64,
     /// Engine evaluations.
     pub steps: AtomicU64,
+    /// Context shifts made.
+    pub context_shifts: AtomicU64,
     /// Nanoseconds spent in evaluations.
     pub busy_ns: AtomicU64,
     /// Requests submitted and not yet in a slot.
@@ -168,7 +183,8 @@ pub struct EngineInfo {
 }
 
 enum Cmd {
-    Submit(Box<Request>, UnboundedSender<Event>),
+    /// A request, the prompt tokens cut to fit the context, its events.
+    Submit(Box<Request>, usize, UnboundedSender<Event>),
 }
 
 /// A handle to the scheduler thread (cheap to clone).
@@ -217,7 +233,7 @@ impl Scheduler {
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
-    pub fn submit(&self, req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
+    pub fn submit(&self, mut req: Request) -> Result<UnboundedReceiver<Event>, SubmitError> {
         if req.prompt.is_empty() {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
@@ -234,12 +250,22 @@ impl Scheduler {
                 self.info.n_vocab
             )));
         }
-        if req.prompt.len() >= self.info.n_ctx {
-            return Err(SubmitError::TooLong {
-                prompt: req.prompt.len(),
-                n_ctx: self.info.n_ctx,
-            });
+        let n_prompt = req.prompt.len();
+        if n_prompt >= self.info.n_ctx {
+            match req
+                .context_shift
+                .and_then(|k| truncate_prompt(&req.prompt, self.info.n_ctx, k))
+            {
+                Some(p) => req.prompt = p,
+                None => {
+                    return Err(SubmitError::TooLong {
+                        prompt: n_prompt,
+                        n_ctx: self.info.n_ctx,
+                    })
+                }
+            }
         }
+        let truncated = n_prompt - req.prompt.len();
         // Reserve a place in the queue (released when the request takes a slot).
         let q = &self.stats.waiting;
         let mut cur = q.load(Ordering::Relaxed);
@@ -253,7 +279,11 @@ impl Scheduler {
             }
         }
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
-        if self.tx.send(Cmd::Submit(Box::new(req), etx)).is_err() {
+        if self
+            .tx
+            .send(Cmd::Submit(Box::new(req), truncated, etx))
+            .is_err()
+        {
             q.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
@@ -273,8 +303,24 @@ struct Job {
     /// Prompt and generated tokens (the penalties' history).
     history: Vec<u32>,
     generated: usize,
+    /// Context shifts made.
+    shifts: usize,
     /// A sampled token still to evaluate.
     pending: Option<u32>,
+}
+
+impl Job {
+    /// Its `Done` event.
+    fn done(&self, finish: Finish, stop_token: Option<u32>) -> Event {
+        Event::Done(Done {
+            finish,
+            stop_token,
+            prompt_tokens: self.req.prompt.len(),
+            cached_tokens: self.cached,
+            completion_tokens: self.generated,
+            context_shifts: self.shifts,
+        })
+    }
 }
 
 struct Slot {
@@ -290,7 +336,7 @@ struct Worker {
     info: EngineInfo,
     stats: Arc<Stats>,
     slots: Vec<Slot>,
-    waiting: VecDeque<(Box<Request>, UnboundedSender<Event>)>,
+    waiting: VecDeque<(Box<Request>, usize, UnboundedSender<Event>)>,
     clock: u64,
     /// Rotates which decode rows go first when they exceed a step.
     rr: usize,
@@ -364,14 +410,14 @@ impl Worker {
 
     fn take(&mut self, c: Cmd) {
         match c {
-            Cmd::Submit(req, events) => self.waiting.push_back((req, events)),
+            Cmd::Submit(req, truncated, events) => self.waiting.push_back((req, truncated, events)),
         }
     }
 
     /// Requests whose receiver is gone: waiting ones leave the queue, running ones free their slot.
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
-        self.waiting.retain(|(_, ev)| !ev.is_closed());
+        self.waiting.retain(|(_, _, ev)| !ev.is_closed());
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.stats.waiting.fetch_sub(gone, Ordering::AcqRel);
@@ -417,7 +463,7 @@ impl Worker {
 
     /// Moves waiting requests into free slots, each into the one caching most of its prompt.
     fn admit(&mut self) {
-        while let Some((req, events)) = self.waiting.pop_front() {
+        while let Some((req, truncated, events)) = self.waiting.pop_front() {
             let free = self
                 .slots
                 .iter()
@@ -426,7 +472,7 @@ impl Worker {
                 .map(|(i, s)| (i, common_prefix(&s.cached, &req.prompt), s.last_used))
                 .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
             let Some((i, mut reuse, _)) = free else {
-                self.waiting.push_front((req, events));
+                self.waiting.push_front((req, truncated, events));
                 return;
             };
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -444,6 +490,7 @@ impl Worker {
             let _ = events.send(Event::Started {
                 slot: i,
                 cached: reuse,
+                truncated,
             });
             slot.job = Some(Job {
                 sampler: Sampler::new(req.sampler.clone()),
@@ -452,6 +499,7 @@ impl Worker {
                 prompt_done: reuse,
                 cached: reuse,
                 generated: 0,
+                shifts: 0,
                 pending: None,
                 req,
             });
@@ -576,35 +624,64 @@ impl Worker {
             j.pending = None;
             let tok = j.sampler.sample(row, &j.history);
             j.history.push(tok);
-            let done = |finish, stop_token, j: &Job| {
-                Event::Done(Done {
-                    finish,
-                    stop_token,
-                    prompt_tokens: j.req.prompt.len(),
-                    cached_tokens: j.cached,
-                    completion_tokens: j.generated,
-                })
-            };
+            // A full sequence with a context shift goes on after the shift (below).
+            let mut shift = None;
             let end = if j.req.stop_tokens.contains(&tok) {
-                Some(done(Finish::Stop, Some(tok), j))
+                Some(j.done(Finish::Stop, Some(tok)))
             } else {
                 j.generated += 1;
                 generated += 1;
                 let _ = j.events.send(Event::Token(tok));
-                if j.generated >= j.req.max_tokens || seq_len >= self.info.n_ctx {
-                    Some(done(Finish::Length, None, j))
-                } else {
+                let full = seq_len >= self.info.n_ctx;
+                let keep = j.req.context_shift.map(|k| k.min(seq_len));
+                if j.generated >= j.req.max_tokens {
+                    Some(j.done(Finish::Length, None))
+                } else if !full {
                     j.pending = Some(tok);
                     None
+                } else if let Some(k) = keep.filter(|&k| shift_discard(seq_len, k) > 0) {
+                    j.pending = Some(tok);
+                    shift = Some(k);
+                    None
+                } else {
+                    Some(j.done(Finish::Length, None))
                 }
             };
             if let Some(ev) = end {
                 self.end_job(i, ev);
+            } else if let Some(keep) = shift {
+                self.shift(i, keep, seq_len);
             }
         }
         let _ = decode_rows;
         self.account(dt, prompt_rows, generated);
         Ok(())
+    }
+
+    /// Context shift of slot `i`, full at `len` positions: its first `keep` stay, the older half
+    /// of the rest goes. A shift the engine refuses (a sliding-window ring that no longer holds
+    /// a kept position) ends the request as a full context does.
+    fn shift(&mut self, i: usize, keep: usize, len: usize) {
+        let discard = shift_discard(len, keep);
+        match self.engine.shift_seq(i, keep, discard) {
+            Ok(()) => {
+                let slot = &mut self.slots[i];
+                slot.cached.drain(keep..keep + discard);
+                if let Some(j) = slot.job.as_mut() {
+                    j.shifts += 1;
+                }
+                self.stats.context_shifts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                let ev = self.slots[i]
+                    .job
+                    .as_ref()
+                    .map(|j| j.done(Finish::Length, None));
+                if let Some(ev) = ev {
+                    self.end_job(i, ev);
+                }
+            }
+        }
     }
 
     fn account(&mut self, dt: Duration, prompt: usize, generated: usize) {

@@ -12,14 +12,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use pshard_server::sched::{Event, Request, Scheduler};
+use pshard_server::sched::{Event, Request, Scheduler, SubmitError};
 use pshard_tokenizer::chat::ChatMessage;
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 use rustyline::error::ReadlineError;
 
 use super::common::{
     chat_template, init_threads, load_model, make_engine_parallel, no_template, special_text,
-    EngineArgs, SamplingArgs,
+    ContextShiftArgs, EngineArgs, SamplingArgs,
 };
 
 /// Arguments of `pshard chat`.
@@ -40,6 +40,10 @@ pub struct Args {
     /// Sampling.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Context shift (llama.cpp's --context-shift, --keep): a full context discards the older
+    /// half of the conversation after the kept tokens instead of ending the reply.
+    #[command(flatten)]
+    pub shift: ContextShiftArgs,
     /// System message that opens the conversation.
     #[arg(long = "system", short = 'y')]
     pub system: Option<String>,
@@ -131,28 +135,42 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .apply(&conv.messages, true, &bos, &eos)
             .context("applying the chat template")?;
         let prompt = conv.prompt(&rendered, &tok);
-        if prompt.len() + 1 >= n_ctx {
+        let shift = a.shift.get();
+        if prompt.len() + 1 >= n_ctx && shift.is_none() {
             conv.messages.pop();
             eprintln!(
-                "(the conversation would need {} tokens but the context holds {n_ctx}: /clear starts over, or raise -c)",
+                "(the conversation would need {} tokens but the context holds {n_ctx}: /clear starts over, raise -c, or --context-shift)",
                 prompt.len() + 1
             );
             continue;
         }
-        let room = n_ctx - prompt.len();
+        // With a context shift a reply may outgrow the context; without, it ends there.
+        let room = if shift.is_some() {
+            usize::MAX
+        } else {
+            n_ctx - prompt.len()
+        };
         let max_tokens = if a.n_predict > 0 {
             a.n_predict.min(room)
         } else {
             room
         };
-        let rx = sched
-            .submit(Request {
-                prompt: prompt.clone(),
-                max_tokens,
-                sampler: a.sampling.params(),
-                stop_tokens: eog.clone(),
-            })
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rx = match sched.submit(Request {
+            prompt: prompt.clone(),
+            max_tokens,
+            sampler: a.sampling.params(),
+            stop_tokens: eog.clone(),
+            context_shift: shift.map(|s| s.keep_for(&prompt, tok.bos())),
+        }) {
+            Ok(rx) => rx,
+            Err(e @ SubmitError::TooLong { .. }) => {
+                // --keep -1 keeps the whole prompt: nothing can be cut.
+                conv.messages.pop();
+                eprintln!("({e}: /clear starts over, raise -c, or a smaller --keep)");
+                continue;
+            }
+            Err(e) => bail!("{e}"),
+        };
         let t0 = Instant::now();
         let reply = rt.block_on(stream_reply(rx, &tok))?;
         let secs = t0.elapsed().as_secs_f64();
@@ -166,13 +184,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         conv.messages
             .push(ChatMessage::new("assistant", reply.text.clone()));
         eprintln!(
-            "[prompt {} tokens: {} reused, {} evaluated | reply {} tokens in {secs:.2} s, {:.1} t/s{}]",
+            "[prompt {} tokens: {} reused, {} evaluated | reply {} tokens in {secs:.2} s, {:.1} t/s{}{}{}]",
             prompt.len(),
             reply.cached,
-            prompt.len() - reply.cached,
+            prompt.len() - reply.truncated - reply.cached,
             reply.tokens.len(),
             reply.tokens.len() as f64 / secs.max(1e-9),
-            if reply.stopped { ", stopped" } else { "" }
+            if reply.stopped { ", stopped" } else { "" },
+            if reply.truncated > 0 {
+                format!(", {} prompt tokens cut to fit the context", reply.truncated)
+            } else {
+                String::new()
+            },
+            if reply.shifts > 0 {
+                format!(", {} context shifts", reply.shifts)
+            } else {
+                String::new()
+            },
         );
         if let Some(e) = reply.error {
             bail!("{e}");
@@ -187,6 +215,10 @@ struct Reply {
     text: String,
     stop_token: Option<u32>,
     cached: usize,
+    /// Prompt tokens cut to fit the context.
+    truncated: usize,
+    /// Context shifts while generating.
+    shifts: usize,
     stopped: bool,
     error: Option<String>,
 }
@@ -203,6 +235,8 @@ async fn stream_reply(
         text: String::new(),
         stop_token: None,
         cached: 0,
+        truncated: 0,
+        shifts: 0,
         stopped: false,
         error: None,
     };
@@ -211,7 +245,10 @@ async fn stream_reply(
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(Event::Started { cached, .. }) => r.cached = cached,
+                Some(Event::Started { cached, truncated, .. }) => {
+                    r.cached = cached;
+                    r.truncated = truncated;
+                }
                 Some(Event::Token(t)) => {
                     r.tokens.push(t);
                     let piece = dec.push(tok, t);
@@ -221,6 +258,7 @@ async fn stream_reply(
                 }
                 Some(Event::Done(d)) => {
                     r.stop_token = d.stop_token;
+                    r.shifts = d.context_shifts;
                     break;
                 }
                 Some(Event::Error(e)) => {

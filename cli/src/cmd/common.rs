@@ -411,6 +411,28 @@ pub fn plan_report(engine: &Engine) -> String {
     s
 }
 
+/// Context-shift flags (llama.cpp's), shared by `run`, `chat` and `serve`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ContextShiftArgs {
+    /// When a sequence's context fills, keep the first --keep tokens and discard the older half
+    /// of the rest (their KV moves down, K re-rotated), instead of stopping; a prompt longer
+    /// than the context is cut the same way (chat, serve) (llama.cpp's --context-shift).
+    #[arg(long = "context-shift")]
+    pub context_shift: bool,
+    /// Prompt tokens a context shift keeps (-1: the whole prompt); as in llama.cpp, a BOS token
+    /// the tokenizer added is kept besides.
+    #[arg(long = "keep", default_value = "0", value_parser = crate::args::keep_count, allow_negative_numbers = true)]
+    pub keep: crate::args::Keep,
+}
+
+impl ContextShiftArgs {
+    /// The shift asked for, if any.
+    pub fn get(&self) -> Option<pshard_runtime::session::ContextShift> {
+        self.context_shift
+            .then_some(pshard_runtime::session::ContextShift { keep: self.keep.0 })
+    }
+}
+
 /// Sampling flags (llama.cpp's names and defaults), shared by `run` and `chat`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {

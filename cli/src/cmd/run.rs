@@ -10,8 +10,8 @@ use pshard_tokenizer::chat::ChatMessage;
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 
 use super::common::{
-    chat_template, init_threads, load_model, no_template, read_text, special_text, EngineArgs,
-    SamplingArgs,
+    chat_template, init_threads, load_model, no_template, read_text, special_text,
+    ContextShiftArgs, EngineArgs, SamplingArgs,
 };
 use crate::args::{self, TokenLimit};
 
@@ -54,15 +54,9 @@ pub struct Args {
     /// Interactive chat (llama.cpp's `-cnv`): runs `pshard chat` with these flags.
     #[arg(long = "conversation")]
     conversation: bool,
-    /// When the context fills, keep the first --keep tokens and discard the older half of the
-    /// rest (their KV moves down, K re-rotated), instead of stopping (llama.cpp's
-    /// --context-shift).
-    #[arg(long = "context-shift")]
-    context_shift: bool,
-    /// Prompt tokens a context shift keeps (-1: the whole prompt); as in llama.cpp, a BOS token
-    /// the tokenizer added is kept besides.
-    #[arg(long = "keep", default_value = "0", value_parser = args::keep_count, allow_negative_numbers = true)]
-    keep: args::Keep,
+    /// Context shift (llama.cpp's --context-shift, --keep).
+    #[command(flatten)]
+    shift: ContextShiftArgs,
     /// Do not echo the prompt before the generated text.
     #[arg(long = "no-display-prompt")]
     no_display_prompt: bool,
@@ -90,6 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 TokenLimit::Tokens(n) => n,
             },
             sampling: args.sampling,
+            shift: args.shift,
             system: args.system,
             chat_template: args.chat_template,
         });
@@ -157,13 +152,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let is_eog = |t: u32| !ignore_eos && tokenizer.is_eog(t);
     let mut write_err = None;
-    let shift_keep = args.context_shift.then(|| {
-        let bos =
-            usize::from(tokenizer.bos().is_some() && tokens.first() == tokenizer.bos().as_ref());
-        args.keep
-            .0
-            .map_or(tokens.len(), |k| (k + bos).min(tokens.len()))
-    });
+    let shift_keep = args
+        .shift
+        .get()
+        .map(|s| s.keep_for(&tokens, tokenizer.bos()));
     let stats = generate(
         &mut engine,
         &tokens,

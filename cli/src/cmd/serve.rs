@@ -12,7 +12,8 @@ use pshard_server::sched::Scheduler;
 use pshard_tokenizer::Tokenizer;
 
 use super::common::{
-    chat_template, init_threads, load_model, make_engine_parallel, plan_report, EngineArgs,
+    chat_template, init_threads, load_model, make_engine_parallel, plan_report, ContextShiftArgs,
+    EngineArgs,
 };
 
 /// Arguments of `pshard serve`.
@@ -54,6 +55,9 @@ pub struct Args {
     /// Chat template (Jinja source or a built-in name) instead of the model's.
     #[arg(long = "chat-template")]
     chat_template: Option<String>,
+    /// Context shift (llama.cpp's --context-shift, --keep).
+    #[command(flatten)]
+    shift: ContextShiftArgs,
     /// Seconds a SIGINT/SIGTERM waits for requests in flight before stopping.
     #[arg(long = "drain-timeout", default_value_t = 30)]
     drain_timeout: u64,
@@ -85,6 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_tokens: a.max_tokens,
         max_body_bytes: a.max_body_bytes,
         drain: Duration::from_secs(a.drain_timeout),
+        context_shift: a.shift.get(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -36,10 +36,15 @@ pub struct Server {
 impl Server {
     /// Starts `pshard serve` on the CPU with a free port and `extra` flags; waits for /health.
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::start_ctx(model, 512, extra)
+    }
+
+    /// [`Server::start`] with a context of `ctx` per sequence.
+    pub fn start_ctx(model: &Path, ctx: usize, extra: &[&str]) -> Server {
         let mut child = pshard()
-            .args([
-                "serve", "--device", "cpu", "-t", "2", "--port", "0", "-c", "512", "-m",
-            ])
+            .args(["serve", "--device", "cpu", "-t", "2", "--port", "0", "-c"])
+            .arg(ctx.to_string())
+            .arg("-m")
             .arg(model)
             .args(extra)
             .stdout(Stdio::null())
