@@ -213,25 +213,19 @@ async fn chat_and_completions_streamed_and_not() {
 }
 
 /// `pshard run --temp 0`'s text for a prompt (chat-templated or not).
-fn run_text(model: &std::path::Path, prompt: &str, chat: bool, n: usize) -> String {
+/// `pshard run --temp 0` of `n` tokens (context 512 unless `extra` gives `-c`): its text.
+fn run_text(model: &std::path::Path, prompt: &str, chat: bool, n: usize, extra: &[&str]) -> String {
     let mut cmd = pshard();
-    cmd.args([
-        "run",
-        "--device",
-        "cpu",
-        "-t",
-        "1",
-        "-c",
-        "512",
-        "--temp",
-        "0",
-        "--no-display-prompt",
-        "-n",
-    ])
-    .arg(n.to_string())
-    .arg("-m")
-    .arg(model)
-    .args(["-p", prompt]);
+    cmd.args(["run", "--device", "cpu", "-t", "1"]);
+    if !extra.contains(&"-c") {
+        cmd.args(["-c", "512"]);
+    }
+    cmd.args(extra)
+        .args(["--temp", "0", "--no-display-prompt", "-n"])
+        .arg(n.to_string())
+        .arg("-m")
+        .arg(model)
+        .args(["-p", prompt]);
     if chat {
         cmd.arg("--chat");
     }
@@ -263,7 +257,7 @@ async fn concurrent_greedy_requests_match_pshard_run() {
     let n = 16;
     let want: Vec<String> = prompts
         .iter()
-        .map(|(p, chat)| run_text(&model, p, *chat, n))
+        .map(|(p, chat)| run_text(&model, p, *chat, n, &[]))
         .collect();
     // Four sequences for eight requests: prompts join batches of running decodes, requests wait.
     // Evaluations of at most 16 tokens: prompts are cut into chunks (some carrying no row whose
@@ -308,66 +302,39 @@ async fn context_shift_goes_on_past_the_context_as_pshard_run_does() {
         return;
     };
     let prompt = "Once upon a time";
-    let out = pshard()
-        .args([
-            "run",
-            "--device",
-            "cpu",
-            "-t",
-            "1",
-            "-c",
-            "64",
-            "--context-shift",
-        ])
-        .args([
-            "--keep",
-            "4",
-            "--temp",
-            "0",
-            "--no-display-prompt",
-            "-n",
-            "100",
-            "-m",
-        ])
-        .arg(&model)
-        .args(["-p", prompt])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let want = run_text(
+        &model,
+        prompt,
+        false,
+        100,
+        &["-c", "64", "--context-shift", "--keep", "4"],
     );
-    let want = String::from_utf8(out.stdout).unwrap();
     let s = Server::start_ctx(
         &model,
         64,
         &["--parallel", "1", "--context-shift", "--keep", "4"],
     );
     let c = client();
-    let (st, v) = post(
-        &c,
-        format!("{}/v1/completions", s.base),
-        json!({"prompt": prompt, "temperature": 0, "max_tokens": 100}),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(
-        v["choices"][0]["text"].as_str().unwrap(),
-        want.trim_end_matches('\n')
-    );
+    let complete = |prompt: String, n: usize| {
+        let (c, url) = (c.clone(), format!("{}/v1/completions", s.base));
+        async move {
+            let (st, v) = post(
+                &c,
+                url,
+                json!({"prompt": prompt, "temperature": 0, "max_tokens": n}),
+            )
+            .await;
+            assert_eq!(st, 200, "{v}");
+            v
+        }
+    };
+    let v = complete(prompt.to_string(), 100).await;
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want);
     // 100 tokens after a prompt of a few in a context of 64: shifted at least once.
     assert_eq!(v["usage"]["completion_tokens"], 100, "{v}");
     let m = metrics(&c, &s.base).await;
     assert!(metric(&m, "pshard_context_shifts_total") >= 1.0, "{m}");
-    let long = "word ".repeat(100);
-    let (st, v) = post(
-        &c,
-        format!("{}/v1/completions", s.base),
-        json!({"prompt": long, "temperature": 0, "max_tokens": 4}),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
+    let v = complete("word ".repeat(100), 4).await;
     assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
 }
 
