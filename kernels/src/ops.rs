@@ -241,17 +241,44 @@ pub fn kv_shift(
     }
 }
 
+/// `e^x` for every f32 to ~2e-7 relative: 0 below −87.3, ∞ above 88.72, NaN for NaN. The
+/// range reduction of [`exp_neg`] with the power of two applied in two halves (so `2^128`
+/// overflows only as the result does). Branch-free, so loops over it vectorise: the activations
+/// below called libm's `expf`/`tanhf` per element, a fifth of gemma3's prefill (perf, pp512).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.clamp(-87.3, 88.8);
+    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let poly = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let n = n as i32;
+    let (n1, n2) = (n >> 1, n - (n >> 1));
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = poly * pow2(n1) * pow2(n2);
+    if x < -87.3 {
+        0.0
+    } else {
+        y
+    }
+}
+
 /// SiLU.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_f32(-x))
 }
 
-/// GELU, tanh approximation.
+/// GELU, tanh approximation: `0.5·x·(1 + tanh(y))`, computed as the equal `x / (1 + e^(−2y))`.
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    x / (1.0 + exp_f32(-2.0 * SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))
 }
 
 /// gpt-oss's clamped SwiGLU of one (gate, up) pair (see [`Activation::SwigluOai`]).
@@ -259,27 +286,31 @@ pub fn gelu_tanh(x: f32) -> f32 {
 pub fn swiglu_oai(gate: f32, up: f32) -> f32 {
     let g = gate.min(SWIGLU_OAI_LIMIT);
     let u = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT);
-    g / (1.0 + (-SWIGLU_OAI_ALPHA * g).exp()) * (u + 1.0)
+    g / (1.0 + exp_f32(-SWIGLU_OAI_ALPHA * g)) * (u + 1.0)
 }
 
 /// `out = act(gate, up)` elementwise.
 pub fn glu(gate: &[f32], up: &[f32], out: &mut [f32], act: Activation) {
-    let f = |((o, g), u): ((&mut f32, &f32), &f32)| {
-        *o = match act {
-            Activation::Silu => silu(*g) * u,
-            Activation::GeluTanh => gelu_tanh(*g) * u,
-            Activation::SwigluOai => swiglu_oai(*g, *u),
-        };
+    // One loop per activation (the match outside), so each vectorises.
+    fn each(o: &mut [f32], g: &[f32], u: &[f32], f: impl Fn(f32, f32) -> f32) {
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = f(*g, *u);
+        }
+    }
+    let f = |o: &mut [f32], g: &[f32], u: &[f32]| match act {
+        Activation::Silu => each(o, g, u, |g, u| silu(g) * u),
+        Activation::GeluTanh => each(o, g, u, |g, u| gelu_tanh(g) * u),
+        Activation::SwigluOai => each(o, g, u, swiglu_oai),
     };
     if out.len() >= 1 << 16 {
         let o = SharedSlice::new(out);
         pool::for_range(gate.len().min(up.len()).min(o.len()), 1024, |r| {
             // SAFETY: participants get disjoint ranges.
             let o = unsafe { o.range_mut(r.clone()) };
-            o.iter_mut().zip(&gate[r.clone()]).zip(&up[r]).for_each(f);
+            f(o, &gate[r.clone()], &up[r]);
         });
     } else {
-        out.iter_mut().zip(gate).zip(up).for_each(f);
+        f(out, gate, up);
     }
 }
 
@@ -324,7 +355,7 @@ pub fn route(
         Gating::Softmax => softmax(&mut probs),
         Gating::Sigmoid => probs
             .iter_mut()
-            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            .for_each(|v| *v = 1.0 / (1.0 + exp_f32(-*v))),
         Gating::SoftmaxAfterTopK => {}
     }
     match forced {
@@ -1250,6 +1281,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn exp_f32_and_the_activations_match_f64() {
+        let mut x = -95.0f32;
+        while x < 95.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x < -87.3 {
+                assert!(got == 0.0 && want < 1.2e-38, "exp({x}) = {got}");
+            } else if want > f32::MAX as f64 {
+                assert_eq!(got, f64::INFINITY, "exp({x})");
+            } else {
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            let xd = x as f64;
+            let silu_want = xd / (1.0 + (-xd).exp());
+            let y = 0.797_884_560_802_865_4 * (xd + 0.044_715 * xd * xd * xd);
+            // 0.5·x·(1 + tanh y), in the form that keeps its tiny negative tail.
+            let gelu = xd / (1.0 + (-2.0 * y).exp());
+            // The exponent's own f32 rounding (a few steps of 6e-8 relative to it) is the floor.
+            for (name, got, want, arg) in [
+                ("silu", silu(x), silu_want, xd),
+                ("gelu", gelu_tanh(x), gelu, 2.0 * y),
+            ] {
+                let tol = (1e-6 + 2.5e-7 * arg.abs()) * want.abs() + 1e-36;
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "{name}({x}) = {got}, want {want}"
+                );
+            }
+            x += 0.0173;
+        }
+        assert!(exp_f32(f32::NAN).is_nan() && silu(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(silu(-200.0), 0.0);
+        assert_eq!(gelu_tanh(-200.0), 0.0);
+        assert_eq!(gelu_tanh(200.0), 200.0);
     }
 
     #[test]
