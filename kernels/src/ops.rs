@@ -247,16 +247,7 @@ pub fn kv_shift(
 /// below called libm's `expf`/`tanhf` per element, a fifth of gemma3's prefill (perf, pp512).
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.clamp(-87.3, 88.8);
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let poly = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let (n, poly) = exp_reduce(x.clamp(-87.3, 88.8));
     let n = n as i32;
     let (n1, n2) = (n >> 1, n - (n >> 1));
     let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
@@ -266,6 +257,23 @@ pub fn exp_f32(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// `e^x = 2^n · e^r` for `x` in f32's exponent range: `n` (a whole f32) and `e^r`, `|r| ≤ ln2/2`,
+/// by its degree-6 Taylor polynomial (~1e-7 relative); `n` rounds to nearest by the 1.5·2^23
+/// trick (no libm call).
+#[inline(always)]
+fn exp_reduce(x: f32) -> (f32, f32) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let poly = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    (n, poly)
 }
 
 /// SiLU.
@@ -640,17 +648,7 @@ impl TileScratch {
 /// ln2/2`, degree-6 Taylor polynomial. Branch-free, so loops over it vectorise.
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let xc = x.max(-87.0);
-    // Round to nearest by the 1.5·2^23 trick (no libm call).
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let poly = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let (n, poly) = exp_reduce(x.max(-87.0));
     let scale = f32::from_bits(((n as i32 + 127).max(0) as u32) << 23);
     if x < -87.0 {
         0.0
