@@ -277,6 +277,12 @@ enum Engine {
         level: SimdLevel,
         rows: usize,
     },
+    /// Quantized weights, one token, the decode path ([`gemm::gemv`]).
+    Gemv {
+        conv: gemm::Converter,
+        kind: gemm::gemv::Kind,
+        acts: gemm::gemv::GemvActs,
+    },
     /// Quantized weights on the portable path: each row converted, then
     /// [`gemm::dot_converted`] per token.
     Rows {
@@ -330,6 +336,11 @@ impl<'a> RowsJob<'a> {
             )));
         }
         let engine = match gemm::converter(w.ty) {
+            Some(conv) if gemm::gemv::applies(&conv, x, level).is_some() => {
+                let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
+                let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
+                Engine::Gemv { conv, kind, acts }
+            }
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
                 let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
@@ -352,6 +363,7 @@ impl<'a> RowsJob<'a> {
     pub(crate) fn align(&self) -> usize {
         match &self.engine {
             Engine::Gemm { rows, .. } => *rows,
+            Engine::Gemv { .. } => 16,
             _ => DOT_ROWS,
         }
     }
@@ -407,6 +419,9 @@ impl<'a> RowsJob<'a> {
                     }
                     i0 = i1;
                 }
+            }
+            Engine::Gemv { conv, kind, acts } => {
+                gemm::gemv::rows(conv, *kind, acts, w.data, wrb, r0, outs[0]);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();

@@ -37,6 +37,9 @@ use pshard_model::ggml_type::GgmlType;
 use crate::matmul::{KernelError, QuantizedActs};
 use crate::quant::{ActFormat, SimdLevel};
 
+pub(crate) mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod gemv_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
