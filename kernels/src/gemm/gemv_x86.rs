@@ -124,23 +124,6 @@ unsafe fn lanes4<const FULL: bool>(p: *const u8, stride: usize, n: usize) -> __m
     }
 }
 
-/// The 64-bit mask of one half of a legacy step's fifth bits: per block `j < n` the 16 bits at
-/// byte `half · 2` of its 32-bit word (at `p + j · stride`) as bits `16j ..`.
-///
-/// # Safety
-/// The `n` words readable.
-#[inline]
-unsafe fn fifth_mask<const FULL: bool>(p: *const u8, stride: usize, n: usize, half: usize) -> u64 {
-    let n = if FULL { 4 } else { n };
-    let mut m = 0u64;
-    for j in 0..n {
-        // SAFETY: byte 2·half .. + 2 of block j's word (caller).
-        let h = unsafe { p.add(j * stride + 2 * half).cast::<u16>().read_unaligned() };
-        m |= (h as u64) << (16 * j);
-    }
-    m
-}
-
 /// Four rows' accumulators (lane `j` of each: four partial sums of sub-block `j`) into one
 /// vector whose lane `j` holds the four rows' sums of sub-block `j`.
 #[inline]
@@ -185,6 +168,11 @@ struct Consts {
     qi: __m512i,
     /// Q5_K: per lane `j` the bit of sub-block `4h + j` (`h` = step parity).
     sel: [__m512i; 2],
+    /// Q5_0/Q5_1: per byte `i` of a lane, the byte of the fifth bits holding bit `i` of the
+    /// first (`qh_lo`) or second half; `bit`: `1 << (i % 8)`.
+    qh_lo: __m512i,
+    qh_hi: __m512i,
+    bit: __m512i,
     /// Q6_K: 16-bit shift counts of the high bits for the first and second vectors.
     shl: __m512i,
     shr: __m512i,
@@ -213,6 +201,12 @@ impl Consts {
             pi: _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13),
             qi: _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15),
             sel: [bits(0), bits(1)],
+            qh_lo: _mm512_broadcast_i32x4(_mm_set_epi64x(0x0101_0101_0101_0101, 0)),
+            qh_hi: _mm512_broadcast_i32x4(_mm_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+            )),
+            bit: _mm512_set1_epi64(0x8040_2010_0804_0201_u64 as i64),
             shl: lanes([w(4), w(4), w(2), w(2)]),
             shr: lanes([w(0), w(0), w(2), w(2)]),
         }
@@ -246,19 +240,13 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                 let mut lo = _mm512_and_si512(v, c.m4);
                 let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4);
                 if K == L5 {
-                    let h = b.add(g.qh);
-                    lo = _mm512_mask_add_epi8(
-                        lo,
-                        fifth_mask::<FULL>(h, g.bytes, nblk, 0),
-                        lo,
-                        c.b16,
-                    );
-                    hi = _mm512_mask_add_epi8(
-                        hi,
-                        fifth_mask::<FULL>(h, g.bytes, nblk, 1),
-                        hi,
-                        c.b16,
-                    );
+                    // Byte i of each lane tests bit i of its block's fifth bits (first half:
+                    // bits 0..16, second: 16..32).
+                    let h = lanes4::<FULL>(b.add(g.qh), g.bytes, nblk);
+                    let kp = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, c.qh_lo), c.bit);
+                    let kq = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, c.qh_hi), c.bit);
+                    lo = _mm512_mask_add_epi8(lo, kp, lo, c.b16);
+                    hi = _mm512_mask_add_epi8(hi, kq, hi, c.b16);
                 }
                 let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
                 [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
