@@ -500,6 +500,14 @@ impl<'a> RowsJob<'a> {
     }
 }
 
+impl Drop for RowsJob<'_> {
+    fn drop(&mut self) {
+        if let Engine::Gemv { acts, .. } = &mut self.engine {
+            acts.recycle();
+        }
+    }
+}
+
 /// Checks that `out` (stride `out_stride`) can take output rows `rows` of `w` for `n_tok` tokens;
 /// `Ok(false)` when there is nothing to compute.
 fn check_output(

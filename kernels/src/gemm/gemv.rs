@@ -76,6 +76,7 @@ impl Kind {
 /// One token's activations in the decode layout: the GEMM's conversion ([`GemmActs`]: block
 /// scales, scaled sums) plus the values rearranged per step ([`Kind::split`], zero-padded to
 /// whole steps) and per step the seeds of its one (sub-blocks of 32) or two accumulators.
+#[derive(Default)]
 pub(crate) struct GemvActs {
     /// The GEMM's conversion of the token (its `d` and `sa` are read per sub-block).
     pub base: GemmActs,
@@ -86,6 +87,12 @@ pub(crate) struct GemvActs {
     pub seed: Vec<i32>,
 }
 
+thread_local! {
+    /// Buffers of dropped [`GemvActs`], reused by the next call on this thread (a small model's
+    /// decode step runs hundreds of matmuls: one allocation each would show).
+    static SPARE: std::cell::RefCell<Vec<GemvActs>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl GemvActs {
     /// Converts the one row of `x` for weights of `conv` (decoded by `kind`).
     pub(crate) fn new(
@@ -93,30 +100,43 @@ impl GemvActs {
         conv: &Converter,
         kind: Kind,
     ) -> Result<GemvActs, KernelError> {
-        let base = GemmActs::new(x, conv, false)?;
-        let cols = base.cols;
+        let mut g = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+        g.base.fill(x, conv, false)?;
+        let cols = g.base.cols;
         let steps = cols.div_ceil(STEP);
-        let mut q = vec![0i8; steps * STEP];
-        let mut seed = vec![0i32; steps * 32];
+        super::zeroed(&mut g.q, steps * STEP);
+        super::zeroed(&mut g.seed, steps * 32);
         let per = conv.sub();
         let o = conv.offset as i32;
-        for (s, a) in base.q[..cols].chunks_exact(per).enumerate() {
+        let (q, seed) = (&mut g.q, &mut g.seed);
+        for (s, a) in g.base.q[..cols].chunks_exact(per).enumerate() {
             let (k, j) = (s * per / STEP, (s * per % STEP) / per);
             let at = k * STEP;
+            let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
             if kind.split() {
                 // Sub-block j of the step: first half to lane j of the first vector, second
                 // half to lane j of the second.
                 q[at + 16 * j..at + 16 * j + 16].copy_from_slice(&a[..16]);
                 q[at + 64 + 16 * j..at + 64 + 16 * j + 16].copy_from_slice(&a[16..]);
-                seed[32 * k + 4 * j] = -o * a.iter().map(|&v| v as i32).sum::<i32>();
+                seed[32 * k + 4 * j] = sum;
             } else {
                 // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
                 q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
-                seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] =
-                    -o * a.iter().map(|&v| v as i32).sum::<i32>();
+                seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum;
             }
         }
-        Ok(GemvActs { base, q, seed })
+        Ok(g)
+    }
+
+    /// Gives the buffers to the next call on this thread (leaving this value empty).
+    pub(crate) fn recycle(&mut self) {
+        let g = std::mem::take(self);
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 4 {
+                s.push(g);
+            }
+        });
     }
 }
 

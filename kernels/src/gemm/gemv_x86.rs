@@ -297,130 +297,115 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
     }
 }
 
-/// One row's step `k` ([`step_dot`]), prefetching `pf + off`; legacy: the first 4 bytes of
-/// each block into `dm[j][r]`.
-///
-/// # Safety
-/// As [`step_dot`]; `dm` holds `nblk` blocks.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn row_step<const K: u8, const FULL: bool>(
-    row: *const u8,
-    pf: *const u8,
-    off: usize,
+/// What the rows of one step share: the type's geometry, the step `k` (legacy: its `nblk`
+/// blocks), the decoders' constants, the activations and seeds, the prefetch offset.
+#[derive(Clone, Copy)]
+struct Step<'a> {
     g: Geo,
     k: usize,
     nblk: usize,
-    c: &Consts,
+    c: &'a Consts,
     a: [__m512i; 2],
     seed: [__m512i; 2],
-    dm: &mut [[u32; 16]],
+    off: usize,
+}
+
+/// Row `r` of `p` in step `t` ([`step_dot`]), prefetching `pf[r] + t.off`; legacy: the first 4
+/// bytes of each block into `dm[j][r]`.
+///
+/// # Safety
+/// As [`step_dot`]; `dm` holds the step's blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn row_step<const K: u8, const FULL: bool>(
+    t: &Step,
+    p: &[*const u8; 16],
+    pf: &[*const u8; 16],
     r: usize,
+    dm: &mut [[u32; 16]],
 ) -> [__m512i; 2] {
+    let row = p[r];
+    let nblk = if FULL { 4 } else { t.nblk };
     let lines = if K == L8 { 3 } else { 2 };
-    let at = pf.wrapping_add(off);
+    let at = pf[r].wrapping_add(t.off);
     for l in 0..lines {
         // A hint that never faults (any address).
         _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * l).cast());
     }
     if K <= L8 {
-        for (j, d) in dm.iter_mut().take(if FULL { 4 } else { nblk }).enumerate() {
+        for (j, d) in dm.iter_mut().take(nblk).enumerate() {
             // SAFETY: the first 4 bytes of block 4k + j of the row (caller).
             d[r] = unsafe {
-                row.add((4 * k + j) * g.bytes)
+                row.add((4 * t.k + j) * t.g.bytes)
                     .cast::<u32>()
                     .read_unaligned()
             };
         }
     }
     // SAFETY: step k of the row (caller).
-    unsafe { step_dot::<K, FULL>(row, g, k, nblk, c, a, seed) }
+    unsafe { step_dot::<K, FULL>(row, t.g, t.k, nblk, t.c, t.a, t.seed) }
 }
 
-/// Step `k` of 16 rows `p` (legacy: `nblk` blocks): each row's accumulators, four rows' summed
-/// and transposed into `sums[j]` = the 16 rows' sums of the step's sub-block `j`; legacy: the
-/// first 4 bytes of each block into `dm[j][row]`. Prefetches `lines(K)` lines at `pf[row] + off`.
+/// Rows `4q .. 4q + 4` of step `t`: their accumulators summed and transposed ([`reduce4`]);
+/// Q6_K's second accumulators into the second vector.
 ///
 /// # Safety
-/// AVX-512 VNNI available; step `k` readable in every row; `sums` holds the step's sub-blocks
-/// (4, Q6_K 8), `dm` its blocks; `pf[row] + off` need not be valid.
-#[allow(clippy::too_many_arguments)]
+/// As [`row_step`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quad<const K: u8, const FULL: bool>(
+    t: &Step,
+    p: &[*const u8; 16],
+    pf: &[*const u8; 16],
+    q: usize,
+    dm: &mut [[u32; 16]],
+) -> [__m512i; 2] {
+    // SAFETY: as for the step (caller).
+    let v = unsafe {
+        [
+            row_step::<K, FULL>(t, p, pf, 4 * q, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 1, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 2, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 3, dm),
+        ]
+    };
+    let lo = reduce4([v[0][0], v[1][0], v[2][0], v[3][0]]);
+    let hi = if K == K6 {
+        reduce4([v[0][1], v[1][1], v[2][1], v[3][1]])
+    } else {
+        lo
+    };
+    [lo, hi]
+}
+
+/// Step `t` of 16 rows `p`: `sums[j]` = the 16 rows' sums of the step's sub-block `j`; legacy:
+/// the first 4 bytes of each block into `dm[j][row]`. Prefetches at `pf[row] + t.off`.
+///
+/// # Safety
+/// AVX-512 VNNI available; the step readable in every row; `sums` holds the step's sub-blocks
+/// (4, Q6_K 8), `dm` its blocks; `pf[row] + t.off` need not be valid.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn step16<const K: u8, const FULL: bool>(
+    t: &Step,
     p: &[*const u8; 16],
     pf: &[*const u8; 16],
-    off: usize,
-    g: Geo,
-    k: usize,
-    nblk: usize,
-    c: &Consts,
-    a: [__m512i; 2],
-    seed: [__m512i; 2],
     sums: &mut [[i32; 16]],
     dm: &mut [[u32; 16]],
 ) {
-    let nblk = if FULL { 4 } else { nblk };
-    let quad = |q: usize, dm: &mut [[u32; 16]]| {
-        // SAFETY: as for the step (caller).
-        let v = unsafe {
-            [
-                row_step::<K, FULL>(p[4 * q], pf[4 * q], off, g, k, nblk, c, a, seed, dm, 4 * q),
-                row_step::<K, FULL>(
-                    p[4 * q + 1],
-                    pf[4 * q + 1],
-                    off,
-                    g,
-                    k,
-                    nblk,
-                    c,
-                    a,
-                    seed,
-                    dm,
-                    4 * q + 1,
-                ),
-                row_step::<K, FULL>(
-                    p[4 * q + 2],
-                    pf[4 * q + 2],
-                    off,
-                    g,
-                    k,
-                    nblk,
-                    c,
-                    a,
-                    seed,
-                    dm,
-                    4 * q + 2,
-                ),
-                row_step::<K, FULL>(
-                    p[4 * q + 3],
-                    pf[4 * q + 3],
-                    off,
-                    g,
-                    k,
-                    nblk,
-                    c,
-                    a,
-                    seed,
-                    dm,
-                    4 * q + 3,
-                ),
-            ]
-        };
-        let lo = reduce4([v[0][0], v[1][0], v[2][0], v[3][0]]);
-        let hi = if K == K6 {
-            reduce4([v[0][1], v[1][1], v[2][1], v[3][1]])
-        } else {
-            lo
-        };
-        [lo, hi]
+    // SAFETY: as for the step (caller).
+    let u = unsafe {
+        [
+            quad::<K, FULL>(t, p, pf, 0, dm),
+            quad::<K, FULL>(t, p, pf, 1, dm),
+            quad::<K, FULL>(t, p, pf, 2, dm),
+            quad::<K, FULL>(t, p, pf, 3, dm),
+        ]
     };
-    let u = [quad(0, dm), quad(1, dm), quad(2, dm), quad(3, dm)];
     let halves = if K == K6 { 2 } else { 1 };
     for h in 0..halves {
-        let t = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
-        for (j, v) in t.into_iter().enumerate() {
+        let v = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
+        for (j, v) in v.into_iter().enumerate() {
             // SAFETY: sub-block 4h + j of the step is in `sums` (caller).
             unsafe { _mm512_storeu_si512(sums[4 * h + j].as_mut_ptr().cast(), v) };
         }
@@ -478,14 +463,22 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
             let pf = k * step_bytes + PREFETCH;
             let (pfp, pfo) = if pf < wrb { (p, pf) } else { (next, pf - wrb) };
             let sub = &mut sums[STEP / per * s..];
+            let t = Step {
+                g,
+                k,
+                nblk: (nb - 4 * k).min(4),
+                c: &c,
+                a,
+                seed,
+                off: pfo,
+            };
             // SAFETY: step k lies in every row (caller); the chunk's step s has room for its
             // sub-blocks in `sub` and its blocks in `dm`.
             unsafe {
-                if !legacy || nb - 4 * k >= 4 {
-                    step16::<K, true>(p, pfp, pfo, g, k, 4, &c, a, seed, sub, &mut dm[4 * s..]);
+                if !legacy || t.nblk == 4 {
+                    step16::<K, true>(&t, p, pfp, sub, &mut dm[4 * s..]);
                 } else {
-                    let nblk = nb - 4 * k;
-                    step16::<K, false>(p, pfp, pfo, g, k, nblk, &c, a, seed, sub, &mut dm[4 * s..]);
+                    step16::<K, false>(&t, p, pfp, sub, &mut dm[4 * s..]);
                 }
             }
         }

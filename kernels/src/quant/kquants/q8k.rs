@@ -184,7 +184,7 @@ mod tests {
         };
         let mut blocks: Vec<[f32; QK_K]> = Vec::new();
         for b in 0..64 {
-            let scale = 10f32.powi((b % 9) as i32 - 4);
+            let scale = 10f32.powi(b % 9 - 4);
             blocks.push(std::array::from_fn(|_| {
                 (next() >> 40) as f32 / (1u64 << 23) as f32 * scale - scale
             }));
