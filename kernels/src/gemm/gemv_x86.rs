@@ -188,8 +188,9 @@ impl Consts {
                 v[3], v[3],
             )
         };
-        let bits = |h: i32| {
-            let b = |j: i32| 0x0101_0101 * (1 << (4 * h + j));
+        let bits = |h: u32| {
+            // Bit 4h + j in every byte (the top one sets the sign bit of the dword).
+            let b = |j: u32| (0x0101_0101u32 << (4 * h + j)) as i32;
             lanes([b(0), b(1), b(2), b(3)])
         };
         let w = |s: i32| s | (s << 16);
