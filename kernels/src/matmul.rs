@@ -5,9 +5,9 @@
 //!
 //! Each pool participant takes one contiguous part of the rows (whole tiles), so a decode step
 //! streams every weight byte once with no scheduling between ops. Quantized weights go through
-//! the int8 GEMM ([`crate::gemm`]) at every batch size, decode included: a tile of rows is
-//! converted a chunk of columns at a time and every token passes over it while it sits in L1, so
-//! each weight row is read from memory once per call.
+//! the int8 GEMM ([`crate::gemm`]): a tile of rows is converted a chunk of columns at a time and
+//! every token passes over it while it sits in L1, so each weight row is read from memory once per
+//! call; one token with AVX-512 VNNI takes its row-wise decode path (`gemm::gemv`).
 //!
 //! Every output is one fixed sequence of operations on its weight row and activation row
 //! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
