@@ -5,7 +5,12 @@
 //! split over all threads). Median of `REPS` runs each.
 //!
 //! `cargo bench -p pshard-kernels --bench gemv` (threads: `PSHARD_THREADS`, default all cores;
-//! types: `GEMV_TYPES=Q4_K,Q8_0`).
+//! types: `GEMV_TYPES=Q4_K,Q8_0`; another shape: `GEMV_SHAPE=262144x640`).
+//!
+//! `GEMV_L2=1`: the compute roof instead, on one thread: a 128 × 4096 matrix (`GEMV_SHAPE=RxC`;
+//! rows a multiple of 64) that stays in L2,
+//! fastest of 400 calls (`GEMV_REPS`) (robust to other processes sharing the cores), in ns per weight row
+//! and GB/s of weight bytes. Used for A/B decisions on a busy machine.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -41,14 +46,14 @@ fn read_all(buf: &[u64]) -> u64 {
         .fold(0, u64::wrapping_add)
 }
 
-/// A matrix of `ty`: 64 distinct rows quantized from random values, repeated.
-fn weights(ty: GgmlType) -> Vec<u8> {
+/// A `rows × cols` matrix of `ty`: 64 distinct rows quantized from random values, repeated.
+fn weights(ty: GgmlType, cols: usize, rows: usize) -> Vec<u8> {
     let k = quant::kernel(ty).expect("CPU kernel");
-    let rb = ty.row_bytes(COLS as u64).unwrap() as usize;
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
     let mut base = vec![0u8; 64 * rb];
     let mut s = 0x2545_f491_4f6c_dd1du64;
     for row in base.chunks_exact_mut(rb) {
-        let x: Vec<f32> = (0..COLS)
+        let x: Vec<f32> = (0..cols)
             .map(|_| {
                 s ^= s << 13;
                 s ^= s >> 7;
@@ -58,10 +63,80 @@ fn weights(ty: GgmlType) -> Vec<u8> {
             .collect();
         (k.quantize_row)(&x, row);
     }
-    base.repeat(ROWS / 64)
+    base.repeat(rows / 64)
+}
+
+/// `GEMV_SHAPE=RxC` (rows a multiple of 64), else `default`.
+fn shape(default: (usize, usize)) -> (usize, usize) {
+    std::env::var("GEMV_SHAPE")
+        .ok()
+        .and_then(|v| {
+            let (r, c) = v.split_once('x')?;
+            Some((r.parse().ok()?, c.parse().ok()?))
+        })
+        .unwrap_or(default)
+}
+
+/// The compute roof (see the module notes): one thread, a matrix in L2, fastest call.
+fn l2_roof(types: &[GgmlType]) {
+    let (r, c) = shape((128, 4096));
+    let reps: usize = std::env::var("GEMV_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    pool::set_threads(1);
+    println!("L2-resident GEMV {r}x{c}, batch 1, 1 thread, fastest of {reps}");
+    println!("| type | KB | ns/row | GB/s |");
+    println!("|---|---:|---:|---:|");
+    for &ty in types {
+        let k = quant::kernel(ty).expect("CPU kernel");
+        let data = weights(ty, c, r);
+        let w = WeightMatrix {
+            ty,
+            data: &data,
+            rows: r,
+            cols: c,
+        };
+        let x: Vec<f32> = (0..c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+        let mut out = vec![0f32; r];
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let q = quantize_acts(k.act, &x, 1, c);
+            matmul(&w, &q, &mut out, r, 0..r).unwrap();
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        black_box(&out);
+        println!(
+            "| {ty} | {:.0} | {:.1} | {:.1} |",
+            data.len() as f64 / 1e3,
+            best * 1e9 / r as f64,
+            data.len() as f64 / best / 1e9
+        );
+    }
 }
 
 fn main() {
+    let types: Vec<GgmlType> = match std::env::var("GEMV_TYPES") {
+        Ok(v) => v
+            .split(',')
+            .filter_map(|n| GgmlType::from_name(n.trim()))
+            .collect(),
+        Err(_) => vec![
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_K,
+        ],
+    };
+    if std::env::var("GEMV_L2").is_ok_and(|v| v == "1") {
+        l2_roof(&types);
+        return;
+    }
+    let (rows, cols) = shape((ROWS, COLS));
     let threads = std::env::var("PSHARD_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -80,47 +155,32 @@ fn main() {
     );
     drop(buf);
     println!(
-        "DRAM read: {mem:.1} GB/s ({} threads); GEMV {ROWS}x{COLS}, batch 1, median of {REPS}",
+        "DRAM read: {mem:.1} GB/s ({} threads); GEMV {rows}x{cols}, batch 1, median of {REPS}",
         t.used
     );
     println!("| type | MB | GB/s | % of DRAM read |");
     println!("|---|---:|---:|---:|");
-    let types: Vec<GgmlType> = match std::env::var("GEMV_TYPES") {
-        Ok(v) => v
-            .split(',')
-            .filter_map(|n| GgmlType::from_name(n.trim()))
-            .collect(),
-        Err(_) => vec![
-            GgmlType::Q4_K,
-            GgmlType::Q6_K,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_K,
-        ],
-    };
     let llc = 64usize << 20;
-    for ty in types {
+    for &ty in &types {
         let k = quant::kernel(ty).expect("CPU kernel");
-        let one = weights(ty);
+        let one = weights(ty, cols, rows);
         let copies: Vec<Vec<u8>> = (0..(3 * llc).div_ceil(one.len()).max(2))
             .map(|_| one.clone())
             .collect();
-        let x: Vec<f32> = (0..COLS).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
-        let mut out = vec![0f32; ROWS];
+        let x: Vec<f32> = (0..cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+        let mut out = vec![0f32; rows];
         let mut gbs = Vec::new();
         for rep in 0..REPS + 2 {
             let w = WeightMatrix {
                 ty,
                 data: &copies[rep % copies.len()],
-                rows: ROWS,
-                cols: COLS,
+                rows,
+                cols,
             };
             let t0 = Instant::now();
             // The runtime quantizes the input once per op: included, as in a decode step.
-            let q = quantize_acts(k.act, &x, 1, COLS);
-            matmul(&w, &q, &mut out, ROWS, 0..ROWS).unwrap();
+            let q = quantize_acts(k.act, &x, 1, cols);
+            matmul(&w, &q, &mut out, rows, 0..rows).unwrap();
             let s = t0.elapsed().as_secs_f64();
             if rep >= 2 {
                 gbs.push(one.len() as f64 / s / 1e9);

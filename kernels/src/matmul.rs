@@ -5,9 +5,9 @@
 //!
 //! Each pool participant takes one contiguous part of the rows (whole tiles), so a decode step
 //! streams every weight byte once with no scheduling between ops. Quantized weights go through
-//! the int8 GEMM ([`crate::gemm`]) at every batch size, decode included: a tile of rows is
-//! converted a chunk of columns at a time and every token passes over it while it sits in L1, so
-//! each weight row is read from memory once per call.
+//! the int8 GEMM ([`crate::gemm`]): a tile of rows is converted a chunk of columns at a time and
+//! every token passes over it while it sits in L1, so each weight row is read from memory once per
+//! call; one token with AVX-512 VNNI takes its row-wise decode path (`gemm::gemv`).
 //!
 //! Every output is one fixed sequence of operations on its weight row and activation row
 //! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
@@ -277,6 +277,12 @@ enum Engine {
         level: SimdLevel,
         rows: usize,
     },
+    /// Quantized weights, one token, the decode path ([`gemm::gemv`]).
+    Gemv {
+        conv: gemm::Converter,
+        kind: gemm::gemv::Kind,
+        acts: gemm::gemv::GemvActs,
+    },
     /// Quantized weights on the portable path: each row converted, then
     /// [`gemm::dot_converted`] per token.
     Rows {
@@ -330,6 +336,11 @@ impl<'a> RowsJob<'a> {
             )));
         }
         let engine = match gemm::converter(w.ty) {
+            Some(conv) if gemm::gemv::applies(&conv, x, level).is_some() => {
+                let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
+                let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
+                Engine::Gemv { conv, kind, acts }
+            }
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
                 let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
@@ -352,6 +363,7 @@ impl<'a> RowsJob<'a> {
     pub(crate) fn align(&self) -> usize {
         match &self.engine {
             Engine::Gemm { rows, .. } => *rows,
+            Engine::Gemv { .. } => 16,
             _ => DOT_ROWS,
         }
     }
@@ -407,6 +419,9 @@ impl<'a> RowsJob<'a> {
                     }
                     i0 = i1;
                 }
+            }
+            Engine::Gemv { conv, kind, acts } => {
+                gemm::gemv::rows(conv, *kind, acts, w.data, wrb, r0, outs[0]);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();
@@ -481,6 +496,14 @@ impl<'a> RowsJob<'a> {
                     i += nr;
                 }
             }),
+        }
+    }
+}
+
+impl Drop for RowsJob<'_> {
+    fn drop(&mut self) {
+        if let Engine::Gemv { acts, .. } = &mut self.engine {
+            acts.recycle();
         }
     }
 }

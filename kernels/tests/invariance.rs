@@ -2,7 +2,9 @@
 //! dot of its weight row and activation row (`QuantKernel::dot` of the scalar kernel) — whatever
 //! the batch size (1..=40 tokens, the token at any position of the batch), the output rows asked
 //! for, the thread count and the SIMD level (int8 GEMM with 16-row VNNI or 8-row AVX2 tiles, the
-//! portable path, the f32 dots of each level). The exact-activation path likewise equals the
+//! row-wise decode path at batch 1 with AVX-512 VNNI, the portable path, the f32 dots of each
+//! level). Widths span several column chunks and end in a partial one (legacy types: a partial
+//! step of 128); 37 rows end in a partial group of 16. The exact-activation path likewise equals the
 //! portable f32 dot of the dequantized row.
 //!
 //! Weights: random values quantized by each type's reference quantizer, with varied magnitudes,
@@ -118,10 +120,11 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                 if !level.available() {
                     continue;
                 }
-                for n in 1..=MAX_TOKENS {
+                // Batch 1 (the decode path) twice: all rows, then a random range.
+                for n in std::iter::once(1).chain(1..=MAX_TOKENS) {
                     let t0 = r.gen_range(0..=MAX_TOKENS);
                     let x = slice_acts(&xq, t0, n);
-                    let (lo, hi) = if n % 3 == 0 {
+                    let (lo, hi) = if n % 3 == 0 || (n == 1 && r.gen_bool(0.5)) {
                         let lo = r.gen_range(0..rows);
                         (lo, r.gen_range(lo + 1..=rows))
                     } else {
@@ -293,7 +296,7 @@ fn tile_loaders_match_the_converters() {
 
 /// A Q8_0/Q8_1 activation block holding −128 (outside those formats: their SIMD quantizer writes
 /// it for NaN input) makes that token's outputs NaN on every path, the reference dot included,
-/// and leaves the other tokens' outputs as they were.
+/// alone (batch 1) or in a batch, and leaves the other tokens' outputs as they were.
 #[test]
 fn out_of_range_activations_give_nan_on_every_path() {
     let mut r = rng("low_acts");
@@ -323,6 +326,24 @@ fn out_of_range_activations_give_nan_on_every_path() {
         for level in SimdLevel::ALL {
             if !level.available() {
                 continue;
+            }
+            // The NaN token alone (the decode path) and next to a clean one.
+            for t in [1, 2] {
+                let one = slice_acts(&x, t, 1);
+                let mut out = vec![0f32; rows];
+                matmul_at(level, &w, &one, &mut out, rows, 0..rows).unwrap();
+                for (i, &got) in out.iter().enumerate() {
+                    let want = (k.dot)(&data[i * rb..(i + 1) * rb], x.row(t), cols);
+                    assert_eq!(
+                        got.is_nan(),
+                        t == 2,
+                        "{ty} {} batch 1, token {t}: {got}",
+                        level.name()
+                    );
+                    if t != 2 {
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} {}", level.name());
+                    }
+                }
             }
             let mut out = vec![0f32; n * rows];
             matmul_at(level, &w, &x, &mut out, rows, 0..rows).unwrap();

@@ -30,13 +30,19 @@
 //! `vpmaddubsw` of one operand's magnitude with the other signed by it (the weights are stored
 //! signed, `u − offset`; no saturation: see [`x86`]). The per-lane f32 steps are the order above.
 //! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
-//! conversion is paid once per weight byte and call, decode included.
+//! conversion is paid once per weight byte and call.
+//!
+//! **Decode.** One token with AVX-512 VNNI skips the tile: `gemm::gemv` dots each row straight from
+//! its blocks and transposes the integer sums instead, then runs the same f32 order.
 
 use pshard_model::ggml_type::GgmlType;
 
 use crate::matmul::{KernelError, QuantizedActs};
 use crate::quant::{ActFormat, SimdLevel};
 
+pub(crate) mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod gemv_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
@@ -130,6 +136,7 @@ pub fn rows_per_tile(level: SimdLevel) -> Option<usize> {
 /// Activations as the GEMM reads them (see the module notes): per token the int8 values, per
 /// block of 32 the scale, per sub-block the scaled sum (types with a minimum) and the offset's
 /// seed `−offset · Σa` (VNNI kernel, types with an offset).
+#[derive(Default)]
 pub struct GemmActs {
     /// `n_rows × cols` values.
     pub q: Vec<i8>,
@@ -153,6 +160,18 @@ impl GemmActs {
     /// Converts `x` (Q8_0, Q8_1 or Q8_K rows) for weights of `conv`; `seeds`: fill
     /// [`GemmActs::seed`]. Errors on F32 rows.
     pub fn new(x: &QuantizedActs, conv: &Converter, seeds: bool) -> Result<GemmActs, KernelError> {
+        let mut g = GemmActs::default();
+        g.fill(x, conv, seeds)?;
+        Ok(g)
+    }
+
+    /// [`GemmActs::new`] into this value's buffers (their allocations reused).
+    pub fn fill(
+        &mut self,
+        x: &QuantizedActs,
+        conv: &Converter,
+        seeds: bool,
+    ) -> Result<(), KernelError> {
         let (cols, n) = (x.cols, x.n_rows);
         let nb = cols / QB;
         let per = conv.sub();
@@ -163,16 +182,15 @@ impl GemmActs {
                 what: format!("{} weights need quantized activations, got F32", conv.ty),
             });
         }
-        let mut g = GemmActs {
-            q: vec![0i8; n * cols],
-            d: vec![0f32; n * nb],
-            sa: vec![0f32; if conv.min { n * subs } else { 0 }],
-            seed: vec![0i32; if seeds { n * subs } else { 0 }],
-            n_rows: n,
-            cols,
-            subs,
-            full_range: x.format == ActFormat::Q8K,
-        };
+        zeroed(&mut self.q, n * cols);
+        zeroed(&mut self.d, n * nb);
+        zeroed(&mut self.sa, if conv.min { n * subs } else { 0 });
+        zeroed(&mut self.seed, if seeds { n * subs } else { 0 });
+        self.n_rows = n;
+        self.cols = cols;
+        self.subs = subs;
+        self.full_range = x.format == ActFormat::Q8K;
+        let g = self;
         {
             let q = crate::pool::SharedSlice::new(&mut g.q);
             let d = crate::pool::SharedSlice::new(&mut g.d);
@@ -209,8 +227,14 @@ impl GemmActs {
                 (0..n).for_each(convert);
             }
         }
-        Ok(g)
+        Ok(())
     }
+}
+
+/// `v` as `len` zeros, its allocation reused.
+pub(crate) fn zeroed<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    v.clear();
+    v.resize(len, T::default());
 }
 
 /// One activation row in `format` into int8 values, block scales and (where `sa` is not empty)

@@ -14,7 +14,8 @@ use std::ops::Range;
 
 use half::f16;
 use pshard_kernels::matmul::{
-    matmul, matmul_exact, quantize_acts, ActPrecision, QuantizedActs, WeightMatrix,
+    matmul, matmul_exact, quantize_acts, quantize_acts_into, ActPrecision, QuantizedActs,
+    WeightMatrix,
 };
 use pshard_kernels::ops;
 use pshard_kernels::quant::{self, ActFormat};
@@ -66,7 +67,10 @@ pub type ActTrace = std::collections::HashMap<ActTraceKey, Vec<f32>>;
 /// The CPU lane of one program: its activation buffers and the state of its matmuls.
 pub struct CpuLane {
     bufs: Vec<Vec<f32>>,
+    /// Per buffer, its last quantization (the allocation is kept for the next one) and whether it
+    /// still matches the buffer.
     act_cache: Vec<Option<QuantizedActs>>,
+    act_valid: Vec<bool>,
     precision: ActPrecision,
     /// Recorded matmul inputs, when tracing.
     pub trace: Option<ActTrace>,
@@ -89,6 +93,7 @@ impl CpuLane {
         CpuLane {
             bufs,
             act_cache: vec![None; g.buffers.len()],
+            act_valid: vec![false; g.buffers.len()],
             precision: ActPrecision::Quantized,
             trace: None,
             op_secs: Default::default(),
@@ -102,7 +107,7 @@ impl CpuLane {
 
     /// Forgets cached activation quantizations (at the start of every run: inputs change).
     pub fn begin_run(&mut self) {
-        self.act_cache.iter_mut().for_each(|c| *c = None);
+        self.act_valid.iter_mut().for_each(|v| *v = false);
     }
 
     /// A buffer.
@@ -112,7 +117,7 @@ impl CpuLane {
 
     /// A buffer, to be written (its cached quantization is dropped).
     pub fn buf_mut(&mut self, b: BufId) -> &mut [f32] {
-        self.act_cache[b.0 as usize] = None;
+        self.act_valid[b.0 as usize] = false;
         &mut self.bufs[b.0 as usize]
     }
 
@@ -134,19 +139,18 @@ impl CpuLane {
         self.precision == ActPrecision::Exact && format != ActFormat::F32
     }
 
-    fn quantize(&mut self, g: &Graph, x: BufId, format: ActFormat) {
+    fn quantize(&mut self, g: &Graph, x: BufId, format: ActFormat) -> Result<(), EngineError> {
         let i = x.0 as usize;
-        let stale = !matches!(&self.act_cache[i], Some(q) if q.format == format);
-        if stale {
+        let fresh =
+            self.act_valid[i] && matches!(&self.act_cache[i], Some(q) if q.format == format);
+        if !fresh {
             let rows = g.rows(x);
             let cols = g.buffer(x).cols;
-            self.act_cache[i] = Some(quantize_acts(
-                format,
-                &self.bufs[i][..rows * cols],
-                rows,
-                cols,
-            ));
+            let q = self.act_cache[i].get_or_insert_with(|| QuantizedActs::empty(format));
+            quantize_acts_into(format, &self.bufs[i][..rows * cols], rows, cols, q)?;
+            self.act_valid[i] = true;
         }
+        Ok(())
     }
 
     /// Runs node `ni` (output columns `cols` only, when given). Times it under its op kind.
@@ -166,7 +170,7 @@ impl CpuLane {
         self.exec_op(g, &node.op, node.layer, cols, w, kv, batch, n_expert)?;
         *self.op_secs.entry(node.op.kind()).or_default() += t0.elapsed().as_secs_f64();
         for b in node.op.writes() {
-            self.act_cache[b.0 as usize] = None;
+            self.act_valid[b.0 as usize] = false;
         }
         Ok(())
     }
@@ -258,7 +262,7 @@ impl CpuLane {
                         local,
                     )?;
                 } else {
-                    self.quantize(g, x, format);
+                    self.quantize(g, x, format)?;
                     let acts = self.act_cache[x.0 as usize]
                         .take()
                         .expect("quantized above");

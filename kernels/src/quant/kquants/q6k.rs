@@ -12,8 +12,8 @@ use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 /// Bytes per Q6_K block.
 pub const BLOCK_BYTES: usize = 210;
 const QH: usize = 128;
-pub(super) const SC: usize = 192;
-pub(super) const D: usize = 208;
+pub(crate) const SC: usize = 192;
+pub(crate) const D: usize = 208;
 
 /// The unsigned 6-bit quants (0..64) of one block in element order.
 fn unpack_quants(b: &[u8]) -> [u8; QK_K] {

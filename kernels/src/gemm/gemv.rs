@@ -1,0 +1,216 @@
+//! The decode path of the int8 GEMM: one token (batch 1) with AVX-512 VNNI, row-wise, the
+//! same bits as [`super::dot_converted`] at the memory roof.
+//!
+//! At batch 1 the GEMM's interleaved tile would be built for one token only: the transposition
+//! of 16 rows' bytes costs more than the products. Here each weight row is dotted straight from
+//! its file blocks instead, 128 elements (a *step*) at a time: the row's levels as unsigned bytes
+//! in one or two 512-bit vectors (nibbles masked, fifth or sixth bits merged, Q8_0 offset by 128)
+//! and `vpdpbusd` with the activations, which are rearranged once per call to match (see
+//! [`Kind::split`]). Each 128-bit lane of an accumulator then holds four partial sums of one
+//! sub-block; four rows' accumulators are summed lane-wise and transposed (two unpack-add levels)
+//! into one sum per (row, sub-block), four row quads into one vector of 16 rows per sub-block.
+//! The offset's contribution `−offset · Σa` seeds each sub-block's first lane, so the sums are
+//! exactly `Σ (u − offset) · a`. Per chunk of [`CHUNK`] columns the 16 rows' f32 steps then run
+//! in the fixed order, one row per lane: `fma(f32(I), scale · d, acc)` (+ `fma(min, sa, acc)`)
+//! per sub-block, ascending — the bits of every other path.
+//!
+//! Rows are read as 16 sequential streams, each prefetched [`PREFETCH`] bytes ahead (a row's last
+//! step prefetches the next group's row), so the loads of the next blocks overlap the products.
+
+use pshard_model::ggml_type::GgmlType;
+
+use super::{Converter, GemmActs};
+use crate::matmul::{KernelError, QuantizedActs};
+use crate::quant::SimdLevel;
+
+/// Elements per step: one 512-bit vector of levels per half.
+pub(crate) const STEP: usize = 128;
+
+/// Columns whose sub-block sums are kept before the f32 steps run over them (whole K-quant
+/// super-blocks; the sums of 16 rows stay in L1).
+pub(crate) const CHUNK: usize = 512;
+
+/// How far ahead each row is prefetched, in bytes.
+pub(crate) const PREFETCH: usize = 768;
+
+/// A weight type's row decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Q4_0, Q4_1: nibbles.
+    Legacy4,
+    /// Q5_0, Q5_1: nibbles and a 32-bit word of fifth bits.
+    Legacy5,
+    /// Q8_0: 32 signed bytes.
+    Legacy8,
+    /// Q4_K: super-blocks of 8 sub-blocks of 32, nibbles.
+    K4,
+    /// Q5_K: Q4_K with fifth bits.
+    K5,
+    /// Q6_K: 16 sub-blocks of 16, nibbles and two high bits.
+    K6,
+}
+
+impl Kind {
+    /// The decoder of `ty`, if it has one.
+    pub(crate) fn of(ty: GgmlType) -> Option<Kind> {
+        Some(match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => Kind::Legacy4,
+            GgmlType::Q5_0 | GgmlType::Q5_1 => Kind::Legacy5,
+            GgmlType::Q8_0 => Kind::Legacy8,
+            GgmlType::Q4_K => Kind::K4,
+            GgmlType::Q5_K => Kind::K5,
+            GgmlType::Q6_K => Kind::K6,
+            _ => return None,
+        })
+    }
+
+    /// The activations' order within a step: `true` (types with sub-blocks of 32) — the first
+    /// 64 bytes hold the first 16 elements of each of the step's four sub-blocks, the last 64
+    /// bytes their last 16 (so both halves of a sub-block meet in one lane); `false` (sub-blocks
+    /// of 16) — element order, each lane one sub-block.
+    pub(crate) fn split(self) -> bool {
+        self != Kind::K6
+    }
+}
+
+/// One token's activations in the decode layout: the GEMM's conversion ([`GemmActs`]: block
+/// scales, scaled sums) plus the values rearranged per step ([`Kind::split`], zero-padded to
+/// whole steps) and per step the seeds of its one (sub-blocks of 32) or two accumulators.
+#[derive(Default)]
+pub(crate) struct GemvActs {
+    /// The GEMM's conversion of the token (its `d` and `sa` are read per sub-block).
+    pub base: GemmActs,
+    /// `steps × 128` values in the step order.
+    pub q: Vec<i8>,
+    /// `steps × 32` seeds: per accumulator and lane, `−offset · Σa` of the lane's sub-block in
+    /// its first dword, zero elsewhere.
+    pub seed: Vec<i32>,
+}
+
+thread_local! {
+    /// Buffers of dropped [`GemvActs`], reused by the next call on this thread (a small model's
+    /// decode step runs hundreds of matmuls: one allocation each would show).
+    static SPARE: std::cell::RefCell<Vec<GemvActs>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl GemvActs {
+    /// Converts the one row of `x` for weights of `conv` (decoded by `kind`).
+    pub(crate) fn new(
+        x: &QuantizedActs,
+        conv: &Converter,
+        kind: Kind,
+    ) -> Result<GemvActs, KernelError> {
+        let mut g = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+        g.base.fill(x, conv, false)?;
+        let cols = g.base.cols;
+        let steps = cols.div_ceil(STEP);
+        super::zeroed(&mut g.q, steps * STEP);
+        super::zeroed(&mut g.seed, steps * 32);
+        let per = conv.sub();
+        let o = conv.offset as i32;
+        let (q, seed) = (&mut g.q, &mut g.seed);
+        for (s, a) in g.base.q[..cols].chunks_exact(per).enumerate() {
+            let (k, j) = (s * per / STEP, (s * per % STEP) / per);
+            let at = k * STEP;
+            let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
+            if kind.split() {
+                // Sub-block j of the step: first half to lane j of the first vector, second
+                // half to lane j of the second.
+                q[at + 16 * j..at + 16 * j + 16].copy_from_slice(&a[..16]);
+                q[at + 64 + 16 * j..at + 64 + 16 * j + 16].copy_from_slice(&a[16..]);
+                seed[32 * k + 4 * j] = sum;
+            } else {
+                // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
+                q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
+                seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum;
+            }
+        }
+        Ok(g)
+    }
+
+    /// Gives the buffers to the next call on this thread (leaving this value empty).
+    pub(crate) fn recycle(&mut self) {
+        let g = std::mem::take(self);
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < 4 {
+                s.push(g);
+            }
+        });
+    }
+}
+
+/// The decode path for weights of `conv` with activations `x`, where it applies: one token,
+/// AVX-512 VNNI at `level` on this CPU, a type with a row decoder.
+pub(crate) fn applies(conv: &Converter, x: &QuantizedActs, level: SimdLevel) -> Option<Kind> {
+    let kind = Kind::of(conv.ty)?;
+    (x.n_rows == 1 && level == SimdLevel::Avx512 && SimdLevel::Avx512.available()).then_some(kind)
+}
+
+/// Outputs of rows `r0 .. r0 + out.len()` of the `rows × cols` matrix `data` (row `r` at
+/// `r · wrb`) of type `conv.ty`, for the token of `acts`.
+///
+/// # Panics
+/// If the rows lie outside `data`, the shapes disagree, or the CPU lacks AVX-512 VNNI.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows(
+    conv: &Converter,
+    kind: Kind,
+    acts: &GemvActs,
+    data: &[u8],
+    wrb: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let cols = acts.base.cols;
+    let (bs, bb) = (conv.ty.block_size() as usize, conv.ty.type_size() as usize);
+    assert!(
+        cols.is_multiple_of(bs) && cols / bs * bb == wrb,
+        "gemv: {} rows of {cols} elements are not {wrb} bytes",
+        conv.ty
+    );
+    assert!(
+        (r0 + out.len()) * wrb <= data.len(),
+        "gemv: rows {r0}..{} outside the matrix",
+        r0 + out.len()
+    );
+    assert_eq!(
+        acts.q.len(),
+        cols.div_ceil(STEP) * STEP,
+        "gemv: activation layout"
+    );
+    assert!(SimdLevel::Avx512.available(), "gemv needs AVX-512 VNNI");
+    let n_rows = data.len() / wrb;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut i = 0;
+        while i < out.len() {
+            let nr = (out.len() - i).min(16);
+            let last = r0 + i + nr - 1;
+            let p: [*const u8; 16] =
+                std::array::from_fn(|k| data[(r0 + i + k).min(last) * wrb..].as_ptr());
+            // The next group's rows (or these again at the matrix's end), for prefetching.
+            let next: [*const u8; 16] = std::array::from_fn(|k| {
+                let r = r0 + i + 16 + k;
+                data[if r < n_rows {
+                    r
+                } else {
+                    (r0 + i + k).min(last)
+                } * wrb..]
+                    .as_ptr()
+            });
+            let mut o = [0f32; 16];
+            // SAFETY: AVX-512 VNNI asserted above; each p[k] and next[k] points at a whole row
+            // of `wrb` bytes (`cols` elements of the type) inside `data`; the activations hold
+            // `cols` elements in the layout of `kind` (asserted above, built by GemvActs::new).
+            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, wrb, acts, &mut o) };
+            out[i..i + nr].copy_from_slice(&o[..nr]);
+            i += nr;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, acts, n_rows);
+        panic!("the decode path has no kernel on this architecture");
+    }
+}

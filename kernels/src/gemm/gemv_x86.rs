@@ -1,0 +1,574 @@
+//! x86-64 kernel of the decode path ([`super::gemv`]): AVX-512 VNNI, 16 rows per call.
+
+use std::arch::x86_64::*;
+
+use super::gemv::{GemvActs, Kind, CHUNK, PREFETCH, STEP};
+use super::x86::{f16_lanes, rows16x4};
+use super::{Converter, QB};
+use crate::quant::kquants::{q4k, q5k, q6k, QK_K};
+use crate::quant::legacy::layout;
+
+/// Decoder ids (the kernel's const parameter).
+const L4: u8 = 0;
+const L5: u8 = 1;
+const L8: u8 = 2;
+const K4: u8 = 3;
+const K5: u8 = 4;
+const K6: u8 = 5;
+
+/// Where a type keeps its fields: bytes per block (legacy) or super-block, the offsets of the
+/// quants and of the high bits.
+#[derive(Clone, Copy)]
+struct Geo {
+    bytes: usize,
+    qs: usize,
+    qh: usize,
+}
+
+/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) of `wrb` bytes for
+/// the token of `acts`, into `out` (one per row).
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; every `p[k]` and `next[k]` points at a readable row of `wrb`
+/// bytes (`acts.base.cols` elements of `conv.ty`, decoded by `kind`); `acts` was built for
+/// `conv` and `kind`.
+pub(super) unsafe fn group16(
+    conv: &Converter,
+    kind: Kind,
+    p: &[*const u8; 16],
+    next: &[*const u8; 16],
+    wrb: usize,
+    acts: &GemvActs,
+    out: &mut [f32; 16],
+) {
+    let legacy = |ty| {
+        let l = layout(ty);
+        Geo {
+            bytes: l.bytes,
+            qs: l.qs,
+            qh: l.qh.unwrap_or(0),
+        }
+    };
+    let seed = conv.offset != 0;
+    // SAFETY: the caller's guarantees, passed on; each arm's decoder matches `kind` and the
+    // converter's flags (minimum, offset) match the const parameters.
+    unsafe {
+        match (kind, conv.min, seed) {
+            (Kind::Legacy4, false, true) => {
+                run::<L4, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+            }
+            (Kind::Legacy4, true, false) => {
+                run::<L4, true, false>(p, next, wrb, legacy(conv.ty), acts, out)
+            }
+            (Kind::Legacy5, false, true) => {
+                run::<L5, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+            }
+            (Kind::Legacy5, true, false) => {
+                run::<L5, true, false>(p, next, wrb, legacy(conv.ty), acts, out)
+            }
+            (Kind::Legacy8, false, true) => {
+                run::<L8, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+            }
+            (Kind::K4, true, false) => {
+                let g = Geo {
+                    bytes: q4k::BLOCK_BYTES,
+                    qs: 16,
+                    qh: 0,
+                };
+                run::<K4, true, false>(p, next, wrb, g, acts, out)
+            }
+            (Kind::K5, true, false) => {
+                let g = Geo {
+                    bytes: q5k::BLOCK_BYTES,
+                    qs: 48,
+                    qh: 16,
+                };
+                run::<K5, true, false>(p, next, wrb, g, acts, out)
+            }
+            (Kind::K6, false, true) => {
+                let g = Geo {
+                    bytes: q6k::BLOCK_BYTES,
+                    qs: 0,
+                    qh: 128,
+                };
+                run::<K6, false, true>(p, next, wrb, g, acts, out)
+            }
+            (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
+        }
+    }
+}
+
+/// The 16 bytes at `p + j · stride` for `j < n` (`n ≤ 4`) as the lanes of one vector, zeros
+/// after.
+///
+/// # Safety
+/// AVX-512F available; the `n` 16-byte ranges readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn lanes4<const FULL: bool>(p: *const u8, stride: usize, n: usize) -> __m512i {
+    let n = if FULL { 4 } else { n };
+    // SAFETY: lane j < n reads p + j·stride .. + 16 (caller).
+    unsafe {
+        let l = |j: usize| _mm_loadu_si128(p.add(j * stride).cast());
+        let mut v = _mm512_zextsi128_si512(l(0));
+        if n > 1 {
+            v = _mm512_inserti32x4::<1>(v, l(1));
+        }
+        if n > 2 {
+            v = _mm512_inserti32x4::<2>(v, l(2));
+        }
+        if n > 3 {
+            v = _mm512_inserti32x4::<3>(v, l(3));
+        }
+        v
+    }
+}
+
+/// Four rows' accumulators (lane `j` of each: four partial sums of sub-block `j`) into one
+/// vector whose lane `j` holds the four rows' sums of sub-block `j`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn reduce4(a: [__m512i; 4]) -> __m512i {
+    let t0 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[0], a[1]),
+        _mm512_unpackhi_epi32(a[0], a[1]),
+    );
+    let t1 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[2], a[3]),
+        _mm512_unpackhi_epi32(a[2], a[3]),
+    );
+    _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1))
+}
+
+/// A 4 × 4 transpose of 128-bit lanes: `out[j]` lane `q` = `u[q]` lane `j`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn transpose4(u: [__m512i; 4]) -> [__m512i; 4] {
+    let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[0], u[1]);
+    let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[0], u[1]);
+    let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[2], u[3]);
+    let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[2], u[3]);
+    [
+        _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
+        _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
+        _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
+        _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
+    ]
+}
+
+/// Constants of the row decoders.
+#[derive(Clone, Copy)]
+struct Consts {
+    m4: __m512i,
+    b16: __m512i,
+    flip: __m512i,
+    m30: __m512i,
+    /// Q4_K/Q5_K: qword indices of the first and second halves of each sub-block.
+    pi: __m512i,
+    qi: __m512i,
+    /// Q5_K: per lane `j` the bit of sub-block `4h + j` (`h` = step parity).
+    sel: [__m512i; 2],
+    /// Q5_0/Q5_1: per byte `i` of a lane, the byte of the fifth bits holding bit `i` of the
+    /// first (`qh_lo`) or second half; `bit`: `1 << (i % 8)`.
+    qh_lo: __m512i,
+    qh_hi: __m512i,
+    bit: __m512i,
+    /// Q6_K: 16-bit shift counts of the high bits for the first and second vectors.
+    shl: __m512i,
+    shr: __m512i,
+}
+
+impl Consts {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn new() -> Consts {
+        let lanes = |v: [i32; 4]| {
+            _mm512_setr_epi32(
+                v[0], v[0], v[0], v[0], v[1], v[1], v[1], v[1], v[2], v[2], v[2], v[2], v[3], v[3],
+                v[3], v[3],
+            )
+        };
+        let bits = |h: u32| {
+            // Bit 4h + j in every byte (the top one sets the sign bit of the dword).
+            let b = |j: u32| (0x0101_0101u32 << (4 * h + j)) as i32;
+            lanes([b(0), b(1), b(2), b(3)])
+        };
+        let w = |s: i32| s | (s << 16);
+        Consts {
+            m4: _mm512_set1_epi8(0x0F),
+            b16: _mm512_set1_epi8(0x10),
+            flip: _mm512_set1_epi8(-128),
+            m30: _mm512_set1_epi8(0x30),
+            pi: _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13),
+            qi: _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15),
+            sel: [bits(0), bits(1)],
+            qh_lo: _mm512_broadcast_i32x4(_mm_set_epi64x(0x0101_0101_0101_0101, 0)),
+            qh_hi: _mm512_broadcast_i32x4(_mm_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+            )),
+            bit: _mm512_set1_epi64(0x8040_2010_0804_0201_u64 as i64),
+            shl: lanes([w(4), w(4), w(2), w(2)]),
+            shr: lanes([w(0), w(0), w(2), w(2)]),
+        }
+    }
+}
+
+/// The accumulators of one row's step `k` (one; Q6_K two): `seed` plus the products of the
+/// row's levels with the step's activations `a`. `row` points at the row's first byte; legacy
+/// steps hold `nblk` blocks.
+///
+/// # Safety
+/// AVX-512 VNNI available; the step's bytes of the row readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn step_dot<const K: u8, const FULL: bool>(
+    row: *const u8,
+    g: Geo,
+    k: usize,
+    nblk: usize,
+    c: &Consts,
+    a: [__m512i; 2],
+    seed: [__m512i; 2],
+) -> [__m512i; 2] {
+    // SAFETY (whole body): every read lies within step k of the row (caller): legacy blocks
+    // 4k .. 4k + nblk, K-quant super-block k / 2.
+    unsafe {
+        match K {
+            L4 | L5 => {
+                let b = row.add(4 * k * g.bytes);
+                let v = lanes4::<FULL>(b.add(g.qs), g.bytes, nblk);
+                let mut lo = _mm512_and_si512(v, c.m4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4);
+                if K == L5 {
+                    // Byte i of each lane tests bit i of its block's fifth bits (first half:
+                    // bits 0..16, second: 16..32).
+                    let h = lanes4::<FULL>(b.add(g.qh), g.bytes, nblk);
+                    let kp = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, c.qh_lo), c.bit);
+                    let kq = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, c.qh_hi), c.bit);
+                    lo = _mm512_mask_add_epi8(lo, kp, lo, c.b16);
+                    hi = _mm512_mask_add_epi8(hi, kq, hi, c.b16);
+                }
+                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
+                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+            }
+            L8 => {
+                let b = row.add(4 * k * g.bytes + g.qs);
+                let lo = _mm512_xor_si512(lanes4::<FULL>(b, g.bytes, nblk), c.flip);
+                let hi = _mm512_xor_si512(lanes4::<FULL>(b.add(16), g.bytes, nblk), c.flip);
+                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
+                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+            }
+            K4 | K5 => {
+                let (i, h) = (k / 2, k % 2);
+                let b = row.add(i * g.bytes);
+                let v = _mm512_loadu_si512(b.add(g.qs + 64 * h).cast());
+                let lo = _mm512_and_si512(v, c.m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4);
+                let mut x = _mm512_permutex2var_epi64(lo, c.pi, hi);
+                let mut y = _mm512_permutex2var_epi64(lo, c.qi, hi);
+                if K == K5 {
+                    let q0 = _mm512_broadcast_i32x4(_mm_loadu_si128(b.add(g.qh).cast()));
+                    let q1 = _mm512_broadcast_i32x4(_mm_loadu_si128(b.add(g.qh + 16).cast()));
+                    x = _mm512_mask_add_epi8(x, _mm512_test_epi8_mask(q0, c.sel[h]), x, c.b16);
+                    y = _mm512_mask_add_epi8(y, _mm512_test_epi8_mask(q1, c.sel[h]), y, c.b16);
+                }
+                let acc = _mm512_dpbusd_epi32(seed[0], x, a[0]);
+                [_mm512_dpbusd_epi32(acc, y, a[1]), seed[1]]
+            }
+            _ => {
+                let (i, h) = (k / 2, k % 2);
+                let b = row.add(i * g.bytes);
+                let ab = _mm512_loadu_si512(b.add(g.qs + 64 * h).cast());
+                let hq = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(g.qh + 32 * h).cast()));
+                let lo = _mm512_or_si512(
+                    _mm512_and_si512(ab, c.m4),
+                    _mm512_and_si512(_mm512_sllv_epi16(hq, c.shl), c.m30),
+                );
+                let hi = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ab), c.m4),
+                    _mm512_and_si512(_mm512_srlv_epi16(hq, c.shr), c.m30),
+                );
+                [
+                    _mm512_dpbusd_epi32(seed[0], lo, a[0]),
+                    _mm512_dpbusd_epi32(seed[1], hi, a[1]),
+                ]
+            }
+        }
+    }
+}
+
+/// What the rows of one step share: the type's geometry, the step `k` (legacy: its `nblk`
+/// blocks), the decoders' constants, the activations and seeds, the prefetch offset.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    g: Geo,
+    k: usize,
+    nblk: usize,
+    c: &'a Consts,
+    a: [__m512i; 2],
+    seed: [__m512i; 2],
+    off: usize,
+}
+
+/// Row `r` of `p` in step `t` ([`step_dot`]), prefetching `pf[r] + t.off`; legacy: the first 4
+/// bytes of each block into `dm[j][r]`.
+///
+/// # Safety
+/// As [`step_dot`]; `dm` holds the step's blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn row_step<const K: u8, const FULL: bool>(
+    t: &Step,
+    p: &[*const u8; 16],
+    pf: &[*const u8; 16],
+    r: usize,
+    dm: &mut [[u32; 16]],
+) -> [__m512i; 2] {
+    let row = p[r];
+    let nblk = if FULL { 4 } else { t.nblk };
+    let lines = if K == L8 { 3 } else { 2 };
+    let at = pf[r].wrapping_add(t.off);
+    for l in 0..lines {
+        // A hint that never faults (any address).
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * l).cast());
+    }
+    if K <= L8 {
+        for (j, d) in dm.iter_mut().take(nblk).enumerate() {
+            // SAFETY: the first 4 bytes of block 4k + j of the row (caller).
+            d[r] = unsafe {
+                row.add((4 * t.k + j) * t.g.bytes)
+                    .cast::<u32>()
+                    .read_unaligned()
+            };
+        }
+    }
+    // SAFETY: step k of the row (caller).
+    unsafe { step_dot::<K, FULL>(row, t.g, t.k, nblk, t.c, t.a, t.seed) }
+}
+
+/// Rows `4q .. 4q + 4` of step `t`: their accumulators summed and transposed ([`reduce4`]);
+/// Q6_K's second accumulators into the second vector.
+///
+/// # Safety
+/// As [`row_step`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quad<const K: u8, const FULL: bool>(
+    t: &Step,
+    p: &[*const u8; 16],
+    pf: &[*const u8; 16],
+    q: usize,
+    dm: &mut [[u32; 16]],
+) -> [__m512i; 2] {
+    // SAFETY: as for the step (caller).
+    let v = unsafe {
+        [
+            row_step::<K, FULL>(t, p, pf, 4 * q, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 1, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 2, dm),
+            row_step::<K, FULL>(t, p, pf, 4 * q + 3, dm),
+        ]
+    };
+    let lo = reduce4([v[0][0], v[1][0], v[2][0], v[3][0]]);
+    let hi = if K == K6 {
+        reduce4([v[0][1], v[1][1], v[2][1], v[3][1]])
+    } else {
+        lo
+    };
+    [lo, hi]
+}
+
+/// Step `t` of 16 rows `p`: `sums[j]` = the 16 rows' sums of the step's sub-block `j`; legacy:
+/// the first 4 bytes of each block into `dm[j][row]`. Prefetches at `pf[row] + t.off`.
+///
+/// # Safety
+/// AVX-512 VNNI available; the step readable in every row; `sums` holds the step's sub-blocks
+/// (4, Q6_K 8), `dm` its blocks; `pf[row] + t.off` need not be valid.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn step16<const K: u8, const FULL: bool>(
+    t: &Step,
+    p: &[*const u8; 16],
+    pf: &[*const u8; 16],
+    sums: &mut [[i32; 16]],
+    dm: &mut [[u32; 16]],
+) {
+    // SAFETY: as for the step (caller).
+    let u = unsafe {
+        [
+            quad::<K, FULL>(t, p, pf, 0, dm),
+            quad::<K, FULL>(t, p, pf, 1, dm),
+            quad::<K, FULL>(t, p, pf, 2, dm),
+            quad::<K, FULL>(t, p, pf, 3, dm),
+        ]
+    };
+    let halves = if K == K6 { 2 } else { 1 };
+    for h in 0..halves {
+        let v = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
+        for (j, v) in v.into_iter().enumerate() {
+            // SAFETY: sub-block 4h + j of the step is in `sums` (caller).
+            unsafe { _mm512_storeu_si512(sums[4 * h + j].as_mut_ptr().cast(), v) };
+        }
+    }
+}
+
+/// # Safety
+/// As [`group16`], with `K`, `MIN` and `SEED` those of the weight type and `g` its geometry.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
+    p: &[*const u8; 16],
+    next: &[*const u8; 16],
+    wrb: usize,
+    g: Geo,
+    acts: &GemvActs,
+    out: &mut [f32; 16],
+) {
+    let legacy = K <= L8;
+    let per = if K == K6 { 16 } else { QB };
+    let cols = acts.base.cols;
+    let nb = cols / QB;
+    let step_bytes = if legacy { 4 * g.bytes } else { g.bytes / 2 };
+    let c = Consts::new();
+    let (d, sa) = (&acts.base.d, &acts.base.sa);
+    let mut f = _mm512_setzero_ps();
+    // Per sub-block of the chunk, the 16 rows' integer sums; legacy: per block the first four
+    // bytes (d, and the minimum of Q4_1/Q5_1) of each row's block.
+    let mut sums = [[0i32; 16]; CHUNK / 16];
+    let mut dm = [[0u32; 16]; CHUNK / QB];
+    let mut e0 = 0;
+    while e0 < cols {
+        let n = (cols - e0).min(CHUNK);
+        for s in 0..n.div_ceil(STEP) {
+            let k = e0 / STEP + s;
+            // SAFETY: step k's activations and seeds exist (the layout holds whole steps).
+            let (a, seed) = unsafe {
+                let q = acts.q.as_ptr().add(k * STEP);
+                let e = acts.seed.as_ptr().add(32 * k);
+                (
+                    [
+                        _mm512_loadu_si512(q.cast()),
+                        _mm512_loadu_si512(q.add(64).cast()),
+                    ],
+                    if SEED {
+                        [
+                            _mm512_loadu_si512(e.cast()),
+                            _mm512_loadu_si512(e.add(16).cast()),
+                        ]
+                    } else {
+                        [_mm512_setzero_si512(); 2]
+                    },
+                )
+            };
+            // Each row's bytes PREFETCH ahead (past its end, the next group's row).
+            let pf = k * step_bytes + PREFETCH;
+            let (pfp, pfo) = if pf < wrb { (p, pf) } else { (next, pf - wrb) };
+            let sub = &mut sums[STEP / per * s..];
+            let t = Step {
+                g,
+                k,
+                nblk: (nb - 4 * k).min(4),
+                c: &c,
+                a,
+                seed,
+                off: pfo,
+            };
+            // SAFETY: step k lies in every row (caller); the chunk's step s has room for its
+            // sub-blocks in `sub` and its blocks in `dm`.
+            unsafe {
+                if !legacy || t.nblk == 4 {
+                    step16::<K, true>(&t, p, pfp, sub, &mut dm[4 * s..]);
+                } else {
+                    step16::<K, false>(&t, p, pfp, sub, &mut dm[4 * s..]);
+                }
+            }
+        }
+        // The f32 steps of the chunk's sub-blocks, ascending.
+        let s0 = e0 / per;
+        let int = |s: usize| {
+            // SAFETY: 16 i32 of the chunk's sub-block s.
+            _mm512_cvtepi32_ps(unsafe { _mm512_loadu_si512(sums[s].as_ptr().cast()) })
+        };
+        let da = |s: usize| _mm512_set1_ps(d[(s0 + s) * per / QB]);
+        if legacy {
+            for b in 0..n / QB {
+                // SAFETY: 16 u32 of block b.
+                let x = unsafe { _mm512_loadu_si512(dm[b].as_ptr().cast()) };
+                let k = f16_lanes::<false>(x);
+                f = _mm512_fmadd_ps(int(b), _mm512_mul_ps(k, da(b)), f);
+                if MIN {
+                    let m = f16_lanes::<true>(x);
+                    f = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[s0 + b]), f);
+                }
+            }
+        } else {
+            for i in 0..n / QK_K {
+                let base = (e0 / QK_K + i) * g.bytes;
+                if K == K6 {
+                    // SAFETY: bytes 194..210 and 192..208 of super-block i of every row.
+                    let (dd, sc) = unsafe {
+                        (
+                            rows16x4(p, base + q6k::D - 14)[3],
+                            rows16x4(p, base + q6k::SC),
+                        )
+                    };
+                    let dd = f16_lanes::<true>(dd);
+                    for m in 0..16 {
+                        // Scale byte m, sign-extended: byte m % 4 of dword m / 4.
+                        let v =
+                            _mm512_sll_epi32(sc[m / 4], _mm_cvtsi32_si128(24 - 8 * (m % 4) as i32));
+                        let k = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(v)));
+                        let s = 16 * i + m;
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                    }
+                } else {
+                    // SAFETY: the 16-byte header of super-block i of every row.
+                    let (k, m) = k4_factors(unsafe { rows16x4(p, base) });
+                    for j in 0..8 {
+                        let s = 8 * i + j;
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k[j], da(s)), f);
+                        f = _mm512_fmadd_ps(m[j], _mm512_set1_ps(sa[s0 + s]), f);
+                    }
+                }
+            }
+        }
+        e0 += n;
+    }
+    // SAFETY: `out` is 16 writable f32.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), f) };
+}
+
+/// The Q4_K/Q5_K factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each
+/// row's header, row per lane): per sub-block the scale `d · sc` and the minimum `−dmin · m`,
+/// the portable converter's f32 products.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k4_factors(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
+    let [dd, s0, s1, s2] = h;
+    let d = f16_lanes::<false>(dd);
+    let dmin = _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(f16_lanes::<true>(dd)),
+        _mm512_set1_epi32(i32::MIN),
+    ));
+    let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
+    let (m6, m4, m2) = (
+        _mm512_set1_epi32(63),
+        _mm512_set1_epi32(15),
+        _mm512_set1_epi32(3),
+    );
+    let mut k = [_mm512_setzero_ps(); 8];
+    let mut m = [_mm512_setzero_ps(); 8];
+    for j in 0..4 {
+        let sh = 8 * j as u32;
+        let hi = |s: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(byte(s, sh + 6), m2));
+        let sc = _mm512_and_si512(byte(s0, sh), m6);
+        let mn = _mm512_and_si512(byte(s1, sh), m6);
+        let sc4 = _mm512_or_si512(_mm512_and_si512(byte(s2, sh), m4), hi(s0));
+        let mn4 = _mm512_or_si512(_mm512_and_si512(byte(s2, sh + 4), m4), hi(s1));
+        k[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+        m[j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
+        k[4 + j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc4));
+        m[4 + j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn4));
+    }
+    (k, m)
+}
