@@ -663,7 +663,7 @@ unsafe fn q3k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
             }
             let hm = [rows16x4(p, base), rows16x4(p, base + 16)];
             for h in 0..2 {
-                for c in 0..2 {
+                for (c, hc) in hm.iter().enumerate() {
                     let v = rows16x4(p, base + q3k::QS + 32 * h + 16 * c);
                     for (k, x) in v.into_iter().enumerate() {
                         for j in 0..4 {
@@ -671,7 +671,7 @@ unsafe fn q3k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
                                 _mm512_srl_epi16(x, _mm_cvtsi32_si128(2 * j as i32)),
                                 m3,
                             );
-                            let l = _mm512_or_si512(low, third(hm[c][k], (4 * h + j) as i32));
+                            let l = _mm512_or_si512(low, third(hc[k], (4 * h + j) as i32));
                             put_group(q, 8 * i + 4 * h + j, 4 * c + k, l);
                         }
                     }
