@@ -23,7 +23,7 @@ pub mod q5k;
 pub mod q6k;
 pub mod q8k;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 pub use q8k::{dequantize_row_q8k, quantize_row_q8k};
 

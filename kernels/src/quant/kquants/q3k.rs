@@ -12,7 +12,7 @@ use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 
 /// Bytes per Q3_K block.
 pub const BLOCK_BYTES: usize = 110;
-const QS: usize = 32;
+pub(super) const QS: usize = 32;
 pub(super) const SC: usize = 96;
 pub(super) const D: usize = 108;
 

@@ -11,8 +11,9 @@ use std::arch::x86_64::*;
 use pshard_model::ggml_type::GgmlType;
 
 use super::{convert_with, layout, Layout, QK};
-use crate::gemm::x86::{f16_lanes, rows16x4, store16f, store64};
+use crate::gemm::x86::{f16_lanes, rows16x4, store16f};
 use crate::gemm::{ConvertFn, Tile16Fn};
+use crate::quant::kquants::x86::{put_group, tile16_args};
 use crate::quant::SimdLevel;
 
 /// AVX2, FMA and F16C (Haswell and later).
@@ -184,27 +185,13 @@ fn tile16_with(
     min: &mut [f32],
     l: Layout,
 ) {
+    let (p, nb) = tile16_args(rows, e0, n, QK, l.bytes, q, scale, 1);
     assert!(
-        e0.is_multiple_of(QK) && n.is_multiple_of(QK),
-        "tile loader: elements {e0}..+{n} are not whole blocks"
-    );
-    let (first, nb) = (e0 / QK, n / QK);
-    assert!(
-        rows.iter().all(|r| r.len() >= (first + nb) * l.bytes),
-        "tile loader: rows shorter than {} elements",
-        e0 + n
-    );
-    assert!(
-        q.len() >= 16 * n && scale.len() >= 16 * nb && (l.m.is_none() || min.len() >= 16 * nb),
+        l.m.is_none() || min.len() >= 16 * nb,
         "tile loader: output buffers too small"
     );
-    assert!(
-        SimdLevel::Avx512.available(),
-        "tile loaders need AVX-512 VNNI"
-    );
-    let p: [*const u8; 16] = std::array::from_fn(|k| rows[k][first * l.bytes..].as_ptr());
     // SAFETY: AVX-512 checked; every row holds `nb` blocks from `p[k]`, the outputs 16 rows × nb
-    // blocks (assertions above).
+    // blocks (tile16_args and the assertion above).
     unsafe {
         legacy_tile16(
             &p,
@@ -243,7 +230,7 @@ unsafe fn legacy_tile16(
         // 0, fifth bits at qh, quants at qs .. qs + 16 or, for Q8_0, qs .. qs + 32 of a 34-byte
         // block); outputs of block i within the caller's buffers.
         unsafe {
-            let out = |g: usize, v: __m512i| store64(q.add((i * 8 + g) * 64), v);
+            let out = |g: usize, v: __m512i| put_group(q, i, g, v);
             let [hd, ..] = rows16x4(p, base);
             store16f(scale.add(i * 16), f16_lanes::<false>(hd));
             if l.m.is_some() {
@@ -272,6 +259,22 @@ unsafe fn legacy_tile16(
                 out(k, lo);
                 out(4 + k, hi);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::quant::kquants::x86::tile_check::{tile16_matches_portable, Field};
+    use pshard_model::ggml_type::GgmlType;
+
+    #[test]
+    fn legacy_tile_loaders_match_portable() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+            tile16_matches_portable(ty, &[Field::F16(0)]);
+        }
+        for ty in [GgmlType::Q4_1, GgmlType::Q5_1] {
+            tile16_matches_portable(ty, &[Field::F16(0), Field::F16(2)]);
         }
     }
 }

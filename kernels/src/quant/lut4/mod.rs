@@ -233,7 +233,7 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
                 offset: 128,
                 row,
                 fast: fast_converter($ty),
-                tile16: None,
+                tile16: tile16_loader($ty),
             }
         }};
     }
@@ -250,6 +250,19 @@ fn fast_converter(ty: GgmlType) -> Option<crate::gemm::ConvertFn> {
     #[cfg(target_arch = "x86_64")]
     {
         x86::converter(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
+
+/// The direct 16-row tile loader of `ty` if this CPU runs it.
+fn tile16_loader(ty: GgmlType) -> Option<crate::gemm::Tile16Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::tile16(ty)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
