@@ -330,8 +330,9 @@ unsafe fn row_step<const K: u8, const FULL: bool>(
     let lines = if K == L8 { 3 } else { 2 };
     let at = pf[r].wrapping_add(t.off);
     for l in 0..lines {
-        // A hint that never faults (any address).
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * l).cast());
+        // A hint that never faults (any address); into L2, where 16 rows' next steps fit
+        // without evicting the current ones from L1.
+        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * l).cast());
     }
     if K <= L8 {
         for (j, d) in dm.iter_mut().take(nblk).enumerate() {
@@ -429,6 +430,7 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
     let cols = acts.base.cols;
     let nb = cols / QB;
     let step_bytes = if legacy { 4 * g.bytes } else { g.bytes / 2 };
+    let (steps, ahead) = (cols.div_ceil(STEP), PREFETCH.div_ceil(step_bytes));
     let c = Consts::new();
     let (d, sa) = (&acts.base.d, &acts.base.sa);
     let mut f = _mm512_setzero_ps();
@@ -460,9 +462,14 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
                     },
                 )
             };
-            // Each row's bytes PREFETCH ahead (past its end, the next group's row).
-            let pf = k * step_bytes + PREFETCH;
-            let (pfp, pfo) = if pf < wrb { (p, pf) } else { (next, pf - wrb) };
+            // Each row's step `ahead` steps on; past the row's end, the next group's row at the
+            // step that far into it (rows of fewer steps: the same step), so every step of every
+            // row is prefetched, a row's first lines included.
+            let (pfp, pfo) = if k + ahead < steps {
+                (p, (k + ahead) * step_bytes)
+            } else {
+                (next, (k + ahead - steps).min(k) * step_bytes)
+            };
             let sub = &mut sums[STEP / per * s..];
             let t = Step {
                 g,
