@@ -207,7 +207,7 @@ pub(crate) fn rows(
             // SAFETY: AVX-512 VNNI asserted above; each p[k] and next[k] points at a whole row
             // of `wrb` bytes (`cols` elements of the type) inside `data`; the activations hold
             // `cols` elements in the layout of `kind` (asserted above, built by GemvActs::new).
-            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, wrb, acts, &mut o) };
+            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, acts, &mut o) };
             out[i..i + nr].copy_from_slice(&o[..nr]);
             i += nr;
         }

@@ -25,19 +25,18 @@ struct Geo {
     qh: usize,
 }
 
-/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) of `wrb` bytes for
-/// the token of `acts`, into `out` (one per row).
+/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) for the token of
+/// `acts`, into `out` (one per row).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; every `p[k]` and `next[k]` points at a readable row of `wrb`
-/// bytes (`acts.base.cols` elements of `conv.ty`, decoded by `kind`); `acts` was built for
-/// `conv` and `kind`.
+/// AVX-512 F/BW/VL/VNNI available; every `p[k]` and `next[k]` points at a readable row of
+/// `acts.base.cols` elements of `conv.ty` (decoded by `kind`); `acts` was built for `conv` and
+/// `kind`.
 pub(super) unsafe fn group16(
     conv: &Converter,
     kind: Kind,
     p: &[*const u8; 16],
     next: &[*const u8; 16],
-    wrb: usize,
     acts: &GemvActs,
     out: &mut [f32; 16],
 ) {
@@ -55,19 +54,19 @@ pub(super) unsafe fn group16(
     unsafe {
         match (kind, conv.min, seed) {
             (Kind::Legacy4, false, true) => {
-                run::<L4, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+                run::<L4, false, true>(p, next, legacy(conv.ty), acts, out)
             }
             (Kind::Legacy4, true, false) => {
-                run::<L4, true, false>(p, next, wrb, legacy(conv.ty), acts, out)
+                run::<L4, true, false>(p, next, legacy(conv.ty), acts, out)
             }
             (Kind::Legacy5, false, true) => {
-                run::<L5, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+                run::<L5, false, true>(p, next, legacy(conv.ty), acts, out)
             }
             (Kind::Legacy5, true, false) => {
-                run::<L5, true, false>(p, next, wrb, legacy(conv.ty), acts, out)
+                run::<L5, true, false>(p, next, legacy(conv.ty), acts, out)
             }
             (Kind::Legacy8, false, true) => {
-                run::<L8, false, true>(p, next, wrb, legacy(conv.ty), acts, out)
+                run::<L8, false, true>(p, next, legacy(conv.ty), acts, out)
             }
             (Kind::K4, true, false) => {
                 let g = Geo {
@@ -75,7 +74,7 @@ pub(super) unsafe fn group16(
                     qs: 16,
                     qh: 0,
                 };
-                run::<K4, true, false>(p, next, wrb, g, acts, out)
+                run::<K4, true, false>(p, next, g, acts, out)
             }
             (Kind::K5, true, false) => {
                 let g = Geo {
@@ -83,7 +82,7 @@ pub(super) unsafe fn group16(
                     qs: 48,
                     qh: 16,
                 };
-                run::<K5, true, false>(p, next, wrb, g, acts, out)
+                run::<K5, true, false>(p, next, g, acts, out)
             }
             (Kind::K6, false, true) => {
                 let g = Geo {
@@ -91,7 +90,7 @@ pub(super) unsafe fn group16(
                     qs: 0,
                     qh: 128,
                 };
-                run::<K6, false, true>(p, next, wrb, g, acts, out)
+                run::<K6, false, true>(p, next, g, acts, out)
             }
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
@@ -420,7 +419,6 @@ unsafe fn step16<const K: u8, const FULL: bool>(
 unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
     p: &[*const u8; 16],
     next: &[*const u8; 16],
-    wrb: usize,
     g: Geo,
     acts: &GemvActs,
     out: &mut [f32; 16],
