@@ -7,6 +7,7 @@
 
 use half::f16;
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::spec::ModelSpec;
 
 /// The element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -90,6 +91,22 @@ impl KvType {
             }
         }
         Ok(())
+    }
+
+    /// Checks that this type's blocks tile the head slices the attention kernels take of a model's
+    /// KV rows: each K and V head (latent attention: its latent, which is the values, and its
+    /// rope key); the error names the model and its dimension.
+    pub fn check_model(self, spec: &ModelSpec) -> Result<(), String> {
+        let h = &spec.hparams;
+        let dims: Vec<(&str, usize)> = match h.mla {
+            Some(m) => vec![
+                ("kv_lora_rank", m.kv_lora_rank),
+                ("rope key width (rope_dims)", h.rope_dims),
+            ],
+            None => vec![("K head dim", h.head_dim_k), ("V head dim", h.head_dim_v)],
+        };
+        self.check_dims(&dims)
+            .map_err(|e| format!("{}: {e}", spec.name))
     }
 
     /// Stores `src` (whole blocks) into `dst` (`self.row_bytes(src.len())` bytes).

@@ -560,8 +560,9 @@ impl Engine {
     /// turns back by the rope angles of `discard` positions (the layer's own rope: pairing,
     /// rotated dimensions, base, position scale, frequency factors, YaRN's per-pair mix but not
     /// its magnitude, which K already carries; latent attention turns the rope part after the
-    /// latent), so it equals K computed at the new positions up to f16 rounding. K of layers
-    /// without rope and every V only move.
+    /// latent), so it equals K computed at the new positions up to the cache type's rounding
+    /// (Q8_0: rows dequantized, turned and quantized afresh). K of layers without rope and every
+    /// V only move.
     /// A sliding-window layer moves the positions its ring still holds; the shift fails (the
     /// sequence unchanged) when the window of the next token reaches a kept position the ring
     /// has already overwritten.
@@ -679,6 +680,11 @@ impl Engine {
     /// Context size per sequence.
     pub fn n_ctx(&self) -> usize {
         self.kv.layout.n_ctx
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_type(&self) -> KvType {
+        self.kv.layout.ty
     }
 
     /// Bytes of the KV cache as laid out (all layers, all sequences).

@@ -156,20 +156,10 @@ impl KvLayout {
     }
 }
 
-/// Refuses a KV type whose blocks do not tile the head slices the attention kernels take of a
-/// row: each K and V head (latent attention: its latent, which is the values, and its rope key),
-/// naming the model's dimension.
+/// Refuses a KV type whose blocks do not tile the model's head slices
+/// ([`KvType::check_model`]).
 pub fn check_kv_type(spec: &ModelSpec, ty: KvType) -> Result<(), EngineError> {
-    let h = &spec.hparams;
-    let dims: Vec<(&str, usize)> = match h.mla {
-        Some(m) => vec![
-            ("kv_lora_rank", m.kv_lora_rank),
-            ("rope key width (rope_dims)", h.rope_dims),
-        ],
-        None => vec![("K head dim", h.head_dim_k), ("V head dim", h.head_dim_v)],
-    };
-    ty.check_dims(&dims)
-        .map_err(|e| EngineError::Unsupported(format!("{}: {e}", spec.name)))
+    ty.check_model(spec).map_err(EngineError::Unsupported)
 }
 
 /// Orders cell moves (source → destination; sources distinct, destinations distinct) into runs
