@@ -420,13 +420,15 @@ pub fn plan_report(engine: &Engine) -> String {
     s
 }
 
-/// The KV cache's type and size, e.g. `KV cache q8_0 12.8 MiB`.
+/// The KV cache's type and size, e.g. `KV cache q8_0 12.8 MiB` (KiB below 1 MiB).
 pub fn kv_line(engine: &Engine) -> String {
-    format!(
-        "KV cache {} {:.1} MiB",
-        engine.kv_type().name(),
-        engine.kv_bytes() as f64 / (1u64 << 20) as f64
-    )
+    let b = engine.kv_bytes() as f64;
+    let size = if b < (1u64 << 20) as f64 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    };
+    format!("KV cache {} {size}", engine.kv_type().name())
 }
 
 /// Sampling flags (llama.cpp's names and defaults), shared by `run` and `chat`.
