@@ -7,6 +7,7 @@
 use std::ffi::OsString;
 
 use anyhow::bail;
+use pshard_kernels::ops::KvType;
 
 /// llama.cpp spellings rewritten to pshard's long flags.
 const SPELLINGS: &[(&str, &str)] = &[
@@ -120,10 +121,11 @@ pub struct LlamaArgs {
     /// llama.cpp's `-fa [on|auto]`: accepted; attention is always fused (flash-style) here.
     #[arg(long = "flash-attn", value_name = "on|off|auto", num_args = 0..=1, default_missing_value = "on")]
     pub flash_attn: Option<String>,
-    /// llama.cpp's `-ctk`: KV cache type of K. f16 (the only type the engine runs).
+    /// llama.cpp's `-ctk`: KV cache type of K: f16 (default) or q8_0 (GGUF Q8_0 blocks, ~53%
+    /// of f16's bytes). K and V share one type: given alone, it sets V's too.
     #[arg(long = "cache-type-k", value_name = "TYPE")]
     pub cache_type_k: Option<String>,
-    /// llama.cpp's `-ctv`: KV cache type of V. f16 (the only type the engine runs).
+    /// llama.cpp's `-ctv`: KV cache type of V: f16 (default) or q8_0; as `-ctk`.
     #[arg(long = "cache-type-v", value_name = "TYPE")]
     pub cache_type_v: Option<String>,
 }
@@ -171,16 +173,56 @@ impl LlamaArgs {
             }
             Some(other) => bail!("-fa {other}: expected on, off or auto"),
         }
-        for (flag, ty) in [("-ctk", &self.cache_type_k), ("-ctv", &self.cache_type_v)] {
-            match ty.as_deref().map(str::to_ascii_lowercase).as_deref() {
-                None | Some("f16") => {}
-                Some("q8_0") => bail!(
-                    "{flag} q8_0: a q8_0 KV cache is not runnable yet; the engine keeps K and V in f16"
-                ),
-                Some(other) => bail!("{flag} {other}: the engine's KV cache is f16 (the only type accepted)"),
-            }
-        }
+        self.kv_choice()?;
         Ok(())
+    }
+
+    /// The KV cache type `-ctk`/`-ctv` ask for (f16 without either); a note on stderr when one
+    /// flag alone also set the other's type ([`LlamaArgs::kv_choice`]).
+    pub fn kv_type(&self) -> anyhow::Result<KvType> {
+        let (ty, note) = self.kv_choice()?;
+        if let Some(n) = note {
+            eprintln!("{n}");
+        }
+        Ok(ty)
+    }
+
+    /// pshard keeps K and V in one type: one flag alone sets both (with a note, since llama.cpp
+    /// would keep the other in f16); two different types are refused.
+    fn kv_choice(&self) -> anyhow::Result<(KvType, Option<String>)> {
+        let parse = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<KvType>> {
+            v.as_deref()
+                .map(|s| KvType::parse(s).map_err(|e| anyhow::anyhow!("{flag} {s}: {e}")))
+                .transpose()
+        };
+        let (k, v) = (
+            parse("-ctk", &self.cache_type_k)?,
+            parse("-ctv", &self.cache_type_v)?,
+        );
+        match (k, v) {
+            (Some(k), Some(v)) if k != v => bail!(
+                "-ctk {} with -ctv {}: pshard keeps K and V in one type; give the same type to both \
+                 (e.g. -ctk {} -ctv {})",
+                k.name(),
+                v.name(),
+                k.name(),
+                k.name()
+            ),
+            (Some(t), None) | (None, Some(t)) if t != KvType::F16 => {
+                let (given, other) = if k.is_some() {
+                    ("-ctk", "V")
+                } else {
+                    ("-ctv", "K")
+                };
+                let note = format!(
+                    "{given} {}: {other} is kept in {} too (pshard keeps K and V in one type)",
+                    t.name(),
+                    t.name()
+                );
+                Ok((t, Some(note)))
+            }
+            (k, v) => Ok((k.or(v).unwrap_or_default(), None)),
+        }
     }
 }
 
@@ -203,5 +245,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`-ot` is llama.cpp's --override-tensor"), "{e}");
+    }
+
+    #[test]
+    fn kv_cache_types_parse_and_pair() {
+        let kv = |k: Option<&str>, v: Option<&str>| {
+            LlamaArgs {
+                cache_type_k: k.map(String::from),
+                cache_type_v: v.map(String::from),
+                ..Default::default()
+            }
+            .kv_type()
+        };
+        assert_eq!(kv(None, None).unwrap(), KvType::F16);
+        assert_eq!(kv(Some("q8_0"), Some("Q8_0")).unwrap(), KvType::Q8_0);
+        assert_eq!(kv(Some("q8_0"), None).unwrap(), KvType::Q8_0);
+        assert_eq!(kv(None, Some("f16")).unwrap(), KvType::F16);
+        let e = kv(Some("q4_0"), None).unwrap_err().to_string();
+        assert!(
+            e.contains("-ctk q4_0") && e.contains("accepted: f16, q8_0"),
+            "{e}"
+        );
+        let e = kv(Some("q8_0"), Some("f16")).unwrap_err().to_string();
+        assert!(e.contains("give the same type to both"), "{e}");
     }
 }

@@ -455,10 +455,54 @@ fn llama_cpp_multi_letter_flags() {
     with(&["-ngl", "3", "--strategy", "STATIC_ATTNPRIO_ALLMODELS"])
         .assert_error(&["--strategy and -ngl"]);
     with(&["-cnv"]).assert_error(&["-cnv starts an interactive chat", "not with -p"]);
-    with(&["-ctk", "q8_0"]).assert_error(&["-ctk q8_0", "not runnable"]);
-    with(&["-ctv", "q4_0"]).assert_error(&["-ctv q4_0", "f16"]);
+    with(&["-ctv", "q4_0"]).assert_error(&["-ctv q4_0", "accepted: f16, q8_0"]);
+    with(&["-ctk", "q8_0", "-ctv", "f16"]).assert_error(&["give the same type to both"]);
     with(&["-ot", "exps=CPU"]).assert_error(&["`-ot`", "--override-tensor"]);
     with(&["-ncmoe", "4"]).assert_error(&["`-ncmoe`", "--n-cpu-moe"]);
+}
+
+/// `-ctk q8_0 -ctv q8_0` runs with a q8_0 cache of 34/64 the f16 cache's bytes (the run's
+/// memory line says its type and size: 68.0 and 128.0 KiB here); `-ctk q8_0` alone keeps V in
+/// q8_0 too and says so.
+#[test]
+fn a_q8_0_kv_cache_runs_at_34_64ths_of_f16() {
+    let base = [
+        "run",
+        "-m",
+        &tiny(),
+        "-p",
+        "hello there",
+        "-n",
+        "4",
+        "-c",
+        "256",
+        "--temp",
+        "0",
+        "--device",
+        "cpu",
+    ];
+    let with = |extra: &[&str]| {
+        let mut v: Vec<&str> = base.to_vec();
+        v.extend_from_slice(extra);
+        let o = run(&v);
+        o.assert_ok();
+        o
+    };
+    let f16 = with(&[]);
+    let q8 = with(&["-ctk", "q8_0", "-ctv", "q8_0"]);
+    let size = |o: &common::Outcome, ty: &str| {
+        number_after(&o.stderr, &format!("KV cache {ty} "))
+            .unwrap_or_else(|| panic!("no `KV cache {ty}` size: {o:#?}"))
+    };
+    let ratio = size(&q8, "q8_0") / size(&f16, "f16");
+    assert!(
+        (ratio - 34.0 / 64.0).abs() < 1e-3,
+        "q8_0 / f16 KV size {ratio}: {q8:#?}"
+    );
+    assert!(q8.stderr.contains("KV cache q8_0 68.0 KiB"), "{q8:#?}");
+    let alone = with(&["--cache-type-k", "q8_0"]);
+    assert!(alone.stderr.contains("V is kept in q8_0 too"), "{alone:#?}");
+    size(&alone, "q8_0");
 }
 
 /// `run … -ub 16` failed with "unexpected argument '--ub'".

@@ -3,6 +3,31 @@
 // layers, whose cells hold the window plus one batch). Masks are computed here from the token
 // positions: key j is visible to a query at position p when j <= p and (window == 0 or
 // p - j < window). QK and softmax run in f32.
+//
+// A Q8_0 cache (the `_q8` kernels) holds each row as GGUF Q8_0 blocks (32 values: f16 scale d,
+// 32 i8 q; 34 bytes), head dims multiples of 32 so every head is whole blocks. Its tiles are
+// staged into the same f16 shared-memory tiles as the f16 cache's, each value q * d rounded to
+// f16, with plain loads instead of cp.async (a block is only 2-byte aligned); everything after
+// staging is the f16 kernels' code.
+
+#define Q8_BLOCK 34
+
+// Values o..o+7 (o a multiple of 8) of the Q8_0 block at b as eight f16 (q * d each).
+__device__ __forceinline__ uint4 q8_0_unit_h(const u8* b, int o) {
+    const float d = h2f(ld16(b));
+    const u32 w0 = ld32_a2(b + 2 + o), w1 = ld32_a2(b + 2 + o + 4);
+    uint4 r;
+    r.x = pack_h2((float)(i8)(w0 & 0xff) * d, (float)(i8)((w0 >> 8) & 0xff) * d);
+    r.y = pack_h2((float)(i8)((w0 >> 16) & 0xff) * d, (float)(i8)(w0 >> 24) * d);
+    r.z = pack_h2((float)(i8)(w1 & 0xff) * d, (float)(i8)((w1 >> 8) & 0xff) * d);
+    r.w = pack_h2((float)(i8)((w1 >> 16) & 0xff) * d, (float)(i8)(w1 >> 24) * d);
+    return r;
+}
+
+// Values c..c+7 (c a multiple of 8) of a Q8_0 row starting at `row` as eight f16.
+__device__ __forceinline__ uint4 q8_0_row_unit_h(const u8* row, int c) {
+    return q8_0_unit_h(row + (c >> 5) * Q8_BLOCK, c & 31);
+}
 
 #define LOG2E 1.4426950408889634f
 
@@ -44,13 +69,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
 // owns 16 query rows; K/V tiles of BKV keys are staged in shared memory by cp.async two stages
 // deep (the next tile loads while this one computes), S = QK^T and O += PV use mma.m16n8k16 with
 // f32 accumulators (V fragments via ldmatrix.trans), softmax is online (no n^2 buffer).
-template <int D, int BKV>
-__device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,
-                                           const u16* __restrict__ vc, float* __restrict__ out, int ldo,
+template <int D, int BKV, bool Q8>
+__device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq, const void* __restrict__ kcv,
+                                           const void* __restrict__ vcv, float* __restrict__ out, int ldo,
                                            const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,
                                            int kv_base, int cells, float scale, float softcap, int window,
                                            const float* __restrict__ sinks) {
     extern __shared__ __align__(16) u16 smem[];
+    const u16* kc = (const u16*)kcv;
+    const u16* vc = (const u16*)vcv;
     const int KS = D + 8;
     const int TILE = BKV * KS;
     // Stage s: K at smem + 2*s*TILE, V at smem + (2*s+1)*TILE.
@@ -100,9 +127,20 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
             const int jr = idx / (D / 8), dc = (idx % (D / 8)) * 8;
             const int j = j0 + jr;
             const bool ok = j >= j_vis && j <= pmax;
-            const i64 off = ok ? ((i64)(kv_base + j % cells) * n_kv + kvh) * D + dc : 0;
-            cp_async16(Ks + jr * KS + dc, kc + off, ok);
-            cp_async16(Vs + jr * KS + dc, vc + off, ok);
+            if (Q8) {
+                uint4 kh = make_uint4(0u, 0u, 0u, 0u), vh = kh;
+                if (ok) {
+                    const i64 off = ((i64)(kv_base + j % cells) * n_kv + kvh) * (D / 32) * Q8_BLOCK;
+                    kh = q8_0_row_unit_h((const u8*)kcv + off, dc);
+                    vh = q8_0_row_unit_h((const u8*)vcv + off, dc);
+                }
+                *(uint4*)(Ks + jr * KS + dc) = kh;
+                *(uint4*)(Vs + jr * KS + dc) = vh;
+            } else {
+                const i64 off = ok ? ((i64)(kv_base + j % cells) * n_kv + kvh) * D + dc : 0;
+                cp_async16(Ks + jr * KS + dc, kc + off, ok);
+                cp_async16(Vs + jr * KS + dc, vc + off, ok);
+            }
         }
     };
     if (j_lo <= pmax) load_tile(0, j_lo);
@@ -212,6 +250,7 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
     }
 }
 
+// flash_attn_D reads an f16 cache, flash_attn_q8_D a Q8_0 one.
 #define FLASH_KERNEL(D, BKV)                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                               \
         flash_attn_##D(const float* __restrict__ q, int ldq, const u16* __restrict__ kc,            \
@@ -219,8 +258,17 @@ __device__ __forceinline__ void flash_impl(const float* __restrict__ q, int ldq,
                        const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,             \
                        int kv_base, int cells, float scale, float softcap, int window,              \
                        const float* __restrict__ sinks) {                                           \
-        flash_impl<D, BKV>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, kv_base, cells,   \
-                           scale, softcap, window, sinks);                                          \
+        flash_impl<D, BKV, false>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, kv_base,   \
+                                  cells, scale, softcap, window, sinks);                            \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                               \
+        flash_attn_q8_##D(const float* __restrict__ q, int ldq, const u8* __restrict__ kc,          \
+                          const u8* __restrict__ vc, float* __restrict__ out, int ldo,              \
+                          const i32* __restrict__ pos, int n_tokens, int n_head, int n_kv,          \
+                          int kv_base, int cells, float scale, float softcap, int window,           \
+                          const float* __restrict__ sinks) {                                        \
+        flash_impl<D, BKV, true>(q, ldq, kc, vc, out, ldo, pos, n_tokens, n_head, n_kv, kv_base,    \
+                                 cells, scale, softcap, window, sinks);                             \
     }
 FLASH_KERNEL(64, 64)
 FLASH_KERNEL(128, 64)
@@ -269,10 +317,15 @@ __device__ __forceinline__ float dot8(uint4 k, float4 a, float4 b) {
 // Grid (n_split, n_head, n_tokens), 128 threads, dynamic shared memory
 // SPLIT_TILE * (split_stride(dk) + split_stride(dv)) halves. Split s writes (max, sum,
 // unnormalised O[dv]) of its keys to part[((t * n_head + h) * n_split + s) * (dv + 2)].
-extern "C" __global__ void __launch_bounds__(128)
-    attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, const u16* __restrict__ vc,
-               float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq, int n_head,
-               int n_kv, int cells, int dk, int dv, float scale, float softcap, int window, int n_split) {
+// attn_split reads an f16 cache, attn_split_q8 a Q8_0 one (dk, dv multiples of 32).
+template <bool Q8>
+__device__ __forceinline__ void attn_split_impl(const float* __restrict__ q, int ldq, const void* __restrict__ kcv,
+                                                const void* __restrict__ vcv, float* __restrict__ part,
+                                                const i32* __restrict__ pos, const i32* __restrict__ seq, int n_head,
+                                                int n_kv, int cells, int dk, int dv, float scale, float softcap,
+                                                int window, int n_split) {
+    const u16* kc = (const u16*)kcv;
+    const u16* vc = (const u16*)vcv;
     extern __shared__ __align__(16) u16 split_smem[];
     __shared__ __align__(16) float sq[256];
     __shared__ float sp[SPLIT_TILE];
@@ -307,7 +360,20 @@ extern "C" __global__ void __launch_bounds__(128)
 
     for (int j0 = a; j0 < b; j0 += SPLIT_TILE) {
         const int n_in = min(SPLIT_TILE, b - j0);
-        if (vec16) {
+        if (Q8) {
+            const int ck = dk / 8, cv = dv / 8;
+            const i64 krow = (i64)n_kv * (dk / 32) * Q8_BLOCK, vrow = (i64)n_kv * (dv / 32) * Q8_BLOCK;
+            const u8* kq = (const u8*)kcv + (i64)kvh * (dk / 32) * Q8_BLOCK;
+            const u8* vq = (const u8*)vcv + (i64)kvh * (dv / 32) * Q8_BLOCK;
+            for (int i = tid; i < n_in * ck; i += blockDim.x) {
+                const int r = i / ck, c = i % ck;
+                *(uint4*)(Ks + r * KS + c * 8) = q8_0_row_unit_h(kq + (base + (j0 + r) % cells) * krow, c * 8);
+            }
+            for (int i = tid; i < n_in * cv; i += blockDim.x) {
+                const int r = i / cv, c = i % cv;
+                *(uint4*)(Vs + r * VS + c * 8) = q8_0_row_unit_h(vq + (base + (j0 + r) % cells) * vrow, c * 8);
+            }
+        } else if (vec16) {
             const int ck = dk / 8, cv = dv / 8;
             for (int i = tid; i < n_in * ck; i += blockDim.x) {
                 const int r = i / ck, c = i % ck;
@@ -367,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(128)
             m_run = mn;
             if (lane == 0) s_alpha = alpha;
         }
-        if (vec16) cp_async_wait0();
+        if (vec16 && !Q8) cp_async_wait0();
         __syncthreads();
         if (pv_on) {
             const float al = s_alpha;
@@ -397,6 +463,22 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int g2 = 0; g2 < G; g2++) acc += sred[g2 * dv + d];
         dst[2 + d] = acc;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, const u16* __restrict__ vc,
+               float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq, int n_head,
+               int n_kv, int cells, int dk, int dv, float scale, float softcap, int window, int n_split) {
+    attn_split_impl<false>(q, ldq, kc, vc, part, pos, seq, n_head, n_kv, cells, dk, dv, scale, softcap, window,
+                           n_split);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split_q8(const float* __restrict__ q, int ldq, const u8* __restrict__ kc, const u8* __restrict__ vc,
+                  float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq, int n_head,
+                  int n_kv, int cells, int dk, int dv, float scale, float softcap, int window, int n_split) {
+    attn_split_impl<true>(q, ldq, kc, vc, part, pos, seq, n_head, n_kv, cells, dk, dv, scale, softcap, window,
+                          n_split);
 }
 
 // Merges the live splits of attn_split or mla_attn_split (n_split <= 64); each head's sink (sinks:
@@ -433,16 +515,20 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part, float* _
 // MLA_HG query heads of one token so a K tile is staged once for all of them. Grid (n_split,
 // ceil(n_head / MLA_HG), n_tokens), 256 threads, dynamic shared memory mla_smem(dk) bytes. Writes
 // the partials attn_combine merges. dk <= 1024, dv <= MLA_MAX_DV, dk and dv even.
+// mla_attn_split reads an f16 cache (ldk in values), mla_attn_split_q8 a Q8_0 one (ldk in values,
+// a multiple of 32).
 
 #define MLA_HG 16
 #define MLA_TILE 32
 #define MLA_MAX_DV 512
 
-extern "C" __global__ void __launch_bounds__(256)
-    mla_attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, int ldk,
-                   float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq,
-                   int n_head, int cells, int dk, int dv, float scale, int window, int n_split) {
+template <bool Q8>
+__device__ __forceinline__ void mla_attn_split_impl(const float* __restrict__ q, int ldq, const void* __restrict__ kcv,
+                                                    int ldk, float* __restrict__ part, const i32* __restrict__ pos,
+                                                    const i32* __restrict__ seq, int n_head, int cells, int dk,
+                                                    int dv, float scale, int window, int n_split) {
     extern __shared__ __align__(16) float mla_smem[];
+    const u16* kc = (const u16*)kcv;
     __shared__ float m_run[MLA_HG], l_run[MLA_HG], alpha[MLA_HG];
     const int split = blockIdx.x, h0 = blockIdx.y * MLA_HG, t = blockIdx.z;
     const int nh = min(MLA_HG, n_head - h0);
@@ -474,7 +560,15 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();  // the previous tile's weights and keys are no longer read
         for (int i = tid; i < n_in * (dk / 2); i += blockDim.x) {
             const int r = i / (dk / 2), c = i % (dk / 2);
-            *(u32*)(ks + r * dk + 2 * c) = *(const u32*)(kc + (base + (j0 + r) % cells) * ldk + 2 * c);
+            if (Q8) {
+                const u8* blk = (const u8*)kcv + (base + (j0 + r) % cells) * (ldk / 32) * Q8_BLOCK +
+                                (2 * c / 32) * Q8_BLOCK;
+                const float d = h2f(ld16(blk));
+                const u16 w = ld16(blk + 2 + (2 * c) % 32);
+                *(u32*)(ks + r * dk + 2 * c) = pack_h2((float)(i8)(w & 0xff) * d, (float)(i8)(w >> 8) * d);
+            } else {
+                *(u32*)(ks + r * dk + 2 * c) = *(const u32*)(kc + (base + (j0 + r) % cells) * ldk + 2 * c);
+            }
         }
         __syncthreads();
         // Scores: one warp per (head, key) pair.
@@ -538,4 +632,18 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    mla_attn_split(const float* __restrict__ q, int ldq, const u16* __restrict__ kc, int ldk,
+                   float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq,
+                   int n_head, int cells, int dk, int dv, float scale, int window, int n_split) {
+    mla_attn_split_impl<false>(q, ldq, kc, ldk, part, pos, seq, n_head, cells, dk, dv, scale, window, n_split);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    mla_attn_split_q8(const float* __restrict__ q, int ldq, const u8* __restrict__ kc, int ldk,
+                      float* __restrict__ part, const i32* __restrict__ pos, const i32* __restrict__ seq,
+                      int n_head, int cells, int dk, int dv, float scale, int window, int n_split) {
+    mla_attn_split_impl<true>(q, ldq, kc, ldk, part, pos, seq, n_head, cells, dk, dv, scale, window, n_split);
 }

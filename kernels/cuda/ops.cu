@@ -221,6 +221,68 @@ extern "C" __global__ void kv_shift(u16* __restrict__ rows, int cols, const i32*
     }
 }
 
+// Stores lane's value v of a 32-value block as GGUF Q8_0 at b (34 bytes, 2-byte aligned), one
+// warp per block: d = max|x| / 127 as f16, q = round-to-nearest-even(x * (1 / d)) — the CPU's
+// Q8_0 quantizer, bit for bit.
+__device__ __forceinline__ void q8_0_store_warp(float v, int lane, u8* __restrict__ b) {
+    const float amax = warp_max(fabsf(v));
+    const float d = __fdiv_rn(amax, 127.f);
+    const float id = d != 0.f ? __fdiv_rn(1.f, d) : 0.f;
+    b[2 + lane] = (u8)(i8)__float2int_rn(__fmul_rn(v, id));
+    if (lane == 0) *(u16*)b = f2h(d);
+}
+
+// kv_shift for a Q8_0 cache (rows of cols / 32 blocks of 34 bytes). Block x = run, block y = one
+// head of head_dim values (a multiple of 32, so whole blocks), 256 threads; dynamic shared memory
+// head_dim f32 + the head's bytes. Per move: without rope (r.n_dims = 0) the head's bytes are
+// copied; with rope the head is dequantized into shared memory, its pairs turned as kv_shift
+// turns them, and quantized afresh (one warp per block), barriers between the phases and moves.
+extern "C" __global__ void kv_shift_q8_0(u8* __restrict__ rows, int cols, const i32* __restrict__ moves,
+                                         const i32* __restrict__ run_start, const i32* __restrict__ cyclic,
+                                         int head_dim, int rope_off, float delta, RopeP r) {
+    extern __shared__ __align__(16) float shx[];
+    u8* saved = (u8*)(shx + head_dim);
+    const int run = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31, nw = blockDim.x >> 5;
+    const int m0 = run_start[run], m1 = run_start[run + 1];
+    if (m1 <= m0) return;
+    const int nb = head_dim / 32, hb = nb * 34;
+    const i64 rowb = (i64)(cols / 32) * 34, hoff = (i64)h * hb;
+    const bool cyc = cyclic[run] != 0;
+    if (cyc) {
+        const i64 src = moves[2 * (m1 - 1)];
+        for (int i = tid; i < hb; i += blockDim.x) saved[i] = rows[src * rowb + hoff + i];
+    }
+    __syncthreads();
+    for (int m = m0; m < m1; m++) {
+        const i64 src = moves[2 * m], dst = moves[2 * m + 1];
+        const u8* from = cyc && m + 1 == m1 ? saved : rows + src * rowb + hoff;
+        u8* to = rows + dst * rowb + hoff;
+        if (r.n_dims == 0) {
+            for (int i = tid; i < hb; i += blockDim.x) to[i] = from[i];
+            __syncthreads();
+            continue;
+        }
+        for (int i = tid; i < head_dim; i += blockDim.x) {
+            const u8* b = from + (i >> 5) * 34;
+            shx[i] = (float)(i8)b[2 + (i & 31)] * h2f(ld16(b));
+        }
+        __syncthreads();
+        for (int j = tid; j < r.n_dims / 2; j += blockDim.x) {
+            const int a = rope_off + (r.mode == 0 ? 2 * j : j);
+            const int b = r.mode == 0 ? a + 1 : a + r.n_dims / 2;
+            float sn, cs;
+            sincosf(delta * rope_rate(j, r), &sn, &cs);
+            const float x0 = shx[a], x1 = shx[b];
+            shx[a] = x0 * cs - x1 * sn;
+            shx[b] = x0 * sn + x1 * cs;
+        }
+        __syncthreads();
+        for (int blk = warp; blk < nb; blk += nw) q8_0_store_warp(shx[blk * 32 + lane], lane, to + blk * 34);
+        __syncthreads();
+    }
+}
+
 // out = act(gate, up). act 0: SiLU(gate) * up; 1: GELU(gate) (tanh approximation) * up; 2: gpt-oss's
 // clamped SwiGLU, g = min(gate, limit), u = clamp(up, -limit, limit), g * sigmoid(alpha g) * (u + 1).
 extern "C" __global__ void glu(const float* __restrict__ gate, const float* __restrict__ up,
@@ -283,6 +345,21 @@ extern "C" __global__ void kv_write(const float* __restrict__ src, int ld_src, u
     if (c >= row || p < 0) return;
     const i64 cell = (i64)seq[t] * cells + p % cells;
     cache[cell * row + c] = f2h(src[(i64)t * ld_src + c]);
+}
+
+// kv_write for a Q8_0 cache: cell rows of row / 32 blocks of 34 bytes (row a multiple of 32), each
+// block quantized by one warp (q8_0_store_warp). Grid (ceil(row / 32 / 8), n_tokens), 256 threads.
+extern "C" __global__ void kv_write_q8_0(const float* __restrict__ src, int ld_src, u8* __restrict__ cache,
+                                         int row, const i32* __restrict__ pos, const i32* __restrict__ seq,
+                                         int cells) {
+    const int t = blockIdx.y;
+    const int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const int p = pos[t];
+    // Uniform per warp.
+    if (blk >= row / 32 || p < 0) return;
+    const i64 cell = (i64)seq[t] * cells + p % cells;
+    u8* b = cache + cell * (row / 32) * 34 + (i64)blk * 34;
+    q8_0_store_warp(src[(i64)t * ld_src + blk * 32 + lane], lane, b);
 }
 
 // out[i, :] = x[rows[i], :]. Grid (ceil(cols/256), n_out).

@@ -3,6 +3,7 @@
 
 pub mod cuda;
 pub mod gemm;
+pub mod kv;
 pub mod matmul;
 pub mod moe;
 pub mod ops;

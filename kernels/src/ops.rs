@@ -1,13 +1,13 @@
 //! CPU implementations of the op graph's non-matmul ops: norms, rope (YaRN included), GLUs,
-//! residual add, soft-cap, MoE routing and attention (with sinks) over an f16 KV cache.
+//! residual add, soft-cap, MoE routing and attention (with sinks) over an f16 or Q8_0 KV cache
+//! ([`KvType`]).
 //!
 //! All activations are f32 row-major `[rows, cols]`. Reductions accumulate in f32 (attention scores
 //! and softmax too), matching what the GPU kernels do.
 
 use std::ops::Range;
 
-use half::f16;
-
+pub use crate::kv::KvType;
 use crate::pool::{self, SharedSlice};
 use pshard_model::graph::{Activation, RopeYarn, Routing, SWIGLU_OAI_ALPHA, SWIGLU_OAI_LIMIT};
 use pshard_model::spec::Gating;
@@ -195,16 +195,19 @@ pub struct ShiftRun {
     pub cyclic: bool,
 }
 
-/// Moves cells of one sequence's KV rows (`cells` is `n_cells × cols` f16) as `runs` say, each
-/// moved row rotated by the rope angles of `delta` positions when `rope` is given (K of a layer
-/// with rotary embeddings: in each head of `head_dim` values, the `rope.n_dims` from `rope_off`
-/// on; latent attention's one head ropes after its latent), copied as is otherwise (V, or K
-/// without rope). The angles are the forward rope's (frequency factors, position scale, YaRN's
-/// per-pair mix) but not YaRN's magnitude: the cached K already carries it, and a rotation by
-/// the difference of two positions' angles keeps magnitudes. The rotation is computed in f32
-/// from the stored f16 and rounded back to f16, as the CUDA `kv_shift` kernel does.
+/// Moves cells of one sequence's KV rows (`cells` is `n_cells` rows of `cols` values in `ty`)
+/// as `runs` say, each moved row rotated by the rope angles of `delta` positions when `rope` is
+/// given (K of a layer with rotary embeddings: in each head of `head_dim` values, the
+/// `rope.n_dims` from `rope_off` on; latent attention's one head ropes after its latent), copied
+/// byte for byte otherwise (V, or K without rope). The angles are the forward rope's (frequency
+/// factors, position scale, YaRN's per-pair mix) but not YaRN's magnitude: the cached K already
+/// carries it, and a rotation by the difference of two positions' angles keeps magnitudes. A
+/// rotated row is widened to f32, rotated and stored back in `ty` (Q8_0: quantized afresh, its
+/// blocks' scales from the rotated values), as the CUDA `kv_shift` kernel does.
+#[allow(clippy::too_many_arguments)]
 pub fn kv_shift(
-    cells: &mut [f16],
+    cells: &mut [u8],
+    ty: KvType,
     cols: usize,
     (head_dim, rope_off): (usize, usize),
     rope: Option<&Rope>,
@@ -214,28 +217,29 @@ pub fn kv_shift(
     let table = rope
         .map(|r| Rope::table_at(&r.angle_rates(), delta as f32, 1.0))
         .unwrap_or_default();
-    let row = |c: u32| c as usize * cols..(c as usize + 1) * cols;
+    let rb = ty.row_bytes(cols);
+    let row = |c: u32| c as usize * rb..(c as usize + 1) * rb;
     let mut buf = vec![0f32; cols];
+    let mut from = vec![0u8; rb];
     for run in runs {
         let Some(&(last_src, _)) = run.moves.last() else {
             continue;
         };
-        let saved: Option<Vec<f16>> = run.cyclic.then(|| cells[row(last_src)].to_vec());
+        let saved: Option<Vec<u8>> = run.cyclic.then(|| cells[row(last_src)].to_vec());
         for (i, &(src, dst)) in run.moves.iter().enumerate() {
-            let from: &[f16] = match &saved {
-                Some(v) if i + 1 == run.moves.len() => v,
-                _ => &cells[row(src)],
-            };
-            for (b, v) in buf.iter_mut().zip(from) {
-                *b = v.to_f32();
+            match &saved {
+                Some(v) if i + 1 == run.moves.len() => from.copy_from_slice(v),
+                _ => from.copy_from_slice(&cells[row(src)]),
             }
-            if let Some(r) = rope {
-                for head in buf.chunks_mut(head_dim) {
-                    r.rotate(&mut head[rope_off..], &table);
+            match rope {
+                Some(r) => {
+                    ty.load(&from, &mut buf);
+                    for head in buf.chunks_mut(head_dim) {
+                        r.rotate(&mut head[rope_off..], &table);
+                    }
+                    ty.store(&buf, &mut cells[row(dst)]);
                 }
-            }
-            for (o, b) in cells[row(dst)].iter_mut().zip(&buf) {
-                *o = f16::from_f32(*b);
+                None => cells[row(dst)].copy_from_slice(&from),
             }
         }
     }
@@ -426,21 +430,42 @@ fn limit_groups(sel: &mut [f32], groups: usize, used: usize) {
     }
 }
 
-/// One layer's KV cache as the attention kernel sees it: `cells` slots of K rows (`k_row` f16
-/// values, head `h` at `h · head_dim_k`) and of V rows (`v_row` values, head `h` at
+/// One layer's KV cache as the attention kernel sees it: `cells` slots of K rows (`k_row` values
+/// in `ty`, head `h` at value `h · head_dim_k`) and of V rows (`v_row` values, head `h` at
 /// `h · head_dim_v`; V not transposed). Position `p` lives in slot `p % cells`. Latent attention
-/// passes the K rows as V too (its values are the first `head_dim_v` of each K row).
+/// passes the K rows as V too (its values are the first `head_dim_v` of each K row). With a
+/// blocked type every head slice is whole blocks ([`KvType::check_dims`]).
 pub struct KvView<'a> {
-    /// Keys, `cells × k_row`.
-    pub k: &'a [f16],
-    /// Values, `cells × v_row`.
-    pub v: &'a [f16],
+    /// Keys, `cells` rows of `ty.row_bytes(k_row)` bytes.
+    pub k: &'a [u8],
+    /// Values, `cells` rows of `ty.row_bytes(v_row)` bytes.
+    pub v: &'a [u8],
+    /// The rows' element type.
+    pub ty: KvType,
     /// Slots.
     pub cells: usize,
-    /// f16 values per K slot.
+    /// Values per K slot.
     pub k_row: usize,
-    /// f16 values per V slot.
+    /// Values per V slot.
     pub v_row: usize,
+}
+
+impl KvView<'_> {
+    /// Widens values `first..first + dst.len()` of slot `slot`'s K row into `dst`.
+    #[inline(always)]
+    pub fn load_k(&self, slot: usize, first: usize, dst: &mut [f32]) {
+        let t = self.ty;
+        let at = slot * t.row_bytes(self.k_row) + t.row_bytes(first);
+        t.load(&self.k[at..][..t.row_bytes(dst.len())], dst);
+    }
+
+    /// Widens values `first..first + dst.len()` of slot `slot`'s V row into `dst`.
+    #[inline(always)]
+    pub fn load_v(&self, slot: usize, first: usize, dst: &mut [f32]) {
+        let t = self.ty;
+        let at = slot * t.row_bytes(self.v_row) + t.row_bytes(first);
+        t.load(&self.v[at..][..t.row_bytes(dst.len())], dst);
+    }
 }
 
 /// Attention shape and masking parameters.
@@ -482,7 +507,7 @@ const ATTN_SPLIT_BELOW_PAIRS: usize = 64;
 /// are merged in ascending order ([`merge_partial`]) and normalised. Every step depends only on
 /// the row's own query, positions and the cache, so a row's result does not depend on the other
 /// rows of the batch or on how the work is split: prefill runs tiles of [`ATTN_BQ`] tokens × one
-/// kv head (each K/V block widened from f16 once for the whole tile), decode runs one task per
+/// kv head (each K/V block widened to f32 once for the whole tile), decode runs one task per
 /// (token, kv head, span) and merges after. QK, softmax and PV accumulate in f32.
 pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out: &mut [f32]) {
     let group = p.n_head / p.n_head_kv;
@@ -603,7 +628,7 @@ fn normalise(m: f32, l: f32, sink: Option<f32>, o: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Query tokens per attention tile (prefill): each key/value row is widened from f16 once per
+/// Query tokens per attention tile (prefill): each key/value row is widened to f32 once per
 /// tile of this many tokens (× the GQA group's heads) instead of once per token.
 const ATTN_BQ: usize = 16;
 /// Keys per block of a span: scores of one query row for a block are 64 f32 (four 512-bit
@@ -806,11 +831,9 @@ fn span_partials_body(
     scratch: &mut TileScratch,
     span: usize,
 ) {
-    use half::slice::HalfFloatSliceExt;
     const BK: usize = ATTN_BK;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
-    let (kk, vv) = (kv.k_row, kv.v_row);
     let range = |t: usize| {
         let (a, b) = key_range(positions[t], p);
         (a.max(span), b.min(span + ATTN_SPAN))
@@ -836,11 +859,11 @@ fn span_partials_body(
         for j in j0.max(lo)..j1 {
             let i = j - j0;
             let slot = j % kv.cells;
-            kv.k[slot * kk + kh * dk..][..dk].convert_to_f32_slice(krow);
+            kv.load_k(slot, kh * dk, krow);
             for (d, &x) in krow.iter().enumerate() {
                 kt[d * BK + i] = x;
             }
-            kv.v[slot * vv + kh * dv..][..dv].convert_to_f32_slice(&mut vb[i * dv..][..dv]);
+            kv.load_v(slot, kh * dv, &mut vb[i * dv..][..dv]);
         }
         for (ti, t) in toks.clone().enumerate() {
             let (a, b) = range(t);
@@ -981,6 +1004,7 @@ fn is_avx2() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     /// A seeded generator for test `name` (fresh seed per run, printed; `PSHARD_SEED` replays).
     fn test_rng(name: &str) -> rand::rngs::StdRng {
@@ -993,21 +1017,26 @@ mod tests {
         rand::rngs::StdRng::seed_from_u64(seed)
     }
 
-    /// A random f16 K and V cache of `cells` cells (`kv_dims` = (kv heads, K dim, V dim)), values
-    /// in `−amp..amp`.
+    /// A random K and V cache in `ty` of `cells` cells (`kv_dims` = (kv heads, K dim, V dim)),
+    /// values in `−amp..amp`, as row bytes.
     fn random_cache(
         rng: &mut rand::rngs::StdRng,
+        ty: KvType,
         cells: usize,
         (n_head_kv, dk, dv): (usize, usize, usize),
         amp: f32,
-    ) -> (Vec<f16>, Vec<f16>) {
+    ) -> (Vec<u8>, Vec<u8>) {
         use rand::Rng;
-        let mut r = |n: usize| -> Vec<f16> {
-            (0..n)
-                .map(|_| f16::from_f32(rng.gen_range(-amp..amp)))
-                .collect()
+        let mut r = |row: usize| -> Vec<u8> {
+            let x: Vec<f32> = (0..cells * row).map(|_| rng.gen_range(-amp..amp)).collect();
+            let rb = ty.row_bytes(row);
+            let mut out = vec![0u8; cells * rb];
+            for (xr, o) in x.chunks(row).zip(out.chunks_mut(rb)) {
+                ty.store(xr, o);
+            }
+            out
         };
-        (r(cells * n_head_kv * dk), r(cells * n_head_kv * dv))
+        (r(n_head_kv * dk), r(n_head_kv * dv))
     }
 
     #[test]
@@ -1087,18 +1116,28 @@ mod tests {
                 v
             };
             // Cells 0 and 1: cell 1 (position 40) moves to cell 0.
-            let mut cells: Vec<f16> = [vec![0f32; cols], roped_at(40)]
+            let cells: Vec<f16> = [vec![0f32; cols], roped_at(40)]
                 .concat()
                 .into_iter()
                 .map(f16::from_f32)
                 .collect();
+            let mut cells: Vec<u8> = bytemuck::cast_slice(&cells).to_vec();
             let runs = [ShiftRun {
                 moves: vec![(1, 0)],
                 cyclic: false,
             }];
-            kv_shift(&mut cells, cols, (head, off), Some(&r), -18, &runs);
+            kv_shift(
+                &mut cells,
+                KvType::F16,
+                cols,
+                (head, off),
+                Some(&r),
+                -18,
+                &runs,
+            );
             let want = roped_at(22);
-            let got: Vec<f32> = cells[..cols].iter().map(|v| v.to_f32()).collect();
+            let mut got = vec![0f32; cols];
+            KvType::F16.load(&cells[..KvType::F16.row_bytes(cols)], &mut got);
             let far = roped_at(40);
             for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                 let in_rope = (off..off + n_dims).contains(&(j % head));
@@ -1116,7 +1155,51 @@ mod tests {
                 moved > 1.0,
                 "{pairing:?} {off}: positions 40 and 22 too alike"
             );
+            // Q8_0 rows: dequantized, rotated, quantized afresh — within two roundings of the
+            // row roped at 22: the first (half a step, max|x| / 127, per value) mixed by the
+            // rotation into at most 0.71 of a step, the second half a step.
+            let mut q8 = vec![0u8; 2 * KvType::Q8_0.row_bytes(cols)];
+            KvType::Q8_0.store(&roped_at(40), &mut q8[KvType::Q8_0.row_bytes(cols)..]);
+            kv_shift(
+                &mut q8,
+                KvType::Q8_0,
+                cols,
+                (head, off),
+                Some(&r),
+                -18,
+                &runs,
+            );
+            KvType::Q8_0.load(&q8[..KvType::Q8_0.row_bytes(cols)], &mut got);
+            let step = want.iter().chain(&far).fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1.21 * step + 1e-4,
+                    "q8_0 {pairing:?} {off}: col {j}: {g} vs {w}"
+                );
+            }
         }
+    }
+
+    /// Moves without rope copy Q8_0 rows byte for byte, cycles included.
+    #[test]
+    fn kv_shift_copies_q8_0_rows_exactly() {
+        let cols = 64;
+        let rb = KvType::Q8_0.row_bytes(cols);
+        let mut cells = vec![0u8; 3 * rb];
+        for c in 0..3 {
+            let x: Vec<f32> = (0..cols).map(|i| (i * (c + 2)) as f32 - 9.0).collect();
+            KvType::Q8_0.store(&x, &mut cells[c * rb..(c + 1) * rb]);
+        }
+        let before = cells.clone();
+        // 0 → 1 → 2 → 0 as one cycle (run backward, the last source saved).
+        let runs = [ShiftRun {
+            moves: vec![(1, 2), (0, 1), (2, 0)],
+            cyclic: true,
+        }];
+        kv_shift(&mut cells, KvType::Q8_0, cols, (cols, 0), None, -5, &runs);
+        assert_eq!(&cells[rb..2 * rb], &before[..rb]);
+        assert_eq!(&cells[2 * rb..], &before[rb..2 * rb]);
+        assert_eq!(&cells[..rb], &before[2 * rb..]);
     }
 
     fn routing(gating: Gating, normalize: bool, scale: f32, groups: (usize, usize)) -> Routing {
@@ -1217,10 +1300,10 @@ mod tests {
             let kh = h / group;
             let sc: Vec<f64> = (first..=pos)
                 .map(|j| {
-                    let slot = j % kv.cells;
-                    let kr = &kv.k[slot * kv.k_row + kh * dk..][..dk];
+                    let mut kr = vec![0f32; dk];
+                    kv.load_k(j % kv.cells, kh * dk, &mut kr);
                     let s: f64 = (0..dk)
-                        .map(|d| q[h * dk + d] as f64 * kr[d].to_f64())
+                        .map(|d| q[h * dk + d] as f64 * kr[d] as f64)
                         .sum::<f64>()
                         * p.scale as f64;
                     p.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
@@ -1235,10 +1318,10 @@ mod tests {
             let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
             let l: f64 = e.iter().sum::<f64>() + sink.map_or(0.0, |s| (s - m).exp());
             for (i, j) in (first..=pos).enumerate() {
-                let slot = j % kv.cells;
-                let vr = &kv.v[slot * kv.v_row + kh * dv..][..dv];
+                let mut vr = vec![0f32; dv];
+                kv.load_v(j % kv.cells, kh * dv, &mut vr);
                 for d in 0..dv {
-                    out[h * dv + d] += e[i] / l * vr[d].to_f64();
+                    out[h * dv + d] += e[i] / l * vr[d] as f64;
                 }
             }
         }
@@ -1341,39 +1424,48 @@ mod tests {
     fn attention_split_spans_match_f64() {
         use rand::Rng;
         let mut rng = test_rng("attention_split_spans_match_f64");
-        let (n_head, n_head_kv, dk, dv, cells) = (6, 2, 40, 24, 1100);
-        let (k, v) = random_cache(&mut rng, cells, (n_head_kv, dk, dv), 1.0);
-        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-        let kv = KvView {
-            k: &k,
-            v: &v,
-            cells,
-            k_row: n_head_kv * dk,
-            v_row: n_head_kv * dv,
-        };
-        // Caps: 0 the CPU's best, 2 AVX2 at most, 1 portable.
-        let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
-        for (cap, window, softcap, sinks) in [
-            (0u8, None, None, None),
-            (0, Some(300), Some(2.0), None),
-            (0, Some(2000), None, Some(&sinks[..])),
-            (2, None, None, Some(&sinks[..])),
-            (2, Some(300), Some(2.0), None),
-            (1, None, Some(2.0), Some(&sinks[..])),
-        ] {
-            ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
-            let p = AttnParams {
-                n_head,
-                n_head_kv,
-                head_dim_k: dk,
-                head_dim_v: dv,
-                window,
-                scale: 0.7,
-                softcap,
-                sinks,
+        let (n_head, n_head_kv, cells) = (6, 2, 1100);
+        // Q8_0 rows are read back dequantized, so the f64 reference (which reads them the same
+        // way) checks the same arithmetic.
+        for (ty, dk, dv) in [(KvType::F16, 40, 24), (KvType::Q8_0, 64, 32)] {
+            let (k, v) = random_cache(&mut rng, ty, cells, (n_head_kv, dk, dv), 1.0);
+            let mut r =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                ty,
+                cells,
+                k_row: n_head_kv * dk,
+                v_row: n_head_kv * dv,
             };
-            let what = format!("cap {cap} window {window:?} sinks {}", sinks.is_some());
-            check_attention(&kv, &p, &mut r, &what);
+            // Caps: 0 the CPU's best, 2 AVX2 at most, 1 portable.
+            let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
+            for (cap, window, softcap, sinks) in [
+                (0u8, None, None, None),
+                (0, Some(300), Some(2.0), None),
+                (0, Some(2000), None, Some(&sinks[..])),
+                (2, None, None, Some(&sinks[..])),
+                (2, Some(300), Some(2.0), None),
+                (1, None, Some(2.0), Some(&sinks[..])),
+            ] {
+                ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
+                let p = AttnParams {
+                    n_head,
+                    n_head_kv,
+                    head_dim_k: dk,
+                    head_dim_v: dv,
+                    window,
+                    scale: 0.7,
+                    softcap,
+                    sinks,
+                };
+                let what = format!(
+                    "{ty:?} cap {cap} window {window:?} sinks {}",
+                    sinks.is_some()
+                );
+                check_attention(&kv, &p, &mut r, &what);
+            }
         }
         ATTENTION_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1385,110 +1477,119 @@ mod tests {
     fn attention_rows_do_not_depend_on_the_batch_or_level() {
         use rand::Rng;
         let mut rng = test_rng("attention_rows_do_not_depend_on_the_batch_or_level");
-        let (n_head, n_head_kv, dk, dv, cells) = (6, 2, 72, 80, 1100);
-        let (k, v) = random_cache(&mut rng, cells, (n_head_kv, dk, dv), 2.0);
-        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
-        let kv = KvView {
-            k: &k,
-            v: &v,
-            cells,
-            k_row: n_head_kv * dk,
-            v_row: n_head_kv * dv,
-        };
-        let queries = r(64 * n_head * dk);
-        let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
-        let positions: Vec<u32> = (0..64u32)
-            .map(|i| match i % 4 {
-                0 => i * 17,
-                1 => 1099 - i,
-                2 => 255 + i,
-                _ => 500 + 3 * i,
-            })
-            .collect();
-        let (qw, ow) = (n_head * dk, n_head * dv);
-        for (window, softcap, sinks) in [
-            (None, None, None),
-            (Some(300), Some(3.0), Some(&sinks[..])),
-            (Some(70), None, None),
-        ] {
-            let p = AttnParams {
-                n_head,
-                n_head_kv,
-                head_dim_k: dk,
-                head_dim_v: dv,
-                window,
-                scale: 0.3,
-                softcap,
-                sinks,
+        let (n_head, n_head_kv, cells) = (6, 2, 1100);
+        for (ty, dk, dv) in [(KvType::F16, 72, 80), (KvType::Q8_0, 96, 64)] {
+            let (k, v) = random_cache(&mut rng, ty, cells, (n_head_kv, dk, dv), 2.0);
+            let mut r =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                ty,
+                cells,
+                k_row: n_head_kv * dk,
+                v_row: n_head_kv * dv,
             };
-            let run = |rows: &[usize], cap: u8| -> Vec<f32> {
-                ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
-                let q: Vec<f32> = rows
-                    .iter()
-                    .flat_map(|&i| queries[i * qw..(i + 1) * qw].iter().copied())
-                    .collect();
-                let pos: Vec<u32> = rows.iter().map(|&i| positions[i]).collect();
-                let mut out = vec![f32::NAN; rows.len() * ow];
-                attention(&q, &pos, &kv, &p, &mut out);
-                out
-            };
-            let alone: Vec<Vec<f32>> = (0..64).map(|i| run(&[i], 0)).collect();
-            let all: Vec<usize> = (0..64).collect();
-            let shifted: Vec<usize> = (0..64).map(|i| (i * 7 + 3) % 64).collect();
-            for (rows, cap) in [
-                (all.clone(), 0u8),
-                (shifted.clone(), 0),
-                (all[5..40].to_vec(), 0),
-                (all[..3].to_vec(), 0),
-                (shifted.clone(), 2),
-                (all.clone(), 1),
+            let queries = r(64 * n_head * dk);
+            let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
+            let positions: Vec<u32> = (0..64u32)
+                .map(|i| match i % 4 {
+                    0 => i * 17,
+                    1 => 1099 - i,
+                    2 => 255 + i,
+                    _ => 500 + 3 * i,
+                })
+                .collect();
+            let (qw, ow) = (n_head * dk, n_head * dv);
+            for (window, softcap, sinks) in [
+                (None, None, None),
+                (Some(300), Some(3.0), Some(&sinks[..])),
+                (Some(70), None, None),
             ] {
-                let out = run(&rows, cap);
-                for (j, &i) in rows.iter().enumerate() {
-                    let got: Vec<u32> = out[j * ow..(j + 1) * ow]
+                let p = AttnParams {
+                    n_head,
+                    n_head_kv,
+                    head_dim_k: dk,
+                    head_dim_v: dv,
+                    window,
+                    scale: 0.3,
+                    softcap,
+                    sinks,
+                };
+                let run = |rows: &[usize], cap: u8| -> Vec<f32> {
+                    ATTENTION_CAP.store(cap, std::sync::atomic::Ordering::Relaxed);
+                    let q: Vec<f32> = rows
                         .iter()
-                        .map(|x| x.to_bits())
+                        .flat_map(|&i| queries[i * qw..(i + 1) * qw].iter().copied())
                         .collect();
-                    let want: Vec<u32> = alone[i].iter().map(|x| x.to_bits()).collect();
-                    assert_eq!(
+                    let pos: Vec<u32> = rows.iter().map(|&i| positions[i]).collect();
+                    let mut out = vec![f32::NAN; rows.len() * ow];
+                    attention(&q, &pos, &kv, &p, &mut out);
+                    out
+                };
+                let alone: Vec<Vec<f32>> = (0..64).map(|i| run(&[i], 0)).collect();
+                let all: Vec<usize> = (0..64).collect();
+                let shifted: Vec<usize> = (0..64).map(|i| (i * 7 + 3) % 64).collect();
+                for (rows, cap) in [
+                    (all.clone(), 0u8),
+                    (shifted.clone(), 0),
+                    (all[5..40].to_vec(), 0),
+                    (all[..3].to_vec(), 0),
+                    (shifted.clone(), 2),
+                    (all.clone(), 1),
+                ] {
+                    let out = run(&rows, cap);
+                    for (j, &i) in rows.iter().enumerate() {
+                        let got: Vec<u32> = out[j * ow..(j + 1) * ow]
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect();
+                        let want: Vec<u32> = alone[i].iter().map(|x| x.to_bits()).collect();
+                        assert_eq!(
                         got,
                         want,
-                        "window {window:?}: row {i} (pos {}) at {j} of {} rows, cap {cap}",
+                        "{ty:?} window {window:?}: row {i} (pos {}) at {j} of {} rows, cap {cap}",
                         positions[i],
                         rows.len()
                     );
+                    }
                 }
             }
         }
         ATTENTION_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Latent attention: one KV head whose values are the first 24 of each 40-value K row.
+    /// Latent attention: one KV head whose values are the first `dv` of each K row (f16:
+    /// 24 of 40; Q8_0: 64 of 96).
     #[test]
     fn attention_values_inside_k() {
         use rand::Rng;
         let mut rng = test_rng("attention_values_inside_k");
-        let (dk, dv, cells) = (40, 24, 1100);
-        let (k, _) = random_cache(&mut rng, cells, (1, dk, dv), 2.0);
-        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
-        let kv = KvView {
-            k: &k,
-            v: &k,
-            cells,
-            k_row: dk,
-            v_row: dk,
-        };
-        let p = AttnParams {
-            n_head: 4,
-            n_head_kv: 1,
-            head_dim_k: dk,
-            head_dim_v: dv,
-            window: None,
-            scale: 0.3,
-            softcap: None,
-            sinks: None,
-        };
-        check_attention(&kv, &p, &mut r, "values inside K");
+        let cells = 1100;
+        for (ty, dk, dv) in [(KvType::F16, 40, 24), (KvType::Q8_0, 96, 64)] {
+            let (k, _) = random_cache(&mut rng, ty, cells, (1, dk, dv), 2.0);
+            let mut r =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+            let kv = KvView {
+                k: &k,
+                v: &k,
+                ty,
+                cells,
+                k_row: dk,
+                v_row: dk,
+            };
+            let p = AttnParams {
+                n_head: 4,
+                n_head_kv: 1,
+                head_dim_k: dk,
+                head_dim_v: dv,
+                window: None,
+                scale: 0.3,
+                softcap: None,
+                sinks: None,
+            };
+            check_attention(&kv, &p, &mut r, &format!("{ty:?} values inside K"));
+        }
     }
 
     #[test]
@@ -1498,8 +1599,9 @@ mod tests {
         let k: Vec<f16> = vec![f16::from_f32(0.0); cells];
         let v: Vec<f16> = (0..cells).map(|j| f16::from_f32(j as f32)).collect();
         let kv = KvView {
-            k: &k,
-            v: &v,
+            k: bytemuck::cast_slice(&k),
+            v: bytemuck::cast_slice(&v),
+            ty: KvType::F16,
             cells,
             k_row: 1,
             v_row: 1,

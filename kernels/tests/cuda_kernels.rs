@@ -12,6 +12,7 @@ use pshard_kernels::cuda::{
     AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells, PinnedBuf,
     RegionId, RegionKind, RopeArgs, RopeKind,
 };
+use pshard_kernels::kv::KvType;
 use pshard_kernels::quant;
 use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, Routing};
@@ -1273,66 +1274,91 @@ fn cuda_kv_shift_matches_cpu() {
         ),
         (None, cols, 0, 0, false, 1.0, None),
     ] {
-        let x: Vec<f16> = randv(&mut r, cells * cols, 2.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let xd = c.up_bytes(&bytes);
-        let args = mode.map(|m| RopeArgs {
-            head_dim: head,
-            n_dims,
-            mode: m,
-            base: 1e4,
-            pos_scale: pscale,
-            freq_factors: ff.then_some(fd.ptr),
-            yarn: RopeYarnArg::of(y),
-        });
-        k.kv_shift(
-            xd.ptr,
-            cols,
-            (md.ptr, sd.ptr, cd.ptr, runs.len()),
-            args.as_ref().map(|a| (a, off)),
-            delta as f32,
-            &s,
-        )
-        .unwrap();
-        c.sync();
-        let got = c.down_f16(xd.ptr, cells * cols);
-        let mut want = x.clone();
-        let cpu_rope = mode.map(|m| ops::Rope {
-            pairing: match m {
-                RopeKind::Adjacent => ops::RopePairing::Adjacent,
-                RopeKind::Neox => ops::RopePairing::Neox,
-            },
-            n_dims,
-            base: 1e4,
-            pos_scale: pscale,
-            freq_factors: ff.then_some(&f[..]),
-            yarn: y,
-        });
-        ops::kv_shift(
-            &mut want,
-            cols,
-            (head, off),
-            cpu_rope.as_ref(),
-            delta,
-            &runs,
-        );
-        let want64: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
-        let err = rel_l2(&got, &want64);
-        let orig: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        let moved = rel_l2(&orig, &want64);
-        eprintln!(
-            "kv_shift {mode:?} dims {n_dims} from {off}: rel L2 {err:.2e} (moved {moved:.2e})"
-        );
-        assert!(
-            err <= 1e-3 && moved > 1e-1,
-            "{mode:?} {n_dims} {off}: {err} {moved}"
-        );
-        // Cell 6 is in no run: untouched.
-        assert_eq!(&got[6 * cols..7 * cols], &orig[6 * cols..7 * cols]);
-        c.free(&[xd]);
+        // Both cache types from the same values: f16 rows, and Q8_0 rows (dequantized, turned
+        // and quantized afresh on both sides).
+        for ty in [KvType::F16, KvType::Q8_0] {
+            let x = randv(&mut r, cells * cols, 2.0);
+            let rb = ty.row_bytes(cols);
+            let mut bytes = vec![0u8; cells * rb];
+            for (xr, br) in x.chunks(cols).zip(bytes.chunks_mut(rb)) {
+                ty.store(xr, br);
+            }
+            let xd = c.up_bytes(&bytes);
+            let args = mode.map(|m| RopeArgs {
+                head_dim: head,
+                n_dims,
+                mode: m,
+                base: 1e4,
+                pos_scale: pscale,
+                freq_factors: ff.then_some(fd.ptr),
+                yarn: RopeYarnArg::of(y),
+            });
+            k.kv_shift(
+                ty,
+                xd.ptr,
+                cols,
+                (md.ptr, sd.ptr, cd.ptr, runs.len()),
+                args.as_ref().map(|a| (a, off)),
+                delta as f32,
+                &s,
+            )
+            .unwrap();
+            c.sync();
+            let got_bytes = c.down_bytes(xd.ptr, bytes.len());
+            let rows = |b: &[u8]| -> Vec<f32> {
+                let mut v = vec![0f32; cells * cols];
+                for (br, vr) in b.chunks(rb).zip(v.chunks_mut(cols)) {
+                    ty.load(br, vr);
+                }
+                v
+            };
+            let got = rows(&got_bytes);
+            let mut want = bytes.clone();
+            let cpu_rope = mode.map(|m| ops::Rope {
+                pairing: match m {
+                    RopeKind::Adjacent => ops::RopePairing::Adjacent,
+                    RopeKind::Neox => ops::RopePairing::Neox,
+                },
+                n_dims,
+                base: 1e4,
+                pos_scale: pscale,
+                freq_factors: ff.then_some(&f[..]),
+                yarn: y,
+            });
+            ops::kv_shift(
+                &mut want,
+                ty,
+                cols,
+                (head, off),
+                cpu_rope.as_ref(),
+                delta,
+                &runs,
+            );
+            let want64: Vec<f64> = rows(&want).iter().map(|&v| v as f64).collect();
+            let err = rel_l2(&got, &want64);
+            let orig = rows(&bytes);
+            let moved = rel_l2(&orig, &want64);
+            eprintln!(
+                "kv_shift {ty:?} {mode:?} dims {n_dims} from {off}: rel L2 {err:.2e} (moved {moved:.2e})"
+            );
+            // Q8_0: the two sides' rotations differ in the last bits, which may move a value to
+            // the neighbouring level now and then (a step is max|x| / 127 of its block).
+            let tol = match ty {
+                KvType::F16 => 1e-3,
+                KvType::Q8_0 => 5e-3,
+            };
+            assert!(
+                err <= tol && moved > 1e-1,
+                "{ty:?} {mode:?} {n_dims} {off}: {err} {moved}"
+            );
+            if mode.is_none() {
+                // Moves without rope copy the rows' bytes.
+                assert_eq!(got_bytes, want, "{ty:?}: V moves");
+            }
+            // Cell 6 is in no run: untouched.
+            assert_eq!(&got_bytes[6 * rb..7 * rb], &bytes[6 * rb..7 * rb]);
+            c.free(&[xd]);
+        }
     }
     c.free(&[md, sd, cd, fd]);
 }
@@ -1430,16 +1456,51 @@ fn run_attention_sinks(
     stride: usize,
     tol: f64,
 ) {
+    run_attention_typed(c, r, p, KvType::F16, sinks, start, n, stride, tol)
+}
+
+/// Rows of `cells · row` values as the cache of type `ty` holds them: stored and read back.
+fn as_cached(ty: KvType, x: &[f32], row: usize) -> (Vec<u8>, Vec<f32>) {
+    let rb = ty.row_bytes(row);
+    let mut bytes = vec![0u8; x.len() / row * rb];
+    let mut back = vec![0f32; x.len()];
+    for ((xr, br), yr) in x
+        .chunks(row)
+        .zip(bytes.chunks_mut(rb))
+        .zip(back.chunks_mut(row))
+    {
+        ty.store(xr, br);
+        ty.load(br, yr);
+    }
+    (bytes, back)
+}
+
+/// [`run_attention_sinks`] over a cache of type `ty`. For Q8_0 the cells `kv_write` quantized on
+/// the device must be the CPU's Q8_0 rows byte for byte, and the reference reads the values those
+/// rows hold.
+#[allow(clippy::too_many_arguments)]
+fn run_attention_typed(
+    c: &Ctx,
+    r: &mut StdRng,
+    p: AttnParams,
+    ty: KvType,
+    sinks: Option<&[f32]>,
+    start: usize,
+    n: usize,
+    stride: usize,
+    tol: f64,
+) {
     let n_fill = start + n;
     let kf = randv(r, n_fill * p.n_kv * p.dk, 1.0);
     let vf = randv(r, n_fill * p.n_kv * p.dv, 1.0);
     let q = randv(r, n * p.n_head * p.dk, 1.0);
-    // The cache holds f16: the reference uses the same rounded values.
-    let k16: Vec<f32> = kf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-    let v16: Vec<f32> = vf.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    // The reference uses the values as the cache holds them.
+    let (kbytes, k16) = as_cached(ty, &kf, p.n_kv * p.dk);
+    let (vbytes, v16) = as_cached(ty, &vf, p.n_kv * p.dv);
     let s = c.gpu.stream().clone();
-    let kcache = c.poisoned(p.n_ctx * p.n_kv * p.dk * 2);
-    let vcache = c.poisoned(p.n_ctx * p.n_kv * p.dv * 2);
+    let (krb, vrb) = (ty.row_bytes(p.n_kv * p.dk), ty.row_bytes(p.n_kv * p.dv));
+    let kcache = c.poisoned(p.n_ctx * krb);
+    let vcache = c.poisoned((p.n_ctx * vrb).max(4));
     let lo = if p.window > 0 {
         (start + 1).saturating_sub(p.window)
     } else {
@@ -1455,6 +1516,7 @@ fn run_attention_sinks(
     c.gpu
         .kernels
         .kv_write(
+            ty,
             kd.ptr,
             p.n_kv * p.dk,
             kcache.ptr,
@@ -1469,6 +1531,7 @@ fn run_attention_sinks(
     c.gpu
         .kernels
         .kv_write(
+            ty,
             vd.ptr,
             p.n_kv * p.dv,
             vcache.ptr,
@@ -1480,6 +1543,20 @@ fn run_attention_sinks(
             &s,
         )
         .unwrap();
+    if ty == KvType::Q8_0 && lo + n_fill <= p.n_ctx {
+        // The written cells (positions lo.. of a cache that does not wrap) against the CPU's rows.
+        c.sync();
+        let got = c.down_bytes(kcache.ptr + (lo * krb) as u64, n_fill * krb);
+        assert!(
+            got == kbytes[lo * krb..],
+            "kv_write Q8_0 K rows differ from the CPU's"
+        );
+        let got = c.down_bytes(vcache.ptr + (lo * vrb) as u64, n_fill * vrb);
+        assert!(
+            got == vbytes[lo * vrb..],
+            "kv_write Q8_0 V rows differ from the CPU's"
+        );
+    }
     let pos: Vec<i32> = (start as i32..(start + n) as i32).collect();
     let (qd, pd) = (c.up_f32(&q), c.up_i32(&pos));
     let out = c.poisoned(n * p.n_head * p.dv * 4);
@@ -1492,6 +1569,7 @@ fn run_attention_sinks(
             qd.ptr,
             p.n_head * p.dk,
             KvCells {
+                ty,
                 k: kcache.ptr,
                 v: vcache.ptr,
                 seq: c.gpu.kernels.zero_seqs(n).unwrap(),
@@ -1515,10 +1593,10 @@ fn run_attention_sinks(
         .flat_map(|&t| got[t * p.n_head * p.dv..(t + 1) * p.n_head * p.dv].to_vec())
         .collect();
     let err = rel_l2(&got_rows, &want);
-    eprintln!("attention {p:?} start {start} n {n}: rel L2 {err:.2e}");
+    eprintln!("attention {ty:?} {p:?} start {start} n {n}: rel L2 {err:.2e}");
     assert!(
         err < tol,
-        "attention {p:?} start {start} n {n}: rel L2 {err}"
+        "attention {ty:?} {p:?} start {start} n {n}: rel L2 {err}"
     );
     assert!(
         got.iter().all(|v| v.is_finite()),
@@ -1528,6 +1606,94 @@ fn run_attention_sinks(
     if let Some(b) = sd {
         c.free(&[b]);
     }
+}
+
+/// Attention over a Q8_0 KV cache: `kv_write` quantizes rows as the CPU does (checked byte for
+/// byte), and the flash (64/128/256), split-KV (windows, soft-cap, sinks, GQA, many splits) and
+/// latent kernels read them as the values the CPU reads back (staged as f16, so the f16 cache's
+/// tolerances).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_attention_q8_0_kv_matches_cpu() {
+    let Some(c) = ctx("cuda_attention_q8_0_kv_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_attention_q8_0");
+    let base = |n_head, n_kv, d, n_ctx| AttnParams {
+        n_head,
+        n_kv,
+        dk: d,
+        dv: d,
+        n_ctx,
+        scale: 1.0 / (d as f32).sqrt(),
+        softcap: 0.0,
+        window: 0,
+        v_in_k: false,
+    };
+    let q8 = KvType::Q8_0;
+    let sinks: Vec<f32> = (0..8).map(|h| h as f32 * 0.7 - 2.0).collect();
+    let gpt_oss = AttnParams {
+        window: 128,
+        ..base(8, 2, 64, 1024)
+    };
+    run_attention_typed(&c, &mut r, gpt_oss, q8, Some(&sinks), 100, 200, 1, 5e-3);
+    run_attention_typed(&c, &mut r, gpt_oss, q8, Some(&sinks), 900, 1, 1, 1e-3);
+    let mla = |n_head| AttnParams {
+        dk: 576,
+        dv: 512,
+        v_in_k: true,
+        scale: 0.07,
+        ..base(n_head, 1, 576, 2048)
+    };
+    run_attention_typed(&c, &mut r, mla(16), q8, None, 1500, 1, 1, 1e-3);
+    run_attention_typed(&c, &mut r, mla(20), q8, None, 63, 3, 1, 1e-3);
+    run_attention_typed(&c, &mut r, mla(16), q8, None, 0, 300, 7, 1e-3);
+    for d in [64, 128, 256] {
+        run_attention_typed(&c, &mut r, base(8, 2, d, 512), q8, None, 0, 100, 1, 5e-3);
+        run_attention_typed(&c, &mut r, base(8, 2, d, 4096), q8, None, 3000, 1, 1, 1e-3);
+    }
+    let windowed = AttnParams {
+        window: 700,
+        softcap: 30.0,
+        ..base(8, 4, 64, 4096)
+    };
+    run_attention_typed(&c, &mut r, windowed, q8, None, 2000, 2, 1, 1e-3);
+    run_attention_typed(&c, &mut r, windowed, q8, None, 2000, 100, 1, 5e-3);
+    run_attention_typed(
+        &c,
+        &mut r,
+        base(32, 8, 128, 16384),
+        q8,
+        None,
+        12000,
+        1,
+        1,
+        1e-3,
+    );
+    // dk != dv (split-KV only).
+    run_attention_typed(
+        &c,
+        &mut r,
+        AttnParams {
+            dk: 96,
+            dv: 64,
+            ..base(6, 2, 96, 1024)
+        },
+        q8,
+        None,
+        300,
+        3,
+        1,
+        1e-3,
+    );
+    // A head dim that is not whole blocks is refused by name.
+    let e = c
+        .gpu
+        .kernels
+        .kv_write(q8, 0, 40, 0, 40, 0, 0, 16, 1, c.gpu.stream())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("KV row is 40"), "{e}");
 }
 
 #[test]
@@ -3080,11 +3246,14 @@ fn cuda_bench_kernels() {
         }
         c.free(&[w, x, out, wsb, asb]);
     }
-    for (n, heads, kv, d) in [
+    for ((n, heads, kv, d), ty) in [
         (4096usize, 32usize, 8usize, 128usize),
         (512, 32, 8, 128),
         (4096, 8, 1, 256),
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|shape| KvType::ALL.map(|ty| (shape, ty)))
+    {
         let p = AttnParams {
             n_head: heads,
             n_kv: kv,
@@ -3096,14 +3265,15 @@ fn cuda_bench_kernels() {
             window: 0,
             v_in_k: false,
         };
-        let kc = c.alloc(n * kv * d * 2);
-        let vc = c.alloc(n * kv * d * 2);
+        let kc = c.alloc(n * ty.row_bytes(kv * d));
+        let vc = c.alloc(n * ty.row_bytes(kv * d));
         let kf = c.up_f32(&randv(&mut r, n * kv * d, 1.0));
         let pos: Vec<i32> = (0..n as i32).collect();
         let pd = c.up_i32(&pos);
         c.gpu
             .kernels
             .kv_write(
+                ty,
                 kf.ptr,
                 kv * d,
                 kc.ptr,
@@ -3118,6 +3288,7 @@ fn cuda_bench_kernels() {
         c.gpu
             .kernels
             .kv_write(
+                ty,
                 kf.ptr,
                 kv * d,
                 vc.ptr,
@@ -3141,6 +3312,7 @@ fn cuda_bench_kernels() {
                         q.ptr,
                         heads * d,
                         KvCells {
+                            ty,
                             k: kc.ptr,
                             v: vc.ptr,
                             seq: c.gpu.kernels.zero_seqs(n.max(1)).unwrap(),
@@ -3160,7 +3332,8 @@ fn cuda_bench_kernels() {
         );
         let flops = 4.0 * (n as f64 * n as f64 / 2.0) * d as f64 * heads as f64;
         table.push(format!(
-            "flash attention n={n} heads={heads}/{kv} d={d}: {ms:.3} ms, {:.0} TFLOP/s (causal)",
+            "flash attention {} n={n} heads={heads}/{kv} d={d}: {ms:.3} ms, {:.0} TFLOP/s (causal)",
+            ty.name(),
             flops / ms / 1e9
         ));
         let last = c.up_i32(&[n as i32 - 1]);
@@ -3173,6 +3346,7 @@ fn cuda_bench_kernels() {
                         q.ptr,
                         heads * d,
                         KvCells {
+                            ty,
                             k: kc.ptr,
                             v: vc.ptr,
                             seq: c.gpu.kernels.zero_seqs(n.max(1)).unwrap(),
@@ -3191,8 +3365,9 @@ fn cuda_bench_kernels() {
             50,
         );
         table.push(format!(
-            "decode attention ctx={n} heads={heads}/{kv} d={d}: {ms:.4} ms, {:.0} GB/s KV",
-            (2 * n * kv * d * 2) as f64 / ms / 1e6
+            "decode attention {} ctx={n} heads={heads}/{kv} d={d}: {ms:.4} ms, {:.0} GB/s KV",
+            ty.name(),
+            (2 * n * ty.row_bytes(kv * d)) as f64 / ms / 1e6
         ));
         c.free(&[kc, vc, kf, pd, q, out, part, last]);
     }
@@ -3214,7 +3389,10 @@ fn cuda_bench_decode_attention() {
     let s = c.gpu.stream().clone();
     let n_ctx = 32768usize;
     let mut lines = Vec::new();
-    for (heads, kv, d) in [(32usize, 8usize, 128usize), (4, 1, 256)] {
+    for ((heads, kv, d), ty) in [(32usize, 8usize, 128usize), (4, 1, 256)]
+        .into_iter()
+        .flat_map(|shape| KvType::ALL.map(|ty| (shape, ty)))
+    {
         let p = AttnParams {
             n_head: heads,
             n_kv: kv,
@@ -3226,8 +3404,8 @@ fn cuda_bench_decode_attention() {
             window: 0,
             v_in_k: false,
         };
-        let kc = c.alloc(n_ctx * kv * d * 2);
-        let vc = c.alloc(n_ctx * kv * d * 2);
+        let kc = c.alloc(n_ctx * ty.row_bytes(kv * d));
+        let vc = c.alloc(n_ctx * ty.row_bytes(kv * d));
         let kf = c.up_f32(&randv(&mut r, n_ctx * kv * d, 1.0));
         let fill: Vec<i32> = (0..n_ctx as i32).collect();
         let fd = c.up_i32(&fill);
@@ -3235,6 +3413,7 @@ fn cuda_bench_decode_attention() {
             c.gpu
                 .kernels
                 .kv_write(
+                    ty,
                     kf.ptr,
                     kv * d,
                     cache.ptr,
@@ -3260,6 +3439,7 @@ fn cuda_bench_decode_attention() {
                         q.ptr,
                         heads * d,
                         KvCells {
+                            ty,
                             k: kc.ptr,
                             v: vc.ptr,
                             seq: c.gpu.kernels.zero_seqs(1).unwrap(),
@@ -3289,9 +3469,10 @@ fn cuda_bench_decode_attention() {
             b.record(&s).unwrap();
             b.synchronize().unwrap();
             let us = a.elapsed_ms(&b).unwrap() as f64 * 1e3 / reps as f64;
-            let bytes = (2 * len * kv * d * 2) as f64;
+            let bytes = (2 * len * ty.row_bytes(kv * d)) as f64;
             lines.push(format!(
-                "decode attention keys={len} n_ctx={n_ctx} heads={heads}/{kv} d={d}: {us:.1} µs, {:.0} GB/s KV",
+                "decode attention {} keys={len} n_ctx={n_ctx} heads={heads}/{kv} d={d}: {us:.1} µs, {:.0} GB/s KV",
+                ty.name(),
                 bytes / us / 1e3
             ));
             c.free(&[pd]);

@@ -557,12 +557,18 @@ impl CostTable {
         roof / eff.unwrap_or(1.0)
     }
 
+    /// The attention efficiency of a KV type's own points; without them (profiles measure f16
+    /// KV), the f16 points: a Q8_0 cache runs the same kernels after widening its rows, and the
+    /// roofline already counts its bytes.
     fn attn_efficiency(&self, lane: Lane, kv: GgmlType, size: f64, batch: usize) -> Option<f64> {
-        let key = SeriesKey {
+        let key = |kv| SeriesKey {
             op: KnownOp::Attention,
             quant: Some(attn_series_quant(lane, kv)),
         };
-        let pts = self.series.get(&key)?;
+        let pts = self
+            .series
+            .get(&key(kv))
+            .or_else(|| self.series.get(&key(GgmlType::F16)))?;
         Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln(), None).clamp(EFF_MIN, EFF_MAX))
     }
 

@@ -191,11 +191,9 @@ fn best_ubatch_of(
 /// Why planning failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    /// The KV cache type cannot run.
-    #[error(
-        "KV cache type {0} is not supported: the CPU and CUDA attention kernels read f16 KV only (use f16)"
-    )]
-    KvType(pshard_model::ggml_type::GgmlType),
+    /// The KV cache type cannot run (not a KV type, or its blocks do not tile the model's heads).
+    #[error("KV cache type: {0}")]
+    KvType(String),
     /// The graph builder failed.
     #[error("building the op graph for {n} tokens: {msg}")]
     Graph {
@@ -365,9 +363,14 @@ fn plan_inner(
     only: Option<Strategy>,
     fixed_k: Option<usize>,
 ) -> Result<Plan, PlanError> {
-    if params.kv_type != pshard_model::ggml_type::GgmlType::F16 {
-        return Err(PlanError::KvType(params.kv_type));
-    }
+    let kv = pshard_kernels::kv::KvType::from_ggml(params.kv_type).ok_or_else(|| {
+        PlanError::KvType(format!(
+            "{} is not a KV cache type the kernels read (accepted: {})",
+            params.kv_type.name(),
+            pshard_kernels::kv::KvType::accepted()
+        ))
+    })?;
+    kv.check_model(spec).map_err(PlanError::KvType)?;
     let tiers = tiers(params);
     let mut models = Vec::with_capacity(tiers.len());
     let mut graphs = Vec::with_capacity(tiers.len());

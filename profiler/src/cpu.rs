@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use half::f16;
 use pshard_kernels::matmul::{matmul, quantize_acts_into, QuantizedActs, WeightMatrix};
-use pshard_kernels::ops::{attention, AttnParams, KvView};
+use pshard_kernels::ops::{attention, AttnParams, KvType, KvView};
 use pshard_kernels::quant::{self, SUPPORTED};
 use pshard_model::ggml_type::GgmlType;
 use pshard_planner::profile::{
@@ -520,8 +520,9 @@ impl Runner {
                             let base = (i % slots) * slot;
                             i += 1;
                             let view = KvView {
-                                k: &kv[base..][..ctx * kk],
-                                v: &kv[base + ctx * kk..][..ctx * kk],
+                                k: bytemuck::cast_slice(&kv[base..][..ctx * kk]),
+                                v: bytemuck::cast_slice(&kv[base + ctx * kk..][..ctx * kk]),
+                                ty: KvType::F16,
                                 cells: ctx,
                                 k_row: kk,
                                 v_row: kk,

@@ -679,6 +679,7 @@ pub fn run_gpu(c: &GpuConfig) -> Result<Profile> {
                         bufs.x.ptr,
                         q_cols,
                         pshard_kernels::cuda::KvCells {
+                            ty: pshard_kernels::kv::KvType::F16,
                             k: kc.ptr,
                             v: vc.ptr,
                             seq: seqs,

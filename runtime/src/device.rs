@@ -147,18 +147,20 @@ pub struct WeightRef {
 /// One layer's KV on the device: K then V cells, `cells` per sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvRef {
-    /// K cells: `n_seq · cells` rows of `k_cols` f16.
+    /// K cells: `n_seq · cells` rows of `k_cols` values in `ty`.
     pub k: DevPtr,
-    /// V cells, same rows of `v_cols` f16.
+    /// V cells, same rows of `v_cols` values.
     pub v: DevPtr,
-    /// f16 values per K row.
+    /// Values per K row.
     pub k_cols: usize,
-    /// f16 values per V row (0: the values live inside K).
+    /// Values per V row (0: the values live inside K).
     pub v_cols: usize,
     /// Cells per sequence (position `p` of sequence `s` lives in cell `s · cells + p % cells`).
     pub cells: usize,
     /// Sequences.
     pub seqs: usize,
+    /// The rows' element type.
+    pub ty: pshard_kernels::ops::KvType,
 }
 
 /// The rotary embedding of a layer's cached K: in each head of `head_dim` values, the

@@ -26,7 +26,7 @@ use crate::device::{
     OpKey, OpTime, ScratchPtrs, Shape2d, Stream, WeightRef,
 };
 pub use crate::error::EngineError;
-use crate::kv::{plain_alloc, with_bytes_as_kv, HostKv, HostKvAccess, KvLayout};
+use crate::kv::{plain_alloc, with_bytes_as_kv, HostKv, HostKvAccess, KvLayout, KvType};
 use crate::model::Model;
 use crate::program::{Lane, Program, StepKind};
 use crate::tiers::TierSet;
@@ -157,7 +157,7 @@ impl Engine {
         let ubatch = ubatch.clamp(1, n_ctx.max(1));
         let params = pshard_planner::cost::PlanParams::new(n_ctx);
         let tiers = TierSet::all_cpu(&model.spec, params, ubatch);
-        Engine::build(Arc::new(model), tiers, 1, None)
+        Engine::build(Arc::new(model), tiers, 1).expect("an f16 KV cache fits every model")
     }
 
     /// An engine running `tiers` with `n_seq` sequences, on `device` when given (required when
@@ -174,20 +174,34 @@ impl Engine {
                 "these plans place weights on the GPU but no device was given".into(),
             ));
         }
-        let mut e = Engine::build(model, tiers, n_seq, None);
+        let mut e = Engine::build(model, tiers, n_seq)?;
         if let Some(dev) = device {
             e.attach(dev, keep_host_weights)?;
         }
         Ok(e)
     }
 
-    fn build(model: Arc<Model>, tiers: TierSet, n_seq: usize, dev: Option<DevSide>) -> Engine {
-        let layout = KvLayout::new(&model.spec, tiers.params.n_ctx, tiers.max_batch(), n_seq);
+    /// The engine without a device; its KV cache in the plans' KV type.
+    fn build(model: Arc<Model>, tiers: TierSet, n_seq: usize) -> Result<Engine, EngineError> {
+        let ty = KvType::from_ggml(tiers.params.kv_type).ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "a {} KV cache (accepted: {})",
+                tiers.params.kv_type.name(),
+                KvType::accepted()
+            ))
+        })?;
+        let layout = KvLayout::new(
+            &model.spec,
+            tiers.params.n_ctx,
+            tiers.max_batch(),
+            n_seq,
+            ty,
+        )?;
         let n_layer = model.spec.layers.len();
-        Engine {
+        Ok(Engine {
             model,
             tiers,
-            dev,
+            dev: None,
             kv: HostKv::new(layout),
             kv_home: vec![KvHome::Host; n_layer],
             loaded: HashMap::new(),
@@ -198,7 +212,7 @@ impl Engine {
             op_secs: BTreeMap::new(),
             next_id: 1,
             history: Vec::new(),
-        }
+        })
     }
 
     /// Sets up the device: vectors and common weights uploaded, common resident KV allocated.
@@ -546,8 +560,9 @@ impl Engine {
     /// turns back by the rope angles of `discard` positions (the layer's own rope: pairing,
     /// rotated dimensions, base, position scale, frequency factors, YaRN's per-pair mix but not
     /// its magnitude, which K already carries; latent attention turns the rope part after the
-    /// latent), so it equals K computed at the new positions up to f16 rounding. K of layers
-    /// without rope and every V only move.
+    /// latent), so it equals K computed at the new positions up to the cache type's rounding
+    /// (Q8_0: rows dequantized, turned and quantized afresh). K of layers without rope and every
+    /// V only move.
     /// A sliding-window layer moves the positions its ring still holds; the shift fails (the
     /// sequence unchanged) when the window of the next token reaches a kept position the ring
     /// has already overwritten.
@@ -605,6 +620,7 @@ impl Engine {
                             v_cols: layout.v_cols[l],
                             cells: layout.cells[l],
                             seqs: layout.n_seq,
+                            ty: layout.ty,
                         },
                         seq: s,
                         rope,
@@ -624,14 +640,15 @@ impl Engine {
                     let model: &Model = &self.model;
                     let r = rope.map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
                     with_bytes_as_kv(hb, layout, l, &mut |kv| {
-                        let cells = kv.cells;
+                        let (cells, ty) = (kv.cells, kv.ty);
                         for (rows, cols, r) in [
                             (kv.k, layout.k_cols[l], r.as_ref()),
                             (kv.v, layout.v_cols[l], None),
                         ] {
-                            let seq = &mut rows[s * cells * cols..(s + 1) * cells * cols];
+                            let rb = ty.row_bytes(cols);
+                            let seq = &mut rows[s * cells * rb..(s + 1) * cells * rb];
                             let (rope, span) = (r.map(|r| &r.0), r.map_or((cols, 0), |r| r.1));
-                            pshard_kernels::ops::kv_shift(seq, cols, span, rope, delta, &runs);
+                            pshard_kernels::ops::kv_shift(seq, ty, cols, span, rope, delta, &runs);
                         }
                         Ok(())
                     })?;
@@ -663,6 +680,11 @@ impl Engine {
     /// Context size per sequence.
     pub fn n_ctx(&self) -> usize {
         self.kv.layout.n_ctx
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_type(&self) -> KvType {
+        self.kv.layout.ty
     }
 
     /// Bytes of the KV cache as laid out (all layers, all sequences).
@@ -1675,7 +1697,7 @@ impl Engine {
                             {
                                 let off =
                                     base + layout.cell_offset(*layer, s as usize, cr.start, cols);
-                                let shape = Shape2d::flat(cr.len() * cols * 2);
+                                let shape = Shape2d::flat(cr.len() * layout.row_bytes(cols));
                                 let dptr = lt.stages[*stage] + off as u64;
                                 if up {
                                     dev.upload(
@@ -1786,7 +1808,7 @@ fn move_live_kv(
                     continue;
                 }
                 let off = base + layout.cell_offset(l, s, cr.start, cols);
-                let shape = Shape2d::flat(cr.len() * cols * 2);
+                let shape = Shape2d::flat(cr.len() * layout.row_bytes(cols));
                 if up {
                     dev.upload(
                         Stream::Copy,
@@ -1890,6 +1912,7 @@ impl<'a> StepCtx<'a> {
                     v_cols: self.layout.v_cols[layer],
                     cells: self.layout.cells[layer],
                     seqs: self.layout.n_seq,
+                    ty: self.layout.ty,
                 });
             }
         }

@@ -14,7 +14,6 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use half::f16;
 use pshard_kernels::cuda::{CudaError, RegionId, RegionKind, RegionReport, VramArena};
 use pshard_kernels::matmul::{ActPrecision, WeightMatrix};
 use pshard_model::graph::{BufId, Graph, Op};
@@ -538,7 +537,7 @@ impl Device for HostDevice {
             let rope = shift
                 .rope
                 .map(|r| (crate::cpu::rope_op(&r.rope, model), r.span()));
-            let cells = shift.kv.cells;
+            let (cells, ty) = (shift.kv.cells, shift.kv.ty);
             for (base, cols, rope) in [
                 (shift.kv.k, shift.kv.k_cols, rope.as_ref()),
                 (shift.kv.v, shift.kv.v_cols, None),
@@ -546,13 +545,22 @@ impl Device for HostDevice {
                 if cols == 0 {
                     continue;
                 }
-                let addr = base + (shift.seq * cells * cols * 2) as u64;
-                let shape = Shape2d::flat(cells * cols * 2);
-                let mut rows = vec![f16::ZERO; cells * cols];
-                sh.read(addr, shape, bytemuck::cast_slice_mut(&mut rows))?;
+                let rb = ty.row_bytes(cols);
+                let addr = base + (shift.seq * cells * rb) as u64;
+                let shape = Shape2d::flat(cells * rb);
+                let mut rows = vec![0u8; cells * rb];
+                sh.read(addr, shape, &mut rows)?;
                 let (r, span) = (rope.map(|r| &r.0), rope.map_or((cols, 0), |r| r.1));
-                pshard_kernels::ops::kv_shift(&mut rows, cols, span, r, shift.delta, &shift.runs);
-                sh.write(addr, shape, bytemuck::cast_slice(&rows))?;
+                pshard_kernels::ops::kv_shift(
+                    &mut rows,
+                    ty,
+                    cols,
+                    span,
+                    r,
+                    shift.delta,
+                    &shift.runs,
+                );
+                sh.write(addr, shape, &rows)?;
             }
             Ok(())
         });
@@ -688,9 +696,10 @@ impl Weights for DevWeights {
 
 /// KV read from device memory for one attention step.
 struct DevKv {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    k: Vec<u8>,
+    v: Vec<u8>,
     cells: usize,
+    ty: pshard_kernels::ops::KvType,
 }
 
 impl KvAccess for DevKv {
@@ -703,6 +712,7 @@ impl KvAccess for DevKv {
             k: &mut self.k,
             v: &mut self.v,
             cells: self.cells,
+            ty: self.ty,
         })
     }
 }
@@ -831,23 +841,20 @@ impl OwnedStep {
             k: Vec::new(),
             v: Vec::new(),
             cells: 0,
+            ty: Default::default(),
         };
         if let Some(r) = self.kv {
-            let (kc, vc) = (r.k_cols, r.v_cols);
             let rows = r.seqs * r.cells;
-            kv.k = vec![f16::ZERO; rows * kc];
-            kv.v = vec![f16::ZERO; rows * vc];
+            let (kb, vb) = (
+                rows * r.ty.row_bytes(r.k_cols),
+                rows * r.ty.row_bytes(r.v_cols),
+            );
+            kv.k = vec![0u8; kb];
+            kv.v = vec![0u8; vb];
             kv.cells = r.cells;
-            sh.read(
-                r.k,
-                Shape2d::flat(rows * kc * 2),
-                bytemuck::cast_slice_mut(&mut kv.k),
-            )?;
-            sh.read(
-                r.v,
-                Shape2d::flat(rows * vc * 2),
-                bytemuck::cast_slice_mut(&mut kv.v),
-            )?;
+            kv.ty = r.ty;
+            sh.read(r.k, Shape2d::flat(kb), &mut kv.k)?;
+            sh.read(r.v, Shape2d::flat(vb), &mut kv.v)?;
         }
         let batch = Batch {
             tokens: &tokens,
@@ -890,16 +897,8 @@ impl OwnedStep {
                 .iter()
                 .any(|(ni, _)| matches!(g.nodes[*ni].op, Op::Attention { .. }))
             {
-                sh.write(
-                    r.k,
-                    Shape2d::flat(kv.k.len() * 2),
-                    bytemuck::cast_slice(&kv.k),
-                )?;
-                sh.write(
-                    r.v,
-                    Shape2d::flat(kv.v.len() * 2),
-                    bytemuck::cast_slice(&kv.v),
-                )?;
+                sh.write(r.k, Shape2d::flat(kv.k.len()), &kv.k)?;
+                sh.write(r.v, Shape2d::flat(kv.v.len()), &kv.v)?;
             }
         }
         Ok(())

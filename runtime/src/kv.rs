@@ -1,5 +1,6 @@
 //! The KV cache: one layout wherever a layer's cells live. Per layer, `n_seq · cells` rows of K
-//! (then of V) as f16, of the layer's widths ([`pshard_model::bytes::kv_cols`]: latent attention
+//! (then of V) in the cache's type ([`KvType`]: f16, or GGUF Q8_0 blocks along each row), of the
+//! layer's widths ([`pshard_model::bytes::kv_cols`]: latent attention
 //! keeps only K rows of its latent and rope key), V not transposed, the cells of each sequence contiguous; position `p` of
 //! sequence `s` lives in cell `s · cells + p % cells`, where `cells` is the context for global
 //! layers and a ring of the window plus one batch for sliding-window layers
@@ -9,8 +10,7 @@
 
 use std::collections::HashMap;
 
-use half::f16;
-pub use pshard_kernels::ops::ShiftRun;
+pub use pshard_kernels::ops::{KvType, ShiftRun};
 use pshard_model::spec::ModelSpec;
 use pshard_planner::lanes::align;
 
@@ -25,24 +25,34 @@ pub struct KvLayout {
     pub cells: Vec<usize>,
     /// Sequences.
     pub n_seq: usize,
-    /// f16 values per K row, per layer ([`pshard_model::bytes::kv_cols`]).
+    /// Values per K row, per layer ([`pshard_model::bytes::kv_cols`]).
     pub k_cols: Vec<usize>,
-    /// f16 values per V row, per layer (0 where values live inside K).
+    /// Values per V row, per layer (0 where values live inside K).
     pub v_cols: Vec<usize>,
     /// Context per sequence.
     pub n_ctx: usize,
+    /// The rows' element type.
+    pub ty: KvType,
 }
 
 impl KvLayout {
     /// The layout for `n_seq` sequences of `n_ctx` positions evaluated in batches of at most
-    /// `max_batch` tokens.
-    pub fn new(spec: &ModelSpec, n_ctx: usize, max_batch: usize, n_seq: usize) -> KvLayout {
+    /// `max_batch` tokens, rows in `ty` (refused when the model's head dims are not whole blocks
+    /// of `ty`: [`check_kv_type`]).
+    pub fn new(
+        spec: &ModelSpec,
+        n_ctx: usize,
+        max_batch: usize,
+        n_seq: usize,
+        ty: KvType,
+    ) -> Result<KvLayout, EngineError> {
+        check_kv_type(spec, ty)?;
         let layers = 0..spec.layers.len();
         let cols: Vec<(usize, usize)> = layers
             .clone()
             .map(|l| pshard_model::bytes::kv_cols(spec, l))
             .collect();
-        KvLayout {
+        Ok(KvLayout {
             cells: layers
                 .map(|l| pshard_model::bytes::kv_cells(spec, l, n_ctx, max_batch))
                 .collect(),
@@ -50,17 +60,23 @@ impl KvLayout {
             k_cols: cols.iter().map(|c| c.0).collect(),
             v_cols: cols.iter().map(|c| c.1).collect(),
             n_ctx,
-        }
+            ty,
+        })
+    }
+
+    /// Bytes of one row of `cols` values.
+    pub fn row_bytes(&self, cols: usize) -> usize {
+        self.ty.row_bytes(cols)
     }
 
     /// Bytes of layer `l`'s K rows.
     pub fn k_bytes(&self, l: usize) -> usize {
-        self.n_seq * self.cells[l] * self.k_cols[l] * 2
+        self.n_seq * self.cells[l] * self.row_bytes(self.k_cols[l])
     }
 
     /// Bytes of layer `l`'s V rows.
     pub fn v_bytes(&self, l: usize) -> usize {
-        self.n_seq * self.cells[l] * self.v_cols[l] * 2
+        self.n_seq * self.cells[l] * self.row_bytes(self.v_cols[l])
     }
 
     /// Offset of V in a layer's allocation.
@@ -76,7 +92,7 @@ impl KvLayout {
     /// Byte offset of K cell `c` of sequence `s` in layer `l` (V: add [`Self::v_offset`] and use
     /// `v_cols`).
     pub fn cell_offset(&self, l: usize, s: usize, c: usize, cols: usize) -> usize {
-        (s * self.cells[l] + c) * cols * 2
+        (s * self.cells[l] + c) * self.row_bytes(cols)
     }
 
     /// The cells of layer `l` holding positions `range` of a sequence, as at most two runs of
@@ -138,6 +154,12 @@ impl KvLayout {
         }
         Ok(order_moves(next))
     }
+}
+
+/// Refuses a KV type whose blocks do not tile the model's head slices
+/// ([`KvType::check_model`]).
+pub fn check_kv_type(spec: &ModelSpec, ty: KvType) -> Result<(), EngineError> {
+    ty.check_model(spec).map_err(EngineError::Unsupported)
 }
 
 /// Orders cell moves (source → destination; sources distinct, destinations distinct) into runs
@@ -269,12 +291,16 @@ pub fn with_bytes_as_kv(
         layout.v_bytes(layer),
     );
     let cells = layout.cells[layer];
+    let ty = layout.ty;
     let mut res = Ok(());
     buf.write(&mut |bytes: &mut [u8]| {
         let (kpart, rest) = bytes.split_at_mut(vo);
-        let k: &mut [f16] = bytemuck::cast_slice_mut(&mut kpart[..kb]);
-        let v: &mut [f16] = bytemuck::cast_slice_mut(&mut rest[..vb]);
-        res = f(LayerKvMut { k, v, cells });
+        res = f(LayerKvMut {
+            k: &mut kpart[..kb],
+            v: &mut rest[..vb],
+            cells,
+            ty,
+        });
     });
     res
 }
@@ -320,6 +346,7 @@ mod tests {
                 k_cols: vec![2],
                 v_cols: vec![2],
                 n_ctx: 48,
+                ty: KvType::F16,
             };
             let window = (cells < 48).then_some(8);
             let runs = layout.shift_runs(0, window, len, keep, discard).unwrap();

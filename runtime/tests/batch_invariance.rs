@@ -6,11 +6,15 @@
 //!
 //! Also: truncating a sequence to a cached prefix and re-evaluating the rest gives the same
 //! logits as evaluating it whole (the server's prefix reuse).
+//!
+//! The crowd and ubatch checks run with an f16 and a Q8_0 KV cache: a row's K/V are quantized
+//! per row, so a Q8_0 cache keeps the invariance.
 
 mod common;
 
 use std::sync::Arc;
 
+use pshard_model::ggml_type::GgmlType;
 use pshard_planner::cost::PlanParams;
 use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::model::Model;
@@ -34,7 +38,13 @@ fn model() -> Option<(Arc<Model>, Tokenizer)> {
 }
 
 fn engine(model: &Arc<Model>, n_seq: usize, ubatch: usize) -> Engine {
-    let tiers = TierSet::all_cpu(&model.spec, PlanParams::new(256), ubatch);
+    engine_kv(model, n_seq, ubatch, GgmlType::F16)
+}
+
+fn engine_kv(model: &Arc<Model>, n_seq: usize, ubatch: usize, kv: GgmlType) -> Engine {
+    let mut params = PlanParams::new(256);
+    params.kv_type = kv;
+    let tiers = TierSet::all_cpu(&model.spec, params, ubatch);
     Engine::with_tiers(model.clone(), tiers, n_seq, None, false).unwrap()
 }
 
@@ -58,8 +68,8 @@ fn first_diff(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
 
 /// Sequence 0 alone: its prompt in one ubatch, then `n` greedy decode steps. Returns the logits
 /// after the prompt and after each step, and the tokens.
-fn alone(model: &Arc<Model>, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut e = engine(model, 1, 512);
+fn alone(model: &Arc<Model>, prompt: &[u32], n: usize, kv: GgmlType) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut e = engine_kv(model, 1, 512, kv);
     let mut logits = vec![e.eval(prompt, Logits::Last).unwrap()];
     let mut toks = Vec::new();
     for _ in 0..n {
@@ -73,6 +83,13 @@ fn alone(model: &Arc<Model>, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u3
 #[test]
 fn a_sequence_alone_and_in_a_crowd_gives_the_same_bits() {
     let Some((model, tok)) = model() else { return };
+    for kv in [GgmlType::F16, GgmlType::Q8_0] {
+        alone_and_in_a_crowd(&model, &tok, kv);
+    }
+}
+
+fn alone_and_in_a_crowd(model: &Arc<Model>, tok: &Tokenizer, kv: GgmlType) {
+    let model = model.clone();
     let n_vocab = model.spec.hparams.n_vocab;
     let p0 = tok.encode("The capital of France is", true, true);
     let p1 = tok.encode(
@@ -82,12 +99,13 @@ fn a_sequence_alone_and_in_a_crowd_gives_the_same_bits() {
     );
     let p2 = tok.encode("def fibonacci(n):", true, true);
     let steps = 6;
-    let (want, want_toks) = alone(&model, &p0, steps);
+    let (want, want_toks) = alone(&model, &p0, steps, kv);
 
     // Three sequences; sequence 0's prompt shares its ubatch with sequence 1's whole prompt and
     // the first half of sequence 2's, then every decode step of sequence 0 shares its batch with
     // sequence 1's decode row and (for the first step) the rest of sequence 2's prompt.
-    let mut e = engine(&model, 3, 512);
+    let mut e = engine_kv(&model, 3, 512, kv);
+    assert_eq!(e.kv_type().ggml(), kv);
     let half = p2.len() / 2;
     let mut tokens = Vec::new();
     let mut seqs = Vec::new();
@@ -99,7 +117,7 @@ fn a_sequence_alone_and_in_a_crowd_gives_the_same_bits() {
     let out = e.eval_batch(&tokens, &seqs, &rows).unwrap();
     let got0 = &out[n_vocab..2 * n_vocab];
     if let Some((i, a, b)) = first_diff(&want[0], got0) {
-        panic!("prompt logits of sequence 0 alone vs mixed with two other prompts differ first at vocab {i}: {a} vs {b}");
+        panic!("{kv:?} KV: prompt logits of sequence 0 alone vs mixed with two other prompts differ first at vocab {i}: {a} vs {b}");
     }
     let mut t1 = argmax(&out[..n_vocab]);
     let mut t0 = want_toks[0];
@@ -115,7 +133,7 @@ fn a_sequence_alone_and_in_a_crowd_gives_the_same_bits() {
         let got0 = &out[n_vocab..2 * n_vocab];
         if let Some((i, a, b)) = first_diff(&want[step + 1], got0) {
             panic!(
-                "decode step {step}: logits of sequence 0 alone (1 row) vs in a batch of {} rows differ first at vocab {i}: {a} vs {b}",
+                "{kv:?} KV: decode step {step}: logits of sequence 0 alone (1 row) vs in a batch of {} rows differ first at vocab {i}: {a} vs {b}",
                 tokens.len()
             );
         }
@@ -136,12 +154,14 @@ fn a_prompt_cut_into_ubatches_gives_the_same_bits() {
         true,
         true,
     );
-    let (want, _) = alone(&model, &p, 0);
-    for ub in [1, 3, 7, 16] {
-        let mut e = engine(&model, 1, ub);
-        let got = e.eval(&p, Logits::Last).unwrap();
-        if let Some((i, a, b)) = first_diff(&want[0], &got) {
-            panic!("a {}-token prompt whole vs in ubatches of {ub}: logits differ first at vocab {i}: {a} vs {b}", p.len());
+    for kv in [GgmlType::F16, GgmlType::Q8_0] {
+        let (want, _) = alone(&model, &p, 0, kv);
+        for ub in [1, 3, 7, 16] {
+            let mut e = engine_kv(&model, 1, ub, kv);
+            let got = e.eval(&p, Logits::Last).unwrap();
+            if let Some((i, a, b)) = first_diff(&want[0], &got) {
+                panic!("{kv:?} KV: a {}-token prompt whole vs in ubatches of {ub}: logits differ first at vocab {i}: {a} vs {b}", p.len());
+            }
         }
     }
 }
@@ -153,7 +173,7 @@ fn truncating_to_a_prefix_and_continuing_matches_evaluating_whole() {
     let b = tok.encode("The quick brown fox sleeps all day.", true, true);
     let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     assert!(common > 2 && common < a.len().min(b.len()), "{a:?} {b:?}");
-    let (want, _) = alone(&model, &b, 0);
+    let (want, _) = alone(&model, &b, 0, GgmlType::F16);
     let mut e = engine(&model, 1, 512);
     e.eval(&a, Logits::Last).unwrap();
     e.truncate_seq(0, common).unwrap();

@@ -2,13 +2,17 @@
 //! and split weights; resident, streamed and host KV) give the logits of the all-CPU engine,
 //! with both device streams delayed at random so that a missing event or a ring slot reused too
 //! early shows as wrong numbers. The bytes each step copies equal what the lane decisions (which
-//! the planner prices) say.
+//! the planner prices) say. The same with a Q8_0 KV cache (its rows copied between host and
+//! device as bytes), and the plans' VRAM bill with one.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{placement, rel_l2, strategies, synth_model, tiers_of};
+use common::{
+    placement, q8_kv_ready, rel_l2, strategies, synth_model, synth_variant, tiers_of, with_kv,
+};
+use pshard_model::ggml_type::GgmlType;
 use pshard_planner::cost::PlanParams;
 use pshard_planner::lanes::{self, ProgramLanes};
 use pshard_planner::placement::Strategy;
@@ -56,18 +60,27 @@ fn run(engine: &mut Engine, n_vocab: usize) -> Vec<f32> {
     out
 }
 
-fn cpu_logits(path: &std::path::Path) -> Vec<f32> {
-    let model = Model::open(path).unwrap();
+fn cpu_logits(path: &std::path::Path, kv: GgmlType) -> Vec<f32> {
+    let model = Arc::new(Model::open(path).unwrap());
     let nv = model.spec.hparams.n_vocab;
-    let mut e = Engine::new(model, 64, 512);
+    let mut params = PlanParams::new(64);
+    params.kv_type = kv;
+    // Ubatches of the whole context (64), as the prompt tier of 512 runs them.
+    let tiers = TierSet::all_cpu(&model.spec, params, 64);
+    let mut e = Engine::with_tiers(model, tiers, 1, None, false).unwrap();
     e.set_exact_activations(true);
     run(&mut e, nv)
 }
 
-fn hybrid_logits(path: &std::path::Path, pls: [Placement; 3], seed: Option<u64>) -> Vec<f32> {
+fn hybrid_logits(
+    path: &std::path::Path,
+    pls: [Placement; 3],
+    seed: Option<u64>,
+    kv: GgmlType,
+) -> Vec<f32> {
     let model = Arc::new(Model::open(path).unwrap());
     let nv = model.spec.hparams.n_vocab;
-    let tiers = tier_set(pls, 64);
+    let tiers = with_kv(tier_set(pls, 64), kv);
     let mut dev = HostDevice::new(model.clone(), 1 << 30);
     if let Some(s) = seed {
         dev = dev.with_delays(s, 60);
@@ -86,9 +99,24 @@ fn seeds() -> u64 {
 }
 
 fn check_model(preset: &str, seeds_per_strategy: u64) {
-    let path = synth_model(preset, "q8_0", 11);
+    check_model_kv(preset, seeds_per_strategy, GgmlType::F16);
+}
+
+/// [`check_model`] with a `kv` cache on both sides.
+fn check_model_kv(preset: &str, seeds_per_strategy: u64, kv: GgmlType) {
+    let path = synth_variant(
+        preset,
+        &format!("{preset}-{}", kv.name()),
+        "q8_0",
+        11,
+        |p| {
+            if kv == GgmlType::Q8_0 {
+                q8_kv_ready(p);
+            }
+        },
+    );
     let spec = Model::open(&path).unwrap().spec.clone();
-    let want = cpu_logits(&path);
+    let want = cpu_logits(&path, kv);
     let mut seed = 0;
     for s in strategies() {
         // Tier 1 lightly pinned, tier 16 half, tier 512 mostly: all kinds of placements, and a
@@ -99,13 +127,13 @@ fn check_model(preset: &str, seeds_per_strategy: u64) {
             placement(&spec, s, 0.85),
         ];
         for _ in 0..seeds_per_strategy {
-            let got = hybrid_logits(&path, pls.clone(), Some(seed));
+            let got = hybrid_logits(&path, pls.clone(), Some(seed), kv);
             let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
             assert_eq!(got.len(), want.len());
             let err = rel_l2(&got, &want64);
             assert!(
                 err <= TOL,
-                "{preset} {} (delay seed {seed}): logits rel L2 {err:.3e} vs all-CPU",
+                "{preset} {kv:?} KV {} (delay seed {seed}): logits rel L2 {err:.3e} vs all-CPU",
                 s.name()
             );
             seed += 1;
@@ -157,6 +185,21 @@ fn placements_match_the_cpu_engine_glm4moe() {
 #[test]
 fn placements_match_the_cpu_engine_deepseek2() {
     check_model("tiny-deepseek2", seeds());
+}
+
+/// A Q8_0 KV cache resident, streamed (live cells up, new cells down, as bytes of 34-byte
+/// blocks) and on the host: every placement gives the all-CPU engine's logits with one, for a
+/// dense, a sliding-window, a sink and a latent-attention model.
+#[test]
+fn placements_match_the_cpu_engine_with_q8_0_kv() {
+    for preset in [
+        "tiny-llama",
+        "tiny-gemma3",
+        "tiny-gpt-oss",
+        "tiny-deepseek2",
+    ] {
+        check_model_kv(preset, 1, GgmlType::Q8_0);
+    }
 }
 
 /// The bytes a decode step copies over the host device equal what the lane decisions say:
@@ -347,7 +390,13 @@ fn a_registry_is_used_only_for_its_model_and_inputs() {
 fn plans_run_within_their_budget() {
     use pshard_runtime::tiers::{resolve, Profiles, TierRequest};
     let profiles = Profiles::default();
-    for preset in ["tiny-llama", "tiny-qwen3moe", "tiny-gemma3"] {
+    for (preset, kv) in [
+        ("tiny-llama", GgmlType::F16),
+        ("tiny-qwen3moe", GgmlType::F16),
+        ("tiny-gemma3", GgmlType::F16),
+        ("tiny-llama", GgmlType::Q8_0),
+        ("tiny-gemma3", GgmlType::Q8_0),
+    ] {
         let path = synth_model(preset, "q8_0", 9);
         let model = Arc::new(Model::open(&path).unwrap());
         let size: u64 = model.spec.tensors.iter().map(|t| t.bytes).sum();
@@ -363,6 +412,7 @@ fn plans_run_within_their_budget() {
             let budget = (size as f64 * share) as u64 + pshard_kernels::cuda::WORKSPACE_BYTES;
             let mut params = PlanParams::new(96);
             params.n_batch = 64;
+            params.kv_type = kv;
             let req = TierRequest {
                 model_path: &path,
                 params,
@@ -380,6 +430,7 @@ fn plans_run_within_their_budget() {
             let dev = HostDevice::new(model.clone(), budget);
             let mut e = Engine::with_tiers(model.clone(), tiers, 1, Some(Box::new(dev)), true)
                 .unwrap_or_else(|err| panic!("{preset} at {budget} B: {err}"));
+            assert_eq!(e.kv_type().ggml(), kv);
             let toks: Vec<u32> = (0..90u32).map(|i| (i * 31 + 7) % nv).collect();
             let r = (|| {
                 e.eval(&toks[..70], Logits::Last)?;
@@ -389,12 +440,12 @@ fn plans_run_within_their_budget() {
                 e.eval(&toks[75..90], Logits::Last)
             })();
             if let Err(err) = r {
-                panic!("{preset} at {budget} B ({share} × the weights): {err}");
+                panic!("{preset} {kv:?} KV at {budget} B ({share} × the weights): {err}");
             }
             assert!(e.device_measured_bytes().unwrap() <= budget);
             ran += 1;
         }
-        assert!(ran >= 4, "{preset}: only {ran} budgets planned");
+        assert!(ran >= 4, "{preset} {kv:?} KV: only {ran} budgets planned");
         std::fs::remove_file(&path).ok();
         std::fs::remove_file(&reg).ok();
     }
@@ -481,7 +532,7 @@ fn gpu_layers_pin_the_last_layers_and_match_the_cpu_engine() {
         let model = Arc::new(Model::open(&path).unwrap());
         let spec = model.spec.clone();
         let n_layer = spec.layers.len();
-        let want = cpu_logits(&path);
+        let want = cpu_logits(&path, GgmlType::F16);
         let req = |n: usize, budget: u64| TierRequest {
             model_path: &path,
             params: PlanParams::new(64),

@@ -387,7 +387,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let n_ctx = a.ctx.unwrap_or(longest).max(longest);
     let t0 = Instant::now();
     let mut engine = make_engine(model, &a.model, n_ctx, "the longest -p/-n test", &a.engine)?;
-    eprintln!("bench: engine ready in {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: engine ready in {:.2} s ({})",
+        t0.elapsed().as_secs_f64(),
+        super::common::kv_line(&engine)
+    );
     let (backend, gpu_info) = match engine.device_report() {
         Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
         None => ("CPU", String::new()),
@@ -488,6 +492,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     "n_ubatch": ub(r),
                     "n_threads": pshard_kernels::pool::threads(),
                     "flash_attn": true,
+                    "type_k": engine.kv_type().name(),
+                    "type_v": engine.kv_type().name(),
                     "n_prompt": r.n_prompt,
                     "n_gen": r.n_gen,
                     "avg_ns": avg_ns as u64,
@@ -548,6 +554,7 @@ fn run_parallel(a: &Args, npl: &[usize], pp: usize, tg: Option<usize>) -> anyhow
     } else {
         "CPU"
     };
+    eprintln!("bench: {}", super::common::kv_line(&engine));
     let mut next = token_source(a.seed, n_vocab);
     let prompts: Vec<Vec<u32>> = (0..max_n)
         .map(|_| (0..pp).map(|_| next()).collect())

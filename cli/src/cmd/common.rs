@@ -235,6 +235,7 @@ pub fn check_context(
     n_ctx: usize,
     flag: &str,
     device: &Device,
+    kv_type: GgmlType,
 ) -> anyhow::Result<()> {
     let train = spec.hparams.n_ctx_train;
     if n_ctx > train {
@@ -243,7 +244,7 @@ pub fn check_context(
         );
     }
     if matches!(device, Device::Cpu) {
-        let kv = bytes::kv_bytes(spec, GgmlType::F16, n_ctx, n_ctx, 1);
+        let kv = bytes::kv_bytes(spec, kv_type, n_ctx, n_ctx, 1);
         if let Some(avail) = mem_available_bytes() {
             if kv > avail {
                 bail!(
@@ -328,7 +329,15 @@ pub fn make_engine_parallel(
         eprintln!("-ngl 0: no layer on the GPU, running on the CPU");
         device = Device::Cpu;
     }
-    check_context(&model.spec, n_ctx, flag, &device)?;
+    let kv = a.llama.kv_type()?;
+    kv.check_model(&model.spec)
+        .map_err(|e| anyhow::anyhow!("-ctk/-ctv {}: {e}", kv.name()))?;
+    check_context(&model.spec, n_ctx, flag, &device, kv.ggml())?;
+    let plan_params = |n_ctx| {
+        let mut p = PlanParams::new(n_ctx);
+        p.kv_type = kv.ggml();
+        p
+    };
     match device {
         Device::Cpu => {
             if (forced.is_some() && ngl != Some(0)) || a.vram_budget.is_some() {
@@ -336,7 +345,7 @@ pub fn make_engine_parallel(
                     "device: cpu — --strategy, -ngl and --vram-budget apply to GPU plans only"
                 );
             }
-            let tiers = TierSet::all_cpu(&model.spec, PlanParams::new(n_ctx), a.ubatch.min(n_ctx));
+            let tiers = TierSet::all_cpu(&model.spec, plan_params(n_ctx), a.ubatch.min(n_ctx));
             let mut e = Engine::with_tiers(Arc::new(model), tiers, parallel, None, false)
                 .context("setting up the CPU engine")?;
             e.set_exact_activations(a.exact_acts);
@@ -354,7 +363,7 @@ pub fn make_engine_parallel(
             let info = dev.gpu().dev.info().clone();
             // The plans' budget: what this process may hold, the context included.
             let budget = dev.budget() + info.context_overhead;
-            let mut params = PlanParams::new(n_ctx);
+            let mut params = plan_params(n_ctx);
             params.threads = pshard_kernels::pool::threads();
             params.parallel = parallel;
             let profiles = plan_profiles(a)?;
@@ -391,11 +400,11 @@ pub fn make_engine_parallel(
 pub fn plan_report(engine: &Engine) -> String {
     let t = engine.tiers();
     let mut s = format!(
-        "plan: {} ({} sequence(s) of {} positions, KV cache {:.0} MiB)",
+        "plan: {} ({} sequence(s) of {} positions, {})",
         t.source,
         engine.n_seq(),
         engine.n_ctx(),
-        engine.kv_bytes() as f64 / (1u64 << 20) as f64
+        kv_line(engine)
     );
     for tier in &t.tiers {
         s += &format!(
@@ -431,6 +440,17 @@ impl ContextShiftArgs {
         self.context_shift
             .then_some(pshard_runtime::session::ContextShift { keep: self.keep.0 })
     }
+}
+
+/// The KV cache's type and size, e.g. `KV cache q8_0 12.8 MiB` (KiB below 1 MiB).
+pub fn kv_line(engine: &Engine) -> String {
+    let b = engine.kv_bytes() as f64;
+    let size = if b < (1u64 << 20) as f64 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    };
+    format!("KV cache {} {size}", engine.kv_type().name())
 }
 
 /// Sampling flags (llama.cpp's names and defaults), shared by `run` and `chat`.

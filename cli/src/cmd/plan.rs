@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use pshard_model::ggml_type::GgmlType;
 use pshard_model::gguf::ModelFile;
 use pshard_model::spec::ModelSpec;
 use pshard_planner::cost::PlanParams;
@@ -108,11 +107,9 @@ fn load_profile(
 
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let kv_type = match args.kv_type.to_ascii_lowercase().as_str() {
-        "f16" => GgmlType::F16,
-        "q8_0" => GgmlType::Q8_0,
-        other => bail!("--kv-type must be f16 or q8_0, got `{other}`"),
-    };
+    let kv_type = pshard_kernels::ops::KvType::parse(&args.kv_type)
+        .map_err(|e| anyhow::anyhow!("--kv-type: {e}"))?
+        .ggml();
     let cpu_path = args.cpu_profile.clone().or_else(|| default_profile("cpu"));
     let gpu_path = args.gpu_profile.clone().or_else(|| default_profile("gpu"));
     let cpu = load_profile(cpu_path.as_deref(), ProfileKind::Cpu, "CPU")?;

@@ -220,9 +220,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!("{}", super::common::tier_report(&engine));
     eprintln!(
-        "memory: RSS {:.0} MiB, KV cache {:.0} MiB{}",
+        "memory: RSS {:.0} MiB, {}{}",
         super::common::rss_bytes().map_or(f64::NAN, mib),
-        mib(engine.kv_bytes() as u64),
+        super::common::kv_line(&engine),
         match engine.device_measured_bytes() {
             Some(b) => format!(", VRAM measured {:.0} MiB", mib(b)),
             None => String::new(),

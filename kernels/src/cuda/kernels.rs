@@ -8,6 +8,7 @@ use super::arena::{RegionId, RegionKind};
 use super::device::GpuDevice;
 use super::error::{check, CudaError, CudaResult};
 use super::nvrtc::{compile_cached, ModuleBuild, SOURCES};
+use crate::kv::KvType;
 use crate::quant::ActFormat;
 use cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -302,6 +303,8 @@ pub const ACT_SCRATCH_BYTES: u64 =
 /// consecutive cells (position `p` in cell `p % n_ctx` of its sequence's span).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCells {
+    /// The rows' element type (f16, or Q8_0 blocks along each row).
+    pub ty: KvType,
     /// K rows.
     pub k: u64,
     /// V rows.
@@ -476,6 +479,11 @@ fn n_split(p: &AttnParams, n: usize) -> usize {
     want.min(p.n_ctx.div_ceil(ATTN_SPLIT_TILE)).max(1)
 }
 
+/// Refuses Q8_0 KV dims that are not whole 32-value blocks (`(what, values)` pairs).
+fn check_q8_0_dims(dims: &[(&str, usize)]) -> CudaResult<()> {
+    KvType::Q8_0.check_dims(dims).map_err(CudaError::Invalid)
+}
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).max(1) as u32
 }
@@ -520,6 +528,7 @@ impl CudaKernels {
         // Kernels whose largest tiles need more dynamic shared memory than the default 48 KiB.
         for &(d, bkv) in FLASH_DIMS {
             k.allow_smem(&format!("flash_attn_{d}"), flash_smem(d, bkv))?;
+            k.allow_smem(&format!("flash_attn_q8_{d}"), flash_smem(d, bkv))?;
         }
         for &(bm, bn, _) in &MOE_GEMM_TILES {
             for &ty in CUDA_TYPES {
@@ -532,7 +541,9 @@ impl CudaKernels {
         }
         // The largest tile pair (head dims 256).
         k.allow_smem("attn_split", split_smem(256, 256))?;
+        k.allow_smem("attn_split_q8", split_smem(256, 256))?;
         k.allow_smem("mla_attn_split", mla_smem(MLA_MAX_DK))?;
+        k.allow_smem("mla_attn_split_q8", mla_smem(MLA_MAX_DK))?;
         Ok(k)
     }
 
@@ -1389,7 +1400,8 @@ impl CudaKernels {
         )
     }
 
-    /// Context shift of one sequence's KV rows in place (`cols` f16 per row at `rows`): the runs
+    /// Context shift of one sequence's KV rows in place (`cols` values in `ty` per row at `rows`;
+    /// Q8_0 rows are dequantized, turned and quantized afresh per head, or copied): the runs
     /// of cell moves `(moves, run_start, cyclic, n_runs)` (`moves`: i32 source, destination
     /// pairs; `run_start`: `n_runs + 1` i32 offsets into them; `cyclic`: one i32 flag per run, see
     /// `pshard_kernels::ops::ShiftRun`), each moved row rotated by the rope angles of `delta`
@@ -1398,6 +1410,7 @@ impl CudaKernels {
     /// carries), copied otherwise (V). The same rotation as `pshard_kernels::ops::kv_shift`.
     pub fn kv_shift(
         &self,
+        ty: KvType,
         rows: u64,
         cols: usize,
         (moves, run_start, cyclic, n_runs): (u64, u64, u64, usize),
@@ -1440,11 +1453,26 @@ impl CudaKernels {
                 "KV shift of rows of {cols} values in heads of {head_dim}: not pairs"
             )));
         }
+        let (name, grid_y, threads, smem, head_dim) = match ty {
+            KvType::F16 => ("kv_shift", blocks(cols / 2, 128), 128, 0, head_dim),
+            KvType::Q8_0 => {
+                // Without rope every 32-value block is its own "head" (copied as it is).
+                let hd = if rope.is_some() { head_dim } else { 32 };
+                check_q8_0_dims(&[("KV row", cols), ("rotated head", hd)])?;
+                let smem = hd * 4 + hd / 32 * 34;
+                if smem > 48 << 10 {
+                    return Err(CudaError::Invalid(format!(
+                        "KV shift of a q8_0 cache with heads of {hd} values (at most 9000)"
+                    )));
+                }
+                ("kv_shift_q8_0", (cols / hd) as u32, 256, smem as u32, hd)
+            }
+        };
         self.launch(
-            "kv_shift",
-            (n_runs as u32, blocks(cols / 2, 128), 1),
-            128,
-            0,
+            name,
+            (n_runs as u32, grid_y, 1),
+            threads,
+            smem,
             s,
             &[
                 &rows,
@@ -1630,10 +1658,12 @@ impl CudaKernels {
         )
     }
 
-    /// Writes `n` rows of `row` f32 values (row stride `ld_src`) into an f16 cache: token `t` to
-    /// cell `seq[t] · cells + pos[t] % cells` (i32s on the device; negative positions are skipped).
+    /// Writes `n` rows of `row` f32 values (row stride `ld_src`) into a cache of type `ty`
+    /// (f16, or Q8_0 blocks along the row: `row` a multiple of 32): token `t` to cell
+    /// `seq[t] · cells + pos[t] % cells` (i32s on the device; negative positions are skipped).
     pub fn kv_write(
         &self,
+        ty: KvType,
         src: u64,
         ld_src: usize,
         cache: u64,
@@ -1650,9 +1680,17 @@ impl CudaKernels {
         if cells == 0 {
             return Err(CudaError::Invalid("a KV cache of 0 cells".into()));
         }
+        let (name, grid_x) = match ty {
+            KvType::F16 => ("kv_write", blocks(row, 256)),
+            KvType::Q8_0 => {
+                check_q8_0_dims(&[("KV row", row)])?;
+                // One warp per 32-value block, eight per launch block.
+                ("kv_write_q8_0", blocks(row / 32, 8))
+            }
+        };
         self.launch(
-            "kv_write",
-            (blocks(row, 256), n as u32, 1),
+            name,
+            (grid_x, n as u32, 1),
             256,
             0,
             s,
@@ -2059,6 +2097,14 @@ impl CudaKernels {
         }
         let common_tail = (p.scale, p.softcap, p.window as i32);
         let sinks = sinks.unwrap_or(0);
+        // The Q8_0 cache's kernels carry a `_q8` infix; every head is whole 32-value blocks.
+        let q8 = match kv.ty {
+            KvType::F16 => "",
+            KvType::Q8_0 => {
+                check_q8_0_dims(&[("K head dim", p.dk), ("V head dim", p.dv)])?;
+                "_q8"
+            }
+        };
         if p.v_in_k {
             // Latent attention: `mla_attn_split` stages every K tile once for MLA_HG query heads.
             mla_supported(p)?;
@@ -2074,7 +2120,7 @@ impl CudaKernels {
                 s,
                 |t0, chunk| {
                     self.launch(
-                        "mla_attn_split",
+                        &format!("mla_attn_split{q8}"),
                         (ns as u32, p.n_head.div_ceil(MLA_HG) as u32, chunk as u32),
                         256,
                         mla_smem(p.dk) as u32,
@@ -2104,8 +2150,12 @@ impl CudaKernels {
                 .iter()
                 .find(|&&(d, _)| d == p.dk)
                 .expect("checked by uses_flash");
+            let name = match kv.ty {
+                KvType::F16 => format!("flash_attn_{d}"),
+                KvType::Q8_0 => format!("flash_attn_q8_{d}"),
+            };
             return self.launch(
-                &format!("flash_attn_{d}"),
+                &name,
                 (blocks(n, 64), p.n_head as u32, 1),
                 128,
                 flash_smem(d, bkv) as u32,
@@ -2146,7 +2196,7 @@ impl CudaKernels {
         let smem = split_smem(p.dk, p.dv);
         self.split_then_combine(p, ns, n, pos, (out, ldo), part, sinks, s, |t0, chunk| {
             self.launch(
-                "attn_split",
+                &format!("attn_split{q8}"),
                 (ns as u32, p.n_head as u32, chunk as u32),
                 128,
                 smem as u32,
@@ -2277,6 +2327,7 @@ fn kernel_names(text: &str) -> Vec<String> {
         } else if let Some(rest) = l.strip_prefix("FLASH_KERNEL(") {
             if let Some(d) = rest.split(',').next() {
                 names.push(format!("flash_attn_{}", d.trim()));
+                names.push(format!("flash_attn_q8_{}", d.trim()));
             }
         }
     }

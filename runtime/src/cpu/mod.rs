@@ -12,7 +12,6 @@
 
 use std::ops::Range;
 
-use half::f16;
 use pshard_kernels::matmul::{
     matmul, matmul_exact, quantize_acts, quantize_acts_into, ActPrecision, QuantizedActs,
     WeightMatrix,
@@ -37,11 +36,13 @@ pub trait Weights {
 /// One layer's KV cells as attention writes and reads them: `n_seq · cells` rows of K and of V.
 pub struct LayerKvMut<'a> {
     /// K rows.
-    pub k: &'a mut [f16],
+    pub k: &'a mut [u8],
     /// V rows.
-    pub v: &'a mut [f16],
+    pub v: &'a mut [u8],
     /// Cells per sequence.
     pub cells: usize,
+    /// The rows' element type.
+    pub ty: ops::KvType,
 }
 
 /// Access to the KV of the layers an op attends over.
@@ -325,29 +326,21 @@ impl CpuLane {
                 let mut ob = std::mem::take(&mut self.bufs[oi]);
                 let bufs = &self.bufs;
                 let res = kv.with_layer(layer, &mut |l: LayerKvMut<'_>| {
-                    let cells = l.cells;
+                    let (cells, ty) = (l.cells, l.ty);
+                    let (kb, vb) = (ty.row_bytes(kc), ty.row_bytes(vc));
                     for (s, rows) in &runs {
                         let base = *s as usize * cells;
-                        let kcache = &mut l.k[base * kc..(base + cells) * kc];
-                        let vcache = &mut l.v[base * vc..(base + cells) * vc];
+                        let kcache = &mut l.k[base * kb..(base + cells) * kb];
+                        let vcache = &mut l.v[base * vb..(base + cells) * vb];
                         for t in rows.clone() {
                             let slot = batch.positions[t] as usize % cells;
-                            for (d, s) in kcache[slot * kc..][..kc]
-                                .iter_mut()
-                                .zip(&bufs[ki][t * kc..][..kc])
-                            {
-                                *d = f16::from_f32(*s);
-                            }
-                            for (d, s) in vcache[slot * vc..][..vc]
-                                .iter_mut()
-                                .zip(&bufs[vi][t * vc..][..vc])
-                            {
-                                *d = f16::from_f32(*s);
-                            }
+                            ty.store(&bufs[ki][t * kc..][..kc], &mut kcache[slot * kb..][..kb]);
+                            ty.store(&bufs[vi][t * vc..][..vc], &mut vcache[slot * vb..][..vb]);
                         }
                         let view = ops::KvView {
                             k: kcache,
                             v: if v_in_k { kcache } else { vcache },
+                            ty,
                             cells,
                             k_row: kc,
                             v_row: if v_in_k { kc } else { vc },

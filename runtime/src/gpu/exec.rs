@@ -306,10 +306,33 @@ fn node_op(
                 .ok_or_else(|| EngineError::Device("attention without its KV".into()))?;
             let (kr, vr) = (n_head_kv * head_dim_k, n_head_kv * head_dim_v);
             let (pos, seqs) = (step.inputs.positions, step.inputs.seqs);
-            k.kv_write(step.buf(kb), ncols(kb), kv.k, kr, pos, seqs, kv.cells, n, s)?;
+            let ty = kv.ty;
+            k.kv_write(
+                ty,
+                step.buf(kb),
+                ncols(kb),
+                kv.k,
+                kr,
+                pos,
+                seqs,
+                kv.cells,
+                n,
+                s,
+            )?;
             // Latent attention keeps no V rows: its values are inside K.
             if !v_in_k {
-                k.kv_write(step.buf(v), ncols(v), kv.v, vr, pos, seqs, kv.cells, n, s)?;
+                k.kv_write(
+                    ty,
+                    step.buf(v),
+                    ncols(v),
+                    kv.v,
+                    vr,
+                    pos,
+                    seqs,
+                    kv.cells,
+                    n,
+                    s,
+                )?;
             }
             let sinks = match sinks {
                 Some(t) => Some(step.weight(t)?.addr),
@@ -342,6 +365,7 @@ fn node_op(
                     step.buf(q) + (a * ldq * 4) as u64,
                     ldq,
                     KvCells {
+                        ty,
                         k: kv.k,
                         v: kv.v,
                         seq: seqs + (a * 4) as u64,

@@ -397,7 +397,7 @@ impl Device for CudaDevice {
                 let ff = shift.freq_factors.map(|w| w.addr);
                 (exec::kernel_rope(r.head_dim, &r.rope, ff), r.offset)
             });
-            let cells = shift.kv.cells;
+            let (cells, ty) = (shift.kv.cells, shift.kv.ty);
             for (base, cols, rope) in [
                 (
                     shift.kv.k,
@@ -406,8 +406,9 @@ impl Device for CudaDevice {
                 ),
                 (shift.kv.v, shift.kv.v_cols, None),
             ] {
-                let rows = base + (shift.seq * cells * cols * 2) as u64;
+                let rows = base + (shift.seq * cells * ty.row_bytes(cols)) as u64;
                 self.gpu.kernels.kv_shift(
+                    ty,
                     rows,
                     cols,
                     (ptrs[0], ptrs[1], ptrs[2], cyclic.len()),

@@ -26,23 +26,7 @@ pub fn real_model(name: &str) -> Option<PathBuf> {
 
 /// Writes a synthetic model to a temp file and returns its path.
 pub fn synth_model(preset: &str, recipe: &str, seed: u64) -> PathBuf {
-    use pshard_model::synth;
-    let p = synth::preset(preset).expect("preset exists");
-    let r = synth::QuantRecipe::from_name(recipe).expect("recipe exists");
-    let dir = std::env::temp_dir().join(format!("pshard-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{preset}-{recipe}-{seed}.gguf"));
-    // Tests of one binary run in parallel and may ask for the same model while another has it
-    // mapped: truncating that file in place killed the other with SIGBUS. Write a private file and
-    // rename it over the name (a mapping keeps the old file).
-    let tmp = dir.join(format!(
-        "{preset}-{recipe}-{seed}.{:?}.part",
-        std::thread::current().id()
-    ));
-    let f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
-    synth::write_synth(&p, r, seed, f, &mut |_, _| {}).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    path
+    synth_variant(preset, preset, recipe, seed, |_| {})
 }
 
 /// How the reference treats the input of a matmul.
@@ -633,6 +617,51 @@ pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den).sqrt()
+}
+
+/// `tiers` with a KV cache of `kv` (f16 or Q8_0).
+pub fn with_kv(
+    mut tiers: pshard_runtime::tiers::TierSet,
+    kv: pshard_model::ggml_type::GgmlType,
+) -> pshard_runtime::tiers::TierSet {
+    tiers.params.kv_type = kv;
+    tiers
+}
+
+/// Makes a tiny preset's KV rows whole Q8_0 blocks: the one that is not, deepseek2's 16-value
+/// rope key, becomes 32 values (real deepseek2 models have 64).
+pub fn q8_kv_ready(p: &mut pshard_model::synth::SynthPreset) {
+    if let Some(m) = &mut p.mla {
+        m.rope = 32;
+    }
+}
+
+/// A tiny preset changed by `tweak`, written under `name` (seed `seed`, recipe `recipe`).
+pub fn synth_variant(
+    preset: &str,
+    name: &str,
+    recipe: &str,
+    seed: u64,
+    tweak: impl FnOnce(&mut pshard_model::synth::SynthPreset),
+) -> PathBuf {
+    use pshard_model::synth;
+    let mut p = synth::preset(preset).expect("preset exists");
+    tweak(&mut p);
+    let r = synth::QuantRecipe::from_name(recipe).expect("recipe exists");
+    let dir = std::env::temp_dir().join(format!("pshard-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{recipe}-{seed}.gguf"));
+    // Tests of one binary run in parallel and may ask for the same model while another has it
+    // mapped: truncating that file in place killed the other with SIGBUS. Write a private file and
+    // rename it over the name (a mapping keeps the old file).
+    let tmp = dir.join(format!(
+        "{name}-{recipe}-{seed}.{:?}.part",
+        std::thread::current().id()
+    ));
+    let f = std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap());
+    synth::write_synth(&p, r, seed, f, &mut |_, _| {}).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
 }
 
 /// Every searched strategy plus all-GPU.
