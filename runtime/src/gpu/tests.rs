@@ -588,6 +588,24 @@ fn gpu_mixed_placements_match_cpu() {
     }
 }
 
+/// The context-shift case of the GPU tests: `gpu` evaluates a 40-token prompt, shifts keeping 3
+/// and dropping 18, then takes one more token; `fresh` evaluates the kept tokens and that one.
+/// Returns the rel L2 of the shifted logits against the fresh ones, and of the unshifted ones.
+fn shift_vs_fresh(fresh: &mut Engine, gpu: &mut Engine) -> (f64, f64) {
+    let nv = fresh.model.spec.hparams.n_vocab;
+    let toks = prompt(40, nv);
+    let next = 77 % nv as u32;
+    let (keep, discard) = (3, 18);
+    let mut kept: Vec<u32> = toks[..keep].to_vec();
+    kept.extend(&toks[keep + discard..]);
+    kept.push(next);
+    let want = fresh.eval(&kept, Logits::Last).unwrap();
+    let before = gpu.eval(&toks, Logits::Last).unwrap();
+    gpu.shift_seq(0, keep, discard).unwrap();
+    let got = gpu.eval(&[next], Logits::Last).unwrap();
+    (rel_l2(&got, &want), rel_l2(&before, &want))
+}
+
 /// Context shift on the GPU (the `kv_shift` kernel over resident KV): one-layer models (whose K
 /// and V depend only on token and position) evaluate 40 tokens, keep 3, drop 18 and take one
 /// more; the logits match a fresh CPU engine fed the 22 kept tokens and the next one (tolerance
@@ -614,23 +632,11 @@ fn gpu_context_shift_matches_fresh_evaluation() {
         p.n_nextn = 0;
         let path = test_dir().join(format!("{name}-1layer-shift.gguf"));
         write_preset(&p, "q8_0", &path);
-        let nv = p.n_vocab;
-        let toks = prompt(40, nv);
-        let next = 77 % nv as u32;
-        let (keep, discard) = (3, 18);
-        let mut kept: Vec<u32> = toks[..keep].to_vec();
-        kept.extend(&toks[keep + discard..]);
-        kept.push(next);
         let mut cpu = Engine::new(Model::open(&path).unwrap(), 48, ubatch);
         cpu.set_exact_activations(true);
-        let want = cpu.eval(&kept, Logits::Last).unwrap();
         let mut gpu = gpu_engine(&path, 48, ubatch);
         gpu.set_exact_activations(true);
-        let before = gpu.eval(&toks, Logits::Last).unwrap();
-        gpu.shift_seq(0, keep, discard).unwrap();
-        let got = gpu.eval(&[next], Logits::Last).unwrap();
-        let err = rel_l2(&got, &want);
-        let unshifted = rel_l2(&before, &want);
+        let (err, unshifted) = shift_vs_fresh(&mut cpu, &mut gpu);
         let _ = writeln!(
             std::io::stderr(),
             "LOGITS context shift {name} ubatch {ubatch}: rel L2 {err:.2e} vs fresh CPU evaluation \
@@ -736,18 +742,7 @@ fn gpu_q8_0_kv_context_shift_matches_fresh_evaluation() {
     ] {
         let path = q8_kv_model(name, 1);
         let (mut fresh, mut gpu) = q8_kv_engines(&path, 48, ubatch);
-        let nv = fresh.model.spec.hparams.n_vocab;
-        let toks = prompt(40, nv);
-        let next = 77 % nv as u32;
-        let (keep, discard) = (3, 18);
-        let mut kept: Vec<u32> = toks[..keep].to_vec();
-        kept.extend(&toks[keep + discard..]);
-        kept.push(next);
-        let want = fresh.eval(&kept, Logits::Last).unwrap();
-        let before = gpu.eval(&toks, Logits::Last).unwrap();
-        gpu.shift_seq(0, keep, discard).unwrap();
-        let got = gpu.eval(&[next], Logits::Last).unwrap();
-        let (err, unshifted) = (rel_l2(&got, &want), rel_l2(&before, &want));
+        let (err, unshifted) = shift_vs_fresh(&mut fresh, &mut gpu);
         let _ = writeln!(
             std::io::stderr(),
             "LOGITS q8_0 KV context shift {name}: rel L2 {err:.2e} (unshifted {unshifted:.2e})"
