@@ -816,9 +816,49 @@ fn span_partials_avx2(
     span_partials_body(q, positions, toks, kh, kv, p, scratch, span);
 }
 
+/// One kv head's K or V slices as the attention body widens them, slot by slot.
+trait HeadRows {
+    /// Widens slot `slot`'s slice into `dst`.
+    fn load(&self, slot: usize, dst: &mut [f32]);
+}
+
+/// f16 rows of `row` values, the head's slice from value `off` on.
+struct F16Rows<'a> {
+    rows: &'a [half::f16],
+    row: usize,
+    off: usize,
+}
+
+impl HeadRows for F16Rows<'_> {
+    #[inline(always)]
+    fn load(&self, slot: usize, dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        self.rows[slot * self.row + self.off..][..dst.len()].convert_to_f32_slice(dst);
+    }
+}
+
+/// Rows of any KV type as bytes: `stride` bytes per slot, the head's `len` bytes from `off` on.
+struct ByteRows<'a> {
+    ty: KvType,
+    rows: &'a [u8],
+    stride: usize,
+    off: usize,
+    len: usize,
+}
+
+impl HeadRows for ByteRows<'_> {
+    #[inline(always)]
+    fn load(&self, slot: usize, dst: &mut [f32]) {
+        self.ty
+            .load(&self.rows[slot * self.stride + self.off..][..self.len], dst);
+    }
+}
+
 /// The body of [`span_partials`]: the same operations at every SIMD level (fused multiply-adds
 /// where the scores and outputs accumulate — a library call on the portable path — and the
-/// polynomial [`exp_neg`]), so every level gives the same bits.
+/// polynomial [`exp_neg`]), so every level gives the same bits. The K/V rows are read through a
+/// [`HeadRows`] picked once per call: f16 slices as they lie, or bytes of any type (Q8_0; f16
+/// bytes not 2-aligned), so the f16 cache's per-key loop is the plain f16 one.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn span_partials_body(
@@ -827,6 +867,51 @@ fn span_partials_body(
     toks: Range<usize>,
     kh: usize,
     kv: &KvView,
+    p: &AttnParams,
+    scratch: &mut TileScratch,
+    span: usize,
+) {
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let f16s = (
+        bytemuck::try_cast_slice::<u8, half::f16>(kv.k),
+        bytemuck::try_cast_slice::<u8, half::f16>(kv.v),
+    );
+    if let (KvType::F16, (Ok(k), Ok(v))) = (kv.ty, f16s) {
+        let k = F16Rows {
+            rows: k,
+            row: kv.k_row,
+            off: kh * dk,
+        };
+        let v = F16Rows {
+            rows: v,
+            row: kv.v_row,
+            off: kh * dv,
+        };
+        span_rows(q, positions, toks, kh, (&k, &v), kv.cells, p, scratch, span);
+        return;
+    }
+    let ty = kv.ty;
+    let rows = |rows, row, head: usize| ByteRows {
+        ty,
+        rows,
+        stride: ty.row_bytes(row),
+        off: ty.row_bytes(kh * head),
+        len: ty.row_bytes(head),
+    };
+    let (k, v) = (rows(kv.k, kv.k_row, dk), rows(kv.v, kv.v_row, dv));
+    span_rows(q, positions, toks, kh, (&k, &v), kv.cells, p, scratch, span);
+}
+
+/// [`span_partials_body`] over K and V rows read through `kr` and `vr` (`cells` slots).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn span_rows(
+    q: &[f32],
+    positions: &[u32],
+    toks: Range<usize>,
+    kh: usize,
+    (kr, vr): (&impl HeadRows, &impl HeadRows),
+    cells: usize,
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
@@ -858,12 +943,12 @@ fn span_partials_body(
         let j1 = (j0 + BK).min(hi);
         for j in j0.max(lo)..j1 {
             let i = j - j0;
-            let slot = j % kv.cells;
-            kv.load_k(slot, kh * dk, krow);
+            let slot = j % cells;
+            kr.load(slot, krow);
             for (d, &x) in krow.iter().enumerate() {
                 kt[d * BK + i] = x;
             }
-            kv.load_v(slot, kh * dv, &mut vb[i * dv..][..dv]);
+            vr.load(slot, &mut vb[i * dv..][..dv]);
         }
         for (ti, t) in toks.clone().enumerate() {
             let (a, b) = range(t);

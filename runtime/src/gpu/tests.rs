@@ -588,6 +588,24 @@ fn gpu_mixed_placements_match_cpu() {
     }
 }
 
+/// The context-shift case of the GPU tests: `gpu` evaluates a 40-token prompt, shifts keeping 3
+/// and dropping 18, then takes one more token; `fresh` evaluates the kept tokens and that one.
+/// Returns the rel L2 of the shifted logits against the fresh ones, and of the unshifted ones.
+fn shift_vs_fresh(fresh: &mut Engine, gpu: &mut Engine) -> (f64, f64) {
+    let nv = fresh.model.spec.hparams.n_vocab;
+    let toks = prompt(40, nv);
+    let next = 77 % nv as u32;
+    let (keep, discard) = (3, 18);
+    let mut kept: Vec<u32> = toks[..keep].to_vec();
+    kept.extend(&toks[keep + discard..]);
+    kept.push(next);
+    let want = fresh.eval(&kept, Logits::Last).unwrap();
+    let before = gpu.eval(&toks, Logits::Last).unwrap();
+    gpu.shift_seq(0, keep, discard).unwrap();
+    let got = gpu.eval(&[next], Logits::Last).unwrap();
+    (rel_l2(&got, &want), rel_l2(&before, &want))
+}
+
 /// Context shift on the GPU (the `kv_shift` kernel over resident KV): one-layer models (whose K
 /// and V depend only on token and position) evaluate 40 tokens, keep 3, drop 18 and take one
 /// more; the logits match a fresh CPU engine fed the 22 kept tokens and the next one (tolerance
@@ -614,23 +632,11 @@ fn gpu_context_shift_matches_fresh_evaluation() {
         p.n_nextn = 0;
         let path = test_dir().join(format!("{name}-1layer-shift.gguf"));
         write_preset(&p, "q8_0", &path);
-        let nv = p.n_vocab;
-        let toks = prompt(40, nv);
-        let next = 77 % nv as u32;
-        let (keep, discard) = (3, 18);
-        let mut kept: Vec<u32> = toks[..keep].to_vec();
-        kept.extend(&toks[keep + discard..]);
-        kept.push(next);
         let mut cpu = Engine::new(Model::open(&path).unwrap(), 48, ubatch);
         cpu.set_exact_activations(true);
-        let want = cpu.eval(&kept, Logits::Last).unwrap();
         let mut gpu = gpu_engine(&path, 48, ubatch);
         gpu.set_exact_activations(true);
-        let before = gpu.eval(&toks, Logits::Last).unwrap();
-        gpu.shift_seq(0, keep, discard).unwrap();
-        let got = gpu.eval(&[next], Logits::Last).unwrap();
-        let err = rel_l2(&got, &want);
-        let unshifted = rel_l2(&before, &want);
+        let (err, unshifted) = shift_vs_fresh(&mut cpu, &mut gpu);
         let _ = writeln!(
             std::io::stderr(),
             "LOGITS context shift {name} ubatch {ubatch}: rel L2 {err:.2e} vs fresh CPU evaluation \
@@ -638,6 +644,111 @@ fn gpu_context_shift_matches_fresh_evaluation() {
         );
         assert!(err <= TOL, "{name} ubatch {ubatch}: rel L2 {err:.3e}");
         assert!(unshifted > 10.0 * TOL, "{name}: the oracle cannot tell");
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+/// A tiny preset whose KV rows are whole Q8_0 blocks (deepseek2's 16-value rope key made 32),
+/// `n_layer` layers (0: the preset's).
+fn q8_kv_model(name: &str, n_layer: usize) -> PathBuf {
+    let mut p = preset(name).unwrap();
+    if let Some(m) = &mut p.mla {
+        m.rope = 32;
+    }
+    if n_layer > 0 {
+        p.n_layer = n_layer;
+        p.n_nextn = 0;
+    }
+    let path = test_dir().join(format!("{name}-{n_layer}layer-kvq8.gguf"));
+    let tmp = path.with_extension(format!("{:?}.tmp", std::thread::current().id()));
+    write_preset(&p, "q8_0", &tmp);
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// All-CPU and all-GPU engines with a Q8_0 KV cache, exact activations.
+fn q8_kv_engines(path: &Path, n_ctx: usize, ubatch: usize) -> (Engine, Engine) {
+    let model = Arc::new(Model::open(path).unwrap());
+    let mut params = PlanParams::new(n_ctx);
+    params.kv_type = pshard_model::ggml_type::GgmlType::Q8_0;
+    let cpu_tiers = TierSet::all_cpu(&model.spec, params.clone(), ubatch);
+    let mut cpu = Engine::with_tiers(model.clone(), cpu_tiers, 1, None, false).unwrap();
+    let pl = Placement::uniform(&model.spec, Place::Pinned);
+    let tiers = TierSet::single(pl, "ALL_GPU", params, ubatch);
+    let dev = CudaDevice::open(model.clone(), &GpuOptions::default()).unwrap();
+    let mut gpu = Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), true).unwrap();
+    for e in [&mut cpu, &mut gpu] {
+        assert_eq!(e.kv_type(), pshard_kernels::ops::KvType::Q8_0);
+        e.set_exact_activations(true);
+    }
+    (cpu, gpu)
+}
+
+/// The GPU engine with a Q8_0 KV cache (`kv_write_q8_0`, the `_q8` flash, split-KV and latent
+/// kernels) against the CPU engine with one: a 41-token prompt in ubatches of 16 (flash for head
+/// dims 64/128/256, split-KV otherwise, latent for deepseek2), then 8 decode steps, exact
+/// activations on both sides, every position within [`TOL`].
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_q8_0_kv_matches_cpu_q8_0_kv() {
+    if skip() {
+        return;
+    }
+    for name in [
+        "tiny-llama",
+        "tiny-gemma3",
+        "tiny-qwen3",
+        "tiny-gpt-oss",
+        "tiny-deepseek2",
+    ] {
+        let path = q8_kv_model(name, 0);
+        let (mut cpu, mut gpu) = q8_kv_engines(&path, 64, 16);
+        let nv = cpu.model.spec.hparams.n_vocab;
+        let toks = prompt(49, nv);
+        let c = cpu.eval(&toks[..41], Logits::All).unwrap();
+        let g = gpu.eval(&toks[..41], Logits::All).unwrap();
+        let mut errs = vec![rel_l2(&g, &c)];
+        for &t in &toks[41..] {
+            let c = cpu.eval(&[t], Logits::Last).unwrap();
+            let g = gpu.eval(&[t], Logits::Last).unwrap();
+            errs.push(rel_l2(&g, &c));
+        }
+        let worst = errs.iter().cloned().fold(0.0, f64::max);
+        let _ = writeln!(
+            std::io::stderr(),
+            "LOGITS q8_0 KV {name}: prefill rel L2 {:.2e}, worst decode step {worst:.2e} \
+             (tolerance {TOL:.0e})",
+            errs[0]
+        );
+        assert!(worst <= TOL, "{name}: q8_0 KV GPU vs CPU rel L2 {errs:.3?}");
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+/// Context shift of a Q8_0 KV cache on the GPU (`kv_shift_q8_0`): one-layer models after
+/// 40 tokens, keeping 3 and dropping 18, then one more, against a fresh CPU engine with a Q8_0
+/// cache fed the kept tokens (the host-device bound of runtime/tests/ctx_shift.rs, 2e-2).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_q8_0_kv_context_shift_matches_fresh_evaluation() {
+    if skip() {
+        return;
+    }
+    for (name, ubatch) in [
+        ("tiny-llama", 16),
+        ("tiny-gemma3", 4),
+        ("tiny-gpt-oss", 16),
+        ("tiny-deepseek2", 16),
+    ] {
+        let path = q8_kv_model(name, 1);
+        let (mut fresh, mut gpu) = q8_kv_engines(&path, 48, ubatch);
+        let (err, unshifted) = shift_vs_fresh(&mut fresh, &mut gpu);
+        let _ = writeln!(
+            std::io::stderr(),
+            "LOGITS q8_0 KV context shift {name}: rel L2 {err:.2e} (unshifted {unshifted:.2e})"
+        );
+        assert!(err <= 2e-2, "{name} ubatch {ubatch}: rel L2 {err:.3e}");
+        assert!(unshifted > 0.2, "{name}: the oracle cannot tell");
         std::fs::remove_file(&path).ok();
     }
 }
