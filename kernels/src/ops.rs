@@ -983,6 +983,34 @@ fn span_rows(
     }
 }
 
+/// `acc[c][z] += x · v[16c + z]` for the 64 lanes, as fused multiply-adds.
+#[inline(always)]
+fn fma64(acc: &mut [[f32; 16]; 4], x: f32, v: &[f32; 64]) {
+    for (c, ac) in acc.iter_mut().enumerate() {
+        for z in 0..16 {
+            ac[z] = x.mul_add(v[16 * c + z], ac[z]);
+        }
+    }
+}
+
+/// [`fma64`] of `v` into one or two rows' accumulators, row `k` with `x(k)`. The rows are written
+/// out: a loop over them kept the accumulators in memory (attention 2.6× slower).
+#[inline(always)]
+fn fma64_rows<const R: usize>(
+    acc: &mut [[[f32; 16]; 4]; R],
+    v: &[f32; 64],
+    x: impl Fn(usize) -> f32,
+) {
+    match &mut acc[..] {
+        [a0] => fma64(a0, x(0), v),
+        [a0, a1] => {
+            fma64(a0, x(0), v);
+            fma64(a1, x(1), v);
+        }
+        _ => unreachable!("one or two rows"),
+    }
+}
+
 /// One key block of [`span_rows`] for `R` query rows of one token (`qrows`, rows `r0 .. r0 + R`
 /// of the tile's running max `m`, sum `l` and output `o`), keys `a..b` of the block valid: scores
 /// over the transposed K block `kt`, the online-softmax step, `o += Σ p_i · v_i` over the block's V
@@ -1005,23 +1033,7 @@ fn rows_block<const R: usize>(
     let qr: [&[f32]; R] = qrows.map(|q| &q[..dk]);
     for d in 0..dk {
         let k64: &[f32; BK] = kt[d * BK..][..BK].try_into().expect("BK keys");
-        // Each row's 64 accumulators as 4 × 16 lanes, the rows' loops written out so that all
-        // of them stay in registers (a loop over the rows spilled them: 2.6× slower).
-        let row = |ar: &mut [[f32; 16]; 4], qd: f32| {
-            for (c, ac) in ar.iter_mut().enumerate() {
-                for z in 0..16 {
-                    ac[z] = qd.mul_add(k64[16 * c + z], ac[z]);
-                }
-            }
-        };
-        match &mut acc[..] {
-            [a0] => row(a0, qr[0][d]),
-            [a0, a1] => {
-                row(a0, qr[0][d]);
-                row(a1, qr[1][d]);
-            }
-            _ => unreachable!("one or two rows"),
-        }
+        fma64_rows(&mut acc, k64, |k| qr[k][d]);
     }
     let mut s = [[0f32; BK]; R];
     for k in 0..R {
@@ -1066,7 +1078,7 @@ fn rows_block<const R: usize>(
         l[r] += sums.iter().sum::<f32>();
     }
     // o += Σ_i p_i · v_i: 64 output lanes per row (four independent accumulators) held across
-    // the keys, each V load serving every row (the rows written out, as for the scores).
+    // the keys, each V load serving every row.
     let mut c0 = 0;
     while c0 + 64 <= dv {
         let mut acc = [[[0f32; 16]; 4]; R];
@@ -1077,21 +1089,7 @@ fn rows_block<const R: usize>(
         }
         for i in a..b {
             let v64: &[f32; 64] = vb[i * dv + c0..][..64].try_into().expect("64");
-            let row = |ar: &mut [[f32; 16]; 4], pi: f32| {
-                for (c, ac) in ar.iter_mut().enumerate() {
-                    for z in 0..16 {
-                        ac[z] = pi.mul_add(v64[16 * c + z], ac[z]);
-                    }
-                }
-            };
-            match &mut acc[..] {
-                [a0] => row(a0, s[0][i]),
-                [a0, a1] => {
-                    row(a0, s[0][i]);
-                    row(a1, s[1][i]);
-                }
-                _ => unreachable!("one or two rows"),
-            }
+            fma64_rows(&mut acc, v64, |k| s[k][i]);
         }
         for (k, ar) in acc.iter().enumerate() {
             for (c, ac) in ar.iter().enumerate() {
