@@ -267,6 +267,60 @@ convert_fn!(convert_q6k, q6k::convert, |s, u, sc, _mn| q6k_avx2(
     s, u, sc
 ));
 
+/// An AVX-512 body of a K-quant tile loader: `nb` super-blocks of each row `p[k]` into the tile's
+/// levels `q`, scales `scale` and (types with them) minima `min`.
+type KBody = unsafe fn(&[*const u8; 16], usize, *mut u8, *mut f32, *mut f32);
+
+/// What every K-quant tile loader does around its body: checks the arguments for super-blocks of
+/// `bb` bytes and `subs` sub-blocks ([`tile16_args`], and the minima's buffer where the type has
+/// them), then runs `body`.
+#[allow(clippy::too_many_arguments)]
+fn k_tile16(
+    rows: &[&[u8]; 16],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+    (bb, subs, has_min): (usize, usize, bool),
+    body: KBody,
+) {
+    let (p, nb) = tile16_args(rows, e0, n, QK_K, bb, q, scale, subs);
+    assert!(
+        !has_min || min.len() >= 16 * subs * nb,
+        "tile loader: output buffers too small"
+    );
+    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks of `bb` bytes from `p[k]`;
+    // the outputs hold 16 rows × nb super-blocks (tile16_args and the assertion above; a body
+    // without minima never touches `min`).
+    unsafe { body(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
+}
+
+/// The K-quant tile loaders ([`Tile16Fn`]): each [`k_tile16`] with its type's shape and body.
+macro_rules! k_loaders {
+    ($($name:ident: $ty:literal, $bb:expr, $subs:expr, $min:expr, $body:expr;)*) => {$(
+        #[doc = concat!($ty, " rows into a 16-row tile.")]
+        fn $name(
+            rows: &[&[u8]; 16],
+            e0: usize,
+            n: usize,
+            q: &mut [u8],
+            scale: &mut [f32],
+            min: &mut [f32],
+        ) {
+            k_tile16(rows, e0, n, q, scale, min, ($bb, $subs, $min), $body)
+        }
+    )*};
+}
+
+k_loaders! {
+    tile16_q2k: "Q2_K", q2k::BLOCK_BYTES, 16, true, q2k_tile16;
+    tile16_q3k: "Q3_K", q3k::BLOCK_BYTES, 16, false, q3k_tile16;
+    tile16_q4k: "Q4_K", q4k::BLOCK_BYTES, 8, true, k45_tile16::<false>;
+    tile16_q5k: "Q5_K", q5k::BLOCK_BYTES, 8, true, k45_tile16::<true>;
+    tile16_q6k: "Q6_K", q6k::BLOCK_BYTES, 16, false, q6k_tile16;
+}
+
 /// The direct 16-row tile loader of `ty` if this CPU runs it (AVX-512 VNNI level).
 pub(super) fn tile16(ty: GgmlType) -> Option<Tile16Fn> {
     if !SimdLevel::Avx512.available() {
@@ -338,43 +392,6 @@ pub(crate) fn neg(v: __m512) -> __m512 {
         _mm512_castps_si512(v),
         _mm512_set1_epi32(i32::MIN),
     ))
-}
-
-/// Q4_K rows into a 16-row tile.
-fn tile16_q4k(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
-    q: &mut [u8],
-    scale: &mut [f32],
-    min: &mut [f32],
-) {
-    let (p, nb) = tile16_args(rows, e0, n, QK_K, q4k::BLOCK_BYTES, q, scale, 8);
-    assert!(
-        min.len() >= 16 * 8 * nb,
-        "tile loader: output buffers too small"
-    );
-    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
-    // 16 rows × nb super-blocks (tile16_args and the assertion above).
-    unsafe { k45_tile16::<false>(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
-}
-
-/// Q5_K rows into a 16-row tile.
-fn tile16_q5k(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
-    q: &mut [u8],
-    scale: &mut [f32],
-    min: &mut [f32],
-) {
-    let (p, nb) = tile16_args(rows, e0, n, QK_K, q5k::BLOCK_BYTES, q, scale, 8);
-    assert!(
-        min.len() >= 16 * 8 * nb,
-        "tile loader: output buffers too small"
-    );
-    // SAFETY: as for Q4_K, with Q5_K super-blocks.
-    unsafe { k45_tile16::<true>(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
 }
 
 /// Q4_K (`FIVE` false) or Q5_K super-blocks of 16 rows into a tile: the same header (d, dmin, 12
@@ -475,26 +492,11 @@ unsafe fn k45_tile16<const FIVE: bool>(
     }
 }
 
-/// Q6_K rows into a 16-row tile.
-fn tile16_q6k(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
-    q: &mut [u8],
-    scale: &mut [f32],
-    _min: &mut [f32],
-) {
-    let (p, nb) = tile16_args(rows, e0, n, QK_K, q6k::BLOCK_BYTES, q, scale, 16);
-    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
-    // 16 rows × nb super-blocks (tile16_args).
-    unsafe { q6k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr()) }
-}
-
 /// # Safety
 /// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q6_K super-blocks; `q` holds `16 · 256 · nb`
 /// bytes, `scale` `16 · 16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32) {
+unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
     let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
     for i in 0..nb {
         let base = i * q6k::BLOCK_BYTES;
@@ -536,25 +538,6 @@ unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
             }
         }
     }
-}
-
-/// Q2_K rows into a 16-row tile.
-fn tile16_q2k(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
-    q: &mut [u8],
-    scale: &mut [f32],
-    min: &mut [f32],
-) {
-    let (p, nb) = tile16_args(rows, e0, n, QK_K, q2k::BLOCK_BYTES, q, scale, 16);
-    assert!(
-        min.len() >= 16 * 16 * nb,
-        "tile loader: output buffers too small"
-    );
-    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
-    // 16 rows × nb super-blocks (tile16_args and the assertion above).
-    unsafe { q2k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
 }
 
 /// Q2_K super-blocks of 16 rows into a tile: per sub-block `m` of 16 the scale `d · (sc & 15)`
@@ -601,21 +584,6 @@ unsafe fn q2k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
     }
 }
 
-/// Q3_K rows into a 16-row tile.
-fn tile16_q3k(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
-    q: &mut [u8],
-    scale: &mut [f32],
-    _min: &mut [f32],
-) {
-    let (p, nb) = tile16_args(rows, e0, n, QK_K, q3k::BLOCK_BYTES, q, scale, 16);
-    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks from `p[k]`, the outputs
-    // 16 rows × nb super-blocks (tile16_args).
-    unsafe { q3k_tile16(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr()) }
-}
-
 /// Q3_K super-blocks of 16 rows into a tile: the 16 signed scales unpacked as
 /// [`q3k::unpack_scales`] does, a dword per row and four scales at a time; levels of group `g`
 /// of block `4h + j` are bits `2j..2j + 2` of the group's dword of `qs[32h ..]` with bit `4h + j`
@@ -625,7 +593,7 @@ fn tile16_q3k(
 /// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q3_K super-blocks; `q` holds `16 · 256 · nb`
 /// bytes, `scale` `16 · 16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q3k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32) {
+unsafe fn q3k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
     let (m3, bit2) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
     let (m0f, m03) = (
         _mm512_set1_epi32(0x0f0f_0f0f),
