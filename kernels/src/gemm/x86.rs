@@ -506,6 +506,42 @@ pub(crate) fn f16_lanes<const HIGH: bool>(v: __m512i) -> __m512 {
     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
 }
 
+/// The Q4_K/Q5_K factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each
+/// row's header, row per lane): per sub-block the scale `d · sc` and the minimum `−dmin · m`,
+/// the portable converter's f32 products. The decode kernel and the Q4_K/Q5_K tile loader both
+/// take them from here.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn k4_factors16(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
+    let [dd, s0, s1, s2] = h;
+    let d = f16_lanes::<false>(dd);
+    let dmin = _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(f16_lanes::<true>(dd)),
+        _mm512_set1_epi32(i32::MIN),
+    ));
+    let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
+    let (m6, m4, m2) = (
+        _mm512_set1_epi32(63),
+        _mm512_set1_epi32(15),
+        _mm512_set1_epi32(3),
+    );
+    let mut k = [_mm512_setzero_ps(); 8];
+    let mut m = [_mm512_setzero_ps(); 8];
+    for j in 0..4 {
+        let sh = 8 * j as u32;
+        let hi = |s: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(byte(s, sh + 6), m2));
+        let sc = _mm512_and_si512(byte(s0, sh), m6);
+        let mn = _mm512_and_si512(byte(s1, sh), m6);
+        let sc4 = _mm512_or_si512(_mm512_and_si512(byte(s2, sh), m4), hi(s0));
+        let mn4 = _mm512_or_si512(_mm512_and_si512(byte(s2, sh + 4), m4), hi(s1));
+        k[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+        m[j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
+        k[4 + j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc4));
+        m[4 + j] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn4));
+    }
+    (k, m)
+}
+
 /// Stores 64 bytes at `p`.
 ///
 /// # Safety

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use pshard_model::ggml_type::GgmlType;
 
 use super::{q2k, q3k, q4k, q5k, q6k, unpack_scales_mins_k4, QK_K};
-use crate::gemm::x86::{f16_lanes, rows16x4, store16f, store64};
+use crate::gemm::x86::{f16_lanes, k4_factors16, rows16x4, store16f, store64};
 use crate::gemm::{ConvertFn, Tile16Fn};
 use crate::quant::legacy::x86::has_avx2;
 use crate::quant::SimdLevel;
@@ -409,11 +409,7 @@ unsafe fn k45_tile16<const FIVE: bool>(
     scale: *mut f32,
     min: *mut f32,
 ) {
-    let (m4, m6, m2) = (
-        _mm512_set1_epi8(0x0F),
-        _mm512_set1_epi32(63),
-        _mm512_set1_epi32(3),
-    );
+    let m4 = _mm512_set1_epi8(0x0F);
     let (bytes, qs) = if FIVE {
         (q5k::BLOCK_BYTES, 48)
     } else {
@@ -429,7 +425,6 @@ unsafe fn k45_tile16<const FIVE: bool>(
         };
         _mm512_and_si512(v, bit4)
     };
-    let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
     for i in 0..nb {
         let base = i * bytes;
         // SAFETY (whole super-block): offsets within the block (16-byte reads at 0, at the fifth
@@ -437,34 +432,11 @@ unsafe fn k45_tile16<const FIVE: bool>(
         // outputs of super-block i within the caller's buffers.
         unsafe {
             // d | dmin, scales 0..4, 4..8, 8..12 of every row (lanes = rows).
-            let [dd, s0, s1, s2] = rows16x4(p, base);
-            let d = f16_lanes::<false>(dd);
-            let dmin = neg(f16_lanes::<true>(dd));
-            for j in 0..4u32 {
-                let sc = _mm512_and_si512(byte(s0, 8 * j), m6);
-                let mn = _mm512_and_si512(byte(s1, 8 * j), m6);
-                let hi =
-                    |s: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(byte(s, 8 * j + 6), m2));
-                let sc4 = _mm512_or_si512(
-                    _mm512_and_si512(byte(s2, 8 * j), _mm512_set1_epi32(15)),
-                    hi(s0),
-                );
-                let mn4 = _mm512_or_si512(
-                    _mm512_and_si512(byte(s2, 8 * j + 4), _mm512_set1_epi32(15)),
-                    hi(s1),
-                );
-                let at = |sub: usize| (8 * i + sub) * 16;
-                let j = j as usize;
-                store16f(scale.add(at(j)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)));
-                store16f(min.add(at(j)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)));
-                store16f(
-                    scale.add(at(4 + j)),
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc4)),
-                );
-                store16f(
-                    min.add(at(4 + j)),
-                    _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn4)),
-                );
+            let (k, m) = k4_factors16(rows16x4(p, base));
+            for sub in 0..8 {
+                let at = (8 * i + sub) * 16;
+                store16f(scale.add(at), k[sub]);
+                store16f(min.add(at), m[sub]);
             }
             // Nibbles: chunk c's dword g holds group g of block 2c (low) and 2c + 1 (high).
             for h in 0..2 {
