@@ -136,24 +136,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .context("applying the chat template")?;
         let prompt = conv.prompt(&rendered, &tok);
         let shift = a.shift.get();
-        if prompt.len() + 1 >= n_ctx && shift.is_none() {
-            conv.messages.pop();
-            eprintln!(
-                "(the conversation would need {} tokens but the context holds {n_ctx}: /clear starts over, raise -c, or --context-shift)",
-                prompt.len() + 1
-            );
-            continue;
-        }
-        // With a context shift a reply may outgrow the context; without, it ends there.
-        let room = if shift.is_some() {
-            usize::MAX
-        } else {
-            n_ctx - prompt.len()
-        };
+        // The scheduler ends a reply at a full context, or shifts it with --context-shift.
         let max_tokens = if a.n_predict > 0 {
-            a.n_predict.min(room)
+            a.n_predict
         } else {
-            room
+            usize::MAX
         };
         let rx = match sched.submit(Request {
             prompt: prompt.clone(),
@@ -163,10 +150,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             context_shift: shift.map(|s| s.keep_for(&prompt, tok.bos())),
         }) {
             Ok(rx) => rx,
-            Err(e @ SubmitError::TooLong { .. }) => {
-                // --keep -1 keeps the whole prompt: nothing can be cut.
+            Err(SubmitError::TooLong { prompt, n_ctx }) => {
+                // Without --context-shift, or with a --keep that leaves nothing to cut.
                 conv.messages.pop();
-                eprintln!("({e}: /clear starts over, raise -c, or a smaller --keep)");
+                eprintln!(
+                    "(the conversation would need {} tokens but the context holds {n_ctx}: /clear starts over, raise -c, or --context-shift with a smaller --keep)",
+                    prompt + 1
+                );
                 continue;
             }
             Err(e) => bail!("{e}"),
