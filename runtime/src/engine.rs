@@ -782,7 +782,12 @@ impl Engine {
             };
             match which {
                 Logits::All => out.extend_from_slice(&logits),
-                Logits::Last if ci + 1 == n_chunks => out = logits[..n_vocab].to_vec(),
+                Logits::Last if ci + 1 == n_chunks => {
+                    // One row was asked for: the buffer is that row (a second megabyte-sized
+                    // copy per token showed in small models' decode profiles).
+                    out = logits;
+                    out.truncate(n_vocab);
+                }
                 Logits::Last => {}
             }
         }

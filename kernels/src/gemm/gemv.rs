@@ -75,6 +75,17 @@ impl Kind {
     pub(crate) fn split(self) -> bool {
         self != Kind::K6
     }
+
+    /// The lane of a step's sub-block `j` in the split order: Q4_K and Q5_K hold sub-blocks 0, 2,
+    /// 1, 3 in lanes 0..4 (a 128-bit-lane shuffle with an immediate gathers their nibbles that
+    /// way, where the order 0, 1, 2, 3 would need a two-source permute per vector); the others
+    /// (and Q6_K's element order) keep `j`.
+    pub(crate) fn lane(self, j: usize) -> usize {
+        match self {
+            Kind::K4 | Kind::K5 => [0, 2, 1, 3][j],
+            _ => j,
+        }
+    }
 }
 
 /// One token's activations in the decode layout: the GEMM's conversion ([`GemmActs`]: block
@@ -118,11 +129,12 @@ impl GemvActs {
             let at = k * STEP;
             let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
             if kind.split() {
-                // Sub-block j of the step: first half to lane j of the first vector, second
-                // half to lane j of the second.
-                q[at + 16 * j..at + 16 * j + 16].copy_from_slice(&a[..16]);
-                q[at + 64 + 16 * j..at + 64 + 16 * j + 16].copy_from_slice(&a[16..]);
-                seed[32 * k + 4 * j] = sum;
+                // Sub-block j of the step: first half to its lane of the first vector, second
+                // half to that lane of the second.
+                let l = kind.lane(j);
+                q[at + 16 * l..at + 16 * l + 16].copy_from_slice(&a[..16]);
+                q[at + 64 + 16 * l..at + 64 + 16 * l + 16].copy_from_slice(&a[16..]);
+                seed[32 * k + 4 * l] = sum;
             } else {
                 // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
                 q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
@@ -187,6 +199,7 @@ pub(crate) fn rows(
     let n_rows = data.len() / wrb;
     #[cfg(target_arch = "x86_64")]
     {
+        let mut scratch = super::gemv_x86::Scratch::default();
         let mut i = 0;
         while i < out.len() {
             let nr = (out.len() - i).min(16);
@@ -207,7 +220,7 @@ pub(crate) fn rows(
             // SAFETY: AVX-512 VNNI asserted above; each p[k] and next[k] points at a whole row
             // of `wrb` bytes (`cols` elements of the type) inside `data`; the activations hold
             // `cols` elements in the layout of `kind` (asserted above, built by GemvActs::new).
-            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, acts, &mut o) };
+            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, acts, &mut scratch, &mut o) };
             out[i..i + nr].copy_from_slice(&o[..nr]);
             i += nr;
         }

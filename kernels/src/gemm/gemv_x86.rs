@@ -8,6 +8,24 @@ use super::{Converter, QB};
 use crate::quant::kquants::{q4k, q5k, q6k, QK_K};
 use crate::quant::legacy::layout;
 
+/// The integer sums of one chunk of a group of 16 rows, kept for its f32 steps: per sub-block
+/// the 16 rows' sums; legacy types: per block the first four bytes (d, and the minimum of
+/// Q4_1/Q5_1) of each row's block. One per call of [`super::gemv::rows`], not per group: its
+/// 3 KiB were zeroed again for every 16 rows.
+pub(super) struct Scratch {
+    sums: [[i32; 16]; CHUNK / 16],
+    dm: [[u32; 16]; CHUNK / QB],
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch {
+            sums: [[0; 16]; CHUNK / 16],
+            dm: [[0; 16]; CHUNK / QB],
+        }
+    }
+}
+
 /// Decoder ids (the kernel's const parameter).
 const L4: u8 = 0;
 const L5: u8 = 1;
@@ -38,6 +56,7 @@ pub(super) unsafe fn group16(
     p: &[*const u8; 16],
     next: &[*const u8; 16],
     acts: &GemvActs,
+    scratch: &mut Scratch,
     out: &mut [f32; 16],
 ) {
     let legacy = |ty| {
@@ -54,19 +73,19 @@ pub(super) unsafe fn group16(
     unsafe {
         match (kind, conv.min, seed) {
             (Kind::Legacy4, false, true) => {
-                run::<L4, false, true>(p, next, legacy(conv.ty), acts, out)
+                run::<L4, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
             }
             (Kind::Legacy4, true, false) => {
-                run::<L4, true, false>(p, next, legacy(conv.ty), acts, out)
+                run::<L4, true, false>(p, next, legacy(conv.ty), acts, scratch, out)
             }
             (Kind::Legacy5, false, true) => {
-                run::<L5, false, true>(p, next, legacy(conv.ty), acts, out)
+                run::<L5, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
             }
             (Kind::Legacy5, true, false) => {
-                run::<L5, true, false>(p, next, legacy(conv.ty), acts, out)
+                run::<L5, true, false>(p, next, legacy(conv.ty), acts, scratch, out)
             }
             (Kind::Legacy8, false, true) => {
-                run::<L8, false, true>(p, next, legacy(conv.ty), acts, out)
+                run::<L8, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
             }
             (Kind::K4, true, false) => {
                 let g = Geo {
@@ -74,7 +93,7 @@ pub(super) unsafe fn group16(
                     qs: 16,
                     qh: 0,
                 };
-                run::<K4, true, false>(p, next, g, acts, out)
+                run::<K4, true, false>(p, next, g, acts, scratch, out)
             }
             (Kind::K5, true, false) => {
                 let g = Geo {
@@ -82,7 +101,7 @@ pub(super) unsafe fn group16(
                     qs: 48,
                     qh: 16,
                 };
-                run::<K5, true, false>(p, next, g, acts, out)
+                run::<K5, true, false>(p, next, g, acts, scratch, out)
             }
             (Kind::K6, false, true) => {
                 let g = Geo {
@@ -90,7 +109,7 @@ pub(super) unsafe fn group16(
                     qs: 0,
                     qh: 128,
                 };
-                run::<K6, false, true>(p, next, g, acts, out)
+                run::<K6, false, true>(p, next, g, acts, scratch, out)
             }
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
@@ -162,10 +181,7 @@ struct Consts {
     b16: __m512i,
     flip: __m512i,
     m30: __m512i,
-    /// Q4_K/Q5_K: qword indices of the first and second halves of each sub-block.
-    pi: __m512i,
-    qi: __m512i,
-    /// Q5_K: per lane `j` the bit of sub-block `4h + j` (`h` = step parity).
+    /// Q5_K: per lane the bit of its sub-block `4h + j` (`h` = step parity).
     sel: [__m512i; 2],
     /// Q5_0/Q5_1: per byte `i` of a lane, the byte of the fifth bits holding bit `i` of the
     /// first (`qh_lo`) or second half; `bit`: `1 << (i % 8)`.
@@ -188,9 +204,10 @@ impl Consts {
             )
         };
         let bits = |h: u32| {
-            // Bit 4h + j in every byte (the top one sets the sign bit of the dword).
+            // Lane l: bit 4h + j in every byte for the sub-block j it holds (`Kind::lane`; the
+            // top one sets the sign bit of the dword).
             let b = |j: u32| (0x0101_0101u32 << (4 * h + j)) as i32;
-            lanes([b(0), b(1), b(2), b(3)])
+            lanes([b(0), b(2), b(1), b(3)])
         };
         let w = |s: i32| s | (s << 16);
         Consts {
@@ -198,8 +215,6 @@ impl Consts {
             b16: _mm512_set1_epi8(0x10),
             flip: _mm512_set1_epi8(-128),
             m30: _mm512_set1_epi8(0x30),
-            pi: _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13),
-            qi: _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15),
             sel: [bits(0), bits(1)],
             qh_lo: _mm512_broadcast_i32x4(_mm_set_epi64x(0x0101_0101_0101_0101, 0)),
             qh_hi: _mm512_broadcast_i32x4(_mm_set_epi64x(
@@ -263,9 +278,17 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                 let b = row.add(i * g.bytes);
                 let v = _mm512_loadu_si512(b.add(g.qs + 64 * h).cast());
                 let lo = _mm512_and_si512(v, c.m4);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4);
-                let mut x = _mm512_permutex2var_epi64(lo, c.pi, hi);
-                let mut y = _mm512_permutex2var_epi64(lo, c.qi, hi);
+                // Q4_K: the high nibbles in place (16 × the level; the sums of the sub-blocks
+                // they feed are divided by 16 after the reduction), saving a shift per row.
+                let hi = if K == K4 {
+                    _mm512_andnot_si512(c.m4, v)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4)
+                };
+                // First halves of sub-blocks 0, 2 (low nibbles), 1, 3 (high), then the second
+                // halves: the lane order of `Kind::lane`.
+                let mut x = _mm512_shuffle_i64x2::<0b10_00_10_00>(lo, hi);
+                let mut y = _mm512_shuffle_i64x2::<0b11_01_11_01>(lo, hi);
                 if K == K5 {
                     let q0 = _mm512_broadcast_i32x4(_mm_loadu_si128(b.add(g.qh).cast()));
                     let q1 = _mm512_broadcast_i32x4(_mm_loadu_si128(b.add(g.qh + 16).cast()));
@@ -406,7 +429,19 @@ unsafe fn step16<const K: u8, const FULL: bool>(
     let halves = if K == K6 { 2 } else { 1 };
     for h in 0..halves {
         let v = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
-        for (j, v) in v.into_iter().enumerate() {
+        for (l, v) in v.into_iter().enumerate() {
+            // Lane l holds sub-block j (`Kind::lane` is its own inverse).
+            let j = if K == K4 || K == K5 {
+                [0, 2, 1, 3][l]
+            } else {
+                l
+            };
+            // Q4_K's odd sub-blocks were summed at 16 × their levels: exact multiples of 16.
+            let v = if K == K4 && j % 2 == 1 {
+                _mm512_srai_epi32::<4>(v)
+            } else {
+                v
+            };
             // SAFETY: sub-block 4h + j of the step is in `sums` (caller).
             unsafe { _mm512_storeu_si512(sums[4 * h + j].as_mut_ptr().cast(), v) };
         }
@@ -421,6 +456,7 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
     next: &[*const u8; 16],
     g: Geo,
     acts: &GemvActs,
+    scratch: &mut Scratch,
     out: &mut [f32; 16],
 ) {
     let legacy = K <= L8;
@@ -432,10 +468,7 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
     let c = Consts::new();
     let (d, sa) = (&acts.base.d, &acts.base.sa);
     let mut f = _mm512_setzero_ps();
-    // Per sub-block of the chunk, the 16 rows' integer sums; legacy: per block the first four
-    // bytes (d, and the minimum of Q4_1/Q5_1) of each row's block.
-    let mut sums = [[0i32; 16]; CHUNK / 16];
-    let mut dm = [[0u32; 16]; CHUNK / QB];
+    let Scratch { sums, dm } = scratch;
     let mut e0 = 0;
     while e0 < cols {
         let n = (cols - e0).min(CHUNK);
