@@ -196,38 +196,16 @@ pub(crate) fn rows(
         "gemv: activation layout"
     );
     assert!(SimdLevel::Avx512.available(), "gemv needs AVX-512 VNNI");
-    let n_rows = data.len() / wrb;
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut scratch = super::gemv_x86::Scratch::default();
-        let mut i = 0;
-        while i < out.len() {
-            let nr = (out.len() - i).min(16);
-            let last = r0 + i + nr - 1;
-            let p: [*const u8; 16] =
-                std::array::from_fn(|k| data[(r0 + i + k).min(last) * wrb..].as_ptr());
-            // The next group's rows (or these again at the matrix's end), for prefetching.
-            let next: [*const u8; 16] = std::array::from_fn(|k| {
-                let r = r0 + i + 16 + k;
-                data[if r < n_rows {
-                    r
-                } else {
-                    (r0 + i + k).min(last)
-                } * wrb..]
-                    .as_ptr()
-            });
-            let mut o = [0f32; 16];
-            // SAFETY: AVX-512 VNNI asserted above; each p[k] and next[k] points at a whole row
-            // of `wrb` bytes (`cols` elements of the type) inside `data`; the activations hold
-            // `cols` elements in the layout of `kind` (asserted above, built by GemvActs::new).
-            unsafe { super::gemv_x86::group16(conv, kind, &p, &next, acts, &mut scratch, &mut o) };
-            out[i..i + nr].copy_from_slice(&o[..nr]);
-            i += nr;
-        }
+    // SAFETY: AVX-512 VNNI asserted above; rows r0 .. r0 + out.len() lie in `data` with `wrb`
+    // bytes (`cols` elements of the type) each; the activations hold `cols` elements in the
+    // layout of `kind` (asserted above, built by GemvActs::new).
+    unsafe {
+        super::gemv_x86::rows(conv, kind, acts, data, wrb, r0, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kind, acts, n_rows);
+        let _ = (kind, acts);
         panic!("the decode path has no kernel on this architecture");
     }
 }

@@ -10,9 +10,9 @@ use crate::quant::legacy::layout;
 
 /// The integer sums of one chunk of a group of 16 rows, kept for its f32 steps: per sub-block
 /// the 16 rows' sums; legacy types: per block the first four bytes (d, and the minimum of
-/// Q4_1/Q5_1) of each row's block. One per call of [`super::gemv::rows`], not per group: its
-/// 3 KiB were zeroed again for every 16 rows.
-pub(super) struct Scratch {
+/// Q4_1/Q5_1) of each row's block. One per call of [`rows`], not per group: its 3 KiB were
+/// zeroed again for every 16 rows.
+struct Scratch {
     sums: [[i32; 16]; CHUNK / 16],
     dm: [[u32; 16]; CHUNK / QB],
 }
@@ -43,21 +43,21 @@ struct Geo {
     qh: usize,
 }
 
-/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) for the token of
-/// `acts`, into `out` (one per row).
+/// Outputs of rows `r0 .. r0 + out.len()` of the matrix `data` (row `r` at `r · wrb`) for the
+/// token of `acts`, 16 rows at a time.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; every `p[k]` and `next[k]` points at a readable row of
-/// `acts.base.cols` elements of `conv.ty` (decoded by `kind`); `acts` was built for `conv` and
-/// `kind`.
-pub(super) unsafe fn group16(
+/// AVX-512 F/BW/VL/VNNI available; rows `r0 .. r0 + out.len()` lie in `data` and hold
+/// `acts.base.cols` elements of `conv.ty` (decoded by `kind`) in `wrb` bytes each; `acts` was
+/// built for `conv` and `kind`.
+pub(super) unsafe fn rows(
     conv: &Converter,
     kind: Kind,
-    p: &[*const u8; 16],
-    next: &[*const u8; 16],
     acts: &GemvActs,
-    scratch: &mut Scratch,
-    out: &mut [f32; 16],
+    data: &[u8],
+    wrb: usize,
+    r0: usize,
+    out: &mut [f32],
 ) {
     let legacy = |ty| {
         let l = layout(ty);
@@ -73,19 +73,19 @@ pub(super) unsafe fn group16(
     unsafe {
         match (kind, conv.min, seed) {
             (Kind::Legacy4, false, true) => {
-                run::<L4, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
+                rows_k::<L4, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
             }
             (Kind::Legacy4, true, false) => {
-                run::<L4, true, false>(p, next, legacy(conv.ty), acts, scratch, out)
+                rows_k::<L4, true, false>(legacy(conv.ty), acts, data, wrb, r0, out)
             }
             (Kind::Legacy5, false, true) => {
-                run::<L5, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
+                rows_k::<L5, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
             }
             (Kind::Legacy5, true, false) => {
-                run::<L5, true, false>(p, next, legacy(conv.ty), acts, scratch, out)
+                rows_k::<L5, true, false>(legacy(conv.ty), acts, data, wrb, r0, out)
             }
             (Kind::Legacy8, false, true) => {
-                run::<L8, false, true>(p, next, legacy(conv.ty), acts, scratch, out)
+                rows_k::<L8, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
             }
             (Kind::K4, true, false) => {
                 let g = Geo {
@@ -93,7 +93,7 @@ pub(super) unsafe fn group16(
                     qs: 16,
                     qh: 0,
                 };
-                run::<K4, true, false>(p, next, g, acts, scratch, out)
+                rows_k::<K4, true, false>(g, acts, data, wrb, r0, out)
             }
             (Kind::K5, true, false) => {
                 let g = Geo {
@@ -101,7 +101,7 @@ pub(super) unsafe fn group16(
                     qs: 48,
                     qh: 16,
                 };
-                run::<K5, true, false>(p, next, g, acts, scratch, out)
+                rows_k::<K5, true, false>(g, acts, data, wrb, r0, out)
             }
             (Kind::K6, false, true) => {
                 let g = Geo {
@@ -109,7 +109,7 @@ pub(super) unsafe fn group16(
                     qs: 0,
                     qh: 128,
                 };
-                run::<K6, false, true>(p, next, g, acts, scratch, out)
+                rows_k::<K6, false, true>(g, acts, data, wrb, r0, out)
             }
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
@@ -448,14 +448,61 @@ unsafe fn step16<const K: u8, const FULL: bool>(
     }
 }
 
+/// [`rows`] for one decoder: `K`, `MIN` and `SEED` those of the weight type, `g` its geometry.
+/// The constants and the scratch are made once per call, the row pointers of each group of 16
+/// by arithmetic (a short matrix's rows were a fifth slower built by indexing `data` per row).
+///
 /// # Safety
-/// As [`group16`], with `K`, `MIN` and `SEED` those of the weight type and `g` its geometry.
+/// As [`rows`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
+unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
+    g: Geo,
+    acts: &GemvActs,
+    data: &[u8],
+    wrb: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let c = Consts::new();
+    let mut scratch = Scratch::default();
+    let base = data.as_ptr();
+    let n_rows = data.len() / wrb;
+    let mut i = 0;
+    while i < out.len() {
+        let nr = (out.len() - i).min(16);
+        let last = r0 + i + nr - 1;
+        // A short last group repeats its last row.
+        let p: [*const u8; 16] =
+            std::array::from_fn(|k| base.wrapping_add((r0 + i + k).min(last) * wrb));
+        // The next group's rows (or these again at the matrix's end), for prefetching.
+        let next: [*const u8; 16] = std::array::from_fn(|k| {
+            let r = r0 + i + 16 + k;
+            if r < n_rows {
+                base.wrapping_add(r * wrb)
+            } else {
+                p[k]
+            }
+        });
+        let mut o = [0f32; 16];
+        // SAFETY: every p[k] and next[k] is a row of `data` (caller); the rest as for `rows`.
+        unsafe { group::<K, MIN, SEED>(&p, &next, g, acts, &c, &mut scratch, &mut o) };
+        out[i..i + nr].copy_from_slice(&o[..nr]);
+        i += nr;
+    }
+}
+
+/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) into `out`.
+///
+/// # Safety
+/// As [`rows`]; every `p[k]` and `next[k]` points at a readable row.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
     p: &[*const u8; 16],
     next: &[*const u8; 16],
     g: Geo,
     acts: &GemvActs,
+    c: &Consts,
     scratch: &mut Scratch,
     out: &mut [f32; 16],
 ) {
@@ -465,7 +512,6 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
     let nb = cols / QB;
     let step_bytes = if legacy { 4 * g.bytes } else { g.bytes / 2 };
     let (steps, ahead) = (cols.div_ceil(STEP), PREFETCH.div_ceil(step_bytes));
-    let c = Consts::new();
     let (d, sa) = (&acts.base.d, &acts.base.sa);
     let mut f = _mm512_setzero_ps();
     let Scratch { sums, dm } = scratch;
@@ -506,7 +552,7 @@ unsafe fn run<const K: u8, const MIN: bool, const SEED: bool>(
                 g,
                 k,
                 nblk: (nb - 4 * k).min(4),
-                c: &c,
+                c,
                 a,
                 seed,
                 off: pfo,
