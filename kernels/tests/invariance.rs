@@ -40,7 +40,8 @@ fn random_vec(r: &mut StdRng, n: usize) -> Vec<f32> {
 }
 
 /// `rows` rows of `cols` elements of `k.ty`: quantized random values; for Q8_0 two rows hold
-/// the extreme levels −128 and 127 (a file from another quantizer may).
+/// the extreme levels −128 and 127 (a file from another quantizer may); for MXFP4 two rows hold
+/// scale bytes at the low end of E8M0 (0 and 1 are subnormal scales, 2 the smallest normal one).
 fn weights(r: &mut StdRng, k: &QuantKernel, rows: usize, cols: usize) -> Vec<u8> {
     let rb = k.ty.row_bytes(cols as u64).unwrap() as usize;
     let mut data = vec![0u8; rows * rb];
@@ -57,6 +58,14 @@ fn weights(r: &mut StdRng, k: &QuantKernel, rows: usize, cols: usize) -> Vec<u8>
                         0x7F
                     };
                 }
+            }
+        }
+    }
+    if k.ty == GgmlType::MXFP4 {
+        // Row 0 only tiny scales (its outputs are made of them), row 1 mixed.
+        for (i, row) in data.chunks_exact_mut(rb).take(2).enumerate() {
+            for blk in row.chunks_exact_mut(17) {
+                blk[0] = [0u8, 1, 2, 3, 120, 135][r.gen_range(0..if i == 0 { 4 } else { 6 })];
             }
         }
     }

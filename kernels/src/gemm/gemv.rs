@@ -52,6 +52,12 @@ pub(crate) enum Kind {
     K5,
     /// Q6_K: 16 sub-blocks of 16, nibbles and two high bits.
     K6,
+    /// IQ4_NL: Q4_0's blocks, levels through the codebook.
+    Iq4Nl,
+    /// MXFP4: blocks of 32 (E8M0 scale byte), levels through the doubled E2M1 table.
+    Mxfp4,
+    /// IQ4_XS: super-blocks of eight runs of 32, levels through the codebook.
+    Iq4Xs,
 }
 
 impl Kind {
@@ -64,6 +70,9 @@ impl Kind {
             GgmlType::Q4_K => Kind::K4,
             GgmlType::Q5_K => Kind::K5,
             GgmlType::Q6_K => Kind::K6,
+            GgmlType::IQ4_NL => Kind::Iq4Nl,
+            GgmlType::MXFP4 => Kind::Mxfp4,
+            GgmlType::IQ4_XS => Kind::Iq4Xs,
             _ => return None,
         })
     }

@@ -7,6 +7,7 @@ use super::x86::{f16_lanes, k4_factors16, rows16x4};
 use super::{Converter, QB};
 use crate::quant::kquants::{q4k, q5k, q6k, QK_K};
 use crate::quant::legacy::layout;
+use crate::quant::lut4;
 
 /// The integer sums of one chunk of a group of 16 rows, kept for its f32 steps: per sub-block
 /// the 16 rows' sums; legacy types: per block the first four bytes (d, and the minimum of
@@ -33,6 +34,17 @@ const L8: u8 = 2;
 const K4: u8 = 3;
 const K5: u8 = 4;
 const K6: u8 = 5;
+/// IQ4_NL and MXFP4: blocks of 32 as Q4_0's, levels through a 16-byte table.
+const LN: u8 = 6;
+const LM: u8 = 7;
+/// IQ4_XS: super-blocks of eight runs of 32 as Q4_0's blocks, levels through the table.
+const LX: u8 = 8;
+
+/// Whether decoder `k` reads blocks of 32 with their scale in the first bytes (Q4_0 … Q8_0,
+/// IQ4_NL, MXFP4) rather than super-blocks of 256.
+const fn blocky(k: u8) -> bool {
+    k <= L8 || k == LN || k == LM
+}
 
 /// Where a type keeps its fields: bytes per block (legacy) or super-block, the offsets of the
 /// quants and of the high bits.
@@ -111,6 +123,30 @@ pub(super) unsafe fn rows(
                 };
                 rows_k::<K6, false, true>(g, acts, data, wrb, r0, out)
             }
+            (Kind::Iq4Nl, false, true) => {
+                let g = Geo {
+                    bytes: lut4::IQ4_NL_BYTES,
+                    qs: 2,
+                    qh: 0,
+                };
+                rows_k::<LN, false, true>(g, acts, data, wrb, r0, out)
+            }
+            (Kind::Mxfp4, false, true) => {
+                let g = Geo {
+                    bytes: lut4::MXFP4_BYTES,
+                    qs: 1,
+                    qh: 0,
+                };
+                rows_k::<LM, false, true>(g, acts, data, wrb, r0, out)
+            }
+            (Kind::Iq4Xs, false, true) => {
+                let g = Geo {
+                    bytes: lut4::IQ4_XS_BYTES,
+                    qs: 8,
+                    qh: 0,
+                };
+                rows_k::<LX, false, true>(g, acts, data, wrb, r0, out)
+            }
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
     }
@@ -140,6 +176,37 @@ unsafe fn lanes4<const FULL: bool>(p: *const u8, stride: usize, n: usize) -> __m
         }
         v
     }
+}
+
+/// The MXFP4 scale `2^(e − 128)` ([`lut4::e8m0_half`]) of 16 rows from the first byte `e` of
+/// each dword lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn e8m0_half16(x: __m512i) -> __m512 {
+    let e = _mm512_and_si512(x, _mm512_set1_epi32(0xFF));
+    // e ≥ 2: the exponent field e − 1; e < 2: the subnormals 2^−128 and 2^−127.
+    let normal = _mm512_slli_epi32::<23>(_mm512_sub_epi32(e, _mm512_set1_epi32(1)));
+    let small = _mm512_sllv_epi32(_mm512_set1_epi32(0x0020_0000), e);
+    let lt2 = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
+    _mm512_castsi512_ps(_mm512_mask_blend_epi32(lt2, normal, small))
+}
+
+/// The IQ4_XS factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each row's
+/// header, row per lane): per run `j` the scale `d · (ls_j − 32)` ([`lut4::iq4xs_scale`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn iq4xs_factors16(h: [__m512i; 4]) -> [__m512; 8] {
+    let d = f16_lanes::<false>(h[0]);
+    // scales_h: the high 16 bits of dword 0; scales_l: dword 1.
+    let (sh, sl) = (_mm512_srli_epi32::<16>(h[0]), h[1]);
+    let sr = |v: __m512i, n: i32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(n));
+    std::array::from_fn(|j| {
+        let lo = _mm512_and_si512(sr(sl, 4 * j as i32), _mm512_set1_epi32(0x0F));
+        let hi = _mm512_and_si512(sr(sh, 2 * j as i32), _mm512_set1_epi32(3));
+        let ls = _mm512_or_si512(lo, _mm512_slli_epi32::<4>(hi));
+        let v = _mm512_sub_epi32(ls, _mm512_set1_epi32(32));
+        _mm512_mul_ps(d, _mm512_cvtepi32_ps(v))
+    })
 }
 
 /// Four rows' accumulators (lane `j` of each: four partial sums of sub-block `j`) into one
@@ -191,12 +258,14 @@ struct Consts {
     /// Q6_K: 16-bit shift counts of the high bits for the first and second vectors.
     shl: __m512i,
     shr: __m512i,
+    /// IQ4_NL/IQ4_XS/MXFP4: the table's levels plus 128 (the converter's bytes) in every lane.
+    tbl: __m512i,
 }
 
 impl Consts {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn new() -> Consts {
+    fn new<const K: u8>() -> Consts {
         let lanes = |v: [i32; 4]| {
             _mm512_setr_epi32(
                 v[0], v[0], v[0], v[0], v[1], v[1], v[1], v[1], v[2], v[2], v[2], v[2], v[3], v[3],
@@ -224,6 +293,12 @@ impl Consts {
             bit: _mm512_set1_epi64(0x8040_2010_0804_0201_u64 as i64),
             shl: lanes([w(4), w(4), w(2), w(2)]),
             shr: lanes([w(0), w(0), w(2), w(2)]),
+            tbl: {
+                let t = if K == LM { &lut4::FP4 } else { &lut4::NL };
+                let u: [u8; 16] = std::array::from_fn(|i| (t[i] as u8) ^ 0x80);
+                // SAFETY: 16 readable bytes.
+                _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(u.as_ptr().cast()) })
+            },
         }
     }
 }
@@ -263,6 +338,19 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                     lo = _mm512_mask_add_epi8(lo, kp, lo, c.b16);
                     hi = _mm512_mask_add_epi8(hi, kq, hi, c.b16);
                 }
+                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
+                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+            }
+            LN | LM | LX => {
+                // Four runs of 32 (blocks, or an IQ4_XS step's runs), low nibbles first.
+                let v = if K == LX {
+                    _mm512_loadu_si512(row.add((k / 2) * g.bytes + g.qs + 64 * (k % 2)).cast())
+                } else {
+                    lanes4::<FULL>(row.add(4 * k * g.bytes + g.qs), g.bytes, nblk)
+                };
+                let lo = _mm512_shuffle_epi8(c.tbl, _mm512_and_si512(v, c.m4));
+                let hi =
+                    _mm512_shuffle_epi8(c.tbl, _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4));
                 let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
                 [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
             }
@@ -356,7 +444,7 @@ unsafe fn row_step<const K: u8, const FULL: bool>(
         // without evicting the current ones from L1.
         _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * l).cast());
     }
-    if K <= L8 {
+    if blocky(K) {
         for (j, d) in dm.iter_mut().take(nblk).enumerate() {
             // SAFETY: the first 4 bytes of block 4k + j of the row (caller).
             d[r] = unsafe {
@@ -463,7 +551,7 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
     r0: usize,
     out: &mut [f32],
 ) {
-    let c = Consts::new();
+    let c = Consts::new::<K>();
     let mut scratch = Scratch::default();
     let base = data.as_ptr();
     let n_rows = data.len() / wrb;
@@ -506,7 +594,7 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
     scratch: &mut Scratch,
     out: &mut [f32; 16],
 ) {
-    let legacy = K <= L8;
+    let legacy = blocky(K);
     let per = if K == K6 { 16 } else { QB };
     let cols = acts.base.cols;
     let nb = cols / QB;
@@ -578,7 +666,11 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
             for b in 0..n / QB {
                 // SAFETY: 16 u32 of block b.
                 let x = unsafe { _mm512_loadu_si512(dm[b].as_ptr().cast()) };
-                let k = f16_lanes::<false>(x);
+                let k = if K == LM {
+                    e8m0_half16(x)
+                } else {
+                    f16_lanes::<false>(x)
+                };
                 f = _mm512_fmadd_ps(int(b), _mm512_mul_ps(k, da(b)), f);
                 if MIN {
                     let m = f16_lanes::<true>(x);
@@ -604,6 +696,13 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                         let k = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(v)));
                         let s = 16 * i + m;
                         f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                    }
+                } else if K == LX {
+                    // SAFETY: the 16-byte header of super-block i of every row.
+                    let k = iq4xs_factors16(unsafe { rows16x4(p, base) });
+                    for j in 0..8 {
+                        let s = 8 * i + j;
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k[j], da(s)), f);
                     }
                 } else {
                     // SAFETY: the 16-byte header of super-block i of every row.
