@@ -700,9 +700,9 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                 } else if K == LX {
                     // SAFETY: the 16-byte header of super-block i of every row.
                     let k = iq4xs_factors16(unsafe { rows16x4(p, base) });
-                    for j in 0..8 {
+                    for (j, k) in k.into_iter().enumerate() {
                         let s = 8 * i + j;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k[j], da(s)), f);
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
                     }
                 } else {
                     // SAFETY: the 16-byte header of super-block i of every row.
