@@ -52,6 +52,10 @@ pub(crate) enum Kind {
     K5,
     /// Q6_K: 16 sub-blocks of 16, nibbles and two high bits.
     K6,
+    /// Q2_K: 16 sub-blocks of 16, 2-bit groups.
+    K2,
+    /// Q3_K: 16 sub-blocks of 16, 2-bit groups and a high-bit mask.
+    K3,
     /// IQ4_NL: Q4_0's blocks, levels through the codebook.
     Iq4Nl,
     /// MXFP4: blocks of 32 (E8M0 scale byte), levels through the doubled E2M1 table.
@@ -69,6 +73,8 @@ impl Kind {
             GgmlType::Q8_0 => Kind::Legacy8,
             GgmlType::Q4_K => Kind::K4,
             GgmlType::Q5_K => Kind::K5,
+            GgmlType::Q2_K => Kind::K2,
+            GgmlType::Q3_K => Kind::K3,
             GgmlType::Q6_K => Kind::K6,
             GgmlType::IQ4_NL => Kind::Iq4Nl,
             GgmlType::MXFP4 => Kind::Mxfp4,
@@ -82,7 +88,7 @@ impl Kind {
     /// bytes their last 16 (so both halves of a sub-block meet in one lane); `false` (sub-blocks
     /// of 16) — element order, each lane one sub-block.
     pub(crate) fn split(self) -> bool {
-        self != Kind::K6
+        !matches!(self, Kind::K2 | Kind::K3 | Kind::K6)
     }
 
     /// The lane of a step's sub-block `j` in the split order: Q4_K and Q5_K hold sub-blocks 0, 2,

@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 use super::gemv::{GemvActs, Kind, CHUNK, PREFETCH, STEP};
 use super::x86::{f16_lanes, k4_factors16, rows16x4};
 use super::{Converter, QB};
-use crate::quant::kquants::{q4k, q5k, q6k, QK_K};
+use crate::quant::kquants::{q2k, q3k, q4k, q5k, q6k, QK_K};
 use crate::quant::legacy::layout;
 use crate::quant::lut4;
 
@@ -39,6 +39,15 @@ const LN: u8 = 6;
 const LM: u8 = 7;
 /// IQ4_XS: super-blocks of eight runs of 32 as Q4_0's blocks, levels through the table.
 const LX: u8 = 8;
+/// Q2_K and Q3_K: 2-bit groups of 32 (Q3_K: a third bit from the high-bit mask), sub-blocks
+/// of 16.
+const Q2: u8 = 9;
+const Q3: u8 = 10;
+
+/// Whether decoder `k` has sub-blocks of 16 (two accumulators per row and step, element order).
+const fn sub16(k: u8) -> bool {
+    k == K6 || k == Q2 || k == Q3
+}
 
 /// Whether decoder `k` reads blocks of 32 with their scale in the first bytes (Q4_0 … Q8_0,
 /// IQ4_NL, MXFP4) rather than super-blocks of 256.
@@ -146,6 +155,22 @@ pub(super) unsafe fn rows(
                     qh: 0,
                 };
                 rows_k::<LX, false, true>(g, acts, data, wrb, r0, out)
+            }
+            (Kind::K2, true, false) => {
+                let g = Geo {
+                    bytes: q2k::BLOCK_BYTES,
+                    qs: 16,
+                    qh: 0,
+                };
+                rows_k::<Q2, true, false>(g, acts, data, wrb, r0, out)
+            }
+            (Kind::K3, false, true) => {
+                let g = Geo {
+                    bytes: q3k::BLOCK_BYTES,
+                    qs: 32,
+                    qh: 0,
+                };
+                rows_k::<Q3, false, true>(g, acts, data, wrb, r0, out)
             }
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
@@ -260,6 +285,13 @@ struct Consts {
     shr: __m512i,
     /// IQ4_NL/IQ4_XS/MXFP4: the table's levels plus 128 (the converter's bytes) in every lane.
     tbl: __m512i,
+    /// Q2_K/Q3_K: 16-bit shift counts of the second vector's groups (the first's are `shr`),
+    /// the 2-bit mask, the third bit's value and (Q3_K) per step parity `h` the mask bits of
+    /// the two vectors' groups in the high-bit bytes.
+    sh46: __m512i,
+    m3: __m512i,
+    b4: __m512i,
+    hb: [__m512i; 4],
 }
 
 impl Consts {
@@ -293,6 +325,14 @@ impl Consts {
             bit: _mm512_set1_epi64(0x8040_2010_0804_0201_u64 as i64),
             shl: lanes([w(4), w(4), w(2), w(2)]),
             shr: lanes([w(0), w(0), w(2), w(2)]),
+            sh46: lanes([w(4), w(4), w(6), w(6)]),
+            m3: _mm512_set1_epi8(3),
+            b4: _mm512_set1_epi8(4),
+            hb: std::array::from_fn(|v| {
+                // Vector v = 2h + x holds groups 2x, 2x + 1 of step h: bits 4h + 2x (+1).
+                let b = |g: usize| (0x0101_0101u32 << (2 * v + g)) as i32;
+                lanes([b(0), b(0), b(1), b(1)])
+            }),
             tbl: {
                 let t = if K == LM { &lut4::FP4 } else { &lut4::NL };
                 let u: [u8; 16] = std::array::from_fn(|i| (t[i] as u8) ^ 0x80);
@@ -340,6 +380,28 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                 }
                 let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
                 [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+            }
+            Q2 | Q3 => {
+                // Groups 0, 1 of the step's 32 bytes (bits 0..2, 2..4) in the first vector,
+                // groups 2, 3 in the second: the elements in order.
+                let (i, h) = (k / 2, k % 2);
+                let b = row.add(i * g.bytes);
+                let hq = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(g.qs + 32 * h).cast()));
+                let mut lo = _mm512_and_si512(_mm512_srlv_epi16(hq, c.shr), c.m3);
+                let mut hi = _mm512_and_si512(_mm512_srlv_epi16(hq, c.sh46), c.m3);
+                if K == Q3 {
+                    let hm = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.cast()));
+                    let (kl, kh) = (
+                        _mm512_test_epi8_mask(hm, c.hb[2 * h]),
+                        _mm512_test_epi8_mask(hm, c.hb[2 * h + 1]),
+                    );
+                    lo = _mm512_mask_add_epi8(lo, kl, lo, c.b4);
+                    hi = _mm512_mask_add_epi8(hi, kh, hi, c.b4);
+                }
+                [
+                    _mm512_dpbusd_epi32(seed[0], lo, a[0]),
+                    _mm512_dpbusd_epi32(seed[1], hi, a[1]),
+                ]
             }
             LN | LM | LX => {
                 // Four runs of 32 (blocks, or an IQ4_XS step's runs), low nibbles first.
@@ -482,7 +544,7 @@ unsafe fn quad<const K: u8, const FULL: bool>(
         ]
     };
     let lo = reduce4([v[0][0], v[1][0], v[2][0], v[3][0]]);
-    let hi = if K == K6 {
+    let hi = if sub16(K) {
         reduce4([v[0][1], v[1][1], v[2][1], v[3][1]])
     } else {
         lo
@@ -514,7 +576,7 @@ unsafe fn step16<const K: u8, const FULL: bool>(
             quad::<K, FULL>(t, p, pf, 3, dm),
         ]
     };
-    let halves = if K == K6 { 2 } else { 1 };
+    let halves = if sub16(K) { 2 } else { 1 };
     for h in 0..halves {
         let v = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
         for (l, v) in v.into_iter().enumerate() {
@@ -595,7 +657,7 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
     out: &mut [f32; 16],
 ) {
     let legacy = blocky(K);
-    let per = if K == K6 { 16 } else { QB };
+    let per = if sub16(K) { 16 } else { QB };
     let cols = acts.base.cols;
     let nb = cols / QB;
     let step_bytes = if legacy { 4 * g.bytes } else { g.bytes / 2 };
@@ -694,6 +756,65 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                         let v =
                             _mm512_sll_epi32(sc[m / 4], _mm_cvtsi32_si128(24 - 8 * (m % 4) as i32));
                         let k = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(v)));
+                        let s = 16 * i + m;
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                    }
+                } else if K == Q2 {
+                    // SAFETY: bytes 0..16 and 68..84 of super-block i of every row.
+                    let (sc, dd) =
+                        unsafe { (rows16x4(p, base), rows16x4(p, base + q2k::D - 12)[3]) };
+                    let (dk, dmin) = (f16_lanes::<false>(dd), f16_lanes::<true>(dd));
+                    for m in 0..16 {
+                        // Scale byte m: byte m % 4 of dword m / 4; low nibble scale, high min.
+                        let v = _mm512_srl_epi32(sc[m / 4], _mm_cvtsi32_si128(8 * (m % 4) as i32));
+                        let lo = _mm512_and_si512(v, _mm512_set1_epi32(15));
+                        let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), _mm512_set1_epi32(15));
+                        let k = _mm512_mul_ps(dk, _mm512_cvtepi32_ps(lo));
+                        let mn = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(hi));
+                        let s = 16 * i + m;
+                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                        // −dmin · mn, exactly the converter's minimum.
+                        let neg = _mm512_castsi512_ps(_mm512_xor_si512(
+                            _mm512_castps_si512(mn),
+                            _mm512_set1_epi32(i32::MIN),
+                        ));
+                        f = _mm512_fmadd_ps(neg, _mm512_set1_ps(sa[s0 + s]), f);
+                    }
+                } else if K == Q3 {
+                    // SAFETY: bytes 92..108 and 94..110 of super-block i of every row.
+                    let (w, dd) = unsafe {
+                        (
+                            rows16x4(p, base + q3k::SC - 4),
+                            rows16x4(p, base + q3k::D - 14)[3],
+                        )
+                    };
+                    let dk = f16_lanes::<true>(dd);
+                    let (a0, a1, t) = (w[1], w[2], w[3]);
+                    let (m0f, m03) = (
+                        _mm512_set1_epi32(0x0f0f_0f0f),
+                        _mm512_set1_epi32(0x0303_0303),
+                    );
+                    let part = |x: __m512i, th: __m512i| {
+                        _mm512_or_si512(
+                            _mm512_and_si512(x, m0f),
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(th, m03)),
+                        )
+                    };
+                    let parts = [
+                        part(a0, t),
+                        part(a1, _mm512_srli_epi32::<2>(t)),
+                        part(_mm512_srli_epi32::<4>(a0), _mm512_srli_epi32::<4>(t)),
+                        part(_mm512_srli_epi32::<4>(a1), _mm512_srli_epi32::<6>(t)),
+                    ];
+                    for m in 0..16 {
+                        // Scale m: byte m % 4 of part m / 4, stored + 32.
+                        let v =
+                            _mm512_srl_epi32(parts[m / 4], _mm_cvtsi32_si128(8 * (m % 4) as i32));
+                        let sc = _mm512_sub_epi32(
+                            _mm512_and_si512(v, _mm512_set1_epi32(0xFF)),
+                            _mm512_set1_epi32(32),
+                        );
+                        let k = _mm512_mul_ps(dk, _mm512_cvtepi32_ps(sc));
                         let s = 16 * i + m;
                         f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
                     }

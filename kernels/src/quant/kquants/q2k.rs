@@ -11,7 +11,7 @@ use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 /// Bytes per Q2_K block.
 pub const BLOCK_BYTES: usize = 84;
 pub(super) const QS: usize = 16;
-pub(super) const D: usize = 80;
+pub(crate) const D: usize = 80;
 
 /// The 2-bit quants of one block in element order.
 pub(super) fn unpack_quants(b: &[u8]) -> [u8; QK_K] {

@@ -13,8 +13,8 @@ use super::{check_row_args, f16_at, nearest_i32, put_f16, QK_K};
 /// Bytes per Q3_K block.
 pub const BLOCK_BYTES: usize = 110;
 pub(super) const QS: usize = 32;
-pub(super) const SC: usize = 96;
-pub(super) const D: usize = 108;
+pub(crate) const SC: usize = 96;
+pub(crate) const D: usize = 108;
 
 /// The 16 signed scales (−32..31) of a block from its 12-byte scale field.
 #[inline]
