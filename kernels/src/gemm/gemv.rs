@@ -4,9 +4,10 @@
 //! At batch 1 the GEMM's interleaved tile would be built for one token only: the transposition
 //! of 16 rows' bytes costs more than the products. Here each weight row is dotted straight from
 //! its file blocks instead, 128 elements (a *step*) at a time: the row's levels as unsigned bytes
-//! in one or two 512-bit vectors (nibbles masked, fifth or sixth bits merged, Q8_0 offset by 128)
-//! and `vpdpbusd` with the activations, which are rearranged once per call to match (see
-//! [`Kind::split`]). Each 128-bit lane of an accumulator then holds four partial sums of one
+//! in one or two 512-bit vectors (nibbles masked, 2-bit groups shifted out, third, fifth or sixth
+//! bits merged, Q8_0 offset by 128, IQ4_NL/IQ4_XS/MXFP4 nibbles looked up in their table) and
+//! `vpdpbusd` with the activations, which are rearranged once per call to match (see
+//! [`Kind::split`]). Every quantized type of the CPU engine has a decoder ([`Kind::of`]). Each 128-bit lane of an accumulator then holds four partial sums of one
 //! sub-block; four rows' accumulators are summed lane-wise and transposed (two unpack-add levels)
 //! into one sum per (row, sub-block), four row quads into one vector of 16 rows per sub-block.
 //! The offset's contribution `−offset · Σa` seeds each sub-block's first lane, so the sums are
