@@ -80,98 +80,39 @@ pub(super) unsafe fn rows(
     r0: usize,
     out: &mut [f32],
 ) {
-    let legacy = |ty| {
-        let l = layout(ty);
-        Geo {
-            bytes: l.bytes,
-            qs: l.qs,
-            qh: l.qh.unwrap_or(0),
+    let geo = |bytes, qs, qh| Geo { bytes, qs, qh };
+    let g = match kind {
+        Kind::Legacy4 | Kind::Legacy5 | Kind::Legacy8 => {
+            let l = layout(conv.ty);
+            geo(l.bytes, l.qs, l.qh.unwrap_or(0))
         }
+        Kind::K2 => geo(q2k::BLOCK_BYTES, 16, 0),
+        Kind::K3 => geo(q3k::BLOCK_BYTES, 32, 0),
+        Kind::K4 => geo(q4k::BLOCK_BYTES, 16, 0),
+        Kind::K5 => geo(q5k::BLOCK_BYTES, 48, 16),
+        Kind::K6 => geo(q6k::BLOCK_BYTES, 0, 128),
+        Kind::Iq4Nl => geo(lut4::IQ4_NL_BYTES, 2, 0),
+        Kind::Mxfp4 => geo(lut4::MXFP4_BYTES, 1, 0),
+        Kind::Iq4Xs => geo(lut4::IQ4_XS_BYTES, 8, 0),
     };
     let seed = conv.offset != 0;
     // SAFETY: the caller's guarantees, passed on; each arm's decoder matches `kind` and the
     // converter's flags (minimum, offset) match the const parameters.
     unsafe {
         match (kind, conv.min, seed) {
-            (Kind::Legacy4, false, true) => {
-                rows_k::<L4, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
-            }
-            (Kind::Legacy4, true, false) => {
-                rows_k::<L4, true, false>(legacy(conv.ty), acts, data, wrb, r0, out)
-            }
-            (Kind::Legacy5, false, true) => {
-                rows_k::<L5, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
-            }
-            (Kind::Legacy5, true, false) => {
-                rows_k::<L5, true, false>(legacy(conv.ty), acts, data, wrb, r0, out)
-            }
-            (Kind::Legacy8, false, true) => {
-                rows_k::<L8, false, true>(legacy(conv.ty), acts, data, wrb, r0, out)
-            }
-            (Kind::K4, true, false) => {
-                let g = Geo {
-                    bytes: q4k::BLOCK_BYTES,
-                    qs: 16,
-                    qh: 0,
-                };
-                rows_k::<K4, true, false>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::K5, true, false) => {
-                let g = Geo {
-                    bytes: q5k::BLOCK_BYTES,
-                    qs: 48,
-                    qh: 16,
-                };
-                rows_k::<K5, true, false>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::K6, false, true) => {
-                let g = Geo {
-                    bytes: q6k::BLOCK_BYTES,
-                    qs: 0,
-                    qh: 128,
-                };
-                rows_k::<K6, false, true>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::Iq4Nl, false, true) => {
-                let g = Geo {
-                    bytes: lut4::IQ4_NL_BYTES,
-                    qs: 2,
-                    qh: 0,
-                };
-                rows_k::<LN, false, true>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::Mxfp4, false, true) => {
-                let g = Geo {
-                    bytes: lut4::MXFP4_BYTES,
-                    qs: 1,
-                    qh: 0,
-                };
-                rows_k::<LM, false, true>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::Iq4Xs, false, true) => {
-                let g = Geo {
-                    bytes: lut4::IQ4_XS_BYTES,
-                    qs: 8,
-                    qh: 0,
-                };
-                rows_k::<LX, false, true>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::K2, true, false) => {
-                let g = Geo {
-                    bytes: q2k::BLOCK_BYTES,
-                    qs: 16,
-                    qh: 0,
-                };
-                rows_k::<Q2, true, false>(g, acts, data, wrb, r0, out)
-            }
-            (Kind::K3, false, true) => {
-                let g = Geo {
-                    bytes: q3k::BLOCK_BYTES,
-                    qs: 32,
-                    qh: 0,
-                };
-                rows_k::<Q3, false, true>(g, acts, data, wrb, r0, out)
-            }
+            (Kind::Legacy4, false, true) => rows_k::<L4, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Legacy4, true, false) => rows_k::<L4, true, false>(g, acts, data, wrb, r0, out),
+            (Kind::Legacy5, false, true) => rows_k::<L5, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Legacy5, true, false) => rows_k::<L5, true, false>(g, acts, data, wrb, r0, out),
+            (Kind::Legacy8, false, true) => rows_k::<L8, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::K2, true, false) => rows_k::<Q2, true, false>(g, acts, data, wrb, r0, out),
+            (Kind::K3, false, true) => rows_k::<Q3, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::K4, true, false) => rows_k::<K4, true, false>(g, acts, data, wrb, r0, out),
+            (Kind::K5, true, false) => rows_k::<K5, true, false>(g, acts, data, wrb, r0, out),
+            (Kind::K6, false, true) => rows_k::<K6, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Iq4Nl, false, true) => rows_k::<LN, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Mxfp4, false, true) => rows_k::<LM, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Iq4Xs, false, true) => rows_k::<LX, false, true>(g, acts, data, wrb, r0, out),
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
     }
