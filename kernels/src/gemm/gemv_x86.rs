@@ -554,7 +554,6 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
     r0: usize,
     out: &mut [f32],
 ) {
-    let c = Consts::new::<K>();
     let mut scratch = Scratch::default();
     let base = data.as_ptr();
     let n_rows = data.len() / wrb;
@@ -576,7 +575,7 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
         });
         let mut o = [0f32; 16];
         // SAFETY: every p[k] and next[k] is a row of `data` (caller); the rest as for `rows`.
-        unsafe { group::<K, MIN, SEED>(&p, &next, g, acts, &c, &mut scratch, &mut o) };
+        unsafe { group::<K, MIN, SEED>(&p, &next, g, acts, &mut scratch, &mut o) };
         out[i..i + nr].copy_from_slice(&o[..nr]);
         i += nr;
     }
@@ -586,17 +585,18 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
 ///
 /// # Safety
 /// As [`rows`]; every `p[k]` and `next[k]` points at a readable row.
-#[inline]
+#[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
     p: &[*const u8; 16],
     next: &[*const u8; 16],
     g: Geo,
     acts: &GemvActs,
-    c: &Consts,
     scratch: &mut Scratch,
     out: &mut [f32; 16],
 ) {
+    // Made per group (cheap): as locals the compiler keeps or rematerializes them as it likes.
+    let c = &Consts::new::<K>();
     let legacy = blocky(K);
     let per = if sub16(K) { 16 } else { QB };
     let cols = acts.base.cols;
