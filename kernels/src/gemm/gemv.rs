@@ -31,9 +31,10 @@ use crate::quant::SimdLevel;
 /// Elements per step: one 512-bit vector of levels per half.
 pub(crate) const STEP: usize = 128;
 
-/// Columns whose sub-block sums are kept before the f32 steps run over them (whole K-quant
-/// super-blocks; the sums of 16 rows stay in L1).
-pub(crate) const CHUNK: usize = 512;
+/// Columns whose sub-block sums are kept before the f32 steps run over them: one K-quant
+/// super-block (512 was no faster and zeroed twice the sums per group of 16 rows, which showed
+/// on short rows).
+pub(crate) const CHUNK: usize = 256;
 
 /// How far ahead each row is prefetched, in bytes.
 pub(crate) const PREFETCH: usize = 768;
