@@ -51,6 +51,11 @@ struct Declared {
     params: &'static [(&'static str, &'static str)],
 }
 
+/// Declares the launchers: `launcher["kernel"] => via(params);`, or for a family
+/// `launcher["pattern"](parts) => via(params);`, makes a method of [`Launchers`] taking the name
+/// parts (formatted into the pattern), the grid, threads per block, dynamic shared memory bytes
+/// and stream, then the kernel's parameters, launched with `CudaKernels::via` (`launch`, or
+/// `launch_gemvq` for programmatic dependents).
 macro_rules! launchers {
     (@name $kernel:literal) => { $kernel };
     (@name $kernel:literal $($v:ident),+) => { &format!($kernel, $($v),+) };
