@@ -921,7 +921,8 @@ fn span_partials(
 }
 
 /// [`span_partials_body`] compiled for AVX-512: four heads of a token share each K and V load
-/// (16 of the 32 vector registers hold their accumulators; attention 1.x× faster than two).
+/// (16 of the 32 vector registers hold their accumulators): gemma3's pp512 attention 1.15× faster
+/// than with two (`cargo bench -p pshard-kernels --bench attention`, 10.6 → 9.2 ms, one thread).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -938,8 +939,8 @@ fn span_partials_avx512(
     span_partials_body::<4>(q, positions, toks, kh, kv, p, scratch, span);
 }
 
-/// [`span_partials_body`] compiled for AVX2 + FMA: two heads at a time (four would spill the 16
-/// vector registers).
+/// [`span_partials_body`] compiled for AVX2 + FMA: two heads at a time (four heads' accumulators
+/// alone would take 32 registers; AVX2 has 16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
