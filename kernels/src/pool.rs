@@ -379,31 +379,6 @@ pub fn for_each_dynamic(n_tasks: usize, f: impl Fn(usize) + Sync) {
     run_tasks(n_tasks, &f);
 }
 
-/// [`for_each_dynamic`] with per-thread state: each participant calls `init()` once (when it
-/// first gets a task) and passes its state to every `f(&mut state, task)` it runs.
-pub fn for_each_dynamic_init<S>(
-    n_tasks: usize,
-    init: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, usize) + Sync,
-) {
-    if n_tasks == 0 {
-        return;
-    }
-    // Each participant's loop claims items from this counter; `threads()` loop tasks so every
-    // running participant gets one.
-    let next = AtomicUsize::new(0);
-    run(|_, _| {
-        let mut state = None;
-        loop {
-            let t = next.fetch_add(1, Ordering::Relaxed);
-            if t >= n_tasks {
-                break;
-            }
-            f(state.get_or_insert_with(&init), t);
-        }
-    });
-}
-
 /// A raw view of a mutable slice that pool participants write disjoint parts of.
 ///
 /// Participants of a job get `&self` only; each must touch a range no other participant touches

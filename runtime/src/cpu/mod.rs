@@ -217,9 +217,7 @@ impl CpuLane {
                 let c = ncols(x);
                 let wv = w.vector(weight);
                 if x == out {
-                    let b = &mut self.bufs[x.0 as usize][..rows * c];
-                    b.chunks_mut(c)
-                        .for_each(|r| ops::rms_norm_inplace(r, wv, eps));
+                    ops::head_rms_norm(&mut self.bufs[x.0 as usize][..rows * c], wv, eps);
                 } else {
                     let (src, dst) = self.pair(x, out);
                     ops::rms_norm(&src[..rows * c], wv, &mut dst[..rows * c], eps);
