@@ -490,8 +490,17 @@ impl<'a> RowsJob<'a> {
                         }
                         e0 += ne;
                     }
-                    for (o, a) in outs.iter_mut().zip(acc.iter()) {
-                        o[i..i + nr].copy_from_slice(&a[..nr]);
+                    // A whole tile's rows as a fixed-size copy (a `memmove` call per token and
+                    // tile was 8% of gemma3's prefill); a short last tile by its length.
+                    if nr == 16 {
+                        for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                            let o: &mut [f32; 16] = (&mut o[i..i + 16]).try_into().expect("16");
+                            *o = *a;
+                        }
+                    } else {
+                        for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                            o[i..i + nr].copy_from_slice(&a[..nr]);
+                        }
                     }
                     i += nr;
                 }
