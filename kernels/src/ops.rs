@@ -754,7 +754,8 @@ fn normalise(m: f32, l: f32, sink: Option<f32>, o: &[f32], out: &mut [f32]) {
 /// tile of this many tokens (× the GQA group's heads) instead of once per token.
 const ATTN_BQ: usize = 16;
 /// Keys per block of a span: scores of one query row for a block are 64 f32 (four 512-bit
-/// accumulators), the block's K (transposed) and V stay in L1.
+/// accumulators). The block's K (transposed) and V, widened to f32, take `64 · head_dim · 4`
+/// bytes each: in L1 up to head dim 64, in L2 beyond (gemma3's 256: 64 KiB each).
 const ATTN_BK: usize = 64;
 
 /// Per-thread buffers of the attention tasks, kept by each thread from call to call
