@@ -421,7 +421,7 @@ impl<'a> RowsJob<'a> {
                 }
             }
             Engine::Gemv { conv, kind, acts } => {
-                gemm::gemv::rows(conv, *kind, acts, w.data, wrb, r0, outs[0]);
+                gemm::gemv::rows(conv, *kind, acts, w.data, wrb, r0, outs);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();

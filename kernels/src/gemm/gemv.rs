@@ -36,6 +36,10 @@ pub(crate) const STEP: usize = 128;
 /// on short rows).
 pub(crate) const CHUNK: usize = 256;
 
+/// The most tokens the decode path takes at once: each row step's levels are decoded once and
+/// dotted with every token, so a few sequences decoding together read the weights once.
+pub(crate) const MAX_TOKENS: usize = 4;
+
 /// How far ahead each row is prefetched, in bytes.
 pub(crate) const PREFETCH: usize = 768;
 
@@ -105,17 +109,18 @@ impl Kind {
     }
 }
 
-/// One token's activations in the decode layout: the GEMM's conversion ([`GemmActs`]: block
-/// scales, scaled sums) plus the values rearranged per step ([`Kind::split`], zero-padded to
-/// whole steps) and per step the seeds of its one (sub-blocks of 32) or two accumulators.
+/// Up to [`MAX_TOKENS`] tokens' activations in the decode layout: the GEMM's conversion
+/// ([`GemmActs`]: block scales, scaled sums) plus per token the values rearranged per step
+/// ([`Kind::split`], zero-padded to whole steps) and per step the seeds of its one (sub-blocks
+/// of 32) or two accumulators.
 #[derive(Default)]
 pub(crate) struct GemvActs {
     /// The GEMM's conversion of the token (its `d` and `sa` are read per sub-block).
     pub base: GemmActs,
-    /// `steps × 128` values in the step order.
+    /// Per token `steps × 128` values in the step order.
     pub q: Vec<i8>,
-    /// `steps × 32` seeds: per accumulator and lane, `−offset · Σa` of the lane's sub-block in
-    /// its first dword, zero elsewhere.
+    /// Per token `steps × 32` seeds: per accumulator and lane, `−offset · Σa` of the lane's
+    /// sub-block in its first dword, zero elsewhere.
     pub seed: Vec<i32>,
 }
 
@@ -126,7 +131,7 @@ thread_local! {
 }
 
 impl GemvActs {
-    /// Converts the one row of `x` for weights of `conv` (decoded by `kind`).
+    /// Converts the rows of `x` (1 to [`MAX_TOKENS`]) for weights of `conv` (decoded by `kind`).
     pub(crate) fn new(
         x: &QuantizedActs,
         conv: &Converter,
@@ -134,28 +139,34 @@ impl GemvActs {
     ) -> Result<GemvActs, KernelError> {
         let mut g = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
         g.base.fill(x, conv, false)?;
-        let cols = g.base.cols;
+        let (cols, n) = (g.base.cols, g.base.n_rows);
         let steps = cols.div_ceil(STEP);
-        super::zeroed(&mut g.q, steps * STEP);
-        super::zeroed(&mut g.seed, steps * 32);
+        super::zeroed(&mut g.q, n * steps * STEP);
+        super::zeroed(&mut g.seed, n * steps * 32);
         let per = conv.sub();
         let o = conv.offset as i32;
-        let (q, seed) = (&mut g.q, &mut g.seed);
-        for (s, a) in g.base.q[..cols].chunks_exact(per).enumerate() {
-            let (k, j) = (s * per / STEP, (s * per % STEP) / per);
-            let at = k * STEP;
-            let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
-            if kind.split() {
-                // Sub-block j of the step: first half to its lane of the first vector, second
-                // half to that lane of the second.
-                let l = kind.lane(j);
-                q[at + 16 * l..at + 16 * l + 16].copy_from_slice(&a[..16]);
-                q[at + 64 + 16 * l..at + 64 + 16 * l + 16].copy_from_slice(&a[16..]);
-                seed[32 * k + 4 * l] = sum;
-            } else {
-                // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
-                q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
-                seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum;
+        for t in 0..n {
+            let q = &mut g.q[t * steps * STEP..(t + 1) * steps * STEP];
+            let seed = &mut g.seed[t * steps * 32..(t + 1) * steps * 32];
+            for (s, a) in g.base.q[t * cols..(t + 1) * cols]
+                .chunks_exact(per)
+                .enumerate()
+            {
+                let (k, j) = (s * per / STEP, (s * per % STEP) / per);
+                let at = k * STEP;
+                let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
+                if kind.split() {
+                    // Sub-block j of the step: first half to its lane of the first vector, second
+                    // half to that lane of the second.
+                    let l = kind.lane(j);
+                    q[at + 16 * l..at + 16 * l + 16].copy_from_slice(&a[..16]);
+                    q[at + 64 + 16 * l..at + 64 + 16 * l + 16].copy_from_slice(&a[16..]);
+                    seed[32 * k + 4 * l] = sum;
+                } else {
+                    // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
+                    q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
+                    seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum;
+                }
             }
         }
         Ok(g)
@@ -173,19 +184,22 @@ impl GemvActs {
     }
 }
 
-/// The decode path for weights of `conv` with activations `x`, where it applies: one token,
-/// AVX-512 VNNI at `level` on this CPU, a type with a row decoder.
+/// The decode path for weights of `conv` with activations `x`, where it applies: 1 to
+/// [`MAX_TOKENS`] tokens, AVX-512 VNNI at `level` on this CPU, a type with a row decoder.
 pub(crate) fn applies(conv: &Converter, x: &QuantizedActs, level: SimdLevel) -> Option<Kind> {
     let kind = Kind::of(conv.ty)?;
-    (x.n_rows == 1 && level == SimdLevel::Avx512 && SimdLevel::Avx512.available()).then_some(kind)
+    ((1..=MAX_TOKENS).contains(&x.n_rows)
+        && level == SimdLevel::Avx512
+        && SimdLevel::Avx512.available())
+    .then_some(kind)
 }
 
-/// Outputs of rows `r0 .. r0 + out.len()` of the `rows × cols` matrix `data` (row `r` at
-/// `r · wrb`) of type `conv.ty`, for the token of `acts`.
+/// Outputs of rows `r0 .. r0 + outs[0].len()` of the `rows × cols` matrix `data` (row `r` at
+/// `r · wrb`) of type `conv.ty` for each token `t` of `acts` into `outs[t]`.
 ///
 /// # Panics
-/// If the rows lie outside `data`, the shapes disagree, or the CPU lacks AVX-512 VNNI.
-#[allow(clippy::too_many_arguments)]
+/// If the rows lie outside `data`, the shapes disagree, the token counts differ or exceed
+/// [`MAX_TOKENS`], or the CPU lacks AVX-512 VNNI.
 pub(crate) fn rows(
     conv: &Converter,
     kind: Kind,
@@ -193,9 +207,9 @@ pub(crate) fn rows(
     data: &[u8],
     wrb: usize,
     r0: usize,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
-    let cols = acts.base.cols;
+    let (cols, n) = (acts.base.cols, acts.base.n_rows);
     let (bs, bb) = (conv.ty.block_size() as usize, conv.ty.type_size() as usize);
     assert!(
         cols.is_multiple_of(bs) && cols / bs * bb == wrb,
@@ -203,22 +217,32 @@ pub(crate) fn rows(
         conv.ty
     );
     assert!(
-        (r0 + out.len()) * wrb <= data.len(),
+        (1..=MAX_TOKENS).contains(&n) && outs.len() == n,
+        "gemv: {} outputs for {n} tokens (1 to {MAX_TOKENS})",
+        outs.len()
+    );
+    let len = outs[0].len();
+    assert!(
+        outs.iter().all(|o| o.len() == len),
+        "gemv: outputs of different lengths"
+    );
+    assert!(
+        (r0 + len) * wrb <= data.len(),
         "gemv: rows {r0}..{} outside the matrix",
-        r0 + out.len()
+        r0 + len
     );
     assert_eq!(
         acts.q.len(),
-        cols.div_ceil(STEP) * STEP,
+        n * cols.div_ceil(STEP) * STEP,
         "gemv: activation layout"
     );
     assert!(SimdLevel::Avx512.available(), "gemv needs AVX-512 VNNI");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 VNNI asserted above; rows r0 .. r0 + out.len() lie in `data` with `wrb`
-    // bytes (`cols` elements of the type) each; the activations hold `cols` elements in the
-    // layout of `kind` (asserted above, built by GemvActs::new).
+    // SAFETY: AVX-512 VNNI asserted above; rows r0 .. r0 + len lie in `data` with `wrb` bytes
+    // (`cols` elements of the type) each; the activations hold `n` tokens of `cols` elements in
+    // the layout of `kind` (asserted above, built by GemvActs::new), one output each.
     unsafe {
-        super::gemv_x86::rows(conv, kind, acts, data, wrb, r0, out)
+        super::gemv_x86::rows(conv, kind, acts, data, wrb, r0, outs)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemv::{GemvActs, Kind, CHUNK, PREFETCH, STEP};
+use super::gemv::{GemvActs, Kind, CHUNK, MAX_TOKENS, PREFETCH, STEP};
 use super::x86::{f16_lanes, k4_factors16, rows16x4};
 use super::{Converter, QB};
 use crate::quant::kquants::{q2k, q3k, q4k, q5k, q6k, QK_K};
@@ -46,13 +46,13 @@ struct Geo {
     qh: usize,
 }
 
-/// Outputs of rows `r0 .. r0 + out.len()` of the matrix `data` (row `r` at `r · wrb`) for the
-/// token of `acts`, 16 rows at a time.
+/// Outputs of rows `r0 .. r0 + outs[0].len()` of the matrix `data` (row `r` at `r · wrb`) for
+/// each token `t` of `acts` into `outs[t]`, 16 rows at a time.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; rows `r0 .. r0 + out.len()` lie in `data` and hold
-/// `acts.base.cols` elements of `conv.ty` (decoded by `kind`) in `wrb` bytes each; `acts` was
-/// built for `conv` and `kind`.
+/// AVX-512 F/BW/VL/VNNI available; the rows lie in `data` and hold `acts.base.cols` elements of
+/// `conv.ty` (decoded by `kind`) in `wrb` bytes each; `acts` was built for `conv` and `kind`
+/// and holds `outs.len()` (1 to [`MAX_TOKENS`]) tokens; every `outs[t]` has the same length.
 pub(super) unsafe fn rows(
     conv: &Converter,
     kind: Kind,
@@ -60,7 +60,7 @@ pub(super) unsafe fn rows(
     data: &[u8],
     wrb: usize,
     r0: usize,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
     let geo = |bytes, qs, qh| Geo { bytes, qs, qh };
     let g = match kind {
@@ -78,23 +78,35 @@ pub(super) unsafe fn rows(
         Kind::Iq4Xs => geo(lut4::IQ4_XS_BYTES, 8, 0),
     };
     let seed = conv.offset != 0;
+    // One instance per decoder and token count.
+    macro_rules! go {
+        ($k:ident, $min:literal, $seed:literal) => {
+            match outs.len() {
+                1 => rows_k::<$k, $min, $seed, 1>(g, acts, data, wrb, r0, outs),
+                2 => rows_k::<$k, $min, $seed, 2>(g, acts, data, wrb, r0, outs),
+                3 => rows_k::<$k, $min, $seed, 3>(g, acts, data, wrb, r0, outs),
+                4 => rows_k::<$k, $min, $seed, 4>(g, acts, data, wrb, r0, outs),
+                n => unreachable!("the decode path takes 1 to {MAX_TOKENS} tokens, not {n}"),
+            }
+        };
+    }
     // SAFETY: the caller's guarantees, passed on; each arm's decoder matches `kind` and the
     // converter's flags (minimum, offset) match the const parameters.
     unsafe {
         match (kind, conv.min, seed) {
-            (Kind::Legacy4, false, true) => rows_k::<L4, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::Legacy4, true, false) => rows_k::<L4, true, false>(g, acts, data, wrb, r0, out),
-            (Kind::Legacy5, false, true) => rows_k::<L5, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::Legacy5, true, false) => rows_k::<L5, true, false>(g, acts, data, wrb, r0, out),
-            (Kind::Legacy8, false, true) => rows_k::<L8, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::K2, true, false) => rows_k::<Q2, true, false>(g, acts, data, wrb, r0, out),
-            (Kind::K3, false, true) => rows_k::<Q3, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::K4, true, false) => rows_k::<K4, true, false>(g, acts, data, wrb, r0, out),
-            (Kind::K5, true, false) => rows_k::<K5, true, false>(g, acts, data, wrb, r0, out),
-            (Kind::K6, false, true) => rows_k::<K6, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::Iq4Nl, false, true) => rows_k::<LN, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::Mxfp4, false, true) => rows_k::<LM, false, true>(g, acts, data, wrb, r0, out),
-            (Kind::Iq4Xs, false, true) => rows_k::<LX, false, true>(g, acts, data, wrb, r0, out),
+            (Kind::Legacy4, false, true) => go!(L4, false, true),
+            (Kind::Legacy4, true, false) => go!(L4, true, false),
+            (Kind::Legacy5, false, true) => go!(L5, false, true),
+            (Kind::Legacy5, true, false) => go!(L5, true, false),
+            (Kind::Legacy8, false, true) => go!(L8, false, true),
+            (Kind::K2, true, false) => go!(Q2, true, false),
+            (Kind::K3, false, true) => go!(Q3, false, true),
+            (Kind::K4, true, false) => go!(K4, true, false),
+            (Kind::K5, true, false) => go!(K5, true, false),
+            (Kind::K6, false, true) => go!(K6, false, true),
+            (Kind::Iq4Nl, false, true) => go!(LN, false, true),
+            (Kind::Mxfp4, false, true) => go!(LM, false, true),
+            (Kind::Iq4Xs, false, true) => go!(LX, false, true),
             (k, m, s) => unreachable!("no decode kernel for {k:?} with minimum {m}, seed {s}"),
         }
     }
@@ -274,14 +286,12 @@ impl Consts {
 /// AVX-512 VNNI available; the step's bytes of the row readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn step_dot<const K: u8, const FULL: bool>(
+unsafe fn levels<const K: u8, const FULL: bool>(
     row: *const u8,
     g: Geo,
     k: usize,
     nblk: usize,
     c: &Consts,
-    a: [__m512i; 2],
-    seed: [__m512i; 2],
 ) -> [__m512i; 2] {
     // SAFETY (whole body): every read lies within step k of the row (caller): legacy blocks
     // 4k .. 4k + nblk, K-quant super-block k / 2.
@@ -301,8 +311,7 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                     lo = _mm512_mask_add_epi8(lo, kp, lo, c.b16);
                     hi = _mm512_mask_add_epi8(hi, kq, hi, c.b16);
                 }
-                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
-                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+                [lo, hi]
             }
             Q2 | Q3 => {
                 // Groups 0, 1 of the step's 32 bytes (bits 0..2, 2..4) in the first vector,
@@ -321,10 +330,7 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                     lo = _mm512_mask_add_epi8(lo, kl, lo, c.b4);
                     hi = _mm512_mask_add_epi8(hi, kh, hi, c.b4);
                 }
-                [
-                    _mm512_dpbusd_epi32(seed[0], lo, a[0]),
-                    _mm512_dpbusd_epi32(seed[1], hi, a[1]),
-                ]
+                [lo, hi]
             }
             LN | LM | LX => {
                 // Four runs of 32 (blocks, or an IQ4_XS step's runs), low nibbles first.
@@ -336,15 +342,13 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                 let lo = _mm512_shuffle_epi8(c.tbl, _mm512_and_si512(v, c.m4));
                 let hi =
                     _mm512_shuffle_epi8(c.tbl, _mm512_and_si512(_mm512_srli_epi16::<4>(v), c.m4));
-                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
-                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+                [lo, hi]
             }
             L8 => {
                 let b = row.add(4 * k * g.bytes + g.qs);
                 let lo = _mm512_xor_si512(lanes4::<FULL>(b, g.bytes, nblk), c.flip);
                 let hi = _mm512_xor_si512(lanes4::<FULL>(b.add(16), g.bytes, nblk), c.flip);
-                let acc = _mm512_dpbusd_epi32(seed[0], lo, a[0]);
-                [_mm512_dpbusd_epi32(acc, hi, a[1]), seed[1]]
+                [lo, hi]
             }
             K4 | K5 => {
                 let (i, h) = (k / 2, k % 2);
@@ -368,8 +372,7 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                     x = _mm512_mask_add_epi8(x, _mm512_test_epi8_mask(q0, c.sel[h]), x, c.b16);
                     y = _mm512_mask_add_epi8(y, _mm512_test_epi8_mask(q1, c.sel[h]), y, c.b16);
                 }
-                let acc = _mm512_dpbusd_epi32(seed[0], x, a[0]);
-                [_mm512_dpbusd_epi32(acc, y, a[1]), seed[1]]
+                [x, y]
             }
             _ => {
                 let (i, h) = (k / 2, k % 2);
@@ -384,42 +387,57 @@ unsafe fn step_dot<const K: u8, const FULL: bool>(
                     _mm512_and_si512(_mm512_srli_epi16::<4>(ab), c.m4),
                     _mm512_and_si512(_mm512_srlv_epi16(hq, c.shr), c.m30),
                 );
-                [
-                    _mm512_dpbusd_epi32(seed[0], lo, a[0]),
-                    _mm512_dpbusd_epi32(seed[1], hi, a[1]),
-                ]
+                [lo, hi]
             }
         }
     }
 }
 
+/// The accumulators of one row's step for one token: `seed` plus the products of the step's
+/// levels `v` ([`levels`]) with the token's activations `a` — one accumulator (the second
+/// vector unused), or for sub-blocks of 16 one per vector.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn dot<const K: u8>(v: [__m512i; 2], a: [__m512i; 2], seed: [__m512i; 2]) -> [__m512i; 2] {
+    if sub16(K) {
+        [
+            _mm512_dpbusd_epi32(seed[0], v[0], a[0]),
+            _mm512_dpbusd_epi32(seed[1], v[1], a[1]),
+        ]
+    } else {
+        let acc = _mm512_dpbusd_epi32(seed[0], v[0], a[0]);
+        [_mm512_dpbusd_epi32(acc, v[1], a[1]), seed[1]]
+    }
+}
+
 /// What the rows of one step share: the type's geometry, the step `k` (legacy: its `nblk`
-/// blocks), the decoders' constants, the activations and seeds, the prefetch offset.
+/// blocks), the decoders' constants, each token's activations and seeds, the prefetch offset.
 #[derive(Clone, Copy)]
-struct Step<'a> {
+struct Step<'a, const T: usize> {
     g: Geo,
     k: usize,
     nblk: usize,
     c: &'a Consts,
-    a: [__m512i; 2],
-    seed: [__m512i; 2],
+    a: [[__m512i; 2]; T],
+    seed: [[__m512i; 2]; T],
     off: usize,
 }
 
-/// Row `r` of `p` in step `t` ([`step_dot`]), prefetching `pf[r] + t.off`; legacy: the first 4
-/// bytes of each block into `dm[j][r]`.
+/// Row `r` of `p` in step `t`: its levels decoded once ([`levels`]) and dotted with each token
+/// ([`dot`]), prefetching `pf[r] + t.off`; legacy: the first 4 bytes of each block into
+/// `dm[j][r]`.
 ///
 /// # Safety
-/// As [`step_dot`]; `dm` holds the step's blocks.
+/// As [`levels`]; `dm` holds the step's blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn row_step<const K: u8, const FULL: bool>(
-    t: &Step,
+unsafe fn row_step<const K: u8, const FULL: bool, const T: usize>(
+    t: &Step<T>,
     p: &[*const u8; 16],
     pf: &[*const u8; 16],
     r: usize,
     dm: &mut [[u32; 16]],
-) -> [__m512i; 2] {
+) -> [[__m512i; 2]; T] {
     let row = p[r];
     let nblk = if FULL { 4 } else { t.nblk };
     let lines = if K == L8 { 3 } else { 2 };
@@ -440,83 +458,90 @@ unsafe fn row_step<const K: u8, const FULL: bool>(
         }
     }
     // SAFETY: step k of the row (caller).
-    unsafe { step_dot::<K, FULL>(row, t.g, t.k, nblk, t.c, t.a, t.seed) }
+    let v = unsafe { levels::<K, FULL>(row, t.g, t.k, nblk, t.c) };
+    std::array::from_fn(|x| dot::<K>(v, t.a[x], t.seed[x]))
 }
 
-/// Rows `4q .. 4q + 4` of step `t`: their accumulators summed and transposed ([`reduce4`]);
-/// Q6_K's second accumulators into the second vector.
+/// Rows `4q .. 4q + 4` of step `t`: per token their accumulators summed and transposed
+/// ([`reduce4`]); the second accumulators of sub-blocks of 16 into the second vector.
 ///
 /// # Safety
 /// As [`row_step`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn quad<const K: u8, const FULL: bool>(
-    t: &Step,
+unsafe fn quad<const K: u8, const FULL: bool, const T: usize>(
+    t: &Step<T>,
     p: &[*const u8; 16],
     pf: &[*const u8; 16],
     q: usize,
     dm: &mut [[u32; 16]],
-) -> [__m512i; 2] {
+) -> [[__m512i; 2]; T] {
     // SAFETY: as for the step (caller).
     let v = unsafe {
         [
-            row_step::<K, FULL>(t, p, pf, 4 * q, dm),
-            row_step::<K, FULL>(t, p, pf, 4 * q + 1, dm),
-            row_step::<K, FULL>(t, p, pf, 4 * q + 2, dm),
-            row_step::<K, FULL>(t, p, pf, 4 * q + 3, dm),
+            row_step::<K, FULL, T>(t, p, pf, 4 * q, dm),
+            row_step::<K, FULL, T>(t, p, pf, 4 * q + 1, dm),
+            row_step::<K, FULL, T>(t, p, pf, 4 * q + 2, dm),
+            row_step::<K, FULL, T>(t, p, pf, 4 * q + 3, dm),
         ]
     };
-    let lo = reduce4([v[0][0], v[1][0], v[2][0], v[3][0]]);
-    let hi = if sub16(K) {
-        reduce4([v[0][1], v[1][1], v[2][1], v[3][1]])
-    } else {
-        lo
-    };
-    [lo, hi]
+    std::array::from_fn(|x| {
+        let lo = reduce4([v[0][x][0], v[1][x][0], v[2][x][0], v[3][x][0]]);
+        let hi = if sub16(K) {
+            reduce4([v[0][x][1], v[1][x][1], v[2][x][1], v[3][x][1]])
+        } else {
+            lo
+        };
+        [lo, hi]
+    })
 }
 
-/// Step `t` of 16 rows `p`: `sums[j]` = the 16 rows' sums of the step's sub-block `j`; legacy:
-/// the first 4 bytes of each block into `dm[j][row]`. Prefetches at `pf[row] + t.off`.
+/// Step `t` of 16 rows `p`: `sums[x][sub + j]` = the 16 rows' sums of the step's sub-block `j`
+/// for token `x`; legacy: the first 4 bytes of each block into `dm[j][row]`. Prefetches at
+/// `pf[row] + t.off`.
 ///
 /// # Safety
 /// AVX-512 VNNI available; the step readable in every row; `sums` holds the step's sub-blocks
-/// (4, Q6_K 8), `dm` its blocks; `pf[row] + t.off` need not be valid.
+/// from `sub` (4, sub-blocks of 16: 8), `dm` its blocks; `pf[row] + t.off` need not be valid.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn step16<const K: u8, const FULL: bool>(
-    t: &Step,
+unsafe fn step16<const K: u8, const FULL: bool, const T: usize>(
+    t: &Step<T>,
     p: &[*const u8; 16],
     pf: &[*const u8; 16],
-    sums: &mut [[i32; 16]],
+    sums: &mut [[[i32; 16]; CHUNK / 16]; T],
+    sub: usize,
     dm: &mut [[u32; 16]],
 ) {
     // SAFETY: as for the step (caller).
     let u = unsafe {
         [
-            quad::<K, FULL>(t, p, pf, 0, dm),
-            quad::<K, FULL>(t, p, pf, 1, dm),
-            quad::<K, FULL>(t, p, pf, 2, dm),
-            quad::<K, FULL>(t, p, pf, 3, dm),
+            quad::<K, FULL, T>(t, p, pf, 0, dm),
+            quad::<K, FULL, T>(t, p, pf, 1, dm),
+            quad::<K, FULL, T>(t, p, pf, 2, dm),
+            quad::<K, FULL, T>(t, p, pf, 3, dm),
         ]
     };
     let halves = if sub16(K) { 2 } else { 1 };
-    for h in 0..halves {
-        let v = transpose4([u[0][h], u[1][h], u[2][h], u[3][h]]);
-        for (l, v) in v.into_iter().enumerate() {
-            // Lane l holds sub-block j (`Kind::lane` is its own inverse).
-            let j = if K == K4 || K == K5 {
-                [0, 2, 1, 3][l]
-            } else {
-                l
-            };
-            // Q4_K's odd sub-blocks were summed at 16 × their levels: exact multiples of 16.
-            let v = if K == K4 && j % 2 == 1 {
-                _mm512_srai_epi32::<4>(v)
-            } else {
-                v
-            };
-            // SAFETY: sub-block 4h + j of the step is in `sums` (caller).
-            unsafe { _mm512_storeu_si512(sums[4 * h + j].as_mut_ptr().cast(), v) };
+    for (x, sums) in sums.iter_mut().enumerate() {
+        for h in 0..halves {
+            let v = transpose4([u[0][x][h], u[1][x][h], u[2][x][h], u[3][x][h]]);
+            for (l, v) in v.into_iter().enumerate() {
+                // Lane l holds sub-block j (`Kind::lane` is its own inverse).
+                let j = if K == K4 || K == K5 {
+                    [0, 2, 1, 3][l]
+                } else {
+                    l
+                };
+                // Q4_K's odd sub-blocks were summed at 16 × their levels: exact multiples of 16.
+                let v = if K == K4 && j % 2 == 1 {
+                    _mm512_srai_epi32::<4>(v)
+                } else {
+                    v
+                };
+                // SAFETY: sub-block 4h + j of the step is in `sums` (caller).
+                unsafe { _mm512_storeu_si512(sums[sub + 4 * h + j].as_mut_ptr().cast(), v) };
+            }
         }
     }
 }
@@ -527,19 +552,20 @@ unsafe fn step16<const K: u8, const FULL: bool>(
 /// # Safety
 /// As [`rows`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
+unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     g: Geo,
     acts: &GemvActs,
     data: &[u8],
     wrb: usize,
     r0: usize,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
     let base = data.as_ptr();
     let n_rows = data.len() / wrb;
+    let len = outs[0].len();
     let mut i = 0;
-    while i < out.len() {
-        let nr = (out.len() - i).min(16);
+    while i < len {
+        let nr = (len - i).min(16);
         let last = r0 + i + nr - 1;
         // A short last group repeats its last row.
         let p: [*const u8; 16] =
@@ -553,26 +579,29 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool>(
                 p[k]
             }
         });
-        let mut o = [0f32; 16];
+        let mut o = [[0f32; 16]; T];
         // SAFETY: every p[k] and next[k] is a row of `data` (caller); the rest as for `rows`.
-        unsafe { group::<K, MIN, SEED>(&p, &next, g, acts, &mut o) };
-        out[i..i + nr].copy_from_slice(&o[..nr]);
+        unsafe { group::<K, MIN, SEED, T>(&p, &next, g, acts, &mut o) };
+        for (out, o) in outs.iter_mut().zip(&o) {
+            out[i..i + nr].copy_from_slice(&o[..nr]);
+        }
         i += nr;
     }
 }
 
-/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) into `out`.
+/// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) for each of the
+/// `T` tokens of `acts` into `out[token]`: the levels of each row step are decoded once for all.
 ///
 /// # Safety
 /// As [`rows`]; every `p[k]` and `next[k]` points at a readable row.
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
+unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     p: &[*const u8; 16],
     next: &[*const u8; 16],
     g: Geo,
     acts: &GemvActs,
-    out: &mut [f32; 16],
+    out: &mut [[f32; 16]; T],
 ) {
     // Made per group (cheap): as locals the compiler keeps or rematerializes them as it likes.
     let c = &Consts::new::<K>();
@@ -583,37 +612,42 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
     let step_bytes = if legacy { 4 * g.bytes } else { g.bytes / 2 };
     let (steps, ahead) = (cols.div_ceil(STEP), PREFETCH.div_ceil(step_bytes));
     let (d, sa) = (&acts.base.d, &acts.base.sa);
-    let mut f = _mm512_setzero_ps();
+    let (subs, tq, ts) = (acts.base.subs, acts.q.len() / T, acts.seed.len() / T);
+    let mut f = [_mm512_setzero_ps(); T];
     // Per sub-block of the chunk, the 16 rows' integer sums; legacy: per block the first four
     // bytes (d, and the minimum of Q4_1/Q5_1) of each row's block. Local arrays (zeroed per
     // group, which a chunk of one super-block keeps small) compile to tighter code than a
     // buffer passed in (Q5_0 ran 7% slower with one).
-    let mut sums = [[0i32; 16]; CHUNK / 16];
+    let mut sums = [[[0i32; 16]; CHUNK / 16]; T];
     let mut dm = [[0u32; 16]; CHUNK / QB];
     let mut e0 = 0;
     while e0 < cols {
         let n = (cols - e0).min(CHUNK);
         for s in 0..n.div_ceil(STEP) {
             let k = e0 / STEP + s;
-            // SAFETY: step k's activations and seeds exist (the layout holds whole steps).
-            let (a, seed) = unsafe {
-                let q = acts.q.as_ptr().add(k * STEP);
-                let e = acts.seed.as_ptr().add(32 * k);
-                (
-                    [
-                        _mm512_loadu_si512(q.cast()),
-                        _mm512_loadu_si512(q.add(64).cast()),
-                    ],
-                    if SEED {
+            // SAFETY: step k's activations and seeds exist for every token (the layout holds
+            // whole steps per token).
+            let a: [[__m512i; 2]; T] = std::array::from_fn(|x| unsafe {
+                let q = acts.q.as_ptr().add(x * tq + k * STEP);
+                [
+                    _mm512_loadu_si512(q.cast()),
+                    _mm512_loadu_si512(q.add(64).cast()),
+                ]
+            });
+            let seed: [[__m512i; 2]; T] = std::array::from_fn(|x| {
+                if SEED {
+                    // SAFETY: as above.
+                    unsafe {
+                        let e = acts.seed.as_ptr().add(x * ts + 32 * k);
                         [
                             _mm512_loadu_si512(e.cast()),
                             _mm512_loadu_si512(e.add(16).cast()),
                         ]
-                    } else {
-                        [_mm512_setzero_si512(); 2]
-                    },
-                )
-            };
+                    }
+                } else {
+                    [_mm512_setzero_si512(); 2]
+                }
+            });
             // Each row's step `ahead` steps on; past the row's end, the next group's row at the
             // step that far into it (rows of fewer steps: the same step), so every step of every
             // row is prefetched, a row's first lines included.
@@ -622,7 +656,7 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
             } else {
                 (next, (k + ahead - steps).min(k) * step_bytes)
             };
-            let sub = &mut sums[STEP / per * s..];
+            let sub = STEP / per * s;
             let t = Step {
                 g,
                 k,
@@ -636,32 +670,43 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
             // sub-blocks in `sub` and its blocks in `dm`.
             unsafe {
                 if !legacy || t.nblk == 4 {
-                    step16::<K, true>(&t, p, pfp, sub, &mut dm[4 * s..]);
+                    step16::<K, true, T>(&t, p, pfp, &mut sums, sub, &mut dm[4 * s..]);
                 } else {
-                    step16::<K, false>(&t, p, pfp, sub, &mut dm[4 * s..]);
+                    step16::<K, false, T>(&t, p, pfp, &mut sums, sub, &mut dm[4 * s..]);
                 }
             }
         }
         // The f32 steps of the chunk's sub-blocks, ascending.
         let s0 = e0 / per;
-        let int = |s: usize| {
-            // SAFETY: 16 i32 of the chunk's sub-block s.
-            _mm512_cvtepi32_ps(unsafe { _mm512_loadu_si512(sums[s].as_ptr().cast()) })
+        let nbt = cols / QB;
+        // Per token: `fma(f32(I), k · d, acc)` of the chunk's sub-block s, and the minimum's
+        // `fma(m, sa, acc)`.
+        let scale = |f: &mut [__m512; T], s: usize, k: __m512| {
+            for (x, f) in f.iter_mut().enumerate() {
+                // SAFETY: 16 i32 of the chunk's sub-block s of token x.
+                let i = unsafe { _mm512_loadu_si512(sums[x][s].as_ptr().cast()) };
+                let da = _mm512_set1_ps(d[x * nbt + (s0 + s) * per / QB]);
+                *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(k, da), *f);
+            }
         };
-        let da = |s: usize| _mm512_set1_ps(d[(s0 + s) * per / QB]);
+        let minimum = |f: &mut [__m512; T], s: usize, m: __m512| {
+            for (x, f) in f.iter_mut().enumerate() {
+                *f = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[x * subs + s0 + s]), *f);
+            }
+        };
         if legacy {
-            for b in 0..n / QB {
+            for (b, dm) in dm.iter().take(n / QB).enumerate() {
                 // SAFETY: 16 u32 of block b.
-                let x = unsafe { _mm512_loadu_si512(dm[b].as_ptr().cast()) };
+                let x = unsafe { _mm512_loadu_si512(dm.as_ptr().cast()) };
                 let k = if K == LM {
                     e8m0_half16(x)
                 } else {
                     f16_lanes::<false>(x)
                 };
-                f = _mm512_fmadd_ps(int(b), _mm512_mul_ps(k, da(b)), f);
+                scale(&mut f, b, k);
                 if MIN {
                     let m = f16_lanes::<true>(x);
-                    f = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[s0 + b]), f);
+                    minimum(&mut f, b, m);
                 }
             }
         } else {
@@ -682,7 +727,7 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                             _mm512_sll_epi32(sc[m / 4], _mm_cvtsi32_si128(24 - 8 * (m % 4) as i32));
                         let k = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(v)));
                         let s = 16 * i + m;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                        scale(&mut f, s, k);
                     }
                 } else if K == Q2 {
                     // SAFETY: bytes 0..16 and 68..84 of super-block i of every row.
@@ -697,13 +742,13 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                         let k = _mm512_mul_ps(dk, _mm512_cvtepi32_ps(lo));
                         let mn = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(hi));
                         let s = 16 * i + m;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                        scale(&mut f, s, k);
                         // −dmin · mn, exactly the converter's minimum.
                         let neg = _mm512_castsi512_ps(_mm512_xor_si512(
                             _mm512_castps_si512(mn),
                             _mm512_set1_epi32(i32::MIN),
                         ));
-                        f = _mm512_fmadd_ps(neg, _mm512_set1_ps(sa[s0 + s]), f);
+                        minimum(&mut f, s, neg);
                     }
                 } else if K == Q3 {
                     // SAFETY: bytes 92..108 and 94..110 of super-block i of every row.
@@ -741,28 +786,30 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool>(
                         );
                         let k = _mm512_mul_ps(dk, _mm512_cvtepi32_ps(sc));
                         let s = 16 * i + m;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                        scale(&mut f, s, k);
                     }
                 } else if K == LX {
                     // SAFETY: the 16-byte header of super-block i of every row.
                     let k = iq4xs_factors16(unsafe { rows16x4(p, base) });
                     for (j, k) in k.into_iter().enumerate() {
                         let s = 8 * i + j;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k, da(s)), f);
+                        scale(&mut f, s, k);
                     }
                 } else {
                     // SAFETY: the 16-byte header of super-block i of every row.
                     let (k, m) = k4_factors16(unsafe { rows16x4(p, base) });
                     for j in 0..8 {
                         let s = 8 * i + j;
-                        f = _mm512_fmadd_ps(int(s), _mm512_mul_ps(k[j], da(s)), f);
-                        f = _mm512_fmadd_ps(m[j], _mm512_set1_ps(sa[s0 + s]), f);
+                        scale(&mut f, s, k[j]);
+                        minimum(&mut f, s, m[j]);
                     }
                 }
             }
         }
         e0 += n;
     }
-    // SAFETY: `out` is 16 writable f32.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), f) };
+    for (o, f) in out.iter_mut().zip(f) {
+        // SAFETY: 16 writable f32.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), f) };
+    }
 }
