@@ -277,7 +277,7 @@ enum Engine {
         level: SimdLevel,
         rows: usize,
     },
-    /// Quantized weights, one token, the decode path ([`gemm::gemv`]).
+    /// Quantized weights, 1 to 4 tokens, the decode path ([`gemm::gemv`]).
     Gemv {
         conv: gemm::Converter,
         kind: gemm::gemv::Kind,

@@ -356,7 +356,7 @@ pub fn kv_shift(
 }
 
 /// `e^x` for every f32 to ~2e-7 relative: 0 below −87.3, ∞ above 88.72, NaN for NaN. The
-/// range reduction of [`exp_neg`] with the power of two applied in two halves (so `2^128`
+/// range reduction of `exp_neg` with the power of two applied in two halves (so `2^128`
 /// overflows only as the result does). Branch-free, so loops over it vectorise: the activations
 /// below called libm's `expf`/`tanhf` per element, a fifth of gemma3's prefill (perf, pp512).
 #[inline(always)]
@@ -1369,6 +1369,23 @@ mod tests {
         (r(n_head_kv * dk), r(n_head_kv * dv))
     }
 
+    /// The view of a cache from [`random_cache`] with the same `kv_dims`.
+    fn cache_view<'a>(
+        (k, v): (&'a [u8], &'a [u8]),
+        ty: KvType,
+        cells: usize,
+        (n_head_kv, dk, dv): (usize, usize, usize),
+    ) -> KvView<'a> {
+        KvView {
+            k,
+            v,
+            ty,
+            cells,
+            k_row: n_head_kv * dk,
+            v_row: n_head_kv * dv,
+        }
+    }
+
     /// Every f16 bit pattern widens to `half`'s value (NaNs to NaNs of the same sign).
     #[test]
     fn f16_to_f32_is_exact_for_every_f16() {
@@ -1788,14 +1805,7 @@ mod tests {
             let (k, v) = random_cache(&mut rng, ty, cells, (n_head_kv, dk, dv), 1.0);
             let mut r =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-            let kv = KvView {
-                k: &k,
-                v: &v,
-                ty,
-                cells,
-                k_row: n_head_kv * dk,
-                v_row: n_head_kv * dv,
-            };
+            let kv = cache_view((&k, &v), ty, cells, (n_head_kv, dk, dv));
             // Caps: 0 the CPU's best, 2 AVX2 at most, 1 portable.
             let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
             for (cap, window, softcap, sinks) in [
@@ -1839,14 +1849,7 @@ mod tests {
             let (k, v) = random_cache(&mut rng, ty, cells, (n_head_kv, dk, dv), 2.0);
             let mut r =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
-            let kv = KvView {
-                k: &k,
-                v: &v,
-                ty,
-                cells,
-                k_row: n_head_kv * dk,
-                v_row: n_head_kv * dv,
-            };
+            let kv = cache_view((&k, &v), ty, cells, (n_head_kv, dk, dv));
             let queries = r(64 * n_head * dk);
             let sinks: Vec<f32> = r(n_head).into_iter().map(|x| 3.0 * x).collect();
             let positions: Vec<u32> = (0..64u32)
@@ -1927,14 +1930,8 @@ mod tests {
             let (k, _) = random_cache(&mut rng, ty, cells, (1, dk, dv), 2.0);
             let mut r =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect() };
-            let kv = KvView {
-                k: &k,
-                v: &k,
-                ty,
-                cells,
-                k_row: dk,
-                v_row: dk,
-            };
+            // V rows inside K: the same bytes, K's row size.
+            let kv = cache_view((&k, &k), ty, cells, (1, dk, dk));
             let p = AttnParams {
                 n_head: 4,
                 n_head_kv: 1,

@@ -2,7 +2,7 @@
 //! dot of its weight row and activation row (`QuantKernel::dot` of the scalar kernel) — whatever
 //! the batch size (1..=40 tokens, the token at any position of the batch), the output rows asked
 //! for, the thread count and the SIMD level (int8 GEMM with 16-row VNNI or 8-row AVX2 tiles, the
-//! row-wise decode path at batch 1 with AVX-512 VNNI, the portable path, the f32 dots of each
+//! row-wise decode path at batches 1–4 with AVX-512 VNNI, the portable path, the f32 dots of each
 //! level). Widths span several column chunks and end in a partial one (legacy types: a partial
 //! step of 128); 37 rows end in a partial group of 16. The exact-activation path likewise equals the
 //! portable f32 dot of the dequantized row.

@@ -1,8 +1,9 @@
-//! The decode path of the int8 GEMM: one token (batch 1) with AVX-512 VNNI, row-wise, the
+//! The decode path of the int8 GEMM: 1 to [`MAX_TOKENS`] tokens with AVX-512 VNNI, row-wise, the
 //! same bits as [`super::dot_converted`] at the memory roof.
 //!
-//! At batch 1 the GEMM's interleaved tile would be built for one token only: the transposition
-//! of 16 rows' bytes costs more than the products. Here each weight row is dotted straight from
+//! For so few tokens the GEMM's interleaved tile would be read by too few of them: the
+//! transposition of 16 rows' bytes costs more than the products (two sequences decoded slower
+//! together than one alone). Here each weight row is dotted straight from
 //! its file blocks instead, 128 elements (a *step*) at a time: the row's levels as unsigned bytes
 //! in one or two 512-bit vectors (nibbles masked, 2-bit groups shifted out, third, fifth or sixth
 //! bits merged, Q8_0 offset by 128, IQ4_NL/IQ4_XS/MXFP4 nibbles looked up in their table) and
@@ -35,6 +36,11 @@ pub(crate) const STEP: usize = 128;
 /// super-block (512 was no faster and zeroed twice the sums per group of 16 rows, which showed
 /// on short rows).
 pub(crate) const CHUNK: usize = 256;
+
+/// The sub-blocks of a Q4_K/Q5_K step in the lanes 0..4 of its vectors: a 128-bit-lane shuffle
+/// with an immediate gathers their nibbles in this order, where 0, 1, 2, 3 would need a
+/// two-source permute per vector. Its own inverse: lane `l` holds sub-block `NIBBLE_LANES[l]`.
+pub(crate) const NIBBLE_LANES: [usize; 4] = [0, 2, 1, 3];
 
 /// The most tokens the decode path takes at once: each row step's levels are decoded once and
 /// dotted with every token, so a few sequences decoding together read the weights once.
@@ -97,13 +103,11 @@ impl Kind {
         !matches!(self, Kind::K2 | Kind::K3 | Kind::K6)
     }
 
-    /// The lane of a step's sub-block `j` in the split order: Q4_K and Q5_K hold sub-blocks 0, 2,
-    /// 1, 3 in lanes 0..4 (a 128-bit-lane shuffle with an immediate gathers their nibbles that
-    /// way, where the order 0, 1, 2, 3 would need a two-source permute per vector); the others
-    /// (and Q6_K's element order) keep `j`.
+    /// The lane of a step's sub-block `j` in the split order: Q4_K and Q5_K hold their
+    /// sub-blocks in the order [`NIBBLE_LANES`]; the others (and Q6_K's element order) keep `j`.
     pub(crate) fn lane(self, j: usize) -> usize {
         match self {
-            Kind::K4 | Kind::K5 => [0, 2, 1, 3][j],
+            Kind::K4 | Kind::K5 => NIBBLE_LANES[j],
             _ => j,
         }
     }

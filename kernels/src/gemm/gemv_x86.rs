@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemv::{GemvActs, Kind, CHUNK, MAX_TOKENS, PREFETCH, STEP};
+use super::gemv::{GemvActs, Kind, CHUNK, MAX_TOKENS, NIBBLE_LANES, PREFETCH, STEP};
 use super::x86::{f16_lanes, k4_factors16, rows16x4};
 use super::{Converter, QB};
 use crate::quant::kquants::{q2k, q3k, q4k, q5k, q6k, QK_K};
@@ -240,10 +240,10 @@ impl Consts {
             )
         };
         let bits = |h: u32| {
-            // Lane l: bit 4h + j in every byte for the sub-block j it holds (`Kind::lane`; the
-            // top one sets the sign bit of the dword).
-            let b = |j: u32| (0x0101_0101u32 << (4 * h + j)) as i32;
-            lanes([b(0), b(2), b(1), b(3)])
+            // Lane l: bit 4h + j in every byte for the sub-block j it holds (the top one sets
+            // the sign bit of the dword).
+            let b = |l: usize| (0x0101_0101u32 << (4 * h + NIBBLE_LANES[l] as u32)) as i32;
+            lanes([b(0), b(1), b(2), b(3)])
         };
         let w = |s: i32| s | (s << 16);
         Consts {
@@ -527,9 +527,8 @@ unsafe fn step16<const K: u8, const FULL: bool, const T: usize>(
         for h in 0..halves {
             let v = transpose4([u[0][x][h], u[1][x][h], u[2][x][h], u[3][x][h]]);
             for (l, v) in v.into_iter().enumerate() {
-                // Lane l holds sub-block j (`Kind::lane` is its own inverse).
                 let j = if K == K4 || K == K5 {
-                    [0, 2, 1, 3][l]
+                    NIBBLE_LANES[l]
                 } else {
                     l
                 };

@@ -28,11 +28,11 @@
 //! are broadcast: AVX-512 VNNI `vpdpbusd` of the unsigned weights with the signed activations, the
 //! offset's contribution `−offset · Σa` (per token and sub-block) seeding the sum; AVX2
 //! `vpmaddubsw` of one operand's magnitude with the other signed by it (the weights are stored
-//! signed, `u − offset`; no saturation: see [`x86`]). The per-lane f32 steps are the order above.
+//! signed, `u − offset`; no saturation: see `gemm::x86`). The per-lane f32 steps are the order above.
 //! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
 //! conversion is paid once per weight byte and call.
 //!
-//! **Decode.** One token with AVX-512 VNNI skips the tile: `gemm::gemv` dots each row straight from
+//! **Decode.** One to four tokens with AVX-512 VNNI skip the tile: `gemm::gemv` dots each row straight from
 //! its blocks and transposes the integer sums instead, then runs the same f32 order.
 
 use pshard_model::ggml_type::GgmlType;
