@@ -67,15 +67,7 @@ done
 
 # The peer, built for this GPU.
 PEER=/tmp/llama.cpp
-if [ ! -x "$PEER/build/bin/llama-bench" ]; then
-    rm -rf "$PEER" && mkdir -p /tmp && tar -xzf carry/llama.cpp.tar.gz -C /tmp
-    t0=$(date +%s)
-    (cd "$PEER" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF >"$OUT/peer-cmake.log" 2>&1 &&
-        cmake --build build -j "$(nproc)" --target llama-bench llama-fit-params >"$OUT/peer-build.log" 2>&1) ||
-        { echo "peer build failed (see $OUT/peer-build.log)"; tail -20 "$OUT/peer-build.log"; }
-    echo "peer build: $(( $(date +%s) - t0 )) s"
-fi
+OUT=$OUT scripts/gpu-peer.sh llama-bench llama-fit-params
 
 [ ${#synth_pids[@]} -gt 0 ] && wait "${synth_pids[@]}"
 

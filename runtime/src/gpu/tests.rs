@@ -152,6 +152,20 @@ fn compare_steps(
     let c = cpu.eval(&prompt, Logits::All).unwrap();
     let g = gpu.eval(&prompt, Logits::All).unwrap();
     let prefill = rel_l2(&g, &c);
+    // Per prompt token: a systematic kernel error lifts every token alike, while a near-tie that
+    // flips one token's expert choice (or a top-k) leaves most tokens close and a few far off.
+    let mut per_token: Vec<f64> = g
+        .chunks(n_vocab)
+        .zip(c.chunks(n_vocab))
+        .map(|(g, c)| rel_l2(g, c))
+        .collect();
+    let worst_token = per_token
+        .iter()
+        .enumerate()
+        .fold((0, 0.0), |w, (i, &e)| if e > w.1 { (i, e) } else { w });
+    per_token.sort_by(f64::total_cmp);
+    let median = per_token[per_token.len() / 2];
+    let above = per_token.iter().filter(|&&e| e > TOL).count();
     let decode_run = |cpu: &mut Engine, gpu: &mut Engine| {
         cpu.reset();
         gpu.reset();
@@ -181,10 +195,14 @@ fn compare_steps(
     let worst_exact = exact.iter().cloned().fold(0.0, f64::max);
     let _ = writeln!(
         std::io::stderr(),
-        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU exact activations, tolerance {TOL:.0e}), \
+        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU exact activations, tolerance {TOL:.0e}; \
+         per token median {median:.2e}, worst {:.2e} at token {}, {above} of {} above {TOL:.0e}), \
          decode max rel L2 {worst:.2e} over {n_decode} steps (both 8-bit activations, tolerance \
          {decode_tol:.0e}), decode-exact max rel L2 {worst_exact:.2e} (both exact activations, \
-         tolerance {TOL:.0e})"
+         tolerance {TOL:.0e})",
+        worst_token.1,
+        worst_token.0,
+        per_token.len()
     );
     assert!(
         prefill <= TOL,
