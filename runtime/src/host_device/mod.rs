@@ -5,8 +5,14 @@
 //! kernels are the CPU lane's own ops, reading their inputs from device memory and writing their
 //! outputs back.
 //!
-//! Optionally every job of a stream first sleeps a random while ([`HostDevice::with_delays`]):
-//! a missing event or a ring slot reused too early then shows as wrong logits, not as luck.
+//! Every device-memory access is checked against the stream order ([`order`]): a missing event
+//! wait or a ring slot reused too early is an error on every run. Optionally every job of a
+//! stream also first sleeps a random while ([`HostDevice::with_delays`]), so such a bug shows in
+//! the logits too.
+
+mod order;
+
+use std::cell::Cell;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +37,11 @@ use crate::model::Model;
 
 /// Bits of an address that are the offset inside its region.
 const REGION_SHIFT: u32 = 40;
+
+thread_local! {
+    /// The order of the job a stream worker is running (none on other threads).
+    static CURRENT: Cell<Option<order::JobClock>> = const { Cell::new(None) };
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -107,9 +118,11 @@ struct Shared {
     /// The first failure of a job, reported by the next wait or synchronize.
     error: Mutex<Option<String>>,
     op_times: Mutex<HashMap<OpKey, OpTime>>,
-    /// Bytes of each allocation, by address: a step checks that its kernel scratch holds what
-    /// the CUDA kernels of its nodes would use.
-    allocs: Mutex<HashMap<DevPtr, u64>>,
+    /// Bytes and name of each allocation, by address: a step checks that its kernel scratch
+    /// holds what the CUDA kernels of its nodes would use; order errors name the allocation.
+    allocs: Mutex<HashMap<DevPtr, (u64, String)>>,
+    /// The last accesses of device memory, for the stream-order check.
+    shadow: Mutex<order::Shadow>,
 }
 
 impl Shared {
@@ -124,8 +137,44 @@ impl Shared {
         Ok((r.clone(), off))
     }
 
+    /// Checks the running job's access of `rows` rows of `width` bytes, `pitch` apart, at
+    /// `addr` against the stream order (nothing outside a stream job).
+    fn check_order(
+        &self,
+        addr: DevPtr,
+        rows: usize,
+        pitch: usize,
+        width: usize,
+        write: bool,
+    ) -> Result<(), String> {
+        let Some(job) = CURRENT.with(Cell::get) else {
+            return Ok(());
+        };
+        let region = (addr >> REGION_SHIFT) as usize;
+        let off = (addr & ((1u64 << REGION_SHIFT) - 1)) as usize;
+        let mut shadow = self.shadow.lock().unwrap_or_else(|p| p.into_inner());
+        for row in 0..rows.max(1) {
+            let start = off + row * pitch;
+            shadow
+                .access(region, start..start + width, write, &job)
+                .map_err(|e| {
+                    let at = addr + (row * pitch) as u64;
+                    let allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
+                    let owner = allocs
+                        .iter()
+                        .find(|(&p, (b, _))| p <= at && at < p + b)
+                        .map_or_else(String::new, |(p, (_, what))| {
+                            format!(" in {what} (at {p:#x})")
+                        });
+                    format!("device memory at {at:#x}{owner}: {e}")
+                })?;
+        }
+        Ok(())
+    }
+
     /// Reads `shape` bytes at `addr` (rows `src_pitch` apart) into `out` (rows `dst_pitch` apart).
     fn read(&self, addr: DevPtr, shape: Shape2d, out: &mut [u8]) -> Result<(), String> {
+        self.check_order(addr, shape.rows, shape.src_pitch, shape.width, false)?;
         let (r, off) = self.region(addr)?;
         let words = r.read().unwrap_or_else(|p| p.into_inner());
         let bytes: &[u8] = bytemuck::cast_slice(&words);
@@ -145,6 +194,7 @@ impl Shared {
 
     /// Writes `data` (rows `src_pitch` apart) to `addr` (rows `dst_pitch` apart).
     fn write(&self, addr: DevPtr, shape: Shape2d, data: &[u8]) -> Result<(), String> {
+        self.check_order(addr, shape.rows, shape.dst_pitch, shape.width, true)?;
         let (r, off) = self.region(addr)?;
         let mut words = r.write().unwrap_or_else(|p| p.into_inner());
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
@@ -190,6 +240,8 @@ pub struct HostDevice {
     delay: Option<Delay>,
     jobs: AtomicU64,
     op_timing: bool,
+    /// The issue order of jobs, events and host waits (see [`order`]).
+    issue: Mutex<order::Issue>,
 }
 
 impl HostDevice {
@@ -217,6 +269,7 @@ impl HostDevice {
                 error: Mutex::new(None),
                 op_times: Mutex::new(HashMap::new()),
                 allocs: Mutex::new(HashMap::new()),
+                shadow: Mutex::new(order::Shadow::default()),
             }),
             arena: Mutex::new(VramArena::new(budget)),
             compute: Worker::spawn("host-device compute"),
@@ -224,6 +277,7 @@ impl HostDevice {
             delay: None,
             jobs: AtomicU64::new(0),
             op_timing: false,
+            issue: Mutex::new(order::Issue::default()),
         }
     }
 
@@ -235,6 +289,7 @@ impl HostDevice {
 
     fn push(&self, s: Stream, job: impl FnOnce(&Shared) -> Result<(), String> + Send + 'static) {
         let shared = self.shared.clone();
+        let clock = self.issue().job(s);
         let n = self.jobs.fetch_add(1, Ordering::Relaxed);
         let delay = self.delay.map(|d| {
             // splitmix64 of (seed, job number): reproducible per seed, different per job.
@@ -248,7 +303,10 @@ impl HostDevice {
             if let Some(us) = delay {
                 std::thread::sleep(std::time::Duration::from_micros(us));
             }
-            if let Err(e) = job(&shared) {
+            CURRENT.with(|c| c.set(Some(clock)));
+            let res = job(&shared);
+            CURRENT.with(|c| c.set(None));
+            if let Err(e) = res {
                 shared.fail(e);
             }
         });
@@ -256,6 +314,10 @@ impl HostDevice {
             Stream::Compute => self.compute.push(job),
             Stream::Copy => self.copy.push(job),
         }
+    }
+
+    fn issue(&self) -> std::sync::MutexGuard<'_, order::Issue> {
+        self.issue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn check_error(&self) -> Result<(), EngineError> {
@@ -334,7 +396,7 @@ impl Device for HostDevice {
             .allocs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ptr, bytes);
+            .insert(ptr, (bytes, what.to_string()));
         Ok(ptr)
     }
 
@@ -347,6 +409,11 @@ impl Device for HostDevice {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&region.0);
+        self.shared
+            .shadow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(region.0 + 1);
         let base = (region.0 as u64 + 1) << REGION_SHIFT;
         self.shared
             .allocs
@@ -484,6 +551,7 @@ impl Device for HostDevice {
             sh.events.done.notify_all();
             Ok(())
         });
+        self.issue().record(s, e.0 as usize);
         Ok(())
     }
 
@@ -495,6 +563,7 @@ impl Device for HostDevice {
             .lock()
             .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
             .0;
+        self.issue().wait(s, e.0 as usize);
         self.push(s, move |sh| {
             sh.events.wait_for(e.0 as usize, gen);
             Ok(())
@@ -511,6 +580,7 @@ impl Device for HostDevice {
             .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
             .0;
         self.shared.events.wait_for(e.0 as usize, gen);
+        self.issue().host_wait(e.0 as usize);
         self.check_error()
     }
 
@@ -527,6 +597,7 @@ impl Device for HostDevice {
                 .0;
             self.shared.events.wait_for(e.0 as usize, gen);
         }
+        self.issue().host_sync();
         self.check_error()
     }
 
@@ -746,7 +817,7 @@ impl OwnedStep {
             });
         let allocs = sh.allocs.lock().unwrap_or_else(|p| p.into_inner());
         for (ptr, (bytes, what)) in self.scratch.parts().into_iter().zip(need.parts()) {
-            let have = allocs.get(&ptr).copied().unwrap_or(0);
+            let have = allocs.get(&ptr).map_or(0, |a| a.0);
             if bytes > have {
                 return Err(format!(
                     "{what} scratch at {ptr:#x} holds {have} bytes; node {} of a {}-token \
