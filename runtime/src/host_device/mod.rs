@@ -172,22 +172,33 @@ impl Shared {
         Ok(())
     }
 
+    /// The byte ranges, inside its region of `len` bytes at offset `off`, of `rows` rows of
+    /// `width` bytes `pitch` apart: an error if one leaves the region.
+    fn rows_in(
+        what: &str,
+        addr: DevPtr,
+        off: usize,
+        len: usize,
+        (rows, pitch, width): (usize, usize, usize),
+    ) -> Result<impl Iterator<Item = std::ops::Range<usize>>, String> {
+        let last = off + rows.saturating_sub(1) * pitch + width;
+        if rows > 0 && last > len {
+            return Err(format!(
+                "{what} of {width} bytes at {addr:#x} leaves its region"
+            ));
+        }
+        Ok((0..rows).map(move |r| off + r * pitch..off + r * pitch + width))
+    }
+
     /// Reads `shape` bytes at `addr` (rows `src_pitch` apart) into `out` (rows `dst_pitch` apart).
     fn read(&self, addr: DevPtr, shape: Shape2d, out: &mut [u8]) -> Result<(), String> {
         self.check_order(addr, shape.rows, shape.src_pitch, shape.width, false)?;
         let (r, off) = self.region(addr)?;
         let words = r.read().unwrap_or_else(|p| p.into_inner());
         let bytes: &[u8] = bytemuck::cast_slice(&words);
-        for row in 0..shape.rows {
-            let s = off + row * shape.src_pitch;
-            let d = row * shape.dst_pitch;
-            let src = bytes.get(s..s + shape.width).ok_or_else(|| {
-                format!(
-                    "read of {} bytes at {addr:#x} leaves its region",
-                    shape.width
-                )
-            })?;
-            out[d..d + shape.width].copy_from_slice(src);
+        let rows = (shape.rows, shape.src_pitch, shape.width);
+        for (i, src) in Self::rows_in("read", addr, off, bytes.len(), rows)?.enumerate() {
+            out[i * shape.dst_pitch..][..shape.width].copy_from_slice(&bytes[src]);
         }
         Ok(())
     }
@@ -198,16 +209,9 @@ impl Shared {
         let (r, off) = self.region(addr)?;
         let mut words = r.write().unwrap_or_else(|p| p.into_inner());
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
-        for row in 0..shape.rows {
-            let d = off + row * shape.dst_pitch;
-            let s = row * shape.src_pitch;
-            let dst = bytes.get_mut(d..d + shape.width).ok_or_else(|| {
-                format!(
-                    "write of {} bytes at {addr:#x} leaves its region",
-                    shape.width
-                )
-            })?;
-            dst.copy_from_slice(&data[s..s + shape.width]);
+        let rows = (shape.rows, shape.dst_pitch, shape.width);
+        for (i, dst) in Self::rows_in("write", addr, off, bytes.len(), rows)?.enumerate() {
+            bytes[dst].copy_from_slice(&data[i * shape.src_pitch..][..shape.width]);
         }
         Ok(())
     }
