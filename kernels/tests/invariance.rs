@@ -14,7 +14,10 @@
 mod common;
 
 use common::rng;
-use pshard_kernels::matmul::{matmul_at, matmul_exact, quantize_acts, QuantizedActs, WeightMatrix};
+use pshard_kernels::gemm::packed;
+use pshard_kernels::matmul::{
+    matmul_at, matmul_exact, quantize_acts, QuantizedActs, WeightLayout, WeightMatrix,
+};
 use pshard_kernels::pool;
 use pshard_kernels::quant::{self, exact, QuantKernel, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
@@ -107,13 +110,11 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
         let k = quant::scalar_kernel(ty).expect("supported type");
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
-        let w = WeightMatrix {
-            ty,
-            data: &data,
-            rows,
-            cols,
-        };
         let rb = data.len() / rows;
+        // The file layout and, where the type has one, the repacked layout.
+        let repacked = packed::repack(ty, &data, rows, rb).ok();
+        let layouts = std::iter::once((WeightLayout::File, &data))
+            .chain(repacked.as_ref().map(|p| (WeightLayout::Interleaved, p)));
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
         let xq = quantize_acts(k.act, &xs, 2 * MAX_TOKENS, cols);
         let want: Vec<Vec<u32>> = (0..2 * MAX_TOKENS)
@@ -123,7 +124,14 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                     .collect()
             })
             .collect();
-        for threads in [1usize, 0] {
+        for ((layout, data), threads) in layouts.flat_map(|l| [(l, 1usize), (l, 0)]) {
+            let w = WeightMatrix {
+                ty,
+                data,
+                rows,
+                cols,
+                layout,
+            };
             pool::set_threads(threads);
             for level in SimdLevel::ALL {
                 if !level.available() {
@@ -149,8 +157,8 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                                 assert_eq!(
                                     got.to_bits(),
                                     want[t0 + t][i],
-                                    "{ty} {} threads {threads}: batch {n} (from token {t0}), \
-                                     rows {lo}..{hi}: out[{t},{i}] = {got} vs {}",
+                                    "{ty} {layout:?} {} threads {threads}: batch {n} (from \
+                                     token {t0}), rows {lo}..{hi}: out[{t},{i}] = {got} vs {}",
                                     level.name(),
                                     f32::from_bits(want[t0 + t][i])
                                 );
@@ -181,6 +189,7 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
             data: &data,
             rows,
             cols,
+            layout: pshard_kernels::matmul::WeightLayout::File,
         };
         let rb = data.len() / rows;
         let deq: Vec<Vec<f32>> = (0..rows)
@@ -322,6 +331,7 @@ fn out_of_range_activations_give_nan_on_every_path() {
             data: &data,
             rows,
             cols,
+            layout: pshard_kernels::matmul::WeightLayout::File,
         };
         let rb = data.len() / rows;
         let n = 5;

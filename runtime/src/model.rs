@@ -99,6 +99,7 @@ impl Model {
             data: &data[expert * per..][..per],
             rows: t.rows(),
             cols: t.cols(),
+            layout: pshard_kernels::matmul::WeightLayout::File,
         }
     }
 

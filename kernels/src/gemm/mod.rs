@@ -43,6 +43,9 @@ use crate::quant::{ActFormat, SimdLevel};
 pub(crate) mod gemv;
 #[cfg(target_arch = "x86_64")]
 mod gemv_x86;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
