@@ -6,7 +6,8 @@
 //! super-block of a K-quant), each unit in the type's own bytes with its f16 scale (where the
 //! type has one outside a dword: Q4_0, Q5_0, Q8_0 at byte 0, Q6_K at 208) moved behind the rest:
 //! dword `i` of the unit's remaining bytes of the 16 rows as vector `i` (64 bytes), then the 16
-//! rows' f16 scales (32 bytes). So a repacked matrix has exactly the bytes of the file's, and the
+//! rows' f16 scales (32 bytes); Q8_0's quants are stored offset by 128 ([`Geo::flip`]). So a
+//! repacked matrix is exactly as large as in the file, and the
 //! kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16 rows at once: each lane
 //! ends a sub-block holding that row's integer sum, with no horizontal reduction (see
 //! `gemm::packed_x86`). Rows after the last whole group (`rows % 16`) stay in the file layout
@@ -31,6 +32,9 @@ pub(crate) struct Geo {
     pub elems: usize,
     /// Offset of the f16 scale moved behind the dwords, if any.
     pub f16: Option<usize>,
+    /// The dwords are stored with every byte's top bit flipped (Q8_0: its signed quants become
+    /// the unsigned levels `q + 128` the kernel multiplies, saving an operation per vector).
+    pub flip: bool,
 }
 
 impl Geo {
@@ -43,13 +47,38 @@ impl Geo {
     pub(crate) fn group_unit(self) -> usize {
         ROWS * self.bytes
     }
+
+    /// What every stored dword is xor-ed with ([`Geo::flip`]).
+    fn flip_mask(self) -> u32 {
+        if self.flip {
+            0x8080_8080
+        } else {
+            0
+        }
+    }
 }
 
 /// The repacked geometry of `ty`, for the types the decode path has a repacked kernel for.
 pub(crate) fn geo(ty: GgmlType) -> Option<Geo> {
-    let g = |bytes, elems, f16| Some(Geo { bytes, elems, f16 });
+    let g = |bytes, elems, f16| {
+        Some(Geo {
+            bytes,
+            elems,
+            f16,
+            flip: false,
+        })
+    };
     match ty {
         GgmlType::Q4_K => g(144, 256, None),
+        GgmlType::Q5_K => g(176, 256, None),
+        GgmlType::Q6_K => g(210, 256, Some(208)),
+        GgmlType::Q4_0 => g(18, 32, Some(0)),
+        GgmlType::Q4_1 => g(20, 32, None),
+        GgmlType::Q5_0 => g(22, 32, Some(0)),
+        GgmlType::Q8_0 => Some(Geo {
+            flip: true,
+            ..g(34, 32, Some(0))?
+        }),
         _ => None,
     }
 }
@@ -109,7 +138,8 @@ fn pack_group(g: Geo, src: &[u8], wrb: usize, dst: &mut [u8]) {
                 if i == nd {
                     break;
                 }
-                d[64 * i + 4 * k..][..4].copy_from_slice(&unit[at..at + 4]);
+                let x = u32::from_le_bytes(unit[at..at + 4].try_into().expect("4 bytes"));
+                d[64 * i + 4 * k..][..4].copy_from_slice(&(x ^ g.flip_mask()).to_le_bytes());
                 i += 1;
             }
             if let Some(f) = g.f16 {
@@ -133,7 +163,8 @@ pub(crate) fn unpack_rows(ty: GgmlType, src: &[u8], wrb: usize, k0: usize, dst: 
                     Some(f) if 4 * i >= f => 4 * i + 2,
                     _ => 4 * i,
                 };
-                unit[at..at + 4].copy_from_slice(&s[64 * i + 4 * k..][..4]);
+                let x = u32::from_le_bytes(s[64 * i + 4 * k..][..4].try_into().expect("4 bytes"));
+                unit[at..at + 4].copy_from_slice(&(x ^ g.flip_mask()).to_le_bytes());
             }
             if let Some(f) = g.f16 {
                 unit[f..f + 2].copy_from_slice(&s[64 * nd + 2 * k..][..2]);
