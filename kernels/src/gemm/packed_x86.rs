@@ -224,10 +224,10 @@ unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
     store(f)
 }
 
-/// Q6_K: per super-block 32 vectors of low nibbles (`ql`), 16 of high bit pairs (`qh`), 4 of
-/// signed scales, then the 16 rows' f16 `d`. In half `h`, vectors `16h + j` and `16h + 8 + j`
-/// with `qh` vector `32 + 8h + j` give elements `128h + 4j + 32q ..` (`q` = 0..4) of sub-blocks
-/// `8h + 2q + j / 4`.
+/// Q6_K: per super-block 4 vectors of signed scales, then per half `h` and step `j` three
+/// vectors (`packed::q6k_order`): the low nibbles of `ql` dwords `16h + j` and `16h + 8 + j` and
+/// the high bit pairs of `qh` dword `8h + j`, giving elements `128h + 4j + 32q ..` (`q` = 0..4)
+/// of sub-blocks `8h + 2q + j / 4`; then the 16 rows' f16 `d`.
 ///
 /// # Safety
 /// As [`q4k`], for Q6_K with seeds.
@@ -244,7 +244,7 @@ unsafe fn q6k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
         unsafe {
             let u = p.add(sb * 16 * 210);
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.add(52 * 64).cast()));
-            let sc: [__m512i; 4] = std::array::from_fn(|i| ld(u.add((48 + i) * 64)));
+            let sc: [__m512i; 4] = std::array::from_fn(|i| ld(u.add(i * 64)));
             for h in 0..2 {
                 let mut acc: [[__m512i; 8]; T] = std::array::from_fn(|t| {
                     std::array::from_fn(|s| {
@@ -252,9 +252,8 @@ unsafe fn q6k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
                     })
                 });
                 for j in 0..8 {
-                    let a = ld(u.add((16 * h + j) * 64));
-                    let b = ld(u.add((16 * h + 8 + j) * 64));
-                    let qh = ld(u.add((32 + 8 * h + j) * 64));
+                    let at = u.add((4 + 24 * h + 3 * j) * 64);
+                    let (a, b, qh) = (ld(at), ld(at.add(64)), ld(at.add(128)));
                     let q = [
                         merge(_mm512_and_si512(a, m4), _mm512_slli_epi16::<4>(qh)),
                         merge(_mm512_and_si512(b, m4), _mm512_slli_epi16::<2>(qh)),
