@@ -1,5 +1,6 @@
-//! The CPU matmul driver: a weight matrix in its file layout times activations converted to the
-//! weight type's partner format, output rows split statically over the CPU pool ([`crate::pool`]).
+//! The CPU matmul driver: a weight matrix in its file layout (or repacked, [`WeightLayout`]) times
+//! activations converted to the weight type's partner format, output rows split statically over
+//! the CPU pool ([`crate::pool`]).
 //!
 //! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
 //!
@@ -7,7 +8,8 @@
 //! streams every weight byte once with no scheduling between ops. Quantized weights go through
 //! the int8 GEMM ([`crate::gemm`]): a tile of rows is converted a chunk of columns at a time and
 //! every token passes over it while it sits in L1, so each weight row is read from memory once per
-//! call; one token with AVX-512 VNNI takes its row-wise decode path (`gemm::gemv`).
+//! call; one to four tokens with AVX-512 VNNI take the row-wise decode path (`gemm::gemv`), or on
+//! a repacked matrix its 16-row kernel (`gemm::packed`).
 //!
 //! Every output is one fixed sequence of operations on its weight row and activation row
 //! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
@@ -479,7 +481,7 @@ impl<'a> RowsJob<'a> {
             let r = r0 + i;
             let n = if r >= full {
                 len - i
-            } else if r % ROWS == 0 && self.packed {
+            } else if r.is_multiple_of(ROWS) && self.packed {
                 ((len - i) / ROWS).min((full - r) / ROWS) * ROWS
             } else {
                 0
@@ -492,9 +494,10 @@ impl<'a> RowsJob<'a> {
             let mut part: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[i..i + n]).collect();
             if r >= full {
                 self.compute_file(&w.data[full * wrb..], full, r, &mut part);
-            } else if let (Engine::Gemm { acts, .. }, true) =
-                (&self.engine, self.packed && n % ROWS == 0 && r % ROWS == 0)
-            {
+            } else if let (Engine::Gemm { acts, .. }, true) = (
+                &self.engine,
+                self.packed && n.is_multiple_of(ROWS) && r.is_multiple_of(ROWS),
+            ) {
                 gemm::packed::groups(w.ty, acts, &w.data[r * wrb..(r + n) * wrb], &mut part);
             } else {
                 UNPACKED.with(|u| {
