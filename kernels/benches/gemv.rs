@@ -8,7 +8,9 @@
 //! types: `GEMV_TYPES=Q4_K,Q8_0`; another shape: `GEMV_SHAPE=262144x640`).
 //!
 //! Types with a repacked layout (`gemm::packed`) are timed both ways in the same run: the file
-//! layout (the row-wise decode path) and the repacked one (`repacked` columns).
+//! layout (the row-wise decode path) and the repacked one (`repacked` columns); the DRAM read,
+//! the file layout and the repacked one take turns rep by rep, so a change of the VM's memory
+//! mode hits all three alike.
 //!
 //! `GEMV_L2=1`: the compute roof instead, on one thread: a 128 × 4096 matrix (`GEMV_SHAPE=RxC`;
 //! rows a multiple of 64) that stays in L2,
@@ -161,22 +163,19 @@ fn main() {
     let t = pool::set_threads(threads);
     let buf: Vec<u64> = (0..(MEM_BYTES / 8) as u64).collect();
     black_box(read_all(&buf));
-    let mem = median(
-        (0..REPS)
-            .map(|_| {
-                let t0 = Instant::now();
-                black_box(read_all(black_box(&buf)));
-                MEM_BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9
-            })
-            .collect(),
-    );
-    drop(buf);
+    let read = || {
+        let t0 = Instant::now();
+        black_box(read_all(black_box(&buf)));
+        MEM_BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9
+    };
     println!(
-        "DRAM read: {mem:.1} GB/s ({} threads); GEMV {rows}x{cols}, batch 1, median of {REPS}",
+        "GEMV {rows}x{cols}, batch 1, {} threads, median of {REPS}; per type the DRAM read, the \
+         file layout and the repacked one timed in turn each rep (the VM's memory changes mode \
+         within minutes)",
         t.used
     );
-    println!("| type | MB | GB/s | % of DRAM read | repacked GB/s | repacked % |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| type | MB | DRAM read GB/s | GB/s | % of DRAM read | repacked GB/s | repacked % |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let llc = 64usize << 20;
     for &ty in &types {
         let k = quant::kernel(ty).expect("CPU kernel");
@@ -187,46 +186,49 @@ fn main() {
         // Small matrices run back to back over successive copies (as a decode step's matmuls
         // do), so a pool's wake-up or a cold first row is not timed once per megabyte.
         let per_rep = (32usize << 20).div_ceil(one.len()).min(n_copies);
-        let mut time = |copies: &[Vec<u8>], layout| {
-            let mut gbs = Vec::new();
-            let mut at = 0;
-            for rep in 0..REPS + 2 {
-                let t0 = Instant::now();
-                for _ in 0..per_rep {
-                    let w = WeightMatrix {
-                        ty,
-                        data: &copies[at % copies.len()],
-                        rows,
-                        cols,
-                        layout,
-                    };
-                    at += 1;
-                    // The runtime quantizes the input once per op: included, as in a decode step.
-                    let q = quantize_acts(k.act, &x, 1, cols);
-                    matmul(&w, &q, &mut out, rows, 0..rows).unwrap();
-                }
-                let s = t0.elapsed().as_secs_f64();
-                if rep >= 2 {
-                    gbs.push((per_rep * one.len()) as f64 / s / 1e9);
-                }
+        let file: Vec<Vec<u8>> = (0..n_copies).map(|_| one.clone()).collect();
+        let repacked: Option<Vec<Vec<u8>>> = packed::repack(ty, &one, rows, one.len() / rows)
+            .ok()
+            .map(|p| (0..n_copies).map(|_| p.clone()).collect());
+        let mut at = 0;
+        let mut rep = |copies: &[Vec<u8>], layout| {
+            let t0 = Instant::now();
+            for _ in 0..per_rep {
+                let w = WeightMatrix {
+                    ty,
+                    data: &copies[at % copies.len()],
+                    rows,
+                    cols,
+                    layout,
+                };
+                at += 1;
+                // The runtime quantizes the input once per op: included, as in a decode step.
+                let q = quantize_acts(k.act, &x, 1, cols);
+                matmul(&w, &q, &mut out, rows, 0..rows).unwrap();
             }
-            black_box(&out);
-            median(gbs)
+            (per_rep * one.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9
         };
-        let g = {
-            let copies: Vec<Vec<u8>> = (0..n_copies).map(|_| one.clone()).collect();
-            time(&copies, WeightLayout::File)
-        };
-        let repacked = match packed::repack(ty, &one, rows, one.len() / rows) {
-            Ok(p) => {
-                let copies: Vec<Vec<u8>> = (0..n_copies).map(|_| p.clone()).collect();
-                let g = time(&copies, WeightLayout::Interleaved);
-                format!("{g:.1} | {:.0}%", 100.0 * g / mem)
+        let (mut mem, mut g, mut gp) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..REPS + 2 {
+            let m = read();
+            let a = rep(&file, WeightLayout::File);
+            let b = repacked.as_ref().map(|p| rep(p, WeightLayout::Interleaved));
+            if i >= 2 {
+                mem.push(m);
+                g.push(a);
+                gp.extend(b);
             }
-            Err(_) => "– | –".to_string(),
+        }
+        black_box(&out);
+        let (mem, g) = (median(mem), median(g));
+        let repacked = if gp.is_empty() {
+            "– | –".to_string()
+        } else {
+            let gp = median(gp);
+            format!("{gp:.1} | {:.0}%", 100.0 * gp / mem)
         };
         println!(
-            "| {ty} | {:.1} | {g:.1} | {:.0}% | {repacked} |",
+            "| {ty} | {:.1} | {mem:.1} | {g:.1} | {:.0}% | {repacked} |",
             one.len() as f64 / 1e6,
             100.0 * g / mem
         );
