@@ -3,10 +3,9 @@
 //! each of the 16 rows (row `k` in dword lane `k`).
 //!
 //! A group is `16 ×` the rows' bytes, *unit* by *unit* (a unit: one block of a legacy type, one
-//! super-block of a K-quant), each unit in the type's own bytes with its f16 scale (where the
-//! type has one outside a dword: Q4_0, Q5_0, Q8_0 at byte 0, Q6_K at 208) moved behind the rest:
-//! dword `i` of the unit's remaining bytes of the 16 rows as vector `i` (64 bytes), then the 16
-//! rows' f16 scales (32 bytes); Q8_0's quants are stored offset by 128 ([`Geo::flip`]). So a
+//! super-block of a K-quant), each unit in the type's own bytes: the 16 rows' f16 scales first
+//! (32 bytes; types with one outside a dword: Q4_0, Q5_0, Q8_0 at byte 0, Q6_K at 208), then
+//! dword `i` of each row's remaining bytes as vector `i` (64 bytes, row `k` in lane `k`); Q8_0's quants are stored offset by 128 ([`Geo::flip`]). So a
 //! repacked matrix is exactly as large as in the file, and the
 //! kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16 rows at once: each lane
 //! ends a sub-block holding that row's integer sum, with no horizontal reduction (see
@@ -51,6 +50,17 @@ impl Geo {
     /// Bytes of one unit of a group (16 rows).
     pub(crate) fn group_unit(self) -> usize {
         ROWS * self.bytes
+    }
+
+    /// Bytes before a group unit's first vector: the 16 rows' moved f16 scales, if any (read
+    /// first, so each group streams front to back; 32-byte offsets split no 256-bit half of a
+    /// load across cache lines).
+    pub(crate) fn head(self) -> usize {
+        if self.f16.is_some() {
+            2 * ROWS
+        } else {
+            0
+        }
     }
 
     /// The byte offset in a row's unit of the dword stored as vector `i`.
@@ -160,10 +170,11 @@ fn pack_group(g: Geo, src: &[u8], wrb: usize, dst: &mut [u8]) {
             for i in 0..nd {
                 let at = g.src_at(i);
                 let x = u32::from_le_bytes(unit[at..at + 4].try_into().expect("4 bytes"));
-                d[64 * i + 4 * k..][..4].copy_from_slice(&(x ^ g.flip_mask()).to_le_bytes());
+                d[g.head() + 64 * i + 4 * k..][..4]
+                    .copy_from_slice(&(x ^ g.flip_mask()).to_le_bytes());
             }
             if let Some(f) = g.f16 {
-                d[64 * nd + 2 * k..][..2].copy_from_slice(&unit[f..f + 2]);
+                d[2 * k..][..2].copy_from_slice(&unit[f..f + 2]);
             }
         }
     }
@@ -180,11 +191,14 @@ pub(crate) fn unpack_rows(ty: GgmlType, src: &[u8], wrb: usize, k0: usize, dst: 
             let s = &src[u * g.group_unit()..][..g.group_unit()];
             for i in 0..nd {
                 let at = g.src_at(i);
-                let x = u32::from_le_bytes(s[64 * i + 4 * k..][..4].try_into().expect("4 bytes"));
+                let x = s[g.head() + 64 * i + 4 * k..][..4]
+                    .try_into()
+                    .expect("4 bytes");
+                let x = u32::from_le_bytes(x);
                 unit[at..at + 4].copy_from_slice(&(x ^ g.flip_mask()).to_le_bytes());
             }
             if let Some(f) = g.f16 {
-                unit[f..f + 2].copy_from_slice(&s[64 * nd + 2 * k..][..2]);
+                unit[f..f + 2].copy_from_slice(&s[2 * k..][..2]);
             }
         }
     }

@@ -224,10 +224,10 @@ unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
     store(f)
 }
 
-/// Q6_K: per super-block 4 vectors of signed scales, then per half `h` and step `j` three
+/// Q6_K: per super-block the 16 rows' f16 `d`, 4 vectors of signed scales, then per half `h` and step `j` three
 /// vectors (`packed::q6k_order`): the low nibbles of `ql` dwords `16h + j` and `16h + 8 + j` and
 /// the high bit pairs of `qh` dword `8h + j`, giving elements `128h + 4j + 32q ..` (`q` = 0..4)
-/// of sub-blocks `8h + 2q + j / 4`; then the 16 rows' f16 `d`.
+/// of sub-blocks `8h + 2q + j / 4`.
 ///
 /// # Safety
 /// As [`q4k`], for Q6_K with seeds.
@@ -243,7 +243,8 @@ unsafe fn q6k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
         // group; the tokens' super-block sb exists, with seeds (caller).
         unsafe {
             let u = p.add(sb * 16 * 210);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.add(52 * 64).cast()));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()));
+            let u = u.add(32);
             let sc: [__m512i; 4] = std::array::from_fn(|i| ld(u.add(i * 64)));
             for h in 0..2 {
                 let mut acc: [[__m512i; 8]; T] = std::array::from_fn(|t| {
@@ -292,7 +293,8 @@ const L41: u8 = 1;
 const L50: u8 = 2;
 const L80: u8 = 3;
 
-/// Q4_0 blocks: 4 nibble vectors (vector `g`: elements `4g ..` low, `16 + 4g ..` high), the f16 `d`.
+/// Q4_0 blocks: the f16 `d`, 4 nibble vectors (vector `g`: elements `4g ..` low, `16 + 4g ..`
+/// high).
 ///
 /// # Safety
 /// As [`legacy`].
@@ -312,7 +314,7 @@ unsafe fn q4_1<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f
     unsafe { legacy::<L41, T>(p, units, tok) }
 }
 
-/// Q5_0 blocks: the fifth-bit vector, 4 nibble vectors as Q4_0's, the f16 `d`.
+/// Q5_0 blocks: the f16 `d`, the fifth-bit vector, 4 nibble vectors as Q4_0's.
 ///
 /// # Safety
 /// As [`legacy`].
@@ -322,7 +324,7 @@ unsafe fn q5_0<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f
     unsafe { legacy::<L50, T>(p, units, tok) }
 }
 
-/// Q8_0 blocks: 8 vectors of quants (stored + 128), the f16 `d`.
+/// Q8_0 blocks: the f16 `d`, 8 vectors of quants (stored + 128).
 ///
 /// # Safety
 /// As [`legacy`].
@@ -347,11 +349,12 @@ unsafe fn legacy<const L: u8, const T: usize>(
     units: usize,
     tok: [Tok; T],
 ) -> [[f32; ROWS]; T] {
-    let (ub, first, nd) = match L {
-        L40 => (16 * 18, 0, 4),
-        L41 => (16 * 20, 1, 5),
-        L50 => (16 * 22, 1, 5),
-        _ => (16 * 34, 0, 8),
+    // Group unit bytes, bytes before the vectors (the f16 scales), the first nibble vector.
+    let (ub, head, first) = match L {
+        L40 => (16 * 18, 32, 0),
+        L41 => (16 * 20, 0, 1),
+        L50 => (16 * 22, 32, 1),
+        _ => (16 * 34, 32, 0),
     };
     let m4 = _mm512_set1_epi8(0x0F);
     // Entry v: byte b = bit b of v moved to bit 4.
@@ -386,7 +389,7 @@ unsafe fn legacy<const L: u8, const T: usize>(
                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm))),
                 )
             } else {
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.add(64 * nd).cast()));
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()));
                 (d, _mm512_setzero_ps())
             };
             let seed = |t: usize| {
@@ -400,7 +403,7 @@ unsafe fn legacy<const L: u8, const T: usize>(
             let mut y = [_mm512_setzero_si512(); T];
             if L == L80 {
                 for g in 0..8 {
-                    let v = ld(u.add(64 * g));
+                    let v = ld(u.add(head + 64 * g));
                     for t in 0..T {
                         let a = bcast(tok[t].q.add(32 * b + 4 * g));
                         if g < 4 {
@@ -412,12 +415,12 @@ unsafe fn legacy<const L: u8, const T: usize>(
                 }
             } else {
                 let qh = if L == L50 {
-                    ld(u)
+                    ld(u.add(head))
                 } else {
                     _mm512_setzero_si512()
                 };
                 for g in 0..4 {
-                    let v = ld(u.add(64 * (first + g)));
+                    let v = ld(u.add(head + 64 * (first + g)));
                     let (lo, hi) = if L == L50 {
                         let fl = _mm512_permutexvar_epi32(
                             _mm512_srl_epi32(qh, _mm_cvtsi32_si128(4 * g as i32)),
