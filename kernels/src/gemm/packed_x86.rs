@@ -64,27 +64,26 @@ pub(super) unsafe fn groups(
 ) {
     let units = acts.cols / g.elems;
     let gb = units * g.group_unit();
+    // SAFETY (each call of a kernel): a group of `data` (caller) of `units` units; the tokens
+    // as the caller says.
     macro_rules! go {
-        ($f:ident) => {{
-            for (i, chunk) in data.chunks_exact(gb).enumerate() {
-                let p = chunk.as_ptr();
-                // SAFETY: group i of `data` (caller), `units` units; tokens as the caller says.
-                let o: [[f32; ROWS]; MAX_TOKENS] = unsafe {
-                    match outs.len() {
-                        1 => pad($f::<1>(p, units, toks::<1>(acts, conv))),
-                        2 => pad($f::<2>(p, units, toks::<2>(acts, conv))),
-                        3 => pad($f::<3>(p, units, toks::<3>(acts, conv))),
-                        4 => pad($f::<4>(p, units, toks::<4>(acts, conv))),
-                        n => {
-                            unreachable!("the decode path takes 1 to {MAX_TOKENS} tokens, not {n}")
-                        }
-                    }
-                };
-                for (out, o) in outs.iter_mut().zip(&o) {
-                    out[ROWS * i..ROWS * (i + 1)].copy_from_slice(o);
-                }
+        ($f:ident) => {
+            match outs.len() {
+                1 => each(data, gb, outs, |p| unsafe {
+                    $f::<1>(p, units, toks(acts, conv))
+                }),
+                2 => each(data, gb, outs, |p| unsafe {
+                    $f::<2>(p, units, toks(acts, conv))
+                }),
+                3 => each(data, gb, outs, |p| unsafe {
+                    $f::<3>(p, units, toks(acts, conv))
+                }),
+                4 => each(data, gb, outs, |p| unsafe {
+                    $f::<4>(p, units, toks(acts, conv))
+                }),
+                n => unreachable!("the decode path takes 1 to {MAX_TOKENS} tokens, not {n}"),
             }
-        }};
+        };
     }
     match conv.ty {
         GgmlType::Q4_K => go!(q4k),
@@ -98,9 +97,20 @@ pub(super) unsafe fn groups(
     }
 }
 
-/// `T` tokens' outputs as [`MAX_TOKENS`] (the rest zero).
-fn pad<const T: usize>(o: [[f32; ROWS]; T]) -> [[f32; ROWS]; MAX_TOKENS] {
-    std::array::from_fn(|t| if t < T { o[t] } else { [0.0; ROWS] })
+/// Runs `kernel` on each group (`gb` bytes) of `data`, its `T` tokens' 16 outputs into `outs`.
+#[inline(always)]
+fn each<const T: usize>(
+    data: &[u8],
+    gb: usize,
+    outs: &mut [&mut [f32]],
+    kernel: impl Fn(*const u8) -> [[f32; ROWS]; T],
+) {
+    for (i, chunk) in data.chunks_exact(gb).enumerate() {
+        let o = kernel(chunk.as_ptr());
+        for (out, o) in outs.iter_mut().zip(&o) {
+            out[ROWS * i..ROWS * (i + 1)].copy_from_slice(o);
+        }
+    }
 }
 
 /// Tokens `0 .. T` of `acts` from their first block.
