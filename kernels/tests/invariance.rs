@@ -3,9 +3,11 @@
 //! the batch size (1..=40 tokens, the token at any position of the batch), the output rows asked
 //! for, the thread count and the SIMD level (int8 GEMM with 16-row VNNI or 8-row AVX2 tiles, the
 //! row-wise decode path at batches 1–4 with AVX-512 VNNI, the portable path, the f32 dots of each
-//! level). Widths span several column chunks and end in a partial one (legacy types: a partial
-//! step of 128); 37 rows end in a partial group of 16. The exact-activation path likewise equals the
-//! portable f32 dot of the dequantized row.
+//! level), in the file's layout and, for the types with one, repacked (`gemm::packed`: its 16-row
+//! kernel, groups cut by the row ranges, the rows after the last group). Widths span several
+//! column chunks and end in a partial one (legacy types: a partial step of 128); 37 rows end in a
+//! partial group of 16. The exact-activation path likewise equals the portable f32 dot of the
+//! dequantized row.
 //!
 //! Weights: random values quantized by each type's reference quantizer, with varied magnitudes,
 //! plus rows at the types' extreme levels (Q8_0 rows of −128 and 127). Random data with a fresh
@@ -184,14 +186,11 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
         let k = quant::scalar_kernel(ty).expect("supported type");
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
-        let w = WeightMatrix {
-            ty,
-            data: &data,
-            rows,
-            cols,
-            layout: pshard_kernels::matmul::WeightLayout::File,
-        };
         let rb = data.len() / rows;
+        // The repacked layout too, where the type has one (its rows are unpacked first).
+        let repacked = packed::repack(ty, &data, rows, rb).ok();
+        let layouts = std::iter::once((WeightLayout::File, &data))
+            .chain(repacked.as_ref().map(|p| (WeightLayout::Interleaved, p)));
         let deq: Vec<Vec<f32>> = (0..rows)
             .map(|i| {
                 let mut y = vec![0f32; cols];
@@ -200,7 +199,14 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
             })
             .collect();
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
-        for threads in [1usize, 0] {
+        for ((layout, data), threads) in layouts.flat_map(|l| [(l, 1usize), (l, 0)]) {
+            let w = WeightMatrix {
+                ty,
+                data,
+                rows,
+                cols,
+                layout,
+            };
             pool::set_threads(threads);
             for n in [1usize, 2, 3, 5, 8, 13, 17, 40] {
                 let t0 = r.gen_range(0..=MAX_TOKENS);
@@ -214,7 +220,7 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
                         assert_eq!(
                             out[t * rows + i].to_bits(),
                             want.to_bits(),
-                            "{ty} exact, threads {threads}, batch {n}: out[{t},{i}]"
+                            "{ty} {layout:?} exact, threads {threads}, batch {n}: out[{t},{i}]"
                         );
                     }
                 }
