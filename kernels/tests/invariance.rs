@@ -102,6 +102,51 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// The matrix `data` (`rows × cols` of `ty`) in the file's layout and, where the type has one,
+/// repacked; each with one thread and with all cores.
+fn each_matrix(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<(Owned, usize)> {
+    let rb = data.len() / rows;
+    let mut m = vec![Owned {
+        ty,
+        data: data.to_vec(),
+        rows,
+        cols,
+        layout: WeightLayout::File,
+    }];
+    if let Ok(p) = packed::repack(ty, data, rows, rb) {
+        m.push(Owned {
+            data: p,
+            layout: WeightLayout::Interleaved,
+            ..m[0].clone()
+        });
+    }
+    m.into_iter()
+        .flat_map(|m| [(m.clone(), 1), (m, 0)])
+        .collect()
+}
+
+/// A weight matrix that owns its bytes.
+#[derive(Clone)]
+struct Owned {
+    ty: GgmlType,
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    layout: WeightLayout,
+}
+
+impl Owned {
+    fn matrix(&self) -> WeightMatrix<'_> {
+        WeightMatrix {
+            ty: self.ty,
+            data: &self.data,
+            rows: self.rows,
+            cols: self.cols,
+            layout: self.layout,
+        }
+    }
+}
+
 /// Every type, every level, batch sizes 1..=40 at shifting positions, random row ranges, one
 /// thread and all cores: each output equals the reference dot bit for bit.
 #[test]
@@ -113,10 +158,6 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
         let rb = data.len() / rows;
-        // The file layout and, where the type has one, the repacked layout.
-        let repacked = packed::repack(ty, &data, rows, rb).ok();
-        let layouts = std::iter::once((WeightLayout::File, &data))
-            .chain(repacked.as_ref().map(|p| (WeightLayout::Interleaved, p)));
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
         let xq = quantize_acts(k.act, &xs, 2 * MAX_TOKENS, cols);
         let want: Vec<Vec<u32>> = (0..2 * MAX_TOKENS)
@@ -126,14 +167,9 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                     .collect()
             })
             .collect();
-        for ((layout, data), threads) in layouts.flat_map(|l| [(l, 1usize), (l, 0)]) {
-            let w = WeightMatrix {
-                ty,
-                data,
-                rows,
-                cols,
-                layout,
-            };
+        for (w, threads) in each_matrix(ty, &data, rows, cols) {
+            let w = w.matrix();
+            let layout = w.layout;
             pool::set_threads(threads);
             for level in SimdLevel::ALL {
                 if !level.available() {
@@ -187,10 +223,6 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
         let rb = data.len() / rows;
-        // The repacked layout too, where the type has one (its rows are unpacked first).
-        let repacked = packed::repack(ty, &data, rows, rb).ok();
-        let layouts = std::iter::once((WeightLayout::File, &data))
-            .chain(repacked.as_ref().map(|p| (WeightLayout::Interleaved, p)));
         let deq: Vec<Vec<f32>> = (0..rows)
             .map(|i| {
                 let mut y = vec![0f32; cols];
@@ -199,14 +231,9 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
             })
             .collect();
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
-        for ((layout, data), threads) in layouts.flat_map(|l| [(l, 1usize), (l, 0)]) {
-            let w = WeightMatrix {
-                ty,
-                data,
-                rows,
-                cols,
-                layout,
-            };
+        for (w, threads) in each_matrix(ty, &data, rows, cols) {
+            let w = w.matrix();
+            let layout = w.layout;
             pool::set_threads(threads);
             for n in [1usize, 2, 3, 5, 8, 13, 17, 40] {
                 let t0 = r.gen_range(0..=MAX_TOKENS);
