@@ -7,6 +7,11 @@
 //! `cargo bench -p pshard-kernels --bench gemv` (threads: `PSHARD_THREADS`, default all cores;
 //! types: `GEMV_TYPES=Q4_K,Q8_0`; another shape: `GEMV_SHAPE=262144x640`).
 //!
+//! Types with a repacked layout (`gemm::packed`) are timed both ways in the same run: the file
+//! layout (the row-wise decode path) and the repacked one (`repacked` columns); the DRAM read,
+//! the file layout and the repacked one take turns rep by rep, so a change of the VM's memory
+//! mode hits all three alike.
+//!
 //! `GEMV_L2=1`: the compute roof instead, on one thread: a 128 × 4096 matrix (`GEMV_SHAPE=RxC`;
 //! rows a multiple of 64) that stays in L2,
 //! fastest of 400 calls (`GEMV_REPS`) (robust to other processes sharing the cores), in ns per weight row
@@ -15,7 +20,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use pshard_kernels::matmul::{matmul, quantize_acts, WeightMatrix};
+use pshard_kernels::gemm::packed;
+use pshard_kernels::matmul::{matmul, quantize_acts, WeightLayout, WeightMatrix};
 use pshard_kernels::pool;
 use pshard_kernels::quant;
 use pshard_model::ggml_type::GgmlType;
@@ -86,32 +92,45 @@ fn l2_roof(types: &[GgmlType]) {
         .unwrap_or(400);
     pool::set_threads(1);
     println!("L2-resident GEMV {r}x{c}, batch 1, 1 thread, fastest of {reps}");
-    println!("| type | KB | ns/row | GB/s |");
-    println!("|---|---:|---:|---:|");
+    println!("| type | KB | ns/row | GB/s | repacked ns/row | repacked GB/s |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for &ty in types {
         let k = quant::kernel(ty).expect("CPU kernel");
         let data = weights(ty, c, r);
-        let w = WeightMatrix {
-            ty,
-            data: &data,
-            rows: r,
-            cols: c,
-        };
         let x: Vec<f32> = (0..c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
         let mut out = vec![0f32; r];
-        let mut best = f64::MAX;
-        for _ in 0..reps {
-            let t0 = Instant::now();
-            let q = quantize_acts(k.act, &x, 1, c);
-            matmul(&w, &q, &mut out, r, 0..r).unwrap();
-            best = best.min(t0.elapsed().as_secs_f64());
-        }
-        black_box(&out);
+        let mut time = |data: &[u8], layout| {
+            let w = WeightMatrix {
+                ty,
+                data,
+                rows: r,
+                cols: c,
+                layout,
+            };
+            let mut best = f64::MAX;
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                let q = quantize_acts(k.act, &x, 1, c);
+                matmul(&w, &q, &mut out, r, 0..r).unwrap();
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            black_box(&out);
+            best
+        };
+        let file = time(&data, WeightLayout::File);
+        let gbs = |t: f64| data.len() as f64 / t / 1e9;
+        let repacked = match packed::repack(ty, &data, r, data.len() / r) {
+            Ok(p) => {
+                let t = time(&p, WeightLayout::Interleaved);
+                format!("{:.1} | {:.1}", t * 1e9 / r as f64, gbs(t))
+            }
+            Err(_) => "– | –".to_string(),
+        };
         println!(
-            "| {ty} | {:.0} | {:.1} | {:.1} |",
+            "| {ty} | {:.0} | {:.1} | {:.1} | {repacked} |",
             data.len() as f64 / 1e3,
-            best * 1e9 / r as f64,
-            data.len() as f64 / best / 1e9
+            file * 1e9 / r as f64,
+            gbs(file)
         );
     }
 }
@@ -144,37 +163,35 @@ fn main() {
     let t = pool::set_threads(threads);
     let buf: Vec<u64> = (0..(MEM_BYTES / 8) as u64).collect();
     black_box(read_all(&buf));
-    let mem = median(
-        (0..REPS)
-            .map(|_| {
-                let t0 = Instant::now();
-                black_box(read_all(black_box(&buf)));
-                MEM_BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9
-            })
-            .collect(),
-    );
-    drop(buf);
+    let read = || {
+        let t0 = Instant::now();
+        black_box(read_all(black_box(&buf)));
+        MEM_BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9
+    };
     println!(
-        "DRAM read: {mem:.1} GB/s ({} threads); GEMV {rows}x{cols}, batch 1, median of {REPS}",
+        "GEMV {rows}x{cols}, batch 1, {} threads, median of {REPS}; per type the DRAM read, the \
+         file layout and the repacked one timed in turn each rep (the VM's memory changes mode \
+         within minutes)",
         t.used
     );
-    println!("| type | MB | GB/s | % of DRAM read |");
-    println!("|---|---:|---:|---:|");
+    println!("| type | MB | DRAM read GB/s | GB/s | % of DRAM read | repacked GB/s | repacked % |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let llc = 64usize << 20;
     for &ty in &types {
         let k = quant::kernel(ty).expect("CPU kernel");
         let one = weights(ty, cols, rows);
-        let copies: Vec<Vec<u8>> = (0..(3 * llc).div_ceil(one.len()).max(2))
-            .map(|_| one.clone())
-            .collect();
+        let n_copies = (3 * llc).div_ceil(one.len()).max(2);
         let x: Vec<f32> = (0..cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
         let mut out = vec![0f32; rows];
         // Small matrices run back to back over successive copies (as a decode step's matmuls
         // do), so a pool's wake-up or a cold first row is not timed once per megabyte.
-        let per_rep = (32usize << 20).div_ceil(one.len()).min(copies.len());
-        let mut gbs = Vec::new();
+        let per_rep = (32usize << 20).div_ceil(one.len()).min(n_copies);
+        let file: Vec<Vec<u8>> = (0..n_copies).map(|_| one.clone()).collect();
+        let repacked: Option<Vec<Vec<u8>>> = packed::repack(ty, &one, rows, one.len() / rows)
+            .ok()
+            .map(|p| (0..n_copies).map(|_| p.clone()).collect());
         let mut at = 0;
-        for rep in 0..REPS + 2 {
+        let mut rep = |copies: &[Vec<u8>], layout| {
             let t0 = Instant::now();
             for _ in 0..per_rep {
                 let w = WeightMatrix {
@@ -182,21 +199,36 @@ fn main() {
                     data: &copies[at % copies.len()],
                     rows,
                     cols,
+                    layout,
                 };
                 at += 1;
                 // The runtime quantizes the input once per op: included, as in a decode step.
                 let q = quantize_acts(k.act, &x, 1, cols);
                 matmul(&w, &q, &mut out, rows, 0..rows).unwrap();
             }
-            let s = t0.elapsed().as_secs_f64();
-            if rep >= 2 {
-                gbs.push((per_rep * one.len()) as f64 / s / 1e9);
+            (per_rep * one.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9
+        };
+        let (mut mem, mut g, mut gp) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..REPS + 2 {
+            let m = read();
+            let a = rep(&file, WeightLayout::File);
+            let b = repacked.as_ref().map(|p| rep(p, WeightLayout::Interleaved));
+            if i >= 2 {
+                mem.push(m);
+                g.push(a);
+                gp.extend(b);
             }
         }
         black_box(&out);
-        let g = median(gbs);
+        let (mem, g) = (median(mem), median(g));
+        let repacked = if gp.is_empty() {
+            "– | –".to_string()
+        } else {
+            let gp = median(gp);
+            format!("{gp:.1} | {:.0}%", 100.0 * gp / mem)
+        };
         println!(
-            "| {ty} | {:.1} | {g:.1} | {:.0}% |",
+            "| {ty} | {:.1} | {mem:.1} | {g:.1} | {:.0}% | {repacked} |",
             one.len() as f64 / 1e6,
             100.0 * g / mem
         );

@@ -62,6 +62,7 @@ fn bench_matmul(c: &mut Criterion) {
                 data: &data,
                 rows: ROWS,
                 cols: COLS,
+                layout: pshard_kernels::matmul::WeightLayout::File,
             };
             group.bench_function(format!("hot/{ty}/b{batch}/{}", k.dot_variant), |b| {
                 b.iter(|| matmul(&w, black_box(&xq), &mut out, ROWS, 0..ROWS).unwrap())
@@ -90,6 +91,7 @@ fn bench_matmul(c: &mut Criterion) {
                         data: &pool[i % copies],
                         rows: ROWS,
                         cols: COLS,
+                        layout: pshard_kernels::matmul::WeightLayout::File,
                     };
                     i += 1;
                     matmul(&w, black_box(&xq), &mut out, ROWS, 0..ROWS).unwrap()

@@ -1,5 +1,6 @@
-//! The CPU matmul driver: a weight matrix in its file layout times activations converted to the
-//! weight type's partner format, output rows split statically over the CPU pool ([`crate::pool`]).
+//! The CPU matmul driver: a weight matrix in its file layout (or repacked, [`WeightLayout`]) times
+//! activations converted to the weight type's partner format, output rows split statically over
+//! the CPU pool ([`crate::pool`]).
 //!
 //! `out[t * out_stride + r] = Σ_c W[r, c] · X[t, c]` for the requested output rows `r`.
 //!
@@ -7,7 +8,8 @@
 //! streams every weight byte once with no scheduling between ops. Quantized weights go through
 //! the int8 GEMM ([`crate::gemm`]): a tile of rows is converted a chunk of columns at a time and
 //! every token passes over it while it sits in L1, so each weight row is read from memory once per
-//! call; one token with AVX-512 VNNI takes its row-wise decode path (`gemm::gemv`).
+//! call; one to four tokens with AVX-512 VNNI take the row-wise decode path (`gemm::gemv`), or on
+//! a repacked matrix its 16-row kernel (`gemm::packed`).
 //!
 //! Every output is one fixed sequence of operations on its weight row and activation row
 //! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
@@ -56,20 +58,51 @@ fn mismatch(what: String) -> KernelError {
     KernelError::ShapeMismatch { what }
 }
 
-/// A weight matrix as it lies in the file: `rows` rows of `cols` elements of type `ty`.
+/// How the bytes of a [`WeightMatrix`] are laid out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// As in the file: row after row.
+    #[default]
+    File,
+    /// Repacked by [`gemm::packed::repack`]: groups of 16 rows interleaved, the rows after the
+    /// last whole group as in the file.
+    Interleaved,
+}
+
+/// A weight matrix: `rows` rows of `cols` elements of type `ty`, as in the file or repacked.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightMatrix<'a> {
     /// Element type (block format) of the rows.
     pub ty: GgmlType,
-    /// `rows` rows, each `ty.row_bytes(cols)` bytes, back to back.
+    /// `rows` rows, each `ty.row_bytes(cols)` bytes, in the order of `layout`.
     pub data: &'a [u8],
     /// Output rows.
     pub rows: usize,
     /// Elements per row (the reduction length).
     pub cols: usize,
+    /// How `data` is laid out.
+    pub layout: WeightLayout,
 }
 
 impl WeightMatrix<'_> {
+    /// Calls `f` with row `r`'s bytes in the file layout (a repacked row unpacked first).
+    ///
+    /// # Panics
+    /// If `r` is not a row of the matrix.
+    pub fn with_file_row<R>(&self, r: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        assert!(r < self.rows, "row {r} of a {}-row matrix", self.rows);
+        let wrb = self.data.len() / self.rows;
+        let full = self.rows / gemm::packed::ROWS * gemm::packed::ROWS;
+        if self.layout == WeightLayout::File || r >= full {
+            return f(&self.data[r * wrb..(r + 1) * wrb]);
+        }
+        let gb = gemm::packed::ROWS * wrb;
+        let mut row = vec![0u8; wrb];
+        let g = &self.data[r / gemm::packed::ROWS * gb..][..gb];
+        gemm::packed::unpack_rows(self.ty, g, wrb, r % gemm::packed::ROWS, &mut row);
+        f(&row)
+    }
+
     /// Bytes of one row, after checking that `cols` is whole blocks and `data` holds exactly
     /// `rows` rows.
     pub fn row_bytes(&self) -> Result<usize, KernelError> {
@@ -264,6 +297,8 @@ struct GemmScratch {
 thread_local! {
     static GEMM_SCRATCH: std::cell::RefCell<GemmScratch> =
         std::cell::RefCell::new(GemmScratch::default());
+    /// Each thread's rows of a repacked matrix unpacked to the file layout.
+    static UNPACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// How a weight type is computed.
@@ -295,6 +330,11 @@ enum Engine {
 /// rows can be computed, by any thread ([`RowsJob::compute`]).
 pub(crate) struct RowsJob<'a> {
     engine: Engine,
+    /// Repacked weights whose type and token count the repacked decode kernel takes (with the
+    /// [`Engine::Gemm`], whose activations it reads). Everything else of a repacked matrix (rows
+    /// after the last whole group, parts of groups, other engines) is unpacked to the file layout
+    /// first.
+    packed: bool,
     w: WeightMatrix<'a>,
     x: &'a QuantizedActs,
     wrb: usize,
@@ -335,8 +375,24 @@ impl<'a> RowsJob<'a> {
                 x.row_bytes
             )));
         }
+        // Repacked weights whose type and token count the repacked decode kernel takes: the
+        // GEMM's engine (its activations are the kernel's; it takes the rows outside whole
+        // groups).
+        let packed = match w.layout {
+            WeightLayout::File => false,
+            WeightLayout::Interleaved => {
+                if !gemm::packed::supported(w.ty) {
+                    return Err(mismatch(format!(
+                        "{} weights have no interleaved layout",
+                        w.ty
+                    )));
+                }
+                gemm::converter(w.ty)
+                    .is_some_and(|conv| gemm::gemv::applies(&conv, x, level).is_some())
+            }
+        };
         let engine = match gemm::converter(w.ty) {
-            Some(conv) if gemm::gemv::applies(&conv, x, level).is_some() => {
+            Some(conv) if !packed && gemm::gemv::applies(&conv, x, level).is_some() => {
                 let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
                 let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
                 Engine::Gemv { conv, kind, acts }
@@ -356,7 +412,13 @@ impl<'a> RowsJob<'a> {
             }
             None => Engine::Dot(k.dot),
         };
-        Ok(RowsJob { engine, w, x, wrb })
+        Ok(RowsJob {
+            engine,
+            packed,
+            w,
+            x,
+            wrb,
+        })
     }
 
     /// Rows a part of the output should be a multiple of.
@@ -399,8 +461,63 @@ impl<'a> RowsJob<'a> {
 
     /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
     pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        match self.w.layout {
+            WeightLayout::File => self.compute_file(self.w.data, 0, r0, outs),
+            WeightLayout::Interleaved => self.compute_packed(r0, outs),
+        }
+    }
+
+    /// [`RowsJob::compute`] of a repacked matrix: whole groups through the repacked kernel where
+    /// it applies; the rest (rows after the last group as they lie, other rows unpacked a group
+    /// at a time) through [`RowsJob::compute_file`].
+    fn compute_packed(&self, r0: usize, outs: &mut [&mut [f32]]) {
+        use gemm::packed::{unpack_rows, ROWS};
+        let (w, wrb) = (&self.w, self.wrb);
+        let len = outs[0].len();
+        let full = w.rows / ROWS * ROWS;
+        let gb = ROWS * wrb;
+        let mut i = 0;
+        while i < len {
+            let r = r0 + i;
+            let n = if r >= full {
+                len - i
+            } else if r.is_multiple_of(ROWS) && self.packed {
+                ((len - i) / ROWS).min((full - r) / ROWS) * ROWS
+            } else {
+                0
+            };
+            let n = if n == 0 {
+                (ROWS - r % ROWS).min(len - i)
+            } else {
+                n
+            };
+            let mut part: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[i..i + n]).collect();
+            if r >= full {
+                self.compute_file(&w.data[full * wrb..], full, r, &mut part);
+            } else if let (Engine::Gemm { acts, .. }, true) = (
+                &self.engine,
+                self.packed && n.is_multiple_of(ROWS) && r.is_multiple_of(ROWS),
+            ) {
+                gemm::packed::groups(w.ty, acts, &w.data[r * wrb..(r + n) * wrb], &mut part);
+            } else {
+                UNPACKED.with(|u| {
+                    let u = &mut *u.borrow_mut();
+                    u.resize(n * wrb, 0);
+                    let g = &w.data[r / ROWS * gb..][..gb];
+                    unpack_rows(w.ty, g, wrb, r % ROWS, u);
+                    self.compute_file(u, r, r, &mut part);
+                });
+            }
+            i += n;
+        }
+    }
+
+    /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`,
+    /// where `data` holds rows `base ..` in the file layout.
+    fn compute_file(&self, data: &[u8], base: usize, r0: usize, outs: &mut [&mut [f32]]) {
         let (w, x, wrb) = (&self.w, self.x, self.wrb);
-        let wrow = |r: usize| &w.data[r * wrb..(r + 1) * wrb];
+        let r0 = r0 - base;
+        let wrow = |r: usize| &data[r * wrb..(r + 1) * wrb];
         let len = outs[0].len();
         let n = w.cols;
         match &self.engine {
@@ -421,7 +538,7 @@ impl<'a> RowsJob<'a> {
                 }
             }
             Engine::Gemv { conv, kind, acts } => {
-                gemm::gemv::rows(conv, *kind, acts, w.data, wrb, r0, outs);
+                gemm::gemv::rows(conv, *kind, acts, data, wrb, r0, outs);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();
@@ -700,7 +817,7 @@ impl<'a> ExactJob<'a> {
 
     /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
     pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
-        let (w, x, cols, wrb, tile) = (&self.w, self.x, self.w.cols, self.wrb, self.tile);
+        let (w, x, cols, tile) = (&self.w, self.x, self.w.cols, self.tile);
         let len = outs[0].len();
         let mut buf = vec![0f32; tile.min(len) * cols];
         let mut i0 = 0;
@@ -708,7 +825,7 @@ impl<'a> ExactJob<'a> {
             let nr = (len - i0).min(tile);
             for (j, dst) in buf.chunks_exact_mut(cols.max(1)).take(nr).enumerate() {
                 let r = r0 + i0 + j;
-                (self.dequantize)(&w.data[r * wrb..(r + 1) * wrb], &mut dst[..cols]);
+                w.with_file_row(r, |row| (self.dequantize)(row, &mut dst[..cols]));
             }
             let wrow = |j: usize| &buf[j * cols..(j + 1) * cols];
             for (t, o) in outs.iter_mut().enumerate() {

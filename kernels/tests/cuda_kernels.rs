@@ -585,6 +585,7 @@ fn cuda_gemv_int8_matches_cpu_engine() {
                 data: &bytes,
                 rows,
                 cols,
+                layout: pshard_kernels::matmul::WeightLayout::File,
             };
             for n in (1usize..=8).chain([11]) {
                 let x = randv(&mut r, n * cols, 1.0);
@@ -2099,6 +2100,7 @@ fn cpu_moe_gemv(
             data: &w[e as usize * rows * rb..][..rows * rb],
             rows,
             cols,
+            layout: pshard_kernels::matmul::WeightLayout::File,
         };
         pshard_kernels::matmul::matmul(
             &wm,

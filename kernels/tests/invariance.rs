@@ -3,9 +3,11 @@
 //! the batch size (1..=40 tokens, the token at any position of the batch), the output rows asked
 //! for, the thread count and the SIMD level (int8 GEMM with 16-row VNNI or 8-row AVX2 tiles, the
 //! row-wise decode path at batches 1–4 with AVX-512 VNNI, the portable path, the f32 dots of each
-//! level). Widths span several column chunks and end in a partial one (legacy types: a partial
-//! step of 128); 37 rows end in a partial group of 16. The exact-activation path likewise equals the
-//! portable f32 dot of the dequantized row.
+//! level), in the file's layout and, for the types with one, repacked (`gemm::packed`: its 16-row
+//! kernel, groups cut by the row ranges, the rows after the last group). Widths span several
+//! column chunks and end in a partial one (legacy types: a partial step of 128); 37 rows end in a
+//! partial group of 16. The exact-activation path likewise equals the portable f32 dot of the
+//! dequantized row.
 //!
 //! Weights: random values quantized by each type's reference quantizer, with varied magnitudes,
 //! plus rows at the types' extreme levels (Q8_0 rows of −128 and 127). Random data with a fresh
@@ -14,7 +16,10 @@
 mod common;
 
 use common::rng;
-use pshard_kernels::matmul::{matmul_at, matmul_exact, quantize_acts, QuantizedActs, WeightMatrix};
+use pshard_kernels::gemm::packed;
+use pshard_kernels::matmul::{
+    matmul_at, matmul_exact, quantize_acts, QuantizedActs, WeightLayout, WeightMatrix,
+};
 use pshard_kernels::pool;
 use pshard_kernels::quant::{self, exact, QuantKernel, SimdLevel};
 use pshard_model::ggml_type::GgmlType;
@@ -97,6 +102,51 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// The matrix `data` (`rows × cols` of `ty`) in the file's layout and, where the type has one,
+/// repacked; each with one thread and with all cores.
+fn each_matrix(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<(Owned, usize)> {
+    let rb = data.len() / rows;
+    let mut m = vec![Owned {
+        ty,
+        data: data.to_vec(),
+        rows,
+        cols,
+        layout: WeightLayout::File,
+    }];
+    if let Ok(p) = packed::repack(ty, data, rows, rb) {
+        m.push(Owned {
+            data: p,
+            layout: WeightLayout::Interleaved,
+            ..m[0].clone()
+        });
+    }
+    m.into_iter()
+        .flat_map(|m| [(m.clone(), 1), (m, 0)])
+        .collect()
+}
+
+/// A weight matrix that owns its bytes.
+#[derive(Clone)]
+struct Owned {
+    ty: GgmlType,
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    layout: WeightLayout,
+}
+
+impl Owned {
+    fn matrix(&self) -> WeightMatrix<'_> {
+        WeightMatrix {
+            ty: self.ty,
+            data: &self.data,
+            rows: self.rows,
+            cols: self.cols,
+            layout: self.layout,
+        }
+    }
+}
+
 /// Every type, every level, batch sizes 1..=40 at shifting positions, random row ranges, one
 /// thread and all cores: each output equals the reference dot bit for bit.
 #[test]
@@ -107,12 +157,6 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
         let k = quant::scalar_kernel(ty).expect("supported type");
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
-        let w = WeightMatrix {
-            ty,
-            data: &data,
-            rows,
-            cols,
-        };
         let rb = data.len() / rows;
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
         let xq = quantize_acts(k.act, &xs, 2 * MAX_TOKENS, cols);
@@ -123,7 +167,9 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                     .collect()
             })
             .collect();
-        for threads in [1usize, 0] {
+        for (w, threads) in each_matrix(ty, &data, rows, cols) {
+            let w = w.matrix();
+            let layout = w.layout;
             pool::set_threads(threads);
             for level in SimdLevel::ALL {
                 if !level.available() {
@@ -149,8 +195,8 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
                                 assert_eq!(
                                     got.to_bits(),
                                     want[t0 + t][i],
-                                    "{ty} {} threads {threads}: batch {n} (from token {t0}), \
-                                     rows {lo}..{hi}: out[{t},{i}] = {got} vs {}",
+                                    "{ty} {layout:?} {} threads {threads}: batch {n} (from \
+                                     token {t0}), rows {lo}..{hi}: out[{t},{i}] = {got} vs {}",
                                     level.name(),
                                     f32::from_bits(want[t0 + t][i])
                                 );
@@ -176,12 +222,6 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
         let k = quant::scalar_kernel(ty).expect("supported type");
         let cols = cols_for(ty);
         let data = weights(&mut r, &k, rows, cols);
-        let w = WeightMatrix {
-            ty,
-            data: &data,
-            rows,
-            cols,
-        };
         let rb = data.len() / rows;
         let deq: Vec<Vec<f32>> = (0..rows)
             .map(|i| {
@@ -191,7 +231,9 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
             })
             .collect();
         let xs = random_vec(&mut r, 2 * MAX_TOKENS * cols);
-        for threads in [1usize, 0] {
+        for (w, threads) in each_matrix(ty, &data, rows, cols) {
+            let w = w.matrix();
+            let layout = w.layout;
             pool::set_threads(threads);
             for n in [1usize, 2, 3, 5, 8, 13, 17, 40] {
                 let t0 = r.gen_range(0..=MAX_TOKENS);
@@ -205,7 +247,7 @@ fn exact_outputs_do_not_depend_on_batch_rows_or_threads() {
                         assert_eq!(
                             out[t * rows + i].to_bits(),
                             want.to_bits(),
-                            "{ty} exact, threads {threads}, batch {n}: out[{t},{i}]"
+                            "{ty} {layout:?} exact, threads {threads}, batch {n}: out[{t},{i}]"
                         );
                     }
                 }
@@ -322,6 +364,7 @@ fn out_of_range_activations_give_nan_on_every_path() {
             data: &data,
             rows,
             cols,
+            layout: pshard_kernels::matmul::WeightLayout::File,
         };
         let rb = data.len() / rows;
         let n = 5;

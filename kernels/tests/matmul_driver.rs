@@ -124,6 +124,7 @@ fn check_shape_at(
         data: &data,
         rows,
         cols,
+        layout: pshard_kernels::matmul::WeightLayout::File,
     };
     let xs = random_vec(r, tokens * cols);
     let xq = quantize_acts(k.act, &xs, tokens, cols);
@@ -332,6 +333,7 @@ fn errors_name_the_problem() {
         data: &data,
         rows: 4,
         cols: 64,
+        layout: pshard_kernels::matmul::WeightLayout::File,
     };
     let x = quantize_acts(ActFormat::Q8_0, &[0.5; 128], 2, 64);
     let mut out = vec![0f32; 8];
@@ -426,6 +428,7 @@ fn exact_path_is_deterministic() {
         data: &data,
         rows,
         cols,
+        layout: pshard_kernels::matmul::WeightLayout::File,
     };
     let xs = random_vec(&mut r, tokens * cols);
     let run = |threads: usize| {

@@ -53,18 +53,21 @@ impl Experts {
                     data: &self.gate[e],
                     rows: self.ff,
                     cols: self.cols,
+                    layout: pshard_kernels::matmul::WeightLayout::File,
                 },
                 up: WeightMatrix {
                     ty: self.tys[1],
                     data: &self.up[e],
                     rows: self.ff,
                     cols: self.cols,
+                    layout: pshard_kernels::matmul::WeightLayout::File,
                 },
                 down: WeightMatrix {
                     ty: self.tys[2],
                     data: &self.down[e],
                     rows: self.cols,
                     cols: self.ff,
+                    layout: pshard_kernels::matmul::WeightLayout::File,
                 },
             })
             .collect()

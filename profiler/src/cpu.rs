@@ -440,6 +440,7 @@ impl Runner {
                     data: &copies[i % copies.len()],
                     rows,
                     cols,
+                    layout: pshard_kernels::matmul::WeightLayout::File,
                 };
                 i += 1;
                 let r = quantize_acts_into(k.act, &x, batch, cols, &mut acts)

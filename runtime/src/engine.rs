@@ -40,6 +40,26 @@ impl Weights for Model {
     }
 }
 
+/// The matrices every tier computes on the CPU alone (never pinned, streamed or split): the
+/// ones worth repacking for the CPU's kernels, since no GPU lane reads their file bytes.
+fn cpu_only_matrices(spec: &pshard_model::spec::ModelSpec, tiers: &TierSet) -> Vec<TensorId> {
+    let mut places: HashMap<TensorId, bool> = HashMap::new();
+    for tier in &tiers.tiers {
+        for (g, pl) in spec.groups.iter().zip(&tier.placement.groups) {
+            for (&t, &p) in g.tensors.iter().zip(pl) {
+                *places.entry(t).or_insert(true) &= p == Place::Cpu;
+            }
+        }
+    }
+    let mut ids: Vec<TensorId> = places
+        .into_iter()
+        .filter(|&(t, cpu)| cpu && spec.tensor(t).is_matrix())
+        .map(|(t, _)| t)
+        .collect();
+    ids.sort_by_key(|t| t.0);
+    ids
+}
+
 /// What the engine ran for one ubatch (for `run`'s report and tests).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UbatchRecord {
@@ -198,6 +218,7 @@ impl Engine {
             ty,
         )?;
         let n_layer = model.spec.layers.len();
+        model.repack(&cpu_only_matrices(&model.spec, &tiers));
         Ok(Engine {
             model,
             tiers,
@@ -402,6 +423,11 @@ impl Engine {
     /// Forgets the recorded ubatches.
     pub fn clear_history(&mut self) {
         self.history.clear();
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     /// The device's report, when there is one.

@@ -33,7 +33,9 @@
 //! conversion is paid once per weight byte and call.
 //!
 //! **Decode.** One to four tokens with AVX-512 VNNI skip the tile: `gemm::gemv` dots each row straight from
-//! its blocks and transposes the integer sums instead, then runs the same f32 order.
+//! its blocks and transposes the integer sums instead, then runs the same f32 order. Matrices
+//! repacked at load ([`packed`]: 16 rows interleaved, as the tile but stored) need neither: one
+//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes.
 
 use pshard_model::ggml_type::GgmlType;
 
@@ -43,6 +45,9 @@ use crate::quant::{ActFormat, SimdLevel};
 pub(crate) mod gemv;
 #[cfg(target_arch = "x86_64")]
 mod gemv_x86;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 

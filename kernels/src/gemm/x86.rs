@@ -91,10 +91,10 @@ pub(super) fn tile_dot(
 /// where the activations have them).
 #[derive(Clone, Copy)]
 pub(crate) struct Tok {
-    q: *const i8,
-    d: *const f32,
-    sa: *const f32,
-    seed: *const i32,
+    pub(crate) q: *const i8,
+    pub(crate) d: *const f32,
+    pub(crate) sa: *const f32,
+    pub(crate) seed: *const i32,
 }
 
 impl Tok {

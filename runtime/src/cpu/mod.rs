@@ -196,12 +196,11 @@ impl CpuLane {
                 let k = quant::kernel(m.ty).ok_or(EngineError::Kernel(
                     pshard_kernels::matmul::KernelError::UnsupportedType(m.ty),
                 ))?;
-                let row_bytes = m.data.len() / m.rows;
                 let c = m.cols;
                 let o = &mut self.bufs[out.0 as usize];
                 for (t, &tok) in batch.tokens.iter().enumerate() {
                     let dst = &mut o[t * c..][..c];
-                    (k.dequantize_row)(&m.data[tok as usize * row_bytes..][..row_bytes], dst);
+                    m.with_file_row(tok as usize, |row| (k.dequantize_row)(row, dst));
                     if scale != 1.0 {
                         dst.iter_mut().for_each(|v| *v *= scale);
                     }

@@ -760,6 +760,7 @@ impl Weights for DevWeights {
                 data: &m.data[expert * per..][..per],
                 rows: m.rows,
                 cols: m.cols,
+                layout: pshard_kernels::matmul::WeightLayout::File,
             },
             m.first,
         )
