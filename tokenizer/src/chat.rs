@@ -14,10 +14,16 @@ use pshard_model::gguf::{GgufHeader, MetaValue};
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant` (templates may know others).
+    /// `system`, `user`, `assistant`, `tool` (templates may know others).
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The tool calls an assistant message made (templates see them as `message.tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers (`message.tool_call_id`).
+    pub tool_call_id: Option<String>,
+    /// The name of the tool a `tool` message comes from, if given (`message.name`).
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -26,8 +32,53 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
     }
+
+    /// The message as a template reads it, in Hugging Face's convention: `role`, `content`, and
+    /// only where given `tool_calls` (each `{id, type: "function", function: {name, arguments}}`
+    /// with `arguments` a JSON value, not a string), `tool_call_id` and `name`.
+    fn to_template(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), self.role.clone().into());
+        m.insert("content".into(), self.content.clone().into());
+        if !self.tool_calls.is_empty() {
+            let calls = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    })
+                })
+                .collect();
+            m.insert("tool_calls".into(), serde_json::Value::Array(calls));
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id".into(), id.clone().into());
+        }
+        if let Some(n) = &self.name {
+            m.insert("name".into(), n.clone().into());
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// One tool call of an assistant message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The call's id (tool messages answer it by `tool_call_id`).
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments (a JSON object as a rule; OpenAI sends them as a JSON string, which the caller
+    /// parses first, as templates write them with `tojson`).
+    pub arguments: serde_json::Value,
 }
 
 /// An error compiling or rendering a chat template.
@@ -101,6 +152,7 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(ChatTemplate {
@@ -143,6 +195,12 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether the template reads a `tools` variable (mentions `tools` at all: templates without
+    /// tool support never do).
+    pub fn knows_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// Renders the conversation. `add_generation_prompt` appends the opening of the assistant's turn.
     /// `bos_token`/`eos_token` are the texts of those tokens (templates may write them).
     pub fn apply(
@@ -152,17 +210,34 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, ChatError> {
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                Value::from(BTreeMap::from([
-                    ("role", Value::from(m.role.as_str())),
-                    ("content", Value::from(m.content.as_str())),
-                ]))
-            })
-            .collect();
+        self.apply_with_tools(messages, &[], add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// [`ChatTemplate::apply`] with the tools the model may call: `tools` is the OpenAI list
+    /// (`{"type": "function", "function": {"name", "description", "parameters"}}` each) and reaches
+    /// the template as the variable `tools`, `none` when empty, as Hugging Face's
+    /// `apply_chat_template` passes it.
+    pub fn apply_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatError> {
+        let msgs: Vec<serde_json::Value> = messages.iter().map(ChatMessage::to_template).collect();
+        let tools = if tools.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::Array(tools.to_vec())
+        };
+        let jinja = |v: serde_json::Value| {
+            <Value as serde::Deserialize>::deserialize(v)
+                .map_err(|e| ChatError::Render(format!("converting the messages: {e}")))
+        };
         let ctx = Value::from(BTreeMap::from([
-            ("messages", Value::from(msgs)),
+            ("messages", jinja(serde_json::Value::Array(msgs))?),
+            ("tools", jinja(tools)?),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             ("bos_token", Value::from(bos_token)),
             ("eos_token", Value::from(eos_token)),
@@ -185,6 +260,79 @@ fn describe(e: &Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// `tojson` as Hugging Face's renderer writes it (Python's `json.dumps(x, ensure_ascii=False)`):
+/// `", "` and `": "` between items, or with `indent=N` one item a line (`","` and `": "`); no
+/// HTML escaping of `<>&'` (minijinja's own filter escapes them, which changes what the model
+/// reads in tool descriptions). `sort_keys`, `ensure_ascii` and `separators` are accepted and
+/// ignored (keys come in the order the request gave them).
+fn tojson(
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<Value, Error> {
+    let indent = match indent {
+        Some(i) => Some(i),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(usize::try_from(v)?),
+    };
+    for k in ["sort_keys", "ensure_ascii", "separators"] {
+        let _: Option<Value> = kwargs.get(k)?;
+    }
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(value).map_err(|e| {
+        Error::new(ErrorKind::InvalidOperation, "tojson: cannot serialize").with_source(e)
+    })?;
+    let mut out = String::new();
+    write_json(&mut out, &json, indent, 0);
+    Ok(Value::from_safe_string(out))
+}
+
+/// Writes `v` as Python's `json.dumps` does (see [`tojson`]); `depth` is the nesting so far.
+fn write_json(out: &mut String, v: &serde_json::Value, indent: Option<usize>, depth: usize) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                write_json(out, x, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                out.push_str(": ");
+                write_json(out, x, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        // Scalars, `[]` and `{}`: serde_json writes them as Python does (strings escaped alike).
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
