@@ -639,7 +639,11 @@ fn tool_calls(v: &Value, p: &str) -> Result<Vec<ToolCall>, ApiError> {
             return Err(ApiError::param(&cp, format!("{cp} must be an object")));
         };
         let cf = Fields(o);
-        if cf.str("type").map_err(|e| renamed(e, &cp))?.is_some_and(|t| t != "function") {
+        if cf
+            .str("type")
+            .map_err(|e| renamed(e, &cp))?
+            .is_some_and(|t| t != "function")
+        {
             return Err(ApiError::param(
                 &format!("{cp}.type"),
                 format!("{cp}.type must be \"function\""),
@@ -654,13 +658,14 @@ fn tool_calls(v: &Value, p: &str) -> Result<Vec<ToolCall>, ApiError> {
         let name = ff
             .str("name")
             .map_err(|e| renamed(e, &fp))?
-            .ok_or_else(|| ApiError::param(&format!("{fp}.name"), format!("{fp}.name is required")))?;
+            .ok_or_else(|| {
+                ApiError::param(&format!("{fp}.name"), format!("{fp}.name is required"))
+            })?;
         let ap = format!("{fp}.arguments");
         let arguments = match ff.value("arguments") {
             None => Value::Object(Map::new()),
-            Some(Value::String(s)) => serde_json::from_str(s).map_err(|e| {
-                ApiError::param(&ap, format!("{ap} is not valid JSON: {e}"))
-            })?,
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map_err(|e| ApiError::param(&ap, format!("{ap} is not valid JSON: {e}")))?,
             Some(Value::Object(o)) => Value::Object(o.clone()),
             Some(other) => {
                 return Err(ApiError::param(
@@ -917,8 +922,14 @@ mod tests {
                 call(r#"{"type":"function","function":{"name":"f","arguments":5}}"#),
                 "messages[0].tool_calls[0].function.arguments",
             ),
-            (call(r#"{"type":"retrieval"}"#), "messages[0].tool_calls[0].type"),
-            (call(r#"{"type":"function"}"#), "messages[0].tool_calls[0].function"),
+            (
+                call(r#"{"type":"retrieval"}"#),
+                "messages[0].tool_calls[0].type",
+            ),
+            (
+                call(r#"{"type":"function"}"#),
+                "messages[0].tool_calls[0].function",
+            ),
             (
                 r#"{"messages":[{"role":"tool","content":"x","tool_call_id":7}]}"#.into(),
                 "messages[0].tool_call_id",
@@ -943,7 +954,9 @@ mod tests {
         let body = |s: &str| parse_object(s.as_bytes()).unwrap();
         let weather = r#"{"type":"function","function":{"name":"get_weather","description":"d",
             "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}"#;
-        let o = body(&format!(r#"{{"tools":[{weather}],"tool_choice":"required"}}"#));
+        let o = body(&format!(
+            r#"{{"tools":[{weather}],"tool_choice":"required"}}"#
+        ));
         let t = tools(&Fields(&o), true).unwrap();
         assert_eq!(tool_names(&t), ["get_weather"]);
         assert_eq!(tool_choice(&Fields(&o), &t).unwrap(), ToolChoice::Required);
@@ -954,7 +967,10 @@ mod tests {
             tool_choice(&Fields(&named), &t).unwrap(),
             ToolChoice::Function("get_weather".into())
         );
-        assert_eq!(tool_choice(&Fields(&body("{}")), &[]).unwrap(), ToolChoice::Auto);
+        assert_eq!(
+            tool_choice(&Fields(&body("{}")), &[]).unwrap(),
+            ToolChoice::Auto
+        );
         assert_eq!(
             tool_choice(&Fields(&body(r#"{"tool_choice":"none"}"#)), &[]).unwrap(),
             ToolChoice::None
@@ -969,7 +985,10 @@ mod tests {
         for (bad, param) in [
             (r#"{"tools":{"a":1}}"#, "tools"),
             (r#"{"tools":[5]}"#, "tools[0]"),
-            (r#"{"tools":[{"type":"code_interpreter"}]}"#, "tools[0].type"),
+            (
+                r#"{"tools":[{"type":"code_interpreter"}]}"#,
+                "tools[0].type",
+            ),
             (r#"{"tools":[{"type":"function"}]}"#, "tools[0].function"),
             (
                 r#"{"tools":[{"type":"function","function":{"description":"no name"}}]}"#,
@@ -1008,10 +1027,15 @@ mod tests {
         let e = tool_choice(&Fields(&body(r#"{"tool_choice":"required"}"#)), &[]).unwrap_err();
         assert!(e.message.contains("no tools"), "{e:?}");
         let e = tool_choice(
-            &Fields(&body(r#"{"tool_choice":{"type":"function","function":{"name":"launch"}}}"#)),
+            &Fields(&body(
+                r#"{"tool_choice":{"type":"function","function":{"name":"launch"}}}"#,
+            )),
             &t,
         )
         .unwrap_err();
-        assert!(e.message.contains("'launch'") && e.message.contains("get_weather"), "{e:?}");
+        assert!(
+            e.message.contains("'launch'") && e.message.contains("get_weather"),
+            "{e:?}"
+        );
     }
 }

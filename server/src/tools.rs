@@ -389,7 +389,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.content, "");
-        assert_eq!(r.calls, [call("get_weather", r#"{"city":"Rome","days":2}"#)]);
+        assert_eq!(
+            r.calls,
+            [call("get_weather", r#"{"city":"Rome","days":2}"#)]
+        );
         let r = read(
             f,
             "  <|python_tag|>{\"name\": \"get_time\", \"parameters\": {}}; {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Bern\"}}",

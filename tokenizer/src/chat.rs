@@ -231,13 +231,9 @@ impl ChatTemplate {
         } else {
             serde_json::Value::Array(tools.to_vec())
         };
-        let jinja = |v: serde_json::Value| {
-            <Value as serde::Deserialize>::deserialize(v)
-                .map_err(|e| ChatError::Render(format!("converting the messages: {e}")))
-        };
         let ctx = Value::from(BTreeMap::from([
-            ("messages", jinja(serde_json::Value::Array(msgs))?),
-            ("tools", jinja(tools)?),
+            ("messages", to_jinja(serde_json::Value::Array(msgs))?),
+            ("tools", to_jinja(tools)?),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             ("bos_token", Value::from(bos_token)),
             ("eos_token", Value::from(eos_token)),
@@ -249,6 +245,12 @@ impl ChatTemplate {
         tmpl.render(ctx)
             .map_err(|e| ChatError::Render(describe(&e)))
     }
+}
+
+/// A JSON value as a template value.
+fn to_jinja(v: serde_json::Value) -> Result<Value, ChatError> {
+    <Value as serde::Deserialize>::deserialize(v)
+        .map_err(|e| ChatError::Render(format!("converting the messages: {e}")))
 }
 
 fn describe(e: &Error) -> String {
@@ -497,6 +499,216 @@ mod tests {
         ));
         let d = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}").unwrap();
         assert_eq!(d.apply(&[], false, "", "").unwrap().len(), 11);
+    }
+
+    fn weather_tool() -> serde_json::Value {
+        serde_json::json!({"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city, today's.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]},
+        }})
+    }
+
+    /// A user question, the assistant's call (id 9 characters, as Mistral demands), the tool's
+    /// answer.
+    fn tool_turns() -> Vec<ChatMessage> {
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = vec![ToolCall {
+            id: "call00001".into(),
+            name: "get_weather".into(),
+            arguments: serde_json::json!({"city": "Paris"}),
+        }];
+        let mut result = ChatMessage::new("tool", "22 C, sunny");
+        result.tool_call_id = Some("call00001".into());
+        result.name = Some("get_weather".into());
+        vec![
+            ChatMessage::new("user", "Weather in Paris?"),
+            call,
+            result,
+        ]
+    }
+
+    /// Qwen 2.5's way (Hermes-style): tools one per line with `tojson` in the system turn, calls
+    /// in `<tool_call>` with `tool_call.function` unwrapped and `arguments | tojson`, tool results
+    /// grouped into one user turn by looking at the neighbouring messages.
+    const QWEN_LIKE: &str = r#"{%- if tools %}<|im_start|>system
+You may call functions.
+<tools>
+{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}{{- "\n" }}</tools>
+Answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "user" or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
+{{- '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif message.role == "tool" %}
+{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+
+    #[test]
+    fn qwen_style_template_renders_tools_calls_and_results() {
+        let t = ChatTemplate::new(QWEN_LIKE).unwrap();
+        assert!(t.knows_tools());
+        let out = t
+            .apply_with_tools(&tool_turns(), &[weather_tool()], true, "", "")
+            .unwrap();
+        let want = "<|im_start|>system\nYou may call functions.\n<tools>\n\
+            {\"function\": {\"description\": \"The weather in a city, today's.\", \"name\": \"get_weather\", \
+            \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], \
+            \"type\": \"object\"}}, \"type\": \"function\"}\n</tools>\n\
+            Answer with <tool_call>{\"name\": <name>, \"arguments\": <object>}</tool_call>.<|im_end|>\n\
+            <|im_start|>user\nWeather in Paris?<|im_end|>\n\
+            <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+            <|im_start|>user\n<tool_response>\n22 C, sunny\n</tool_response><|im_end|>\n\
+            <|im_start|>assistant\n";
+        assert_eq!(out, want);
+        // No tools: `tools` is none, so the template writes no tools section.
+        let plain = t.apply(&tool_turns()[..1], true, "", "").unwrap();
+        assert_eq!(
+            plain,
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    /// Llama 3.1's way: tools checked with `is not none`, written with `tojson(indent=4)` into the
+    /// first user turn; one call per message as `{"name", "parameters"}`; results in `ipython`
+    /// turns, written with `tojson` when the content is a mapping or iterable (a string is one).
+    const LLAMA31_LIKE: &str = r#"{{- bos_token }}
+{%- if not tools is defined %}{%- set tools = none %}{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' and loop.first and tools is not none %}
+{{- '<|start_header_id|>user<|end_header_id|>\n\nFunctions:\n\n' }}
+{%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}
+{{- message.content + '<|eot_id|>' }}
+{%- elif message.tool_calls is defined and message.tool_calls %}
+{%- if message.tool_calls|length != 1 %}{{- raise_exception("one call per message") }}{%- endif %}
+{%- set tool_call = message.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{{- '{"name": "' + tool_call.name + '", "parameters": ' + tool_call.arguments | tojson + '}<|eot_id|>' }}
+{%- elif message.role == 'tool' or message.role == 'ipython' %}
+{{- '<|start_header_id|>ipython<|end_header_id|>\n\n' }}
+{%- if message.content is mapping or message.content is iterable %}{{- message.content | tojson }}{%- else %}{{- message.content }}{%- endif %}
+{{- '<|eot_id|>' }}
+{%- else %}
+{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"#;
+
+    #[test]
+    fn llama31_style_template_renders_tools_calls_and_results() {
+        let t = ChatTemplate::new(LLAMA31_LIKE).unwrap();
+        let out = t
+            .apply_with_tools(&tool_turns(), &[weather_tool()], true, "<|begin_of_text|>", "")
+            .unwrap();
+        let want = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nFunctions:\n\n\
+            {\n    \"function\": {\n        \"description\": \"The weather in a city, today's.\",\n        \
+            \"name\": \"get_weather\",\n        \"parameters\": {\n            \"properties\": {\n                \
+            \"city\": {\n                    \"type\": \"string\"\n                }\n            },\n            \
+            \"required\": [\n                \"city\"\n            ],\n            \"type\": \"object\"\n        }\n    },\n    \
+            \"type\": \"function\"\n}\n\nWeather in Paris?<|eot_id|>\
+            <|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>\
+            <|start_header_id|>ipython<|end_header_id|>\n\n\"22 C, sunny\"<|eot_id|>\
+            <|start_header_id|>assistant<|end_header_id|>\n\n";
+        assert_eq!(out, want);
+        let plain = t.apply(&tool_turns()[..1], false, "", "").unwrap();
+        assert_eq!(
+            plain,
+            "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>"
+        );
+    }
+
+    /// Mistral's way: `[AVAILABLE_TOOLS]` before the last user message, a call written as its
+    /// `function | tojson` with the closing brace cut off and the id put in (ids of 9 characters
+    /// or the template raises), results as `[TOOL_RESULTS]` with `tool_call_id`.
+    const MISTRAL_LIKE: &str = r#"{{- bos_token }}
+{%- for message in messages %}
+{%- if message.role == 'user' %}
+{%- if tools is not none and loop.last %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+{{- '[INST] ' + message.content + '[/INST]' }}
+{%- elif message.tool_calls is defined and message.tool_calls is not none %}
+{{- '[TOOL_CALLS] [' }}
+{%- for tool_call in message.tool_calls %}
+{%- set out = tool_call.function | tojson %}
+{{- out[:-1] }}
+{%- if tool_call.id is not defined or tool_call.id | length != 9 %}{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}
+{{- ', "id": "' + tool_call.id + '"}' }}
+{%- if not loop.last %}{{- ', ' }}{%- endif %}
+{%- endfor %}
+{{- ']' + eos_token }}
+{%- elif message.role == 'tool' %}
+{{- '[TOOL_RESULTS] {"content": ' + message.content | tojson + ', "call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+{%- elif message.role == 'assistant' %}
+{{- ' ' + message.content + eos_token }}
+{%- endif %}
+{%- endfor %}"#;
+
+    #[test]
+    fn mistral_style_template_renders_tools_calls_and_results() {
+        let t = ChatTemplate::new(MISTRAL_LIKE).unwrap();
+        let mut turns = tool_turns();
+        turns.push(ChatMessage::new("user", "And tomorrow?"));
+        let out = t
+            .apply_with_tools(&turns, &[weather_tool()], false, "<s>", "</s>")
+            .unwrap();
+        assert_eq!(
+            out,
+            "<s>[INST] Weather in Paris?[/INST]\
+             [TOOL_CALLS] [{\"arguments\": {\"city\": \"Paris\"}, \"name\": \"get_weather\", \"id\": \"call00001\"}]</s>\
+             [TOOL_RESULTS] {\"content\": \"22 C, sunny\", \"call_id\": \"call00001\"}[/TOOL_RESULTS]\
+             [AVAILABLE_TOOLS] [{\"function\": {\"description\": \"The weather in a city, today's.\", \
+             \"name\": \"get_weather\", \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \
+             \"required\": [\"city\"], \"type\": \"object\"}}, \"type\": \"function\"}][/AVAILABLE_TOOLS]\
+             [INST] And tomorrow?[/INST]"
+        );
+        // Without tools nothing of them is written (`tools` is none, not undefined).
+        let plain = t.apply(&turns[3..], false, "<s>", "</s>").unwrap();
+        assert_eq!(plain, "<s>[INST] And tomorrow?[/INST]");
+        // The template's own check of ids comes back as a render error.
+        turns[1].tool_calls[0].id = "x".into();
+        let e = t
+            .apply_with_tools(&turns, &[weather_tool()], false, "<s>", "</s>")
+            .unwrap_err();
+        assert!(e.to_string().contains("length 9"), "{e}");
+    }
+
+    #[test]
+    fn tojson_writes_as_python_json_dumps() {
+        let t = ChatTemplate::new(
+            "{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ [] | tojson }}|{{ {} | tojson(indent=2) }}|{{ s | tojson }}",
+        )
+        .unwrap();
+        let tmpl = t.env.get_template(NAME).unwrap();
+        let out = tmpl
+            .render(minijinja::context! {
+                x => to_jinja(serde_json::json!({"a": [1, 2.5, null, true], "b": "it's <b>&"})).unwrap(),
+                s => "line\nbreak \"quoted\" é",
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"a\": [1, 2.5, null, true], \"b\": \"it's <b>&\"}|\
+             {\n  \"a\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"b\": \"it's <b>&\"\n}|\
+             []|{}|\"line\\nbreak \\\"quoted\\\" é\""
+        );
+        assert!(ChatTemplate::new("{{ 1 | tojson(bogus=1) }}")
+            .unwrap()
+            .apply(&[], false, "", "")
+            .is_err());
     }
 
     #[test]
