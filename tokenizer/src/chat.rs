@@ -522,11 +522,7 @@ mod tests {
         let mut result = ChatMessage::new("tool", "22 C, sunny");
         result.tool_call_id = Some("call00001".into());
         result.name = Some("get_weather".into());
-        vec![
-            ChatMessage::new("user", "Weather in Paris?"),
-            call,
-            result,
-        ]
+        vec![ChatMessage::new("user", "Weather in Paris?"), call, result]
     }
 
     /// Qwen 2.5's way (Hermes-style): tools one per line with `tojson` in the system turn, calls
@@ -613,7 +609,13 @@ Answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.<|im_
     fn llama31_style_template_renders_tools_calls_and_results() {
         let t = ChatTemplate::new(LLAMA31_LIKE).unwrap();
         let out = t
-            .apply_with_tools(&tool_turns(), &[weather_tool()], true, "<|begin_of_text|>", "")
+            .apply_with_tools(
+                &tool_turns(),
+                &[weather_tool()],
+                true,
+                "<|begin_of_text|>",
+                "",
+            )
             .unwrap();
         let want = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nFunctions:\n\n\
             {\n    \"function\": {\n        \"description\": \"The weather in a city, today's.\",\n        \
