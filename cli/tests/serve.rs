@@ -668,31 +668,10 @@ async fn sigterm_drains_requests_in_flight() {
     assert!(c.get(format!("{}/health", s.base)).send().await.is_err());
 }
 
-/// A Hermes-style chat template (Qwen 2.5's way of writing tools, calls and results, cut down),
-/// given to SmolLM2 with --chat-template: SmolLM2's own template has no tools.
-const HERMES_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
-You are a helpful assistant with tools.
-<tools>
-{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-</tools>
-For each call, answer with <tool_call>{"name": <function-name>, "arguments": <args-json-object>}</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "user" or message.role == "system" or (message.role == "assistant" and not message.tool_calls) %}
-{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-{%- elif message.role == "assistant" %}
-{{- '<|im_start|>assistant' }}
-{%- if message.content %}{{- '\n' + message.content }}{%- endif %}
-{%- for tool_call in message.tool_calls %}
-{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
-{{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' + tool_call.arguments | tojson + '}\n</tool_call>' }}
-{%- endfor %}
-{{- '<|im_end|>\n' }}
-{%- elif message.role == "tool" %}
-{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+/// A Hermes-style chat template (Qwen 2.5's way of writing tools, calls and results, cut down;
+/// the tokenizer's rendering tests check what it writes), given to SmolLM2 with --chat-template:
+/// SmolLM2's own template has no tools.
+const HERMES_TEMPLATE: &str = include_str!("../../tokenizer/tests/fixtures/hermes_tools.jinja");
 
 /// The calls of a response message as (name, arguments as JSON).
 fn calls_of(message: &Value) -> Vec<(String, Value)> {

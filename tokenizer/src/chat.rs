@@ -528,32 +528,8 @@ mod tests {
     /// Qwen 2.5's way (Hermes-style): tools one per line with `tojson` in the system turn, calls
     /// in `<tool_call>` with `tool_call.function` unwrapped and `arguments | tojson`, tool results
     /// grouped into one user turn by looking at the neighbouring messages.
-    const QWEN_LIKE: &str = r#"{%- if tools %}<|im_start|>system
-You may call functions.
-<tools>
-{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}{{- "\n" }}</tools>
-Answer with <tool_call>{"name": <name>, "arguments": <object>}</tool_call>.<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "user" or (message.role == "assistant" and not message.tool_calls) %}
-{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-{%- elif message.role == "assistant" %}
-{{- '<|im_start|>assistant' }}
-{%- if message.content %}{{- '\n' + message.content }}{%- endif %}
-{%- for tool_call in message.tool_calls %}
-{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
-{{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
-{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
-{{- '}\n</tool_call>' }}
-{%- endfor %}
-{{- '<|im_end|>\n' }}
-{%- elif message.role == "tool" %}
-{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
-{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
-{%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+    /// (Also the template the server's HTTP test of tool calls runs.)
+    const QWEN_LIKE: &str = include_str!("../tests/fixtures/hermes_tools.jinja");
 
     #[test]
     fn qwen_style_template_renders_tools_calls_and_results() {
