@@ -26,7 +26,7 @@ pub enum ToolFormat {
     Json,
 }
 
-/// The opening marker of each format, in [`ToolFormat`] order.
+/// The markers the formats write around their calls.
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const MISTRAL_OPEN: &str = "[TOOL_CALLS]";
