@@ -667,3 +667,222 @@ async fn sigterm_drains_requests_in_flight() {
     );
     assert!(c.get(format!("{}/health", s.base)).send().await.is_err());
 }
+
+/// A Hermes-style chat template (Qwen 2.5's way of writing tools, calls and results, cut down;
+/// the tokenizer's rendering tests check what it writes), given to SmolLM2 with --chat-template:
+/// SmolLM2's own template has no tools.
+const HERMES_TEMPLATE: &str = include_str!("../../tokenizer/tests/fixtures/hermes_tools.jinja");
+
+/// The calls of a response message as (name, arguments as JSON).
+fn calls_of(message: &Value) -> Vec<(String, Value)> {
+    message["tool_calls"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    assert_eq!(c["type"], "function", "{c}");
+                    let id = c["id"].as_str().unwrap();
+                    assert!(
+                        id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()),
+                        "{c}"
+                    );
+                    let args = c["function"]["arguments"].as_str().unwrap();
+                    (
+                        c["function"]["name"].as_str().unwrap().to_string(),
+                        serde_json::from_str(args).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Tool calls end to end on SmolLM2 with a Hermes-style template. The model is not steered by any
+/// test hook: three earlier turns of the conversation show it calling `get_weather`, and greedy
+/// decoding copies the pattern for a fourth city. The server's reading of the reply is checked
+/// against the same reply generated with `tool_choice: "none"` (raw text) and read by the
+/// library's parser, streamed and not; a required or named call is begun in the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_read_from_replies_streamed_and_not() {
+    let Some(model) = serving::model() else {
+        return;
+    };
+    let s = Server::start(
+        &model,
+        &["--parallel", "1", "--chat-template", HERMES_TEMPLATE],
+    );
+    let c = client();
+    let chat = format!("{}/v1/chat/completions", s.base);
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}]);
+    let mut msgs = Vec::new();
+    for (i, city) in ["Paris", "Rome", "Oslo"].iter().enumerate() {
+        let id = format!("call0000{i}");
+        msgs.extend([
+            json!({"role": "user", "content": format!("What is the weather in {city}?")}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+                "function": {"name": "get_weather", "arguments": json!({"city": city}).to_string()}}]}),
+            json!({"role": "tool", "tool_call_id": id, "content": "sunny"}),
+            json!({"role": "assistant", "content": format!("It is sunny in {city}.")}),
+        ]);
+    }
+    msgs.push(json!({"role": "user", "content": "What is the weather in Berlin?"}));
+    let req = |choice: Value| json!({"messages": msgs, "tools": tools, "tool_choice": choice, "temperature": 0, "max_tokens": 40});
+
+    // `none`: the raw reply, not read.
+    let (st, v) = post(&c, chat.clone(), req(json!("none"))).await;
+    assert_eq!(st, 200, "{v}");
+    let raw = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let want = pshard_server::tools::ToolFormat::Hermes
+        .parse(raw, &["get_weather".to_string()])
+        .unwrap_or_else(|| panic!("the model's reply holds no valid call: {raw:?}"));
+    let want_calls: Vec<(String, Value)> = want
+        .calls
+        .iter()
+        .map(|c| (c.name.clone(), serde_json::from_str(&c.arguments).unwrap()))
+        .collect();
+    assert_eq!(
+        want_calls[0],
+        ("get_weather".to_string(), json!({"city": "Berlin"})),
+        "{raw:?}"
+    );
+
+    // `auto` (also the default): the same reply, read into tool_calls.
+    for choice in [json!("auto"), Value::Null] {
+        let (st, v) = post(&c, chat.clone(), req(choice)).await;
+        assert_eq!(st, 200, "{v}");
+        let m = &v["choices"][0]["message"];
+        assert_eq!(calls_of(m), want_calls, "{v}");
+        assert_eq!(m["content"], Value::Null, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    // Streamed: the role, the call's id and name, its arguments, the finish; no text.
+    let mut body = req(json!("auto"));
+    body["stream"] = json!(true);
+    let events = sse(c.post(&chat).json(&body).send().await.unwrap()).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    assert!(
+        deltas
+            .iter()
+            .all(|d| d["content"].as_str().is_none_or(str::is_empty)),
+        "{chunks:?}"
+    );
+    let mut streamed: Vec<(String, String, String)> = Vec::new();
+    for d in &deltas {
+        for tc in d["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if i == streamed.len() {
+                assert_eq!(tc["type"], "function");
+                streamed.push((
+                    tc["id"].as_str().unwrap().to_string(),
+                    String::new(),
+                    String::new(),
+                ));
+            }
+            let f = &tc["function"];
+            streamed[i].1 += f["name"].as_str().unwrap_or("");
+            streamed[i].2 += f["arguments"].as_str().unwrap_or("");
+        }
+    }
+    let streamed_calls: Vec<(String, Value)> = streamed
+        .iter()
+        .map(|(id, n, a)| {
+            assert_eq!(id.len(), 9);
+            (n.clone(), serde_json::from_str(a).unwrap())
+        })
+        .collect();
+    assert_eq!(streamed_calls, want_calls);
+    assert_eq!(
+        chunks[chunks.len() - 1]["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+
+    // Required, or named: the call is begun in the prompt and the model finishes it.
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "get_weather"}}),
+    ] {
+        let (st, v) = post(&c, chat.clone(), req(choice.clone())).await;
+        assert_eq!(st, 200, "{v}");
+        let calls = calls_of(&v["choices"][0]["message"]);
+        assert_eq!(
+            calls.first().map(|c| c.0.as_str()),
+            Some("get_weather"),
+            "{choice}: {v}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    // The reply goes back into the conversation with the tool's answer; the template renders it.
+    let (_, v) = post(&c, chat.clone(), req(json!("auto"))).await;
+    let mut next = msgs.clone();
+    let answer = v["choices"][0]["message"].clone();
+    let call_id = answer["tool_calls"][0]["id"].clone();
+    next.push(answer);
+    next.push(json!({"role": "tool", "tool_call_id": call_id, "content": "rain"}));
+    let (st, v) = post(
+        &c,
+        chat.clone(),
+        json!({"messages": next, "tools": tools, "temperature": 0, "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+
+    // Without tools the same template answers in text.
+    let (st, v) = post(
+        &c,
+        chat.clone(),
+        json!({"messages": [{"role": "user", "content": "Say hello."}], "temperature": 0, "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert!(
+        v["choices"][0]["message"].get("tool_calls").is_none(),
+        "{v}"
+    );
+
+    // Malformed tools and choices: 400 naming the field.
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (body, param) in [
+        (
+            json!({"messages": user, "tools": {"type": "function"}}),
+            "tools",
+        ),
+        (
+            json!({"messages": user, "tools": [{"type": "function", "function": {"description": "x"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"messages": user, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"messages": user, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "launch"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": user, "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "x", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+    ] {
+        let (st, v) = post(&c, chat.clone(), body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+}

@@ -4,6 +4,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pshard_runtime::sampler::SamplerParams;
+use pshard_tokenizer::chat::{ChatMessage, ToolCall};
 use serde_json::{json, Map, Value};
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
@@ -209,7 +210,8 @@ pub const MAX_STOP: usize = 16;
 /// Reads the shared parameters; refuses the ones this server cannot honour, naming them.
 /// `max_tokens_limit` bounds `max_tokens`.
 pub fn gen_params(f: &Fields<'_>, max_tokens_limit: usize) -> Result<GenParams, ApiError> {
-    // Refused: more than one choice, tools, logprobs, logit bias, structured output.
+    // Refused: more than one choice, logprobs, logit bias, structured output, the deprecated
+    // function-call API (`functions`, `function_call`; tools are read by `tools`).
     if let Some(n) = f.int_in("n", 1, i64::MAX)? {
         if n != 1 {
             return Err(ApiError::param(
@@ -332,34 +334,182 @@ pub fn gen_params(f: &Fields<'_>, max_tokens_limit: usize) -> Result<GenParams, 
     })
 }
 
-/// One chat message as the template sees it.
+/// What a request says about calling tools.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    /// `system`, `user` or `assistant` (`developer` is read as `system`).
-    pub role: String,
-    /// Its text.
-    pub content: String,
+pub enum ToolChoice {
+    /// The model may call a tool or answer (`auto`, the default).
+    Auto,
+    /// The model answers; its reply is not read for calls (`none`).
+    None,
+    /// The model must call a tool (`required`).
+    Required,
+    /// The model must call this function (`{"type": "function", "function": {"name": ...}}`).
+    Function(String),
+}
+
+/// `tools`: the OpenAI list of `{"type": "function", "function": {"name", "description",
+/// "parameters"}}`, returned as given (an empty list is no tools). `template_has_tools`: whether
+/// the model's chat template reads them; if not, tools are refused.
+pub fn tools(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<Value>, ApiError> {
+    let Some(v) = f.value("tools") else {
+        return Ok(Vec::new());
+    };
+    let Some(list) = v.as_array() else {
+        return Err(ApiError::param(
+            "tools",
+            format!("tools must be an array, not {}", type_name(v)),
+        ));
+    };
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !template_has_tools {
+        return Err(ApiError::param(
+            "tools",
+            "tools: this model's chat template has no tools (give one that has with --chat-template)",
+        ));
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for (i, t) in list.iter().enumerate() {
+        let p = format!("tools[{i}]");
+        let Some(o) = t.as_object() else {
+            return Err(ApiError::param(&p, format!("{p} must be an object")));
+        };
+        match o.get("type") {
+            Some(Value::String(ty)) if ty == "function" => {}
+            _ => {
+                return Err(ApiError::param(
+                    &format!("{p}.type"),
+                    format!("{p}.type must be \"function\""),
+                ))
+            }
+        }
+        let fp = format!("{p}.function");
+        let Some(fun) = o.get("function").and_then(Value::as_object) else {
+            return Err(ApiError::param(&fp, format!("{fp} must be an object")));
+        };
+        let np = format!("{fp}.name");
+        let name = match fun.get("name") {
+            Some(Value::String(n)) => n.as_str(),
+            None | Some(Value::Null) => {
+                return Err(ApiError::param(&np, format!("{np} is required")))
+            }
+            Some(other) => {
+                return Err(ApiError::param(
+                    &np,
+                    format!("{np} must be a string, not {}", type_name(other)),
+                ))
+            }
+        };
+        // OpenAI's rule for function names.
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ApiError::param(
+                &np,
+                format!("{np} '{name}' must be 1 to 64 letters, digits, '_' or '-'"),
+            ));
+        }
+        if names.contains(&name) {
+            return Err(ApiError::param(
+                &np,
+                format!("{np}: two tools are named '{name}'"),
+            ));
+        }
+        names.push(name);
+        if let Some(d) = fun.get("description").filter(|d| !d.is_null()) {
+            if !d.is_string() {
+                let dp = format!("{fp}.description");
+                return Err(ApiError::param(&dp, format!("{dp} must be a string")));
+            }
+        }
+        if let Some(params) = fun.get("parameters").filter(|d| !d.is_null()) {
+            if !params.is_object() {
+                let pp = format!("{fp}.parameters");
+                return Err(ApiError::param(
+                    &pp,
+                    format!(
+                        "{pp} must be a JSON schema object, not {}",
+                        type_name(params)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(list.clone())
+}
+
+/// The names of the functions in a [`tools`] list.
+pub fn tool_names(tools: &[Value]) -> Vec<String> {
+    tools
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `tool_choice`: `auto` (the default), `none`, `required` or `{"type": "function", "function":
+/// {"name": ...}}` naming one of `tools`. Without tools only `auto` and `none` are accepted.
+pub fn tool_choice(f: &Fields<'_>, tools: &[Value]) -> Result<ToolChoice, ApiError> {
+    let names = tool_names(tools);
+    let bad = |m: String| Err(ApiError::param("tool_choice", m));
+    let choice = match f.value("tool_choice") {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return bad(format!(
+                    "tool_choice '{other}' is not one of auto, none, required or a function"
+                ))
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(n)) => ToolChoice::Function(n.to_string()),
+                _ => {
+                    return bad(
+                        "tool_choice must be {\"type\": \"function\", \"function\": {\"name\": ...}} when it is an object".into(),
+                    )
+                }
+            }
+        }
+        Some(other) => {
+            return bad(format!(
+                "tool_choice must be a string or an object, not {}",
+                type_name(other)
+            ))
+        }
+    };
+    match &choice {
+        ToolChoice::Required if names.is_empty() => {
+            bad("tool_choice 'required': the request has no tools".into())
+        }
+        ToolChoice::Function(n) if !names.contains(n) => bad(format!(
+            "tool_choice names the function '{n}', which is not among the tools ({})",
+            if names.is_empty() {
+                "there are none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )),
+        _ => Ok(choice),
+    }
 }
 
 /// `messages`: a non-empty array of `{role, content}`; content a string, `null` (assistant) or an
-/// array of text parts. Tools and images are refused.
-pub fn messages(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<Message>, ApiError> {
-    if let Some(t) = f.value("tools") {
-        if t.as_array().is_none_or(|a| !a.is_empty()) {
-            let why = if template_has_tools {
-                "tools: this server does not run tool calls yet (the model's template knows tools, but replies are not parsed into tool_calls)"
-            } else {
-                "tools: this model's chat template has no tools"
-            };
-            return Err(ApiError::param("tools", why));
-        }
-    }
-    if f.value("tool_choice").is_some_and(|v| v != "none") {
-        return Err(ApiError::param(
-            "tool_choice",
-            "tool_choice: no tools are available",
-        ));
-    }
+/// array of text parts. Where the chat template knows tools (`template_has_tools`), assistant
+/// messages may carry `tool_calls` (`{id, type, function: {name, arguments}}`, `arguments` a JSON
+/// string as OpenAI sends it, read into the object templates expect) and `tool` messages answer
+/// them (`tool_call_id`, optional `name`). Images are refused.
+pub fn messages(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<ChatMessage>, ApiError> {
     let Some(v) = f.value("messages") else {
         return Err(ApiError::param("messages", "messages is required"));
     };
@@ -372,6 +522,12 @@ pub fn messages(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<Message>
     if arr.is_empty() {
         return Err(ApiError::param("messages", "messages must not be empty"));
     }
+    let no_tools = |p: &str, what: &str| {
+        ApiError::param(
+            p,
+            format!("{p}: {what}, but this model's chat template has no tools"),
+        )
+    };
     let mut out = Vec::with_capacity(arr.len());
     for (i, m) in arr.iter().enumerate() {
         let p = format!("messages[{i}]");
@@ -390,26 +546,47 @@ pub fn messages(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<Message>
         let role = match role {
             "system" | "user" | "assistant" => role,
             "developer" => "system",
-            "tool" | "function" => {
+            "tool" if template_has_tools => role,
+            "tool" => return Err(no_tools(&format!("{p}.role"), "a tool result")),
+            "function" => {
                 return Err(ApiError::param(
                     &format!("{p}.role"),
-                    format!("{p}.role '{role}': this server runs no tools"),
+                    format!("{p}.role 'function' (the deprecated function-call API) is not supported: send tool results as role 'tool'"),
                 ))
             }
             other => {
                 return Err(ApiError::param(
                     &format!("{p}.role"),
-                    format!("{p}.role '{other}' is not one of system, developer, user, assistant"),
+                    format!("{p}.role '{other}' is not one of system, developer, user, assistant, tool"),
                 ))
             }
         };
-        if o.get("tool_calls").is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::param(
-                &format!("{p}.tool_calls"),
-                "tool_calls: this server runs no tools",
-            ));
+        let mut msg = ChatMessage::new(role, String::new());
+        let mf = Fields(o);
+        if let Some(calls) = mf.value("tool_calls") {
+            let cp = format!("{p}.tool_calls");
+            if role != "assistant" {
+                return Err(ApiError::param(
+                    &cp,
+                    format!("{cp}: only assistant messages make tool calls"),
+                ));
+            }
+            if !template_has_tools {
+                return Err(no_tools(&cp, "tool calls"));
+            }
+            msg.tool_calls = tool_calls(calls, &cp)?;
         }
-        let content = match o.get("content") {
+        if role == "tool" {
+            msg.tool_call_id = mf
+                .str("tool_call_id")
+                .map_err(|e| renamed(e, &p))?
+                .map(str::to_string);
+            msg.name = mf
+                .str("name")
+                .map_err(|e| renamed(e, &p))?
+                .map(str::to_string);
+        }
+        msg.content = match o.get("content") {
             Some(Value::String(s)) => s.clone(),
             None | Some(Value::Null) if role == "assistant" => String::new(),
             Some(Value::Array(parts)) => {
@@ -436,9 +613,71 @@ pub fn messages(f: &Fields<'_>, template_has_tools: bool) -> Result<Vec<Message>
                 ))
             }
         };
-        out.push(Message {
-            role: role.to_string(),
-            content,
+        out.push(msg);
+    }
+    Ok(out)
+}
+
+/// An error about a field of an inner object, renamed to its path under `prefix`.
+fn renamed(mut e: ApiError, prefix: &str) -> ApiError {
+    if let Some(k) = e.param.take() {
+        e.message = format!("{prefix}.{}", e.message);
+        e.param = Some(format!("{prefix}.{k}"));
+    }
+    e
+}
+
+/// An assistant message's `tool_calls` (at `p`).
+fn tool_calls(v: &Value, p: &str) -> Result<Vec<ToolCall>, ApiError> {
+    let Some(list) = v.as_array() else {
+        return Err(ApiError::param(p, format!("{p} must be an array")));
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (j, c) in list.iter().enumerate() {
+        let cp = format!("{p}[{j}]");
+        let Some(o) = c.as_object() else {
+            return Err(ApiError::param(&cp, format!("{cp} must be an object")));
+        };
+        let cf = Fields(o);
+        if cf
+            .str("type")
+            .map_err(|e| renamed(e, &cp))?
+            .is_some_and(|t| t != "function")
+        {
+            return Err(ApiError::param(
+                &format!("{cp}.type"),
+                format!("{cp}.type must be \"function\""),
+            ));
+        }
+        let id = cf.str("id").map_err(|e| renamed(e, &cp))?.unwrap_or("");
+        let fp = format!("{cp}.function");
+        let Some(fun) = cf.value("function").and_then(Value::as_object) else {
+            return Err(ApiError::param(&fp, format!("{fp} must be an object")));
+        };
+        let ff = Fields(fun);
+        let name = ff
+            .str("name")
+            .map_err(|e| renamed(e, &fp))?
+            .ok_or_else(|| {
+                ApiError::param(&format!("{fp}.name"), format!("{fp}.name is required"))
+            })?;
+        let ap = format!("{fp}.arguments");
+        let arguments = match ff.value("arguments") {
+            None => Value::Object(Map::new()),
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map_err(|e| ApiError::param(&ap, format!("{ap} is not valid JSON: {e}")))?,
+            Some(Value::Object(o)) => Value::Object(o.clone()),
+            Some(other) => {
+                return Err(ApiError::param(
+                    &ap,
+                    format!("{ap} must be a JSON string, not {}", type_name(other)),
+                ))
+            }
+        };
+        out.push(ToolCall {
+            id: id.to_string(),
+            name: name.to_string(),
+            arguments,
         });
     }
     Ok(out)
@@ -516,16 +755,7 @@ impl StopText {
             self.held.clear();
             return (out, true);
         }
-        // Keep back the longest tail that is a prefix of a stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in s.char_indices().skip(1) {
-                if i > keep && self.held.ends_with(&s[..i]) {
-                    keep = i;
-                }
-            }
-        }
-        let cut = self.held.len() - keep;
+        let cut = self.held.len() - partial_suffix(&self.held, &self.stops);
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
         (out, false)
@@ -535,6 +765,21 @@ impl StopText {
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
+}
+
+/// The length of the longest tail of `text` that is the beginning (not the whole) of one of
+/// `words`: text to hold back while one of them may still be arriving.
+pub fn partial_suffix(text: &str, words: &[impl AsRef<str>]) -> usize {
+    let mut keep = 0;
+    for w in words {
+        let w = w.as_ref();
+        for (i, _) in w.char_indices().skip(1) {
+            if i > keep && text.ends_with(&w[..i]) {
+                keep = i;
+            }
+        }
+    }
+    keep
 }
 
 #[cfg(test)]
@@ -627,12 +872,170 @@ mod tests {
                 "messages[0].content[0]",
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}],"tools":[{}]}"#,
-                "tools",
+                r#"{"messages":[{"role":"tool","content":"22 C","tool_call_id":"a"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[]}]}"#,
+                "messages[0].tool_calls",
             ),
         ] {
             let e = m(bad, false).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn tool_messages_reach_the_template_in_hf_form() {
+        let m = |s: &str| messages(&Fields(&parse_object(s.as_bytes()).unwrap()), true);
+        let ok = m(r#"{"messages":[
+            {"role":"user","content":"Weather in Paris?"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"abc123XYZ","type":"function",
+              "function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},
+            {"role":"tool","tool_call_id":"abc123XYZ","name":"get_weather","content":"22 C"}]}"#)
+        .unwrap();
+        assert_eq!(
+            ok[1].tool_calls,
+            [ToolCall {
+                id: "abc123XYZ".into(),
+                name: "get_weather".into(),
+                arguments: json!({"city": "Paris"}),
+            }]
+        );
+        assert_eq!(ok[1].content, "");
+        assert_eq!(ok[2].role, "tool");
+        assert_eq!(ok[2].tool_call_id.as_deref(), Some("abc123XYZ"));
+        assert_eq!(ok[2].name.as_deref(), Some("get_weather"));
+        let call = |c: &str| {
+            format!(r#"{{"messages":[{{"role":"assistant","content":null,"tool_calls":[{c}]}}]}}"#)
+        };
+        for (bad, param) in [
+            (
+                call(r#"{"type":"function","function":{"name":"f","arguments":"{bad"}}"#),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                call(r#"{"type":"function","function":{"arguments":"{}"}}"#),
+                "messages[0].tool_calls[0].function.name",
+            ),
+            (
+                call(r#"{"type":"function","function":{"name":"f","arguments":5}}"#),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                call(r#"{"type":"retrieval"}"#),
+                "messages[0].tool_calls[0].type",
+            ),
+            (
+                call(r#"{"type":"function"}"#),
+                "messages[0].tool_calls[0].function",
+            ),
+            (
+                r#"{"messages":[{"role":"tool","content":"x","tool_call_id":7}]}"#.into(),
+                "messages[0].tool_call_id",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x","tool_calls":[]}]}"#.into(),
+                "messages[0].tool_calls",
+            ),
+            (
+                r#"{"messages":[{"role":"function","content":"x"}]}"#.into(),
+                "messages[0].role",
+            ),
+        ] {
+            let e = m(&bad).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{bad}: {e:?}");
+            assert!(e.message.contains(param), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn tools_and_tool_choice_are_checked_by_name() {
+        let body = |s: &str| parse_object(s.as_bytes()).unwrap();
+        let weather = r#"{"type":"function","function":{"name":"get_weather","description":"d",
+            "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}"#;
+        let o = body(&format!(
+            r#"{{"tools":[{weather}],"tool_choice":"required"}}"#
+        ));
+        let t = tools(&Fields(&o), true).unwrap();
+        assert_eq!(tool_names(&t), ["get_weather"]);
+        assert_eq!(tool_choice(&Fields(&o), &t).unwrap(), ToolChoice::Required);
+        let named = body(&format!(
+            r#"{{"tools":[{weather}],"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}}}"#
+        ));
+        assert_eq!(
+            tool_choice(&Fields(&named), &t).unwrap(),
+            ToolChoice::Function("get_weather".into())
+        );
+        assert_eq!(
+            tool_choice(&Fields(&body("{}")), &[]).unwrap(),
+            ToolChoice::Auto
+        );
+        assert_eq!(
+            tool_choice(&Fields(&body(r#"{"tool_choice":"none"}"#)), &[]).unwrap(),
+            ToolChoice::None
+        );
+        // No tools in the template: a clear refusal; an empty list is no tools.
+        let e = tools(&Fields(&o), false).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools"));
+        assert!(e.message.contains("template has no tools"), "{e:?}");
+        assert!(tools(&Fields(&body(r#"{"tools":[]}"#)), false)
+            .unwrap()
+            .is_empty());
+        for (bad, param) in [
+            (r#"{"tools":{"a":1}}"#, "tools"),
+            (r#"{"tools":[5]}"#, "tools[0]"),
+            (
+                r#"{"tools":[{"type":"code_interpreter"}]}"#,
+                "tools[0].type",
+            ),
+            (r#"{"tools":[{"type":"function"}]}"#, "tools[0].function"),
+            (
+                r#"{"tools":[{"type":"function","function":{"description":"no name"}}]}"#,
+                "tools[0].function.name",
+            ),
+            (
+                r#"{"tools":[{"type":"function","function":{"name":"has space"}}]}"#,
+                "tools[0].function.name",
+            ),
+            (
+                r#"{"tools":[{"type":"function","function":{"name":"f","parameters":"x"}}]}"#,
+                "tools[0].function.parameters",
+            ),
+            (
+                r#"{"tools":[{"type":"function","function":{"name":"f","description":1}}]}"#,
+                "tools[0].function.description",
+            ),
+            (
+                r#"{"tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}]}"#,
+                "tools[1].function.name",
+            ),
+        ] {
+            let e = tools(&Fields(&body(bad)), true).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.param.as_deref(), Some(param), "{bad}: {e:?}");
+        }
+        for bad in [
+            r#"{"tool_choice":{"type":"function","function":{"name":"launch"}}}"#,
+            r#"{"tool_choice":"sometimes"}"#,
+            r#"{"tool_choice":{"type":"function"}}"#,
+            r#"{"tool_choice":3}"#,
+        ] {
+            let e = tool_choice(&Fields(&body(bad)), &t).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("tool_choice"), "{bad}: {e:?}");
+        }
+        let e = tool_choice(&Fields(&body(r#"{"tool_choice":"required"}"#)), &[]).unwrap_err();
+        assert!(e.message.contains("no tools"), "{e:?}");
+        let e = tool_choice(
+            &Fields(&body(
+                r#"{"tool_choice":{"type":"function","function":{"name":"launch"}}}"#,
+            )),
+            &t,
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("'launch'") && e.message.contains("get_weather"),
+            "{e:?}"
+        );
     }
 }

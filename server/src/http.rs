@@ -1,6 +1,6 @@
 //! The HTTP side: routes, authentication, limits, streaming, metrics and the graceful drain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,13 +17,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use pshard_runtime::session::ContextShift;
-use pshard_tokenizer::chat::{ChatMessage, ChatTemplate};
+use pshard_tokenizer::chat::ChatTemplate;
 use pshard_tokenizer::{StreamDecoder, Tokenizer};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::api::{self, ApiError, Fields, GenParams, StopText};
+use crate::api::{self, ApiError, Fields, GenParams, StopText, ToolChoice};
 use crate::sched::{Event, Finish, Request as GenRequest, Scheduler, SubmitError};
+use crate::tools::{self, Call, ToolFormat, ToolReader};
 
 /// Settings of a server.
 #[derive(Clone, Debug)]
@@ -432,6 +433,9 @@ struct Gen {
     ready: Arc<AppState>,
     decoder: StreamDecoder,
     stops: StopText,
+    /// Control tokens whose text is part of the reply (a tool call's marker), though the decoder
+    /// leaves control tokens out.
+    keep: Vec<u32>,
     prompt_tokens: usize,
     cached: usize,
     completion: usize,
@@ -465,7 +469,15 @@ impl Gen {
                 Some(Event::Started { cached, .. }) => self.cached = cached,
                 Some(Event::Token(t)) => {
                     self.completion += 1;
-                    let piece = self.decoder.push(tok, t);
+                    let piece = if self.keep.contains(&t) {
+                        // Bytes held for an unfinished character go first (finishing also makes
+                        // an SPM decoder drop the next token's leading space: JSON whitespace).
+                        let mut s = self.decoder.finish();
+                        s += tok.token_text(t);
+                        s
+                    } else {
+                        self.decoder.push(tok, t)
+                    };
                     let (out, hit) = self.stops.push(&piece);
                     if hit {
                         // Cancels the rest of the generation.
@@ -529,8 +541,8 @@ impl Drop for Gen {
     }
 }
 
-/// Starts a generation of `prompt` with `p`.
-fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams) -> Result<Gen, ApiError> {
+/// Starts a generation of `prompt` with `p`; the control tokens in `keep` are shown in its text.
+fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams, keep: Vec<u32>) -> Result<Gen, ApiError> {
     let r = ready(st)?;
     let n_ctx = r.sched.info.n_ctx;
     let shift = st.cfg.context_shift;
@@ -574,6 +586,7 @@ fn start(st: &Shared, prompt: Vec<u32>, p: &GenParams) -> Result<Gen, ApiError> 
         ready: st.clone(),
         decoder: StreamDecoder::new(true),
         stops: StopText::new(p.stop.clone()),
+        keep,
         prompt_tokens: n,
         cached: 0,
         completion: 0,
@@ -595,17 +608,17 @@ async fn chat_completions(
             "this model has no chat template: use /v1/completions, or start the server with --chat-template",
         )
     })?;
-    let msgs = api::messages(&f, template.source().contains("tools"))?;
+    let format = ToolFormat::of(template);
+    let tools = api::tools(&f, format.is_some())?;
+    let choice = api::tool_choice(&f, &tools)?;
+    let chat = api::messages(&f, format.is_some())?;
     let p = api::gen_params(&f, st.cfg.max_tokens)?;
-    let chat: Vec<ChatMessage> = msgs
-        .iter()
-        .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-        .collect();
     let special =
         |id: Option<u32>| id.map_or(String::new(), |i| r.tokenizer.token_text(i).to_string());
-    let rendered = template
-        .apply(
+    let mut rendered = template
+        .apply_with_tools(
             &chat,
+            &tools,
             true,
             &special(r.tokenizer.bos()),
             &special(r.tokenizer.eos()),
@@ -616,9 +629,32 @@ async fn chat_completions(
                 format!("the chat template refused the messages: {e}"),
             )
         })?;
+    // Replies are read for calls unless there are no tools or the request says `none`; a call
+    // that is required is begun in the prompt (no grammar constrains sampling here).
+    let reader = match format {
+        Some(fmt) if !tools.is_empty() && choice != ToolChoice::None => {
+            let opening = match &choice {
+                ToolChoice::Required => fmt.forced_opening(None),
+                ToolChoice::Function(name) => fmt.forced_opening(Some(name)),
+                ToolChoice::Auto | ToolChoice::None => String::new(),
+            };
+            rendered += &opening;
+            Some(ToolReader::new(fmt, api::tool_names(&tools), opening))
+        }
+        _ => None,
+    };
+    // The call marker must reach the reader even where it is a control token.
+    let keep = match &reader {
+        Some(_) => format
+            .and_then(|fmt| r.tokenizer.token_id(fmt.marker()))
+            .filter(|&id| r.tokenizer.is_special(id))
+            .into_iter()
+            .collect(),
+        None => Vec::new(),
+    };
     let prompt = r.tokenizer.encode_chat_prompt(&rendered);
-    let g = start(&st, prompt, &p)?;
-    respond(st, g, p, Kind::Chat).await
+    let g = start(&st, prompt, &p, keep)?;
+    respond(st, g, p, Kind::Chat, reader).await
 }
 
 async fn completions(
@@ -646,12 +682,42 @@ async fn completions(
     if prompt.is_empty() {
         return Err(ApiError::param("prompt", "the prompt is empty"));
     }
-    let g = start(&st, prompt, &p)?;
-    respond(st, g, p, Kind::Text).await
+    let g = start(&st, prompt, &p, Vec::new())?;
+    respond(st, g, p, Kind::Text, None).await
 }
 
-/// The response: one JSON body, or an SSE stream of chunks ending in `data: [DONE]`.
-async fn respond(st: Shared, mut g: Gen, p: GenParams, kind: Kind) -> Result<Response, ApiError> {
+/// The `finish_reason` of a reply that made `calls`.
+fn finish_reason(finish: Finish, calls: &[Call]) -> &'static str {
+    if calls.is_empty() {
+        finish.as_str()
+    } else {
+        "tool_calls"
+    }
+}
+
+/// The OpenAI `tool_calls` of a reply, each with a fresh id.
+fn tool_calls_json(calls: &[Call]) -> Vec<Value> {
+    calls
+        .iter()
+        .map(|c| {
+            json!({
+                "id": tools::call_id(),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })
+        })
+        .collect()
+}
+
+/// The response: one JSON body, or an SSE stream of chunks ending in `data: [DONE]`. `tools`
+/// reads the reply for tool calls (chat only).
+async fn respond(
+    st: Shared,
+    mut g: Gen,
+    p: GenParams,
+    kind: Kind,
+    mut tools: Option<ToolReader>,
+) -> Result<Response, ApiError> {
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
     let (id, object, chunk_object) = match kind {
         Kind::Chat => (
@@ -667,18 +733,36 @@ async fn respond(st: Shared, mut g: Gen, p: GenParams, kind: Kind) -> Result<Res
         let mut text = String::new();
         let finish = loop {
             match g.next().await {
-                Piece::Text(t) => text += &t,
+                Piece::Text(t) => match &mut tools {
+                    Some(r) => text += &r.push(&t),
+                    None => text += &t,
+                },
                 Piece::End(f) => break f,
                 Piece::Fail(e) => return Err(e),
             }
         };
+        let mut calls = Vec::new();
+        if let Some(r) = tools {
+            let end = r.finish();
+            text += &end.content;
+            calls = end.calls;
+        }
         let choice = match kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish.as_str(),
-            }),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    if text.trim().is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = json!(tool_calls_json(&calls));
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": null,
+                    "finish_reason": finish_reason(finish, &calls),
+                })
+            }
             Kind::Text => json!({
                 "index": 0,
                 "text": text,
@@ -711,103 +795,133 @@ async fn respond(st: Shared, mut g: Gen, p: GenParams, kind: Kind) -> Result<Res
         }
         SseEvent::default().data(c.to_string())
     };
-    let piece_choice = move |text: Option<&str>, finish: Option<Finish>, first: bool| match kind {
-        Kind::Chat => {
-            let mut delta = json!({});
-            if first {
-                delta["role"] = json!("assistant");
-            }
-            if let Some(t) = text {
-                delta["content"] = json!(t);
-            }
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish.map(Finish::as_str)})
-        }
-        Kind::Text => json!({
-            "index": 0,
-            "text": text.unwrap_or(""),
-            "logprobs": null,
-            "finish_reason": finish.map(Finish::as_str),
-        }),
-    };
     let first = g.next().await;
     if let Piece::Fail(e) = first {
         return Err(e);
     }
-    let include_usage = p.include_usage;
-    let stream = sse_stream(g, first, chunk, piece_choice, include_usage, kind);
+    let stream = sse_stream(g, first, chunk, p.include_usage, kind, tools);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
 }
 
-/// The SSE events of a streamed generation, given its first piece.
+/// One streamed choice of `kind`: a chat `delta` (for text completions only its `content`
+/// counts) and the finish reason on the last.
+fn stream_choice(kind: Kind, delta: Value, finish: Option<&str>) -> Value {
+    match kind {
+        Kind::Chat => {
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        }
+        Kind::Text => json!({
+            "index": 0,
+            "text": delta["content"].as_str().unwrap_or(""),
+            "logprobs": null,
+            "finish_reason": finish,
+        }),
+    }
+}
+
+/// The SSE events of a streamed generation, given its first piece: for chat the role first,
+/// then content as it is released (by the tool reader when there is one), at the end any tool
+/// calls (each as one delta with its id and name, then one with its arguments, as OpenAI streams
+/// them), the finish, the usage if asked, and `[DONE]`.
 fn sse_stream(
     g: Gen,
     first: Piece,
     chunk: impl Fn(Value, Option<Value>) -> SseEvent + Send + 'static,
-    choice: impl Fn(Option<&str>, Option<Finish>, bool) -> Value + Send + 'static,
     include_usage: bool,
     kind: Kind,
+    tools: Option<ToolReader>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    enum S {
-        Start,
-        Running,
-        Usage,
-        Done,
-        Over,
-    }
-    struct St<C, F> {
+    struct St<C> {
         g: Gen,
         first: Option<Piece>,
         chunk: C,
-        choice: F,
-        state: S,
-        role_sent: bool,
+        tools: Option<ToolReader>,
+        queue: VecDeque<SseEvent>,
+        ended: bool,
+    }
+    let mut queue = VecDeque::new();
+    if kind == Kind::Chat {
+        let role = json!({"role": "assistant", "content": ""});
+        queue.push_back(chunk(stream_choice(kind, role, None), None));
     }
     let init = St {
         g,
         first: Some(first),
         chunk,
-        choice,
-        state: S::Start,
-        role_sent: kind == Kind::Text,
+        tools,
+        queue,
+        ended: false,
     };
     futures_util::stream::unfold(init, move |mut s| async move {
-        let ev = match s.state {
-            S::Over => return None,
-            S::Done => {
-                s.state = S::Over;
-                SseEvent::default().data("[DONE]")
+        loop {
+            if let Some(ev) = s.queue.pop_front() {
+                return Some((Ok(ev), s));
             }
-            S::Usage => {
-                s.state = S::Done;
-                (s.chunk)(Value::Null, Some(s.g.usage()))
+            if s.ended {
+                return None;
             }
-            S::Start if !s.role_sent => {
-                s.state = S::Running;
-                s.role_sent = true;
-                (s.chunk)((s.choice)(Some(""), None, true), None)
-            }
-            S::Start | S::Running => {
-                s.state = S::Running;
-                let piece = match s.first.take() {
-                    Some(p) => p,
-                    None => s.g.next().await,
-                };
-                match piece {
-                    Piece::Text(t) => (s.chunk)((s.choice)(Some(&t), None, false), None),
-                    Piece::End(f) => {
-                        s.state = if include_usage { S::Usage } else { S::Done };
-                        (s.chunk)((s.choice)(None, Some(f), false), None)
-                    }
-                    Piece::Fail(e) => {
-                        s.state = S::Done;
-                        SseEvent::default().data(e.body().to_string())
+            let piece = match s.first.take() {
+                Some(p) => p,
+                None => s.g.next().await,
+            };
+            let text = |t: &str| stream_choice(kind, json!({"content": t}), None);
+            match piece {
+                Piece::Text(t) => {
+                    let t = match &mut s.tools {
+                        Some(r) => r.push(&t),
+                        None => t,
+                    };
+                    if !t.is_empty() {
+                        let ev = (s.chunk)(text(&t), None);
+                        s.queue.push_back(ev);
                     }
                 }
+                Piece::End(f) => {
+                    let mut calls = Vec::new();
+                    if let Some(r) = s.tools.take() {
+                        let end = r.finish();
+                        if !end.content.is_empty() {
+                            let ev = (s.chunk)(text(&end.content), None);
+                            s.queue.push_back(ev);
+                        }
+                        calls = end.calls;
+                    }
+                    for (i, c) in tool_calls_json(&calls).into_iter().enumerate() {
+                        let opening = json!({"tool_calls": [{
+                            "index": i,
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {"name": c["function"]["name"], "arguments": ""},
+                        }]});
+                        let args = json!({"tool_calls": [{
+                            "index": i,
+                            "function": {"arguments": c["function"]["arguments"]},
+                        }]});
+                        for delta in [opening, args] {
+                            let ev = (s.chunk)(stream_choice(kind, delta, None), None);
+                            s.queue.push_back(ev);
+                        }
+                    }
+                    let reason = finish_reason(f, &calls);
+                    let ev = (s.chunk)(stream_choice(kind, json!({}), Some(reason)), None);
+                    s.queue.push_back(ev);
+                    if include_usage {
+                        let ev = (s.chunk)(Value::Null, Some(s.g.usage()));
+                        s.queue.push_back(ev);
+                    }
+                    s.queue.push_back(SseEvent::default().data("[DONE]"));
+                    s.ended = true;
+                }
+                Piece::Fail(e) => {
+                    s.queue
+                        .push_back(SseEvent::default().data(e.body().to_string()));
+                    s.queue.push_back(SseEvent::default().data("[DONE]"));
+                    s.ended = true;
+                }
             }
-        };
-        Some((Ok(ev), s))
+        }
     })
 }
 

@@ -4,7 +4,8 @@
 //! carries the next token of each decoding sequence plus chunks of waiting prompts; cached
 //! prompt prefixes are reused); [`http`] answers `/v1/chat/completions`, `/v1/completions`
 //! (streamed as server-sent events or not), `/v1/models`, `/health`, `/metrics`, `/tokenize` and
-//! `/detokenize`; [`api`] reads request bodies field by field into clear 400s.
+//! `/detokenize`; [`api`] reads request bodies field by field into clear 400s; [`tools`] reads
+//! tool calls out of replies in the format the model's chat template teaches.
 //!
 //! The scheduler is also what `pshard chat` runs on (one sequence, the conversation's KV kept
 //! between turns).
@@ -12,3 +13,4 @@
 pub mod api;
 pub mod http;
 pub mod sched;
+pub mod tools;

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use pshard_model::gguf::{GgufHeader, MetaValue};
 
 pub use bpe::PreTokenizer;
-pub use chat::{ChatError, ChatMessage, ChatTemplate};
+pub use chat::{ChatError, ChatMessage, ChatTemplate, ToolCall};
 
 use special::{Fragment, SpecialMatcher};
 
