@@ -17,7 +17,7 @@
 # then `llama-bench -fa 1 -ub 2048` measures pp512, pp4096, pp16384 and tg64 with them; pshard runs
 # `pshard bench --vram-budget MiB -c 16384` through its plans (in-process with the machine's profiles
 # when present under ~/.cache/pshard/profiles, else the committed H200 ones). TTFT = 16384 / pp16384.
-# Env: REPS (2), OUT (logs), SYNTH_DIR.
+# Env: REPS (2), PP (the prompt tests, default 512,4096,16384), OUT (logs), SYNTH_DIR.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -47,6 +47,7 @@ mkdir -p "$OUT"
 CASES=${*:-llama3-8b@3072 qwen2.5-32b@8192 qwen3-30b-a3b@4096}
 REPS=${REPS:-2}
 CTX=16384
+PP=${PP:-512,4096,16384}
 DIR=${SYNTH_DIR:-/tmp/pshard-synth}
 mkdir -p "$DIR"
 BIN=carry/pshard
@@ -92,10 +93,10 @@ for c in $CASES; do
     fit=$(echo "$fit" | sed -E ':a; s/(-ot [^ ,]*),/\1;/; ta')
     echo "$m @ $budget MiB: llama.cpp fit chose: ${fit:-nothing (see $OUT/fit-$m.log)}"
     # shellcheck disable=SC2086
-    "$PEER/build/bin/llama-bench" -m "$f" -p 512,4096,16384 -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \
+    "$PEER/build/bin/llama-bench" -m "$f" -p "$PP" -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \
         -o json >"$OUT/peer-$m.json" 2>"$OUT/peer-$m.log"
     # pshard at the same budget and context.
-    "$BIN" bench -m "$f" -p 512,4096,16384 -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
+    "$BIN" bench -m "$f" -p "$PP" -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
         -c "$CTX" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
     grep -E "^plans:|^warning|VRAM|error" "$OUT/pshard-$m.log" | head -5
     rows+=("$(python3 - "$m" "$budget" "$OUT/peer-$m.json" "$OUT/pshard-$m.json" "$fit" <<'PY'
