@@ -539,9 +539,8 @@ mod tests {
             .apply_with_tools(&tool_turns(), &[weather_tool()], true, "", "")
             .unwrap();
         let want = "<|im_start|>system\nYou may call functions.\n<tools>\n\
-            {\"function\": {\"description\": \"The weather in a city, today's.\", \"name\": \"get_weather\", \
-            \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], \
-            \"type\": \"object\"}}, \"type\": \"function\"}\n</tools>\n\
+            {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The weather in a city, today's.\", \
+            \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n</tools>\n\
             Answer with <tool_call>{\"name\": <name>, \"arguments\": <object>}</tool_call>.<|im_end|>\n\
             <|im_start|>user\nWeather in Paris?<|im_end|>\n\
             <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
@@ -594,11 +593,11 @@ mod tests {
             )
             .unwrap();
         let want = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nFunctions:\n\n\
-            {\n    \"function\": {\n        \"description\": \"The weather in a city, today's.\",\n        \
-            \"name\": \"get_weather\",\n        \"parameters\": {\n            \"properties\": {\n                \
-            \"city\": {\n                    \"type\": \"string\"\n                }\n            },\n            \
-            \"required\": [\n                \"city\"\n            ],\n            \"type\": \"object\"\n        }\n    },\n    \
-            \"type\": \"function\"\n}\n\nWeather in Paris?<|eot_id|>\
+            {\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"get_weather\",\n        \
+            \"description\": \"The weather in a city, today's.\",\n        \"parameters\": {\n            \
+            \"type\": \"object\",\n            \"properties\": {\n                \"city\": {\n                    \
+            \"type\": \"string\"\n                }\n            },\n            \"required\": [\n                \
+            \"city\"\n            ]\n        }\n    }\n}\n\nWeather in Paris?<|eot_id|>\
             <|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>\
             <|start_header_id|>ipython<|end_header_id|>\n\n\"22 C, sunny\"<|eot_id|>\
             <|start_header_id|>assistant<|end_header_id|>\n\n";
@@ -646,11 +645,11 @@ mod tests {
         assert_eq!(
             out,
             "<s>[INST] Weather in Paris?[/INST]\
-             [TOOL_CALLS] [{\"arguments\": {\"city\": \"Paris\"}, \"name\": \"get_weather\", \"id\": \"call00001\"}]</s>\
+             [TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": \"call00001\"}]</s>\
              [TOOL_RESULTS] {\"content\": \"22 C, sunny\", \"call_id\": \"call00001\"}[/TOOL_RESULTS]\
-             [AVAILABLE_TOOLS] [{\"function\": {\"description\": \"The weather in a city, today's.\", \
-             \"name\": \"get_weather\", \"parameters\": {\"properties\": {\"city\": {\"type\": \"string\"}}, \
-             \"required\": [\"city\"], \"type\": \"object\"}}, \"type\": \"function\"}][/AVAILABLE_TOOLS]\
+             [AVAILABLE_TOOLS] [{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \
+             \"description\": \"The weather in a city, today's.\", \"parameters\": {\"type\": \"object\", \
+             \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}][/AVAILABLE_TOOLS]\
              [INST] And tomorrow?[/INST]"
         );
         // Without tools nothing of them is written (`tools` is none, not undefined).
