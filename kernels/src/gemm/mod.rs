@@ -35,7 +35,9 @@
 //! **Decode.** One to four tokens with AVX-512 VNNI skip the tile: `gemm::gemv` dots each row straight from
 //! its blocks and transposes the integer sums instead, then runs the same f32 order. Matrices
 //! repacked at load ([`packed`]: 16 rows interleaved, as the tile but stored) need neither: one
-//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes.
+//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes. More
+//! tokens on a repacked matrix take the GEMM, its tiles loaded straight from the groups
+//! ([`Converter::tile16_packed`]).
 
 use pshard_model::ggml_type::GgmlType;
 
