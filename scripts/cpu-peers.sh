@@ -105,12 +105,18 @@ cmd_table() {
         [ -s "$m" ] || die "model $m not found"
         local b
         b=$(basename "$m" .gguf)
+        # Each program starts from a warm page cache: pshard's repack copies the weights into
+        # anonymous memory, which evicts a model near the RAM's size from the cache, and a peer
+        # would then read it from disk (qwen3-30b-a3b at 16 GiB on 24 GiB: llama.cpp tg16 2.45
+        # t/s cold, 2026-12-05).
+        cat "$m" >/dev/null
         "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --device cpu -o md \
             >"$OUT/pshard-$b.md" 2>"$OUT/pshard-$b.log" || echo "pshard bench failed on $b (see $OUT/pshard-$b.log)"
         for peer in llama ik; do
             local bin=$LLAMA_BIN
             [ $peer = ik ] && bin=$IK_BIN
             [ -x "$bin" ] || continue
+            cat "$m" >/dev/null
             LD_LIBRARY_PATH=$(dirname "$bin") "$bin" -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" -o md \
                 >"$OUT/$peer-$b.md" 2>"$OUT/$peer-$b.log" || echo "$peer llama-bench failed on $b"
         done

@@ -326,15 +326,24 @@ enum Engine {
     },
 }
 
+/// How the whole groups of a repacked matrix are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Groups {
+    /// Each group unpacked to the file layout first (the engine has no path for the layout).
+    Unpacked,
+    /// The repacked decode kernel (1 to 4 tokens; the [`Engine::Gemm`]'s activations).
+    Decode,
+    /// The 16-row GEMM with the repacked tile loader.
+    Tiles,
+}
+
 /// A validated matmul of one weight matrix with one activation buffer: any part of its output
 /// rows can be computed, by any thread ([`RowsJob::compute`]).
 pub(crate) struct RowsJob<'a> {
     engine: Engine,
-    /// Repacked weights whose type and token count the repacked decode kernel takes (with the
-    /// [`Engine::Gemm`], whose activations it reads). Everything else of a repacked matrix (rows
-    /// after the last whole group, parts of groups, other engines) is unpacked to the file layout
-    /// first.
-    packed: bool,
+    /// For repacked weights, how whole groups are computed. Everything else of a repacked matrix
+    /// (rows after the last whole group, parts of groups) is unpacked to the file layout first.
+    groups: Groups,
     w: WeightMatrix<'a>,
     x: &'a QuantizedActs,
     wrb: usize,
@@ -375,11 +384,12 @@ impl<'a> RowsJob<'a> {
                 x.row_bytes
             )));
         }
-        // Repacked weights whose type and token count the repacked decode kernel takes: the
-        // GEMM's engine (its activations are the kernel's; it takes the rows outside whole
-        // groups).
-        let packed = match w.layout {
-            WeightLayout::File => false,
+        // Repacked weights: the decode kernel where the type and token count fit it (with the
+        // GEMM's engine: its activations are the kernel's; it takes the rows outside whole
+        // groups), else the GEMM's 16-row tiles loaded from the groups where the type has a
+        // loader for them.
+        let groups = match w.layout {
+            WeightLayout::File => Groups::Unpacked,
             WeightLayout::Interleaved => {
                 if !gemm::packed::supported(w.ty) {
                     return Err(mismatch(format!(
@@ -387,12 +397,21 @@ impl<'a> RowsJob<'a> {
                         w.ty
                     )));
                 }
-                gemm::converter(w.ty)
-                    .is_some_and(|conv| gemm::gemv::applies(&conv, x, level).is_some())
+                match gemm::converter(w.ty) {
+                    Some(c) if gemm::gemv::applies(&c, x, level).is_some() => Groups::Decode,
+                    Some(c)
+                        if c.tile16_packed.is_some() && gemm::rows_per_tile(level) == Some(16) =>
+                    {
+                        Groups::Tiles
+                    }
+                    _ => Groups::Unpacked,
+                }
             }
         };
         let engine = match gemm::converter(w.ty) {
-            Some(conv) if !packed && gemm::gemv::applies(&conv, x, level).is_some() => {
+            Some(conv)
+                if groups != Groups::Decode && gemm::gemv::applies(&conv, x, level).is_some() =>
+            {
                 let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
                 let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
                 Engine::Gemv { conv, kind, acts }
@@ -414,7 +433,7 @@ impl<'a> RowsJob<'a> {
         };
         Ok(RowsJob {
             engine,
-            packed,
+            groups,
             w,
             x,
             wrb,
@@ -467,9 +486,9 @@ impl<'a> RowsJob<'a> {
         }
     }
 
-    /// [`RowsJob::compute`] of a repacked matrix: whole groups through the repacked kernel where
-    /// it applies; the rest (rows after the last group as they lie, other rows unpacked a group
-    /// at a time) through [`RowsJob::compute_file`].
+    /// [`RowsJob::compute`] of a repacked matrix: whole groups through the repacked decode
+    /// kernel or the GEMM's repacked tiles where they apply; the rest (rows after the last group
+    /// as they lie, other rows unpacked a group at a time) through [`RowsJob::compute_file`].
     fn compute_packed(&self, r0: usize, outs: &mut [&mut [f32]]) {
         use gemm::packed::{unpack_rows, ROWS};
         let (w, wrb) = (&self.w, self.wrb);
@@ -481,32 +500,46 @@ impl<'a> RowsJob<'a> {
             let r = r0 + i;
             let n = if r >= full {
                 len - i
-            } else if r.is_multiple_of(ROWS) && self.packed {
+            } else if r.is_multiple_of(ROWS) && self.groups != Groups::Unpacked {
                 ((len - i) / ROWS).min((full - r) / ROWS) * ROWS
             } else {
                 0
             };
+            let whole = n > 0 && r < full;
             let n = if n == 0 {
                 (ROWS - r % ROWS).min(len - i)
             } else {
                 n
             };
             let mut part: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[i..i + n]).collect();
-            if r >= full {
-                self.compute_file(&w.data[full * wrb..], full, r, &mut part);
-            } else if let (Engine::Gemm { acts, .. }, true) = (
-                &self.engine,
-                self.packed && n.is_multiple_of(ROWS) && r.is_multiple_of(ROWS),
-            ) {
-                gemm::packed::groups(w.ty, acts, &w.data[r * wrb..(r + n) * wrb], &mut part);
-            } else {
-                UNPACKED.with(|u| {
+            let groups = &w.data[r * wrb..(r + n) * wrb];
+            match (&self.engine, self.groups, whole) {
+                _ if r >= full => {
+                    self.compute_file(&w.data[full * wrb..], full, r, &mut part);
+                }
+                (Engine::Gemm { acts, .. }, Groups::Decode, true) => {
+                    gemm::packed::groups(w.ty, acts, groups, &mut part);
+                }
+                (
+                    Engine::Gemm {
+                        conv,
+                        acts,
+                        level,
+                        rows,
+                    },
+                    Groups::Tiles,
+                    true,
+                ) => {
+                    let src = TileSrc::<fn(usize) -> &'a [u8]>::Packed(groups);
+                    self.gemm(conv, acts, (*level, *rows), src, r, &mut part);
+                }
+                _ => UNPACKED.with(|u| {
                     let u = &mut *u.borrow_mut();
                     u.resize(n * wrb, 0);
                     let g = &w.data[r / ROWS * gb..][..gb];
                     unpack_rows(w.ty, g, wrb, r % ROWS, u);
                     self.compute_file(u, r, r, &mut part);
-                });
+                }),
             }
             i += n;
         }
@@ -558,72 +591,108 @@ impl<'a> RowsJob<'a> {
                 acts,
                 level,
                 rows,
-            } => GEMM_SCRATCH.with(|s| {
-                let s = &mut *s.borrow_mut();
-                let GemmScratch { tile, acc, .. } = s;
-                let (rr, n_tok) = (*rows, x.n_rows);
-                acc.resize(n_tok, [0f32; 16]);
-                let (bs, bb) = (w.ty.block_size() as usize, w.ty.type_size() as usize);
-                let bytes = |e: usize| e / bs * bb;
-                let mut i = 0;
-                while i < len {
-                    let nr = (len - i).min(rr);
-                    let range = r0 + i..r0 + i + nr;
-                    acc.iter_mut().for_each(|a| *a = [0f32; 16]);
-                    let mut e0 = 0;
-                    while e0 < n {
-                        let ne = (n - e0).min(gemm::CHUNK);
-                        tile.load(conv, *level, rr, range.clone(), wrow, e0, ne);
-                        // The next chunk of these rows, or the next tile's first chunk, while
-                        // this one is multiplied.
-                        if e0 + ne < n {
-                            let next = bytes(e0 + ne)..bytes((e0 + ne + gemm::CHUNK).min(n));
-                            for r in range.clone() {
-                                gemm::prefetch(&wrow(r)[next.clone()]);
-                            }
-                        } else {
-                            let end = (r0 + len).min(range.end + rr);
-                            for r in range.end..end {
-                                gemm::prefetch(&wrow(r)[..bytes(gemm::CHUNK.min(n))]);
-                            }
-                        }
-                        let mut t0 = 0;
-                        while t0 < n_tok {
-                            let nt = match n_tok - t0 {
-                                k if k >= 8 => 8,
-                                k if k >= 4 => 4,
-                                k if k >= 2 => 2,
-                                _ => 1,
-                            };
-                            gemm::tile_dot(
-                                conv,
-                                tile,
-                                acts,
-                                e0 / gemm::QB,
-                                t0,
-                                &mut acc[t0..t0 + nt],
-                            );
-                            t0 += nt;
-                        }
-                        e0 += ne;
-                    }
-                    // A whole tile's rows as a fixed-size copy (a `memmove` call per token and
-                    // tile was 8% of gemma3's prefill); a short last tile by its length.
-                    if nr == 16 {
-                        for (o, a) in outs.iter_mut().zip(acc.iter()) {
-                            let o: &mut [f32; 16] = (&mut o[i..i + 16]).try_into().expect("16");
-                            *o = *a;
-                        }
-                    } else {
-                        for (o, a) in outs.iter_mut().zip(acc.iter()) {
-                            o[i..i + nr].copy_from_slice(&a[..nr]);
-                        }
-                    }
-                    i += nr;
-                }
-            }),
+            } => self.gemm(conv, acts, (*level, *rows), TileSrc::File(&wrow), r0, outs),
         }
     }
+
+    /// The int8 GEMM's tiles of `rr` rows at `level` over weight rows `r0 .. r0 + outs[0].len()`
+    /// (of `src`) for every token `t` into `outs[t]`: each tile loaded a chunk of columns at a
+    /// time (the next chunk prefetched) and every token passed over it.
+    fn gemm<'d>(
+        &self,
+        conv: &gemm::Converter,
+        acts: &gemm::GemmActs,
+        (level, rr): (SimdLevel, usize),
+        src: TileSrc<'d, impl Fn(usize) -> &'d [u8]>,
+        r0: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        let (w, x) = (&self.w, self.x);
+        let len = outs[0].len();
+        let n = w.cols;
+        GEMM_SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            let GemmScratch { tile, acc, .. } = s;
+            let n_tok = x.n_rows;
+            acc.resize(n_tok, [0f32; 16]);
+            let (bs, bb) = (w.ty.block_size() as usize, w.ty.type_size() as usize);
+            let bytes = |e: usize| e / bs * bb;
+            let mut i = 0;
+            while i < len {
+                let nr = (len - i).min(rr);
+                let range = r0 + i..r0 + i + nr;
+                acc.iter_mut().for_each(|a| *a = [0f32; 16]);
+                let mut e0 = 0;
+                while e0 < n {
+                    let ne = (n - e0).min(gemm::CHUNK);
+                    // Load this chunk; prefetch the next chunk of these rows, or the next tile's
+                    // first chunk, while this one is multiplied.
+                    let (next, end) = (e0 + ne, (r0 + len).min(range.end + rr));
+                    match &src {
+                        TileSrc::File(wrow) => {
+                            tile.load(conv, level, rr, range.clone(), wrow, e0, ne);
+                            if next < n {
+                                let b = bytes(next)..bytes((next + gemm::CHUNK).min(n));
+                                for r in range.clone() {
+                                    gemm::prefetch(&wrow(r)[b.clone()]);
+                                }
+                            } else {
+                                for r in range.end..end {
+                                    gemm::prefetch(&wrow(r)[..bytes(gemm::CHUNK.min(n))]);
+                                }
+                            }
+                        }
+                        TileSrc::Packed(data) => {
+                            // Group `range` (whole: `r0` and `len` are group-aligned); a group's
+                            // chunk is one run of 16 × its rows' bytes.
+                            let gb = 16 * self.wrb;
+                            let g = &data[(range.start - r0) / 16 * gb..][..gb];
+                            tile.load_packed(conv, g, e0, ne);
+                            if next < n {
+                                let b = 16 * bytes(next)..16 * bytes((next + gemm::CHUNK).min(n));
+                                gemm::prefetch(&g[b]);
+                            } else if end > range.end {
+                                let g = &data[(range.end - r0) / 16 * gb..][..gb];
+                                gemm::prefetch(&g[..16 * bytes(gemm::CHUNK.min(n))]);
+                            }
+                        }
+                    }
+                    let mut t0 = 0;
+                    while t0 < n_tok {
+                        let nt = match n_tok - t0 {
+                            k if k >= 8 => 8,
+                            k if k >= 4 => 4,
+                            k if k >= 2 => 2,
+                            _ => 1,
+                        };
+                        gemm::tile_dot(conv, tile, acts, e0 / gemm::QB, t0, &mut acc[t0..t0 + nt]);
+                        t0 += nt;
+                    }
+                    e0 += ne;
+                }
+                // A whole tile's rows as a fixed-size copy (a `memmove` call per token and
+                // tile was 8% of gemma3's prefill); a short last tile by its length.
+                if nr == 16 {
+                    for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                        let o: &mut [f32; 16] = (&mut o[i..i + 16]).try_into().expect("16");
+                        *o = *a;
+                    }
+                } else {
+                    for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                        o[i..i + nr].copy_from_slice(&a[..nr]);
+                    }
+                }
+                i += nr;
+            }
+        })
+    }
+}
+
+/// Where the GEMM's tiles come from: rows in the file's layout (row `r` given by the function),
+/// or whole repacked groups (the bytes from the first row asked for).
+enum TileSrc<'d, F: Fn(usize) -> &'d [u8]> {
+    File(&'d F),
+    Packed(&'d [u8]),
 }
 
 impl Drop for RowsJob<'_> {

@@ -52,7 +52,8 @@ pub type MoeTrace<'t> = &'t mut dyn FnMut(MoeInput, usize, &[usize], &QuantizedA
 
 /// One matmul of the job: quantized or exact.
 enum Job<'a> {
-    Quantized(RowsJob<'a>),
+    /// Boxed: a quantized job is several times the size of an exact one.
+    Quantized(Box<RowsJob<'a>>),
     Exact(ExactJob<'a>),
 }
 
@@ -87,7 +88,7 @@ impl Input {
     ) -> Result<Job<'a>, KernelError> {
         let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
         Ok(match self {
-            Input::Quantized(q) => Job::Quantized(RowsJob::new(k, level, w, q)?),
+            Input::Quantized(q) => Job::Quantized(Box::new(RowsJob::new(k, level, w, q)?)),
             Input::Exact(x) => Job::Exact(ExactJob::new(w, x, x.len() / w.cols.max(1))?),
         })
     }

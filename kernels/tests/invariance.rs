@@ -301,7 +301,9 @@ fn simd_converters_match_the_portable_ones() {
 }
 
 /// The direct 16-row tile loaders write the tile the converter and the interleaving write, for
-/// whole and partial tiles (repeated last rows) and chunks that start past the first block.
+/// whole and partial tiles (repeated last rows) and chunks that start past the first block; the
+/// repacked layout's loaders write, from a repacked group, the tile of its rows in the file's
+/// layout.
 #[test]
 fn tile_loaders_match_the_converters() {
     use pshard_kernels::gemm::{self, Tile};
@@ -340,6 +342,25 @@ fn tile_loaders_match_the_converters() {
             );
             if conv.min {
                 assert_eq!(bits(&a.min[..subs]), bits(&b.min[..subs]), "{ty}: minima");
+            }
+        }
+        // The repacked layout's loader: a group's tile equals the file layout's of its rows.
+        let Ok(p) = packed::repack(ty, &data, rows, rb) else {
+            continue;
+        };
+        let load = conv.tile16_packed.expect("a repacked type's tile loader");
+        let gb = packed::ROWS * rb;
+        for e0 in (0..cols).step_by(256) {
+            let n = (cols - e0).min(if e0 == 256 { 768 } else { 256 });
+            let mut a = Tile::default();
+            a.load(&conv, SimdLevel::Avx512, 16, 0..16, row, e0, n);
+            let subs = 16 * n / conv.sub();
+            let (mut q, mut sc, mut mn) = (vec![0u8; 16 * n], vec![0f32; subs], vec![0f32; subs]);
+            load(&p[..gb], e0, n, &mut q, &mut sc, &mut mn);
+            assert_eq!(a.q[..16 * n], q[..], "{ty} repacked, from {e0}: levels");
+            assert_eq!(bits(&a.scale[..subs]), bits(&sc), "{ty} repacked: scales");
+            if conv.min {
+                assert_eq!(bits(&a.min[..subs]), bits(&mn), "{ty} repacked: minima");
             }
         }
     }

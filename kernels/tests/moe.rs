@@ -3,7 +3,10 @@
 //! decode and prefill batches, both activation precisions (kernels of `quant::simd_cap()`); and a
 //! token's output alone against the same token in batches.
 
-use pshard_kernels::matmul::{matmul_at, matmul_exact, quantize_acts, ActPrecision, WeightMatrix};
+use pshard_kernels::gemm::packed;
+use pshard_kernels::matmul::{
+    matmul_at, matmul_exact, quantize_acts, ActPrecision, WeightLayout, WeightMatrix,
+};
 use pshard_kernels::moe::{moe_ffn, ExpertFfn, MoeInput, MoeRoutes};
 use pshard_kernels::ops;
 use pshard_kernels::pool;
@@ -20,6 +23,7 @@ struct Experts {
     tys: [GgmlType; 3],
     cols: usize,
     ff: usize,
+    layout: WeightLayout,
 }
 
 fn quantized(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
@@ -41,10 +45,28 @@ fn experts(r: &mut StdRng, n: usize, tys: [GgmlType; 3], cols: usize, ff: usize)
         tys,
         cols,
         ff,
+        layout: WeightLayout::File,
     }
 }
 
 impl Experts {
+    /// Every expert's matrices repacked (`gemm::packed`), as the engine repacks the expert
+    /// tensors only the CPU computes.
+    fn repacked(&self) -> Experts {
+        let pack = |ty: GgmlType, m: &[Vec<u8>], rows: usize| -> Vec<Vec<u8>> {
+            m.iter()
+                .map(|d| packed::repack(ty, d, rows, d.len() / rows).unwrap())
+                .collect()
+        };
+        Experts {
+            gate: pack(self.tys[0], &self.gate, self.ff),
+            up: pack(self.tys[1], &self.up, self.ff),
+            down: pack(self.tys[2], &self.down, self.cols),
+            layout: WeightLayout::Interleaved,
+            ..*self
+        }
+    }
+
     fn view(&self) -> Vec<ExpertFfn<'_>> {
         (0..self.gate.len())
             .map(|e| ExpertFfn {
@@ -53,21 +75,21 @@ impl Experts {
                     data: &self.gate[e],
                     rows: self.ff,
                     cols: self.cols,
-                    layout: pshard_kernels::matmul::WeightLayout::File,
+                    layout: self.layout,
                 },
                 up: WeightMatrix {
                     ty: self.tys[1],
                     data: &self.up[e],
                     rows: self.ff,
                     cols: self.cols,
-                    layout: pshard_kernels::matmul::WeightLayout::File,
+                    layout: self.layout,
                 },
                 down: WeightMatrix {
                     ty: self.tys[2],
                     data: &self.down[e],
                     rows: self.cols,
                     cols: self.ff,
-                    layout: pshard_kernels::matmul::WeightLayout::File,
+                    layout: self.layout,
                 },
             })
             .collect()
@@ -207,6 +229,50 @@ fn batched_moe_matches_the_per_expert_path() {
             }
         }
     }
+}
+
+/// Repacked experts (each expert's matrices in 16-row groups, as the engine repacks the expert
+/// tensors only the CPU computes) give the bits of the per-expert path on the file's layout: at
+/// decode (each expert's 1–4 tokens through the repacked decode kernel), in short batches and in
+/// prefill batches (the GEMM), both precisions, at one thread and at all cores.
+#[test]
+fn repacked_experts_match_the_file_layout() {
+    let mut r = StdRng::seed_from_u64(0x2e2e);
+    for tys in [
+        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
+        [GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::Q8_0],
+        [GgmlType::Q5_K, GgmlType::Q4_1, GgmlType::Q5_0],
+    ] {
+        let ex = experts(&mut r, 6, tys, 256, 512);
+        let rp = ex.repacked();
+        let (file, packed) = (ex.view(), rp.view());
+        for (n_tok, n_used) in [(1usize, 2usize), (2, 3), (5, 3), (40, 3)] {
+            let x: Vec<f32> = (0..n_tok * ex.cols)
+                .map(|_| r.gen_range(-1.0f32..1.0))
+                .collect();
+            let (ids, wts) = routes(&mut r, n_tok, 6, n_used);
+            let rt = MoeRoutes {
+                ids: &ids,
+                weights: &wts,
+                n_used,
+            };
+            for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
+                let want = per_expert(&file, &x, n_tok, &rt, precision, quant::simd_cap());
+                for threads in [1usize, 0] {
+                    pool::set_threads(threads);
+                    let mut got = vec![f32::NAN; n_tok * ex.cols];
+                    let act = Activation::Silu;
+                    moe_ffn(&packed, &x, n_tok, rt, act, precision, &mut got, None).unwrap();
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{tys:?} repacked, n_tok {n_tok} {precision:?} threads {threads}"
+                    );
+                }
+            }
+        }
+    }
+    pool::set_threads(0);
 }
 
 /// A token's MoE output is the same bits alone (decode: its experts' GEMVs) as inside batches

@@ -250,7 +250,7 @@ pub fn check_context(
     }
     if matches!(device, Device::Cpu) {
         let kv = bytes::kv_bytes(spec, kv_type, n_ctx, n_ctx, 1);
-        if let Some(avail) = mem_available_bytes() {
+        if let Some(avail) = pshard_runtime::model::mem_available_bytes() {
             if kv > avail {
                 bail!(
                     "{flag} {n_ctx}: the KV cache would take {:.1} GiB but this machine has {:.1} GiB available (lower {flag})",
@@ -264,14 +264,6 @@ pub fn check_context(
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// Memory available to new allocations (Linux `MemAvailable`), if readable.
-fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
 
 /// Reads a text argument's file; `-` is standard input (as llama.cpp's `-f -`).
 pub fn read_text(path: &Path) -> anyhow::Result<String> {
@@ -403,8 +395,11 @@ pub fn make_engine_parallel(
     }
 }
 
-/// Says how many matrices the engine repacked for the CPU's kernels, if any.
+/// Says how many matrices the engine repacked for the CPU's kernels, if any, or why none.
 fn repack_report(e: &Engine) {
+    if let Some(why) = e.model().repack_skipped() {
+        eprintln!("{why}");
+    }
     if let Some((n, bytes, secs)) = e.model().repack_stats() {
         eprintln!(
             "repacked {n} CPU matrices ({:.1} MiB) into 16-row blocks in {secs:.2} s",

@@ -35,7 +35,9 @@
 //! **Decode.** One to four tokens with AVX-512 VNNI skip the tile: `gemm::gemv` dots each row straight from
 //! its blocks and transposes the integer sums instead, then runs the same f32 order. Matrices
 //! repacked at load ([`packed`]: 16 rows interleaved, as the tile but stored) need neither: one
-//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes.
+//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes. More
+//! tokens on a repacked matrix take the GEMM, its tiles loaded straight from the groups
+//! ([`Converter::tile16_packed`]).
 
 use pshard_model::ggml_type::GgmlType;
 
@@ -69,6 +71,12 @@ pub type ConvertFn = fn(src: &[u8], u: &mut [u8], scales: &mut [f32], mins: &mut
 pub type Tile16Fn =
     fn(rows: &[&[u8]; 16], e0: usize, n: usize, q: &mut [u8], scale: &mut [f32], min: &mut [f32]);
 
+/// Converts elements `e0 .. e0 + n` (whole units of the type) of one repacked group of 16 rows
+/// (`group`: its bytes, [`packed`]) straight into a 16-row tile, giving exactly what
+/// [`Tile16Fn`] gives from the same rows in the file's layout.
+pub type PackedTile16Fn =
+    fn(group: &[u8], e0: usize, n: usize, q: &mut [u8], scale: &mut [f32], min: &mut [f32]);
+
 /// How a quantized weight type enters the GEMM.
 #[derive(Clone, Copy)]
 pub struct Converter {
@@ -87,6 +95,9 @@ pub struct Converter {
     pub fast: Option<ConvertFn>,
     /// A direct 16-row tile loader, where the type has one and the CPU runs it (AVX-512 level).
     pub tile16: Option<Tile16Fn>,
+    /// The direct 16-row tile loader of the repacked layout, where the type has one and the CPU
+    /// runs it (AVX-512 level).
+    pub tile16_packed: Option<PackedTile16Fn>,
 }
 
 impl std::fmt::Debug for Converter {
@@ -98,6 +109,7 @@ impl std::fmt::Debug for Converter {
             .field("offset", &self.offset)
             .field("fast", &self.fast.is_some())
             .field("tile16", &self.tile16.is_some())
+            .field("tile16_packed", &self.tile16_packed.is_some())
             .finish()
     }
 }
@@ -481,6 +493,29 @@ impl Tile {
         if conv.min {
             interleave_f32(&self.rows_min, &mut self.min, r, nsub, level);
         }
+    }
+}
+
+impl Tile {
+    /// Converts elements `e0 .. e0 + n` (whole units of the type) of one repacked group of 16
+    /// rows (`group`, [`packed`]) into a 16-row tile for the AVX-512 VNNI kernel: the tile
+    /// [`Tile::load`] makes from the same rows in the file's layout.
+    ///
+    /// # Panics
+    /// If the type has no repacked tile loader on this CPU ([`Converter::tile16_packed`]).
+    pub fn load_packed(&mut self, conv: &Converter, group: &[u8], e0: usize, n: usize) {
+        let load = conv
+            .tile16_packed
+            .expect("a repacked tile loader (AVX-512 VNNI, a repacked type)");
+        let nsub = n / conv.sub();
+        self.r = 16;
+        self.nb = n / QB;
+        self.sub16 = conv.sub16;
+        self.has_min = conv.min;
+        self.q.resize(16 * n, 0);
+        self.scale.resize(16 * nsub, 0.0);
+        self.min.resize(16 * nsub, 0.0);
+        load(group, e0, n, &mut self.q, &mut self.scale, &mut self.min);
     }
 }
 

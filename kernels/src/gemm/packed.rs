@@ -74,7 +74,7 @@ impl Geo {
     }
 
     /// What every stored dword is xor-ed with ([`Geo::flip`]).
-    fn flip_mask(self) -> u32 {
+    pub(crate) fn flip_mask(self) -> u32 {
         if self.flip {
             0x8080_8080
         } else {
@@ -133,21 +133,57 @@ pub fn supported(ty: GgmlType) -> bool {
 /// # Errors
 /// If `ty` has no repacked layout or `data` is not `rows × wrb` bytes of whole units.
 pub fn repack(ty: GgmlType, data: &[u8], rows: usize, wrb: usize) -> Result<Vec<u8>, KernelError> {
+    let mut out = vec![0u8; data.len()];
+    repack_into(ty, data, rows, wrb, &mut out)?;
+    Ok(out)
+}
+
+/// Checks that `len` bytes are `rows` rows of `wrb` bytes of whole units of `ty`, a type with a
+/// repacked layout: the matrices [`repack`] takes.
+///
+/// # Errors
+/// If `ty` has no repacked layout or the bytes are not such rows.
+pub fn check(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> Result<(), KernelError> {
     let g = geo(ty).ok_or(KernelError::UnsupportedType(ty))?;
-    if !wrb.is_multiple_of(g.bytes) || rows.checked_mul(wrb) != Some(data.len()) {
+    if !wrb.is_multiple_of(g.bytes) || rows.checked_mul(wrb) != Some(len) {
         return Err(KernelError::ShapeMismatch {
             what: format!(
-                "repack {ty}: {} bytes are not {rows} rows of {wrb} bytes (whole {}-byte blocks)",
-                data.len(),
+                "repack {ty}: {len} bytes are not {rows} rows of {wrb} bytes (whole {}-byte blocks)",
                 g.bytes
             ),
         });
     }
-    let mut out = vec![0u8; data.len()];
+    Ok(())
+}
+
+/// [`repack`] into `out` (as long as `data`). A matrix can be repacked a part at a time: rows
+/// `16i ..` of its file bytes repacked as a matrix of their own give bytes `16i · wrb ..` of the
+/// whole one's repacked bytes.
+///
+/// # Errors
+/// As [`repack`], and if `out` is not as long as `data`.
+pub fn repack_into(
+    ty: GgmlType,
+    data: &[u8],
+    rows: usize,
+    wrb: usize,
+    out: &mut [u8],
+) -> Result<(), KernelError> {
+    check(ty, data.len(), rows, wrb)?;
+    if out.len() != data.len() {
+        return Err(KernelError::ShapeMismatch {
+            what: format!(
+                "repack {ty}: {} bytes into an output of {}",
+                data.len(),
+                out.len()
+            ),
+        });
+    }
+    let g = geo(ty).ok_or(KernelError::UnsupportedType(ty))?;
     let groups = rows / ROWS;
     let gb = ROWS * wrb;
     {
-        let dst = crate::pool::SharedSlice::new(&mut out);
+        let dst = crate::pool::SharedSlice::new(out);
         crate::pool::for_range(groups, 1, |r| {
             for i in r {
                 // SAFETY: each group index is handled by one participant; groups are disjoint
@@ -158,7 +194,7 @@ pub fn repack(ty: GgmlType, data: &[u8], rows: usize, wrb: usize) -> Result<Vec<
         });
     }
     out[groups * gb..].copy_from_slice(&data[groups * gb..]);
-    Ok(out)
+    Ok(())
 }
 
 /// One group of 16 row-major rows (`src`, `wrb` bytes each) into the repacked layout (`dst`).

@@ -498,6 +498,160 @@ pub(crate) unsafe fn rows16x4(rows: &[*const u8; 16], off: usize) -> [__m512i; 4
     ]
 }
 
+/// Where a direct 16-row tile loader reads its rows: 16 rows in the file's layout
+/// ([`FileRows`]) or one repacked group ([`PackedRows`]). Both give a unit's bytes as the file
+/// has them, a row per dword lane, so one loader body serves both layouts with the same bits.
+pub(crate) trait Rows16 {
+    /// Dwords `off / 4 .. off / 4 + 4` of unit `i` (counted from the first unit given) of each
+    /// row as [`rows16x4`] gives them: `out[j]` lane `k` = the 4 bytes at `off + 4j` of row
+    /// `k`'s unit.
+    ///
+    /// # Safety
+    /// AVX-512F available; the unit exists and `off .. off + 16` lies in it; for
+    /// [`PackedRows`], `off` is on the repacked unit's dword grid ([`PackedRows::x4`]).
+    unsafe fn x4(&self, i: usize, off: usize) -> [__m512i; 4];
+
+    /// The f16 at byte `off` of unit `i` of each row as an f32, row `k` in lane `k`.
+    ///
+    /// # Safety
+    /// AVX-512F available; the unit exists and holds the f16 (for [`PackedRows`]: the one the
+    /// repacked layout moves to the unit's front).
+    unsafe fn f16(&self, i: usize, off: usize) -> __m512;
+}
+
+/// 16 rows in the file's layout: pointers to their first unit, units of `bytes` bytes.
+pub(crate) struct FileRows {
+    /// Each row's first unit.
+    pub p: [*const u8; 16],
+    /// Bytes of a unit.
+    pub bytes: usize,
+}
+
+impl Rows16 for FileRows {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn x4(&self, i: usize, off: usize) -> [__m512i; 4] {
+        // SAFETY: the 16 bytes lie in unit i of every row (caller).
+        unsafe { rows16x4(&self.p, i * self.bytes + off) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn f16(&self, i: usize, off: usize) -> __m512 {
+        let base = i * self.bytes;
+        // SAFETY: 16 bytes from the f16 or, at a unit's end, the 16 ending with it lie in the
+        // unit (caller: it holds the f16; every unit of these types is longer than 16 bytes).
+        unsafe {
+            if off + 16 <= self.bytes {
+                f16_lanes::<false>(rows16x4(&self.p, base + off)[0])
+            } else {
+                f16_lanes::<true>(rows16x4(&self.p, base + off + 2 - 16)[3])
+            }
+        }
+    }
+}
+
+/// One repacked group ([`super::packed`]): its first unit and the type's geometry, with the
+/// stored vector of each of a unit's dwords.
+pub(crate) struct PackedRows {
+    /// The group's first unit given.
+    pub p: *const u8,
+    /// The type's repacked geometry.
+    pub g: super::packed::Geo,
+    /// `at[d]`: the stored vector of dword `d` (the inverse of the geometry's order).
+    at: [u8; 64],
+}
+
+impl PackedRows {
+    /// The group unit at `p` (and those after it) of geometry `g`.
+    pub(crate) fn new(p: *const u8, g: super::packed::Geo) -> PackedRows {
+        let mut at = [0u8; 64];
+        for i in 0..g.dwords() {
+            at[g.order.map_or(i, |o| o(i))] = i as u8;
+        }
+        PackedRows { p, g, at }
+    }
+}
+
+impl Rows16 for PackedRows {
+    /// `off` is a file offset on the unit's dword grid: past the moved f16 when it is at the
+    /// front (Q4_0, Q5_0, Q8_0: 2 + 4j), else a multiple of 4 before it.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn x4(&self, i: usize, off: usize) -> [__m512i; 4] {
+        let g = self.g;
+        let at = match g.f16 {
+            Some(f) if off > f => off - 2,
+            _ => off,
+        };
+        debug_assert!(
+            at.is_multiple_of(4),
+            "offset {off} off the repacked dword grid"
+        );
+        let u = i * g.group_unit() + g.head();
+        let flip = _mm512_set1_epi32(g.flip_mask() as i32);
+        // SAFETY: the dwords' stored vectors lie in unit i of the group (caller).
+        std::array::from_fn(|j| unsafe {
+            let v = self.p.add(u + 64 * self.at[at / 4 + j] as usize);
+            _mm512_xor_si512(_mm512_loadu_si512(v.cast()), flip)
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn f16(&self, i: usize, off: usize) -> __m512 {
+        debug_assert_eq!(
+            self.g.f16,
+            Some(off),
+            "only a moved f16 is read from a group"
+        );
+        // SAFETY: the moved f16 of the 16 rows are the unit's first 32 bytes (caller: the unit
+        // exists and holds it).
+        unsafe {
+            let u = self.p.add(i * self.g.group_unit());
+            _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()))
+        }
+    }
+}
+
+/// Checks a repacked tile loader's arguments: elements `e0 .. e0 + n` whole units of `ty` (a
+/// type with a repacked layout), `group` (one group of 16 rows) holding them, outputs large
+/// enough for `subs` sub-blocks per unit, the CPU able; returns the group's rows from the
+/// first unit asked for and the number of units. Every repacked tile loader starts here.
+pub(crate) fn packed_tile_args(
+    ty: pshard_model::ggml_type::GgmlType,
+    group: &[u8],
+    e0: usize,
+    n: usize,
+    q: &[u8],
+    scale: &[f32],
+    subs: usize,
+) -> (PackedRows, usize) {
+    let g = super::packed::geo(ty).expect("a type with a repacked layout");
+    assert!(
+        e0.is_multiple_of(g.elems) && n.is_multiple_of(g.elems),
+        "tile loader: elements {e0}..+{n} are not whole {}-element units",
+        g.elems
+    );
+    let (first, nb) = (e0 / g.elems, n / g.elems);
+    assert!(
+        group.len() >= (first + nb) * g.group_unit(),
+        "tile loader: a group of {} bytes is shorter than {} elements",
+        group.len(),
+        e0 + n
+    );
+    assert!(
+        q.len() >= 16 * n && scale.len() >= 16 * nb * subs,
+        "tile loader: output buffers too small"
+    );
+    assert!(
+        SimdLevel::Avx512.available(),
+        "tile loaders need AVX-512 VNNI"
+    );
+    let p = group[first * g.group_unit()..].as_ptr();
+    (PackedRows::new(p, g), nb)
+}
+
 /// The f16 in the low (`HIGH` false) or high half of each dword lane, as 16 f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]

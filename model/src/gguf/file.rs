@@ -266,17 +266,42 @@ impl ModelFile {
     /// valid: a later read faults the bytes back in from the file. Returns the bytes released.
     #[cfg(unix)]
     pub fn release_pages(&self, file_index: usize) -> std::io::Result<u64> {
+        let bytes = self.tensors[file_index].bytes;
+        let r = self.release_tensor_range(file_index, 0..bytes)?;
+        Ok(r.end - r.start)
+    }
+
+    /// [`ModelFile::release_pages`] for bytes `range` of a tensor's data (offsets from its first
+    /// byte): drops the whole pages inside it, so a copy that advances through a tensor can let
+    /// go of what it has read. Returns the range released (whole pages, offsets from the
+    /// tensor's first byte; empty when no whole page lies inside): a next call from its end
+    /// loses no page that straddles the two.
+    ///
+    /// # Panics
+    /// If `file_index` is not below `tensors().len()` or `range` ends past the tensor's data.
+    #[cfg(unix)]
+    pub fn release_tensor_range(
+        &self,
+        file_index: usize,
+        range: Range<u64>,
+    ) -> std::io::Result<Range<u64>> {
         const PAGE: u64 = 4096;
-        let (split, range) = self.map_ranges(file_index);
-        let start = range.start.div_ceil(PAGE) * PAGE;
-        let end = range.end / PAGE * PAGE;
+        let (split, t) = self.map_ranges(file_index);
+        assert!(
+            range.end <= t.end - t.start,
+            "bytes {range:?} of a {}-byte tensor",
+            t.end - t.start
+        );
+        let start = (t.start + range.start).div_ceil(PAGE) * PAGE;
+        let end = (t.start + range.end) / PAGE * PAGE;
         if end <= start {
-            return Ok(0);
+            return Ok(range.start..range.start);
         }
         // SAFETY: the map is a read-only mapping of a file we never write through, so MADV_DONTNEED
         // discards no data: pages are re-read from the file on the next access, and no Rust
-        // reference observes different bytes. The range lies inside this split's map (checked by the
-        // reader when the tensor table was validated) and is page-aligned as madvise requires.
+        // reference observes different bytes. The range lies inside this split's map (the
+        // tensor's, checked by the reader when the tensor table was validated, and `range` inside
+        // it, asserted above) and is page-aligned as madvise requires.
         unsafe {
             self.maps[split].unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
@@ -284,6 +309,6 @@ impl ModelFile {
                 (end - start) as usize,
             )?;
         }
-        Ok(end - start)
+        Ok(start - t.start..end - t.start)
     }
 }

@@ -182,9 +182,10 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
         _ => return None,
     };
     #[cfg(target_arch = "x86_64")]
-    let (fast, tile16) = (x86::converter(ty), x86::tile16(ty));
+    let (fast, tile16, tile16_packed) =
+        (x86::converter(ty), x86::tile16(ty), x86::tile16_packed(ty));
     #[cfg(not(target_arch = "x86_64"))]
-    let (fast, tile16) = (None, None);
+    let (fast, tile16, tile16_packed) = (None, None, None);
     Some(Converter {
         ty,
         sub16,
@@ -193,6 +194,7 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
         row,
         fast,
         tile16,
+        tile16_packed,
     })
 }
 

@@ -17,8 +17,10 @@ use std::arch::x86_64::*;
 use pshard_model::ggml_type::GgmlType;
 
 use super::{q2k, q3k, q4k, q5k, q6k, unpack_scales_mins_k4, QK_K};
-use crate::gemm::x86::{f16_lanes, k4_factors16, rows16x4, store16f, store64};
-use crate::gemm::{ConvertFn, Tile16Fn};
+use crate::gemm::x86::{
+    f16_lanes, k4_factors16, packed_tile_args, rows16x4, store16f, store64, FileRows, Rows16,
+};
+use crate::gemm::{ConvertFn, PackedTile16Fn, Tile16Fn};
 use crate::quant::legacy::x86::has_avx2;
 use crate::quant::SimdLevel;
 
@@ -267,9 +269,9 @@ convert_fn!(convert_q6k, q6k::convert, |s, u, sc, _mn| q6k_avx2(
     s, u, sc
 ));
 
-/// An AVX-512 body of a K-quant tile loader: `nb` super-blocks of each row `p[k]` into the tile's
+/// An AVX-512 body of a K-quant tile loader: `nb` super-blocks of each row of `S` into the tile's
 /// levels `q`, scales `scale` and (types with them) minima `min`.
-type KBody = unsafe fn(&[*const u8; 16], usize, *mut u8, *mut f32, *mut f32);
+type KBody<S> = unsafe fn(&S, usize, *mut u8, *mut f32, *mut f32);
 
 /// What every K-quant tile loader does around its body: checks the arguments for super-blocks of
 /// `bb` bytes and `subs` sub-blocks ([`tile16_args`], and the minima's buffer where the type has
@@ -283,17 +285,64 @@ fn k_tile16(
     scale: &mut [f32],
     min: &mut [f32],
     (bb, subs, has_min): (usize, usize, bool),
-    body: KBody,
+    body: KBody<FileRows>,
 ) {
     let (p, nb) = tile16_args(rows, e0, n, QK_K, bb, q, scale, subs);
+    k_run(
+        &FileRows { p, bytes: bb },
+        nb,
+        q,
+        scale,
+        min,
+        (subs, has_min),
+        body,
+    )
+}
+
+/// [`k_tile16`] for one repacked group of `ty` ([`packed_tile_args`]).
+#[allow(clippy::too_many_arguments)]
+fn k_tile16_packed(
+    ty: GgmlType,
+    group: &[u8],
+    e0: usize,
+    n: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+    (subs, has_min): (usize, bool),
+    body: KBody<crate::gemm::x86::PackedRows>,
+) {
+    let (src, nb) = packed_tile_args(ty, group, e0, n, q, scale, subs);
+    k_run(&src, nb, q, scale, min, (subs, has_min), body)
+}
+
+/// Runs a K-quant body on `nb` super-blocks of `src` (checked by the caller's argument check)
+/// after checking the minima's buffer where the type has them.
+fn k_run<S>(
+    src: &S,
+    nb: usize,
+    q: &mut [u8],
+    scale: &mut [f32],
+    min: &mut [f32],
+    (subs, has_min): (usize, bool),
+    body: KBody<S>,
+) {
     assert!(
         !has_min || min.len() >= 16 * subs * nb,
         "tile loader: output buffers too small"
     );
-    // SAFETY: AVX-512 checked and every row holds `nb` super-blocks of `bb` bytes from `p[k]`;
-    // the outputs hold 16 rows × nb super-blocks (tile16_args and the assertion above; a body
+    // SAFETY: AVX-512 checked and every row of `src` holds `nb` super-blocks; the outputs hold
+    // 16 rows × nb super-blocks (the caller's argument check and the assertion above; a body
     // without minima never touches `min`).
-    unsafe { body(&p, nb, q.as_mut_ptr(), scale.as_mut_ptr(), min.as_mut_ptr()) }
+    unsafe {
+        body(
+            src,
+            nb,
+            q.as_mut_ptr(),
+            scale.as_mut_ptr(),
+            min.as_mut_ptr(),
+        )
+    }
 }
 
 /// The K-quant tile loaders ([`Tile16Fn`]): each [`k_tile16`] with its type's shape and body.
@@ -316,9 +365,47 @@ macro_rules! k_loaders {
 k_loaders! {
     tile16_q2k: "Q2_K", q2k::BLOCK_BYTES, 16, true, q2k_tile16;
     tile16_q3k: "Q3_K", q3k::BLOCK_BYTES, 16, false, q3k_tile16;
-    tile16_q4k: "Q4_K", q4k::BLOCK_BYTES, 8, true, k45_tile16::<false>;
-    tile16_q5k: "Q5_K", q5k::BLOCK_BYTES, 8, true, k45_tile16::<true>;
-    tile16_q6k: "Q6_K", q6k::BLOCK_BYTES, 16, false, q6k_tile16;
+    tile16_q4k: "Q4_K", q4k::BLOCK_BYTES, 8, true, k45_tile16::<false, FileRows>;
+    tile16_q5k: "Q5_K", q5k::BLOCK_BYTES, 8, true, k45_tile16::<true, FileRows>;
+    tile16_q6k: "Q6_K", q6k::BLOCK_BYTES, 16, false, q6k_tile16::<FileRows>;
+}
+
+/// The repacked K-quant tile loaders ([`PackedTile16Fn`]): each [`k_tile16_packed`] with its
+/// type's shape and body.
+macro_rules! k_packed_loaders {
+    ($($name:ident: $ty:expr, $subs:expr, $min:expr, $body:expr;)*) => {$(
+        #[doc = concat!("A repacked group of ", stringify!($ty), " into a 16-row tile.")]
+        fn $name(
+            group: &[u8],
+            e0: usize,
+            n: usize,
+            q: &mut [u8],
+            scale: &mut [f32],
+            min: &mut [f32],
+        ) {
+            k_tile16_packed($ty, group, e0, n, q, scale, min, ($subs, $min), $body)
+        }
+    )*};
+}
+
+k_packed_loaders! {
+    tile16p_q4k: GgmlType::Q4_K, 8, true, k45_tile16::<false, _>;
+    tile16p_q5k: GgmlType::Q5_K, 8, true, k45_tile16::<true, _>;
+    tile16p_q6k: GgmlType::Q6_K, 16, false, q6k_tile16::<_>;
+}
+
+/// The direct 16-row tile loader of `ty`'s repacked groups ([`crate::gemm::packed`]) if this CPU
+/// runs it.
+pub(super) fn tile16_packed(ty: GgmlType) -> Option<PackedTile16Fn> {
+    if !SimdLevel::Avx512.available() {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::Q4_K => tile16p_q4k,
+        GgmlType::Q5_K => tile16p_q5k,
+        GgmlType::Q6_K => tile16p_q6k,
+        _ => return None,
+    })
 }
 
 /// The direct 16-row tile loader of `ty` if this CPU runs it (AVX-512 VNNI level).
@@ -399,22 +486,18 @@ pub(crate) fn neg(v: __m512) -> __m512 {
 /// (bit `2c` of byte `l` for element `l` of block `2c`, bit `2c + 1` for block `2c + 1`).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` super-blocks of the type; `q` holds
+/// AVX-512 F/BW/VL available; `src` holds `nb` super-blocks of the type; `q` holds
 /// `16 · 256 · nb` bytes, `scale` and `min` `16 · 8 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn k45_tile16<const FIVE: bool>(
-    p: &[*const u8; 16],
+unsafe fn k45_tile16<const FIVE: bool, S: Rows16>(
+    src: &S,
     nb: usize,
     q: *mut u8,
     scale: *mut f32,
     min: *mut f32,
 ) {
     let m4 = _mm512_set1_epi8(0x0F);
-    let (bytes, qs) = if FIVE {
-        (q5k::BLOCK_BYTES, 48)
-    } else {
-        (q4k::BLOCK_BYTES, 16)
-    };
+    let qs = if FIVE { 48 } else { 16 };
     let bit4 = _mm512_set1_epi8(0x10);
     // Bit `b` of every byte moved to bit 4 (16-bit shifts; the mask keeps the byte's own bit).
     let fifth = |qh: __m512i, b: u32| {
@@ -426,13 +509,12 @@ unsafe fn k45_tile16<const FIVE: bool>(
         _mm512_and_si512(v, bit4)
     };
     for i in 0..nb {
-        let base = i * bytes;
         // SAFETY (whole super-block): offsets within the block (16-byte reads at 0, at the fifth
-        // bits 16 + 16h and at the nibbles qs + 32c + 16h, all ending by the block's last byte),
-        // outputs of super-block i within the caller's buffers.
+        // bits 16 + 16h and at the nibbles qs + 32c + 16h, all ending by the block's last byte,
+        // on the dword grid), outputs of super-block i within the caller's buffers.
         unsafe {
             // d | dmin, scales 0..4, 4..8, 8..12 of every row (lanes = rows).
-            let (k, m) = k4_factors16(rows16x4(p, base));
+            let (k, m) = k4_factors16(src.x4(i, 0));
             for sub in 0..8 {
                 let at = (8 * i + sub) * 16;
                 store16f(scale.add(at), k[sub]);
@@ -441,12 +523,12 @@ unsafe fn k45_tile16<const FIVE: bool>(
             // Nibbles: chunk c's dword g holds group g of block 2c (low) and 2c + 1 (high).
             for h in 0..2 {
                 let qh = if FIVE {
-                    rows16x4(p, base + 16 + 16 * h)
+                    src.x4(i, 16 + 16 * h)
                 } else {
                     [_mm512_setzero_si512(); 4]
                 };
                 for c in 0..4 {
-                    let v = rows16x4(p, base + qs + 32 * c + 16 * h);
+                    let v = src.x4(i, qs + 32 * c + 16 * h);
                     for (k, x) in v.into_iter().enumerate() {
                         let g = 4 * h + k;
                         let mut lo = _mm512_and_si512(x, m4);
@@ -465,19 +547,18 @@ unsafe fn k45_tile16<const FIVE: bool>(
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q6_K super-blocks; `q` holds `16 · 256 · nb`
+/// AVX-512 F/BW/VL available; `src` holds `nb` Q6_K super-blocks; `q` holds `16 · 256 · nb`
 /// bytes, `scale` `16 · 16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
+unsafe fn q6k_tile16<S: Rows16>(src: &S, nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
     let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
     for i in 0..nb {
-        let base = i * q6k::BLOCK_BYTES;
         // SAFETY (whole super-block): 16-byte reads at 64h + 16c, 64h + 32 + 16c (ql),
-        // 128 + 32h + 16c (qh), 192 (scales) and 194 (d in bytes 208..210), all within the 210
-        // bytes; outputs of super-block i within the caller's buffers.
+        // 128 + 32h + 16c (qh), 192 (scales) and the f16 d at 208, all within the 210 bytes;
+        // outputs of super-block i within the caller's buffers.
         unsafe {
-            let d = f16_lanes::<true>(rows16x4(p, base + q6k::D - 14)[3]);
-            let sc = rows16x4(p, base + q6k::SC);
+            let d = src.f16(i, q6k::D);
+            let sc = src.x4(i, q6k::SC);
             for m in 0..16 {
                 // Byte m of the scales, sign-extended: byte m % 4 of dword m / 4.
                 let v = _mm512_sll_epi32(sc[m / 4], _mm_cvtsi32_si128(24 - 8 * (m % 4) as i32));
@@ -486,9 +567,9 @@ unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
             }
             for h in 0..2 {
                 for c in 0..2 {
-                    let a = rows16x4(p, base + 64 * h + 16 * c);
-                    let b = rows16x4(p, base + 64 * h + 32 + 16 * c);
-                    let hq = rows16x4(p, base + 128 + 32 * h + 16 * c);
+                    let a = src.x4(i, 64 * h + 16 * c);
+                    let b = src.x4(i, 64 * h + 32 + 16 * c);
+                    let hq = src.x4(i, 128 + 32 * h + 16 * c);
                     for k in 0..4 {
                         let g = 4 * c + k;
                         let hi2 = |v: __m512i| _mm512_and_si512(v, m30);
@@ -517,10 +598,11 @@ unsafe fn q6k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
 /// are bits `2j..2j + 2` of the group's dword of `qs[32h ..]`.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q2_K super-blocks; `q` holds `16 · 256 · nb`
+/// AVX-512 F/BW/VL available; `src.p[k]` points at `nb` Q2_K super-blocks; `q` holds `16 · 256 · nb`
 /// bytes, `scale` and `min` `16 · 16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q2k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, min: *mut f32) {
+unsafe fn q2k_tile16(src: &FileRows, nb: usize, q: *mut u8, scale: *mut f32, min: *mut f32) {
+    let p = &src.p;
     let (m3, m15) = (_mm512_set1_epi8(3), _mm512_set1_epi32(15));
     for i in 0..nb {
         let base = i * q2k::BLOCK_BYTES;
@@ -562,10 +644,11 @@ unsafe fn q2k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32
 /// of its dword of `hmask` as bit 2.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` Q3_K super-blocks; `q` holds `16 · 256 · nb`
+/// AVX-512 F/BW/VL available; `src.p[k]` points at `nb` Q3_K super-blocks; `q` holds `16 · 256 · nb`
 /// bytes, `scale` `16 · 16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn q3k_tile16(p: &[*const u8; 16], nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
+unsafe fn q3k_tile16(src: &FileRows, nb: usize, q: *mut u8, scale: *mut f32, _min: *mut f32) {
+    let p = &src.p;
     let (m3, bit2) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
     let (m0f, m03) = (
         _mm512_set1_epi32(0x0f0f_0f0f),

@@ -178,6 +178,7 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
                 row,
                 fast: fast_converter($ty),
                 tile16: tile16_loader($ty),
+                tile16_packed: packed_loader($ty),
             }
         }};
     }
@@ -196,6 +197,19 @@ fn fast_converter(ty: GgmlType) -> Option<crate::gemm::ConvertFn> {
     #[cfg(target_arch = "x86_64")]
     {
         x86::converter(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
+    }
+}
+
+/// The direct 16-row tile loader of `ty`'s repacked groups if this CPU runs it.
+fn packed_loader(ty: GgmlType) -> Option<crate::gemm::PackedTile16Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::tile16_packed(ty)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

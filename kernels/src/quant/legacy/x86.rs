@@ -11,8 +11,8 @@ use std::arch::x86_64::*;
 use pshard_model::ggml_type::GgmlType;
 
 use super::{convert_with, layout, Layout, QK};
-use crate::gemm::x86::{f16_lanes, rows16x4, store16f};
-use crate::gemm::{ConvertFn, Tile16Fn};
+use crate::gemm::x86::{f16_lanes, packed_tile_args, store16f, FileRows, Rows16};
+use crate::gemm::{ConvertFn, PackedTile16Fn, Tile16Fn};
 use crate::quant::kquants::x86::{put_group, tile16_args};
 use crate::quant::SimdLevel;
 
@@ -151,6 +151,21 @@ pub(super) fn tile16(ty: GgmlType) -> Option<Tile16Fn> {
     })
 }
 
+/// The direct 16-row tile loader of `ty`'s repacked groups ([`crate::gemm::packed`]) if this CPU
+/// runs it.
+pub(super) fn tile16_packed(ty: GgmlType) -> Option<PackedTile16Fn> {
+    if !SimdLevel::Avx512.available() {
+        return None;
+    }
+    Some(match ty {
+        GgmlType::Q4_0 => tile16p_q4_0,
+        GgmlType::Q4_1 => tile16p_q4_1,
+        GgmlType::Q5_0 => tile16p_q5_0,
+        GgmlType::Q8_0 => tile16p_q8_0,
+        _ => return None,
+    })
+}
+
 macro_rules! tile16_fn {
     ($name:ident, $ty:expr) => {
         fn $name(
@@ -161,7 +176,9 @@ macro_rules! tile16_fn {
             scale: &mut [f32],
             min: &mut [f32],
         ) {
-            tile16_with(rows, e0, n, q, scale, min, layout($ty))
+            let l = layout($ty);
+            let (p, nb) = tile16_args(rows, e0, n, QK, l.bytes, q, scale, 1);
+            tile16_with(&FileRows { p, bytes: l.bytes }, nb, q, scale, min, l)
         }
     };
 }
@@ -171,30 +188,48 @@ tile16_fn!(tile16_q5_0, GgmlType::Q5_0);
 tile16_fn!(tile16_q5_1, GgmlType::Q5_1);
 tile16_fn!(tile16_q8_0, GgmlType::Q8_0);
 
-/// Elements `e0 .. e0 + n` of 16 rows of layout `l` into a 16-row tile (see [`Tile16Fn`]).
+macro_rules! tile16p_fn {
+    ($name:ident, $ty:expr) => {
+        fn $name(
+            group: &[u8],
+            e0: usize,
+            n: usize,
+            q: &mut [u8],
+            scale: &mut [f32],
+            min: &mut [f32],
+        ) {
+            let (src, nb) = packed_tile_args($ty, group, e0, n, q, scale, 1);
+            tile16_with(&src, nb, q, scale, min, layout($ty))
+        }
+    };
+}
+tile16p_fn!(tile16p_q4_0, GgmlType::Q4_0);
+tile16p_fn!(tile16p_q4_1, GgmlType::Q4_1);
+tile16p_fn!(tile16p_q5_0, GgmlType::Q5_0);
+tile16p_fn!(tile16p_q8_0, GgmlType::Q8_0);
+
+/// `nb` blocks of layout `l` of the 16 rows of `src` (checked by [`tile16_args`] or
+/// [`packed_tile_args`]) into a 16-row tile (see [`Tile16Fn`]).
 ///
 /// # Panics
-/// If the elements are not whole blocks, a row is too short, the outputs are too small or the CPU
-/// lacks AVX-512.
-fn tile16_with(
-    rows: &[&[u8]; 16],
-    e0: usize,
-    n: usize,
+/// If the type has a minimum and `min` is too small.
+fn tile16_with<S: Rows16>(
+    src: &S,
+    nb: usize,
     q: &mut [u8],
     scale: &mut [f32],
     min: &mut [f32],
     l: Layout,
 ) {
-    let (p, nb) = tile16_args(rows, e0, n, QK, l.bytes, q, scale, 1);
     assert!(
         l.m.is_none() || min.len() >= 16 * nb,
         "tile loader: output buffers too small"
     );
-    // SAFETY: AVX-512 checked; every row holds `nb` blocks from `p[k]`, the outputs 16 rows × nb
-    // blocks (tile16_args and the assertion above).
+    // SAFETY: AVX-512 and the shapes were checked by the caller's argument check: every row
+    // holds `nb` blocks, the outputs 16 rows × nb blocks (and the minima, asserted above).
     unsafe {
         legacy_tile16(
-            &p,
+            src,
             nb,
             q.as_mut_ptr(),
             scale.as_mut_ptr(),
@@ -205,11 +240,11 @@ fn tile16_with(
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL available; `p[k]` points at `nb` blocks of layout `l`; `q` holds `16 · 32 · nb`
+/// AVX-512 F/BW/VL available; `src` holds `nb` blocks of layout `l`; `q` holds `16 · 32 · nb`
 /// bytes, `scale` (and with a minimum `min`) `16 · nb` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn legacy_tile16(
-    p: &[*const u8; 16],
+unsafe fn legacy_tile16<S: Rows16>(
+    src: &S,
     nb: usize,
     q: *mut u8,
     scale: *mut f32,
@@ -225,30 +260,32 @@ unsafe fn legacy_tile16(
         _mm512_and_si512(_mm512_mullo_epi32(x, spread), bit4)
     };
     for i in 0..nb {
-        let base = i * l.bytes;
         // SAFETY (whole block): every 16-byte read lies within block i of each row (header at
         // 0, fifth bits at qh, quants at qs .. qs + 16 or, for Q8_0, qs .. qs + 32 of a 34-byte
-        // block); outputs of block i within the caller's buffers.
+        // block) on the repacked dword grid (d alone, or d and m in one dword; the rest from
+        // the first byte after them); outputs of block i within the caller's buffers.
         unsafe {
             let out = |g: usize, v: __m512i| put_group(q, i, g, v);
-            let [hd, ..] = rows16x4(p, base);
-            store16f(scale.add(i * 16), f16_lanes::<false>(hd));
             if l.m.is_some() {
                 // Q4_1 and Q5_1 keep the minimum in bytes 2..4, right after d.
+                let hd = src.x4(i, 0)[0];
+                store16f(scale.add(i * 16), f16_lanes::<false>(hd));
                 store16f(min.add(i * 16), f16_lanes::<true>(hd));
+            } else {
+                store16f(scale.add(i * 16), src.f16(i, 0));
             }
             if l.eight {
                 let flip = _mm512_set1_epi8(-128);
                 for h in 0..2 {
-                    let v = rows16x4(p, base + l.qs + 16 * h);
+                    let v = src.x4(i, l.qs + 16 * h);
                     for (k, x) in v.into_iter().enumerate() {
                         out(4 * h + k, _mm512_xor_si512(x, flip));
                     }
                 }
                 continue;
             }
-            let v = rows16x4(p, base + l.qs);
-            let qh = l.qh.map(|o| rows16x4(p, base + o)[0]);
+            let v = src.x4(i, l.qs);
+            let qh = l.qh.map(|o| src.x4(i, o)[0]);
             for (k, x) in v.into_iter().enumerate() {
                 let mut lo = _mm512_and_si512(x, m4);
                 let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m4);

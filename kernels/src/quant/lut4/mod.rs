@@ -234,6 +234,8 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
                 row,
                 fast: fast_converter($ty),
                 tile16: tile16_loader($ty),
+                // No repacked layout.
+                tile16_packed: None,
             }
         }};
     }
