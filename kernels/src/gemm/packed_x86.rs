@@ -163,20 +163,45 @@ unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
                         acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
                     }
                 }
-                for (t, acc) in acc.iter().enumerate() {
-                    let s = 8 * sb + 2 * c;
-                    let i0 = _mm512_add_epi32(acc[0], acc[1]);
-                    let i1 = _mm512_srai_epi32::<4>(_mm512_add_epi32(acc[2], acc[3]));
-                    f[t] = scale_step(f[t], i0, k[2 * c], *tok[t].d.add(s));
-                    f[t] = _mm512_fmadd_ps(m[2 * c], _mm512_set1_ps(*tok[t].sa.add(s)), f[t]);
-                    f[t] = scale_step(f[t], i1, k[2 * c + 1], *tok[t].d.add(s + 1));
-                    f[t] =
-                        _mm512_fmadd_ps(m[2 * c + 1], _mm512_set1_ps(*tok[t].sa.add(s + 1)), f[t]);
-                }
+                pair_steps::<T, true>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
             }
         }
     }
     store(f)
+}
+
+/// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (super-block factors `k`, `m` at
+/// `s % 8`): `acc[t]` holds token `t`'s two chains of each; with `HI16` the second sub-block's
+/// sums are 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
+///
+/// # Safety
+/// AVX-512F available; every token's scales and sums hold sub-block `s + 1`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn pair_steps<const T: usize, const HI16: bool>(
+    f: &mut [__m512; T],
+    acc: &[[__m512i; 4]; T],
+    (k, m): (&[__m512; 8], &[__m512; 8]),
+    tok: &[Tok; T],
+    s: usize,
+) {
+    let j = s % 8;
+    for (t, acc) in acc.iter().enumerate() {
+        let i0 = _mm512_add_epi32(acc[0], acc[1]);
+        let mut i1 = _mm512_add_epi32(acc[2], acc[3]);
+        if HI16 {
+            i1 = _mm512_srai_epi32::<4>(i1);
+        }
+        // SAFETY: sub-blocks s and s + 1 exist for every token (caller).
+        let (d, sa) = unsafe { (tok[t].d.add(s), tok[t].sa.add(s)) };
+        // SAFETY: as above.
+        unsafe {
+            f[t] = scale_step(f[t], i0, k[j], *d);
+            f[t] = _mm512_fmadd_ps(m[j], _mm512_set1_ps(*sa), f[t]);
+            f[t] = scale_step(f[t], i1, k[j + 1], *d.add(1));
+            f[t] = _mm512_fmadd_ps(m[j + 1], _mm512_set1_ps(*sa.add(1)), f[t]);
+        }
+    }
 }
 
 /// Q5_K: Q4_K's header (4 vectors), 8 vectors of fifth bits (vector `4 + g`: bytes `4g .. 4g + 4`
@@ -218,16 +243,7 @@ unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
                         acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
                     }
                 }
-                for (t, acc) in acc.iter().enumerate() {
-                    let s = 8 * sb + 2 * c;
-                    let i0 = _mm512_add_epi32(acc[0], acc[1]);
-                    let i1 = _mm512_add_epi32(acc[2], acc[3]);
-                    f[t] = scale_step(f[t], i0, k[2 * c], *tok[t].d.add(s));
-                    f[t] = _mm512_fmadd_ps(m[2 * c], _mm512_set1_ps(*tok[t].sa.add(s)), f[t]);
-                    f[t] = scale_step(f[t], i1, k[2 * c + 1], *tok[t].d.add(s + 1));
-                    f[t] =
-                        _mm512_fmadd_ps(m[2 * c + 1], _mm512_set1_ps(*tok[t].sa.add(s + 1)), f[t]);
-                }
+                pair_steps::<T, false>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
             }
         }
     }
