@@ -100,6 +100,11 @@ struct Events {
 }
 
 impl Events {
+    /// The generation of event `e`'s last record, as issued.
+    fn recorded(&self, e: usize) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())[e].0
+    }
+
     fn wait_for(&self, e: usize, gen: u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s[e].1 < gen {
@@ -560,13 +565,7 @@ impl Device for HostDevice {
     }
 
     fn wait(&self, s: Stream, e: Event) -> Result<(), EngineError> {
-        let gen = self
-            .shared
-            .events
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
-            .0;
+        let gen = self.shared.events.recorded(e.0 as usize);
         self.issue().wait(s, e.0 as usize);
         self.push(s, move |sh| {
             sh.events.wait_for(e.0 as usize, gen);
@@ -576,13 +575,7 @@ impl Device for HostDevice {
     }
 
     fn host_wait(&self, e: Event) -> Result<(), EngineError> {
-        let gen = self
-            .shared
-            .events
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
-            .0;
+        let gen = self.shared.events.recorded(e.0 as usize);
         self.shared.events.wait_for(e.0 as usize, gen);
         self.issue().host_wait(e.0 as usize);
         self.check_error()
@@ -592,13 +585,7 @@ impl Device for HostDevice {
         for s in [Stream::Compute, Stream::Copy] {
             let e = self.new_event()?;
             self.record(s, e)?;
-            let gen = self
-                .shared
-                .events
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())[e.0 as usize]
-                .0;
+            let gen = self.shared.events.recorded(e.0 as usize);
             self.shared.events.wait_for(e.0 as usize, gen);
         }
         self.issue().host_sync();
