@@ -26,12 +26,17 @@ struct Experts {
     layout: WeightLayout,
 }
 
+/// `n` values drawn uniformly from [-1, 1).
+fn uniform(r: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
 fn quantized(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
     let k = quant::kernel(ty).unwrap();
     let rb = ty.row_bytes(cols as u64).unwrap() as usize;
     let mut out = vec![0u8; rows * rb];
     for row in out.chunks_exact_mut(rb) {
-        let x: Vec<f32> = (0..cols).map(|_| r.gen_range(-1.0f32..1.0)).collect();
+        let x = uniform(r, cols);
         (k.quantize_row)(&x, row);
     }
     out
@@ -181,9 +186,7 @@ fn batched_moe_matches_the_per_expert_path() {
         let view = ex.view();
         // Decode, a short batch, and a prefill batch where experts get GEMM-sized groups.
         for (n_tok, n_used) in [(1usize, 2usize), (5, 3), (40, 3)] {
-            let x: Vec<f32> = (0..n_tok * ex.cols)
-                .map(|_| r.gen_range(-1.0f32..1.0))
-                .collect();
+            let x = uniform(&mut r, n_tok * ex.cols);
             let (ids, wts) = routes(&mut r, n_tok, 6, n_used);
             let rt = MoeRoutes {
                 ids: &ids,
@@ -247,9 +250,7 @@ fn repacked_experts_match_the_file_layout() {
         let rp = ex.repacked();
         let (file, packed) = (ex.view(), rp.view());
         for (n_tok, n_used) in [(1usize, 2usize), (2, 3), (5, 3), (40, 3)] {
-            let x: Vec<f32> = (0..n_tok * ex.cols)
-                .map(|_| r.gen_range(-1.0f32..1.0))
-                .collect();
+            let x = uniform(&mut r, n_tok * ex.cols);
             let (ids, wts) = routes(&mut r, n_tok, 6, n_used);
             let rt = MoeRoutes {
                 ids: &ids,
@@ -288,9 +289,7 @@ fn moe_token_outputs_do_not_depend_on_the_batch() {
         let view = ex.view();
         let n_tok = 37;
         let n_used = 2;
-        let x: Vec<f32> = (0..n_tok * ex.cols)
-            .map(|_| r.gen_range(-1.0f32..1.0))
-            .collect();
+        let x = uniform(&mut r, n_tok * ex.cols);
         let (ids, wts) = routes(&mut r, n_tok, 4, n_used);
         let run = |toks: &[usize]| -> Vec<f32> {
             let xs: Vec<f32> = toks
