@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use half::f16;
-use pshard_kernels::matmul::{matmul, quantize_acts_into, QuantizedActs, WeightMatrix};
+use pshard_kernels::gemm::packed;
+use pshard_kernels::matmul::{
+    matmul, quantize_acts_into, QuantizedActs, WeightLayout, WeightMatrix,
+};
 use pshard_kernels::ops::{attention, AttnParams, KvType, KvView};
 use pshard_kernels::quant::{self, SUPPORTED};
 use pshard_model::ggml_type::GgmlType;
@@ -414,11 +417,12 @@ impl Runner {
         Ok(stats)
     }
 
-    /// Times quantize-activations + matmul (the work of one runtime matmul op) over rotated copies.
+    /// Times quantize-activations + matmul (the work of one runtime matmul op) over rotated copies
+    /// of the weights in `layout`.
     fn matmul_point(
         &mut self,
         p: &ThreadPool,
-        copies: &[Vec<u8>],
+        (copies, layout): (&[Vec<u8>], WeightLayout),
         ty: GgmlType,
         shape: (usize, usize),
         batch: usize,
@@ -440,7 +444,7 @@ impl Runner {
                     data: &copies[i % copies.len()],
                     rows,
                     cols,
-                    layout: pshard_kernels::matmul::WeightLayout::File,
+                    layout,
                 };
                 i += 1;
                 let r = quantize_acts_into(k.act, &x, batch, cols, &mut acts)
@@ -618,12 +622,24 @@ pub fn run_cpu(c: &CpuConfig) -> Result<Profile> {
     for m in r.plan.matmuls.clone() {
         let (rows, cols) = m.shape;
         for &ty in &m.types {
+            // The layout the engine computes a CPU-only matrix from (repacked at load where
+            // this CPU has the kernels); the points while H2D below keep the file's layout,
+            // as the CPU's share of a matrix that also travels to the GPU does.
             let one = make_weights(ty, rows, cols, &mut r.rng)?;
+            let wrb = one.len() / rows;
+            let (one, layout) = if packed::computes_repacked(ty, one.len(), rows, wrb) {
+                (
+                    packed::repack(ty, &one, rows, wrb)?,
+                    WeightLayout::Interleaved,
+                )
+            } else {
+                (one, WeightLayout::File)
+            };
             let copies = replicate(one, r.rotate_bytes);
             for &b in &m.batches {
                 r.progress
                     .step(&format!("matmul {ty} {rows}x{cols} batch {b}"));
-                let s = r.matmul_point(&main_pool, &copies, ty, m.shape, b, "matmul")?;
+                let s = r.matmul_point(&main_pool, (&copies, layout), ty, m.shape, b, "matmul")?;
                 best_gflops = best_gflops.max(2.0 * (rows * cols * b) as f64 / s.median_s / 1e9);
             }
         }
@@ -691,7 +707,14 @@ fn measure_while_h2d(
         let one = make_weights(ty, shape.0, shape.1, &mut r.rng)?;
         let copies = replicate(one, r.rotate_bytes);
         copy.reset();
-        r.matmul_point(p, &copies, ty, shape, b, "matmul_while_h2d")?;
+        r.matmul_point(
+            p,
+            (&copies, WeightLayout::File),
+            ty,
+            shape,
+            b,
+            "matmul_while_h2d",
+        )?;
         all_copy.extend(copy.take());
     }
     let chunk_bytes = copy.chunk;

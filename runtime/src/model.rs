@@ -134,7 +134,7 @@ impl Model {
     /// would not fit in the memory available ([`Model::repack_skipped`] says why). Callers pass
     /// the matrices only the CPU reads: the GPU lanes upload from the file.
     pub fn repack(&self, ids: &[TensorId]) {
-        if !self.repack || !quant::SimdLevel::Avx512.available() || self.repacked.get().is_some() {
+        if !self.repack || self.repacked.get().is_some() {
             return;
         }
         let t0 = std::time::Instant::now();
@@ -184,7 +184,7 @@ impl Model {
         let ok = t.is_matrix()
             && rows > 0
             && rows * wrb == per
-            && packed::check(t.ty, per, rows, wrb).is_ok();
+            && packed::computes_repacked(t.ty, per, rows, wrb);
         ok.then_some((rows, wrb))
     }
 

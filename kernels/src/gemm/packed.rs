@@ -156,6 +156,14 @@ pub fn check(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> Result<(), Ke
     Ok(())
 }
 
+/// Whether this CPU computes a matrix of `rows` rows of `wrb` bytes (`len` in all) of `ty` from
+/// the repacked layout: the type and shape are [`check`]ed and the CPU has the repacked kernels
+/// (AVX-512 VNNI). The engine repacks such matrices at load when only the CPU reads them; the
+/// profiler measures the CPU's matmuls the same way.
+pub fn computes_repacked(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> bool {
+    crate::quant::SimdLevel::Avx512.available() && check(ty, len, rows, wrb).is_ok()
+}
+
 /// [`repack`] into `out` (as long as `data`). A matrix can be repacked a part at a time: rows
 /// `16i ..` of its file bytes repacked as a matrix of their own give bytes `16i · wrb ..` of the
 /// whole one's repacked bytes.
