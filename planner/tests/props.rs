@@ -5,7 +5,7 @@ mod common;
 
 use pshard_model::synth::{self, QuantRecipe};
 use pshard_planner::cost::PlanParams;
-use pshard_planner::search::{plan, PlanError};
+use pshard_planner::search::{plan, Outcome, PlanError};
 use pshard_planner::CostTable;
 
 const MIB: u64 = 1 << 20;
@@ -111,15 +111,35 @@ fn bills_fit_and_predictions_grow_with_budget() {
                 assert!(t.best.eval.tps.is_finite() && t.best.eval.tps > 0.0);
             }
             // No tier degrades to the CPU alone while another tier's GPU plan fits: a tier whose
-            // own buffers do not fit runs a smaller tier's plan in that tier's ubatches.
+            // own buffers do not fit runs a smaller tier's plan in that tier's ubatches. The CPU
+            // alone stays only where it won its tier's own search, predicted at least as fast
+            // as every GPU plan that fit there (a tiny budget can leave decode no faster).
             if p.tiers.iter().any(|t| t.best.placement.uses_gpu()) {
                 for t in &p.tiers {
-                    assert!(
-                        t.best.placement.uses_gpu(),
-                        "tier {} runs on the CPU alone at {} MiB although a GPU plan fits",
-                        t.tier.n,
-                        b / MIB
-                    );
+                    if !t.best.placement.uses_gpu() {
+                        let won = t.per_strategy.iter().any(|(_, c, o)| {
+                            *o == Outcome::Won
+                                && c.as_ref().is_some_and(|c| !c.placement.uses_gpu())
+                        });
+                        assert!(
+                            won && t.runs_as.is_none(),
+                            "tier {} runs on the CPU alone at {} MiB although a GPU plan fits",
+                            t.tier.n,
+                            b / MIB
+                        );
+                        for c in t.per_strategy.iter().filter_map(|(_, c, _)| c.as_ref()) {
+                            assert!(
+                                t.best.eval.tps >= c.eval.tps,
+                                "tier {} runs on the CPU alone at {} MiB at {:.1} t/s though {} \
+                                 fits at {:.1}",
+                                t.tier.n,
+                                b / MIB,
+                                t.best.eval.tps,
+                                c.strategy.name(),
+                                c.eval.tps
+                            );
+                        }
+                    }
                     if let Some(n) = t.runs_as {
                         assert!(
                             n < t.tier.n && t.ubatch <= n,
