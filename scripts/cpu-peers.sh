@@ -4,6 +4,8 @@
 #
 #   scripts/cpu-peers.sh build LLAMA_SRC IK_SRC      # build both peers under $PEERS (~15 min each on 2 cores)
 #   scripts/cpu-peers.sh table MODEL.gguf...         # the three-way table (pp$PP and tg$TG)
+#   scripts/cpu-peers.sh batched MODEL.gguf...       # aggregate decode of $NPL sequences, pshard bench
+#                                                    # --parallel beside llama.cpp's llama-batched-bench
 #
 # LLAMA_SRC: a llama.cpp source tree, e.g. vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist
 #   (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`).
@@ -15,19 +17,21 @@
 # (AMX never: a CPU may report AMX while the OS does not grant it, and llama.cpp's AMX code then faults).
 # ik_llama.cpp is configured with GGML_NATIVE=ON (its own feature checks), only llama-bench built.
 #
-# Env: PEERS (/work/peers), THREADS (2), PP (512), TG (64), REPS (3), PSHARD (target/release/pshard),
-#      OUT (/tmp/pshard-cpu-peers), JOBS (nproc).
+# Env: PEERS (/work/peers), THREADS (2), PP (512; batched: 128), TG (64; batched: 32), REPS (3),
+#      NPL (batched: 1,2,4), PSHARD (target/release/pshard), OUT (/tmp/pshard-cpu-peers), JOBS (nproc).
 set -u
 cd "$(dirname "$0")/.."
 PEERS=${PEERS:-/work/peers}
 THREADS=${THREADS:-2}
-PP=${PP:-512}
-TG=${TG:-64}
+PP=${PP:-}
+TG=${TG:-}
+NPL=${NPL:-1,2,4}
 REPS=${REPS:-3}
 PSHARD=${PSHARD:-target/release/pshard}
 OUT=${OUT:-/tmp/pshard-cpu-peers}
 JOBS=${JOBS:-$(nproc)}
 LLAMA_BIN=$PEERS/llama.cpp/build/bin/llama-bench
+LLAMA_BATCHED=$PEERS/llama.cpp/build/bin/llama-batched-bench
 IK_BIN=$PEERS/ik_llama.cpp/build/bin/llama-bench
 
 die() { echo "cpu-peers: $*" >&2; exit 1; }
@@ -50,10 +54,11 @@ llama_cpu_flags() {
     echo "${f[@]}"
 }
 
-# build NAME SRC DEST CMAKE_ARGS...: configures SRC into DEST/build and builds llama-bench.
+# build NAME SRC DEST TARGETS CMAKE_ARGS...: configures SRC into DEST/build and builds TARGETS
+# (space-separated; llama-bench first).
 build_one() {
-    local name=$1 src=$2 dest=$3
-    shift 3
+    local name=$1 src=$2 dest=$3 targets=$4
+    shift 4
     if [ -x "$dest/build/bin/llama-bench" ]; then
         echo "$name: $dest/build/bin/llama-bench exists, not rebuilding"
         return 0
@@ -73,17 +78,18 @@ build_one() {
     echo "$name: cmake $*"
     cmake -S "$dest" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "$@" \
         >"$dest/build-configure.log" 2>&1 || die "$name: configure failed, see $dest/build-configure.log"
-    cmake --build "$dest/build" --target llama-bench -j "$JOBS" >"$dest/build.log" 2>&1 \
+    # shellcheck disable=SC2086
+    cmake --build "$dest/build" --target $targets -j "$JOBS" >"$dest/build.log" 2>&1 \
         || die "$name: build failed, see $dest/build.log"
-    echo "$name: built $dest/build/bin/llama-bench"
+    echo "$name: built $targets in $dest/build/bin"
 }
 
 cmd_build() {
     [ $# -eq 2 ] || die "usage: $0 build LLAMA_SRC IK_SRC"
     command -v cmake >/dev/null || die "cmake is missing (apt-get install cmake)"
     # shellcheck disable=SC2046
-    build_one llama.cpp "$1" "$PEERS/llama.cpp" $(llama_cpu_flags)
-    build_one ik_llama.cpp "$2" "$PEERS/ik_llama.cpp" -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF \
+    build_one llama.cpp "$1" "$PEERS/llama.cpp" "llama-bench llama-batched-bench" $(llama_cpu_flags)
+    build_one ik_llama.cpp "$2" "$PEERS/ik_llama.cpp" llama-bench -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF \
         -DGGML_IQK_FA_ALL_QUANTS=OFF -DLLAMA_BUILD_TESTS=OFF
 }
 
@@ -97,6 +103,8 @@ tps() {
 }
 
 cmd_table() {
+    PP=${PP:-512}
+    TG=${TG:-64}
     [ $# -ge 1 ] || die "usage: $0 table MODEL.gguf..."
     [ -x "$PSHARD" ] || die "$PSHARD missing (cargo build --release -p pshard-cli)"
     mkdir -p "$OUT"
@@ -138,8 +146,65 @@ cmd_table() {
     for r in "${rows[@]}"; do echo "$r"; done
 }
 
+# Aggregate decode t/s of 1..n sequences (each a PP-token prompt, then TG steps of one token per
+# sequence): pshard bench --parallel beside llama-batched-bench with one unified KV cache.
+cmd_batched() {
+    PP=${PP:-128}
+    TG=${TG:-32}
+    [ $# -ge 1 ] || die "usage: $0 batched MODEL.gguf..."
+    [ -x "$PSHARD" ] || die "$PSHARD missing (cargo build --release -p pshard-cli)"
+    [ -x "$LLAMA_BATCHED" ] || die "$LLAMA_BATCHED missing (cmake --build $PEERS/llama.cpp/build --target llama-batched-bench)"
+    mkdir -p "$OUT"
+    local maxpl
+    maxpl=$(echo "$NPL" | tr ',' '\n' | sort -n | tail -1)
+    local rows=()
+    for m in "$@"; do
+        [ -s "$m" ] || die "model $m not found"
+        local b
+        b=$(basename "$m" .gguf)
+        cat "$m" >/dev/null
+        "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r 1 --parallel "$NPL" --device cpu \
+            -o json >"$OUT/pshard-batched-$b.json" 2>"$OUT/pshard-batched-$b.log" \
+            || echo "pshard bench failed on $b (see $OUT/pshard-batched-$b.log)"
+        cat "$m" >/dev/null
+        LD_LIBRARY_PATH=$(dirname "$LLAMA_BATCHED") "$LLAMA_BATCHED" -m "$m" -c $((maxpl * (PP + TG))) \
+            -b 2048 -ub 512 -npp "$PP" -ntg "$TG" -npl "$NPL" -t "$THREADS" -kvu --output-format jsonl \
+            >"$OUT/llama-batched-$b.log" 2>&1 || echo "llama-batched-bench failed on $b"
+        grep -h '^{' "$OUT/llama-batched-$b.log" >"$OUT/llama-batched-$b.jsonl"
+        rows+=("$(python3 - "$b" "$NPL" "$OUT/pshard-batched-$b.json" "$OUT/llama-batched-$b.jsonl" <<'PY'
+import json, sys
+b, npl, ours, peer = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], sys.argv[3], sys.argv[4]
+p, l = {}, {}
+try:
+    for x in json.load(open(ours)):
+        p[x["n_parallel"]] = x["tg_avg_ts"]
+except Exception:
+    pass
+try:
+    for line in open(peer):
+        x = json.loads(line)
+        l[x["pl"]] = x["speed_tg"]
+except Exception:
+    pass
+for n in npl:
+    a, c = p.get(n), l.get(n)
+    r = f"{a / c:.2f}x" if a and c else "?"
+    fa = f"{a:.1f}" if a else "?"
+    fc = f"{c:.1f}" if c else "?"
+    print(f"| {b} | {n} | {fa} | {fc} | {r} |")
+PY
+)")
+    done
+    echo
+    echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, -t $THREADS, prompt $PP, $TG steps, $(date -u '+%Y-%m-%d %H:%M UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "| model | sequences | pshard t/s | llama.cpp t/s | vs llama.cpp |"
+    echo "|---|---:|---:|---:|---:|"
+    for r in "${rows[@]}"; do echo "$r"; done
+}
+
 case "${1:-}" in
 build) shift; cmd_build "$@" ;;
 table) shift; cmd_table "$@" ;;
-*) die "usage: $0 build LLAMA_SRC IK_SRC | table MODEL.gguf..." ;;
+batched) shift; cmd_batched "$@" ;;
+*) die "usage: $0 build LLAMA_SRC IK_SRC | table MODEL.gguf... | batched MODEL.gguf..." ;;
 esac
