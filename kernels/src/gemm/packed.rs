@@ -157,11 +157,15 @@ pub fn check(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> Result<(), Ke
 }
 
 /// Whether this CPU computes a matrix of `rows` rows of `wrb` bytes (`len` in all) of `ty` from
-/// the repacked layout: the type and shape are [`check`]ed and the CPU has the repacked kernels
-/// (AVX-512 VNNI). The engine repacks such matrices at load when only the CPU reads them; the
+/// the repacked layout: the type and shape are [`check`]ed and the CPU lane runs the repacked
+/// kernels (AVX-512 VNNI, on this CPU and not capped by [`crate::quant::simd_cap`]: capped, the
+/// repacked groups would be unpacked row by row, 7× slower than the file layout). The engine repacks such matrices at load when only the CPU reads them; the
 /// profiler measures the CPU's matmuls the same way.
 pub fn computes_repacked(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> bool {
-    crate::quant::SimdLevel::Avx512.available() && check(ty, len, rows, wrb).is_ok()
+    use crate::quant::{simd_cap, SimdLevel};
+    simd_cap() == SimdLevel::Avx512
+        && SimdLevel::Avx512.available()
+        && check(ty, len, rows, wrb).is_ok()
 }
 
 /// [`repack`] into `out` (as long as `data`). A matrix can be repacked a part at a time: rows
