@@ -315,7 +315,7 @@ enum Engine {
     /// Quantized weights, 1 to 4 tokens, the decode path ([`gemm::gemv`]).
     Gemv {
         conv: gemm::Converter,
-        kind: gemm::gemv::Kind,
+        decode: gemm::gemv::Decode,
         acts: gemm::gemv::GemvActs,
     },
     /// Quantized weights on the portable path: each row converted, then
@@ -397,8 +397,12 @@ impl<'a> RowsJob<'a> {
                         w.ty
                     )));
                 }
+                let vnni = |c: &gemm::Converter| {
+                    gemm::gemv::applies(c, x, level)
+                        .is_some_and(|d| d.width == gemm::gemv::Width::Vnni)
+                };
                 match gemm::converter(w.ty) {
-                    Some(c) if gemm::gemv::applies(&c, x, level).is_some() => Groups::Decode,
+                    Some(c) if vnni(&c) => Groups::Decode,
                     Some(c)
                         if c.tile16_packed.is_some() && gemm::rows_per_tile(level) == Some(16) =>
                     {
@@ -412,13 +416,14 @@ impl<'a> RowsJob<'a> {
             Some(conv)
                 if groups != Groups::Decode && gemm::gemv::applies(&conv, x, level).is_some() =>
             {
-                let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
-                let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
-                Engine::Gemv { conv, kind, acts }
+                let decode = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
+                let acts = gemm::gemv::GemvActs::new(x, &conv, decode)?;
+                Engine::Gemv { conv, decode, acts }
             }
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
-                let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
+                let seeds = tile_rows.is_some_and(|r| !conv.tile_signed(r));
+                let acts = gemm::GemmActs::new(x, &conv, seeds)?;
                 match tile_rows {
                     Some(rows) => Engine::Gemm {
                         conv,
@@ -444,7 +449,7 @@ impl<'a> RowsJob<'a> {
     pub(crate) fn align(&self) -> usize {
         match &self.engine {
             Engine::Gemm { rows, .. } => *rows,
-            Engine::Gemv { .. } => 16,
+            Engine::Gemv { decode, .. } => decode.width.rows(),
             _ => DOT_ROWS,
         }
     }
@@ -570,8 +575,8 @@ impl<'a> RowsJob<'a> {
                     i0 = i1;
                 }
             }
-            Engine::Gemv { conv, kind, acts } => {
-                gemm::gemv::rows(conv, *kind, acts, data, wrb, r0, outs);
+            Engine::Gemv { conv, decode, acts } => {
+                gemm::gemv::rows(conv, *decode, acts, data, wrb, r0, outs);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();
