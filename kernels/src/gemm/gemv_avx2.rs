@@ -329,7 +329,12 @@ unsafe fn dot<const K: u8>(w: [__m256i; 4], a: *const i8, c: &Consts) -> [__m256
                 z,
             ]
         }
-        K6 => std::array::from_fn(|i| wide(mul(w[i], av(i)))),
+        K6 => [
+            wide(mul(w[0], av(0))),
+            wide(mul(w[1], av(1))),
+            wide(mul(w[2], av(2))),
+            wide(mul(w[3], av(3))),
+        ],
         _ => [
             wide(_mm256_add_epi16(mul(w[0], av(0)), mul(w[1], av(2)))),
             wide(_mm256_add_epi16(mul(w[2], av(1)), mul(w[3], av(3)))),
@@ -402,70 +407,62 @@ unsafe fn row_step<const K: u8, const FULL: bool, const T: usize>(
     // SAFETY: step k of the row and the tokens' activations (caller).
     unsafe {
         let w = levels::<K, FULL>(row, t.g, t.k, nblk, t.c);
-        std::array::from_fn(|x| dot::<K>(w, t.a[x], t.c))
+        let mut out = [[_mm256_setzero_si256(); 4]; T];
+        for (o, &a) in out.iter_mut().zip(&t.a) {
+            *o = dot::<K>(w, a, t.c);
+        }
+        out
     }
-}
-
-/// Rows `4q .. 4q + 4` of step `t`: per token and reduced vector their sums ([`reduce4`]).
-///
-/// # Safety
-/// As [`row_step`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quad<const K: u8, const FULL: bool, const T: usize>(
-    t: &Step<T>,
-    p: &[*const u8; 8],
-    pf: &[*const u8; 8],
-    q: usize,
-    dm: &mut [[u32; 8]],
-) -> [[__m256i; 4]; T] {
-    // SAFETY: as for the step (caller).
-    let v = unsafe {
-        [
-            row_step::<K, FULL, T>(t, p, pf, 4 * q, dm),
-            row_step::<K, FULL, T>(t, p, pf, 4 * q + 1, dm),
-            row_step::<K, FULL, T>(t, p, pf, 4 * q + 2, dm),
-            row_step::<K, FULL, T>(t, p, pf, 4 * q + 3, dm),
-        ]
-    };
-    std::array::from_fn(|x| {
-        std::array::from_fn(|i| {
-            if i < vectors(K) {
-                reduce4([v[0][x][i], v[1][x][i], v[2][x][i], v[3][x][i]])
-            } else {
-                _mm256_setzero_si256()
-            }
-        })
-    })
 }
 
 /// Step `t` of the 8 rows `p`: `sums[x][j]` = the 8 rows' sums of the step's sub-block `j` for
 /// token `x`; legacy: the first 4 bytes of each block `j` into `dm[j][row]`. Prefetches at
-/// `pf[row] + t.off`.
+/// `pf[row] + t.off`. Per quad of rows, the four rows' vectors are summed and transposed
+/// ([`reduce4`]), the two quads joined by 128-bit permutes.
+///
+/// Loops with one call site each: the helpers are then inlined (two call sites of a quad's
+/// body left it out of line for some types, a closure handed to `std::array::from_fn` without
+/// the target features; Q8_0 ran 25% slower). `MIN` and `SEED` are the group's, unused here:
+/// one instance per group instance, so every instance has one call site and is inlined (shared
+/// by the Q4_0 and Q4_1 groups, it stayed out of line, and the f32 steps' accumulators went
+/// through memory around the call).
 ///
 /// # Safety
 /// AVX2 available; the step readable in every row; `pf[row] + t.off` need not be valid.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn step8<const K: u8, const FULL: bool, const T: usize>(
+unsafe fn step8<
+    const K: u8,
+    const FULL: bool,
+    const T: usize,
+    const MIN: bool,
+    const SEED: bool,
+>(
     t: &Step<T>,
     p: &[*const u8; 8],
     pf: &[*const u8; 8],
     sums: &mut [[[i32; 8]; 8]; T],
     dm: &mut [[u32; 8]; 4],
 ) {
-    // SAFETY: as for the step (caller).
-    let (u0, u1) = unsafe {
-        (
-            quad::<K, FULL, T>(t, p, pf, 0, dm),
-            quad::<K, FULL, T>(t, p, pf, 1, dm),
-        )
-    };
+    let zero = _mm256_setzero_si256();
+    let mut u = [[[zero; 4]; T]; 2];
+    for (q, u) in u.iter_mut().enumerate() {
+        let mut v = [[[zero; 4]; T]; 4];
+        for (r, v) in v.iter_mut().enumerate() {
+            // SAFETY: as for the step (caller).
+            *v = unsafe { row_step::<K, FULL, T>(t, p, pf, 4 * q + r, dm) };
+        }
+        for (x, u) in u.iter_mut().enumerate() {
+            for (i, u) in u.iter_mut().enumerate().take(vectors(K)) {
+                *u = reduce4([v[0][x][i], v[1][x][i], v[2][x][i], v[3][x][i]]);
+            }
+        }
+    }
     for (x, sums) in sums.iter_mut().enumerate() {
         for v in 0..vectors(K) {
             let halves = [
-                _mm256_permute2x128_si256::<0x20>(u0[x][v], u1[x][v]),
-                _mm256_permute2x128_si256::<0x31>(u0[x][v], u1[x][v]),
+                _mm256_permute2x128_si256::<0x20>(u[0][x][v], u[1][x][v]),
+                _mm256_permute2x128_si256::<0x31>(u[0][x][v], u[1][x][v]),
             ];
             for (h, s) in halves.into_iter().enumerate() {
                 let o: &mut [i32; 8] = &mut sums[sub_at(K, v, h)];
@@ -487,9 +484,8 @@ pub(crate) unsafe fn rows8x4(rows: &[*const u8; 8], off: usize) -> [__m256i; 4] 
     // SAFETY: 16 readable bytes at each rows[k] + off (caller).
     let l = |k: usize| unsafe { _mm_loadu_si128(rows[k].add(off).cast()) };
     // z[a]: rows a (low lane) and a + 4.
-    let z: [__m256i; 4] = std::array::from_fn(|a| {
-        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(l(a)), l(a + 4))
-    });
+    let z = |a: usize| _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(l(a)), l(a + 4));
+    let z = [z(0), z(1), z(2), z(3)];
     let t0 = _mm256_unpacklo_epi32(z[0], z[1]);
     let t1 = _mm256_unpackhi_epi32(z[0], z[1]);
     let t2 = _mm256_unpacklo_epi32(z[2], z[3]);
@@ -616,10 +612,11 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     // (K-quants) per half.
     let mut sums = [[[[[0i32; 8]; 8]; T]; 2]; 2];
     let mut dm = [[[[0u32; 8]; 4]; 2]; 2];
-    let mut fac = [(); 2].map(|_| Factors {
+    let zero = Factors {
         k: [_mm256_setzero_ps(); 16],
         m: [_mm256_setzero_ps(); 8],
-    });
+    };
+    let mut fac = [zero, zero];
     // Step k's products, then step k − 1's f32 steps (one call site each: both inlined).
     for k in 0..=steps {
         if k < steps {
@@ -639,9 +636,9 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
                 // (the layout holds whole steps per token).
                 unsafe {
                     if t.nblk == 4 {
-                        step8::<K, true, T>(&t, &ph[h], pf, sk, dk);
+                        step8::<K, true, T, MIN, SEED>(&t, &ph[h], pf, sk, dk);
                     } else {
-                        step8::<K, false, T>(&t, &ph[h], pf, sk, dk);
+                        step8::<K, false, T, MIN, SEED>(&t, &ph[h], pf, sk, dk);
                     }
                 }
             }
@@ -649,8 +646,8 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
         if k > 0 {
             let j = (k - 1) % 2;
             // SAFETY: step k − 1 lies in every row (caller).
-            unsafe {
-                chain::<K, MIN, SEED, T>(&mut f, k - 1, acts, g, &ph, &sums[j], &dm[j], &mut fac)
+            f = unsafe {
+                chain::<K, MIN, SEED, T>(f, k - 1, acts, g, &ph, &sums[j], &dm[j], &mut fac)
             };
         }
     }
@@ -664,6 +661,7 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
 }
 
 /// A K-quant super-block's factors of 8 rows: per sub-block the scales and (Q4_K/Q5_K) minima.
+#[derive(Clone, Copy)]
 struct Factors {
     k: [__m256; 16],
     m: [__m256; 8],
@@ -681,7 +679,7 @@ struct Factors {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn chain<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
-    f: &mut [[__m256; 2]; T],
+    mut f: [[__m256; 2]; T],
     k: usize,
     acts: &GemvActs,
     g: Geo,
@@ -689,7 +687,7 @@ unsafe fn chain<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     sums: &[[[[i32; 8]; 8]; T]; 2],
     dm: &[[[u32; 8]; 4]; 2],
     fac: &mut [Factors; 2],
-) {
+) -> [[__m256; 2]; T] {
     let b = &acts.base;
     let per = if K == K6 { 16 } else { QB };
     let (nb, subs) = (b.cols / QB, b.subs);
@@ -717,13 +715,23 @@ unsafe fn chain<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     };
     if blocky(K) {
         let n = (b.cols - k * STEP).min(STEP) / QB;
-        for j in 0..n {
+        for (j, (d0, d1)) in dm[0].iter().zip(&dm[1]).take(n).enumerate() {
             // SAFETY: 8 u32 of block j of each half.
-            let x = dm.map(|d| unsafe { _mm256_loadu_si256(d[j].as_ptr().cast()) });
-            let m = MIN.then(|| x.map(|v| f16_lanes8::<true>(v)));
-            sub(f, j, x.map(|v| f16_lanes8::<false>(v)), m);
+            let x = unsafe {
+                [
+                    _mm256_loadu_si256(d0.as_ptr().cast()),
+                    _mm256_loadu_si256(d1.as_ptr().cast()),
+                ]
+            };
+            let m = MIN.then(|| [f16_lanes8::<true>(x[0]), f16_lanes8::<true>(x[1])]);
+            sub(
+                &mut f,
+                j,
+                [f16_lanes8::<false>(x[0]), f16_lanes8::<false>(x[1])],
+                m,
+            );
         }
-        return;
+        return f;
     }
     let (i, h) = (k / 2, k % 2);
     if h == 0 {
@@ -753,13 +761,14 @@ unsafe fn chain<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
     }
     if K == K6 {
         for j in 0..8 {
-            sub(f, j, fac.each_ref().map(|a| a.k[8 * h + j]), None);
+            sub(&mut f, j, [fac[0].k[8 * h + j], fac[1].k[8 * h + j]], None);
         }
     } else {
         for j in 0..4 {
             let s = 4 * h + j;
-            let m = Some(fac.each_ref().map(|a| a.m[s]));
-            sub(f, j, fac.each_ref().map(|a| a.k[s]), m);
+            let m = Some([fac[0].m[s], fac[1].m[s]]);
+            sub(&mut f, j, [fac[0].k[s], fac[1].k[s]], m);
         }
     }
+    f
 }

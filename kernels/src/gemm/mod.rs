@@ -51,6 +51,8 @@ mod gemv_avx2;
 mod gemv_x86;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod packed_avx2;
+#[cfg(target_arch = "x86_64")]
 mod packed_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
@@ -539,6 +541,48 @@ impl Tile {
         self.scale.resize(16 * nsub, 0.0);
         self.min.resize(16 * nsub, 0.0);
         load(group, e0, n, &mut self.q, &mut self.scale, &mut self.min);
+    }
+}
+
+impl Tile {
+    /// Converts elements `e0 .. e0 + n` (whole units of the type) of half `half` (rows
+    /// `8 · half ..`) of one repacked group of 16 rows (`group`, [`packed`]) into an 8-row tile
+    /// for the AVX2 kernel: the tile [`Tile::load`] makes from the same rows in the file's layout.
+    ///
+    /// # Panics
+    /// If the type has no AVX2 repacked kernel (`packed::avx2_kernel`) or the CPU lacks AVX2.
+    pub fn load_packed8(
+        &mut self,
+        conv: &Converter,
+        group: &[u8],
+        half: usize,
+        e0: usize,
+        n: usize,
+    ) {
+        let nsub = n / conv.sub();
+        self.r = 8;
+        self.nb = n / QB;
+        self.sub16 = conv.sub16;
+        self.has_min = conv.min;
+        self.q.resize(8 * n, 0);
+        self.scale.resize(8 * nsub, 0.0);
+        self.min.resize(8 * nsub, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        packed_avx2::tile8(
+            conv,
+            group,
+            half,
+            e0,
+            n,
+            &mut self.q,
+            &mut self.scale,
+            &mut self.min,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (conv, group, half, e0);
+            panic!("the AVX2 repacked tile loader has no kernel on this architecture");
+        }
     }
 }
 
