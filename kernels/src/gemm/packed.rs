@@ -174,8 +174,9 @@ pub fn computes_repacked(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> b
     lane && check(ty, len, rows, wrb).is_ok()
 }
 
-/// Whether the AVX2 level has a repacked decode kernel for `ty`.
-pub(crate) fn avx2_kernel(ty: GgmlType) -> bool {
+/// Whether the AVX2 level has repacked kernels for `ty` (the decode kernel and the 8-row tile
+/// loader, [`crate::gemm::Tile::load_packed8`]).
+pub fn avx2_kernel(ty: GgmlType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         super::packed_avx2::supports(ty)
