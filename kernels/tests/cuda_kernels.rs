@@ -8,7 +8,7 @@
 
 use half::f16;
 use pshard_kernels::cuda::{
-    kernels::{row_bytes, type_geom, RopeYarnArg, CUDA_TYPES, MOE_GEMM_BN},
+    kernels::{row_bytes, type_geom, RopeYarnArg, CUDA_TYPES, MOE_GEMM_BN, MOE_ROUTE_FREE},
     AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells, PinnedBuf,
     RegionId, RegionKind, RopeArgs, RopeKind,
 };
@@ -1887,7 +1887,7 @@ fn cuda_moe_route_and_experts_match_cpu() {
         let sel = (gating == Gating::Sigmoid).then_some(bd.ptr);
         c.gpu
             .kernels
-            .moe_route(ld.ptr, n, &rt, sel, route.ptr, &s)
+            .moe_route(ld.ptr, n, &rt, sel, None, route.ptr, &s)
             .unwrap();
         c.sync();
         let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
@@ -1930,7 +1930,7 @@ fn cuda_moe_route_and_experts_match_cpu() {
         };
         c.gpu
             .kernels
-            .moe_route(ld.ptr, n, &rt, None, route.ptr, &s)
+            .moe_route(ld.ptr, n, &rt, None, None, route.ptr, &s)
             .unwrap();
         c.sync();
         let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
@@ -2112,6 +2112,98 @@ fn cpu_moe_gemv(
         .unwrap();
     }
     y
+}
+
+/// `moe_route` with a forced-expert table against the CPU's routing with the same forced ids:
+/// forced tokens (distinct random experts, some in groups the group limit masks) take exactly
+/// those experts, weighted by each gating, renormalisation and scale as the CPU does, the
+/// selection bias ignored; tokens whose row starts with `MOE_ROUTE_FREE` route as without a
+/// table.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_moe_route_forced_matches_cpu() {
+    let Some(c) = ctx("cuda_moe_route_forced_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_forced");
+    let s = c.gpu.stream().clone();
+    let (n, n_expert, n_used) = (9usize, 16usize, 4usize);
+    let bias = randv(&mut r, n_expert, 0.3);
+    let bd = c.up_f32(&bias);
+    for (gating, groups, normalize, scale) in [
+        (Gating::Softmax, (0, 0), false, 1.0),
+        (Gating::Softmax, (4, 2), true, 1.0),
+        (Gating::Sigmoid, (0, 0), true, 2.5),
+        (Gating::SoftmaxAfterTopK, (0, 0), false, 1.0),
+        (Gating::Sigmoid, (8, 3), true, 1.0),
+    ] {
+        let rt = Routing {
+            n_expert,
+            n_used,
+            gating,
+            normalize,
+            scale,
+            groups,
+        };
+        let logits = randv(&mut r, n * n_expert, 3.0);
+        // Every third token routes itself; the others take n_used distinct random experts.
+        let mut table = vec![MOE_ROUTE_FREE; n * n_used];
+        for (t, row) in table.chunks_exact_mut(n_used).enumerate() {
+            if t % 3 == 2 {
+                continue;
+            }
+            let mut k = 0;
+            while k < n_used {
+                let e = r.gen_range(0..n_expert as u32);
+                if !row[..k].contains(&e) {
+                    row[k] = e;
+                    k += 1;
+                }
+            }
+        }
+        let ld = c.up_f32(&logits);
+        let fd = c.up_bytes(bytemuck::cast_slice(&table));
+        let route = c.poisoned(n * 2 * n_used * 4);
+        let sel = (gating == Gating::Sigmoid).then_some(bd.ptr);
+        c.gpu
+            .kernels
+            .moe_route(ld.ptr, n, &rt, sel, Some(fd.ptr), route.ptr, &s)
+            .unwrap();
+        c.sync();
+        let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
+        let word = |i: usize| u32::from_le_bytes(rb[4 * i..4 * i + 4].try_into().unwrap());
+        let mut differs = false;
+        for t in 0..n {
+            let row = &table[t * n_used..][..n_used];
+            let forced = (row[0] != MOE_ROUTE_FREE).then_some(row);
+            let (mut ids, mut w) = (vec![0u32; n_used], vec![0f32; n_used]);
+            let l = &logits[t * n_expert..][..n_expert];
+            let b = sel.map(|_| &bias[..]);
+            pshard_kernels::ops::route(l, &rt, b, forced, &mut ids, &mut w);
+            let (mut own, mut own_w) = (vec![0u32; n_used], vec![0f32; n_used]);
+            pshard_kernels::ops::route(l, &rt, b, None, &mut own, &mut own_w);
+            differs |= forced.is_some() && own != ids;
+            for k in 0..n_used {
+                assert_eq!(
+                    word(t * 2 * n_used + k),
+                    ids[k],
+                    "{rt:?} token {t} expert {k} (forced {forced:?})"
+                );
+                let got = f32::from_bits(word(t * 2 * n_used + n_used + k));
+                assert!(
+                    (got - w[k]).abs() < 1e-5,
+                    "{rt:?} token {t} weight {k}: {got} vs {} (forced {forced:?})",
+                    w[k]
+                );
+            }
+        }
+        assert!(
+            differs,
+            "{rt:?}: no forced token differs from its own routing"
+        );
+        c.free(&[ld, fd, route]);
+    }
+    c.free(&[bd]);
 }
 
 /// A route buffer as `moe_route` writes it for pairs with experts `ids` (`n_used` per token, the

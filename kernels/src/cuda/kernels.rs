@@ -31,7 +31,7 @@ pub use gemv::{
     ZERO_SEQS,
 };
 pub use launch::KArg;
-pub use moe::{MOE_GEMM_BN, MOE_MAX_EXPERTS};
+pub use moe::{MOE_GEMM_BN, MOE_MAX_EXPERTS, MOE_ROUTE_FREE};
 pub use rope::{RopeArgs, RopeKind, RopeYarnArg};
 
 use super::error::{CudaError, CudaResult};

@@ -212,7 +212,7 @@ launchers! {
     moe_route["moe_route"] => launch
         (logits: *const f32, n_tokens: i32, n_expert: i32, n_used: i32, gating: i32,
          sel_bias: *const f32, n_groups: i32, n_groups_used: i32, normalize: i32, scale: f32,
-         route: *mut u32);
+         forced: *const u32, route: *mut u32);
     /// Expert biases of expert FFN rows.
     moe_add_bias["moe_add_bias"] => launch
         (h: *mut f32, ldh: i32, route: *const u32, n_used: i32, order: *const i32, row0: i32,
