@@ -17,7 +17,8 @@
 # then `llama-bench -fa 1 -ub 2048` measures pp512, pp4096, pp16384 and tg64 with them; pshard runs
 # `pshard bench --vram-budget MiB -c 16384` through its plans (in-process with the machine's profiles
 # when present under ~/.cache/pshard/profiles, else the committed H200 ones). TTFT = 16384 / pp16384.
-# Env: REPS (2), PP (the prompt tests, default 512,4096,16384), OUT (logs), SYNTH_DIR.
+# Env: REPS (2), PP (the prompt tests, default 512,4096,16384), CTX (16384; pshard refuses more than
+# the model's training context), OUT (logs), SYNTH_DIR.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -46,7 +47,7 @@ OUT=${OUT:-/tmp/pshard-gpu-race}
 mkdir -p "$OUT"
 CASES=${*:-llama3-8b@3072 qwen2.5-32b@8192 qwen3-30b-a3b@4096}
 REPS=${REPS:-2}
-CTX=16384
+CTX=${CTX:-16384}
 PP=${PP:-512,4096,16384}
 DIR=${SYNTH_DIR:-/tmp/pshard-synth}
 mkdir -p "$DIR"
@@ -114,8 +115,11 @@ def rates(rows):
         r[key] = (x["avg_ts"], x.get("strategy"), x.get("predicted_ts"))
     return r
 a, b = rates(load(peer)), rates(load(ours))
+# A MoE fit overrides dozens of tensors: the table counts them (the full text is in fit-MODEL.log).
+ngl, _, ot = (fit or "?").partition(" -ot ")
+fit = ngl + (f" -ot ({len(ot.split(';'))} patterns)" if ot else "")
 cells = []
-for side, r in (("llama.cpp fit " + (fit or "?"), a), ("pshard", b)):
+for side, r in (("llama.cpp fit " + fit, a), ("pshard", b)):
     vals = [f"{r[k][0]:,.1f}" if k in r else "-" for k in ("pp512", "pp4096", "pp16384", "tg64")]
     ttft = f"{16384 / r['pp16384'][0]:.2f} s" if "pp16384" in r else "-"
     strat = r.get("tg64", (0, None, None))[1] or ""

@@ -767,7 +767,11 @@ fn q8_kv_engines(path: &Path, n_ctx: usize, ubatch: usize) -> (Engine, Engine) {
 /// The GPU engine with a Q8_0 KV cache (`kv_write_q8_0`, the `_q8` flash, split-KV and latent
 /// kernels) against the CPU engine with one: a 41-token prompt in ubatches of 16 (flash for head
 /// dims 64/128/256, split-KV otherwise, latent for deepseek2), then 8 decode steps, exact
-/// activations on both sides, every position within [`TOL`].
+/// activations and the same forced experts on both sides, every position within [`DECODE_TOL`]:
+/// each engine rounds its own K and V to 8 bits, and an input that differs by the engines' ~1e-3
+/// flips a value a whole level where it lies near a rounding boundary — the 8-bit activations'
+/// mechanism. Measured on an H100 (2026-12-05): 1.6e-3 to 8.5e-3, tiny-gpt-oss's worst decode
+/// step 1.10e-2, against about 1e-3 with an f16 cache (tiny-gpt-oss prefill 7.6e-4).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_q8_0_kv_matches_cpu_q8_0_kv() {
@@ -798,10 +802,10 @@ fn gpu_q8_0_kv_matches_cpu_q8_0_kv() {
         let _ = writeln!(
             std::io::stderr(),
             "LOGITS q8_0 KV {name}: prefill rel L2 {:.2e}, worst decode step {worst:.2e} \
-             (tolerance {TOL:.0e})",
+             (tolerance {DECODE_TOL:.0e})",
             errs[0]
         );
-        if worst > TOL {
+        if worst > DECODE_TOL {
             failed.push(format!("{name}: q8_0 KV GPU vs CPU rel L2 {errs:.3?}"));
         }
         std::fs::remove_file(&path).ok();
