@@ -12,7 +12,7 @@ use pshard_model::ggml_type::GgmlType;
 
 use super::gemv::MAX_TOKENS;
 use super::packed::{Geo, ROWS};
-use super::x86::{k4_factors16, Tok};
+use super::x86::{k4_d, k4_factor, k4_factors16, Tok};
 use super::{Converter, GemmActs};
 
 /// Loads 64 bytes at `p`.
@@ -130,10 +130,13 @@ fn store<const T: usize>(f: [__m512; T]) -> [[f32; ROWS]; T] {
     o
 }
 
-/// Q4_K: per super-block 4 header vectors (d | dmin, scales) and 32 nibble vectors; vector
-/// `4 + 8c + g` holds group `g` of sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles).
-/// The high nibbles are used in place (16 × the level; the sums, exact multiples of 16, are
-/// shifted back), saving a shift per vector.
+/// Q4_K: per super-block 4 header vectors (d | dmin, scales and minima re-packed:
+/// [`super::packed::k4_fields`]) and 32 nibble vectors; vector `4 + 8c + g` holds group `g` of
+/// sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles). The high nibbles are used in
+/// place (16 × the level; the sums, exact multiples of 16, are shifted back), saving a shift per
+/// vector. Each sub-block pair's 4 factors are formed just before its f32 steps from the 3
+/// scale vectors kept in registers (the chunks written out so that every field index is a
+/// constant), rather than all 16 at the super-block's start: 16 more live registers spilled.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks; the
@@ -148,31 +151,44 @@ unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
         // super-block sb exists (caller).
         unsafe {
             let u = p.add(sb * 16 * 144);
-            let (k, m) = k4_factors16([ld(u), ld(u.add(64)), ld(u.add(128)), ld(u.add(192))]);
-            for c in 0..4 {
-                // Per token: low-nibble sums (two chains), high-nibble sums (two chains).
-                let mut acc = [[_mm512_setzero_si512(); 4]; T];
-                for gi in 0..8 {
-                    let v = ld(u.add((4 + 8 * c + gi) * 64));
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_andnot_si512(m4, v);
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
-                        let h = gi / 4;
-                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
-                        acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
+            let (d, dmin) = k4_d(ld(u));
+            let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
+            // Chunk c: sub-blocks 2c and 2c + 1.
+            macro_rules! chunk {
+                ($c:literal) => {{
+                    // Per token: low-nibble sums (two chains), high-nibble sums (two chains).
+                    let mut acc = [[_mm512_setzero_si512(); 4]; T];
+                    for gi in 0..8 {
+                        let v = ld(u.add((4 + 8 * $c + gi) * 64));
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_andnot_si512(m4, v);
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let a = tok[t].q.add(256 * sb + 64 * $c + 4 * gi);
+                            let h = gi / 4;
+                            acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
+                            acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
+                        }
                     }
-                }
-                pair_steps::<T, true>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
+                    let k = [k4_factor(&w, 2 * $c, d), k4_factor(&w, 2 * $c + 1, d)];
+                    let m = [
+                        k4_factor(&w, 8 + 2 * $c, dmin),
+                        k4_factor(&w, 9 + 2 * $c, dmin),
+                    ];
+                    pair_steps::<T, true>(&mut f, &acc, (k, m), &tok, 8 * sb + 2 * $c);
+                }};
             }
+            chunk!(0);
+            chunk!(1);
+            chunk!(2);
+            chunk!(3);
         }
     }
     store(f)
 }
 
-/// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (super-block factors `k`, `m` at
-/// `s % 8`): `acc[t]` holds token `t`'s two chains of each; with `HI16` the second sub-block's
-/// sums are 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
+/// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (the pair's factors `k`, `m`):
+/// `acc[t]` holds token `t`'s two chains of each; with `HI16` the second sub-block's sums are
+/// 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
 ///
 /// # Safety
 /// AVX-512F available; every token's scales and sums hold sub-block `s + 1`.
@@ -181,11 +197,10 @@ unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
 unsafe fn pair_steps<const T: usize, const HI16: bool>(
     f: &mut [__m512; T],
     acc: &[[__m512i; 4]; T],
-    (k, m): (&[__m512; 8], &[__m512; 8]),
+    (k, m): ([__m512; 2], [__m512; 2]),
     tok: &[Tok; T],
     s: usize,
 ) {
-    let j = s % 8;
     for (t, acc) in acc.iter().enumerate() {
         let i0 = _mm512_add_epi32(acc[0], acc[1]);
         let mut i1 = _mm512_add_epi32(acc[2], acc[3]);
@@ -196,10 +211,10 @@ unsafe fn pair_steps<const T: usize, const HI16: bool>(
         let (d, sa) = unsafe { (tok[t].d.add(s), tok[t].sa.add(s)) };
         // SAFETY: as above.
         unsafe {
-            f[t] = scale_step(f[t], i0, k[j], *d);
-            f[t] = _mm512_fmadd_ps(m[j], _mm512_set1_ps(*sa), f[t]);
-            f[t] = scale_step(f[t], i1, k[j + 1], *d.add(1));
-            f[t] = _mm512_fmadd_ps(m[j + 1], _mm512_set1_ps(*sa.add(1)), f[t]);
+            f[t] = scale_step(f[t], i0, k[0], *d);
+            f[t] = _mm512_fmadd_ps(m[0], _mm512_set1_ps(*sa), f[t]);
+            f[t] = scale_step(f[t], i1, k[1], *d.add(1));
+            f[t] = _mm512_fmadd_ps(m[1], _mm512_set1_ps(*sa.add(1)), f[t]);
         }
     }
 }
@@ -243,7 +258,8 @@ unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
                         acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
                     }
                 }
-                pair_steps::<T, false>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
+                let pair = |x: &[__m512; 8]| [x[2 * c], x[2 * c + 1]];
+                pair_steps::<T, false>(&mut f, &acc, (pair(&k), pair(&m)), &tok, 8 * sb + 2 * c);
             }
         }
     }
