@@ -13,7 +13,7 @@
 //! mode hits all three alike.
 //!
 //! `GEMV_L2=1`: the compute roof instead, on one thread: a 128 × 4096 matrix (`GEMV_SHAPE=RxC`;
-//! rows a multiple of 64) that stays in L2,
+//! rows a multiple of 64; `GEMV_BATCH` tokens, default 1) that stays in L2,
 //! fastest of 400 calls (`GEMV_REPS`) (robust to other processes sharing the cores), in ns per weight row
 //! and GB/s of weight bytes. Used for A/B decisions on a busy machine.
 
@@ -94,15 +94,21 @@ fn reps(default: usize) -> usize {
 fn l2_roof(types: &[GgmlType]) {
     let (r, c) = shape((128, 4096));
     let reps = reps(400);
+    let batch: usize = std::env::var("GEMV_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     pool::set_threads(1);
-    println!("L2-resident GEMV {r}x{c}, batch 1, 1 thread, fastest of {reps}");
+    println!("L2-resident GEMV {r}x{c}, batch {batch}, 1 thread, fastest of {reps}");
     println!("| type | KB | ns/row | GB/s | repacked ns/row | repacked GB/s |");
     println!("|---|---:|---:|---:|---:|---:|");
     for &ty in types {
         let k = quant::kernel(ty).expect("CPU kernel");
         let data = weights(ty, c, r);
-        let x: Vec<f32> = (0..c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
-        let mut out = vec![0f32; r];
+        let x: Vec<f32> = (0..batch * c)
+            .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let mut out = vec![0f32; batch * r];
         let mut time = |data: &[u8], layout| {
             let w = WeightMatrix {
                 ty,
@@ -114,7 +120,7 @@ fn l2_roof(types: &[GgmlType]) {
             let mut best = f64::MAX;
             for _ in 0..reps {
                 let t0 = Instant::now();
-                let q = quantize_acts(k.act, &x, 1, c);
+                let q = quantize_acts(k.act, &x, batch, c);
                 matmul(&w, &q, &mut out, r, 0..r).unwrap();
                 best = best.min(t0.elapsed().as_secs_f64());
             }

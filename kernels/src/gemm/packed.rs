@@ -105,7 +105,10 @@ pub(crate) fn geo(ty: GgmlType) -> Option<Geo> {
             k4: true,
             ..g(144, 256, None)?
         }),
-        GgmlType::Q5_K => g(176, 256, None),
+        GgmlType::Q5_K => Some(Geo {
+            k4: true,
+            ..g(176, 256, None)?
+        }),
         GgmlType::Q6_K => Some(Geo {
             order: Some(q6k_order),
             ..g(210, 256, Some(208))?

@@ -12,7 +12,7 @@ use pshard_model::ggml_type::GgmlType;
 
 use super::gemv::MAX_TOKENS;
 use super::packed::{Geo, ROWS};
-use super::x86::{k4_d, k4_factor, k4_factors16, Tok};
+use super::x86::{k4_d, k4_factor, k4_fields16, Tok};
 use super::{Converter, GemmActs};
 
 /// Loads 64 bytes at `p`.
@@ -132,69 +132,132 @@ fn store<const T: usize>(f: [__m512; T]) -> [[f32; ROWS]; T] {
 
 /// Q4_K: per super-block 4 header vectors (d | dmin, scales and minima re-packed:
 /// [`super::packed::k4_fields`]) and 32 nibble vectors; vector `4 + 8c + g` holds group `g` of
-/// sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles). The high nibbles are used in
-/// place (16 × the level; the sums, exact multiples of 16, are shifted back), saving a shift per
-/// vector. Each sub-block pair's 4 factors are formed just before its f32 steps from the 3
-/// scale vectors kept in registers (the chunks written out so that every field index is a
-/// constant), rather than all 16 at the super-block's start: 16 more live registers spilled.
+/// sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks; the
-/// tokens' values, scales and sums hold `units` super-blocks.
-#[inline(never)]
+/// As [`k45`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
+    // SAFETY: the caller's.
+    unsafe { k45::<false, T>(p, units, tok) }
+}
+
+/// Q5_K: Q4_K's header (4 vectors), 8 vectors of fifth bits (vector `4 + g`: bytes `4g .. 4g + 4`
+/// of each row's 32: bit `2c` the fifth bit of sub-block `2c`'s element, bit `2c + 1` of
+/// `2c + 1`'s), then the nibbles as Q4_K's (vector `12 + 8c + g`).
+///
+/// # Safety
+/// As [`k45`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
+    // SAFETY: the caller's.
+    unsafe { k45::<true, T>(p, units, tok) }
+}
+
+/// The most tokens [`k45`] forms each sub-block pair's factors for just before its f32 steps
+/// (with more, all 16 at a super-block's start).
+const LAZY_TOKENS: usize = 2;
+
+/// Q4_K (`FIVE` false) or Q5_K super-blocks ([`q4k`], [`q5k`]). Q4_K's high nibbles are used in
+/// place (16 × the level; the sums, exact multiples of 16, are shifted back), saving a shift per
+/// vector. For 1–2 tokens each sub-block pair's 4 factors are formed just before its f32 steps
+/// from the 3 scale vectors kept in registers (the chunks written out so that every field index
+/// is a constant): forming all 16 at the super-block's start left too few registers, 20% slower
+/// for one token. For 3–4 tokens the chains take the registers: the 16 factors are formed first
+/// and the chunks loop (written out, they spilled: 6% slower for 4 tokens).
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks of
+/// the type; the tokens' values, scales and sums hold `units` super-blocks.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k45<const FIVE: bool, const T: usize>(
+    p: *const u8,
+    units: usize,
+    tok: [Tok; T],
+) -> [[f32; ROWS]; T] {
+    // Group unit bytes; the first nibble vector.
+    let (ub, first) = if FIVE { (16 * 176, 12) } else { (16 * 144, 4) };
     let m4 = _mm512_set1_epi8(0x0F);
+    let b16 = _mm512_set1_epi8(0x10);
     let mut f = [_mm512_setzero_ps(); T];
     for sb in 0..units {
-        // SAFETY (whole super-block): the unit's 36 vectors lie in the group; the tokens'
+        // SAFETY (whole super-block): the unit's vectors lie in the group; the tokens'
         // super-block sb exists (caller).
         unsafe {
-            let u = p.add(sb * 16 * 144);
+            let u = p.add(sb * ub);
             let (d, dmin) = k4_d(ld(u));
             let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
-            // Chunk c: sub-blocks 2c and 2c + 1.
-            macro_rules! chunk {
-                ($c:literal) => {{
-                    // Per token: low-nibble sums (two chains), high-nibble sums (two chains).
+            // Chunk c's integer sums: sub-blocks 2c and 2c + 1, per token the low-nibble sums
+            // (two chains) and the high-nibble sums (two chains).
+            macro_rules! sums {
+                ($c:expr) => {{
+                    let c = $c;
+                    // Q5_K: the fifth bits of sub-blocks 2c and 2c + 1 in every byte.
+                    let (bl, bh) = (
+                        _mm512_set1_epi8((1u8 << (2 * c)) as i8),
+                        _mm512_set1_epi8((2u8 << (2 * c)) as i8),
+                    );
                     let mut acc = [[_mm512_setzero_si512(); 4]; T];
                     for gi in 0..8 {
-                        let v = ld(u.add((4 + 8 * $c + gi) * 64));
+                        let v = ld(u.add((first + 8 * c + gi) * 64));
                         let lo = _mm512_and_si512(v, m4);
-                        let hi = _mm512_andnot_si512(m4, v);
+                        let (lo, hi) = if FIVE {
+                            let qh = ld(u.add((4 + gi) * 64));
+                            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                            (
+                                _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bl), lo, b16),
+                                _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bh), hi, b16),
+                            )
+                        } else {
+                            (lo, _mm512_andnot_si512(m4, v))
+                        };
                         for (t, acc) in acc.iter_mut().enumerate() {
-                            let a = tok[t].q.add(256 * sb + 64 * $c + 4 * gi);
+                            let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
                             let h = gi / 4;
                             acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
                             acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
                         }
                     }
-                    let k = [k4_factor(&w, 2 * $c, d), k4_factor(&w, 2 * $c + 1, d)];
-                    let m = [
-                        k4_factor(&w, 8 + 2 * $c, dmin),
-                        k4_factor(&w, 9 + 2 * $c, dmin),
-                    ];
-                    pair_steps::<T, true>(&mut f, &acc, (k, m), &tok, 8 * sb + 2 * $c);
+                    acc
                 }};
             }
-            chunk!(0);
-            chunk!(1);
-            chunk!(2);
-            chunk!(3);
+            if T <= LAZY_TOKENS {
+                macro_rules! chunk {
+                    ($c:literal) => {{
+                        let acc = sums!($c);
+                        let (s, n) = (2 * $c, 8 + 2 * $c);
+                        let k = [k4_factor(&w, s, d), k4_factor(&w, s + 1, d)];
+                        let m = [k4_factor(&w, n, dmin), k4_factor(&w, n + 1, dmin)];
+                        pair_steps::<T, FIVE>(&mut f, &acc, (k, m), &tok, 8 * sb + s);
+                    }};
+                }
+                chunk!(0);
+                chunk!(1);
+                chunk!(2);
+                chunk!(3);
+            } else {
+                let (k, m) = k4_fields16(d, dmin, &w);
+                for c in 0..4 {
+                    let acc = sums!(c);
+                    let pair = |x: &[__m512; 8]| [x[2 * c], x[2 * c + 1]];
+                    pair_steps::<T, FIVE>(&mut f, &acc, (pair(&k), pair(&m)), &tok, 8 * sb + 2 * c);
+                }
+            }
         }
     }
     store(f)
 }
 
 /// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (the pair's factors `k`, `m`):
-/// `acc[t]` holds token `t`'s two chains of each; with `HI16` the second sub-block's sums are
+/// `acc[t]` holds token `t`'s two chains of each; unless `FIVE` the second sub-block's sums are
 /// 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
 ///
 /// # Safety
 /// AVX-512F available; every token's scales and sums hold sub-block `s + 1`.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn pair_steps<const T: usize, const HI16: bool>(
+unsafe fn pair_steps<const T: usize, const FIVE: bool>(
     f: &mut [__m512; T],
     acc: &[[__m512i; 4]; T],
     (k, m): ([__m512; 2], [__m512; 2]),
@@ -204,7 +267,7 @@ unsafe fn pair_steps<const T: usize, const HI16: bool>(
     for (t, acc) in acc.iter().enumerate() {
         let i0 = _mm512_add_epi32(acc[0], acc[1]);
         let mut i1 = _mm512_add_epi32(acc[2], acc[3]);
-        if HI16 {
+        if !FIVE {
             i1 = _mm512_srai_epi32::<4>(i1);
         }
         // SAFETY: sub-blocks s and s + 1 exist for every token (caller).
@@ -217,53 +280,6 @@ unsafe fn pair_steps<const T: usize, const HI16: bool>(
             f[t] = _mm512_fmadd_ps(m[1], _mm512_set1_ps(*sa.add(1)), f[t]);
         }
     }
-}
-
-/// Q5_K: Q4_K's header (4 vectors), 8 vectors of fifth bits (vector `4 + g`: bytes `4g .. 4g + 4`
-/// of each row's 32: bit `2c` the fifth bit of sub-block `2c`'s element, bit `2c + 1` of
-/// `2c + 1`'s), then the nibbles as Q4_K's (vector `12 + 8c + g`).
-///
-/// # Safety
-/// As [`q4k`], for Q5_K.
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
-    let m4 = _mm512_set1_epi8(0x0F);
-    let b16 = _mm512_set1_epi8(0x10);
-    let mut f = [_mm512_setzero_ps(); T];
-    for sb in 0..units {
-        // SAFETY (whole super-block): the unit's 44 vectors lie in the group; the tokens'
-        // super-block sb exists (caller).
-        unsafe {
-            let u = p.add(sb * 16 * 176);
-            let (k, m) = k4_factors16([ld(u), ld(u.add(64)), ld(u.add(128)), ld(u.add(192))]);
-            for c in 0..4 {
-                // The fifth bits of sub-blocks 2c and 2c + 1 in every byte.
-                let (bl, bh) = (
-                    _mm512_set1_epi8((1u8 << (2 * c)) as i8),
-                    _mm512_set1_epi8((2u8 << (2 * c)) as i8),
-                );
-                let mut acc = [[_mm512_setzero_si512(); 4]; T];
-                for gi in 0..8 {
-                    let v = ld(u.add((12 + 8 * c + gi) * 64));
-                    let qh = ld(u.add((4 + gi) * 64));
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                    let lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bl), lo, b16);
-                    let hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bh), hi, b16);
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
-                        let h = gi / 4;
-                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
-                        acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
-                    }
-                }
-                let pair = |x: &[__m512; 8]| [x[2 * c], x[2 * c + 1]];
-                pair_steps::<T, false>(&mut f, &acc, (pair(&k), pair(&m)), &tok, 8 * sb + 2 * c);
-            }
-        }
-    }
-    store(f)
 }
 
 /// Q6_K: per super-block the 16 rows' f16 `d`, 4 vectors of signed scales, then per half `h` and step `j` three

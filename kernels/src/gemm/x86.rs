@@ -634,14 +634,7 @@ impl Rows16 for PackedRows {
             return k4_factors16(h);
         }
         let (d, dmin) = k4_d(h[0]);
-        let w = [h[1], h[2], h[3]];
-        let mut k = [_mm512_setzero_ps(); 8];
-        let mut m = [_mm512_setzero_ps(); 8];
-        for j in 0..8 {
-            k[j] = k4_factor(&w, j, d);
-            m[j] = k4_factor(&w, 8 + j, dmin);
-        }
-        (k, m)
+        k4_fields16(d, dmin, &[h[1], h[2], h[3]])
     }
 }
 
@@ -724,6 +717,20 @@ pub(crate) fn k4_factor(w: &[__m512i; 3], n: usize, d: __m512) -> __m512 {
         }
     };
     _mm512_mul_ps(d, _mm512_cvtepi32_ps(v))
+}
+
+/// [`k4_factors16`] of 16 rows whose scales and minima are re-packed: from their `d`, `−dmin`
+/// ([`k4_d`]) and dwords 1..4 (`w`), by [`k4_factor`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn k4_fields16(d: __m512, dmin: __m512, w: &[__m512i; 3]) -> ([__m512; 8], [__m512; 8]) {
+    let mut k = [_mm512_setzero_ps(); 8];
+    let mut m = [_mm512_setzero_ps(); 8];
+    for j in 0..8 {
+        k[j] = k4_factor(w, j, d);
+        m[j] = k4_factor(w, 8 + j, dmin);
+    }
+    (k, m)
 }
 
 /// The Q4_K/Q5_K factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each
