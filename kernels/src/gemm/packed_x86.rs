@@ -154,17 +154,19 @@ unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
     unsafe { k45::<true, T>(p, units, tok) }
 }
 
-/// The most tokens [`k45`] forms each sub-block pair's factors for just before its f32 steps
-/// (with more, all 16 at a super-block's start).
+/// The most tokens for which [`k45`] forms each Q4_K sub-block pair's factors just before its f32
+/// steps (with more, and for Q5_K, all 16 at a super-block's start).
 const LAZY_TOKENS: usize = 2;
 
 /// Q4_K (`FIVE` false) or Q5_K super-blocks ([`q4k`], [`q5k`]). Q4_K's high nibbles are used in
 /// place (16 × the level; the sums, exact multiples of 16, are shifted back), saving a shift per
-/// vector. For 1–2 tokens each sub-block pair's 4 factors are formed just before its f32 steps
-/// from the 3 scale vectors kept in registers (the chunks written out so that every field index
-/// is a constant): forming all 16 at the super-block's start left too few registers, 20% slower
-/// for one token. For 3–4 tokens the chains take the registers: the 16 factors are formed first
-/// and the chunks loop (written out, they spilled: 6% slower for 4 tokens).
+/// vector. For Q4_K and 1–2 tokens each sub-block pair's 4 factors are formed just before its
+/// f32 steps from the 3 scale vectors kept in registers (the chunks written out so that every
+/// field index is a constant): forming all 16 at the super-block's start left too few
+/// registers, 15% slower for one token (`GEMV_L2`). For 3–4 tokens the chains take the
+/// registers: the 16 factors are formed first and the chunks loop (written out, they spilled:
+/// 6% slower for 4 tokens). Q5_K always loops: written out, its one-token kernel was 14% faster
+/// in L2 but streamed at 77–85% of the DRAM read where the loop streams at 88–96% (gemv bench).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks of
@@ -222,7 +224,7 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
                     acc
                 }};
             }
-            if T <= LAZY_TOKENS {
+            if T <= LAZY_TOKENS && !FIVE {
                 macro_rules! chunk {
                     ($c:literal) => {{
                         let acc = sums!($c);
