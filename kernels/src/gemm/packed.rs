@@ -5,13 +5,13 @@
 //! A group is `16 ×` the rows' bytes, *unit* by *unit* (a unit: one block of a legacy type, one
 //! super-block of a K-quant), each unit in the type's own bytes: the 16 rows' f16 scales first
 //! (32 bytes; types with one outside a dword: Q4_0, Q5_0, Q8_0 at byte 0, Q6_K at 208), then
-//! dword `i` of each row's remaining bytes as vector `i` (64 bytes, row `k` in lane `k`); Q8_0's quants are stored offset by 128 ([`Geo::flip`]);
-//! Q4_K's 6-bit scales and minima are stored re-packed on the dwords' bit grid ([`k4_fields`]). So
-//! a repacked matrix is exactly as large as in the file, and the
-//! kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16 rows at once: each lane
-//! ends a sub-block holding that row's integer sum, with no horizontal reduction (see
-//! `gemm::packed_x86`). Rows after the last whole group (`rows % 16`) stay in the file layout
-//! behind the groups.
+//! dword `i` of each row's remaining bytes as vector `i` (64 bytes, row `k` in lane `k`); Q8_0's
+//! quants are stored offset by 128 ([`Geo::flip`]), Q4_K's and Q5_K's 6-bit scales and minima
+//! re-packed on the dwords' bit grid ([`k4_fields`]). So a repacked matrix is exactly as large
+//! as in the file, and the kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16
+//! rows at once: each lane ends a sub-block holding that row's integer sum, with no horizontal
+//! reduction (see `gemm::packed_x86`). Rows after the last whole group (`rows % 16`) stay in the
+//! file layout behind the groups.
 //!
 //! The arithmetic is unchanged: the same integer sums and the same f32 steps as
 //! [`super::dot_converted`], so every output keeps its bits.
@@ -41,7 +41,7 @@ pub(crate) struct Geo {
     /// places of a super-block at once (low nibbles of two quarters, high bit pairs); stored in
     /// file order its 16-row super-blocks ran at half the DRAM rate of the other types.
     pub order: Option<fn(usize) -> usize>,
-    /// The unit's bytes 4..16 (Q4_K's 6-bit scales and minima) are stored re-packed
+    /// The unit's bytes 4..16 (Q4_K's and Q5_K's 6-bit scales and minima) are stored re-packed
     /// ([`k4_fields`]).
     pub k4: bool,
 }
@@ -134,14 +134,14 @@ pub(crate) fn q6k_order(i: usize) -> usize {
     [16 * h + j, 16 * h + 8 + j, 32 + 8 * h + j][x]
 }
 
-/// Where Q4_K's 6-bit scales and minima go (the super-block's bytes 4..16, the three
+/// Where Q4_K's and Q5_K's 6-bit scales and minima go (the super-block's bytes 4..16, the three
 /// dwords `w[0..3]` after `d | dmin`): field `n` — scale `n` for `n < 8`, minimum `n − 8` after —
-/// at bits `6p` (`p < 4`) or 26 (`p = 4`) of dword `n / 5` (`p = n % 5`), and field 15's bits
-/// `2i, 2i + 1` at bits 24, 25 of dword `i`. Fields 0–14 come out of 16 rows' dwords with one
-/// shift or mask or both (`gemm::x86::k4_field`), where the file's order (scales 4–7 split into
-/// a nibble and two high bits) takes five to six operations: the repacked Q4_K decode kernel
-/// ran at 58.8–60.8 ns per 4096-wide row with the file's order, 50.7–51.1 with this
-/// (docs/PERF.md).
+/// at bit [`k4_shift`]`(n % 5)` of dword `n / 5`, and field 15's bits `2i, 2i + 1` at bits 24,
+/// 25 of dword `i`. Fields 0–14 come out of 16 rows' dwords with a shift, a mask or both
+/// (`gemm::x86::k4_factor`), where the file's order (scales and minima 4–7 split into a nibble
+/// and two high bits) takes five to six operations: the repacked Q4_K kernel for one token,
+/// forming each sub-block pair's factors before its f32 steps, ran at 55.7–58.8 ns per
+/// 4096-wide row with the file's order and 50.5–50.8 with this (`GEMV_L2=1`, docs/PERF.md).
 pub(crate) fn k4_fields(s: &[u8]) -> [u8; 12] {
     let (sc, mn) = unpack_scales_mins_k4(s);
     let f = |n: usize| u32::from(if n < 8 { sc[n] } else { mn[n - 8] });

@@ -188,7 +188,8 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
         // super-block sb exists (caller).
         unsafe {
             let u = p.add(sb * ub);
-            let (d, dmin) = k4_d(ld(u));
+            let hd = ld(u);
+            let (d, dmin) = k4_d(hd);
             let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
             // Chunk c's integer sums: sub-blocks 2c and 2c + 1, per token the low-nibble sums
             // (two chains) and the high-nibble sums (two chains).
@@ -239,7 +240,7 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
                 chunk!(2);
                 chunk!(3);
             } else {
-                let (k, m) = k4_fields16(d, dmin, &w);
+                let (k, m) = k4_fields16([hd, w[0], w[1], w[2]]);
                 for c in 0..4 {
                     let acc = sums!(c);
                     let pair = |x: &[__m512; 8]| [x[2 * c], x[2 * c + 1]];

@@ -630,11 +630,11 @@ impl Rows16 for PackedRows {
     unsafe fn k4_factors(&self, i: usize) -> ([__m512; 8], [__m512; 8]) {
         // SAFETY: the header's 16 bytes lie in the unit (caller).
         let h = unsafe { self.x4(i, 0) };
-        if !self.g.k4 {
-            return k4_factors16(h);
+        if self.g.k4 {
+            k4_fields16(h)
+        } else {
+            k4_factors16(h)
         }
-        let (d, dmin) = k4_d(h[0]);
-        k4_fields16(d, dmin, &[h[1], h[2], h[3]])
     }
 }
 
@@ -692,7 +692,7 @@ pub(crate) fn k4_d(dd: __m512i) -> (__m512, __m512) {
     (f16_lanes::<false>(dd), neg(f16_lanes::<true>(dd)))
 }
 
-/// `d ·` field `n` (scale `n`, minimum `n − 8`) of 16 rows' repacked Q4_K scales and minima
+/// `d ·` field `n` (scale `n`, minimum `n − 8`) of 16 rows' re-packed Q4_K/Q5_K scales and minima
 /// (`w`: their dwords 1..4, [`super::packed::k4_fields`]): the f32 product [`k4_factors16`]
 /// forms (`d` the rows' `d` for a scale, `−dmin` for a minimum). Constant `n` (inlined): one or
 /// two operations before the conversion, six for field 15.
@@ -719,24 +719,27 @@ pub(crate) fn k4_factor(w: &[__m512i; 3], n: usize, d: __m512) -> __m512 {
     _mm512_mul_ps(d, _mm512_cvtepi32_ps(v))
 }
 
-/// [`k4_factors16`] of 16 rows whose scales and minima are re-packed: from their `d`, `−dmin`
-/// ([`k4_d`]) and dwords 1..4 (`w`), by [`k4_factor`].
+/// [`k4_factors16`] of 16 rows whose scales and minima are re-packed
+/// ([`super::packed::k4_fields`]; `h` as there), by [`k4_factor`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) fn k4_fields16(d: __m512, dmin: __m512, w: &[__m512i; 3]) -> ([__m512; 8], [__m512; 8]) {
+pub(crate) fn k4_fields16(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
+    let (d, dmin) = k4_d(h[0]);
+    let w = [h[1], h[2], h[3]];
     let mut k = [_mm512_setzero_ps(); 8];
     let mut m = [_mm512_setzero_ps(); 8];
     for j in 0..8 {
-        k[j] = k4_factor(w, j, d);
-        m[j] = k4_factor(w, 8 + j, dmin);
+        k[j] = k4_factor(&w, j, d);
+        m[j] = k4_factor(&w, 8 + j, dmin);
     }
     (k, m)
 }
 
 /// The Q4_K/Q5_K factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each
 /// row's header, row per lane): per sub-block the scale `d · sc` and the minimum `−dmin · m`,
-/// the portable converter's f32 products. The decode kernel and the Q4_K/Q5_K tile loader both
-/// take them from here.
+/// the portable converter's f32 products. The row-wise decode kernel and the Q4_K/Q5_K tile
+/// loader take them from here for the file's layout; the repacked one's re-packed fields give
+/// the same products through [`k4_fields16`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn k4_factors16(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
