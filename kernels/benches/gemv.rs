@@ -2,7 +2,7 @@
 //! 14336 elements: llama3-8b's FFN down projection) per weight type, streamed from DRAM (rotating
 //! over copies ≥ 3 × the last-level cache), in GB/s of weight bytes next to the machine's DRAM
 //! read bandwidth measured the way `pshard profile cpu` does (a summing read of a 1 GiB buffer
-//! split over all threads). Median of `REPS` runs each.
+//! split over all threads). Median of 15 runs each (`GEMV_REPS`).
 //!
 //! `cargo bench -p pshard-kernels --bench gemv` (threads: `PSHARD_THREADS`, default all cores;
 //! types: `GEMV_TYPES=Q4_K,Q8_0`; another shape: `GEMV_SHAPE=262144x640`).
@@ -13,7 +13,7 @@
 //! mode hits all three alike.
 //!
 //! `GEMV_L2=1`: the compute roof instead, on one thread: a 128 × 4096 matrix (`GEMV_SHAPE=RxC`;
-//! rows a multiple of 64) that stays in L2,
+//! rows a multiple of 64; `GEMV_BATCH` tokens, default 1) that stays in L2,
 //! fastest of 400 calls (`GEMV_REPS`) (robust to other processes sharing the cores), in ns per weight row
 //! and GB/s of weight bytes. Used for A/B decisions on a busy machine.
 
@@ -28,7 +28,6 @@ use pshard_model::ggml_type::GgmlType;
 
 const ROWS: usize = 4096;
 const COLS: usize = 14336;
-const REPS: usize = 15;
 const MEM_BYTES: usize = 1 << 30;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -83,22 +82,33 @@ fn shape(default: (usize, usize)) -> (usize, usize) {
         .unwrap_or(default)
 }
 
+/// `GEMV_REPS`, else `default`.
+fn reps(default: usize) -> usize {
+    std::env::var("GEMV_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The compute roof (see the module notes): one thread, a matrix in L2, fastest call.
 fn l2_roof(types: &[GgmlType]) {
     let (r, c) = shape((128, 4096));
-    let reps: usize = std::env::var("GEMV_REPS")
+    let reps = reps(400);
+    let batch: usize = std::env::var("GEMV_BATCH")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(1);
     pool::set_threads(1);
-    println!("L2-resident GEMV {r}x{c}, batch 1, 1 thread, fastest of {reps}");
+    println!("L2-resident GEMV {r}x{c}, batch {batch}, 1 thread, fastest of {reps}");
     println!("| type | KB | ns/row | GB/s | repacked ns/row | repacked GB/s |");
     println!("|---|---:|---:|---:|---:|---:|");
     for &ty in types {
         let k = quant::kernel(ty).expect("CPU kernel");
         let data = weights(ty, c, r);
-        let x: Vec<f32> = (0..c).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
-        let mut out = vec![0f32; r];
+        let x: Vec<f32> = (0..batch * c)
+            .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let mut out = vec![0f32; batch * r];
         let mut time = |data: &[u8], layout| {
             let w = WeightMatrix {
                 ty,
@@ -110,7 +120,7 @@ fn l2_roof(types: &[GgmlType]) {
             let mut best = f64::MAX;
             for _ in 0..reps {
                 let t0 = Instant::now();
-                let q = quantize_acts(k.act, &x, 1, c);
+                let q = quantize_acts(k.act, &x, batch, c);
                 matmul(&w, &q, &mut out, r, 0..r).unwrap();
                 best = best.min(t0.elapsed().as_secs_f64());
             }
@@ -161,6 +171,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let t = pool::set_threads(threads);
+    let reps = reps(15);
     let buf: Vec<u64> = (0..(MEM_BYTES / 8) as u64).collect();
     black_box(read_all(&buf));
     let read = || {
@@ -169,7 +180,7 @@ fn main() {
         MEM_BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9
     };
     println!(
-        "GEMV {rows}x{cols}, batch 1, {} threads, median of {REPS}; per type the DRAM read, the \
+        "GEMV {rows}x{cols}, batch 1, {} threads, median of {reps}; per type the DRAM read, the \
          file layout and the repacked one timed in turn each rep (the VM's memory changes mode \
          within minutes)",
         t.used
@@ -209,7 +220,7 @@ fn main() {
             (per_rep * one.len()) as f64 / t0.elapsed().as_secs_f64() / 1e9
         };
         let (mut mem, mut g, mut gp) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..REPS + 2 {
+        for i in 0..reps + 2 {
             let m = read();
             let a = rep(&file, WeightLayout::File);
             let b = repacked.as_ref().map(|p| rep(p, WeightLayout::Interleaved));
