@@ -6,6 +6,9 @@
 #   scripts/cpu-peers.sh table MODEL.gguf...         # the three-way table (pp$PP and tg$TG)
 #   scripts/cpu-peers.sh batched MODEL.gguf...       # aggregate decode of $NPL sequences, pshard bench
 #                                                    # --parallel beside llama.cpp's llama-batched-bench
+#   scripts/cpu-peers.sh build-avx2 LLAMA_SRC        # an AVX2-only llama.cpp under $PEERS/llama.cpp-avx2
+#   scripts/cpu-peers.sh avx2 MODEL.gguf...          # pshard capped at AVX2 (PSHARD_CPU_SIMD=avx2) beside
+#                                                    # it: $ROUNDS rounds in turn, best round of each
 #
 # LLAMA_SRC: a llama.cpp source tree, e.g. vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist
 #   (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`).
@@ -17,8 +20,12 @@
 # (AMX never: a CPU may report AMX while the OS does not grant it, and llama.cpp's AMX code then faults).
 # ik_llama.cpp is configured with GGML_NATIVE=ON (its own feature checks), only llama-bench built.
 #
+# The AVX2-only llama.cpp (build-avx2) is configured with GGML_NATIVE=OFF and AVX, AVX2, FMA, F16C and
+# BMI2 on, the AVX-512 options off: the CPU lane of an AVX2 desktop (Haswell … Alder Lake, Zen 2/3).
+#
 # Env: PEERS (/work/peers), THREADS (2), PP (512; batched: 128), TG (64; batched: 32), REPS (3),
-#      NPL (batched: 1,2,4), PSHARD (target/release/pshard), OUT (/tmp/pshard-cpu-peers), JOBS (nproc).
+#      NPL (batched: 1,2,4), ROUNDS (avx2: 3), PSHARD (target/release/pshard), OUT (/tmp/pshard-cpu-peers),
+#      JOBS (nproc).
 set -u
 cd "$(dirname "$0")/.."
 PEERS=${PEERS:-/work/peers}
@@ -32,6 +39,7 @@ OUT=${OUT:-/tmp/pshard-cpu-peers}
 JOBS=${JOBS:-$(nproc)}
 LLAMA_BIN=$PEERS/llama.cpp/build/bin/llama-bench
 LLAMA_BATCHED=$PEERS/llama.cpp/build/bin/llama-batched-bench
+LLAMA_AVX2_BIN=$PEERS/llama.cpp-avx2/build/bin/llama-bench
 IK_BIN=$PEERS/ik_llama.cpp/build/bin/llama-bench
 
 die() { echo "cpu-peers: $*" >&2; exit 1; }
@@ -91,6 +99,14 @@ cmd_build() {
     build_one llama.cpp "$1" "$PEERS/llama.cpp" "llama-bench llama-batched-bench" $(llama_cpu_flags)
     build_one ik_llama.cpp "$2" "$PEERS/ik_llama.cpp" llama-bench -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=OFF \
         -DGGML_IQK_FA_ALL_QUANTS=OFF -DLLAMA_BUILD_TESTS=OFF
+}
+
+cmd_build_avx2() {
+    [ $# -eq 1 ] || die "usage: $0 build-avx2 LLAMA_SRC"
+    command -v cmake >/dev/null || die "cmake is missing (apt-get install cmake)"
+    build_one llama.cpp-avx2 "$1" "$PEERS/llama.cpp-avx2" llama-bench -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF \
+        -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
 }
 
 # The t/s column of a markdown row whose test column is $2, from file $1.
@@ -202,9 +218,54 @@ PY
     for r in "${rows[@]}"; do echo "$r"; done
 }
 
+# pshard capped at AVX2 beside the AVX2-only llama.cpp: ROUNDS rounds, each running pshard then
+# llama.cpp (REPS repetitions each), and per program and test the best round's mean. On a shared
+# machine the best round is the least disturbed one; llama.cpp's spinning threads lose most under
+# load, so single rounds understate it.
+cmd_avx2() {
+    PP=${PP:-512}
+    TG=${TG:-64}
+    local rounds=${ROUNDS:-3}
+    [ $# -ge 1 ] || die "usage: $0 avx2 MODEL.gguf..."
+    [ -x "$PSHARD" ] || die "$PSHARD missing (cargo build --release -p pshard)"
+    [ -x "$LLAMA_AVX2_BIN" ] || die "$LLAMA_AVX2_BIN missing ($0 build-avx2 LLAMA_SRC)"
+    mkdir -p "$OUT"
+    local rows=() loads=()
+    for m in "$@"; do
+        [ -s "$m" ] || die "model $m not found"
+        local b
+        b=$(basename "$m" .gguf)
+        cat "$m" >/dev/null
+        for r in $(seq "$rounds"); do
+            PSHARD_CPU_SIMD=avx2 "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" \
+                --device cpu -o md >"$OUT/avx2-pshard-$b-$r.md" 2>"$OUT/avx2-pshard-$b-$r.log" \
+                || echo "pshard bench failed on $b (see $OUT/avx2-pshard-$b-$r.log)"
+            LD_LIBRARY_PATH=$(dirname "$LLAMA_AVX2_BIN") "$LLAMA_AVX2_BIN" -m "$m" -p "$PP" -n "$TG" \
+                -t "$THREADS" -r "$REPS" -o md >"$OUT/avx2-llama-$b-$r.md" 2>"$OUT/avx2-llama-$b-$r.log" \
+                || echo "llama-bench (AVX2) failed on $b"
+            loads+=("$(cut -d' ' -f1 /proc/loadavg)")
+        done
+        for test in "pp$PP" "tg$TG"; do
+            local p l
+            p=$(for r in $(seq "$rounds"); do tps "$OUT/avx2-pshard-$b-$r.md" "$test"; done | sort -g | tail -1)
+            l=$(for r in $(seq "$rounds"); do tps "$OUT/avx2-llama-$b-$r.md" "$test"; done | sort -g | tail -1)
+            local rl
+            rl=$(awk -v a="$p" -v b="$l" 'BEGIN{if (a>0 && b>0) printf "%.2f", a/b; else print "?"}')
+            rows+=("| $b | $test | ${p:-?} | ${l:-?} | ${rl}x |")
+        done
+    done
+    echo
+    echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, -t $THREADS, pshard PSHARD_CPU_SIMD=avx2 vs llama.cpp AVX2-only build, best of $rounds rounds × $REPS repetitions, $(date -u '+%Y-%m-%d %H:%M UTC'), 1-min load after each round: ${loads[*]}"
+    echo "| model | test | pshard t/s | llama.cpp-AVX2 t/s | vs llama.cpp-AVX2 |"
+    echo "|---|---|---:|---:|---:|"
+    for r in "${rows[@]}"; do echo "$r"; done
+}
+
 case "${1:-}" in
 build) shift; cmd_build "$@" ;;
+build-avx2) shift; cmd_build_avx2 "$@" ;;
 table) shift; cmd_table "$@" ;;
 batched) shift; cmd_batched "$@" ;;
-*) die "usage: $0 build LLAMA_SRC IK_SRC | table MODEL.gguf... | batched MODEL.gguf..." ;;
+avx2) shift; cmd_avx2 "$@" ;;
+*) die "usage: $0 build LLAMA_SRC IK_SRC | build-avx2 LLAMA_SRC | table MODEL.gguf... | batched MODEL.gguf... | avx2 MODEL.gguf..." ;;
 esac

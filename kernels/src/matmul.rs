@@ -8,8 +8,9 @@
 //! streams every weight byte once with no scheduling between ops. Quantized weights go through
 //! the int8 GEMM ([`crate::gemm`]): a tile of rows is converted a chunk of columns at a time and
 //! every token passes over it while it sits in L1, so each weight row is read from memory once per
-//! call; one to four tokens with AVX-512 VNNI take the row-wise decode path (`gemm::gemv`), or on
-//! a repacked matrix its 16-row kernel (`gemm::packed`).
+//! call; one to four tokens take the row-wise decode path (`gemm::gemv`: AVX-512 VNNI, or AVX2
+//! for its types), or on a repacked matrix its 16-row kernel (`gemm::packed`; at AVX2 for the
+//! types of `gemm::packed_avx2`).
 //!
 //! Every output is one fixed sequence of operations on its weight row and activation row
 //! ([`crate::gemm`] for quantized weights, [`crate::quant::exact`] for f32 dots): results do not
@@ -315,7 +316,7 @@ enum Engine {
     /// Quantized weights, 1 to 4 tokens, the decode path ([`gemm::gemv`]).
     Gemv {
         conv: gemm::Converter,
-        kind: gemm::gemv::Kind,
+        decode: gemm::gemv::Decode,
         acts: gemm::gemv::GemvActs,
     },
     /// Quantized weights on the portable path: each row converted, then
@@ -331,9 +332,11 @@ enum Engine {
 enum Groups {
     /// Each group unpacked to the file layout first (the engine has no path for the layout).
     Unpacked,
-    /// The repacked decode kernel (1 to 4 tokens; the [`Engine::Gemm`]'s activations).
-    Decode,
-    /// The 16-row GEMM with the repacked tile loader.
+    /// The repacked decode kernel of a width (1 to 4 tokens; the [`Engine::Gemm`]'s
+    /// activations).
+    Decode(gemm::gemv::Width),
+    /// The GEMM with the repacked tile loader: 16-row tiles (AVX-512 VNNI) or 8-row tiles,
+    /// a group's halves (AVX2).
     Tiles,
 }
 
@@ -397,10 +400,26 @@ impl<'a> RowsJob<'a> {
                         w.ty
                     )));
                 }
+                // The repacked decode kernel of the decode path's width: AVX-512 VNNI for
+                // every repacked type, AVX2 for those it has a kernel for.
+                let decode = |c: &gemm::Converter| {
+                    gemm::gemv::applies(c, x, level).and_then(|d| {
+                        (d.width == gemm::gemv::Width::Vnni || gemm::packed::avx2_kernel(w.ty))
+                            .then_some(d.width)
+                    })
+                };
                 match gemm::converter(w.ty) {
-                    Some(c) if gemm::gemv::applies(&c, x, level).is_some() => Groups::Decode,
+                    Some(c) if decode(&c).is_some() => {
+                        Groups::Decode(decode(&c).expect("checked by the guard"))
+                    }
                     Some(c)
                         if c.tile16_packed.is_some() && gemm::rows_per_tile(level) == Some(16) =>
+                    {
+                        Groups::Tiles
+                    }
+                    Some(_)
+                        if gemm::rows_per_tile(level) == Some(8)
+                            && gemm::packed::avx2_kernel(w.ty) =>
                     {
                         Groups::Tiles
                     }
@@ -410,15 +429,17 @@ impl<'a> RowsJob<'a> {
         };
         let engine = match gemm::converter(w.ty) {
             Some(conv)
-                if groups != Groups::Decode && gemm::gemv::applies(&conv, x, level).is_some() =>
+                if !matches!(groups, Groups::Decode(_))
+                    && gemm::gemv::applies(&conv, x, level).is_some() =>
             {
-                let kind = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
-                let acts = gemm::gemv::GemvActs::new(x, &conv, kind)?;
-                Engine::Gemv { conv, kind, acts }
+                let decode = gemm::gemv::applies(&conv, x, level).expect("checked by the guard");
+                let acts = gemm::gemv::GemvActs::new(x, &conv, decode)?;
+                Engine::Gemv { conv, decode, acts }
             }
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
-                let acts = gemm::GemmActs::new(x, &conv, tile_rows == Some(16))?;
+                let seeds = tile_rows.is_some_and(|r| !conv.tile_signed(r));
+                let acts = gemm::GemmActs::new(x, &conv, seeds)?;
                 match tile_rows {
                     Some(rows) => Engine::Gemm {
                         conv,
@@ -444,7 +465,7 @@ impl<'a> RowsJob<'a> {
     pub(crate) fn align(&self) -> usize {
         match &self.engine {
             Engine::Gemm { rows, .. } => *rows,
-            Engine::Gemv { .. } => 16,
+            Engine::Gemv { decode, .. } => decode.width.rows(),
             _ => DOT_ROWS,
         }
     }
@@ -517,8 +538,8 @@ impl<'a> RowsJob<'a> {
                 _ if r >= full => {
                     self.compute_file(&w.data[full * wrb..], full, r, &mut part);
                 }
-                (Engine::Gemm { acts, .. }, Groups::Decode, true) => {
-                    gemm::packed::groups(w.ty, acts, groups, &mut part);
+                (Engine::Gemm { acts, .. }, Groups::Decode(width), true) => {
+                    gemm::packed::groups(w.ty, width, acts, groups, &mut part);
                 }
                 (
                     Engine::Gemm {
@@ -570,8 +591,8 @@ impl<'a> RowsJob<'a> {
                     i0 = i1;
                 }
             }
-            Engine::Gemv { conv, kind, acts } => {
-                gemm::gemv::rows(conv, *kind, acts, data, wrb, r0, outs);
+            Engine::Gemv { conv, decode, acts } => {
+                gemm::gemv::rows(conv, *decode, acts, data, wrb, r0, outs);
             }
             Engine::Rows { conv, acts } => GEMM_SCRATCH.with(|s| {
                 let s = &mut *s.borrow_mut();
@@ -643,11 +664,17 @@ impl<'a> RowsJob<'a> {
                             }
                         }
                         TileSrc::Packed(data) => {
-                            // Group `range` (whole: `r0` and `len` are group-aligned); a group's
-                            // chunk is one run of 16 × its rows' bytes.
+                            // Group `range` (whole: `r0` and `len` are group-aligned), or with
+                            // 8-row tiles one of its halves; a group's chunk is one run of 16 ×
+                            // its rows' bytes.
                             let gb = 16 * self.wrb;
-                            let g = &data[(range.start - r0) / 16 * gb..][..gb];
-                            tile.load_packed(conv, g, e0, ne);
+                            let at = range.start - r0;
+                            let g = &data[at / 16 * gb..][..gb];
+                            if rr == 16 {
+                                tile.load_packed(conv, g, e0, ne);
+                            } else {
+                                tile.load_packed8(conv, g, at % 16 / 8, e0, ne);
+                            }
                             if next < n {
                                 let b = 16 * bytes(next)..16 * bytes((next + gemm::CHUNK).min(n));
                                 gemm::prefetch(&g[b]);

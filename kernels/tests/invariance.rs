@@ -2,9 +2,12 @@
 //! dot of its weight row and activation row (`QuantKernel::dot` of the scalar kernel) — whatever
 //! the batch size (1..=40 tokens, the token at any position of the batch), the output rows asked
 //! for, the thread count and the SIMD level (int8 GEMM with 16-row VNNI or 8-row AVX2 tiles, the
-//! row-wise decode path at batches 1–4 with AVX-512 VNNI, the portable path, the f32 dots of each
-//! level), in the file's layout and, for the types with one, repacked (`gemm::packed`: its 16-row
-//! kernel, groups cut by the row ranges, the rows after the last group). Widths span several
+//! row-wise decode path at batches 1–4 with AVX-512 VNNI and with AVX2, the portable path, the f32
+//! dots of each level: every level this CPU runs, each forced through `matmul_at` whatever
+//! `PSHARD_CPU_SIMD` says), in the file's layout and, for the types with one, repacked
+//! (`gemm::packed`: its 16-row kernels — VNNI, and AVX2 for the types of
+//! `packed::avx2_kernel` — and tiles loaded from the groups, groups cut by the row ranges, the
+//! rows after the last group). Widths span several
 //! column chunks and end in a partial one (legacy types: a partial step of 128); 37 rows end in a
 //! partial group of 16. The exact-activation path likewise equals the portable f32 dot of the
 //! dequantized row.
@@ -361,6 +364,52 @@ fn tile_loaders_match_the_converters() {
             assert_eq!(bits(&a.scale[..subs]), bits(&sc), "{ty} repacked: scales");
             if conv.min {
                 assert_eq!(bits(&a.min[..subs]), bits(&mn), "{ty} repacked: minima");
+            }
+        }
+    }
+}
+
+/// The AVX2 tile loader of the repacked layout: each half of a repacked group gives the 8-row
+/// tile that converting its rows from the file's layout and interleaving them gives, for chunks
+/// at the first, middle and last units (Q8_0 rows of −128 and 127 included).
+#[test]
+fn avx2_repacked_tiles_match_the_converters() {
+    use pshard_kernels::gemm::{self, Tile};
+    let mut r = rng("avx2_tiles");
+    if gemm::rows_per_tile(SimdLevel::Avx2) != Some(8) {
+        println!("SKIP: no AVX2");
+        return;
+    }
+    for &ty in quant::SUPPORTED {
+        if !packed::avx2_kernel(ty) {
+            continue;
+        }
+        let conv = gemm::converter(ty).expect("a quantized type");
+        let k = quant::scalar_kernel(ty).unwrap();
+        let (rows, cols) = (21, 1024);
+        let data = weights(&mut r, &k, rows, cols);
+        let rb = data.len() / rows;
+        let row = |i: usize| &data[i * rb..(i + 1) * rb];
+        let p = packed::repack(ty, &data, rows, rb).expect("a repacked type");
+        let gb = packed::ROWS * rb;
+        for (e0, n) in [(0, 512), (256, 768), (768, 256)] {
+            for half in 0..2 {
+                let (mut a, mut b) = (Tile::default(), Tile::default());
+                a.load(
+                    &conv,
+                    SimdLevel::Avx2,
+                    8,
+                    8 * half..8 * half + 8,
+                    row,
+                    e0,
+                    n,
+                );
+                b.load_packed8(&conv, &p[..gb], half, e0, n);
+                assert_eq!(a.q, b.q, "{ty} half {half}, from {e0}: levels");
+                assert_eq!(bits(&a.scale), bits(&b.scale), "{ty} half {half}: scales");
+                if conv.min {
+                    assert_eq!(bits(&a.min), bits(&b.min), "{ty} half {half}: minima");
+                }
             }
         }
     }

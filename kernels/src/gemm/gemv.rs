@@ -103,6 +103,14 @@ impl Kind {
         !matches!(self, Kind::K2 | Kind::K3 | Kind::K6)
     }
 
+    /// Whether the AVX2 kernel decodes the type (the others take the GEMM's 8-row tiles there).
+    pub(crate) fn avx2(self) -> bool {
+        matches!(
+            self,
+            Kind::Legacy4 | Kind::Legacy5 | Kind::Legacy8 | Kind::K4 | Kind::K5 | Kind::K6
+        )
+    }
+
     /// The lane of a step's sub-block `j` in the split order: Q4_K and Q5_K hold their
     /// sub-blocks in the order [`NIBBLE_LANES`]; the others (and Q6_K's element order) keep `j`.
     pub(crate) fn lane(self, j: usize) -> usize {
@@ -135,41 +143,53 @@ thread_local! {
 }
 
 impl GemvActs {
-    /// Converts the rows of `x` (1 to [`MAX_TOKENS`]) for weights of `conv` (decoded by `kind`).
+    /// Converts the rows of `x` (1 to [`MAX_TOKENS`]) for weights of `conv` (decoded by `d`'s
+    /// kind). The AVX2 kernel reads the seeds per sub-block from the GEMM's conversion
+    /// ([`GemmActs::seed`]) instead of [`GemvActs::seed`], which stays empty.
     pub(crate) fn new(
         x: &QuantizedActs,
         conv: &Converter,
-        kind: Kind,
+        d: Decode,
     ) -> Result<GemvActs, KernelError> {
+        let kind = d.kind;
+        let wide = d.width == Width::Vnni;
         let mut g = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
-        g.base.fill(x, conv, false)?;
+        g.base.fill(x, conv, !wide)?;
         let (cols, n) = (g.base.cols, g.base.n_rows);
         let steps = cols.div_ceil(STEP);
         super::zeroed(&mut g.q, n * steps * STEP);
-        super::zeroed(&mut g.seed, n * steps * 32);
+        super::zeroed(&mut g.seed, if wide { n * steps * 32 } else { 0 });
         let per = conv.sub();
         let o = conv.offset as i32;
         for t in 0..n {
             let q = &mut g.q[t * steps * STEP..(t + 1) * steps * STEP];
-            let seed = &mut g.seed[t * steps * 32..(t + 1) * steps * 32];
+            let seed = if wide {
+                &mut g.seed[t * steps * 32..(t + 1) * steps * 32]
+            } else {
+                &mut []
+            };
             for (s, a) in g.base.q[t * cols..(t + 1) * cols]
                 .chunks_exact(per)
                 .enumerate()
             {
                 let (k, j) = (s * per / STEP, (s * per % STEP) / per);
                 let at = k * STEP;
-                let sum = -o * a.iter().map(|&v| v as i32).sum::<i32>();
+                let sum = || -o * a.iter().map(|&v| v as i32).sum::<i32>();
                 if kind.split() {
                     // Sub-block j of the step: first half to its lane of the first vector, second
                     // half to that lane of the second.
                     let l = kind.lane(j);
                     q[at + 16 * l..at + 16 * l + 16].copy_from_slice(&a[..16]);
                     q[at + 64 + 16 * l..at + 64 + 16 * l + 16].copy_from_slice(&a[16..]);
-                    seed[32 * k + 4 * l] = sum;
+                    if wide {
+                        seed[32 * k + 4 * l] = sum();
+                    }
                 } else {
                     // Sub-block j (of 16) in element order: accumulator j / 4, lane j % 4.
                     q[at + 16 * j..at + 16 * j + 16].copy_from_slice(a);
-                    seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum;
+                    if wide {
+                        seed[32 * k + 16 * (j / 4) + 4 * (j % 4)] = sum();
+                    }
                 }
             }
         }
@@ -188,25 +208,152 @@ impl GemvActs {
     }
 }
 
+/// Which kernel of the decode path runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Width {
+    /// AVX-512 VNNI, 16 rows per group (`gemm::gemv_x86`).
+    Vnni,
+    /// AVX2, 8 rows per group (`gemm::gemv_avx2`).
+    Avx2,
+}
+
+impl Width {
+    /// Rows per group.
+    pub(crate) fn rows(self) -> usize {
+        match self {
+            Width::Vnni => 16,
+            Width::Avx2 => 8,
+        }
+    }
+}
+
+/// The decode path's plan for one matmul: the row decoder and the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Decode {
+    /// The weight type's row decoder.
+    pub kind: Kind,
+    /// The kernel.
+    pub width: Width,
+}
+
 /// The decode path for weights of `conv` with activations `x`, where it applies: 1 to
-/// [`MAX_TOKENS`] tokens, AVX-512 VNNI at `level` on this CPU, a type with a row decoder.
-pub(crate) fn applies(conv: &Converter, x: &QuantizedActs, level: SimdLevel) -> Option<Kind> {
+/// [`MAX_TOKENS`] tokens and a type with a row decoder; AVX-512 VNNI at `level` on this CPU, or
+/// else AVX2 (at `level` AVX2 or better) for the types its kernel decodes ([`Kind::avx2`]).
+pub(crate) fn applies(conv: &Converter, x: &QuantizedActs, level: SimdLevel) -> Option<Decode> {
     let kind = Kind::of(conv.ty)?;
-    ((1..=MAX_TOKENS).contains(&x.n_rows)
-        && level == SimdLevel::Avx512
-        && SimdLevel::Avx512.available())
-    .then_some(kind)
+    if !(1..=MAX_TOKENS).contains(&x.n_rows) {
+        return None;
+    }
+    let width = if level == SimdLevel::Avx512 && SimdLevel::Avx512.available() {
+        Width::Vnni
+    } else if level != SimdLevel::Scalar && SimdLevel::Avx2.available() && kind.avx2() {
+        Width::Avx2
+    } else {
+        return None;
+    };
+    Some(Decode { kind, width })
+}
+
+/// Where the next rows' bytes are prefetched while step `k` of `steps` (`step_bytes` each) is
+/// computed, `ahead` steps on: `(false, off)` — the group's own rows at `off`; past the rows'
+/// end, `(true, off)` — the next group's rows at the step that far into them (rows of fewer
+/// steps: the same step), so every step of every row is prefetched, a row's first lines included.
+pub(crate) fn prefetch_at(
+    k: usize,
+    steps: usize,
+    ahead: usize,
+    step_bytes: usize,
+) -> (bool, usize) {
+    if k + ahead < steps {
+        (false, (k + ahead) * step_bytes)
+    } else {
+        (true, (k + ahead - steps).min(k) * step_bytes)
+    }
+}
+
+/// The outputs of rows `r0 .. r0 + outs[0].len()` of the matrix `data` (row `r` at `r · wrb`)
+/// for `T` tokens into `outs[token]`, a group of `R` rows at a time: `f(p, next, o)` computes
+/// the group whose row pointers are `p` (a short last group repeats its last row) into `o[token]`,
+/// `next` the next group's rows (or these again at the matrix's end), for prefetching. The
+/// pointers are formed with wrapping arithmetic and lie in `data` when the rows do.
+pub(crate) fn for_groups<const R: usize, const T: usize>(
+    data: &[u8],
+    wrb: usize,
+    r0: usize,
+    outs: &mut [&mut [f32]],
+    mut f: impl FnMut(&[*const u8; R], &[*const u8; R], &mut [[f32; R]; T]),
+) {
+    let base = data.as_ptr();
+    let n_rows = data.len() / wrb;
+    let len = outs[0].len();
+    let mut i = 0;
+    while i < len {
+        let nr = (len - i).min(R);
+        let last = r0 + i + nr - 1;
+        let p: [*const u8; R] =
+            std::array::from_fn(|k| base.wrapping_add((r0 + i + k).min(last) * wrb));
+        let next: [*const u8; R] = std::array::from_fn(|k| {
+            let r = r0 + i + R + k;
+            if r < n_rows {
+                base.wrapping_add(r * wrb)
+            } else {
+                p[k]
+            }
+        });
+        let mut o = [[0f32; R]; T];
+        f(&p, &next, &mut o);
+        for (out, o) in outs.iter_mut().zip(&o) {
+            out[i..i + nr].copy_from_slice(&o[..nr]);
+        }
+        i += nr;
+    }
+}
+
+/// Where a type keeps its fields for the row decoders: bytes per block (legacy) or super-block,
+/// the offsets of the quants and of the high bits.
+#[derive(Clone, Copy)]
+pub(crate) struct Geo {
+    /// Bytes per block or super-block.
+    pub bytes: usize,
+    /// Offset of the quants.
+    pub qs: usize,
+    /// Offset of the high bits (types with them).
+    pub qh: usize,
+}
+
+impl Geo {
+    /// The geometry of `conv.ty`, decoded by `kind`.
+    pub(crate) fn of(conv: &Converter, kind: Kind) -> Geo {
+        use crate::quant::kquants::{q2k, q3k, q4k, q5k, q6k};
+        use crate::quant::{legacy, lut4};
+        let geo = |bytes, qs, qh| Geo { bytes, qs, qh };
+        match kind {
+            Kind::Legacy4 | Kind::Legacy5 | Kind::Legacy8 => {
+                let l = legacy::layout(conv.ty);
+                geo(l.bytes, l.qs, l.qh.unwrap_or(0))
+            }
+            Kind::K2 => geo(q2k::BLOCK_BYTES, 16, 0),
+            Kind::K3 => geo(q3k::BLOCK_BYTES, 32, 0),
+            Kind::K4 => geo(q4k::BLOCK_BYTES, 16, 0),
+            Kind::K5 => geo(q5k::BLOCK_BYTES, 48, 16),
+            Kind::K6 => geo(q6k::BLOCK_BYTES, 0, 128),
+            Kind::Iq4Nl => geo(lut4::IQ4_NL_BYTES, 2, 0),
+            Kind::Mxfp4 => geo(lut4::MXFP4_BYTES, 1, 0),
+            Kind::Iq4Xs => geo(lut4::IQ4_XS_BYTES, 8, 0),
+        }
+    }
 }
 
 /// Outputs of rows `r0 .. r0 + outs[0].len()` of the `rows × cols` matrix `data` (row `r` at
-/// `r · wrb`) of type `conv.ty` for each token `t` of `acts` into `outs[t]`.
+/// `r · wrb`) of type `conv.ty` for each token `t` of `acts` (built for `d`) into `outs[t]`.
 ///
 /// # Panics
 /// If the rows lie outside `data`, the shapes disagree, the token counts differ or exceed
-/// [`MAX_TOKENS`], or the CPU lacks AVX-512 VNNI.
+/// [`MAX_TOKENS`], the activations were built for another kernel, or the CPU lacks the kernel's
+/// features.
 pub(crate) fn rows(
     conv: &Converter,
-    kind: Kind,
+    d: Decode,
     acts: &GemvActs,
     data: &[u8],
     wrb: usize,
@@ -235,22 +382,37 @@ pub(crate) fn rows(
         "gemv: rows {r0}..{} outside the matrix",
         r0 + len
     );
-    assert_eq!(
-        acts.q.len(),
-        n * cols.div_ceil(STEP) * STEP,
-        "gemv: activation layout"
-    );
-    assert!(SimdLevel::Avx512.available(), "gemv needs AVX-512 VNNI");
+    let steps = cols.div_ceil(STEP);
+    assert_eq!(acts.q.len(), n * steps * STEP, "gemv: activation layout");
+    let seeds = conv.offset == 0
+        || match d.width {
+            Width::Vnni => acts.seed.len() == n * steps * 32,
+            Width::Avx2 => acts.base.seed.len() == n * acts.base.subs,
+        };
+    assert!(seeds, "gemv: activations built for another kernel");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 VNNI asserted above; rows r0 .. r0 + len lie in `data` with `wrb` bytes
-    // (`cols` elements of the type) each; the activations hold `n` tokens of `cols` elements in
-    // the layout of `kind` (asserted above, built by GemvActs::new), one output each.
-    unsafe {
-        super::gemv_x86::rows(conv, kind, acts, data, wrb, r0, outs)
+    match d.width {
+        Width::Vnni => {
+            assert!(SimdLevel::Avx512.available(), "gemv needs AVX-512 VNNI");
+            // SAFETY: AVX-512 VNNI asserted above; rows r0 .. r0 + len lie in `data` with `wrb`
+            // bytes (`cols` elements of the type) each; the activations hold `n` tokens of `cols`
+            // elements in the layout of `kind` with this kernel's seeds (asserted above, built by
+            // GemvActs::new), one output each.
+            unsafe { super::gemv_x86::rows(conv, d.kind, acts, data, wrb, r0, outs) }
+        }
+        Width::Avx2 => {
+            assert!(
+                SimdLevel::Avx2.available() && d.kind.avx2(),
+                "gemv: no AVX2 kernel for {:?} on this CPU",
+                d.kind
+            );
+            // SAFETY: as above, with AVX2/FMA/F16C and a kind the AVX2 kernel decodes.
+            unsafe { super::gemv_avx2::rows(conv, d.kind, acts, data, wrb, r0, outs) }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kind, acts);
+        let _ = (d, acts);
         panic!("the decode path has no kernel on this architecture");
     }
 }

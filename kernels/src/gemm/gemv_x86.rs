@@ -2,11 +2,12 @@
 
 use std::arch::x86_64::*;
 
-use super::gemv::{GemvActs, Kind, CHUNK, MAX_TOKENS, NIBBLE_LANES, PREFETCH, STEP};
+use super::gemv::{
+    for_groups, prefetch_at, GemvActs, Geo, Kind, CHUNK, MAX_TOKENS, NIBBLE_LANES, PREFETCH, STEP,
+};
 use super::x86::{f16_lanes, k4_factors16, rows16x4};
 use super::{Converter, QB};
-use crate::quant::kquants::{q2k, q3k, q4k, q5k, q6k, QK_K};
-use crate::quant::legacy::layout;
+use crate::quant::kquants::{q2k, q3k, q6k, QK_K};
 use crate::quant::lut4;
 
 /// Decoder ids (the kernel's const parameter).
@@ -37,15 +38,6 @@ const fn blocky(k: u8) -> bool {
     k <= L8 || k == LN || k == LM
 }
 
-/// Where a type keeps its fields: bytes per block (legacy) or super-block, the offsets of the
-/// quants and of the high bits.
-#[derive(Clone, Copy)]
-struct Geo {
-    bytes: usize,
-    qs: usize,
-    qh: usize,
-}
-
 /// Outputs of rows `r0 .. r0 + outs[0].len()` of the matrix `data` (row `r` at `r · wrb`) for
 /// each token `t` of `acts` into `outs[t]`, 16 rows at a time.
 ///
@@ -62,21 +54,7 @@ pub(super) unsafe fn rows(
     r0: usize,
     outs: &mut [&mut [f32]],
 ) {
-    let geo = |bytes, qs, qh| Geo { bytes, qs, qh };
-    let g = match kind {
-        Kind::Legacy4 | Kind::Legacy5 | Kind::Legacy8 => {
-            let l = layout(conv.ty);
-            geo(l.bytes, l.qs, l.qh.unwrap_or(0))
-        }
-        Kind::K2 => geo(q2k::BLOCK_BYTES, 16, 0),
-        Kind::K3 => geo(q3k::BLOCK_BYTES, 32, 0),
-        Kind::K4 => geo(q4k::BLOCK_BYTES, 16, 0),
-        Kind::K5 => geo(q5k::BLOCK_BYTES, 48, 16),
-        Kind::K6 => geo(q6k::BLOCK_BYTES, 0, 128),
-        Kind::Iq4Nl => geo(lut4::IQ4_NL_BYTES, 2, 0),
-        Kind::Mxfp4 => geo(lut4::MXFP4_BYTES, 1, 0),
-        Kind::Iq4Xs => geo(lut4::IQ4_XS_BYTES, 8, 0),
-    };
+    let g = Geo::of(conv, kind);
     let seed = conv.offset != 0;
     // One instance per decoder and token count.
     macro_rules! go {
@@ -559,33 +537,10 @@ unsafe fn rows_k<const K: u8, const MIN: bool, const SEED: bool, const T: usize>
     r0: usize,
     outs: &mut [&mut [f32]],
 ) {
-    let base = data.as_ptr();
-    let n_rows = data.len() / wrb;
-    let len = outs[0].len();
-    let mut i = 0;
-    while i < len {
-        let nr = (len - i).min(16);
-        let last = r0 + i + nr - 1;
-        // A short last group repeats its last row.
-        let p: [*const u8; 16] =
-            std::array::from_fn(|k| base.wrapping_add((r0 + i + k).min(last) * wrb));
-        // The next group's rows (or these again at the matrix's end), for prefetching.
-        let next: [*const u8; 16] = std::array::from_fn(|k| {
-            let r = r0 + i + 16 + k;
-            if r < n_rows {
-                base.wrapping_add(r * wrb)
-            } else {
-                p[k]
-            }
-        });
-        let mut o = [[0f32; 16]; T];
+    for_groups::<16, T>(data, wrb, r0, outs, |p, next, o| {
         // SAFETY: every p[k] and next[k] is a row of `data` (caller); the rest as for `rows`.
-        unsafe { group::<K, MIN, SEED, T>(&p, &next, g, acts, &mut o) };
-        for (out, o) in outs.iter_mut().zip(&o) {
-            out[i..i + nr].copy_from_slice(&o[..nr]);
-        }
-        i += nr;
-    }
+        unsafe { group::<K, MIN, SEED, T>(p, next, g, acts, o) };
+    });
 }
 
 /// The outputs of 16 rows `p` (the next group's rows `next`, for prefetching) for each of the
@@ -647,14 +602,9 @@ unsafe fn group<const K: u8, const MIN: bool, const SEED: bool, const T: usize>(
                     [_mm512_setzero_si512(); 2]
                 }
             });
-            // Each row's step `ahead` steps on; past the row's end, the next group's row at the
-            // step that far into it (rows of fewer steps: the same step), so every step of every
-            // row is prefetched, a row's first lines included.
-            let (pfp, pfo) = if k + ahead < steps {
-                (p, (k + ahead) * step_bytes)
-            } else {
-                (next, (k + ahead - steps).min(k) * step_bytes)
-            };
+            // Each row's step `ahead` steps on, or the next group's rows ([`prefetch_at`]).
+            let (to_next, pfo) = prefetch_at(k, steps, ahead, step_bytes);
+            let pfp = if to_next { next } else { p };
             let sub = STEP / per * s;
             let t = Step {
                 g,

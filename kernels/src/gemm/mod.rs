@@ -46,8 +46,12 @@ use crate::quant::{ActFormat, SimdLevel};
 
 pub(crate) mod gemv;
 #[cfg(target_arch = "x86_64")]
+mod gemv_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gemv_x86;
 pub mod packed;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod packed_avx2;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 #[cfg(target_arch = "x86_64")]
@@ -88,6 +92,8 @@ pub struct Converter {
     pub min: bool,
     /// `u − offset` is the signed integer level.
     pub offset: u8,
+    /// The largest `u` the converter writes.
+    pub max: u8,
     /// The portable converter (the definition).
     pub row: ConvertFn,
     /// A SIMD converter giving the same bytes and factors, where the type has one and the CPU
@@ -107,6 +113,7 @@ impl std::fmt::Debug for Converter {
             .field("sub16", &self.sub16)
             .field("min", &self.min)
             .field("offset", &self.offset)
+            .field("max", &self.max)
             .field("fast", &self.fast.is_some())
             .field("tile16", &self.tile16.is_some())
             .field("tile16_packed", &self.tile16_packed.is_some())
@@ -122,6 +129,24 @@ impl Converter {
         } else {
             QB
         }
+    }
+
+    /// The AVX2 GEMM kernel's run for this type: how many groups of 4 levels it multiplies
+    /// unsigned (`vpmaddubsw` of `u` with the activations, magnitude ≤ 128) and adds as i16
+    /// before widening — as many as keep `n · 2 · max · 128` below 2^15, at most a block's 8:
+    /// 8 for levels ≤ 15, 4 for ≤ 31, 2 for ≤ 63. `None` (levels above 63: Q8_0, the lookup-table
+    /// types): the 8-row tile holds the signed levels `u − offset` and the kernel multiplies
+    /// magnitudes by signs, one group at a time.
+    pub fn avx2_run(&self) -> Option<usize> {
+        let n = 32767 / (256 * self.max.max(1) as usize);
+        (n >= 2).then_some(n.min(8))
+    }
+
+    /// Whether a tile of `r` rows holds the signed levels `u − offset` (the AVX2 kernel's signed
+    /// path, [`Converter::avx2_run`]) rather than `u`, whose offset the activations' seeds
+    /// (`−offset · Σa`, [`GemmActs::seed`]) carry.
+    pub fn tile_signed(&self, r: usize) -> bool {
+        r == 8 && self.avx2_run().is_none()
     }
 
     /// The converter of a SIMD level: the fast one from AVX2 on, else the portable one.
@@ -413,8 +438,8 @@ pub struct Tile {
     rows_scale: Vec<f32>,
     rows_min: Vec<f32>,
     /// Interleaved weights: block `b`, group `g` (4 elements), row `k`: 4 bytes at
-    /// `(b · 8 + g) · 4r + 4k` — unsigned `u` for the 16-row (VNNI) tile, signed `u − offset`
-    /// for the 8-row (AVX2) tile.
+    /// `(b · 8 + g) · 4r + 4k` — unsigned `u`, or signed `u − offset` where
+    /// [`Converter::tile_signed`].
     pub q: Vec<u8>,
     /// Per sub-block and row: `scale` at `s · r + k`.
     pub scale: Vec<f32>,
@@ -487,7 +512,7 @@ impl Tile {
         self.q.resize(r * n, 0);
         self.scale.resize(r * nsub, 0.0);
         self.min.resize(r * nsub, 0.0);
-        let shift = if r == 16 { 0 } else { conv.offset };
+        let shift = if conv.tile_signed(r) { conv.offset } else { 0 };
         interleave(&self.rows_u, &mut self.q, r, n, shift, level);
         interleave_f32(&self.rows_scale, &mut self.scale, r, nsub, level);
         if conv.min {
@@ -516,6 +541,48 @@ impl Tile {
         self.scale.resize(16 * nsub, 0.0);
         self.min.resize(16 * nsub, 0.0);
         load(group, e0, n, &mut self.q, &mut self.scale, &mut self.min);
+    }
+}
+
+impl Tile {
+    /// Converts elements `e0 .. e0 + n` (whole units of the type) of half `half` (rows
+    /// `8 · half ..`) of one repacked group of 16 rows (`group`, [`packed`]) into an 8-row tile
+    /// for the AVX2 kernel: the tile [`Tile::load`] makes from the same rows in the file's layout.
+    ///
+    /// # Panics
+    /// If the type has no AVX2 repacked kernel (`packed::avx2_kernel`) or the CPU lacks AVX2.
+    pub fn load_packed8(
+        &mut self,
+        conv: &Converter,
+        group: &[u8],
+        half: usize,
+        e0: usize,
+        n: usize,
+    ) {
+        let nsub = n / conv.sub();
+        self.r = 8;
+        self.nb = n / QB;
+        self.sub16 = conv.sub16;
+        self.has_min = conv.min;
+        self.q.resize(8 * n, 0);
+        self.scale.resize(8 * nsub, 0.0);
+        self.min.resize(8 * nsub, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        packed_avx2::tile8(
+            conv,
+            group,
+            half,
+            e0,
+            n,
+            &mut self.q,
+            &mut self.scale,
+            &mut self.min,
+        );
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (conv, group, half, e0);
+            panic!("the AVX2 repacked tile loader has no kernel on this architecture");
+        }
     }
 }
 

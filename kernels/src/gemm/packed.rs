@@ -220,15 +220,35 @@ pub fn check(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> Result<(), Ke
 }
 
 /// Whether this CPU computes a matrix of `rows` rows of `wrb` bytes (`len` in all) of `ty` from
-/// the repacked layout: the type and shape are [`check`]ed and the CPU lane runs the repacked
-/// kernels (AVX-512 VNNI, on this CPU and not capped by [`crate::quant::simd_cap`]: capped, the
-/// repacked groups would be unpacked row by row, 7× slower than the file layout). The engine repacks such matrices at load when only the CPU reads them; the
-/// profiler measures the CPU's matmuls the same way.
+/// the repacked layout: the type and shape are [`check`]ed and the CPU lane runs a repacked
+/// kernel for the type — AVX-512 VNNI (on this CPU and not capped by
+/// [`crate::quant::simd_cap`]), every repacked type; else AVX2 (at most capped to it), the types
+/// of its repacked kernel (`gemm::packed_avx2::supports`; without a kernel, the repacked
+/// groups would be unpacked row by row, 7× slower than the file layout). The engine repacks
+/// such matrices at load when only the CPU reads them; the profiler measures the CPU's matmuls
+/// the same way.
 pub fn computes_repacked(ty: GgmlType, len: usize, rows: usize, wrb: usize) -> bool {
     use crate::quant::{simd_cap, SimdLevel};
-    simd_cap() == SimdLevel::Avx512
-        && SimdLevel::Avx512.available()
-        && check(ty, len, rows, wrb).is_ok()
+    let lane = match simd_cap() {
+        SimdLevel::Avx512 if SimdLevel::Avx512.available() => true,
+        SimdLevel::Avx512 | SimdLevel::Avx2 => SimdLevel::Avx2.available() && avx2_kernel(ty),
+        SimdLevel::Scalar => false,
+    };
+    lane && check(ty, len, rows, wrb).is_ok()
+}
+
+/// Whether the AVX2 level has repacked kernels for `ty` (the decode kernel and the 8-row tile
+/// loader, [`crate::gemm::Tile::load_packed8`]).
+pub fn avx2_kernel(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::packed_avx2::supports(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
 }
 
 /// [`repack`] into `out` (as long as `data`). A matrix can be repacked a part at a time: rows
@@ -331,9 +351,18 @@ pub(crate) fn unpack_rows(ty: GgmlType, src: &[u8], wrb: usize, k0: usize, dst: 
 /// Outputs of the whole groups `data` (repacked rows of `acts.cols` elements of `ty`) for each
 /// token `t` of `acts` (converted with seeds, 1 to 4 tokens) into `outs[t]` (16 per group).
 ///
+/// `width` picks the kernel: AVX-512 VNNI, or AVX2 (the types of `packed_avx2::supports`).
+///
 /// # Panics
-/// If the shapes disagree, the type has no repacked kernel or the CPU lacks AVX-512 VNNI.
-pub(crate) fn groups(ty: GgmlType, acts: &super::GemmActs, data: &[u8], outs: &mut [&mut [f32]]) {
+/// If the shapes disagree, the type has no repacked kernel of `width` or the CPU lacks its
+/// features.
+pub(crate) fn groups(
+    ty: GgmlType,
+    width: super::gemv::Width,
+    acts: &super::GemmActs,
+    data: &[u8],
+    outs: &mut [&mut [f32]],
+) {
     let g = geo(ty).expect("a repacked type");
     let conv = super::converter(ty).expect("a quantized type");
     let n = acts.n_rows;
@@ -356,20 +385,31 @@ pub(crate) fn groups(ty: GgmlType, acts: &super::GemmActs, data: &[u8], outs: &m
         "repacked decode: {} bytes for {len} outputs",
         data.len()
     );
+    let avx512 = width == super::gemv::Width::Vnni;
+    // AVX2 multiplies the signed levels of the types its GEMM tiles hold signed (Q8_0).
+    let signed = !avx512 && conv.tile_signed(8);
     assert!(
-        conv.offset == 0 || acts.seed.len() == n * acts.subs,
+        conv.offset == 0 || signed || acts.seed.len() == n * acts.subs,
         "repacked decode: activations without seeds"
     );
     assert!(
-        crate::quant::SimdLevel::Avx512.available(),
-        "the repacked decode needs AVX-512 VNNI"
+        if avx512 {
+            crate::quant::SimdLevel::Avx512.available()
+        } else {
+            crate::quant::SimdLevel::Avx2.available() && avx2_kernel(ty)
+        },
+        "no repacked {ty} decode kernel of {width:?} on this CPU"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 VNNI asserted; `data` holds len / 16 groups of whole units; the activations
-    // hold 1 to 4 tokens of `cols` elements (with seeds where the type has an offset), one output
-    // slice of `len` each.
+    // SAFETY: the kernel's features and type asserted; `data` holds len / 16 groups of whole
+    // units; the activations hold 1 to 4 tokens of `cols` elements (with seeds where the type has
+    // an offset), one output slice of `len` each.
     unsafe {
-        super::packed_x86::groups(&conv, g, acts, data, outs)
+        if avx512 {
+            super::packed_x86::groups(&conv, g, acts, data, outs)
+        } else {
+            super::packed_avx2::groups(&conv, g, acts, data, outs)
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     panic!("the repacked decode has no kernel on this architecture");

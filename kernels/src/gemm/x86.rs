@@ -67,19 +67,26 @@ pub(super) fn tile_dot(
                 SimdLevel::Avx2.available(),
                 "the AVX2 GEMM kernel needs AVX2"
             );
+            let seed = !acts.seed.is_empty();
             let abs_w = !acts.full_range;
             // SAFETY: AVX2/FMA were detected just above; shapes as for the VNNI kernel with
-            // 8-row tiles.
+            // 8-row tiles, the tile signed exactly where the converter has no unsigned run
+            // (`Converter::tile_signed`, as `Tile::load` wrote it).
             unsafe {
-                match (sub16, min, abs_w) {
-                    (false, false, false) => tn!(avx2, false, false, false),
-                    (false, false, true) => tn!(avx2, false, false, true),
-                    (false, true, false) => tn!(avx2, false, true, false),
-                    (false, true, true) => tn!(avx2, false, true, true),
-                    (true, false, false) => tn!(avx2, true, false, false),
-                    (true, false, true) => tn!(avx2, true, false, true),
-                    (true, true, false) => tn!(avx2, true, true, false),
-                    (true, true, true) => tn!(avx2, true, true, true),
+                match (conv.avx2_run(), sub16, min, seed) {
+                    (Some(8), false, false, true) => tn!(avx2u, false, false, 8, true),
+                    (Some(8), false, true, false) => tn!(avx2u, false, true, 8, false),
+                    (Some(8), true, true, false) => tn!(avx2u, true, true, 8, false),
+                    (Some(8), true, false, true) => tn!(avx2u, true, false, 8, true),
+                    (Some(4), false, false, true) => tn!(avx2u, false, false, 4, true),
+                    (Some(4), false, true, false) => tn!(avx2u, false, true, 4, false),
+                    (Some(2), true, false, true) => tn!(avx2u, true, false, 2, true),
+                    (None, false, false, _) if abs_w => tn!(avx2, true),
+                    (None, false, false, _) => tn!(avx2, false),
+                    (run, s, m, e) => unreachable!(
+                        "no AVX2 GEMM kernel for run {run:?}, sub-blocks of 16 {s}, minimum {m}, \
+                         seeds {e}"
+                    ),
                 }
             }
         }
@@ -241,23 +248,139 @@ unsafe fn vnni<const TN: usize, const SUB16: bool, const MIN: bool, const SEED: 
     }
 }
 
+/// The AVX2 kernel of the unsigned tiles (see [`Converter::avx2_run`]): per block and token,
+/// `vpmaddubsw` of each group's levels with its 4 broadcast activations, the products of `G`
+/// groups added as i16 before `vpmaddwd` widens them, the seeds (`SEED`: types with an offset)
+/// added per sub-block; then the f32 steps of [`super::dot_converted`].
+///
 /// # Safety
-/// AVX2 and FMA available; `tile` holds 8 signed rows of `tile.nb` blocks; tokens `t0..t0 + TN`
-/// and blocks `blk0 .. blk0 + tile.nb` exist in `acts`; with `MIN` the sums are present; `acc`
-/// holds `TN` rows (8 of each 16 lanes written). `ABS_W`: the weights give the magnitude (the
-/// activations then never hold −128); else the activations do (the weights never hold −128).
+/// AVX2 and FMA available; `tile` holds 8 unsigned rows of `tile.nb` blocks with levels small
+/// enough for runs of `G` groups; tokens `t0..t0 + TN` and blocks `blk0 .. blk0 + tile.nb`
+/// exist in `acts`; with `MIN` the sums, with `SEED` the seeds are present; `acc` holds `TN`
+/// rows (8 of each 16 lanes written).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<const TN: usize, const SUB16: bool, const MIN: bool, const ABS_W: bool>(
+unsafe fn avx2u<
+    const TN: usize,
+    const SUB16: bool,
+    const MIN: bool,
+    const G: usize,
+    const SEED: bool,
+>(
     tile: &Tile,
     acts: &GemmActs,
     blk0: usize,
     t0: usize,
     acc: &mut [[f32; 16]],
 ) {
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: as the caller's; the kernel reads block b's groups and the tokens' block b.
+    unsafe {
+        avx2_blocks::<TN, SUB16, MIN>(tile, acts, blk0, t0, acc, |wq, ap, seed| {
+            let prod = |g: usize| {
+                let w = _mm256_loadu_si256(wq.add(32 * g).cast());
+                let a = _mm256_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
+                _mm256_maddubs_epi16(w, a)
+            };
+            // Groups g0 .. g0 + n as i32 lanes: runs of G groups summed as i16, widened.
+            let sum = |g0: usize, n: usize| {
+                let mut total = _mm256_setzero_si256();
+                let mut g = g0;
+                while g < g0 + n {
+                    let end = (g + G).min(g0 + n);
+                    let mut s = prod(g);
+                    for h in g + 1..end {
+                        s = _mm256_add_epi16(s, prod(h));
+                    }
+                    total = _mm256_add_epi32(total, _mm256_madd_epi16(s, ones));
+                    g = end;
+                }
+                total
+            };
+            let seeded = |v: __m256i, s: usize| {
+                if SEED {
+                    _mm256_add_epi32(v, _mm256_set1_epi32(*seed.add(s)))
+                } else {
+                    v
+                }
+            };
+            if SUB16 {
+                [seeded(sum(0, 4), 0), seeded(sum(4, 4), 1)]
+            } else {
+                let s = seeded(sum(0, 8), 0);
+                [s, s]
+            }
+        })
+    }
+}
+
+/// The AVX2 kernel of the signed tiles (Q8_0, the lookup-table types; see
+/// [`Converter::avx2_run`]): per group, `vpmaddubsw` of one operand's magnitude with the other
+/// signed by it (`ABS_W`: the weights give the magnitude, the activations then never hold
+/// −128; else the activations do, the weights never holding −128), widened at once.
+///
+/// # Safety
+/// AVX2 and FMA available; `tile` holds 8 signed rows of `tile.nb` blocks; tokens
+/// `t0..t0 + TN` and blocks `blk0 .. blk0 + tile.nb` exist in `acts`; `acc` holds `TN` rows (8
+/// of each 16 lanes written).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<const TN: usize, const ABS_W: bool>(
+    tile: &Tile,
+    acts: &GemmActs,
+    blk0: usize,
+    t0: usize,
+    acc: &mut [[f32; 16]],
+) {
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY: as the caller's; the kernel reads block b's groups and the tokens' block b.
+    unsafe {
+        avx2_blocks::<TN, false, false>(tile, acts, blk0, t0, acc, |wq, ap, _| {
+            let group = |g: usize| {
+                let w = _mm256_loadu_si256(wq.add(32 * g).cast());
+                let a = _mm256_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
+                let pairs = if ABS_W {
+                    _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
+                } else {
+                    _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a))
+                };
+                _mm256_madd_epi16(pairs, ones)
+            };
+            let x = _mm256_add_epi32(
+                _mm256_add_epi32(group(0), group(1)),
+                _mm256_add_epi32(group(2), group(3)),
+            );
+            let y = _mm256_add_epi32(
+                _mm256_add_epi32(group(4), group(5)),
+                _mm256_add_epi32(group(6), group(7)),
+            );
+            let s = _mm256_add_epi32(x, y);
+            [s, s]
+        })
+    }
+}
+
+/// The loop of the AVX2 kernels over the tile's blocks and `TN` tokens: `sums(w, a, seed)`
+/// gives one block's integer sums of the 8 rows with one token — the block's one sub-block in
+/// the first vector, or (`SUB16`) its two — from the block's first weight group `w`, the token's
+/// block activations `a` and seeds from the block's first sub-block `seed`; the f32 steps of
+/// [`super::dot_converted`] follow, added to `acc`.
+///
+/// # Safety
+/// AVX2 and FMA available; `tile` holds 8 rows of `tile.nb` blocks; tokens `t0..t0 + TN` and
+/// blocks `blk0 .. blk0 + tile.nb` exist in `acts`, with sums (`MIN`); `acc` holds `TN` rows;
+/// `sums` reads within what it is given.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_blocks<const TN: usize, const SUB16: bool, const MIN: bool>(
+    tile: &Tile,
+    acts: &GemmActs,
+    blk0: usize,
+    t0: usize,
+    acc: &mut [[f32; 16]],
+    sums: impl Fn(*const u8, *const i8, *const i32) -> [__m256i; 2],
+) {
     const R: usize = 8;
     let p = Tok::several::<TN>(acts, blk0, t0, SUB16);
     let wq = tile.q.as_ptr();
-    let ones = _mm256_set1_epi16(1);
     let mut f: [__m256; TN] = std::array::from_fn(|j| _mm256_loadu_ps(acc[j].as_ptr()));
     for b in 0..tile.nb {
         // SAFETY (whole block): as in the VNNI kernel, with 32-byte groups of 8 rows.
@@ -282,43 +405,18 @@ unsafe fn avx2<const TN: usize, const SUB16: bool, const MIN: bool, const ABS_W:
                 (k0, m0)
             };
             for j in 0..TN {
-                let ap = p[j].q.add(b * QB);
-                let group = |g: usize| {
-                    let w = _mm256_loadu_si256(wq.add((b * 8 + g) * 32).cast());
-                    let a = _mm256_set1_epi32(ap.add(4 * g).cast::<i32>().read_unaligned());
-                    let pairs = if ABS_W {
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
-                    } else {
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(w, a))
-                    };
-                    _mm256_madd_epi16(pairs, ones)
-                };
+                let [x, y] = sums(wq.add(b * 8 * 32), p[j].q.add(b * QB), p[j].seed.add(s0));
                 let da = _mm256_set1_ps(*p[j].d.add(b));
-                let x = _mm256_add_epi32(
-                    _mm256_add_epi32(group(0), group(1)),
-                    _mm256_add_epi32(group(2), group(3)),
-                );
-                let y = _mm256_add_epi32(
-                    _mm256_add_epi32(group(4), group(5)),
-                    _mm256_add_epi32(group(6), group(7)),
-                );
+                f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), _mm256_mul_ps(k0, da), f[j]);
+                if MIN {
+                    let sa = _mm256_set1_ps(*p[j].sa.add(s0));
+                    f[j] = _mm256_fmadd_ps(m0, sa, f[j]);
+                }
                 if SUB16 {
-                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), _mm256_mul_ps(k0, da), f[j]);
-                    if MIN {
-                        let sa = _mm256_set1_ps(*p[j].sa.add(2 * b));
-                        f[j] = _mm256_fmadd_ps(m0, sa, f[j]);
-                    }
                     f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(y), _mm256_mul_ps(k1, da), f[j]);
                     if MIN {
-                        let sa = _mm256_set1_ps(*p[j].sa.add(2 * b + 1));
+                        let sa = _mm256_set1_ps(*p[j].sa.add(s0 + 1));
                         f[j] = _mm256_fmadd_ps(m1, sa, f[j]);
-                    }
-                } else {
-                    let s = _mm256_add_epi32(x, y);
-                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(k0, da), f[j]);
-                    if MIN {
-                        let sa = _mm256_set1_ps(*p[j].sa.add(b));
-                        f[j] = _mm256_fmadd_ps(m0, sa, f[j]);
                     }
                 }
             }

@@ -173,12 +173,12 @@ pub fn scalar_kernel(ty: GgmlType) -> QuantKernel {
 
 /// The int8 GEMM's converter of a K-quant type (see [`crate::gemm::Converter`]).
 pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
-    let (sub16, min, offset, row): (bool, bool, u8, crate::gemm::ConvertFn) = match ty {
-        GgmlType::Q2_K => (true, true, 0, q2k::convert),
-        GgmlType::Q3_K => (true, false, 4, q3k::convert),
-        GgmlType::Q4_K => (false, true, 0, q4k::convert),
-        GgmlType::Q5_K => (false, true, 0, q5k::convert),
-        GgmlType::Q6_K => (true, false, 32, q6k::convert),
+    let (sub16, min, offset, max, row): (bool, bool, u8, u8, crate::gemm::ConvertFn) = match ty {
+        GgmlType::Q2_K => (true, true, 0, 3, q2k::convert),
+        GgmlType::Q3_K => (true, false, 4, 7, q3k::convert),
+        GgmlType::Q4_K => (false, true, 0, 15, q4k::convert),
+        GgmlType::Q5_K => (false, true, 0, 31, q5k::convert),
+        GgmlType::Q6_K => (true, false, 32, 63, q6k::convert),
         _ => return None,
     };
     #[cfg(target_arch = "x86_64")]
@@ -191,6 +191,7 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
         sub16,
         min,
         offset,
+        max,
         row,
         fast,
         tile16,

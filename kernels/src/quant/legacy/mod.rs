@@ -175,6 +175,11 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
                 sub16: false,
                 min: layout($ty).m.is_some(),
                 offset: layout($ty).offset,
+                max: match layout($ty) {
+                    l if l.eight => 255,
+                    l if l.qh.is_some() => 31,
+                    _ => 15,
+                },
                 row,
                 fast: fast_converter($ty),
                 tile16: tile16_loader($ty),

@@ -231,6 +231,8 @@ pub(crate) fn int8_converter(ty: GgmlType) -> Option<Converter> {
                 sub16: false,
                 min: false,
                 offset: 128,
+                // The table's levels plus 128, within 0..=255.
+                max: 255,
                 row,
                 fast: fast_converter($ty),
                 tile16: tile16_loader($ty),
