@@ -569,7 +569,7 @@ impl CostTable {
             .series
             .get(&key(kv))
             .or_else(|| self.series.get(&key(GgmlType::F16)))?;
-        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln(), None).clamp(EFF_MIN, EFF_MAX))
+        Some(interpolate_by_batch(pts, size.ln(), (batch.max(1) as f64).ln()).clamp(EFF_MIN, EFF_MAX))
     }
 
     /// Seconds for an elementwise op touching `bytes` bytes on a lane.
@@ -796,6 +796,28 @@ fn interpolate(pts: &[EffPoint], log_size: f64, log_batch: f64, shape: Option<[u
     interp_1d(&per_size, log_size)
 }
 
+/// Two-stage interpolation for series whose sizes differ from batch to batch (attention: a
+/// causal batch of `b` rows attends `ctx - (b - 1) / 2` keys on average, so no two batches share
+/// a size): log-size within each measured batch, then log-batch across batches.
+fn interpolate_by_batch(pts: &[EffPoint], log_size: f64, log_batch: f64) -> f64 {
+    let mut batches: Vec<f64> = pts.iter().map(|p| p.log_batch).collect();
+    batches.sort_by(f64::total_cmp);
+    batches.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+    let per_batch: Vec<(f64, f64)> = batches
+        .into_iter()
+        .map(|b| {
+            let mut row: Vec<(f64, f64)> = pts
+                .iter()
+                .filter(|p| (p.log_batch - b).abs() < 1e-9)
+                .map(|p| (p.log_size, p.eff))
+                .collect();
+            row.sort_by(|x, y| x.0.total_cmp(&y.0));
+            (b, interp_1d(&merge_equal_x(row), log_size))
+        })
+        .collect();
+    interp_1d(&per_batch, log_batch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,6 +845,30 @@ mod tests {
         assert!((interpolate(&pts, 1e7f64.ln(), 0.0, None) - 0.6).abs() < 1e-12);
         // Beyond the range: edge efficiency.
         assert!((interpolate(&pts, 1e9f64.ln(), 1000f64.ln(), None) - 0.8).abs() < 1e-12);
+    }
+
+    /// Attention sizes differ per batch (a causal batch attends fewer keys on average than its
+    /// context): a query interpolates in size within each batch first, so a prefill query reads
+    /// the prefill points and a decode query the decode points, however near in size the other
+    /// batch's points lie.
+    #[test]
+    fn attention_interpolates_size_within_each_batch() {
+        let pts = vec![
+            pt(1e3, 1.0, 0.2),
+            pt(1e5, 1.0, 0.6),
+            pt(2e3, 512.0, 0.8),
+            pt(2e5, 512.0, 0.9),
+        ];
+        let at = |size: f64, batch: f64| interpolate_by_batch(&pts, size.ln(), batch.ln());
+        // Batch 512 at 2e4 (midway in log size between its own points): 0.85, although the
+        // batch-1 point at 1e5 is nearer in size than the batch-512 one at 2e5.
+        assert!((at(2e4, 512.0) - 0.85).abs() < 1e-12);
+        // Batch 1 at 1e4: midway between 0.2 and 0.6.
+        assert!((at(1e4, 1.0) - 0.4).abs() < 1e-12);
+        // Between the batches (log-midway, ~22.6 rows) at a size beyond both: the edges' mean.
+        assert!((at(1e6, 512f64.sqrt()) - 0.75).abs() < 1e-12);
+        // The size-first interpolation mixes the batches (what attention must not use).
+        assert!((interpolate(&pts, 2e4f64.ln(), 512f64.ln(), None) - 0.85).abs() > 0.05);
     }
 
     /// A type the profile lacks costs like its kernel twin (same efficiency, its own bytes), and

@@ -38,8 +38,21 @@ pub const FULL_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 32, 64, 128, 512];
 /// MoE expert.
 pub const FULL_SHAPES: &[(usize, usize)] =
     &[(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768)];
-/// Context lengths of the attention points of the full run.
+/// Smaller matrices of the full run, every type and batch: the projections of sub-1B models and
+/// the k/v projections of GQA models, where the fixed costs of an op (handing rows to the
+/// threads, quantizing the activations, the last thread's tail) weigh on the time as much as
+/// the bytes (on the 2-core dev VM a 576 × 192 Q4_1 decode matmul moves 69 KB).
+pub const SMALL_SHAPES: &[(usize, usize)] = &[(1024, 1024), (512, 512), (256, 256)];
+/// Context lengths of the attention points of the full run (the GPU profile's too).
 pub const FULL_CONTEXTS: &[usize] = &[1024, 2048, 4096, 8192, 16384, 32768];
+/// Shorter contexts of the CPU's decode attention points: early decode steps, where the fixed
+/// cost of the op (one task per kv head and span) outweighs reading the cache.
+pub const SHORT_CONTEXTS: &[usize] = &[64, 256];
+/// Query rows of the CPU's prefill attention points: the engine's default ubatch.
+pub const PREFILL_ROWS: usize = 512;
+/// Contexts of the prefill attention points (the ubatch at the start of the context and after
+/// earlier ubatches).
+pub const PREFILL_CONTEXTS: &[usize] = &[512, 1024, 2048];
 /// Head layouts `(name, n_head, n_head_kv)`; head dimension 128.
 pub const LAYOUTS: &[(&str, usize, usize)] = &[("MHA", 32, 32), ("GQA-4", 32, 8), ("GQA-8", 32, 4)];
 /// Head dimension of the attention points.
@@ -86,8 +99,8 @@ struct Plan {
     thread_counts: Vec<usize>,
     mem_bytes: usize,
     matmuls: Vec<MatmulPlan>,
-    attn_contexts: Vec<usize>,
-    attn_batches: Vec<(usize, usize)>, // (batch, max context)
+    /// Attention series: query rows and the contexts measured at that many rows.
+    attn: Vec<(usize, Vec<usize>)>,
     while_h2d: Vec<(GgmlType, (usize, usize), usize)>,
     cfg: MeasureCfg,
 }
@@ -125,8 +138,7 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     batches: vec![512],
                 },
             ],
-            attn_contexts: vec![1024, 4096],
-            attn_batches: vec![(1, 4096)],
+            attn: vec![(1, vec![1024, 4096])],
             while_h2d: vec![(GgmlType::Q4_K, (4096, 4096), 1)],
             cfg: MeasureCfg::quick(),
         }
@@ -145,6 +157,14 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     types: all.clone(),
                     batches: FULL_BATCHES.to_vec(),
                 },
+            ]
+            .into_iter()
+            .chain(SMALL_SHAPES.iter().map(|&shape| MatmulPlan {
+                shape,
+                types: all.clone(),
+                batches: FULL_BATCHES.to_vec(),
+            }))
+            .chain([
                 // The large shapes take seconds per call at big batches: every type at a few
                 // batches, the common types at 512 too.
                 MatmulPlan {
@@ -154,7 +174,7 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                 },
                 MatmulPlan {
                     shape: (14336, 4096),
-                    types: all,
+                    types: all.clone(),
                     batches: vec![1, 4, 16, 64],
                 },
                 MatmulPlan {
@@ -167,9 +187,13 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     types: vec![GgmlType::Q4_K, GgmlType::Q6_K],
                     batches: vec![512],
                 },
+            ])
+            .collect(),
+            attn: vec![
+                (1, SHORT_CONTEXTS.iter().chain(FULL_CONTEXTS).copied().collect()),
+                (32, FULL_CONTEXTS.iter().copied().filter(|&c| c <= 2048).collect()),
+                (PREFILL_ROWS, PREFILL_CONTEXTS.to_vec()),
             ],
-            attn_contexts: FULL_CONTEXTS.to_vec(),
-            attn_batches: vec![(1, 32768), (32, 2048)],
             while_h2d: vec![
                 (GgmlType::Q4_K, (14336, 4096), 1),
                 (GgmlType::Q4_K, (14336, 4096), 16),
@@ -188,12 +212,7 @@ impl Plan {
             .iter()
             .map(|m| m.types.len() * m.batches.len())
             .sum();
-        let attn: usize = self
-            .attn_batches
-            .iter()
-            .map(|&(_, max)| self.attn_contexts.iter().filter(|&&c| c <= max).count())
-            .sum::<usize>()
-            * LAYOUTS.len();
+        let attn: usize = self.attn.iter().map(|(_, c)| c.len()).sum::<usize>() * LAYOUTS.len();
         let h2d = if gpu { self.while_h2d.len() + 1 } else { 0 };
         (self.thread_counts.len() + 1 + mm + attn + h2d) as u64
     }
@@ -475,12 +494,11 @@ impl Runner {
         let threads = p.current_num_threads();
         let max_ctx = self
             .plan
-            .attn_batches
+            .attn
             .iter()
-            .map(|&(_, m)| m)
+            .flat_map(|(_, c)| c.iter().copied())
             .max()
-            .unwrap_or(0)
-            .min(self.plan.attn_contexts.iter().copied().max().unwrap_or(0));
+            .unwrap_or(0);
         let max_kv_heads = LAYOUTS.iter().map(|l| l.2).max().unwrap_or(1);
         let need = 2 * max_ctx * max_kv_heads * HEAD_DIM;
         // f16 elements: one largest cache (K and V), or more to cover the rotation target.
@@ -490,14 +508,8 @@ impl Runner {
             .map(|_| f16::from_f32(self.rng.gen_range(-1.0f32..1.0)))
             .collect();
         let kv: Vec<f16> = (0..len).map(|i| table[i % table.len()]).collect();
-        for &(batch, max) in &self.plan.attn_batches.clone() {
-            for &ctx in self
-                .plan
-                .attn_contexts
-                .clone()
-                .iter()
-                .filter(|&&c| c <= max)
-            {
+        for (batch, contexts) in self.plan.attn.clone() {
+            for ctx in contexts.into_iter().filter(|&c| c >= batch) {
                 for &(name, n_head, n_kv) in LAYOUTS {
                     self.progress
                         .step(&format!("attention {name} ctx {ctx} batch {batch}"));
