@@ -569,7 +569,10 @@ impl CostTable {
             .series
             .get(&key(kv))
             .or_else(|| self.series.get(&key(GgmlType::F16)))?;
-        Some(interpolate_by_batch(pts, size.ln(), (batch.max(1) as f64).ln()).clamp(EFF_MIN, EFF_MAX))
+        Some(
+            interpolate_by_batch(pts, size.ln(), (batch.max(1) as f64).ln())
+                .clamp(EFF_MIN, EFF_MAX),
+        )
     }
 
     /// Seconds for an elementwise op touching `bytes` bytes on a lane.

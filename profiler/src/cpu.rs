@@ -190,8 +190,22 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
             ])
             .collect(),
             attn: vec![
-                (1, SHORT_CONTEXTS.iter().chain(FULL_CONTEXTS).copied().collect()),
-                (32, FULL_CONTEXTS.iter().copied().filter(|&c| c <= 2048).collect()),
+                (
+                    1,
+                    SHORT_CONTEXTS
+                        .iter()
+                        .chain(FULL_CONTEXTS)
+                        .copied()
+                        .collect(),
+                ),
+                (
+                    32,
+                    FULL_CONTEXTS
+                        .iter()
+                        .copied()
+                        .filter(|&c| c <= 2048)
+                        .collect(),
+                ),
                 (PREFILL_ROWS, PREFILL_CONTEXTS.to_vec()),
             ],
             while_h2d: vec![

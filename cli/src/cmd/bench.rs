@@ -878,8 +878,14 @@ n = 5
             s.contains("| matmul | 500.000 | 50.0% | 600.000 | +20.0% |"),
             "{s}"
         );
-        assert!(s.contains("| add | 100.000 | 10.0% | 50.000 | -50.0% |"), "{s}");
+        assert!(
+            s.contains("| add | 100.000 | 10.0% | 50.000 | -50.0% |"),
+            "{s}"
+        );
         assert!(s.contains("| rope | 0.000 | 0.0% | 10.000 | - |"), "{s}");
-        assert!(s.contains("predicted 660.00 ms (-34.0% of the wall time)"), "{s}");
+        assert!(
+            s.contains("predicted 660.00 ms (-34.0% of the wall time)"),
+            "{s}"
+        );
     }
 }
