@@ -12,7 +12,7 @@
 //! experts, `E·(1−(1−k/E)^n)`.
 
 use pshard_model::ggml_type::GgmlType;
-use pshard_model::graph::{BufId, Graph, Op};
+use pshard_model::graph::{Activation, BufId, Graph, Op};
 use pshard_model::spec::{GroupId, ModelSpec};
 
 use crate::costtable::{AttnShape, CostTable, GpuPath};
@@ -390,7 +390,8 @@ impl<'a> TierModel<'a> {
                 .chain(node.op.writes())
                 .map(buf_bytes)
                 .sum();
-            let ew_cpu = table.elementwise(Lane::Cpu, io_bytes);
+            let ew_cpu = cpu_elementwise(table, graph, &node.op, io_bytes)
+                .unwrap_or_else(|| table.elementwise(Lane::Cpu, io_bytes));
             let ew_gpu = if in_graph {
                 table.gpu_elementwise_in_graph(io_bytes)
             } else {
@@ -760,6 +761,32 @@ impl<'a> TierModel<'a> {
         };
         loads as f64 + kv
     }
+}
+
+/// The CPU time of an elementwise node from the profile's points of its kernel (rows, and the
+/// row width or, for rope, the heads as the points' size), `None` for other ops.
+fn cpu_elementwise(table: &CostTable, g: &Graph, op: &Op, io_bytes: f64) -> Option<f64> {
+    use crate::profile::KnownOp;
+    let (kind, rows, size) = match *op {
+        Op::RmsNorm { x, .. } => (KnownOp::RmsNorm, g.rows(x), g.buffer(x).cols),
+        Op::HeadRmsNorm { x, head_dim, .. } => {
+            let hd = head_dim.max(1);
+            (KnownOp::RmsNorm, g.rows(x) * g.buffer(x).cols / hd, hd)
+        }
+        Op::Glu { out, act, .. } => {
+            let k = match act {
+                Activation::GeluTanh => KnownOp::Geglu,
+                Activation::Silu | Activation::SwigluOai => KnownOp::Glu,
+            };
+            (k, g.rows(out), g.buffer(out).cols)
+        }
+        Op::Add { a, .. } => (KnownOp::Add, g.rows(a), g.buffer(a).cols),
+        Op::Rope { x, head_dim, .. } => {
+            (KnownOp::Rope, g.rows(x), g.buffer(x).cols / head_dim.max(1))
+        }
+        _ => return None,
+    };
+    Some(table.cpu_elementwise(kind, rows, size, io_bytes))
 }
 
 /// A `pshard bench` test, as [`predict_bench`] prices it.

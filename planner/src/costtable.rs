@@ -332,6 +332,21 @@ impl CostTable {
                 };
                 ((kv * nkv * hd) as f64, roof)
             }
+            KnownOp::RmsNorm | KnownOp::Glu | KnownOp::Geglu | KnownOp::Add | KnownOp::Rope => {
+                if lane != Lane::Cpu {
+                    return None;
+                }
+                // Size coordinate: the row width, or for rope the heads per row (its sines and
+                // cosines are per position and pair, its rotations per head).
+                let size = *shape.first()? as usize;
+                let width = if op == KnownOp::Rope {
+                    size * *shape.get(1)? as usize
+                } else {
+                    size
+                };
+                let bytes = (b * width * 4 * op.elementwise_streams()?) as f64;
+                (size as f64, self.elementwise(Lane::Cpu, bytes))
+            }
             KnownOp::MemRead
             | KnownOp::H2dPinned
             | KnownOp::H2dPageable
@@ -569,10 +584,18 @@ impl CostTable {
             .series
             .get(&key(kv))
             .or_else(|| self.series.get(&key(GgmlType::F16)))?;
-        Some(
-            interpolate_by_batch(pts, size.ln(), (batch.max(1) as f64).ln())
-                .clamp(EFF_MIN, EFF_MAX),
-        )
+        let (ls, lb) = (size.ln(), (batch.max(1) as f64).ln());
+        // CPU: within each batch first (see `interpolate_by_batch`). The GPU keeps the size-first
+        // interpolation its decode predictions were checked with: there it prices shallow decode
+        // attention from the smallest prefill point, ~12 µs more per call than its own decode
+        // points give, and that excess stands in for GPU decode costs the model lacks — read
+        // within each batch, the calibration's qwen3-30b-a3b all-GPU decode goes from -1% to +19%
+        // of `pshard bench` and the sanity check's qwen2.5-32b from +26% to +38% of llama.cpp.
+        let eff = match lane {
+            Lane::Cpu => interpolate_by_batch(pts, ls, lb),
+            _ => interpolate(pts, ls, lb, None),
+        };
+        Some(eff.clamp(EFF_MIN, EFF_MAX))
     }
 
     /// Seconds for an elementwise op touching `bytes` bytes on a lane.
@@ -581,6 +604,25 @@ impl CostTable {
             Lane::Cpu => self.ceil.cpu_op_s + bytes / self.ceil.cpu_mem,
             _ => self.ceil.gpu_launch_s + bytes / self.ceil.gpu_mem,
         }
+    }
+
+    /// Seconds for a CPU elementwise op of the profile's kind `op` (an op with
+    /// [`KnownOp::elementwise_streams`]) over `rows` rows moving `bytes`: the roofline time
+    /// ([`Self::elementwise`]) over the efficiency the profile's points of that op give at this
+    /// size (the row width, or for rope the heads) and row count. Profiles without such points
+    /// (made before they were measured) give the roofline time itself.
+    pub fn cpu_elementwise(&self, op: KnownOp, rows: usize, size: usize, bytes: f64) -> f64 {
+        let roof = self.elementwise(Lane::Cpu, bytes);
+        let eff = self.series.get(&SeriesKey { op, quant: None }).map(|pts| {
+            interpolate(
+                pts,
+                (size.max(1) as f64).ln(),
+                (rows.max(1) as f64).ln(),
+                None,
+            )
+            .clamp(EFF_MIN, EFF_MAX)
+        });
+        roof / eff.unwrap_or(1.0)
     }
 
     /// Seconds for a GPU elementwise op replayed in a CUDA graph (decode tiers).

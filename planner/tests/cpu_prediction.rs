@@ -200,3 +200,65 @@ fn a_measured_matmul_point_prices_its_node() {
     assert!((got - median).abs() < 1e-12, "{got}");
     assert_ne!(out.ty, GgmlType::F32);
 }
+
+fn point(op: &str, shape: Vec<u64>, batch: u64, median: f64) -> Point {
+    Point {
+        op: op.into(),
+        lane: Lane::Cpu,
+        quant: None,
+        shape,
+        batch,
+        threads: 2,
+        stats: Stats {
+            median_s: median,
+            lo_s: median,
+            hi_s: median,
+            cv: 0.0,
+            n: 5,
+            noisy: false,
+        },
+    }
+}
+
+/// Norms, GLUs, adds and ropes take the time their kernel's points give at the node's row width
+/// (rope: heads) and rows; without such points, the roofline time (fixed cost + bytes over the
+/// DRAM bandwidth).
+#[test]
+fn elementwise_nodes_use_their_kernels_points() {
+    let spec = common::spec("smollm2-135m");
+    let pl = Placement::uniform(&spec, Place::Cpu);
+    let p = params();
+    let g = common::graph(&spec, 1, 1).expect("graph");
+    let count = |kind: &str| g.nodes.iter().filter(|n| n.op.kind() == kind).count() as f64;
+    let (d, ff) = (576u64, 1536u64);
+    let pts = vec![
+        point("rms_norm", vec![d], 1, 0.7e-6),
+        point("glu", vec![ff], 1, 1.1e-6),
+        point("add", vec![d], 1, 0.2e-6),
+        // q has 9 heads of 64, k 3.
+        point("rope", vec![9, 64], 1, 2.0e-6),
+        point("rope", vec![3, 64], 1, 1.5e-6),
+    ];
+    let measured = CostTable::new(Some(&profile(roofline(0.5), pts)), None, 2);
+    let kinds = TierModel::new(&spec, &measured, &p, &g, false).op_seconds(&pl);
+    let of = |k: &str| kinds.iter().find(|e| e.0 == k).expect("kind").1;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+    assert!(
+        close(of("rms_norm"), count("rms_norm") * 0.7e-6),
+        "{kinds:?}"
+    );
+    assert!(close(of("glu"), count("glu") * 1.1e-6), "{kinds:?}");
+    assert!(close(of("add"), count("add") * 0.2e-6), "{kinds:?}");
+    assert!(
+        close(of("rope"), count("rope") / 2.0 * (2.0e-6 + 1.5e-6)),
+        "{kinds:?}"
+    );
+    // Without the points: 0.5 µs + the bytes each moves at 40 GB/s.
+    let bare = CostTable::new(Some(&profile(roofline(0.5), vec![])), None, 2);
+    let kinds = TierModel::new(&spec, &bare, &p, &g, false).op_seconds(&pl);
+    let of = |k: &str| kinds.iter().find(|e| e.0 == k).expect("kind").1;
+    let want = count("rms_norm") * (0.5e-6 + (2 * d * 4) as f64 / 40e9);
+    assert!(close(of("rms_norm"), want), "{} vs {want}", of("rms_norm"));
+    let want = count("glu") * (0.5e-6 + (3 * ff * 4) as f64 / 40e9);
+    assert!(close(of("glu"), want), "{} vs {want}", of("glu"));
+}

@@ -16,11 +16,12 @@ use pshard_kernels::gemm::packed;
 use pshard_kernels::matmul::{
     matmul, quantize_acts_into, QuantizedActs, WeightLayout, WeightMatrix,
 };
-use pshard_kernels::ops::{attention, AttnParams, KvType, KvView};
+use pshard_kernels::ops::{self, attention, AttnParams, KvType, KvView};
 use pshard_kernels::quant::{self, SUPPORTED};
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::Activation;
 use pshard_planner::profile::{
-    Lane, Point, Profile, ProfileKind, Roofline, Stats, PROFILE_FORMAT, PROFILE_MAJOR,
+    KnownOp, Lane, Point, Profile, ProfileKind, Roofline, Stats, PROFILE_FORMAT, PROFILE_MAJOR,
     PROFILE_MINOR,
 };
 use rand::rngs::StdRng;
@@ -57,6 +58,14 @@ pub const PREFILL_CONTEXTS: &[usize] = &[512, 1024, 2048];
 pub const LAYOUTS: &[(&str, usize, usize)] = &[("MHA", 32, 32), ("GQA-4", 32, 8), ("GQA-8", 32, 4)];
 /// Head dimension of the attention points.
 pub const HEAD_DIM: usize = 128;
+
+/// Rows (tokens) of the elementwise points: a decode step, decode batches and a prefill ubatch.
+pub const ELEMENTWISE_ROWS: &[usize] = &[1, 16, 64, 512];
+/// Row widths of the norm, GLU and add points.
+pub const ELEMENTWISE_COLS: &[usize] = &[1024, 4096];
+/// Head layouts `(heads, head_dim)` of the rope points: one head (the per-position sines and
+/// cosines dominate) and 32 (the rotations do).
+pub const ROPE_LAYOUTS: &[(usize, usize)] = &[(1, 128), (32, 128)];
 
 /// What a CPU profile run measures.
 #[derive(Clone, Debug)]
@@ -102,6 +111,10 @@ struct Plan {
     /// Attention series: query rows and the contexts measured at that many rows.
     attn: Vec<(usize, Vec<usize>)>,
     while_h2d: Vec<(GgmlType, (usize, usize), usize)>,
+    /// Elementwise points: rows, and row widths (norm, GLU, add) / rope layouts.
+    ew_rows: Vec<usize>,
+    ew_cols: Vec<usize>,
+    rope_layouts: Vec<(usize, usize)>,
     cfg: MeasureCfg,
 }
 
@@ -140,6 +153,9 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
             ],
             attn: vec![(1, vec![1024, 4096])],
             while_h2d: vec![(GgmlType::Q4_K, (4096, 4096), 1)],
+            ew_rows: vec![1, 512],
+            ew_cols: vec![1024],
+            rope_layouts: ROPE_LAYOUTS.to_vec(),
             cfg: MeasureCfg::quick(),
         }
     } else {
@@ -214,6 +230,9 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                 (GgmlType::Q8_0, (14336, 4096), 1),
                 (GgmlType::Q4_K, (4096, 4096), 512),
             ],
+            ew_rows: ELEMENTWISE_ROWS.to_vec(),
+            ew_cols: ELEMENTWISE_COLS.to_vec(),
+            rope_layouts: ROPE_LAYOUTS.to_vec(),
             cfg: MeasureCfg::full(),
         }
     }
@@ -228,7 +247,8 @@ impl Plan {
             .sum();
         let attn: usize = self.attn.iter().map(|(_, c)| c.len()).sum::<usize>() * LAYOUTS.len();
         let h2d = if gpu { self.while_h2d.len() + 1 } else { 0 };
-        (self.thread_counts.len() + 1 + mm + attn + h2d) as u64
+        let ew = self.ew_rows.len() * (4 * self.ew_cols.len() + self.rope_layouts.len());
+        (self.thread_counts.len() + 1 + mm + attn + ew + h2d) as u64
     }
 }
 
@@ -504,6 +524,82 @@ impl Runner {
         Ok(stats)
     }
 
+    /// Times `f` on the kernels' pool and records it as a point of `op`.
+    fn ew_point(&mut self, op: KnownOp, shape: Vec<u64>, rows: usize, f: impl FnMut()) {
+        let mut f = f;
+        let stats = measure(&self.plan.cfg, || {
+            f();
+            None
+        });
+        let threads = pshard_kernels::pool::threads();
+        self.points
+            .push(point(op.as_str(), None, shape, rows, threads, stats));
+    }
+
+    /// The elementwise ops of a layer as the CPU lane runs them (their kernels decide when to
+    /// split rows over the pool): RMS norm, GLU (SiLU and GELU-tanh), add and rope, per row
+    /// count and width. Activations stay in cache, as the lane's buffers are between ops.
+    fn elementwise_points(&mut self) {
+        let (rows_list, cols_list) = (self.plan.ew_rows.clone(), self.plan.ew_cols.clone());
+        let max = rows_list.iter().max().copied().unwrap_or(1)
+            * cols_list
+                .iter()
+                .copied()
+                .chain(self.plan.rope_layouts.iter().map(|l| l.0 * l.1))
+                .max()
+                .unwrap_or(1);
+        let a: Vec<f32> = (0..max).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let b: Vec<f32> = (0..max).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let mut out = vec![0f32; max];
+        for &rows in &rows_list {
+            for &cols in &cols_list {
+                let n = rows * cols;
+                let shape = vec![cols as u64];
+                let w = &b[..cols];
+                self.progress.step(&format!("rms_norm {rows}x{cols}"));
+                self.ew_point(KnownOp::RmsNorm, shape.clone(), rows, || {
+                    ops::rms_norm(&a[..n], w, &mut out[..n], 1e-6);
+                    black_box(&out);
+                });
+                for (op, act) in [
+                    (KnownOp::Glu, Activation::Silu),
+                    (KnownOp::Geglu, Activation::GeluTanh),
+                ] {
+                    self.progress.step(&format!("{op} {rows}x{cols}"));
+                    self.ew_point(op, shape.clone(), rows, || {
+                        ops::glu(&a[..n], &b[..n], &mut out[..n], act);
+                        black_box(&out);
+                    });
+                }
+                self.progress.step(&format!("add {rows}x{cols}"));
+                out[..n].copy_from_slice(&a[..n]);
+                self.ew_point(KnownOp::Add, shape, rows, || {
+                    ops::add_inplace(&mut out[..n], &b[..n]);
+                    black_box(&out);
+                });
+            }
+            for &(heads, hd) in &self.plan.rope_layouts.clone() {
+                let n = rows * heads * hd;
+                // Positions deep in a context, as most rows of a prompt are.
+                let positions: Vec<u32> = (0..rows as u32).map(|i| 4096 + i).collect();
+                let rope = ops::Rope {
+                    pairing: ops::RopePairing::Neox,
+                    n_dims: hd,
+                    base: 10000.0,
+                    pos_scale: 1.0,
+                    freq_factors: None,
+                    yarn: None,
+                };
+                self.progress.step(&format!("rope {rows}x{heads}x{hd}"));
+                out[..n].copy_from_slice(&a[..n]);
+                self.ew_point(KnownOp::Rope, vec![heads as u64, hd as u64], rows, || {
+                    ops::rope(&mut out[..n], hd, &positions, &rope);
+                    black_box(&out);
+                });
+            }
+        }
+    }
+
     fn attention_points(&mut self, p: &ThreadPool) -> Result<()> {
         let threads = p.current_num_threads();
         let max_ctx = self
@@ -672,6 +768,7 @@ pub fn run_cpu(c: &CpuConfig) -> Result<Profile> {
     }
 
     r.attention_points(&main_pool)?;
+    r.elementwise_points();
 
     // CPU while a pinned H2D copy loop runs.
     let mut while_h2d = None;
