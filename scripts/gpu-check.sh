@@ -11,6 +11,7 @@
 #   2. cuda_kernels again: the second start must hit the NVRTC cache and compile nothing;
 #   3. the decode-attention benchmark (cost against visible keys in a 32k cache);
 #   4. compute-sanitizer memcheck on tiny shapes (kernel tests, and one tiny model end to end);
+#   5. MMQ (off by default) end to end: dense GPU-vs-CPU logits with PSHARD_CUDA_MMQ=1;
 # then prints the measured errors (LOGITS lines) and a short table last.
 set -u
 cd "$(dirname "$0")/.."
@@ -108,7 +109,7 @@ fi
 if command -v compute-sanitizer >/dev/null; then
     if [ -x carry/cuda_kernels ]; then
         PSHARD_CUDA_TINY=1 timeout "$(cap 200)" compute-sanitizer --tool memcheck --error-exitcode 9 \
-            carry/cuda_kernels "${GPU_TESTS[@]}" --test-threads=1 --nocapture cuda_dequant cuda_gemv cuda_get_rows cuda_norms cuda_moe cuda_attention \
+            carry/cuda_kernels "${GPU_TESTS[@]}" --test-threads=1 --nocapture cuda_dequant cuda_gemv cuda_get_rows cuda_norms cuda_moe cuda_attention cuda_mmq \
             >"$OUT/cuda_kernels.memcheck.log" 2>&1
         mrc=$?
         summary=$(grep -m1 "ERROR SUMMARY" "$OUT/cuda_kernels.memcheck.log")
@@ -142,6 +143,21 @@ if command -v compute-sanitizer >/dev/null; then
     fi
 else
     rows+=("memcheck|compute-sanitizer not found")
+fi
+
+# 5. MMQ on (PSHARD_CUDA_MMQ=1): the dense models' prefill ubatches (16 and 9 tokens) and the
+# llama3-8b shapes then run their quantized matmuls on MMQ; the logits must still match the CPU's.
+if [ -x carry/cuda_runtime ]; then
+    PSHARD_CUDA_MMQ=1 timeout "$(cap 150)" carry/cuda_runtime --include-ignored --test-threads=1 --nocapture \
+        gpu::tests::gpu_matches_cpu_tiny_llama gpu::tests::gpu_matches_cpu_tiny_qwen2_q4_k_m \
+        gpu::tests::gpu_matches_cpu_tiny_gemma3_q4_k_m gpu::tests::gpu_matches_cpu_llama3_8b \
+        >"$OUT/cuda_runtime.mmq.log" 2>&1
+    mrc=$?
+    passed=$(grep -Eo '[0-9]+ passed' "$OUT/cuda_runtime.mmq.log" | tail -1)
+    failed=$(grep -Eo '[0-9]+ failed' "$OUT/cuda_runtime.mmq.log" | tail -1)
+    rows+=("logits CPU vs GPU with MMQ|rc=$mrc, ${passed:-?}, ${failed:-0 failed}")
+    note_rc "MMQ logits" $mrc "$OUT/cuda_runtime.mmq.log"
+    grep -E "panicked|FAILED" "$OUT/cuda_runtime.mmq.log" | head -10
 fi
 
 echo

@@ -17,7 +17,8 @@
 # then `llama-bench -fa 1 -ub 2048` measures pp512, pp4096, pp16384 and tg64 with them; pshard runs
 # `pshard bench --vram-budget MiB -c 16384` through its plans (in-process with the machine's profiles
 # when present under ~/.cache/pshard/profiles, else the committed H200 ones). TTFT = 16384 / pp16384.
-# Env: REPS (2), PP (the prompt tests, default 512,4096,16384), OUT (logs), SYNTH_DIR.
+# Env: REPS (2), PP (the prompt tests, default 512,4096,16384), CTX (16384; a model trained on a shorter
+# context runs at its training context on both sides, without the prompt tests past it), OUT (logs), SYNTH_DIR.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -46,7 +47,7 @@ OUT=${OUT:-/tmp/pshard-gpu-race}
 mkdir -p "$OUT"
 CASES=${*:-llama3-8b@3072 qwen2.5-32b@8192 qwen3-30b-a3b@4096}
 REPS=${REPS:-2}
-CTX=16384
+CTX=${CTX:-16384}
 PP=${PP:-512,4096,16384}
 DIR=${SYNTH_DIR:-/tmp/pshard-synth}
 mkdir -p "$DIR"
@@ -83,9 +84,16 @@ for c in $CASES; do
         "$BIN" synth "$m" --quant q4_k -o "$f" >"$OUT/synth-$m.log" 2>&1 || { echo "synth $m failed"; continue; }
         echo "synth $m: $(( $(date +%s) - t0 )) s"
     fi
+    # Both sides at CTX or the model's training context where that is shorter (pshard refuses
+    # a longer one), and only the prompt tests that fit it.
+    train=$("$BIN" inspect -m "$f" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["hparams"]["n_ctx_train"])')
+    ctx=$CTX
+    [ -n "$train" ] && [ "$train" -lt "$ctx" ] && ctx=$train
+    pp=$(echo "$PP" | tr ',' '\n' | awk -v c="$ctx" '$1 + 64 <= c' | paste -sd, -)
+    [ -n "$pp" ] || { echo "$m: no prompt test of $PP fits its context $ctx"; continue; }
     # llama.cpp: its own fit at the budget, then llama-bench with what it chose.
     free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
-    "$PEER/build/bin/llama-fit-params" -m "$f" -c "$CTX" -fa on -fitt $((free - budget)) \
+    "$PEER/build/bin/llama-fit-params" -m "$f" -c "$ctx" -fa on -fitt $((free - budget)) \
         >"$OUT/fit-$m.log" 2>&1
     # It prints `-c N -ngl N [-ot "pat=CPU,pat=CPU"]`: drop the quotes (the value is passed as one
     # word below) and separate the overrides with `;` (llama-bench's `,` separates test values).
@@ -93,15 +101,15 @@ for c in $CASES; do
     fit=$(echo "$fit" | sed -E ':a; s/(-ot [^ ,]*),/\1;/; ta')
     echo "$m @ $budget MiB: llama.cpp fit chose: ${fit:-nothing (see $OUT/fit-$m.log)}"
     # shellcheck disable=SC2086
-    "$PEER/build/bin/llama-bench" -m "$f" -p "$PP" -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \
+    "$PEER/build/bin/llama-bench" -m "$f" -p "$pp" -n 64 -fa 1 -ub 2048 -r "$REPS" $fit \
         -o json >"$OUT/peer-$m.json" 2>"$OUT/peer-$m.log"
     # pshard at the same budget and context.
-    "$BIN" bench -m "$f" -p "$PP" -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
-        -c "$CTX" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
+    "$BIN" bench -m "$f" -p "$pp" -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
+        -c "$ctx" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
     grep -E "^plans:|^warning|VRAM|error" "$OUT/pshard-$m.log" | head -5
-    rows+=("$(python3 - "$m" "$budget" "$OUT/peer-$m.json" "$OUT/pshard-$m.json" "$fit" <<'PY'
+    rows+=("$(python3 - "$m" "$budget" "$OUT/peer-$m.json" "$OUT/pshard-$m.json" "$fit" "$ctx" <<'PY'
 import json, sys
-m, budget, peer, ours, fit = sys.argv[1:6]
+m, budget, peer, ours, fit, ctx = sys.argv[1:7]
 def load(p):
     try:
         return json.load(open(p))
@@ -114,18 +122,21 @@ def rates(rows):
         r[key] = (x["avg_ts"], x.get("strategy"), x.get("predicted_ts"))
     return r
 a, b = rates(load(peer)), rates(load(ours))
+# A MoE fit overrides dozens of tensors: the table counts them (the full text is in fit-MODEL.log).
+ngl, _, ot = (fit or "?").partition(" -ot ")
+fit = ngl + (f" -ot ({len(ot.split(';'))} patterns)" if ot else "")
 cells = []
-for side, r in (("llama.cpp fit " + (fit or "?"), a), ("pshard", b)):
+for side, r in (("llama.cpp fit " + fit, a), ("pshard", b)):
     vals = [f"{r[k][0]:,.1f}" if k in r else "-" for k in ("pp512", "pp4096", "pp16384", "tg64")]
     ttft = f"{16384 / r['pp16384'][0]:.2f} s" if "pp16384" in r else "-"
     strat = r.get("tg64", (0, None, None))[1] or ""
-    cells.append(f"| {m} | {budget} | {side} | " + " | ".join(vals) + f" | {ttft} | {strat} |")
+    cells.append(f"| {m} | {budget} | {ctx} | {side} | " + " | ".join(vals) + f" | {ttft} | {strat} |")
 print("\n".join(cells))
 PY
 )")
 done
 echo
-echo "device: $(cat "$OUT/device.txt"), $(date -u +%Y-%m-%d), ctx $CTX"
-echo "| model | budget MiB | side | pp512 | pp4096 | pp16384 | tg64 | TTFT 16k | decode strategy |"
-echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
+echo "device: $(cat "$OUT/device.txt"), $(date -u +%Y-%m-%d)"
+echo "| model | budget MiB | ctx | side | pp512 | pp4096 | pp16384 | tg64 | TTFT 16k | decode strategy |"
+echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
 for r in "${rows[@]}"; do echo "$r"; done

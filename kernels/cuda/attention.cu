@@ -43,20 +43,6 @@ __device__ __forceinline__ float cap_score(float v, float softcap) {
     return softcap > 0.f ? softcap * tanhf(v / softcap) : v;
 }
 
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-
-// 16-byte async copy global -> shared; zero-fills when !pred.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
 // Two B fragments (d-tiles dt and dt+1) of V for keys kk*16..+15, read transposed from row-major
 // shared memory.
 __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
@@ -286,8 +272,6 @@ FLASH_KERNEL(256, 32)
 // is merged online, and P·V runs with threads over value dims (and key groups when dv is small).
 
 #define SPLIT_TILE 64
-
-__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // Visible keys of a query at position p, cut into at most n_split splits of `chunk` keys
 // (live = 0: nothing visible, e.g. a padding row with p < 0).

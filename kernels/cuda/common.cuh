@@ -47,6 +47,57 @@ __device__ __forceinline__ u32 ld32_a2(const u8* p) {
 
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
 
+// 2 bytes from any address (little-endian).
+__device__ __forceinline__ u32 ldb16(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8); }
+
+// Spreads the 4 low bits of v to bit 0 of each byte.
+__device__ __forceinline__ u32 bits_to_bytes(u32 v) { return ((v & 0xfu) * 0x00204081u) & 0x01010101u; }
+
+// ---------------------------------------------------------------------------------------------
+// Asynchronous copies into shared memory (sm_80+) and programmatic dependent launch (sm_90+).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+
+// Copies the first `n` (0..16) of 16 bytes from global `src` to shared `dst` (both 16-byte
+// aligned) and zero-fills the rest: only those `n` bytes are read.
+__device__ __forceinline__ void cp_async16_n(void* dst, const void* src, int n) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+}
+
+// 16-byte async copy global -> shared; zero-fills when !pred.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+    cp_async16_n(dst, src, pred ? 16 : 0);
+}
+
+// 4-byte async copy of `n` (0 or 4) bytes, both addresses 4-byte aligned (4-byte copies exist only
+// in the .ca cache mode); zero-fills when n is 0.
+__device__ __forceinline__ void cp_async4_n(void* dst, const void* src, int n) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// A kernel launched as a programmatic dependent of the one before it on the stream (Hopper) starts
+// while that one runs (once it called pdl_launch_dependents) and must pdl_wait before reading what
+// it writes. Both instructions are no-ops without that launch mode.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -370,10 +421,10 @@ struct TMXFP4 {
 };
 
 // Signed 6-bit scale ls - 32 of IQ4_XS sub-block j: low nibble in scales_l[j / 2] (bytes 4..8),
-// top 2 bits at bit 2j of scales_h (bytes 2..4).
+// top 2 bits at bit 2j of scales_h (bytes 2..4). Byte loads: any alignment.
 __device__ __forceinline__ int iq4xs_scale(const u8* b, int j) {
     const int lo = (b[4 + (j >> 1)] >> (4 * (j & 1))) & 0xf;
-    const int hi = (ld16(b + 2) >> (2 * j)) & 3;
+    const int hi = (ldb16(b + 2) >> (2 * j)) & 3;
     return (lo | (hi << 4)) - 32;
 }
 

@@ -17,17 +17,7 @@
 
 // The GEMV is launched as a programmatic dependent of the quantizer (Hopper): its blocks start
 // while the quantizer runs, issue their first weight loads, and wait for the quantized
-// activations only before reading them. Both instructions are no-ops without that launch mode.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// activations only before reading them (pdl_wait, common.cuh).
 
 // ---------------------------------------------------------------------------------------------
 // Activation quantizers. Grid (ceil(blocks / 8), n), 256 threads: one warp per block.
@@ -150,9 +140,6 @@ struct Acts {
 };
 
 __device__ __forceinline__ int dp4(u32 a, int b, int c) { return __dp4a((int)a, b, c); }
-
-// Spreads the 4 low bits of v to bit 0 of each byte.
-__device__ __forceinline__ u32 bits_to_bytes(u32 v) { return ((v & 0xfu) * 0x00204081u) & 0x01010101u; }
 
 // Dot of 8 weight bytes (two words) with 8 activation quants.
 __device__ __forceinline__ int dot8(u32 w0, u32 w1, int2 a) { return dp4(w0, a.x, dp4(w1, a.y, 0)); }

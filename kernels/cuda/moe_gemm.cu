@@ -110,21 +110,10 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
 #define MG_BK 256
 #define MG_LD (MG_BK + 8)
 
-__device__ __forceinline__ u32 mg_smem(const void* p) {
-    u64 a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (u32)a;
-}
-
-__device__ __forceinline__ void mg_cp16(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(mg_smem(dst)), "l"(src),
-                 "r"(pred ? 16 : 0));
-}
-
 __device__ __forceinline__ void mg_ldm4(u32* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(mg_smem(p)));
+                 : "r"(smem_u32(p)));
 }
 
 __device__ __forceinline__ void mg_mma(float* c, const u32* a, u32 b0, u32 b1) {
@@ -293,18 +282,18 @@ __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ w, i64 expe
             for (int i = tid; i < BN * UPT; i += NTH) {
                 const int n = i / UPT, c = i - n * UPT;
                 const bool ok = n < nvalid && c * 8 < kn;
-                mg_cp16(xs + n * MG_LD + c * 8, ok ? (const void*)(xt + (i64)n * cols + k0 + c * 8)
+                cp_async16(xs + n * MG_LD + c * 8, ok ? (const void*)(xt + (i64)n * cols + k0 + c * 8)
                                                    : (const void*)x,
                         ok);
             }
-            asm volatile("cp.async.commit_group;");
+            cp_async_commit();
             const u8* wt = wexp + (i64)(k0 / T::QK) * T::BYTES;
             if constexpr (mg_same<T, TQ4_K>::value) {
                 mg_decode_q4_k<BM, NTH>(wt, row_bytes, m0, rows, ws, tid);
             } else {
                 mg_decode_tile<T, BM, NTH>(wt, row_bytes, m0, rows, kn, ws, tid);
             }
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            cp_async_wait0();
             __syncthreads();
             // Pull the next K tile's weight rows into L2 while this one is multiplied (the decode
             // above waits on every load, so DRAM latency would otherwise stall each tile).

@@ -380,11 +380,14 @@ __device__ __forceinline__ float gate_value(float v, int gating, float mx, float
 // n_expert / n_groups experts score the sum of their two best, all but the n_groups_used best are
 // masked; n_groups <= 32), the top n_used (ties: lowest id), their gated values as weights —
 // softmaxed among themselves for gating 2 —, renormalised (sum clamped at 2^-14) when `normalize`
-// and scaled by `scale`. route row: n_used expert ids (u32) then n_used f32 weights.
+// and scaled by `scale`. `forced` (n_tokens x n_used expert ids, or null): a token whose row does
+// not start with ROUTE_FREE takes those experts instead of choosing (ids checked < n_expert by the
+// host), weighted by the same steps. route row: n_used expert ids (u32) then n_used f32 weights.
+#define ROUTE_FREE 0xffffffffu
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_tokens, int n_expert,
                                      int n_used, int gating, const float* __restrict__ sel_bias,
                                      int n_groups, int n_groups_used, int normalize, float scale,
-                                     u32* __restrict__ route) {
+                                     const u32* __restrict__ forced, u32* __restrict__ route) {
     const int lane = threadIdx.x & 31;
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= n_tokens) return;
@@ -395,61 +398,71 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_tok
     float sum = 0.f;
     for (int e = lane; e < n_expert; e += 32) sum += expf(l[e] - mx);
     sum = warp_sum(sum);
-    // Allowed groups, one bit each (all when there is no group limit).
-    u32 groups_ok = 0xffffffffu;
-    if (n_groups > 1) {
-        const int per = n_expert / n_groups;
-        float score_mine = NEG_INF;  // lane g keeps group g's score
-        for (int g = 0; g < n_groups; g++) {
-            float b0 = NEG_INF, b1 = NEG_INF;
-            for (int e = g * per + lane; e < (g + 1) * per; e += 32) {
-                const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
-                if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+    u32* out = route + (i64)t * 2 * n_used;
+    float* wout = (float*)(out + n_used);
+    // One row per warp: the branch is uniform across the warp's lanes.
+    const u32* f = forced ? forced + (i64)t * n_used : nullptr;
+    if (f && f[0] != ROUTE_FREE) {
+        if (lane == 0)
+            for (int k = 0; k < n_used; k++) {
+                out[k] = f[k];
+                wout[k] = gate_value(l[f[k]], gating, mx, sum);
             }
+    } else {
+        // Allowed groups, one bit each (all when there is no group limit).
+        u32 groups_ok = 0xffffffffu;
+        if (n_groups > 1) {
+            const int per = n_expert / n_groups;
+            float score_mine = NEG_INF;  // lane g keeps group g's score
+            for (int g = 0; g < n_groups; g++) {
+                float b0 = NEG_INF, b1 = NEG_INF;
+                for (int e = g * per + lane; e < (g + 1) * per; e += 32) {
+                    const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
+                    if (v > b0) { b1 = b0; b0 = v; } else if (v > b1) { b1 = v; }
+                }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float o0 = __shfl_xor_sync(0xffffffffu, b0, o);
-                const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
-                const float hi = fmaxf(b0, o0);
-                b1 = fmaxf(fminf(b0, o0), fmaxf(b1, o1));
-                b0 = hi;
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float o0 = __shfl_xor_sync(0xffffffffu, b0, o);
+                    const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+                    const float hi = fmaxf(b0, o0);
+                    b1 = fmaxf(fminf(b0, o0), fmaxf(b1, o1));
+                    b0 = hi;
+                }
+                if (lane == g) score_mine = per < 2 ? b0 : b0 + b1;
             }
-            if (lane == g) score_mine = per < 2 ? b0 : b0 + b1;
+            groups_ok = 0;
+            for (int k = 0; k < n_groups_used; k++) {
+                float best = lane < n_groups && !((groups_ok >> lane) & 1) ? score_mine : NEG_INF;
+                int bi = lane < n_groups && !((groups_ok >> lane) & 1) ? lane : 0x7fffffff;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+                    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+                }
+                groups_ok |= 1u << bi;
+            }
         }
-        groups_ok = 0;
-        for (int k = 0; k < n_groups_used; k++) {
-            float best = lane < n_groups && !((groups_ok >> lane) & 1) ? score_mine : NEG_INF;
-            int bi = lane < n_groups && !((groups_ok >> lane) & 1) ? lane : 0x7fffffff;
+        const int per = n_groups > 1 ? n_expert / n_groups : n_expert;
+        // Experts already chosen, one bit per lane-local index j (expert lane + 32 j; n_expert <= 1024).
+        u32 taken = 0;
+        for (int k = 0; k < n_used; k++) {
+            float best = NEG_INF;
+            int bi = 0x7fffffff;
+            for (int e = lane, j = 0; e < n_expert; e += 32, j++) {
+                if ((taken >> j) & 1 || !((groups_ok >> (e / per)) & 1)) continue;
+                const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
+                if (v > best || (v == best && e < bi)) { best = v; bi = e; }
+            }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
                 const float ob = __shfl_xor_sync(0xffffffffu, best, o);
                 const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
                 if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
             }
-            groups_ok |= 1u << bi;
+            if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+            if (lane == 0) { out[k] = (u32)bi; wout[k] = gate_value(l[bi], gating, mx, sum); }
         }
-    }
-    const int per = n_groups > 1 ? n_expert / n_groups : n_expert;
-    u32* out = route + (i64)t * 2 * n_used;
-    float* wout = (float*)(out + n_used);
-    // Experts already chosen, one bit per lane-local index j (expert lane + 32 j; n_expert <= 1024).
-    u32 taken = 0;
-    for (int k = 0; k < n_used; k++) {
-        float best = NEG_INF;
-        int bi = 0x7fffffff;
-        for (int e = lane, j = 0; e < n_expert; e += 32, j++) {
-            if ((taken >> j) & 1 || !((groups_ok >> (e / per)) & 1)) continue;
-            const float v = gate_value(l[e], gating, mx, sum) + (sel_bias ? sel_bias[e] : 0.f);
-            if (v > best || (v == best && e < bi)) { best = v; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        if (lane == 0) { out[k] = (u32)bi; wout[k] = gate_value(l[bi], gating, mx, sum); }
     }
     __syncwarp();
     if (lane == 0) {

@@ -1628,6 +1628,30 @@ mod tests {
     }
 
     #[test]
+    fn route_forced_ids_take_their_gated_weights() {
+        let logits = [0.0f32, 3.0, 1.0, 2.9];
+        let (mut ids, mut w) = ([0u32; 2], [0f32; 2]);
+        // Softmax over all experts, renormalised between the two forced ones (not the top two).
+        let r = routing(Gating::Softmax, true, 1.0, (0, 0));
+        route(&logits, &r, None, Some(&[2, 0]), &mut ids, &mut w);
+        assert_eq!(ids, [2, 0]);
+        let e = 1f32.exp();
+        assert!((w[0] - e / (e + 1.0)).abs() < 1e-6 && (w[1] - 1.0 / (e + 1.0)).abs() < 1e-6);
+        // Without renormalisation: their probabilities among all four.
+        let r = routing(Gating::Softmax, false, 1.0, (0, 0));
+        route(&logits, &r, None, Some(&[2, 0]), &mut ids, &mut w);
+        let sum: f32 = logits.iter().map(|v| v.exp()).sum();
+        assert!((w[0] - e / sum).abs() < 1e-6 && (w[1] - 1.0 / sum).abs() < 1e-6);
+        // Sigmoid, scaled: the selection bias and the group limit choose nothing when forced.
+        let r = routing(Gating::Sigmoid, false, 2.5, (2, 1));
+        let bias = [0.0, 0.0, 9.0, 0.0];
+        route(&logits, &r, Some(&bias), Some(&[0, 3]), &mut ids, &mut w);
+        assert_eq!(ids, [0, 3]);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((w[0] - 2.5 * sig(0.0)).abs() < 1e-6 && (w[1] - 2.5 * sig(2.9)).abs() < 1e-6);
+    }
+
+    #[test]
     fn swiglu_oai_clamps() {
         // Below the limit: g·σ(1.702 g)·(u + 1).
         let want = 0.5 / (1.0 + (-1.702f32 * 0.5).exp()) * 1.25;

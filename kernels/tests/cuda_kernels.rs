@@ -8,9 +8,12 @@
 
 use half::f16;
 use pshard_kernels::cuda::{
-    kernels::{row_bytes, type_geom, RopeYarnArg, CUDA_TYPES, MOE_GEMM_BN},
-    AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells, PinnedBuf,
-    RegionId, RegionKind, RopeArgs, RopeKind,
+    kernels::{
+        mmq_supported, row_bytes, type_geom, MmqTile, RopeYarnArg, CUDA_TYPES, MOE_GEMM_BN,
+        MOE_ROUTE_FREE,
+    },
+    matmul_path, AttnParams, CudaError, DevBuf, GemmScratch, Gpu, HostRegistration, KvCells,
+    MatmulPath, PinnedBuf, RegionId, RegionKind, RopeArgs, RopeKind,
 };
 use pshard_kernels::kv::KvType;
 use pshard_kernels::quant;
@@ -415,14 +418,9 @@ fn cuda_matmul_gemm_path_and_row_range() {
         for n in [4usize, 8, 17, 100] {
             let x = randv(&mut r, n * cols, 1.0);
             let bias = randv(&mut r, rows, 1.0);
-            // Few rows run the GEMV, which rounds activations to the partner format.
-            let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-            let gemv_max = if float {
-                pshard_kernels::cuda::GEMV_MAX_ROWS
-            } else {
-                pshard_kernels::cuda::GEMV_INT8_MAX_ROWS
-            };
-            let gemv = n <= gemv_max;
+            // Few rows run the GEMV (and with PSHARD_CUDA_MMQ=1, MMQ runs its range): both round
+            // activations to the partner format.
+            let gemv = matmul_path(ty, n, true, false) != MatmulPath::Gemm;
             let want_all = if gemv {
                 ref_gemv(ty, &bytes, &wf, rows, cols, &x, n, Some(&bias))
             } else {
@@ -459,8 +457,8 @@ fn cuda_matmul_gemm_path_and_row_range() {
                 .unwrap();
             c.sync();
             let err = rel_l2(&c.down_f32(out.ptr, n * nrows), &want);
-            // f16 (bf16) rounding of weights and activations: 1e-3 (bf16: 8e-3); the GEMV
-            // path only rounds in f32 (1e-5).
+            // f16 (bf16) rounding of weights and activations: 1e-3 (bf16: 8e-3); the GEMV and
+            // MMQ paths only round in f32 (1e-5).
             let tol = if gemv {
                 1e-5
             } else if ty == GgmlType::BF16 {
@@ -670,6 +668,188 @@ fn cuda_gemv_int8_graph_replay_matches_direct() {
         }
         c.free(&[w]);
     }
+}
+
+/// MMQ against the CPU engine's matmul on the same weights and activations, bit for bit (the same
+/// integer sums and f32 operations in the CPU's order, mmq.cu): every quantized type, every tile
+/// this device runs, token counts 1, 7, 8, 33, 100, 256 (ragged against every tile), rows that are
+/// not tile multiples, a partial last K tile for the 32-element types (800 = 3 × 256 + 32),
+/// weights 6 bytes past an aligned address, a bias, activations quantized earlier (the
+/// prequantized entry), and a batch larger than the int8 scratch holds at once (two chunks).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_mmq_matches_cpu_engine() {
+    let Some(c) = ctx("cuda_mmq_matches_cpu_engine") else {
+        return;
+    };
+    let mut r = rng("cuda_mmq");
+    // Under the memory checker (PSHARD_CUDA_TINY=1): fewer token counts.
+    let tiny = std::env::var_os("PSHARD_CUDA_TINY").is_some();
+    let s = c.gpu.stream().clone();
+    let mut launches = 0;
+    // Exact bits; on a mismatch, where and how far (rel L2 tells a layout error from rounding).
+    let check = |got: &[f32], want: &[f32], rows: usize, what: &str| {
+        let bad: Vec<usize> = (0..want.len())
+            .filter(|&i| got[i].to_bits() != want[i].to_bits())
+            .collect();
+        if let Some(&i) = bad.first() {
+            let w64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            let err = if got.iter().all(|v| v.is_finite()) {
+                rel_l2(got, &w64)
+            } else {
+                f64::NAN
+            };
+            panic!(
+                "{what}: {} of {} outputs differ from the CPU engine (rel L2 {err:.2e}); first: token {} row {}: {} vs {}",
+                bad.len(),
+                want.len(),
+                i / rows,
+                i % rows,
+                got[i],
+                want[i]
+            );
+        }
+    };
+    for &ty in quant::SUPPORTED {
+        if !mmq_supported(ty) {
+            continue;
+        }
+        let k = quant::kernel(ty).expect("CPU kernel");
+        let cols0 = if ty.block_size() == 32 { 800 } else { 768 };
+        for (si, &(rows, cols)) in [(37usize, cols0), (131, 4096)].iter().enumerate() {
+            let bytes = if si == 1 {
+                make_weights(&mut r, ty, rows, cols).0
+            } else {
+                random_blocks(&mut r, ty, rows, cols)
+            };
+            let pad = 6usize;
+            let mut padded = vec![0u8; pad];
+            padded.extend_from_slice(&bytes);
+            let wbuf = c.up_bytes(&padded);
+            let w = wbuf.ptr + pad as u64;
+            let wm = pshard_kernels::matmul::WeightMatrix {
+                ty,
+                data: &bytes,
+                rows,
+                cols,
+                layout: pshard_kernels::matmul::WeightLayout::File,
+            };
+            let bias = randv(&mut r, rows, 1.0);
+            let bd = c.up_f32(&bias);
+            let ns: &[usize] = if tiny {
+                &[1, 8, 33]
+            } else {
+                &[1, 7, 8, 33, 100, 256]
+            };
+            for &n in ns {
+                let x = randv(&mut r, n * cols, 1.0);
+                let xq = pshard_kernels::matmul::quantize_acts(k.act, &x, n, cols);
+                let mut want = vec![0f32; n * rows];
+                pshard_kernels::matmul::matmul(&wm, &xq, &mut want, rows, 0..rows).unwrap();
+                let xd = c.up_f32(&x);
+                let out = c.poisoned(n * rows * 4);
+                let tiles: Vec<Option<MmqTile>> = std::iter::once(None)
+                    .chain(c.gpu.kernels.mmq_tiles(ty).into_iter().map(Some))
+                    .collect();
+                for tile in tiles {
+                    c.gpu.dev.memset(&s, out.ptr, 0xff, n * rows * 4).unwrap();
+                    c.gpu
+                        .kernels
+                        .mmq(
+                            ty, w, rows, cols, xd.ptr, cols, out.ptr, rows, n, None, tile, &s,
+                        )
+                        .unwrap();
+                    c.sync();
+                    let what = format!("{ty:?} {rows}x{cols} n={n} tile {tile:?}");
+                    check(&c.down_f32(out.ptr, n * rows), &want, rows, &what);
+                    launches += 1;
+                }
+                // A bias adds once, after the sum.
+                c.gpu
+                    .kernels
+                    .mmq(
+                        ty,
+                        w,
+                        rows,
+                        cols,
+                        xd.ptr,
+                        cols,
+                        out.ptr,
+                        rows,
+                        n,
+                        Some(bd.ptr),
+                        None,
+                        &s,
+                    )
+                    .unwrap();
+                c.sync();
+                let with_bias: Vec<f32> = (0..n * rows).map(|i| want[i] + bias[i % rows]).collect();
+                check(
+                    &c.down_f32(out.ptr, n * rows),
+                    &with_bias,
+                    rows,
+                    &format!("{ty:?} {rows}x{cols} n={n} bias"),
+                );
+                // Activations quantized earlier (as shared q/k/v inputs are).
+                if n <= pshard_kernels::cuda::kernels::GEMV_MAX_NB {
+                    let qa = c
+                        .gpu
+                        .kernels
+                        .quantize_acts(k.act, xd.ptr, cols, cols, n, &s)
+                        .unwrap();
+                    c.gpu.dev.memset(&s, out.ptr, 0xff, n * rows * 4).unwrap();
+                    c.gpu
+                        .kernels
+                        .mmq_prequantized(ty, qa, w, rows, cols, out.ptr, rows, n, None, &s)
+                        .unwrap();
+                    c.sync();
+                    check(
+                        &c.down_f32(out.ptr, n * rows),
+                        &want,
+                        rows,
+                        &format!("{ty:?} {rows}x{cols} n={n} prequantized"),
+                    );
+                }
+                c.free(&[xd, out]);
+            }
+            c.free(&[wbuf, bd]);
+        }
+    }
+    // More tokens of 4096 columns than the scratch holds at once: two chunks, two launches.
+    if !tiny {
+        let (ty, rows, cols, n) = (GgmlType::Q4_K, 64usize, 4096usize, 600usize);
+        let bytes = make_weights(&mut r, ty, rows, cols).0;
+        let wd = c.up_bytes(&bytes);
+        let k = quant::kernel(ty).unwrap();
+        let x = randv(&mut r, n * cols, 1.0);
+        let xq = pshard_kernels::matmul::quantize_acts(k.act, &x, n, cols);
+        let wm = pshard_kernels::matmul::WeightMatrix {
+            ty,
+            data: &bytes,
+            rows,
+            cols,
+            layout: pshard_kernels::matmul::WeightLayout::File,
+        };
+        let mut want = vec![0f32; n * rows];
+        pshard_kernels::matmul::matmul(&wm, &xq, &mut want, rows, 0..rows).unwrap();
+        let xd = c.up_f32(&x);
+        let out = c.poisoned(n * rows * 4);
+        c.gpu
+            .kernels
+            .mmq(
+                ty, wd.ptr, rows, cols, xd.ptr, cols, out.ptr, rows, n, None, None, &s,
+            )
+            .unwrap();
+        c.sync();
+        check(
+            &c.down_f32(out.ptr, n * rows),
+            &want,
+            rows,
+            "Q4_K 64x4096 n=600 (chunks)",
+        );
+        c.free(&[wd, xd, out]);
+    }
+    eprintln!("MMQ vs CPU engine: {launches} launches, every output bit-identical");
 }
 
 #[test]
@@ -1887,7 +2067,7 @@ fn cuda_moe_route_and_experts_match_cpu() {
         let sel = (gating == Gating::Sigmoid).then_some(bd.ptr);
         c.gpu
             .kernels
-            .moe_route(ld.ptr, n, &rt, sel, route.ptr, &s)
+            .moe_route(ld.ptr, n, &rt, sel, None, route.ptr, &s)
             .unwrap();
         c.sync();
         let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
@@ -1930,7 +2110,7 @@ fn cuda_moe_route_and_experts_match_cpu() {
         };
         c.gpu
             .kernels
-            .moe_route(ld.ptr, n, &rt, None, route.ptr, &s)
+            .moe_route(ld.ptr, n, &rt, None, None, route.ptr, &s)
             .unwrap();
         c.sync();
         let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
@@ -2112,6 +2292,98 @@ fn cpu_moe_gemv(
         .unwrap();
     }
     y
+}
+
+/// `moe_route` with a forced-expert table against the CPU's routing with the same forced ids:
+/// forced tokens (distinct random experts, some in groups the group limit masks) take exactly
+/// those experts, weighted by each gating, renormalisation and scale as the CPU does, the
+/// selection bias ignored; tokens whose row starts with `MOE_ROUTE_FREE` route as without a
+/// table.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_moe_route_forced_matches_cpu() {
+    let Some(c) = ctx("cuda_moe_route_forced_matches_cpu") else {
+        return;
+    };
+    let mut r = rng("cuda_moe_forced");
+    let s = c.gpu.stream().clone();
+    let (n, n_expert, n_used) = (9usize, 16usize, 4usize);
+    let bias = randv(&mut r, n_expert, 0.3);
+    let bd = c.up_f32(&bias);
+    for (gating, groups, normalize, scale) in [
+        (Gating::Softmax, (0, 0), false, 1.0),
+        (Gating::Softmax, (4, 2), true, 1.0),
+        (Gating::Sigmoid, (0, 0), true, 2.5),
+        (Gating::SoftmaxAfterTopK, (0, 0), false, 1.0),
+        (Gating::Sigmoid, (8, 3), true, 1.0),
+    ] {
+        let rt = Routing {
+            n_expert,
+            n_used,
+            gating,
+            normalize,
+            scale,
+            groups,
+        };
+        let logits = randv(&mut r, n * n_expert, 3.0);
+        // Every third token routes itself; the others take n_used distinct random experts.
+        let mut table = vec![MOE_ROUTE_FREE; n * n_used];
+        for (t, row) in table.chunks_exact_mut(n_used).enumerate() {
+            if t % 3 == 2 {
+                continue;
+            }
+            let mut k = 0;
+            while k < n_used {
+                let e = r.gen_range(0..n_expert as u32);
+                if !row[..k].contains(&e) {
+                    row[k] = e;
+                    k += 1;
+                }
+            }
+        }
+        let ld = c.up_f32(&logits);
+        let fd = c.up_bytes(bytemuck::cast_slice(&table));
+        let route = c.poisoned(n * 2 * n_used * 4);
+        let sel = (gating == Gating::Sigmoid).then_some(bd.ptr);
+        c.gpu
+            .kernels
+            .moe_route(ld.ptr, n, &rt, sel, Some(fd.ptr), route.ptr, &s)
+            .unwrap();
+        c.sync();
+        let rb = c.down_bytes(route.ptr, n * 2 * n_used * 4);
+        let word = |i: usize| u32::from_le_bytes(rb[4 * i..4 * i + 4].try_into().unwrap());
+        let mut differs = false;
+        for t in 0..n {
+            let row = &table[t * n_used..][..n_used];
+            let forced = (row[0] != MOE_ROUTE_FREE).then_some(row);
+            let (mut ids, mut w) = (vec![0u32; n_used], vec![0f32; n_used]);
+            let l = &logits[t * n_expert..][..n_expert];
+            let b = sel.map(|_| &bias[..]);
+            pshard_kernels::ops::route(l, &rt, b, forced, &mut ids, &mut w);
+            let (mut own, mut own_w) = (vec![0u32; n_used], vec![0f32; n_used]);
+            pshard_kernels::ops::route(l, &rt, b, None, &mut own, &mut own_w);
+            differs |= forced.is_some() && own != ids;
+            for k in 0..n_used {
+                assert_eq!(
+                    word(t * 2 * n_used + k),
+                    ids[k],
+                    "{rt:?} token {t} expert {k} (forced {forced:?})"
+                );
+                let got = f32::from_bits(word(t * 2 * n_used + n_used + k));
+                assert!(
+                    (got - w[k]).abs() < 1e-5,
+                    "{rt:?} token {t} weight {k}: {got} vs {} (forced {forced:?})",
+                    w[k]
+                );
+            }
+        }
+        assert!(
+            differs,
+            "{rt:?}: no forced token differs from its own routing"
+        );
+        c.free(&[ld, fd, route]);
+    }
+    c.free(&[bd]);
 }
 
 /// A route buffer as `moe_route` writes it for pairs with experts `ids` (`n_used` per token, the
@@ -2973,6 +3245,45 @@ fn cuda_type_geometry_covers_cpu_types() {
 /// graphs (or back to back: `PSHARD_BENCH_NO_GRAPH=1`). Weight copies rotate through more than
 /// the L2 cache so every call reads HBM. `PSHARD_GEMV_RW` = "R,TW"
 /// forces the kernel shape (rows and warps per team).
+/// `bytes` uploaded as enough copies (at most 64) that together they outgrow L2 (256 MiB): a
+/// benchmark that calls each copy in turn reads its weights from DRAM every call.
+fn weight_copies(c: &Ctx, bytes: &[u8]) -> Vec<DevBuf> {
+    let copies = (256usize << 20).div_ceil(bytes.len()).clamp(1, 64);
+    let first = c.up_bytes(bytes);
+    let mut ws = vec![first];
+    for _ in 1..copies {
+        let b = c.alloc(bytes.len());
+        c.gpu
+            .dev
+            .copy_d2d(c.gpu.stream(), b.ptr, first.ptr, bytes.len())
+            .unwrap();
+        ws.push(b);
+    }
+    ws
+}
+
+/// Milliseconds per call of `f` launched back to back on the compute stream, call i on weight
+/// copy i (cycling), after one untimed pass over the copies; at least `min_reps` calls.
+fn time_back_to_back(c: &Ctx, ws: &[DevBuf], min_reps: usize, f: &dyn Fn(u64)) -> f64 {
+    let s = c.gpu.stream();
+    for b in ws {
+        f(b.ptr);
+    }
+    c.sync();
+    let (a, b) = (
+        c.gpu.dev.event(true).unwrap(),
+        c.gpu.dev.event(true).unwrap(),
+    );
+    let reps = (4 * ws.len()).max(min_reps);
+    a.record(s).unwrap();
+    for i in 0..reps {
+        f(ws[i % ws.len()].ptr);
+    }
+    b.record(s).unwrap();
+    b.synchronize().unwrap();
+    a.elapsed_ms(&b).unwrap() as f64 / reps as f64
+}
+
 #[test]
 #[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
 fn cuda_bench_gemv() {
@@ -3005,38 +3316,14 @@ fn cuda_bench_gemv() {
         ));
         for &ty in &types {
             let bytes = random_blocks(&mut r, ty, rows, cols);
-            let copies = (256usize << 20).div_ceil(bytes.len()).clamp(1, 64);
-            let first = c.up_bytes(&bytes);
-            let mut ws = vec![first];
-            for _ in 1..copies {
-                let b = c.alloc(bytes.len());
-                c.gpu
-                    .dev
-                    .copy_d2d(c.gpu.stream(), b.ptr, first.ptr, bytes.len())
-                    .unwrap();
-                ws.push(b);
-            }
+            let ws = weight_copies(&c, &bytes);
+            let copies = ws.len();
             // Timed as the runtime runs decode: one call per weight copy captured in a CUDA graph,
             // the graph replayed (`PSHARD_BENCH_NO_GRAPH=1`: launched back to back instead, as
             // the profiler times them).
             let time = |f: &dyn Fn(u64)| -> f64 {
                 if no_graph {
-                    for b in &ws {
-                        f(b.ptr);
-                    }
-                    c.sync();
-                    let (a, b) = (
-                        c.gpu.dev.event(true).unwrap(),
-                        c.gpu.dev.event(true).unwrap(),
-                    );
-                    let reps = (4 * copies).max(64);
-                    a.record(&s).unwrap();
-                    for i in 0..reps {
-                        f(ws[i % copies].ptr);
-                    }
-                    b.record(&s).unwrap();
-                    b.synchronize().unwrap();
-                    return a.elapsed_ms(&b).unwrap() as f64 / reps as f64;
+                    return time_back_to_back(&c, &ws, 64, f);
                 }
                 let g = pshard_kernels::cuda::CapturedGraph::capture(&c.gpu.dev, &s, || {
                     for b in &ws {
@@ -3122,6 +3409,114 @@ fn cuda_bench_gemv() {
                     format.name()
                 ));
             }
+        }
+    }
+    c.free(&[x, out, wsb, asb]);
+    for l in &lines {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
+/// MMQ beside the int8 GEMV and dequantize + cuBLAS (run with `--ignored`): µs per call and
+/// weight GB/s for llama3-8b's matrices (14336x4096 gate/up, 4096x14336 down, 4096x4096 q/o,
+/// 1024x4096 k/v) at 8..128 tokens, each path as `Gpu::matmul` runs it (GEMV: one quantize + launch
+/// per 8 rows; GEMM: dequantize, convert, cuBLAS; MMQ: quantize + one launch, the chosen tile, then
+/// every tile). Launched back to back over enough weight copies that L2 holds none (batches of
+/// more than 4 tokens run outside CUDA graphs). One line per (shape, type, tokens) decides
+/// MMQ_TOKENS and the tile choice.
+#[test]
+#[ignore = "benchmark; needs a CUDA GPU (run with --ignored)"]
+fn cuda_bench_mmq() {
+    let Some(c) = ctx("cuda_bench_mmq") else {
+        return;
+    };
+    let mut r = rng("cuda_bench_mmq");
+    let s = c.gpu.stream().clone();
+    let shapes = [
+        (14336usize, 4096usize),
+        (4096, 14336),
+        (4096, 4096),
+        (1024, 4096),
+    ];
+    let ns = [8usize, 16, 32, 64, 128];
+    let max_n = 128;
+    let max_cols = 14336;
+    let x = c.up_f32(&randv(&mut r, max_n * max_cols, 1.0));
+    let out = c.alloc(max_n * 14336 * 4);
+    let wsb = c.alloc(14336 * 4096 * 2);
+    let asb = c.alloc(max_n * max_cols * 2);
+    let sc = GemmScratch {
+        weights: wsb.ptr,
+        acts: asb.ptr,
+    };
+    let mut lines = Vec::new();
+    for &(rows, cols) in &shapes {
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+            let bytes = random_blocks(&mut r, ty, rows, cols);
+            let ws = weight_copies(&c, &bytes);
+            // Microseconds per call, each call on the next weight copy.
+            let time = |f: &dyn Fn(u64)| time_back_to_back(&c, &ws, 32, f) * 1e3;
+            let gbs = |us: f64| bytes.len() as f64 / us / 1e3;
+            for &n in &ns {
+                let gemv = time(&|w| {
+                    c.gpu
+                        .kernels
+                        .gemv(ty, w, rows, cols, x.ptr, cols, out.ptr, rows, n, None, &s)
+                        .unwrap()
+                });
+                let gemm = time(&|w| {
+                    c.gpu
+                        .matmul(
+                            ty,
+                            w,
+                            cols,
+                            0,
+                            rows,
+                            x.ptr,
+                            n,
+                            out.ptr,
+                            rows,
+                            None,
+                            Some(sc),
+                            true,
+                        )
+                        .unwrap()
+                });
+                let auto = c.gpu.kernels.mmq_tile(ty, rows, n).unwrap();
+                let mmq = |t: MmqTile| {
+                    time(&|w| {
+                        c.gpu
+                            .kernels
+                            .mmq(
+                                ty,
+                                w,
+                                rows,
+                                cols,
+                                x.ptr,
+                                cols,
+                                out.ptr,
+                                rows,
+                                n,
+                                None,
+                                Some(t),
+                                &s,
+                            )
+                            .unwrap()
+                    })
+                };
+                let chosen = mmq(auto);
+                let mut row = format!(
+                    "mmq {rows}x{cols} {ty:?} n={n}: gemv {gemv:.1} us ({:.0} GB/s) | gemm {gemm:.1} us ({:.0}) | mmq {chosen:.1} us ({:.0}) [{auto}] | tiles",
+                    gbs(gemv),
+                    gbs(gemm),
+                    gbs(chosen)
+                );
+                for t in c.gpu.kernels.mmq_tiles(ty) {
+                    row += &format!(" {t} {:.1}", mmq(t));
+                }
+                lines.push(row);
+            }
+            c.free(&ws);
         }
     }
     c.free(&[x, out, wsb, asb]);

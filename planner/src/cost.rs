@@ -12,7 +12,7 @@
 //! experts, `E·(1−(1−k/E)^n)`.
 
 use pshard_model::ggml_type::GgmlType;
-use pshard_model::graph::{BufId, Graph, Op};
+use pshard_model::graph::{Activation, BufId, Graph, Op};
 use pshard_model::spec::{GroupId, ModelSpec};
 
 use crate::costtable::{AttnShape, CostTable, GpuPath};
@@ -390,7 +390,8 @@ impl<'a> TierModel<'a> {
                 .chain(node.op.writes())
                 .map(buf_bytes)
                 .sum();
-            let ew_cpu = table.elementwise(Lane::Cpu, io_bytes);
+            let ew_cpu = cpu_elementwise(table, graph, &node.op, io_bytes)
+                .unwrap_or_else(|| table.elementwise(Lane::Cpu, io_bytes));
             let ew_gpu = if in_graph {
                 table.gpu_elementwise_in_graph(io_bytes)
             } else {
@@ -623,6 +624,29 @@ impl<'a> TierModel<'a> {
         self.incremental(pl).bill(pl)
     }
 
+    /// Predicted seconds of one step per op kind ([`Op::kind`]) under a placement: each node's
+    /// time on its lane(s) as [`Self::eval`] prices it, before any overlap with the copy lane
+    /// (activation copies, streamed loads and KV write-backs are not included). For an all-CPU
+    /// placement the kinds add up to the step time; `pshard bench --op-times` prints them beside
+    /// the measured time per kind.
+    pub fn op_seconds(&self, pl: &Placement) -> Vec<(&'static str, f64)> {
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        let mut loc = lanes::entry_locs(self.graph);
+        for (si, seg) in self.segs.iter().enumerate() {
+            let (plans, _) = lanes::plan_segment(self.spec, self.graph, pl, seg, &mut loc);
+            let copying = self.copy_in((si + 1) % self.segs.len(), pl) > 0.0;
+            for (ni, np) in seg.nodes.clone().zip(&plans) {
+                let kind = self.graph.nodes[ni].op.kind();
+                let dt = self.node_time(ni, np, copying);
+                match out.iter_mut().find(|e| e.0 == kind) {
+                    Some(e) => e.1 += dt,
+                    None => out.push((kind, dt)),
+                }
+            }
+        }
+        out
+    }
+
     /// Full evaluation state of a placement, for incremental updates.
     pub fn incremental(&self, pl: &Placement) -> Incremental<'_, 'a> {
         let mut outs: Vec<SegOut> = Vec::with_capacity(self.segs.len());
@@ -664,28 +688,7 @@ impl<'a> TierModel<'a> {
                 compute += x;
                 transfer_s += x;
             }
-            let cpu_t = |w: &WeightTime| if copying { w.cpu_conc } else { w.cpu };
-            let dt = match (&node.kind, np.run) {
-                (Kind::Weight(parts), Run::On(lanes::Lane::Cpu)) => {
-                    parts.iter().map(cpu_t).sum::<f64>() + node.cpu
-                }
-                (Kind::Weight(parts), Run::On(_)) => {
-                    parts.iter().map(|w| w.gpu).sum::<f64>() + node.gpu
-                }
-                (Kind::Weight(parts), Run::Split { cpu_cols }) => {
-                    let f = cpu_cols as f64 / node.out_cols.max(1) as f64;
-                    parts
-                        .iter()
-                        .map(|w| (f * cpu_t(w)).max((1.0 - f) * w.gpu))
-                        .sum()
-                }
-                (_, Run::On(lanes::Lane::Cpu)) => node.cpu,
-                (_, Run::On(_)) => node.gpu,
-                (_, Run::Split { cpu_cols }) => {
-                    let f = cpu_cols as f64 / node.out_cols.max(1) as f64;
-                    (f * node.cpu).max((1.0 - f) * node.gpu)
-                }
-            };
+            let dt = self.node_time(ni, np, copying);
             if np.run.uses_cpu() {
                 cpu_busy = true;
             }
@@ -713,6 +716,34 @@ impl<'a> TierModel<'a> {
         }
     }
 
+    /// Seconds of node `ni` on its lane(s) under the decisions `np` (`copying`: the copy lane
+    /// runs meanwhile, so CPU work uses the profile's concurrent numbers).
+    fn node_time(&self, ni: usize, np: &NodePlan, copying: bool) -> f64 {
+        let node = &self.nodes[ni];
+        let cpu_t = |w: &WeightTime| if copying { w.cpu_conc } else { w.cpu };
+        match (&node.kind, np.run) {
+            (Kind::Weight(parts), Run::On(lanes::Lane::Cpu)) => {
+                parts.iter().map(cpu_t).sum::<f64>() + node.cpu
+            }
+            (Kind::Weight(parts), Run::On(_)) => {
+                parts.iter().map(|w| w.gpu).sum::<f64>() + node.gpu
+            }
+            (Kind::Weight(parts), Run::Split { cpu_cols }) => {
+                let f = cpu_cols as f64 / node.out_cols.max(1) as f64;
+                parts
+                    .iter()
+                    .map(|w| (f * cpu_t(w)).max((1.0 - f) * w.gpu))
+                    .sum()
+            }
+            (_, Run::On(lanes::Lane::Cpu)) => node.cpu,
+            (_, Run::On(_)) => node.gpu,
+            (_, Run::Split { cpu_cols }) => {
+                let f = cpu_cols as f64 / node.out_cols.max(1) as f64;
+                (f * node.cpu).max((1.0 - f) * node.gpu)
+            }
+        }
+    }
+
     /// Bytes the copy lane brings in before segment `si`: its loads and, for streamed attention,
     /// the layer's live KV cells.
     fn copy_in(&self, si: usize, pl: &Placement) -> f64 {
@@ -730,4 +761,111 @@ impl<'a> TierModel<'a> {
         };
         loads as f64 + kv
     }
+}
+
+/// The CPU time of an elementwise node from the profile's points of its kernel (rows, and the
+/// row width or, for rope, the heads as the points' size), `None` for other ops.
+fn cpu_elementwise(table: &CostTable, g: &Graph, op: &Op, io_bytes: f64) -> Option<f64> {
+    use crate::profile::KnownOp;
+    let (kind, rows, size) = match *op {
+        Op::RmsNorm { x, .. } => (KnownOp::RmsNorm, g.rows(x), g.buffer(x).cols),
+        Op::HeadRmsNorm { x, head_dim, .. } => {
+            let hd = head_dim.max(1);
+            (KnownOp::RmsNorm, g.rows(x) * g.buffer(x).cols / hd, hd)
+        }
+        Op::Glu { out, act, .. } => {
+            let k = match act {
+                Activation::GeluTanh => KnownOp::Geglu,
+                Activation::Silu | Activation::SwigluOai => KnownOp::Glu,
+            };
+            (k, g.rows(out), g.buffer(out).cols)
+        }
+        Op::Add { a, .. } => (KnownOp::Add, g.rows(a), g.buffer(a).cols),
+        Op::Rope { x, head_dim, .. } => {
+            (KnownOp::Rope, g.rows(x), g.buffer(x).cols / head_dim.max(1))
+        }
+        _ => return None,
+    };
+    Some(table.cpu_elementwise(kind, rows, size, io_bytes))
+}
+
+/// A `pshard bench` test, as [`predict_bench`] prices it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchTest {
+    /// `-p N -ub UB`: a prompt of `n` tokens from an empty context in micro-batches of `ubatch`,
+    /// the last row's logits read back.
+    Prompt {
+        /// Prompt tokens.
+        n: usize,
+        /// Tokens per micro-batch.
+        ubatch: usize,
+    },
+    /// `-n N`: `n` decode steps of one token from an empty context, logits each step.
+    Gen {
+        /// Steps.
+        n: usize,
+    },
+}
+
+/// What [`predict_bench`] predicts for one bench test.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchPrediction {
+    /// Seconds of the whole test (every micro-batch, or every step).
+    pub secs: f64,
+    /// Tokens per second.
+    pub tps: f64,
+    /// Seconds per op kind over the whole test ([`TierModel::op_seconds`] summed).
+    pub op_seconds: Vec<(&'static str, f64)>,
+}
+
+/// Predicts a bench test under one placement (the same at every batch size, as all-CPU runs): a
+/// prompt sums its micro-batches, each attending over the ones before it; generation prices one
+/// step at the mean depth of its steps (attention is linear in depth) times the steps. `base`
+/// gives the context, threads and KV type; `graph` builds the op graph (see
+/// [`crate::search::GraphFn`]).
+pub fn predict_bench(
+    spec: &ModelSpec,
+    table: &CostTable,
+    base: &PlanParams,
+    pl: &Placement,
+    test: BenchTest,
+    graph: &crate::search::GraphFn<'_>,
+) -> Result<BenchPrediction, String> {
+    let mut secs = 0.0;
+    let mut ops: Vec<(&'static str, f64)> = Vec::new();
+    let mut add = |m: &TierModel<'_>, times: f64| {
+        secs += times * m.eval(pl).step_s;
+        for (k, v) in m.op_seconds(pl) {
+            match ops.iter_mut().find(|e| e.0 == k) {
+                Some(e) => e.1 += times * v,
+                None => ops.push((k, times * v)),
+            }
+        }
+    };
+    let tokens = match test {
+        BenchTest::Prompt { n, ubatch } => {
+            let mut done = 0;
+            while done < n {
+                let m = ubatch.max(1).min(n - done);
+                let mut p = base.clone();
+                p.prefill_past = done;
+                let g = graph(spec, m, 1)?;
+                add(&TierModel::new(spec, table, &p, &g, true), 1.0);
+                done += m;
+            }
+            n
+        }
+        BenchTest::Gen { n } => {
+            let mut p = base.clone();
+            p.decode_depth = n / 2;
+            let g = graph(spec, 1, 1)?;
+            add(&TierModel::new(spec, table, &p, &g, false), n as f64);
+            n
+        }
+    };
+    Ok(BenchPrediction {
+        secs,
+        tps: tokens as f64 / secs.max(1e-12),
+        op_seconds: ops,
+    })
 }

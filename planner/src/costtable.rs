@@ -332,6 +332,21 @@ impl CostTable {
                 };
                 ((kv * nkv * hd) as f64, roof)
             }
+            KnownOp::RmsNorm | KnownOp::Glu | KnownOp::Geglu | KnownOp::Add | KnownOp::Rope => {
+                if lane != Lane::Cpu {
+                    return None;
+                }
+                // Size coordinate: the row width, or for rope the heads per row (its sines and
+                // cosines are per position and pair, its rotations per head).
+                let size = *shape.first()? as usize;
+                let width = if op == KnownOp::Rope {
+                    size * *shape.get(1)? as usize
+                } else {
+                    size
+                };
+                let bytes = (b * width * 4 * op.elementwise_streams()?) as f64;
+                (size as f64, self.elementwise(Lane::Cpu, bytes))
+            }
             KnownOp::MemRead
             | KnownOp::H2dPinned
             | KnownOp::H2dPageable
@@ -569,7 +584,18 @@ impl CostTable {
             .series
             .get(&key(kv))
             .or_else(|| self.series.get(&key(GgmlType::F16)))?;
-        Some(interpolate(pts, size.ln(), (batch.max(1) as f64).ln(), None).clamp(EFF_MIN, EFF_MAX))
+        let (ls, lb) = (size.ln(), (batch.max(1) as f64).ln());
+        // CPU: within each batch first (see `interpolate_by_batch`). The GPU keeps the size-first
+        // interpolation its decode predictions were checked with: there it prices shallow decode
+        // attention from the smallest prefill point, ~12 µs more per call than its own decode
+        // points give, and that excess stands in for GPU decode costs the model lacks — read
+        // within each batch, the calibration's qwen3-30b-a3b all-GPU decode goes from -1% to +19%
+        // of `pshard bench` and the sanity check's qwen2.5-32b from +26% to +38% of llama.cpp.
+        let eff = match lane {
+            Lane::Cpu => interpolate_by_batch(pts, ls, lb),
+            _ => interpolate(pts, ls, lb, None),
+        };
+        Some(eff.clamp(EFF_MIN, EFF_MAX))
     }
 
     /// Seconds for an elementwise op touching `bytes` bytes on a lane.
@@ -578,6 +604,25 @@ impl CostTable {
             Lane::Cpu => self.ceil.cpu_op_s + bytes / self.ceil.cpu_mem,
             _ => self.ceil.gpu_launch_s + bytes / self.ceil.gpu_mem,
         }
+    }
+
+    /// Seconds for a CPU elementwise op of the profile's kind `op` (an op with
+    /// [`KnownOp::elementwise_streams`]) over `rows` rows moving `bytes`: the roofline time
+    /// ([`Self::elementwise`]) over the efficiency the profile's points of that op give at this
+    /// size (the row width, or for rope the heads) and row count. Profiles without such points
+    /// (made before they were measured) give the roofline time itself.
+    pub fn cpu_elementwise(&self, op: KnownOp, rows: usize, size: usize, bytes: f64) -> f64 {
+        let roof = self.elementwise(Lane::Cpu, bytes);
+        let eff = self.series.get(&SeriesKey { op, quant: None }).map(|pts| {
+            interpolate(
+                pts,
+                (size.max(1) as f64).ln(),
+                (rows.max(1) as f64).ln(),
+                None,
+            )
+            .clamp(EFF_MIN, EFF_MAX)
+        });
+        roof / eff.unwrap_or(1.0)
     }
 
     /// Seconds for a GPU elementwise op replayed in a CUDA graph (decode tiers).
@@ -796,6 +841,28 @@ fn interpolate(pts: &[EffPoint], log_size: f64, log_batch: f64, shape: Option<[u
     interp_1d(&per_size, log_size)
 }
 
+/// Two-stage interpolation for series whose sizes differ from batch to batch (attention: a
+/// causal batch of `b` rows attends `ctx - (b - 1) / 2` keys on average, so no two batches share
+/// a size): log-size within each measured batch, then log-batch across batches.
+fn interpolate_by_batch(pts: &[EffPoint], log_size: f64, log_batch: f64) -> f64 {
+    let mut batches: Vec<f64> = pts.iter().map(|p| p.log_batch).collect();
+    batches.sort_by(f64::total_cmp);
+    batches.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+    let per_batch: Vec<(f64, f64)> = batches
+        .into_iter()
+        .map(|b| {
+            let mut row: Vec<(f64, f64)> = pts
+                .iter()
+                .filter(|p| (p.log_batch - b).abs() < 1e-9)
+                .map(|p| (p.log_size, p.eff))
+                .collect();
+            row.sort_by(|x, y| x.0.total_cmp(&y.0));
+            (b, interp_1d(&merge_equal_x(row), log_size))
+        })
+        .collect();
+    interp_1d(&per_batch, log_batch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,6 +890,30 @@ mod tests {
         assert!((interpolate(&pts, 1e7f64.ln(), 0.0, None) - 0.6).abs() < 1e-12);
         // Beyond the range: edge efficiency.
         assert!((interpolate(&pts, 1e9f64.ln(), 1000f64.ln(), None) - 0.8).abs() < 1e-12);
+    }
+
+    /// Attention sizes differ per batch (a causal batch attends fewer keys on average than its
+    /// context): a query interpolates in size within each batch first, so a prefill query reads
+    /// the prefill points and a decode query the decode points, however near in size the other
+    /// batch's points lie.
+    #[test]
+    fn attention_interpolates_size_within_each_batch() {
+        let pts = vec![
+            pt(1e3, 1.0, 0.2),
+            pt(1e5, 1.0, 0.6),
+            pt(2e3, 512.0, 0.8),
+            pt(2e5, 512.0, 0.9),
+        ];
+        let at = |size: f64, batch: f64| interpolate_by_batch(&pts, size.ln(), batch.ln());
+        // Batch 512 at 2e4 (midway in log size between its own points): 0.85, although the
+        // batch-1 point at 1e5 is nearer in size than the batch-512 one at 2e5.
+        assert!((at(2e4, 512.0) - 0.85).abs() < 1e-12);
+        // Batch 1 at 1e4: midway between 0.2 and 0.6.
+        assert!((at(1e4, 1.0) - 0.4).abs() < 1e-12);
+        // Between the batches (log-midway, ~22.6 rows) at a size beyond both: the edges' mean.
+        assert!((at(1e6, 512f64.sqrt()) - 0.75).abs() < 1e-12);
+        // The size-first interpolation mixes the batches (what attention must not use).
+        assert!((interpolate(&pts, 2e4f64.ln(), 512f64.ln(), None) - 0.85).abs() > 0.05);
     }
 
     /// A type the profile lacks costs like its kernel twin (same efficiency, its own bytes), and

@@ -883,14 +883,10 @@ impl DeviceScratch {
 }
 
 /// Whether the CUDA backend multiplies a `ty` weight over `rows` token rows by dequantize + GEMM
-/// (else the fused GEMV).
+/// (else the fused GEMV or MMQ, which need no GEMM scratch): [`cu::matmul_path`] with scratch at
+/// hand.
 pub fn gemm_path(ty: pshard_model::ggml_type::GgmlType, rows: usize, exact: bool) -> bool {
-    let gemv_max = if ty.is_quantized() {
-        cu::GEMV_INT8_MAX_ROWS
-    } else {
-        cu::GEMV_MAX_ROWS
-    };
-    rows > gemv_max || (exact && ty.is_quantized())
+    cu::matmul_path(ty, rows, true, exact && ty.is_quantized()) == cu::MatmulPath::Gemm
 }
 
 /// Whether the CUDA backend runs expert FFNs of `pairs` (token, expert) pairs on the grouped path.

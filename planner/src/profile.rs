@@ -582,6 +582,17 @@ pub enum KnownOp {
     D2hPinned,
     /// Host→device pinned copy while the CPU runs matmuls.
     H2dWhileCpu,
+    /// RMS norm of `batch` rows on the CPU (`shape = [cols]`).
+    RmsNorm,
+    /// SiLU GLU of `batch` rows on the CPU (`shape = [cols]`).
+    Glu,
+    /// GELU-tanh GLU of `batch` rows on the CPU (`shape = [cols]`).
+    Geglu,
+    /// In-place add of `batch` rows on the CPU (`shape = [cols]`).
+    Add,
+    /// Rotary embedding of `batch` rows on the CPU (`shape = [heads, head_dim]`, every
+    /// dimension rotated).
+    Rope,
 }
 
 impl KnownOp {
@@ -600,6 +611,11 @@ impl KnownOp {
             "h2d_pageable" => KnownOp::H2dPageable,
             "d2h_pinned" => KnownOp::D2hPinned,
             "h2d_while_cpu" => KnownOp::H2dWhileCpu,
+            "rms_norm" => KnownOp::RmsNorm,
+            "glu" => KnownOp::Glu,
+            "geglu" => KnownOp::Geglu,
+            "add" => KnownOp::Add,
+            "rope" => KnownOp::Rope,
             _ => return None,
         })
     }
@@ -619,6 +635,22 @@ impl KnownOp {
             KnownOp::H2dPageable => "h2d_pageable",
             KnownOp::D2hPinned => "d2h_pinned",
             KnownOp::H2dWhileCpu => "h2d_while_cpu",
+            KnownOp::RmsNorm => "rms_norm",
+            KnownOp::Glu => "glu",
+            KnownOp::Geglu => "geglu",
+            KnownOp::Add => "add",
+            KnownOp::Rope => "rope",
+        }
+    }
+
+    /// For the elementwise ops: f32 values read and written per element of a row (what the
+    /// CPU lane's buffers move: a norm reads its input and writes its output, the GLU reads
+    /// two and writes one, the add reads two and writes one, rope rewrites its row in place).
+    pub fn elementwise_streams(self) -> Option<usize> {
+        match self {
+            KnownOp::RmsNorm | KnownOp::Rope => Some(2),
+            KnownOp::Glu | KnownOp::Geglu | KnownOp::Add => Some(3),
+            _ => None,
         }
     }
 
@@ -631,15 +663,20 @@ impl KnownOp {
             | KnownOp::MatmulGemm
             | KnownOp::MoeGemm => 2,
             KnownOp::Attention => 4,
+            KnownOp::Rope => 2,
             _ => 1,
         }
     }
 
     fn shape_doc(self) -> &'static str {
-        match self.shape_len() {
-            2 => "[rows, cols]",
-            4 => "[kv_len, n_head, n_head_kv, head_dim]",
-            _ => "[bytes]",
+        match self {
+            KnownOp::Rope => "[heads, head_dim]",
+            KnownOp::RmsNorm | KnownOp::Glu | KnownOp::Geglu | KnownOp::Add => "[cols]",
+            _ => match self.shape_len() {
+                2 => "[rows, cols]",
+                4 => "[kv_len, n_head, n_head_kv, head_dim]",
+                _ => "[bytes]",
+            },
         }
     }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use pshard_model::spec::ModelSpec;
-use pshard_planner::cost::{PlanParams, TierModel};
+use pshard_planner::cost::{predict_bench, BenchTest, PlanParams};
 use pshard_planner::placement::{place, steps, Frac, Placement, Strategy};
 use pshard_planner::{CostTable, Place};
 
@@ -101,31 +101,16 @@ fn placement(spec: &ModelSpec, on: Where) -> Placement {
     }
 }
 
-/// Predicted tokens/s of a bench test: prompts sum their micro-batches (each attending over the
-/// earlier ones), generation runs at the mean depth of its steps.
+/// Predicted tokens/s of a bench test, as `pshard bench` prints it ([`predict_bench`]).
 fn predict(spec: &ModelSpec, table: &CostTable, pl: &Placement, test: Test) -> f64 {
-    match test {
-        Test::Prompt(n, ub) => {
-            let mut secs = 0.0;
-            let mut done = 0;
-            while done < n {
-                let m = ub.min(n - done);
-                let mut params = PlanParams::new(n.max(4096));
-                params.prefill_past = done;
-                let g = common::graph(spec, m, 1).expect("graph");
-                let tps = TierModel::new(spec, table, &params, &g, true).eval(pl).tps;
-                secs += m as f64 / tps;
-                done += m;
-            }
-            n as f64 / secs
-        }
-        Test::Gen(n) => {
-            let mut params = PlanParams::new(4096);
-            params.decode_depth = n / 2;
-            let g = common::graph(spec, 1, 1).expect("graph");
-            TierModel::new(spec, table, &params, &g, false).eval(pl).tps
-        }
-    }
+    let (test, ctx) = match test {
+        Test::Prompt(n, ubatch) => (BenchTest::Prompt { n, ubatch }, n.max(4096)),
+        Test::Gen(n) => (BenchTest::Gen { n }, 4096),
+    };
+    let graph = |s: &ModelSpec, n: usize, l: usize| common::graph(s, n, l);
+    predict_bench(spec, table, &PlanParams::new(ctx), pl, test, &graph)
+        .expect("prediction")
+        .tps
 }
 
 #[test]

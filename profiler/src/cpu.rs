@@ -16,11 +16,12 @@ use pshard_kernels::gemm::packed;
 use pshard_kernels::matmul::{
     matmul, quantize_acts_into, QuantizedActs, WeightLayout, WeightMatrix,
 };
-use pshard_kernels::ops::{attention, AttnParams, KvType, KvView};
+use pshard_kernels::ops::{self, attention, AttnParams, KvType, KvView};
 use pshard_kernels::quant::{self, SUPPORTED};
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::Activation;
 use pshard_planner::profile::{
-    Lane, Point, Profile, ProfileKind, Roofline, Stats, PROFILE_FORMAT, PROFILE_MAJOR,
+    KnownOp, Lane, Point, Profile, ProfileKind, Roofline, Stats, PROFILE_FORMAT, PROFILE_MAJOR,
     PROFILE_MINOR,
 };
 use rand::rngs::StdRng;
@@ -38,12 +39,33 @@ pub const FULL_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 32, 64, 128, 512];
 /// MoE expert.
 pub const FULL_SHAPES: &[(usize, usize)] =
     &[(4096, 4096), (4096, 14336), (14336, 4096), (2048, 768)];
-/// Context lengths of the attention points of the full run.
+/// Smaller matrices of the full run, every type and batch: the projections of sub-1B models and
+/// the k/v projections of GQA models, where the fixed costs of an op (handing rows to the
+/// threads, quantizing the activations, the last thread's tail) weigh on the time as much as
+/// the bytes (on the 2-core dev VM a 576 × 192 Q4_1 decode matmul moves 69 KB).
+pub const SMALL_SHAPES: &[(usize, usize)] = &[(1024, 1024), (512, 512), (256, 256)];
+/// Context lengths of the attention points of the full run (the GPU profile's too).
 pub const FULL_CONTEXTS: &[usize] = &[1024, 2048, 4096, 8192, 16384, 32768];
+/// Shorter contexts of the CPU's decode attention points: early decode steps, where the fixed
+/// cost of the op (one task per kv head and span) outweighs reading the cache.
+pub const SHORT_CONTEXTS: &[usize] = &[64, 256];
+/// Query rows of the CPU's prefill attention points: the engine's default ubatch.
+pub const PREFILL_ROWS: usize = 512;
+/// Contexts of the prefill attention points (the ubatch at the start of the context and after
+/// earlier ubatches).
+pub const PREFILL_CONTEXTS: &[usize] = &[512, 1024, 2048];
 /// Head layouts `(name, n_head, n_head_kv)`; head dimension 128.
 pub const LAYOUTS: &[(&str, usize, usize)] = &[("MHA", 32, 32), ("GQA-4", 32, 8), ("GQA-8", 32, 4)];
 /// Head dimension of the attention points.
 pub const HEAD_DIM: usize = 128;
+
+/// Rows (tokens) of the elementwise points: a decode step, decode batches and a prefill ubatch.
+pub const ELEMENTWISE_ROWS: &[usize] = &[1, 16, 64, 512];
+/// Row widths of the norm, GLU and add points.
+pub const ELEMENTWISE_COLS: &[usize] = &[1024, 4096];
+/// Head layouts `(heads, head_dim)` of the rope points: one head (the per-position sines and
+/// cosines dominate) and 32 (the rotations do).
+pub const ROPE_LAYOUTS: &[(usize, usize)] = &[(1, 128), (32, 128)];
 
 /// What a CPU profile run measures.
 #[derive(Clone, Debug)]
@@ -86,9 +108,13 @@ struct Plan {
     thread_counts: Vec<usize>,
     mem_bytes: usize,
     matmuls: Vec<MatmulPlan>,
-    attn_contexts: Vec<usize>,
-    attn_batches: Vec<(usize, usize)>, // (batch, max context)
+    /// Attention series: query rows and the contexts measured at that many rows.
+    attn: Vec<(usize, Vec<usize>)>,
     while_h2d: Vec<(GgmlType, (usize, usize), usize)>,
+    /// Elementwise points: rows, and row widths (norm, GLU, add) / rope layouts.
+    ew_rows: Vec<usize>,
+    ew_cols: Vec<usize>,
+    rope_layouts: Vec<(usize, usize)>,
     cfg: MeasureCfg,
 }
 
@@ -125,9 +151,11 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     batches: vec![512],
                 },
             ],
-            attn_contexts: vec![1024, 4096],
-            attn_batches: vec![(1, 4096)],
+            attn: vec![(1, vec![1024, 4096])],
             while_h2d: vec![(GgmlType::Q4_K, (4096, 4096), 1)],
+            ew_rows: vec![1, 512],
+            ew_cols: vec![1024],
+            rope_layouts: ROPE_LAYOUTS.to_vec(),
             cfg: MeasureCfg::quick(),
         }
     } else {
@@ -145,6 +173,14 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     types: all.clone(),
                     batches: FULL_BATCHES.to_vec(),
                 },
+            ]
+            .into_iter()
+            .chain(SMALL_SHAPES.iter().map(|&shape| MatmulPlan {
+                shape,
+                types: all.clone(),
+                batches: FULL_BATCHES.to_vec(),
+            }))
+            .chain([
                 // The large shapes take seconds per call at big batches: every type at a few
                 // batches, the common types at 512 too.
                 MatmulPlan {
@@ -154,7 +190,7 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                 },
                 MatmulPlan {
                     shape: (14336, 4096),
-                    types: all,
+                    types: all.clone(),
                     batches: vec![1, 4, 16, 64],
                 },
                 MatmulPlan {
@@ -167,15 +203,36 @@ fn plan(c: &CpuConfig, threads: usize, llc: usize) -> Plan {
                     types: vec![GgmlType::Q4_K, GgmlType::Q6_K],
                     batches: vec![512],
                 },
+            ])
+            .collect(),
+            attn: vec![
+                (
+                    1,
+                    SHORT_CONTEXTS
+                        .iter()
+                        .chain(FULL_CONTEXTS)
+                        .copied()
+                        .collect(),
+                ),
+                (
+                    32,
+                    FULL_CONTEXTS
+                        .iter()
+                        .copied()
+                        .filter(|&c| c <= 2048)
+                        .collect(),
+                ),
+                (PREFILL_ROWS, PREFILL_CONTEXTS.to_vec()),
             ],
-            attn_contexts: FULL_CONTEXTS.to_vec(),
-            attn_batches: vec![(1, 32768), (32, 2048)],
             while_h2d: vec![
                 (GgmlType::Q4_K, (14336, 4096), 1),
                 (GgmlType::Q4_K, (14336, 4096), 16),
                 (GgmlType::Q8_0, (14336, 4096), 1),
                 (GgmlType::Q4_K, (4096, 4096), 512),
             ],
+            ew_rows: ELEMENTWISE_ROWS.to_vec(),
+            ew_cols: ELEMENTWISE_COLS.to_vec(),
+            rope_layouts: ROPE_LAYOUTS.to_vec(),
             cfg: MeasureCfg::full(),
         }
     }
@@ -188,14 +245,10 @@ impl Plan {
             .iter()
             .map(|m| m.types.len() * m.batches.len())
             .sum();
-        let attn: usize = self
-            .attn_batches
-            .iter()
-            .map(|&(_, max)| self.attn_contexts.iter().filter(|&&c| c <= max).count())
-            .sum::<usize>()
-            * LAYOUTS.len();
+        let attn: usize = self.attn.iter().map(|(_, c)| c.len()).sum::<usize>() * LAYOUTS.len();
         let h2d = if gpu { self.while_h2d.len() + 1 } else { 0 };
-        (self.thread_counts.len() + 1 + mm + attn + h2d) as u64
+        let ew = self.ew_rows.len() * (4 * self.ew_cols.len() + self.rope_layouts.len());
+        (self.thread_counts.len() + 1 + mm + attn + ew + h2d) as u64
     }
 }
 
@@ -471,16 +524,91 @@ impl Runner {
         Ok(stats)
     }
 
+    /// Times `f` on the kernels' pool and records it as a point of `op`.
+    fn ew_point(&mut self, op: KnownOp, shape: Vec<u64>, rows: usize, f: impl FnMut()) {
+        let mut f = f;
+        let stats = measure(&self.plan.cfg, || {
+            f();
+            None
+        });
+        let threads = pshard_kernels::pool::threads();
+        self.points
+            .push(point(op.as_str(), None, shape, rows, threads, stats));
+    }
+
+    /// The elementwise ops of a layer as the CPU lane runs them (their kernels decide when to
+    /// split rows over the pool): RMS norm, GLU (SiLU and GELU-tanh), add and rope, per row
+    /// count and width. Activations stay in cache, as the lane's buffers are between ops.
+    fn elementwise_points(&mut self) {
+        let (rows_list, cols_list) = (self.plan.ew_rows.clone(), self.plan.ew_cols.clone());
+        let max = rows_list.iter().max().copied().unwrap_or(1)
+            * cols_list
+                .iter()
+                .copied()
+                .chain(self.plan.rope_layouts.iter().map(|l| l.0 * l.1))
+                .max()
+                .unwrap_or(1);
+        let a: Vec<f32> = (0..max).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let b: Vec<f32> = (0..max).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let mut out = vec![0f32; max];
+        for &rows in &rows_list {
+            for &cols in &cols_list {
+                let n = rows * cols;
+                let shape = vec![cols as u64];
+                let w = &b[..cols];
+                self.progress.step(&format!("rms_norm {rows}x{cols}"));
+                self.ew_point(KnownOp::RmsNorm, shape.clone(), rows, || {
+                    ops::rms_norm(&a[..n], w, &mut out[..n], 1e-6);
+                    black_box(&out);
+                });
+                for (op, act) in [
+                    (KnownOp::Glu, Activation::Silu),
+                    (KnownOp::Geglu, Activation::GeluTanh),
+                ] {
+                    self.progress.step(&format!("{op} {rows}x{cols}"));
+                    self.ew_point(op, shape.clone(), rows, || {
+                        ops::glu(&a[..n], &b[..n], &mut out[..n], act);
+                        black_box(&out);
+                    });
+                }
+                self.progress.step(&format!("add {rows}x{cols}"));
+                out[..n].copy_from_slice(&a[..n]);
+                self.ew_point(KnownOp::Add, shape, rows, || {
+                    ops::add_inplace(&mut out[..n], &b[..n]);
+                    black_box(&out);
+                });
+            }
+            for &(heads, hd) in &self.plan.rope_layouts.clone() {
+                let n = rows * heads * hd;
+                // Positions deep in a context, as most rows of a prompt are.
+                let positions: Vec<u32> = (0..rows as u32).map(|i| 4096 + i).collect();
+                let rope = ops::Rope {
+                    pairing: ops::RopePairing::Neox,
+                    n_dims: hd,
+                    base: 10000.0,
+                    pos_scale: 1.0,
+                    freq_factors: None,
+                    yarn: None,
+                };
+                self.progress.step(&format!("rope {rows}x{heads}x{hd}"));
+                out[..n].copy_from_slice(&a[..n]);
+                self.ew_point(KnownOp::Rope, vec![heads as u64, hd as u64], rows, || {
+                    ops::rope(&mut out[..n], hd, &positions, &rope);
+                    black_box(&out);
+                });
+            }
+        }
+    }
+
     fn attention_points(&mut self, p: &ThreadPool) -> Result<()> {
         let threads = p.current_num_threads();
         let max_ctx = self
             .plan
-            .attn_batches
+            .attn
             .iter()
-            .map(|&(_, m)| m)
+            .flat_map(|(_, c)| c.iter().copied())
             .max()
-            .unwrap_or(0)
-            .min(self.plan.attn_contexts.iter().copied().max().unwrap_or(0));
+            .unwrap_or(0);
         let max_kv_heads = LAYOUTS.iter().map(|l| l.2).max().unwrap_or(1);
         let need = 2 * max_ctx * max_kv_heads * HEAD_DIM;
         // f16 elements: one largest cache (K and V), or more to cover the rotation target.
@@ -490,14 +618,8 @@ impl Runner {
             .map(|_| f16::from_f32(self.rng.gen_range(-1.0f32..1.0)))
             .collect();
         let kv: Vec<f16> = (0..len).map(|i| table[i % table.len()]).collect();
-        for &(batch, max) in &self.plan.attn_batches.clone() {
-            for &ctx in self
-                .plan
-                .attn_contexts
-                .clone()
-                .iter()
-                .filter(|&&c| c <= max)
-            {
+        for (batch, contexts) in self.plan.attn.clone() {
+            for ctx in contexts.into_iter().filter(|&c| c >= batch) {
                 for &(name, n_head, n_kv) in LAYOUTS {
                     self.progress
                         .step(&format!("attention {name} ctx {ctx} batch {batch}"));
@@ -646,6 +768,7 @@ pub fn run_cpu(c: &CpuConfig) -> Result<Profile> {
     }
 
     r.attention_points(&main_pool)?;
+    r.elementwise_points();
 
     // CPU while a pinned H2D copy loop runs.
     let mut while_h2d = None;

@@ -327,6 +327,9 @@ pub struct GpuStep<'a> {
     /// The batch's runs of consecutive rows of one sequence (attention kernels that take one
     /// sequence per call run once per run); empty inside a captured graph (one sequence).
     pub seq_runs: &'a [(u32, std::ops::Range<usize>)],
+    /// A routing step's forced experts on the device, when the run forces any token's: a
+    /// [`crate::batch::route_table`] of the graph's tokens.
+    pub forced_route: Option<DevPtr>,
 }
 
 impl GpuStep<'_> {

@@ -19,7 +19,7 @@ use pshard_planner::lanes::{self, AttnKv, DeviceScratch, ProgramLanes};
 use pshard_planner::{Place, Placement};
 
 pub use crate::batch::Logits;
-use crate::batch::{Batch, RouteOverride};
+use crate::batch::{Batch, ForcedRoutes, RouteOverride};
 use crate::cpu::{ActTrace, CpuLane, Weights};
 use crate::device::{
     DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KRope, KvRef, KvShift,
@@ -91,6 +91,20 @@ struct DevSide {
     released_host_bytes: u64,
     /// Bytes of the mapped file locked in place for the copy lane.
     registered_bytes: u64,
+    /// Forced-route tables of runs with a route override.
+    routes: Option<RouteTables>,
+}
+
+/// Device memory of the forced-route tables of runs with a route override (see
+/// [`Engine::set_route_override`]): a region of its own beyond the plans' bill, and its staging
+/// memory.
+struct RouteTables {
+    region: pshard_kernels::cuda::RegionId,
+    addr: DevPtr,
+    bytes: usize,
+    stage: HostBuf,
+    /// Recorded after the last upload from `stage` (the next run rewrites it).
+    sent: Event,
 }
 
 /// Device resources of one tier: its buffers, inputs, scratch, ring and KV staging, sized for
@@ -248,6 +262,7 @@ impl Engine {
             run_end_pending: false,
             released_host_bytes: 0,
             registered_bytes: 0,
+            routes: None,
         };
         let spec = &self.model.spec;
         if self.tiers.uses_gpu() {
@@ -487,7 +502,12 @@ impl Engine {
         }
     }
 
-    /// Forces MoE expert choices on the CPU lane (see [`RouteOverride`]); `None` routes normally.
+    /// Forces MoE expert choices (see [`RouteOverride`]) on every lane; `None` routes normally.
+    /// The CPU lane's routing asks `f` directly. For the device's, each run builds the tables of
+    /// its routing steps and uploads them ahead of them, into device memory of their own beyond
+    /// the plans' bill (made by the first run that needs it, released by the first run without
+    /// an override), and issues its device steps one by one rather than as CUDA graphs, whose
+    /// captures would keep the table address of their capture.
     pub fn set_route_override(&mut self, f: Option<Arc<RouteOverride>>) {
         self.route_override = f;
     }
@@ -941,7 +961,9 @@ impl Engine {
             positions,
             seqs,
             logit_rows,
-            route_override: route_override.as_deref(),
+            forced: route_override
+                .as_deref()
+                .map_or(ForcedRoutes::None, ForcedRoutes::Override),
         };
         let n_vocab = self.model.spec.hparams.n_vocab;
         batch.check(
@@ -1534,10 +1556,14 @@ impl Engine {
                 }
             });
         }
+        let forced = upload_forced_routes(side, &g, &program, batch)?;
         let dev = &mut side.dev;
+        // Forced routes: no device graphs (see `set_route_override`).
         let mut block_at: HashMap<usize, usize> = HashMap::new();
-        for (bi, r) in lp.graph_blocks.iter().enumerate() {
-            block_at.insert(r.start, bi);
+        if forced.is_empty() {
+            for (bi, r) in lp.graph_blocks.iter().enumerate() {
+                block_at.insert(r.start, bi);
+            }
         }
         let mut i = 0;
         let n = batch.tokens.len();
@@ -1580,6 +1606,7 @@ impl Engine {
                     stages: lt.stages,
                     layout: &layout,
                     seq_runs: &[],
+                    forced: &forced,
                 };
                 dev.graph_run((lp.id, bi), &mut |d: &dyn Device| {
                     for j in range.clone() {
@@ -1643,6 +1670,7 @@ impl Engine {
                         stages: lt.stages,
                         layout: &layout,
                         seq_runs: &runs,
+                        forced: &forced,
                     };
                     dev.launch(&ctx.step(i, work)?)?;
                 }
@@ -1856,6 +1884,84 @@ fn move_live_kv(
     Ok(())
 }
 
+/// Uploads the forced-route tables ([`crate::batch::route_table`]) of the program's device
+/// routing steps for `batch` on the compute stream, ahead of every step that reads them, and
+/// returns each routing node's table address. Nothing moves where no token is forced; without
+/// an override, the tables' device memory from an earlier run is released.
+fn upload_forced_routes(
+    side: &mut DevSide,
+    g: &pshard_model::graph::Graph,
+    program: &Program,
+    batch: &Batch,
+) -> Result<HashMap<usize, DevPtr>, EngineError> {
+    if matches!(batch.forced, ForcedRoutes::None) {
+        if let Some(rt) = side.routes.take() {
+            side.dev.destroy_region(rt.region)?;
+        }
+        return Ok(HashMap::new());
+    }
+    let mut words: Vec<u32> = Vec::new();
+    let mut at: Vec<(usize, usize)> = Vec::new();
+    for st in &program.steps {
+        let StepKind::Gpu(GpuWork::Node { node, .. }) = st.kind else {
+            continue;
+        };
+        let Op::MoeRoute { routing, .. } = &g.nodes[node].op else {
+            continue;
+        };
+        if let Some(t) = batch
+            .forced
+            .table(g.nodes[node].layer, batch.positions, routing)?
+        {
+            at.push((node, words.len() * 4));
+            words.extend_from_slice(&t);
+        }
+    }
+    if words.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let bytes = words.len() * 4;
+    if side.routes.as_ref().is_none_or(|rt| rt.bytes < bytes) {
+        if let Some(rt) = side.routes.take() {
+            side.dev.destroy_region(rt.region)?;
+        }
+        let dev = &side.dev;
+        let region = dev.create_region(RegionKind::Scratch, "forced MoE routes", bytes as u64)?;
+        let made = (|| {
+            Ok(RouteTables {
+                region,
+                addr: dev.alloc(region, bytes as u64, "forced-route tables")?,
+                bytes,
+                stage: dev.host_alloc(bytes)?,
+                sent: dev.new_event()?,
+            })
+        })();
+        match made {
+            Ok(rt) => side.routes = Some(rt),
+            Err(e) => {
+                dev.destroy_region(region)?;
+                return Err(e);
+            }
+        }
+    }
+    let rt = side.routes.as_ref().expect("made above");
+    // The last run's upload has read the staging memory.
+    side.dev.host_wait(rt.sent)?;
+    rt.stage
+        .write(&mut |b: &mut [u8]| b[..bytes].copy_from_slice(bytemuck::cast_slice(&words)));
+    side.dev.upload(
+        Stream::Compute,
+        rt.addr,
+        &HostSrc::Buf(rt.stage.clone(), 0),
+        Shape2d::flat(bytes),
+    )?;
+    side.dev.record(Stream::Compute, rt.sent)?;
+    Ok(at
+        .into_iter()
+        .map(|(node, off)| (node, rt.addr + off as u64))
+        .collect())
+}
+
 /// Enqueues the copies of segment `seg`'s weights into ring slot `slot` on the copy stream.
 fn load_segment(
     dev: &dyn Device,
@@ -1919,6 +2025,8 @@ struct StepCtx<'a> {
     stages: [DevPtr; 2],
     layout: &'a KvLayout,
     seq_runs: &'a [(u32, std::ops::Range<usize>)],
+    /// Forced-route table of each routing node, by node.
+    forced: &'a HashMap<usize, DevPtr>,
 }
 
 impl<'a> StepCtx<'a> {
@@ -1947,6 +2055,10 @@ impl<'a> StepCtx<'a> {
                 });
             }
         }
+        let forced_route = match work {
+            GpuWork::Node { node, .. } => self.forced.get(node).copied(),
+            GpuWork::QkNormRope { .. } => None,
+        };
         Ok(GpuStep {
             graph: self.graph,
             work,
@@ -1957,6 +2069,7 @@ impl<'a> StepCtx<'a> {
             scratch: self.scratch,
             exact: self.exact,
             seq_runs: self.seq_runs,
+            forced_route,
         })
     }
 }

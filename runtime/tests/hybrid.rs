@@ -17,6 +17,7 @@ use pshard_planner::cost::PlanParams;
 use pshard_planner::lanes::{self, ProgramLanes};
 use pshard_planner::placement::Strategy;
 use pshard_planner::{Place, Placement};
+use pshard_runtime::batch::{scattered_routes, RouteOverride};
 use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::host_device::HostDevice;
 use pshard_runtime::model::Model;
@@ -61,6 +62,15 @@ fn run(engine: &mut Engine, n_vocab: usize) -> Vec<f32> {
 }
 
 fn cpu_logits(path: &std::path::Path, kv: GgmlType) -> Vec<f32> {
+    cpu_logits_routed(path, kv, None)
+}
+
+/// [`cpu_logits`] with MoE experts forced by `routes`.
+fn cpu_logits_routed(
+    path: &std::path::Path,
+    kv: GgmlType,
+    routes: Option<Arc<RouteOverride>>,
+) -> Vec<f32> {
     let model = Arc::new(Model::open(path).unwrap());
     let nv = model.spec.hparams.n_vocab;
     let mut params = PlanParams::new(64);
@@ -69,6 +79,7 @@ fn cpu_logits(path: &std::path::Path, kv: GgmlType) -> Vec<f32> {
     let tiers = TierSet::all_cpu(&model.spec, params, 64);
     let mut e = Engine::with_tiers(model, tiers, 1, None, false).unwrap();
     e.set_exact_activations(true);
+    e.set_route_override(routes);
     run(&mut e, nv)
 }
 
@@ -199,6 +210,78 @@ fn placements_match_the_cpu_engine_with_q8_0_kv() {
         "tiny-deepseek2",
     ] {
         check_model_kv(preset, 1, GgmlType::Q8_0);
+    }
+}
+
+/// Forced MoE experts (`Engine::set_route_override`) reach the device's routing too (the tables
+/// uploaded into device memory, read by the routing steps there): placements that route some
+/// layers on the CPU lane and some on the device, with the same scattered experts forced, give
+/// the all-CPU engine's logits under that override, which are far from the routers' own
+/// choices; clearing the override brings those back and releases the tables' device memory.
+#[test]
+fn forced_routes_reach_the_device() {
+    for preset in ["tiny-qwen3moe", "tiny-gpt-oss"] {
+        let path = synth_variant(preset, &format!("{preset}-forced"), "q8_0", 13, |_| {});
+        let spec = Model::open(&path).unwrap().spec.clone();
+        let routes = scattered_routes(&spec);
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let own32 = cpu_logits(&path, GgmlType::F16);
+        let own = to64(&own32);
+        let forced = to64(&cpu_logits_routed(
+            &path,
+            GgmlType::F16,
+            Some(routes.clone()),
+        ));
+        let apart = rel_l2(&own32, &forced);
+        assert!(
+            apart > 1e-2,
+            "{preset}: forcing experts moved the logits by {apart:.2e}"
+        );
+        let mut both_lanes = false;
+        for (seed, s) in strategies().into_iter().enumerate() {
+            let pls = [
+                placement(&spec, s, 0.15),
+                placement(&spec, s, 0.5),
+                placement(&spec, s, 0.85),
+            ];
+            let model = Arc::new(Model::open(&path).unwrap());
+            let nv = spec.hparams.n_vocab;
+            let dev = HostDevice::new(model.clone(), 1 << 30).with_delays(seed as u64, 60);
+            let tiers = tier_set(pls, 64);
+            let mut e = Engine::with_tiers(model, tiers, 1, Some(Box::new(dev)), true).unwrap();
+            e.set_exact_activations(true);
+            e.set_op_timing(true);
+            e.set_route_override(Some(routes.clone()));
+            let got = run(&mut e, nv);
+            let err = rel_l2(&got, &forced);
+            let name = s.name();
+            assert!(
+                err <= TOL,
+                "{preset} {name}: forced routes rel L2 {err:.3e} vs all-CPU"
+            );
+            let on_device = e
+                .device_op_times()
+                .iter()
+                .any(|(k, t)| k.op == "moe_route" && t.calls > 0);
+            let on_cpu = e.op_seconds().iter().any(|(k, _)| *k == "moe_route");
+            both_lanes |= on_device && on_cpu;
+            let report = e.device_report().unwrap();
+            if on_device {
+                assert!(report.contains("forced MoE routes"), "{report}");
+            }
+            e.set_route_override(None);
+            e.reset();
+            let got = run(&mut e, nv);
+            let err = rel_l2(&got, &own);
+            assert!(
+                err <= TOL,
+                "{preset} {name}: own routes rel L2 {err:.3e} vs all-CPU"
+            );
+            let report = e.device_report().unwrap();
+            assert!(!report.contains("forced MoE routes"), "{report}");
+        }
+        assert!(both_lanes, "{preset}: no placement routes on both lanes");
+        std::fs::remove_file(&path).ok();
     }
 }
 

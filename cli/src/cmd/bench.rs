@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use pshard_model::ggml_type::GgmlType;
-use pshard_planner::Profile;
+use pshard_model::spec::ModelSpec;
+use pshard_planner::cost::{predict_bench, BenchPrediction, BenchTest, PlanParams};
+use pshard_planner::{CostTable, Place, Placement, Profile};
 use pshard_runtime::device::{OpKey, OpTime};
 use pshard_runtime::engine::{Engine, Logits};
 use pshard_runtime::model::Model;
@@ -111,6 +113,7 @@ fn op_times_pass(
     test: &TestResult,
     tokens: &[u32],
     profile: Option<&Profile>,
+    predicted: Option<&[(&'static str, f64)]>,
 ) -> anyhow::Result<()> {
     let before = e.op_seconds();
     e.clear_op_times();
@@ -129,7 +132,7 @@ fn op_times_pass(
         })
         .collect();
     if rows.iter().any(|r| r.1 > 0.0) {
-        eprint!("{}", cpu_op_table(&test.name(), wall, rows));
+        eprint!("{}", cpu_op_table(&test.name(), wall, rows, predicted));
     }
     let times = e.device_op_times();
     if !times.is_empty() {
@@ -256,30 +259,110 @@ fn profile_comparison(test: &str, rows: &[(OpKey, OpTime)], p: &Profile) -> Stri
     s
 }
 
-/// The CPU breakdown of one pass: seconds per op kind.
-fn cpu_op_table(test: &str, wall: f64, mut rows: Vec<(&'static str, f64)>) -> String {
+/// The CPU breakdown of one pass: seconds per op kind, beside the planner's prediction per kind
+/// when one is given (kinds only one side has are listed too).
+fn cpu_op_table(
+    test: &str,
+    wall: f64,
+    mut rows: Vec<(&'static str, f64)>,
+    predicted: Option<&[(&'static str, f64)]>,
+) -> String {
     rows.retain(|r| r.1 > 0.0);
+    if let Some(pred) = predicted {
+        for (k, _) in pred {
+            if !rows.iter().any(|r| r.0 == *k) {
+                rows.push((k, 0.0));
+            }
+        }
+    }
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let pred_of = |k: &str| predicted.map(|p| p.iter().find(|e| e.0 == k).map_or(0.0, |e| e.1));
     let mut s = format!(
-        "\nop times of one {test} pass (CPU, per op kind; wall {:.2} ms)\n| op | total ms | share |\n| --- | ---: | ---: |\n",
+        "\nop times of one {test} pass (CPU, per op kind; wall {:.2} ms)\n",
         wall * 1e3
     );
+    s += if predicted.is_some() {
+        "| op | total ms | share | predicted ms | difference |\n| --- | ---: | ---: | ---: | ---: |\n"
+    } else {
+        "| op | total ms | share |\n| --- | ---: | ---: |\n"
+    };
     let mut sum = 0.0;
     for (k, v) in &rows {
         sum += v;
         s += &format!(
-            "| {k} | {:.3} | {:.1}% |\n",
+            "| {k} | {:.3} | {:.1}% |",
             v * 1e3,
             100.0 * v / wall.max(1e-12)
         );
+        if let Some(p) = pred_of(k) {
+            s += &format!(" {:.3} | {} |", p * 1e3, difference(p, *v));
+        }
+        s += "\n";
     }
     s += &format!(
-        "ops total {:.2} ms = {:.1}% of the pass's wall time {:.2} ms\n",
+        "ops total {:.2} ms = {:.1}% of the pass's wall time {:.2} ms",
         sum * 1e3,
         100.0 * sum / wall.max(1e-12),
         wall * 1e3
     );
+    if let Some(pred) = predicted {
+        let p: f64 = pred.iter().map(|e| e.1).sum();
+        s += &format!(
+            "; predicted {:.2} ms ({} of the wall time)",
+            p * 1e3,
+            difference(p, wall)
+        );
+    }
+    s += "\n";
     s
+}
+
+/// `predicted` against `measured` as a signed percentage of the measured value.
+fn difference(predicted: f64, measured: f64) -> String {
+    if measured > 0.0 {
+        format!("{:+.1}%", 100.0 * (predicted - measured) / measured)
+    } else {
+        "-".to_string()
+    }
+}
+
+/// The planner's all-CPU prediction of every test (the placement the CPU engine runs), from the
+/// CPU profile (see [`super::common::cpu_profile`]) at the engine's thread count.
+fn cpu_predictions(
+    a: &Args,
+    e: &Engine,
+    results: &[TestResult],
+    n_ctx: usize,
+) -> anyhow::Result<Vec<BenchPrediction>> {
+    let (profile, warning) = super::common::cpu_profile(&a.engine)?;
+    if let Some(w) = warning {
+        eprintln!("bench: predicted t/s: {w}");
+    }
+    let threads = pshard_kernels::pool::threads();
+    let table = CostTable::new(Some(&profile), None, threads);
+    let spec = &e.model().spec;
+    let mut params = PlanParams::new(n_ctx);
+    params.threads = threads;
+    params.kv_type = e.kv_type().ggml();
+    let pl = Placement::uniform(spec, Place::Cpu);
+    let graph = |s: &ModelSpec, n: usize, l: usize| {
+        pshard_model::arch::build_graph(s, n, l).map_err(|e| e.to_string())
+    };
+    results
+        .iter()
+        .map(|r| {
+            let test = if r.n_gen == 0 {
+                BenchTest::Prompt {
+                    n: r.n_prompt,
+                    ubatch: a.engine.ubatch.min(n_ctx),
+                }
+            } else {
+                BenchTest::Gen { n: r.n_gen }
+            };
+            predict_bench(spec, &table, &params, &pl, test, &graph)
+                .map_err(|m| anyhow::anyhow!("predicting {}: {m}", r.name()))
+        })
+        .collect()
 }
 
 struct TestResult {
@@ -424,6 +507,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         results.push(r);
         test_tokens.push(tokens);
     }
+    // On the CPU the engine runs one all-CPU placement unplanned: its prediction per test comes
+    // from the CPU profile here.
+    let cpu_pred = if backend == "CPU" {
+        Some(cpu_predictions(&a, &engine, &results, n_ctx)?)
+    } else {
+        None
+    };
+    if let Some(preds) = &cpu_pred {
+        for (r, p) in results.iter_mut().zip(preds) {
+            if let Some(t) = &mut r.tier {
+                t.2 = Some(p.tps);
+            }
+        }
+    }
     if a.op_times {
         let profile = a
             .engine
@@ -432,8 +529,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map(Profile::load)
             .transpose()
             .context("reading --gpu-profile")?;
-        for (r, tokens) in results.iter().zip(&test_tokens) {
-            op_times_pass(&mut engine, r, tokens, profile.as_ref())?;
+        for (i, (r, tokens)) in results.iter().zip(&test_tokens).enumerate() {
+            let pred = cpu_pred.as_ref().map(|p| p[i].op_seconds.as_slice());
+            op_times_pass(&mut engine, r, tokens, profile.as_ref(), pred)?;
         }
     }
     let size_str = format!("{:.2} GiB", model_size as f64 / (1u64 << 30) as f64);
@@ -756,11 +854,38 @@ n = 5
             "tg16",
             1.0,
             vec![("add", 0.1), ("matmul", 0.5), ("rope", 0.0)],
+            None,
         );
         let m = s.find("| matmul |").unwrap();
         let a = s.find("| add |").unwrap();
         assert!(m < a, "{s}");
         assert!(!s.contains("rope"), "{s}");
         assert!(s.contains("ops total 600.00 ms = 60.0%"), "{s}");
+        assert!(!s.contains("predicted"), "{s}");
+    }
+
+    /// With the planner's prediction, each kind gets its predicted time and the difference, a
+    /// kind only the prediction has is listed (measured 0), and the total is put beside the wall.
+    #[test]
+    fn cpu_op_table_puts_predictions_beside_measured() {
+        let s = cpu_op_table(
+            "tg16",
+            1.0,
+            vec![("add", 0.1), ("matmul", 0.5)],
+            Some(&[("matmul", 0.6), ("add", 0.05), ("rope", 0.01)]),
+        );
+        assert!(
+            s.contains("| matmul | 500.000 | 50.0% | 600.000 | +20.0% |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| add | 100.000 | 10.0% | 50.000 | -50.0% |"),
+            "{s}"
+        );
+        assert!(s.contains("| rope | 0.000 | 0.0% | 10.000 | - |"), "{s}");
+        assert!(
+            s.contains("predicted 660.00 ms (-34.0% of the wall time)"),
+            "{s}"
+        );
     }
 }

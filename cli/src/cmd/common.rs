@@ -164,39 +164,62 @@ pub struct EngineArgs {
     pub llama: crate::compat::LlamaArgs,
 }
 
+/// The `kind` (`cpu` or `gpu`) profile named by `flag`, else `~/.cache/pshard/profiles/KIND.toml`
+/// when present; `None` when neither is there. A profile of the other kind is refused.
+fn own_profile(flag: &Option<PathBuf>, kind: &str) -> anyhow::Result<Option<Profile>> {
+    use pshard_planner::profile::ProfileKind;
+    let want = if kind == "cpu" {
+        ProfileKind::Cpu
+    } else {
+        ProfileKind::Gpu
+    };
+    let cached = std::env::var_os("HOME")
+        .map(|h| {
+            PathBuf::from(h)
+                .join(".cache/pshard/profiles")
+                .join(format!("{kind}.toml"))
+        })
+        .filter(|p| p.exists());
+    let Some(path) = flag.clone().or(cached) else {
+        return Ok(None);
+    };
+    let p = Profile::load(&path).with_context(|| format!("reading the {kind} profile"))?;
+    if p.kind != want {
+        bail!(
+            "{}: this is a {:?} profile, but it was given as the {kind} profile",
+            path.display(),
+            p.kind
+        );
+    }
+    Ok(Some(p))
+}
+
+/// The warning for planning with committed profiles (`kinds`, e.g. `cpu and gpu`) of the machine
+/// they were measured on (`machine`).
+fn borrowed_warning(kinds: &str, machine: &str) -> String {
+    format!(
+        "planning with the committed {kinds} profile(s) of the machine they were measured on ({machine} and its host), not of this one: run `pshard profile cpu` / `pshard profile gpu`"
+    )
+}
+
+/// The CPU profile to predict all-CPU runs with: `--cpu-profile`, else the cached one, else the
+/// committed H200 host's with a warning (returned) saying so.
+pub fn cpu_profile(a: &EngineArgs) -> anyhow::Result<(Profile, Option<String>)> {
+    if let Some(p) = own_profile(&a.cpu_profile, "cpu")? {
+        return Ok((p, None));
+    }
+    let p = Profile::from_toml_str(COMMITTED_CPU, "profiles/h200-cpu.toml")?;
+    let gpu = p.machine.gpu.as_ref().map_or("?", |g| g.name.as_str());
+    let w = borrowed_warning("cpu", gpu);
+    Ok((p, Some(w)))
+}
+
 /// The machine profiles to plan with: the flags, else `~/.cache/pshard/profiles/{cpu,gpu}.toml`,
 /// else the committed H200 profiles with a warning naming the machine they describe.
 pub fn plan_profiles(a: &EngineArgs) -> anyhow::Result<Profiles> {
-    use pshard_planner::profile::ProfileKind;
-    let cached = |kind: &str| {
-        std::env::var_os("HOME")
-            .map(|h| {
-                PathBuf::from(h)
-                    .join(".cache/pshard/profiles")
-                    .join(format!("{kind}.toml"))
-            })
-            .filter(|p| p.exists())
-    };
-    let load = |flag: &Option<PathBuf>,
-                kind: &str,
-                want: ProfileKind|
-     -> anyhow::Result<Option<Profile>> {
-        let Some(path) = flag.clone().or_else(|| cached(kind)) else {
-            return Ok(None);
-        };
-        let p = Profile::load(&path).with_context(|| format!("reading the {kind} profile"))?;
-        if p.kind != want {
-            bail!(
-                "{}: this is a {:?} profile, but it was given as the {kind} profile",
-                path.display(),
-                p.kind
-            );
-        }
-        Ok(Some(p))
-    };
     let mut out = Profiles {
-        cpu: load(&a.cpu_profile, "cpu", ProfileKind::Cpu)?,
-        gpu: load(&a.gpu_profile, "gpu", ProfileKind::Gpu)?,
+        cpu: own_profile(&a.cpu_profile, "cpu")?,
+        gpu: own_profile(&a.gpu_profile, "gpu")?,
         warning: None,
     };
     let mut borrowed = Vec::new();
@@ -220,10 +243,7 @@ pub fn plan_profiles(a: &EngineArgs) -> anyhow::Result<Profiles> {
             .as_ref()
             .and_then(|p| p.machine.gpu.as_ref())
             .map_or("?", |g| g.name.as_str());
-        out.warning = Some(format!(
-            "planning with the committed {} profile(s) of the machine they were measured on ({gpu_name}              and its host), not of this one: run `pshard profile cpu` / `pshard profile gpu`",
-            borrowed.join(" and ")
-        ));
+        out.warning = Some(borrowed_warning(&borrowed.join(" and "), gpu_name));
     }
     Ok(out)
 }

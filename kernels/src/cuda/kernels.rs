@@ -6,6 +6,7 @@
 //! - `launchers`: one typed launcher per `.cu` kernel, its parameters those of the kernel's
 //!   signature (a test parses the sources and compares them).
 //! - `gemv`: dequantization, the fused GEMV and its int8 activation scratch, embedding lookup.
+//! - `mmq`: the int8 tensor-core matmul of quantized weights for batches of tokens.
 //! - `moe`: routing, the sort by expert, expert GEMV and grouped GEMM, combine.
 //! - `attention`: flash, split-KV and latent attention.
 //! - `rope`, `norm`, `kv` (cache writes and shifts), `elementwise`.
@@ -19,6 +20,7 @@ mod gemv;
 mod kv;
 mod launch;
 mod launchers;
+mod mmq;
 mod moe;
 mod norm;
 mod rope;
@@ -31,7 +33,8 @@ pub use gemv::{
     ZERO_SEQS,
 };
 pub use launch::KArg;
-pub use moe::{MOE_GEMM_BN, MOE_MAX_EXPERTS};
+pub use mmq::{mmq_supported, MmqTile, MMQ_SCRATCH_COLS, MMQ_TILE_ENV};
+pub use moe::{MOE_GEMM_BN, MOE_MAX_EXPERTS, MOE_ROUTE_FREE};
 pub use rope::{RopeArgs, RopeKind, RopeYarnArg};
 
 use super::error::{CudaError, CudaResult};

@@ -10,7 +10,8 @@
 //! - [`blas`]: cuBLAS GEMM (f16/bf16 in, f32 accumulate) for prefill.
 //!
 //! [`Gpu`] bundles them; [`Gpu::matmul`] picks the fused GEMV (few rows: int8 activations for
-//! quantized weights, see gemv.cu) or dequantize + GEMM.
+//! quantized weights, see gemv.cu), MMQ (int8 tensor cores on quantized weights, see mmq.cu; only
+//! with [`MMQ_ENV`] set) or dequantize + GEMM ([`matmul_path`]).
 
 pub mod arena;
 pub mod blas;
@@ -31,8 +32,9 @@ pub use host::{HostRegistration, PinnedBuf};
 pub use kernels::{AttnParams, CudaKernels, KvCells, RopeArgs, RopeKind};
 
 use pshard_model::ggml_type::GgmlType;
+use std::ops::RangeInclusive;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Batch rows at or below which every matmul uses the fused GEMV instead of dequantize + GEMM
 /// (callers provide GEMM scratch above it). Measured on the H200 (2026-11-21): the f32 GEMV of F16
@@ -43,6 +45,59 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// GEMM scratch. Measured on the H200 (2026-11-21, CUDA graphs): at 8 rows it reads Q4_K weights
 /// at 650-870 GB/s against 370-400 for dequantize + GEMM, Q8_0 at 810-1190 against 710-770.
 pub const GEMV_INT8_MAX_ROWS: usize = kernels::GEMV_MAX_NB;
+
+/// Batch rows for which matmuls of quantized weights use MMQ when [`MMQ_ENV`] is `1`. Not
+/// measured yet: on the H100 (2026-12-05) the int8 GEMV read Q4_K weights at HBM speed only up to
+/// 4 rows and dequantize + cuBLAS took 111 µs on 14336×4096 at 32 and 64 rows against ~12 µs of
+/// weight reads; `cuda_bench_mmq` times all three paths to set this range.
+pub const MMQ_TOKENS: RangeInclusive<usize> = 8..=128;
+
+/// Environment variable that turns MMQ on (`1`) for [`MMQ_TOKENS`] rows; read once per process.
+pub const MMQ_ENV: &str = "PSHARD_CUDA_MMQ";
+
+/// Whether [`MMQ_ENV`] is `1` in this process.
+pub fn mmq_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var(MMQ_ENV).is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Whether a matmul of `ty` weights over `n` batch rows takes MMQ ([`mmq_enabled`], `n` in
+/// [`MMQ_TOKENS`], a type with MMQ kernels).
+pub fn mmq_path(ty: GgmlType, n: usize) -> bool {
+    mmq_enabled() && MMQ_TOKENS.contains(&n) && kernels::mmq_supported(ty)
+}
+
+/// The kernels [`Gpu::matmul`] runs a matmul on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The fused GEMV (int8 activations for quantized weights).
+    Gemv,
+    /// The int8 tensor-core matmul of quantized weights.
+    Mmq,
+    /// Weights dequantized to f16 in scratch, then cuBLAS (activations in f16/bf16).
+    Gemm,
+}
+
+/// The path of a matmul of `ty` weights over `n` batch rows, given whether GEMM scratch is at
+/// hand and whether the GEMM is forced (exact mode). The one rule [`Gpu::matmul`] follows and the
+/// planner sizes GEMM scratch by.
+pub fn matmul_path(ty: GgmlType, n: usize, gemm_scratch: bool, force_gemm: bool) -> MatmulPath {
+    let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    let gemv_max = if quantized {
+        GEMV_INT8_MAX_ROWS
+    } else {
+        GEMV_MAX_ROWS
+    };
+    if force_gemm {
+        MatmulPath::Gemm
+    } else if quantized && mmq_path(ty, n) {
+        MatmulPath::Mmq
+    } else if gemm_scratch && n > gemv_max {
+        MatmulPath::Gemm
+    } else {
+        MatmulPath::Gemv
+    }
+}
 
 /// (token, expert) pairs up to which MoE experts run as one GEMV per pair, in one launch per
 /// matrix. Above, the pairs are sorted by expert on the device and every matrix is one grouped GEMM
@@ -144,11 +199,12 @@ impl Gpu {
 
     /// `out[t, r] = Σ_c W[row0 + r, c] x[t, c] (+ bias)` for `r < nrows`, `t < n`, on the compute
     /// stream. `w` is the whole weight (GGUF blocks, `rows_total × cols`); `out` has row stride
-    /// `ldo`; `bias` (f32, whole length) is optional. Uses the fused GEMV for `n <=`
-    /// [`GEMV_MAX_ROWS`] (quantized weights: [`GEMV_INT8_MAX_ROWS`]), else dequantizes the slice
-    /// into `scratch` and runs a GEMM; `force_gemm` takes the GEMM at any `n` (no 8-bit rounding
-    /// of the activations: the exact-activation mode compared with the CPU engine's). The GEMV path allocates nothing and never waits for the
-    /// host, so it can be captured in a CUDA graph.
+    /// `ldo`; `bias` (f32, whole length) is optional. The path is [`matmul_path`]'s: the fused
+    /// GEMV for `n <=` [`GEMV_MAX_ROWS`] (quantized weights: [`GEMV_INT8_MAX_ROWS`]), MMQ for
+    /// quantized weights where [`mmq_path`] holds, else the slice dequantized into `scratch` and a
+    /// GEMM; `force_gemm` takes the GEMM at any `n` (no 8-bit rounding of the activations: the
+    /// exact-activation mode compared with the CPU engine's). The GEMV and MMQ paths allocate
+    /// nothing and never wait for the host, so they can be captured in a CUDA graph.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -165,35 +221,32 @@ impl Gpu {
         scratch: Option<GemmScratch>,
         force_gemm: bool,
     ) -> CudaResult<()> {
-        let quantized = !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-        let gemv_max = if quantized {
-            GEMV_INT8_MAX_ROWS
-        } else {
-            GEMV_MAX_ROWS
-        };
-        match scratch {
-            Some(sc) if force_gemm || n > gemv_max => {
+        let rb = kernels::row_bytes(ty, cols)? as u64;
+        let (wr, br) = (w + row0 as u64 * rb, bias.map(|b| b + row0 as u64 * 4));
+        match (matmul_path(ty, n, scratch.is_some(), force_gemm), scratch) {
+            (MatmulPath::Gemm, Some(sc)) => {
                 self.gemm_f16(ty, w, cols, row0, nrows, x, n, out, ldo, bias, sc)
             }
-            None if force_gemm => Err(CudaError::Invalid(
+            (MatmulPath::Gemm, None) => Err(CudaError::Invalid(
                 "the GEMM path was asked for without GEMM scratch".into(),
             )),
-            _ => {
-                let rb = kernels::row_bytes(ty, cols)? as u64;
-                let br = bias.map(|b| b + row0 as u64 * 4);
-                self.kernels.gemv(
-                    ty,
-                    w + row0 as u64 * rb,
-                    nrows,
-                    cols,
-                    x,
-                    cols,
-                    out,
-                    ldo,
-                    n,
-                    br,
-                    self.stream(),
-                )
+            (MatmulPath::Mmq, _) => self.kernels.mmq(
+                ty,
+                wr,
+                nrows,
+                cols,
+                x,
+                cols,
+                out,
+                ldo,
+                n,
+                br,
+                None,
+                self.stream(),
+            ),
+            (MatmulPath::Gemv, _) => {
+                self.kernels
+                    .gemv(ty, wr, nrows, cols, x, cols, out, ldo, n, br, self.stream())
             }
         }
     }

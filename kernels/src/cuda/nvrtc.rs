@@ -42,6 +42,10 @@ pub const SOURCES: &[Source] = &[
         name: "moe_gemm.cu",
         text: include_str!("../../cuda/moe_gemm.cu"),
     },
+    Source {
+        name: "mmq.cu",
+        text: include_str!("../../cuda/mmq.cu"),
+    },
 ];
 
 /// How one module was obtained.

@@ -5,12 +5,13 @@
 //! A group is `16 ×` the rows' bytes, *unit* by *unit* (a unit: one block of a legacy type, one
 //! super-block of a K-quant), each unit in the type's own bytes: the 16 rows' f16 scales first
 //! (32 bytes; types with one outside a dword: Q4_0, Q5_0, Q8_0 at byte 0, Q6_K at 208), then
-//! dword `i` of each row's remaining bytes as vector `i` (64 bytes, row `k` in lane `k`); Q8_0's quants are stored offset by 128 ([`Geo::flip`]). So a
-//! repacked matrix is exactly as large as in the file, and the
-//! kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16 rows at once: each lane
-//! ends a sub-block holding that row's integer sum, with no horizontal reduction (see
-//! `gemm::packed_x86`). Rows after the last whole group (`rows % 16`) stay in the file layout
-//! behind the groups.
+//! dword `i` of each row's remaining bytes as vector `i` (64 bytes, row `k` in lane `k`); Q8_0's
+//! quants are stored offset by 128 ([`Geo::flip`]), Q4_K's and Q5_K's 6-bit scales and minima
+//! re-packed on the dwords' bit grid ([`k4_fields`]). So a repacked matrix is exactly as large
+//! as in the file, and the kernel's `vpdpbusd` with 4 broadcast activation bytes accumulates 16
+//! rows at once: each lane ends a sub-block holding that row's integer sum, with no horizontal
+//! reduction (see `gemm::packed_x86`). Rows after the last whole group (`rows % 16`) stay in the
+//! file layout behind the groups.
 //!
 //! The arithmetic is unchanged: the same integer sums and the same f32 steps as
 //! [`super::dot_converted`], so every output keeps its bits.
@@ -18,6 +19,7 @@
 use pshard_model::ggml_type::GgmlType;
 
 use crate::matmul::KernelError;
+use crate::quant::kquants::{pack_scales_mins_k4, unpack_scales_mins_k4};
 
 /// Rows per group.
 pub const ROWS: usize = 16;
@@ -39,6 +41,9 @@ pub(crate) struct Geo {
     /// places of a super-block at once (low nibbles of two quarters, high bit pairs); stored in
     /// file order its 16-row super-blocks ran at half the DRAM rate of the other types.
     pub order: Option<fn(usize) -> usize>,
+    /// The unit's bytes 4..16 (Q4_K's and Q5_K's 6-bit scales and minima) are stored re-packed
+    /// ([`k4_fields`]).
+    pub k4: bool,
 }
 
 impl Geo {
@@ -92,11 +97,18 @@ pub(crate) fn geo(ty: GgmlType) -> Option<Geo> {
             f16,
             flip: false,
             order: None,
+            k4: false,
         })
     };
     match ty {
-        GgmlType::Q4_K => g(144, 256, None),
-        GgmlType::Q5_K => g(176, 256, None),
+        GgmlType::Q4_K => Some(Geo {
+            k4: true,
+            ..g(144, 256, None)?
+        }),
+        GgmlType::Q5_K => Some(Geo {
+            k4: true,
+            ..g(176, 256, None)?
+        }),
         GgmlType::Q6_K => Some(Geo {
             order: Some(q6k_order),
             ..g(210, 256, Some(208))?
@@ -120,6 +132,57 @@ pub(crate) fn q6k_order(i: usize) -> usize {
     }
     let (h, j, x) = ((i - 4) / 24, (i - 4) % 24 / 3, (i - 4) % 3);
     [16 * h + j, 16 * h + 8 + j, 32 + 8 * h + j][x]
+}
+
+/// Where Q4_K's and Q5_K's 6-bit scales and minima go (the super-block's bytes 4..16, the three
+/// dwords `w[0..3]` after `d | dmin`): field `n` — scale `n` for `n < 8`, minimum `n − 8` after —
+/// at bit [`k4_shift`]`(n % 5)` of dword `n / 5`, and field 15's bits `2i, 2i + 1` at bits 24,
+/// 25 of dword `i`. Fields 0–14 come out of 16 rows' dwords with a shift, a mask or both
+/// (`gemm::x86::k4_factor`), where the file's order (scales and minima 4–7 split into a nibble
+/// and two high bits) takes five to six operations: the repacked Q4_K kernel for one token,
+/// forming each sub-block pair's factors before its f32 steps, ran at 55.7–58.8 ns per
+/// 4096-wide row with the file's order and 50.5–50.8 with this (`GEMV_L2=1`, docs/PERF.md).
+pub(crate) fn k4_fields(s: &[u8]) -> [u8; 12] {
+    let (sc, mn) = unpack_scales_mins_k4(s);
+    let f = |n: usize| u32::from(if n < 8 { sc[n] } else { mn[n - 8] });
+    let mut o = [0u8; 12];
+    for (i, o) in o.chunks_exact_mut(4).enumerate() {
+        let mut w = (f(15) >> (2 * i) & 3) << 24;
+        for p in 0..5 {
+            w |= f(5 * i + p) << k4_shift(p);
+        }
+        o.copy_from_slice(&w.to_le_bytes());
+    }
+    o
+}
+
+/// The bit of its dword where field `5i + p` (`p < 5`) of [`k4_fields`] starts.
+pub(crate) fn k4_shift(p: usize) -> usize {
+    if p < 4 {
+        6 * p
+    } else {
+        26
+    }
+}
+
+/// The file's 12 bytes of scales and minima back from [`k4_fields`]'s.
+pub(crate) fn k4_unfields(s: &[u8]) -> [u8; 12] {
+    let w = |i: usize| u32::from_le_bytes(s[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    let f = |n: usize| -> u8 {
+        let v = if n == 15 {
+            (0..3).map(|i| (w(i) >> 24 & 3) << (2 * i)).sum()
+        } else {
+            w(n / 5) >> k4_shift(n % 5) & 63
+        };
+        v as u8
+    };
+    let mut o = [0u8; 12];
+    pack_scales_mins_k4(
+        &std::array::from_fn(f),
+        &std::array::from_fn(|j| f(8 + j)),
+        &mut o,
+    );
+    o
 }
 
 /// Whether matrices of `ty` can be repacked.
@@ -235,6 +298,15 @@ fn pack_group(g: Geo, src: &[u8], wrb: usize, dst: &mut [u8]) {
     for (u, d) in dst.chunks_exact_mut(g.group_unit()).enumerate() {
         for k in 0..ROWS {
             let unit = &src[k * wrb + u * g.bytes..][..g.bytes];
+            let mut fields = [0u8; 256];
+            let unit = if g.k4 {
+                let f = &mut fields[..g.bytes];
+                f.copy_from_slice(unit);
+                f[4..16].copy_from_slice(&k4_fields(&unit[4..16]));
+                f
+            } else {
+                unit
+            };
             for i in 0..nd {
                 let at = g.src_at(i);
                 let x = u32::from_le_bytes(unit[at..at + 4].try_into().expect("4 bytes"));
@@ -267,6 +339,10 @@ pub(crate) fn unpack_rows(ty: GgmlType, src: &[u8], wrb: usize, k0: usize, dst: 
             }
             if let Some(f) = g.f16 {
                 unit[f..f + 2].copy_from_slice(&s[2 * k..][..2]);
+            }
+            if g.k4 {
+                let f = k4_unfields(&unit[4..16]);
+                unit[4..16].copy_from_slice(&f);
             }
         }
     }
@@ -337,4 +413,35 @@ pub(crate) fn groups(
     }
     #[cfg(not(target_arch = "x86_64"))]
     panic!("the repacked decode has no kernel on this architecture");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scale and minimum, at each of the 16 places, lands where [`k4_fields`] says and
+    /// comes back: the file's bytes are restored exactly.
+    #[test]
+    fn k4_fields_place_each_field_and_round_trip() {
+        for n in 0..16 {
+            for v in 0..64u8 {
+                // Field n = v, the others a pattern that changes with n.
+                let fill = |m: usize| if m == n { v } else { ((7 * m + n) % 64) as u8 };
+                let sc: [u8; 8] = std::array::from_fn(fill);
+                let mn: [u8; 8] = std::array::from_fn(|j| fill(8 + j));
+                let mut file = [0u8; 12];
+                pack_scales_mins_k4(&sc, &mn, &mut file);
+                let f = k4_fields(&file);
+                let w = |i: usize| u32::from_le_bytes(f[4 * i..4 * i + 4].try_into().unwrap());
+                let got = if n == 15 {
+                    (0..3).map(|i| (w(i) >> 24 & 3) << (2 * i)).sum::<u32>()
+                } else {
+                    let p = n % 5;
+                    w(n / 5) >> [0, 6, 12, 18, 26][p] & 63
+                };
+                assert_eq!(got, u32::from(v), "field {n} = {v}");
+                assert_eq!(k4_unfields(&f), file, "field {n} = {v}");
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use pshard_model::ggml_type::GgmlType;
 
 use super::gemv::MAX_TOKENS;
 use super::packed::{Geo, ROWS};
-use super::x86::{k4_factors16, Tok};
+use super::x86::{k4_d, k4_factor, k4_fields16, Tok};
 use super::{Converter, GemmActs};
 
 /// Loads 64 bytes at `p`.
@@ -130,78 +130,16 @@ fn store<const T: usize>(f: [__m512; T]) -> [[f32; ROWS]; T] {
     o
 }
 
-/// Q4_K: per super-block 4 header vectors (d | dmin, scales) and 32 nibble vectors; vector
-/// `4 + 8c + g` holds group `g` of sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles).
-/// The high nibbles are used in place (16 × the level; the sums, exact multiples of 16, are
-/// shifted back), saving a shift per vector.
+/// Q4_K: per super-block 4 header vectors (d | dmin, scales and minima re-packed:
+/// [`super::packed::k4_fields`]) and 32 nibble vectors; vector `4 + 8c + g` holds group `g` of
+/// sub-block `2c` (low nibbles) and of `2c + 1` (high nibbles).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks; the
-/// tokens' values, scales and sums hold `units` super-blocks.
-#[inline(never)]
+/// As [`k45`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
-    let m4 = _mm512_set1_epi8(0x0F);
-    let mut f = [_mm512_setzero_ps(); T];
-    for sb in 0..units {
-        // SAFETY (whole super-block): the unit's 36 vectors lie in the group; the tokens'
-        // super-block sb exists (caller).
-        unsafe {
-            let u = p.add(sb * 16 * 144);
-            let (k, m) = k4_factors16([ld(u), ld(u.add(64)), ld(u.add(128)), ld(u.add(192))]);
-            for c in 0..4 {
-                // Per token: low-nibble sums (two chains), high-nibble sums (two chains).
-                let mut acc = [[_mm512_setzero_si512(); 4]; T];
-                for gi in 0..8 {
-                    let v = ld(u.add((4 + 8 * c + gi) * 64));
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_andnot_si512(m4, v);
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
-                        let h = gi / 4;
-                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
-                        acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
-                    }
-                }
-                pair_steps::<T, true>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
-            }
-        }
-    }
-    store(f)
-}
-
-/// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (super-block factors `k`, `m` at
-/// `s % 8`): `acc[t]` holds token `t`'s two chains of each; with `HI16` the second sub-block's
-/// sums are 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
-///
-/// # Safety
-/// AVX-512F available; every token's scales and sums hold sub-block `s + 1`.
-#[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn pair_steps<const T: usize, const HI16: bool>(
-    f: &mut [__m512; T],
-    acc: &[[__m512i; 4]; T],
-    (k, m): (&[__m512; 8], &[__m512; 8]),
-    tok: &[Tok; T],
-    s: usize,
-) {
-    let j = s % 8;
-    for (t, acc) in acc.iter().enumerate() {
-        let i0 = _mm512_add_epi32(acc[0], acc[1]);
-        let mut i1 = _mm512_add_epi32(acc[2], acc[3]);
-        if HI16 {
-            i1 = _mm512_srai_epi32::<4>(i1);
-        }
-        // SAFETY: sub-blocks s and s + 1 exist for every token (caller).
-        let (d, sa) = unsafe { (tok[t].d.add(s), tok[t].sa.add(s)) };
-        // SAFETY: as above.
-        unsafe {
-            f[t] = scale_step(f[t], i0, k[j], *d);
-            f[t] = _mm512_fmadd_ps(m[j], _mm512_set1_ps(*sa), f[t]);
-            f[t] = scale_step(f[t], i1, k[j + 1], *d.add(1));
-            f[t] = _mm512_fmadd_ps(m[j + 1], _mm512_set1_ps(*sa.add(1)), f[t]);
-        }
-    }
+    // SAFETY: the caller's.
+    unsafe { k45::<false, T>(p, units, tok) }
 }
 
 /// Q5_K: Q4_K's header (4 vectors), 8 vectors of fifth bits (vector `4 + g`: bytes `4g .. 4g + 4`
@@ -209,45 +147,142 @@ unsafe fn pair_steps<const T: usize, const HI16: bool>(
 /// `2c + 1`'s), then the nibbles as Q4_K's (vector `12 + 8c + g`).
 ///
 /// # Safety
-/// As [`q4k`], for Q5_K.
-#[inline(never)]
+/// As [`k45`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
+    // SAFETY: the caller's.
+    unsafe { k45::<true, T>(p, units, tok) }
+}
+
+/// The most tokens for which [`k45`] forms each Q4_K sub-block pair's factors just before its f32
+/// steps (with more, and for Q5_K, all 16 at a super-block's start).
+const LAZY_TOKENS: usize = 2;
+
+/// Q4_K (`FIVE` false) or Q5_K super-blocks ([`q4k`], [`q5k`]). Q4_K's high nibbles are used in
+/// place (16 × the level; the sums, exact multiples of 16, are shifted back), saving a shift per
+/// vector. For Q4_K and 1–2 tokens each sub-block pair's 4 factors are formed just before its
+/// f32 steps from the 3 scale vectors kept in registers (the chunks written out so that every
+/// field index is a constant): forming all 16 at the super-block's start left too few
+/// registers, 15% slower for one token (`GEMV_L2`). For 3–4 tokens the chains take the
+/// registers: the 16 factors are formed first and the chunks loop (written out, they spilled:
+/// 6% slower for 4 tokens). Q5_K always loops: written out, its one-token kernel was 14% faster
+/// in L2 but streamed at 77–85% of the DRAM read where the loop streams at 88–96% (gemv bench).
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; `p` points at a group of `units` repacked super-blocks of
+/// the type; the tokens' values, scales and sums hold `units` super-blocks.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k45<const FIVE: bool, const T: usize>(
+    p: *const u8,
+    units: usize,
+    tok: [Tok; T],
+) -> [[f32; ROWS]; T] {
+    // Group unit bytes; the first nibble vector.
+    let (ub, first) = if FIVE { (16 * 176, 12) } else { (16 * 144, 4) };
     let m4 = _mm512_set1_epi8(0x0F);
     let b16 = _mm512_set1_epi8(0x10);
     let mut f = [_mm512_setzero_ps(); T];
     for sb in 0..units {
-        // SAFETY (whole super-block): the unit's 44 vectors lie in the group; the tokens'
+        // SAFETY (whole super-block): the unit's vectors lie in the group; the tokens'
         // super-block sb exists (caller).
         unsafe {
-            let u = p.add(sb * 16 * 176);
-            let (k, m) = k4_factors16([ld(u), ld(u.add(64)), ld(u.add(128)), ld(u.add(192))]);
-            for c in 0..4 {
-                // The fifth bits of sub-blocks 2c and 2c + 1 in every byte.
-                let (bl, bh) = (
-                    _mm512_set1_epi8((1u8 << (2 * c)) as i8),
-                    _mm512_set1_epi8((2u8 << (2 * c)) as i8),
-                );
-                let mut acc = [[_mm512_setzero_si512(); 4]; T];
-                for gi in 0..8 {
-                    let v = ld(u.add((12 + 8 * c + gi) * 64));
-                    let qh = ld(u.add((4 + gi) * 64));
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                    let lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bl), lo, b16);
-                    let hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bh), hi, b16);
-                    for (t, acc) in acc.iter_mut().enumerate() {
-                        let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
-                        let h = gi / 4;
-                        acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
-                        acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
+            let u = p.add(sb * ub);
+            let hd = ld(u);
+            let (d, dmin) = k4_d(hd);
+            let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
+            // Chunk c's integer sums: sub-blocks 2c and 2c + 1, per token the low-nibble sums
+            // (two chains) and the high-nibble sums (two chains).
+            macro_rules! sums {
+                ($c:expr) => {{
+                    let c = $c;
+                    // Q5_K: the fifth bits of sub-blocks 2c and 2c + 1 in every byte.
+                    let (bl, bh) = (
+                        _mm512_set1_epi8((1u8 << (2 * c)) as i8),
+                        _mm512_set1_epi8((2u8 << (2 * c)) as i8),
+                    );
+                    let mut acc = [[_mm512_setzero_si512(); 4]; T];
+                    for gi in 0..8 {
+                        let v = ld(u.add((first + 8 * c + gi) * 64));
+                        let lo = _mm512_and_si512(v, m4);
+                        let (lo, hi) = if FIVE {
+                            let qh = ld(u.add((4 + gi) * 64));
+                            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                            (
+                                _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(qh, bl), lo, b16),
+                                _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(qh, bh), hi, b16),
+                            )
+                        } else {
+                            (lo, _mm512_andnot_si512(m4, v))
+                        };
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let a = tok[t].q.add(256 * sb + 64 * c + 4 * gi);
+                            let h = gi / 4;
+                            acc[h] = _mm512_dpbusd_epi32(acc[h], lo, bcast(a));
+                            acc[2 + h] = _mm512_dpbusd_epi32(acc[2 + h], hi, bcast(a.add(32)));
+                        }
                     }
+                    acc
+                }};
+            }
+            if T <= LAZY_TOKENS && !FIVE {
+                macro_rules! chunk {
+                    ($c:literal) => {{
+                        let acc = sums!($c);
+                        let (s, n) = (2 * $c, 8 + 2 * $c);
+                        let k = [k4_factor(&w, s, d), k4_factor(&w, s + 1, d)];
+                        let m = [k4_factor(&w, n, dmin), k4_factor(&w, n + 1, dmin)];
+                        pair_steps::<T, FIVE>(&mut f, &acc, (k, m), &tok, 8 * sb + s);
+                    }};
                 }
-                pair_steps::<T, false>(&mut f, &acc, (&k, &m), &tok, 8 * sb + 2 * c);
+                chunk!(0);
+                chunk!(1);
+                chunk!(2);
+                chunk!(3);
+            } else {
+                let (k, m) = k4_fields16([hd, w[0], w[1], w[2]]);
+                for c in 0..4 {
+                    let acc = sums!(c);
+                    let pair = |x: &[__m512; 8]| [x[2 * c], x[2 * c + 1]];
+                    pair_steps::<T, FIVE>(&mut f, &acc, (pair(&k), pair(&m)), &tok, 8 * sb + 2 * c);
+                }
             }
         }
     }
     store(f)
+}
+
+/// The f32 steps of a Q4_K/Q5_K sub-block pair `s`, `s + 1` (the pair's factors `k`, `m`):
+/// `acc[t]` holds token `t`'s two chains of each; unless `FIVE` the second sub-block's sums are
+/// 16 × the levels' (Q4_K's high nibbles used in place) and are shifted back first.
+///
+/// # Safety
+/// AVX-512F available; every token's scales and sums hold sub-block `s + 1`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn pair_steps<const T: usize, const FIVE: bool>(
+    f: &mut [__m512; T],
+    acc: &[[__m512i; 4]; T],
+    (k, m): ([__m512; 2], [__m512; 2]),
+    tok: &[Tok; T],
+    s: usize,
+) {
+    for (t, acc) in acc.iter().enumerate() {
+        let i0 = _mm512_add_epi32(acc[0], acc[1]);
+        let mut i1 = _mm512_add_epi32(acc[2], acc[3]);
+        if !FIVE {
+            i1 = _mm512_srai_epi32::<4>(i1);
+        }
+        // SAFETY: sub-blocks s and s + 1 exist for every token (caller).
+        let (d, sa) = unsafe { (tok[t].d.add(s), tok[t].sa.add(s)) };
+        // SAFETY: as above.
+        unsafe {
+            f[t] = scale_step(f[t], i0, k[0], *d);
+            f[t] = _mm512_fmadd_ps(m[0], _mm512_set1_ps(*sa), f[t]);
+            f[t] = scale_step(f[t], i1, k[1], *d.add(1));
+            f[t] = _mm512_fmadd_ps(m[1], _mm512_set1_ps(*sa.add(1)), f[t]);
+        }
+    }
 }
 
 /// Q6_K: per super-block the 16 rows' f16 `d`, 4 vectors of signed scales, then per half `h` and step `j` three

@@ -17,6 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::{Converter, GemmActs, Tile, QB};
+use crate::quant::kquants::x86::neg;
 use crate::quant::SimdLevel;
 
 /// Dispatches to the kernel of the tile's width with the converter's flags and `acc.len()`
@@ -619,6 +620,17 @@ pub(crate) trait Rows16 {
     /// AVX-512F available; the unit exists and holds the f16 (for [`PackedRows`]: the one the
     /// repacked layout moves to the unit's front).
     unsafe fn f16(&self, i: usize, off: usize) -> __m512;
+
+    /// The Q4_K/Q5_K factors of unit `i` of the 16 rows, as [`k4_factors16`] gives them.
+    ///
+    /// # Safety
+    /// AVX-512F available; the unit exists and is a Q4_K or Q5_K super-block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn k4_factors(&self, i: usize) -> ([__m512; 8], [__m512; 8]) {
+        // SAFETY: the header's 16 bytes lie in the unit (caller).
+        k4_factors16(unsafe { self.x4(i, 0) })
+    }
 }
 
 /// 16 rows in the file's layout: pointers to their first unit, units of `bytes` bytes.
@@ -714,6 +726,18 @@ impl Rows16 for PackedRows {
             _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()))
         }
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn k4_factors(&self, i: usize) -> ([__m512; 8], [__m512; 8]) {
+        // SAFETY: the header's 16 bytes lie in the unit (caller).
+        let h = unsafe { self.x4(i, 0) };
+        if self.g.k4 {
+            k4_fields16(h)
+        } else {
+            k4_factors16(h)
+        }
+    }
 }
 
 /// Checks a repacked tile loader's arguments: elements `e0 .. e0 + n` whole units of `ty` (a
@@ -762,19 +786,67 @@ pub(crate) fn f16_lanes<const HIGH: bool>(v: __m512i) -> __m512 {
     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
 }
 
+/// The 16 rows' `d` and `−dmin` from their header dword 0 (`d | dmin`), as [`k4_factors16`]
+/// forms them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn k4_d(dd: __m512i) -> (__m512, __m512) {
+    (f16_lanes::<false>(dd), neg(f16_lanes::<true>(dd)))
+}
+
+/// `d ·` field `n` (scale `n`, minimum `n − 8`) of 16 rows' re-packed Q4_K/Q5_K scales and minima
+/// (`w`: their dwords 1..4, [`super::packed::k4_fields`]): the f32 product [`k4_factors16`]
+/// forms (`d` the rows' `d` for a scale, `−dmin` for a minimum). Constant `n` (inlined): one or
+/// two operations before the conversion, six for field 15.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn k4_factor(w: &[__m512i; 3], n: usize, d: __m512) -> __m512 {
+    let m6 = _mm512_set1_epi32(63);
+    let sr = |v: __m512i, sh: usize| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
+    let v = if n == 15 {
+        // Bits 24, 25 of each dword i to bits 2i, 2i + 1: shifted into place, then taken
+        // through two bit selects (0xCA: where the first operand's bit is set, the second's).
+        let (a, b, c) = (sr(w[0], 24), sr(w[1], 22), sr(w[2], 20));
+        let ab = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi32(3), a, b);
+        let abc = _mm512_ternarylogic_epi32::<0xCA>(_mm512_set1_epi32(15), ab, c);
+        _mm512_and_si512(abc, m6)
+    } else {
+        let (v, p) = (w[n / 5], n % 5);
+        match p {
+            0 => _mm512_and_si512(v, m6),
+            4 => sr(v, super::packed::k4_shift(4)),
+            _ => _mm512_and_si512(sr(v, super::packed::k4_shift(p)), m6),
+        }
+    };
+    _mm512_mul_ps(d, _mm512_cvtepi32_ps(v))
+}
+
+/// [`k4_factors16`] of 16 rows whose scales and minima are re-packed
+/// ([`super::packed::k4_fields`]; `h` as there), by [`k4_factor`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn k4_fields16(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
+    let (d, dmin) = k4_d(h[0]);
+    let w = [h[1], h[2], h[3]];
+    let mut k = [_mm512_setzero_ps(); 8];
+    let mut m = [_mm512_setzero_ps(); 8];
+    for j in 0..8 {
+        k[j] = k4_factor(&w, j, d);
+        m[j] = k4_factor(&w, 8 + j, dmin);
+    }
+    (k, m)
+}
+
 /// The Q4_K/Q5_K factors of 16 rows from their super-block headers (`h`: dwords 0..4 of each
 /// row's header, row per lane): per sub-block the scale `d · sc` and the minimum `−dmin · m`,
-/// the portable converter's f32 products. The decode kernel and the Q4_K/Q5_K tile loader both
-/// take them from here.
+/// the portable converter's f32 products. The row-wise decode kernel and the Q4_K/Q5_K tile
+/// loader take them from here for the file's layout; the repacked one's re-packed fields give
+/// the same products through [`k4_fields16`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn k4_factors16(h: [__m512i; 4]) -> ([__m512; 8], [__m512; 8]) {
     let [dd, s0, s1, s2] = h;
-    let d = f16_lanes::<false>(dd);
-    let dmin = _mm512_castsi512_ps(_mm512_xor_si512(
-        _mm512_castps_si512(f16_lanes::<true>(dd)),
-        _mm512_set1_epi32(i32::MIN),
-    ));
+    let (d, dmin) = k4_d(dd);
     let byte = |v: __m512i, sh: u32| _mm512_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
     let (m6, m4, m2) = (
         _mm512_set1_epi32(63),

@@ -21,7 +21,7 @@ use pshard_kernels::quant::{self, ActFormat};
 use pshard_model::graph::{Activation, BufId, Graph, Op};
 use pshard_model::spec::{RopeMode, TensorId};
 
-use crate::batch::Batch;
+use crate::batch::{forced_row, Batch};
 use crate::error::EngineError;
 
 /// Weights as the ops read them.
@@ -416,17 +416,14 @@ impl CpuLane {
             } => {
                 let (n_expert, n_used) = (routing.n_expert, routing.n_used);
                 let bias = select_bias.map(|t| w.vector(t));
+                let table = batch.forced.table(layer, batch.positions, &routing)?;
                 let (src, dst) = self.pair(logits, out);
                 for t in 0..n {
                     let mut ids = vec![0u32; n_used];
                     let mut wt = vec![0f32; n_used];
                     let logits = &src[t * n_expert..][..n_expert];
-                    let forced = match (batch.route_override, layer) {
-                        (Some(f), Some(l)) => f(l, batch.positions[t]),
-                        _ => None,
-                    }
-                    .filter(|f| f.len() == n_used);
-                    ops::route(logits, &routing, bias, forced.as_deref(), &mut ids, &mut wt);
+                    let forced = table.as_deref().and_then(|tb| forced_row(tb, t, n_used));
+                    ops::route(logits, &routing, bias, forced, &mut ids, &mut wt);
                     let row = &mut dst[t * 2 * n_used..][..2 * n_used];
                     for k in 0..n_used {
                         row[k] = f32::from_bits(ids[k]);

@@ -452,6 +452,7 @@ fn node_op(
                 g.rows(logits),
                 &routing,
                 bias,
+                step.forced_route,
                 step.buf(out),
                 s,
             )?;

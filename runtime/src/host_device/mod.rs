@@ -26,7 +26,7 @@ use pshard_model::graph::{BufId, Graph, Op};
 use pshard_model::spec::TensorId;
 use pshard_planner::lanes::{DeviceScratch, Lane, Run};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, ForcedRoutes};
 use crate::cpu::{CpuLane, KvAccess, LayerKvMut, Weights};
 use crate::device::{
     DevPtr, Device, Event, GpuStep, GpuWork, HostBuf, HostSrc, Inputs, KvRef, KvShift, OpKey,
@@ -639,6 +639,7 @@ impl Device for HostDevice {
             inputs: step.inputs,
             scratch: step.scratch,
             exact: step.exact,
+            forced_route: step.forced_route,
         };
         let timing = self.op_timing;
         self.push(Stream::Compute, move |sh| {
@@ -719,6 +720,7 @@ struct OwnedStep {
     inputs: Inputs,
     scratch: ScratchPtrs,
     exact: bool,
+    forced_route: Option<DevPtr>,
 }
 
 /// A matrix read from device memory: its rows from `first` on.
@@ -919,12 +921,28 @@ impl OwnedStep {
             sh.read(r.k, Shape2d::flat(kb), &mut kv.k)?;
             sh.read(r.v, Shape2d::flat(vb), &mut kv.v)?;
         }
+        // A forced-route table, read from device memory as the CUDA kernel reads it.
+        let forced = match self.forced_route {
+            Some(addr) => {
+                let n_used = nodes
+                    .iter()
+                    .find_map(|(ni, _)| match g.nodes[*ni].op {
+                        Op::MoeRoute { routing, .. } => Some(routing.n_used),
+                        _ => None,
+                    })
+                    .ok_or("a forced-route table came with a step that routes no experts")?;
+                Some(ints(addr, n * n_used)?)
+            }
+            None => None,
+        };
         let batch = Batch {
             tokens: &tokens,
             positions: &positions,
             seqs: &seqs,
             logit_rows: &logit_rows,
-            route_override: None,
+            forced: forced
+                .as_deref()
+                .map_or(ForcedRoutes::None, ForcedRoutes::Table),
         };
         for (ni, cols) in &nodes {
             lane.exec(

@@ -1,6 +1,7 @@
 //! Weights: dequantization, the fused GEMV (int8 activations for quantized weights, f32 for
 //! float weights) and its activation scratch, embedding lookup.
 
+use super::mmq::MMQ_SCRATCH_COLS;
 use super::{blocks, geom, CudaKernels};
 use crate::cuda::arena::{RegionId, RegionKind};
 use crate::cuda::device::GpuDevice;
@@ -38,7 +39,7 @@ pub(super) fn shape_override(var: &str, shapes: &[(usize, usize)]) -> Option<(us
 pub(super) struct ActScratch {
     dev: Arc<GpuDevice>,
     region: RegionId,
-    /// int8 quants, `GEMV_MAX_NB × GEMV_MAX_COLS`.
+    /// int8 quants, [`ActScratch::Q_BYTES`].
     q: u64,
     /// Block scales (f32, or f32 pairs for Q8_1).
     d: u64,
@@ -55,11 +56,25 @@ pub const ZERO_SEQS: usize = 1 << 18;
 pub const ACT_SCRATCH_BYTES: u64 =
     ActScratch::Q_BYTES + ActScratch::D_BYTES + ActScratch::BS_BYTES + (ZERO_SEQS * 4) as u64;
 
+/// Activation values the int8 scratch holds: a GEMV launch's rows of the widest input, or the
+/// MMQ range's most tokens of [`MMQ_SCRATCH_COLS`] columns (the larger: 2 Mi, 1.75 MiB more
+/// VRAM than the GEMV alone needs).
+const ACT_SCRATCH_VALUES: usize = {
+    let gemv = GEMV_MAX_NB * GEMV_MAX_COLS;
+    let mmq = *crate::cuda::MMQ_TOKENS.end() * MMQ_SCRATCH_COLS;
+    if gemv > mmq {
+        gemv
+    } else {
+        mmq
+    }
+};
+
 impl ActScratch {
-    pub(super) const Q_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS) as u64;
+    /// Bytes of int8 quants (one per activation value).
+    pub(super) const Q_BYTES: u64 = ACT_SCRATCH_VALUES as u64;
     // Q8_1 needs 8 bytes per 32 elements, Q8_K 4 per 256; sums: 2 bytes per 16.
-    const D_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS / 4) as u64;
-    const BS_BYTES: u64 = (GEMV_MAX_NB * GEMV_MAX_COLS / 8) as u64;
+    const D_BYTES: u64 = (ACT_SCRATCH_VALUES / 4) as u64;
+    const BS_BYTES: u64 = (ACT_SCRATCH_VALUES / 8) as u64;
 
     pub(super) fn new(dev: &Arc<GpuDevice>) -> CudaResult<ActScratch> {
         let bytes = ACT_SCRATCH_BYTES;
@@ -296,7 +311,9 @@ impl CudaKernels {
     /// (`acts`, as [`Self::quantize_acts`] or [`Self::quantized_acts`] describe them): lets
     /// matmuls that share their input (q/k/v, gate/up) quantize it once. `n <=`
     /// [`GEMV_MAX_NB`] rows; `acts` must be in `ty`'s partner format and still hold those rows
-    /// (any GEMV of other activations in between overwrites them).
+    /// (any GEMV of other activations in between overwrites them). Where
+    /// [`crate::cuda::mmq_path`] holds, MMQ multiplies them instead (as [`crate::cuda::Gpu::matmul`]
+    /// would for the same rows).
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_prequantized(
         &self,
@@ -321,6 +338,9 @@ impl CudaKernels {
         }
         if rows == 0 || n == 0 {
             return Ok(());
+        }
+        if crate::cuda::mmq_path(ty, n) {
+            return self.mmq_prequantized(ty, acts, w, rows, cols, y, ldy, n, bias, s);
         }
         self.gemvq(ty, acts, w, rows, cols, y, ldy, n, bias, s)
     }

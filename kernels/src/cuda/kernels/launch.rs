@@ -3,6 +3,7 @@
 
 use super::attention::{flash_smem, mla_smem, split_smem, FLASH_DIMS, MLA_MAX_DK};
 use super::gemv::{ActScratch, GEMVQ_SHAPES};
+use super::mmq::MMQ_TILES;
 use super::moe::{moe_gemm_smem, MOE_GEMM_TILES, MOE_GEMVQ_SHAPES};
 use super::rope::{RopeKArg, RopeYarnArg};
 use super::{type_geom, CudaKernels, CUDA_TYPES};
@@ -28,7 +29,7 @@ karg!(u64, i64, i32, u32, f32, RopeYarnArg, RopeKArg);
 
 impl CudaKernels {
     /// Compiles (or reads from `cache_dir`) every source for this device and loads it; reserves
-    /// the GEMV's int8 activation scratch (1.4 MiB) in the arena.
+    /// the GEMV's int8 activation scratch ([`super::ACT_SCRATCH_BYTES`]) in the arena.
     pub fn load(dev: &Arc<GpuDevice>, cache_dir: &Path) -> CudaResult<CudaKernels> {
         dev.bind()?;
         let arch = dev.info().arch();
@@ -82,6 +83,7 @@ impl CudaKernels {
         k.allow_smem("attn_split_q8", split_smem(256, 256))?;
         k.allow_smem("mla_attn_split", mla_smem(MLA_MAX_DK))?;
         k.allow_smem("mla_attn_split_q8", mla_smem(MLA_MAX_DK))?;
+        k.allow_mmq_smem()?;
         Ok(k)
     }
 
@@ -121,7 +123,7 @@ impl CudaKernels {
     }
 
     /// Raises kernel `name`'s dynamic shared memory limit to `bytes`.
-    fn allow_smem(&self, name: &str, bytes: usize) -> CudaResult<()> {
+    pub(super) fn allow_smem(&self, name: &str, bytes: usize) -> CudaResult<()> {
         let f = self.func(name)?;
         // SAFETY: sets an attribute of a function loaded from one of our modules, which stays
         // loaded as long as `self`.
@@ -187,9 +189,9 @@ impl CudaKernels {
         }
     }
 
-    /// Launches an int8 GEMV kernel; with `pdl`, as a programmatic dependent of the kernel before
-    /// it on the stream (its quantizer): the GEMV's blocks start early and wait on the device
-    /// (`griddepcontrol.wait`) before reading the activations. Capturable in CUDA graphs.
+    /// Launches an int8 GEMV or MMQ kernel; with `pdl`, as a programmatic dependent of the kernel
+    /// before it on the stream (its quantizer): the kernel's blocks start early and wait on the
+    /// device (`griddepcontrol.wait`) before reading the activations. Capturable in CUDA graphs.
     pub(super) fn launch_gemvq(
         &self,
         name: &str,
@@ -272,6 +274,7 @@ pub(super) fn kernel_names(text: &str) -> Vec<String> {
             ("FOR_EACH_TYPE(", &types[..]),
             ("FOR_EACH_FLOAT_TYPE(", &FLOAT_TYPES[..]),
             ("FOR_EACH_QUANT_TYPE(", &quant_types[..]),
+            ("FOR_EACH_MMQ_TYPE(", &quant_types[..]),
         ]
         .into_iter()
         .find_map(|(prefix, list)| l.strip_prefix(prefix).map(|rest| (rest, list)));
@@ -298,6 +301,11 @@ pub(super) fn kernel_names(text: &str) -> Vec<String> {
                     "MOE_GEMM_KERNELS" => {
                         for (bm, bn, _) in MOE_GEMM_TILES {
                             names.push(format!("moe_gemm_{t}_{bm}x{bn}"));
+                        }
+                    }
+                    "MMQ_KERNELS" => {
+                        for (bm, bn, _, _) in MMQ_TILES {
+                            names.push(format!("mmq_{t}_{bm}x{bn}"));
                         }
                     }
                     "MOE_GEMVQ_KERNELS" => {
@@ -375,6 +383,10 @@ mod tests {
             "rope_heads",
             "head_route",
             "moe_add_bias",
+            "mmq_q4_k_64x64",
+            "mmq_q6_k_32x16",
+            "mmq_mxfp4_128x64",
+            "mmq_q8_0_64x8",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not found in {names:?}");
         }

@@ -143,6 +143,14 @@ launchers! {
          d: *const f32, bs: *const i16, p0: i32, x_div: i32, route: *const u32, n_used: i32,
          y: *mut f32, ldy: i32);
 
+    // mmq.cu
+
+    /// `mmq_<type>_<bm>x<bn>`: int8 tensor-core matmul, a programmatic dependent of its
+    /// quantizer.
+    mmq["mmq_{}_{}x{}"](ty: &str, bm: usize, bn: usize) => launch_gemvq
+        (w: *const u8, row_bytes: i64, rows: i32, cols: i32, n: i32, q: *const i8,
+         d: *const f32, bs: *const i16, y: *mut f32, ldy: i32, bias: *const f32);
+
     // ops.cu
 
     /// RMS norm of each row.
@@ -212,7 +220,7 @@ launchers! {
     moe_route["moe_route"] => launch
         (logits: *const f32, n_tokens: i32, n_expert: i32, n_used: i32, gating: i32,
          sel_bias: *const f32, n_groups: i32, n_groups_used: i32, normalize: i32, scale: f32,
-         route: *mut u32);
+         forced: *const u32, route: *mut u32);
     /// Expert biases of expert FFN rows.
     moe_add_bias["moe_add_bias"] => launch
         (h: *mut f32, ldh: i32, route: *const u32, n_used: i32, order: *const i32, row0: i32,
@@ -630,6 +638,7 @@ mod tests {
     #[test]
     fn family_patterns_match_their_instances() {
         assert!(instance_of("gemvq_q4_k_8r2w4", "gemvq_{}_{}r{}w{}"));
+        assert!(instance_of("mmq_iq4_xs_128x64", "mmq_{}_{}x{}"));
         assert!(instance_of("flash_attn_q8_128", "flash_attn_{}"));
         assert!(instance_of("flash_attn_q8_128", "flash_attn_q8_{}"));
         assert!(!instance_of("gemv_f16_1k", "gemv_{}_{}r{}"));

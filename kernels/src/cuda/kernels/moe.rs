@@ -17,6 +17,10 @@ pub(super) const MOE_GEMVQ_SHAPES: [(usize, usize); 3] = [(1, 1), (2, 1), (2, 4)
 /// Most experts of a MoE layer the device-side sort handles (`moe_route`'s limit too).
 pub const MOE_MAX_EXPERTS: usize = 1024;
 
+/// The first id of a token's row in [`CudaKernels::moe_route`]'s forced-expert table when the
+/// token routes by its router (`ROUTE_FREE` in ops.cu).
+pub const MOE_ROUTE_FREE: u32 = u32::MAX;
+
 /// The (BM weight rows, BN tokens, threads) tiles of the grouped expert GEMM
 /// (`MOE_GEMM_KERNELS` in moe_gemm.cu).
 pub(super) const MOE_GEMM_TILES: [(usize, usize, u32); 2] = [(64, 64, 128), (128, 64, 256)];
@@ -215,19 +219,24 @@ impl CudaKernels {
 
     /// MoE routing of `n` tokens as [`Routing`] says (gating, group limit, top `n_used`,
     /// renormalisation, scale), choosing by the gated values plus `select_bias` (f32 per expert)
-    /// when given.
+    /// when given. `forced`: a table of `n × n_used` u32 expert ids on the device; a token whose
+    /// row does not start with [`MOE_ROUTE_FREE`] takes those experts (each below `n_expert`:
+    /// the caller checks, the kernel reads their logits unchecked) instead of choosing, weighted
+    /// by the same gating, renormalisation and scale.
+    #[allow(clippy::too_many_arguments)]
     pub fn moe_route(
         &self,
         logits: u64,
         n: usize,
         r: &Routing,
         select_bias: Option<u64>,
+        forced: Option<u64>,
         route: u64,
         s: &CudaStream,
     ) -> CudaResult<()> {
         let (n_expert, n_used) = (r.n_expert, r.n_used);
         let (groups, groups_used) = if r.groups.0 > 1 { r.groups } else { (0, 0) };
-        if n_expert > 1024
+        if n_expert > MOE_MAX_EXPERTS
             || n_used == 0
             || n_used > n_expert
             || groups > 32
@@ -257,6 +266,7 @@ impl CudaKernels {
             groups_used as i32,
             r.normalize as i32,
             r.scale,
+            forced.unwrap_or(0),
             route,
         )
     }
@@ -529,5 +539,23 @@ impl CudaKernels {
         } else {
             MOE_GEMM_TILES[1]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MOE_ROUTE_FREE;
+    use crate::cuda::nvrtc::SOURCES;
+
+    /// The kernel's `ROUTE_FREE` is the value the host writes into unforced rows.
+    #[test]
+    fn route_free_matches_the_kernel() {
+        let ops = SOURCES.iter().find(|s| s.name == "ops.cu").unwrap().text;
+        let line = ops
+            .lines()
+            .find_map(|l| l.strip_prefix("#define ROUTE_FREE "))
+            .expect("ops.cu defines ROUTE_FREE");
+        let hex = line.trim().trim_end_matches('u').trim_start_matches("0x");
+        assert_eq!(u32::from_str_radix(hex, 16).unwrap(), MOE_ROUTE_FREE);
     }
 }

@@ -248,7 +248,7 @@ fn put_f16(b: &mut [u8], off: usize, v: f32) -> f32 {
 /// 4..7 keep their low 4 bits in bytes 8..12 (scale low nibble, min high nibble) and their top 2
 /// bits in the top 2 bits of bytes 0..4 (scales) and 4..8 (mins).
 #[inline]
-fn unpack_scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn unpack_scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
     let (b0, b1, b2) = (w(0), w(1), w(2));
     let sc_lo = b0 & 0x3f3f_3f3f;
@@ -265,7 +265,7 @@ fn unpack_scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
 }
 
 /// Packs 8 scales and 8 mins (each < 64) into the 12-byte Q4_K/Q5_K scale field.
-fn pack_scales_mins_k4(sc: &[u8; 8], mn: &[u8; 8], out: &mut [u8]) {
+pub(crate) fn pack_scales_mins_k4(sc: &[u8; 8], mn: &[u8; 8], out: &mut [u8]) {
     for j in 0..4 {
         out[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
         out[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);

@@ -18,7 +18,7 @@ use pshard_model::ggml_type::GgmlType;
 
 use super::{q2k, q3k, q4k, q5k, q6k, unpack_scales_mins_k4, QK_K};
 use crate::gemm::x86::{
-    f16_lanes, k4_factors16, packed_tile_args, rows16x4, store16f, store64, FileRows, Rows16,
+    f16_lanes, packed_tile_args, rows16x4, store16f, store64, FileRows, Rows16,
 };
 use crate::gemm::{ConvertFn, PackedTile16Fn, Tile16Fn};
 use crate::quant::legacy::x86::has_avx2;
@@ -514,7 +514,7 @@ unsafe fn k45_tile16<const FIVE: bool, S: Rows16>(
         // on the dword grid), outputs of super-block i within the caller's buffers.
         unsafe {
             // d | dmin, scales 0..4, 4..8, 8..12 of every row (lanes = rows).
-            let (k, m) = k4_factors16(src.x4(i, 0));
+            let (k, m) = src.k4_factors(i);
             for sub in 0..8 {
                 let at = (8 * i + sub) * 16;
                 store16f(scale.add(at), k[sub]);
