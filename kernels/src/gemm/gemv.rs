@@ -1,5 +1,6 @@
-//! The decode path of the int8 GEMM: 1 to [`MAX_TOKENS`] tokens with AVX-512 VNNI, row-wise, the
-//! same bits as [`super::dot_converted`] at the memory roof.
+//! The decode path of the int8 GEMM: 1 to [`MAX_TOKENS`] tokens with AVX-512 VNNI (or AVX2, for
+//! the types of [`Kind::avx2`]: `gemm::gemv_avx2`), row-wise, the same bits as
+//! [`super::dot_converted`] at the memory roof.
 //!
 //! For so few tokens the GEMM's interleaved tile would be read by too few of them: the
 //! transposition of 16 rows' bytes costs more than the products (two sequences decoded slower

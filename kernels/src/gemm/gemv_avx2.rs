@@ -544,32 +544,51 @@ pub(crate) fn f16_lanes8<const HIGH: bool>(v: __m256i) -> __m256 {
 
 /// The Q4_K/Q5_K factors of 8 rows from their super-block headers (`h`: dwords 0..4 of each
 /// row's header, row per lane): per sub-block the scale `d · sc` and the minimum `−dmin · m`,
-/// the portable converter's f32 products.
+/// the portable converter's f32 products. The 16 six-bit fields are first assembled as bytes,
+/// four per dword (scales 0..4, minima 0..4, scales 4..8, minima 4..8: 10 operations), then
+/// each moved to its dword's low byte by one byte shuffle. (The factors took 16% of the Q4_K
+/// kernel's time with a shift and a mask per field; this form: 119 → 110 ns per row of 4096,
+/// L2-resident.)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn k4_factors8(h: [__m256i; 4]) -> ([__m256; 8], [__m256; 8]) {
     let [dd, s0, s1, s2] = h;
     let d = f16_lanes8::<false>(dd);
     let dmin = _mm256_xor_ps(f16_lanes8::<true>(dd), _mm256_set1_ps(-0.0));
-    let byte = |v: __m256i, sh: u32| _mm256_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
-    let (m6, m4, m2) = (
-        _mm256_set1_epi32(63),
-        _mm256_set1_epi32(15),
-        _mm256_set1_epi32(3),
+    let (m6, m4, m30) = (
+        _mm256_set1_epi8(0x3F),
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(0x30),
     );
+    let (and, or) = (_mm256_and_si256, _mm256_or_si256);
+    // Scales and minima 4..8: the low (scales) or high (minima) nibble of bytes 8..12, their top
+    // two bits from the top two of bytes 0..4 or 4..8 (a 32-bit shift by 2 carries in bits of
+    // the next byte only above bit 5, masked off).
+    let f = [
+        and(s0, m6),
+        and(s1, m6),
+        or(and(s2, m4), and(_mm256_srli_epi32::<2>(s0), m30)),
+        or(
+            and(_mm256_srli_epi32::<4>(s2), m4),
+            and(_mm256_srli_epi32::<2>(s1), m30),
+        ),
+    ];
+    // Byte j of each dword as a number.
+    let byte = |v: __m256i, j: i8| {
+        let (a, b, c, e) = (j, j + 4, j + 8, j + 12);
+        let sel = _mm256_setr_epi8(
+            a, -1, -1, -1, b, -1, -1, -1, c, -1, -1, -1, e, -1, -1, -1, a, -1, -1, -1, b, -1, -1,
+            -1, c, -1, -1, -1, e, -1, -1, -1,
+        );
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, sel))
+    };
     let mut k = [_mm256_setzero_ps(); 8];
     let mut m = [_mm256_setzero_ps(); 8];
     for j in 0..4 {
-        let sh = 8 * j as u32;
-        let hi = |s: __m256i| _mm256_slli_epi32::<4>(_mm256_and_si256(byte(s, sh + 6), m2));
-        let sc = _mm256_and_si256(byte(s0, sh), m6);
-        let mn = _mm256_and_si256(byte(s1, sh), m6);
-        let sc4 = _mm256_or_si256(_mm256_and_si256(byte(s2, sh), m4), hi(s0));
-        let mn4 = _mm256_or_si256(_mm256_and_si256(byte(s2, sh + 4), m4), hi(s1));
-        k[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
-        m[j] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
-        k[4 + j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc4));
-        m[4 + j] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn4));
+        k[j] = _mm256_mul_ps(d, byte(f[0], j as i8));
+        m[j] = _mm256_mul_ps(dmin, byte(f[1], j as i8));
+        k[4 + j] = _mm256_mul_ps(d, byte(f[2], j as i8));
+        m[4 + j] = _mm256_mul_ps(dmin, byte(f[3], j as i8));
     }
     (k, m)
 }

@@ -27,17 +27,21 @@
 //! one 512-bit (256-bit) load feeds one output row per 32-bit lane. Per group, 4 activation bytes
 //! are broadcast: AVX-512 VNNI `vpdpbusd` of the unsigned weights with the signed activations, the
 //! offset's contribution `−offset · Σa` (per token and sub-block) seeding the sum; AVX2
-//! `vpmaddubsw` of one operand's magnitude with the other signed by it (the weights are stored
-//! signed, `u − offset`; no saturation: see `gemm::x86`). The per-lane f32 steps are the order above.
+//! `vpmaddubsw` of the unsigned weights with the activations, the products of as many groups as
+//! stay below 2^15 added as i16 before widening ([`Converter::avx2_run`]), the seeds added per
+//! sub-block — or for levels above 63 (Q8_0, the lookup-table types) of one operand's magnitude
+//! with the other signed by it, the weights stored signed, `u − offset` (no saturation either
+//! way: see `gemm::x86`). The per-lane f32 steps are the order above.
 //! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
 //! conversion is paid once per weight byte and call.
 //!
-//! **Decode.** One to four tokens with AVX-512 VNNI skip the tile: `gemm::gemv` dots each row straight from
-//! its blocks and transposes the integer sums instead, then runs the same f32 order. Matrices
-//! repacked at load ([`packed`]: 16 rows interleaved, as the tile but stored) need neither: one
-//! `vpdpbusd` with broadcast activations accumulates 16 rows' sub-block sums in its lanes. More
-//! tokens on a repacked matrix take the GEMM, its tiles loaded straight from the groups
-//! ([`Converter::tile16_packed`]).
+//! **Decode.** One to four tokens skip the tile (AVX-512 VNNI; AVX2 for the types of its
+//! decoder): `gemm::gemv` dots each row straight from its blocks and transposes the integer sums
+//! instead, then runs the same f32 order. Matrices repacked at load ([`packed`]: 16 rows
+//! interleaved, as the tile but stored) need neither: one `vpdpbusd` (AVX2: `vpmaddubsw` per
+//! half of 8 rows, `packed_avx2`) with broadcast activations accumulates the rows' sub-block sums
+//! in its lanes. More tokens on a repacked matrix take the GEMM, its tiles loaded straight from
+//! the groups ([`Converter::tile16_packed`]; AVX2: [`Tile::load_packed8`]).
 
 use pshard_model::ggml_type::GgmlType;
 

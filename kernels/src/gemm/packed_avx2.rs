@@ -6,15 +6,19 @@
 //! levels, one row per dword lane: `vpmaddubsw` with a token's 4 activation bytes broadcast gives
 //! each row's two pair sums in its lane, with no horizontal reduction and no copy of the block
 //! scales (16 rows' f16 scales lie side by side in the group). The products of a sub-block's
-//! groups are added as i16 as far as they stay below 2^15 (the run of
-//! `Converter::avx2_run`: Q4_0, Q4_1 a whole block of 8 groups, Q6_K's levels ≤ 63 two groups),
-//! then widened by `vpmaddwd` with ones; the offset's seed (`−offset · Σa`) is added per
-//! sub-block and the f32 steps run in the order of [`super::dot_converted`], one row per lane,
-//! the two halves' chains side by side — the bits of every other path.
+//! groups are added as i16 as far as they stay below 2^15 (the run of `Converter::avx2_run`:
+//! Q4_0, Q4_1, Q4_K a whole block of 8 groups, Q5_0, Q5_K four, Q6_K two), then widened by
+//! `vpmaddwd` with ones; the offset's seed (`−offset · Σa`) is added per sub-block and the f32
+//! steps run in the order of [`super::dot_converted`], one row per lane, the two halves' chains
+//! side by side — the bits of every other path. Q8_0 multiplies its signed quants (magnitude by
+//! sign), a group at a time.
 //!
 //! Q4_0/Q4_1 per block and half: 4 nibble vectors, 12 operations to split them, 8 products, 8
 //! additions; the file layout's kernel (`gemm::gemv_avx2`) spends about twice that per row and
-//! block on pair loads, reductions and copying each block's scale.
+//! block on pair loads, reductions and copying each block's scale. One thread, 512 × 4096
+//! in L2 (gemv bench), ns per row, file layout → repacked: Q4_0 142 → 55, Q4_1 146 → 65, Q5_0
+//! 222 → 113, Q8_0 169 → 81, Q4_K 112 → 76, Q5_K 154 → 143 (its fifth bits: a shift, a mask and
+//! an or per vector and sub-block), Q6_K 169 → 106.
 
 use std::arch::x86_64::*;
 
@@ -30,7 +34,13 @@ use super::{Converter, GemmActs};
 pub(crate) fn supports(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q6_K
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q8_0
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
     )
 }
 
@@ -121,6 +131,8 @@ pub(super) unsafe fn groups(
         GgmlType::Q4_1 => go!(q4_1),
         GgmlType::Q5_0 => go!(q5_0),
         GgmlType::Q8_0 => go!(q8_0),
+        GgmlType::Q4_K => go!(q4k),
+        GgmlType::Q5_K => go!(q5k),
         GgmlType::Q6_K => go!(q6k),
         t => unreachable!("no AVX2 repacked kernel for {t}"),
     }
@@ -346,6 +358,166 @@ unsafe fn legacy<const L: u8, const T: usize>(
     store(f)
 }
 
+/// The Q4_K/Q5_K factors of one half's 8 rows from a repacked super-block's first 4 vectors
+/// (`u`: the unit; `d | dmin`, then the scales and minima re-packed by `packed::k4_fields`): per
+/// sub-block the scale `d · sc` and the minimum `−dmin · m`, the portable converter's products.
+/// Fields 0–14 come out of their dword with a shift, a mask or both; field 15 (minimum 7) is
+/// gathered from bits 24, 25 of the three dwords.
+///
+/// # Safety
+/// AVX2 and F16C available; the unit's first 4 stored vectors readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_fields8(u: *const u8, half: usize) -> ([__m256; 8], [__m256; 8]) {
+    use super::gemv_avx2::f16_lanes8;
+    use super::packed::k4_shift;
+    // SAFETY: the four vectors' halves (caller).
+    let (hd, w) = unsafe {
+        let at = |i: usize| ld(u.add(64 * i + 32 * half));
+        (at(0), [at(1), at(2), at(3)])
+    };
+    let d = f16_lanes8::<false>(hd);
+    let dmin = _mm256_xor_ps(f16_lanes8::<true>(hd), _mm256_set1_ps(-0.0));
+    let m6 = _mm256_set1_epi32(63);
+    let sr = |v: __m256i, sh: usize| _mm256_srl_epi32(v, _mm_cvtsi32_si128(sh as i32));
+    let field = |n: usize| {
+        let v = if n == 15 {
+            let part =
+                |v: __m256i, sh: usize, m: i32| _mm256_and_si256(sr(v, sh), _mm256_set1_epi32(m));
+            _mm256_or_si256(
+                _mm256_or_si256(part(w[0], 24, 3), part(w[1], 22, 12)),
+                part(w[2], 20, 48),
+            )
+        } else {
+            let (v, p) = (w[n / 5], n % 5);
+            match p {
+                0 => _mm256_and_si256(v, m6),
+                4 => sr(v, k4_shift(4)),
+                _ => _mm256_and_si256(sr(v, k4_shift(p)), m6),
+            }
+        };
+        _mm256_cvtepi32_ps(v)
+    };
+    let mut k = [_mm256_setzero_ps(); 8];
+    let mut m = [_mm256_setzero_ps(); 8];
+    for j in 0..8 {
+        k[j] = _mm256_mul_ps(d, field(j));
+        m[j] = _mm256_mul_ps(dmin, field(8 + j));
+    }
+    (k, m)
+}
+
+/// The bytes where sub-block `s`'s fifth bit (bit `s` of each Q5_K high-bit byte `qh`) is set,
+/// as 16 (bit 4), else 0: a 16-bit shift moving bit `s` to bit 4 within each byte, then a mask.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fifth_k(qh: __m256i, s: usize) -> __m256i {
+    let v = if s <= 4 {
+        _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - s as i32))
+    } else {
+        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32 - 4))
+    };
+    _mm256_and_si256(v, _mm256_set1_epi8(0x10))
+}
+
+/// Q4_K: per super-block the header vectors (`d | dmin`, the re-packed scales and minima) and
+/// 32 nibble vectors; vector `4 + 8c + g` holds group `g` of sub-block `2c` (low nibbles) and
+/// of `2c + 1` (high nibbles).
+///
+/// # Safety
+/// As [`k45`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
+    // SAFETY: the caller's.
+    unsafe { k45::<false, T>(p, units, tok) }
+}
+
+/// Q5_K: Q4_K's header (4 vectors), 8 vectors of fifth bits (vector `4 + g`: bytes `4g .. 4g + 4`
+/// of each row's 32: bit `2c` the fifth bit of sub-block `2c`'s element, bit `2c + 1` of
+/// `2c + 1`'s), then the nibbles as Q4_K's (vector `12 + 8c + g`).
+///
+/// # Safety
+/// As [`k45`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f32; ROWS]; T] {
+    // SAFETY: the caller's.
+    unsafe { k45::<true, T>(p, units, tok) }
+}
+
+/// Q4_K (`FIVE` false) or Q5_K super-blocks ([`q4k`], [`q5k`]), per sub-block pair `2c`,
+/// `2c + 1` and half: the 8 groups' products of each sub-block summed as i16 (Q4_K's levels
+/// ≤ 15 with activations ≥ −128: 8 · 2 · 15 · 128 < 2^15; Q5_K's ≤ 31: 4 groups at a time),
+/// widened, then the scale's and the minimum's f32 steps of `2c`, then of `2c + 1`.
+///
+/// # Safety
+/// AVX2, FMA and F16C available; `p` points at a group of `units` repacked super-blocks of the
+/// type; the tokens' values, scales and sums hold `units` super-blocks.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k45<const FIVE: bool, const T: usize>(
+    p: *const u8,
+    units: usize,
+    tok: [Tok; T],
+) -> [[f32; ROWS]; T] {
+    // Group unit bytes; the first nibble vector.
+    let (ub, first) = if FIVE { (16 * 176, 12) } else { (16 * 144, 4) };
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let zi = _mm256_setzero_si256();
+    let mut f = [[_mm256_setzero_ps(); 2]; T];
+    for sb in 0..units {
+        // SAFETY (whole super-block): the unit's vectors lie in the group; the tokens'
+        // super-block sb exists (caller).
+        unsafe {
+            let u = p.add(sb * ub);
+            let fac = [k4_fields8(u, 0), k4_fields8(u, 1)];
+            for c in 0..4 {
+                // Per token, sub-block (2c, 2c + 1), run of 4 groups (Q5_K) and half: i16 sums.
+                let mut acc = [[[[zi; 2]; 2]; 2]; T];
+                for g in 0..8 {
+                    let v = u.add((first + 8 * c + g) * 64);
+                    for h in 0..2 {
+                        let x = ld(v.add(32 * h));
+                        let mut lo = _mm256_and_si256(x, m4);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+                        if FIVE {
+                            let qh = ld(u.add((4 + g) * 64 + 32 * h));
+                            lo = _mm256_or_si256(lo, fifth_k(qh, 2 * c));
+                            hi = _mm256_or_si256(hi, fifth_k(qh, 2 * c + 1));
+                        }
+                        let r = if FIVE { g / 4 } else { 0 };
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            let a = tok[t].q.add(256 * sb + 64 * c + 4 * g);
+                            let (pl, ph) = (
+                                _mm256_maddubs_epi16(lo, bcast(a)),
+                                _mm256_maddubs_epi16(hi, bcast(a.add(32))),
+                            );
+                            acc[0][r][h] = _mm256_add_epi16(acc[0][r][h], pl);
+                            acc[1][r][h] = _mm256_add_epi16(acc[1][r][h], ph);
+                        }
+                    }
+                }
+                for (t, (f, acc)) in f.iter_mut().zip(&acc).enumerate() {
+                    for (i, acc) in acc.iter().enumerate() {
+                        let s = 2 * c + i;
+                        let (d, sa) = (*tok[t].d.add(8 * sb + s), *tok[t].sa.add(8 * sb + s));
+                        for h in 0..2 {
+                            let mut sum = _mm256_madd_epi16(acc[0][h], ones);
+                            if FIVE {
+                                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(acc[1][h], ones));
+                            }
+                            let (k, m) = (&fac[h].0, &fac[h].1);
+                            f[h] = scale_step(f[h], sum, k[s], d);
+                            f[h] = _mm256_fmadd_ps(m[s], _mm256_set1_ps(sa), f[h]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    store(f)
+}
+
 /// Q6_K: per super-block the 16 rows' f16 `d`, 4 vectors of signed scales, then per half `h`
 /// and step `j` three vectors (`packed::q6k_order`): the low nibbles of `ql` dwords `16h + j`
 /// and `16h + 8 + j` and the high bit pairs of `qh` dword `8h + j`, giving elements
@@ -483,6 +655,15 @@ pub(crate) fn tile8(
     unsafe {
         match conv.ty {
             GgmlType::Q6_K => tile8_q6k(p, half, units, q.as_mut_ptr(), scale.as_mut_ptr()),
+            GgmlType::Q4_K | GgmlType::Q5_K => tile8_k45(
+                conv.ty == GgmlType::Q5_K,
+                p,
+                half,
+                units,
+                q.as_mut_ptr(),
+                scale.as_mut_ptr(),
+                min.as_mut_ptr(),
+            ),
             ty => tile8_legacy(
                 ty,
                 p,
@@ -631,6 +812,55 @@ unsafe fn tile8_q6k(p: *const u8, half: usize, units: usize, q: *mut u8, scale: 
                         let blk = 8 * sb + 4 * hh + i;
                         st(q.add((blk * 8 + j) * 32), v);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// [`tile8`] of Q4_K (`five` false) and Q5_K: per super-block the 8 scales and minima of each row
+/// ([`k4_fields8`]), then per chunk `c` and group `g` the nibble vector's low half (group `g` of
+/// block `2c`) and high half (of block `2c + 1`), Q5_K's fifth bits added.
+///
+/// # Safety
+/// AVX2 and F16C available; `p` points at `units` repacked super-blocks of the type; `q` holds
+/// `8 · 256 · units` bytes, `scale` and `min` `8 · 8 · units` f32.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile8_k45(
+    five: bool,
+    p: *const u8,
+    half: usize,
+    units: usize,
+    q: *mut u8,
+    scale: *mut f32,
+    min: *mut f32,
+) {
+    let (ub, first) = if five { (16 * 176, 12) } else { (16 * 144, 4) };
+    let m4 = _mm256_set1_epi8(0x0F);
+    for sb in 0..units {
+        // SAFETY (whole super-block): the unit's vectors lie in the group, its 64 groups and 8
+        // scales and minima in the outputs (caller).
+        unsafe {
+            let u = p.add(sb * ub);
+            let (k, m) = k4_fields8(u, half);
+            for j in 0..8 {
+                stf(scale.add((8 * sb + j) * 8), k[j]);
+                stf(min.add((8 * sb + j) * 8), m[j]);
+            }
+            for c in 0..4 {
+                for g in 0..8 {
+                    let x = ld(u.add((first + 8 * c + g) * 64 + 32 * half));
+                    let mut lo = _mm256_and_si256(x, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+                    if five {
+                        let qh = ld(u.add((4 + g) * 64 + 32 * half));
+                        lo = _mm256_or_si256(lo, fifth_k(qh, 2 * c));
+                        hi = _mm256_or_si256(hi, fifth_k(qh, 2 * c + 1));
+                    }
+                    let blk = 8 * sb + 2 * c;
+                    st(q.add((blk * 8 + g) * 32), lo);
+                    st(q.add(((blk + 1) * 8 + g) * 32), hi);
                 }
             }
         }

@@ -3,12 +3,16 @@
 //! of converted rows (in-register dword transposes).
 //!
 //! AVX2 has no unsigned × signed dot of bytes into 32 bits: `vpmaddubsw` multiplies unsigned by
-//! signed bytes into saturating i16 pair sums. One operand's magnitude times the other signed by
-//! it gives the exact products as long as neither the magnitude exceeds 128 nor the signed operand
-//! is −128: with Q8_K activations (full range, −128 included) the weights are the signed operand
-//! (every Q8_K partner's levels lie in −127..=127), otherwise the activations are (Q8_0 and Q8_1
-//! values lie in −127..=127: a block holding −128 is replaced when converted, see `convert_act_row`) and the weights — Q8_0's may be
-//! −128 — give the magnitude. Pair sums stay within 2 · 128 · 127 < 2^15.
+//! signed bytes into saturating i16 pair sums. Types with levels up to 63 keep them unsigned in
+//! the tile and multiply them with the activations (magnitude ≤ 128) directly, adding the pair
+//! sums of as many groups as stay below 2^15 as i16 ([`Converter::avx2_run`]), the offset in the
+//! seeds. Above (Q8_0, the lookup-table types) the tile holds the signed levels, and one operand's
+//! magnitude times the other signed by it gives the exact products as long as neither the
+//! magnitude exceeds 128 nor the signed operand is −128: with Q8_K activations (full range, −128
+//! included) the weights are the signed operand (every Q8_K partner's levels lie in −127..=127),
+//! otherwise the activations are (Q8_0 and Q8_1 values lie in −127..=127: a block holding −128 is
+//! replaced when converted, see `convert_act_row`) and the weights — Q8_0's may be −128 — give the
+//! magnitude. Pair sums stay within 2 · 128 · 127 < 2^15.
 
 use std::arch::x86_64::*;
 
