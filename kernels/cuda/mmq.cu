@@ -64,9 +64,15 @@ __host__ __device__ constexpr int mq_smem(int tb, int bm, int bn) {
            4 * (2 * bm * MQ_FLD + bn * MQ_FLD + bn * MQ_DLD);
 }
 
-// 16 bytes from shared memory at any alignment: five aligned words, funnel-shifted (the fifth
-// is read even when the address is aligned and it is not needed).
+// 16 bytes from shared memory at any alignment: one 16-byte load where aligned (rows of 16-byte
+// multiples, e.g. Q4_K), else five aligned words, funnel-shifted (the fifth is read even where the
+// address is a word multiple and it is not needed).
 __device__ __forceinline__ void lds16_any(const u8* p, u32* v) {
+    if (((size_t)p & 15) == 0) {
+        const uint4 x = *(const uint4*)p;
+        v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+        return;
+    }
     const u32* a = (const u32*)((size_t)p & ~(size_t)3);
     const u32 sh = ((u32)(size_t)p & 3u) * 8u;
     u32 w[5];

@@ -47,9 +47,9 @@ pub const GEMV_MAX_ROWS: usize = 4;
 pub const GEMV_INT8_MAX_ROWS: usize = kernels::GEMV_MAX_NB;
 
 /// Batch rows for which matmuls of quantized weights use MMQ when [`MMQ_ENV`] is `1`. Not
-/// measured yet: on the H100 (2026-12-05) the int8 GEMV read Q4_K weights at HBM speed only up to
-/// 4 rows and dequantize + cuBLAS took 111 µs on 14336×4096 at 32 and 64 rows against ~12 µs of
-/// weight reads; `cuda_bench_mmq` times all three paths to set this range.
+/// measured yet: on the H100 (docs/PERF.md, 2026-12-05) the 14336×4096 Q4_K matmul took 41 µs
+/// at 8 rows and 114 at 16 (int8 GEMV), 111–113 at 32 and 64 (dequantize + cuBLAS), against ~12
+/// µs to read its 33 MB at HBM speed; `cuda_bench_mmq` times all three paths to set this range.
 pub const MMQ_TOKENS: RangeInclusive<usize> = 8..=128;
 
 /// Environment variable that turns MMQ on (`1`) for [`MMQ_TOKENS`] rows; read once per process.

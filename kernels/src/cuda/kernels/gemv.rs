@@ -57,8 +57,8 @@ pub const ACT_SCRATCH_BYTES: u64 =
     ActScratch::Q_BYTES + ActScratch::D_BYTES + ActScratch::BS_BYTES + (ZERO_SEQS * 4) as u64;
 
 /// Activation values the int8 scratch holds: a GEMV launch's rows of the widest input, or the
-/// MMQ range's most tokens of [`MMQ_SCRATCH_COLS`] columns (the larger: 2 Mi, 1.75 MiB more
-/// VRAM than the GEMV alone needs).
+/// MMQ range's most tokens of [`MMQ_SCRATCH_COLS`] columns, the larger (2 Mi: with the scales and
+/// sums 1.375 MiB more VRAM than the GEMV alone needs).
 const ACT_SCRATCH_VALUES: usize = {
     let gemv = GEMV_MAX_NB * GEMV_MAX_COLS;
     let mmq = *crate::cuda::MMQ_TOKENS.end() * MMQ_SCRATCH_COLS;

@@ -31,17 +31,27 @@ pub const MMQ_SCRATCH_COLS: usize = 16384;
 /// Environment variable naming the MMQ tile to use, `BMxBN` (benchmarks).
 pub const MMQ_TILE_ENV: &str = "PSHARD_MMQ_TILE";
 
-/// Elements per K tile of the kernel (`MQ_K` in mmq.cu).
+// mmq.cu's layout constants (a test reads them from the source): elements per K tile, bytes per
+// row of the int8 tiles, floats per row of the per-sub-block factor tables and of the activation
+// scale table, raw activation factor words per token.
 const MQ_K: usize = 256;
+const MQ_ALD: usize = 272;
+const MQ_FLD: usize = 17;
+const MQ_DLD: usize = 9;
+const MQ_RAW: usize = 16;
+
+/// Bytes per row of a stage's raw weight windows for K tiles of `tile_bytes` (`mq_wld`).
+fn mmq_wld(tile_bytes: usize) -> usize {
+    16 * ((tile_bytes + 19).div_ceil(16) | 1)
+}
 
 /// Dynamic shared memory of an MMQ block of `bm` rows and `bn` tokens whose K tiles are
 /// `tile_bytes` bytes: `mq_smem` in mmq.cu (the kernel traps when launched with less).
 pub(super) fn mmq_smem(tile_bytes: usize, bm: usize, bn: usize) -> usize {
-    // Raw weight window rows (`mq_wld`), int8 rows (`MQ_ALD`), raw factor words per token
-    // (`MQ_RAW`), factor table rows (`MQ_FLD`, `MQ_DLD`).
-    let wld = 16 * ((tile_bytes + 19).div_ceil(16) | 1);
-    let (ald, raw, fld, dld) = (272, 16, 17, 9);
-    2 * (bm * wld + bn * ald + bn * raw * 4) + bm * ald + 4 * (2 * bm * fld + bn * fld + bn * dld)
+    let wld = mmq_wld(tile_bytes);
+    2 * (bm * wld + bn * MQ_ALD + bn * MQ_RAW * 4)
+        + bm * MQ_ALD
+        + 4 * (2 * bm * MQ_FLD + bn * MQ_FLD + bn * MQ_DLD)
 }
 
 /// Bytes of one K tile (256 elements) of a type.
@@ -350,6 +360,41 @@ mod tests {
             assert!(t.bm % (16 * wm) == 0 && t.bn % (8 * wn) == 0, "{t}");
         }
         assert_eq!(MmqTile { bm: 64, bn: 99 }.threads(), None);
+    }
+
+    /// The constants and tile variants mirrored here and in the emulation are mmq.cu's.
+    #[test]
+    fn constants_match_the_source() {
+        let src = crate::cuda::nvrtc::SOURCES
+            .iter()
+            .find(|s| s.name == "mmq.cu")
+            .expect("mmq.cu is a source")
+            .text;
+        let define = |name: &str| -> usize {
+            let line = src
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} not defined in mmq.cu"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("MQ_K"), MQ_K);
+        assert_eq!(define("MQ_ALD"), MQ_ALD);
+        assert_eq!(define("MQ_FLD"), MQ_FLD);
+        assert_eq!(define("MQ_DLD"), MQ_DLD);
+        assert_eq!(define("MQ_RAW"), MQ_RAW);
+        // `MMQ_VARIANT(NAME, M, BM, BN, WARPS_M, WARPS_N)` lines of `MMQ_KERNELS`.
+        let variants: Vec<(usize, usize, usize, usize)> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("MMQ_VARIANT(NAME, M,"))
+            .map(|rest| {
+                let v: Vec<usize> = rest
+                    .split([',', ')'])
+                    .filter_map(|x| x.trim().parse().ok())
+                    .collect();
+                (v[0], v[1], v[2], v[3])
+            })
+            .collect();
+        assert_eq!(variants, MMQ_TILES.to_vec());
     }
 
     #[test]

@@ -9,16 +9,10 @@
 //! next tile is still staged into the other stage before this one is decoded, as on the device,
 //! so reading the wrong stage shows.
 
-use super::{mmq_smem, MMQ_TILES};
+use super::{mmq_smem, mmq_wld, MMQ_TILES, MQ_ALD, MQ_DLD, MQ_FLD, MQ_K, MQ_RAW};
 use crate::quant::lut4::{e8m0_half, FP4, NL};
 use crate::quant::ActFormat;
 use pshard_model::ggml_type::GgmlType;
-
-const MQ_K: usize = 256;
-const MQ_ALD: usize = 272;
-const MQ_FLD: usize = 17;
-const MQ_DLD: usize = 9;
-const MQ_RAW: usize = 16;
 
 /// The constants of a weight type's decoder (`ACT`, `SUB`, `MIN`, `TB` in mmq.cu).
 #[derive(Clone, Copy, Debug)]
@@ -333,7 +327,7 @@ pub(super) fn run(l: &Launch) -> Vec<f32> {
     let (mt, nt) = (bm / warps_m / 16, bn / warps_n / 8);
     let dc = dec(l.ty);
     let tb = dc.tb;
-    let wld = 16 * ((tb + 19).div_ceil(16) | 1);
+    let wld = mmq_wld(tb);
     let wch = wld / 16;
     let (sub, nsub_tile) = (dc.sub, MQ_K / dc.sub);
     let stage = bm * wld + bn * MQ_ALD + bn * MQ_RAW * 4;
