@@ -46,10 +46,12 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// at 650-870 GB/s against 370-400 for dequantize + GEMM, Q8_0 at 810-1190 against 710-770.
 pub const GEMV_INT8_MAX_ROWS: usize = kernels::GEMV_MAX_NB;
 
-/// Batch rows for which matmuls of quantized weights use MMQ when [`MMQ_ENV`] is `1`. Not
-/// measured yet: on the H100 (docs/PERF.md, 2026-12-05) the 14336×4096 Q4_K matmul took 41 µs
-/// at 8 rows and 114 at 16 (int8 GEMV), 111–113 at 32 and 64 (dequantize + cuBLAS), against ~12
-/// µs to read its 33 MB at HBM speed; `cuda_bench_mmq` times all three paths to set this range.
+/// Batch rows for which matmuls of quantized weights use MMQ when [`MMQ_ENV`] is `1` (off by
+/// default). Measured with `cuda_bench_mmq` on the H100 (docs/PERF.md, 2026-12-05), MMQ's own tile
+/// against the better of the int8 GEMV and dequantize + cuBLAS: it wins only on many rows and few
+/// columns — 14336×4096 Q8_0 at 16/32/64 tokens 61/71/96 µs against 108/114/115, Q4_K at 16/32
+/// 74/93 against 79/110 — and loses on every 4096-row matrix (4096×14336 Q4_K at 16 tokens: 252
+/// µs against 84), where too few row blocks fill the SMs and each walks all of K alone.
 pub const MMQ_TOKENS: RangeInclusive<usize> = 8..=128;
 
 /// Environment variable that turns MMQ on (`1`) for [`MMQ_TOKENS`] rows; read once per process.
