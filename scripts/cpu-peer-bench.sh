@@ -1,44 +1,69 @@
 #!/usr/bin/env bash
-# CPU engine vs llama.cpp's CPU backend on the same machine (issue 3's peer comparison). Meant for a
-# quiet many-core machine such as the lent GPU machine's 16-core host (run there with carry).
+# The CPU lane three-way on the lent GPU machine's host (16 cores): pshard beside llama.cpp and
+# ik_llama.cpp, both peers built there for its CPU (scripts/cpu-peers.sh build), then
+# scripts/cpu-peers.sh table over synthesized models with all cores.
 #
-#   Here:   scripts/gpu-bench.sh --build                 # carry/pshard
-#           cp -a /path/to/llama.cpp/build/bin carry/llama-cpu   # llama-bench + its .so files
-#   There:  scripts/cpu-peer-bench.sh [MODELS]           # carry: ["carry"]
+#   Here:   scripts/gpu-race.sh --build                # carry/pshard and carry/llama.cpp.tar.gz
+#           scripts/cpu-peer-bench.sh --pack IK_SRC    # carry/ik_llama.cpp.tar.gz (sources only)
+#   There:  scripts/cpu-peer-bench.sh [MODELS]         # carry: ["carry"]
 #
-# MODELS: synth preset names (default "llama3.2-1b llama3-8b"), made with `pshard synth --quant q4_k`
-# unless present in $SYNTH_DIR. Env: THREADS (all cores), REPS (3), PP (512), TG (64).
+# Resumable on a warm machine: the peers' build trees and the models stay under /tmp, a peer whose
+# llama-bench exists is not rebuilt and a model that exists is not synthesized again, so a call
+# cut off by its time limit is carried on by the next one.
+# MODELS: synth preset names (default "llama3.2-1b llama3-8b qwen3-30b-a3b"), made with
+# `pshard synth --quant q4_k`. Env: THREADS (all cores), REPS (3), PP (512), TG (64), ROUNDS (1),
+# BUILD_LIMIT (seconds for the peers' builds, default 420), OUT (logs), SYNTH_DIR.
 set -u
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--pack" ]; then
+    [ $# -eq 2 ] && [ -f "$2/CMakeLists.txt" ] || { echo "usage: $0 --pack IK_SRC" >&2; exit 1; }
+    mkdir -p carry
+    # Sources only: the build tree, models, docs and the GitHub data dump stay behind.
+    src=$(realpath "$2")
+    base=$(basename "$src")
+    tar -czf carry/ik_llama.cpp.tar.gz -C "$(dirname "$src")" --exclude="$base/build" \
+        --exclude="$base/build*.log" --exclude="$base/BUILDING-*" --exclude="$base/.git" \
+        --exclude="$base/models" --exclude="$base/docs" --exclude="$base/media" \
+        --exclude="$base/github-data" --transform "s|^$base|ik_llama.cpp|" "$base"
+    du -h carry/ik_llama.cpp.tar.gz
+    exit 0
+fi
+
 OUT=${OUT:-/tmp/pshard-cpu-peer}
 mkdir -p "$OUT"
-MODELS=${*:-llama3.2-1b llama3-8b}
+MODELS=${*:-llama3.2-1b llama3-8b qwen3-30b-a3b}
 THREADS=${THREADS:-$(nproc)}
-REPS=${REPS:-3}
-PP=${PP:-512}
-TG=${TG:-64}
 DIR=${SYNTH_DIR:-/tmp/pshard-synth}
-mkdir -p "$DIR"
+SRC=/tmp/pshard-peer-src
+PEERS=/tmp/pshard-peers
 BIN=carry/pshard
-PEER=carry/llama-cpu/llama-bench
-lscpu | grep -E "Model name|^CPU\(s\)" | tee "$OUT/cpu.txt"
-rows=()
+[ -x "$BIN" ] || { echo "carry/pshard missing: run scripts/gpu-race.sh --build here" >&2; exit 1; }
+mkdir -p "$DIR" "$SRC" "$PEERS"
+{ lscpu | grep -E "Model name|^CPU\(s\)"; echo "AMX flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep '^amx' | xargs)"; } | tee "$OUT/cpu.txt"
+
+# Models in the background while the peers build (both take minutes).
+synth_pids=()
 for m in $MODELS; do
     f="$DIR/$m-q4_k.gguf"
-    [ -s "$f" ] || "$BIN" synth "$m" --quant q4_k -o "$f" >"$OUT/synth-$m.log" 2>&1 || { echo "synth $m failed"; continue; }
-    "$BIN" bench -m "$f" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --device cpu -o md >"$OUT/pshard-$m.md" 2>"$OUT/pshard-$m.log"
-    if [ -x "$PEER" ]; then
-        LD_LIBRARY_PATH=carry/llama-cpu "$PEER" -m "$f" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" -o md \
-            >"$OUT/llama-$m.md" 2>"$OUT/llama-$m.log"
-    fi
-    for test in "pp$PP" "tg$TG"; do
-        ours=$(grep -E "\| *$test *\|" "$OUT/pshard-$m.md" | awk -F'|' '{print $(NF-1)}' | xargs)
-        peer=$(grep -E "\| *$test *\|" "$OUT/llama-$m.md" 2>/dev/null | awk -F'|' '{print $(NF-1)}' | xargs)
-        rows+=("| $m q4_k | $test | ${ours:-?} | ${peer:-?} |")
-    done
+    [ -s "$f" ] && continue
+    ( "$BIN" synth "$m" --quant q4_k -o "$f.part" >"$OUT/synth-$m.log" 2>&1 && mv "$f.part" "$f" ) &
+    synth_pids+=($!)
 done
-echo
-echo "CPU: $(grep 'Model name' "$OUT/cpu.txt" | sed 's/.*: *//'), $THREADS threads, $(date -u +%Y-%m-%d)"
-echo "| model | test | pshard t/s | llama.cpp t/s |"
-echo "|---|---|---:|---:|"
-for r in "${rows[@]}"; do echo "$r"; done
+
+for t in llama.cpp ik_llama.cpp; do
+    [ -f "$SRC/$t/CMakeLists.txt" ] || [ ! -s "carry/$t.tar.gz" ] || tar -xzf "carry/$t.tar.gz" -C "$SRC"
+done
+t0=$(date +%s)
+PEERS=$PEERS JOBS=$(nproc) timeout "${BUILD_LIMIT:-420}" scripts/cpu-peers.sh build "$SRC/llama.cpp" "$SRC/ik_llama.cpp" \
+    >"$OUT/peers-build.log" 2>&1
+echo "peers build: rc=$? in $(( $(date +%s) - t0 )) s (log $OUT/peers-build.log)"
+for p in "${synth_pids[@]}"; do wait "$p"; done
+
+files=()
+for m in $MODELS; do
+    f="$DIR/$m-q4_k.gguf"
+    if [ -s "$f" ]; then files+=("$f"); else echo "synth $m failed: $(tail -2 "$OUT/synth-$m.log")"; fi
+done
+[ ${#files[@]} -gt 0 ] || exit 1
+PEERS=$PEERS PSHARD=$BIN THREADS=$THREADS OUT=$OUT scripts/cpu-peers.sh table "${files[@]}"

@@ -3,7 +3,8 @@
 # three-way table pshard bench / llama-bench / ik_llama.cpp llama-bench.
 #
 #   scripts/cpu-peers.sh build LLAMA_SRC IK_SRC      # build both peers under $PEERS (~15 min each on 2 cores)
-#   scripts/cpu-peers.sh table MODEL.gguf...         # the three-way table (pp$PP and tg$TG)
+#   scripts/cpu-peers.sh table MODEL.gguf...         # the three-way table (pp$PP and tg$TG), $ROUNDS rounds
+#                                                    # of the three in turn, best round of each
 #   scripts/cpu-peers.sh batched MODEL.gguf...       # aggregate decode of $NPL sequences, pshard bench
 #                                                    # --parallel beside llama.cpp's llama-batched-bench
 #   scripts/cpu-peers.sh build-avx2 LLAMA_SRC        # an AVX2-only llama.cpp under $PEERS/llama.cpp-avx2
@@ -24,7 +25,7 @@
 # BMI2 on, the AVX-512 options off: the CPU lane of an AVX2 desktop (Haswell … Alder Lake, Zen 2/3).
 #
 # Env: PEERS (/work/peers), THREADS (2), PP (512; batched: 128), TG (64; batched: 32), REPS (3),
-#      NPL (batched: 1,2,4), ROUNDS (avx2: 3), PSHARD (target/release/pshard), OUT (/tmp/pshard-cpu-peers),
+#      NPL (batched: 1,2,4), ROUNDS (table: 1, avx2: 3), PSHARD (target/release/pshard), OUT (/tmp/pshard-cpu-peers),
 #      JOBS (nproc).
 set -u
 cd "$(dirname "$0")/.."
@@ -121,34 +122,39 @@ tps() {
 cmd_table() {
     PP=${PP:-512}
     TG=${TG:-64}
+    local rounds=${ROUNDS:-1}
     [ $# -ge 1 ] || die "usage: $0 table MODEL.gguf..."
     [ -x "$PSHARD" ] || die "$PSHARD missing (cargo build --release -p pshard-cli)"
     mkdir -p "$OUT"
-    local rows=()
+    local rows=() loads=()
     for m in "$@"; do
         [ -s "$m" ] || die "model $m not found"
         local b
         b=$(basename "$m" .gguf)
-        # Each program starts from a warm page cache: pshard's repack copies the weights into
-        # anonymous memory, which evicts a model near the RAM's size from the cache, and a peer
-        # would then read it from disk (qwen3-30b-a3b at 16 GiB on 24 GiB: llama.cpp tg16 2.45
-        # t/s cold, 2026-12-05).
-        cat "$m" >/dev/null
-        "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --device cpu -o md \
-            >"$OUT/pshard-$b.md" 2>"$OUT/pshard-$b.log" || echo "pshard bench failed on $b (see $OUT/pshard-$b.log)"
-        for peer in llama ik; do
-            local bin=$LLAMA_BIN
-            [ $peer = ik ] && bin=$IK_BIN
-            [ -x "$bin" ] || continue
+        for r in $(seq "$rounds"); do
+            # Each program starts from a warm page cache: pshard's repack copies the weights into
+            # anonymous memory, which evicts a model near the RAM's size from the cache, and a peer
+            # would then read it from disk (qwen3-30b-a3b at 16 GiB on 24 GiB: llama.cpp tg16 2.45
+            # t/s cold, 2026-12-05).
             cat "$m" >/dev/null
-            LD_LIBRARY_PATH=$(dirname "$bin") "$bin" -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" -o md \
-                >"$OUT/$peer-$b.md" 2>"$OUT/$peer-$b.log" || echo "$peer llama-bench failed on $b"
+            "$PSHARD" bench -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --device cpu -o md \
+                >"$OUT/pshard-$b-$r.md" 2>"$OUT/pshard-$b-$r.log" || echo "pshard bench failed on $b (see $OUT/pshard-$b-$r.log)"
+            for peer in llama ik; do
+                local bin=$LLAMA_BIN
+                [ $peer = ik ] && bin=$IK_BIN
+                [ -x "$bin" ] || continue
+                cat "$m" >/dev/null
+                LD_LIBRARY_PATH=$(dirname "$bin") "$bin" -m "$m" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" -o md \
+                    >"$OUT/$peer-$b-$r.md" 2>"$OUT/$peer-$b-$r.log" || echo "$peer llama-bench failed on $b"
+            done
+            loads+=("$(cut -d' ' -f1 /proc/loadavg)")
         done
         for test in "pp$PP" "tg$TG"; do
             local p l i
-            p=$(tps "$OUT/pshard-$b.md" "$test")
-            l=$(tps "$OUT/llama-$b.md" "$test")
-            i=$(tps "$OUT/ik-$b.md" "$test")
+            best() { for r in $(seq "$rounds"); do tps "$OUT/$1-$b-$r.md" "$test"; done | sort -g | tail -1; }
+            p=$(best pshard)
+            l=$(best llama)
+            i=$(best ik)
             local rl ri
             rl=$(awk -v a="$p" -v b="$l" 'BEGIN{if (a>0 && b>0) printf "%.2f", a/b; else print "?"}')
             ri=$(awk -v a="$p" -v b="$i" 'BEGIN{if (a>0 && b>0) printf "%.2f", a/b; else print "?"}')
@@ -156,7 +162,7 @@ cmd_table() {
         done
     done
     echo
-    echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, -t $THREADS, $(date -u '+%Y-%m-%d %H:%M UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, -t $THREADS, best of $rounds round(s) × $REPS repetitions, $(date -u '+%Y-%m-%d %H:%M UTC'), 1-min load after each round: ${loads[*]}"
     echo "| model | test | pshard t/s | llama.cpp t/s | ik_llama.cpp t/s | vs llama.cpp | vs ik |"
     echo "|---|---|---:|---:|---:|---:|---:|"
     for r in "${rows[@]}"; do echo "$r"; done
