@@ -36,6 +36,15 @@ const TOL: f64 = 1e-2;
 /// against the CPU engine to 1e-5 in kernels/tests/cuda_kernels.rs.
 const DECODE_TOL: f64 = 2e-2;
 
+/// Relative L2 tolerance of the prefill comparison with MMQ on ([`mmq_enabled`]): both engines
+/// round the quantized matmuls' activations to 8 bits (MMQ gives the CPU engine's bits,
+/// `cuda_mmq_matches_cpu_engine`), but the prompt's other ops — attention, f16/f32-weight
+/// matmuls on cuBLAS with f16 activations — differ by the exact-mode ~1e-3–8e-3 and 8-bit
+/// rounding amplifies that. Measured on the H100 (2026-12-05): tiny-qwen2 q4_k_m 0, tiny-llama
+/// q4_k 1.2e-7, q8_0 8.9e-4, q4_0 7.3e-3, llama3-8b 2-layer shapes 1.48e-2, tiny-gemma3 q4_k_m
+/// 2.58e-2. A wrong stride or chunk in the MMQ path shows at 1e-1 and above.
+const MMQ_PREFILL_TOL: f64 = 4e-2;
+
 /// Whether a GPU test must return early: only when this machine has no GPU at all, with a visible
 /// SKIP (a failure where `PSHARD_NO_SKIP` is set, as on the GPU machine). A GPU that is present
 /// but unusable (missing toolkit library, failing driver) fails the test.
@@ -151,9 +160,9 @@ fn gpu_engine(path: &Path, n_ctx: usize, ubatch: usize) -> Engine {
 /// The CPU engine normally rounds activations to 8 bits (Q8_0/Q8_1/Q8_K) before each dot product
 /// with quantized weights. The GPU's prefill path (batches above the int8-GEMV threshold) converts
 /// activations to f16 for cuBLAS, so the prompt is compared against the CPU in exact-activation
-/// mode; with MMQ on ([`mmq_enabled`]) the GPU's prefill rounds activations to 8 bits as the CPU
-/// does, so the prompt is compared against the CPU in its default mode (exact-activation CPU logits
-/// differ from 8-bit ones by 1.0–2.5e-2 on these random models: H100, 2026-12-05). The GPU's decode GEMVs round activations exactly as the CPU does, so decode is compared
+/// mode; with MMQ on ([`mmq_enabled`]) the GPU's quantized prefill matmuls round activations to 8
+/// bits as the CPU does, so the prompt is compared against the CPU in its default mode, within
+/// [`MMQ_PREFILL_TOL`]. The GPU's decode GEMVs round activations exactly as the CPU does, so decode is compared
 /// against the CPU in its default mode — from a fresh context on both engines, the prompt fed
 /// token by token through the decode path (continuing from the two prefills would start from KV
 /// caches that differ by the prefill error, which 8-bit rounding amplifies to ~1e-2 on random tiny
@@ -179,6 +188,7 @@ fn compare_steps(
     }
     let prompt = prompt(n_prompt, n_vocab);
     let mmq = mmq_enabled();
+    let prefill_tol = if mmq { MMQ_PREFILL_TOL } else { TOL };
     cpu.set_exact_activations(!mmq);
     let c = cpu.eval(&prompt, Logits::All).unwrap();
     let g = gpu.eval(&prompt, Logits::All).unwrap();
@@ -226,7 +236,7 @@ fn compare_steps(
     let worst_exact = exact.iter().cloned().fold(0.0, f64::max);
     let _ = writeln!(
         std::io::stderr(),
-        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU {} activations, tolerance {TOL:.0e}; \
+        "LOGITS {label}: prefill rel L2 {prefill:.2e} (CPU {} activations, tolerance {prefill_tol:.0e}; \
          per token median {median:.2e}, worst {:.2e} at token {}, {above} of {} above {TOL:.0e}), \
          decode max rel L2 {worst:.2e} over {n_decode} steps (both 8-bit activations, tolerance \
          {decode_tol:.0e}), decode-exact max rel L2 {worst_exact:.2e} (both exact activations, \
@@ -237,8 +247,8 @@ fn compare_steps(
         per_token.len()
     );
     assert!(
-        prefill <= TOL,
-        "{label}: prefill logits rel L2 {prefill:.3e} > {TOL}"
+        prefill <= prefill_tol,
+        "{label}: prefill logits rel L2 {prefill:.3e} > {prefill_tol}"
     );
     for (step, &e) in decode.iter().enumerate() {
         assert!(
