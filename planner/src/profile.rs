@@ -28,6 +28,28 @@ pub enum ProfileKind {
     Gpu,
 }
 
+impl ProfileKind {
+    /// `cpu` or `gpu`: the profile's name in file names and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileKind::Cpu => "cpu",
+            ProfileKind::Gpu => "gpu",
+        }
+    }
+
+    /// Where `pshard profile cpu|gpu` writes this machine's profile and where `pshard run`,
+    /// `bench`, `serve` and `plan` look for it: `~/.cache/pshard/profiles/{cpu,gpu}.toml`
+    /// (`None` without `HOME`).
+    pub fn cache_path(self) -> Option<std::path::PathBuf> {
+        let home = std::env::var_os("HOME")?;
+        Some(
+            std::path::PathBuf::from(home)
+                .join(".cache/pshard/profiles")
+                .join(format!("{}.toml", self.name())),
+        )
+    }
+}
+
 /// Where an op runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use pshard_planner::profile::ProfileKind;
 use pshard_planner::Profile;
 
 use crate::{plot, summary};
@@ -14,9 +15,10 @@ pub struct CpuArgs {
     /// Short run (under 30 s on 2 cores): fewer types, shapes, batches and contexts.
     #[arg(long)]
     pub quick: bool,
-    /// Where to write the profile.
-    #[arg(long, short = 'o', default_value = "cpu-profile.toml")]
-    pub output: PathBuf,
+    /// Where to write the profile (default: ~/.cache/pshard/profiles/cpu.toml, where `pshard run`,
+    /// `bench`, `serve` and `plan` look for it).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
     /// Largest thread count to measure (default or 0: all hardware threads).
     #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
@@ -40,9 +42,10 @@ pub struct GpuArgs {
     /// Short run: fewer types, shapes, batches, sizes and contexts.
     #[arg(long)]
     pub quick: bool,
-    /// Where to write the profile.
-    #[arg(long, short = 'o', default_value = "gpu-profile.toml")]
-    pub output: PathBuf,
+    /// Where to write the profile (default: ~/.cache/pshard/profiles/gpu.toml, where `pshard run`,
+    /// `bench`, `serve` and `plan` look for it).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -108,8 +111,20 @@ pub fn cpu(a: &CpuArgs) -> Result<Profile> {
         progress: !a.no_progress,
         use_gpu: !a.no_gpu,
     })?;
-    finish(&p, &a.output, a.plot.as_deref())?;
+    finish(
+        &p,
+        &output_path(&a.output, ProfileKind::Cpu),
+        a.plot.as_deref(),
+    )?;
     Ok(p)
+}
+
+/// `-o` when given, else the machine's profile in the user cache, else (no `HOME`) `KIND-profile.toml`
+/// in the current directory.
+fn output_path(flag: &Option<PathBuf>, kind: ProfileKind) -> PathBuf {
+    flag.clone()
+        .or_else(|| kind.cache_path())
+        .unwrap_or_else(|| PathBuf::from(format!("{}-profile.toml", kind.name())))
 }
 
 /// Runs a GPU profile, writes it and prints the summary.
@@ -121,7 +136,11 @@ pub fn gpu(a: &GpuArgs) -> Result<Profile> {
         progress: !a.no_progress,
         cache_dir: None,
     })?;
-    finish(&p, &a.output, a.plot.as_deref())?;
+    finish(
+        &p,
+        &output_path(&a.output, ProfileKind::Gpu),
+        a.plot.as_deref(),
+    )?;
     Ok(p)
 }
 
@@ -157,5 +176,28 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_go_where_the_planner_reads_them() {
+        let given = PathBuf::from("elsewhere/p.toml");
+        assert_eq!(output_path(&Some(given.clone()), ProfileKind::Cpu), given);
+        for kind in [ProfileKind::Cpu, ProfileKind::Gpu] {
+            let p = output_path(&None, kind);
+            match kind.cache_path() {
+                // The same file `pshard run`/`bench`/`plan` load without flags.
+                Some(cached) => {
+                    assert_eq!(p, cached);
+                    let tail = format!(".cache/pshard/profiles/{}.toml", kind.name());
+                    assert!(p.ends_with(&tail), "{}", p.display());
+                }
+                None => assert_eq!(p, PathBuf::from(format!("{}-profile.toml", kind.name()))),
+            }
+        }
     }
 }

@@ -173,13 +173,7 @@ fn own_profile(flag: &Option<PathBuf>, kind: &str) -> anyhow::Result<Option<Prof
     } else {
         ProfileKind::Gpu
     };
-    let cached = std::env::var_os("HOME")
-        .map(|h| {
-            PathBuf::from(h)
-                .join(".cache/pshard/profiles")
-                .join(format!("{kind}.toml"))
-        })
-        .filter(|p| p.exists());
+    let cached = want.cache_path().filter(|p| p.exists());
     let Some(path) = flag.clone().or(cached) else {
         return Ok(None);
     };

@@ -65,12 +65,8 @@ pub struct Args {
     pub json: bool,
 }
 
-fn default_profile(kind: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let p = PathBuf::from(home)
-        .join(".cache/pshard/profiles")
-        .join(format!("{kind}.toml"));
-    p.exists().then_some(p)
+fn default_profile(kind: ProfileKind) -> Option<PathBuf> {
+    kind.cache_path().filter(|p| p.exists())
 }
 
 /// Free memory of GPU 0 as a fresh process sees it (our own context's cost added back, since the
@@ -110,8 +106,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let kv_type = pshard_kernels::ops::KvType::parse(&args.kv_type)
         .map_err(|e| anyhow::anyhow!("--kv-type: {e}"))?
         .ggml();
-    let cpu_path = args.cpu_profile.clone().or_else(|| default_profile("cpu"));
-    let gpu_path = args.gpu_profile.clone().or_else(|| default_profile("gpu"));
+    let cpu_path = args
+        .cpu_profile
+        .clone()
+        .or_else(|| default_profile(ProfileKind::Cpu));
+    let gpu_path = args
+        .gpu_profile
+        .clone()
+        .or_else(|| default_profile(ProfileKind::Gpu));
     let cpu = load_profile(cpu_path.as_deref(), ProfileKind::Cpu, "CPU")?;
     let gpu = load_profile(gpu_path.as_deref(), ProfileKind::Gpu, "GPU")?;
     // The plan is for the machine the CPU profile measured, or this one.
