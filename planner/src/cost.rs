@@ -9,7 +9,8 @@
 //! first segment's copy overlaps the previous step's last segment). CPU ops that run while the copy
 //! lane is busy use the profile's concurrent (CPU-while-H2D) numbers, and the copy then runs at the
 //! H2D-while-CPU bandwidth. MoE expert bytes per step follow the expected number of distinct
-//! experts, `E·(1−(1−k/E)^n)`.
+//! experts and the CPU's expert matmuls the expected experts per token count
+//! ([`crate::routing`]).
 
 use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, BufId, Graph, Op};
@@ -19,6 +20,7 @@ use crate::costtable::{AttnShape, CostTable, GpuPath};
 use crate::lanes::{self, AttnKv, Dir, Loc, NodePlan, Run, Segment};
 use crate::placement::Placement;
 use crate::profile::Lane;
+use crate::routing;
 
 /// Parameters every plan depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -360,7 +362,7 @@ impl<'a> TierModel<'a> {
         let buf_bytes = |b: BufId| (graph.rows(b) * graph.buffer(b).cols * 4) as f64;
         let moe_fraction = if h.n_expert > 0 {
             let (e, k) = (h.n_expert as f64, h.n_expert_used as f64);
-            (1.0 - (1.0 - k / e).powf(n as f64)).clamp(k / e, 1.0)
+            routing::touched_fraction(h.n_expert, h.n_expert_used, n).clamp(k / e, 1.0)
         } else {
             1.0
         };
@@ -381,6 +383,7 @@ impl<'a> TierModel<'a> {
             (d, d)
         };
         let in_graph = n <= pshard_kernels::cuda::GRAPH_MAX_TOKENS;
+        let mut expert_cpu = ExpertCpu::new(table, h.n_expert, h.n_expert_used);
         let mut nodes = Vec::with_capacity(graph.nodes.len());
         for node in &graph.nodes {
             let io_bytes: f64 = node
@@ -437,8 +440,9 @@ impl<'a> TierModel<'a> {
                     let distinct = (e * moe_fraction).max(1.0);
                     let per_expert_batch =
                         ((b * h.n_expert_used) as f64 / distinct).ceil().max(1.0) as usize;
-                    // CPU: the expert kernel handles all routed experts in one call: cost it as
-                    // one matmul over the distinct experts' rows stacked, at the per-expert batch.
+                    // CPU: the expert kernel multiplies each active expert's matrices at that
+                    // expert's own token count, all experts in one pooled job: priced per token
+                    // count ([`ExpertCpu::get`]).
                     // GPU, as the CUDA backend runs it: up to MOE_GEMV_MAX_PAIRS (token, expert)
                     // pairs one GEMV over every pair's matrix; above, the pairs are sorted by
                     // expert on the device and each matrix is one grouped GEMM over the used
@@ -458,7 +462,6 @@ impl<'a> TierModel<'a> {
                     let mut parts = Vec::new();
                     for (i, t) in [up_exps, gate_exps, down_exps].into_iter().enumerate() {
                         let td = spec.tensor(*t);
-                        let rows = (distinct * td.rows() as f64).round().max(1.0) as usize;
                         let gpu = if !grouped {
                             let stacked = pairs * td.rows();
                             if in_graph {
@@ -482,17 +485,8 @@ impl<'a> TierModel<'a> {
                                 )
                                 + if i == 0 { grouped_overhead } else { 0.0 }
                         };
-                        parts.push(WeightTime {
-                            cpu: table.cpu_matmul(td.ty, rows, td.cols(), per_expert_batch, false),
-                            cpu_conc: table.cpu_matmul(
-                                td.ty,
-                                rows,
-                                td.cols(),
-                                per_expert_batch,
-                                true,
-                            ),
-                            gpu,
-                        });
+                        let (cpu, cpu_conc) = expert_cpu.get(td.ty, td.rows(), td.cols(), b);
+                        parts.push(WeightTime { cpu, cpu_conc, gpu });
                     }
                     (Kind::Weight(parts), ew_cpu, ew_gpu)
                 }
@@ -763,6 +757,71 @@ impl<'a> TierModel<'a> {
     }
 }
 
+/// CPU seconds of the expert matrices of a layer's MoE FFN, remembered per matrix shape and
+/// batch: every MoE layer of a model has the same, and a prefill batch spreads over hundreds of
+/// token counts.
+struct ExpertCpu<'a> {
+    table: &'a CostTable,
+    n_expert: usize,
+    n_used: usize,
+    groups: Vec<(usize, Vec<routing::ExpertGroup>)>,
+    /// ((type, rows, cols, batch), (alone, while H2D) seconds).
+    times: Vec<(MatrixBatch, (f64, f64))>,
+}
+
+/// An expert matrix's type, rows and columns, and the batch's tokens.
+type MatrixBatch = (GgmlType, usize, usize, usize);
+
+impl<'a> ExpertCpu<'a> {
+    fn new(table: &'a CostTable, n_expert: usize, n_used: usize) -> Self {
+        ExpertCpu {
+            table,
+            n_expert,
+            n_used,
+            groups: Vec::new(),
+            times: Vec::new(),
+        }
+    }
+
+    /// (alone, while H2D) seconds of one expert matrix (`rows × cols` of `ty` per expert) over a
+    /// batch of `b` tokens spread over the experts as [`routing::expert_groups`] expects: the
+    /// experts sharing a token count `m` as one matmul of their rows stacked at batch `m`, summed
+    /// over the counts. The engine's pooled job runs each expert at its own `m` (one to four
+    /// tokens on the decode path, more on the GEMM tiles), and the per-token cost moves several-fold
+    /// with `m` (the dev VM's profile, Q4_K 2048 × 768: 26.6 µs per token at 1, 15.2 at 4, 6.4
+    /// at 64). A count expecting less than one expert costs that share of one expert's matmul.
+    fn get(&mut self, ty: GgmlType, rows: usize, cols: usize, b: usize) -> (f64, f64) {
+        let key = (ty, rows, cols, b);
+        if let Some((_, t)) = self.times.iter().find(|(k, _)| *k == key) {
+            return *t;
+        }
+        let gi = match self.groups.iter().position(|(gb, _)| *gb == b) {
+            Some(i) => i,
+            None => {
+                let g = routing::expert_groups(self.n_expert, self.n_used, b);
+                self.groups.push((b, g));
+                self.groups.len() - 1
+            }
+        };
+        let table = self.table;
+        let time = |while_h2d| -> f64 {
+            self.groups[gi]
+                .1
+                .iter()
+                .map(|g| {
+                    let stacked = g.experts.max(1.0);
+                    let stacked_rows = ((stacked * rows as f64).round() as usize).max(1);
+                    g.experts / stacked
+                        * table.cpu_matmul(ty, stacked_rows, cols, g.tokens, while_h2d)
+                })
+                .sum()
+        };
+        let t = (time(false), time(true));
+        self.times.push((key, t));
+        t
+    }
+}
+
 /// The CPU time of an elementwise node from the profile's points of its kernel (rows, and the
 /// row width or, for rope, the heads as the points' size), `None` for other ops.
 fn cpu_elementwise(table: &CostTable, g: &Graph, op: &Op, io_bytes: f64) -> Option<f64> {
@@ -868,4 +927,80 @@ pub fn predict_bench(
         tps: tokens as f64 / secs.max(1e-12),
         op_seconds: ops,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Profile;
+
+    /// A 2-thread CPU profile whose Q4_K matmuls at batch 1, 2 and 4 take 20, 25 and 60 µs (and
+    /// 100 µs at 8) on a 768 × 2048 matrix: the per-token cost jumps between the token counts,
+    /// as the engine's decode path and GEMM tiles do.
+    fn jumpy_table() -> CostTable {
+        let mut text = String::from(
+            "format = \"pshard-profile\"\nversion = \"1.0\"\nkind = \"cpu\"\n\
+             pshard_version = \"test\"\ncreated = \"2026-12-05T00:00:00Z\"\nnote = \"test\"\n\
+             [machine]\ncpu_model = \"test\"\ncpu_cores = 2\ncpu_threads = 2\nthreads_used = 2\n\
+             ram_bytes = 17179869184\n\
+             [roofline]\ncpu_mem_gbs = 40.0\ncpu_gflops = 400.0\ncpu_op_overhead_us = 0.5\n",
+        );
+        for (batch, us) in [(1, 20.0), (2, 25.0), (4, 60.0), (8, 100.0)] {
+            text += &format!(
+                "[[point]]\nop = \"matmul\"\nlane = \"cpu\"\nquant = \"Q4_K\"\n\
+                 shape = [768, 2048]\nbatch = {batch}\nthreads = 2\nmedian_s = {}\n\
+                 lo_s = 0.0\nhi_s = 1.0\ncv = 0.0\nn = 5\nnoisy = false\n",
+                us * 1e-6
+            );
+        }
+        let p = Profile::from_toml_str(&text, "test").expect("test profile");
+        CostTable::new(Some(&p), None, 2)
+    }
+
+    const TY: GgmlType = GgmlType::Q4_K;
+
+    /// Decode (one token, `k` experts at one token each) prices the `k` experts' rows as one
+    /// stacked matmul at batch 1.
+    #[test]
+    fn decode_experts_are_one_stacked_matmul_at_batch_one() {
+        let t = jumpy_table();
+        let mut ex = ExpertCpu::new(&t, 128, 8);
+        for conc in [false, true] {
+            let got = ex.get(TY, 768, 2048, 1);
+            let got = if conc { got.1 } else { got.0 };
+            let want = t.cpu_matmul(TY, 8 * 768, 2048, 1, conc);
+            assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        }
+    }
+
+    /// Each token count prices its own experts at its own batch: two tokens on 4 of 8 experts
+    /// put 4 experts at one token and 2 at two (8·2·½·½ and 8·¼), not 6 experts at the mean
+    /// ⌈8/6⌉ = 2 tokens.
+    #[test]
+    fn prefill_experts_are_priced_per_token_count() {
+        let t = jumpy_table();
+        let mut ex = ExpertCpu::new(&t, 8, 4);
+        let got = ex.get(TY, 768, 2048, 2).0;
+        let want =
+            t.cpu_matmul(TY, 4 * 768, 2048, 1, false) + t.cpu_matmul(TY, 2 * 768, 2048, 2, false);
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        let at_mean = t.cpu_matmul(TY, 6 * 768, 2048, 2, false);
+        assert!((got - at_mean).abs() > 0.05 * want, "{got} vs {at_mean}");
+    }
+
+    /// A token count expecting less than one expert costs that share of one expert's matmul:
+    /// two tokens on 1 of 4 experts put 4·2·¼·¾ = 1.5 experts at one token and 4·(¼)² = 0.25
+    /// at two.
+    #[test]
+    fn fractional_expert_counts_cost_their_share() {
+        let t = jumpy_table();
+        let mut ex = ExpertCpu::new(&t, 4, 1);
+        let got = ex.get(TY, 768, 2048, 2).0;
+        let want =
+            t.cpu_matmul(TY, 1152, 2048, 1, false) + 0.25 * t.cpu_matmul(TY, 768, 2048, 2, false);
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        // Remembered: the same answer again, and another batch its own.
+        assert_eq!(ex.get(TY, 768, 2048, 2).0, got);
+        assert_ne!(ex.get(TY, 768, 2048, 3).0, got);
+    }
 }

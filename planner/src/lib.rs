@@ -14,6 +14,7 @@ pub mod lanes;
 pub mod placement;
 pub mod profile;
 pub mod registry;
+pub mod routing;
 pub mod search;
 
 pub use cost::PlanParams;

@@ -50,7 +50,8 @@ pub fn route_table(
 /// A [`RouteOverride`] for `spec`'s MoE layers: each token goes to the
 /// [`scattered_experts`] of its layer and position. Tests that compare two engines give both this
 /// one, so that a near-tie in a router cannot flip between them, while the tokens of a batch
-/// still spread over many experts.
+/// still spread over many experts; `pshard bench --uniform-routes` gives it for the uniform
+/// routing the planner prices.
 pub fn scattered_routes(spec: &ModelSpec) -> Arc<RouteOverride> {
     let (n_expert, n_used) = (spec.hparams.n_expert, spec.hparams.n_expert_used);
     Arc::new(move |layer: usize, pos: u32| Some(scattered_experts(layer, pos, n_expert, n_used)))

@@ -66,6 +66,13 @@ pub struct Args {
     /// holds the largest N (GPU plans are made for it).
     #[arg(long = "parallel")]
     parallel: Option<String>,
+    /// Route every MoE token to pseudo-random distinct experts (drawn from its layer and
+    /// position) instead of by its router: the uniform routing the planner prices. A synthetic
+    /// model's random routers send most of a batch to a few experts (qwen3-30b-a3b synth, pp64:
+    /// 48 of 128 experts active per layer on average, where uniform routing touches 127), which
+    /// makes its prefill faster than a trained model's.
+    #[arg(long = "uniform-routes")]
+    uniform_routes: bool,
 }
 
 impl Args {
@@ -92,6 +99,16 @@ fn parse_list(s: &str, what: &str) -> anyhow::Result<Vec<usize>> {
         }
     }
     Ok(v)
+}
+
+/// With `on`, forces the engine's MoE layers to uniform pseudo-random routes
+/// ([`pshard_runtime::batch::scattered_routes`]; `--uniform-routes`).
+fn uniform_routes(e: &mut Engine, on: bool) {
+    if on {
+        let routes = pshard_runtime::batch::scattered_routes(&e.model().spec);
+        e.set_route_override(Some(routes));
+        eprintln!("bench: MoE tokens go to uniform pseudo-random experts (--uniform-routes)");
+    }
 }
 
 /// One pass of a test: the prompt from an empty context, or the generation steps.
@@ -470,6 +487,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let n_ctx = a.ctx.unwrap_or(longest).max(longest);
     let t0 = Instant::now();
     let mut engine = make_engine(model, &a.model, n_ctx, "the longest -p/-n test", &a.engine)?;
+    uniform_routes(&mut engine, a.uniform_routes);
     eprintln!(
         "bench: engine ready in {:.2} s ({})",
         t0.elapsed().as_secs_f64(),
@@ -647,6 +665,7 @@ fn run_parallel(a: &Args, npl: &[usize], pp: usize, tg: Option<usize>) -> anyhow
         &a.engine,
         max_n,
     )?;
+    uniform_routes(&mut engine, a.uniform_routes);
     let backend = if engine.device_report().is_some() {
         "CUDA"
     } else {
