@@ -234,6 +234,54 @@ fn batched_moe_matches_the_per_expert_path() {
     }
 }
 
+/// A prefill batch touching enough experts that the jobs are built on the pool (from 32 per
+/// stage: here ~40 experts, so ~80 gate/up jobs and ~40 down jobs) gives the bits of the
+/// per-expert path, both precisions.
+#[test]
+fn many_active_experts_match_the_per_expert_path() {
+    let mut r = StdRng::seed_from_u64(0x0e0f);
+    let ex = experts(
+        &mut r,
+        48,
+        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
+        256,
+        256,
+    );
+    let view = ex.view();
+    let (n_tok, n_used) = (40usize, 4usize);
+    let x = uniform(&mut r, n_tok * ex.cols);
+    let (ids, wts) = routes(&mut r, n_tok, 48, n_used);
+    let mut active: Vec<u32> = ids.clone();
+    active.sort_unstable();
+    active.dedup();
+    assert!(active.len() >= 32, "{} experts active", active.len());
+    let rt = MoeRoutes {
+        ids: &ids,
+        weights: &wts,
+        n_used,
+    };
+    for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
+        let want = per_expert(&view, &x, n_tok, &rt, precision, quant::simd_cap());
+        let mut got = vec![f32::NAN; n_tok * ex.cols];
+        moe_ffn(
+            &view,
+            &x,
+            n_tok,
+            rt,
+            Activation::Silu,
+            precision,
+            &mut got,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{precision:?}"
+        );
+    }
+}
+
 /// Repacked experts (each expert's matrices in 16-row groups, as the engine repacks the expert
 /// tensors only the CPU computes) give the bits of the per-expert path on the file's layout: at
 /// decode (each expert's 1–4 tokens through the repacked decode kernel), in short batches and in
