@@ -161,7 +161,7 @@ const PARALLEL_BUILD_MIN_JOBS: usize = 32;
 
 /// Builds `n` jobs with `make` (`make(i)` is job `i`), from [`PARALLEL_BUILD_MIN_JOBS`] claimed
 /// by the pool's threads: each converts its input for its kernel, which at a few tokens per expert
-/// and 256 jobs a layer took ~9% of a 64-token MoE prefill on the calling thread alone (building
+/// and ~250 jobs a layer took ~5% of a 64-token MoE prefill on the calling thread alone (building
 /// them on both of the dev VM's threads: the MoE op 4% faster, pp64 with uniform routes 42.2 and
 /// 45.3 → 47.4 and 46.4 t/s, alternating runs). The first error in index order is returned.
 fn build_jobs<'a>(
