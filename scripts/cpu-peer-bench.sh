@@ -5,7 +5,13 @@
 #
 #   Here:   scripts/gpu-race.sh --build                # carry/pshard and carry/llama.cpp.tar.gz
 #           scripts/cpu-peer-bench.sh --pack IK_SRC    # carry/ik_llama.cpp.tar.gz (sources only)
+#           scripts/cpu-peer-bench.sh --build          # carry/cpu_invariance (the kernels' batch
+#                                                      # invariance tests, AMX's included)
 #   There:  scripts/cpu-peer-bench.sh [MODELS]         # carry: ["carry"]
+#
+# There it first runs carry/cpu_invariance (every CPU matmul path against the definition, AMX
+# tiles included: a CPU without AMX, or an OS that does not grant it, fails that test) and, after
+# the table, pshard's prefill again with AMX turned off (PSHARD_CPU_AMX=0) beside the table's.
 #
 # Resumable on a warm machine: the peers' build trees and the models stay under /tmp, a peer whose
 # llama-bench exists is not rebuilt and a model that exists is not synthesized again, so a call
@@ -30,6 +36,21 @@ if [ "${1:-}" = "--pack" ]; then
     exit 0
 fi
 
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    mkdir -p carry
+    exe=$(cargo test -p pshard-kernels --test invariance --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except Exception: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="invariance": print(m["executable"])')
+    cp "$exe" carry/cpu_invariance
+    strip carry/cpu_invariance
+    du -h carry/cpu_invariance
+    exit 0
+fi
+
 OUT=${OUT:-/tmp/pshard-cpu-peer}
 mkdir -p "$OUT"
 MODELS=${*:-llama3.2-1b llama3-8b qwen3-30b-a3b}
@@ -41,6 +62,11 @@ BIN=carry/pshard
 [ -x "$BIN" ] || { echo "carry/pshard missing: run scripts/gpu-race.sh --build here" >&2; exit 1; }
 mkdir -p "$DIR" "$SRC" "$PEERS"
 { lscpu | grep -E "Model name|^CPU\(s\)"; echo "AMX flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep '^amx' | xargs)"; } | tee "$OUT/cpu.txt"
+if [ -x carry/cpu_invariance ]; then
+    PSHARD_NO_SKIP=1 timeout 300 carry/cpu_invariance --include-ignored --test-threads=1 >"$OUT/invariance.log" 2>&1
+    echo "CPU matmul invariance (AMX included): rc=$? $(grep -E '^test result' "$OUT/invariance.log" | tail -1)"
+    grep -E "^SKIP|panicked|AMX" "$OUT/invariance.log" | head -5
+fi
 
 # Models in the background while the peers build (both take minutes).
 synth_pids=()
@@ -67,3 +93,15 @@ for m in $MODELS; do
 done
 [ ${#files[@]} -gt 0 ] || exit 1
 PEERS=$PEERS PSHARD=$BIN THREADS=$THREADS OUT=$OUT scripts/cpu-peers.sh table "${files[@]}"
+# What pshard's GEMM ran on, then its prefill again with AMX off (the VNNI kernel alone).
+grep -h "bench: CPU" "$OUT"/pshard-*-1.log 2>/dev/null | sort -u
+echo "| model | pp${PP:-512} AMX off t/s |"
+echo "|---|---:|"
+for f in "${files[@]}"; do
+    cat "$f" >/dev/null
+    v=$(PSHARD_CPU_AMX=0 "$BIN" bench -m "$f" -p "${PP:-512}" -n 0 -t "$THREADS" -r "${REPS:-3}" --device cpu -o md \
+        2>"$OUT/amx-off-$(basename "$f" .gguf).log" | awk -F'|' -v t="pp${PP:-512}" '
+        col == 0 { for (i = 1; i <= NF; i++) { h = $i; gsub(/ /, "", h); if (h == "t/s") col = i } next }
+        { for (i = 1; i <= NF; i++) { g = $i; gsub(/ /, "", g); if (g == t) { v = $col; sub(/±.*/, "", v); gsub(/ /, "", v); print v; exit } } }')
+    echo "| $(basename "$f" .gguf) | ${v:-?} |"
+done

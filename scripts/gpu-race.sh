@@ -31,7 +31,11 @@ if [ "${1:-}" = "--build" ]; then
     strip carry/pshard
     if [ ! -s carry/llama.cpp.tar.gz ]; then
         tmp=$(mktemp -d)
-        python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36
+        # The sdist straight from the index: `pip download` of an sdist prepares its metadata,
+        # which builds cmake from source on a fresh machine (many minutes).
+        url=$(curl -fsSL https://pypi.org/simple/llama-cpp-python/ |
+            grep -o 'https://[^"#]*/llama_cpp_python-0\.3\.36\.tar\.gz' | head -1)
+        curl -fsSL -o "$tmp"/llama_cpp_python-0.3.36.tar.gz "$url"
         tar -xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
         src="$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp"
         rm -rf "$src/models" "$src/docs" "$src/media" "$src/benches"

@@ -645,6 +645,14 @@ impl<'a> RowsJob<'a> {
             acc.resize(n_tok, [0f32; 16]);
             let (bs, bb) = (w.ty.block_size() as usize, w.ty.type_size() as usize);
             let bytes = |e: usize| e / bs * bb;
+            // AMX tiles take 16 tokens at a time where the CPU and OS allow (the same bits as
+            // the VNNI kernel, which takes the rest).
+            #[cfg(target_arch = "x86_64")]
+            let amx = (rr == 16
+                && level == SimdLevel::Avx512
+                && n_tok >= gemm::amx::TOKENS
+                && gemm::amx::available())
+            .then(|| gemm::amx::Tiles::configure(conv.sub()));
             let mut i = 0;
             while i < len {
                 let nr = (len - i).min(rr);
@@ -692,6 +700,14 @@ impl<'a> RowsJob<'a> {
                         }
                     }
                     let mut t0 = 0;
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(tiles) = &amx {
+                        while n_tok - t0 >= gemm::amx::TOKENS {
+                            let a = &mut acc[t0..t0 + gemm::amx::TOKENS];
+                            gemm::amx::tile_dot16(tiles, conv, tile, acts, e0 / gemm::QB, t0, a);
+                            t0 += gemm::amx::TOKENS;
+                        }
+                    }
                     while t0 < n_tok {
                         let nt = match n_tok - t0 {
                             k if k >= 8 => 8,

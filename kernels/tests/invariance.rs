@@ -215,6 +215,58 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
     }
 }
 
+/// AMX: on a CPU whose tiles this process is granted, the GEMM's steps of 16 tokens run on them
+/// (the test above then covers them at batches 16–40); here at a real model's width (4096
+/// columns: 8 chunks) and batches of 16, 47 and 100 tokens (AMX steps plus the VNNI kernel's
+/// rest) for every type, both layouts, one thread and all: each output equals the reference dot
+/// bit for bit, and the tiles were configured. Skips (a failure with `PSHARD_NO_SKIP`) where the
+/// probe says no.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore = "needs a CPU with AMX-INT8 (the GPU machine's host: run with --include-ignored)"]
+fn amx_tiles_match_the_definition() {
+    use pshard_kernels::gemm::amx;
+    if let Err(why) = amx::status() {
+        pshard_testkit::skip(&format!("AMX: {why}"));
+        return;
+    }
+    let mut r = rng("amx_invariance");
+    let (rows, cols) = (48, 4096);
+    let before = amx::configured();
+    for &ty in quant::SUPPORTED {
+        let k = quant::scalar_kernel(ty).expect("supported type");
+        if pshard_kernels::gemm::converter(ty).is_none() {
+            continue; // float weights take the f32 dot
+        }
+        let data = weights(&mut r, &k, rows, cols);
+        let rb = data.len() / rows;
+        for n in [16, 47, 100] {
+            let xs = random_vec(&mut r, n * cols);
+            let x = quantize_acts(k.act, &xs, n, cols);
+            for (w, threads) in each_matrix(ty, &data, rows, cols) {
+                pool::set_threads(threads);
+                let w = w.matrix();
+                let mut out = vec![f32::NAN; n * rows];
+                matmul_at(SimdLevel::Avx512, &w, &x, &mut out, rows, 0..rows).unwrap();
+                for t in 0..n {
+                    for i in 0..rows {
+                        let want = (k.dot)(&data[i * rb..(i + 1) * rb], x.row(t), cols);
+                        assert_eq!(
+                            out[t * rows + i].to_bits(),
+                            want.to_bits(),
+                            "{ty} {:?} threads {threads}, {n} tokens: out[{t},{i}] = {} vs {want}",
+                            w.layout,
+                            out[t * rows + i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+    pool::set_threads(0);
+    assert!(amx::configured() > before, "the AMX tiles never ran");
+}
+
 /// The exact-activation path: every output equals the portable f32 dot of the dequantized row
 /// with the unrounded activations, at every batch size, row range and thread count.
 #[test]

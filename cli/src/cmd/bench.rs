@@ -493,6 +493,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64(),
         super::common::kv_line(&engine)
     );
+    eprintln!("bench: CPU {}", pshard_kernels::gemm::describe());
     let (backend, gpu_info) = match engine.device_report() {
         Some(r) => ("CUDA", r.lines().next().unwrap_or("").to_string()),
         None => ("CPU", String::new()),

@@ -33,7 +33,9 @@
 //! with the other signed by it, the weights stored signed, `u − offset` (no saturation either
 //! way: see `gemm::x86`). The per-lane f32 steps are the order above.
 //! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
-//! conversion is paid once per weight byte and call.
+//! conversion is paid once per weight byte and call. Where the CPU has AMX-INT8 and the OS grants
+//! it ([`amx`]), steps of 16 tokens multiply the same 16-row tile on AMX tiles instead: the same
+//! exact integer sums per sub-block, then the same f32 steps, so the same bits.
 //!
 //! **Decode.** One to four tokens skip the tile (AVX-512 VNNI; AVX2 for the types of its
 //! decoder): `gemm::gemv` dots each row straight from its blocks and transposes the integer sums
@@ -48,6 +50,8 @@ use pshard_model::ggml_type::GgmlType;
 use crate::matmul::{KernelError, QuantizedActs};
 use crate::quant::{ActFormat, SimdLevel};
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub(crate) mod gemv;
 #[cfg(target_arch = "x86_64")]
 mod gemv_avx2;
@@ -177,6 +181,25 @@ pub fn rows_per_tile(level: SimdLevel) -> Option<usize> {
         SimdLevel::Avx512 | SimdLevel::Avx2 if SimdLevel::Avx2.available() => Some(8),
         _ => None,
     }
+}
+
+/// What the GEMM runs on this CPU, for reports: the tile width and SIMD level, and whether AMX
+/// tiles take the steps of 16 tokens (or why not).
+pub fn describe() -> String {
+    let level = crate::quant::simd_cap();
+    let tiles = match rows_per_tile(level) {
+        Some(16) => "16-row AVX-512 VNNI tiles",
+        Some(_) => "8-row AVX2 tiles",
+        None => "portable rows",
+    };
+    #[cfg(target_arch = "x86_64")]
+    let amx = match amx::status() {
+        Ok(()) => "AMX int8 tiles on".to_string(),
+        Err(why) => format!("AMX off: {why}"),
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let amx = "AMX off: not x86-64".to_string();
+    format!("int8 GEMM on {tiles}; {amx}")
 }
 
 /// Activations as the GEMM reads them (see the module notes): per token the int8 values, per
