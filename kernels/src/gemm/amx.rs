@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::x86::Tok;
+use super::x86::{with_flags, Tok};
 use super::{Converter, GemmActs, Tile};
 use crate::quant::{simd_cap, SimdLevel};
 
@@ -222,16 +222,12 @@ pub(crate) fn tile_dot16(
     // above: tile.q holds nsub sub-blocks of 16 rows, tokens t0..t0+16 and the chunk's blocks
     // exist in acts, with sums and seeds where the flags read them.
     unsafe {
-        match (sub16, min, seed) {
-            (false, false, false) => chunk::<false, false, false>(tile, acts, blk0, t0, nsub, acc),
-            (false, false, true) => chunk::<false, false, true>(tile, acts, blk0, t0, nsub, acc),
-            (false, true, false) => chunk::<false, true, false>(tile, acts, blk0, t0, nsub, acc),
-            (false, true, true) => chunk::<false, true, true>(tile, acts, blk0, t0, nsub, acc),
-            (true, false, false) => chunk::<true, false, false>(tile, acts, blk0, t0, nsub, acc),
-            (true, false, true) => chunk::<true, false, true>(tile, acts, blk0, t0, nsub, acc),
-            (true, true, false) => chunk::<true, true, false>(tile, acts, blk0, t0, nsub, acc),
-            (true, true, true) => chunk::<true, true, true>(tile, acts, blk0, t0, nsub, acc),
+        macro_rules! chunk {
+            ($s:tt, $m:tt, $e:tt) => {
+                chunk::<$s, $m, $e>(tile, acts, blk0, t0, nsub, acc)
+            };
         }
+        with_flags!((sub16, min, seed), chunk)
     }
 }
 

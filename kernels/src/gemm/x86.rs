@@ -20,6 +20,24 @@ use super::{Converter, GemmActs, Tile, QB};
 use crate::quant::kquants::x86::neg;
 use crate::quant::SimdLevel;
 
+/// `$k!(SUB16, MIN, SEED)` with the three runtime flags `($sub16, $min, $seed)` as literals: the
+/// 16-row kernels' const-generic dispatch.
+macro_rules! with_flags {
+    (($a:expr, $b:expr, $c:expr), $k:ident) => {
+        match ($a, $b, $c) {
+            (false, false, false) => $k!(false, false, false),
+            (false, false, true) => $k!(false, false, true),
+            (false, true, false) => $k!(false, true, false),
+            (false, true, true) => $k!(false, true, true),
+            (true, false, false) => $k!(true, false, false),
+            (true, false, true) => $k!(true, false, true),
+            (true, true, false) => $k!(true, true, false),
+            (true, true, true) => $k!(true, true, true),
+        }
+    };
+}
+pub(crate) use with_flags;
+
 /// Dispatches to the kernel of the tile's width with the converter's flags and `acc.len()`
 /// tokens.
 pub(super) fn tile_dot(
@@ -54,16 +72,12 @@ pub(super) fn tile_dot(
             // caller: tile.q holds 16 rows × nb blocks, the tokens and blocks exist in acts, the
             // seeds and sums are present when the flags ask for them).
             unsafe {
-                match (sub16, min, seed) {
-                    (false, false, false) => tn!(vnni, false, false, false),
-                    (false, false, true) => tn!(vnni, false, false, true),
-                    (false, true, false) => tn!(vnni, false, true, false),
-                    (false, true, true) => tn!(vnni, false, true, true),
-                    (true, false, false) => tn!(vnni, true, false, false),
-                    (true, false, true) => tn!(vnni, true, false, true),
-                    (true, true, false) => tn!(vnni, true, true, false),
-                    (true, true, true) => tn!(vnni, true, true, true),
+                macro_rules! vnni {
+                    ($s:tt, $m:tt, $e:tt) => {
+                        tn!(vnni, $s, $m, $e)
+                    };
                 }
+                with_flags!((sub16, min, seed), vnni)
             }
         }
         8 => {
