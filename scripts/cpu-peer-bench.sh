@@ -18,7 +18,7 @@
 # cut off by its time limit is carried on by the next one.
 # MODELS: synth preset names (default "llama3.2-1b llama3-8b qwen3-30b-a3b"), made with
 # `pshard synth --quant q4_k`. Env: THREADS (all cores), REPS (3), PP (512), TG (64), ROUNDS (1),
-# BUILD_LIMIT (seconds for the peers' builds, default 420), OUT (logs), SYNTH_DIR.
+# BUILD_LIMIT (seconds for the peers' builds, default 420; 0: no build), OUT (logs), SYNTH_DIR.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -80,10 +80,14 @@ done
 for t in llama.cpp ik_llama.cpp; do
     [ -f "$SRC/$t/CMakeLists.txt" ] || [ ! -s "carry/$t.tar.gz" ] || tar -xzf "carry/$t.tar.gz" -C "$SRC"
 done
-t0=$(date +%s)
-PEERS=$PEERS JOBS=$(nproc) timeout "${BUILD_LIMIT:-420}" scripts/cpu-peers.sh build "$SRC/llama.cpp" "$SRC/ik_llama.cpp" \
-    >"$OUT/peers-build.log" 2>&1
-echo "peers build: rc=$? in $(( $(date +%s) - t0 )) s (log $OUT/peers-build.log)"
+if [ "${BUILD_LIMIT:-420}" -gt 0 ]; then
+    t0=$(date +%s)
+    PEERS=$PEERS JOBS=$(nproc) timeout "${BUILD_LIMIT:-420}" scripts/cpu-peers.sh build "$SRC/llama.cpp" "$SRC/ik_llama.cpp" \
+        >"$OUT/peers-build.log" 2>&1
+    echo "peers build: rc=$? in $(( $(date +%s) - t0 )) s (log $OUT/peers-build.log)"
+else
+    echo "peers build skipped (BUILD_LIMIT=0): the table has the peers already built, if any"
+fi
 for p in "${synth_pids[@]}"; do wait "$p"; done
 
 files=()
