@@ -11,7 +11,7 @@
 #
 # There it first runs carry/cpu_invariance (every CPU matmul path against the definition, AMX
 # tiles included: a CPU without AMX, or an OS that does not grant it, fails that test) and, after
-# the table, pshard's prefill again with AMX turned off (PSHARD_CPU_AMX=0) beside the table's.
+# the table, pshard's prefill again with AMX turned on (PSHARD_CPU_AMX=1) beside the table's.
 #
 # Resumable on a warm machine: the peers' build trees and the models stay under /tmp, a peer whose
 # llama-bench exists is not rebuilt and a model that exists is not synthesized again, so a call
@@ -97,14 +97,14 @@ for m in $MODELS; do
 done
 [ ${#files[@]} -gt 0 ] || exit 1
 PEERS=$PEERS PSHARD=$BIN THREADS=$THREADS OUT=$OUT scripts/cpu-peers.sh table "${files[@]}"
-# What pshard's GEMM ran on, then its prefill again with AMX off (the VNNI kernel alone).
+# What pshard's GEMM ran on, then its prefill again with AMX on (off by default).
 grep -h "bench: CPU" "$OUT"/pshard-*-1.log 2>/dev/null | sort -u
-echo "| model | pp${PP:-512} AMX off t/s |"
+echo "| model | pp${PP:-512} AMX on t/s |"
 echo "|---|---:|"
 for f in "${files[@]}"; do
     cat "$f" >/dev/null
-    v=$(PSHARD_CPU_AMX=0 "$BIN" bench -m "$f" -p "${PP:-512}" -n 0 -t "$THREADS" -r "${REPS:-3}" --device cpu -o md \
-        2>"$OUT/amx-off-$(basename "$f" .gguf).log" | awk -F'|' -v t="pp${PP:-512}" '
+    v=$(PSHARD_CPU_AMX=1 "$BIN" bench -m "$f" -p "${PP:-512}" -n 0 -t "$THREADS" -r "${REPS:-3}" --device cpu -o md \
+        2>"$OUT/amx-on-$(basename "$f" .gguf).log" | awk -F'|' -v t="pp${PP:-512}" '
         col == 0 { for (i = 1; i <= NF; i++) { h = $i; gsub(/ /, "", h); if (h == "t/s") col = i } next }
         { for (i = 1; i <= NF; i++) { g = $i; gsub(/ /, "", g); if (g == t) { v = $col; sub(/±.*/, "", v); gsub(/ /, "", v); print v; exit } } }')
     echo "| $(basename "$f" .gguf) | ${v:-?} |"

@@ -645,13 +645,13 @@ impl<'a> RowsJob<'a> {
             acc.resize(n_tok, [0f32; 16]);
             let (bs, bb) = (w.ty.block_size() as usize, w.ty.type_size() as usize);
             let bytes = |e: usize| e / bs * bb;
-            // AMX tiles take 16 tokens at a time where the CPU and OS allow (the same bits as
-            // the VNNI kernel, which takes the rest).
+            // With AMX on, its tiles take 16 tokens at a time (the same bits as the VNNI
+            // kernel, which takes the rest).
             #[cfg(target_arch = "x86_64")]
             let amx = (rr == 16
                 && level == SimdLevel::Avx512
                 && n_tok >= gemm::amx::TOKENS
-                && gemm::amx::available())
+                && gemm::amx::enabled())
             .then(|| gemm::amx::Tiles::configure(conv.sub()));
             let mut i = 0;
             while i < len {

@@ -215,8 +215,8 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
     }
 }
 
-/// AMX: on a CPU whose tiles this process is granted, the GEMM's steps of 16 tokens run on them
-/// (the test above then covers them at batches 16–40); here at a real model's width (4096
+/// AMX: turned on where this process is granted the tiles, the GEMM's steps of 16 tokens run on
+/// them (other tests of this binary running meanwhile may take them too: same bits); here at a real model's width (4096
 /// columns: 8 chunks) and batches of 16, 47 and 100 tokens (AMX steps plus the VNNI kernel's
 /// rest) for every type, both layouts, one thread and all: each output equals the reference dot
 /// bit for bit, and the tiles were configured. Skips (a failure with `PSHARD_NO_SKIP`) where the
@@ -226,7 +226,7 @@ fn matmul_outputs_do_not_depend_on_batch_rows_threads_or_level() {
 #[ignore = "needs a CPU with AMX-INT8 (the GPU machine's host: run with --include-ignored)"]
 fn amx_tiles_match_the_definition() {
     use pshard_kernels::gemm::amx;
-    if let Err(why) = amx::status() {
+    if let Err(why) = amx::set_enabled(true) {
         pshard_testkit::skip(&format!("AMX: {why}"));
         return;
     }

@@ -11,6 +11,13 @@
 //! the same bits as every other path. Only those f32 steps stay on the vector units: per token
 //! and block of 32 about 5 vector operations instead of 13.
 //!
+//! It is off unless [`AMX_ENV`] turns it on: on the 16-core Xeon host of the lent H100 machine
+//! (AMX granted; 2026-12-05, `scripts/cpu-peer-bench.sh`) pshard's pp512 was 184–189 t/s with
+//! it and 192–198 without on llama3-8b q4_k, 249–257 and 273–278 on qwen3-30b-a3b. The f32
+//! steps, whose order batch invariance fixes, stay per token and sub-block on the vector units
+//! either way, and the sums' round trip through memory (`tilestored`, then vector loads) costs
+//! what the 8 `vpdpbusd` per token and block saved.
+//!
 //! Tiles are configured per thread (`ldtilecfg`) for one matmul at a time ([`Tiles`]) and
 //! released when it ends. Linux hands a process the tile data only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); a CPU can report AMX and still fault on the first tile
@@ -20,29 +27,70 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use super::x86::{with_flags, Tok};
 use super::{Converter, GemmActs, Tile};
 use crate::quant::{simd_cap, SimdLevel};
 
-/// Environment variable turning the AMX kernel off (`0` or `off`), to measure or test the
-/// AVX-512 VNNI kernel on a CPU that has AMX.
+/// Environment variable turning the AMX kernel on (`1` or `on`; off otherwise): it gives the same
+/// bits as the VNNI kernel but, measured, no speed (module notes).
 pub const AMX_ENV: &str = "PSHARD_CPU_AMX";
 
 /// Tokens per AMX step (the tile's rows).
 pub const TOKENS: usize = 16;
 
-/// Whether the AMX kernel runs here, or why not (probed once per process).
+/// Whether the CPU and OS have AMX-INT8 tiles for this process, or why not (probed once per
+/// process; the first call asks Linux for the tile data, see the module notes).
 pub fn status() -> Result<(), &'static str> {
     static STATUS: OnceLock<Result<(), &'static str>> = OnceLock::new();
-    *STATUS.get_or_init(probe)
+    *STATUS.get_or_init(|| hardware().and_then(|()| request_tile_data()))
 }
 
-/// Whether the AMX kernel runs here ([`status`]).
-pub fn available() -> bool {
-    status().is_ok()
+/// Whether the GEMM takes steps of 16 tokens on AMX tiles: [`status`] allows it and
+/// [`AMX_ENV`] or [`set_enabled`] turned it on.
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var(AMX_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "on"))
+                && status().is_ok();
+            ENABLED.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+        v => v == ON,
+    }
+}
+
+/// Turns the AMX kernel on or off for this process (tests and benchmarks; outputs are the same
+/// bits either way, so matmuls running meanwhile stay correct).
+///
+/// # Errors
+/// Turning it on where [`status`] says AMX cannot run: the reason.
+pub fn set_enabled(on: bool) -> Result<(), &'static str> {
+    if on {
+        status()?;
+    }
+    ENABLED.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The state of [`enabled`]: not read from the environment yet, off, on.
+const UNSET: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+static ENABLED: AtomicU8 = AtomicU8::new(UNSET);
+
+/// One line for reports: on, available but off, or why not.
+pub fn describe() -> String {
+    if enabled() {
+        "AMX int8 tiles on".to_string()
+    } else {
+        match hardware() {
+            Ok(()) => format!("AMX available, off ({AMX_ENV}=1 turns it on)"),
+            Err(why) => format!("AMX off: {why}"),
+        }
+    }
 }
 
 /// How many times a thread's tiles were configured for a matmul in this process (tests check
@@ -53,10 +101,13 @@ pub fn configured() -> u64 {
 
 static CONFIGURED: AtomicU64 = AtomicU64::new(0);
 
-fn probe() -> Result<(), &'static str> {
-    if std::env::var(AMX_ENV).is_ok_and(|v| matches!(v.trim(), "0" | "off")) {
-        return Err("turned off by PSHARD_CPU_AMX");
-    }
+/// The CPU's and the OS's side of [`status`], without asking for the tile data.
+fn hardware() -> Result<(), &'static str> {
+    static HW: OnceLock<Result<(), &'static str>> = OnceLock::new();
+    *HW.get_or_init(probe_hardware)
+}
+
+fn probe_hardware() -> Result<(), &'static str> {
     if simd_cap() != SimdLevel::Avx512 || !SimdLevel::Avx512.available() {
         return Err("needs the AVX-512 VNNI level");
     }
@@ -78,7 +129,7 @@ fn probe() -> Result<(), &'static str> {
     if xcr0 >> 17 & 3 != 3 {
         return Err("the OS does not manage the AMX tile state (XCR0)");
     }
-    request_tile_data()
+    Ok(())
 }
 
 /// XCR0.
@@ -142,9 +193,11 @@ impl Tiles {
     /// Configures this thread's tiles for sub-blocks of `per` elements.
     ///
     /// # Panics
-    /// If AMX is not [`available`] or `per` is not 16 or 32.
+    /// If AMX cannot run here ([`status`]) or `per` is not 16 or 32.
     pub(crate) fn configure(per: usize) -> Tiles {
-        assert!(available(), "the AMX kernel needs AMX: {:?}", status());
+        if let Err(why) = status() {
+            panic!("the AMX kernel needs AMX: {why}");
+        }
         assert!(per == 16 || per == 32, "sub-blocks of 16 or 32, not {per}");
         let mut cfg = Config {
             palette: 1,

@@ -33,9 +33,9 @@
 //! with the other signed by it, the weights stored signed, `u − offset` (no saturation either
 //! way: see `gemm::x86`). The per-lane f32 steps are the order above.
 //! The converted chunk (16 × 512 bytes) stays in L1 while every token passes over it, so the
-//! conversion is paid once per weight byte and call. Where the CPU has AMX-INT8 and the OS grants
-//! it ([`amx`]), steps of 16 tokens multiply the same 16-row tile on AMX tiles instead: the same
-//! exact integer sums per sub-block, then the same f32 steps, so the same bits.
+//! conversion is paid once per weight byte and call. With AMX turned on ([`amx`]: a CPU with
+//! AMX-INT8 whose OS grants it), steps of 16 tokens multiply the same 16-row tile on AMX tiles
+//! instead: the same exact integer sums per sub-block, then the same f32 steps, so the same bits.
 //!
 //! **Decode.** One to four tokens skip the tile (AVX-512 VNNI; AVX2 for the types of its
 //! decoder): `gemm::gemv` dots each row straight from its blocks and transposes the integer sums
@@ -193,10 +193,7 @@ pub fn describe() -> String {
         None => "portable rows",
     };
     #[cfg(target_arch = "x86_64")]
-    let amx = match amx::status() {
-        Ok(()) => "AMX int8 tiles on".to_string(),
-        Err(why) => format!("AMX off: {why}"),
-    };
+    let amx = amx::describe();
     #[cfg(not(target_arch = "x86_64"))]
     let amx = "AMX off: not x86-64".to_string();
     format!("int8 GEMM on {tiles}; {amx}")
