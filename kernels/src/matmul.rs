@@ -302,14 +302,31 @@ thread_local! {
     static UNPACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Activations converted for the GEMM: this job's own, or a conversion it shares with other
+/// jobs over the same activations ([`RowsJob::new_shared`]).
+enum Acts<'a> {
+    Own(gemm::GemmActs),
+    Shared(&'a gemm::GemmActs),
+}
+
+impl std::ops::Deref for Acts<'_> {
+    type Target = gemm::GemmActs;
+    fn deref(&self) -> &gemm::GemmActs {
+        match self {
+            Acts::Own(a) => a,
+            Acts::Shared(a) => a,
+        }
+    }
+}
+
 /// How a weight type is computed.
-enum Engine {
+enum Engine<'a> {
     /// Float weights: one f32 dot per output.
     Dot(DotFn),
     /// Quantized weights, the int8 GEMM with `rows`-row tiles at `level`.
     Gemm {
         conv: gemm::Converter,
-        acts: gemm::GemmActs,
+        acts: Acts<'a>,
         level: SimdLevel,
         rows: usize,
     },
@@ -323,7 +340,7 @@ enum Engine {
     /// [`gemm::dot_converted`] per token.
     Rows {
         conv: gemm::Converter,
-        acts: gemm::GemmActs,
+        acts: Acts<'a>,
     },
 }
 
@@ -343,7 +360,7 @@ enum Groups {
 /// A validated matmul of one weight matrix with one activation buffer: any part of its output
 /// rows can be computed, by any thread ([`RowsJob::compute`]).
 pub(crate) struct RowsJob<'a> {
-    engine: Engine,
+    engine: Engine<'a>,
     /// For repacked weights, how whole groups are computed. Everything else of a repacked matrix
     /// (rows after the last whole group, parts of groups) is unpacked to the file layout first.
     groups: Groups,
@@ -360,6 +377,30 @@ impl<'a> RowsJob<'a> {
         level: SimdLevel,
         w: WeightMatrix<'a>,
         x: &'a QuantizedActs,
+    ) -> Result<Self, KernelError> {
+        Self::build(k, level, w, x, None)
+    }
+
+    /// [`RowsJob::new`], sharing the GEMM's conversion of the activations through `slot` with
+    /// the other jobs given it: the first job that needs one fills it, and every job whose
+    /// weights take the same conversion (same type and seeds) borrows it instead of converting
+    /// `x` again. `slot` must only ever be given activations equal to `x`.
+    pub(crate) fn new_shared(
+        k: QuantKernel,
+        level: SimdLevel,
+        w: WeightMatrix<'a>,
+        x: &'a QuantizedActs,
+        slot: &'a std::sync::OnceLock<gemm::GemmActs>,
+    ) -> Result<Self, KernelError> {
+        Self::build(k, level, w, x, Some(slot))
+    }
+
+    fn build(
+        k: QuantKernel,
+        level: SimdLevel,
+        w: WeightMatrix<'a>,
+        x: &'a QuantizedActs,
+        slot: Option<&'a std::sync::OnceLock<gemm::GemmActs>>,
     ) -> Result<Self, KernelError> {
         let wrb = w.row_bytes()?;
         if x.format != k.act {
@@ -439,7 +480,19 @@ impl<'a> RowsJob<'a> {
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
                 let seeds = tile_rows.is_some_and(|r| !conv.tile_signed(r));
-                let acts = gemm::GemmActs::new(x, &conv, seeds)?;
+                let acts = match slot {
+                    Some(slot) => {
+                        if slot.get().is_none() {
+                            // Two jobs built at once may both convert: one conversion is kept.
+                            let _ = slot.set(gemm::GemmActs::new(x, &conv, seeds)?);
+                        }
+                        match slot.get() {
+                            Some(a) if a.made_for(&conv, seeds, x) => Acts::Shared(a),
+                            _ => Acts::Own(gemm::GemmActs::new(x, &conv, seeds)?),
+                        }
+                    }
+                    None => Acts::Own(gemm::GemmActs::new(x, &conv, seeds)?),
+                };
                 match tile_rows {
                     Some(rows) => Engine::Gemm {
                         conv,

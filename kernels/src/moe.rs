@@ -7,6 +7,9 @@
 //! the weighted sum per token last (experts in id order, as a sequential loop would add them).
 
 use std::ops::Range;
+use std::sync::OnceLock;
+
+use crate::gemm::GemmActs;
 
 use crate::matmul::{quantize_acts_into, ActPrecision, ExactJob, KernelError, QuantizedActs};
 use crate::matmul::{RowsJob, WeightMatrix};
@@ -80,15 +83,21 @@ enum Input {
 }
 
 impl Input {
-    /// The matmul of `w` with this input, kernels of SIMD level `level` at most.
+    /// The matmul of `w` with this input, kernels of SIMD level `level` at most; with `slot`,
+    /// sharing the GEMM's conversion of the input with the other jobs given that slot (which
+    /// must all have inputs of the same values).
     fn job<'a>(
         &'a self,
         w: WeightMatrix<'a>,
         level: quant::SimdLevel,
+        slot: Option<&'a OnceLock<GemmActs>>,
     ) -> Result<Job<'a>, KernelError> {
         let k = quant::kernel(w.ty).ok_or(KernelError::UnsupportedType(w.ty))?;
         Ok(match self {
-            Input::Quantized(q) => Job::Quantized(Box::new(RowsJob::new(k, level, w, q)?)),
+            Input::Quantized(q) => Job::Quantized(Box::new(match slot {
+                Some(slot) => RowsJob::new_shared(k, level, w, q, slot)?,
+                None => RowsJob::new(k, level, w, q)?,
+            })),
             Input::Exact(x) => Job::Exact(ExactJob::new(w, x, x.len() / w.cols.max(1))?),
         })
     }
@@ -101,6 +110,9 @@ struct Active {
     wts: Vec<f32>,
     gate_in: Option<Input>,
     up_in: Option<Input>,
+    /// The GEMM's conversion of `gate_in`, shared by the gate and up jobs where their weights
+    /// take the same one.
+    gate_acts: OnceLock<GemmActs>,
     down_in: Option<Input>,
     g: Vec<f32>,
     u: Vec<f32>,
@@ -316,6 +328,7 @@ pub fn moe_ffn(
             e,
             gate_in: Some(gate_in),
             up_in,
+            gate_acts: OnceLock::new(),
             down_in: None,
             g: vec![0f32; m * ff],
             u: vec![0f32; m * ff],
@@ -332,13 +345,19 @@ pub fn moe_ffn(
             .iter_mut()
             .flat_map(|a| [std::mem::take(&mut a.g), std::mem::take(&mut a.u)])
             .collect();
+        // One token: every expert's input is that token's row, so all share one conversion.
+        let one = OnceLock::new();
         let built = build_jobs(2 * active.len(), |i| {
             let a = &active[i / 2];
             let gi = a.gate_in.as_ref().expect("set above");
+            let slot = if n_tok == 1 { &one } else { &a.gate_acts };
             if i % 2 == 0 {
-                gi.job(experts[a.e].gate, level)
+                gi.job(experts[a.e].gate, level, Some(slot))
             } else {
-                a.up_in.as_ref().unwrap_or(gi).job(experts[a.e].up, level)
+                match &a.up_in {
+                    Some(ui) => ui.job(experts[a.e].up, level, None),
+                    None => gi.job(experts[a.e].up, level, Some(slot)),
+                }
             }
         })?;
         let jobs: Vec<_> = built
@@ -385,7 +404,7 @@ pub fn moe_ffn(
         let built = build_jobs(active.len(), |i| {
             let a = &active[i];
             let di = a.down_in.as_ref().expect("set above");
-            di.job(experts[a.e].down, level)
+            di.job(experts[a.e].down, level, None)
         })?;
         let jobs: Vec<_> = built
             .into_iter()

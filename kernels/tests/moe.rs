@@ -180,6 +180,9 @@ fn batched_moe_matches_the_per_expert_path() {
         [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
         [GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::Q8_0],
         [GgmlType::Q5_1, GgmlType::F16, GgmlType::Q5_K],
+        // Gate and up read the same Q8_K rows but take different conversions (Q6_K: sub-blocks
+        // of 16, seeds): the shared conversion must not pass from one to the other.
+        [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q4_K],
     ];
     for tys in cases {
         let ex = experts(&mut r, 6, tys, 256, 512);
@@ -293,6 +296,7 @@ fn repacked_experts_match_the_file_layout() {
         [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
         [GgmlType::Q4_0, GgmlType::Q4_0, GgmlType::Q8_0],
         [GgmlType::Q5_K, GgmlType::Q4_1, GgmlType::Q5_0],
+        [GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::Q4_K],
     ] {
         let ex = experts(&mut r, 6, tys, 256, 512);
         let rp = ex.repacked();

@@ -220,6 +220,8 @@ pub struct GemmActs {
     pub subs: usize,
     /// The values may be −128 (Q8_K); else they lie in −127..=127.
     pub full_range: bool,
+    /// The weight type and the seeds flag it was converted for.
+    made: Option<(GgmlType, bool)>,
 }
 
 impl GemmActs {
@@ -229,6 +231,14 @@ impl GemmActs {
         let mut g = GemmActs::default();
         g.fill(x, conv, seeds)?;
         Ok(g)
+    }
+
+    /// Whether this is the conversion [`GemmActs::new`] gives for weights of `conv` with `seeds`
+    /// from activations shaped as `x` (whose values the caller knows to be the same).
+    pub fn made_for(&self, conv: &Converter, seeds: bool, x: &QuantizedActs) -> bool {
+        self.made == Some((conv.ty, seeds && conv.offset != 0))
+            && self.n_rows == x.n_rows
+            && self.cols == x.cols
     }
 
     /// [`GemmActs::new`] into this value's buffers (their allocations reused).
@@ -256,6 +266,7 @@ impl GemmActs {
         self.cols = cols;
         self.subs = subs;
         self.full_range = x.format == ActFormat::Q8K;
+        self.made = Some((conv.ty, seeds));
         let g = self;
         {
             let q = crate::pool::SharedSlice::new(&mut g.q);
