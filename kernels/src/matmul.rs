@@ -480,18 +480,14 @@ impl<'a> RowsJob<'a> {
             Some(conv) => {
                 let tile_rows = gemm::rows_per_tile(level);
                 let seeds = tile_rows.is_some_and(|r| !conv.tile_signed(r));
-                let acts = match slot {
-                    Some(slot) => {
-                        if slot.get().is_none() {
-                            // Two jobs built at once may both convert: one conversion is kept.
-                            let _ = slot.set(gemm::GemmActs::new(x, &conv, seeds)?);
-                        }
-                        match slot.get() {
-                            Some(a) if a.made_for(&conv, seeds, x) => Acts::Shared(a),
-                            _ => Acts::Own(gemm::GemmActs::new(x, &conv, seeds)?),
-                        }
-                    }
-                    None => Acts::Own(gemm::GemmActs::new(x, &conv, seeds)?),
+                let convert = || gemm::GemmActs::new(x, &conv, seeds);
+                if let Some(slot) = slot.filter(|s| s.get().is_none()) {
+                    // Two jobs built at once may both convert: one conversion is kept.
+                    let _ = slot.set(convert()?);
+                }
+                let acts = match slot.and_then(|s| s.get()) {
+                    Some(a) if a.made_for(&conv, seeds, x) => Acts::Shared(a),
+                    _ => Acts::Own(convert()?),
                 };
                 match tile_rows {
                     Some(rows) => Engine::Gemm {

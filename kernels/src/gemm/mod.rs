@@ -236,7 +236,7 @@ impl GemmActs {
     /// Whether this is the conversion [`GemmActs::new`] gives for weights of `conv` with `seeds`
     /// from activations shaped as `x` (whose values the caller knows to be the same).
     pub fn made_for(&self, conv: &Converter, seeds: bool, x: &QuantizedActs) -> bool {
-        self.made == Some((conv.ty, seeds && conv.offset != 0))
+        self.made == Some((conv.ty, seeded(conv, seeds)))
             && self.n_rows == x.n_rows
             && self.cols == x.cols
     }
@@ -252,7 +252,7 @@ impl GemmActs {
         let nb = cols / QB;
         let per = conv.sub();
         let subs = cols / per;
-        let seeds = seeds && conv.offset != 0;
+        let seeds = seeded(conv, seeds);
         if x.format == ActFormat::F32 {
             return Err(KernelError::ShapeMismatch {
                 what: format!("{} weights need quantized activations, got F32", conv.ty),
@@ -306,6 +306,12 @@ impl GemmActs {
         }
         Ok(())
     }
+}
+
+/// Whether activations converted for `conv` carry seeds when `seeds` asks for them: only the
+/// types with an offset have any.
+fn seeded(conv: &Converter, seeds: bool) -> bool {
+    seeds && conv.offset != 0
 }
 
 /// `v` as `len` zeros, its allocation reused.
