@@ -978,11 +978,6 @@ impl<'a> ExactJob<'a> {
         })
     }
 
-    /// Rows a part of the output should be a multiple of.
-    pub(crate) fn align(&self) -> usize {
-        self.tile
-    }
-
     /// Outputs of weight rows `r0 .. r0 + outs[0].len()` for every token `t` into `outs[t]`.
     pub(crate) fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
         let (w, x, cols, tile) = (&self.w, self.x, self.w.cols, self.tile);

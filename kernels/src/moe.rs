@@ -1,15 +1,20 @@
 //! The MoE expert FFN on the CPU: every routed expert of a batch in one parallel job per stage.
 //!
 //! Tokens are grouped by expert, so each active expert's matrices are read once per batch. The
-//! gate and up matrices of all active experts are one pool job (tasks of (expert, matrix, row
-//! range) claimed dynamically: a decode token's 8 experts keep every thread streaming), the GLU and
-//! the down projection's input quantization one job over experts, the down matrices one job, and
-//! the weighted sum per token last (experts in id order, as a sequential loop would add them).
+//! gate and up matrices of all active experts are one pool job (tasks of (matrix, row range)
+//! claimed dynamically: a decode token's 8 experts keep every thread streaming) whose last task
+//! per expert applies the GLU and quantizes the down projection's input; the down matrices are
+//! the second job, whose last task per chunk of output rows adds that chunk's weighted sums
+//! (experts in id order, as a sequential loop would add them). Between the two only the error
+//! check runs on the calling thread alone: at decode the serial steps of the earlier three-job
+//! form (building 16 gate/up matmuls, 4.6 µs a layer on the dev VM; the down matmuls; the GLU
+//! job's own synchronisation; the weighted sum) left the other threads idle once per layer.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use crate::gemm::GemmActs;
+use crate::gemm::{packed, GemmActs};
 
 use crate::matmul::{quantize_acts_into, ActPrecision, ExactJob, KernelError, QuantizedActs};
 use crate::matmul::{RowsJob, WeightMatrix};
@@ -25,6 +30,44 @@ pub struct ExpertFfn<'a> {
     pub up: WeightMatrix<'a>,
     /// Down projection.
     pub down: WeightMatrix<'a>,
+}
+
+/// A layer's experts, asked for only the ones a batch routes to.
+#[derive(Clone, Copy)]
+pub enum Experts<'f, 'w> {
+    /// Every expert's matrices, indexed by id.
+    Slice(&'f [ExpertFfn<'w>]),
+    /// `n` experts, expert `e`'s matrices from `get(e)` (a decode token routes to a few of
+    /// many: no view is made of the others).
+    Lookup {
+        /// Experts.
+        n: usize,
+        /// Expert `e`'s matrices.
+        get: &'f (dyn Fn(usize) -> ExpertFfn<'w> + Sync),
+    },
+}
+
+impl<'w> Experts<'_, 'w> {
+    /// Number of experts.
+    pub fn len(&self) -> usize {
+        match self {
+            Experts::Slice(s) => s.len(),
+            Experts::Lookup { n, .. } => *n,
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert `e`'s matrices (`e < len()`).
+    fn get(&self, e: usize) -> ExpertFfn<'w> {
+        match self {
+            Experts::Slice(s) => s[e],
+            Experts::Lookup { get, .. } => get(e),
+        }
+    }
 }
 
 /// Each token's routed experts: `ids[t * n_used + k]` with weight `weights[t * n_used + k]`.
@@ -61,13 +104,6 @@ enum Job<'a> {
 }
 
 impl Job<'_> {
-    fn align(&self) -> usize {
-        match self {
-            Job::Quantized(j) => j.align(),
-            Job::Exact(j) => j.align(),
-        }
-    }
-
     fn compute(&self, r0: usize, outs: &mut [&mut [f32]]) {
         match self {
             Job::Quantized(j) => j.compute(r0, outs),
@@ -103,20 +139,20 @@ impl Input {
     }
 }
 
-/// Per active expert: its tokens and weights, the inputs and outputs of its three matmuls.
-struct Active {
+/// Per active expert: its matrices, tokens and weights, and the inputs of its three matmuls.
+struct Active<'w> {
     e: usize,
+    ffn: ExpertFfn<'w>,
     toks: Vec<usize>,
     wts: Vec<f32>,
-    gate_in: Option<Input>,
+    gate_in: Input,
+    /// `None`: the up projection takes `gate_in`.
     up_in: Option<Input>,
     /// The GEMM's conversion of `gate_in`, shared by the gate and up jobs where their weights
     /// take the same one.
     gate_acts: OnceLock<GemmActs>,
-    down_in: Option<Input>,
-    g: Vec<f32>,
-    u: Vec<f32>,
-    d: Vec<f32>,
+    /// Set by the expert's last gate/up task.
+    down_in: OnceLock<Input>,
 }
 
 /// Whether matmuls with `w` take the exact path under `precision` (float weights take f32
@@ -167,74 +203,53 @@ fn check_matrix(
     Ok(())
 }
 
-/// Jobs from which [`build_jobs`] builds them on the pool: a decode token's 8 experts (16 and 8
-/// jobs) stay on the calling thread, without one more pool job per stage.
-const PARALLEL_BUILD_MIN_JOBS: usize = 32;
-
-/// Builds `n` jobs with `make` (`make(i)` is job `i`), from [`PARALLEL_BUILD_MIN_JOBS`] claimed
-/// by the pool's threads: each converts its input for its kernel, which at a few tokens per expert
-/// and ~250 jobs a layer took ~5% of a 64-token MoE prefill on the calling thread alone (building
-/// them on both of the dev VM's threads: the MoE op 4% faster, pp64 with uniform routes 42.2 and
-/// 45.3 → 47.4 and 46.4 t/s, alternating runs). The first error in index order is returned.
-fn build_jobs<'a>(
-    n: usize,
-    make: impl Fn(usize) -> Result<Job<'a>, KernelError> + Sync,
-) -> Result<Vec<Job<'a>>, KernelError> {
-    if n < PARALLEL_BUILD_MIN_JOBS {
-        return (0..n).map(make).collect();
-    }
-    let mut slots: Vec<Option<Result<Job<'a>, KernelError>>> = (0..n).map(|_| None).collect();
-    {
-        let s = SharedSlice::new(&mut slots);
-        pool::for_each_dynamic(n, |i| {
-            // SAFETY: each index is claimed by one participant, which writes only its own slot.
-            unsafe { s.range_mut(i..i + 1)[0] = Some(make(i)) };
-        });
-    }
-    slots
-        .into_iter()
-        .map(|j| j.expect("every slot is filled by the pool"))
-        .collect()
-}
-
-/// Runs `job` over row ranges of `jobs` (one per (expert, matrix)): tasks of about `threads × 4`
-/// in all, each `(job index, rows)`, writing `outs(job index)` (`m × stride`, row `r` of token `i`
-/// at `i * stride + r`).
-fn run_rows(jobs: &[(Job, usize, usize, SharedSlice<f32>)]) {
-    let total: usize = jobs.iter().map(|(_, rows, _, _)| rows).sum();
+/// Output rows per task of a stage whose jobs have `total` rows in all: about `threads × 4`
+/// tasks, whole 16-row tiles (every engine's alignment divides 16).
+fn chunk_rows(total: usize) -> usize {
     let want = (pool::threads() * 4).max(1);
-    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
-    for (ji, (job, rows, _, _)) in jobs.iter().enumerate() {
-        let a = job.align();
-        let chunk = (total.div_ceil(want)).div_ceil(a).max(1) * a;
-        let mut r = 0;
-        while r < *rows {
-            let e = (r + chunk).min(*rows);
-            tasks.push((ji, r..e));
-            r = e;
-        }
-    }
-    pool::for_each_dynamic(tasks.len(), |ti| {
-        let (ji, r) = (tasks[ti].0, tasks[ti].1.clone());
-        let (job, _, stride, out) = &jobs[ji];
-        let m = out.len() / stride;
-        let mut outs: Vec<&mut [f32]> = (0..m)
-            // SAFETY: each task owns rows `r` of its job's output; tasks of one job have disjoint
-            // row ranges and jobs distinct buffers.
-            .map(|i| unsafe { out.range_mut(i * stride + r.start..i * stride + r.end) })
-            .collect();
-        job.compute(r.start, &mut outs);
-    });
+    total.div_ceil(want).div_ceil(packed::ROWS).max(1) * packed::ROWS
 }
+
+/// Computes output rows `r` of `job` into `out` (`m` tokens, row `r` of token `i` at
+/// `i * stride + r`).
+///
+/// # Safety
+/// No other participant may touch rows `r` of `out` meanwhile.
+unsafe fn compute_rows(job: &Job, r: Range<usize>, out: &SharedSlice<f32>, stride: usize) {
+    let m = out.len() / stride;
+    let mut outs: Vec<&mut [f32]> = (0..m)
+        // SAFETY: the caller owns rows `r` of every token's output.
+        .map(|i| unsafe { out.range_mut(i * stride + r.start..i * stride + r.end) })
+        .collect();
+    job.compute(r.start, &mut outs);
+}
+
+thread_local! {
+    /// The calling thread's buffer for the matmuls' outputs of [`moe_ffn`].
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Values of [`SCRATCH`] kept after a call (8 MiB: a decode step needs 115 KiB on a qwen3-30b-a3b
+/// layer; a prefill's hundreds of MiB are freed).
+const SCRATCH_KEEP: usize = 2 << 20;
+
+/// Multiply-adds of a down chunk's weighted sums up to which the chunk's last task adds them
+/// (decode: 8 experts × 256 rows); bigger batches add in a parallel pass of their own.
+const FUSED_SUM_MAX: usize = 1 << 15;
 
 /// The MoE FFN of a batch: `out[t] = Σ_k weight(t,k) · down_e(act(gate_e(x_t)) · up_e(x_t))` over
 /// token `t`'s routed experts `e = ids[t, k]` (`act`: the GLU's activation). `x` and `out` are
 /// `n_tok × cols`; every expert's matrices have the same shape and types. Matmuls follow
 /// `precision` as [`crate::matmul::matmul`] / [`crate::matmul::matmul_exact`] do; each token's
 /// sum adds its experts in id order.
+///
+/// Two pool jobs: the gate and up rows of every routed expert, then the down rows. Each matmul
+/// is built by the first task that needs it. An expert's last gate/up task applies its GLU and
+/// prepares its down input and matmul; a chunk of output rows' last down task adds the chunk's
+/// weighted sums (for small batches; bigger ones add in a pass of their own).
 #[allow(clippy::too_many_arguments)]
 pub fn moe_ffn(
-    experts: &[ExpertFfn],
+    experts: Experts,
     x: &[f32],
     n_tok: usize,
     routes: MoeRoutes,
@@ -244,9 +259,11 @@ pub fn moe_ffn(
     mut trace: Option<MoeTrace>,
 ) -> Result<(), KernelError> {
     let mismatch = |what: String| KernelError::ShapeMismatch { what };
-    let Some(first) = experts.first() else {
+    let n_expert = experts.len();
+    if n_expert == 0 {
         return Err(mismatch("MoE FFN without experts".into()));
-    };
+    }
+    let first = experts.get(0);
     let (cols, ff) = (first.gate.cols, first.gate.rows);
     if x.len() != n_tok * cols || out.len() < n_tok * cols {
         return Err(mismatch(format!(
@@ -263,16 +280,13 @@ pub fn moe_ffn(
             routes.weights.len()
         )));
     }
-    let mut by_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+    let mut by_expert: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_expert];
     for t in 0..n_tok {
         for k in 0..n_used {
             let e = routes.ids[t * n_used + k] as usize;
-            let slot = by_expert.get_mut(e).ok_or_else(|| {
-                mismatch(format!(
-                    "token {t} routed to expert {e} of {}",
-                    experts.len()
-                ))
-            })?;
+            let slot = by_expert
+                .get_mut(e)
+                .ok_or_else(|| mismatch(format!("token {t} routed to expert {e} of {n_expert}")))?;
             slot.0.push(t);
             slot.1.push(routes.weights[t * n_used + k]);
         }
@@ -313,119 +327,172 @@ pub fn moe_ffn(
         if toks.is_empty() {
             continue;
         }
-        let ex = &experts[e];
-        check_matrix(&ex.gate, ff, cols, "gate", e)?;
-        check_matrix(&ex.up, ff, cols, "up", e)?;
-        check_matrix(&ex.down, cols, ff, "down", e)?;
-        let m = toks.len();
+        let ffn = if e == 0 { first } else { experts.get(e) };
+        check_matrix(&ffn.gate, ff, cols, "gate", e)?;
+        check_matrix(&ffn.up, ff, cols, "up", e)?;
+        check_matrix(&ffn.down, cols, ff, "down", e)?;
         let gate_in = input(gf, ge, &toks);
-        let up_in = if gf == uf && ge == ue {
-            None
-        } else {
-            Some(input(uf, ue, &toks))
-        };
+        let up_in = (gf != uf || ge != ue).then(|| input(uf, ue, &toks));
         active.push(Active {
             e,
-            gate_in: Some(gate_in),
+            ffn,
+            gate_in,
             up_in,
             gate_acts: OnceLock::new(),
-            down_in: None,
-            g: vec![0f32; m * ff],
-            u: vec![0f32; m * ff],
-            d: vec![0f32; m * cols],
+            down_in: OnceLock::new(),
             toks,
             wts,
         });
     }
-
-    // Gate and up of every active expert: the jobs (each converts its expert's activations for
-    // its kernel) built in parallel, then run as one job.
+    let na = active.len();
+    // The matmuls' outputs: per expert its gate, up and down rows, in a buffer kept between
+    // calls (every value is written before it is read).
+    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let need: usize = active.iter().map(|a| a.toks.len() * (2 * ff + cols)).sum();
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let (mut gu, mut d) = (Vec::with_capacity(2 * na), Vec::with_capacity(na));
     {
-        let mut outs: Vec<Vec<f32>> = active
-            .iter_mut()
-            .flat_map(|a| [std::mem::take(&mut a.g), std::mem::take(&mut a.u)])
-            .collect();
-        // One token: every expert's input is that token's row, so all share one conversion.
-        let one = OnceLock::new();
-        let built = build_jobs(2 * active.len(), |i| {
-            let a = &active[i / 2];
-            let gi = a.gate_in.as_ref().expect("set above");
-            let slot = if n_tok == 1 { &one } else { &a.gate_acts };
-            if i % 2 == 0 {
-                gi.job(experts[a.e].gate, level, Some(slot))
-            } else {
-                match &a.up_in {
-                    Some(ui) => ui.job(experts[a.e].up, level, None),
-                    None => gi.job(experts[a.e].up, level, Some(slot)),
-                }
-            }
-        })?;
-        let jobs: Vec<_> = built
-            .into_iter()
-            .zip(outs.iter_mut())
-            .map(|(job, o)| (job, ff, ff, SharedSlice::new(o)))
-            .collect();
-        run_rows(&jobs);
-        drop(jobs);
-        for (a, gu) in active.iter_mut().zip(outs.chunks_exact_mut(2)) {
-            a.g = std::mem::take(&mut gu[0]);
-            a.u = std::mem::take(&mut gu[1]);
+        let mut rest = &mut scratch[..need];
+        for a in &active {
+            let m = a.toks.len();
+            let (g, r) = rest.split_at_mut(m * ff);
+            let (u, r) = r.split_at_mut(m * ff);
+            let (dk, r) = r.split_at_mut(m * cols);
+            gu.extend([SharedSlice::new(g), SharedSlice::new(u)]);
+            d.push(SharedSlice::new(dk));
+            rest = r;
         }
     }
+    type Built<'j> = OnceLock<Result<Job<'j>, KernelError>>;
 
-    // GLU and the down projection's input, per expert.
+    // Gate and up of every active expert (job `2k` and `2k + 1` of expert `k`), built by the
+    // first task that needs them. Tasks go job by job: consecutive tasks read on where the last
+    // one stopped.
+    // One token: every expert's input is that token's row, so all share one conversion.
+    let one = OnceLock::new();
+    let gate_up: Vec<Built> = (0..2 * na).map(|_| OnceLock::new()).collect();
+    let down: Vec<Built> = (0..na).map(|_| OnceLock::new()).collect();
     {
-        let acts = SharedSlice::new(&mut active);
-        let down_exact = de;
-        pool::for_each_dynamic(acts.len(), |i| {
-            // SAFETY: each expert index is claimed by one participant.
-            let a = unsafe { &mut acts.range_mut(i..i + 1)[0] };
+        let chunk = chunk_rows(2 * na * ff);
+        let per_job = ff.div_ceil(chunk);
+        let left: Vec<AtomicUsize> = (0..na).map(|_| AtomicUsize::new(2 * per_job)).collect();
+        let (active, gate_up, down, views) = (&active, &gate_up, &down, &gu);
+        pool::for_each_dynamic(2 * na * per_job, |t| {
+            let (c, ji) = (t % per_job, t / per_job);
+            let (k, a) = (ji / 2, &active[ji / 2]);
+            let job = gate_up[ji].get_or_init(|| {
+                let slot = if n_tok == 1 { &one } else { &a.gate_acts };
+                match (ji % 2, &a.up_in) {
+                    (0, _) => a.gate_in.job(a.ffn.gate, level, Some(slot)),
+                    (_, Some(ui)) => ui.job(a.ffn.up, level, None),
+                    (_, None) => a.gate_in.job(a.ffn.up, level, Some(slot)),
+                }
+            });
+            if let Ok(job) = job {
+                let r = c * chunk..((c + 1) * chunk).min(ff);
+                // SAFETY: task `t` alone computes rows `r` of job `ji`.
+                unsafe { compute_rows(job, r, &views[ji], ff) };
+            }
+            if left[k].fetch_sub(1, Ordering::AcqRel) != 1 {
+                return;
+            }
+            // The expert's last gate/up task: its GLU, the down projection's input and matmul.
+            let (Some(Ok(_)), Some(Ok(_))) = (gate_up[2 * k].get(), gate_up[2 * k + 1].get())
+            else {
+                return;
+            };
             let m = a.toks.len();
+            // SAFETY: every task of the expert's gate and up has finished (the counter, with
+            // acquire ordering), and nothing else touches their outputs now.
+            let (g, u) = unsafe {
+                (
+                    &*views[2 * k].range_mut(0..m * ff),
+                    &*views[2 * k + 1].range_mut(0..m * ff),
+                )
+            };
             let mut h = vec![0f32; m * ff];
-            crate::ops::glu(&a.g, &a.u, &mut h, act);
-            a.down_in = Some(match (df, down_exact) {
+            crate::ops::glu(g, u, &mut h, act);
+            let made = match (df, de) {
                 (Some(f), false) => {
                     let mut q = QuantizedActs::empty(f);
-                    quantize_acts_into(f, &h, m, ff, &mut q)
-                        .expect("shapes checked: ff is the down matrix's width");
-                    Input::Quantized(q)
+                    quantize_acts_into(f, &h, m, ff, &mut q).map(|()| Input::Quantized(q))
                 }
-                _ => Input::Exact(h),
-            });
+                _ => Ok(Input::Exact(h)),
+            };
+            let built = made.and_then(|i| a.down_in.get_or_init(|| i).job(a.ffn.down, level, None));
+            let _ = down[k].set(built);
         });
     }
-
-    // Down of every active expert, built and run as gate and up are.
-    {
-        let mut outs: Vec<Vec<f32>> = active
-            .iter_mut()
-            .map(|a| std::mem::take(&mut a.d))
-            .collect();
-        let built = build_jobs(active.len(), |i| {
-            let a = &active[i];
-            let di = a.down_in.as_ref().expect("set above");
-            di.job(experts[a.e].down, level, None)
-        })?;
-        let jobs: Vec<_> = built
-            .into_iter()
-            .zip(outs.iter_mut())
-            .map(|(job, o)| (job, cols, cols, SharedSlice::new(o)))
-            .collect();
-        run_rows(&jobs);
-        drop(jobs);
-        for (a, d) in active.iter_mut().zip(outs) {
-            a.d = d;
+    for b in gate_up.iter().chain(&down) {
+        if let Some(Err(e)) = b.get() {
+            return Err(e.clone());
         }
+    }
+
+    // Down of every active expert, and the weighted sums, experts in id order per token.
+    let mut per_tok: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n_tok];
+    for (k, a) in active.iter().enumerate() {
+        for (i, (&t, &w)) in a.toks.iter().zip(&a.wts).enumerate() {
+            per_tok[t].push((k, i, w));
+        }
+    }
+    let o = SharedSlice::new(&mut out[..n_tok * cols]);
+    let views = &d;
+    // Rows `r` of token `t`'s output.
+    let sum = |t: usize, r: Range<usize>| {
+        // SAFETY: each (token, rows) part of the output is summed by one participant, after
+        // every down task of those rows finished.
+        let row = unsafe { o.range_mut(t * cols + r.start..t * cols + r.end) };
+        row.iter_mut().for_each(|v| *v = 0.0);
+        for &(k, i, w) in &per_tok[t] {
+            // SAFETY: as above: the down outputs of these rows are final and not written.
+            let dv = unsafe { &*views[k].range_mut(i * cols + r.start..i * cols + r.end) };
+            for (acc, v) in row.iter_mut().zip(dv) {
+                *acc += w * v;
+            }
+        }
+    };
+    let chunk = chunk_rows(na * cols);
+    let per_job = cols.div_ceil(chunk);
+    let fused = n_tok * n_used * chunk <= FUSED_SUM_MAX;
+    {
+        let left: Vec<AtomicUsize> = (0..per_job).map(|_| AtomicUsize::new(na)).collect();
+        pool::for_each_dynamic(na * per_job, |t| {
+            let (c, k) = (t % per_job, t / per_job);
+            let r = c * chunk..((c + 1) * chunk).min(cols);
+            let Some(Ok(job)) = down[k].get() else {
+                unreachable!("every down matmul was built (errors returned above)")
+            };
+            // SAFETY: task `t` alone computes rows `r` of expert `k`'s down output.
+            unsafe { compute_rows(job, r.clone(), &views[k], cols) };
+            if fused && left[c].fetch_sub(1, Ordering::AcqRel) == 1 {
+                (0..n_tok).for_each(|t| sum(t, r.clone()));
+            }
+        });
+    }
+    if !fused {
+        if n_tok * cols >= 1 << 16 {
+            pool::for_range(n_tok, 1, |r| r.for_each(|t| sum(t, 0..cols)));
+        } else {
+            (0..n_tok).for_each(|t| sum(t, 0..cols));
+        }
+    }
+
+    drop((gu, d));
+    if scratch.len() <= SCRATCH_KEEP {
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
     }
 
     if let Some(tr) = trace.as_mut() {
         for a in &active {
-            let gi = a.gate_in.as_ref().expect("set above");
-            let ui = a.up_in.as_ref().unwrap_or(gi);
+            let ui = a.up_in.as_ref().unwrap_or(&a.gate_in);
+            let di = a.down_in.get().expect("set with the down matmul");
             for (which, inp) in [
-                (MoeInput::Gate, gi),
+                (MoeInput::Gate, &a.gate_in),
                 (MoeInput::Up, ui),
-                (MoeInput::Down, a.down_in.as_ref().expect("set above")),
+                (MoeInput::Down, di),
             ] {
                 if let Input::Quantized(q) = inp {
                     if q.format != ActFormat::F32 {
@@ -434,30 +501,6 @@ pub fn moe_ffn(
                 }
             }
         }
-    }
-
-    // Weighted sums, experts in id order per token.
-    let mut per_tok: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n_tok];
-    for (ai, a) in active.iter().enumerate() {
-        for (i, (&t, &w)) in a.toks.iter().zip(&a.wts).enumerate() {
-            per_tok[t].push((ai, i, w));
-        }
-    }
-    let o = SharedSlice::new(&mut out[..n_tok * cols]);
-    let sum_token = |t: usize| {
-        // SAFETY: each token's output row is written by one participant.
-        let row = unsafe { o.range_mut(t * cols..(t + 1) * cols) };
-        row.iter_mut().for_each(|v| *v = 0.0);
-        for &(ai, i, w) in &per_tok[t] {
-            for (acc, v) in row.iter_mut().zip(&active[ai].d[i * cols..(i + 1) * cols]) {
-                *acc += w * v;
-            }
-        }
-    };
-    if n_tok * cols >= 1 << 16 {
-        pool::for_range(n_tok, 1, |r| r.for_each(sum_token));
-    } else {
-        (0..n_tok).for_each(sum_token);
     }
     Ok(())
 }

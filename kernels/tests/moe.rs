@@ -7,7 +7,7 @@ use pshard_kernels::gemm::packed;
 use pshard_kernels::matmul::{
     matmul_at, matmul_exact, quantize_acts, ActPrecision, WeightLayout, WeightMatrix,
 };
-use pshard_kernels::moe::{moe_ffn, ExpertFfn, MoeInput, MoeRoutes};
+use pshard_kernels::moe::{moe_ffn, ExpertFfn, Experts, MoeInput, MoeRoutes};
 use pshard_kernels::ops;
 use pshard_kernels::pool;
 use pshard_kernels::quant::{self, SimdLevel};
@@ -16,7 +16,7 @@ use pshard_model::graph::Activation;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-struct Experts {
+struct ExpertBank {
     gate: Vec<Vec<u8>>,
     up: Vec<Vec<u8>>,
     down: Vec<Vec<u8>>,
@@ -42,8 +42,8 @@ fn quantized(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> 
     out
 }
 
-fn experts(r: &mut StdRng, n: usize, tys: [GgmlType; 3], cols: usize, ff: usize) -> Experts {
-    Experts {
+fn experts(r: &mut StdRng, n: usize, tys: [GgmlType; 3], cols: usize, ff: usize) -> ExpertBank {
+    ExpertBank {
         gate: (0..n).map(|_| quantized(r, tys[0], ff, cols)).collect(),
         up: (0..n).map(|_| quantized(r, tys[1], ff, cols)).collect(),
         down: (0..n).map(|_| quantized(r, tys[2], cols, ff)).collect(),
@@ -54,16 +54,16 @@ fn experts(r: &mut StdRng, n: usize, tys: [GgmlType; 3], cols: usize, ff: usize)
     }
 }
 
-impl Experts {
+impl ExpertBank {
     /// Every expert's matrices repacked (`gemm::packed`), as the engine repacks the expert
     /// tensors only the CPU computes.
-    fn repacked(&self) -> Experts {
+    fn repacked(&self) -> ExpertBank {
         let pack = |ty: GgmlType, m: &[Vec<u8>], rows: usize| -> Vec<Vec<u8>> {
             m.iter()
                 .map(|d| packed::repack(ty, d, rows, d.len() / rows).unwrap())
                 .collect()
         };
-        Experts {
+        ExpertBank {
             gate: pack(self.tys[0], &self.gate, self.ff),
             up: pack(self.tys[1], &self.up, self.ff),
             down: pack(self.tys[2], &self.down, self.cols),
@@ -187,8 +187,9 @@ fn batched_moe_matches_the_per_expert_path() {
     for tys in cases {
         let ex = experts(&mut r, 6, tys, 256, 512);
         let view = ex.view();
-        // Decode, a short batch, and a prefill batch where experts get GEMM-sized groups.
-        for (n_tok, n_used) in [(1usize, 2usize), (5, 3), (40, 3)] {
+        // Decode, a short batch, a prefill batch where experts get GEMM-sized groups, and one
+        // whose weighted sums are too many for the down tasks (a pass of their own).
+        for (n_tok, n_used) in [(1usize, 2usize), (5, 3), (40, 3), (160, 3)] {
             let x = uniform(&mut r, n_tok * ex.cols);
             let (ids, wts) = routes(&mut r, n_tok, 6, n_used);
             let rt = MoeRoutes {
@@ -213,7 +214,7 @@ fn batched_moe_matches_the_per_expert_path() {
                     records += 1;
                 };
                 moe_ffn(
-                    &view,
+                    Experts::Slice(&view),
                     &x,
                     n_tok,
                     rt,
@@ -267,7 +268,7 @@ fn many_active_experts_match_the_per_expert_path() {
         let want = per_expert(&view, &x, n_tok, &rt, precision, quant::simd_cap());
         let mut got = vec![f32::NAN; n_tok * ex.cols];
         moe_ffn(
-            &view,
+            Experts::Slice(&view),
             &x,
             n_tok,
             rt,
@@ -315,7 +316,17 @@ fn repacked_experts_match_the_file_layout() {
                     pool::set_threads(threads);
                     let mut got = vec![f32::NAN; n_tok * ex.cols];
                     let act = Activation::Silu;
-                    moe_ffn(&packed, &x, n_tok, rt, act, precision, &mut got, None).unwrap();
+                    moe_ffn(
+                        Experts::Slice(&packed),
+                        &x,
+                        n_tok,
+                        rt,
+                        act,
+                        precision,
+                        &mut got,
+                        None,
+                    )
+                    .unwrap();
                     assert_eq!(
                         got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -363,7 +374,7 @@ fn moe_token_outputs_do_not_depend_on_the_batch() {
             };
             let mut out = vec![f32::NAN; toks.len() * ex.cols];
             moe_ffn(
-                &view,
+                Experts::Slice(&view),
                 &xs,
                 toks.len(),
                 rt,
@@ -417,7 +428,7 @@ fn moe_errors_name_the_problem() {
         n_used: 1,
     };
     let e = moe_ffn(
-        &view,
+        Experts::Slice(&view),
         &x,
         1,
         rt,
@@ -435,7 +446,7 @@ fn moe_errors_name_the_problem() {
         n_used: 2,
     };
     let e = moe_ffn(
-        &view,
+        Experts::Slice(&view),
         &x,
         1,
         rt,

@@ -108,7 +108,9 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         });
         return;
     }
-    // Few pairs (decode): one task per (pair, span).
+    // Few pairs (decode): one task per (pair, span), each split into parts of the pair's query
+    // heads while there are fewer tasks than threads (qwen3's 4 kv heads at a short context
+    // were 4 tasks for 16 threads). Every part widens the span's K/V blocks itself.
     let mut tasks = Vec::new(); // (pair, span start)
     let mut first_task = Vec::with_capacity(pairs + 1);
     for idx in 0..pairs {
@@ -121,17 +123,22 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         }
     }
     first_task.push(tasks.len());
+    let head_parts = (pool::threads() / tasks.len().max(1)).clamp(1, group.div_ceil(2));
     let stride = group * (dv + 2);
     let mut parts = vec![0f32; tasks.len() * stride];
     let ps = SharedSlice::new(&mut parts);
-    pool::for_each_dynamic(tasks.len(), |i| {
-        let (idx, j) = tasks[i];
+    pool::for_each_dynamic(tasks.len() * head_parts, |i| {
+        let ((idx, j), hp) = (tasks[i / head_parts], i % head_parts);
         let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
+        let heads = pool::part(group, 2, hp, head_parts);
         TileScratch::with(p, |scratch| {
-            span_partials(q, positions, t..t + 1, kh, kv, p, scratch, j);
-            // SAFETY: each task index is claimed by one participant; tasks own disjoint slices.
-            let part = unsafe { ps.range_mut(i * stride..(i + 1) * stride) };
-            for (g, pg) in part.chunks_exact_mut(dv + 2).enumerate() {
+            span_partials(q, positions, t..t + 1, kh, kv, p, scratch, j, heads.clone());
+            let rec = i / head_parts * stride;
+            // SAFETY: each task index is claimed by one participant; a (pair, span) record's
+            // head parts own disjoint head slots of it.
+            let part =
+                unsafe { ps.range_mut(rec + heads.start * (dv + 2)..rec + heads.end * (dv + 2)) };
+            for (g, pg) in heads.zip(part.chunks_exact_mut(dv + 2)) {
                 pg[0] = scratch.m[g];
                 pg[1] = scratch.l[g];
                 pg[2..].copy_from_slice(&scratch.o[g * dv..(g + 1) * dv]);
@@ -301,7 +308,7 @@ fn attend_tile(
     scratch.rl[..rows].fill(0.0);
     let mut j = lo / ATTN_SPAN * ATTN_SPAN;
     while j < hi {
-        span_partials(q, positions, toks.clone(), kh, kv, p, scratch, j);
+        span_partials(q, positions, toks.clone(), kh, kv, p, scratch, j, 0..group);
         let TileScratch {
             m,
             l,
@@ -343,7 +350,8 @@ fn attend_tile(
 }
 
 /// One span's partial results (`scratch.m`, `l`, `o` per query row `ti · group + g`) for tokens
-/// `toks` and the query heads of kv head `kh`: keys of the span starting at `span` (a multiple of
+/// `toks` and query heads `heads` (of the `group` of kv head `kh`; other rows are left as they
+/// are): keys of the span starting at `span` (a multiple of
 /// [`ATTN_SPAN`]) within each row's key range, blocks of [`ATTN_BK`] at multiples of their size,
 /// online softmax. Rows without keys in the span get `l = 0`.
 #[allow(clippy::too_many_arguments)]
@@ -356,6 +364,7 @@ fn span_partials(
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
+    heads: Range<usize>,
 ) {
     #[cfg(target_arch = "x86_64")]
     match attention_level() {
@@ -363,17 +372,17 @@ fn span_partials(
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA (attention_level checked), the only
             // requirement of the target-feature function; its body is the same safe code as the
             // portable path.
-            unsafe { span_partials_avx512(q, positions, toks, kh, kv, p, scratch, span) };
+            unsafe { span_partials_avx512(q, positions, toks, kh, kv, p, scratch, span, heads) };
             return;
         }
         crate::quant::SimdLevel::Avx2 => {
             // SAFETY: as above, for AVX2 and FMA.
-            unsafe { span_partials_avx2(q, positions, toks, kh, kv, p, scratch, span) };
+            unsafe { span_partials_avx2(q, positions, toks, kh, kv, p, scratch, span, heads) };
             return;
         }
         crate::quant::SimdLevel::Scalar => {}
     }
-    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span);
+    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span, heads);
 }
 
 /// [`span_partials_body`] compiled for AVX-512: four heads of a token share each K and V load
@@ -391,8 +400,9 @@ fn span_partials_avx512(
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
+    heads: Range<usize>,
 ) {
-    span_partials_body::<4>(q, positions, toks, kh, kv, p, scratch, span);
+    span_partials_body::<4>(q, positions, toks, kh, kv, p, scratch, span, heads);
 }
 
 /// [`span_partials_body`] compiled for AVX2 + FMA: two heads at a time (four heads' accumulators
@@ -409,8 +419,9 @@ fn span_partials_avx2(
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
+    heads: Range<usize>,
 ) {
-    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span);
+    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span, heads);
 }
 
 /// One kv head's K or V slices as the attention body widens them, slot by slot.
@@ -487,6 +498,7 @@ fn span_partials_body<const MAX_R: usize>(
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
+    heads: Range<usize>,
 ) {
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let f16s = (
@@ -504,7 +516,18 @@ fn span_partials_body<const MAX_R: usize>(
             row: kv.v_row,
             off: kh * dv,
         };
-        span_rows::<MAX_R>(q, positions, toks, kh, (&k, &v), kv.cells, p, scratch, span);
+        span_rows::<MAX_R>(
+            q,
+            positions,
+            toks,
+            kh,
+            (&k, &v),
+            kv.cells,
+            p,
+            scratch,
+            span,
+            heads,
+        );
         return;
     }
     let ty = kv.ty;
@@ -516,7 +539,18 @@ fn span_partials_body<const MAX_R: usize>(
         len: ty.row_bytes(head),
     };
     let (k, v) = (rows(kv.k, kv.k_row, dk), rows(kv.v, kv.v_row, dv));
-    span_rows::<MAX_R>(q, positions, toks, kh, (&k, &v), kv.cells, p, scratch, span);
+    span_rows::<MAX_R>(
+        q,
+        positions,
+        toks,
+        kh,
+        (&k, &v),
+        kv.cells,
+        p,
+        scratch,
+        span,
+        heads,
+    );
 }
 
 /// [`span_partials_body`] over K and V rows read through `kr` and `vr` (`cells` slots).
@@ -532,6 +566,7 @@ fn span_rows<const MAX_R: usize>(
     p: &AttnParams,
     scratch: &mut TileScratch,
     span: usize,
+    heads: Range<usize>,
 ) {
     const BK: usize = ATTN_BK;
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
@@ -585,12 +620,12 @@ fn span_rows<const MAX_R: usize>(
             // Up to MAX_R heads of the token at a time share each K and V load; each head's
             // arithmetic is its own, so the bits are those of one head at a time.
             let qrow = |g: usize| &q[t * p.n_head * dk + (kh * group + g) * dk..][..dk];
-            let mut g = 0;
-            while g < group {
+            let mut g = heads.start;
+            while g < heads.end {
                 let r0 = ti * group + g;
                 let parts = (&mut m[..], &mut l[..], &mut o[..]);
                 let kv = (&kt[..], &vb[..]);
-                let n = (group - g).min(MAX_R);
+                let n = (heads.end - g).min(MAX_R);
                 match n {
                     4 => rows_block([0, 1, 2, 3].map(|k| qrow(g + k)), r0, (a, b), kv, parts, p),
                     3 => rows_block([0, 1, 2].map(|k| qrow(g + k)), r0, (a, b), kv, parts, p),
@@ -1062,6 +1097,44 @@ mod tests {
             };
             check_attention(&kv, &p, &mut r, &format!("{ty:?} values inside K"));
         }
+    }
+
+    /// A decode row with fewer (kv head, span) tasks than threads is split into parts of its
+    /// query heads: the same bits as one task per (kv head, span), at every thread count. Needs
+    /// two threads or more to split (CI has 2: one kv head, one span, 2 parts).
+    #[test]
+    fn decode_head_parts_match_whole_groups() {
+        use rand::Rng;
+        let mut rng = test_rng("decode_head_parts_match_whole_groups");
+        let (n_head, n_head_kv, cells, dk) = (9, 1, 600, 64);
+        for ty in [KvType::F16, KvType::Q8_0] {
+            let (k, v) = random_cache(&mut rng, ty, cells, (n_head_kv, dk, dk), 2.0);
+            let kv = cache_view((&k, &v), ty, cells, (n_head_kv, dk, dk));
+            let q: Vec<f32> = (0..n_head * dk).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let p = AttnParams {
+                n_head,
+                n_head_kv,
+                head_dim_k: dk,
+                head_dim_v: dk,
+                window: None,
+                scale: 0.2,
+                softcap: None,
+                sinks: None,
+            };
+            for pos in [40u32, 300, 599] {
+                let run = |threads: usize| {
+                    crate::pool::set_threads(threads);
+                    let mut out = vec![f32::NAN; n_head * dk];
+                    attention(&q, &[pos], &kv, &p, &mut out);
+                    out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                let whole = run(1);
+                for threads in [2, 3, 16] {
+                    assert_eq!(run(threads), whole, "{ty:?} pos {pos} threads {threads}");
+                }
+            }
+        }
+        crate::pool::set_threads(0);
     }
 
     #[test]

@@ -24,8 +24,8 @@ use pshard_model::spec::{RopeMode, TensorId};
 use crate::batch::{forced_row, Batch};
 use crate::error::EngineError;
 
-/// Weights as the ops read them.
-pub trait Weights {
+/// Weights as the ops read them (by any of the CPU pool's threads).
+pub trait Weights: Sync {
     /// Matrix `id` (for 3-D expert tensors, `expert` selects one) and the index of its first
     /// stored row (rows before it are not held here).
     fn matrix(&self, id: TensorId, expert: usize) -> (WeightMatrix<'_>, usize);
@@ -576,13 +576,11 @@ impl CpuLane {
             let routes = (ids.as_slice(), weights.as_slice(), n_used);
             return self.moe_ffn_per_expert(g, w, x, routes, exps, bias, act, out, positions);
         }
-        let experts: Vec<ExpertFfn> = (0..n_expert)
-            .map(|e| ExpertFfn {
-                gate: w.matrix(exps[0], e).0,
-                up: w.matrix(exps[1], e).0,
-                down: w.matrix(exps[2], e).0,
-            })
-            .collect();
+        let expert = |e: usize| ExpertFfn {
+            gate: w.matrix(exps[0], e).0,
+            up: w.matrix(exps[1], e).0,
+            down: w.matrix(exps[2], e).0,
+        };
         let routes = MoeRoutes {
             ids: &ids,
             weights: &weights,
@@ -610,7 +608,10 @@ impl CpuLane {
             std::borrow::Cow::Borrowed(&self.bufs[xi][..n * cols])
         };
         let res = moe::moe_ffn(
-            &experts,
+            moe::Experts::Lookup {
+                n: n_expert,
+                get: &expert,
+            },
             &xs,
             n,
             routes,
