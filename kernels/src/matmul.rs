@@ -266,6 +266,74 @@ pub fn matmul(
     job.run(out, out_stride, rows)
 }
 
+/// One matmul of [`matmul_many`]: all rows of `w` into `out` (`out[t * stride + r]`).
+pub struct MatmulPart<'a, 'o> {
+    /// Weights.
+    pub w: WeightMatrix<'a>,
+    /// Output.
+    pub out: &'o mut [f32],
+    /// Output row stride.
+    pub stride: usize,
+}
+
+/// [`matmul`] of several weight matrices with the same activations (a layer's q, k and v; gate
+/// and up) as one pool job: the GEMM's conversion of `x` made once for every matrix that takes
+/// the same one, and tasks over all their rows, so the threads wake once and the small matrices
+/// (k and v: 512 rows) share the job with the large one. Each output's bits are those of
+/// [`matmul`].
+pub fn matmul_many(x: &QuantizedActs, parts: &mut [MatmulPart]) -> Result<(), KernelError> {
+    let level = quant::simd_cap();
+    let slot = std::sync::OnceLock::new();
+    let mut jobs = Vec::with_capacity(parts.len());
+    for p in parts.iter() {
+        let k = quant::kernel(p.w.ty).ok_or(KernelError::UnsupportedType(p.w.ty))?;
+        let job = RowsJob::new_shared(k, level, p.w, x, &slot)?;
+        check_output(&p.w, x.n_rows, p.out.len(), p.stride, &(0..p.w.rows))?;
+        jobs.push(job);
+    }
+    if x.n_rows == 0 {
+        return Ok(());
+    }
+    let rows: usize = parts.iter().map(|p| p.w.rows).sum();
+    let work: usize = jobs.iter().map(|j| j.work(j.w.rows)).sum();
+    let strides: Vec<usize> = parts.iter().map(|p| p.stride).collect();
+    let outs: Vec<SharedSlice<f32>> = parts.iter_mut().map(|p| SharedSlice::new(p.out)).collect();
+    // (job, rows) tasks, about TASKS_PER_THREAD per thread over all the rows.
+    let mut tasks: Vec<(usize, Range<usize>)> = Vec::new();
+    let want = if work < SEQ_WORK {
+        1
+    } else {
+        pool::threads() * 4
+    };
+    for (ji, job) in jobs.iter().enumerate() {
+        let a = job.align();
+        let chunk = rows.div_ceil(want).div_ceil(a).max(1) * a;
+        let mut r = 0;
+        while r < job.w.rows {
+            let e = (r + chunk).min(job.w.rows);
+            tasks.push((ji, r..e));
+            r = e;
+        }
+    }
+    let n_tok = x.n_rows;
+    let run = |ti: usize| {
+        let (ji, r) = (tasks[ti].0, tasks[ti].1.clone());
+        let stride = strides[ji];
+        let mut o: Vec<&mut [f32]> = (0..n_tok)
+            // SAFETY: tasks own disjoint row ranges of their job's output (`stride ≥ rows` for
+            // several tokens, checked), and jobs write distinct outputs.
+            .map(|t| unsafe { outs[ji].range_mut(t * stride + r.start..t * stride + r.end) })
+            .collect();
+        jobs[ji].compute(r.start, &mut o);
+    };
+    if want == 1 {
+        (0..tasks.len()).for_each(run);
+    } else {
+        pool::for_each_dynamic(tasks.len(), run);
+    }
+    Ok(())
+}
+
 /// [`matmul`] with the kernels of SIMD level `level` at most (the best this CPU runs up to it,
 /// regardless of [`quant::simd_cap`]): tests and benchmarks force the AVX2 or portable path with
 /// it on a CPU that has better. Quantized weights: the int8 GEMM's 16-row AVX-512 VNNI kernel,

@@ -15,9 +15,10 @@ mod common;
 use common::rng;
 
 use half::f16;
+use pshard_kernels::gemm::packed;
 use pshard_kernels::matmul::{
-    matmul, matmul_at, matmul_exact, matmul_f32, matmul_f32_with, quantize_acts, ActPrecision,
-    KernelError, QuantizedActs, WeightMatrix,
+    matmul, matmul_at, matmul_exact, matmul_f32, matmul_f32_with, matmul_many, quantize_acts,
+    ActPrecision, KernelError, MatmulPart, QuantizedActs, WeightLayout, WeightMatrix,
 };
 use pshard_kernels::pool;
 use pshard_kernels::quant::{self, act, ActFormat, QuantKernel, SimdLevel};
@@ -322,6 +323,106 @@ fn parallel_chunks_in_several_pools() {
         }
     }
     pool::set_threads(0);
+}
+
+/// `matmul_many` (a layer's q/k/v as one job) gives each output the bits of its own `matmul`,
+/// for matrices of different types and conversions (Q4_K, Q6_K's sub-blocks of 16) and sizes,
+/// file and repacked layouts, decode and batches, at 1 thread and every core; outputs with a
+/// stride keep their other entries.
+#[test]
+fn matmul_many_matches_one_matmul_each() {
+    let mut r = rng("matmul_many_matches_one_matmul_each");
+    let cols = 512;
+    let shapes = [
+        (GgmlType::Q4_K, 400usize),
+        (GgmlType::Q6_K, 64),
+        (GgmlType::Q4_K, 48),
+    ];
+    let file: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(ty, rows)| make_weights(&mut r, &quant::kernel(ty).unwrap(), rows, cols).0)
+        .collect();
+    let repacked: Vec<Vec<u8>> = shapes
+        .iter()
+        .zip(&file)
+        .map(|(&(ty, rows), d)| packed::repack(ty, d, rows, d.len() / rows).unwrap())
+        .collect();
+    for (layout, datas) in [
+        (WeightLayout::File, &file),
+        (WeightLayout::Interleaved, &repacked),
+    ] {
+        let ws: Vec<WeightMatrix> = shapes
+            .iter()
+            .zip(datas)
+            .map(|(&(ty, rows), data)| WeightMatrix {
+                ty,
+                data,
+                rows,
+                cols,
+                layout,
+            })
+            .collect();
+        for tokens in [1usize, 3, 20] {
+            let xq = quantize_acts(
+                ActFormat::Q8K,
+                &random_vec(&mut r, tokens * cols),
+                tokens,
+                cols,
+            );
+            let want: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut o = vec![f32::NAN; tokens * (w.rows + 5)];
+                    matmul(w, &xq, &mut o, w.rows + 5, 0..w.rows).unwrap();
+                    o
+                })
+                .collect();
+            for threads in [1usize, 0] {
+                pool::set_threads(threads);
+                let mut got: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| vec![f32::NAN; tokens * (w.rows + 5)])
+                    .collect();
+                let mut parts: Vec<MatmulPart> = ws
+                    .iter()
+                    .zip(got.iter_mut())
+                    .map(|(w, out)| MatmulPart {
+                        w: *w,
+                        out,
+                        stride: w.rows + 5,
+                    })
+                    .collect();
+                matmul_many(&xq, &mut parts).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(g), bits(w), "{layout:?} tokens {tokens} part {i}");
+                }
+            }
+        }
+    }
+    pool::set_threads(0);
+    // Activations of another format than a matrix takes are refused.
+    let w = WeightMatrix {
+        ty: GgmlType::Q4_K,
+        data: &file[0],
+        rows: 400,
+        cols,
+        layout: WeightLayout::File,
+    };
+    let xq = quantize_acts(ActFormat::Q8_0, &random_vec(&mut r, cols), 1, cols);
+    let mut out = vec![0f32; 400];
+    let e = matmul_many(
+        &xq,
+        &mut [MatmulPart {
+            w,
+            out: &mut out,
+            stride: 400,
+        }],
+    );
+    assert!(
+        matches!(e, Err(KernelError::ActFormatMismatch { .. })),
+        "{e:?}"
+    );
 }
 
 #[test]

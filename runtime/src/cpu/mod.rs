@@ -13,8 +13,8 @@
 use std::ops::Range;
 
 use pshard_kernels::matmul::{
-    matmul, matmul_exact, quantize_acts, quantize_acts_into, ActPrecision, QuantizedActs,
-    WeightMatrix,
+    matmul, matmul_exact, matmul_many, quantize_acts, quantize_acts_into, ActPrecision, MatmulPart,
+    QuantizedActs, WeightMatrix,
 };
 use pshard_kernels::ops;
 use pshard_kernels::quant::{self, ActFormat};
@@ -173,6 +173,95 @@ impl CpuLane {
         for b in node.op.writes() {
             self.act_valid[b.0 as usize] = false;
         }
+        Ok(())
+    }
+
+    /// Runs nodes `nodes`, whole-node matmuls of one input in one partner format, as one pool
+    /// job ([`matmul_many`]). Times them under the matmul op kind.
+    pub fn exec_matmuls(
+        &mut self,
+        g: &Graph,
+        nodes: Range<usize>,
+        w: &dyn Weights,
+        batch: &Batch,
+    ) -> Result<(), EngineError> {
+        let t0 = std::time::Instant::now();
+        let mats: Vec<(TensorId, BufId, BufId, Option<TensorId>)> = nodes
+            .clone()
+            .map(|ni| match g.nodes[ni].op {
+                Op::MatMul {
+                    weight,
+                    x,
+                    out,
+                    bias,
+                } => Ok((weight, x, out, bias)),
+                ref op => Err(EngineError::Batch(format!(
+                    "node {ni} ({}) in a CPU matmul group",
+                    op.kind()
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let Some(&(w0, x, _, _)) = mats.first() else {
+            return Ok(());
+        };
+        let format = quant::kernel(w.matrix(w0, 0).0.ty)
+            .ok_or(EngineError::Kernel(
+                pshard_kernels::matmul::KernelError::UnsupportedType(w.matrix(w0, 0).0.ty),
+            ))?
+            .act;
+        if mats.iter().any(|m| m.1 != x) {
+            return Err(EngineError::Batch(format!(
+                "CPU matmul group {nodes:?} reads several inputs"
+            )));
+        }
+        self.quantize(g, x, format)?;
+        let acts = self.act_cache[x.0 as usize]
+            .take()
+            .expect("quantized above");
+        let rows = g.rows(x);
+        if let Some(trace) = &mut self.trace {
+            for &(weight, ..) in &mats {
+                record(trace, &acts, (weight, 0), |t| batch.positions[t]);
+            }
+        }
+        // Each output taken out of the buffers while the job writes it.
+        let mut outs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|m| std::mem::take(&mut self.bufs[m.2 .0 as usize]))
+            .collect();
+        let res = {
+            let mut parts = Vec::with_capacity(mats.len());
+            for (m, o) in mats.iter().zip(outs.iter_mut()) {
+                let (wm, first) = w.matrix(m.0, 0);
+                let stride = g.buffer(m.2).cols;
+                parts.push(MatmulPart {
+                    w: wm,
+                    out: &mut o[first..rows * stride],
+                    stride,
+                });
+            }
+            matmul_many(&acts, &mut parts)
+        };
+        for (m, o) in mats.iter().zip(outs) {
+            self.bufs[m.2 .0 as usize] = o;
+            self.act_valid[m.2 .0 as usize] = false;
+        }
+        self.act_cache[x.0 as usize] = Some(acts);
+        res?;
+        for &(weight, _, out, bias) in &mats {
+            if let Some(b) = bias {
+                let (wm, first) = w.matrix(weight, 0);
+                let bv = &w.vector(b)[first..first + wm.rows];
+                let stride = g.buffer(out).cols;
+                for r in self.bufs[out.0 as usize][..rows * stride].chunks_mut(stride) {
+                    ops::add_inplace(&mut r[first..first + wm.rows], bv);
+                }
+            }
+        }
+        *self
+            .op_secs
+            .entry(g.nodes[nodes.start].op.kind())
+            .or_default() += t0.elapsed().as_secs_f64();
         Ok(())
     }
 

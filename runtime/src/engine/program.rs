@@ -35,6 +35,13 @@ impl Engine {
                         used[b.0 as usize] = true;
                     }
                 }
+                StepKind::CpuMatMuls { nodes } => {
+                    for op in graph.nodes[nodes.clone()].iter().map(|n| &n.op) {
+                        for b in op.reads().into_iter().chain(op.writes()) {
+                            used[b.0 as usize] = true;
+                        }
+                    }
+                }
                 StepKind::Stage { buf, .. } | StepKind::Collect { buf, .. } => {
                     used[buf.0 as usize] = true
                 }
@@ -281,8 +288,8 @@ impl Engine {
                 alloc: &plain_alloc,
             };
             for st in &program.steps {
-                if let StepKind::Cpu { node, cols } = &st.kind {
-                    lp.cpu.exec(
+                match &st.kind {
+                    StepKind::Cpu { node, cols } => lp.cpu.exec(
                         &g,
                         *node,
                         cols.clone(),
@@ -290,11 +297,15 @@ impl Engine {
                         &mut access,
                         batch,
                         n_expert,
-                    )?;
-                } else {
-                    return Err(EngineError::Unsupported(
-                        "a device step in an engine without a device".into(),
-                    ));
+                    )?,
+                    StepKind::CpuMatMuls { nodes } => {
+                        lp.cpu.exec_matmuls(&g, nodes.clone(), &*model, batch)?
+                    }
+                    _ => {
+                        return Err(EngineError::Unsupported(
+                            "a device step in an engine without a device".into(),
+                        ))
+                    }
                 }
             }
             return Ok(lp.cpu.buf(g.logits).to_vec());
@@ -426,6 +437,9 @@ impl Engine {
                         batch,
                         n_expert,
                     )?;
+                }
+                StepKind::CpuMatMuls { nodes } => {
+                    lp.cpu.exec_matmuls(&g, nodes.clone(), &*model, batch)?;
                 }
                 StepKind::Gpu(work) => {
                     let ctx = StepCtx {

@@ -4,7 +4,10 @@
 //!   (`HeadRmsNorm q, HeadRmsNorm k, Rope q, Rope k`, or just the two `Rope`s) become one
 //!   `qk_norm_rope` launch;
 //! - an int8 GEMV that reads the same input in the same partner format as the GEMV right before
-//!   it reuses that one's quantized activations (q/k/v, gate/up), never in exact mode.
+//!   it reuses that one's quantized activations (q/k/v, gate/up), never in exact mode;
+//! - on the CPU, whole-node matmuls of consecutive nodes that read the same input in the same
+//!   partner format (q/k/v, gate/up) become one `CpuMatMuls` step: one pool job, one conversion
+//!   of the input (not in exact mode, whose matmuls take f32 activations one by one).
 
 use pshard_kernels::cuda::GEMV_INT8_MAX_ROWS;
 use pshard_kernels::quant::{self, ActFormat};
@@ -77,7 +80,18 @@ fn int8_gemv(spec: &ModelSpec, g: &Graph, k: &StepKind, exact: bool) -> Option<(
     }
 }
 
-/// Applies both passes.
+/// `(input buffer, partner format)` of a whole-node quantized matmul on the CPU.
+fn cpu_matmul(spec: &ModelSpec, g: &Graph, ni: usize) -> Option<(BufId, ActFormat)> {
+    match g.nodes[ni].op {
+        Op::MatMul { weight, x, .. } => {
+            let act = quant::kernel(spec.tensor(weight).ty).map(|k| k.act)?;
+            (act != ActFormat::F32).then_some((x, act))
+        }
+        _ => None,
+    }
+}
+
+/// Applies the passes.
 pub fn fuse(spec: &ModelSpec, g: &Graph, kinds: Vec<StepKind>, exact: bool) -> Vec<StepKind> {
     let mut out: Vec<StepKind> = Vec::with_capacity(kinds.len());
     let mut i = 0;
@@ -98,6 +112,36 @@ pub fn fuse(spec: &ModelSpec, g: &Graph, kinds: Vec<StepKind>, exact: bool) -> V
                 out.push(StepKind::Gpu(GpuWork::QkNormRope { nodes: a..b + 1 }));
                 i += 2;
                 continue;
+            }
+        }
+        // Matmuls of one input on the CPU.
+        if let (
+            StepKind::Cpu {
+                node: a,
+                cols: None,
+            },
+            false,
+        ) = (&kinds[i], exact)
+        {
+            if let Some(input) = cpu_matmul(spec, g, *a) {
+                let mut end = i + 1;
+                while let Some(StepKind::Cpu {
+                    node: b,
+                    cols: None,
+                }) = kinds.get(end)
+                {
+                    if *b != a + (end - i) || cpu_matmul(spec, g, *b) != Some(input) {
+                        break;
+                    }
+                    end += 1;
+                }
+                if end > i + 1 {
+                    out.push(StepKind::CpuMatMuls {
+                        nodes: *a..a + (end - i),
+                    });
+                    i = end;
+                    continue;
+                }
             }
         }
         out.push(kinds[i].clone());

@@ -53,6 +53,12 @@ pub enum StepKind {
         /// Output columns, when split.
         cols: Option<Range<usize>>,
     },
+    /// Graph nodes `nodes`: matmuls of one input on the CPU, all output columns, as one pool job
+    /// (one wake-up of the CPU's threads and one conversion of the input for all of them).
+    CpuMatMuls {
+        /// Graph nodes.
+        nodes: Range<usize>,
+    },
     /// GPU work on the compute stream.
     Gpu(GpuWork),
     /// The CPU copies columns of a buffer into its staging memory for an upload.
@@ -110,7 +116,10 @@ impl StepKind {
     /// The lane it runs on.
     pub fn lane(&self) -> Lane {
         match self {
-            StepKind::Cpu { .. } | StepKind::Stage { .. } | StepKind::Collect { .. } => Lane::Cpu,
+            StepKind::Cpu { .. }
+            | StepKind::CpuMatMuls { .. }
+            | StepKind::Stage { .. }
+            | StepKind::Collect { .. } => Lane::Cpu,
             StepKind::Inputs
             | StepKind::Gpu(_)
             | StepKind::Upload { .. }
@@ -383,6 +392,11 @@ fn accesses(
     match k {
         StepKind::Inputs => w.push(Res::Inputs),
         StepKind::Cpu { node, .. } => node_rw(*node, false, &mut r, &mut w),
+        StepKind::CpuMatMuls { nodes } => {
+            for ni in nodes.clone() {
+                node_rw(ni, false, &mut r, &mut w);
+            }
+        }
         StepKind::Gpu(GpuWork::Node { node, .. }) => node_rw(*node, true, &mut r, &mut w),
         StepKind::Gpu(GpuWork::QkNormRope { nodes }) => {
             for ni in nodes.clone() {

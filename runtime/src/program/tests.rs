@@ -23,7 +23,65 @@ fn all_cpu_programs_have_only_cpu_steps() {
     assert!(p.steps.iter().all(|st| st.kind.lane() == Lane::Cpu));
     assert!(p.steps.iter().all(|st| st.waits.is_empty()));
     assert_eq!(p.n_events, 0);
-    assert_eq!(p.steps.len(), p.graph.nodes.len());
+    // Every node once, in order (matmuls of one input grouped).
+    let nodes: Vec<usize> = p
+        .steps
+        .iter()
+        .flat_map(|st| match &st.kind {
+            StepKind::Cpu { node, cols: None } => *node..node + 1,
+            StepKind::CpuMatMuls { nodes } => nodes.clone(),
+            k => panic!("{k:?} in an all-CPU program"),
+        })
+        .collect();
+    assert_eq!(nodes, (0..p.graph.nodes.len()).collect::<Vec<_>>());
+}
+
+/// All-CPU programs run each layer's q/k/v, and its gate/up, as one matmul step (consecutive
+/// matmuls of one input); nothing else is grouped, and nothing in exact mode.
+#[test]
+fn cpu_matmuls_of_one_input_are_one_step() {
+    let s = spec("tiny-llama");
+    let cpu = Placement::uniform(&s, pshard_planner::Place::Cpu);
+    for exact in [false, true] {
+        let g = pshard_model::arch::build_graph(&s, 3, 1).unwrap();
+        let p = Program::lower(&s, g, &cpu, 2, exact);
+        let groups: Vec<Vec<String>> = p
+            .steps
+            .iter()
+            .filter_map(|st| match &st.kind {
+                StepKind::CpuMatMuls { nodes } => Some(
+                    nodes
+                        .clone()
+                        .map(|ni| match p.graph.nodes[ni].op {
+                            Op::MatMul { weight, .. } => s.tensor(weight).name.clone(),
+                            ref op => panic!("{op:?} grouped"),
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect();
+        if exact {
+            assert!(groups.is_empty(), "{groups:?}");
+            continue;
+        }
+        let want: Vec<Vec<String>> = (0..s.layers.len())
+            .flat_map(|l| {
+                [
+                    vec![
+                        format!("blk.{l}.attn_q.weight"),
+                        format!("blk.{l}.attn_k.weight"),
+                        format!("blk.{l}.attn_v.weight"),
+                    ],
+                    vec![
+                        format!("blk.{l}.ffn_gate.weight"),
+                        format!("blk.{l}.ffn_up.weight"),
+                    ],
+                ]
+            })
+            .collect();
+        assert_eq!(groups, want);
+    }
 }
 
 #[test]
