@@ -80,7 +80,7 @@ fn bench_moe(c: &mut Criterion) {
         })
         .collect();
     let mut group = c.benchmark_group("moe");
-    for n_tok in [1usize, 4] {
+    for (n_tok, pick) in [(1usize, N_EXPERT), (4, N_EXPERT), (64, N_EXPERT), (64, 24)] {
         let x: Vec<f32> = (0..n_tok * COLS)
             .map(|_| r.gen_range(-1.0f32..1.0))
             .collect();
@@ -93,7 +93,7 @@ fn bench_moe(c: &mut Criterion) {
             (distinct * per_expert as f64) as u64,
         ));
         let mut rr = StdRng::seed_from_u64(5);
-        group.bench_function(format!("decode/b{n_tok}"), |b| {
+        group.bench_function(format!("b{n_tok}/of{pick}"), |b| {
             b.iter(|| {
                 let mut ids = Vec::with_capacity(n_tok * N_USED);
                 for _ in 0..n_tok {
