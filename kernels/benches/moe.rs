@@ -1,11 +1,13 @@
-//! The MoE FFN of one decode step on a qwen3-30b-a3b-shaped layer (128 experts of 2048 → 768 →
+//! The MoE FFN of a batch on a qwen3-30b-a3b-shaped layer (128 experts of 2048 → 768 →
 //! 2048, Q4_K, repacked as the engine repacks CPU experts, 8 routed per token), as effective GB/s
 //! of the routed experts' weight bytes. Every iteration routes to other experts, so the weights
 //! come from DRAM (the layer's 340 MB exceed any cache) as in decoding: the gap to `matmul`'s
 //! `stream` GB/s is the op's own cost (building the matmuls, the GLU, the weighted sums, and the
 //! pool's synchronisation between its stages).
 //!
-//! - `moe/decode/b<tokens>`: 1 token (decode) and 4 (several sequences' decode step).
+//! - `moe/b<tokens>/of<experts>`: each token routed to 8 of the first `experts`: 1 token
+//!   (decode) and 4 (several sequences' decode step) over all 128; 64 (a prefill batch, mostly
+//!   compute) over all 128 and over 24 (more tokens per expert).
 //!
 //! Threads: the CPU pool's (every core; `PSHARD_BENCH_THREADS` sets another count).
 
@@ -85,10 +87,10 @@ fn bench_moe(c: &mut Criterion) {
             .map(|_| r.gen_range(-1.0f32..1.0))
             .collect();
         let mut out = vec![0f32; n_tok * COLS];
-        // Bytes of the distinct experts a step reads, estimated for 4 tokens (repeats are rare).
+        // Bytes of the distinct experts a step reads: the expected number of experts of `pick`
+        // that at least one token routes to.
         let per_expert: usize = mats[0].iter().map(Vec::len).sum();
-        let distinct =
-            N_EXPERT as f64 * (1.0 - (1.0 - N_USED as f64 / N_EXPERT as f64).powi(n_tok as i32));
+        let distinct = pick as f64 * (1.0 - (1.0 - N_USED as f64 / pick as f64).powi(n_tok as i32));
         group.throughput(Throughput::BytesDecimal(
             (distinct * per_expert as f64) as u64,
         ));
