@@ -132,7 +132,13 @@ pub fn attention(q: &[f32], positions: &[u32], kv: &KvView, p: &AttnParams, out:
         let (t, kh) = (idx / p.n_head_kv, idx % p.n_head_kv);
         let heads = pool::part(group, 2, hp, head_parts);
         TileScratch::with(p, |scratch| {
-            span_partials(q, positions, t..t + 1, kh, kv, p, scratch, j, heads.clone());
+            let part = SpanPart {
+                toks: t..t + 1,
+                kh,
+                span: j,
+                heads: heads.clone(),
+            };
+            span_partials(q, positions, kv, p, scratch, &part);
             let rec = i / head_parts * stride;
             // SAFETY: each task index is claimed by one participant; a (pair, span) record's
             // head parts own disjoint head slots of it.
@@ -308,7 +314,13 @@ fn attend_tile(
     scratch.rl[..rows].fill(0.0);
     let mut j = lo / ATTN_SPAN * ATTN_SPAN;
     while j < hi {
-        span_partials(q, positions, toks.clone(), kh, kv, p, scratch, j, 0..group);
+        let part = SpanPart {
+            toks: toks.clone(),
+            kh,
+            span: j,
+            heads: 0..group,
+        };
+        span_partials(q, positions, kv, p, scratch, &part);
         let TileScratch {
             m,
             l,
@@ -349,22 +361,27 @@ fn attend_tile(
     }
 }
 
-/// One span's partial results (`scratch.m`, `l`, `o` per query row `ti · group + g`) for tokens
-/// `toks` and query heads `heads` (of the `group` of kv head `kh`; other rows are left as they
-/// are): keys of the span starting at `span` (a multiple of
-/// [`ATTN_SPAN`]) within each row's key range, blocks of [`ATTN_BK`] at multiples of their size,
-/// online softmax. Rows without keys in the span get `l = 0`.
-#[allow(clippy::too_many_arguments)]
+/// What one span task computes: tokens `toks`, query heads `heads` of the group of kv head
+/// `kh`, keys of the span starting at `span` (a multiple of [`ATTN_SPAN`]).
+#[derive(Clone, Debug)]
+struct SpanPart {
+    toks: Range<usize>,
+    kh: usize,
+    span: usize,
+    heads: Range<usize>,
+}
+
+/// One span's partial results (`scratch.m`, `l`, `o` per query row `ti · group + g`) for the
+/// tokens and query heads of `part` (other rows are left as they are): keys of its span within
+/// each row's key range, blocks of [`ATTN_BK`] at multiples of their size, online softmax. Rows
+/// without keys in the span get `l = 0`.
 fn span_partials(
     q: &[f32],
     positions: &[u32],
-    toks: Range<usize>,
-    kh: usize,
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    span: usize,
-    heads: Range<usize>,
+    part: &SpanPart,
 ) {
     #[cfg(target_arch = "x86_64")]
     match attention_level() {
@@ -372,17 +389,17 @@ fn span_partials(
             // SAFETY: the CPU has AVX-512F, AVX2 and FMA (attention_level checked), the only
             // requirement of the target-feature function; its body is the same safe code as the
             // portable path.
-            unsafe { span_partials_avx512(q, positions, toks, kh, kv, p, scratch, span, heads) };
+            unsafe { span_partials_avx512(q, positions, kv, p, scratch, part) };
             return;
         }
         crate::quant::SimdLevel::Avx2 => {
             // SAFETY: as above, for AVX2 and FMA.
-            unsafe { span_partials_avx2(q, positions, toks, kh, kv, p, scratch, span, heads) };
+            unsafe { span_partials_avx2(q, positions, kv, p, scratch, part) };
             return;
         }
         crate::quant::SimdLevel::Scalar => {}
     }
-    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span, heads);
+    span_partials_body::<2>(q, positions, kv, p, scratch, part);
 }
 
 /// [`span_partials_body`] compiled for AVX-512: four heads of a token share each K and V load
@@ -390,38 +407,30 @@ fn span_partials(
 /// than with two (`cargo bench -p pshard-kernels --bench attention`, 10.6 → 9.2 ms, one thread).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 fn span_partials_avx512(
     q: &[f32],
     positions: &[u32],
-    toks: Range<usize>,
-    kh: usize,
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    span: usize,
-    heads: Range<usize>,
+    part: &SpanPart,
 ) {
-    span_partials_body::<4>(q, positions, toks, kh, kv, p, scratch, span, heads);
+    span_partials_body::<4>(q, positions, kv, p, scratch, part);
 }
 
 /// [`span_partials_body`] compiled for AVX2 + FMA: two heads at a time (four heads' accumulators
 /// alone would take 32 registers; AVX2 has 16).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 fn span_partials_avx2(
     q: &[f32],
     positions: &[u32],
-    toks: Range<usize>,
-    kh: usize,
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    span: usize,
-    heads: Range<usize>,
+    part: &SpanPart,
 ) {
-    span_partials_body::<2>(q, positions, toks, kh, kv, p, scratch, span, heads);
+    span_partials_body::<2>(q, positions, kv, p, scratch, part);
 }
 
 /// One kv head's K or V slices as the attention body widens them, slot by slot.
@@ -488,19 +497,15 @@ impl HeadRows for ByteRows<'_> {
 /// [`HeadRows`] picked once per call: f16 slices as they lie, or bytes of any type (Q8_0; f16
 /// bytes not 2-aligned), so the f16 cache's per-key loop is the plain f16 one.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn span_partials_body<const MAX_R: usize>(
     q: &[f32],
     positions: &[u32],
-    toks: Range<usize>,
-    kh: usize,
     kv: &KvView,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    span: usize,
-    heads: Range<usize>,
+    part: &SpanPart,
 ) {
-    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let (dk, dv, kh) = (p.head_dim_k, p.head_dim_v, part.kh);
     let f16s = (
         bytemuck::try_cast_slice::<u8, half::f16>(kv.k),
         bytemuck::try_cast_slice::<u8, half::f16>(kv.v),
@@ -516,18 +521,7 @@ fn span_partials_body<const MAX_R: usize>(
             row: kv.v_row,
             off: kh * dv,
         };
-        span_rows::<MAX_R>(
-            q,
-            positions,
-            toks,
-            kh,
-            (&k, &v),
-            kv.cells,
-            p,
-            scratch,
-            span,
-            heads,
-        );
+        span_rows::<MAX_R>(q, positions, (&k, &v), kv.cells, p, scratch, part);
         return;
     }
     let ty = kv.ty;
@@ -539,36 +533,27 @@ fn span_partials_body<const MAX_R: usize>(
         len: ty.row_bytes(head),
     };
     let (k, v) = (rows(kv.k, kv.k_row, dk), rows(kv.v, kv.v_row, dv));
-    span_rows::<MAX_R>(
-        q,
-        positions,
-        toks,
-        kh,
-        (&k, &v),
-        kv.cells,
-        p,
-        scratch,
-        span,
-        heads,
-    );
+    span_rows::<MAX_R>(q, positions, (&k, &v), kv.cells, p, scratch, part);
 }
 
 /// [`span_partials_body`] over K and V rows read through `kr` and `vr` (`cells` slots).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn span_rows<const MAX_R: usize>(
     q: &[f32],
     positions: &[u32],
-    toks: Range<usize>,
-    kh: usize,
     (kr, vr): (&impl HeadRows, &impl HeadRows),
     cells: usize,
     p: &AttnParams,
     scratch: &mut TileScratch,
-    span: usize,
-    heads: Range<usize>,
+    part: &SpanPart,
 ) {
     const BK: usize = ATTN_BK;
+    let SpanPart {
+        toks,
+        kh,
+        span,
+        heads,
+    } = part.clone();
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
     let range = |t: usize| {
