@@ -32,9 +32,53 @@ pub struct Rope<'a> {
     pub yarn: Option<RopeYarn>,
 }
 
+/// The parameters the angle rates depend on (a cache key; floats as bits but YaRN's).
+#[derive(Clone, Debug, PartialEq)]
+struct RatesKey {
+    n_dims: usize,
+    base: u32,
+    pos_scale: u32,
+    freq_factors: Option<Vec<u32>>,
+    /// Compared as floats: a NaN never matches (the rates are then computed again).
+    yarn: Option<RopeYarn>,
+}
+
+thread_local! {
+    /// The angle rates of the last rope parameters on this thread: a decode step ropes q and k
+    /// of every layer with the same parameters, and computing the rates (a `powf` per pair)
+    /// each time made qwen3's decode rope 19% slower (dev VM, `pshard bench --op-times`).
+    static RATES: std::cell::RefCell<Option<(RatesKey, Vec<f32>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 impl Rope<'_> {
-    /// Per pair: the angle per unit of position (positions are not pre-scaled).
+    /// Per pair: the angle per unit of position (positions are not pre-scaled); the last
+    /// parameters' rates are kept per thread.
     fn angle_rates(&self) -> Vec<f32> {
+        let key = RatesKey {
+            n_dims: self.n_dims,
+            base: self.base.to_bits(),
+            pos_scale: self.pos_scale.to_bits(),
+            freq_factors: self
+                .freq_factors
+                .map(|f| f.iter().map(|v| v.to_bits()).collect()),
+            yarn: self.yarn,
+        };
+        RATES.with(|c| {
+            let mut c = c.borrow_mut();
+            match &*c {
+                Some((k, rates)) if *k == key => rates.clone(),
+                _ => {
+                    let rates = self.compute_angle_rates();
+                    *c = Some((key, rates.clone()));
+                    rates
+                }
+            }
+        })
+    }
+
+    /// [`Rope::angle_rates`], computed.
+    fn compute_angle_rates(&self) -> Vec<f32> {
         (0..self.n_dims / 2)
             .map(|i| {
                 let mut f = self.base.powf(-2.0 * i as f32 / self.n_dims as f32);
@@ -245,6 +289,64 @@ mod tests {
         rope(&mut y, 4, &[1], &r);
         assert!((y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6);
         assert!((y[1] - f1.cos()).abs() < 1e-6 && (y[3] - f1.sin()).abs() < 1e-6);
+    }
+
+    /// The kept angle rates follow every parameter they depend on: parameters that differ only
+    /// in base, position scale, frequency factors or YaRN each give, right after any other on the
+    /// same thread, the rotation they give first.
+    #[test]
+    fn kept_angle_rates_follow_the_parameters() {
+        let ff = [1.0f32, 2.0, 4.0, 8.0];
+        let base = Rope {
+            pairing: RopePairing::Neox,
+            n_dims: 8,
+            base: 10000.0,
+            pos_scale: 1.0,
+            freq_factors: None,
+            yarn: None,
+        };
+        let variants = [
+            base,
+            Rope {
+                base: 500.0,
+                ..base
+            },
+            Rope {
+                pos_scale: 0.25,
+                ..base
+            },
+            Rope {
+                freq_factors: Some(&ff),
+                ..base
+            },
+            Rope {
+                yarn: Some(RopeYarn {
+                    low: 1.0,
+                    high: 3.0,
+                    ext_factor: 1.0,
+                    mscale: 1.2,
+                }),
+                ..base
+            },
+        ];
+        let run = |r: &Rope| {
+            let mut x: Vec<f32> = (0..8).map(|i| 1.0 + i as f32).collect();
+            rope(&mut x, 8, &[7], r);
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let first: Vec<_> = variants.iter().map(run).collect();
+        for (i, a) in first.iter().enumerate() {
+            for b in &first[i + 1..] {
+                assert_ne!(a, b, "variants must rotate differently");
+            }
+        }
+        // Every variant right after every other one.
+        for (i, a) in variants.iter().enumerate() {
+            for (j, b) in variants.iter().enumerate() {
+                run(a);
+                assert_eq!(run(b), first[j], "variant {j} after {i}");
+            }
+        }
     }
 
     /// A K row roped at position 40 and shifted by -18 equals the row roped at 22 (up to f16
