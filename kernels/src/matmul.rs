@@ -319,12 +319,9 @@ pub fn matmul_many(x: &QuantizedActs, parts: &mut [MatmulPart]) -> Result<(), Ke
     let n_tok = x.n_rows;
     let run = |ti: usize| {
         let (ji, r) = (tasks[ti].0, tasks[ti].1.clone());
-        let stride = strides[ji];
-        let mut o: Vec<&mut [f32]> = (0..n_tok)
-            // SAFETY: tasks own disjoint row ranges of their job's output (`stride ≥ rows` for
-            // several tokens, checked), and jobs write distinct outputs.
-            .map(|t| unsafe { outs[ji].range_mut(t * stride + r.start..t * stride + r.end) })
-            .collect();
+        // SAFETY: tasks own disjoint row ranges of their job's output (`stride ≥ rows` for
+        // several tokens, checked), and jobs write distinct outputs.
+        let mut o = unsafe { token_rows(&outs[ji], n_tok, strides[ji], r.clone()) };
         jobs[ji].compute(r.start, &mut o);
     };
     if want == 1 {
@@ -905,6 +902,24 @@ fn check_output(
     Ok(true)
 }
 
+/// Rows `r` of each of `n_tok` tokens' outputs in `out` (token `t`'s row `i` at
+/// `t * stride + i`), one slice per token.
+///
+/// # Safety
+/// No other live reference may overlap these rows of `out` while the slices live.
+#[allow(clippy::mut_from_ref)]
+pub(crate) unsafe fn token_rows<'s>(
+    out: &'s SharedSlice<f32>,
+    n_tok: usize,
+    stride: usize,
+    r: Range<usize>,
+) -> Vec<&'s mut [f32]> {
+    (0..n_tok)
+        // SAFETY: the caller's promise; with `r` inside a stride the tokens' slices are disjoint.
+        .map(|t| unsafe { out.range_mut(t * stride + r.start..t * stride + r.end) })
+        .collect()
+}
+
 /// Splits output rows `rows` into one part per pool participant (whole multiples of `align`) and
 /// calls `f(first_row, outs)` for each, where `outs[t]` is token `t`'s slice of the part's outputs
 /// (all the same length). `work` (bytes × tokens) below [`SEQ_WORK`] runs on the calling thread.
@@ -922,11 +937,9 @@ pub(crate) fn par_rows<F>(
     let shared = SharedSlice::new(out);
     let body = |sub: Range<usize>| {
         let (r0, r1) = (rows.start + sub.start, rows.start + sub.end);
-        let mut outs: Vec<&mut [f32]> = (0..n_tok)
-            // SAFETY: parts are disjoint row ranges and `out_stride >= rows.end` (checked by the
-            // callers) when there are several tokens, so no two pieces overlap.
-            .map(|t| unsafe { shared.range_mut(t * out_stride + r0..t * out_stride + r1) })
-            .collect();
+        // SAFETY: parts are disjoint row ranges and `out_stride >= rows.end` (checked by the
+        // callers) when there are several tokens, so no two pieces overlap.
+        let mut outs = unsafe { token_rows(&shared, n_tok, out_stride, r0..r1) };
         f(r0, &mut outs);
     };
     if work < SEQ_WORK {

@@ -29,14 +29,9 @@ impl Engine {
         let mut used = vec![false; graph.buffers.len()];
         for st in &program.steps {
             match &st.kind {
-                StepKind::Cpu { node, .. } => {
-                    let op = &graph.nodes[*node].op;
-                    for b in op.reads().into_iter().chain(op.writes()) {
-                        used[b.0 as usize] = true;
-                    }
-                }
-                StepKind::CpuMatMuls { nodes } => {
-                    for op in graph.nodes[nodes.clone()].iter().map(|n| &n.op) {
+                StepKind::Cpu { .. } | StepKind::CpuMatMuls { .. } => {
+                    for ni in st.kind.cpu_nodes() {
+                        let op = &graph.nodes[ni].op;
                         for b in op.reads().into_iter().chain(op.writes()) {
                             used[b.0 as usize] = true;
                         }

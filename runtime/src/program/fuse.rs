@@ -67,11 +67,10 @@ fn norm_pair(g: &Graph, a: usize, b: usize) -> Option<(BufId, BufId, usize)> {
     }
 }
 
-/// `(input buffer, partner format)` of a step that runs an int8 GEMV.
-fn int8_gemv(spec: &ModelSpec, g: &Graph, k: &StepKind, exact: bool) -> Option<(BufId, ActFormat)> {
-    let ni = gpu_node(k)?;
+/// `(input buffer, partner format)` of node `ni` if it is a matmul with quantized weights.
+fn quantized_matmul(spec: &ModelSpec, g: &Graph, ni: usize) -> Option<(BufId, ActFormat)> {
     match g.nodes[ni].op {
-        Op::MatMul { weight, x, .. } if !exact && g.rows(x) <= GEMV_INT8_MAX_ROWS => {
+        Op::MatMul { weight, x, .. } => {
             let ty = spec.tensor(weight).ty;
             let act = quant::kernel(ty).map(|k| k.act)?;
             (ty.is_quantized() && act != ActFormat::F32).then_some((x, act))
@@ -80,15 +79,11 @@ fn int8_gemv(spec: &ModelSpec, g: &Graph, k: &StepKind, exact: bool) -> Option<(
     }
 }
 
-/// `(input buffer, partner format)` of a whole-node quantized matmul on the CPU.
-fn cpu_matmul(spec: &ModelSpec, g: &Graph, ni: usize) -> Option<(BufId, ActFormat)> {
-    match g.nodes[ni].op {
-        Op::MatMul { weight, x, .. } => {
-            let act = quant::kernel(spec.tensor(weight).ty).map(|k| k.act)?;
-            (act != ActFormat::F32).then_some((x, act))
-        }
-        _ => None,
-    }
+/// `(input buffer, partner format)` of a step that runs an int8 GEMV.
+fn int8_gemv(spec: &ModelSpec, g: &Graph, k: &StepKind, exact: bool) -> Option<(BufId, ActFormat)> {
+    let ni = gpu_node(k)?;
+    let (x, act) = quantized_matmul(spec, g, ni)?;
+    (!exact && g.rows(x) <= GEMV_INT8_MAX_ROWS).then_some((x, act))
 }
 
 /// Applies the passes.
@@ -123,14 +118,14 @@ pub fn fuse(spec: &ModelSpec, g: &Graph, kinds: Vec<StepKind>, exact: bool) -> V
             false,
         ) = (&kinds[i], exact)
         {
-            if let Some(input) = cpu_matmul(spec, g, *a) {
+            if let Some(input) = quantized_matmul(spec, g, *a) {
                 let mut end = i + 1;
                 while let Some(StepKind::Cpu {
                     node: b,
                     cols: None,
                 }) = kinds.get(end)
                 {
-                    if *b != a + (end - i) || cpu_matmul(spec, g, *b) != Some(input) {
+                    if *b != a + (end - i) || quantized_matmul(spec, g, *b) != Some(input) {
                         break;
                     }
                     end += 1;

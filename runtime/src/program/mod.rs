@@ -113,6 +113,15 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// The graph nodes a CPU step runs (empty for the other steps).
+    pub fn cpu_nodes(&self) -> Range<usize> {
+        match self {
+            StepKind::Cpu { node, .. } => *node..node + 1,
+            StepKind::CpuMatMuls { nodes } => nodes.clone(),
+            _ => 0..0,
+        }
+    }
+
     /// The lane it runs on.
     pub fn lane(&self) -> Lane {
         match self {
@@ -391,9 +400,8 @@ fn accesses(
     let (mut r, mut w) = (Vec::new(), Vec::new());
     match k {
         StepKind::Inputs => w.push(Res::Inputs),
-        StepKind::Cpu { node, .. } => node_rw(*node, false, &mut r, &mut w),
-        StepKind::CpuMatMuls { nodes } => {
-            for ni in nodes.clone() {
+        StepKind::Cpu { .. } | StepKind::CpuMatMuls { .. } => {
+            for ni in k.cpu_nodes() {
                 node_rw(ni, false, &mut r, &mut w);
             }
         }

@@ -27,10 +27,13 @@ fn all_cpu_programs_have_only_cpu_steps() {
     let nodes: Vec<usize> = p
         .steps
         .iter()
-        .flat_map(|st| match &st.kind {
-            StepKind::Cpu { node, cols: None } => *node..node + 1,
-            StepKind::CpuMatMuls { nodes } => nodes.clone(),
-            k => panic!("{k:?} in an all-CPU program"),
+        .flat_map(|st| {
+            assert!(
+                !matches!(st.kind, StepKind::Cpu { cols: Some(_), .. }),
+                "{:?} in an all-CPU program",
+                st.kind
+            );
+            st.kind.cpu_nodes()
         })
         .collect();
     assert_eq!(nodes, (0..p.graph.nodes.len()).collect::<Vec<_>>());
