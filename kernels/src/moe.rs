@@ -203,11 +203,52 @@ fn check_matrix(
     Ok(())
 }
 
-/// Output rows per task of a stage whose jobs have `total` rows in all: about `threads × 4`
-/// tasks, whole 16-row tiles (every engine's alignment divides 16).
-fn chunk_rows(total: usize) -> usize {
-    let want = (pool::threads() * 4).max(1);
-    total.div_ceil(want).div_ceil(packed::ROWS).max(1) * packed::ROWS
+/// A stage's tasks: each job's rows cut into chunks of whole 16-row tiles (every engine's
+/// alignment divides 16), about `threads × 4` tasks in all, each of about the same work (rows ×
+/// tokens): an expert that a prefill routes many tokens to gets as many more tasks. (Chunks of
+/// equal rows left a 512-token prefill of the synthetic qwen3-30b-a3b, whose routers send most
+/// tokens to a few experts, waiting on one thread per busy expert.) Tasks go job by job.
+struct Split {
+    /// Per job, its rows per task.
+    chunk: Vec<usize>,
+    /// Per job, its first task; then the number of tasks.
+    first: Vec<usize>,
+}
+
+impl Split {
+    /// Jobs of `rows` rows each, with the token counts `tokens`.
+    fn new(rows: usize, tokens: &[usize]) -> Split {
+        let total: usize = tokens.iter().map(|&m| m.max(1) * rows).sum();
+        let per_task = total.div_ceil((pool::threads() * 4).max(1)).max(1);
+        let mut chunk = Vec::with_capacity(tokens.len());
+        let mut first = Vec::with_capacity(tokens.len() + 1);
+        let mut n = 0;
+        for &m in tokens {
+            let c = per_task.div_ceil(m.max(1)).div_ceil(packed::ROWS).max(1) * packed::ROWS;
+            chunk.push(c);
+            first.push(n);
+            n += rows.div_ceil(c);
+        }
+        first.push(n);
+        Split { chunk, first }
+    }
+
+    /// The number of tasks.
+    fn tasks(&self) -> usize {
+        self.first[self.chunk.len()]
+    }
+
+    /// Tasks of job `j`.
+    fn of_job(&self, j: usize) -> usize {
+        self.first[j + 1] - self.first[j]
+    }
+
+    /// Task `t`: its job, its chunk index in the job and its rows (of `rows`).
+    fn task(&self, t: usize, rows: usize) -> (usize, usize, Range<usize>) {
+        let j = self.first.partition_point(|&f| f <= t) - 1;
+        let (c, size) = (t - self.first[j], self.chunk[j]);
+        (j, c, c * size..((c + 1) * size).min(rows))
+    }
 }
 
 /// Computes output rows `r` of `job` into `out` (`m` tokens, row `r` of token `i` at
@@ -226,9 +267,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Values of [`SCRATCH`] kept after a call (8 MiB: a decode step needs 115 KiB on a qwen3-30b-a3b
-/// layer; a 512-token prefill's 58 MiB are freed).
-const SCRATCH_KEEP: usize = 2 << 20;
+/// Values of [`SCRATCH`] kept after a call (64 MiB: a decode step needs 115 KiB on a
+/// qwen3-30b-a3b layer, a 512-token prefill 58 MiB; a bigger one's are freed). Each fresh buffer
+/// costs page faults on first touch; growing one by `resize` also wrote every value on the calling
+/// thread first (25–44 ms for 58 MiB on the dev VM, a layer's MoE prefill 55% slower on a
+/// 16-core host), so a buffer that is too small is replaced by a zeroed allocation instead.
+const SCRATCH_KEEP: usize = 16 << 20;
 
 /// Multiply-adds of a down chunk's weighted sums up to which the chunk's last task adds them
 /// (decode: 8 experts × 256 rows); bigger batches add in a parallel pass of their own.
@@ -347,7 +391,8 @@ pub fn moe_ffn(
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let need: usize = active.iter().map(|a| a.toks.len() * (2 * ff + cols)).sum();
     if scratch.len() < need {
-        scratch.resize(need, 0.0);
+        // Zeroed pages from the allocator, first touched by the tasks that write them.
+        scratch = vec![0.0; need];
     }
     let (mut gu, mut d) = (Vec::with_capacity(2 * na), Vec::with_capacity(na));
     {
@@ -372,12 +417,14 @@ pub fn moe_ffn(
     let gate_up: Vec<Built> = (0..2 * na).map(|_| OnceLock::new()).collect();
     let down: Vec<Built> = (0..na).map(|_| OnceLock::new()).collect();
     {
-        let chunk = chunk_rows(2 * na * ff);
-        let per_job = ff.div_ceil(chunk);
-        let left: Vec<AtomicUsize> = (0..na).map(|_| AtomicUsize::new(2 * per_job)).collect();
+        let tokens: Vec<usize> = active.iter().flat_map(|a| [a.toks.len(); 2]).collect();
+        let split = Split::new(ff, &tokens);
+        let left: Vec<AtomicUsize> = (0..na)
+            .map(|k| AtomicUsize::new(split.of_job(2 * k) + split.of_job(2 * k + 1)))
+            .collect();
         let (active, gate_up, down, views) = (&active, &gate_up, &down, &gu);
-        pool::for_each_dynamic(2 * na * per_job, |t| {
-            let (c, ji) = (t % per_job, t / per_job);
+        pool::for_each_dynamic(split.tasks(), |t| {
+            let (ji, _, r) = split.task(t, ff);
             let (k, a) = (ji / 2, &active[ji / 2]);
             let job = gate_up[ji].get_or_init(|| {
                 let slot = if n_tok == 1 { &one } else { &a.gate_acts };
@@ -388,7 +435,6 @@ pub fn moe_ffn(
                 }
             });
             if let Ok(job) = job {
-                let r = c * chunk..((c + 1) * chunk).min(ff);
                 // SAFETY: task `t` alone computes rows `r` of job `ji`.
                 unsafe { compute_rows(job, r, &views[ji], ff) };
             }
@@ -451,14 +497,21 @@ pub fn moe_ffn(
             }
         }
     };
-    let chunk = chunk_rows(na * cols);
-    let per_job = cols.div_ceil(chunk);
-    let fused = n_tok * n_used * chunk <= FUSED_SUM_MAX;
+    // Small batches: chunks of equal rows, each chunk's sums added by its last task; bigger
+    // ones: chunks of equal work, and the sums in a pass of their own.
+    let even = Split::new(cols, &vec![1; na]);
+    let fused = n_tok * n_used * even.chunk.first().copied().unwrap_or(0) <= FUSED_SUM_MAX;
+    let split = if fused {
+        even
+    } else {
+        let tokens: Vec<usize> = active.iter().map(|a| a.toks.len()).collect();
+        Split::new(cols, &tokens)
+    };
     {
-        let left: Vec<AtomicUsize> = (0..per_job).map(|_| AtomicUsize::new(na)).collect();
-        pool::for_each_dynamic(na * per_job, |t| {
-            let (c, k) = (t % per_job, t / per_job);
-            let r = c * chunk..((c + 1) * chunk).min(cols);
+        let chunks = if fused && na > 0 { split.of_job(0) } else { 0 };
+        let left: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(na)).collect();
+        pool::for_each_dynamic(split.tasks(), |t| {
+            let (k, c, r) = split.task(t, cols);
             let Some(Ok(job)) = down[k].get() else {
                 unreachable!("every down matmul was built (errors returned above)")
             };
@@ -500,4 +553,35 @@ pub fn moe_ffn(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every job's rows are covered once, in order, by whole tiles; a job with 40 times the
+    /// tokens gets more tasks than a job with one; equal token counts give equal chunks.
+    #[test]
+    fn split_covers_each_job_once_and_follows_the_work() {
+        for tokens in [vec![1, 1, 1], vec![40, 1, 1, 3], vec![300, 2], vec![7]] {
+            let rows = 768;
+            let s = Split::new(rows, &tokens);
+            let mut next = vec![0usize; tokens.len()];
+            for t in 0..s.tasks() {
+                let (j, c, r) = s.task(t, rows);
+                assert_eq!(r.start, next[j], "{tokens:?} task {t}");
+                assert_eq!(c, t - s.first[j]);
+                assert!(r.start % packed::ROWS == 0 && r.end > r.start);
+                next[j] = r.end;
+            }
+            assert!(next.iter().all(|&n| n == rows), "{tokens:?}: {next:?}");
+            let (heavy, light) = (s.of_job(0), s.of_job(tokens.len() - 1));
+            if tokens[0] >= 40 * tokens[tokens.len() - 1] && pool::threads() > 1 {
+                assert!(heavy > light, "{tokens:?}: {heavy} tasks vs {light}");
+            }
+            if tokens.iter().all(|&m| m == tokens[0]) {
+                assert!(s.chunk.iter().all(|&c| c == s.chunk[0]));
+            }
+        }
+    }
 }

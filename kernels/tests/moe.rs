@@ -286,6 +286,60 @@ fn many_active_experts_match_the_per_expert_path() {
     }
 }
 
+/// A prefill batch whose routes send every token to one expert (and others to random ones, as a
+/// synthetic model's routers do) splits that expert's matmuls into more tasks than the others'
+/// and still gives the bits of the per-expert path, at one thread and at all cores.
+#[test]
+fn skewed_routes_match_the_per_expert_path() {
+    let mut r = StdRng::seed_from_u64(0x5e5e);
+    let ex = experts(
+        &mut r,
+        12,
+        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
+        256,
+        512,
+    );
+    let view = ex.view();
+    let (n_tok, n_used) = (96usize, 3usize);
+    let x = uniform(&mut r, n_tok * ex.cols);
+    let (mut ids, wts) = routes(&mut r, n_tok, 12, n_used);
+    for t in 0..n_tok {
+        let row = &mut ids[t * n_used..(t + 1) * n_used];
+        if !row.contains(&5) {
+            row[0] = 5;
+        }
+    }
+    let rt = MoeRoutes {
+        ids: &ids,
+        weights: &wts,
+        n_used,
+    };
+    for threads in [1usize, 0] {
+        pool::set_threads(threads);
+        for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
+            let want = per_expert(&view, &x, n_tok, &rt, precision, quant::simd_cap());
+            let mut got = vec![f32::NAN; n_tok * ex.cols];
+            moe_ffn(
+                Experts::Slice(&view),
+                &x,
+                n_tok,
+                rt,
+                Activation::Silu,
+                precision,
+                &mut got,
+                None,
+            )
+            .unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{precision:?} threads {threads}"
+            );
+        }
+    }
+    pool::set_threads(0);
+}
+
 /// Repacked experts (each expert's matrices in 16-row groups, as the engine repacks the expert
 /// tensors only the CPU computes) give the bits of the per-expert path on the file's layout: at
 /// decode (each expert's 1–4 tokens through the repacked decode kernel), in short batches and in
