@@ -155,6 +155,36 @@ fn per_expert(
     acc
 }
 
+/// Asserts that `moe_ffn` over `ex` gives the bits of [`per_expert`] for this batch.
+fn assert_matches_per_expert(
+    ex: &[ExpertFfn],
+    x: &[f32],
+    n_tok: usize,
+    rt: MoeRoutes,
+    precision: ActPrecision,
+    what: &str,
+) {
+    let cols = ex[0].gate.cols;
+    let want = per_expert(ex, x, n_tok, &rt, precision, quant::simd_cap());
+    let mut got = vec![f32::NAN; n_tok * cols];
+    moe_ffn(
+        Experts::Slice(ex),
+        x,
+        n_tok,
+        rt,
+        Activation::Silu,
+        precision,
+        &mut got,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "{what} {precision:?}"
+    );
+}
+
 /// Random routes: `n_used` distinct experts per token.
 fn routes(r: &mut StdRng, n_tok: usize, n_expert: usize, n_used: usize) -> (Vec<u32>, Vec<f32>) {
     let mut ids = Vec::new();
@@ -265,24 +295,7 @@ fn many_active_experts_match_the_per_expert_path() {
         n_used,
     };
     for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
-        let want = per_expert(&view, &x, n_tok, &rt, precision, quant::simd_cap());
-        let mut got = vec![f32::NAN; n_tok * ex.cols];
-        moe_ffn(
-            Experts::Slice(&view),
-            &x,
-            n_tok,
-            rt,
-            Activation::Silu,
-            precision,
-            &mut got,
-            None,
-        )
-        .unwrap();
-        assert_eq!(
-            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{precision:?}"
-        );
+        assert_matches_per_expert(&view, &x, n_tok, rt, precision, "40 tokens");
     }
 }
 
@@ -317,24 +330,8 @@ fn skewed_routes_match_the_per_expert_path() {
     for threads in [1usize, 0] {
         pool::set_threads(threads);
         for precision in [ActPrecision::Quantized, ActPrecision::Exact] {
-            let want = per_expert(&view, &x, n_tok, &rt, precision, quant::simd_cap());
-            let mut got = vec![f32::NAN; n_tok * ex.cols];
-            moe_ffn(
-                Experts::Slice(&view),
-                &x,
-                n_tok,
-                rt,
-                Activation::Silu,
-                precision,
-                &mut got,
-                None,
-            )
-            .unwrap();
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{precision:?} threads {threads}"
-            );
+            let what = format!("threads {threads}");
+            assert_matches_per_expert(&view, &x, n_tok, rt, precision, &what);
         }
     }
     pool::set_threads(0);
