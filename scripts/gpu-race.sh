@@ -18,7 +18,11 @@
 # `pshard bench --vram-budget MiB -c 16384` through its plans (in-process with the machine's profiles
 # when present under ~/.cache/pshard/profiles, else the committed H200 ones). TTFT = 16384 / pp16384.
 # Env: REPS (2), PP (the prompt tests, default 512,4096,16384), CTX (16384; a model trained on a shorter
-# context runs at its training context on both sides, without the prompt tests past it), OUT (logs), SYNTH_DIR.
+# context runs at its training context on both sides, without the prompt tests past it), OUT (logs), SYNTH_DIR,
+# PROFILE (1: profile this machine first, `pshard profile cpu` and `gpu`, unless it has profiles under
+# ~/.cache/pshard/profiles; ~3 min, copied to $OUT/profiles), STRATEGIES (the strategies whose tg64
+# pshard also runs forced at the same budget, beside the planned one, to show whether the planner
+# picked the fastest; default the three hybrid decode strategies, "" for none).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -71,13 +75,28 @@ for c in $CASES; do
     synth_pids+=($!)
 done
 
+# This machine's profiles, so the plans price its own CPU and GPU (the committed ones are the H200
+# machine's).
+if [ "${PROFILE:-0}" = 1 ]; then
+    mkdir -p ~/.cache/pshard/profiles "$OUT/profiles"
+    for half in cpu gpu; do
+        f=~/.cache/pshard/profiles/$half.toml
+        if [ ! -s "$f" ]; then
+            t0=$(date +%s)
+            "$BIN" profile "$half" --no-progress -o "$f" >"$OUT/profile-$half.log" 2>&1
+            echo "profile $half: rc=$? in $(( $(date +%s) - t0 )) s"
+        fi
+        cp "$f" "$OUT/profiles/" 2>/dev/null
+    done
+fi
+
 # The peer, built for this GPU.
 PEER=/tmp/llama.cpp
 OUT=$OUT scripts/gpu-peer.sh llama-bench llama-fit-params
 
 [ ${#synth_pids[@]} -gt 0 ] && wait "${synth_pids[@]}"
 
-declare -a rows
+declare -a rows srows
 set -f   # the -ot patterns hold [...]: never glob them
 for c in $CASES; do
     m=${c%@*}
@@ -111,6 +130,21 @@ for c in $CASES; do
     "$BIN" bench -m "$f" -p "$pp" -n 64 -r "$REPS" --device cuda --vram-budget "$budget" \
         -c "$ctx" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
     grep -E "^plans:|^warning|VRAM|error" "$OUT/pshard-$m.log" | head -5
+    # The decode of each forced strategy beside the planned one: measured and predicted t/s.
+    for s in ${STRATEGIES-DYNAMIC_FFNCPU_ATTNSTREAM STATIC_FITPARAMS_DENSEPRIO_MOEONLY STATIC_ATTNPRIO_ALLMODELS}; do
+        "$BIN" bench -m "$f" -p 0 -n 64 -r "$REPS" --device cuda --vram-budget "$budget" -c "$ctx" \
+            --strategy "$s" -o json >"$OUT/strategy-$m-$s.json" 2>"$OUT/strategy-$m-$s.log"
+        srows+=("$(python3 - "$m" "$budget" "$s" "$OUT/strategy-$m-$s.json" <<'PY'
+import json, sys
+m, budget, s, path = sys.argv[1:5]
+try:
+    x = [r for r in json.load(open(path)) if r.get("n_gen")][0]
+    print(f"| {m} | {budget} | {s} | {x['avg_ts']:,.1f} | {x.get('predicted_ts') or 0:,.1f} |")
+except Exception:
+    print(f"| {m} | {budget} | {s} | failed (see strategy-{m}-{s}.log) | |")
+PY
+)")
+    done
     rows+=("$(python3 - "$m" "$budget" "$OUT/peer-$m.json" "$OUT/pshard-$m.json" "$fit" "$ctx" <<'PY'
 import json, sys
 m, budget, peer, ours, fit, ctx = sys.argv[1:7]
@@ -144,3 +178,9 @@ echo "device: $(cat "$OUT/device.txt"), $(date -u +%Y-%m-%d)"
 echo "| model | budget MiB | ctx | side | pp512 | pp4096 | pp16384 | tg64 | TTFT 16k | decode strategy |"
 echo "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
 for r in "${rows[@]}"; do echo "$r"; done
+if [ ${#srows[@]} -gt 0 ]; then
+    echo
+    echo "| model | budget MiB | pshard strategy (forced) | tg64 t/s | predicted t/s |"
+    echo "| --- | ---: | --- | ---: | ---: |"
+    for r in "${srows[@]}"; do echo "$r"; done
+fi
