@@ -306,6 +306,11 @@ pub fn moe_ffn(
     }
     let first = experts.get(0);
     let (cols, ff) = (first.gate.cols, first.gate.rows);
+    if cols == 0 || ff == 0 {
+        return Err(mismatch(format!(
+            "MoE experts of {ff} x {cols}: an empty matrix"
+        )));
+    }
     if x.len() != n_tok * cols || out.len() < n_tok * cols {
         return Err(mismatch(format!(
             "MoE FFN of {n_tok} tokens x {cols}: input holds {}, output {}",

@@ -35,6 +35,9 @@ fn quantized(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> 
     let k = quant::kernel(ty).unwrap();
     let rb = ty.row_bytes(cols as u64).unwrap() as usize;
     let mut out = vec![0u8; rows * rb];
+    if rb == 0 {
+        return out;
+    }
     for row in out.chunks_exact_mut(rb) {
         let x = uniform(r, cols);
         (k.quantize_row)(&x, row);
@@ -509,4 +512,25 @@ fn moe_errors_name_the_problem() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("2 ids and 1 weights"), "{e}");
+    // Experts without hidden rows: an error, not a down matmul that no task built.
+    let empty = experts(&mut r, 2, [GgmlType::Q4_0; 3], 64, 0);
+    let view = empty.view();
+    let rt = MoeRoutes {
+        ids: &[1],
+        weights: &[1.0],
+        n_used: 1,
+    };
+    let e = moe_ffn(
+        Experts::Slice(&view),
+        &x,
+        1,
+        rt,
+        Activation::Silu,
+        ActPrecision::Quantized,
+        &mut out,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("empty matrix"), "{e}");
 }
