@@ -205,9 +205,9 @@ fn check_matrix(
 
 /// A stage's tasks: each job's rows cut into chunks of whole 16-row tiles (every engine's
 /// alignment divides 16), about `threads × 4` tasks in all, each of about the same work (rows ×
-/// tokens): an expert that a prefill routes many tokens to gets as many more tasks. (Chunks of
-/// equal rows left a 512-token prefill of the synthetic qwen3-30b-a3b, whose routers send most
-/// tokens to a few experts, waiting on one thread per busy expert.) Tasks go job by job.
+/// tokens): an expert that a prefill routes many tokens to gets as many more tasks, so the
+/// synthetic qwen3-30b-a3b, whose routers send most of a batch to a few experts, does not wait
+/// on one thread per busy expert. Tasks go job by job.
 struct Split {
     /// Per job, its rows per task.
     chunk: Vec<usize>,
@@ -268,10 +268,11 @@ thread_local! {
 }
 
 /// Values of [`SCRATCH`] kept after a call (64 MiB: a decode step needs 115 KiB on a
-/// qwen3-30b-a3b layer, a 512-token prefill 58 MiB; a bigger one's are freed). Each fresh buffer
-/// costs page faults on first touch; growing one by `resize` also wrote every value on the calling
-/// thread first (25–44 ms for 58 MiB on the dev VM, a layer's MoE prefill 55% slower on a
-/// 16-core host), so a buffer that is too small is replaced by a zeroed allocation instead.
+/// qwen3-30b-a3b layer, a 512-token prefill 58 MiB; a bigger one's are freed), so a prefill's
+/// layers reuse one buffer. A buffer that is too small is replaced by a zeroed allocation, whose
+/// pages the tasks first touch in parallel, not grown: growing writes every value on the calling
+/// thread while the pool waits (25–44 ms for 58 MiB on the dev VM; with it a 16-core host ran
+/// the MoE FFN of a 512-token prefill 55% slower).
 const SCRATCH_KEEP: usize = 16 << 20;
 
 /// Multiply-adds of a down chunk's weighted sums up to which the chunk's last task adds them
