@@ -472,65 +472,35 @@ fn moe_token_outputs_do_not_depend_on_the_batch() {
 #[test]
 fn moe_errors_name_the_problem() {
     let mut r = StdRng::seed_from_u64(7);
-    let ex = experts(&mut r, 2, [GgmlType::Q4_0; 3], 64, 64);
-    let view = ex.view();
     let x = vec![0.5f32; 64];
-    let mut out = vec![0f32; 64];
-    let rt = MoeRoutes {
-        ids: &[5],
-        weights: &[1.0],
-        n_used: 1,
+    // The error of one token through `ex` routed to `ids` with `weights`.
+    let error = |ex: &ExpertBank, ids: &[u32], weights: &[f32], n_used: usize| {
+        let mut out = vec![0f32; 64];
+        let rt = MoeRoutes {
+            ids,
+            weights,
+            n_used,
+        };
+        moe_ffn(
+            Experts::Slice(&ex.view()),
+            &x,
+            1,
+            rt,
+            Activation::Silu,
+            ActPrecision::Quantized,
+            &mut out,
+            None,
+        )
+        .unwrap_err()
+        .to_string()
     };
-    let e = moe_ffn(
-        Experts::Slice(&view),
-        &x,
-        1,
-        rt,
-        Activation::Silu,
-        ActPrecision::Quantized,
-        &mut out,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let ex = experts(&mut r, 2, [GgmlType::Q4_0; 3], 64, 64);
+    let e = error(&ex, &[5], &[1.0], 1);
     assert!(e.contains("expert 5 of 2"), "{e}");
-    let rt = MoeRoutes {
-        ids: &[0, 1],
-        weights: &[1.0],
-        n_used: 2,
-    };
-    let e = moe_ffn(
-        Experts::Slice(&view),
-        &x,
-        1,
-        rt,
-        Activation::Silu,
-        ActPrecision::Quantized,
-        &mut out,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = error(&ex, &[0, 1], &[1.0], 2);
     assert!(e.contains("2 ids and 1 weights"), "{e}");
     // Experts without hidden rows: an error, not a down matmul that no task built.
     let empty = experts(&mut r, 2, [GgmlType::Q4_0; 3], 64, 0);
-    let view = empty.view();
-    let rt = MoeRoutes {
-        ids: &[1],
-        weights: &[1.0],
-        n_used: 1,
-    };
-    let e = moe_ffn(
-        Experts::Slice(&view),
-        &x,
-        1,
-        rt,
-        Activation::Silu,
-        ActPrecision::Quantized,
-        &mut out,
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = error(&empty, &[1], &[1.0], 1);
     assert!(e.contains("empty matrix"), "{e}");
 }
