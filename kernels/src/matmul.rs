@@ -25,6 +25,8 @@
 use std::ops::Range;
 
 use pshard_model::ggml_type::GgmlType;
+use pshard_model::graph::{BufId, Graph, Op};
+use pshard_model::spec::ModelSpec;
 
 use crate::gemm;
 use crate::pool::{self, SharedSlice};
@@ -274,6 +276,26 @@ pub struct MatmulPart<'a, 'o> {
     pub out: &'o mut [f32],
     /// Output row stride.
     pub stride: usize,
+}
+
+/// The input buffer and partner activation format of graph node `ni` when it is a matmul with
+/// quantized weights (an int8 partner format). Consecutive matmuls with the same pair (a layer's
+/// q/k/v, its gate/up) can share one conversion of their input: the CPU lane runs them as one
+/// [`matmul_many`], the GPU's GEMVs reuse the first one's activations, and the planner prices
+/// them so.
+pub fn quantized_matmul_input(
+    spec: &ModelSpec,
+    g: &Graph,
+    ni: usize,
+) -> Option<(BufId, ActFormat)> {
+    match g.nodes.get(ni)?.op {
+        Op::MatMul { weight, x, .. } => {
+            let ty = spec.tensor(weight).ty;
+            let act = quant::kernel(ty).map(|k| k.act)?;
+            (ty.is_quantized() && act != ActFormat::F32).then_some((x, act))
+        }
+        _ => None,
+    }
 }
 
 /// [`matmul`] of several weight matrices with the same activations (a layer's q, k and v; gate

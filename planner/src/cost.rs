@@ -12,6 +12,8 @@
 //! experts and the CPU's expert matmuls the expected experts per token count
 //! ([`crate::routing`]).
 
+use pshard_kernels::matmul::quantized_matmul_input;
+use pshard_kernels::quant::ActFormat;
 use pshard_model::ggml_type::GgmlType;
 use pshard_model::graph::{Activation, BufId, Graph, Op};
 use pshard_model::spec::{GroupId, ModelSpec};
@@ -629,9 +631,9 @@ impl<'a> TierModel<'a> {
         for (si, seg) in self.segs.iter().enumerate() {
             let (plans, _) = lanes::plan_segment(self.spec, self.graph, pl, seg, &mut loc);
             let copying = self.copy_in((si + 1) % self.segs.len(), pl) > 0.0;
-            for (ni, np) in seg.nodes.clone().zip(&plans) {
+            let times = self.node_times(seg, &plans, copying);
+            for (ni, dt) in seg.nodes.clone().zip(times) {
                 let kind = self.graph.nodes[ni].op.kind();
-                let dt = self.node_time(ni, np, copying);
                 match out.iter_mut().find(|e| e.0 == kind) {
                     Some(e) => e.1 += dt,
                     None => out.push((kind, dt)),
@@ -665,7 +667,8 @@ impl<'a> TierModel<'a> {
         let mut cpu_busy = false;
         // The copy lane is busy during this segment when the next one brings anything in.
         let copying = self.copy_in((si + 1) % self.segs.len(), pl) > 0.0;
-        for (ni, np) in seg.nodes.clone().zip(&plans) {
+        let times = self.node_times(seg, &plans, copying);
+        for ((ni, np), dt) in seg.nodes.clone().zip(&plans).zip(times) {
             let node = &self.nodes[ni];
             for mv in &np.moves {
                 let b = mv.bytes(g) as f64;
@@ -682,7 +685,6 @@ impl<'a> TierModel<'a> {
                 compute += x;
                 transfer_s += x;
             }
-            let dt = self.node_time(ni, np, copying);
             if np.run.uses_cpu() {
                 cpu_busy = true;
             }
@@ -708,6 +710,36 @@ impl<'a> TierModel<'a> {
             transfer_s,
             exit: loc,
         }
+    }
+
+    /// Seconds of each node of `seg` under the decisions `plans`, as a step runs them: whole-node
+    /// CPU matmuls of consecutive nodes that read one input in one partner format (a layer's
+    /// q/k/v, its gate/up) are one pool job, so each after the first skips the job's fixed cost
+    /// ([`quantized_matmul_input`] is the rule the CPU lane groups them by).
+    fn node_times(&self, seg: &Segment, plans: &[NodePlan], copying: bool) -> Vec<f64> {
+        // The last whole-node CPU matmul with quantized weights: its node and input.
+        let mut last: Option<(usize, (BufId, ActFormat))> = None;
+        seg.nodes
+            .clone()
+            .zip(plans)
+            .map(|(ni, np)| {
+                let dt = self.node_time(ni, np, copying);
+                let input = match np.run {
+                    Run::On(lanes::Lane::Cpu) if np.moves.is_empty() => {
+                        quantized_matmul_input(self.spec, self.graph, ni)
+                    }
+                    _ => None,
+                };
+                let follows = input.is_some()
+                    && last.is_some_and(|(prev, pi)| prev + 1 == ni && Some(pi) == input);
+                last = input.map(|i| (ni, i));
+                if follows {
+                    (dt - self.table.cpu_op_overhead()).max(0.0)
+                } else {
+                    dt
+                }
+            })
+            .collect()
     }
 
     /// Seconds of node `ni` on its lane(s) under the decisions `np` (`copying`: the copy lane

@@ -556,6 +556,12 @@ impl CostTable {
         roof / eff.unwrap_or(1.0)
     }
 
+    /// Seconds of one CPU op's fixed cost: handing a job to every thread of the pool and waiting
+    /// for them (the profile's `op_overhead`).
+    pub fn cpu_op_overhead(&self) -> f64 {
+        self.ceil.cpu_op_s
+    }
+
     /// Seconds to issue one kernel launch outside a CUDA graph.
     pub fn gpu_launch(&self) -> f64 {
         self.ceil.gpu_launch_s

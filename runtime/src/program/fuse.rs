@@ -10,7 +10,8 @@
 //!   of the input (not in exact mode, whose matmuls take f32 activations one by one).
 
 use pshard_kernels::cuda::GEMV_INT8_MAX_ROWS;
-use pshard_kernels::quant::{self, ActFormat};
+use pshard_kernels::matmul::quantized_matmul_input;
+use pshard_kernels::quant::ActFormat;
 use pshard_model::graph::{BufId, Graph, Op};
 use pshard_model::spec::ModelSpec;
 
@@ -67,22 +68,10 @@ fn norm_pair(g: &Graph, a: usize, b: usize) -> Option<(BufId, BufId, usize)> {
     }
 }
 
-/// `(input buffer, partner format)` of node `ni` if it is a matmul with quantized weights.
-fn quantized_matmul(spec: &ModelSpec, g: &Graph, ni: usize) -> Option<(BufId, ActFormat)> {
-    match g.nodes[ni].op {
-        Op::MatMul { weight, x, .. } => {
-            let ty = spec.tensor(weight).ty;
-            let act = quant::kernel(ty).map(|k| k.act)?;
-            (ty.is_quantized() && act != ActFormat::F32).then_some((x, act))
-        }
-        _ => None,
-    }
-}
-
 /// `(input buffer, partner format)` of a step that runs an int8 GEMV.
 fn int8_gemv(spec: &ModelSpec, g: &Graph, k: &StepKind, exact: bool) -> Option<(BufId, ActFormat)> {
     let ni = gpu_node(k)?;
-    let (x, act) = quantized_matmul(spec, g, ni)?;
+    let (x, act) = quantized_matmul_input(spec, g, ni)?;
     (!exact && g.rows(x) <= GEMV_INT8_MAX_ROWS).then_some((x, act))
 }
 
@@ -118,14 +107,14 @@ pub fn fuse(spec: &ModelSpec, g: &Graph, kinds: Vec<StepKind>, exact: bool) -> V
             false,
         ) = (&kinds[i], exact)
         {
-            if let Some(input) = quantized_matmul(spec, g, *a) {
+            if let Some(input) = quantized_matmul_input(spec, g, *a) {
                 let mut end = i + 1;
                 while let Some(StepKind::Cpu {
                     node: b,
                     cols: None,
                 }) = kinds.get(end)
                 {
-                    if *b != a + (end - i) || quantized_matmul(spec, g, *b) != Some(input) {
+                    if *b != a + (end - i) || quantized_matmul_input(spec, g, *b) != Some(input) {
                         break;
                     }
                     end += 1;
