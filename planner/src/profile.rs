@@ -3,7 +3,7 @@
 //! A profile holds the machine identity, a roofline summary (bandwidth and compute ceilings) and a list
 //! of measured points keyed by (op, lane, quant type, shape, batch, threads), each with its statistics.
 //! The format is specified in `profile-format.md`. The profiler fills profiles; the planner reads them
-//! through [`crate::cost::CostTable`].
+//! through [`crate::CostTable`].
 
 use std::fmt;
 use std::path::Path;
