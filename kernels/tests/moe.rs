@@ -271,23 +271,31 @@ fn batched_moe_matches_the_per_expert_path() {
     }
 }
 
+/// `n_expert` Q4_K/Q4_K/Q6_K experts (256 → `ff` → 256), `n_tok` tokens of input and random
+/// routes to `n_used` experts each, from `seed`.
+fn prefill_batch(
+    seed: u64,
+    n_expert: usize,
+    ff: usize,
+    n_tok: usize,
+    n_used: usize,
+) -> (ExpertBank, Vec<f32>, Vec<u32>, Vec<f32>) {
+    let mut r = StdRng::seed_from_u64(seed);
+    let tys = [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K];
+    let ex = experts(&mut r, n_expert, tys, 256, ff);
+    let x = uniform(&mut r, n_tok * ex.cols);
+    let (ids, wts) = routes(&mut r, n_tok, n_expert, n_used);
+    (ex, x, ids, wts)
+}
+
 /// A prefill batch touching enough experts that the jobs are built on the pool (from 32 per
 /// stage: here ~40 experts, so ~80 gate/up jobs and ~40 down jobs) gives the bits of the
 /// per-expert path, both precisions.
 #[test]
 fn many_active_experts_match_the_per_expert_path() {
-    let mut r = StdRng::seed_from_u64(0x0e0f);
-    let ex = experts(
-        &mut r,
-        48,
-        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
-        256,
-        256,
-    );
-    let view = ex.view();
     let (n_tok, n_used) = (40usize, 4usize);
-    let x = uniform(&mut r, n_tok * ex.cols);
-    let (ids, wts) = routes(&mut r, n_tok, 48, n_used);
+    let (ex, x, ids, wts) = prefill_batch(0x0e0f, 48, 256, n_tok, n_used);
+    let view = ex.view();
     let mut active: Vec<u32> = ids.clone();
     active.sort_unstable();
     active.dedup();
@@ -307,18 +315,9 @@ fn many_active_experts_match_the_per_expert_path() {
 /// and still gives the bits of the per-expert path, at one thread and at all cores.
 #[test]
 fn skewed_routes_match_the_per_expert_path() {
-    let mut r = StdRng::seed_from_u64(0x5e5e);
-    let ex = experts(
-        &mut r,
-        12,
-        [GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K],
-        256,
-        512,
-    );
-    let view = ex.view();
     let (n_tok, n_used) = (96usize, 3usize);
-    let x = uniform(&mut r, n_tok * ex.cols);
-    let (mut ids, wts) = routes(&mut r, n_tok, 12, n_used);
+    let (ex, x, mut ids, wts) = prefill_batch(0x5e5e, 12, 512, n_tok, n_used);
+    let view = ex.view();
     for t in 0..n_tok {
         let row = &mut ids[t * n_used..(t + 1) * n_used];
         if !row.contains(&5) {
