@@ -6,12 +6,12 @@
 //! their lanes plus the activation copies before them, plus the copy back of the KV cells a
 //! streamed-attention layer wrote. The copy lane prefetches the next streaming segment's weights
 //! into the other ring slot and, for streamed attention, that layer's live KV cells (cyclically: the
-//! first segment's copy overlaps the previous step's last segment). CPU ops that run while the copy
-//! lane is busy use the profile's concurrent (CPU-while-H2D) numbers, and the copy then runs at the
-//! H2D-while-CPU bandwidth. CPU matmuls that the CPU lane runs as one pool job (a layer's q/k/v,
-//! its gate/up) pay the profile's per-op fixed cost once. MoE expert bytes per step follow the
-//! expected number of distinct experts and the CPU's expert matmuls the expected experts per token
-//! count ([`crate::routing`]).
+//! first segment's copy overlaps the previous step's last segment). CPU matmuls that run while the
+//! copy lane is busy keep their measured efficiency against the CPU's read rate while H2D runs (the
+//! profile's `cpu_mem_while_h2d_gbs`), and the copy then runs at the H2D-while-CPU bandwidth. CPU
+//! matmuls that the CPU lane runs as one pool job (a layer's q/k/v, its gate/up) pay the profile's
+//! per-op fixed cost once. MoE expert bytes per step follow the expected number of distinct experts
+//! and the CPU's expert matmuls the expected experts per token count ([`crate::routing`]).
 
 use pshard_kernels::matmul::quantized_matmul_input;
 use pshard_kernels::quant::ActFormat;

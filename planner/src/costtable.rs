@@ -154,6 +154,8 @@ impl CostTable {
                 ceil.cpu_mem_while_h2d *= f;
                 ceil.cpu_flops *= (threads as f64 / cpu_threads_used as f64).min(1.0);
             }
+            // A copy at the same time never makes the CPU read faster (a noisy profile can say so).
+            ceil.cpu_mem_while_h2d = ceil.cpu_mem_while_h2d.min(ceil.cpu_mem);
         }
         if let Some(p) = gpu {
             let r = &p.roofline;
@@ -459,15 +461,13 @@ impl CostTable {
         batch: usize,
         while_h2d: bool,
     ) -> f64 {
-        let roof = self.roof_cpu_matmul(ty, rows, cols, batch, while_h2d);
-        let shape = [rows, cols];
-        let eff = if while_h2d {
-            self.efficiency(KnownOp::MatmulWhileH2d, Some(ty), shape, batch)
-                .or_else(|| self.efficiency(KnownOp::Matmul, Some(ty), shape, batch))
-        } else {
-            self.efficiency(KnownOp::Matmul, Some(ty), shape, batch)
-        };
-        roof / eff.unwrap_or(1.0)
+        // A copy at the same time takes DRAM bandwidth, not compute: the matmul keeps the
+        // efficiency measured alone against a roof whose bandwidth is the CPU's read rate while
+        // H2D runs. The profile's few while-H2D points (three large shapes) are no series to
+        // interpolate the experts' small matrices from: priced from them, a 6144 × 2048 Q4_K
+        // decode matmul took 2× its time alone and a Q6_K one, borrowing Q8_0's point, 0.9×.
+        let eff = self.efficiency(KnownOp::Matmul, Some(ty), [rows, cols], batch);
+        self.roof_cpu_matmul(ty, rows, cols, batch, while_h2d) / eff.unwrap_or(1.0)
     }
 
     /// Seconds for a GPU matmul on the given path: the device time the profile measured for

@@ -30,10 +30,18 @@ pub fn profiles_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../profiles")
 }
 
+/// The committed profiles (CPU, GPU) of a lent machine (`h200`, `h100`), measured there by the
+/// profiler.
+pub fn profiles(machine: &str) -> (Profile, Profile) {
+    let d = profiles_dir();
+    let load = |half: &str| {
+        let f = d.join(format!("{machine}-{half}.toml"));
+        Profile::load(&f).unwrap_or_else(|e| panic!("committed profile {}: {e}", f.display()))
+    };
+    (load("cpu"), load("gpu"))
+}
+
 /// The committed H200 profiles (CPU, GPU), measured by the profiler on the lent machine.
 pub fn h200_profiles() -> (Profile, Profile) {
-    let d = profiles_dir();
-    let cpu = Profile::load(&d.join("h200-cpu.toml")).expect("committed cpu profile");
-    let gpu = Profile::load(&d.join("h200-gpu.toml")).expect("committed gpu profile");
-    (cpu, gpu)
+    profiles("h200")
 }
