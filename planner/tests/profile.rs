@@ -1,5 +1,6 @@
-//! Profiles: the committed measured H200 profiles load and round-trip, bad files are rejected with line numbers, and the
-//! cost table reproduces measured points, interpolates between them and follows the roofline beyond.
+//! Profiles: the committed measured profiles (H200 and H100 machines) load and round-trip, bad
+//! files are rejected with line numbers, and the cost table reproduces measured points,
+//! interpolates between them and follows the roofline beyond.
 
 mod common;
 
@@ -9,24 +10,30 @@ use pshard_planner::CostTable;
 
 #[test]
 fn committed_profiles_round_trip_and_name_their_machine() {
-    let (cpu, gpu) = common::h200_profiles();
-    for p in [&cpu, &gpu] {
-        assert!(
-            p.note.contains("measured by pshard-profile"),
-            "committed profiles are measurements: {}",
-            p.note
-        );
-        let g = p.machine.gpu.as_ref().expect("H200 machine identity");
-        assert!(g.name.contains("H200"), "{}", g.name);
-        let text = p.to_toml_string();
-        let back = Profile::from_toml_str(&text, "rt").expect("round trip");
-        assert_eq!(&back, p);
-        assert!(p
-            .points
-            .iter()
-            .all(|pt| pt.stats.median_s > 0.0 && pt.stats.median_s.is_finite()));
+    for machine in ["h200", "h100"] {
+        let (cpu, gpu) = common::profiles(machine);
+        for p in [&cpu, &gpu] {
+            assert!(
+                p.note.contains("measured by pshard-profile"),
+                "committed profiles are measurements: {}",
+                p.note
+            );
+            let g = p.machine.gpu.as_ref().expect("the lent machine's GPU");
+            assert!(
+                g.name.contains(&machine.to_uppercase()),
+                "{machine}: {}",
+                g.name
+            );
+            let text = p.to_toml_string();
+            let back = Profile::from_toml_str(&text, "rt").expect("round trip");
+            assert_eq!(&back, p);
+            assert!(p
+                .points
+                .iter()
+                .all(|pt| pt.stats.median_s > 0.0 && pt.stats.median_s.is_finite()));
+        }
+        assert_ne!(cpu.identity(), gpu.identity());
     }
-    assert_ne!(cpu.identity(), gpu.identity());
 }
 
 fn profile_text() -> String {
