@@ -1,6 +1,7 @@
 //! The cost model against what runs today: its predictions for the all-GPU and all-CPU plans of the
-//! reference models, made from the committed profiles measured on the lent H200 machine, against
-//! `pshard bench` measured on that same machine (recorded in docs/PERF.md with command and date).
+//! reference models, made from the committed profiles measured on a lent machine (H200, H100),
+//! against `pshard bench` measured on that same machine (recorded in docs/PERF.md with command and
+//! date).
 //! The bar, 20%, is asserted for every comparison, and each is printed. Hybrid decode plans
 //! are held to `pshard bench --strategy` on a lent H100 machine, with that machine's profiles.
 
@@ -27,8 +28,11 @@ enum Where {
     Cpu,
 }
 
-/// One measured `pshard bench` result on the lent H200 machine.
+/// One measured `pshard bench` result on a lent machine, predicted from that machine's committed
+/// profiles.
+#[derive(Clone)]
 struct Measured {
+    machine: &'static str,
     model: &'static str,
     on: Where,
     test: Test,
@@ -41,53 +45,74 @@ struct Measured {
 /// after the committed GPU profile's; CPU: second session, with the CPU profile); see docs/PERF.md.
 const MEASURED: &[Measured] = &[
     Measured {
+        machine: "h200",
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Prompt(512, 2048),
         tps: 20_910.0,
     },
     Measured {
+        machine: "h200",
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Prompt(4096, 2048),
         tps: 22_853.0,
     },
     Measured {
+        machine: "h200",
         model: "llama3-8b",
         on: Where::Gpu,
         test: Test::Gen(128),
         tps: 326.8,
     },
     Measured {
+        machine: "h200",
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Prompt(512, 2048),
         tps: 9_597.0,
     },
     Measured {
+        machine: "h200",
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Prompt(4096, 2048),
         tps: 12_314.0,
     },
     Measured {
+        machine: "h200",
         model: "qwen3-30b-a3b",
         on: Where::Gpu,
         test: Test::Gen(128),
         tps: 305.1,
     },
     Measured {
+        machine: "h200",
         model: "llama3-8b",
         on: Where::Cpu,
         test: Test::Prompt(512, 512),
         tps: 52.63,
     },
     Measured {
+        machine: "h200",
         model: "llama3-8b",
         on: Where::Cpu,
         test: Test::Gen(64),
         tps: 13.27,
     },
+];
+
+/// The CPU three-way on the lent H100 machine's 16-core host with today's kernels
+/// (`scripts/cpu-peer-bench.sh qwen3-30b-a3b llama3-8b llama3.2-1b`, `pshard bench -p 512 -n 64
+/// -t 16 -r 2 --device cpu`, best of 2), 2026-12-06 05:22–05:29 UTC, the machine profiled at 05:12
+/// (profiles/h100-cpu.toml); docs/PERF.md.
+const MEASURED_H100_CPU: &[(&str, Test, f64)] = &[
+    ("qwen3-30b-a3b", Test::Prompt(512, 512), 219.2),
+    ("qwen3-30b-a3b", Test::Gen(64), 34.07),
+    ("llama3-8b", Test::Prompt(512, 512), 153.57),
+    ("llama3-8b", Test::Gen(64), 15.89),
+    ("llama3.2-1b", Test::Prompt(512, 512), 823.62),
+    ("llama3.2-1b", Test::Gen(64), 77.33),
 ];
 
 fn placement(spec: &ModelSpec, on: Where) -> Placement {
@@ -114,15 +139,30 @@ fn predict(spec: &ModelSpec, table: &CostTable, pl: &Placement, test: Test) -> f
 
 #[test]
 fn cost_model_within_20_percent_of_pshard_bench() {
-    let (cpu, gpu) = common::h200_profiles();
-    let table = CostTable::new(Some(&cpu), Some(&gpu), 16);
+    let tables: Vec<(&str, CostTable)> = ["h200", "h100"]
+        .into_iter()
+        .map(|machine| {
+            let (cpu, gpu) = common::profiles(machine);
+            (machine, CostTable::new(Some(&cpu), Some(&gpu), 16))
+        })
+        .collect();
+    let h100_cpu = MEASURED_H100_CPU
+        .iter()
+        .map(|&(model, test, tps)| Measured {
+            machine: "h100",
+            model,
+            on: Where::Cpu,
+            test,
+            tps,
+        });
     let mut failures = Vec::new();
-    for m in MEASURED {
+    for m in MEASURED.iter().cloned().chain(h100_cpu) {
+        let table = &tables.iter().find(|t| t.0 == m.machine).expect("machine").1;
         let spec = common::spec(m.model);
         let pl = placement(&spec, m.on);
-        let p = predict(&spec, &table, &pl, m.test);
+        let p = predict(&spec, table, &pl, m.test);
         let err = (p - m.tps) / m.tps;
-        let what = format!("{} {:?} {:?}", m.model, m.on, m.test);
+        let what = format!("{} {} {:?} {:?}", m.machine, m.model, m.on, m.test);
         println!(
             "{what:<40} predicted {p:>9.1} t/s   pshard bench {:>9.1} t/s   ({:+.0}%)",
             m.tps,
