@@ -33,7 +33,7 @@ const TOL: f64 = 1e-2;
 /// scalar and AVX-512 paths (the GPU vs CPU numbers on the H200: 1.1-1.8e-2), tiny-qwen3moe
 /// q8_0 by up to 7.7e-3, and the qwen3-30b-a3b 2-layer shapes by 1.02e-2 between AVX2 and
 /// AVX-512. A real error in a decode kernel shows at 1e-1 and above, and every kernel is checked
-/// against the CPU engine to 1e-5 in kernels/tests/cuda_kernels.rs.
+/// against the CPU engine to 1e-5 in kernels/tests/cuda_kernels/.
 const DECODE_TOL: f64 = 2e-2;
 
 /// Relative L2 tolerance of the prefill comparison with MMQ on ([`mmq_enabled`]): both engines
