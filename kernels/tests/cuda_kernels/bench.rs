@@ -174,9 +174,7 @@ fn cuda_bench_gemv() {
         }
     }
     c.free(&[x, out, wsb, asb]);
-    for l in &lines {
-        let _ = writeln!(std::io::stderr(), "BENCH {l}");
-    }
+    print_bench(&lines);
 }
 
 /// MMQ beside the int8 GEMV and dequantize + cuBLAS (run with `--ignored`): µs per call and
@@ -282,9 +280,7 @@ fn cuda_bench_mmq() {
         }
     }
     c.free(&[x, out, wsb, asb]);
-    for l in &lines {
-        let _ = writeln!(std::io::stderr(), "BENCH {l}");
-    }
+    print_bench(&lines);
 }
 
 /// Kernel timings (run with `--ignored`): the numbers the executor's design rests on.
@@ -638,7 +634,5 @@ fn cuda_bench_decode_attention() {
         }
         c.free(&[kc, vc, kf, fd, q, out, part]);
     }
-    for l in &lines {
-        let _ = writeln!(std::io::stderr(), "BENCH {l}");
-    }
+    print_bench(&lines);
 }

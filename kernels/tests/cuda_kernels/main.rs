@@ -166,6 +166,13 @@ impl Ctx {
     }
 }
 
+/// A benchmark's result lines on stderr, each marked `BENCH` for scripts/gpu-check.sh to collect.
+fn print_bench(lines: &[String]) {
+    for l in lines {
+        let _ = writeln!(std::io::stderr(), "BENCH {l}");
+    }
+}
+
 /// Quantized random weights: the bytes and the CPU dequantization (the reference values).
 fn make_weights(r: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let k = quant::kernel(ty).expect("CPU kernel");

@@ -658,9 +658,7 @@ fn cuda_bench_moe_gemv() {
         c.free(&[w]);
     }
     c.free(&[x, y]);
-    for l in &lines {
-        let _ = writeln!(std::io::stderr(), "BENCH {l}");
-    }
+    print_bench(&lines);
 }
 
 /// Float experts (F16, BF16, F32) keep the f32 MoE GEMV: against an f64 reference on the same
@@ -1087,7 +1085,5 @@ fn cuda_bench_moe_gemm() {
         }
         c.free(&[route, offs, tiles, order, x16, y]);
     }
-    for l in &lines {
-        let _ = writeln!(std::io::stderr(), "BENCH {l}");
-    }
+    print_bench(&lines);
 }
