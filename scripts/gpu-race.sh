@@ -20,9 +20,11 @@
 # Env: REPS (2), PP (the prompt tests, default 512,4096,16384), CTX (16384; a model trained on a shorter
 # context runs at its training context on both sides, without the prompt tests past it), OUT (logs), SYNTH_DIR,
 # PROFILE (1: profile this machine first, `pshard profile cpu` and `gpu`, unless it has profiles under
-# ~/.cache/pshard/profiles; ~3 min, copied to $OUT/profiles), STRATEGIES (the strategies whose tg64
-# pshard also runs forced at the same budget, beside the planned one, to show whether the planner
-# picked the fastest; default the three hybrid decode strategies, "" for none).
+# ~/.cache/pshard/profiles; ~5 min on an H100 machine, copied to $OUT/profiles: with the peer's
+# build a first call may reach its time limit; call again on the warm machine, which keeps the
+# profiles, the peer and the models), STRATEGIES (the strategies whose tg64 pshard also runs forced
+# at the same budget, beside the planned one, to show whether the planner picked the fastest;
+# default the four hybrid decode strategies, "" for none).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -131,7 +133,7 @@ for c in $CASES; do
         -c "$ctx" -o json >"$OUT/pshard-$m.json" 2>"$OUT/pshard-$m.log"
     grep -E "^plans:|^warning|VRAM|error" "$OUT/pshard-$m.log" | head -5
     # The decode of each forced strategy beside the planned one: measured and predicted t/s.
-    for s in ${STRATEGIES-DYNAMIC_FFNCPU_ATTNSTREAM STATIC_FITPARAMS_DENSEPRIO_MOEONLY STATIC_ATTNPRIO_ALLMODELS}; do
+    for s in ${STRATEGIES-DYNAMIC_FFNCPU_ATTNSTREAM BANDWIDTH_AGGREGATION STATIC_FITPARAMS_DENSEPRIO_MOEONLY STATIC_ATTNPRIO_ALLMODELS}; do
         "$BIN" bench -m "$f" -p 0 -n 64 -r "$REPS" --device cuda --vram-budget "$budget" -c "$ctx" \
             --strategy "$s" -o json >"$OUT/strategy-$m-$s.json" 2>"$OUT/strategy-$m-$s.log"
         srows+=("$(python3 - "$m" "$budget" "$s" "$OUT/strategy-$m-$s.json" <<'PY'
