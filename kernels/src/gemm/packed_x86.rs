@@ -37,6 +37,24 @@ unsafe fn bcast(a: *const i8) -> __m512i {
     _mm512_set1_epi32(unsafe { a.cast::<i32>().read_unaligned() })
 }
 
+/// Prefetches `bytes` at `p` into L1, a line at a time: the unit [`AHEAD`] units past the one
+/// being read. A group's 16 rows are one stream, for which the hardware prefetcher alone keeps too
+/// few lines in flight: on a 2-core Xeon VM (gemv bench, 4096 × 14336, DRAM) repacked Q6_K read
+/// 8.5 GB/s a thread without it and 12.4 with it, Q5_K 8.7 and 11.2, against 13.8–14.1 for the
+/// file layout, which prefetches each of its 16 row streams. Q4_K gained nothing and its
+/// L2-resident compute lost 18%, so only Q5_K and Q6_K prefetch (their compute lost 3% and 6%).
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch(p: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        // A prefetch never faults, wherever it points.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+    }
+}
+
+/// Units ahead that [`prefetch`] fetches (2, 4 and 8 read alike into L2; 2 into L1 was faster).
+const AHEAD: usize = 2;
+
 /// `fma(f32(i), k · d, f)`: one sub-block's scale step.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -188,6 +206,9 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
         // super-block sb exists (caller).
         unsafe {
             let u = p.add(sb * ub);
+            if FIVE && sb + AHEAD < units {
+                prefetch(u.add(AHEAD * ub), ub);
+            }
             let hd = ld(u);
             let (d, dmin) = k4_d(hd);
             let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
@@ -304,6 +325,9 @@ unsafe fn q6k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
         // group; the tokens' super-block sb exists, with seeds (caller).
         unsafe {
             let u = p.add(sb * 16 * 210);
+            if sb + AHEAD < units {
+                prefetch(u.add(AHEAD * 16 * 210), 16 * 210);
+            }
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()));
             let u = u.add(32);
             let sc: [__m512i; 4] = std::array::from_fn(|i| ld(u.add(i * 64)));
