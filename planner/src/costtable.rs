@@ -291,8 +291,10 @@ impl CostTable {
     ) -> Option<(f64, f64)> {
         let b = batch as usize;
         Some(match op {
+            // Priced from the matmul series against the read rate while H2D runs
+            // ([`Self::cpu_matmul`]): its few points check that rule, they are no series.
+            KnownOp::MatmulWhileH2d => return None,
             KnownOp::Matmul
-            | KnownOp::MatmulWhileH2d
             | KnownOp::MatmulGemv
             | KnownOp::MatmulGemvGraph
             | KnownOp::MatmulGemm
@@ -301,7 +303,6 @@ impl CostTable {
                 let ty = quant?;
                 let roof = match op {
                     KnownOp::Matmul => self.roof_cpu_matmul(ty, rows, cols, b, false),
-                    KnownOp::MatmulWhileH2d => self.roof_cpu_matmul(ty, rows, cols, b, true),
                     KnownOp::MatmulGemv | KnownOp::MatmulGemvGraph => {
                         self.roof_gpu_matmul(GpuPath::Gemv, ty, rows, cols, b)
                     }
@@ -463,7 +464,7 @@ impl CostTable {
     ) -> f64 {
         // A copy at the same time takes DRAM bandwidth, not compute: the matmul keeps the
         // efficiency measured alone against a roof whose bandwidth is the CPU's read rate while
-        // H2D runs. The profile's few while-H2D points (three large shapes) are no series to
+        // H2D runs. The profile's four while-H2D points (two large shapes) are no series to
         // interpolate the experts' small matrices from: priced from them, a 6144 × 2048 Q4_K
         // decode matmul took 2× its time alone and a Q6_K one, borrowing Q8_0's point, 0.9×.
         let eff = self.efficiency(KnownOp::Matmul, Some(ty), [rows, cols], batch);
