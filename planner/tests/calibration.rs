@@ -176,8 +176,8 @@ fn cost_model_within_20_percent_of_pshard_bench() {
 }
 
 /// Decode of qwen3-30b-a3b q4_k (synth) at a 4096 MiB budget and an 8192 context, each hybrid
-/// strategy forced (`pshard bench -p 0 -n 64 -r 1 --device cuda --vram-budget 4096 -c 8192
-/// --strategy S`, `STRATEGIES` of scripts/gpu-race.sh) on a lent nvidia-h100-x1 machine
+/// strategy forced (`pshard bench -p 0 -n 64 --device cuda --vram-budget 4096 -c 8192 --strategy
+/// S`, `-r 1` then `-r 2`; `STRATEGIES` of scripts/gpu-race.sh) on a lent nvidia-h100-x1 machine
 /// (16-core Xeon host, 300 MiB L3), 2026-12-06 05:20 and 05:30 UTC, planned with that machine's
 /// profiles (profiles/h100-*.toml, measured there at 05:12); docs/PERF.md. Two runs each, t/s.
 const HYBRID_DECODE: &[(Strategy, [f64; 2])] = &[
