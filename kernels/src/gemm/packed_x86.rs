@@ -37,23 +37,34 @@ unsafe fn bcast(a: *const i8) -> __m512i {
     _mm512_set1_epi32(unsafe { a.cast::<i32>().read_unaligned() })
 }
 
-/// Prefetches `bytes` at `p` into L1, a line at a time: the unit [`AHEAD`] units past the one
-/// being read. A group's 16 rows are one stream, for which the hardware prefetcher alone keeps too
-/// few lines in flight: on a 2-core Xeon VM (gemv bench, 4096 × 14336, DRAM) repacked Q6_K read
-/// 8.5 GB/s a thread without it and 12.4 with it, Q5_K 8.7 and 11.2, against 13.8–14.1 for the
-/// file layout, which prefetches each of its 16 row streams. Q4_K gained nothing and its
-/// L2-resident compute lost 18%, so only Q5_K and Q6_K prefetch (their compute lost 3% and 6%).
+/// Prefetches the group unit of `ub` bytes at `u` + about [`AHEAD_BYTES`] into L1, a line at a
+/// time, when that unit is still in the group (`left` units after `u`'s). A group's 16 rows are
+/// one stream, for which the hardware prefetcher alone keeps too few lines in flight: on a 2-core
+/// Xeon VM (gemv bench, 4096 × 14336, from DRAM, one thread) repacked Q6_K read 8.5 GB/s without it
+/// and 12.4 with it, Q5_K 8.7 and 11.2, Q4_0 11.0 and 14.0, Q5_0 9.8 and 12.9, against 13.7–14.5
+/// for the file layout, which prefetches each of its 16 row streams. Q4_K gained nothing and its
+/// L2-resident compute lost 18%, so it alone does not prefetch (Q5_K's and Q6_K's lost 3% and 6%,
+/// the legacy types' nothing).
+///
+/// # Safety
+/// `u` points into a group with `left` more units of `ub` bytes after the one at `u`.
 #[inline]
 #[target_feature(enable = "sse")]
-fn prefetch(p: *const u8, bytes: usize) {
-    for off in (0..bytes).step_by(64) {
-        // A prefetch never faults, wherever it points.
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+unsafe fn prefetch_ahead(u: *const u8, ub: usize, left: usize) {
+    let ahead = AHEAD_BYTES.div_ceil(ub);
+    if ahead <= left {
+        // SAFETY: the unit `ahead` units on is inside the group (caller).
+        let p = unsafe { u.add(ahead * ub) };
+        for off in (0..ub).step_by(64) {
+            // A prefetch never faults, wherever it points.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        }
     }
 }
 
-/// Units ahead that [`prefetch`] fetches (2, 4 and 8 read alike into L2; 2 into L1 was faster).
-const AHEAD: usize = 2;
+/// How far ahead [`prefetch_ahead`] fetches: two Q6_K units (into L2, 2, 4 and 8 units read alike;
+/// into L1, 2 was faster).
+const AHEAD_BYTES: usize = 6144;
 
 /// `fma(f32(i), k · d, f)`: one sub-block's scale step.
 #[inline]
@@ -206,8 +217,8 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
         // super-block sb exists (caller).
         unsafe {
             let u = p.add(sb * ub);
-            if FIVE && sb + AHEAD < units {
-                prefetch(u.add(AHEAD * ub), ub);
+            if FIVE {
+                prefetch_ahead(u, ub, units - 1 - sb);
             }
             let hd = ld(u);
             let (d, dmin) = k4_d(hd);
@@ -325,9 +336,7 @@ unsafe fn q6k<const T: usize>(p: *const u8, units: usize, tok: [Tok; T]) -> [[f3
         // group; the tokens' super-block sb exists, with seeds (caller).
         unsafe {
             let u = p.add(sb * 16 * 210);
-            if sb + AHEAD < units {
-                prefetch(u.add(AHEAD * 16 * 210), 16 * 210);
-            }
+            prefetch_ahead(u, 16 * 210, units - 1 - sb);
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.cast()));
             let u = u.add(32);
             let sc: [__m512i; 4] = std::array::from_fn(|i| ld(u.add(i * 64)));
@@ -467,6 +476,7 @@ unsafe fn legacy<const L: u8, const T: usize>(
         // every token exists with its sums or seeds (caller).
         unsafe {
             let u = p.add(b * ub);
+            prefetch_ahead(u, ub, units - 1 - b);
             let (k, m) = if L == L41 {
                 let dm = ld(u);
                 (
