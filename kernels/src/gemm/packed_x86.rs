@@ -37,24 +37,22 @@ unsafe fn bcast(a: *const i8) -> __m512i {
     _mm512_set1_epi32(unsafe { a.cast::<i32>().read_unaligned() })
 }
 
-/// Prefetches the group unit of `ub` bytes at `u` + about [`AHEAD_BYTES`] into L1, a line at a
-/// time, when that unit is still in the group (`left` units after `u`'s). A group's 16 rows are
-/// one stream, for which the hardware prefetcher alone keeps too few lines in flight: on a 2-core
-/// Xeon VM (gemv bench, 4096 × 14336, from DRAM, one thread) repacked Q6_K read 8.5 GB/s without it
-/// and 12.4 with it, Q5_K 8.7 and 11.2, Q4_0 11.0 and 14.0, Q5_0 9.8 and 12.9, against 13.7–14.5
-/// for the file layout, which prefetches each of its 16 row streams. Q4_K gained nothing and its
-/// L2-resident compute lost 18%, so it alone does not prefetch (Q5_K's and Q6_K's lost 3% and 6%,
-/// the legacy types' nothing).
-///
-/// # Safety
-/// `u` points into a group with `left` more units of `ub` bytes after the one at `u`.
+/// Prefetches the group unit of `ub` bytes about [`AHEAD_BYTES`] after the one at `u` into L1, a
+/// line at a time, when that unit is still in the group (`left` units after `u`'s): past a group's
+/// end may lie another expert's or another task's rows, which a prefetch would read for nothing.
+/// A group's 16 rows are one stream, for which the hardware prefetcher alone keeps too few lines in
+/// flight: on a 2-core Xeon VM (gemv bench, 4096 × 14336, from DRAM, one thread) repacked Q6_K
+/// read 8.5 GB/s without it and 12.4 with it, Q5_K 8.7 and 11.2, Q4_0 11.0 and 14.0, Q5_0 9.8 and
+/// 12.9, against 13.7–14.5 for the file layout, which prefetches each of its 16 row streams. Their
+/// L2-resident compute lost up to 6%. Q4_K, the quickest to compute, lost 18% to this loop and
+/// gained nothing; its kernel prefetches the same lines one per vector it reads instead (11.2 →
+/// 12.5–13.6 GB/s, compute −6%).
 #[inline]
 #[target_feature(enable = "sse")]
-unsafe fn prefetch_ahead(u: *const u8, ub: usize, left: usize) {
+fn prefetch_ahead(u: *const u8, ub: usize, left: usize) {
     let ahead = AHEAD_BYTES.div_ceil(ub);
     if ahead <= left {
-        // SAFETY: the unit `ahead` units on is inside the group (caller).
-        let p = unsafe { u.add(ahead * ub) };
+        let p = u.wrapping_add(ahead * ub);
         for off in (0..ub).step_by(64) {
             // A prefetch never faults, wherever it points.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
@@ -220,6 +218,14 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
             if FIVE {
                 prefetch_ahead(u, ub, units - 1 - sb);
             }
+            // Q4_K: the unit ahead a line per nibble vector read, its header with the first.
+            let ahead = AHEAD_BYTES.div_ceil(ub);
+            let pf = (!FIVE && sb + ahead < units).then(|| u.wrapping_add(ahead * ub));
+            if let Some(q) = pf {
+                for l in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64 * l).cast());
+                }
+            }
             let hd = ld(u);
             let (d, dmin) = k4_d(hd);
             let w = [ld(u.add(64)), ld(u.add(128)), ld(u.add(192))];
@@ -236,6 +242,11 @@ unsafe fn k45<const FIVE: bool, const T: usize>(
                     let mut acc = [[_mm512_setzero_si512(); 4]; T];
                     for gi in 0..8 {
                         let v = ld(u.add((first + 8 * c + gi) * 64));
+                        if let Some(q) = pf {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                q.wrapping_add((first + 8 * c + gi) * 64).cast(),
+                            );
+                        }
                         let lo = _mm512_and_si512(v, m4);
                         let (lo, hi) = if FIVE {
                             let qh = ld(u.add((4 + gi) * 64));
