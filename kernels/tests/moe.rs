@@ -158,18 +158,15 @@ fn per_expert(
     acc
 }
 
-/// Asserts that `moe_ffn` over `ex` gives the bits of [`per_expert`] for this batch.
-fn assert_matches_per_expert(
+/// The bits of `moe_ffn` over `ex` for this batch (SiLU).
+fn moe_bits(
     ex: &[ExpertFfn],
     x: &[f32],
     n_tok: usize,
     rt: MoeRoutes,
     precision: ActPrecision,
-    what: &str,
-) {
-    let cols = ex[0].gate.cols;
-    let want = per_expert(ex, x, n_tok, &rt, precision, quant::simd_cap());
-    let mut got = vec![f32::NAN; n_tok * cols];
+) -> Vec<u32> {
+    let mut got = vec![f32::NAN; n_tok * ex[0].gate.cols];
     moe_ffn(
         Experts::Slice(ex),
         x,
@@ -181,8 +178,21 @@ fn assert_matches_per_expert(
         None,
     )
     .unwrap();
+    got.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Asserts that `moe_ffn` over `ex` gives the bits of [`per_expert`] for this batch.
+fn assert_matches_per_expert(
+    ex: &[ExpertFfn],
+    x: &[f32],
+    n_tok: usize,
+    rt: MoeRoutes,
+    precision: ActPrecision,
+    what: &str,
+) {
+    let want = per_expert(ex, x, n_tok, &rt, precision, quant::simd_cap());
     assert_eq!(
-        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        moe_bits(ex, x, n_tok, rt, precision),
         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         "{what} {precision:?}"
     );
@@ -367,21 +377,8 @@ fn repacked_experts_match_the_file_layout() {
                 let want = per_expert(&file, &x, n_tok, &rt, precision, quant::simd_cap());
                 for threads in [1usize, 0] {
                     pool::set_threads(threads);
-                    let mut got = vec![f32::NAN; n_tok * ex.cols];
-                    let act = Activation::Silu;
-                    moe_ffn(
-                        Experts::Slice(&packed),
-                        &x,
-                        n_tok,
-                        rt,
-                        act,
-                        precision,
-                        &mut got,
-                        None,
-                    )
-                    .unwrap();
                     assert_eq!(
-                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        moe_bits(&packed, &x, n_tok, rt, precision),
                         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         "{tys:?} repacked, n_tok {n_tok} {precision:?} threads {threads}"
                     );
